@@ -1,0 +1,39 @@
+"""protofl: privacy-preserving, prototype-based federated learning.
+
+The public API is what this module exports: ``run(config) -> RunResult`` and the configuration
+classes. Imports are lazy so that ``protofl --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "run": "protofl.api",
+    "RunResult": "protofl.api",
+    "RunConfig": "protofl.config",
+    "DataConfig": "protofl.config",
+    "PartitionConfig": "protofl.config",
+    "FederationConfig": "protofl.config",
+    "ModelConfig": "protofl.config",
+    "ConfigError": "protofl.config",
+    "load_dataset": "protofl.data",
+    "make_partition": "protofl.data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from protofl.api import RunResult, run
+    from protofl.config import (ConfigError, DataConfig, FederationConfig, ModelConfig,
+                                PartitionConfig, RunConfig)
+    from protofl.data import load_dataset, make_partition
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'protofl' has no attribute {name!r}")

@@ -1,0 +1,284 @@
+"""Run configuration: small frozen dataclasses, validated on construction.
+
+A run's configuration is TOML. Each section is one dataclass here, except ``[method]``: its ``name``
+picks an algorithm from the registry and the remaining keys are validated by that algorithm's own
+``Config`` dataclass (every algorithm declares its own hyperparameters; there is no shared namespace).
+
+``key=value`` overrides address a dotted key (``partition.alpha=0.1``, ``method.lr=0.05``); values are
+parsed as TOML literals, falling back to a plain string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def check_choice(value: str, choices: typing.Iterable[str], key: str) -> None:
+    choices = sorted(choices)
+    check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic dataclass <-> mapping conversion with clear errors
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a (simple) type annotation; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        (item_type, *_rest) = typing.get_args(annotation)
+        return tuple(_coerce(v, item_type, key) for v in value)
+    if annotation is bool:
+        check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key; valid keys are {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            check(isinstance(value, Mapping), prefix + name, "expected a table")
+            kwargs[name] = from_mapping(annotation, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, annotation, prefix + name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc}") from None
+
+
+def to_mapping(obj: Any) -> dict[str, Any]:
+    """A dataclass as a plain dict (None values dropped: TOML has no null)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_mapping(value)
+        elif isinstance(value, Mapping):
+            out[f.name] = dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        elif value is not None:
+            out[f.name] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and whether clients see pixels or frozen-encoder embeddings."""
+
+    dataset: str = "fashion-mnist"
+    #: ``pixels`` (a small CNN on the images) or the name of a frozen encoder (``efficientnet-lite0``),
+    #: whose embeddings are computed once and cached on disk.
+    features: str = "pixels"
+    #: Side length the images are resized to before the encoder (ignored for ``pixels``).
+    image_size: int = 32
+    #: Use at most this many training samples (0: all), drawn class-stratified with the run's seed.
+    max_train_samples: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
+        check(self.max_train_samples >= 0, "max_train_samples", "must be >= 0 (0 means all)")
+
+
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "domain")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionConfig:
+    """How the training pool is split among clients (see :mod:`protofl.data.partition`)."""
+
+    scheme: str = "iid"
+    num_clients: int = 10
+    #: Dirichlet concentration (``dirichlet``); smaller is more skewed.
+    alpha: float = 0.5
+    #: Classes per client (``pathological``).
+    classes_per_client: int = 2
+    #: Every client gets at least this many samples (train + test), else the partition is redrawn.
+    min_client_size: int = 10
+    #: Long tail: ratio of the largest to the smallest class after subsampling (1: none). Applied to the
+    #: training pool before partitioning; the global test set stays balanced.
+    imbalance_factor: float = 1.0
+    #: Fraction of each client's samples kept as its own test split (same label distribution).
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_choice(self.scheme, PARTITION_SCHEMES, "scheme")
+        check(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
+        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        check(self.classes_per_client >= 1, "classes_per_client", f"must be >= 1, got {self.classes_per_client}")
+        check(self.min_client_size >= 1, "min_client_size", f"must be >= 1, got {self.min_client_size}")
+        check(self.imbalance_factor >= 1, "imbalance_factor", f"must be >= 1, got {self.imbalance_factor}")
+        check(0 < self.test_fraction < 1, "test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationConfig:
+    """The engine's schedule: rounds, client sampling, evaluation and checkpoints."""
+
+    rounds: int = 10
+    #: Fraction of clients sampled each round (at least one client is always sampled).
+    client_fraction: float = 1.0
+    #: Evaluate every this many rounds (the last round is always evaluated).
+    eval_every: int = 1
+    #: Write a checkpoint every this many rounds (0: never; the last round always is).
+    checkpoint_every: int = 1
+    #: Show progress bars.
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        check(0 < self.client_fraction <= 1, "client_fraction", f"must be in (0, 1], got {self.client_fraction}")
+        check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+        check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The client model: a small CNN on pixels, or a residual adapter + MLP head on embeddings."""
+
+    #: Width of the feature (prototype) layer.
+    feature_dim: int = 128
+    #: Hidden width of the embedding adapter (embeddings only).
+    hidden_dim: int = 256
+
+    def __post_init__(self) -> None:
+        check(self.feature_dim >= 2, "feature_dim", f"must be >= 2, got {self.feature_dim}")
+        check(self.hidden_dim >= 2, "hidden_dim", f"must be >= 2, got {self.hidden_dim}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole run. ``method`` holds the algorithm name and its (not yet validated) options."""
+
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
+    federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    method: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"name": "fedavg"})
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.method, Mapping), "method", "expected a table")
+        check(isinstance(self.method.get("name"), str), "method.name", "missing: name an algorithm")
+        object.__setattr__(self, "method", types.MappingProxyType(dict(self.method)))
+
+    @property
+    def method_name(self) -> str:
+        return self.method["name"]
+
+    @property
+    def method_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+    # -- I/O ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        return from_mapping(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_mapping(self)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: typing.Sequence[str] = ()) -> "RunConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_dict(apply_overrides(data, overrides))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, *overrides: str) -> "RunConfig":
+        """A copy with ``key=value`` overrides applied."""
+        return RunConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. partition.alpha=0.1")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides to a nested dict (returns a new dict)."""
+    out = _deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a table")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
