@@ -178,6 +178,8 @@ class FederationConfig:
     eval_every: int = 1
     #: Write a checkpoint every this many rounds (0: never; the last round always is).
     checkpoint_every: int = 1
+    #: Probability that a sampled client drops out of a round (its update is lost; the round goes on).
+    client_dropout: float = 0.0
     #: Show progress bars.
     progress: bool = True
 
@@ -186,6 +188,7 @@ class FederationConfig:
         check(0 < self.client_fraction <= 1, "client_fraction", f"must be in (0, 1], got {self.client_fraction}")
         check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
         check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(0 <= self.client_dropout < 1, "client_dropout", f"must be in [0, 1), got {self.client_dropout}")
 
 
 @dataclasses.dataclass(frozen=True)

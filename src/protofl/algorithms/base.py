@@ -1,0 +1,243 @@
+"""The algorithm contract and the pieces every algorithm shares.
+
+An algorithm is small and declarative. It declares its own ``Config`` dataclass and implements:
+
+- ``init_server_state(seed)`` / ``init_client_state(seed)``: plain dicts of tensors, cheap to keep
+  for many clients and to checkpoint;
+- ``broadcast(server_state)``: the :class:`~protofl.payload.Payload` sent to the sampled clients;
+- ``client_step(client_state, data, received, generator)`` -> ``(client_state, reply, metrics)``;
+- ``server_step(server_state, replies)`` -> ``(server_state, metrics)``;
+- ``evaluate_global`` (``None`` where the method has no global model) and ``evaluate_client``.
+
+Server and clients only ever see payloads (the engine sends them through bytes). The local
+objective is written as a function of ``(parameters, batch, received state)`` through
+``torch.func.functional_call`` on a template module, not as a live model per client, so that client
+state stays a dict of tensors and many clients can later be trained as one batched program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from protofl.config import ConfigError, ModelConfig, check, check_choice, from_mapping
+from protofl.models import FeatureNet, build_model
+from protofl.payload import ArraySpec, Payload, PayloadSpec
+
+Params = dict[str, torch.Tensor]
+State = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTrainingConfig:
+    """Local optimisation settings; every algorithm's ``Config`` extends this."""
+
+    local_epochs: int = 1
+    batch_size: int = 50
+    #: ``sgd`` or ``adam``. Optimiser state is reset every round (the common FL practice).
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.local_epochs >= 1, "local_epochs", f"must be >= 1, got {self.local_epochs}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check_choice(self.optimizer, ("sgd", "adam"), "optimizer")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What an algorithm knows of the problem: input shape, number of classes, the model to build."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+    def build_model(self) -> FeatureNet:
+        return build_model(self.model, self.input_shape, self.num_classes)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClientData:
+    """One client's private data: its train split and its own test split."""
+
+    client_id: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def num_train(self) -> int:
+        return len(self.y_train)
+
+
+class Algorithm:
+    """Base class of every federated algorithm (see the module docstring for the contract)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = LocalTrainingConfig
+    #: Whether the method has a global model to evaluate on the global test set.
+    has_global_model: ClassVar[bool] = False
+    #: Whether clients and server exchange payloads at all (``local`` does not).
+    communicates: ClassVar[bool] = True
+
+    def __init__(self, config: Any, task: Task):
+        self.config = config
+        self.task = task
+        self.model = task.build_model()
+        self.model.requires_grad_(False)
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], task: Task) -> "Algorithm":
+        return cls(from_mapping(cls.Config, options, "method."), task)
+
+    def initial_params(self, seed: int) -> Params:
+        torch.manual_seed(seed)
+        return {k: v.detach().clone() for k, v in self.task.build_model().named_parameters()}
+
+    # -- the contract ------------------------------------------------------------------------------
+    def init_server_state(self, seed: int) -> State:
+        return {}
+
+    def init_client_state(self, seed: int) -> State:
+        return {}
+
+    def broadcast(self, server_state: State) -> Payload:
+        return Payload({}, {"method": self.name})
+
+    def broadcast_spec(self) -> PayloadSpec:
+        return PayloadSpec(self.name, {})
+
+    def reply_spec(self) -> PayloadSpec:
+        return PayloadSpec(self.name, {})
+
+    def client_step(
+        self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator
+    ) -> tuple[State, Payload, dict[str, float]]:
+        raise NotImplementedError
+
+    def server_step(self, server_state: State, replies: list[Payload]) -> tuple[State, dict[str, float]]:
+        return server_state, {}
+
+    def evaluate_global(self, server_state: State, x: torch.Tensor, y: torch.Tensor) -> dict[str, float] | None:
+        return None
+
+    def evaluate_client(
+        self, client_state: State, received: Payload, data: ClientData
+    ) -> dict[str, float]:
+        raise NotImplementedError
+
+    # -- shared helpers ----------------------------------------------------------------------------
+    def forward(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and logits of the template model under ``params``."""
+        return functional_call(self.model, params, (x,))
+
+    def train_local(
+        self,
+        params: Params,
+        data: ClientData,
+        loss_fn: Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor],
+        generator: torch.Generator,
+    ) -> tuple[Params, dict[str, float]]:
+        """Minibatch training of ``loss_fn(params, x, y)`` on the client's train split."""
+        return train_local(params, data.x_train, data.y_train, loss_fn, self.config, generator)
+
+    @torch.no_grad()
+    def accuracy(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((predict_logits(self, params, x).argmax(1) == y).float().mean()) if len(y) else float("nan")
+
+
+def make_optimizer(config: LocalTrainingConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def train_local(
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor],
+    config: LocalTrainingConfig,
+    generator: torch.Generator,
+) -> tuple[Params, dict[str, float]]:
+    """Run ``config.local_epochs`` epochs of shuffled minibatches; returns detached parameters."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    optimizer = make_optimizer(config, list(leaves.values()))
+    n = len(y)
+    total, batches = 0.0, 0
+    for _ in range(config.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, config.batch_size):
+            index = order[start : start + config.batch_size]
+            loss = loss_fn(leaves, x[index], y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            batches += 1
+    return {k: v.detach() for k, v in leaves.items()}, {"train_loss": total / max(batches, 1)}
+
+
+@torch.no_grad()
+def predict_logits(algorithm: Algorithm, params: Params, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    return torch.cat([algorithm.forward(params, x[i : i + batch_size])[1] for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def compute_features(algorithm: Algorithm, params: Params, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    return torch.cat([algorithm.forward(params, x[i : i + batch_size])[0] for i in range(0, len(x), batch_size)])
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
+# -- parameters <-> payload arrays -----------------------------------------------------------------
+PARAM_PREFIX = "param/"
+
+
+def params_to_arrays(params: Params) -> dict[str, np.ndarray]:
+    return {PARAM_PREFIX + k: v.detach().cpu().numpy() for k, v in params.items()}
+
+
+def arrays_to_params(payload: Payload) -> Params:
+    return {
+        k[len(PARAM_PREFIX):]: torch.from_numpy(np.array(v, copy=True))
+        for k, v in payload.arrays.items() if k.startswith(PARAM_PREFIX)
+    }
+
+
+def param_specs(params: Params) -> dict[str, ArraySpec]:
+    return {PARAM_PREFIX + k: ArraySpec(tuple(v.shape)) for k, v in params.items()}
+
+
+# -- registry --------------------------------------------------------------------------------------
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: make an algorithm available by its ``name``."""
+    if cls.name in ALGORITHMS:
+        raise ValueError(f"algorithm {cls.name!r} is registered twice")
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ConfigError(f"method.name: unknown method {name!r}; valid methods are {', '.join(sorted(ALGORITHMS))}") from None

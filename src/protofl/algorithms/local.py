@@ -1,0 +1,36 @@
+"""Local-only training: every client trains its own model on its own data and nothing is exchanged.
+The floor every personalised method must beat."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from protofl.algorithms.base import Algorithm, ClientData, LocalTrainingConfig, State, cross_entropy, register
+from protofl.payload import Payload
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalConfig(LocalTrainingConfig):
+    pass
+
+
+@register
+class Local(Algorithm):
+    name = "local"
+    Config = LocalConfig
+    communicates = False
+
+    def init_client_state(self, seed: int) -> State:
+        return {"params": self.initial_params(seed)}
+
+    def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
+        def loss_fn(params, x, y):
+            return cross_entropy(self.forward(params, x)[1], y)
+
+        params, metrics = self.train_local(client_state["params"], data, loss_fn, generator)
+        return {"params": params}, Payload({}, {"method": self.name}), metrics
+
+    def evaluate_client(self, client_state: State, received: Payload, data: ClientData) -> dict[str, float]:
+        return {"personal_acc": self.accuracy(client_state["params"], data.x_test, data.y_test)}

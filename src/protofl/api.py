@@ -1,0 +1,230 @@
+"""``protofl.run(config) -> RunResult``: data, partition, algorithm, engine, records, in one call."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import resource
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from protofl.config import ConfigError, RunConfig, from_mapping, to_mapping
+
+log = logging.getLogger("protofl")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What a run produced: ``summary`` (as in summary.json), ``history`` (metrics per evaluated
+    round), and the run folder (None when the run wrote nothing to disk)."""
+
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    run_dir: Path | None
+    config: RunConfig
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedData:
+    """A dataset split among clients, as tensors, with what the algorithm needs to know."""
+
+    clients: list
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+    partition: Any
+    pool_labels: np.ndarray
+    class_names: tuple[str, ...]
+
+
+def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """A :class:`RunConfig` with the method's options validated and its defaults filled in."""
+    from protofl.algorithms import get_algorithm
+
+    if isinstance(config, (str, Path)):
+        config = RunConfig.from_toml(config, overrides)
+    elif isinstance(config, Mapping):
+        config = RunConfig.from_dict(config).replace(*overrides)
+    elif overrides:
+        config = config.replace(*overrides)
+    algorithm_cls = get_algorithm(config.method_name)
+    method_config = from_mapping(algorithm_cls.Config, config.method_options, "method.")
+    check_dataset_name(config.data.dataset)
+    if config.data.features != "pixels":
+        from protofl.data import ENCODERS
+
+        if config.data.features not in ENCODERS:
+            raise ConfigError(f"data.features: {config.data.features!r} is not one of pixels, {', '.join(sorted(ENCODERS))}")
+    return dataclasses.replace(config, method={"name": config.method_name, **to_mapping(method_config)})
+
+
+def check_dataset_name(name: str) -> None:
+    from protofl.data import DATASETS
+
+    if ":" in name:
+        kind = name.split(":", 1)[0]
+        if kind not in ("idx", "cifar"):
+            raise ConfigError(f"data.dataset: unknown folder kind {kind!r}; use idx:/path or cifar:/path")
+        return
+    if name not in DATASETS:
+        raise ConfigError(f"data.dataset: unknown dataset {name!r}; valid datasets are {', '.join(sorted(DATASETS))}, "
+                          "or idx:/folder, cifar:/folder for files you hold")
+
+
+def fingerprint(config: RunConfig) -> str:
+    """A digest of everything that determines a run's results (progress bars and schedule of
+    checkpoints excluded)."""
+    data = config.to_dict()
+    data["federation"].pop("progress", None)
+    data["federation"].pop("checkpoint_every", None)
+    return hashlib.sha256(repr(sorted(_flatten(data).items())).encode()).hexdigest()[:16]
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def prepare_data(config: RunConfig) -> PreparedData:
+    """Load (and embed) the dataset, partition its training pool, build per-client tensors."""
+    from protofl.algorithms import ClientData
+    from protofl.data import embed, load_dataset, make_partition
+
+    progress = config.federation.progress
+    splits = load_dataset(config.data.dataset, progress=progress)
+    if config.data.features != "pixels":
+        splits = embed(splits, encoder=config.data.features, image_size=config.data.image_size, progress=progress)
+    train = splits.train
+    if config.data.max_train_samples and config.data.max_train_samples < len(train):
+        train = train.subset(_stratified_subset(train.y, config.data.max_train_samples, config.seed))
+    partition = make_partition(train.y, config.partition, seed=config.seed, domains=train.domain,
+                               num_classes=train.num_classes)
+    x = torch.from_numpy(np.ascontiguousarray(train.x, dtype=np.float32))
+    y = torch.from_numpy(train.y.astype(np.int64))
+    clients = [
+        ClientData(k, x[torch.from_numpy(tr)], y[torch.from_numpy(tr)], x[torch.from_numpy(te)], y[torch.from_numpy(te)])
+        for k, (tr, te) in enumerate(zip(partition.train, partition.test))
+    ]
+    return PreparedData(
+        clients=clients,
+        test_x=torch.from_numpy(np.ascontiguousarray(splits.test.x, dtype=np.float32)),
+        test_y=torch.from_numpy(splits.test.y.astype(np.int64)),
+        input_shape=tuple(train.x.shape[1:]),
+        num_classes=train.num_classes,
+        partition=partition,
+        pool_labels=train.y,
+        class_names=splits.class_names,
+    )
+
+
+def _stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(labels))
+    kept, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
+    return np.sort(kept)
+
+
+def run(
+    config: RunConfig | Mapping[str, Any] | str | Path,
+    *,
+    out: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Run one federated experiment in-process.
+
+    ``config`` is a :class:`RunConfig`, a mapping in the TOML layout, or a TOML file. With ``out``
+    the run folder receives config.toml, metrics.jsonl, summary.json, checkpoints, plots and
+    report.md; ``resume=True`` continues from ``out``'s last checkpoint (the config there is used).
+    """
+    from protofl.algorithms import Task, get_algorithm
+    from protofl.engine import Simulation
+    from protofl.records import summarize_history, write_json, write_metrics
+
+    started = time.perf_counter()
+    run_dir = Path(out) if out is not None else None
+    if resume:
+        if run_dir is None or not (run_dir / "config.toml").exists():
+            raise ConfigError(f"cannot resume: {run_dir} holds no config.toml of an earlier run")
+        config = RunConfig.from_toml(run_dir / "config.toml")
+    config = resolve_config(config, overrides)
+    torch.manual_seed(config.seed)
+
+    data = prepare_data(config)
+    algorithm_cls = get_algorithm(config.method_name)
+    task = Task(data.input_shape, data.num_classes, config.model)
+    algorithm = algorithm_cls.from_options(config.method_options, task)
+
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from protofl.records import write_atomic
+
+        write_atomic(run_dir / "config.toml", config.to_toml())
+        _write_partition_records(run_dir, data)
+
+    def on_round(row: dict[str, Any]) -> None:
+        if run_dir is not None:
+            write_metrics(run_dir / "metrics.jsonl", simulation.history)
+
+    simulation = Simulation(
+        algorithm, data.clients, data.test_x, data.test_y, config.federation, config.seed,
+        checkpoint_dir=None if run_dir is None else run_dir / "checkpoint",
+        fingerprint=fingerprint(config), on_round=on_round,
+    )
+    if resume:
+        if not simulation.resume():
+            log.warning("no checkpoint in %s: starting from round 1", run_dir)
+    history = simulation.run(stop_after=stop_after)
+
+    final, best = summarize_history(history)
+    rounds_run = max(simulation.round, 1)
+    summary = {
+        "method": config.method_name,
+        "dataset": config.data.dataset,
+        "features": config.data.features,
+        "partition": to_mapping(config.partition),
+        "clients": config.partition.num_clients,
+        "rounds": config.federation.rounds,
+        "seed": config.seed,
+        "final": final,
+        "best": best,
+        "epsilon": None,
+        "delta": None,
+        "wall_seconds": time.perf_counter() - started,
+        "seconds_per_round": simulation.elapsed / rounds_run,
+        "bytes_up": simulation.bytes_up,
+        "bytes_down": simulation.bytes_down,
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if run_dir is not None:
+        from protofl.report import plot_learning_curves, run_report
+        from protofl.records import write_atomic
+
+        write_metrics(run_dir / "metrics.jsonl", history)
+        write_json(run_dir / "summary.json", summary)
+        plot_learning_curves([(config.method_name, history)], run_dir / "learning_curves.png")
+        write_atomic(run_dir / "report.md", run_report(run_dir))
+    return RunResult(summary, history, run_dir, config)
+
+
+def _write_partition_records(run_dir: Path, data: PreparedData) -> None:
+    from protofl.data.partition_report import partition_table, plot_partition_heatmap
+    from protofl.records import write_atomic
+
+    names = data.class_names or None
+    write_atomic(run_dir / "partition.md", partition_table(data.partition, data.pool_labels, class_names=names))
+    plot_partition_heatmap(data.partition, data.pool_labels, run_dir / "partition_heatmap.png", class_names=names)

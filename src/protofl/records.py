@@ -1,0 +1,81 @@
+"""Run folders: what a run leaves behind.
+
+``config.toml`` (fully resolved), ``metrics.jsonl`` (one JSON object per evaluated round),
+``summary.json``, ``checkpoint/``, ``partition.md`` and plots, ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+#: Metrics compared when picking the ``best`` round (higher is better).
+SUMMARY_KEYS = ("global_acc", "personal_acc_mean", "personal_acc_std")
+#: Keys that measure time and so differ between otherwise identical runs.
+TIMING_KEYS = frozenset({"round_seconds", "eval_seconds", "elapsed_seconds", "wall_seconds",
+                         "seconds_per_round", "peak_memory_mb"})
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    write_atomic(path, "".join(json.dumps(_clean(row)) + "\n" for row in history))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(_clean(data), indent=2) + "\n")
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "summary.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a protofl run folder (no summary.json)")
+    return json.loads(path.read_text())
+
+
+def accuracy_keys(row: dict[str, Any]) -> list[str]:
+    """The accuracy metrics in a metrics row: global_acc and every personal ``*_acc_mean``/``_std``."""
+    return [k for k in row if k == "global_acc" or (k.startswith("personal_") and (k.endswith("_mean") or k.endswith("_std")))]
+
+
+def summarize_history(history: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``final`` (last evaluated round) and ``best`` (the evaluated round with the highest headline
+    accuracy: global_acc where the method has a global model, else personal_acc_mean)."""
+    if not history:
+        empty = {k: None for k in SUMMARY_KEYS}
+        return empty, dict(empty, round=None)
+    last = history[-1]
+    keys = accuracy_keys(last)
+    final = {k: last.get(k) for k in (*SUMMARY_KEYS, *keys)}
+    final["round"] = last["round"]
+    headline = "global_acc" if last.get("global_acc") is not None else "personal_acc_mean"
+    best_row = max(history, key=lambda row: -1.0 if row.get(headline) is None else row[headline])
+    best = {k: best_row.get(k) for k in (*SUMMARY_KEYS, *keys)}
+    best["round"] = best_row["round"]
+    best["selected_by"] = headline
+    return final, best
