@@ -114,7 +114,7 @@ def prepare_data(config: RunConfig) -> PreparedData:
     x = torch.from_numpy(np.ascontiguousarray(train.x, dtype=np.float32))
     y = torch.from_numpy(train.y.astype(np.int64))
     clients = [
-        ClientData(k, x[torch.from_numpy(tr)], y[torch.from_numpy(tr)], x[torch.from_numpy(te)], y[torch.from_numpy(te)])
+        ClientData(k, x[torch.tensor(tr)], y[torch.tensor(tr)], x[torch.tensor(te)], y[torch.tensor(te)])
         for k, (tr, te) in enumerate(zip(partition.train, partition.test))
     ]
     return PreparedData(

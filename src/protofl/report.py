@@ -74,7 +74,7 @@ def run_report(run_dir: Path) -> str:
         f"{s['rounds']} rounds, seed {s['seed']}.",
         f"- Wall time {s['wall_seconds']:.1f} s ({s['seconds_per_round']:.2f} s per round of training); "
         f"{_mb(s['bytes_up'])} MB up, {_mb(s['bytes_down'])} MB down in all; peak memory {s.get('peak_memory_mb', 0):.0f} MB.",
-        f"- Privacy: {'not private' if s['epsilon'] is None else f'epsilon {s["epsilon"]:.3g} at delta {s["delta"]:.1g}'}.",
+        f"- Privacy: {_privacy_text(s)}.",
         "",
         "| | round | global acc (%) | personalised acc (%) | std |",
         "|---|---|---|---|---|",
@@ -97,6 +97,12 @@ def run_report(run_dir: Path) -> str:
                      f"{row['round_seconds']:.2f} |")
     lines += ["", f"Reproduce: `protofl run {run_dir}/config.toml --out DIR`", ""]
     return "\n".join(lines)
+
+
+def _privacy_text(s: dict[str, Any]) -> str:
+    if s["epsilon"] is None:
+        return "not private"
+    return f"epsilon {s['epsilon']:.3g} at delta {s['delta']:.1g}"
 
 
 def _partition_text(p: dict[str, Any]) -> str:
@@ -124,7 +130,7 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
             f"{_fmt(s['final']['personal_acc_mean'])} ± {_fmt(s['final']['personal_acc_std'])} | "
             f"{_fmt(s['best']['personal_acc_mean'])} | {s['seconds_per_round']:.2f} | "
             f"{_mb(s['bytes_up'] / s['rounds'])} | {_mb(s['bytes_down'] / s['rounds'])} | "
-            f"{'—' if s['epsilon'] is None else f'{s["epsilon"]:.3g}'} |"
+            f"{'—' if s['epsilon'] is None else format(s['epsilon'], '.3g')} |"
         )
     table = [
         "# Run comparison",

@@ -1,0 +1,57 @@
+"""Shared pieces of the benchmark scripts: run a grid of configs in worker processes, aggregate."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _worker(args: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
+    config, out, threads = args
+    import torch
+
+    torch.set_num_threads(threads)
+    import protofl
+
+    if (Path(out) / "summary.json").exists():  # finished earlier: reuse (delete the folder to rerun)
+        return json.loads((Path(out) / "summary.json").read_text())
+    resume = (Path(out) / "checkpoint").exists()
+    result = protofl.run(None if resume else config, out=out, resume=resume)
+    return result.summary
+
+
+def run_grid(jobs: list[tuple[dict[str, Any], Path]], workers: int, threads: int) -> list[dict[str, Any]]:
+    """Run ``(config, run_dir)`` jobs, ``workers`` processes at a time with ``threads`` torch threads each.
+    A job whose folder already has summary.json is not run again; one with a checkpoint is resumed."""
+    ctx = mp.get_context("spawn")
+    args = [(config, str(out), threads) for config, out in jobs]
+    start = time.perf_counter()
+    with ctx.Pool(workers, maxtasksperchild=1) as pool:
+        summaries = []
+        for i, summary in enumerate(pool.imap(_worker, args)):
+            summaries.append(summary)
+            print(f"[{i + 1}/{len(args)}] {Path(args[i][1]).name}: final {summary['final']} "
+                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    return summaries
+
+
+def mean_std(values: list[float | None], pct: bool = True) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    scale = 100 if pct else 1
+    mean = statistics.fmean(values) * scale
+    std = statistics.pstdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])

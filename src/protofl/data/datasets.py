@@ -1,0 +1,194 @@
+"""The dataset registry: a name → a :class:`~protofl.data.dataset.DatasetSplits`.
+
+Built in: ``mnist``, ``fashion-mnist`` (official splits, ``(N, 1, 28, 28)``), ``optdigits`` (scikit-learn's
+8x8 digits with a fixed stratified 30 % test split), ``digits-domains`` (four digit domains, see
+:mod:`protofl.data.digits_domains`). Files a user already holds: ``idx:/path/to/folder`` (MNIST-format
+IDX files) and ``cifar:/path/to/folder`` (CIFAR-10/100 python batches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protofl.data import formats, sources
+from protofl.data.dataset import ArrayDataset, DatasetSplits
+
+__all__ = [
+    "CLASS_NAMES",
+    "DATASETS",
+    "DIGIT_CLASSES",
+    "FASHION_MNIST_CLASSES",
+    "PATH_LOADERS",
+    "UnknownDatasetError",
+    "dataset_names",
+    "load_dataset",
+    "resize_images",
+]
+
+DIGIT_CLASSES: tuple[str, ...] = tuple(str(i) for i in range(10))
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+#: Seed and fraction of the fixed OptDigits train/test split (shared with the digits-domains benchmark).
+OPTDIGITS_TEST_FRACTION = 0.3
+OPTDIGITS_SPLIT_SEED = 0
+
+
+class UnknownDatasetError(KeyError, ValueError):
+    """No dataset of that name; the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+def resize_images(x: np.ndarray, size: int, *, batch_size: int = 4096) -> np.ndarray:
+    """Resize ``(N, C, H, W)`` images to ``size`` x ``size`` (bilinear, antialiased when shrinking)."""
+    import torch
+    import torch.nn.functional as F
+
+    if x.ndim != 4:
+        raise ValueError(f"expected images (N, C, H, W), got shape {x.shape}")
+    if x.shape[2] == size and x.shape[3] == size:
+        return x
+    shrink = size < x.shape[2] or size < x.shape[3]
+    out = np.empty((x.shape[0], x.shape[1], size, size), dtype=np.float32)
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            t = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32))
+            r = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+            out[i:i + batch_size] = r.clamp_(0.0, 1.0).numpy()
+    return out
+
+
+def _resized(splits: DatasetSplits, image_size: int | None) -> DatasetSplits:
+    if image_size is None or splits.train.x.shape[-1] == image_size and splits.train.x.shape[-2] == image_size:
+        return splits
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+
+    def one(d: ArrayDataset) -> ArrayDataset:
+        return ArrayDataset(resize_images(d.x, image_size), d.y, d.num_classes, d.domain, d.domain_names)
+
+    return DatasetSplits(splits.name, one(splits.train), one(splits.test), splits.class_names)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders. Each takes (image_size, progress, **options) and returns DatasetSplits.
+
+
+def _load_mnist(image_size: int | None = None, progress: bool = True) -> DatasetSplits:
+    folder = sources.fetch("mnist")
+    splits = formats.load_idx_folder(folder, name="mnist", num_classes=10, class_names=DIGIT_CLASSES)
+    return _resized(splits, image_size)
+
+
+def _load_fashion_mnist(image_size: int | None = None, progress: bool = True) -> DatasetSplits:
+    folder = sources.fetch("fashion-mnist")
+    splits = formats.load_idx_folder(folder, name="fashion-mnist", num_classes=10,
+                                     class_names=FASHION_MNIST_CLASSES)
+    return _resized(splits, image_size)
+
+
+def optdigits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """OptDigits as (x_train, y_train, x_test, y_test): images ``(N, 1, 8, 8)`` float32 in [0, 1].
+
+    The test split is a fixed stratified 30 % (seed 0), so it is balanced and the same on every call.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) / np.float32(16.0))[:, None]
+    y = digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=OPTDIGITS_TEST_FRACTION, stratify=y, random_state=OPTDIGITS_SPLIT_SEED
+    )
+    return x_tr, y_tr, x_te, y_te
+
+
+def _load_optdigits(image_size: int | None = None, progress: bool = True) -> DatasetSplits:
+    x_tr, y_tr, x_te, y_te = optdigits_arrays()
+    splits = DatasetSplits(
+        "optdigits", ArrayDataset(x_tr, y_tr, 10), ArrayDataset(x_te, y_te, 10), DIGIT_CLASSES
+    )
+    return _resized(splits, image_size)
+
+
+def _load_digits_domains(
+    image_size: int | None = None, progress: bool = True, **options: Any
+) -> DatasetSplits:
+    from protofl.data.digits_domains import build_digits_domains
+
+    return _resized(build_digits_domains(progress=progress, **options), image_size)
+
+
+#: Dataset name -> loader ``(image_size=None, progress=True, **options) -> DatasetSplits``.
+DATASETS: dict[str, Callable[..., DatasetSplits]] = {
+    "mnist": _load_mnist,
+    "fashion-mnist": _load_fashion_mnist,
+    "optdigits": _load_optdigits,
+    "digits-domains": _load_digits_domains,
+}
+
+#: Class names of the built-in datasets.
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "mnist": DIGIT_CLASSES,
+    "fashion-mnist": FASHION_MNIST_CLASSES,
+    "optdigits": DIGIT_CLASSES,
+    "digits-domains": DIGIT_CLASSES,
+}
+
+
+def _load_idx_path(
+    path: str, image_size: int | None = None, progress: bool = True, **options: Any
+) -> DatasetSplits:
+    splits = formats.load_idx_folder(Path(path).expanduser(), name=f"idx:{path}", **options)
+    return _resized(splits, image_size)
+
+
+def _load_cifar_path(
+    path: str, image_size: int | None = None, progress: bool = True, **options: Any
+) -> DatasetSplits:
+    splits = formats.load_cifar_folder(Path(path).expanduser(), name=f"cifar:{path}", **options)
+    return _resized(splits, image_size)
+
+
+#: ``prefix:`` -> loader ``(path, image_size=None, progress=True, **options)`` for files a user holds.
+PATH_LOADERS: dict[str, Callable[..., DatasetSplits]] = {
+    "idx": _load_idx_path,
+    "cifar": _load_cifar_path,
+}
+
+
+def dataset_names() -> list[str]:
+    """Registered names plus the path forms (``idx:/path``, ``cifar:/path``)."""
+    return sorted(DATASETS) + [f"{p}:/path/to/folder" for p in sorted(PATH_LOADERS)]
+
+
+def load_dataset(
+    name: str, *, image_size: int | None = None, progress: bool = True, **options: Any
+) -> DatasetSplits:
+    """Load dataset ``name`` (fetching and verifying it on first use).
+
+    ``image_size`` resizes images to a square side (bilinear); None keeps the native size. Extra
+    ``options`` go to the loader (e.g. ``train_per_domain`` for ``digits-domains``).
+    Unknown names raise :class:`UnknownDatasetError` (a ``KeyError`` and a ``ValueError``).
+    """
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in PATH_LOADERS:
+        if not rest:
+            raise ValueError(f"{name!r}: give a folder after '{prefix}:', e.g. {prefix}:/data/my-set")
+        return PATH_LOADERS[prefix](rest, image_size=image_size, progress=progress, **options)
+    try:
+        loader = DATASETS[name]
+    except KeyError:
+        raise UnknownDatasetError(
+            f"unknown dataset {name!r}; valid names: {', '.join(dataset_names())}"
+        ) from None
+    return loader(image_size=image_size, progress=progress, **options)
