@@ -20,11 +20,18 @@ def _worker(args: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     import protofl
+    from protofl.api import resolve_config
 
-    if (Path(out) / "summary.json").exists():  # finished earlier: reuse (delete the folder to rerun)
-        return json.loads((Path(out) / "summary.json").read_text())
-    resume = (Path(out) / "checkpoint").exists()
-    result = protofl.run(None if resume else config, out=out, resume=resume)
+    folder = Path(out)
+    resume = False
+    if (folder / "config.toml").exists():
+        # An earlier run of this job: reuse or continue it only if it had exactly this configuration.
+        if (folder / "config.toml").read_text() != resolve_config(config).to_toml():
+            raise SystemExit(f"{folder} holds a run of another configuration: delete it to rerun")
+        if (folder / "summary.json").exists():
+            return json.loads((folder / "summary.json").read_text())
+        resume = (folder / "checkpoint").exists()
+    result = protofl.run(None if resume else config, out=folder, resume=resume)
     return result.summary
 
 

@@ -73,11 +73,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(table)
     (args.out / "summaries.json").write_text(json.dumps(by_method, indent=1))
-    plot(by_method, args.out / "personal_acc.png")
+    plot(by_method, args.out)
     print(table)
 
 
-def plot(by_method: dict[str, list[dict]], path: Path) -> None:
+def plot(by_method: dict[str, list[dict]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +87,7 @@ def plot(by_method: dict[str, list[dict]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
     for method, runs in by_method.items():
-        folders = sorted((RESULTS / "baselines" / "runs").glob(f"{method}-seed*"))
+        folders = sorted((out / "runs").glob(f"{method}-seed*"))
         curves = [read_metrics(f / "metrics.jsonl") for f in folders]
         if not curves:
             continue
@@ -97,7 +97,7 @@ def plot(by_method: dict[str, list[dict]], path: Path) -> None:
     ax.set(xlabel="round", ylabel="personalised accuracy (%)", title="Fashion-MNIST, Dir(0.1), 20 clients")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=110)
+    fig.savefig(out / "personal_acc.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ def make_payload():
 SPEC = PayloadSpec(
     "fedproto",
     {
-        "classes": ArraySpec((None,), "i", class_bound=10, unique=True),
+        "classes": ArraySpec((None,), "int64", class_bound=10, unique=True),
         "prototypes": ArraySpec((None, 5)),
-        "counts": ArraySpec((None,), "i"),
+        "counts": ArraySpec((None,), "int64", minimum=1),
     },
     same_length=("classes", "prototypes", "counts"),
 )
@@ -80,7 +80,9 @@ def test_validate_accepts_a_good_payload():
         (_fedproto(classes=np.array([1, 12])), "class ids"),
         (_fedproto(classes=np.array([2, 2])), "duplicate"),
         (_fedproto(counts=np.array([1, 2, 3])), "same length"),
-        (_fedproto(classes=np.array([1.0, 2.0])), "kind"),
+        (_fedproto(classes=np.array([1.0, 2.0])), "dtype float64 is not int64"),
+        (_fedproto(prototypes=np.ones((2, 5), np.float64)), "dtype float64 is not float32"),
+        (_fedproto(counts=np.array([0, 4])), "must be >= 1"),
         (Payload({"classes": np.array([1])}, {"method": "fedproto"}), "missing"),
         (Payload({**_fedproto().arrays, "extra": np.zeros(1)}, {"method": "fedproto"}), "unexpected"),
         (Payload(dict(_fedproto().arrays), {"method": "fedavg"}), "method"),
@@ -89,3 +91,23 @@ def test_validate_accepts_a_good_payload():
 def test_validate_rejects_malformed_payloads(payload, message):
     with pytest.raises(PayloadError, match=message):
         validate(Payload.from_bytes(payload.to_bytes()), SPEC)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"metadata": [], "arrays": []}',
+        b'{"metadata": {}, "arrays": [["a", "float32", [4611686018427387904, 4]]]}',
+        b'{"metadata": {}, "arrays": [["a", "float32", [1]], ["a", "float32", [1]]]}',
+        b'{"metadata": {}, "arrays": [["a", "object", [1]]]}',
+        b'{"metadata": {}, "arrays": [["a", "float32", [-1]]]}',
+        b'{"metadata": {}, "arrays": [["a", "float32"]]}',
+        b'not json',
+    ],
+)
+def test_hostile_headers_raise_payload_error_only(header):
+    import struct
+
+    data = b"PFL1" + struct.pack("<I", len(header)) + header + b"\0" * 8
+    with pytest.raises(PayloadError):
+        Payload.from_bytes(data)

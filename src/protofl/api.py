@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import logging
 import resource
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -155,12 +154,18 @@ def run(
     from protofl.engine import Simulation
     from protofl.records import summarize_history, write_json, write_metrics
 
-    started = time.perf_counter()
+    from protofl.engine.checkpoint import has_checkpoint
+    from protofl.records import write_atomic
+
     run_dir = Path(out) if out is not None else None
     if resume:
         if run_dir is None or not (run_dir / "config.toml").exists():
             raise ConfigError(f"cannot resume: {run_dir} holds no config.toml of an earlier run")
+        if overrides:
+            raise ConfigError("cannot change the configuration of a run being resumed (no --set with --resume)")
         config = RunConfig.from_toml(run_dir / "config.toml")
+    elif run_dir is not None and has_checkpoint(run_dir / "checkpoint"):
+        raise ConfigError(f"{run_dir} already holds a run; resume it (--resume {run_dir}) or choose another --out")
     config = resolve_config(config, overrides)
     torch.manual_seed(config.seed)
 
@@ -168,13 +173,6 @@ def run(
     algorithm_cls = get_algorithm(config.method_name)
     task = Task(data.input_shape, data.num_classes, config.model)
     algorithm = algorithm_cls.from_options(config.method_options, task)
-
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from protofl.records import write_atomic
-
-        write_atomic(run_dir / "config.toml", config.to_toml())
-        _write_partition_records(run_dir, data)
 
     def on_round(row: dict[str, Any]) -> None:
         if run_dir is not None:
@@ -185,9 +183,13 @@ def run(
         checkpoint_dir=None if run_dir is None else run_dir / "checkpoint",
         fingerprint=fingerprint(config), on_round=on_round,
     )
-    if resume:
-        if not simulation.resume():
-            log.warning("no checkpoint in %s: starting from round 1", run_dir)
+    if resume and not simulation.resume():
+        log.warning("no checkpoint in %s: starting from round 1", run_dir)
+    if run_dir is not None:
+        if not resume:
+            write_atomic(run_dir / "config.toml", config.to_toml())
+        write_metrics(run_dir / "metrics.jsonl", simulation.history)
+        _write_partition_records(run_dir, data)
     history = simulation.run(stop_after=stop_after)
 
     final, best = summarize_history(history)
@@ -204,7 +206,7 @@ def run(
         "best": best,
         "epsilon": None,
         "delta": None,
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": simulation.wall_seconds,
         "seconds_per_round": simulation.elapsed / rounds_run,
         "bytes_up": simulation.bytes_up,
         "bytes_down": simulation.bytes_down,
@@ -212,7 +214,6 @@ def run(
     }
     if run_dir is not None:
         from protofl.report import plot_learning_curves, run_report
-        from protofl.records import write_atomic
 
         write_metrics(run_dir / "metrics.jsonl", history)
         write_json(run_dir / "summary.json", summary)

@@ -15,6 +15,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from protofl.api import run
 
     if args.resume:
+        if args.config or args.out:
+            raise SystemExit("error: --resume DIR takes the configuration from DIR; give no CONFIG or --out")
         result = run(None, out=args.resume, resume=True, overrides=args.set)  # type: ignore[arg-type]
     else:
         if args.out is None:
@@ -70,8 +72,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     from protofl.algorithms import ALGORITHMS
 
     for name, cls in sorted(ALGORITHMS.items()):
-        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name}: {doc}")
+        print(f"{name}: {cls.summary}")
         for f in dataclasses.fields(cls.Config):
             print(f"    {f.name} = {f.default!r}")
     return 0
@@ -122,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Data, partition and payload errors carry their explanation; -v shows where they came from.
+        if args.verbose:
+            raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message} (run with -v for the traceback)", file=sys.stderr)
         return 2
 
 

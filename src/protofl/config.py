@@ -217,6 +217,7 @@ class RunConfig:
     method: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"name": "fedavg"})
 
     def __post_init__(self) -> None:
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         check(isinstance(self.method, Mapping), "method", "expected a table")
         check(isinstance(self.method.get("name"), str), "method.name", "missing: name an algorithm")
         object.__setattr__(self, "method", types.MappingProxyType(dict(self.method)))

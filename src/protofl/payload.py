@@ -65,32 +65,39 @@ class Payload:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Payload":
-        view = memoryview(data)
+        """Parse bytes written by :meth:`to_bytes`; anything malformed raises :class:`PayloadError`."""
+        try:
+            return cls._parse(memoryview(data))
+        except PayloadError:
+            raise
+        except Exception as exc:  # any other failure of parsing untrusted bytes is a malformed payload
+            raise PayloadError(f"malformed payload: {type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def _parse(cls, view: memoryview) -> "Payload":
         if len(view) < 8 or bytes(view[:4]) != MAGIC:
             raise PayloadError("not a protofl payload (bad magic bytes)")
         (head_len,) = struct.unpack("<I", view[4:8])
         if 8 + head_len > len(view):
             raise PayloadError("truncated payload header")
-        try:
-            header = json.loads(bytes(view[8 : 8 + head_len]))
-            entries = header["arrays"]
-            metadata = header["metadata"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise PayloadError(f"corrupt payload header: {exc}") from None
+        header = json.loads(bytes(view[8 : 8 + head_len]))
+        if not isinstance(header, dict) or not isinstance(header.get("metadata"), dict) \
+                or not isinstance(header.get("arrays"), list):
+            raise PayloadError("corrupt payload header")
         offset = 8 + head_len
-        arrays = {}
-        for entry in entries:
-            try:
-                name, dtype_name, shape = entry
-                if dtype_name not in _ALLOWED_DTYPES:
-                    raise PayloadError(f"array {name!r}: dtype {dtype_name} is not allowed")
-                dtype = np.dtype(dtype_name).newbyteorder("<")
-                shape = tuple(int(s) for s in shape)
-                if any(s < 0 for s in shape):
-                    raise PayloadError(f"array {name!r}: negative dimension in {shape}")
-            except (ValueError, TypeError) as exc:
-                raise PayloadError(f"corrupt array entry {entry!r}: {exc}") from None
-            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        arrays: dict[str, np.ndarray] = {}
+        for entry in header["arrays"]:
+            name, dtype_name, shape = entry
+            if not isinstance(name, str) or name in arrays:
+                raise PayloadError(f"array name {name!r} is not a string or appears twice")
+            if dtype_name not in _ALLOWED_DTYPES:
+                raise PayloadError(f"array {name!r}: dtype {dtype_name} is not allowed")
+            if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+                raise PayloadError(f"array {name!r}: bad shape {shape!r}")
+            dtype = np.dtype(dtype_name).newbyteorder("<")
+            size = dtype.itemsize
+            for s in shape:  # Python ints: no overflow
+                size *= s
             if offset + size > len(view):
                 raise PayloadError(f"truncated payload: array {name!r} needs {size} bytes")
             arr = np.frombuffer(view[offset : offset + size], dtype=dtype).reshape(shape)
@@ -98,17 +105,19 @@ class Payload:
             offset += size
         if offset != len(view):
             raise PayloadError(f"payload has {len(view) - offset} trailing bytes")
-        return cls(arrays, metadata)
+        return cls(arrays, header["metadata"])
 
 
 @dataclasses.dataclass(frozen=True)
 class ArraySpec:
-    """Expected dtype kind and shape; ``None`` in a shape matches any length on that axis."""
+    """Expected dtype and shape of one array; ``None`` in a shape matches any length on that axis."""
 
     shape: tuple[int | None, ...]
-    dtype_kind: str = "f"  # numpy dtype kind: f float, i int, b bool, u unsigned
+    dtype: str = "float32"
     #: Values must lie in [0, class_bound) (class ids).
     class_bound: int | None = None
+    #: Values must be at least this (e.g. 1 for sample counts).
+    minimum: float | None = None
     unique: bool = False
 
 
@@ -135,8 +144,8 @@ def validate(payload: Payload, spec: PayloadSpec) -> None:
         raise PayloadError(f"unexpected arrays: {', '.join(extra)}")
     for name, want in spec.arrays.items():
         arr = payload.arrays[name]
-        if arr.dtype.kind != want.dtype_kind:
-            raise PayloadError(f"array {name!r}: dtype {arr.dtype} is not of kind {want.dtype_kind!r}")
+        if arr.dtype.name != want.dtype:
+            raise PayloadError(f"array {name!r}: dtype {arr.dtype} is not {want.dtype}")
         if len(arr.shape) != len(want.shape) or any(
             w is not None and w != s for w, s in zip(want.shape, arr.shape)
         ):
@@ -148,6 +157,8 @@ def validate(payload: Payload, spec: PayloadSpec) -> None:
                 raise PayloadError(
                     f"array {name!r}: class ids must lie in [0, {want.class_bound}), got [{arr.min()}, {arr.max()}]"
                 )
+        if want.minimum is not None and arr.size and arr.min() < want.minimum:
+            raise PayloadError(f"array {name!r}: values must be >= {want.minimum}, got {arr.min()}")
         if want.unique and len(np.unique(arr)) != len(arr):
             raise PayloadError(f"array {name!r}: duplicate entries")
     lengths = {name: len(payload.arrays[name]) for name in spec.same_length}

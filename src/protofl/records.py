@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from protofl._io import atomic_write
 
 #: Metrics compared when picking the ``best`` round (higher is better).
 SUMMARY_KEYS = ("global_acc", "personal_acc_mean", "personal_acc_std")
@@ -21,11 +21,7 @@ TIMING_KEYS = frozenset({"round_seconds", "eval_seconds", "elapsed_seconds", "wa
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def _clean(value: Any) -> Any:

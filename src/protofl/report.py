@@ -39,7 +39,7 @@ def plot_learning_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path:
         glob = [row.get("global_acc") for row in history]
         if any(v is not None for v in glob):
             axes[0].plot(rounds, [float("nan") if v is None else 100 * v for v in glob], marker=".", label=label)
-        mean = [100 * (row.get("personal_acc_mean") or float("nan")) for row in history]
+        mean = [float("nan") if row.get("personal_acc_mean") is None else 100 * row["personal_acc_mean"] for row in history]
         std = [100 * (row.get("personal_acc_std") or 0.0) for row in history]
         line, = axes[1].plot(rounds, mean, marker=".", label=label)
         axes[1].fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],

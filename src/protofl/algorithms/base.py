@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from protofl.config import ConfigError, ModelConfig, check, check_choice, from_mapping
@@ -86,6 +85,8 @@ class Algorithm:
     """Base class of every federated algorithm (see the module docstring for the contract)."""
 
     name: ClassVar[str]
+    #: One line for ``protofl methods``.
+    summary: ClassVar[str] = ""
     Config: ClassVar[type] = LocalTrainingConfig
     #: Whether the method has a global model to evaluate on the global test set.
     has_global_model: ClassVar[bool] = False
@@ -97,6 +98,7 @@ class Algorithm:
         self.task = task
         self.model = task.build_model()
         self.model.requires_grad_(False)
+        self._initial_params: dict[int, Params] = {}
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -104,8 +106,16 @@ class Algorithm:
         return cls(from_mapping(cls.Config, options, "method."), task)
 
     def initial_params(self, seed: int) -> Params:
-        torch.manual_seed(seed)
-        return {k: v.detach().clone() for k, v in self.task.build_model().named_parameters()}
+        """The model's initial parameters for ``seed`` (the same for every client and the server).
+
+        Built once per seed and shared, so clients that have not trained yet cost no memory of their own.
+        Contract: nothing updates state tensors in place (``train_local`` trains copies)."""
+        cache = self._initial_params
+        if seed not in cache:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                cache[seed] = {k: v.detach().clone() for k, v in self.task.build_model().named_parameters()}
+        return cache[seed]
 
     # -- the contract ------------------------------------------------------------------------------
     def init_server_state(self, seed: int) -> State:
@@ -199,10 +209,6 @@ def predict_logits(algorithm: Algorithm, params: Params, x: torch.Tensor, batch_
 @torch.no_grad()
 def compute_features(algorithm: Algorithm, params: Params, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
     return torch.cat([algorithm.forward(params, x[i : i + batch_size])[0] for i in range(0, len(x), batch_size)])
-
-
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y)
 
 
 # -- parameters <-> payload arrays -----------------------------------------------------------------

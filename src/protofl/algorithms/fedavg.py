@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from protofl.algorithms.base import (Algorithm, ClientData, LocalTrainingConfig, Params, State, arrays_to_params,
-                                     cross_entropy, param_specs, params_to_arrays, register)
+                                     param_specs, params_to_arrays, register)
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 
 
@@ -29,6 +31,7 @@ def weighted_average(params_list: list[Params], weights: list[float]) -> Params:
 @register
 class FedAvg(Algorithm):
     name = "fedavg"
+    summary = "FedAvg (McMahan et al., 2017): sample-weighted model averaging"
     Config = FedAvgConfig
     has_global_model = True
 
@@ -45,10 +48,10 @@ class FedAvg(Algorithm):
         return PayloadSpec(self.name, self._param_specs())
 
     def reply_spec(self) -> PayloadSpec:
-        return PayloadSpec(self.name, {**self._param_specs(), "num_samples": ArraySpec((), "i")})
+        return PayloadSpec(self.name, {**self._param_specs(), "num_samples": ArraySpec((), "int64", minimum=1)})
 
     def local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, global_params: Params) -> torch.Tensor:
-        return cross_entropy(self.forward(params, x)[1], y)
+        return F.cross_entropy(self.forward(params, x)[1], y)
 
     def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
         global_params = arrays_to_params(received)
@@ -56,7 +59,7 @@ class FedAvg(Algorithm):
             global_params, data, lambda p, x, y: self.local_loss(p, x, y, global_params), generator
         )
         arrays = params_to_arrays(params)
-        arrays["num_samples"] = torch.tensor(data.num_train).numpy()
+        arrays["num_samples"] = np.int64(data.num_train)
         return client_state, Payload(arrays, {"method": self.name}), metrics
 
     def server_step(self, server_state: State, replies: list[Payload]):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from protofl.algorithms.base import (Algorithm, ClientData, LocalTrainingConfig, State, compute_features,
-                                     cross_entropy, register)
+                                     register)
 from protofl.config import check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.prototypes import PrototypeAccumulator
@@ -56,6 +56,7 @@ def nearest_prototype(features: torch.Tensor, classes: torch.Tensor, prototypes:
 @register
 class FedProto(Algorithm):
     name = "fedproto"
+    summary = "FedProto (Tan et al., 2022): per-class prototypes, no weight sharing"
     Config = FedProtoConfig
 
     @property
@@ -78,14 +79,14 @@ class FedProto(Algorithm):
         c = self.task.num_classes
         return PayloadSpec(
             self.name,
-            {"classes": ArraySpec((None,), "i", class_bound=c, unique=True), "prototypes": ArraySpec((None, self.dim))},
+            {"classes": ArraySpec((None,), "int64", class_bound=c, unique=True), "prototypes": ArraySpec((None, self.dim))},
             same_length=("classes", "prototypes"),
         )
 
     def reply_spec(self) -> PayloadSpec:
         spec = self.broadcast_spec()
         return PayloadSpec(
-            self.name, {**spec.arrays, "counts": ArraySpec((None,), "i")}, same_length=("classes", "prototypes", "counts")
+            self.name, {**spec.arrays, "counts": ArraySpec((None,), "int64", minimum=1)}, same_length=("classes", "prototypes", "counts")
         )
 
     @staticmethod
@@ -104,7 +105,7 @@ class FedProto(Algorithm):
 
         def loss_fn(params, x, y):
             z, logits = self.forward(params, x)
-            loss = cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y)
             has = mask[y]
             if weight and has.any():
                 loss = loss + weight * F.mse_loss(z[has], table[y[has]])

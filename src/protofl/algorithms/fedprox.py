@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
-from protofl.algorithms.base import Params, cross_entropy, register
+from protofl.algorithms.base import Params, register
 from protofl.algorithms.fedavg import FedAvg, FedAvgConfig
 from protofl.config import check
 
@@ -25,8 +26,9 @@ class FedProxConfig(FedAvgConfig):
 @register
 class FedProx(FedAvg):
     name = "fedprox"
+    summary = "FedProx (Li et al., 2020): FedAvg with a proximal term"
     Config = FedProxConfig
 
     def local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, global_params: Params) -> torch.Tensor:
         proximal = sum(((params[k] - global_params[k]) ** 2).sum() for k in params)
-        return cross_entropy(self.forward(params, x)[1], y) + 0.5 * self.config.mu * proximal
+        return F.cross_entropy(self.forward(params, x)[1], y) + 0.5 * self.config.mu * proximal

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
-from protofl.algorithms.base import Algorithm, ClientData, LocalTrainingConfig, State, cross_entropy, register
+from protofl.algorithms.base import Algorithm, ClientData, LocalTrainingConfig, State, register
 from protofl.payload import Payload
 
 
@@ -19,6 +20,7 @@ class LocalConfig(LocalTrainingConfig):
 @register
 class Local(Algorithm):
     name = "local"
+    summary = "Local-only training, no communication (the floor for personalised methods)"
     Config = LocalConfig
     communicates = False
 
@@ -27,7 +29,7 @@ class Local(Algorithm):
 
     def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
         def loss_fn(params, x, y):
-            return cross_entropy(self.forward(params, x)[1], y)
+            return F.cross_entropy(self.forward(params, x)[1], y)
 
         params, metrics = self.train_local(client_state["params"], data, loss_fn, generator)
         return {"params": params}, Payload({}, {"method": self.name}), metrics

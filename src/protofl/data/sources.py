@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
+from protofl._io import atomic_write, current_umask
 from protofl.data.dataset import cache_dir
 
 log = logging.getLogger(__name__)
@@ -125,16 +126,10 @@ class Source:
 # Atomic writes
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _make_readable(path: Path, *, directory: bool = False) -> None:
     """Give a file made by mkstemp/mkdtemp (0600/0700) the permissions a normal create would have."""
     try:
-        os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+        os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
     except OSError:
         pass
 
@@ -143,18 +138,7 @@ def save_npz_atomic(path: Path, arrays: dict) -> Path:
     """Write ``arrays`` to ``path`` (.npz, uncompressed) via a temporary file and a rename."""
     import numpy as np
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        _make_readable(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(Path(path), lambda fh: np.savez(fh, **arrays))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,12 +168,7 @@ def _read_stamps(name: str) -> dict:
 def _write_stamps(name: str, stamps: dict) -> None:
     path = _stamp_path(name)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(stamps, f, indent=0, sort_keys=True)
-        _make_readable(Path(tmp))
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: fh.write(json.dumps(stamps, indent=0, sort_keys=True).encode()))
     except OSError as exc:  # a read-only cache only costs speed
         log.debug("could not write verification stamp %s: %s", path, exc)
 

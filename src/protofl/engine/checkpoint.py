@@ -3,30 +3,22 @@ previous complete checkpoint in place."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from protofl._io import atomic_write
+
 CHECKPOINT_NAME = "state.pt"
 
 
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / CHECKPOINT_NAME
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(directory / CHECKPOINT_NAME, lambda fh: torch.save(state, fh))
+
+
+def has_checkpoint(directory: Path) -> bool:
+    return (directory / CHECKPOINT_NAME).exists()
 
 
 def load_checkpoint(directory: Path) -> dict[str, Any] | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,6 +74,9 @@ class Simulation:
         self.bytes_up = 0
         self.bytes_down = 0
         self.elapsed = 0.0
+        #: Wall time of earlier processes of this run (restored on resume) and when this one began.
+        self.wall_before = 0.0
+        self._wall_start = time.perf_counter()
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -87,7 +89,13 @@ class Simulation:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "elapsed": self.elapsed,
+            "wall_seconds": self.wall_seconds,
         }
+
+    @property
+    def wall_seconds(self) -> float:
+        """Wall time of the whole run so far, over every process that worked on it."""
+        return self.wall_before + time.perf_counter() - self._wall_start
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["fingerprint"] != self.fingerprint:
@@ -99,6 +107,8 @@ class Simulation:
         self.bytes_up = state["bytes_up"]
         self.bytes_down = state["bytes_down"]
         self.elapsed = state["elapsed"]
+        self.wall_before = state["wall_seconds"]
+        self._wall_start = time.perf_counter()
 
     def resume(self) -> bool:
         """Load the last complete checkpoint, if any; returns whether one was loaded."""
@@ -140,8 +150,8 @@ class Simulation:
         active = [k for k in sampled if k not in dropped]
 
         broadcast = algo.broadcast(self.server_state)
-        received = self._through_wire(broadcast, algo.broadcast_spec(), "broadcast") if algo.communicates else broadcast
-        down = len(broadcast.to_bytes()) * len(active) if algo.communicates else 0
+        wire_down = broadcast.to_bytes() if algo.communicates else b""
+        down = len(wire_down) * len(active)
 
         replies: list[Payload] = []
         rejected: list[int] = []
@@ -149,6 +159,8 @@ class Simulation:
         up = 0
         for k in active:
             generator = torch.Generator().manual_seed(derive_seed(self.seed, r, k))
+            # Each client parses its own copy of the broadcast, as it would off a network.
+            received = self._through_wire(wire_down, algo.broadcast_spec(), "broadcast") if algo.communicates else broadcast
             new_state, reply, metrics = algo.client_step(self.client_state(k), self.clients[k], received, generator)
             train_losses.append(metrics.get("train_loss", float("nan")))
             if algo.communicates:
@@ -230,15 +242,18 @@ class Simulation:
             out.update(global_metrics)
         received = Payload.from_bytes(algo.broadcast(self.server_state).to_bytes())
         per_client: dict[str, list[float]] = {}
+        evaluated = 0
         for data in self.clients:
             if not len(data.y_test):
                 continue
+            evaluated += 1
             for key, value in algo.evaluate_client(self.client_state(data.client_id), received, data).items():
                 per_client.setdefault(key, []).append(value)
         for key, values in per_client.items():
             arr = np.asarray(values, dtype=float)
             out[f"{key}_mean"] = float(arr.mean())
             out[f"{key}_std"] = float(arr.std())
+        out["clients_evaluated"] = evaluated
         return out
 
 
