@@ -50,7 +50,7 @@ def main() -> None:
         by_method.setdefault(cfg["method"]["name"], []).append(summary)
 
     lines = [
-        "| method | personalised acc, final (%) | personalised acc, best round (%) | nearest-prototype acc, final (%) "
+        "| method | personalised acc, final (%) | personalised acc, best round (picked on test) (%) | nearest-prototype acc, final (%) "
         "| global acc, final (%) | s / round | MB up / round | MB down / round |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -12,3 +12,11 @@ def small_config():
         "model": {"feature_dim": 32},
         "method": {"name": "fedavg", "lr": 0.1, "batch_size": 32, "local_epochs": 3},
     }
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty data cache for this test (PROTOFL_CACHE points to it)."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("PROTOFL_CACHE", str(root))
+    return root

@@ -26,11 +26,7 @@ from protofl.data.sources import (
 )
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("PROTOFL_CACHE", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 def _spec(name: str, content: bytes) -> FileSpec:

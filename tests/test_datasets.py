@@ -19,11 +19,7 @@ from protofl.data.datasets import (
 from protofl.data.formats import write_idx
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("PROTOFL_CACHE", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,7 @@ from protofl.data.datasets import optdigits_arrays
 from protofl.data.embeddings import ENCODERS, EncoderSpec, embed, embedding_cache_path
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("PROTOFL_CACHE", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 @pytest.fixture(scope="module")

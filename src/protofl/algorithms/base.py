@@ -202,12 +202,12 @@ def train_local(
 
 
 @torch.no_grad()
-def predict_logits(algorithm: Algorithm, params: Params, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+def predict_logits(algorithm: Algorithm, params: Params, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     return torch.cat([algorithm.forward(params, x[i : i + batch_size])[1] for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
-def compute_features(algorithm: Algorithm, params: Params, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+def compute_features(algorithm: Algorithm, params: Params, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     return torch.cat([algorithm.forward(params, x[i : i + batch_size])[0] for i in range(0, len(x), batch_size)])
 
 
