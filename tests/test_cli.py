@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from protofl.algorithms import ALGORITHMS
+
 from protofl.cli import main
 
 
@@ -21,7 +23,7 @@ def test_help_for_every_subcommand(sub):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--set", "method.name=fedfoo"], "unknown method 'fedfoo'; valid methods are fedavg, fedproto, fedprox, local"),
+        (["--set", "method.name=fedfoo"], "unknown method 'fedfoo'; valid methods are " + ", ".join(sorted(ALGORITHMS))),
         (["--set", "data.dataset=svhn"], "unknown dataset 'svhn'; valid datasets are"),
         (["--set", "partition.alpha=0"], "partition.alpha: must be > 0, got 0"),
         (["--set", "federation.client_fraction=2"], "client_fraction: must be in (0, 1]"),

@@ -1,5 +1,7 @@
 import pytest
 
+from protofl.algorithms import ALGORITHMS
+
 from protofl.api import resolve_config
 from protofl.config import ConfigError, PartitionConfig, RunConfig
 
@@ -31,7 +33,7 @@ def test_overrides_parse_toml_literals():
         ("partition.colour=3", "partition.colour: unknown key"),
         ("method.lr=-1", "lr: must be > 0"),
         ("method.mu=0.1", "method.mu: unknown key"),
-        ("method.name=fedfoo", "unknown method 'fedfoo'; valid methods are fedavg, fedproto, fedprox, local"),
+        ("method.name=fedfoo", "unknown method 'fedfoo'; valid methods are " + ", ".join(sorted(ALGORITHMS))),
         ("data.dataset=cifar-11", "unknown dataset 'cifar-11'; valid datasets are"),
         ("data.features=resnet", "data.features: 'resnet' is not one of"),
         ("novalue", "expected key=value"),

@@ -1,0 +1,267 @@
+"""CReFF (Shang et al., IJCAI 2022): classifier re-training with federated features.
+
+Clients run FedAvg local training and, before it (on the model as received, as in CReFF), upload for
+each class they hold the gradient of the mean cross-entropy w.r.t. the linear head ``(W, b)`` on
+their real features ``z = φ(x)`` (no gradient into φ). The server averages the models (FedAvg),
+averages the per-class head gradients, learns ``M`` federated features per class whose head
+gradient matches them (gradient matching, :mod:`protofl.gradient_matching`), and re-trains a linear
+head on those features; the re-trained head goes into the global model.
+
+Choices (see :class:`CReFFConfig`):
+
+- The server's synthetic head gradients are taken at the head the clients received this round (the
+  one their target gradients were computed at).
+- The federated features are initialised N(0, 1) once (from the run seed) and persist across rounds
+  in the server state, as in CReFF; only classes that have received a client gradient at least once
+  are matched and used for re-training (never-matched features are pure noise).
+- ``retrain_init="scratch"`` (default, as CReFF) re-trains a freshly initialised head every round
+  (``U(−1/√d, 1/√d)``, PyTorch's ``nn.Linear`` rule, from a generator seeded by (seed, round));
+  ``"aggregated"`` warm-starts from the FedAvg head.
+- ``head_to_clients="retrained"`` (default) broadcasts the global model with the re-trained head;
+  ``"aggregated"`` broadcasts the FedAvg head and uses the re-trained one for global evaluation only.
+- The server state holds plain tensors only (features, flags, seed and round counter), so it
+  checkpoints and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from protofl.algorithms.base import (
+    ClientData,
+    Params,
+    State,
+    arrays_to_params,
+    params_to_arrays,
+    register,
+)
+from protofl.algorithms.fedavg import FedAvg, FedAvgConfig, weighted_average
+from protofl.config import check, check_choice
+from protofl.gradient_matching import (
+    DISTANCES,
+    head_gradients,
+    match_features_with_metrics,
+)
+from protofl.payload import ArraySpec, Payload, PayloadSpec
+
+HEAD_W, HEAD_B = "head.weight", "head.bias"
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return int(state.view(np.uint64)[0] >> 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CReFFConfig(FedAvgConfig):
+    #: M, federated features per class (CReFF: 100).
+    features_per_class: int = 100
+    #: Gradient-matching steps per round, SGD learning rate and momentum on the features (CReFF: 100, 0.1).
+    match_steps: int = 100
+    match_lr: float = 0.1
+    match_momentum: float = 0.0
+    #: A name in :data:`protofl.gradient_matching.DISTANCES`.
+    match_distance: str = "layerwise-cos"
+    #: How the server averages client head gradients per class: plain ``mean`` or ``count``-weighted.
+    gradient_weighting: str = "mean"
+    #: Real samples per class a client uses for its head gradient (drawn with its generator); 0 = all.
+    grad_samples: int = 100
+    #: Head re-training on the federated features: epochs (CReFF: 300), SGD lr (0.01), batch (50).
+    retrain_epochs: int = 300
+    retrain_lr: float = 0.01
+    retrain_batch_size: int = 50
+    retrain_momentum: float = 0.0
+    #: ``scratch`` (CReFF) or ``aggregated`` (warm start from the FedAvg head).
+    retrain_init: str = "scratch"
+    #: Head the clients receive: ``retrained`` or ``aggregated``.
+    head_to_clients: str = "retrained"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.features_per_class >= 1, "features_per_class", f"must be >= 1, got {self.features_per_class}")
+        check(self.match_steps >= 0, "match_steps", f"must be >= 0, got {self.match_steps}")
+        check(self.match_lr > 0, "match_lr", f"must be > 0, got {self.match_lr}")
+        check(0 <= self.match_momentum < 1, "match_momentum", f"must be in [0, 1), got {self.match_momentum}")
+        check_choice(self.match_distance, DISTANCES, "match_distance")
+        check_choice(self.gradient_weighting, ("mean", "count"), "gradient_weighting")
+        check(self.grad_samples >= 0, "grad_samples", f"must be >= 0, got {self.grad_samples}")
+        check(self.retrain_epochs >= 0, "retrain_epochs", f"must be >= 0, got {self.retrain_epochs}")
+        check(self.retrain_lr > 0, "retrain_lr", f"must be > 0, got {self.retrain_lr}")
+        check(self.retrain_batch_size >= 1, "retrain_batch_size", f"must be >= 1, got {self.retrain_batch_size}")
+        check(0 <= self.retrain_momentum < 1, "retrain_momentum", f"must be in [0, 1), got {self.retrain_momentum}")
+        check_choice(self.retrain_init, ("scratch", "aggregated"), "retrain_init")
+        check_choice(self.head_to_clients, ("retrained", "aggregated"), "head_to_clients")
+
+
+def aggregate_head_gradients(
+    replies: list[Payload], weighting: str = "mean"
+) -> dict[int, list[torch.Tensor]]:
+    """Per class, the mean (``mean``) or count-weighted mean (``count``) of the clients' ``[dW, db]``."""
+    sums: dict[int, list] = {}
+    for r in replies:
+        for c, gw, gb, n in zip(r["grad_classes"], r["grad_weight"], r["grad_bias"], r["grad_counts"]):
+            w = float(n) if weighting == "count" else 1.0
+            acc = sums.setdefault(int(c), [0.0, 0.0, 0.0])
+            acc[0] = acc[0] + w * torch.from_numpy(np.array(gw, dtype=np.float32))
+            acc[1] = acc[1] + w * torch.from_numpy(np.array(gb, dtype=np.float32))
+            acc[2] += w
+    return {c: [acc[0] / acc[2], acc[1] / acc[2]] for c, acc in sorted(sums.items())}
+
+
+def retrain_head(
+    features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    epochs: int, lr: float, batch_size: int, momentum: float, generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Minibatch SGD on ``mean CE(W f + b, y)`` over shuffled (``generator``) batches; the gradient
+    is the closed form of :func:`head_gradients`. Returns the head and its final mean loss on all features."""
+    w, b = weight.detach().clone(), bias.detach().clone()
+    vw, vb = torch.zeros_like(w), torch.zeros_like(b)
+    n = len(labels)
+    with torch.no_grad():
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, batch_size):
+                index = order[start : start + batch_size]
+                f, y = features[index], labels[index]
+                dw, db = head_gradients(w, b, f, y)
+                if momentum:
+                    vw.mul_(momentum).add_(dw)
+                    vb.mul_(momentum).add_(db)
+                    dw, db = vw, vb
+                w.sub_(lr * dw)
+                b.sub_(lr * db)
+        logits = features @ w.t() + b
+        last = float(torch.nn.functional.cross_entropy(logits, labels)) if n else float("nan")
+    return w, b, last
+
+
+@register
+class CReFF(FedAvg):
+    name = "creff"
+    summary = "CReFF (Shang et al., 2022): FedAvg + classifier re-training on gradient-matched federated features"
+    Config = CReFFConfig
+
+    @property
+    def _dims(self) -> tuple[int, int]:
+        head = self.model.head
+        return head.out_features, head.in_features
+
+    # -- state -------------------------------------------------------------------------------------
+    def init_server_state(self, seed: int) -> State:
+        num_classes, d = self._dims
+        generator = torch.Generator().manual_seed(_seed(seed, 0xC8EFF))
+        params = self.initial_params(seed)
+        return {
+            "params": params,
+            "aggregated_head": {"weight": params[HEAD_W], "bias": params[HEAD_B]},
+            "features": torch.randn(num_classes, self.config.features_per_class, d, generator=generator),
+            "feature_matched": torch.zeros(num_classes, dtype=torch.bool),
+            "seed": torch.tensor(int(seed), dtype=torch.int64),
+            "round": torch.tensor(0, dtype=torch.int64),
+        }
+
+    def _client_params(self, server_state: State) -> Params:
+        params = dict(server_state["params"])
+        if self.config.head_to_clients == "aggregated":
+            params[HEAD_W] = server_state["aggregated_head"]["weight"]
+            params[HEAD_B] = server_state["aggregated_head"]["bias"]
+        return params
+
+    def broadcast(self, server_state: State) -> Payload:
+        return Payload(params_to_arrays(self._client_params(server_state)), {"method": self.name})
+
+    def reply_spec(self) -> PayloadSpec:
+        num_classes, d = self._dims
+        spec = super().reply_spec()
+        arrays = {
+            **spec.arrays,
+            "grad_classes": ArraySpec((None,), "int64", class_bound=num_classes, unique=True),
+            "grad_weight": ArraySpec((None, num_classes, d), "float32"),
+            "grad_bias": ArraySpec((None, num_classes), "float32"),
+            "grad_counts": ArraySpec((None,), "int64", minimum=1),
+        }
+        return PayloadSpec(self.name, arrays, same_length=("grad_classes", "grad_weight", "grad_bias", "grad_counts"))
+
+    # -- client ------------------------------------------------------------------------------------
+    def client_head_gradients(
+        self, params: Params, data: ClientData, generator: torch.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per class held: ``[dW, db]`` of the mean CE of the head on real features (up to
+        ``grad_samples`` of them, drawn with ``generator``), and the class's sample count."""
+        classes = torch.unique(data.y_train)
+        num_classes, d = self._dims
+        gw = np.zeros((len(classes), num_classes, d), dtype=np.float32)
+        gb = np.zeros((len(classes), num_classes), dtype=np.float32)
+        counts = np.zeros(len(classes), dtype=np.int64)
+        with torch.no_grad():
+            for i, c in enumerate(classes.tolist()):
+                index = torch.nonzero(data.y_train == c).flatten()
+                counts[i] = len(index)
+                if self.config.grad_samples and len(index) > self.config.grad_samples:
+                    index = index[torch.randperm(len(index), generator=generator)[: self.config.grad_samples]]
+                z = self.forward(params, data.x_train[index])[0]
+                dw, db = head_gradients(params[HEAD_W], params[HEAD_B], z, c)
+                gw[i], gb[i] = dw.numpy(), db.numpy()
+        return classes.numpy().astype(np.int64), gw, gb, counts
+
+    def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
+        # Head gradients on the model as received (before local training), as in CReFF.
+        classes, gw, gb, counts = self.client_head_gradients(arrays_to_params(received), data, generator)
+        client_state, reply, metrics = super().client_step(client_state, data, received, generator)
+        arrays = dict(reply.arrays)
+        arrays.update(grad_classes=classes, grad_weight=gw, grad_bias=gb, grad_counts=counts)
+        return client_state, Payload(arrays, {"method": self.name}), metrics
+
+    # -- server ------------------------------------------------------------------------------------
+    def server_step(self, server_state: State, replies: list[Payload]):
+        cfg = self.config
+        round_index = int(server_state["round"]) + 1
+        # The head the clients received (and computed their gradients at).
+        sent = self._client_params(server_state)
+        models = [arrays_to_params(r) for r in replies]
+        params = weighted_average(models, [int(r["num_samples"]) for r in replies])
+        aggregated_head = {"weight": params[HEAD_W], "bias": params[HEAD_B]}
+
+        targets = aggregate_head_gradients(replies, cfg.gradient_weighting)
+        features = server_state["features"]
+        current = {c: features[c] for c in range(len(features))}
+        matched, match_metrics = match_features_with_metrics(
+            current, targets, sent[HEAD_W], sent[HEAD_B], cfg.match_distance, cfg.match_steps, cfg.match_lr,
+            cfg.match_momentum,
+        )
+        features = torch.stack([matched[c] for c in range(len(features))])
+        flags = server_state["feature_matched"].clone()
+        for c in targets:
+            flags[c] = True
+
+        generator = torch.Generator().manual_seed(_seed(int(server_state["seed"]), round_index, 0xC8EFF))
+        num_classes, d = self._dims
+        if cfg.retrain_init == "scratch" and bool(flags.any()):
+            bound = 1.0 / d ** 0.5
+            w0 = (torch.rand(num_classes, d, generator=generator) * 2 - 1) * bound
+            b0 = (torch.rand(num_classes, generator=generator) * 2 - 1) * bound
+        else:
+            w0, b0 = aggregated_head["weight"], aggregated_head["bias"]
+        used = torch.nonzero(flags).flatten()
+        m = features.shape[1]
+        train_f = features[used].reshape(-1, d)
+        train_y = used.repeat_interleave(m)
+        w, b, retrain_loss = retrain_head(
+            train_f, train_y, w0, b0, cfg.retrain_epochs, cfg.retrain_lr, cfg.retrain_batch_size,
+            cfg.retrain_momentum, generator,
+        )
+        params = {**params, HEAD_W: w.to(params[HEAD_W].dtype), HEAD_B: b.to(params[HEAD_B].dtype)}
+        state = {
+            "params": params,
+            "aggregated_head": aggregated_head,
+            "features": features,
+            "feature_matched": flags,
+            "seed": server_state["seed"],
+            "round": torch.tensor(round_index, dtype=torch.int64),
+        }
+        metrics = {**match_metrics, "retrain_loss": retrain_loss, "classes_matched": float(len(targets))}
+        return state, metrics
