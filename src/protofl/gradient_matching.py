@@ -193,24 +193,10 @@ def match_features(
     steps: int = 100,
     lr: float = 0.1,
     momentum: float = 0.0,
-) -> dict[int, torch.Tensor]:
+) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
     """CReFF's federated-feature step: SGD on ``F_c`` (M×d per class) so that the head gradient
     ``∇_{W,b} mean CE(W F_c + b, c)`` matches ``target_grads[c] = [dW, db]``. Returns new detached
-    features (classes without a target unchanged); see :func:`match_synthetic` for the metrics."""
-    return match_features_with_metrics(features, target_grads, head_weight, head_bias, distance, steps, lr, momentum)[0]
-
-
-def match_features_with_metrics(
-    features: Mapping[int, torch.Tensor],
-    target_grads: Mapping[int, Grads],
-    head_weight: torch.Tensor,
-    head_bias: torch.Tensor,
-    distance: str = "layerwise-cos",
-    steps: int = 100,
-    lr: float = 0.1,
-    momentum: float = 0.0,
-) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
-    """:func:`match_features` plus the distance before and after matching."""
+    features (classes without a target unchanged) and the distance before and after matching."""
     w, b = head_weight.detach(), head_bias.detach()
     return match_synthetic(
         features, target_grads, lambda c, f: head_gradients(w, b, f, c), distance, steps, lr, momentum

@@ -43,7 +43,7 @@ from protofl.config import check, check_choice
 from protofl.gradient_matching import (
     DISTANCES,
     head_gradients,
-    match_features_with_metrics,
+    match_features,
 )
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 
@@ -229,7 +229,7 @@ class CReFF(FedAvg):
         targets = aggregate_head_gradients(replies, cfg.gradient_weighting)
         features = server_state["features"]
         current = {c: features[c] for c in range(len(features))}
-        matched, match_metrics = match_features_with_metrics(
+        matched, match_metrics = match_features(
             current, targets, sent[HEAD_W], sent[HEAD_B], cfg.match_distance, cfg.match_steps, cfg.match_lr,
             cfg.match_momentum,
         )
