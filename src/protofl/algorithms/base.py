@@ -160,9 +160,10 @@ class Algorithm:
         data: ClientData,
         loss_fn: Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor],
         generator: torch.Generator,
+        on_epoch: Callable[[Params], None] | None = None,
     ) -> tuple[Params, dict[str, float]]:
         """Minibatch training of ``loss_fn(params, x, y)`` on the client's train split."""
-        return train_local(params, data.x_train, data.y_train, loss_fn, self.config, generator)
+        return train_local(params, data.x_train, data.y_train, loss_fn, self.config, generator, on_epoch)
 
     @torch.no_grad()
     def accuracy(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -182,13 +183,19 @@ def train_local(
     loss_fn: Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor],
     config: LocalTrainingConfig,
     generator: torch.Generator,
+    on_epoch: Callable[[Params], None] | None = None,
 ) -> tuple[Params, dict[str, float]]:
-    """Run ``config.local_epochs`` epochs of shuffled minibatches; returns detached parameters."""
+    """Run ``config.local_epochs`` epochs of shuffled minibatches; returns detached parameters.
+
+    ``on_epoch(params)`` (optional) is called with the current detached parameters before each epoch
+    (e.g. to recompute a per-epoch statistic of the local data)."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     optimizer = make_optimizer(config, list(leaves.values()))
     n = len(y)
     total, batches = 0.0, 0
     for _ in range(config.local_epochs):
+        if on_epoch is not None:
+            on_epoch({k: v.detach() for k, v in leaves.items()})
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, config.batch_size):
             index = order[start : start + config.batch_size]
@@ -204,6 +211,17 @@ def train_local(
 @torch.no_grad()
 def predict_logits(algorithm: Algorithm, params: Params, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     return torch.cat([algorithm.forward(params, x[i : i + batch_size])[1] for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def predict_features_and_logits(
+    algorithm: Algorithm, params: Params, x: torch.Tensor, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits in one batched pass."""
+    outputs = [algorithm.forward(params, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    if not outputs:
+        return torch.zeros(0, algorithm.model.feature_dim), torch.zeros(0, algorithm.task.num_classes)
+    return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
 
 
 @torch.no_grad()

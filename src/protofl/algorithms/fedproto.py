@@ -8,20 +8,33 @@ CE). Server: per-class average of the uploaded prototypes, weighted by class cou
 (``aggregation = "unweighted"``). Clients keep their own models. Inference is reported both ways:
 the client's classifier (``personal_acc``) and the nearest global prototype in Euclidean distance
 (``personal_proto_acc``).
+
+``model_sharing = "fedavg"`` is the *global variant* the FedHPro paper compares against under label
+skew: clients also start every round from the sample-weighted average of the models (FedAvg), so
+there is a global model, evaluated on the global test set (``global_acc``, ``global_proto_acc``) and
+the consistency of the global prototypes with the class means of its features on that set
+(``global_signal_cos``). :class:`FedProto` is also the base of the other prototype methods (FPL,
+FedTGP): they override :meth:`FedProto.prototype_loss` and :meth:`FedProto.server_prototypes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protofl.algorithms.base import (Algorithm, ClientData, LocalTrainingConfig, State, compute_features,
+from protofl.algorithms.base import (Algorithm, ClientData, LocalTrainingConfig, Params, State, arrays_to_params,
+                                     compute_features, param_specs, params_to_arrays, predict_features_and_logits,
                                      register)
+from protofl.algorithms.fedavg import weighted_average
 from protofl.config import check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.prototypes import PrototypeAccumulator
+
+MODEL_SHARING = ("none", "fedavg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +43,15 @@ class FedProtoConfig(LocalTrainingConfig):
     proto_weight: float = 1.0
     #: ``weighted`` (by class counts, the paper) or ``unweighted`` (the authors' code).
     aggregation: str = "weighted"
+    #: ``none`` (FedProto: every client keeps its own model) or ``fedavg`` (the global variant: models
+    #: are also averaged, and there is a global model).
+    model_sharing: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.proto_weight >= 0, "proto_weight", f"must be >= 0, got {self.proto_weight}")
         check_choice(self.aggregation, ("weighted", "unweighted"), "aggregation")
+        check_choice(self.model_sharing, MODEL_SHARING, "model_sharing")
 
 
 def aggregate_prototypes(replies: list[Payload], num_classes: int, dim: int, weighted: bool):
@@ -53,41 +70,66 @@ def nearest_prototype(features: torch.Tensor, classes: torch.Tensor, prototypes:
     return classes[torch.cdist(features, prototypes).argmin(1)]
 
 
+def signal_consistency(features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, signal: torch.Tensor) -> float:
+    """Mean over ``classes`` (those with samples in ``labels``) of the cosine similarity between the
+    class's global signal ``signal[i]`` (a ``(d,)`` vector) and the mean of its features."""
+    cosines = []
+    for c, s in zip(classes.tolist(), signal):
+        mask = labels == c
+        if mask.any():
+            cosines.append(float(F.cosine_similarity(features[mask].mean(0), s.float(), dim=0)))
+    return float(np.mean(cosines)) if cosines else float("nan")
+
+
 @register
 class FedProto(Algorithm):
     name = "fedproto"
-    summary = "FedProto (Tan et al., 2022): per-class prototypes, no weight sharing"
+    summary = "FedProto (Tan et al., 2022): per-class prototypes, no weight sharing (model_sharing='fedavg': global variant)"
     Config = FedProtoConfig
 
     @property
     def dim(self) -> int:
         return self.model.feature_dim
 
+    @property
+    def shares_model(self) -> bool:
+        return self.config.model_sharing == "fedavg"
+
+    # -- state and payloads ------------------------------------------------------------------------
     def init_server_state(self, seed: int) -> State:
-        return {"classes": torch.zeros(0, dtype=torch.int64), "prototypes": torch.zeros(0, self.dim)}
+        state: State = {"classes": torch.zeros(0, dtype=torch.int64), "prototypes": torch.zeros(0, self.dim)}
+        if self.shares_model:
+            state["params"] = self.initial_params(seed)
+        return state
 
     def init_client_state(self, seed: int) -> State:
-        return {"params": self.initial_params(seed)}
+        return {} if self.shares_model else {"params": self.initial_params(seed)}
 
     def broadcast(self, server_state: State) -> Payload:
-        return Payload(
-            {"classes": server_state["classes"].numpy(), "prototypes": server_state["prototypes"].numpy()},
-            {"method": self.name},
-        )
+        arrays = {"classes": server_state["classes"].numpy(), "prototypes": server_state["prototypes"].numpy()}
+        if self.shares_model:
+            arrays.update(params_to_arrays(server_state["params"]))
+        return Payload(arrays, {"method": self.name})
+
+    def _model_specs(self) -> dict[str, ArraySpec]:
+        return param_specs(dict(self.model.named_parameters())) if self.shares_model else {}
 
     def broadcast_spec(self) -> PayloadSpec:
         c = self.task.num_classes
         return PayloadSpec(
             self.name,
-            {"classes": ArraySpec((None,), "int64", class_bound=c, unique=True), "prototypes": ArraySpec((None, self.dim))},
+            {"classes": ArraySpec((None,), "int64", class_bound=c, unique=True), "prototypes": ArraySpec((None, self.dim)),
+             **self._model_specs()},
             same_length=("classes", "prototypes"),
         )
 
     def reply_spec(self) -> PayloadSpec:
-        spec = self.broadcast_spec()
-        return PayloadSpec(
-            self.name, {**spec.arrays, "counts": ArraySpec((None,), "int64", minimum=1)}, same_length=("classes", "prototypes", "counts")
-        )
+        c = self.task.num_classes
+        arrays = {"classes": ArraySpec((None,), "int64", class_bound=c, unique=True), "prototypes": ArraySpec((None, self.dim)),
+                  "counts": ArraySpec((None,), "int64", minimum=1), **self._model_specs()}
+        if self.shares_model:
+            arrays["num_samples"] = ArraySpec((), "int64", minimum=1)
+        return PayloadSpec(self.name, arrays, same_length=("classes", "prototypes", "counts"))
 
     @staticmethod
     def global_lookup(received: Payload, num_classes: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,37 +141,85 @@ class FedProto(Algorithm):
         mask[classes] = True
         return table, mask
 
-    def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
-        table, mask = self.global_lookup(received, self.task.num_classes, self.dim)
-        weight = self.config.proto_weight
+    def model_params(self, client_state: State, received: Payload) -> Params:
+        """The model a client trains and evaluates: the received global one, or its own."""
+        return arrays_to_params(received) if self.shares_model else client_state["params"]
 
-        def loss_fn(params, x, y):
-            z, logits = self.forward(params, x)
-            loss = F.cross_entropy(logits, y)
-            has = mask[y]
-            if weight and has.any():
-                loss = loss + weight * F.mse_loss(z[has], table[y[has]])
-            return loss
+    # -- client ------------------------------------------------------------------------------------
+    def client_context(self, received: Payload, data: ClientData) -> Any:
+        """What the local loss needs from the broadcast, parsed once per round (here the dense
+        prototype table and its mask)."""
+        return self.global_lookup(received, self.task.num_classes, self.dim)
 
-        params, metrics = self.train_local(client_state["params"], data, loss_fn, generator)
+    def prototype_loss(self, z: torch.Tensor, y: torch.Tensor, context: Any) -> torch.Tensor | None:
+        """The regulariser added to CE: ``lambda * MSE(z, P_y)`` over samples whose class has a global
+        prototype (``None`` when nothing applies)."""
+        table, mask = context
+        has = mask[y]
+        if not self.config.proto_weight or not has.any():
+            return None
+        return self.config.proto_weight * F.mse_loss(z[has], table[y[has]])
+
+    def local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, context: Any) -> torch.Tensor:
+        z, logits = self.forward(params, x)
+        loss = F.cross_entropy(logits, y)
+        extra = self.prototype_loss(z, y, context)
+        return loss if extra is None else loss + extra
+
+    def local_prototypes(self, params: Params, data: ClientData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(classes, prototypes, counts)``: per-class mean features of the trained model on the train split."""
         acc = PrototypeAccumulator(self.task.num_classes, self.dim)
         acc.update(compute_features(self, params, data.x_train), data.y_train)
-        classes, protos, counts = acc.compute()
-        reply = Payload(
-            {"classes": classes.numpy(), "prototypes": protos.numpy(), "counts": counts.long().numpy()},
-            {"method": self.name},
-        )
-        return {"params": params}, reply, metrics
+        return acc.compute()
 
-    def server_step(self, server_state: State, replies: list[Payload]):
+    def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
+        context = self.client_context(received, data)
+        params, metrics = self.train_local(
+            self.model_params(client_state, received), data, lambda p, x, y: self.local_loss(p, x, y, context), generator
+        )
+        classes, protos, counts = self.local_prototypes(params, data)
+        arrays = {"classes": classes.numpy(), "prototypes": protos.numpy(), "counts": counts.long().numpy()}
+        if self.shares_model:
+            arrays.update(params_to_arrays(params))
+            arrays["num_samples"] = np.int64(data.num_train)
+        return ({} if self.shares_model else {"params": params}), Payload(arrays, {"method": self.name}), metrics
+
+    # -- server ------------------------------------------------------------------------------------
+    def server_prototypes(self, server_state: State, replies: list[Payload]) -> tuple[State, dict[str, float]]:
+        """The new global prototypes (``{"classes", "prototypes"}`` plus any state of their own) from
+        the uploads: here their per-class average."""
         classes, protos = aggregate_prototypes(
             replies, self.task.num_classes, self.dim, weighted=self.config.aggregation == "weighted"
         )
         return {"classes": classes, "prototypes": protos}, {"global_classes": float(len(classes))}
 
+    def server_step(self, server_state: State, replies: list[Payload]):
+        state, metrics = self.server_prototypes(server_state, replies)
+        if self.shares_model:
+            state["params"] = weighted_average([arrays_to_params(r) for r in replies], [int(r["num_samples"]) for r in replies])
+        return state, metrics
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def global_signal(self, server_state: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(classes, (n, d) signal)``: what the server tells clients each class looks like."""
+        return server_state["classes"], server_state["prototypes"]
+
+    @torch.no_grad()
+    def evaluate_global(self, server_state: State, x: torch.Tensor, y: torch.Tensor):
+        if not self.shares_model:
+            return None
+        features, logits = predict_features_and_logits(self, server_state["params"], x)
+        out = {"global_acc": float((logits.argmax(1) == y).float().mean())}
+        classes, signal = self.global_signal(server_state)
+        if len(classes):
+            out["global_signal_cos"] = signal_consistency(features, y, classes, signal)
+            pred = nearest_prototype(features, server_state["classes"], server_state["prototypes"].float())
+            out["global_proto_acc"] = float((pred == y).float().mean())
+        return out
+
     @torch.no_grad()
     def evaluate_client(self, client_state: State, received: Payload, data: ClientData) -> dict[str, float]:
-        params = client_state["params"]
+        params = self.model_params(client_state, received)
         out = {"personal_acc": self.accuracy(params, data.x_test, data.y_test)}
         if len(received["classes"]) and len(data.y_test):
             features = compute_features(self, params, data.x_test)
