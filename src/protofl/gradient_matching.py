@@ -81,6 +81,9 @@ def coordinate_distance(grads_a: Grads, grads_b: Grads) -> torch.Tensor:
     return total if total is not None else torch.zeros(())
 
 
+#: Optimisers of the synthetic tensors (momentum applies to ``sgd`` only).
+OPTIMIZERS = ("sgd", "adam")
+
 DISTANCES: dict[str, Callable[[Grads, Grads], torch.Tensor]] = {
     "layerwise-cos": layerwise_cos_distance,
     "cos": cos_distance,
@@ -133,11 +136,12 @@ def input_gradients(
 ) -> list[torch.Tensor]:
     """``[mean_i ∂CE(W z_i + b, y_i)/∂z_i]`` (a d-vector): the per-sample CE gradient w.r.t. each
     input row, averaged over rows. Differentiable w.r.t. ``z`` when ``create_graph``."""
-    if not z.requires_grad:
-        z = z.detach().requires_grad_(True)
-    y = _labels(labels_or_class, len(z), z.device)
-    loss = F.cross_entropy(z @ weight.t() + bias, y, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, [z], create_graph=create_graph)
+    with torch.enable_grad():  # also under no_grad (e.g. evaluating a matching loss)
+        if not z.requires_grad:
+            z = z.detach().requires_grad_(True)
+        y = _labels(labels_or_class, len(z), z.device)
+        loss = F.cross_entropy(z @ weight.t() + bias, y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, [z], create_graph=create_graph)
     return [grad.mean(0)]
 
 
@@ -149,8 +153,10 @@ def match_synthetic(
     steps: int = 100,
     lr: float = 0.1,
     momentum: float = 0.0,
+    optimizer: str = "sgd",
 ) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
-    """SGD on per-class synthetic tensors ``S_c`` minimising ``Σ_c D(grad_fn(c, S_c), target_c)``.
+    """SGD (or Adam, ``optimizer="adam"``) on per-class synthetic tensors ``S_c`` minimising
+    ``Σ_c D(grad_fn(c, S_c), target_c)``.
 
     Only classes with a target are updated; all others are returned unchanged. Returns detached new
     tensors (the inputs are not modified) and ``{"match_distance_start", "match_distance_end"}`` (the
@@ -163,7 +169,10 @@ def match_synthetic(
     out = {c: t.detach() for c, t in synthetic.items()}
     if not classes:
         return out, {"match_distance_start": 0.0, "match_distance_end": 0.0}
-    optimizer = torch.optim.SGD(list(leaves.values()), lr=lr, momentum=momentum)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    opt = (torch.optim.Adam(list(leaves.values()), lr=lr) if optimizer == "adam"
+           else torch.optim.SGD(list(leaves.values()), lr=lr, momentum=momentum))
 
     def total_distance() -> torch.Tensor:
         return sum(gradient_distance(distance, grad_fn(c, leaves[c]), targets[c]) for c in classes)
@@ -173,9 +182,9 @@ def match_synthetic(
         loss = total_distance()
         if start is None:
             start = float(loss.detach())
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        opt.step()
     with torch.no_grad():
         end = float(total_distance())
     if start is None:

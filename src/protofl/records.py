@@ -55,8 +55,8 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def accuracy_keys(row: dict[str, Any]) -> list[str]:
-    """The accuracy metrics in a metrics row: global_acc and every personal ``*_acc_mean``/``_std``."""
-    return [k for k in row if k == "global_acc" or (k.startswith("personal_") and (k.endswith("_mean") or k.endswith("_std")))]
+    """The headline metrics in a metrics row: every ``global_*`` metric and every personal ``*_mean``/``_std``."""
+    return [k for k in row if k.startswith("global_") or (k.startswith("personal_") and (k.endswith("_mean") or k.endswith("_std")))]
 
 
 def summarize_history(history: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:

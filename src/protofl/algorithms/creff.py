@@ -187,34 +187,50 @@ class CReFF(FedAvg):
         return PayloadSpec(self.name, arrays, same_length=("grad_classes", "grad_weight", "grad_bias", "grad_counts"))
 
     # -- client ------------------------------------------------------------------------------------
-    def client_head_gradients(
-        self, params: Params, data: ClientData, generator: torch.Generator
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def class_samples(self, data: ClientData, generator: torch.Generator):
+        """For each class held: ``(class, index of up to grad_samples samples drawn with generator, count)``."""
+        for c in torch.unique(data.y_train).tolist():
+            index = torch.nonzero(data.y_train == c).flatten()
+            count = len(index)
+            if self.config.grad_samples and count > self.config.grad_samples:
+                index = index[torch.randperm(count, generator=generator)[: self.config.grad_samples]]
+            yield c, index, count
+
+    def distill_inputs(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The real inputs a client's gradients are computed on (CReFF: as they are)."""
+        return x
+
+    def client_gradients(self, params: Params, data: ClientData, generator: torch.Generator) -> dict[str, np.ndarray]:
         """Per class held: ``[dW, db]`` of the mean CE of the head on real features (up to
         ``grad_samples`` of them, drawn with ``generator``), and the class's sample count."""
-        classes = torch.unique(data.y_train)
-        num_classes, d = self._dims
-        gw = np.zeros((len(classes), num_classes, d), dtype=np.float32)
-        gb = np.zeros((len(classes), num_classes), dtype=np.float32)
-        counts = np.zeros(len(classes), dtype=np.int64)
+        rows = []
         with torch.no_grad():
-            for i, c in enumerate(classes.tolist()):
-                index = torch.nonzero(data.y_train == c).flatten()
-                counts[i] = len(index)
-                if self.config.grad_samples and len(index) > self.config.grad_samples:
-                    index = index[torch.randperm(len(index), generator=generator)[: self.config.grad_samples]]
-                z = self.forward(params, data.x_train[index])[0]
-                dw, db = head_gradients(params[HEAD_W], params[HEAD_B], z, c)
-                gw[i], gb[i] = dw.numpy(), db.numpy()
-        return classes.numpy().astype(np.int64), gw, gb, counts
+            for c, index, count in self.class_samples(data, generator):
+                z = self.forward(params, self.distill_inputs(data.x_train[index], generator))[0]
+                rows.append((c, count, z, head_gradients(params[HEAD_W], params[HEAD_B], z, c)))
+        return self.gradient_arrays(params, rows)
+
+    def gradient_arrays(self, params: Params, rows: list) -> dict[str, np.ndarray]:
+        num_classes, d = self._dims
+        if not rows:
+            return {"grad_classes": np.zeros(0, np.int64), "grad_counts": np.zeros(0, np.int64),
+                    "grad_weight": np.zeros((0, num_classes, d), np.float32), "grad_bias": np.zeros((0, num_classes), np.float32)}
+        return {
+            "grad_classes": np.array([r[0] for r in rows], dtype=np.int64),
+            "grad_counts": np.array([r[1] for r in rows], dtype=np.int64),
+            "grad_weight": np.stack([r[3][0].numpy() for r in rows]).astype(np.float32).reshape(-1, num_classes, d),
+            "grad_bias": np.stack([r[3][1].numpy() for r in rows]).astype(np.float32).reshape(-1, num_classes),
+        }
 
     def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
-        # Head gradients on the model as received (before local training), as in CReFF.
-        classes, gw, gb, counts = self.client_head_gradients(arrays_to_params(received), data, generator)
-        client_state, reply, metrics = super().client_step(client_state, data, received, generator)
-        arrays = dict(reply.arrays)
-        arrays.update(grad_classes=classes, grad_weight=gw, grad_bias=gb, grad_counts=counts)
-        return client_state, Payload(arrays, {"method": self.name}), metrics
+        # Gradients on the model as received (before local training), as in CReFF.
+        gradients = self.client_gradients(arrays_to_params(received), data, generator)
+        client_state, reply, metrics = self.train_and_reply(client_state, data, received, generator)
+        return client_state, Payload({**reply.arrays, **gradients}, {"method": self.name}), metrics
+
+    def train_and_reply(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
+        """FedAvg's local training and model upload."""
+        return super().client_step(client_state, data, received, generator)
 
     # -- server ------------------------------------------------------------------------------------
     def server_step(self, server_state: State, replies: list[Payload]):

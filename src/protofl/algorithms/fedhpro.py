@@ -1,0 +1,337 @@
+"""FedHPro (2026): federated hyper-prototypes learned by gradient matching (spec: specs/fedhpro.md).
+
+A global model (FedAvg) with CReFF's classifier re-training, plus ``L`` learnable *hyper-prototypes*
+(HPs) per class kept on the server, ``H ∈ R^{C×L×d}`` (init N(0, 1) from the run seed).
+
+Client ``k``, each round, on the model ``θ = (φ, W, b)`` and the HPs it receives:
+
+1. *Gradient distillation* (before local training): for each class ``c`` it holds, up to
+   ``grad_samples`` real samples, augmented (``distill_augmentation``: ``random-shift``, a random
+   translation of up to ``shift_pixels`` pixels with zero padding, label-preserving; the reference uses
+   differentiable siamese augmentation), ``z = φ(x)`` without gradient into φ; it uploads CReFF's head
+   gradient ``∇_{W,b} mean CE(W z + b, c)`` and the *feature gradient* ``mean_i ∂CE(W z_i + b, c)/∂z_i``.
+2. Local training with ``CE + hpcl_weight · HPCL + hpal_weight · HPAL`` (``ẑ = z/‖z‖``):
+   ``HPCL = mean_i [log(Σ_c exp(ẑ_i·m_c/τ) + κ_k) − ẑ_i·m_{y_i}/τ]`` with ``m_c`` the mean of the
+   normalised HPs of class ``c``; ``κ_k = Σ_{a≠b} ⟨p_a, p_b⟩ / (C−1)²`` over the client's local class
+   means ``p_a`` (eval mode, recomputed once per local epoch, no gradient; ``C`` the task's classes);
+   ``HPAL = SmoothL1_β(ẑ_i, h̄_{y_i}/‖h̄_{y_i}‖)`` averaged over batch and dimensions, ``h̄_c = mean_l H_{c,l}``.
+3. Upload: model, sample count, head and feature gradients per class held, with counts.
+
+Server: FedAvg; CReFF (federated features matched to the mean head gradients, head re-trained on
+them); then ``hp_steps`` SGD steps on ``H`` minimising ``Σ_c D(mean_l ∂CE(h*(H_{c,l}), c)/∂H_{c,l}, ḡ_c)``
+with the re-trained head ``h*`` and ``ḡ_c`` the clients' mean feature gradient for class ``c``.
+
+Where we chose (all switchable, see :class:`FedHProConfig`):
+
+- The feature gradient is the per-sample gradient averaged over samples on both sides (client and
+  server), so they are on one scale; the spec's ``∂ℓ_c/∂z_i`` of the *mean* loss carries an extra
+  ``1/n`` that would make the ``mse`` distance depend on the client's sample count.
+- HPCL and HPAL use only classes whose HPs have been matched at least once (``hp_classes`` in the
+  broadcast): never-matched HPs are random N(0, 1) vectors and carry no information. So round 1 is
+  plain CE. Classes absent from every upload keep their previous HPs.
+- ``κ_k`` is clamped at 0 (local means of ReLU features have non-negative inner products anyway); a
+  negative κ could make the log's argument negative.
+- The reference divides HPCL by the batch size once more; we expose ``hpcl_weight`` (default 1)
+  instead of hiding such a factor.
+- CReFF's head re-training is warm-started from the FedAvg head (``retrain_init="aggregated"``); the
+  reference re-trains from scratch (``"scratch"``), which on our models leaves the global head near
+  chance for many rounds.
+- ``global_signal = "averaged"`` is the ablation "averaged prototypes instead of hyper-prototypes":
+  clients also upload their class means and the server uses their count-weighted average (as every
+  ``H_{c,l}``) in place of gradient-matched HPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from protofl.algorithms.base import (ClientData, Params, State, arrays_to_params, compute_features,
+                                     params_to_arrays, predict_features_and_logits, register)
+from protofl.algorithms.creff import HEAD_B, HEAD_W, CReFF, CReFFConfig, _seed
+from protofl.algorithms.fedproto import signal_consistency
+from protofl.config import ConfigError, check, check_choice
+from protofl.gradient_matching import DISTANCES, OPTIMIZERS, head_gradients, input_gradients, match_synthetic
+from protofl.payload import ArraySpec, Payload, PayloadSpec
+from protofl.prototypes import PrototypeAccumulator
+
+AUGMENTATIONS = ("none", "random-shift")
+GLOBAL_SIGNALS = ("hyper", "averaged")
+
+
+@dataclasses.dataclass(frozen=True)
+class FedHProConfig(CReFFConfig):
+    #: M, CReFF federated features per class (FedHPro reference: 50).
+    features_per_class: int = 50
+    #: Head re-training epochs on the federated features (FedHPro reference: 100).
+    retrain_epochs: int = 100
+    #: Warm-start the head re-training from the FedAvg head (the reference re-trains from scratch every
+    #: round, which leaves round 1 at chance; measured both ways in docs/benchmarks.md).
+    retrain_init: str = "aggregated"
+    #: L, hyper-prototypes per class (reference 5).
+    hp_per_class: int = 5
+    #: S_H, SGD steps, learning rate and momentum of the HP gradient-matching step (reference 30, 0.1).
+    hp_steps: int = 30
+    hp_lr: float = 0.1
+    hp_momentum: float = 0.0
+    #: ``sgd`` (the reference) or ``adam`` (scale-free steps: the input-gradient Jacobian of a small
+    #: head is tiny, so SGD at lr 0.1 barely moves the HPs on our small models; see docs/benchmarks.md).
+    hp_optimizer: str = "sgd"
+    #: Distance of the HP step (a name in protofl.gradient_matching.DISTANCES; the reference code runs
+    #: ``coordinate``, the paper's description reads as ``cos``).
+    hp_distance: str = "cos"
+    #: How the server averages the clients' feature gradients per class: ``mean`` or ``count``-weighted.
+    feature_gradient_weighting: str = "mean"
+    #: Weight of HPCL (0 switches it off) and its temperature τ (reference 0.05).
+    hpcl_weight: float = 1.0
+    temperature: float = 0.05
+    #: The client-specific margin κ_k in HPCL (false: κ = 0).
+    client_margin: bool = True
+    #: Weight of HPAL (0 switches it off) and SmoothL1's β.
+    hpal_weight: float = 1.0
+    hpal_beta: float = 1.0
+    #: Augmentation of the real samples in gradient distillation: ``random-shift`` (images) or ``none``.
+    distill_augmentation: str = "random-shift"
+    shift_pixels: int = 2
+    #: ``hyper`` (FedHPro) or ``averaged`` (ablation: averaged class means replace the HPs).
+    global_signal: str = "hyper"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.hp_per_class >= 1, "hp_per_class", f"must be >= 1, got {self.hp_per_class}")
+        check(self.hp_steps >= 0, "hp_steps", f"must be >= 0, got {self.hp_steps}")
+        check(self.hp_lr > 0, "hp_lr", f"must be > 0, got {self.hp_lr}")
+        check(0 <= self.hp_momentum < 1, "hp_momentum", f"must be in [0, 1), got {self.hp_momentum}")
+        check_choice(self.hp_distance, DISTANCES, "hp_distance")
+        check_choice(self.hp_optimizer, OPTIMIZERS, "hp_optimizer")
+        check_choice(self.feature_gradient_weighting, ("mean", "count"), "feature_gradient_weighting")
+        check(self.hpcl_weight >= 0, "hpcl_weight", f"must be >= 0, got {self.hpcl_weight}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.hpal_weight >= 0, "hpal_weight", f"must be >= 0, got {self.hpal_weight}")
+        check(self.hpal_beta > 0, "hpal_beta", f"must be > 0, got {self.hpal_beta}")
+        check_choice(self.distill_augmentation, AUGMENTATIONS, "distill_augmentation")
+        check(self.shift_pixels >= 1, "shift_pixels", f"must be >= 1, got {self.shift_pixels}")
+        check_choice(self.global_signal, GLOBAL_SIGNALS, "global_signal")
+
+
+# -- the losses and the margin, as functions of tensors ------------------------------------------------
+def client_margin(class_means: torch.Tensor, num_classes: int) -> float:
+    """``κ = Σ_{a≠b} ⟨p_a, p_b⟩ / (C−1)²`` over the rows ``p_a`` of ``class_means`` (the client's local
+    class means), clamped at 0."""
+    if num_classes < 2 or len(class_means) < 2:
+        return 0.0
+    gram = class_means @ class_means.t()
+    off_diagonal = gram.sum() - gram.diagonal().sum()
+    return max(float(off_diagonal) / (num_classes - 1) ** 2, 0.0)
+
+
+def hpcl_loss(z: torch.Tensor, y: torch.Tensor, class_summaries: torch.Tensor, temperature: float,
+              margin: float = 0.0, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean_i [log(Σ_c exp(ẑ_i·m_c/τ) + κ) − ẑ_i·m_{y_i}/τ]``. ``class_summaries`` holds ``m_c`` (rows)
+    for the classes ``classes`` (default ``0..n−1``); every ``y_i`` must be among them."""
+    classes = torch.arange(len(class_summaries)) if classes is None else classes
+    position = torch.full((int(classes.max()) + 1 if len(classes) else 1,), -1, dtype=torch.long)
+    position[classes] = torch.arange(len(classes))
+    logits = F.normalize(z, dim=1) @ class_summaries.t() / temperature
+    positive = logits.gather(1, position[y][:, None]).squeeze(1)
+    if margin:
+        # log(Σ exp(l) + κ) = logsumexp over the logits and log κ
+        log_sum = torch.logsumexp(torch.cat([logits, torch.full_like(logits[:, :1], float(np.log(margin)))], 1), 1)
+    else:
+        log_sum = torch.logsumexp(logits, 1)
+    return (log_sum - positive).mean()
+
+
+def hpal_loss(z: torch.Tensor, targets: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """SmoothL1 (``beta``) between ``ẑ_i`` and the normalised target rows, averaged over batch and dimensions."""
+    return F.smooth_l1_loss(F.normalize(z, dim=1), F.normalize(targets, dim=1), beta=beta)
+
+
+def hp_summaries(hyper_prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, h̄)`` per class from ``H`` (C×L×d): the mean of the normalised HPs and the mean HP."""
+    return F.normalize(hyper_prototypes, dim=2).mean(1), hyper_prototypes.mean(1)
+
+
+def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image (N, C, H, W) by an independent random offset in ``[−pixels, pixels]`` on
+    each axis, filling with zeros."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pixels, pixels, pixels, pixels))
+    offsets = torch.randint(0, 2 * pixels + 1, (n, 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
+
+
+def aggregate_vectors(classes_list, vectors_list, counts_list, num_classes: int, dim: int, weighting: str):
+    """Per class, the mean (``mean``) or count-weighted mean (``count``) of per-class vectors."""
+    acc = PrototypeAccumulator(num_classes, dim, dtype=torch.float64)
+    for classes, vectors, counts in zip(classes_list, vectors_list, counts_list):
+        c = torch.from_numpy(np.asarray(classes))
+        weights = torch.from_numpy(np.asarray(counts)).double() if weighting == "count" else torch.ones(len(c), dtype=torch.float64)
+        acc.update_means(c, torch.from_numpy(np.asarray(vectors)).double(), weights)
+    classes, means, _ = acc.compute()
+    return classes, means.float()
+
+
+@register
+class FedHPro(CReFF):
+    name = "fedhpro"
+    summary = "FedHPro (2026): gradient-matched hyper-prototypes + CReFF head re-training, HPCL with client margin, HPAL"
+    Config = FedHProConfig
+
+    def __init__(self, config, task):
+        super().__init__(config, task)
+        if config.distill_augmentation == "random-shift" and len(task.input_shape) != 3:
+            raise ConfigError(
+                "method.distill_augmentation: 'random-shift' needs image inputs (C, H, W), got inputs of shape "
+                f"{task.input_shape}; use 'none'"
+            )
+
+    @property
+    def _hp_shape(self) -> tuple[int, int, int]:
+        num_classes, d = self._dims
+        return num_classes, self.config.hp_per_class, d
+
+    # -- state and payloads ------------------------------------------------------------------------
+    def init_server_state(self, seed: int) -> State:
+        state = super().init_server_state(seed)
+        generator = torch.Generator().manual_seed(_seed(seed, 0x4B9))
+        state["hyper_prototypes"] = torch.randn(*self._hp_shape, generator=generator)
+        state["hp_matched"] = torch.zeros(self._dims[0], dtype=torch.bool)
+        return state
+
+    def broadcast(self, server_state: State) -> Payload:
+        payload = super().broadcast(server_state)
+        arrays = {
+            **payload.arrays,
+            "hyper_prototypes": server_state["hyper_prototypes"].numpy(),
+            "hp_classes": torch.nonzero(server_state["hp_matched"]).flatten().numpy().astype(np.int64),
+        }
+        return Payload(arrays, {"method": self.name})
+
+    def broadcast_spec(self) -> PayloadSpec:
+        spec = super().broadcast_spec()
+        num_classes = self._dims[0]
+        return PayloadSpec(self.name, {
+            **spec.arrays,
+            "hyper_prototypes": ArraySpec(self._hp_shape),
+            "hp_classes": ArraySpec((None,), "int64", class_bound=num_classes, unique=True),
+        })
+
+    def reply_spec(self) -> PayloadSpec:
+        num_classes, d = self._dims
+        spec = super().reply_spec()
+        arrays = {**spec.arrays, "feature_grad": ArraySpec((None, d))}
+        same_length = (*spec.same_length, "feature_grad")
+        if self.config.global_signal == "averaged":
+            arrays["class_means"] = ArraySpec((None, d))
+            same_length = (*same_length, "class_means")
+        return PayloadSpec(self.name, arrays, same_length=same_length)
+
+    # -- client ------------------------------------------------------------------------------------
+    def distill_inputs(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.config.distill_augmentation == "random-shift":
+            return random_shift(x, self.config.shift_pixels, generator)
+        return x
+
+    def client_gradients(self, params: Params, data: ClientData, generator: torch.Generator) -> dict[str, np.ndarray]:
+        """CReFF's head gradients plus the feature gradient, both on the same augmented real samples."""
+        rows, feature_grads = [], []
+        with torch.no_grad():
+            for c, index, count in self.class_samples(data, generator):
+                z = self.forward(params, self.distill_inputs(data.x_train[index], generator))[0]
+                rows.append((c, count, z, head_gradients(params[HEAD_W], params[HEAD_B], z, c)))
+                feature_grads.append(input_gradients(params[HEAD_W], params[HEAD_B], z, c, create_graph=False)[0])
+        arrays = self.gradient_arrays(params, rows)
+        d = self._dims[1]
+        arrays["feature_grad"] = (torch.stack(feature_grads).numpy() if feature_grads else np.zeros((0, d))).astype(np.float32)
+        return arrays
+
+    def train_and_reply(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
+        cfg = self.config
+        num_classes, d = self._dims
+        hp = torch.from_numpy(received["hyper_prototypes"]).float()
+        ready = torch.zeros(num_classes, dtype=torch.bool)
+        ready[torch.from_numpy(received["hp_classes"])] = True
+        summaries, means = hp_summaries(hp)
+        ready_classes = torch.nonzero(ready).flatten()
+        margin = {"kappa": 0.0}
+        use_hp = bool(ready.any()) and (cfg.hpcl_weight > 0 or cfg.hpal_weight > 0)
+
+        def update_margin(params: Params) -> None:
+            if use_hp and cfg.hpcl_weight > 0 and cfg.client_margin:
+                acc = PrototypeAccumulator(num_classes, d)
+                acc.update(compute_features(self, params, data.x_train), data.y_train)
+                margin["kappa"] = client_margin(acc.compute()[1], num_classes)
+
+        def loss_fn(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            z, logits = self.forward(params, x)
+            loss = F.cross_entropy(logits, y)
+            has = ready[y]
+            if use_hp and has.any():
+                zr, yr = z[has], y[has]
+                if cfg.hpcl_weight:
+                    loss = loss + cfg.hpcl_weight * hpcl_loss(
+                        zr, yr, summaries[ready_classes], cfg.temperature, margin["kappa"], ready_classes)
+                if cfg.hpal_weight:
+                    loss = loss + cfg.hpal_weight * hpal_loss(zr, means[yr], cfg.hpal_beta)
+            return loss
+
+        params, metrics = self.train_local(arrays_to_params(received), data, loss_fn, generator, on_epoch=update_margin)
+        arrays = params_to_arrays(params)
+        arrays["num_samples"] = np.int64(data.num_train)
+        if cfg.global_signal == "averaged":
+            acc = PrototypeAccumulator(num_classes, d)
+            acc.update(compute_features(self, params, data.x_train), data.y_train)
+            arrays["class_means"] = acc.compute()[1].numpy().astype(np.float32)
+        metrics["client_margin"] = margin["kappa"]
+        return client_state, Payload(arrays, {"method": self.name}), metrics
+
+    # -- server ------------------------------------------------------------------------------------
+    def server_step(self, server_state: State, replies: list[Payload]):
+        cfg = self.config
+        num_classes, d = self._dims
+        state, metrics = super().server_step(server_state, replies)  # FedAvg + CReFF head re-training
+        hp = server_state["hyper_prototypes"]
+        matched = server_state["hp_matched"].clone()
+        if cfg.global_signal == "averaged":
+            classes, means = aggregate_vectors(
+                [r["grad_classes"] for r in replies], [r["class_means"] for r in replies],
+                [r["grad_counts"] for r in replies], num_classes, d, "count")
+            hp = hp.clone()
+            hp[classes] = means[:, None, :].expand(-1, cfg.hp_per_class, -1)
+            hp_metrics = {}
+        else:
+            classes, targets = aggregate_vectors(
+                [r["grad_classes"] for r in replies], [r["feature_grad"] for r in replies],
+                [r["grad_counts"] for r in replies], num_classes, d, cfg.feature_gradient_weighting)
+            head_w, head_b = state["params"][HEAD_W].detach(), state["params"][HEAD_B].detach()
+            new, match_metrics = match_synthetic(
+                {c: hp[c] for c in range(num_classes)},
+                {int(c): [t] for c, t in zip(classes, targets)},
+                lambda c, h: input_gradients(head_w, head_b, h, c),
+                cfg.hp_distance, cfg.hp_steps, cfg.hp_lr, cfg.hp_momentum, cfg.hp_optimizer,
+            )
+            hp = torch.stack([new[c] for c in range(num_classes)])
+            hp_metrics = {f"hp_{k}": v for k, v in match_metrics.items()}
+        matched[classes] = True
+        state["hyper_prototypes"] = hp
+        state["hp_matched"] = matched
+        return state, {**metrics, **hp_metrics, "hp_classes_updated": float(len(classes))}
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def global_signal(self, server_state: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(classes, h̄)``: the mean HP of every class matched at least once."""
+        classes = torch.nonzero(server_state["hp_matched"]).flatten()
+        return classes, hp_summaries(server_state["hyper_prototypes"])[1][classes]
+
+    @torch.no_grad()
+    def evaluate_global(self, server_state: State, x: torch.Tensor, y: torch.Tensor):
+        features, logits = predict_features_and_logits(self, server_state["params"], x)
+        out = {"global_acc": float((logits.argmax(1) == y).float().mean())}
+        classes, signal = self.global_signal(server_state)
+        if len(classes):
+            out["global_signal_cos"] = signal_consistency(features, y, classes, signal)
+        return out
