@@ -1,0 +1,121 @@
+"""FPL (Huang et al., CVPR 2023, "Rethinking federated learning with domain shift: a prototype view").
+
+FedAvg on the weights plus prototypes. Server: for each class, the clients' prototypes of that class
+are clustered with FINCH (cosine); the cluster means are the *cluster prototypes* ``c_{y,m}`` and their
+plain mean is the *unbiased prototype* ``u_y`` (so a domain uploaded by many clients counts once per
+cluster, not once per client). Client loss ``CE + cpcl_weight · L_CPCL + proto_weight · MSE(z, u_y)``:
+
+    L_CPCL = −log [ Σ_m exp(cos(z, c_{y,m})/τ) / Σ_{all cluster prototypes c} exp(cos(z, c)/τ) ],  τ = 0.02.
+
+Choices: FINCH's *first* partition is used by default (``finch_level = "first"``: the first-neighbour
+groups; ``"last"`` takes the coarsest level of the hierarchy); a class uploaded by one client has one
+cluster. The prototype terms apply to samples whose class has a global prototype (none in round 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from protofl.algorithms.base import ClientData, State, register
+from protofl.algorithms.fedproto import FedProto, FedProtoConfig
+from protofl.config import check, check_choice
+from protofl.finch import cluster_means, finch
+from protofl.payload import ArraySpec, Payload, PayloadSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class FPLConfig(FedProtoConfig):
+    #: FPL averages the models (FedAvg).
+    model_sharing: str = "fedavg"
+    #: Weight of the cluster-prototype contrastive loss and its temperature (FPL: 1, 0.02).
+    cpcl_weight: float = 1.0
+    temperature: float = 0.02
+    #: FINCH level used: ``first`` (finest) or ``last`` (coarsest).
+    finch_level: str = "first"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.cpcl_weight >= 0, "cpcl_weight", f"must be >= 0, got {self.cpcl_weight}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check_choice(self.finch_level, ("first", "last"), "finch_level")
+
+
+def cpcl_loss(z: torch.Tensor, y: torch.Tensor, cluster_classes: torch.Tensor, cluster_prototypes: torch.Tensor,
+              temperature: float) -> torch.Tensor:
+    """Mean over samples of ``logsumexp_all(cos/τ) − logsumexp_{clusters of y}(cos/τ)``; every ``y_i``
+    must have at least one cluster prototype."""
+    logits = F.normalize(z, dim=1) @ F.normalize(cluster_prototypes, dim=1).t() / temperature
+    positive = cluster_classes[None, :] == y[:, None]
+    return (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positive, float("-inf")), 1)).mean()
+
+
+def cluster_prototypes(replies: list[Payload], num_classes: int, level: str = "first"):
+    """Per class, FINCH (cosine) over the uploaded prototypes: ``(cluster_classes, cluster_prototypes,
+    classes, unbiased)`` with ``unbiased[i]`` the mean of class ``classes[i]``'s cluster prototypes."""
+    by_class: dict[int, list[np.ndarray]] = {}
+    for reply in replies:
+        for c, p in zip(reply["classes"], reply["prototypes"]):
+            by_class.setdefault(int(c), []).append(p)
+    cluster_cls, clusters, classes, unbiased = [], [], [], []
+    for c in sorted(by_class):
+        x = torch.from_numpy(np.stack(by_class[c])).double()
+        levels = finch(x, "cosine")
+        means = cluster_means(x, levels[0] if level == "first" else levels[-1]).float()
+        cluster_cls += [c] * len(means)
+        clusters.append(means)
+        classes.append(c)
+        unbiased.append(means.mean(0))
+    dim = replies[0]["prototypes"].shape[1] if replies else 0
+    if not classes:
+        return (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dim), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dim))
+    return torch.tensor(cluster_cls), torch.cat(clusters), torch.tensor(classes), torch.stack(unbiased)
+
+
+@register
+class FPL(FedProto):
+    name = "fpl"
+    summary = "FPL (Huang et al., 2023): FedAvg + FINCH cluster prototypes, contrastive (CPCL) and unbiased-prototype losses"
+    Config = FPLConfig
+
+    def init_server_state(self, seed: int) -> State:
+        state = super().init_server_state(seed)
+        state["cluster_classes"] = torch.zeros(0, dtype=torch.int64)
+        state["cluster_prototypes"] = torch.zeros(0, self.dim)
+        return state
+
+    def broadcast(self, server_state: State) -> Payload:
+        payload = super().broadcast(server_state)
+        return Payload({**payload.arrays, "cluster_classes": server_state["cluster_classes"].numpy(),
+                        "cluster_prototypes": server_state["cluster_prototypes"].numpy()}, {"method": self.name})
+
+    def broadcast_spec(self) -> PayloadSpec:
+        spec = super().broadcast_spec()
+        return PayloadSpec(self.name, {
+            **spec.arrays,
+            "cluster_classes": ArraySpec((None,), "int64", class_bound=self.task.num_classes),
+            "cluster_prototypes": ArraySpec((None, self.dim)),
+        }, same_length=spec.same_length)
+
+    def client_context(self, received: Payload, data: ClientData) -> Any:
+        table, mask = super().client_context(received, data)
+        return table, mask, torch.from_numpy(received["cluster_classes"]), torch.from_numpy(received["cluster_prototypes"]).float()
+
+    def prototype_loss(self, z: torch.Tensor, y: torch.Tensor, context: Any) -> torch.Tensor | None:
+        table, mask, cluster_classes, clusters = context
+        has = mask[y] & torch.isin(y, cluster_classes)
+        if not has.any():
+            return None
+        loss = self.config.proto_weight * F.mse_loss(z[has], table[y[has]])
+        if self.config.cpcl_weight:
+            loss = loss + self.config.cpcl_weight * cpcl_loss(z[has], y[has], cluster_classes, clusters, self.config.temperature)
+        return loss
+
+    def server_prototypes(self, server_state: State, replies: list[Payload]):
+        cluster_cls, clusters, classes, unbiased = cluster_prototypes(replies, self.task.num_classes, self.config.finch_level)
+        state = {"classes": classes, "prototypes": unbiased, "cluster_classes": cluster_cls, "cluster_prototypes": clusters}
+        return state, {"global_classes": float(len(classes)), "cluster_prototypes": float(len(clusters))}
