@@ -49,12 +49,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protofl.algorithms.base import (ClientData, Params, State, arrays_to_params, compute_features,
-                                     params_to_arrays, predict_features_and_logits, register)
+from protofl.algorithms.base import (
+    ClientData,
+    Params,
+    State,
+    arrays_to_params,
+    compute_features,
+    params_to_arrays,
+    predict_features_and_logits,
+    register,
+)
 from protofl.algorithms.creff import HEAD_B, HEAD_W, CReFF, CReFFConfig, _seed
 from protofl.algorithms.fedproto import signal_consistency
 from protofl.config import ConfigError, check, check_choice
-from protofl.gradient_matching import DISTANCES, OPTIMIZERS, head_gradients, input_gradients, match_synthetic
+from protofl.gradient_matching import (
+    DISTANCES,
+    OPTIMIZERS,
+    head_gradients,
+    input_gradients,
+    match_synthetic,
+)
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.prototypes import PrototypeAccumulator
 
@@ -221,7 +235,7 @@ class FedHPro(CReFF):
         })
 
     def reply_spec(self) -> PayloadSpec:
-        num_classes, d = self._dims
+        d = self._dims[1]
         spec = super().reply_spec()
         arrays = {**spec.arrays, "feature_grad": ArraySpec((None, d))}
         same_length = (*spec.same_length, "feature_grad")

@@ -26,9 +26,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protofl.algorithms.base import (Algorithm, ClientData, LocalTrainingConfig, Params, State, arrays_to_params,
-                                     compute_features, param_specs, params_to_arrays, predict_features_and_logits,
-                                     register)
+from protofl.algorithms.base import (
+    Algorithm,
+    ClientData,
+    LocalTrainingConfig,
+    Params,
+    State,
+    arrays_to_params,
+    compute_features,
+    param_specs,
+    params_to_arrays,
+    predict_features_and_logits,
+    register,
+)
 from protofl.algorithms.fedavg import weighted_average
 from protofl.config import check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
