@@ -10,7 +10,8 @@ prototype to another class's. Inference: the nearest ``P`` (``personal_proto_acc
 Choices: the generator's tensors live in the server state and persist across rounds (initialised from
 the run seed: ``E`` ~ N(0, 1), linear layers U(−1/√d, 1/√d), PyTorch's rules); the broadcast carries
 ``P_c`` for every class uploaded at least once; δ = 0 while fewer than two classes have been uploaded
-in a round. The reference runs 1000 server epochs (VPDR uses 100, our default).
+in a round; the margin uses the unweighted mean of the client prototypes of each class. The reference
+code trains the generator for 1000 server epochs; our default is 100 (``server_epochs``).
 """
 
 from __future__ import annotations

@@ -7,9 +7,18 @@ cluster, not once per client). Client loss ``CE + cpcl_weight · L_CPCL + proto_
 
     L_CPCL = −log [ Σ_m exp(cos(z, c_{y,m})/τ) / Σ_{all cluster prototypes c} exp(cos(z, c)/τ) ],  τ = 0.02.
 
-Choices: FINCH's *first* partition is used by default (``finch_level = "first"``: the first-neighbour
-groups; ``"last"`` takes the coarsest level of the hierarchy); a class uploaded by one client has one
-cluster. The prototype terms apply to samples whose class has a global prototype (none in round 1).
+Choices:
+
+- FINCH level (``finch_level``): the FPL paper does not say which partition of FINCH's hierarchy it
+  uses; the authors' code takes the last one, i.e. the coarsest partition with more than one cluster
+  (the first partition when that is already a single cluster). That is our default (``"last"``);
+  ``"first"`` takes the finest partition (the first-neighbour groups). Our FINCH is
+  :func:`protofl.finch.finch`; its differences from the authors' FINCH code are listed there.
+- A class uploaded by a single client has one cluster, that prototype.
+- The prototype terms apply to samples whose class has a global prototype (none in round 1).
+
+With τ = 0.02 the CPCL gradient is large (∝ 1/(τ‖z‖)): keep FPL's learning rate (SGD 0.01); on our
+small ReLU nets lr ≥ 0.02 (momentum 0.9) drove the features to zero within a few rounds.
 """
 
 from __future__ import annotations
@@ -35,8 +44,8 @@ class FPLConfig(FedProtoConfig):
     #: Weight of the cluster-prototype contrastive loss and its temperature (FPL: 1, 0.02).
     cpcl_weight: float = 1.0
     temperature: float = 0.02
-    #: FINCH level used: ``first`` (finest) or ``last`` (coarsest).
-    finch_level: str = "first"
+    #: FINCH partition used: ``last`` (the coarsest with more than one cluster, as FPL's code) or ``first``.
+    finch_level: str = "last"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,26 +63,24 @@ def cpcl_loss(z: torch.Tensor, y: torch.Tensor, cluster_classes: torch.Tensor, c
     return (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positive, float("-inf")), 1)).mean()
 
 
-def cluster_prototypes(replies: list[Payload], num_classes: int, level: str = "first"):
+def cluster_prototypes(replies: list[Payload], dim: int, level: str = "last"):
     """Per class, FINCH (cosine) over the uploaded prototypes: ``(cluster_classes, cluster_prototypes,
     classes, unbiased)`` with ``unbiased[i]`` the mean of class ``classes[i]``'s cluster prototypes."""
     by_class: dict[int, list[np.ndarray]] = {}
     for reply in replies:
         for c, p in zip(reply["classes"], reply["prototypes"]):
             by_class.setdefault(int(c), []).append(p)
-    cluster_cls, clusters, classes, unbiased = [], [], [], []
-    for c in sorted(by_class):
+    cluster_cls, clusters, unbiased = [], [torch.zeros(0, dim)], []
+    classes = sorted(by_class)
+    for c in classes:
         x = torch.from_numpy(np.stack(by_class[c])).double()
         levels = finch(x, "cosine")
         means = cluster_means(x, levels[0] if level == "first" else levels[-1]).float()
         cluster_cls += [c] * len(means)
         clusters.append(means)
-        classes.append(c)
         unbiased.append(means.mean(0))
-    dim = replies[0]["prototypes"].shape[1] if replies else 0
-    if not classes:
-        return (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dim), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dim))
-    return torch.tensor(cluster_cls), torch.cat(clusters), torch.tensor(classes), torch.stack(unbiased)
+    return (torch.tensor(cluster_cls, dtype=torch.int64), torch.cat(clusters),
+            torch.tensor(classes, dtype=torch.int64), torch.stack(unbiased) if unbiased else torch.zeros(0, dim))
 
 
 @register
@@ -116,6 +123,6 @@ class FPL(FedProto):
         return loss
 
     def server_prototypes(self, server_state: State, replies: list[Payload]):
-        cluster_cls, clusters, classes, unbiased = cluster_prototypes(replies, self.task.num_classes, self.config.finch_level)
+        cluster_cls, clusters, classes, unbiased = cluster_prototypes(replies, self.dim, self.config.finch_level)
         state = {"classes": classes, "prototypes": unbiased, "cluster_classes": cluster_cls, "cluster_prototypes": clusters}
         return state, {"global_classes": float(len(classes)), "cluster_prototypes": float(len(clusters))}
