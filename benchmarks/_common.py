@@ -21,12 +21,15 @@ def _worker(args: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
     torch.set_num_threads(threads)
     import protofl
     from protofl.api import resolve_config
+    from protofl.config import RunConfig
 
     folder = Path(out)
     resume = False
     if (folder / "config.toml").exists():
-        # An earlier run of this job: reuse or continue it only if it had exactly this configuration.
-        if (folder / "config.toml").read_text() != resolve_config(config).to_toml():
+        # An earlier run of this job: reuse or continue it only if it had exactly this configuration
+        # (both resolved by today's code, so sections added since with their defaults compare equal).
+        stored = resolve_config(RunConfig.from_toml(folder / "config.toml")).to_toml()
+        if stored != resolve_config(config).to_toml():
             raise SystemExit(f"{folder} holds a run of another configuration: delete it to rerun")
         if (folder / "summary.json").exists():
             return json.loads((folder / "summary.json").read_text())

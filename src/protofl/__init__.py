@@ -19,7 +19,10 @@ _EXPORTS = {
     "PartitionConfig": "protofl.config",
     "FederationConfig": "protofl.config",
     "ModelConfig": "protofl.config",
+    "PrivacyConfig": "protofl.config",
     "ConfigError": "protofl.config",
+    "RunInterrupted": "protofl.engine",
+    "BudgetExceededError": "protofl.privacy",
     "load_dataset": "protofl.data",
     "make_partition": "protofl.data",
 }
@@ -29,7 +32,9 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from protofl.api import RunResult, run
     from protofl.config import (ConfigError, DataConfig, FederationConfig, ModelConfig,
-                                PartitionConfig, RunConfig)
+                                PartitionConfig, PrivacyConfig, RunConfig)
+    from protofl.engine import RunInterrupted
+    from protofl.privacy import BudgetExceededError
     from protofl.data import load_dataset, make_partition
 
 

@@ -41,6 +41,8 @@ class PreparedData:
     partition: Any
     pool_labels: np.ndarray
     class_names: tuple[str, ...]
+    #: Test-set indices of each domain (empty for single-domain data): global accuracy is also reported per domain.
+    test_groups: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides: Sequence[str] = ()) -> RunConfig:
@@ -55,6 +57,9 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
         config = config.replace(*overrides)
     algorithm_cls = get_algorithm(config.method_name)
     method_config = from_mapping(algorithm_cls.Config, config.method_options, "method.")
+    algorithm_cls.validate_privacy(method_config, config.privacy)
+    if config.privacy.mechanism != "none" and not config.privacy.planned_releases:
+        config = config.replace(f"privacy.planned_releases={config.federation.rounds}")
     check_dataset_name(config.data.dataset)
     if config.data.features != "pixels":
         from protofl.data import ENCODERS
@@ -83,6 +88,8 @@ def fingerprint(config: RunConfig) -> str:
     data = config.to_dict()
     data["federation"].pop("progress", None)
     data["federation"].pop("checkpoint_every", None)
+    if not config.privacy.enabled:
+        data.pop("privacy", None)  # privacy settings change nothing while privacy is off
     return hashlib.sha256(repr(sorted(_flatten(data).items())).encode()).hexdigest()[:16]
 
 
@@ -116,6 +123,10 @@ def prepare_data(config: RunConfig) -> PreparedData:
         ClientData(k, x[torch.tensor(tr)], y[torch.tensor(tr)], x[torch.tensor(te)], y[torch.tensor(te)])
         for k, (tr, te) in enumerate(zip(partition.train, partition.test))
     ]
+    test_groups = {}
+    if splits.test.domain is not None:
+        test_groups = {name: torch.from_numpy(np.flatnonzero(splits.test.domain == d))
+                       for d, name in enumerate(splits.test.domain_names)}
     return PreparedData(
         clients=clients,
         test_x=torch.from_numpy(np.ascontiguousarray(splits.test.x, dtype=np.float32)),
@@ -125,6 +136,7 @@ def prepare_data(config: RunConfig) -> PreparedData:
         partition=partition,
         pool_labels=train.y,
         class_names=splits.class_names,
+        test_groups=test_groups,
     )
 
 
@@ -152,10 +164,13 @@ def run(
     """
     from protofl.algorithms import Task, get_algorithm
     from protofl.engine import Simulation
-    from protofl.records import summarize_history, write_json, write_metrics
-
     from protofl.engine.checkpoint import has_checkpoint
-    from protofl.records import write_atomic
+    from protofl.records import (
+        summarize_history,
+        write_atomic,
+        write_json,
+        write_metrics,
+    )
 
     run_dir = Path(out) if out is not None else None
     if resume:
@@ -172,7 +187,7 @@ def run(
     data = prepare_data(config)
     algorithm_cls = get_algorithm(config.method_name)
     task = Task(data.input_shape, data.num_classes, config.model)
-    algorithm = algorithm_cls.from_options(config.method_options, task)
+    algorithm = algorithm_cls.from_options(config.method_options, task, config.privacy)
 
     def on_round(row: dict[str, Any]) -> None:
         if run_dir is not None:
@@ -181,7 +196,7 @@ def run(
     simulation = Simulation(
         algorithm, data.clients, data.test_x, data.test_y, config.federation, config.seed,
         checkpoint_dir=None if run_dir is None else run_dir / "checkpoint",
-        fingerprint=fingerprint(config), on_round=on_round,
+        fingerprint=fingerprint(config), on_round=on_round, test_groups=data.test_groups,
     )
     if resume and not simulation.resume():
         log.warning("no checkpoint in %s: starting from round 1", run_dir)
@@ -206,12 +221,15 @@ def run(
         "best": best,
         "epsilon": None,
         "delta": None,
+        "privacy": algorithm.privacy_report(simulation.client_states),
         "wall_seconds": simulation.wall_seconds,
         "seconds_per_round": simulation.elapsed / rounds_run,
         "bytes_up": simulation.bytes_up,
         "bytes_down": simulation.bytes_down,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if summary["privacy"]:
+        summary["epsilon"], summary["delta"] = summary["privacy"]["epsilon"], summary["privacy"]["delta"]
     if run_dir is not None:
         from protofl.report import plot_learning_curves, run_report
 

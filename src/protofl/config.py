@@ -205,6 +205,65 @@ class ModelConfig:
         check(self.hidden_dim >= 2, "hidden_dim", f"must be >= 2, got {self.hidden_dim}")
 
 
+PRIVACY_MECHANISMS = ("none", "igpp", "vpp")
+PRIVACY_ACCOUNTANTS = ("pld", "rdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """Local DP for the prototypes a client releases (VPDR; see :mod:`protofl.privacy`). Applies to the
+    prototype hosts (``fedproto``, ``fpl``, ``fedtgp``) with ``model_sharing = "none"``."""
+
+    #: ``none``, ``igpp`` (isotropic Gaussian) or ``vpp`` (variance-adaptive).
+    mechanism: str = "none"
+    #: Distillation-guided clipping regularisation in local training (DCR).
+    dcr: bool = False
+    #: Per-client budget over the whole run, at ``delta``; the noise is calibrated to spend it over
+    #: ``planned_releases`` releases (0: one per round).
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    planned_releases: int = 0
+    #: ``pld`` or ``rdp``: calibrates the noise and enforces the budget (both are reported).
+    accountant: str = "pld"
+    #: Clipping bound R of every feature (VPDR: 5).
+    clip_bound: float = 5.0
+    #: VPP: fraction of dimensions in the discriminative group (rho), share of the budget spent on the
+    #: private selection, and the cap of the ANOVA scores (s_max).
+    rho: float = 0.3
+    selection_fraction: float = 0.1
+    score_cap: float = 0.1
+    #: DCR: soft-clip slack tau_s, KD weight and temperature, EMA momentum of the teacher head, warm-up
+    #: local steps before KD starts.
+    soft_clip_tau: float = 0.05
+    kd_weight: float = 0.05
+    kd_temperature: float = 4.0
+    ema_momentum: float = 0.999
+    kd_warmup_steps: int = 5
+
+    def __post_init__(self) -> None:
+        check_choice(self.mechanism, PRIVACY_MECHANISMS, "mechanism")
+        check_choice(self.accountant, PRIVACY_ACCOUNTANTS, "accountant")
+        check(self.epsilon > 0 and self.epsilon == self.epsilon, "epsilon", f"must be > 0, got {self.epsilon}")
+        check(self.mechanism == "none" or self.epsilon < float("inf"), "epsilon",
+              "must be finite when a mechanism is on (epsilon = inf means mechanism = 'none')")
+        check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
+        check(self.planned_releases >= 0, "planned_releases", f"must be >= 0 (0: one per round), got {self.planned_releases}")
+        check(self.clip_bound > 0, "clip_bound", f"must be > 0, got {self.clip_bound}")
+        check(0 < self.rho <= 1, "rho", f"must be in (0, 1], got {self.rho}")
+        check(0 < self.selection_fraction < 1, "selection_fraction", f"must be in (0, 1), got {self.selection_fraction}")
+        check(self.score_cap > 0, "score_cap", f"must be > 0, got {self.score_cap}")
+        check(self.soft_clip_tau >= 0, "soft_clip_tau", f"must be >= 0, got {self.soft_clip_tau}")
+        check(self.kd_weight >= 0, "kd_weight", f"must be >= 0, got {self.kd_weight}")
+        check(self.kd_temperature > 0, "kd_temperature", f"must be > 0, got {self.kd_temperature}")
+        check(0 <= self.ema_momentum < 1, "ema_momentum", f"must be in [0, 1), got {self.ema_momentum}")
+        check(self.kd_warmup_steps >= 0, "kd_warmup_steps", f"must be >= 0, got {self.kd_warmup_steps}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything private happens (a mechanism or DCR)."""
+        return self.mechanism != "none" or self.dcr
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole run. ``method`` holds the algorithm name and its (not yet validated) options."""
@@ -214,6 +273,7 @@ class RunConfig:
     partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
     federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
     method: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"name": "fedavg"})
 
     def __post_init__(self) -> None:

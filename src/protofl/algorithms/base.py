@@ -25,7 +25,14 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from protofl.config import ConfigError, ModelConfig, check, check_choice, from_mapping
+from protofl.config import (
+    ConfigError,
+    ModelConfig,
+    PrivacyConfig,
+    check,
+    check_choice,
+    from_mapping,
+)
 from protofl.models import FeatureNet, build_model
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 
@@ -39,7 +46,8 @@ class LocalTrainingConfig:
 
     local_epochs: int = 1
     batch_size: int = 50
-    #: ``sgd`` or ``adam``. Optimiser state is reset every round (the common FL practice).
+    #: ``sgd``, ``adam`` or ``adamw`` (decoupled weight decay). Optimiser state is reset every round
+    #: (the common FL practice).
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -48,7 +56,7 @@ class LocalTrainingConfig:
     def __post_init__(self) -> None:
         check(self.local_epochs >= 1, "local_epochs", f"must be >= 1, got {self.local_epochs}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        check_choice(self.optimizer, ("sgd", "adam"), "optimizer")
+        check_choice(self.optimizer, ("sgd", "adam", "adamw"), "optimizer")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -93,17 +101,31 @@ class Algorithm:
     #: Whether clients and server exchange payloads at all (``local`` does not).
     communicates: ClassVar[bool] = True
 
-    def __init__(self, config: Any, task: Task):
+    #: Whether clients release per-class prototypes that a privacy mechanism (``[privacy]``) can protect.
+    releases_prototypes: ClassVar[bool] = False
+
+    def __init__(self, config: Any, task: Task, privacy: PrivacyConfig | None = None):
         self.config = config
         self.task = task
+        self.privacy = privacy or PrivacyConfig()
+        self.validate_privacy(config, self.privacy)
         self.model = task.build_model()
         self.model.requires_grad_(False)
         self._initial_params: dict[int, Params] = {}
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], task: Task) -> "Algorithm":
-        return cls(from_mapping(cls.Config, options, "method."), task)
+    def validate_privacy(cls, config: Any, privacy: PrivacyConfig) -> None:
+        """Refuse a ``[privacy]`` section this method cannot honour (:class:`ConfigError`)."""
+        if privacy.enabled and not cls.releases_prototypes:
+            raise ConfigError(
+                f"privacy.mechanism: method {cls.name!r} releases no prototypes to protect; "
+                f"valid hosts are {', '.join(prototype_hosts())}"
+            )
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], task: Task, privacy: PrivacyConfig | None = None) -> Algorithm:
+        return cls(from_mapping(cls.Config, options, "method."), task, privacy)
 
     def initial_params(self, seed: int) -> Params:
         """The model's initial parameters for ``seed`` (the same for every client and the server).
@@ -144,6 +166,15 @@ class Algorithm:
     def evaluate_global(self, server_state: State, x: torch.Tensor, y: torch.Tensor) -> dict[str, float] | None:
         return None
 
+    # -- privacy (hosts of a release mechanism override) ---------------------------------------------
+    def check_release(self, client_state: State, client_id: int) -> None:
+        """Raise :class:`~protofl.privacy.BudgetExceededError` if the client's next reply would exceed
+        its privacy budget; the engine asks before every round, so a run stops before that release."""
+
+    def privacy_report(self, client_states: Mapping[int, State]) -> dict[str, Any] | None:
+        """Spent privacy per client (``None`` where nothing is protected)."""
+        return None
+
     def evaluate_client(
         self, client_state: State, received: Payload, data: ClientData
     ) -> dict[str, float]:
@@ -171,6 +202,8 @@ class Algorithm:
 
 
 def make_optimizer(config: LocalTrainingConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -258,6 +291,11 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
         raise ValueError(f"algorithm {cls.name!r} is registered twice")
     ALGORITHMS[cls.name] = cls
     return cls
+
+
+def prototype_hosts() -> list[str]:
+    """Names of the registered methods whose prototype releases ``[privacy]`` can protect."""
+    return sorted(name for name, cls in ALGORITHMS.items() if cls.releases_prototypes)
 
 
 def get_algorithm(name: str) -> type[Algorithm]:

@@ -195,8 +195,8 @@ class FedHPro(CReFF):
     summary = "FedHPro (2026): gradient-matched hyper-prototypes + CReFF head re-training, HPCL with client margin, HPAL"
     Config = FedHProConfig
 
-    def __init__(self, config, task):
-        super().__init__(config, task)
+    def __init__(self, config, task, privacy=None):
+        super().__init__(config, task, privacy)
         if config.distill_augmentation == "random-shift" and len(task.input_shape) != 3:
             raise ConfigError(
                 "method.distill_augmentation: 'random-shift' needs image inputs (C, H, W), got inputs of shape "

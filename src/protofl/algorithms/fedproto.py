@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from protofl.algorithms.base import (
     Algorithm,
@@ -40,8 +41,9 @@ from protofl.algorithms.base import (
     register,
 )
 from protofl.algorithms.fedavg import weighted_average
-from protofl.config import check, check_choice
+from protofl.config import ConfigError, check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
+from protofl.privacy.vpdr import LEDGER_KEY, DistillationClipping, PrototypePrivacy
 from protofl.prototypes import PrototypeAccumulator
 
 MODEL_SHARING = ("none", "fedavg")
@@ -96,6 +98,26 @@ class FedProto(Algorithm):
     name = "fedproto"
     summary = "FedProto (Tan et al., 2022): per-class prototypes, no weight sharing (model_sharing='fedavg': global variant)"
     Config = FedProtoConfig
+    releases_prototypes = True
+
+    def __init__(self, config, task, privacy=None):
+        super().__init__(config, task, privacy)
+        #: The VPDR release mechanism (``None`` without ``[privacy] mechanism``): the prototypes in a
+        #: reply are then its noisy ones, and the clean ones never leave :meth:`client_step`.
+        self.release_mechanism: PrototypePrivacy | None = None
+        if self.privacy.mechanism != "none":
+            if self.privacy.planned_releases < 1:
+                raise ConfigError("privacy.planned_releases: must be resolved to >= 1 (protofl.run sets it to the rounds)")
+            self.release_mechanism = PrototypePrivacy(self.privacy, self.privacy.planned_releases, self.task.num_classes)
+
+    @classmethod
+    def validate_privacy(cls, config, privacy) -> None:
+        super().validate_privacy(config, privacy)
+        if privacy.mechanism != "none" and config.model_sharing == "fedavg":
+            raise ConfigError(
+                "privacy.mechanism: protects the prototypes only, but method.model_sharing = 'fedavg' also "
+                "releases the model weights unprotected; set method.model_sharing = 'none'"
+            )
 
     @property
     def dim(self) -> int:
@@ -182,17 +204,46 @@ class FedProto(Algorithm):
         acc.update(compute_features(self, params, data.x_train), data.y_train)
         return acc.compute()
 
+    def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(params, x)[0]
+
+    def head(self, params: Params, z: torch.Tensor) -> torch.Tensor:
+        """The classifier head alone, on features ``z`` (``params`` holds at least the ``head.*`` keys)."""
+        return functional_call(self.model.head, {k[5:]: v for k, v in params.items() if k.startswith("head.")}, (z,))
+
     def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
         context = self.client_context(received, data)
-        params, metrics = self.train_local(
-            self.model_params(client_state, received), data, lambda p, x, y: self.local_loss(p, x, y, context), generator
-        )
-        classes, protos, counts = self.local_prototypes(params, data)
+        if self.privacy.dcr:
+            dcr = DistillationClipping.from_state(self.privacy, client_state)
+            def loss_fn(p, x, y):
+                return dcr.loss(p, x, y, self.features, self.head, lambda z, labels: self.prototype_loss(z, labels, context))
+        else:
+            def loss_fn(p, x, y):
+                return self.local_loss(p, x, y, context)
+        params, metrics = self.train_local(self.model_params(client_state, received), data, loss_fn, generator)
+        new_state: State = {} if self.shares_model else {"params": params}
+        if self.privacy.dcr:
+            new_state.update(dcr.state())
+        if self.release_mechanism is not None:
+            release, new_state[LEDGER_KEY] = self.release_mechanism.release(
+                compute_features(self, params, data.x_train), data.y_train, generator, client_state,
+                who=f"client {data.client_id}")
+            classes, protos, counts = release.classes, release.prototypes, release.counts
+            metrics["privacy_noise_std"] = float(release.noise_std.mean())
+        else:
+            classes, protos, counts = self.local_prototypes(params, data)
         arrays = {"classes": classes.numpy(), "prototypes": protos.numpy(), "counts": counts.long().numpy()}
         if self.shares_model:
             arrays.update(params_to_arrays(params))
             arrays["num_samples"] = np.int64(data.num_train)
-        return ({} if self.shares_model else {"params": params}), Payload(arrays, {"method": self.name}), metrics
+        return new_state, Payload(arrays, {"method": self.name}), metrics
+
+    def check_release(self, client_state: State, client_id: int) -> None:
+        if self.release_mechanism is not None:
+            self.release_mechanism.check(client_state, f"client {client_id}")
+
+    def privacy_report(self, client_states):
+        return None if self.release_mechanism is None else self.release_mechanism.report(client_states.values())
 
     # -- server ------------------------------------------------------------------------------------
     def server_prototypes(self, server_state: State, replies: list[Payload]) -> tuple[State, dict[str, float]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,8 @@ class Simulation:
     #: A digest of the run's configuration; a checkpoint written under another config is refused.
     fingerprint: str = ""
     on_round: RoundCallback | None = None
+    #: Named subsets of the test set (e.g. one per domain): ``global_acc@name`` is reported for each.
+    test_groups: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.round = 0
@@ -149,6 +151,10 @@ class Simulation:
         dropped = self._dropouts(sampled, r)
         active = [k for k in sampled if k not in dropped]
 
+        # Budget check before the round: a client whose next release would exceed its privacy budget
+        # stops the run here, before anything is released (the last checkpoint stays the last round).
+        for k in active:
+            algo.check_release(self.client_state(k), k)
         broadcast = algo.broadcast(self.server_state)
         wire_down = broadcast.to_bytes() if algo.communicates else b""
         down = len(wire_down) * len(active)
@@ -197,6 +203,7 @@ class Simulation:
                 "bytes_up_total": self.bytes_up,
                 "bytes_down_total": self.bytes_down,
                 **{f"server_{k}": v for k, v in server_metrics.items()},
+                **self._privacy_metrics(),
                 "round_seconds": train_seconds,
                 "eval_seconds": time.perf_counter() - eval_start,
                 "elapsed_seconds": self.elapsed,
@@ -210,6 +217,12 @@ class Simulation:
         ):
             save_checkpoint(self.checkpoint_dir, self.state_dict())
         return row
+
+    def _privacy_metrics(self) -> dict[str, float]:
+        report = self.algorithm.privacy_report(self.client_states)
+        if not report:
+            return {}
+        return {"privacy_epsilon_max": report["epsilon"], "privacy_epsilon_mean": report[f"epsilon_{report['accountant']}_mean"]}
 
     def _dropouts(self, sampled: list[int], r: int) -> set[int]:
         rate = self.federation.client_dropout
@@ -240,6 +253,9 @@ class Simulation:
         global_metrics = algo.evaluate_global(self.server_state, self.test_x, self.test_y)
         if global_metrics:
             out.update(global_metrics)
+            for name, index in self.test_groups.items():
+                group = algo.evaluate_global(self.server_state, self.test_x[index], self.test_y[index])
+                out[f"global_acc@{name}"] = group.get("global_acc")
         received = Payload.from_bytes(algo.broadcast(self.server_state).to_bytes())
         per_client: dict[str, list[float]] = {}
         evaluated = 0

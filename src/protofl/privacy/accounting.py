@@ -1,0 +1,303 @@
+"""Privacy accounting: what each release costs, composed over a whole run, through ``dp-accounting``.
+
+A release is described by an :class:`Event` (a Gaussian mechanism with its noise multiplier, a
+Laplace mechanism with its noise multiplier, or a mechanism proven pure ε-DP); an
+:class:`Accountant` composes events and answers ε at δ. Two accountants, one interface, one
+registry (:data:`ACCOUNTANTS`), as in Opacus:
+
+- ``rdp``: Rényi DP through ``dp_accounting.rdp.RdpAccountant`` (a pure ε-DP event enters as
+  ε²/2-zCDP, Bun & Steinke 2016, Prop. 1.4);
+- ``pld``: privacy loss distributions through ``dp_accounting.pld`` (a pure ε-DP event enters as
+  the PLD of a generic (ε, 0)-DP mechanism), the tighter of the two.
+
+The noise multiplier of a Gaussian or Laplace event is the noise scale divided by the mechanism's
+sensitivity under the neighbouring relation of the release (for prototypes: replace one example),
+so the accountant needs no sensitivity of its own. :func:`calibrate_noise_multiplier` finds the
+smallest multiplier whose composed ε is at most the target (dp-accounting's calibration, which
+guarantees the gap is not positive). :class:`PrivacyLedger` is one party's record of its releases,
+cheap to keep per client (a few ``(event, count)`` pairs) and checkpointable.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+__all__ = [
+    "ACCOUNTANTS",
+    "Accountant",
+    "BudgetExceededError",
+    "Event",
+    "GaussianEvent",
+    "LaplaceEvent",
+    "PldAccountant",
+    "PrivacyLedger",
+    "PureDpEvent",
+    "RdpAccountant",
+    "calibrate_noise_multiplier",
+    "compute_epsilon",
+    "make_accountant",
+]
+
+
+class BudgetExceededError(RuntimeError):
+    """A release would take a party past its privacy budget; it was not made."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Events
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One release of a mechanism; subclasses carry its parameter."""
+
+    kind: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Event:
+        data = dict(data)
+        kind = data.pop("kind")
+        for cls in (GaussianEvent, LaplaceEvent, PureDpEvent):
+            if cls.kind == kind:
+                return cls(**data)
+        raise ValueError(f"unknown privacy event kind {kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianEvent(Event):
+    """Gaussian mechanism: noise standard deviation = ``noise_multiplier`` × L2 sensitivity."""
+
+    kind: ClassVar[str] = "gaussian"
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LaplaceEvent(Event):
+    """Laplace mechanism: noise scale b = ``noise_multiplier`` × L1 sensitivity (ε = 1/multiplier)."""
+
+    kind: ClassVar[str] = "laplace"
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PureDpEvent(Event):
+    """A mechanism proven ε-DP (δ = 0), e.g. private top-k selection by report-noisy-max."""
+
+    kind: ClassVar[str] = "pure"
+    epsilon: float
+
+    def __post_init__(self) -> None:
+        if not self.epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Accountants
+
+
+class Accountant(abc.ABC):
+    """Composes events; ``epsilon(delta)`` is the ε of everything composed so far at ``delta``."""
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Event, int]] = []
+
+    def compose(self, event: Event | Iterable[tuple[Event, int]], count: int = 1) -> Accountant:
+        """Add ``count`` applications of ``event`` (or an iterable of ``(event, count)`` pairs)."""
+        pairs = [(event, count)] if isinstance(event, Event) else list(event)
+        for e, c in pairs:
+            if c < 0:
+                raise ValueError(f"count must be >= 0, got {c}")
+            if c:
+                self.events.append((e, c))
+        return self
+
+    @abc.abstractmethod
+    def epsilon(self, delta: float) -> float:
+        """ε at ``delta`` of the composition (0 when nothing has been released)."""
+
+    # dp-accounting's calibration asks a fresh accountant for its ledger.
+    @property
+    def ledger(self):
+        import dp_accounting
+
+        return dp_accounting.NoOpDpEvent() if not self.events else self.events
+
+    def get_epsilon(self, delta: float) -> float:  # the name dp-accounting's calibration calls
+        return self.epsilon(delta)
+
+
+class RdpAccountant(Accountant):
+    """Rényi-DP accounting (``dp_accounting.rdp.RdpAccountant`` with its default orders)."""
+
+    name = "rdp"
+
+    def epsilon(self, delta: float) -> float:
+        import dp_accounting
+        from dp_accounting import rdp
+
+        if not self.events:
+            return 0.0
+        accountant = rdp.RdpAccountant()
+        for event, count in self.events:
+            if isinstance(event, GaussianEvent):
+                dp_event = dp_accounting.GaussianDpEvent(event.noise_multiplier)
+            elif isinstance(event, LaplaceEvent):
+                dp_event = dp_accounting.LaplaceDpEvent(event.noise_multiplier)
+            else:
+                dp_event = dp_accounting.ZCDpEvent(rho=event.epsilon**2 / 2)
+            accountant.compose(dp_event, count)
+        return float(accountant.get_epsilon(delta))
+
+
+class PldAccountant(Accountant):
+    """Privacy-loss-distribution accounting (``dp_accounting.pld``), pessimistic discretisation."""
+
+    name = "pld"
+    #: dp-accounting's default discretisation of the privacy loss.
+    value_discretization_interval = 1e-4
+
+    def epsilon(self, delta: float) -> float:
+        if not self.events:
+            return 0.0
+        total = None
+        for event, count in self.events:
+            pld = _pld_of(event, self.value_discretization_interval).self_compose(count)
+            total = pld if total is None else total.compose(pld)
+        return float(total.get_epsilon_for_delta(delta))
+
+
+def _pld_of(event: Event, interval: float):
+    from dp_accounting.pld import common
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    if isinstance(event, GaussianEvent):
+        return pld.from_gaussian_mechanism(event.noise_multiplier, value_discretization_interval=interval)
+    if isinstance(event, LaplaceEvent):
+        return pld.from_laplace_mechanism(event.noise_multiplier, value_discretization_interval=interval)
+    return pld.from_privacy_parameters(common.DifferentialPrivacyParameters(event.epsilon, 0.0),
+                                       value_discretization_interval=interval)
+
+
+ACCOUNTANTS: dict[str, type[Accountant]] = {cls.name: cls for cls in (RdpAccountant, PldAccountant)}
+
+
+def make_accountant(name: str) -> Accountant:
+    try:
+        return ACCOUNTANTS[name]()
+    except KeyError:
+        raise ValueError(f"unknown accountant {name!r}; valid: {', '.join(sorted(ACCOUNTANTS))}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_epsilon(accountant: str, events: tuple[tuple[Event, int], ...], delta: float) -> float:
+    return make_accountant(accountant).compose(events).epsilon(delta)
+
+
+def compute_epsilon(accountant: str, events: Sequence[tuple[Event, int]], delta: float) -> float:
+    """ε at ``delta`` of ``events`` under ``accountant`` (memoised: every client of a run composes the
+    same few events, so thousands of clients cost a handful of accountant calls)."""
+    return _cached_epsilon(accountant, tuple(events), delta)
+
+
+def calibrate_noise_multiplier(
+    epsilon: float,
+    delta: float,
+    releases: int,
+    accountant: str = "pld",
+    extra_events: Sequence[tuple[Event, int]] = (),
+) -> float:
+    """The smallest Gaussian noise multiplier σ such that ``releases`` Gaussian releases at σ, composed
+    with ``extra_events``, are (``epsilon``, ``delta``)-DP under ``accountant`` (the composed ε is at
+    most ``epsilon``: calibration hits the target from below)."""
+    import dp_accounting
+
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(f"epsilon must be finite and > 0, got {epsilon}")
+    if releases < 1:
+        raise ValueError(f"releases must be >= 1, got {releases}")
+    floor = make_accountant(accountant).compose(list(extra_events)).epsilon(delta)
+    if floor >= epsilon:
+        raise ValueError(f"the other releases alone already spend epsilon {floor:.4g} >= {epsilon}")
+    extra = list(extra_events)
+
+    def calibrate(name: str, bracket) -> float:
+        return float(dp_accounting.calibrate_dp_mechanism(
+            lambda: make_accountant(name), lambda sigma: [(GaussianEvent(sigma), releases), *extra],
+            epsilon, delta, bracket_interval=bracket, tol=1e-4,
+        ))
+
+    # RDP first (cheap at any sigma); PLD is tighter, so its sigma lies below RDP's: search there, never
+    # at tiny sigmas whose discretised privacy-loss distributions would not fit in memory.
+    sigma_rdp = calibrate("rdp", dp_accounting.LowerEndpointAndGuess(1e-3, 1.0))
+    if accountant == "rdp":
+        return sigma_rdp
+    return calibrate(accountant, dp_accounting.ExplicitBracketInterval(max(sigma_rdp / 4, 0.05), sigma_rdp))
+
+
+# --------------------------------------------------------------------------------------------------
+# A party's record
+
+
+@dataclasses.dataclass
+class PrivacyLedger:
+    """The releases one party (a client) has made: ``(event, count)`` pairs in the order made.
+
+    ``spend(events)`` refuses, before anything is recorded, a release that would take the party past
+    ``budget`` (ε at ``delta`` under ``accountant``) and raises :class:`BudgetExceededError`."""
+
+    accountant: str
+    delta: float
+    budget: float = math.inf
+    events: list[tuple[Event, int]] = dataclasses.field(default_factory=list)
+
+    def epsilon(self, accountant: str | None = None) -> float:
+        return compute_epsilon(accountant or self.accountant, _merged(self.events), self.delta)
+
+    def epsilon_after(self, events: Sequence[tuple[Event, int]]) -> float:
+        return compute_epsilon(self.accountant, _merged([*self.events, *events]), self.delta)
+
+    def check(self, events: Sequence[tuple[Event, int]], who: str = "this party") -> None:
+        """Raise :class:`BudgetExceededError` if releasing ``events`` would exceed the budget."""
+        after = self.epsilon_after(events)
+        if after > self.budget * (1 + 1e-9):
+            raise BudgetExceededError(
+                f"{who}: the next release would bring epsilon to {after:.4f} > budget {self.budget:g} "
+                f"(delta={self.delta:g}, {self.accountant} accountant; {self.epsilon():.4f} spent so far): "
+                "stopped before releasing it"
+            )
+
+    def spend(self, events: Sequence[tuple[Event, int]], who: str = "this party") -> None:
+        self.check(events, who)
+        self.events = _merged([*self.events, *events])
+
+    def state_dict(self) -> list[tuple[dict[str, Any], int]]:
+        return [(e.to_dict(), c) for e, c in self.events]
+
+    def load_state_dict(self, state: Sequence[tuple[dict[str, Any], int]]) -> None:
+        self.events = [(Event.from_dict(e), int(c)) for e, c in state]
+
+
+def _merged(events: Iterable[tuple[Event, int]]) -> list[tuple[Event, int]]:
+    """Equal events summed into one ``(event, count)`` pair (order of first appearance)."""
+    counts: dict[Event, int] = {}
+    for event, count in events:
+        counts[event] = counts.get(event, 0) + count
+    return list(counts.items())
