@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "domain_skew")
     args = parser.parse_args()
 
+    from protofl.data import load_dataset
+
+    load_dataset("digits-domains", progress=True)  # build and cache once, before the workers start
     jobs = [(config(m, s, args.rounds), args.out / "runs" / f"{m}-seed{s}")
             for m in args.methods for s in range(args.seeds)]
     summaries = run_grid(jobs, args.workers, args.threads)

@@ -117,12 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     from protofl.config import ConfigError
+    from protofl.privacy import BudgetExceededError
 
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"error: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    except BudgetExceededError as exc:
+        print(f"error: privacy budget: {exc}; the last checkpoint holds the rounds completed", file=sys.stderr)
+        return 3
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Data, partition and payload errors carry their explanation; -v shows where they came from.
         if args.verbose:

@@ -100,9 +100,15 @@ def run_report(run_dir: Path) -> str:
 
 
 def _privacy_text(s: dict[str, Any]) -> str:
-    if s["epsilon"] is None:
-        return "not private"
-    return f"epsilon {s['epsilon']:.3g} at delta {s['delta']:.1g}"
+    p = s.get("privacy")
+    if s["epsilon"] is None or not p:
+        return "not private (clients release their prototypes or models as they are)"
+    selection = (f", private top-k selection at epsilon {p['selection_epsilon_per_release']:.3g} per release"
+                 if p.get("selection_epsilon_per_release") else "")
+    return (f"{p['mechanism']} on every released prototype, Gaussian noise multiplier {p['noise_multiplier']:.3f}{selection}; "
+            f"spent epsilon {s['epsilon']:.3f} of {p['epsilon_budget']:g} at delta {s['delta']:.1g} "
+            f"(most-spent client, {p['accountant']} accountant; PLD {p['epsilon_pld_max']:.3f}, RDP {p['epsilon_rdp_max']:.3f}) "
+            f"over {p['max_releases_by_a_client']} releases")
 
 
 def _partition_text(p: dict[str, Any]) -> str:

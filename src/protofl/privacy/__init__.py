@@ -18,6 +18,14 @@ from protofl.privacy.accounting import (
     compute_epsilon,
     make_accountant,
 )
+from protofl.privacy.attacks import (
+    MembershipResult,
+    invert_prototypes,
+    membership_inference,
+    prototype_distance_scores,
+    reconstruction_scores,
+    total_variation,
+)
 from protofl.privacy.mechanisms import (
     PrototypeRelease,
     anova_scores,
@@ -41,6 +49,7 @@ __all__ = [
     "Event",
     "GaussianEvent",
     "LaplaceEvent",
+    "MembershipResult",
     "PldAccountant",
     "PrivacyLedger",
     "PrototypePrivacy",
@@ -54,10 +63,15 @@ __all__ = [
     "compute_epsilon",
     "gaussian_noise",
     "igpp_release",
+    "invert_prototypes",
     "laplace_noise",
     "make_accountant",
+    "membership_inference",
     "private_top_k",
+    "prototype_distance_scores",
+    "reconstruction_scores",
     "soft_clip",
+    "total_variation",
     "vpp_group_noise",
     "vpp_release",
 ]
