@@ -19,6 +19,7 @@ from protofl.privacy import (
     LaplaceEvent,
     PrivacyLedger,
     PureDpEvent,
+    SampledGaussianEvent,
     anova_scores,
     calibrate_noise_multiplier,
     clip_groups,
@@ -139,6 +140,22 @@ def test_accountants_equal_independent_dp_accounting_computations():
     assert make_accountant("pld").compose(events).epsilon(1e-5) == pytest.approx(composed.get_epsilon_for_delta(1e-5), rel=1e-9)
     # basic composition bounds the pure part: 20 x 0.02 alone costs at most 0.4
     assert make_accountant("pld").compose(PureDpEvent(0.02), 20).epsilon(1e-5) <= 0.4 + 1e-6
+
+
+def test_sampled_gaussian_steps_equal_independent_dp_accounting_and_calibrate_from_below():
+    import dp_accounting
+    from dp_accounting import rdp
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    expected = rdp.RdpAccountant()
+    expected.compose(dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(1.1)), 300)
+    ours = make_accountant("rdp").compose(SampledGaussianEvent(0.02, 1.1), 300).epsilon(1e-4)
+    assert ours == pytest.approx(expected.get_epsilon(1e-4), rel=1e-9)
+    composed = pld.from_gaussian_mechanism(1.1, sampling_prob=0.02).self_compose(300)
+    assert make_accountant("pld").compose(SampledGaussianEvent(0.02, 1.1), 300).epsilon(1e-4) == pytest.approx(
+        composed.get_epsilon_for_delta(1e-4), rel=1e-9)
+    sigma = calibrate_noise_multiplier(1.0, 1e-4, 300, "rdp", sampling_rate=0.02)
+    assert 0.998 <= make_accountant("rdp").compose(SampledGaussianEvent(0.02, sigma), 300).epsilon(1e-4) <= 1.0
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])

@@ -1,7 +1,8 @@
 """Privacy accounting: what each release costs, composed over a whole run, through ``dp-accounting``.
 
 A release is described by an :class:`Event` (a Gaussian mechanism with its noise multiplier, a
-Laplace mechanism with its noise multiplier, or a mechanism proven pure ε-DP); an
+Poisson-subsampled Gaussian — one DP-SGD step —, a Laplace mechanism with its noise multiplier, or a
+mechanism proven pure ε-DP); an
 :class:`Accountant` composes events and answers ε at δ. Two accountants, one interface, one
 registry (:data:`ACCOUNTANTS`), as in Opacus:
 
@@ -38,6 +39,7 @@ __all__ = [
     "PrivacyLedger",
     "PureDpEvent",
     "RdpAccountant",
+    "SampledGaussianEvent",
     "calibrate_noise_multiplier",
     "compute_epsilon",
     "make_accountant",
@@ -65,7 +67,7 @@ class Event:
     def from_dict(data: dict[str, Any]) -> Event:
         data = dict(data)
         kind = data.pop("kind")
-        for cls in (GaussianEvent, LaplaceEvent, PureDpEvent):
+        for cls in (GaussianEvent, SampledGaussianEvent, LaplaceEvent, PureDpEvent):
             if cls.kind == kind:
                 return cls(**data)
         raise ValueError(f"unknown privacy event kind {kind!r}")
@@ -79,6 +81,22 @@ class GaussianEvent(Event):
     noise_multiplier: float
 
     def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledGaussianEvent(Event):
+    """One DP-SGD step: a Gaussian mechanism on a Poisson sample of the data, each example included
+    with probability ``sampling_rate`` (add-or-remove-one neighbours, sensitivity = the clip norm)."""
+
+    kind: ClassVar[str] = "sampled-gaussian"
+    sampling_rate: float
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.sampling_rate <= 1:
+            raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate}")
         if not self.noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
 
@@ -159,6 +177,9 @@ class RdpAccountant(Accountant):
         for event, count in self.events:
             if isinstance(event, GaussianEvent):
                 dp_event = dp_accounting.GaussianDpEvent(event.noise_multiplier)
+            elif isinstance(event, SampledGaussianEvent):
+                dp_event = dp_accounting.PoissonSampledDpEvent(
+                    event.sampling_rate, dp_accounting.GaussianDpEvent(event.noise_multiplier))
             elif isinstance(event, LaplaceEvent):
                 dp_event = dp_accounting.LaplaceDpEvent(event.noise_multiplier)
             else:
@@ -190,6 +211,9 @@ def _pld_of(event: Event, interval: float):
 
     if isinstance(event, GaussianEvent):
         return pld.from_gaussian_mechanism(event.noise_multiplier, value_discretization_interval=interval)
+    if isinstance(event, SampledGaussianEvent):
+        return pld.from_gaussian_mechanism(event.noise_multiplier, sampling_prob=event.sampling_rate,
+                                           value_discretization_interval=interval)
     if isinstance(event, LaplaceEvent):
         return pld.from_laplace_mechanism(event.noise_multiplier, value_discretization_interval=interval)
     return pld.from_privacy_parameters(common.DifferentialPrivacyParameters(event.epsilon, 0.0),
@@ -223,10 +247,12 @@ def calibrate_noise_multiplier(
     releases: int,
     accountant: str = "pld",
     extra_events: Sequence[tuple[Event, int]] = (),
+    sampling_rate: float | None = None,
 ) -> float:
-    """The smallest Gaussian noise multiplier σ such that ``releases`` Gaussian releases at σ, composed
-    with ``extra_events``, are (``epsilon``, ``delta``)-DP under ``accountant`` (the composed ε is at
-    most ``epsilon``: calibration hits the target from below)."""
+    """The smallest Gaussian noise multiplier σ such that ``releases`` Gaussian releases at σ (Poisson
+    subsampled at ``sampling_rate`` when given: DP-SGD steps), composed with ``extra_events``, are
+    (``epsilon``, ``delta``)-DP under ``accountant`` (the composed ε is at most ``epsilon``: calibration
+    hits the target from below)."""
     import dp_accounting
 
     if not (epsilon > 0 and math.isfinite(epsilon)):
@@ -238,9 +264,12 @@ def calibrate_noise_multiplier(
         raise ValueError(f"the other releases alone already spend epsilon {floor:.4g} >= {epsilon}")
     extra = list(extra_events)
 
+    def make_event(sigma: float) -> Event:
+        return GaussianEvent(sigma) if sampling_rate is None else SampledGaussianEvent(sampling_rate, sigma)
+
     def calibrate(name: str, bracket) -> float:
         return float(dp_accounting.calibrate_dp_mechanism(
-            lambda: make_accountant(name), lambda sigma: [(GaussianEvent(sigma), releases), *extra],
+            lambda: make_accountant(name), lambda sigma: [(make_event(sigma), releases), *extra],
             epsilon, delta, bracket_interval=bracket, tol=1e-4,
         ))
 
