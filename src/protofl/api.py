@@ -56,7 +56,7 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
     elif overrides:
         config = config.replace(*overrides)
     algorithm_cls = get_algorithm(config.method_name)
-    method_config = from_mapping(algorithm_cls.Config, config.method_options, "method.")
+    method_config = algorithm_cls.resolve_options(from_mapping(algorithm_cls.Config, config.method_options, "method."), config)
     algorithm_cls.validate_privacy(method_config, config.privacy)
     if config.privacy.mechanism != "none" and not config.privacy.planned_releases:
         config = config.replace(f"privacy.planned_releases={config.federation.rounds}")

@@ -129,6 +129,8 @@ class PayloadSpec:
     arrays: Mapping[str, ArraySpec]
     #: Leading axes of these arrays must all have the same length (e.g. classes, prototypes, counts).
     same_length: tuple[str, ...] = ()
+    #: Arrays that may be absent (e.g. sent only in the last round); when present they are checked.
+    optional: tuple[str, ...] = ()
 
 
 def validate(payload: Payload, spec: PayloadSpec) -> None:
@@ -136,13 +138,15 @@ def validate(payload: Payload, spec: PayloadSpec) -> None:
     method = payload.metadata.get("method")
     if method != spec.method:
         raise PayloadError(f"payload is for method {method!r}, expected {spec.method!r}")
-    missing = sorted(set(spec.arrays) - set(payload.arrays))
+    missing = sorted(set(spec.arrays) - set(payload.arrays) - set(spec.optional))
     extra = sorted(set(payload.arrays) - set(spec.arrays))
     if missing:
         raise PayloadError(f"missing arrays: {', '.join(missing)}")
     if extra:
         raise PayloadError(f"unexpected arrays: {', '.join(extra)}")
     for name, want in spec.arrays.items():
+        if name not in payload.arrays:
+            continue
         arr = payload.arrays[name]
         if arr.dtype.name != want.dtype:
             raise PayloadError(f"array {name!r}: dtype {arr.dtype} is not {want.dtype}")

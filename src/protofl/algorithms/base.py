@@ -115,6 +115,12 @@ class Algorithm:
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
+    def resolve_options(cls, config: Any, run_config: Any) -> Any:
+        """The method's config with anything left to the run filled in (e.g. a schedule from
+        ``federation.rounds``); called once by :func:`protofl.api.resolve_config`."""
+        return config
+
+    @classmethod
     def validate_privacy(cls, config: Any, privacy: PrivacyConfig) -> None:
         """Refuse a ``[privacy]`` section this method cannot honour (:class:`ConfigError`)."""
         if privacy.enabled and not cls.releases_prototypes:

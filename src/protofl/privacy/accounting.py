@@ -268,6 +268,11 @@ def calibrate_noise_multiplier(
         return GaussianEvent(sigma) if sampling_rate is None else SampledGaussianEvent(sampling_rate, sigma)
 
     def calibrate(name: str, bracket) -> float:
+        # The search visits small sigmas where dp-accounting drops RDP orders it cannot evaluate (it
+        # logs a warning for each; dropping orders only makes epsilon larger, i.e. conservative).
+        import logging
+
+        logging.getLogger("absl").setLevel(logging.ERROR)
         return float(dp_accounting.calibrate_dp_mechanism(
             lambda: make_accountant(name), lambda sigma: [(make_event(sigma), releases), *extra],
             epsilon, delta, bracket_interval=bracket, tol=1e-4,

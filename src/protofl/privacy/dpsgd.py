@@ -1,0 +1,70 @@
+"""DP-SGD pieces: per-example gradients with ``torch.func``, per-example clipping, Gaussian noise,
+Poisson sampling, and the accounting event of a step.
+
+Per-example gradients come from ``vmap(grad(loss))`` over the examples of a batch, so they see through
+parameters that are *generated* (e.g. decoder weights produced by a hypernetwork), which hook-based
+per-sample gradients do not. A step on a Poisson sample (each example in with probability q) whose
+per-example gradients are clipped to norm C and summed, plus N(0, σ²C²) noise, is the subsampled
+Gaussian mechanism :class:`~protofl.privacy.accounting.SampledGaussianEvent` (q, σ) under
+add-or-remove-one neighbours; the noisy sum is divided by the *expected* batch size qN, a public
+number, so the division costs no privacy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.func import grad, vmap
+
+from protofl.privacy.accounting import SampledGaussianEvent
+
+__all__ = ["clip_per_example", "noisy_clipped_mean", "per_example_gradients", "poisson_sample", "step_event"]
+
+Params = dict[str, torch.Tensor]
+
+
+def per_example_gradients(
+    loss_fn: Callable[..., torch.Tensor], params: Params, *batch: torch.Tensor, randomness: str = "different"
+) -> Params:
+    """Gradients of ``loss_fn(params, *example)`` for every example of ``batch`` (each tensor's first
+    dimension indexes examples; ``loss_fn`` sees one example, without that dimension). Returns a dict of
+    ``(B, *param.shape)`` tensors. ``randomness`` is passed to ``vmap`` (``"different"``: each example
+    draws its own random numbers, e.g. a VAE's reparameterisation noise)."""
+    def single(p: Params, *example: torch.Tensor) -> torch.Tensor:
+        return loss_fn(p, *example)
+
+    return vmap(grad(single), in_dims=(None, *([0] * len(batch))), randomness=randomness)(params, *batch)
+
+
+def clip_per_example(grads: Params, clip_norm: float) -> tuple[Params, torch.Tensor]:
+    """Scale each example's whole gradient (all parameters together) to L2 norm at most ``clip_norm``;
+    returns the clipped gradients and the per-example norms before clipping."""
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+    norms = flat.norm(dim=1)
+    scale = torch.clamp(clip_norm / norms.clamp_min(1e-12), max=1.0)
+    return {k: g * scale.view(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}, norms
+
+
+def noisy_clipped_mean(
+    grads: Params, clip_norm: float, noise_multiplier: float, expected_batch_size: float, generator: torch.Generator
+) -> tuple[Params, torch.Tensor]:
+    """DP-SGD's gradient: (Σ_i clip_C(g_i) + N(0, σ²C² I)) / (expected batch size). Returns it and the
+    per-example norms before clipping. An empty batch (a Poisson sample can be empty) still gets noise."""
+    clipped, norms = clip_per_example(grads, clip_norm)
+    std = noise_multiplier * clip_norm
+    out = {}
+    for k, g in clipped.items():
+        noise = torch.randn(g.shape[1:], generator=generator, dtype=g.dtype) * std
+        out[k] = (g.sum(0) + noise) / expected_batch_size
+    return out, norms
+
+
+def poisson_sample(n: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a Poisson sample of ``range(n)``: each index independently with probability ``rate``."""
+    return torch.nonzero(torch.rand(n, generator=generator) < rate).flatten()
+
+
+def step_event(rate: float, noise_multiplier: float) -> SampledGaussianEvent:
+    """The accounting event of one DP-SGD step."""
+    return SampledGaussianEvent(rate, noise_multiplier)

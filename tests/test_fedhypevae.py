@@ -1,0 +1,122 @@
+"""FedHypeVAE: the modulation, synthesis shape and balance, what leaves a client, the accountant,
+bad input, and a short end-to-end run that lands under its budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from protofl.algorithms import ClientData, Task, get_algorithm
+from protofl.algorithms.fedhypevae import decode, decoder_sizes, init_phi, modulations
+from protofl.privacy import BudgetExceededError, SampledGaussianEvent
+
+OPTIONS = {"range_reference": "unit", "latent_dim": 4, "hidden_dim": 16, "code_dim": 3, "hyper_hidden": 8,
+           "steps_per_round": 3, "batch_size": 8, "planned_rounds": 3, "meta_rounds": 1, "meta_steps": 2,
+           "synthetic_per_class": 7, "classifier_epochs": 2, "classifier_hidden": 8}
+
+
+def _algo(**options):
+    return get_algorithm("fedhypevae").from_options({**OPTIONS, **options}, Task((12,), 3))
+
+
+def _client(k=0, n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = (torch.rand(n, 12, generator=g) * 0.3 + 0.2 * y[:, None]).clamp(0, 1)
+    return ClientData(k, x, y, x[:9], y[:9])
+
+
+def test_zero_modulation_reproduces_the_base_decoder_and_a_nonzero_one_does_not():
+    algo = _algo()
+    c = algo.config
+    phi = init_phi(c, 12, 3, torch.Generator().manual_seed(0))
+    sizes = decoder_sizes(c, 12, 3)
+    z, y1h = torch.randn(5, 4), torch.eye(3)[[0, 1, 2, 0, 1]]
+    code = torch.randn(3)
+    base = decode(phi, z, y1h, [(None, None)] * len(sizes))
+    torch.testing.assert_close(decode(phi, z, y1h, modulations(phi, code, sizes)), base)  # hypernet output starts at 0
+    phi["hyper1.b"] = torch.randn_like(phi["hyper1.b"])
+    assert not torch.allclose(decode(phi, z, y1h, modulations(phi, code, sizes)), base)
+
+
+def test_synthesis_has_the_requested_shape_and_class_balance():
+    algo = _algo()
+    state = algo.init_server_state(0)
+    state["released_codes"] = torch.randn(4, 3)
+    for sampler in ("neutral", "mixture", "clients"):
+        x, y = algo.synthesise(state, sampler, seed=1, per_class=7)
+        assert x.shape == (21, 12) and bool(((x >= 0) & (x <= 1)).all())
+        assert torch.bincount(y, minlength=3).tolist() == [7, 7, 7]
+
+
+def _step(algo, state, data, round_index, seed=0):
+    server = algo.init_server_state(0)
+    server["round"] = round_index - 1
+    received = algo.broadcast(server)
+    return algo.client_step(state, data, received, torch.Generator().manual_seed(seed))
+
+
+def test_only_noised_shared_parameters_leave_a_client_never_its_code_or_encoder():
+    algo = _algo()
+    data = _client()
+    state, reply, _ = _step(algo, {}, data, 1)
+    assert set(reply.arrays) == {f"phi/{k}" for k in algo.init_server_state(0)["phi"]} | {"meta_code"}
+    wire = reply.to_bytes()
+    for secret in [state["code"], *state["psi"].values()]:
+        arr = secret.numpy().astype(np.float32)
+        assert arr.tobytes() not in wire and arr.reshape(-1)[:3].tobytes() not in wire
+    # the last round adds the clipped, noised code (a Gaussian release), not the code
+    state3, reply3, _ = _step(algo, state, data, 3)
+    assert "noisy_code" in reply3.arrays
+    assert not np.allclose(reply3["noisy_code"], state3["code"].numpy(), atol=1e-3)
+    assert state3["code"].numpy().astype(np.float32).tobytes() not in reply3.to_bytes()
+
+
+def test_accountant_epsilon_equals_an_independent_computation_and_the_plan_lands_under_target():
+    import dp_accounting
+    from dp_accounting import rdp
+
+    algo = _algo(samplers=["neutral"])
+    data = _client(n=40)
+    state = {}
+    for r in (1, 2, 3):
+        state, _, _ = _step(algo, state, data, r, seed=r)
+    ledger = algo.ledger(state)
+    sigma, _ = algo.noise(8 / 40)
+    assert ledger.events == [(SampledGaussianEvent(0.2, sigma), 3 + 3 + 2)]  # 2 phi rounds x 3 steps + 1 meta round x 2
+    expected = rdp.RdpAccountant()
+    expected.compose(dp_accounting.PoissonSampledDpEvent(0.2, dp_accounting.GaussianDpEvent(sigma)), 8)
+    assert ledger.epsilon() == pytest.approx(expected.get_epsilon(1e-4), rel=1e-9)
+    assert 0.99 <= ledger.epsilon() <= 1.0
+    with pytest.raises(BudgetExceededError, match="client 0"):
+        _step(algo, state, data, 3, seed=9)  # a fourth participation would exceed the budget
+
+
+def test_bad_input_is_refused_before_anything_is_released():
+    algo = _algo()
+    bad = _client()
+    x = bad.x_train.clone()
+    x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="client 0: its embeddings contain NaN"):
+        _step(algo, {}, ClientData(0, x, bad.y_train, bad.x_test, bad.y_test), 1)
+    small = _client(n=5)
+    with pytest.raises(ValueError, match="fewer than method.batch_size=8"):
+        _step(algo, {}, small, 1)
+
+
+def test_short_run_on_real_embeddings_spends_at_most_its_budget(tmp_path):
+    import protofl
+
+    config = {"seed": 0, "data": {"dataset": "optdigits", "features": "efficientnet-lite0"},
+              "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 3},
+              "federation": {"rounds": 3, "progress": False},
+              "method": {"name": "fedhypevae", "meta_rounds": 1, "steps_per_round": 4, "batch_size": 32,
+                         "hidden_dim": 64, "synthetic_per_class": 30, "classifier_epochs": 3}}
+    result = protofl.run(config, out=tmp_path / "run")
+    p = result.summary["privacy"]
+    assert 0.99 <= result.summary["epsilon"] <= 1.0 and p["epsilon_pld_max"] <= p["epsilon_rdp_max"]
+    final = result.summary["final"]
+    for sampler in ("neutral", "mixture", "clients"):
+        assert 0 <= final[f"global_acc_{sampler}"] <= 1 and final[f"global_mmd_{sampler}"] >= -0.01
+    assert "dp-sgd" in (tmp_path / "run" / "report.md").read_text()
