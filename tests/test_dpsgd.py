@@ -9,7 +9,12 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from protofl.privacy.dpsgd import clip_per_example, noisy_clipped_mean, per_example_gradients, poisson_sample
+from protofl.privacy.dpsgd import (
+    clip_per_example,
+    noisy_clipped_mean,
+    per_example_gradients,
+    poisson_sample,
+)
 
 
 class HyperLinear(torch.nn.Module):

@@ -2,6 +2,7 @@
 
 from protofl.algorithms import (  # noqa: F401  (registers them)
     creff,
+    dpfedavg,
     fedavg,
     fedhpro,
     fedhypevae,

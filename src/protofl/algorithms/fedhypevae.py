@@ -55,8 +55,18 @@ from torch.func import vmap
 from protofl.algorithms.base import Algorithm, ClientData, State, register
 from protofl.config import ConfigError, check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
-from protofl.privacy.accounting import GaussianEvent, PrivacyLedger, calibrate_noise_multiplier, compute_epsilon
-from protofl.privacy.dpsgd import noisy_clipped_mean, per_example_gradients, poisson_sample, step_event
+from protofl.privacy.accounting import (
+    GaussianEvent,
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    spend_report,
+)
+from protofl.privacy.dpsgd import (
+    noisy_clipped_mean,
+    per_example_gradients,
+    poisson_sample,
+    step_event,
+)
 
 SAMPLERS = ("neutral", "mixture", "clients")
 PHI_PREFIX = "phi/"
@@ -595,23 +605,11 @@ class FedHypeVAE(Algorithm):
         return out
 
     def privacy_report(self, client_states) -> dict[str, Any] | None:
-        spent = {name: [] for name in ("pld", "rdp")}
-        steps = []
-        for state in client_states.values():
-            ledger = self.ledger(state)
-            steps.append(sum(n for e, n in ledger.events if e.kind == "sampled-gaussian"))
-            for name in spent:
-                spent[name].append(compute_epsilon(name, ledger.events, self.config.delta) if ledger.events else 0.0)
-        sigmas = sorted({s for s, _ in self._sigma.values()})
-        out = {"mechanism": "dp-sgd", "accountant": self.config.accountant, "epsilon_budget": self.config.epsilon,
-               "delta": self.config.delta, "noise_multiplier": sigmas[0] if sigmas else float("nan"),
-               "noise_multipliers": sigmas, "selection_epsilon_per_release": None,
-               "planned_releases": self.planned_steps(), "max_releases_by_a_client": max(steps, default=0)}
-        for name, values in spent.items():
-            out[f"epsilon_{name}_max"] = max(values, default=0.0)
-            out[f"epsilon_{name}_mean"] = float(np.mean(values)) if values else 0.0
-        out["epsilon"] = out[f"epsilon_{self.config.accountant}_max"]
-        return out
+        c = self.config
+        sigmas = sorted(s for s, _ in self._sigma.values())
+        return spend_report([self.ledger(s) for s in client_states.values()], accountant=c.accountant, delta=c.delta,
+                            budget=c.epsilon, mechanism="dp-sgd", noise_multiplier=sigmas[0] if sigmas else math.nan,
+                            planned_releases=self.planned_steps(), counted=("sampled-gaussian",), noise_multipliers=sigmas)
 
 
 def classify(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

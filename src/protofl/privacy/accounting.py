@@ -43,6 +43,7 @@ __all__ = [
     "calibrate_noise_multiplier",
     "compute_epsilon",
     "make_accountant",
+    "spend_report",
 ]
 
 
@@ -335,3 +336,27 @@ def _merged(events: Iterable[tuple[Event, int]]) -> list[tuple[Event, int]]:
     for event, count in events:
         counts[event] = counts.get(event, 0) + count
     return list(counts.items())
+
+
+def spend_report(ledgers: Iterable[PrivacyLedger], *, accountant: str, delta: float, budget: float,
+                 mechanism: str, noise_multiplier: float, planned_releases: int,
+                 counted: Iterable[str] = ("gaussian", "sampled-gaussian"), **extra: Any) -> dict[str, Any]:
+    """What a run spent, for summary.json and the round metrics: ε at δ of every party under both
+    accountants (max and mean over parties), the releases of the busiest party (events of the kinds in
+    ``counted``), the calibration, and ``epsilon`` = the max under ``accountant``."""
+    counted = set(counted)
+    spent: dict[str, list[float]] = {name: [] for name in sorted(ACCOUNTANTS)}
+    releases = []
+    for ledger in ledgers:
+        releases.append(sum(n for e, n in ledger.events if e.kind in counted))
+        for name in spent:
+            spent[name].append(compute_epsilon(name, ledger.events, delta) if ledger.events else 0.0)
+    out: dict[str, Any] = {"mechanism": mechanism, "accountant": accountant, "epsilon_budget": budget, "delta": delta,
+                           "noise_multiplier": noise_multiplier, "selection_epsilon_per_release": None,
+                           "planned_releases": planned_releases, "max_releases_by_a_client": max(releases, default=0),
+                           **extra}
+    for name, values in spent.items():
+        out[f"epsilon_{name}_max"] = max(values, default=0.0)
+        out[f"epsilon_{name}_mean"] = sum(values) / len(values) if values else 0.0
+    out["epsilon"] = out[f"epsilon_{accountant}_max"]
+    return out

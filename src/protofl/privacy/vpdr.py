@@ -25,13 +25,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from protofl.config import PRIVACY_ACCOUNTANTS, PrivacyConfig
+from protofl.config import PrivacyConfig
 from protofl.privacy.accounting import (
     Event,
     GaussianEvent,
     PrivacyLedger,
     PureDpEvent,
     calibrate_noise_multiplier,
+    spend_report,
 )
 from protofl.privacy.mechanisms import (
     PrototypeRelease,
@@ -93,30 +94,12 @@ class PrototypePrivacy:
         return out, ledger.state_dict()
 
     def report(self, client_states: Iterable[dict[str, Any]]) -> dict[str, Any]:
-        """Spent ε at δ per client under each accountant: the maximum and mean over clients, and the
-        calibration (σ, planned releases)."""
-        spent: dict[str, list[float]] = {name: [] for name in PRIVACY_ACCOUNTANTS}
-        releases = []
-        for state in client_states:
-            ledger = self.ledger(state)
-            releases.append(sum(n for e, n in ledger.events if isinstance(e, GaussianEvent)))
-            for name in PRIVACY_ACCOUNTANTS:
-                spent[name].append(ledger.epsilon(name))
-        out: dict[str, Any] = {
-            "mechanism": self.config.mechanism,
-            "accountant": self.config.accountant,
-            "epsilon_budget": self.config.epsilon,
-            "delta": self.config.delta,
-            "noise_multiplier": self.noise_multiplier,
-            "selection_epsilon_per_release": self.selection_epsilon,
-            "planned_releases": self.planned_releases,
-            "max_releases_by_a_client": max(releases, default=0),
-        }
-        for name, values in spent.items():
-            out[f"epsilon_{name}_max"] = max(values, default=0.0)
-            out[f"epsilon_{name}_mean"] = sum(values) / len(values) if values else 0.0
-        out["epsilon"] = out[f"epsilon_{self.config.accountant}_max"]
-        return out
+        """Spent ε at δ per client under each accountant (max and mean over clients) and the calibration."""
+        c = self.config
+        return spend_report([self.ledger(state) for state in client_states], accountant=c.accountant, delta=c.delta,
+                            budget=c.epsilon, mechanism=c.mechanism, noise_multiplier=self.noise_multiplier,
+                            planned_releases=self.planned_releases, counted=("gaussian",),
+                            selection_epsilon_per_release=self.selection_epsilon)
 
 
 @dataclasses.dataclass
