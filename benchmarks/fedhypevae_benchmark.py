@@ -1,0 +1,108 @@
+"""Issue 5's benchmark: FedHypeVAE against its baselines at (epsilon, delta) = (1.0, 1e-4).
+
+EfficientNet-Lite0 embeddings (cached) of Fashion-MNIST (10 clients, Dirichlet alpha = 0.3) and of
+``digits-domains`` (one client per domain). Methods, every private one at the same per-client budget:
+
+- ``fedhypevae``: the method; its downstream classifier is trained on synthetic embeddings from each
+  sampler (neutral meta-code, mixture of released codes, the released codes' generators);
+- ``dp-cvae``: the predecessor, one shared CVAE decoder trained by DP-FedAvg (``code_dim = 0``);
+- ``dpfedavg``: a classifier on real embeddings trained by DP-FedAvg;
+- ``local``: each client's classifier on its own real embeddings (no communication, no noise);
+- ``centralised``: one classifier on all real embeddings, non-private (the upper bound).
+
+Metrics on the global test set (real embeddings): accuracy (and, for the generators, balanced accuracy,
+macro-F1 and MMD² between real and synthetic embeddings), final round, mean ± std over seeds.
+
+    python benchmarks/fedhypevae_benchmark.py                                  # the documented table
+    python benchmarks/fedhypevae_benchmark.py --rounds 3 --seeds 1 --settings digits-domains   # smoke
+
+Writes benchmarks/results/fedhypevae/{table.md, summaries.json, projection_<setting>.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _common import RESULTS, command_line, mean_std, run_grid
+
+SETTINGS = {
+    "fashion-mnist-dir0.3": {"data": {"dataset": "fashion-mnist", "features": "efficientnet-lite0", "max_train_samples": 20000},
+                             "partition": {"scheme": "dirichlet", "alpha": 0.3, "num_clients": 10, "min_client_size": 300}},
+    "digits-domains": {"data": {"dataset": "digits-domains", "features": "efficientnet-lite0"},
+                       "partition": {"scheme": "domain", "num_clients": 4}},
+}
+GENERATOR = {"latent_dim": 16, "hidden_dim": 128, "code_dim": 16, "batch_size": 128, "steps_per_round": 10,
+             "meta_rounds": 2, "meta_steps": 10, "lr": 2e-3, "synthetic_per_class": 400, "classifier_epochs": 20}
+METHODS = {
+    "fedhypevae": {"name": "fedhypevae", **GENERATOR},
+    "dp-cvae": {"name": "fedhypevae", **GENERATOR, "code_dim": 0, "meta_rounds": 0, "samplers": ["neutral"]},
+    "dpfedavg": {"name": "dpfedavg", "steps_per_round": 10, "batch_size": 128, "lr": 0.5, "momentum": 0.5, "epsilon": 1.0},
+    "local": {"name": "local", "local_epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 1e-3},
+    "centralised": {"name": "fedavg", "local_epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 1e-3},
+}
+
+
+def config(setting: str, method: str, seed: int, rounds: int) -> dict:
+    base = SETTINGS[setting]
+    partition = dict(base["partition"])
+    if method == "centralised":
+        partition = {"scheme": "iid", "num_clients": 1}
+    return {"seed": seed, "data": base["data"], "partition": partition,
+            "federation": {"rounds": rounds, "progress": False, "checkpoint_every": rounds, "eval_every": rounds},
+            "model": {"feature_dim": 128, "hidden_dim": 256}, "method": METHODS[method]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS / "fedhypevae")
+    args = parser.parse_args()
+
+    from protofl.data import embed, load_dataset
+    from protofl.data.public import public_embedding_range
+
+    for s in args.settings:  # embed once, before the workers start
+        embed(load_dataset(SETTINGS[s]["data"]["dataset"]), encoder="efficientnet-lite0", image_size=32)
+    public_embedding_range("efficientnet-lite0", 32)
+
+    keys = [(s, m, seed) for s in args.settings for m in args.methods for seed in range(args.seeds)]
+    jobs = [(config(s, m, seed, args.rounds), args.out / "runs" / f"{s}-{m}-seed{seed}") for s, m, seed in keys]
+    summaries = run_grid(jobs, args.workers, args.threads)
+    results: dict[tuple[str, str], list[dict]] = {}
+    for (setting, method, _), summary in zip(keys, summaries):
+        results.setdefault((setting, method), []).append(summary)
+
+    lines = ["| setting | method | sampler | acc (%) | balanced acc (%) | macro-F1 (%) | MMD² real vs synthetic | spent ε (RDP) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (setting, method), runs in results.items():
+        finals = [r["final"] for r in runs]
+        eps = mean_std([r["epsilon"] for r in runs], pct=False) if runs[0]["epsilon"] is not None else "— (not private)"
+        if method in ("fedhypevae", "dp-cvae"):
+            for sampler in ("neutral", "mixture", "clients"):
+                if f"global_acc_{sampler}" not in finals[0]:
+                    continue
+                lines.append(f"| {setting} | {method} | {sampler} | {mean_std([f[f'global_acc_{sampler}'] for f in finals])} "
+                             f"| {mean_std([f[f'global_balanced_acc_{sampler}'] for f in finals])} "
+                             f"| {mean_std([f[f'global_macro_f1_{sampler}'] for f in finals])} "
+                             f"| {mean_std([f[f'global_mmd_{sampler}'] for f in finals], pct=False)} | {eps} |")
+        else:
+            acc = [f.get("global_acc") if f.get("global_acc") is not None else f.get("personal_acc_mean") for f in finals]
+            note = " (own test splits)" if finals[0].get("global_acc") is None else ""
+            lines.append(f"| {setting} | {method} | — | {mean_std(acc)}{note} | — | — | — | {eps} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = (f"Downstream accuracy on real held-out embeddings, final round; {args.rounds} rounds, {args.seeds} seeds "
+            f"(mean ± std over seeds), (epsilon, delta) = (1.0, 1e-4) per client. Command: `{command_line()}`\n\n")
+    (args.out / "table.md").write_text(text + "\n".join(lines) + "\n")
+    (args.out / "summaries.json").write_text(json.dumps({f"{s}/{m}": v for (s, m), v in results.items()}, indent=1))
+    print((args.out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
