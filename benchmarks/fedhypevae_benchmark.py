@@ -101,7 +101,46 @@ def main() -> None:
             f"(mean ± std over seeds), (epsilon, delta) = (1.0, 1e-4) per client. Command: `{command_line()}`\n\n")
     (args.out / "table.md").write_text(text + "\n".join(lines) + "\n")
     (args.out / "summaries.json").write_text(json.dumps({f"{s}/{m}": v for (s, m), v in results.items()}, indent=1))
+    for s in args.settings:
+        if "fedhypevae" in args.methods:
+            projection(args.out / "runs" / f"{s}-fedhypevae-seed0", args.out / f"projection_{s}.png")
     print((args.out / "table.md").read_text())
+
+
+def projection(run_dir: Path, path: Path, per_class: int = 150) -> None:
+    """PCA (fit on the real test embeddings) of real vs synthetic embeddings per class, per sampler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from sklearn.decomposition import PCA
+
+    from protofl.algorithms import Task, get_algorithm
+    from protofl.api import prepare_data, resolve_config
+    from protofl.config import RunConfig
+    from protofl.engine.checkpoint import load_checkpoint
+
+    cfg = resolve_config(RunConfig.from_toml(run_dir / "config.toml"))
+    data = prepare_data(cfg)
+    algo = get_algorithm(cfg.method_name).from_options(cfg.method_options, Task(data.input_shape, data.num_classes, cfg.model))
+    state = load_checkpoint(run_dir / "checkpoint")["server_state"]
+    real = algo.normalise(data.test_x)
+    keep = torch.cat([torch.nonzero(data.test_y == c).flatten()[:per_class] for c in range(data.num_classes)])
+    pca = PCA(2).fit(real[keep].numpy())
+    samplers = list(algo.config.samplers)
+    fig, axes = plt.subplots(1, 1 + len(samplers), figsize=(4 * (1 + len(samplers)), 4), sharex=True, sharey=True,
+                             constrained_layout=True)
+    r2 = pca.transform(real[keep].numpy())
+    axes[0].scatter(r2[:, 0], r2[:, 1], c=data.test_y[keep].numpy(), cmap="tab10", s=4)
+    axes[0].set_title("real (test)")
+    for ax, sampler in zip(axes[1:], samplers):
+        x, y = algo.synthesise(state, sampler, seed=7, per_class=per_class)
+        s2 = pca.transform(x.numpy())
+        ax.scatter(s2[:, 0], s2[:, 1], c=y.numpy(), cmap="tab10", s=4)
+        ax.set_title(f"synthetic: {sampler}")
+    fig.suptitle(f"{run_dir.name}: PCA of real vs synthetic embeddings (colour = class)", fontsize=9)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,22 @@ def test_short_run_on_real_embeddings_spends_at_most_its_budget(tmp_path):
     for sampler in ("neutral", "mixture", "clients"):
         assert 0 <= final[f"global_acc_{sampler}"] <= 1 and final[f"global_mmd_{sampler}"] >= -0.01
     assert "dp-sgd" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_row_scaled_modulation_equals_decoding_with_the_modulated_weights():
+    import torch.nn.functional as F
+
+    algo = _algo()
+    c = algo.config
+    g = torch.Generator().manual_seed(3)
+    phi = init_phi(c, 12, 3, g)
+    phi["hyper1.w"] = torch.randn(phi["hyper1.w"].shape, generator=g)
+    sizes = decoder_sizes(c, 12, 3)
+    code = torch.randn(3, generator=g)
+    mods = modulations(phi, code, sizes)
+    z, y1h = torch.randn(4, 4, generator=g), torch.eye(3)[[0, 1, 2, 1]]
+    h = torch.cat([z, y1h], -1)
+    for l, (s, beta) in enumerate(mods):  # W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + beta_l, formed explicitly
+        h = F.linear(h, phi[f"dec{l}.w"] * (1 + s)[:, None], phi[f"dec{l}.b"] + beta)
+        h = torch.sigmoid(h) if l == len(mods) - 1 else F.relu(h)
+    torch.testing.assert_close(decode(phi, z, y1h, mods), h)

@@ -85,7 +85,7 @@ class FedHypeVAEConfig:
     lip_weight: float = 0.01
     lip_radius: float = 0.01
     #: RBF kernel bandwidth as a multiple of sqrt(D) (inputs in [0, 1]^D).
-    mmd_bandwidth: float = 0.25
+    mmd_bandwidth: float = 0.05
     #: Local DP-SGD: steps per round, expected (Poisson) batch size, learning rates (Adam) of phi and of
     #: the private encoder and code, clip norm C.
     steps_per_round: int = 20
@@ -191,14 +191,15 @@ def modulations(phi: dict[str, torch.Tensor], code: torch.Tensor, sizes: list[tu
 
 
 def decode(phi, z: torch.Tensor, y1h: torch.Tensor, mods) -> torch.Tensor:
-    """D_c(z, y) in [0, 1]: W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + β_l, ReLU, sigmoid output."""
+    """D_c(z, y) in [0, 1]: W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + β_l, ReLU, sigmoid output.
+
+    Row-scaling a weight matrix scales that layer's outputs, (diag(1 + s) W) h = (1 + s) ⊙ (W h), so the
+    modulated weights are never formed (per-example gradients would otherwise hold one copy each)."""
     h = torch.cat([z, y1h], dim=-1)
     last = len(mods) - 1
     for l, (s, beta) in enumerate(mods):
         w, b = phi[f"dec{l}.w"], phi[f"dec{l}.b"]
-        if s is not None:
-            w, b = w * (1 + s)[:, None], b + beta
-        h = F.linear(h, w, b)
+        h = F.linear(h, w, b) if s is None else F.linear(h, w) * (1 + s) + (b + beta)
         h = torch.sigmoid(h) if l == last else F.relu(h)
     return h
 
