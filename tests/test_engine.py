@@ -82,3 +82,20 @@ def test_client_sampling_is_seeded_and_sized():
     assert len(a) == 10 and len(set(a)) == 10
     assert sample_clients(5, 0.01, seed=0, round_index=1) != []
     assert sample_clients(5, 1.0, seed=0, round_index=1) == [0, 1, 2, 3, 4]
+
+
+def test_a_rejected_private_reply_still_counts_against_the_budget():
+    from protofl.config import PrivacyConfig
+
+    privacy = PrivacyConfig(mechanism="igpp", epsilon=2.0, planned_releases=2)
+    algo = Corrupting(Corrupting.Config(), TASK, privacy)
+    algo.fault = "shape"
+    sim = Simulation(algo, clients(), torch.randn(9, 8), torch.randint(0, 3, (9,)),
+                     FederationConfig(rounds=2, progress=False), seed=0)
+    sim.run()
+    spent = algo.privacy_report(sim.client_states)
+    assert spent["max_releases_by_a_client"] == 2
+    # client 1's replies were rejected, yet both of its releases were recorded (they went on the wire)
+    assert algo.release_mechanism.ledger(sim.client_states[1]).events == algo.release_mechanism.ledger(sim.client_states[0]).events
+    initial = algo.initial_params(0)
+    assert all(torch.equal(v, initial[k]) for k, v in sim.client_states[1]["params"].items())  # its update is not kept

@@ -64,6 +64,22 @@ def test_igpp_noise_std_matches_calibration_including_a_single_example_class():
         assert float((draws - means)[:, c].mean().abs()) < 4 * expected / math.sqrt(3000 * 16) + 1e-9
 
 
+def test_trained_features_rule_scales_every_class_by_2r_sqrt_c():
+    z, y = _features()  # 3 classes
+    sigma, bound = 1.7, 5.0
+    clipped = clip_rows(z.double(), bound)
+    means = torch.stack([clipped[y == c].mean(0) for c in range(3)])
+    draws = torch.stack([igpp_release(z, y, 3, bound, sigma, _gen(s), "trained-features").prototypes.double()
+                         for s in range(2000)])
+    expected = sigma * 2 * bound * math.sqrt(3)
+    for c in range(3):
+        assert float((draws - means)[:, c].pow(2).mean().sqrt()) == pytest.approx(expected, rel=0.03)
+    r = vpp_release(z, y, 3, bound, sigma, 0.3, 0.1, 1.0, _gen(), "trained-features")
+    _, _, s_a, s_b = vpp_group_noise(16, math.ceil(0.3 * 16), sigma)
+    assert float(r.noise_std[0, r.selected[0]]) == pytest.approx(s_a * 2 * bound * math.sqrt(3))
+    assert float(r.noise_std[1].max()) == pytest.approx(s_b * 2 * bound * math.sqrt(3))
+
+
 def test_vpp_group_noise_std_matches_calibration():
     z, y = _features(n_per_class=(30, 20), d=20)
     sigma, bound, rho = 2.0, 5.0, 0.3

@@ -227,6 +227,10 @@ class PrivacyConfig:
     accountant: str = "pld"
     #: Clipping bound R of every feature (VPDR: 5).
     clip_bound: float = 5.0
+    #: ``fixed-features``: sensitivity 2R/n_c per class, the VPDR paper's analysis, which treats the feature
+    #: map as fixed; it does not cover a map trained on the same data without DP. ``trained-features``:
+    #: 2R·sqrt(C) for the whole release, valid whatever the feature map (much more noise).
+    sensitivity: str = "fixed-features"
     #: VPP: fraction of dimensions in the discriminative group (rho), share of the budget spent on the
     #: private selection, and the cap of the ANOVA scores (s_max).
     rho: float = 0.3
@@ -243,6 +247,7 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         check_choice(self.mechanism, PRIVACY_MECHANISMS, "mechanism")
         check_choice(self.accountant, PRIVACY_ACCOUNTANTS, "accountant")
+        check_choice(self.sensitivity, ("fixed-features", "trained-features"), "sensitivity")
         check(self.epsilon > 0 and self.epsilon == self.epsilon, "epsilon", f"must be > 0, got {self.epsilon}")
         check(self.mechanism == "none" or self.epsilon < float("inf"), "epsilon",
               "must be finite when a mechanism is on (epsilon = inf means mechanism = 'none')")

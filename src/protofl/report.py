@@ -108,7 +108,8 @@ def _privacy_text(s: dict[str, Any]) -> str:
     return (f"{p['mechanism']} on every released prototype, Gaussian noise multiplier {p['noise_multiplier']:.3f}{selection}; "
             f"spent epsilon {s['epsilon']:.3f} of {p['epsilon_budget']:g} at delta {s['delta']:.1g} "
             f"(most-spent client, {p['accountant']} accountant; PLD {p['epsilon_pld_max']:.3f}, RDP {p['epsilon_rdp_max']:.3f}) "
-            f"over {p['max_releases_by_a_client']} releases")
+            f"over {p['max_releases_by_a_client']} releases"
+            + (f"; sensitivity rule {p['sensitivity']}" if p.get("sensitivity") else ""))
 
 
 def _partition_text(p: dict[str, Any]) -> str:

@@ -20,10 +20,14 @@ Spec: ../shared/specs/fedhypevae.md. What the paper leaves open is marked *infer
   of the class-conditional MMD² up to that constant, and each term depends on one example only, so
   per-example clipping bounds every example's influence. R_Lip = ‖h(c + ξ) − h(c)‖² / ‖ξ‖²,
   ξ ~ N(0, r² I) (inferred form), included in every example's loss (it depends on c, so it is clipped too).
-- **DP-SGD on φ only**: per-example gradients with ``torch.func`` (``vmap(grad)``: the decoder weights
-  are generated, hooks would not see them), Poisson sampling at rate q = batch_size / n_k, clipping to
-  C, noise N(0, σ²C²), Adam on the noisy gradient; ψ and c take ordinary Adam steps on the same batch.
-  Only φ's change leaves a client; the server averages the changes uniformly (n_k is not released).
+- **DP-SGD**: per-example gradients with ``torch.func`` (``vmap(grad)``: the decoder weights are
+  generated, hooks would not see them), Poisson sampling at rate q = batch_size / n_k, clipping to C,
+  noise N(0, σ²C²), Adam on the noisy gradient. *Where we differ*: the spec updates ψ and c with
+  ordinary gradients; but they shape every later gradient of φ, so one example would then influence
+  later φ updates outside its clipped contribution and the accounting would not hold. We clip and noise
+  the gradient of (φ, ψ, c) as one vector; ψ and c still never leave the client. Only φ leaves; the
+  server averages the clients' φ uniformly (n_k is not released). The sampling rate uses the client's
+  size n_k, which is treated as public (as Opacus does).
 - **Accounting per client** over every step of every round (RDP or PLD, Poisson-subsampled Gaussian),
   σ calibrated per client before its first step for the whole planned run: the φ rounds, the meta-code
   rounds and, if a code-based sampler is asked for, one release of the client's clipped code (Gaussian,
@@ -456,35 +460,39 @@ class FedHypeVAE(Algorithm):
         return state, Payload(arrays, {"method": self.name}), metrics
 
     def _train_phi(self, phi, psi, code, x, y1h, rate, sigma, generator):
+        """DP-SGD on (φ, ψ, c) jointly: each example's gradient with respect to all three is clipped as one
+        vector and noised. ψ and c never leave the client, but they shape every later gradient of φ, so
+        updating them with ordinary gradients (as a plain reading of the paper would) would let every
+        example influence the later φ updates outside the clipping; noised, they are post-processing."""
         c = self.config
-        phi = {k: v.clone() for k, v in phi.items()}
-        psi = {k: v.clone().requires_grad_(True) for k, v in psi.items()}
-        code = code.clone().requires_grad_(True)
-        opt_phi = torch.optim.Adam(list(phi.values()), lr=c.lr)
-        opt_private = torch.optim.Adam([*psi.values(), code], lr=c.private_lr)
+        params = {**{"phi/" + k: v.clone() for k, v in phi.items()}, **{"psi/" + k: v.clone() for k, v in psi.items()},
+                  "code": code.clone()}
+        opt_phi = torch.optim.Adam([v for k, v in params.items() if k.startswith("phi/")], lr=c.lr)
+        opt_private = torch.optim.Adam([v for k, v in params.items() if not k.startswith("phi/")], lr=c.private_lr)
+
+        def loss(p, xi, yi):
+            return self.example_loss({k[4:]: v for k, v in p.items() if k.startswith("phi/")},
+                                     {k[4:]: v for k, v in p.items() if k.startswith("psi/")}, p["code"], xi, yi)
+
         losses = []
         for _ in range(c.steps_per_round):
             index = poisson_sample(len(x), rate, generator)
-            fixed_psi = {k: v.detach() for k, v in psi.items()}
-            fixed_code = code.detach()
             if len(index):
-                grads = per_example_gradients(
-                    lambda p, xi, yi: self.example_loss(p, fixed_psi, fixed_code, xi, yi), phi, x[index], y1h[index])
+                grads = per_example_gradients(loss, params, x[index], y1h[index])
             else:
-                grads = {k: torch.zeros(0, *v.shape) for k, v in phi.items()}
+                grads = {k: torch.zeros(0, *v.shape) for k, v in params.items()}
             noisy, _ = noisy_clipped_mean(grads, c.clip_norm, sigma, rate * len(x), generator)
-            for k, v in phi.items():
+            for k, v in params.items():
                 v.grad = noisy[k]
             opt_phi.step()
-            if len(index):  # the private parts: ordinary gradients, they never leave the client
-                frozen = {k: v.detach() for k, v in phi.items()}
-                batch = vmap(lambda xi, yi: self.example_loss(frozen, psi, code, xi, yi), randomness="different")(
-                    x[index], y1h[index])
-                opt_private.zero_grad(set_to_none=True)
-                batch.mean().backward()
-                opt_private.step()
-                losses.append(float(batch.mean().detach()))
-        return ({k: v.detach() for k, v in phi.items()}, {k: v.detach() for k, v in psi.items()}, code.detach(),
+            opt_private.step()
+            if len(index):  # a local diagnostic, never sent
+                with torch.no_grad():
+                    losses.append(float(vmap(lambda xi, yi: loss(params, xi, yi), randomness="different")(
+                        x[index][:64], y1h[index][:64]).mean()))
+        out = {k: v.detach() for k, v in params.items()}
+        return ({k[4:]: v for k, v in out.items() if k.startswith("phi/")},
+                {k[4:]: v for k, v in out.items() if k.startswith("psi/")}, out["code"],
                 float(np.mean(losses)) if losses else float("nan"))
 
     def _train_meta_code(self, meta_code, phi, x, y1h, rate, sigma, generator):

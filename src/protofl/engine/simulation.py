@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from protofl.algorithms.base import Algorithm, ClientData
+from protofl.privacy.vpdr import LEDGER_KEY
 from protofl.config import FederationConfig
 from protofl.engine.checkpoint import load_checkpoint, save_checkpoint
 from protofl.payload import Payload, PayloadError, validate
@@ -177,6 +178,8 @@ class Simulation:
                 except PayloadError as exc:
                     log.warning("round %d: rejected the reply of client %d: %s", r, k, exc)
                     rejected.append(k)
+                    if LEDGER_KEY in new_state:  # what went on the wire was spent, accepted or not
+                        self.client_states[k] = {**self.client_state(k), LEDGER_KEY: new_state[LEDGER_KEY]}
                     continue
                 replies.append(reply)
             self.client_states[k] = new_state

@@ -284,7 +284,10 @@ def calibrate_noise_multiplier(
     sigma_rdp = calibrate("rdp", dp_accounting.LowerEndpointAndGuess(1e-3, 1.0))
     if accountant == "rdp":
         return sigma_rdp
-    return calibrate(accountant, dp_accounting.ExplicitBracketInterval(max(sigma_rdp / 4, 0.05), sigma_rdp))
+    try:
+        return calibrate(accountant, dp_accounting.ExplicitBracketInterval(max(sigma_rdp / 4, 0.05), sigma_rdp))
+    except ValueError:  # the PLD sigma lies outside that bracket (discretisation over very many releases)
+        return calibrate(accountant, dp_accounting.LowerEndpointAndGuess(max(sigma_rdp / 4, 0.05), sigma_rdp))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,11 +2,22 @@
 
 Neighbouring relation (one rule for every release here): two local datasets are neighbours when
 one example is replaced by another *of the same class*. Class counts and the set of classes a client
-holds are therefore the same on both and are not protected; everything computed from the features is.
-Under it, the per-class mean of features clipped to norm ``R`` moves by at most ``2R / n_c`` (L2),
-and a change touches one class only, so releasing all classes at once is one Gaussian mechanism of
-that sensitivity (parallel composition over classes). A class with a single example is released with
-sensitivity ``2R`` like any other (no special case; its noise is simply large).
+holds are therefore the same on both and are not protected.
+
+Sensitivity, by ``SENSITIVITY_RULES``:
+
+- ``fixed-features`` (the VPDR paper's analysis): the feature map is taken as fixed, i.e. not itself a
+  function of the replaced example. Then the per-class mean of features clipped to norm ``R`` moves by
+  at most ``2R / n_c`` (L2) and a change touches one class only, so releasing all classes at once is one
+  Gaussian mechanism of that sensitivity (parallel composition over classes). This does **not** hold
+  when the client's feature map was trained on the same data without DP (as in every personalised
+  host here): replacing one example then changes the model and so every feature.
+- ``trained-features``: valid whatever the feature map: every class mean of clipped features lies in
+  the R-ball and can move by at most ``2R``, so the whole release (C classes) has L2 sensitivity
+  ``2R·√C``, used for every class.
+
+A class with a single example is released like any other (sensitivity ``2R`` under ``fixed-features``:
+no special case, its noise is simply large).
 
 Randomness comes from a caller's ``torch.Generator`` so simulations are reproducible; a deployment
 that needs cryptographic noise should draw from the operating system's generator instead.
@@ -21,7 +32,10 @@ import torch
 
 from protofl.privacy.accounting import Event, GaussianEvent, PureDpEvent
 
+SENSITIVITY_RULES = ("fixed-features", "trained-features")
+
 __all__ = [
+    "SENSITIVITY_RULES",
     "PrototypeRelease",
     "anova_scores",
     "clip_groups",
@@ -160,17 +174,31 @@ def _class_means(z: torch.Tensor, y: torch.Tensor, num_classes: int):
     return classes, sums[classes] / counts[classes, None], counts[classes]
 
 
+def _sensitivity_scale(counts: torch.Tensor, rule: str) -> torch.Tensor:
+    """Per released class, the release's L2 sensitivity in units of 2R (see the module docstring)."""
+    if rule == "fixed-features":
+        return 1 / counts.double()
+    if rule == "trained-features":
+        return torch.full((len(counts),), math.sqrt(len(counts)), dtype=torch.float64)
+    raise ValueError(f"unknown sensitivity rule {rule!r}; valid: {', '.join(SENSITIVITY_RULES)}")
+
+
 def igpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: float, noise_multiplier: float,
-                 generator: torch.Generator) -> PrototypeRelease:
-    """IGPP: clip every feature to norm ``bound``, average per class, add N(0, (σ·2R/n_c)² I)."""
+                 generator: torch.Generator, sensitivity: str = "fixed-features") -> PrototypeRelease:
+    """IGPP: clip every feature to norm ``bound``, average per class, add N(0, (σΔ)² I), Δ = 2R/n_c
+    (``fixed-features``) or 2R√C (``trained-features``)."""
     classes, means, counts = _class_means(clip_rows(z.double(), bound), y, num_classes)
-    std = (noise_multiplier * 2 * bound / counts.double())[:, None].expand(-1, z.shape[1])
+    if sensitivity == "fixed-features":
+        std = (noise_multiplier * 2 * bound / counts.double())[:, None].expand(-1, z.shape[1])
+    else:
+        std = (noise_multiplier * 2 * bound * _sensitivity_scale(counts, sensitivity))[:, None].expand(-1, z.shape[1])
     noisy = means + gaussian_noise(tuple(means.shape), std, generator)
     return PrototypeRelease(classes, noisy.float(), counts, std, ((GaussianEvent(noise_multiplier), 1),))
 
 
 def vpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: float, noise_multiplier: float,
-                rho: float, score_cap: float, selection_epsilon: float, generator: torch.Generator) -> PrototypeRelease:
+                rho: float, score_cap: float, selection_epsilon: float, generator: torch.Generator,
+                sensitivity: str = "fixed-features") -> PrototypeRelease:
     """VPP: private top-⌈ρd⌉ selection of discriminative dimensions (``selection_epsilon``-DP), groupwise
     clipping to ``R κ_A`` and ``R κ_B``, per-class means, and group noise ``s_A Δ`` on A, ``s_B Δ`` on B
     (see :func:`vpp_group_noise`); costs one pure-DP selection and one Gaussian release at σ."""
@@ -185,7 +213,8 @@ def vpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: float
     classes, means, counts = _class_means(clipped, y, num_classes)
     per_coordinate = torch.full((d,), s_b, dtype=torch.float64)
     per_coordinate[selected] = s_a
-    std = (2 * bound / counts.double())[:, None] * per_coordinate[None, :]
+    delta = 2 * bound / counts.double() if sensitivity == "fixed-features" else 2 * bound * _sensitivity_scale(counts, sensitivity)
+    std = delta[:, None] * per_coordinate[None, :]
     noisy = means + gaussian_noise(tuple(means.shape), std, generator)
     events = ((PureDpEvent(selection_epsilon), 1), (GaussianEvent(noise_multiplier), 1))
     return PrototypeRelease(classes, noisy.float(), counts, std, events, selected)

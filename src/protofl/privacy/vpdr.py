@@ -87,10 +87,10 @@ class PrototypePrivacy:
         ledger.spend(self.release_events(), who)
         c = self.config
         if c.mechanism == "igpp":
-            out = igpp_release(z, y, self.num_classes, c.clip_bound, self.noise_multiplier, generator)
+            out = igpp_release(z, y, self.num_classes, c.clip_bound, self.noise_multiplier, generator, c.sensitivity)
         else:
             out = vpp_release(z, y, self.num_classes, c.clip_bound, self.noise_multiplier, c.rho, c.score_cap,
-                              self.selection_epsilon, generator)
+                              self.selection_epsilon, generator, c.sensitivity)
         return out, ledger.state_dict()
 
     def report(self, client_states: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -99,7 +99,7 @@ class PrototypePrivacy:
         return spend_report([self.ledger(state) for state in client_states], accountant=c.accountant, delta=c.delta,
                             budget=c.epsilon, mechanism=c.mechanism, noise_multiplier=self.noise_multiplier,
                             planned_releases=self.planned_releases, counted=("gaussian",),
-                            selection_epsilon_per_release=self.selection_epsilon)
+                            selection_epsilon_per_release=self.selection_epsilon, sensitivity=c.sensitivity)
 
 
 @dataclasses.dataclass
