@@ -46,19 +46,23 @@ EPSILONS = (1.0, 2.0, 4.0, 8.0, math.inf)
 LOCAL = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 5e-4, "batch_size": 256, "local_epochs": 2}
 
 
-def privacy_section(mechanism: str, epsilon: float) -> dict:
+def privacy_section(mechanism: str, epsilon: float, sensitivity: str = "fixed-features") -> dict:
     if math.isinf(epsilon):  # no noise; DCR alone stays a training change
         return {"mechanism": "none", "dcr": MECHANISMS[mechanism].get("dcr", False)}
-    return {**MECHANISMS[mechanism], "epsilon": epsilon, "delta": 1e-5, "accountant": "pld"}
+    out = {**MECHANISMS[mechanism], "epsilon": epsilon, "delta": 1e-5, "accountant": "pld"}
+    if sensitivity != "fixed-features":
+        out["sensitivity"] = sensitivity
+    return out
 
 
-def config(setting: str, host: str, mechanism: str, epsilon: float, seed: int, rounds: int) -> dict:
+def config(setting: str, host: str, mechanism: str, epsilon: float, seed: int, rounds: int,
+           sensitivity: str = "fixed-features") -> dict:
     return {
         "seed": seed,
         **SETTINGS[setting],
         "federation": {"rounds": rounds, "progress": False, "checkpoint_every": rounds, "eval_every": 5},
         "model": {"feature_dim": 128, "hidden_dim": 256},
-        "privacy": privacy_section(mechanism, epsilon),
+        "privacy": privacy_section(mechanism, epsilon, sensitivity),
         "method": {"name": host, **LOCAL, **HOSTS[host]},
     }
 
@@ -87,6 +91,7 @@ def main() -> None:
     parser.add_argument("--hosts", nargs="+", default=list(HOSTS), choices=list(HOSTS))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sensitivity", default="fixed-features", choices=["fixed-features", "trained-features"])
     parser.add_argument("--out", type=Path, default=RESULTS / "vpdr")
     args = parser.parse_args()
 
@@ -101,13 +106,14 @@ def main() -> None:
                         keys.append((setting, host, mechanism, epsilon, name))
                         if name not in seen:  # at epsilon = inf, igpp and vpp are the same plain run
                             seen[name] = len(jobs)
-                            jobs.append((config(setting, host, mechanism, epsilon, seed, args.rounds), args.out / "runs" / name))
+                            jobs.append((config(setting, host, mechanism, epsilon, seed, args.rounds, args.sensitivity),
+                                         args.out / "runs" / name))
     summaries = run_grid(jobs, args.workers, args.threads)
     results: dict[tuple, list[dict]] = {}
     for setting, host, mechanism, epsilon, name in keys:
         results.setdefault((setting, host, mechanism, epsilon), []).append(summaries[seen[name]])
 
-    setting_text = (f"{args.rounds} rounds, 2 local epochs, AdamW lr 1e-3 wd 5e-4, batch 256, EfficientNet-Lite0 "
+    setting_text = (f"sensitivity rule {args.sensitivity}; {args.rounds} rounds, 2 local epochs, AdamW lr 1e-3 wd 5e-4, batch 256, EfficientNet-Lite0 "
                     f"embeddings at 32 px, adapter + MLP (d=128); delta = 1e-5, PLD accountant, budget per client "
                     f"over all rounds; {args.seeds} seeds (mean ± std over seeds). Command: `{command_line()}`")
     eps_head = " | ".join("ε=∞" if math.isinf(e) else f"ε={e:g}" for e in EPSILONS)
