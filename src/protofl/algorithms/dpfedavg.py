@@ -25,7 +25,7 @@ from protofl.algorithms.base import (
     register,
 )
 from protofl.algorithms.fedavg import FedAvg, FedAvgConfig
-from protofl.config import check, check_choice
+from protofl.config import check
 from protofl.payload import Payload, PayloadSpec
 from protofl.privacy.accounting import (
     PrivacyLedger,
@@ -33,6 +33,7 @@ from protofl.privacy.accounting import (
     spend_report,
 )
 from protofl.privacy.dpsgd import (
+    DPSGDConfig,
     noisy_clipped_mean,
     per_example_gradients,
     poisson_sample,
@@ -41,23 +42,13 @@ from protofl.privacy.dpsgd import (
 
 
 @dataclasses.dataclass(frozen=True)
-class DPFedAvgConfig(FedAvgConfig):
+class DPFedAvgConfig(FedAvgConfig, DPSGDConfig):
     steps_per_round: int = 20
-    clip_norm: float = 1.0
-    epsilon: float = 1.0
-    delta: float = 1e-4
-    accountant: str = "rdp"
-    #: Rounds the noise is calibrated for (0: federation.rounds, set by protofl.run).
-    planned_rounds: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_dp()
         check(self.steps_per_round >= 1, "steps_per_round", f"must be >= 1, got {self.steps_per_round}")
-        check(self.clip_norm > 0, "clip_norm", f"must be > 0, got {self.clip_norm}")
-        check(0 < self.epsilon < math.inf, "epsilon", f"must be finite and > 0, got {self.epsilon}")
-        check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
-        check_choice(self.accountant, ("rdp", "pld"), "accountant")
-        check(self.planned_rounds >= 0, "planned_rounds", f"must be >= 0, got {self.planned_rounds}")
 
 
 @register
@@ -72,9 +63,7 @@ class DPFedAvg(FedAvg):
 
     @classmethod
     def resolve_options(cls, config, run_config):
-        if config.planned_rounds == 0:
-            config = dataclasses.replace(config, planned_rounds=run_config.federation.rounds)
-        return config
+        return config.resolved(run_config)
 
     def reply_spec(self) -> PayloadSpec:
         return PayloadSpec(self.name, self._param_specs())
@@ -87,9 +76,7 @@ class DPFedAvg(FedAvg):
         return self._sigma[rate]
 
     def ledger(self, state: State) -> PrivacyLedger:
-        ledger = PrivacyLedger(self.config.accountant, self.config.delta, self.config.epsilon)
-        ledger.load_state_dict(state.get("privacy_ledger", ()))
-        return ledger
+        return self.config.ledger(state)
 
     def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
         c = self.config

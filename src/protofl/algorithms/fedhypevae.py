@@ -66,6 +66,7 @@ from protofl.privacy.accounting import (
     spend_report,
 )
 from protofl.privacy.dpsgd import (
+    DPSGDConfig,
     noisy_clipped_mean,
     per_example_gradients,
     poisson_sample,
@@ -77,7 +78,7 @@ PHI_PREFIX = "phi/"
 
 
 @dataclasses.dataclass(frozen=True)
-class FedHypeVAEConfig:
+class FedHypeVAEConfig(DPSGDConfig):
     #: Sizes: latent z, hidden width of encoder/decoder, client code (0: the DP-CVAE baseline), hypernetwork.
     latent_dim: int = 32
     hidden_dim: int = 256
@@ -96,13 +97,7 @@ class FedHypeVAEConfig:
     batch_size: int = 64
     lr: float = 1e-3
     private_lr: float = 1e-3
-    clip_norm: float = 1.0
-    #: Per-client budget over the whole run and the accountant that calibrates and enforces it.
-    epsilon: float = 1.0
-    delta: float = 1e-4
-    accountant: str = "rdp"
-    #: Rounds in all (0: federation.rounds, set by protofl.run); the last meta_rounds learn c0.
-    planned_rounds: int = 0
+    #: The last meta_rounds of the planned rounds learn c0.
     meta_rounds: int = 2
     meta_steps: int = 20
     meta_lr: float = 0.05
@@ -126,12 +121,9 @@ class FedHypeVAEConfig:
         check(self.code_dim >= 0, "code_dim", f"must be >= 0 (0: DP-CVAE baseline), got {self.code_dim}")
         for key in ("beta_kl", "mmd_weight", "lip_weight"):
             check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
-        for key in ("lip_radius", "mmd_bandwidth", "lr", "private_lr", "clip_norm", "meta_lr", "code_clip"):
+        self.check_dp()
+        for key in ("lip_radius", "mmd_bandwidth", "lr", "private_lr", "meta_lr", "code_clip"):
             check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
-        check(0 < self.epsilon < math.inf, "epsilon", f"must be finite and > 0, got {self.epsilon}")
-        check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
-        check_choice(self.accountant, ("rdp", "pld"), "accountant")
-        check(self.planned_rounds >= 0, "planned_rounds", f"must be >= 0, got {self.planned_rounds}")
         check(self.meta_rounds >= 0, "meta_rounds", f"must be >= 0, got {self.meta_rounds}")
         check(self.classifier_epochs >= 1, "classifier_epochs", f"must be >= 1, got {self.classifier_epochs}")
         check(0 < self.code_release_fraction < 1, "code_release_fraction",
@@ -283,9 +275,7 @@ class FedHypeVAE(Algorithm):
 
     @classmethod
     def resolve_options(cls, config: FedHypeVAEConfig, run_config) -> FedHypeVAEConfig:
-        if config.planned_rounds == 0:
-            config = dataclasses.replace(config, planned_rounds=run_config.federation.rounds)
-        return config
+        return config.resolved(run_config)
 
     # -- normalisation ---------------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -342,9 +332,7 @@ class FedHypeVAE(Algorithm):
         return events
 
     def ledger(self, state: State) -> PrivacyLedger:
-        ledger = PrivacyLedger(self.config.accountant, self.config.delta, self.config.epsilon)
-        ledger.load_state_dict(state.get("privacy_ledger", ()))
-        return ledger
+        return self.config.ledger(state)
 
     # -- state and payloads ----------------------------------------------------------------------------
     def init_server_state(self, seed: int) -> State:
