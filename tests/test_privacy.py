@@ -365,3 +365,13 @@ def test_dcr_loss_equals_a_hand_computation():
     assert float(second) == pytest.approx(float(expected), rel=1e-5)
     dcr.loss({"head.weight": w + 2.0, "head.bias": b}, z, y, features, head, host)
     assert torch.allclose(dcr.teacher["head.weight"], 0.9 * (w + 1) + 0.1 * (w + 2))
+
+
+def test_the_secondary_pld_figure_is_skipped_where_it_would_take_gigabytes():
+    from protofl.privacy.accounting import spend_report
+
+    ledger = PrivacyLedger("rdp", 1e-5, 1e9)
+    ledger.events = [(SampledGaussianEvent(0.05, 0.1), 100)]  # sigma 0.1: a PLD of ~1e8 points per event
+    report = spend_report([ledger], accountant="rdp", delta=1e-5, budget=1e9, mechanism="dp-sgd",
+                          noise_multiplier=0.1, planned_releases=100)
+    assert report["epsilon_pld_max"] is None and report["epsilon"] == report["epsilon_rdp_max"] > 0

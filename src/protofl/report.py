@@ -107,9 +107,13 @@ def _privacy_text(s: dict[str, Any]) -> str:
                  if p.get("selection_epsilon_per_release") else "")
     return (f"{p['mechanism']} on every released prototype, Gaussian noise multiplier {p['noise_multiplier']:.3f}{selection}; "
             f"spent epsilon {s['epsilon']:.3f} of {p['epsilon_budget']:g} at delta {s['delta']:.1g} "
-            f"(most-spent client, {p['accountant']} accountant; PLD {p['epsilon_pld_max']:.3f}, RDP {p['epsilon_rdp_max']:.3f}) "
+            f"(most-spent client, {p['accountant']} accountant; PLD {_num(p['epsilon_pld_max'])}, RDP {_num(p['epsilon_rdp_max'])}) "
             f"over {p['max_releases_by_a_client']} releases"
             + (f"; sensitivity rule {p['sensitivity']}" if p.get("sensitivity") else ""))
+
+
+def _num(value: float | None) -> str:
+    return "not computed" if value is None else f"{value:.3f}"
 
 
 def _partition_text(p: dict[str, Any]) -> str:

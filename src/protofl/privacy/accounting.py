@@ -341,6 +341,17 @@ def _merged(events: Iterable[tuple[Event, int]]) -> list[tuple[Event, int]]:
     return list(counts.items())
 
 
+#: Below this Gaussian noise multiplier dp-accounting's discretised privacy-loss distributions grow to
+#: gigabytes (their support scales like 1/σ²); the PLD figure is then not computed as a secondary report.
+PLD_MIN_NOISE_MULTIPLIER = 0.3
+
+
+def pld_practical(events: Iterable[tuple[Event, int]]) -> bool:
+    """Whether the PLD of ``events`` is cheap enough to compute (every Gaussian multiplier >= 0.3)."""
+    return all(getattr(e, "noise_multiplier", math.inf) >= PLD_MIN_NOISE_MULTIPLIER
+               for e, _ in events if not isinstance(e, (PureDpEvent, LaplaceEvent)))
+
+
 def spend_report(ledgers: Iterable[PrivacyLedger], *, accountant: str, delta: float, budget: float,
                  mechanism: str, noise_multiplier: float, planned_releases: int,
                  counted: Iterable[str] = ("gaussian", "sampled-gaussian"), **extra: Any) -> dict[str, Any]:
@@ -353,12 +364,18 @@ def spend_report(ledgers: Iterable[PrivacyLedger], *, accountant: str, delta: fl
     for ledger in ledgers:
         releases.append(sum(n for e, n in ledger.events if e.kind in counted))
         for name in spent:
-            spent[name].append(compute_epsilon(name, ledger.events, delta) if ledger.events else 0.0)
+            if name != accountant and name == "pld" and not pld_practical(ledger.events):
+                spent[name].append(math.nan)  # a secondary figure only: not worth gigabytes
+            else:
+                spent[name].append(compute_epsilon(name, ledger.events, delta) if ledger.events else 0.0)
     out: dict[str, Any] = {"mechanism": mechanism, "accountant": accountant, "epsilon_budget": budget, "delta": delta,
                            "noise_multiplier": noise_multiplier, "selection_epsilon_per_release": None,
                            "planned_releases": planned_releases, "max_releases_by_a_client": max(releases, default=0),
                            **extra}
     for name, values in spent.items():
+        if any(math.isnan(v) for v in values):
+            out[f"epsilon_{name}_max"] = out[f"epsilon_{name}_mean"] = None
+            continue
         out[f"epsilon_{name}_max"] = max(values, default=0.0)
         out[f"epsilon_{name}_mean"] = sum(values) / len(values) if values else 0.0
     out["epsilon"] = out[f"epsilon_{accountant}_max"]
