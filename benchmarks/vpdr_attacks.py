@@ -201,8 +201,9 @@ def write(args, cells, mia, inversion, images, decoded) -> None:
                    f"{r['feature_cos']:.3f} | {r['steps']} | {r['decoder_psnr']:.2f} | {r['decoder_ssim']:.3f} | "
                    f"{r['decoder_feature_cos']:.3f} |")
     (args.out / "inversion.md").write_text(
-        f"Prototype inversion, client {args.invert_client}, seed 0, against the closest real training image of each class. "
-        + header + "\n".join(inv) + "\n")
+        f"Prototype inversion (optimisation and public-data decoder), host {HOST} on {SETTING}, client "
+        f"{args.invert_client}, seed 0, scored against the closest real training image of each class. "
+        f"Command: `{command_line()}`\n\n" + "\n".join(inv) + "\n")
     (args.out / "attacks.json").write_text(json.dumps(
         {"membership": {f"{m}/eps{e}": v for (m, e), v in mia.items()},
          "inversion": {f"{m}/eps{e}": v for (m, e), v in inversion.items()}}, indent=1))
