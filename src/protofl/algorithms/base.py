@@ -177,8 +177,9 @@ class Algorithm:
         """Raise :class:`~protofl.privacy.BudgetExceededError` if the client's next reply would exceed
         its privacy budget; the engine asks before every round, so a run stops before that release."""
 
-    def privacy_report(self, client_states: Mapping[int, State]) -> dict[str, Any] | None:
-        """Spent privacy per client (``None`` where nothing is protected)."""
+    def privacy_report(self, client_states: Mapping[int, State], all_accountants: bool = True) -> dict[str, Any] | None:
+        """Spent privacy per client (``None`` where nothing is protected); with ``all_accountants=False``
+        only under the run's own accountant (the per-round metrics)."""
         return None
 
     def evaluate_client(

@@ -117,11 +117,11 @@ class DPFedAvg(FedAvg):
         models = [arrays_to_params(r) for r in replies]
         return {"params": {k: torch.stack([m[k] for m in models]).mean(0) for k in models[0]}}, {}
 
-    def privacy_report(self, client_states) -> dict[str, Any] | None:
+    def privacy_report(self, client_states, all_accountants: bool = True) -> dict[str, Any] | None:
         c = self.config
         return spend_report([self.ledger(s) for s in client_states.values()], accountant=c.accountant, delta=c.delta,
                             budget=c.epsilon, mechanism="dp-sgd", noise_multiplier=min(self._sigma.values(), default=math.nan),
-                            planned_releases=c.planned_rounds * c.steps_per_round)
+                            planned_releases=c.planned_rounds * c.steps_per_round, all_accountants=all_accountants)
 
 
 __all__ = ["DPFedAvg", "DPFedAvgConfig"]

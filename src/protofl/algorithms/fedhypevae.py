@@ -272,6 +272,7 @@ class FedHypeVAE(Algorithm):
         self.bandwidth = config.mmd_bandwidth * math.sqrt(self.input_dim)
         self._range: tuple[torch.Tensor, torch.Tensor] | None = None
         self._sigma: dict[float, tuple[float, float | None]] = {}
+        self._metric_samples: dict[Any, Any] = {}
 
     @classmethod
     def resolve_options(cls, config: FedHypeVAEConfig, run_config) -> FedHypeVAEConfig:
@@ -377,9 +378,6 @@ class FedHypeVAE(Algorithm):
         return PayloadSpec(self.name, specs, optional=("noisy_code",))
 
     # -- client ----------------------------------------------------------------------------------------
-    def check_release(self, client_state: State, client_id: int) -> None:
-        pass  # checked in client_step, where the client's size (its sampling rate) is known
-
     def example_loss(self, phi, psi, code, x, y1h, parts: bool = False):
         """The local objective of one example (x, y) (shapes (D,), (C,))."""
         c = self.config
@@ -582,11 +580,20 @@ class FedHypeVAE(Algorithm):
             out[f"global_acc_{name}"] = float((pred == y).float().mean())
             out[f"global_balanced_acc_{name}"] = float(balanced_accuracy_score(y.numpy(), pred.numpy()))
             out[f"global_macro_f1_{name}"] = float(f1_score(y.numpy(), pred.numpy(), average="macro"))
-            synth, _ = self.synthesise(server_state, name, 12345, per_class=max(1, 1000 // self.num_classes))
+            synth = self._metric_sample(server_state, name)
             real = xn[torch.randperm(len(xn), generator=torch.Generator().manual_seed(0))[:1000]]
             out[f"global_mmd_{name}"] = mmd_squared(real, synth, self.bandwidth)
         out["global_acc"] = out[f"global_acc_{self.config.samplers[0]}"]
         return out
+
+    def _metric_sample(self, state: State, sampler: str) -> torch.Tensor:
+        """The synthetic sample the MMD metric uses, drawn once per round and sampler: evaluation runs
+        again on every test subset (e.g. each domain) and should not synthesise again."""
+        if self._metric_samples.get("round") != state["round"]:
+            self._metric_samples = {"round": state["round"]}
+        if sampler not in self._metric_samples:
+            self._metric_samples[sampler] = self.synthesise(state, sampler, 12345, per_class=max(1, 1000 // self.num_classes))[0]
+        return self._metric_samples[sampler]
 
     @torch.no_grad()
     def evaluate_client(self, client_state: State, received: Payload, data: ClientData) -> dict[str, float]:
@@ -601,12 +608,13 @@ class FedHypeVAE(Algorithm):
             out["personal_acc"] = out[f"personal_acc_{self.config.samplers[0]}"]
         return out
 
-    def privacy_report(self, client_states) -> dict[str, Any] | None:
+    def privacy_report(self, client_states, all_accountants: bool = True) -> dict[str, Any] | None:
         c = self.config
         sigmas = sorted(s for s, _ in self._sigma.values())
         return spend_report([self.ledger(s) for s in client_states.values()], accountant=c.accountant, delta=c.delta,
                             budget=c.epsilon, mechanism="dp-sgd", noise_multiplier=sigmas[0] if sigmas else math.nan,
-                            planned_releases=self.planned_steps(), counted=("sampled-gaussian",), noise_multipliers=sigmas)
+                            planned_releases=self.planned_steps(), counted=("sampled-gaussian",),
+                            all_accountants=all_accountants, noise_multipliers=sigmas)
 
 
 def classify(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -242,8 +242,10 @@ class FedProto(Algorithm):
         if self.release_mechanism is not None:
             self.release_mechanism.check(client_state, f"client {client_id}")
 
-    def privacy_report(self, client_states):
-        return None if self.release_mechanism is None else self.release_mechanism.report(client_states.values())
+    def privacy_report(self, client_states, all_accountants: bool = True):
+        if self.release_mechanism is None:
+            return None
+        return self.release_mechanism.report(client_states.values(), all_accountants)
 
     # -- server ------------------------------------------------------------------------------------
     def server_prototypes(self, server_state: State, replies: list[Payload]) -> tuple[State, dict[str, float]]:

@@ -222,7 +222,7 @@ class Simulation:
         return row
 
     def _privacy_metrics(self) -> dict[str, float]:
-        report = self.algorithm.privacy_report(self.client_states)
+        report = self.algorithm.privacy_report(self.client_states, all_accountants=False)
         if not report:
             return {}
         return {"privacy_epsilon_max": report["epsilon"], "privacy_epsilon_mean": report[f"epsilon_{report['accountant']}_mean"]}

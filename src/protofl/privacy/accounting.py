@@ -354,18 +354,20 @@ def pld_practical(events: Iterable[tuple[Event, int]]) -> bool:
 
 def spend_report(ledgers: Iterable[PrivacyLedger], *, accountant: str, delta: float, budget: float,
                  mechanism: str, noise_multiplier: float, planned_releases: int,
-                 counted: Iterable[str] = ("gaussian", "sampled-gaussian"), **extra: Any) -> dict[str, Any]:
+                 counted: Iterable[str] = ("gaussian", "sampled-gaussian"), all_accountants: bool = True,
+                 **extra: Any) -> dict[str, Any]:
     """What a run spent, for summary.json and the round metrics: ε at δ of every party under both
-    accountants (max and mean over parties), the releases of the busiest party (events of the kinds in
-    ``counted``), the calibration, and ``epsilon`` = the max under ``accountant``."""
+    accountants (max and mean over parties; only under ``accountant`` with ``all_accountants=False``, as
+    the per-round metrics need), the releases of the busiest party (events of the kinds in ``counted``),
+    the calibration, and ``epsilon`` = the max under ``accountant``."""
     counted = set(counted)
     spent: dict[str, list[float]] = {name: [] for name in sorted(ACCOUNTANTS)}
     releases = []
     for ledger in ledgers:
         releases.append(sum(n for e, n in ledger.events if e.kind in counted))
         for name in spent:
-            if name != accountant and name == "pld" and not pld_practical(ledger.events):
-                spent[name].append(math.nan)  # a secondary figure only: not worth gigabytes
+            if name != accountant and (not all_accountants or (name == "pld" and not pld_practical(ledger.events))):
+                spent[name].append(math.nan)  # a secondary figure: not asked for, or not worth gigabytes
             else:
                 spent[name].append(compute_epsilon(name, ledger.events, delta) if ledger.events else 0.0)
     out: dict[str, Any] = {"mechanism": mechanism, "accountant": accountant, "epsilon_budget": budget, "delta": delta,

@@ -93,13 +93,14 @@ class PrototypePrivacy:
                               self.selection_epsilon, generator, c.sensitivity)
         return out, ledger.state_dict()
 
-    def report(self, client_states: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    def report(self, client_states: Iterable[dict[str, Any]], all_accountants: bool = True) -> dict[str, Any]:
         """Spent ε at δ per client under each accountant (max and mean over clients) and the calibration."""
         c = self.config
         return spend_report([self.ledger(state) for state in client_states], accountant=c.accountant, delta=c.delta,
                             budget=c.epsilon, mechanism=c.mechanism, noise_multiplier=self.noise_multiplier,
                             planned_releases=self.planned_releases, counted=("gaussian",),
-                            selection_epsilon_per_release=self.selection_epsilon, sensitivity=c.sensitivity)
+                            all_accountants=all_accountants, selection_epsilon_per_release=self.selection_epsilon,
+                            sensitivity=c.sensitivity)
 
 
 @dataclasses.dataclass
