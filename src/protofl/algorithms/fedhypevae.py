@@ -72,6 +72,7 @@ from protofl.privacy.dpsgd import (
     poisson_sample,
     step_event,
 )
+from protofl.privacy.ghost import add_noise, fedhypevae_clipped_sum, fedhypevae_noise
 
 SAMPLERS = ("neutral", "mixture", "clients")
 PHI_PREFIX = "phi/"
@@ -113,6 +114,10 @@ class FedHypeVAEConfig(DPSGDConfig):
     range_reference: str = "photos"
     encoder: str = "efficientnet-lite0"
     image_size: int = 32
+    #: How DP-SGD gets each example's clipped gradient: ``ghost`` (per-example norms from activations and
+    #: output gradients, then one re-weighted backward pass; :mod:`protofl.privacy.ghost`) or
+    #: ``materialised`` (``torch.func`` per-example gradients). Same clipping and noise, same accounting.
+    per_example_grads: str = "ghost"
 
     def __post_init__(self) -> None:
         for key in ("latent_dim", "hidden_dim", "hyper_hidden", "steps_per_round", "batch_size", "synthetic_per_class",
@@ -134,6 +139,7 @@ class FedHypeVAEConfig(DPSGDConfig):
         check(self.code_dim > 0 or self.samplers == ("neutral",) or set(self.samplers) == {"neutral"}, "samplers",
               "code_dim = 0 (DP-CVAE) has no codes: use samplers = ['neutral']")
         check_choice(self.range_reference, ("photos", "unit"), "range_reference")
+        check_choice(self.per_example_grads, ("ghost", "materialised"), "per_example_grads")
         check(self.planned_rounds == 0 or self.planned_rounds > self.meta_rounds, "meta_rounds",
               f"must be < planned_rounds ({self.planned_rounds}), got {self.meta_rounds}")
 
@@ -378,21 +384,24 @@ class FedHypeVAE(Algorithm):
         return PayloadSpec(self.name, specs, optional=("noisy_code",))
 
     # -- client ----------------------------------------------------------------------------------------
-    def example_loss(self, phi, psi, code, x, y1h, parts: bool = False):
-        """The local objective of one example (x, y) (shapes (D,), (C,))."""
+    def example_loss(self, phi, psi, code, x, y1h, parts: bool = False, noise=None):
+        """The local objective of one example (x, y) (shapes (D,), (C,)). ``noise``: its random numbers
+        (ε_z (L,), ε_gen (2, L), ξ (d_c,) with radius applied) instead of drawing them."""
         c = self.config
+        eps_z, eps_gen, xi = (None, None, None) if noise is None else noise
         mods = modulations(phi, code, self.sizes)
         mu_q, logvar_q = encode(psi, x, y1h, c.latent_dim)
-        z = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp()
+        z = mu_q + (torch.randn_like(mu_q) if eps_z is None else eps_z) * (0.5 * logvar_q).exp()
         recon = ((x - decode(phi, z, y1h, mods)) ** 2).sum()
         mu_p, logvar_p = prior(phi, code, y1h, c.latent_dim)
         kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)
         loss = recon + c.beta_kl * kl
         if c.mmd_weight:
-            gen = decode(phi, mu_p + torch.randn(2, c.latent_dim) * (0.5 * logvar_p).exp(), y1h.expand(2, -1), mods)
+            eps_gen = torch.randn(2, c.latent_dim) if eps_gen is None else eps_gen
+            gen = decode(phi, mu_p + eps_gen * (0.5 * logvar_p).exp(), y1h.expand(2, -1), mods)
             loss = loss + c.mmd_weight * (rbf(gen[0], gen[1], self.bandwidth) - 2 * rbf(x, gen[0], self.bandwidth))
         if c.lip_weight and c.code_dim:
-            xi = torch.randn_like(code) * c.lip_radius
+            xi = torch.randn_like(code) * c.lip_radius if xi is None else xi
             shifted = modulations(phi, code + xi, self.sizes)
             diff = sum(((s2 - s1) ** 2).sum() + ((b2 - b1) ** 2).sum() for (s1, b1), (s2, b2) in zip(mods, shifted))
             loss = loss + c.lip_weight * diff / (xi**2).sum()
@@ -463,16 +472,22 @@ class FedHypeVAE(Algorithm):
         losses = []
         for _ in range(c.steps_per_round):
             index = poisson_sample(len(x), rate, generator)
-            if len(index):
-                grads = per_example_gradients(loss, params, x[index], y1h[index])
+            ghost = len(index) and c.per_example_grads == "ghost"
+            if ghost:  # the same clipped sum and noise, without per-example gradient tensors
+                summed, _, example_losses = fedhypevae_clipped_sum(
+                    self, params, x[index], y1h[index], fedhypevae_noise(c, len(index)), c.clip_norm)
+                noisy = add_noise(summed, c.clip_norm, sigma, rate * len(x), generator)
             else:
-                grads = {k: torch.zeros(0, *v.shape) for k, v in params.items()}
-            noisy, _ = noisy_clipped_mean(grads, c.clip_norm, sigma, rate * len(x), generator)
+                grads = (per_example_gradients(loss, params, x[index], y1h[index]) if len(index)
+                         else {k: torch.zeros(0, *v.shape) for k, v in params.items()})
+                noisy, _ = noisy_clipped_mean(grads, c.clip_norm, sigma, rate * len(x), generator)
             for k, v in params.items():
                 v.grad = noisy[k]
             opt_phi.step()
             opt_private.step()
-            if len(index):  # a local diagnostic, never sent
+            if ghost:  # a local diagnostic, never sent
+                losses.append(float(example_losses[:64].mean()))
+            elif len(index):
                 with torch.no_grad():
                     losses.append(float(vmap(lambda xi, yi: loss(params, xi, yi), randomness="different")(
                         x[index][:64], y1h[index][:64]).mean()))
