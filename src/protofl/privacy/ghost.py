@@ -35,8 +35,8 @@ from protofl.privacy.dpsgd import add_noise
 
 Params = dict[str, torch.Tensor]
 
-__all__ = ["add_noise", "clip_factors", "fedhypevae_clipped_sum", "fedhypevae_noise", "linear_sq_norms",
-           "module_clipped_sum"]
+__all__ = ["clip_factors", "fedhypevae_batch_losses", "fedhypevae_clipped_sum", "fedhypevae_noise",
+           "linear_sq_norms", "module_clipped_sum"]
 
 
 def linear_sq_norms(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,12 +163,29 @@ def fedhypevae_clipped_sum(algo: Any, params: Params, x: torch.Tensor, y1h: torc
 
     The MMD term is already a per-example sum (each example's two generated samples are its own), so it
     is just two more decoder uses of that example; nothing couples examples."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    loss, rec = fedhypevae_batch_losses(algo, leaves, x, y1h, noise)
+    taps = rec["taps"]
+    grads = dict(zip(taps, torch.autograd.grad(loss.sum(), list(taps.values()), retain_graph=True)))
+    with torch.no_grad():
+        phi = {k[4:]: v.detach() for k, v in leaves.items() if k.startswith("phi/")}
+        sq = _fedhypevae_sq_norms(algo, phi, leaves["code"].detach(), rec["acts"], grads, rec["scales"], rec["hid"],
+                                  rec["lip"])
+    weights, norms = clip_factors(sq, clip_norm)
+    return _reweighted_sum(loss, weights, leaves), norms, loss.detach()
+
+
+def fedhypevae_batch_losses(algo: Any, params: Params, x: torch.Tensor, y1h: torch.Tensor,
+                            noise: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                            ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The per-example losses (B,) of ``algo.example_loss`` computed for the whole batch at once, and a
+    record of the linear layers' inputs and outputs (``taps``) that ghost clipping reads. Without
+    clipping, ``losses.sum()`` is the plain (non-private) step's objective."""
     c = algo.config
     lat = c.latent_dim
-    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    phi = {k[4:]: v for k, v in leaves.items() if k.startswith("phi/")}
-    psi = {k[4:]: v for k, v in leaves.items() if k.startswith("psi/")}
-    code = leaves["code"]
+    phi = {k[4:]: v for k, v in params.items() if k.startswith("phi/")}
+    psi = {k[4:]: v for k, v in params.items() if k.startswith("psi/")}
+    code = params["code"]
     eps_z, eps_gen, xi = noise
     b = x.shape[0]
     taps: dict[str, torch.Tensor] = {}   # tensors whose per-example gradients the first pass computes
@@ -225,13 +242,7 @@ def fedhypevae_clipped_sum(algo: Any, params: Params, x: torch.Tensor, y1h: torc
         acts["probe1"] = hs = torch.tanh(u)
         m2 = taps["probe1"] = F.linear(hs, phi["hyper1.w"], phi["hyper1.b"])
         loss = loss + c.lip_weight * ((m2 - m) ** 2).sum(-1) / (xi**2).sum(-1)
-
-    grads = dict(zip(taps, torch.autograd.grad(loss.sum(), list(taps.values()), retain_graph=True)))
-    with torch.no_grad():
-        sq = _fedhypevae_sq_norms(algo, {k: v.detach() for k, v in phi.items()}, code.detach(), acts, grads, scales,
-                                  hid.detach() if hyper else None, lip)
-    weights, norms = clip_factors(sq, clip_norm)
-    return _reweighted_sum(loss, weights, leaves), norms, loss.detach()
+    return loss, {"taps": taps, "acts": acts, "scales": scales, "hid": hid.detach() if hyper else None, "lip": lip}
 
 
 def _fedhypevae_sq_norms(algo, phi, code, acts, grads, scales, hid, lip):

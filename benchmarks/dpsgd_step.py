@@ -1,0 +1,174 @@
+"""Issue 7's benchmark: seconds per DP-SGD step, plain vs materialised per-example gradients vs ghost.
+
+Models, batch 256:
+
+- ``fedhypevae``: FedHypeVAE's joint DP-SGD step on (φ, ψ, c) at the default sizes (latent 32, hidden
+  256, code 32, hypernetwork 64), 1280-d inputs (EfficientNet-Lite0 embeddings), 10 classes, with its
+  MMD and Lipschitz terms;
+- ``mlp``: an MLP 768 -> 256 -> 256 -> 100 (ReLU) with cross-entropy.
+
+Modes, each a whole optimiser step (gradient, noise where private, Adam):
+
+- ``plain``: the non-private batched loss, one backward pass;
+- ``materialised``: per-example gradients with ``torch.func`` (``vmap(grad)``), clipped, summed, noised;
+- ``ghost``: ghost clipping (:mod:`protofl.privacy.ghost`), the same clipped sum and noise.
+
+Median seconds over ``--steps`` steps after ``--warmup`` steps, ``--threads`` torch threads.
+
+    python benchmarks/dpsgd_step.py                      # the documented table
+    python benchmarks/dpsgd_step.py --steps 5 --warmup 1 # smoke
+
+Writes benchmarks/results/dpsgd_step/{results.json, table.md}; ``--profile`` also prints where a ghost
+step's time goes (torch.profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from _common import RESULTS, command_line
+from protofl.algorithms import Task, get_algorithm
+from protofl.algorithms.fedhypevae import init_encoder, init_phi
+from protofl.privacy.dpsgd import add_noise, noisy_clipped_mean, per_example_gradients
+from protofl.privacy.ghost import fedhypevae_batch_losses, fedhypevae_clipped_sum, fedhypevae_noise, module_clipped_sum
+
+BATCH, CLIP, SIGMA = 256, 1.0, 1.0
+
+
+def fedhypevae_steps(batch: int):
+    """``{mode: step()}`` for FedHypeVAE's DP-SGD on (φ, ψ, c) as ``_train_phi`` runs it."""
+    algo = get_algorithm("fedhypevae").from_options({"range_reference": "unit", "planned_rounds": 10}, Task((1280,), 10))
+    c = algo.config
+    g = torch.Generator().manual_seed(0)
+    phi, psi = init_phi(c, 1280, 10, g), init_encoder(c, 1280, 10, g)
+    phi["hyper1.w"] = torch.randn(phi["hyper1.w"].shape, generator=g) * 0.01  # away from the zero start
+    params = {**{"phi/" + k: v for k, v in phi.items()}, **{"psi/" + k: v for k, v in psi.items()},
+              "code": 0.1 * torch.randn(c.code_dim, generator=g)}
+    x = torch.rand(batch, 1280, generator=g)
+    y1h = F.one_hot(torch.randint(0, 10, (batch,), generator=g), 10).float()
+    optimizer = torch.optim.Adam(list(params.values()), lr=1e-4)
+
+    def example(p, xi, yi):
+        return algo.example_loss({k[4:]: v for k, v in p.items() if k.startswith("phi/")},
+                                 {k[4:]: v for k, v in p.items() if k.startswith("psi/")}, p["code"], xi, yi)
+
+    def apply(grads):
+        for k, v in params.items():
+            v.grad = grads[k]
+        optimizer.step()
+
+    def plain():
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        loss, _ = fedhypevae_batch_losses(algo, leaves, x, y1h, fedhypevae_noise(c, batch))
+        apply(dict(zip(leaves, torch.autograd.grad(loss.mean(), list(leaves.values())))))
+
+    def materialised():
+        grads = per_example_gradients(example, params, x, y1h)
+        apply(noisy_clipped_mean(grads, CLIP, SIGMA, batch, g)[0])
+
+    def ghost():
+        summed, _, _ = fedhypevae_clipped_sum(algo, params, x, y1h, fedhypevae_noise(c, batch), CLIP)
+        apply(add_noise(summed, CLIP, SIGMA, batch, g))
+
+    return {"plain": plain, "materialised": materialised, "ghost": ghost}
+
+
+def mlp_steps(batch: int):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(768, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 100))
+    x, y = torch.randn(batch, 768), torch.randint(0, 100, (batch,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+
+    def apply(grads):
+        for k, p in model.named_parameters():
+            p.grad = grads[k]
+        optimizer.step()
+
+    def plain():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    def materialised():
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        grads = per_example_gradients(lambda p, xi, yi: F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None]),
+                                      params, x, y)
+        apply(noisy_clipped_mean(grads, CLIP, SIGMA, batch, g)[0])
+
+    def ghost():
+        summed, _, _ = module_clipped_sum(model, lambda: F.cross_entropy(model(x), y, reduction="none"), CLIP)
+        apply(add_noise(summed, CLIP, SIGMA, batch, g))
+
+    return {"plain": plain, "materialised": materialised, "ghost": ghost}
+
+
+def time_steps(step, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per mode (materialised: a third)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--models", nargs="+", default=["fedhypevae", "mlp"], choices=["fedhypevae", "mlp"])
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the ghost step")
+    parser.add_argument("--out", type=Path, default=RESULTS / "dpsgd_step")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    makers = {"fedhypevae": fedhypevae_steps, "mlp": mlp_steps}
+    results = {}
+    for model in args.models:
+        steps = makers[model](args.batch)
+        results[model] = {}
+        for mode, step in steps.items():
+            n = max(3, args.steps // 3) if mode == "materialised" else args.steps
+            times = time_steps(step, n, args.warmup)
+            results[model][mode] = {"median_s": statistics.median(times), "min_s": min(times), "steps": n}
+            print(f"{model} {mode}: {results[model][mode]['median_s'] * 1e3:.1f} ms/step (median of {n})", flush=True)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    steps["ghost"]()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    command = command_line()
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"batch": args.batch, "threads": args.threads, "torch": torch.__version__, "command": command,
+            "clip_norm": CLIP, "noise_multiplier": SIGMA}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    lines = [f"Seconds per optimiser step at batch {args.batch} (median; {args.threads} torch thread(s), CPU, "
+             f"torch {torch.__version__}); ratio to the plain step. Command: `{command}`", "",
+             "| model | plain | materialised per-example | ghost |", "|---|---|---|---|"]
+    for model, r in results.items():
+        p = r["plain"]["median_s"]
+        cells = [f"{r[m]['median_s']:.4f} s" + ("" if m == "plain" else f" ({r[m]['median_s'] / p:.1f}x)")
+                 for m in ("plain", "materialised", "ghost")]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {args.out / 'table.md'}; reproduce: {command}")
+
+
+if __name__ == "__main__":
+    main()
