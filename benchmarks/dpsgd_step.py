@@ -13,7 +13,8 @@ Modes, each a whole optimiser step (gradient, noise where private, Adam):
 - ``materialised``: per-example gradients with ``torch.func`` (``vmap(grad)``), clipped, summed, noised;
 - ``ghost``: ghost clipping (:mod:`protofl.privacy.ghost`), the same clipped sum and noise.
 
-Median seconds over ``--steps`` steps after ``--warmup`` steps, ``--threads`` torch threads.
+Median seconds over ``--steps`` steps (the materialised mode: a third of them) after ``--warmup``
+steps, the modes taking turns; ``--threads`` torch threads.
 
     python benchmarks/dpsgd_step.py                      # the documented table
     python benchmarks/dpsgd_step.py --steps 5 --warmup 1 # smoke
@@ -112,14 +113,21 @@ def mlp_steps(batch: int):
     return {"plain": plain, "materialised": materialised, "ghost": ghost}
 
 
-def time_steps(step, steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+def time_interleaved(steps: dict, n: int, warmup: int, materialised_every: int = 3) -> dict[str, list[float]]:
+    """Per-step seconds of each mode, the modes taking turns (plain, ghost, and every
+    ``materialised_every``-th turn the slow materialised step) so that a change in the load of a shared
+    machine hits every mode alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {mode: [] for mode in steps}
+    for turn in range(n):
+        for mode, step in steps.items():
+            if mode == "materialised" and turn % materialised_every:
+                continue
+            start = time.perf_counter()
+            step()
+            times[mode].append(time.perf_counter() - start)
     return times
 
 
@@ -140,11 +148,10 @@ def main() -> None:
     for model in args.models:
         steps = makers[model](args.batch)
         results[model] = {}
-        for mode, step in steps.items():
-            n = max(3, args.steps // 3) if mode == "materialised" else args.steps
-            times = time_steps(step, n, args.warmup)
-            results[model][mode] = {"median_s": statistics.median(times), "min_s": min(times), "steps": n}
-            print(f"{model} {mode}: {results[model][mode]['median_s'] * 1e3:.1f} ms/step (median of {n})", flush=True)
+        for mode, times in time_interleaved(steps, args.steps, args.warmup).items():
+            results[model][mode] = {"median_s": statistics.median(times), "min_s": min(times), "steps": len(times)}
+            print(f"{model} {mode}: {results[model][mode]['median_s'] * 1e3:.1f} ms/step (median of {len(times)})",
+                  flush=True)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
@@ -157,8 +164,9 @@ def main() -> None:
     meta = {"batch": args.batch, "threads": args.threads, "torch": torch.__version__, "command": command,
             "clip_norm": CLIP, "noise_multiplier": SIGMA}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    lines = [f"Seconds per optimiser step at batch {args.batch} (median; {args.threads} torch thread(s), CPU, "
-             f"torch {torch.__version__}); ratio to the plain step. Command: `{command}`", "",
+    lines = [f"Seconds per optimiser step at batch {args.batch} (median, the modes taking turns; {args.threads} torch "
+             f"thread(s), CPU shared with other jobs, torch {torch.__version__}); ratio to the plain step. "
+             f"Command: `{command}` (from benchmarks/)", "",
              "| model | plain | materialised per-example | ghost |", "|---|---|---|---|"]
     for model, r in results.items():
         p = r["plain"]["median_s"]
