@@ -20,8 +20,10 @@ Spec: ../shared/specs/fedhypevae.md. What the paper leaves open is marked *infer
   of the class-conditional MMD² up to that constant, and each term depends on one example only, so
   per-example clipping bounds every example's influence. R_Lip = ‖h(c + ξ) − h(c)‖² / ‖ξ‖²,
   ξ ~ N(0, r² I) (inferred form), included in every example's loss (it depends on c, so it is clipped too).
-- **DP-SGD**: per-example gradients with ``torch.func`` (``vmap(grad)``: the decoder weights are
-  generated, hooks would not see them), Poisson sampling at rate q = batch_size / n_k, clipping to C,
+- **DP-SGD**: per-example clipping by ghost clipping (:mod:`protofl.privacy.ghost`: norms from the
+  layers' inputs and output gradients, then one re-weighted backward pass; exact, no per-example
+  gradient tensors) or, with ``per_example_grads = "materialised"``, per-example gradients with
+  ``torch.func`` (``vmap(grad)``: the decoder weights are generated, hooks would not see them), Poisson sampling at rate q = batch_size / n_k, clipping to C,
   noise N(0, σ²C²), Adam on the noisy gradient. *Where we differ*: the spec updates ψ and c with
   ordinary gradients; but they shape every later gradient of φ, so one example would then influence
   later φ updates outside its clipped contribution and the accounting would not hold. We clip and noise
