@@ -33,13 +33,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import RESULTS, command_line
 from torch.func import functional_call
 
-from _common import RESULTS, command_line
 from protofl.algorithms import Task, get_algorithm
 from protofl.algorithms.fedhypevae import init_encoder, init_phi
 from protofl.privacy.dpsgd import add_noise, noisy_clipped_mean, per_example_gradients
-from protofl.privacy.ghost import fedhypevae_batch_losses, fedhypevae_clipped_sum, fedhypevae_noise, module_clipped_sum
+from protofl.privacy.ghost import (
+    fedhypevae_batch_losses,
+    fedhypevae_clipped_sum,
+    fedhypevae_noise,
+    module_clipped_sum,
+)
 
 BATCH, CLIP, SIGMA = 256, 1.0, 1.0
 
@@ -164,9 +169,9 @@ def main() -> None:
     meta = {"batch": args.batch, "threads": args.threads, "torch": torch.__version__, "command": command,
             "clip_norm": CLIP, "noise_multiplier": SIGMA}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    lines = [f"Seconds per optimiser step at batch {args.batch} (median, the modes taking turns; {args.threads} torch "
-             f"thread(s), CPU shared with other jobs, torch {torch.__version__}); ratio to the plain step. "
-             f"Command: `{command}` (from benchmarks/)", "",
+    lines = [(f"Seconds per optimiser step at batch {args.batch} (median, the modes taking turns; {args.threads} "
+              f"torch thread(s), CPU shared with other jobs, torch {torch.__version__}); ratio to the plain step. "
+              f"Command: `{command}` (from benchmarks/)"), "",
              "| model | plain | materialised per-example | ghost |", "|---|---|---|---|"]
     for model, r in results.items():
         p = r["plain"]["median_s"]

@@ -13,8 +13,18 @@ from torch.func import functional_call
 from protofl.algorithms import Task, get_algorithm
 from protofl.algorithms.fedhypevae import init_encoder, init_phi
 from protofl.config import ConfigError
-from protofl.privacy.dpsgd import add_noise, clip_per_example, noisy_clipped_mean, per_example_gradients
-from protofl.privacy.ghost import fedhypevae_clipped_sum, fedhypevae_noise, linear_sq_norms, module_clipped_sum
+from protofl.privacy.dpsgd import (
+    add_noise,
+    clip_per_example,
+    noisy_clipped_mean,
+    per_example_gradients,
+)
+from protofl.privacy.ghost import (
+    fedhypevae_clipped_sum,
+    fedhypevae_noise,
+    linear_sq_norms,
+    module_clipped_sum,
+)
 
 
 def _formed(a, g):
@@ -78,8 +88,8 @@ def test_module_ghost_clipping_equals_materialised_and_one_at_a_time(make, shape
     for k in params:
         torch.testing.assert_close(summed[k], clipped[k].sum(0))
     # one example at a time with ordinary autograd
-    for k in params:
-        total = torch.zeros_like(params[k])
+    for k, value in params.items():
+        total = torch.zeros_like(value)
         for i in range(12):
             model.zero_grad()
             F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
@@ -190,7 +200,8 @@ def test_fedhypevae_trains_with_either_per_example_gradient_path_and_rejects_oth
     for mode in ("ghost", "materialised"):
         algo = get_algorithm("fedhypevae").from_options({**OPTIONS, "per_example_grads": mode}, Task((12,), 3))
         server = algo.init_server_state(0)
-        state, payload, metrics = algo.client_step({}, ClientData(0, x, y, x[:9], y[:9]), algo.broadcast(server), torch.Generator().manual_seed(0))
+        _, payload, metrics = algo.client_step({}, ClientData(0, x, y, x[:9], y[:9]), algo.broadcast(server),
+                                               torch.Generator().manual_seed(0))
         assert all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in payload.arrays.values())
         assert metrics["train_loss"] == metrics["train_loss"]
         assert not torch.equal(torch.as_tensor(payload["phi/dec0.w"]), server["phi"]["dec0.w"])

@@ -31,8 +31,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from protofl.privacy.dpsgd import add_noise
-
 Params = dict[str, torch.Tensor]
 
 __all__ = ["clip_factors", "fedhypevae_batch_losses", "fedhypevae_clipped_sum", "fedhypevae_noise",
@@ -81,7 +79,8 @@ def module_clipped_sum(module: torch.nn.Module, example_losses: Callable[[], tor
     rows are its uses), and a layer may be called several times (its uses are stacked per example).
     Returns ``(summed clipped gradients by parameter name, per-example norms, losses)``."""
     names = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
-    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)
+               and any(p.requires_grad for p in m.parameters(recurse=False))]  # frozen layers need no norms
     covered = {id(p) for m in linears for p in m.parameters(recurse=False) if p.requires_grad}
     if set(names) - covered:
         missing = sorted(names[i] for i in set(names) - covered)
