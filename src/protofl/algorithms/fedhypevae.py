@@ -69,12 +69,13 @@ from protofl.privacy.accounting import (
 )
 from protofl.privacy.dpsgd import (
     DPSGDConfig,
+    add_noise,
     noisy_clipped_mean,
     per_example_gradients,
     poisson_sample,
     step_event,
 )
-from protofl.privacy.ghost import add_noise, fedhypevae_clipped_sum, fedhypevae_noise
+from protofl.privacy.ghost import fedhypevae_clipped_sum, fedhypevae_noise
 
 SAMPLERS = ("neutral", "mixture", "clients")
 PHI_PREFIX = "phi/"
