@@ -33,8 +33,8 @@ SETTINGS = {
     "digits-domains": {"data": {"dataset": "digits-domains", "features": "efficientnet-lite0"},
                        "partition": {"scheme": "domain", "num_clients": 4}},
 }
-GENERATOR = {"latent_dim": 16, "hidden_dim": 128, "code_dim": 16, "batch_size": 128, "steps_per_round": 10,
-             "meta_rounds": 2, "meta_steps": 10, "lr": 2e-3, "synthetic_per_class": 400, "classifier_epochs": 20}
+GENERATOR = {"latent_dim": 16, "hidden_dim": 128, "code_dim": 16, "batch_size": 128, "steps_per_round": 20,
+             "meta_rounds": 2, "meta_steps": 10, "lr": 1e-2, "private_lr": 1e-2, "synthetic_per_class": 400, "classifier_epochs": 20}
 METHODS = {
     "fedhypevae": {"name": "fedhypevae", **GENERATOR},
     "dp-cvae": {"name": "fedhypevae", **GENERATOR, "code_dim": 0, "meta_rounds": 0, "samplers": ["neutral"]},
