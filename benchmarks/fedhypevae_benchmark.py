@@ -34,7 +34,7 @@ SETTINGS = {
                        "partition": {"scheme": "domain", "num_clients": 4}},
 }
 GENERATOR = {"latent_dim": 16, "hidden_dim": 128, "code_dim": 16, "batch_size": 128, "steps_per_round": 20,
-             "meta_rounds": 2, "meta_steps": 10, "lr": 1e-2, "private_lr": 1e-2, "synthetic_per_class": 400, "classifier_epochs": 20}
+             "meta_rounds": 2, "meta_steps": 10, "lr": 1e-2, "private_lr": 1e-2, "hyper_lr": 5e-4, "synthetic_per_class": 400, "classifier_epochs": 20}
 METHODS = {
     "fedhypevae": {"name": "fedhypevae", **GENERATOR},
     "dp-cvae": {"name": "fedhypevae", **GENERATOR, "code_dim": 0, "meta_rounds": 0, "samplers": ["neutral"]},
@@ -56,7 +56,7 @@ def config(setting: str, method: str, seed: int, rounds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

@@ -101,6 +101,11 @@ class FedHypeVAEConfig(DPSGDConfig):
     batch_size: int = 64
     lr: float = 1e-3
     private_lr: float = 1e-3
+    #: Adam learning rate of the hypernetwork and the prior network (``None``: ``lr``). Every output of
+    #: the hypernetwork's last layer sums ``hyper_hidden`` inputs that move together (the whole batch shares
+    #: one code), so at the decoder's rate the modulations jump by O(hyper_hidden · lr) a step and can shut
+    #: whole ReLU layers off; we measured dead decoders within 40 steps at lr 1e-2.
+    hyper_lr: float | None = None
     #: The last meta_rounds of the planned rounds learn c0.
     meta_rounds: int = 2
     meta_steps: int = 20
@@ -130,6 +135,7 @@ class FedHypeVAEConfig(DPSGDConfig):
         for key in ("beta_kl", "mmd_weight", "lip_weight"):
             check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         self.check_dp()
+        check(self.hyper_lr is None or self.hyper_lr > 0, "hyper_lr", f"must be > 0, got {self.hyper_lr}")
         for key in ("lip_radius", "mmd_bandwidth", "lr", "private_lr", "meta_lr", "code_clip"):
             check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         check(self.meta_rounds >= 0, "meta_rounds", f"must be >= 0, got {self.meta_rounds}")
@@ -465,7 +471,10 @@ class FedHypeVAE(Algorithm):
         c = self.config
         params = {**{"phi/" + k: v.clone() for k, v in phi.items()}, **{"psi/" + k: v.clone() for k, v in psi.items()},
                   "code": code.clone()}
-        opt_phi = torch.optim.Adam([v for k, v in params.items() if k.startswith("phi/")], lr=c.lr)
+        hyper = ("phi/hyper", "phi/prior")
+        opt_phi = torch.optim.Adam([
+            {"params": [v for k, v in params.items() if k.startswith("phi/") and not k.startswith(hyper)], "lr": c.lr},
+            {"params": [v for k, v in params.items() if k.startswith(hyper)], "lr": c.hyper_lr or c.lr}])
         opt_private = torch.optim.Adam([v for k, v in params.items() if not k.startswith("phi/")], lr=c.private_lr)
 
         def loss(p, xi, yi):
@@ -488,6 +497,8 @@ class FedHypeVAE(Algorithm):
                 v.grad = noisy[k]
             opt_phi.step()
             opt_private.step()
+            with torch.no_grad():  # keep the code in the ball it is released from (post-processing)
+                params["code"].mul_(min(1.0, c.code_clip / max(float(params["code"].norm()), 1e-12)))
             if ghost:  # a local diagnostic, never sent
                 losses.append(float(example_losses[:64].mean()))
             elif len(index):
