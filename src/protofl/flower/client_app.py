@@ -1,0 +1,100 @@
+"""The ClientApp: Flower's adapter around :mod:`protofl.flower.node`.
+
+Messages (``message_type``): ``query`` (which partition this node holds), ``train`` (one client step of
+a round) and ``evaluate`` (commit the server's decision, then personalised metrics and the privacy
+spent). A node's partition comes from its node config (``partition-id``, ``num-partitions``; the
+simulation runtime sets both); its state lives in Flower's ``context.state`` and, where the node config
+names a ``state-dir`` (or the run config a ``client-state-dir``), on disk, so a restarted node or a
+restarted server continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from protofl.flower._require import require_flwr
+
+require_flwr()
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from protofl.flower import records  # noqa: E402
+from protofl.flower.node import ClientStore, NodeTask, node_task, store_path  # noqa: E402
+from protofl.flower.settings import CONFIG_KEY, FlowerSettings  # noqa: E402
+
+log = logging.getLogger("protofl.flower")
+
+STORE = "protofl-store"
+
+app = ClientApp()
+
+
+def _task(context: Context) -> NodeTask:
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError("this node has no partition: start it with --node-config 'partition-id=K num-partitions=N'")
+    return node_task(str(context.run_config[CONFIG_KEY]), int(node["partition-id"]), int(node["num-partitions"]))
+
+
+def _store(context: Context, task: NodeTask):
+    settings = FlowerSettings.from_run_config(context.run_config)
+    path = store_path(str(context.node_config.get("state-dir", settings.client_state_dir)), settings.run_key,
+                      task.partition)
+    kept = context.state.config_records.get(STORE)
+    if kept is not None and kept.get("run-key") == settings.run_key:
+        store = ClientStore.from_bytes(kept["store"])
+    else:
+        store = ClientStore.load(path) or ClientStore()
+        if store.has_state():
+            log.info("%s: rejoined run %s with its saved state", task.who, settings.run_key)
+    return store, path, settings.run_key
+
+
+def _keep(context: Context, store: ClientStore, path, run_key: str) -> None:
+    data = store.to_bytes()
+    context.state[STORE] = ConfigRecord({"store": data, "run-key": run_key})
+    store.save(path)
+
+
+def _decide(store: ClientStore, task: NodeTask, fields: dict) -> None:
+    if "decision-round" in fields:
+        store.decide(task, int(fields["decision-round"]), bool(fields["decision-accepted"]))
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    task = _task(context)
+    return Message(records.to_record_dict(None, **{"partition-id": task.partition}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    task = _task(context)
+    store, path, run_key = _store(context, task)
+    fields = records.fields_of(msg.content)
+    r = int(fields["round"])
+    _decide(store, task, fields)
+    reply, metrics = store.train(task, r, records.payload_of(msg.content))
+    _keep(context, store, path, run_key)
+    return Message(records.to_record_dict(reply, **{"partition-id": task.partition, "round": r,
+                                                   "train-loss": float(metrics.get("train_loss", float("nan")))}),
+                   reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    task = _task(context)
+    store, path, run_key = _store(context, task)
+    fields = records.fields_of(msg.content)
+    r = int(fields["round"])
+    _decide(store, task, fields)
+    _keep(context, store, path, run_key)
+    metrics = store.evaluate(task, r, records.payload_of(msg.content))
+    report = store.privacy_report(task, r, bool(fields.get("privacy-all", False)))
+    content = records.to_record_dict(None, **{"partition-id": task.partition, "round": r,
+                                              "evaluated": bool(len(task.data.y_test)),
+                                              "privacy": json.dumps(report), "metric-keys": list(metrics)})
+    content["metrics"] = MetricRecord({k: float(v) for k, v in metrics.items()})
+    return Message(content, reply_to=msg)
