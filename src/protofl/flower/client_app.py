@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from protofl.flower._require import require_flwr
 
@@ -35,7 +36,10 @@ def _task(context: Context) -> NodeTask:
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError("this node has no partition: start it with --node-config 'partition-id=K num-partitions=N'")
-    return node_task(str(context.run_config[CONFIG_KEY]), int(node["partition-id"]), int(node["num-partitions"]))
+    settings = FlowerSettings.from_run_config(context.run_config)
+    state_dir = str(node.get("state-dir", settings.client_state_dir))
+    cache = str(Path(state_dir).expanduser() / settings.run_key) if state_dir else ""
+    return node_task(str(context.run_config[CONFIG_KEY]), int(node["partition-id"]), int(node["num-partitions"]), cache)
 
 
 def _store(context: Context, task: NodeTask):

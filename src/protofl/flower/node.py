@@ -13,6 +13,7 @@ restarts from an earlier checkpoint and repeats a round starts it from the state
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -49,12 +50,13 @@ class NodeTask:
 
 
 @functools.lru_cache(maxsize=4)
-def node_task(config_text: str, partition: int, num_partitions: int) -> NodeTask:
-    """Load the data and build the algorithm once per process (cached on the configuration)."""
+def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: str = "") -> NodeTask:
+    """Load the data and build the algorithm (cached per process; with ``cache_dir``, the node's own
+    partition is also kept on disk, since Flower starts a fresh ClientApp process for every message)."""
     import tomllib
 
-    from protofl.algorithms import Task, get_algorithm
-    from protofl.api import prepare_data, resolve_config
+    from protofl.algorithms import ClientData, Task, get_algorithm
+    from protofl.api import fingerprint, resolve_config
 
     config: RunConfig = resolve_config(tomllib.loads(config_text))
     if num_partitions != config.partition.num_clients:
@@ -63,10 +65,63 @@ def node_task(config_text: str, partition: int, num_partitions: int) -> NodeTask
     if not 0 <= partition < num_partitions:
         raise ConfigError(f"node config partition-id={partition} is not in [0, {num_partitions})")
     torch.manual_seed(config.seed)
-    data = prepare_data(config)
-    task = Task(data.input_shape, data.num_classes, config.model)
-    algorithm = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
-    return NodeTask(algorithm, data.clients[partition], partition, config.seed)
+    cache = Path(cache_dir) / f"data-{fingerprint(config)}-{partition}.pt" if cache_dir else None
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, weights_only=True)
+    else:
+        from protofl.api import prepare_data
+
+        data = prepare_data(config)
+        c = data.clients[partition]
+        saved = {"x_train": c.x_train, "y_train": c.y_train, "x_test": c.x_test, "y_test": c.y_test,
+                 "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+        if cache is not None:
+            from protofl._io import atomic_write
+
+            atomic_write(cache, lambda fh: torch.save(saved, fh))
+    task = Task(tuple(saved["input_shape"]), int(saved["num_classes"]), config.model)
+    with _remembered_calibration(Path(cache_dir) / "calibration.json" if cache_dir else None):
+        algorithm = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
+    client = ClientData(partition, saved["x_train"], saved["y_train"], saved["x_test"], saved["y_test"])
+    return NodeTask(algorithm, client, partition, config.seed)
+
+
+@contextlib.contextmanager
+def _remembered_calibration(path: Path | None):
+    """Calibrating the noise to a budget takes seconds (a root search over PLD accountants) and Flower runs
+    every message in a fresh process: remember each calibration's result on the node's disk, keyed by its
+    arguments, while the algorithm is built. Where no module uses the calibration, nothing changes."""
+    import sys
+
+    from protofl.privacy import accounting
+
+    original = getattr(accounting, "calibrate_noise_multiplier", None)
+    if path is None or original is None:
+        yield
+        return
+    import json
+
+    known = json.loads(path.read_text()) if path.exists() else {}
+
+    def remembered(*args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in known:
+            known[key] = original(*args, **kwargs)
+            from protofl._io import atomic_write
+
+            text = json.dumps(known).encode()
+            atomic_write(path, lambda fh: fh.write(text))
+        return known[key]
+
+    users = [m for m in list(sys.modules.values())
+             if getattr(m, "__name__", "").startswith("protofl.") and getattr(m, "calibrate_noise_multiplier", None) is original]
+    for module in users:
+        module.calibrate_noise_multiplier = remembered
+    try:
+        yield
+    finally:
+        for module in users:
+            module.calibrate_noise_multiplier = original
 
 
 @dataclasses.dataclass
