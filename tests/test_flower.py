@@ -90,8 +90,8 @@ def _result(results, name):
     return value
 
 
-def _assert_close(flower_rows, local_rows):
-    assert [r["round"] for r in flower_rows] == [r["round"] for r in local_rows] == [1, 2, 3]
+def _assert_close(flower_rows, local_rows, rounds=(1, 2, 3)):
+    assert [r["round"] for r in flower_rows] == [r["round"] for r in local_rows] == list(rounds)
     for f, l in zip(flower_rows, local_rows):
         for key, value in l.items():
             if key in TIMING_KEYS:
@@ -181,3 +181,154 @@ def test_a_malformed_reply_is_rejected_with_its_reason(tmp_path):
     for reason, payload in bad.items():
         with pytest.raises(PayloadError, match=reason):
             validate(records.payload_of(records.to_record_dict(payload, round=1)), spec)
+
+
+# -- the server's logic over an in-process grid: fast checks of faults, restarts and rejection -------------
+
+
+class LoopbackGrid:
+    """A stand-in for Flower's Grid that hands each message to protofl's ClientApp handlers in this process
+    (real Flower messages, records and contexts; no SuperLink). ``silent`` nodes never answer;
+    ``tamper(node_id, reply)`` may replace a reply; ``crash_at`` raises when a round's training starts."""
+
+    def __init__(self, run_config, num_nodes, tamper=None, crash_at=None):
+        from flwr.app import Context, RecordDict
+
+        from protofl.flower import client_app
+
+        self.handlers = {"train": client_app.train, "evaluate": client_app.evaluate, "query": client_app.query}
+        self.contexts = {100 + k: Context(1, 100 + k, {"partition-id": k, "num-partitions": num_nodes}, RecordDict(),
+                                          run_config) for k in range(num_nodes)}
+        self.tamper, self.crash_at = tamper, crash_at
+        self.silent: set[int] = set()
+        self.replies = {}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            meta = msg.metadata
+            if meta.message_type == "train" and self.crash_at is not None and meta.group_id == str(self.crash_at):
+                raise ServerCrash(f"server crashed at round {self.crash_at}")
+            meta.__dict__["_message_id"] = msg.object_id
+            if meta.dst_node_id not in self.silent:
+                reply = self.handlers[meta.message_type](msg, self.contexts[meta.dst_node_id])
+                if self.tamper is not None:
+                    reply = self.tamper(meta.dst_node_id, reply)
+                self.replies[meta.message_id] = reply
+            ids.append(meta.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+class ServerCrash(RuntimeError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    """Flower's messages take the run and node id of the process's task (set by Flower's runtime)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _loopback_run(config, out, grid_args=(), state_dir="", resume=False, run_key="k1", grid_class=None, **settings):
+    from protofl.flower.server_app import run_server
+    from protofl.flower.settings import CONFIG_KEY, FlowerSettings
+
+    config = resolve_config(config)
+    flower = FlowerSettings(out=str(out), run_key=run_key, client_state_dir=str(state_dir), resume=resume,
+                            **{"round_timeout": 2.0, "node_wait": 2.0, **settings})
+    grid = (grid_class or LoopbackGrid)({CONFIG_KEY: config.to_toml(), **flower.to_run_config()}, config.partition.num_clients,
+                        *grid_args)
+    return grid, run_server(grid, config, flower, "flower-loopback")
+
+
+SMALL = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
+         "federation": {"rounds": 4, "progress": False, "client_fraction": 0.67, "checkpoint_every": 2}}
+
+
+def test_server_logic_matches_the_in_process_engine_under_partial_participation(tmp_path):
+    _, summary = _loopback_run(SMALL, tmp_path / "f")
+    local = protofl.run(SMALL)
+    _assert_close(read_metrics(tmp_path / "f" / "metrics.jsonl"), local.history, rounds=[1, 2, 3, 4])
+    assert summary["bytes_up"] == local.summary["bytes_up"]
+
+
+@pytest.mark.parametrize("fault", ["nan", "shape", "class", "method"])
+def test_a_node_with_a_malformed_payload_is_rejected_and_the_round_goes_on(tmp_path, caplog, fault):
+    from protofl.flower import records
+    from protofl.payload import Payload
+
+    def tamper(node_id, reply):
+        fields = records.fields_of(reply.content)
+        if node_id != 101 or "metadata" not in fields:
+            return reply
+        payload = records.payload_of(reply.content)
+        arrays, meta = dict(payload.arrays), dict(payload.metadata)
+        if fault == "nan":
+            arrays["prototypes"] = np.full_like(arrays["prototypes"], np.nan)
+        elif fault == "shape":
+            arrays["prototypes"] = arrays["prototypes"][:, :2].copy()
+        elif fault == "class":
+            arrays["classes"] = arrays["classes"] + 10
+        else:
+            meta["method"] = "fedavg"
+        extra = {k: v for k, v in fields.items() if k != "metadata"}
+        reply.content = records.to_record_dict(Payload(arrays, meta), **extra)
+        return reply
+
+    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 2, "progress": False}}
+    with caplog.at_level("WARNING", logger="protofl.flower"):
+        _, summary = _loopback_run(config, tmp_path / "f", (tamper,))
+    rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
+    assert [r["clients_rejected"] for r in rows] == [1, 1]
+    assert "rejected the reply of client 1" in caplog.text
+    reasons = {"nan": "NaN", "shape": "shape", "class": "class ids", "method": "method"}
+    rejected = [i for i in summary["incidents"] if i["kind"] == "rejected"]
+    assert [i["partition"] for i in rejected] == [1, 1]
+    assert all(reasons[fault] in i["reason"] for i in rejected), rejected
+    assert rows[-1]["clients_evaluated"] == 3 and np.isfinite(rows[-1]["personal_acc_mean"])
+
+
+def test_a_silent_node_is_lost_and_the_round_goes_on_with_min_replies(tmp_path, caplog):
+    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 2, "progress": False}}
+
+    class Silencing(LoopbackGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.metadata.message_type == "train" and m.metadata.group_id == "2" for m in messages):
+                self.silent.add(102)
+            return super().push_messages(messages)
+
+    with caplog.at_level("WARNING", logger="protofl.flower"):
+        _, summary = _loopback_run(config, tmp_path / "f", grid_class=Silencing, min_replies=2, round_timeout=0.5)
+    rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
+    assert [r["clients_lost"] for r in rows] == [0, 1]
+    assert "lost client 2 (node 102)" in caplog.text
+    assert rows[1]["clients_evaluated"] == 2
+    assert {(i["round"], i["partition"], i["node_id"]) for i in summary["incidents"]} == {(2, 2, 102)}
+
+
+def test_a_restarted_server_continues_from_its_checkpoint(tmp_path):
+    """The server dies at the start of round 4 (its last checkpoint is round 2's; the nodes already
+    committed round 3); a new server resumes, repeats round 3 and ends as the uninterrupted run."""
+    state = tmp_path / "node-state"
+    _, whole = _loopback_run(SMALL, tmp_path / "whole", state_dir=state, run_key="whole")
+    with pytest.raises(ServerCrash):
+        _loopback_run(SMALL, tmp_path / "cut", (None, 4), state_dir=state, run_key="cut")
+    assert [r["round"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")] == [1, 2, 3]
+    # a new server (and fresh Flower contexts: the nodes' state comes back from their disks)
+    _, resumed = _loopback_run(SMALL, tmp_path / "cut", state_dir=state, run_key="cut", resume=True)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+    assert resumed["final"] == whole["final"]
