@@ -44,6 +44,14 @@ def _run_deployment(config, out, workdir, results, name):
         results[name] = exc
 
 
+def _run_simulation(config, out, workdir, results):
+    try:
+        results["simulation"] = run_on_flower(config, out, mode="simulation", workdir=workdir, round_timeout=300,
+                                              node_wait=120, timeout=600)
+    except BaseException as exc:
+        results["simulation"] = exc
+
+
 def _run_with_a_killed_node(config, out, workdir, results):
     """Deployment where SuperNode 2 is SIGKILLed after round 1 and restarted straight away."""
     try:
@@ -75,6 +83,7 @@ def flower_runs(tmp_path_factory):
         threading.Thread(target=_run_deployment, args=(BASE, root / "plain", root / "w-plain", results, "plain")),
         threading.Thread(target=_run_deployment, args=(VPP, root / "vpp", root / "w-vpp", results, "vpp")),
         threading.Thread(target=_run_with_a_killed_node, args=(BASE, root / "killed", root / "w-killed", results)),
+        threading.Thread(target=_run_simulation, args=(BASE, root / "simulation", root / "w-sim", results)),
     ]
     for job in jobs:
         job.start()
@@ -129,6 +138,13 @@ def test_flower_deployment_matches_the_in_process_engine(flower_runs, name, conf
         assert summary["epsilon"] is None
     for file in ["config.toml", "summary.json", "metrics.jsonl", "report.md", "checkpoint/state.pt"]:
         assert (root / name / file).exists(), file
+
+
+def test_flower_simulation_runtime_matches_the_in_process_engine(flower_runs):
+    root, results = flower_runs
+    summary = _result(results, "simulation")
+    _assert_close(read_metrics(root / "simulation" / "metrics.jsonl"), protofl.run(BASE).history)
+    assert summary["engine"] == "flower-simulation"
 
 
 def test_protofl_report_compares_flower_and_in_process_runs(flower_runs, tmp_path):
@@ -332,3 +348,16 @@ def test_a_restarted_server_continues_from_its_checkpoint(tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
     assert resumed["final"] == whole["final"]
+
+
+def test_without_flower_installed_the_error_says_how_to_get_it(monkeypatch, tmp_path):
+    import sys
+
+    from protofl.cli import main
+    from protofl.flower import FlowerMissingError, require_flwr
+
+    monkeypatch.setitem(sys.modules, "flwr", None)  # as if flwr were not installed
+    with pytest.raises(FlowerMissingError, match=r"pip install 'protofl\[flower\]'"):
+        require_flwr()
+    assert main(["flower", "run", "--set", "data.dataset=optdigits", "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()  # nothing written

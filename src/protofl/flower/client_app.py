@@ -22,7 +22,6 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from protofl.flower import records  # noqa: E402
-from protofl.flower.node import ClientStore, NodeTask, node_task, store_path  # noqa: E402
 from protofl.flower.settings import CONFIG_KEY, FlowerSettings  # noqa: E402
 
 log = logging.getLogger("protofl.flower")
@@ -32,7 +31,16 @@ STORE = "protofl-store"
 app = ClientApp()
 
 
-def _task(context: Context) -> NodeTask:
+def _partition(context: Context) -> int:
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError("this node has no partition: start it with --node-config 'partition-id=K num-partitions=N'")
+    return int(node["partition-id"])
+
+
+def _task(context: Context):
+    from protofl.flower.node import node_task  # torch and the algorithms: not needed to answer a query
+
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError("this node has no partition: start it with --node-config 'partition-id=K num-partitions=N'")
@@ -42,7 +50,9 @@ def _task(context: Context) -> NodeTask:
     return node_task(str(context.run_config[CONFIG_KEY]), int(node["partition-id"]), int(node["num-partitions"]), cache)
 
 
-def _store(context: Context, task: NodeTask):
+def _store(context: Context, task):
+    from protofl.flower.node import ClientStore, store_path
+
     settings = FlowerSettings.from_run_config(context.run_config)
     path = store_path(str(context.node_config.get("state-dir", settings.client_state_dir)), settings.run_key,
                       task.partition)
@@ -56,21 +66,30 @@ def _store(context: Context, task: NodeTask):
     return store, path, settings.run_key
 
 
-def _keep(context: Context, store: ClientStore, path, run_key: str) -> None:
+def _keep(context: Context, store, path, run_key: str) -> None:
     data = store.to_bytes()
     context.state[STORE] = ConfigRecord({"store": data, "run-key": run_key})
     store.save(path)
 
 
-def _decide(store: ClientStore, task: NodeTask, fields: dict) -> None:
+def _decide(store, task, fields: dict) -> None:
     if "decision-round" in fields:
         store.decide(task, int(fields["decision-round"]), bool(fields["decision-accepted"]))
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    task = _task(context)
-    return Message(records.to_record_dict(None, **{"partition-id": task.partition}), reply_to=msg)
+    import tomllib
+
+    from protofl.config import ConfigError, PartitionConfig
+
+    partition = _partition(context)
+    wanted = tomllib.loads(str(context.run_config[CONFIG_KEY])).get("partition", {}).get(
+        "num_clients", PartitionConfig().num_clients)
+    if int(context.node_config["num-partitions"]) != wanted or not 0 <= partition < wanted:
+        raise ConfigError(f"node config partition-id={partition} num-partitions={context.node_config['num-partitions']} "
+                          f"does not fit the run's partition.num_clients={wanted}")
+    return Message(records.to_record_dict(None, **{"partition-id": partition}), reply_to=msg)
 
 
 @app.train()

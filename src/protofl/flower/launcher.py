@@ -259,8 +259,10 @@ def run_on_flower(config: RunConfig | Any, out: str | Path, *, mode: str = "depl
     """Run ``config`` on Flower on this machine and return its summary: ``mode="deployment"`` starts a
     SuperLink and one SuperNode per client as processes, ``"simulation"`` Flower's simulation runtime."""
     from protofl.api import resolve_config
+    from protofl.flower._require import require_flwr
     from protofl.records import read_summary
 
+    require_flwr()
     if mode not in ("deployment", "simulation"):
         raise ValueError(f"mode must be deployment or simulation, got {mode!r}")
     out = Path(out).resolve()

@@ -7,7 +7,7 @@ in its node config); its state — model, prototypes and the privacy ledger — 
 State protocol: a training step leaves a *pending* state; the server's decision on that reply (accepted,
 or rejected/lost) arrives with the node's next message and commits either the new state or, when the
 reply was not taken, the old state with the new ledger (what went on the wire was spent, accepted or
-not), exactly as the in-process engine keeps it. Committed states are kept per round, so a server that
+not), exactly as the in-process engine keeps it (a client whose reply was rejected keeps its old state). Committed states are kept per round, so a server that
 restarts from an earlier checkpoint and repeats a round starts it from the state of that round's eve.
 """
 
@@ -145,24 +145,26 @@ class ClientStore:
         return bool(self.committed)
 
     def decide(self, task: NodeTask, decision_round: int | None, accepted: bool) -> None:
-        """Commit the pending state of ``decision_round`` (the whole of it when ``accepted``, else only its
-        ledger); a pending state of any other round is one the server never counted: only its ledger stays."""
+        """Apply the server's decision on this node's reply of ``decision_round``: commit the pending state
+        (the whole of it when accepted; else only its ledger, as what went on the wire was spent). A pending
+        state of a later round is one the server has no record of (it restarted from an earlier
+        checkpoint and will repeat that round with the same seed): it is dropped."""
         if self.pending is None or self.pending_round is None:
             return
         r, new = self.pending_round, self.pending
+        self.pending_round = self.pending = None
         if decision_round != r:
-            accepted = False
-            log.info("%s: the server has no decision on round %s; keeping only its privacy ledger", task.who, r)
+            log.info("%s: the server has no record of round %s; it will be repeated", task.who, r)
+            return
         base = self.state(task, r)
         if accepted:
             self.committed[r] = new
         elif LEDGER_KEY in new:
             self.committed[r] = {**base, LEDGER_KEY: new[LEDGER_KEY]}
-        elif self.latest(r) is not None:
-            self.committed[r] = base
+        else:
+            return
         for old in sorted(self.committed)[:-KEEP_STATES]:
             del self.committed[old]
-        self.pending_round = self.pending = None
 
     def train(self, task: NodeTask, r: int, received: Payload) -> tuple[Payload, dict[str, float]]:
         """One client step of round ``r`` (budget check first); the new state is left pending."""
