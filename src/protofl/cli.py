@@ -76,7 +76,12 @@ def _cmd_flower(args: argparse.Namespace) -> int:
 
         if args.out is None or args.app_dir is None:
             raise SystemExit("error: protofl flower app needs --out DIR (the run folder on the server) and --app-dir DIR")
-        config = resolve_config(args.config or RunConfig(), args.set)
+        if args.resume:
+            if args.config or args.set:
+                raise SystemExit("error: --resume continues the run in --out with its own configuration; give no CONFIG or --set")
+            config = resolve_config(Path(args.out) / "config.toml")
+        else:
+            config = resolve_config(args.config or RunConfig(), args.set)
         flower_settings = prepare_run(config, args.out, resume=args.resume, **settings)
         path = write_app(Path(args.app_dir), config, flower_settings, "flower-deployment")
         print(f"wrote the Flower app {path}: submit it with  flwr run {path} CONNECTION")

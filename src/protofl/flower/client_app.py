@@ -73,8 +73,8 @@ def _keep(context: Context, store, path, run_key: str) -> None:
 
 
 def _decide(store, task, fields: dict) -> None:
-    if "decision-round" in fields:
-        store.decide(task, int(fields["decision-round"]), bool(fields["decision-accepted"]))
+    rounds, accepted = fields.get("decision-rounds", []), fields.get("decision-accepted", [])
+    store.decide(task, {int(r): bool(a) for r, a in zip(rounds, accepted)})
 
 
 @app.query()
@@ -92,32 +92,48 @@ def query(msg: Message, context: Context) -> Message:
     return Message(records.to_record_dict(None, **{"partition-id": partition}), reply_to=msg)
 
 
+def _evaluation(store, task, r: int, received, privacy_all: bool, content) -> None:
+    """Personalised metrics and privacy spent after round ``r``, added to a reply's ``content``."""
+    metrics = store.evaluate(task, r, received)
+    report = store.privacy_report(task, r, privacy_all)
+    fields = content.config_records[records.FIELDS]
+    fields.update({"evaluated-round": r, "evaluated": bool(len(task.data.y_test)), "privacy": json.dumps(report),
+                   "metric-keys": list(metrics)})
+    content["metrics"] = MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Commit the last decision; evaluate the round before (if asked); train round ``round``."""
     task = _task(context)
     store, path, run_key = _store(context, task)
     fields = records.fields_of(msg.content)
     r = int(fields["round"])
     _decide(store, task, fields)
-    reply, metrics = store.train(task, r, records.payload_of(msg.content))
+    received = records.payload_of(msg.content)
+    if "evaluate-round" in fields:
+        # evaluation first: it sees the state after the round before, which training replaces
+        evaluated = records.to_record_dict(None)
+        _evaluation(store, task, int(fields["evaluate-round"]), received, bool(fields.get("privacy-all")), evaluated)
+    reply, metrics = store.train(task, r, received)
     _keep(context, store, path, run_key)
-    return Message(records.to_record_dict(reply, **{"partition-id": task.partition, "round": r,
-                                                   "train-loss": float(metrics.get("train_loss", float("nan")))}),
-                   reply_to=msg)
+    content = records.to_record_dict(reply, **{"partition-id": task.partition, "round": r,
+                                               "train-loss": float(metrics.get("train_loss", float("nan")))})
+    if "evaluate-round" in fields:
+        content.config_records[records.FIELDS].update(dict(evaluated.config_records[records.FIELDS]))
+        content["metrics"] = evaluated.metric_records["metrics"]
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """Commit the last decision; personalised metrics and privacy spent after round ``round``."""
     task = _task(context)
     store, path, run_key = _store(context, task)
     fields = records.fields_of(msg.content)
     r = int(fields["round"])
     _decide(store, task, fields)
     _keep(context, store, path, run_key)
-    metrics = store.evaluate(task, r, records.payload_of(msg.content))
-    report = store.privacy_report(task, r, bool(fields.get("privacy-all", False)))
-    content = records.to_record_dict(None, **{"partition-id": task.partition, "round": r,
-                                              "evaluated": bool(len(task.data.y_test)),
-                                              "privacy": json.dumps(report), "metric-keys": list(metrics)})
-    content["metrics"] = MetricRecord({k: float(v) for k, v in metrics.items()})
+    content = records.to_record_dict(None, **{"partition-id": task.partition, "round": r})
+    _evaluation(store, task, r, records.payload_of(msg.content), bool(fields.get("privacy-all", False)), content)
     return Message(content, reply_to=msg)

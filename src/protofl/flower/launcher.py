@@ -108,6 +108,8 @@ class Federation:
     num_nodes: int
     workdir: Path
     simulation: bool = False
+    #: Where the SuperNodes keep their state (``state-dir``); default: ``workdir/client-state``.
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
@@ -119,7 +121,7 @@ class Federation:
         self.port = free_port()
         self.superlink: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
-        self.state_dir = self.workdir / "client-state"
+        self.state_dir = Path(self.state_dir) if self.state_dir else self.workdir / "client-state"
 
     @property
     def address(self) -> str:
@@ -272,9 +274,12 @@ def run_on_flower(config: RunConfig | Any, out: str | Path, *, mode: str = "depl
     flower_settings = prepare_run(config, out, resume=resume, **settings)
     (out / "flower-done.json").unlink(missing_ok=True)
     scratch = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="protofl-flower-"))
+    # The nodes run on this machine: they keep their state in the run folder, so --resume finds it.
+    nodes = out / "nodes"
     if mode == "simulation" and not flower_settings.client_state_dir:
-        flower_settings = dataclasses.replace(flower_settings, client_state_dir=str(scratch / "client-state"))
-    with Federation(config.partition.num_clients, scratch, simulation=mode == "simulation") as federation:
+        flower_settings = dataclasses.replace(flower_settings, client_state_dir=str(nodes))
+    with Federation(config.partition.num_clients, scratch, simulation=mode == "simulation",
+                    state_dir=nodes) as federation:
         app_dir = write_app(scratch / "app", config, flower_settings, f"flower-{mode}")
         submit(federation, app_dir)
         wait_done(out, federation, timeout)

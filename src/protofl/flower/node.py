@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import io
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -144,18 +145,24 @@ class ClientStore:
     def has_state(self) -> bool:
         return bool(self.committed)
 
-    def decide(self, task: NodeTask, decision_round: int | None, accepted: bool) -> None:
-        """Apply the server's decision on this node's reply of ``decision_round``: commit the pending state
-        (the whole of it when accepted; else only its ledger, as what went on the wire was spent). A pending
-        state of a later round is one the server has no record of (it restarted from an earlier
-        checkpoint and will repeat that round with the same seed): it is dropped."""
+    def decide(self, task: NodeTask, decisions: Mapping[int, bool]) -> None:
+        """Apply the server's decisions ``{round: accepted}`` to the pending state: commit it whole when its
+        reply was accepted, else only its ledger (what went on the wire was spent). A pending state of a
+        round after every decision is one the server has no record of (it restarted from an earlier
+        checkpoint and will repeat that round with the same seed): it is dropped. One older than every
+        decision the server still sends is treated as not accepted."""
         if self.pending is None or self.pending_round is None:
             return
         r, new = self.pending_round, self.pending
-        self.pending_round = self.pending = None
-        if decision_round != r:
+        if r in decisions:
+            accepted = decisions[r]
+        elif not decisions or r > max(decisions):
+            self.pending_round = self.pending = None
             log.info("%s: the server has no record of round %s; it will be repeated", task.who, r)
             return
+        else:
+            accepted = False
+        self.pending_round = self.pending = None
         base = self.state(task, r)
         if accepted:
             self.committed[r] = new

@@ -42,7 +42,9 @@ from protofl.payload import Payload, PayloadError, validate
 
 log = logging.getLogger("protofl.flower")
 
-POLL_SECONDS = 0.1
+POLL_SECONDS = 0.25
+#: Decisions remembered (and sent) per partition.
+DECISIONS_KEPT = 4
 
 
 class NotEnoughReplies(RuntimeError):
@@ -98,12 +100,15 @@ class FlowerServer:
         self.elapsed = 0.0
         self.wall_before = 0.0
         self._wall_start = time.perf_counter()
-        #: Per partition, the server's decision on its last training reply: (round, accepted).
-        self.decisions: dict[int, tuple[int, bool]] = {}
+        #: Per partition, the server's decisions on its last training replies: {round: accepted}. Every
+        #: message to a node carries them, so a node that missed a message still learns its decision.
+        self.decisions: dict[int, dict[int, bool]] = {}
         #: Every node lost or reply rejected: {"round", "partition", "node_id", "reason"}.
         self.incidents: list[dict[str, Any]] = []
         self.privacy: dict[str, Any] | None = None
         self.nodes: dict[int, int] = {}  # partition -> node id
+        #: The row of the last evaluated round, waiting for the nodes' evaluations (see :meth:`run_round`).
+        self.owed: dict[str, Any] | None = None
         self._asked: set[int] = set()  # node ids already asked for their partition
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -119,7 +124,7 @@ class FlowerServer:
         return {"round": self.round, "fingerprint": self.fingerprint, "server_state": self.server_state,
                 "history": self.history, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "elapsed": self.elapsed, "wall_seconds": self.wall_seconds,
-                "decisions": {k: list(v) for k, v in self.decisions.items()},
+                "decisions": {k: [[r, a] for r, a in v.items()] for k, v in self.decisions.items()},
                 "incidents": json.dumps(self.incidents), "privacy": json.dumps(self.privacy)}
 
     def resume(self) -> bool:
@@ -131,7 +136,7 @@ class FlowerServer:
         self.round, self.server_state, self.history = state["round"], state["server_state"], state["history"]
         self.bytes_up, self.bytes_down, self.elapsed = state["bytes_up"], state["bytes_down"], state["elapsed"]
         self.wall_before = state["wall_seconds"]
-        self.decisions = {int(k): (int(v[0]), bool(v[1])) for k, v in state["decisions"].items()}
+        self.decisions = {int(k): {int(r): bool(a) for r, a in v} for k, v in state["decisions"].items()}
         self.incidents = json.loads(state["incidents"])
         self.privacy = json.loads(state["privacy"])
         log.info("resumed from round %d", self.round)
@@ -141,15 +146,17 @@ class FlowerServer:
     def _message(self, partition: int, kind: str, r: int, payload: Payload | None, **fields: Any):
         from flwr.app import Message
 
-        decision = self.decisions.get(partition)
-        if decision is not None:
-            fields.update({"decision-round": decision[0], "decision-accepted": decision[1]})
+        decisions = self.decisions.get(partition)
+        if decisions:
+            fields.update({"decision-rounds": list(decisions), "decision-accepted": list(decisions.values())})
         content = records.to_record_dict(payload, round=r, **fields)
         return Message(content, dst_node_id=self.nodes[partition], message_type=kind, group_id=str(r))
 
-    def _exchange(self, messages: Mapping[int, Any], wait_for: int) -> tuple[dict[int, Reply], list[int]]:
+    def _exchange(self, messages: Mapping[int, Any], wait_for: int,
+                  counted: set[int] | None = None) -> tuple[dict[int, Reply], list[int]]:
         """Send one message per partition; wait for every reply, or, past ``round_timeout``, for at least
-        ``wait_for``; returns the replies and the partitions that stayed silent."""
+        ``wait_for`` replies from the ``counted`` partitions (default: all); returns the replies and the
+        partitions that stayed silent."""
         if not messages:
             return {}, []
         partitions = list(messages)
@@ -168,10 +175,11 @@ class FlowerServer:
                 error = f"{msg.error.reason} (code {msg.error.code})" if msg.has_error() else None
                 replies[k] = Reply(k, msg.metadata.src_node_id, None if error else msg.content, error)
             if pending and time.monotonic() > deadline:
-                if len(replies) >= wait_for:
+                got = sum(1 for k in replies if counted is None or k in counted)
+                if got >= wait_for:
                     break
-                raise NotEnoughReplies(f"{len(replies)} of {len(partitions)} nodes replied within "
-                                       f"{self.settings.round_timeout:g} s; at least {wait_for} needed")
+                raise NotEnoughReplies(f"{got} of {len(counted if counted is not None else partitions)} nodes "
+                                       f"replied within {self.settings.round_timeout:g} s; at least {wait_for} needed")
             if pending:
                 time.sleep(POLL_SECONDS)
         return replies, sorted(pending.values())
@@ -235,6 +243,11 @@ class FlowerServer:
         return self.history
 
     def run_round(self, r: int) -> dict[str, Any] | None:
+        """One round. Its evaluation rides on the next round's training messages (the broadcast a node
+        trains round r+1 from is the one it evaluates round r with), one message per node per round
+        instead of two; nodes not training then get an evaluation message of their own, and the last
+        round's evaluation is a message of its own. A round's row and checkpoint are written once its
+        evaluation is in."""
         fed, algo, seed = self.config.federation, self.algorithm, self.config.seed
         start = time.perf_counter()
         self.discover()
@@ -249,12 +262,19 @@ class FlowerServer:
         broadcast = algo.broadcast(self.server_state)
         down = records.wire_size(broadcast) * len(active) if algo.communicates else 0
         reachable = [k for k in active if k in self.nodes]
-        wait_for = self.settings.min_replies or len(reachable)
-        replies, silent = self._exchange(
-            {k: self._message(k, "train", r, broadcast) for k in reachable}, min(wait_for, len(reachable)))
+        owed, self.owed = self.owed, None
+        evaluate = {"evaluate-round": owed["round"], "privacy-all": False} if owed else {}
+        messages = {k: self._message(k, "train", r, broadcast, **evaluate) for k in reachable}
+        if owed:
+            messages.update({k: self._message(k, "evaluate", owed["round"], broadcast, **{"privacy-all": False})
+                             for k in sorted(self.nodes) if k not in messages})
+        wait_for = min(self.settings.min_replies or len(reachable), len(reachable))
+        replies, silent = self._exchange(messages, wait_for, counted=set(reachable))
         for k in silent:
             self._lose(r, k, f"no reply within {self.settings.round_timeout:g} s")
-        lost += silent
+        lost += [k for k in silent if k in reachable]
+        if owed:
+            self._finish(owed, replies, start)
 
         accepted: list[Payload] = []
         rejected: list[int] = []
@@ -281,7 +301,10 @@ class FlowerServer:
                 continue
             accepted.append(payload)
         for k in reachable:
-            self.decisions[k] = (r, k not in rejected and k not in lost and k in replies)
+            kept = self.decisions.setdefault(k, {})
+            kept[r] = k not in rejected and k not in lost and k in replies
+            for old in sorted(kept)[:-DECISIONS_KEPT]:
+                del kept[old]
         server_metrics: dict[str, float] = {}
         if algo.communicates and accepted:
             self.server_state, server_metrics = algo.server_step(self.server_state, accepted)
@@ -289,22 +312,43 @@ class FlowerServer:
         self.bytes_down += down
         train_seconds = time.perf_counter() - start
         self.elapsed += train_seconds
-
-        row = None
-        if r % fed.eval_every == 0 or r == fed.rounds:
-            eval_start = time.perf_counter()
-            evaluation, privacy = self.evaluate(r, privacy_all=r == fed.rounds)
-            row = metrics_row(
-                r, evaluation, train_losses, sampled=len(sampled), dropped=len(dropped), rejected=len(rejected),
-                up=up, down=down, up_total=self.bytes_up, down_total=self.bytes_down, server_metrics=server_metrics,
-                privacy=privacy_metrics(privacy), round_seconds=train_seconds,
-                eval_seconds=time.perf_counter() - eval_start, elapsed_seconds=self.elapsed,
-            )
-            row["clients_lost"] = len(lost)
-            self.privacy = privacy
-            self.history.append(row)
-            self.on_round(row)
         self.round = r
+
+        if r % fed.eval_every == 0 or r == fed.rounds:
+            owed = {"round": r, "train_losses": train_losses, "sampled": len(sampled), "dropped": len(dropped),
+                    "rejected": len(rejected), "lost": len(lost), "up": up, "down": down,
+                    "up_total": self.bytes_up, "down_total": self.bytes_down, "server_metrics": server_metrics,
+                    "round_seconds": train_seconds, "elapsed": self.elapsed}
+            if r < fed.rounds:
+                self.owed = owed  # evaluated with the next round's messages
+                return None
+            eval_start = time.perf_counter()
+            self.discover()
+            broadcast = algo.broadcast(self.server_state)
+            replies, silent = self._exchange(
+                {k: self._message(k, "evaluate", r, broadcast, **{"privacy-all": True}) for k in sorted(self.nodes)}, 0)
+            for k in silent:
+                self._lose(r, k, f"no evaluation reply within {self.settings.round_timeout:g} s")
+            return self._finish(owed, replies, eval_start)
+        if fed.checkpoint_every and r % fed.checkpoint_every == 0:
+            save_checkpoint(self.checkpoint_dir, self.state_dict())
+        return None
+
+    def _finish(self, owed: dict[str, Any], replies: Mapping[int, Reply], eval_start: float) -> dict[str, Any]:
+        """Round ``owed["round"]``'s metrics row from the nodes' evaluation replies; then its checkpoint."""
+        r, fed = owed["round"], self.config.federation
+        evaluation, privacy = self.evaluation(r, replies)
+        row = metrics_row(
+            r, evaluation, owed["train_losses"], sampled=owed["sampled"], dropped=owed["dropped"],
+            rejected=owed["rejected"], up=owed["up"], down=owed["down"], up_total=owed["up_total"],
+            down_total=owed["down_total"], server_metrics=owed["server_metrics"], privacy=privacy_metrics(privacy),
+            round_seconds=owed["round_seconds"], eval_seconds=time.perf_counter() - eval_start,
+            elapsed_seconds=owed["elapsed"],
+        )
+        row["clients_lost"] = owed["lost"]
+        self.privacy = privacy
+        self.history.append(row)
+        self.on_round(row)
         if r == fed.rounds or (fed.checkpoint_every and r % fed.checkpoint_every == 0):
             save_checkpoint(self.checkpoint_dir, self.state_dict())
         return row
@@ -313,8 +357,9 @@ class FlowerServer:
         """Called with each new metrics row (the app writes metrics.jsonl here)."""
 
     @torch.no_grad()
-    def evaluate(self, r: int, privacy_all: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Global metrics on the server's test set; personalised metrics and privacy spent from every node."""
+    def evaluation(self, r: int, replies: Mapping[int, Reply]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Global metrics on the server's test set (the server state after round ``r``); personalised
+        metrics and privacy spent from the nodes' replies, in client order."""
         algo = self.algorithm
         out: dict[str, Any] = {"global_acc": None}
         global_metrics = algo.evaluate_global(self.server_state, self.test_x, self.test_y)
@@ -323,21 +368,15 @@ class FlowerServer:
             for name, index in self.test_groups.items():
                 out[f"global_acc@{name}"] = algo.evaluate_global(
                     self.server_state, self.test_x[index], self.test_y[index]).get("global_acc")
-        broadcast = algo.broadcast(self.server_state)
-        partitions = sorted(self.nodes)
-        replies, silent = self._exchange(
-            {k: self._message(k, "evaluate", r, broadcast, **{"privacy-all": privacy_all}) for k in partitions}, 0)
-        for k in silent:
-            self._lose(r, k, f"no evaluation reply within {self.settings.round_timeout:g} s")
         per_client, reports = [], []
-        for k in partitions:
-            reply = replies.get(k)
-            if reply is None:
-                continue
+        for k in sorted(replies):
+            reply = replies[k]
             if reply.error is not None:
                 log.warning("round %d: client %d could not evaluate: %s", r, k, reply.error)
                 continue
             fields = records.fields_of(reply.content)
+            if int(fields.get("evaluated-round", -1)) != r:
+                continue
             metrics = reply.content.metric_records.get("metrics", {})
             if fields.get("evaluated"):
                 per_client.append({key: float(metrics[key]) for key in fields.get("metric-keys", [])})
