@@ -1,7 +1,9 @@
 """protofl on Flower: a SuperLink and three SuperNodes as processes on loopback, against the in-process engine.
 
 The runs start in one module fixture and go on side by side (Flower starts a process for every message,
-and most of a round is waiting, so the runs overlap well on two cores); each test checks one of them.
+and much of a round is waiting, so the runs overlap on two cores); each test checks one of them. The
+server's logic is also checked without Flower's processes, over an in-process stand-in for its Grid
+(faults, malformed replies, a server restart), which takes seconds.
 """
 
 import json
