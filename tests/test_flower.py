@@ -369,3 +369,29 @@ def test_without_flower_installed_the_error_says_how_to_get_it(monkeypatch, tmp_
         require_flwr()
     assert main(["flower", "run", "--set", "data.dataset=optdigits", "--out", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_protofl_flower_app_writes_an_app_that_flower_accepts(tmp_path):
+    import tomllib
+
+    from flwr.cli.config_utils import load_and_validate
+
+    from protofl.cli import main
+    from protofl.flower.settings import CONFIG_KEY, FlowerSettings, run_config_of
+
+    out, app = tmp_path / "run", tmp_path / "app"
+    assert main(["flower", "app", "--set", "data.dataset=optdigits", "--set", "method.name=fedproto",
+                 "--set", "privacy.mechanism=vpp", "--out", str(out), "--app-dir", str(app),
+                 "--min-replies", "2", "--round-timeout", "30"]) == 0
+    flower_config, _warnings = load_and_validate(app / "pyproject.toml")  # raises on what Flower refuses
+    assert flower_config["tool"]["flwr"]["app"]["components"]["clientapp"] == "protofl.flower.client_app:app"
+    run_config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    settings = FlowerSettings.from_run_config(run_config)
+    assert settings.min_replies == 2 and settings.round_timeout == 30.0 and settings.out == str(out.resolve())
+    assert run_config_of(run_config).privacy.mechanism == "vpp"
+    assert json.loads((out / "flower.json").read_text())["run_key"] == settings.run_key
+    # resuming keeps the run key (the nodes' state is filed under it); a used folder is not started again
+    assert main(["flower", "app", "--resume", "--out", str(out), "--app-dir", str(tmp_path / "app2")]) == 0
+    again = tomllib.loads((tmp_path / "app2" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert again["run-key"] == settings.run_key and again["resume"] is True
+    assert CONFIG_KEY in again

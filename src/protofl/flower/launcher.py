@@ -234,6 +234,7 @@ def prepare_run(config: RunConfig, out: Path, *, resume: bool = False, **setting
         run_key = uuid.uuid4().hex
         out.mkdir(parents=True, exist_ok=True)
         launch.write_text(json.dumps({"run_key": run_key}) + "\n")
+        (out / "config.toml").write_text(config.to_toml())  # what --resume reads
     return FlowerSettings(out=str(out), run_key=run_key, resume=resume, **settings)
 
 
