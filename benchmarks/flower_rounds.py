@@ -60,6 +60,7 @@ def main() -> None:
     cfg = config(args.rounds, args.clients, args.privacy)
     runs = args.out / "runs"
     results = {}
+    load_before = os.getloadavg()
     for engine in args.engines.split(","):
         folder = runs / engine
         shutil.rmtree(folder, ignore_errors=True)
@@ -84,7 +85,8 @@ def main() -> None:
         f"{args.rounds} rounds)",
         "",
         f"`{command_line()}` on {platform.machine()} with {os.cpu_count()} cores, OMP_NUM_THREADS="
-        f"{os.environ['OMP_NUM_THREADS']}, flwr {__import__('flwr').__version__}.",
+        f"{os.environ['OMP_NUM_THREADS']}, flwr {__import__('flwr').__version__}; the machine is shared "
+        f"(1-minute load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after).",
         "",
         "| engine | s/round (mean) | s/round (min–max) | wall s (incl. start-up) | final personal acc | bytes up |",
         "|---|---|---|---|---|---|",

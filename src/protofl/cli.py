@@ -96,7 +96,7 @@ def _cmd_flower(args: argparse.Namespace) -> int:
         config = resolve_config(args.config or RunConfig(), args.set)
     if args.out is None:
         raise SystemExit("error: --out DIR is required (where the run folder is written)")
-    summary = run_on_flower(config, args.out, mode=args.mode, resume=args.resume, **settings)
+    summary = run_on_flower(config, args.out, mode=args.mode, resume=args.resume, tls_dir=args.tls_dir, **settings)
     final = summary["final"]
     glob = "—" if final["global_acc"] is None else f"{100 * final['global_acc']:.2f}%"
     lost = sum(1 for i in summary["incidents"] if i["kind"] == "lost")
@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["deployment", "simulation"], default="deployment",
                    help="run: SuperLink + SuperNode processes (default), or Flower's simulation runtime")
     p.add_argument("--app-dir", help="app: the Flower app folder to write")
+    p.add_argument("--tls-dir", help="run: a folder with ca.crt, server.pem, server.key: TLS between the processes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--min-replies", type=int, default=0,
                    help="a round goes on with this many replies once the others are overdue (0: all)")

@@ -110,6 +110,9 @@ class Federation:
     simulation: bool = False
     #: Where the SuperNodes keep their state (``state-dir``); default: ``workdir/client-state``.
     state_dir: Path | None = None
+    #: A folder with ``ca.crt``, ``server.pem`` and ``server.key``: TLS between every process (else
+    #: ``--insecure``); the server certificate must name 127.0.0.1.
+    tls_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
@@ -120,6 +123,11 @@ class Federation:
         self.env = flower_env(self.home)
         self.port = free_port()
         self.superlink: subprocess.Popen | None = None
+        if self.tls_dir is not None:
+            self.tls_dir = Path(self.tls_dir).resolve()
+            missing = [n for n in ("ca.crt", "server.pem", "server.key") if not (self.tls_dir / n).exists()]
+            if missing:
+                raise FlowerRunError(f"TLS folder {self.tls_dir} lacks {', '.join(missing)}")
         self.nodes: dict[int, subprocess.Popen] = {}
         self.state_dir = Path(self.state_dir) if self.state_dir else self.workdir / "client-state"
 
@@ -137,13 +145,15 @@ class Federation:
             log.close()
 
     def start(self, timeout: float = 60.0) -> "Federation":
-        cmd = [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [_bin("flower-superlink"), *self._link_tls(), "--host", "127.0.0.1", "--port", str(self.port),
                "--disable-runtime-dependency-installation"]
         if self.simulation:
             cmd.append("--simulation")
         self.superlink = self._start(cmd, "superlink.log")
         self._wait_listening(self.port, self.superlink, "superlink.log", timeout)
-        write_connection(self.home, "protofl", self.address, num_supernodes=self.num_nodes if self.simulation else None)
+        write_connection(self.home, "protofl", self.address, insecure=self.tls_dir is None,
+                         root_certificates=str(self.tls_dir / "ca.crt") if self.tls_dir else None,
+                         num_supernodes=self.num_nodes if self.simulation else None)
         if not self.simulation:
             for k in range(self.num_nodes):
                 self.start_node(k)
@@ -152,10 +162,17 @@ class Federation:
     def start_node(self, k: int) -> subprocess.Popen:
         """Start (or restart) the SuperNode of partition ``k``; its state on disk survives restarts."""
         node_config = f"partition-id={k} num-partitions={self.num_nodes} state-dir='{self.state_dir}'"
-        cmd = [_bin("flower-supernode"), "--insecure", "--superlink", self.address, "--node-config", node_config,
+        tls = ["--root-certificates", str(self.tls_dir / "ca.crt")] if self.tls_dir else ["--insecure"]
+        cmd = [_bin("flower-supernode"), *tls, "--superlink", self.address, "--node-config", node_config,
                "--port", str(free_port())]
         self.nodes[k] = self._start(cmd, f"supernode-{k}.log")
         return self.nodes[k]
+
+    def _link_tls(self) -> list[str]:
+        if self.tls_dir is None:
+            return ["--insecure"]
+        return ["--ssl-ca-certfile", str(self.tls_dir / "ca.crt"), "--ssl-certfile", str(self.tls_dir / "server.pem"),
+                "--ssl-keyfile", str(self.tls_dir / "server.key")]
 
     def kill_node(self, k: int) -> None:
         """SIGKILL partition ``k``'s SuperNode and everything it started, as a crash would."""
@@ -258,9 +275,11 @@ def wait_done(out: Path, federation: Federation | None = None, timeout: float = 
 
 
 def run_on_flower(config: RunConfig | Any, out: str | Path, *, mode: str = "deployment", resume: bool = False,
-                  workdir: str | Path | None = None, timeout: float = 3600.0, **settings: Any) -> dict[str, Any]:
+                  workdir: str | Path | None = None, timeout: float = 3600.0, tls_dir: str | Path | None = None,
+                  **settings: Any) -> dict[str, Any]:
     """Run ``config`` on Flower on this machine and return its summary: ``mode="deployment"`` starts a
-    SuperLink and one SuperNode per client as processes, ``"simulation"`` Flower's simulation runtime."""
+    SuperLink and one SuperNode per client as processes, ``"simulation"`` Flower's simulation runtime;
+    ``tls_dir`` (ca.crt, server.pem, server.key) turns TLS on between them."""
     from protofl.api import resolve_config
     from protofl.flower._require import require_flwr
     from protofl.records import read_summary
@@ -280,8 +299,10 @@ def run_on_flower(config: RunConfig | Any, out: str | Path, *, mode: str = "depl
     if mode == "simulation" and not flower_settings.client_state_dir:
         flower_settings = dataclasses.replace(flower_settings, client_state_dir=str(nodes))
     with Federation(config.partition.num_clients, scratch, simulation=mode == "simulation",
-                    state_dir=nodes) as federation:
+                    state_dir=nodes, tls_dir=Path(tls_dir) if tls_dir else None) as federation:
         app_dir = write_app(scratch / "app", config, flower_settings, f"flower-{mode}")
         submit(federation, app_dir)
         wait_done(out, federation, timeout)
+    if workdir is None:  # a scratch folder of our own: its logs are only worth keeping when a run fails
+        shutil.rmtree(scratch, ignore_errors=True)
     return read_summary(out)

@@ -274,7 +274,9 @@ class FlowerServer:
             self._lose(r, k, f"no reply within {self.settings.round_timeout:g} s")
         lost += [k for k in silent if k in reachable]
         if owed:
-            self._finish(owed, replies, start)
+            # the nodes' side of this evaluation was part of the exchange above (counted in this round's
+            # round_seconds); its eval_seconds is the server's side
+            self._finish(owed, replies, time.perf_counter())
 
         accepted: list[Payload] = []
         rejected: list[int] = []
