@@ -167,6 +167,7 @@ def test_a_killed_supernode_is_recorded_and_the_run_completes(flower_runs):
     assert [r["round"] for r in rows] == [1, 2, 3]
     lost = [i for i in summary["incidents"] if i["kind"] == "lost"]
     assert lost and all(i["partition"] == 2 for i in lost), summary["incidents"]
+    assert "lost client 2" in (root / "killed" / "server.log").read_text()
     assert {i["round"] for i in lost} <= {2, 3}
     assert sum(r["clients_lost"] for r in rows) >= 1
     # the restarted node rejoined with its saved state: it was evaluated after the last round, and what it
@@ -338,6 +339,7 @@ def test_a_silent_node_is_lost_and_the_round_goes_on_with_min_replies(tmp_path, 
     rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
     assert [r["clients_lost"] for r in rows] == [0, 1]
     assert "lost client 2 (node 102)" in caplog.text
+    assert "lost client 2 (node 102)" in (tmp_path / "f" / "server.log").read_text()
     assert rows[1]["clients_evaluated"] == 2
     assert {(i["round"], i["partition"], i["node_id"]) for i in summary["incidents"]} == {(2, 2, 102)}
 

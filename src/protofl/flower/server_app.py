@@ -47,7 +47,27 @@ def _write_done(out: Path, error: str | None) -> None:
 
 
 def run_server(grid, config, settings, engine: str):
-    """Run ``config`` over ``grid`` and write the run folder ``settings.out``."""
+    """Run ``config`` over ``grid`` and write the run folder ``settings.out`` (its log in ``server.log``)."""
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # The server's log (nodes lost, replies rejected, resumes) goes to the run folder's server.log too.
+    logger = logging.getLogger("protofl")
+    handler = logging.FileHandler(out / "server.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    level = logger.level
+    if level == logging.NOTSET or level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        return _run(grid, config, settings, engine, out)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
+def _run(grid, config, settings, engine: str, out: Path):
     import torch
 
     from protofl.algorithms import Task, get_algorithm
@@ -57,8 +77,6 @@ def run_server(grid, config, settings, engine: str):
     from protofl.records import summarize_history, write_atomic, write_json, write_metrics
     from protofl.report import plot_learning_curves, run_report
 
-    logging.getLogger("protofl").setLevel(logging.INFO)
-    out = Path(settings.out)
     torch.manual_seed(config.seed)
     data = prepare_data(config)
     task = Task(data.input_shape, data.num_classes, config.model)
