@@ -43,6 +43,8 @@ from protofl.payload import Payload, PayloadError, validate
 log = logging.getLogger("protofl.flower")
 
 POLL_SECONDS = 0.25
+#: While waiting for replies, look this often for nodes that restarted (and so replace a silent one).
+REJOIN_LOOK_SECONDS = 2.0
 #: Decisions remembered (and sent) per partition.
 DECISIONS_KEPT = 4
 
@@ -153,21 +155,33 @@ class FlowerServer:
         return Message(content, dst_node_id=self.nodes[partition], message_type=kind, group_id=str(r))
 
     def _exchange(self, messages: Mapping[int, Any], wait_for: int,
-                  counted: set[int] | None = None) -> tuple[dict[int, Reply], list[int]]:
+                  counted: set[int] | None = None) -> tuple[dict[int, Reply], dict[int, tuple[int, str]]]:
         """Send one message per partition; wait for every reply, or, past ``round_timeout``, for at least
-        ``wait_for`` replies from the ``counted`` partitions (default: all); returns the replies and the
-        partitions that stayed silent."""
+        ``wait_for`` replies from the ``counted`` partitions (default: all); returns the replies and, for
+        each partition that stayed silent, the node it was sent to and why."""
         if not messages:
-            return {}, []
+            return {}, {}
         partitions = list(messages)
         ids = list(self.grid.push_messages([messages[k] for k in partitions]))
         pending = {mid: k for mid, k in zip(ids, partitions) if mid}
+        replaced: dict[int, tuple[int, str]] = {}
         replies: dict[int, Reply] = {}
         for mid, k in zip(ids, partitions):
             if not mid:
                 replies[k] = Reply(k, self.nodes[k], error="the SuperLink refused the message")
+        sent_to = {k: self.nodes[k] for k in partitions}
         deadline = time.monotonic() + self.settings.round_timeout
+        next_look = time.monotonic() + REJOIN_LOOK_SECONDS
         while pending:
+            if time.monotonic() >= next_look:
+                # A node that restarted while we wait holds the partition now: its predecessor's message
+                # will never be answered, so stop waiting for it.
+                self.discover()
+                for mid, k in list(pending.items()):
+                    if self.nodes.get(k, sent_to[k]) != sent_to[k]:
+                        del pending[mid]
+                        replaced[k] = (sent_to[k], f"its node was replaced by node {self.nodes[k]} (restarted)")
+                next_look = time.monotonic() + REJOIN_LOOK_SECONDS
             for msg in self.grid.pull_messages(list(pending)):
                 k = pending.pop(msg.metadata.reply_to_message_id, None)
                 if k is None:
@@ -182,7 +196,8 @@ class FlowerServer:
                                        f"replied within {self.settings.round_timeout:g} s; at least {wait_for} needed")
             if pending:
                 time.sleep(POLL_SECONDS)
-        return replies, sorted(pending.values())
+        late = f"no reply within {self.settings.round_timeout:g} s"
+        return replies, {**{k: (sent_to[k], late) for k in pending.values()}, **replaced}
 
     def discover(self, wait: float = 0.0) -> None:
         """Learn which partition each connected node holds (asking new nodes); with ``wait``, wait up to
@@ -225,8 +240,8 @@ class FlowerServer:
         if missing and wait:
             log.warning("no node holds partitions %s yet; going on without them", missing)
 
-    def _lose(self, r: int, k: int, reason: str) -> None:
-        node = self.nodes.get(k)
+    def _lose(self, r: int, k: int, reason: str, node: int | None = None) -> None:
+        node = self.nodes.get(k) if node is None else node
         log.warning("round %d: lost client %d (node %s): %s", r, k, node, reason)
         self.incidents.append({"round": r, "partition": k, "node_id": node, "kind": "lost", "reason": reason})
 
@@ -270,9 +285,9 @@ class FlowerServer:
                              for k in sorted(self.nodes) if k not in messages})
         wait_for = min(self.settings.min_replies or len(reachable), len(reachable))
         replies, silent = self._exchange(messages, wait_for, counted=set(reachable))
-        for k in silent:
-            self._lose(r, k, f"no reply within {self.settings.round_timeout:g} s")
-        lost += [k for k in silent if k in reachable]
+        for k, (node, why) in sorted(silent.items()):
+            self._lose(r, k, why, node)
+        lost += [k for k in sorted(silent) if k in reachable]
         if owed:
             # the nodes' side of this evaluation was part of the exchange above (counted in this round's
             # round_seconds); its eval_seconds is the server's side
@@ -329,8 +344,8 @@ class FlowerServer:
             broadcast = algo.broadcast(self.server_state)
             replies, silent = self._exchange(
                 {k: self._message(k, "evaluate", r, broadcast, **{"privacy-all": True}) for k in sorted(self.nodes)}, 0)
-            for k in silent:
-                self._lose(r, k, f"no evaluation reply within {self.settings.round_timeout:g} s")
+            for k, (node, why) in sorted(silent.items()):
+                self._lose(r, k, f"evaluation: {why}", node)
             return self._finish(owed, replies, eval_start)
         if fed.checkpoint_every and r % fed.checkpoint_every == 0:
             save_checkpoint(self.checkpoint_dir, self.state_dict())
