@@ -1,4 +1,4 @@
-"""The ``protofl`` command line: ``run``, ``report``, ``data``, ``methods``.
+"""The ``protofl`` command line: ``run``, ``report``, ``data``, ``methods``, ``flower``.
 
 Heavy imports (torch, the data layer) happen inside the subcommands so ``protofl --help`` is quick.
 """
@@ -66,6 +66,47 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_flower(args: argparse.Namespace) -> int:
+    from protofl.api import resolve_config
+    from protofl.config import RunConfig
+
+    settings = {"min_replies": args.min_replies, "round_timeout": args.round_timeout, "node_wait": args.node_wait}
+    if args.action == "app":
+        from protofl.flower.launcher import prepare_run, write_app
+
+        if args.out is None or args.app_dir is None:
+            raise SystemExit("error: protofl flower app needs --out DIR (the run folder on the server) and --app-dir DIR")
+        if args.resume:
+            if args.config or args.set:
+                raise SystemExit("error: --resume continues the run in --out with its own configuration; give no CONFIG or --set")
+            config = resolve_config(Path(args.out) / "config.toml")
+        else:
+            config = resolve_config(args.config or RunConfig(), args.set)
+        flower_settings = prepare_run(config, args.out, resume=args.resume, **settings)
+        path = write_app(Path(args.app_dir), config, flower_settings, "flower-deployment")
+        print(f"wrote the Flower app {path}: submit it with  flwr run {path} CONNECTION")
+        return 0
+    from protofl.flower import run_on_flower
+
+    if args.resume:
+        if args.config or args.set:
+            raise SystemExit("error: --resume continues the run in --out with its own configuration; give no CONFIG or --set")
+        config = None
+    else:
+        config = resolve_config(args.config or RunConfig(), args.set)
+    if args.out is None:
+        raise SystemExit("error: --out DIR is required (where the run folder is written)")
+    summary = run_on_flower(config, args.out, mode=args.mode, resume=args.resume, tls_dir=args.tls_dir, **settings)
+    final = summary["final"]
+    glob = "—" if final["global_acc"] is None else f"{100 * final['global_acc']:.2f}%"
+    lost = sum(1 for i in summary["incidents"] if i["kind"] == "lost")
+    print(f"{summary['method']} on Flower ({args.mode}): global acc {glob}, personalised acc "
+          f"{100 * final['personal_acc_mean']:.2f}% after {final['round']} rounds; {lost} node losses, "
+          f"{summary['seconds_per_round']:.2f} s per round")
+    print(f"run folder: {args.out}")
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -106,6 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.set_defaults(func=_cmd_data)
 
+    p = sub.add_parser("flower", help="run on Flower (needs protofl[flower])", description=(
+        "run: start a SuperLink and one SuperNode per client on this machine (or Flower's simulation runtime) "
+        "and run CONFIG; app: write the Flower app folder for a deployment across machines, submitted with "
+        "'flwr run APP_DIR CONNECTION' (see docs/flower.md)."))
+    p.add_argument("action", choices=["run", "app"])
+    p.add_argument("config", nargs="?", help="TOML configuration (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--out", help="run folder to write (on the server's machine)")
+    p.add_argument("--mode", choices=["deployment", "simulation"], default="deployment",
+                   help="run: SuperLink + SuperNode processes (default), or Flower's simulation runtime")
+    p.add_argument("--app-dir", help="app: the Flower app folder to write")
+    p.add_argument("--tls-dir", help="run: a folder with ca.crt, server.pem, server.key: TLS between the processes")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--min-replies", type=int, default=0,
+                   help="a round goes on with this many replies once the others are overdue (0: all)")
+    p.add_argument("--round-timeout", type=float, default=120.0, help="seconds before a silent node is lost")
+    p.add_argument("--node-wait", type=float, default=120.0, help="seconds to wait for the nodes at the start")
+    p.set_defaults(func=_cmd_flower)
+
     p = sub.add_parser("methods", help="list the algorithms and their options")
     p.set_defaults(func=_cmd_methods)
     return parser
@@ -127,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     except BudgetExceededError as exc:
         print(f"error: privacy budget: {exc}; the last checkpoint holds the rounds completed", file=sys.stderr)
         return 3
+    except ImportError as exc:
+        if type(exc).__name__ != "FlowerMissingError":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Data, partition and payload errors carry their explanation; -v shows where they came from.
         if args.verbose:

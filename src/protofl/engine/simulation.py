@@ -44,6 +44,73 @@ def sample_clients(num_clients: int, fraction: float, seed: int, round_index: in
     return sorted(int(k) for k in rng.choice(num_clients, size=count, replace=False))
 
 
+def simulated_dropouts(sampled: Sequence[int], rate: float, seed: int, round_index: int) -> set[int]:
+    """Sampled clients that drop out of a round (each with probability ``rate``), seeded per round."""
+    if not rate:
+        return set()
+    rng = np.random.default_rng([seed, round_index, 2])
+    return {k for k, u in zip(sampled, rng.random(len(sampled))) if u < rate}
+
+
+def summarize_client_metrics(per_client: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """``{key}_mean`` and ``{key}_std`` over the clients' personalised metrics (in client order)."""
+    values: dict[str, list[float]] = {}
+    for metrics in per_client:
+        for key, value in metrics.items():
+            values.setdefault(key, []).append(value)
+    out: dict[str, float] = {}
+    for key, vals in values.items():
+        arr = np.asarray(vals, dtype=float)
+        out[f"{key}_mean"] = float(arr.mean())
+        out[f"{key}_std"] = float(arr.std())
+    return out
+
+
+def privacy_metrics(report: Mapping[str, Any] | None) -> dict[str, float]:
+    """The per-round privacy metrics of a spend report (empty where nothing is protected)."""
+    if not report:
+        return {}
+    return {"privacy_epsilon_max": report["epsilon"], "privacy_epsilon_mean": report[f"epsilon_{report['accountant']}_mean"]}
+
+
+def metrics_row(
+    r: int,
+    evaluation: Mapping[str, Any],
+    train_losses: Sequence[float],
+    *,
+    sampled: int,
+    dropped: int,
+    rejected: int,
+    up: int,
+    down: int,
+    up_total: int,
+    down_total: int,
+    server_metrics: Mapping[str, float],
+    privacy: Mapping[str, float],
+    round_seconds: float,
+    eval_seconds: float,
+    elapsed_seconds: float,
+) -> dict[str, Any]:
+    """One line of metrics.jsonl, in the engine's key order (shared by every engine)."""
+    return {
+        "round": r,
+        **evaluation,
+        "train_loss": float(np.nanmean(train_losses)) if len(train_losses) else float("nan"),
+        "clients_sampled": sampled,
+        "clients_dropped": dropped,
+        "clients_rejected": rejected,
+        "bytes_up": up,
+        "bytes_down": down,
+        "bytes_up_total": up_total,
+        "bytes_down_total": down_total,
+        **{f"server_{k}": v for k, v in server_metrics.items()},
+        **privacy,
+        "round_seconds": round_seconds,
+        "eval_seconds": eval_seconds,
+        "elapsed_seconds": elapsed_seconds,
+    }
+
+
 class RunInterrupted(RuntimeError):
     """Raised when a run is stopped on purpose after a round (``stop_after``), e.g. in tests."""
 
@@ -194,23 +261,13 @@ class Simulation:
         row = None
         if r % fed.eval_every == 0 or r == fed.rounds:
             eval_start = time.perf_counter()
-            row = {
-                "round": r,
-                **self.evaluate(),
-                "train_loss": float(np.nanmean(train_losses)) if train_losses else float("nan"),
-                "clients_sampled": len(sampled),
-                "clients_dropped": len(dropped),
-                "clients_rejected": len(rejected),
-                "bytes_up": up,
-                "bytes_down": down,
-                "bytes_up_total": self.bytes_up,
-                "bytes_down_total": self.bytes_down,
-                **{f"server_{k}": v for k, v in server_metrics.items()},
-                **self._privacy_metrics(),
-                "round_seconds": train_seconds,
-                "eval_seconds": time.perf_counter() - eval_start,
-                "elapsed_seconds": self.elapsed,
-            }
+            evaluation = self.evaluate()
+            row = metrics_row(
+                r, evaluation, train_losses, sampled=len(sampled), dropped=len(dropped), rejected=len(rejected),
+                up=up, down=down, up_total=self.bytes_up, down_total=self.bytes_down, server_metrics=server_metrics,
+                privacy=self._privacy_metrics(), round_seconds=train_seconds,
+                eval_seconds=time.perf_counter() - eval_start, elapsed_seconds=self.elapsed,
+            )
             self.history.append(row)
             if self.on_round is not None:
                 self.on_round(row)
@@ -222,17 +279,10 @@ class Simulation:
         return row
 
     def _privacy_metrics(self) -> dict[str, float]:
-        report = self.algorithm.privacy_report(self.client_states, all_accountants=False)
-        if not report:
-            return {}
-        return {"privacy_epsilon_max": report["epsilon"], "privacy_epsilon_mean": report[f"epsilon_{report['accountant']}_mean"]}
+        return privacy_metrics(self.algorithm.privacy_report(self.client_states, all_accountants=False))
 
     def _dropouts(self, sampled: list[int], r: int) -> set[int]:
-        rate = self.federation.client_dropout
-        if not rate:
-            return set()
-        rng = np.random.default_rng([self.seed, r, 2])
-        drop = {k for k, u in zip(sampled, rng.random(len(sampled))) if u < rate}
+        drop = simulated_dropouts(sampled, self.federation.client_dropout, self.seed, r)
         if drop:
             log.info("round %d: clients %s dropped out", r, sorted(drop))
         return drop
@@ -260,19 +310,10 @@ class Simulation:
                 group = algo.evaluate_global(self.server_state, self.test_x[index], self.test_y[index])
                 out[f"global_acc@{name}"] = group.get("global_acc")
         received = Payload.from_bytes(algo.broadcast(self.server_state).to_bytes())
-        per_client: dict[str, list[float]] = {}
-        evaluated = 0
-        for data in self.clients:
-            if not len(data.y_test):
-                continue
-            evaluated += 1
-            for key, value in algo.evaluate_client(self.client_state(data.client_id), received, data).items():
-                per_client.setdefault(key, []).append(value)
-        for key, values in per_client.items():
-            arr = np.asarray(values, dtype=float)
-            out[f"{key}_mean"] = float(arr.mean())
-            out[f"{key}_std"] = float(arr.std())
-        out["clients_evaluated"] = evaluated
+        per_client = [algo.evaluate_client(self.client_state(data.client_id), received, data)
+                      for data in self.clients if len(data.y_test)]
+        out.update(summarize_client_metrics(per_client))
+        out["clients_evaluated"] = len(per_client)
         return out
 
 

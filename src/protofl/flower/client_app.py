@@ -1,0 +1,139 @@
+"""The ClientApp: Flower's adapter around :mod:`protofl.flower.node`.
+
+Messages (``message_type``): ``query`` (which partition this node holds), ``train`` (one client step of
+a round) and ``evaluate`` (commit the server's decision, then personalised metrics and the privacy
+spent). A node's partition comes from its node config (``partition-id``, ``num-partitions``; the
+simulation runtime sets both); its state lives in Flower's ``context.state`` and, where the node config
+names a ``state-dir`` (or the run config a ``client-state-dir``), on disk, so a restarted node or a
+restarted server continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from protofl.flower._require import require_flwr
+
+require_flwr()
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from protofl.flower import records  # noqa: E402
+from protofl.flower.settings import CONFIG_KEY, FlowerSettings  # noqa: E402
+
+log = logging.getLogger("protofl.flower")
+
+STORE = "protofl-store"
+
+app = ClientApp()
+
+
+def _partition(context: Context) -> int:
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError("this node has no partition: start it with --node-config 'partition-id=K num-partitions=N'")
+    return int(node["partition-id"])
+
+
+def _task(context: Context):
+    from protofl.flower.node import node_task  # torch and the algorithms: not needed to answer a query
+
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError("this node has no partition: start it with --node-config 'partition-id=K num-partitions=N'")
+    settings = FlowerSettings.from_run_config(context.run_config)
+    state_dir = str(node.get("state-dir", settings.client_state_dir))
+    cache = str(Path(state_dir).expanduser() / settings.run_key) if state_dir else ""
+    return node_task(str(context.run_config[CONFIG_KEY]), int(node["partition-id"]), int(node["num-partitions"]), cache)
+
+
+def _store(context: Context, task):
+    from protofl.flower.node import ClientStore, store_path
+
+    settings = FlowerSettings.from_run_config(context.run_config)
+    path = store_path(str(context.node_config.get("state-dir", settings.client_state_dir)), settings.run_key,
+                      task.partition)
+    kept = context.state.config_records.get(STORE)
+    if kept is not None and kept.get("run-key") == settings.run_key:
+        store = ClientStore.from_bytes(kept["store"])
+    else:
+        store = ClientStore.load(path) or ClientStore()
+        if store.has_state():
+            log.info("%s: rejoined run %s with its saved state", task.who, settings.run_key)
+    return store, path, settings.run_key
+
+
+def _keep(context: Context, store, path, run_key: str) -> None:
+    data = store.to_bytes()
+    context.state[STORE] = ConfigRecord({"store": data, "run-key": run_key})
+    store.save(path)
+
+
+def _decide(store, task, fields: dict) -> None:
+    rounds, accepted = fields.get("decision-rounds", []), fields.get("decision-accepted", [])
+    store.decide(task, {int(r): bool(a) for r, a in zip(rounds, accepted)})
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    import tomllib
+
+    from protofl.config import ConfigError, PartitionConfig
+
+    partition = _partition(context)
+    wanted = tomllib.loads(str(context.run_config[CONFIG_KEY])).get("partition", {}).get(
+        "num_clients", PartitionConfig().num_clients)
+    if int(context.node_config["num-partitions"]) != wanted or not 0 <= partition < wanted:
+        raise ConfigError(f"node config partition-id={partition} num-partitions={context.node_config['num-partitions']} "
+                          f"does not fit the run's partition.num_clients={wanted}")
+    return Message(records.to_record_dict(None, **{"partition-id": partition}), reply_to=msg)
+
+
+def _evaluation(store, task, r: int, received, privacy_all: bool, content) -> None:
+    """Personalised metrics and privacy spent after round ``r``, added to a reply's ``content``."""
+    metrics = store.evaluate(task, r, received)
+    report = store.privacy_report(task, r, privacy_all)
+    fields = content.config_records[records.FIELDS]
+    fields.update({"evaluated-round": r, "evaluated": bool(len(task.data.y_test)), "privacy": json.dumps(report),
+                   "metric-keys": list(metrics)})
+    content["metrics"] = MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Commit the last decision; evaluate the round before (if asked); train round ``round``."""
+    task = _task(context)
+    store, path, run_key = _store(context, task)
+    fields = records.fields_of(msg.content)
+    r = int(fields["round"])
+    _decide(store, task, fields)
+    received = records.payload_of(msg.content)
+    if "evaluate-round" in fields:
+        # evaluation first: it sees the state after the round before, which training replaces
+        evaluated = records.to_record_dict(None)
+        _evaluation(store, task, int(fields["evaluate-round"]), received, bool(fields.get("privacy-all")), evaluated)
+    reply, metrics = store.train(task, r, received)
+    _keep(context, store, path, run_key)
+    content = records.to_record_dict(reply, **{"partition-id": task.partition, "round": r,
+                                               "train-loss": float(metrics.get("train_loss", float("nan")))})
+    if "evaluate-round" in fields:
+        content.config_records[records.FIELDS].update(dict(evaluated.config_records[records.FIELDS]))
+        content["metrics"] = evaluated.metric_records["metrics"]
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Commit the last decision; personalised metrics and privacy spent after round ``round``."""
+    task = _task(context)
+    store, path, run_key = _store(context, task)
+    fields = records.fields_of(msg.content)
+    r = int(fields["round"])
+    _decide(store, task, fields)
+    _keep(context, store, path, run_key)
+    content = records.to_record_dict(None, **{"partition-id": task.partition, "round": r})
+    _evaluation(store, task, r, records.payload_of(msg.content), bool(fields.get("privacy-all", False)), content)
+    return Message(content, reply_to=msg)

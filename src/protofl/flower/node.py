@@ -1,0 +1,231 @@
+"""A client's side of a Flower run: its data, its algorithm, and its state kept across rounds.
+
+Everything here is plain protofl (no Flower import), so the ClientApp is a thin adapter and the same
+logic can be tested without Flower. A node holds one partition (``partition-id`` of ``num-partitions``
+in its node config); its state — model, prototypes and the privacy ledger — never leaves it.
+
+State protocol: a training step leaves a *pending* state; the server's decision on that reply (accepted,
+or rejected/lost) arrives with the node's next message and commits either the new state or, when the
+reply was not taken, the old state with the new ledger (what went on the wire was spent, accepted or
+not), exactly as the in-process engine keeps it (a client whose reply was rejected keeps its old state). Committed states are kept per round, so a server that
+restarts from an earlier checkpoint and repeats a round starts it from the state of that round's eve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protofl.algorithms.base import Algorithm, ClientData
+from protofl.config import ConfigError, RunConfig
+from protofl.engine.simulation import derive_seed
+from protofl.payload import Payload, validate
+from protofl.privacy.vpdr import LEDGER_KEY
+
+log = logging.getLogger("protofl.flower")
+
+#: Committed states kept per node (the current one and its predecessor, for a repeated round).
+KEEP_STATES = 2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NodeTask:
+    """One node's part of a run: the algorithm, its partition's data, the run's seed."""
+
+    algorithm: Algorithm
+    data: ClientData
+    partition: int
+    seed: int
+
+    @property
+    def who(self) -> str:
+        return f"client {self.partition}"
+
+
+@functools.lru_cache(maxsize=4)
+def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: str = "") -> NodeTask:
+    """Load the data and build the algorithm (cached per process; with ``cache_dir``, the node's own
+    partition is also kept on disk, since Flower starts a fresh ClientApp process for every message)."""
+    import tomllib
+
+    from protofl.algorithms import ClientData, Task, get_algorithm
+    from protofl.api import fingerprint, resolve_config
+
+    config: RunConfig = resolve_config(tomllib.loads(config_text))
+    if num_partitions != config.partition.num_clients:
+        raise ConfigError(f"node config num-partitions={num_partitions}, but the run has "
+                          f"partition.num_clients={config.partition.num_clients}")
+    if not 0 <= partition < num_partitions:
+        raise ConfigError(f"node config partition-id={partition} is not in [0, {num_partitions})")
+    torch.manual_seed(config.seed)
+    cache = Path(cache_dir) / f"data-{fingerprint(config)}-{partition}.pt" if cache_dir else None
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, weights_only=True)
+    else:
+        from protofl.api import prepare_data
+
+        data = prepare_data(config)
+        c = data.clients[partition]
+        saved = {"x_train": c.x_train, "y_train": c.y_train, "x_test": c.x_test, "y_test": c.y_test,
+                 "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+        if cache is not None:
+            from protofl._io import atomic_write
+
+            atomic_write(cache, lambda fh: torch.save(saved, fh))
+    task = Task(tuple(saved["input_shape"]), int(saved["num_classes"]), config.model)
+    with _remembered_calibration(Path(cache_dir) / "calibration.json" if cache_dir else None):
+        algorithm = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
+    client = ClientData(partition, saved["x_train"], saved["y_train"], saved["x_test"], saved["y_test"])
+    return NodeTask(algorithm, client, partition, config.seed)
+
+
+@contextlib.contextmanager
+def _remembered_calibration(path: Path | None):
+    """Calibrating the noise to a budget takes seconds (a root search over PLD accountants) and Flower runs
+    every message in a fresh process: remember each calibration's result on the node's disk, keyed by its
+    arguments, while the algorithm is built. Where no module uses the calibration, nothing changes."""
+    import sys
+
+    from protofl.privacy import accounting
+
+    original = getattr(accounting, "calibrate_noise_multiplier", None)
+    if path is None or original is None:
+        yield
+        return
+    import json
+
+    known = json.loads(path.read_text()) if path.exists() else {}
+
+    def remembered(*args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in known:
+            known[key] = original(*args, **kwargs)
+            from protofl._io import atomic_write
+
+            text = json.dumps(known).encode()
+            atomic_write(path, lambda fh: fh.write(text))
+        return known[key]
+
+    users = [m for m in list(sys.modules.values())
+             if getattr(m, "__name__", "").startswith("protofl.") and getattr(m, "calibrate_noise_multiplier", None) is original]
+    for module in users:
+        module.calibrate_noise_multiplier = remembered
+    try:
+        yield
+    finally:
+        for module in users:
+            module.calibrate_noise_multiplier = original
+
+
+@dataclasses.dataclass
+class ClientStore:
+    """A node's committed states by round and its pending (not yet decided) one."""
+
+    committed: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    pending_round: int | None = None
+    pending: dict[str, Any] | None = None
+
+    def latest(self, before: int) -> tuple[int, dict[str, Any]] | None:
+        rounds = [r for r in self.committed if r < before]
+        return (max(rounds), self.committed[max(rounds)]) if rounds else None
+
+    def state(self, task: NodeTask, before: int) -> dict[str, Any]:
+        """The state to start round ``before`` from (or to evaluate after round ``before - 1``)."""
+        found = self.latest(before)
+        return found[1] if found is not None else task.algorithm.init_client_state(task.seed)
+
+    def has_state(self) -> bool:
+        return bool(self.committed)
+
+    def decide(self, task: NodeTask, decisions: Mapping[int, bool]) -> None:
+        """Apply the server's decisions ``{round: accepted}`` to the pending state: commit it whole when its
+        reply was accepted, else only its ledger (what went on the wire was spent). A pending state of a
+        round after every decision is one the server has no record of (it restarted from an earlier
+        checkpoint and will repeat that round with the same seed): it is dropped. One older than every
+        decision the server still sends is treated as not accepted."""
+        if self.pending is None or self.pending_round is None:
+            return
+        r, new = self.pending_round, self.pending
+        if r in decisions:
+            accepted = decisions[r]
+        elif not decisions or r > max(decisions):
+            self.pending_round = self.pending = None
+            log.info("%s: the server has no record of round %s; it will be repeated", task.who, r)
+            return
+        else:
+            accepted = False
+        self.pending_round = self.pending = None
+        base = self.state(task, r)
+        if accepted:
+            self.committed[r] = new
+        elif LEDGER_KEY in new:
+            self.committed[r] = {**base, LEDGER_KEY: new[LEDGER_KEY]}
+        else:
+            return
+        for old in sorted(self.committed)[:-KEEP_STATES]:
+            del self.committed[old]
+
+    def train(self, task: NodeTask, r: int, received: Payload) -> tuple[Payload, dict[str, float]]:
+        """One client step of round ``r`` (budget check first); the new state is left pending."""
+        algo = task.algorithm
+        state = self.state(task, r)
+        algo.check_release(state, task.partition)
+        validate(received, algo.broadcast_spec())
+        generator = torch.Generator().manual_seed(derive_seed(task.seed, r, task.partition))
+        new_state, reply, metrics = algo.client_step(state, task.data, received, generator)
+        self.pending_round, self.pending = r, new_state
+        return reply, metrics
+
+    @torch.no_grad()
+    def evaluate(self, task: NodeTask, r: int, received: Payload) -> dict[str, float]:
+        """Personalised metrics after round ``r`` (empty when the client holds no test split)."""
+        if not len(task.data.y_test):
+            return {}
+        validate(received, task.algorithm.broadcast_spec())
+        return task.algorithm.evaluate_client(self.state(task, r + 1), received, task.data)
+
+    def privacy_report(self, task: NodeTask, r: int, all_accountants: bool) -> dict[str, Any] | None:
+        if not self.has_state():
+            return None
+        return task.algorithm.privacy_report({task.partition: self.state(task, r + 1)}, all_accountants=all_accountants)
+
+    # -- persistence -------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"committed": self.committed, "pending_round": self.pending_round, "pending": self.pending}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ClientStore":
+        state = torch.load(io.BytesIO(data), weights_only=True)
+        return cls(state["committed"], state["pending_round"], state["pending"])
+
+    @classmethod
+    def load(cls, path: Path | None) -> "ClientStore | None":
+        if path is None or not path.exists():
+            return None
+        return cls.from_bytes(path.read_bytes())
+
+    def save(self, path: Path | None) -> None:
+        if path is None:
+            return
+        from protofl._io import atomic_write
+
+        data = self.to_bytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda fh: fh.write(data))
+
+
+def store_path(state_dir: str, run_key: str, partition: int) -> Path | None:
+    """Where a node keeps its state on disk (None: in Flower's context only)."""
+    if not state_dir:
+        return None
+    return Path(state_dir).expanduser() / run_key / f"partition-{partition}.pt"

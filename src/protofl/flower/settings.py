@@ -1,0 +1,79 @@
+"""What the Flower app needs beyond the run's own configuration, and how it travels.
+
+The ServerApp and the ClientApps receive everything through Flower's run config (``[tool.flwr.app.config]``
+of the generated app, or ``flwr run -c``): the resolved protofl configuration as TOML text and the
+server's fault-handling settings (:class:`FlowerSettings`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from protofl.config import RunConfig, check
+
+#: Run-config keys (Flower's convention is hyphenated keys).
+CONFIG_KEY = "protofl-config"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowerSettings:
+    """How the server drives a run on Flower.
+
+    ``min_replies``: a round goes on once this many training replies are in and the others are overdue
+    (0: every reachable client must reply); ``round_timeout``: seconds to wait for replies before a
+    silent node is declared lost; ``node_wait``: seconds to wait at the start for every partition's
+    node; ``out``: the run folder (on the server's machine); ``run_key``: names the run's client state
+    on the nodes, so a restarted node or server continues it; ``resume``: continue from ``out``'s
+    checkpoint; ``client_state_dir``: where nodes without a ``state-dir`` node config keep their state
+    (the simulation runtime's nodes have no node config of their own).
+    """
+
+    out: str
+    run_key: str
+    min_replies: int = 0
+    round_timeout: float = 120.0
+    node_wait: float = 120.0
+    resume: bool = False
+    client_state_dir: str = ""
+
+    def __post_init__(self) -> None:
+        check(bool(self.out), "out", "the run folder is required")
+        check(bool(self.run_key) and self.run_key.replace("-", "").isalnum(), "run-key",
+              f"must be a non-empty alphanumeric key, got {self.run_key!r}")
+        check(self.min_replies >= 0, "min-replies", f"must be >= 0, got {self.min_replies}")
+        check(self.round_timeout > 0, "round-timeout", f"must be > 0 seconds, got {self.round_timeout}")
+        check(self.node_wait > 0, "node-wait", f"must be > 0 seconds, got {self.node_wait}")
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FlowerSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k.replace("-", "_"): v for k, v in run_config.items() if k.replace("-", "_") in names}
+        for key in ("min_replies",):
+            if key in kwargs:
+                kwargs[key] = int(kwargs[key])
+        for key in ("round_timeout", "node_wait"):
+            if key in kwargs:
+                kwargs[key] = float(kwargs[key])
+        return cls(**kwargs)
+
+
+def run_config_of(run_config: Mapping[str, Any]) -> RunConfig:
+    """The protofl configuration carried in a Flower run config."""
+    import tomllib
+
+    from protofl.api import resolve_config
+    from protofl.config import ConfigError
+
+    text = run_config.get(CONFIG_KEY)
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"the Flower run config has no {CONFIG_KEY!r} (the run's protofl configuration as TOML)")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{CONFIG_KEY}: not valid TOML: {exc}") from None
+    return resolve_config(data)

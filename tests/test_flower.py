@@ -1,0 +1,399 @@
+"""protofl on Flower: a SuperLink and three SuperNodes as processes on loopback, against the in-process engine.
+
+The runs start in one module fixture and go on side by side (Flower starts a process for every message,
+and much of a round is waiting, so the runs overlap on two cores); each test checks one of them. The
+server's logic is also checked without Flower's processes, over an in-process stand-in for its Grid
+(faults, malformed replies, a server restart), which takes seconds.
+"""
+
+import json
+import math
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+import protofl  # noqa: E402
+from protofl.api import resolve_config  # noqa: E402
+from protofl.flower import Federation, run_on_flower  # noqa: E402
+from protofl.flower.launcher import prepare_run, submit, wait_done, write_app  # noqa: E402
+from protofl.records import TIMING_KEYS, read_metrics  # noqa: E402
+
+#: Flower and in-process runs take the same steps with the same seeds, so they agree to float rounding;
+#: the stated tolerance leaves room for a different thread count in another process.
+TOLERANCE = 1e-6
+
+BASE = {
+    "seed": 3,
+    "data": {"dataset": "optdigits", "max_train_samples": 900},
+    "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 3},
+    "federation": {"rounds": 3, "progress": False},
+    "model": {"feature_dim": 32},
+    "method": {"name": "fedproto", "lr": 0.1, "batch_size": 32},
+}
+VPP = {**BASE, "privacy": {"mechanism": "vpp", "epsilon": 8.0}}
+
+
+def _run_deployment(config, out, workdir, results, name):
+    try:
+        results[name] = run_on_flower(config, out, mode="deployment", workdir=workdir, round_timeout=300,
+                                      node_wait=120, timeout=600)
+    except BaseException as exc:  # reported by the test that needs it
+        results[name] = exc
+
+
+def _run_simulation(config, out, workdir, results):
+    try:
+        results["simulation"] = run_on_flower(config, out, mode="simulation", workdir=workdir, round_timeout=300,
+                                              node_wait=120, timeout=600)
+    except BaseException as exc:
+        results["simulation"] = exc
+
+
+def _run_with_a_killed_node(config, out, workdir, results):
+    """Deployment where SuperNode 2 is SIGKILLed once round 1's row is written (round 2's training, which
+    carried round 1's evaluation, is done) and restarted straight away: round 3's message to it is lost."""
+    try:
+        config = resolve_config(config)
+        settings = prepare_run(config, out, min_replies=2, round_timeout=40, node_wait=120)
+        with Federation(3, workdir) as federation:
+            submit(federation, write_app(workdir / "app", config, settings, "flower-deployment"))
+            metrics = Path(out) / "metrics.jsonl"
+            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 1):
+                if (Path(out) / "flower-done.json").exists():
+                    raise RuntimeError("the run ended before a node could be killed")
+                threading.Event().wait(0.1)
+            federation.kill_node(2)
+            results["killed_after_rows"] = len(metrics.read_text().splitlines())
+            federation.start_node(2)
+            wait_done(out, federation, timeout=600)
+        results["killed"] = json.loads((Path(out) / "summary.json").read_text())
+        results["killed_state"] = federation.state_dir / settings.run_key / "partition-2.pt"
+    except BaseException as exc:
+        results["killed"] = exc
+
+
+@pytest.fixture(scope="module")
+def flower_runs(tmp_path_factory):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    root = tmp_path_factory.mktemp("flower")
+    results = {}
+    jobs = [
+        threading.Thread(target=_run_deployment, args=(BASE, root / "plain", root / "w-plain", results, "plain")),
+        threading.Thread(target=_run_deployment, args=(VPP, root / "vpp", root / "w-vpp", results, "vpp")),
+        threading.Thread(target=_run_with_a_killed_node, args=(BASE, root / "killed", root / "w-killed", results)),
+        threading.Thread(target=_run_simulation, args=(BASE, root / "simulation", root / "w-sim", results)),
+    ]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    return root, results
+
+
+def _result(results, name):
+    value = results[name]
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def _assert_close(flower_rows, local_rows, rounds=(1, 2, 3)):
+    assert [r["round"] for r in flower_rows] == [r["round"] for r in local_rows] == list(rounds)
+    for f, l in zip(flower_rows, local_rows):
+        for key, value in l.items():
+            if key in TIMING_KEYS:
+                continue
+            assert key in f, key
+            if isinstance(value, float) and not math.isnan(value):
+                assert f[key] == pytest.approx(value, abs=TOLERANCE), (f["round"], key)
+            elif value is None or (isinstance(value, float) and math.isnan(value)):
+                assert f[key] is None or math.isnan(f[key]), key
+            else:
+                assert f[key] == value, (f["round"], key)
+        assert f["clients_lost"] == 0
+
+
+@pytest.mark.parametrize("name,config", [("plain", BASE), ("vpp", VPP)])
+def test_flower_deployment_matches_the_in_process_engine(flower_runs, name, config):
+    root, results = flower_runs
+    summary = _result(results, name)
+    local = protofl.run(config)
+    flower_rows = read_metrics(root / name / "metrics.jsonl")
+    _assert_close(flower_rows, local.history)
+    assert summary["engine"] == "flower-deployment"
+    assert summary["incidents"] == []
+    assert summary["bytes_up"] == local.summary["bytes_up"] and summary["bytes_down"] == local.summary["bytes_down"]
+    assert summary["final"]["personal_acc_mean"] == pytest.approx(local.summary["final"]["personal_acc_mean"],
+                                                                  abs=TOLERANCE)
+    assert summary["final"]["personal_acc_mean"] > 0.3  # it learns: chance is 0.1
+    if name == "vpp":
+        # each client's accountant lived on its node; the server merged their reports
+        assert summary["epsilon"] == pytest.approx(local.summary["epsilon"], rel=1e-9)
+        assert 0 < summary["epsilon"] <= 8.0
+        assert summary["privacy"]["max_releases_by_a_client"] == 3
+        assert flower_rows[-1]["privacy_epsilon_max"] > flower_rows[0]["privacy_epsilon_max"] > 0
+    else:
+        assert summary["epsilon"] is None
+    for file in ["config.toml", "summary.json", "metrics.jsonl", "report.md", "checkpoint/state.pt"]:
+        assert (root / name / file).exists(), file
+
+
+def test_flower_simulation_runtime_matches_the_in_process_engine(flower_runs):
+    root, results = flower_runs
+    summary = _result(results, "simulation")
+    _assert_close(read_metrics(root / "simulation" / "metrics.jsonl"), protofl.run(BASE).history)
+    assert summary["engine"] == "flower-simulation"
+
+
+def test_protofl_report_compares_flower_and_in_process_runs(flower_runs, tmp_path):
+    from protofl.report import compare_runs
+
+    root, results = flower_runs
+    _result(results, "plain")
+    protofl.run(BASE, out=tmp_path / "in-process")
+    table = compare_runs([root / "plain", tmp_path / "in-process"], tmp_path / "report").read_text()
+    assert "plain" in table and "in-process" in table
+
+
+def test_a_killed_supernode_is_recorded_and_the_run_completes(flower_runs):
+    root, results = flower_runs
+    summary = _result(results, "killed")
+    rows = read_metrics(root / "killed" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    lost = [i for i in summary["incidents"] if i["kind"] == "lost"]
+    assert lost and all(i["partition"] == 2 for i in lost), summary["incidents"]
+    assert "lost client 2" in (root / "killed" / "server.log").read_text()
+    assert {i["round"] for i in lost} <= {2, 3}
+    assert sum(r["clients_lost"] for r in rows) >= 1
+    # the restarted node rejoined with its saved state: it was evaluated after the last round, and what it
+    # holds is the round it trained before it was killed (its process had none of it)
+    assert rows[-1]["clients_evaluated"] == 3
+    from protofl.flower.node import ClientStore
+
+    store = ClientStore.load(results["killed_state"])
+    assert 2 in store.committed, sorted(store.committed)
+    assert np.isfinite(rows[-1]["personal_acc_mean"])
+
+
+def test_a_malformed_reply_is_rejected_with_its_reason(tmp_path):
+    """The server's checks, on Flower records: NaN, wrong shape, unknown class, wrong method."""
+    from protofl.algorithms import Task
+    from protofl.algorithms.fedproto import FedProto
+    from protofl.config import ModelConfig
+    from protofl.flower import records
+    from protofl.payload import Payload, PayloadError, validate
+
+    algo = FedProto(FedProto.Config(), Task((8,), 3, ModelConfig(feature_dim=4, hidden_dim=6)))
+    good = Payload({"classes": np.array([0, 2]), "prototypes": np.ones((2, 4), np.float32),
+                    "counts": np.array([3, 5])}, {"method": "fedproto"})
+    spec = algo.reply_spec()
+    validate(records.payload_of(records.to_record_dict(good, round=1)), spec)
+    bad = {
+        "NaN": Payload({**good.arrays, "prototypes": np.full((2, 4), np.nan, np.float32)}, good.metadata),
+        "shape": Payload({**good.arrays, "prototypes": np.ones((2, 3), np.float32)}, good.metadata),
+        "class ids": Payload({**good.arrays, "classes": np.array([0, 3])}, good.metadata),
+        "method": Payload(good.arrays, {"method": "fedavg"}),
+    }
+    for reason, payload in bad.items():
+        with pytest.raises(PayloadError, match=reason):
+            validate(records.payload_of(records.to_record_dict(payload, round=1)), spec)
+
+
+# -- the server's logic over an in-process grid: fast checks of faults, restarts and rejection -------------
+
+
+class LoopbackGrid:
+    """A stand-in for Flower's Grid that hands each message to protofl's ClientApp handlers in this process
+    (real Flower messages, records and contexts; no SuperLink). ``silent`` nodes never answer;
+    ``tamper(node_id, reply)`` may replace a reply; ``crash_at`` raises when a round's training starts."""
+
+    def __init__(self, run_config, num_nodes, tamper=None, crash_at=None):
+        from flwr.app import Context, RecordDict
+
+        from protofl.flower import client_app
+
+        self.handlers = {"train": client_app.train, "evaluate": client_app.evaluate, "query": client_app.query}
+        self.contexts = {100 + k: Context(1, 100 + k, {"partition-id": k, "num-partitions": num_nodes}, RecordDict(),
+                                          run_config) for k in range(num_nodes)}
+        self.tamper, self.crash_at = tamper, crash_at
+        self.silent: set[int] = set()
+        self.replies = {}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            meta = msg.metadata
+            if meta.message_type == "train" and self.crash_at is not None and meta.group_id == str(self.crash_at):
+                raise ServerCrash(f"server crashed at round {self.crash_at}")
+            meta.__dict__["_message_id"] = msg.object_id
+            if meta.dst_node_id not in self.silent:
+                reply = self.handlers[meta.message_type](msg, self.contexts[meta.dst_node_id])
+                if self.tamper is not None:
+                    reply = self.tamper(meta.dst_node_id, reply)
+                self.replies[meta.message_id] = reply
+            ids.append(meta.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+class ServerCrash(RuntimeError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    """Flower's messages take the run and node id of the process's task (set by Flower's runtime)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _loopback_run(config, out, grid_args=(), state_dir="", resume=False, run_key="k1", grid_class=None, **settings):
+    from protofl.flower.server_app import run_server
+    from protofl.flower.settings import CONFIG_KEY, FlowerSettings
+
+    config = resolve_config(config)
+    flower = FlowerSettings(out=str(out), run_key=run_key, client_state_dir=str(state_dir), resume=resume,
+                            **{"round_timeout": 2.0, "node_wait": 2.0, **settings})
+    grid = (grid_class or LoopbackGrid)({CONFIG_KEY: config.to_toml(), **flower.to_run_config()}, config.partition.num_clients,
+                        *grid_args)
+    return grid, run_server(grid, config, flower, "flower-loopback")
+
+
+SMALL = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
+         "federation": {"rounds": 4, "progress": False, "client_fraction": 0.67, "checkpoint_every": 2}}
+
+
+def test_server_logic_matches_the_in_process_engine_under_partial_participation(tmp_path):
+    _, summary = _loopback_run(SMALL, tmp_path / "f")
+    local = protofl.run(SMALL)
+    _assert_close(read_metrics(tmp_path / "f" / "metrics.jsonl"), local.history, rounds=[1, 2, 3, 4])
+    assert summary["bytes_up"] == local.summary["bytes_up"]
+
+
+@pytest.mark.parametrize("fault", ["nan", "shape", "class", "method"])
+def test_a_node_with_a_malformed_payload_is_rejected_and_the_round_goes_on(tmp_path, caplog, fault):
+    from protofl.flower import records
+    from protofl.payload import Payload
+
+    def tamper(node_id, reply):
+        fields = records.fields_of(reply.content)
+        if node_id != 101 or "metadata" not in fields:
+            return reply
+        payload = records.payload_of(reply.content)
+        arrays, meta = dict(payload.arrays), dict(payload.metadata)
+        if fault == "nan":
+            arrays["prototypes"] = np.full_like(arrays["prototypes"], np.nan)
+        elif fault == "shape":
+            arrays["prototypes"] = arrays["prototypes"][:, :2].copy()
+        elif fault == "class":
+            arrays["classes"] = arrays["classes"] + 10
+        else:
+            meta["method"] = "fedavg"
+        extra = {k: v for k, v in fields.items() if k != "metadata"}
+        content = records.to_record_dict(Payload(arrays, meta), **extra)
+        for name, record in reply.content.metric_records.items():  # the evaluation it carries
+            content[name] = record
+        reply.content = content
+        return reply
+
+    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 2, "progress": False}}
+    with caplog.at_level("WARNING", logger="protofl.flower"):
+        _, summary = _loopback_run(config, tmp_path / "f", (tamper,))
+    rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
+    assert [r["clients_rejected"] for r in rows] == [1, 1]
+    assert "rejected the reply of client 1" in caplog.text
+    reasons = {"nan": "NaN", "shape": "shape", "class": "class ids", "method": "method"}
+    rejected = [i for i in summary["incidents"] if i["kind"] == "rejected"]
+    assert [i["partition"] for i in rejected] == [1, 1]
+    assert all(reasons[fault] in i["reason"] for i in rejected), rejected
+    assert rows[-1]["clients_evaluated"] == 3 and np.isfinite(rows[-1]["personal_acc_mean"])
+
+
+def test_a_silent_node_is_lost_and_the_round_goes_on_with_min_replies(tmp_path, caplog):
+    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 2, "progress": False}}
+
+    class Silencing(LoopbackGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.metadata.message_type == "train" and m.metadata.group_id == "2" for m in messages):
+                self.silent.add(102)
+            return super().push_messages(messages)
+
+    with caplog.at_level("WARNING", logger="protofl.flower"):
+        _, summary = _loopback_run(config, tmp_path / "f", grid_class=Silencing, min_replies=2, round_timeout=0.5)
+    rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
+    assert [r["clients_lost"] for r in rows] == [0, 1]
+    assert "lost client 2 (node 102)" in caplog.text
+    assert "lost client 2 (node 102)" in (tmp_path / "f" / "server.log").read_text()
+    assert rows[1]["clients_evaluated"] == 2
+    assert {(i["round"], i["partition"], i["node_id"]) for i in summary["incidents"]} == {(2, 2, 102)}
+
+
+def test_a_restarted_server_continues_from_its_checkpoint(tmp_path):
+    """The server dies at the start of round 4 (its last checkpoint is round 2's; the nodes have trained
+    round 3 already); a new server resumes, repeats round 3 and ends as the uninterrupted run."""
+    state = tmp_path / "node-state"
+    _, whole = _loopback_run(SMALL, tmp_path / "whole", state_dir=state, run_key="whole")
+    with pytest.raises(ServerCrash):
+        _loopback_run(SMALL, tmp_path / "cut", (None, 4), state_dir=state, run_key="cut")
+    # round 3 ran, but its row waits for its evaluation, which rides on round 4's messages
+    assert [r["round"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")] == [1, 2]
+    # a new server (and fresh Flower contexts: the nodes' state comes back from their disks)
+    _, resumed = _loopback_run(SMALL, tmp_path / "cut", state_dir=state, run_key="cut", resume=True)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+    assert resumed["final"] == whole["final"]
+
+
+def test_without_flower_installed_the_error_says_how_to_get_it(monkeypatch, tmp_path):
+    import sys
+
+    from protofl.cli import main
+    from protofl.flower import FlowerMissingError, require_flwr
+
+    monkeypatch.setitem(sys.modules, "flwr", None)  # as if flwr were not installed
+    with pytest.raises(FlowerMissingError, match=r"pip install 'protofl\[flower\]'"):
+        require_flwr()
+    assert main(["flower", "run", "--set", "data.dataset=optdigits", "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_protofl_flower_app_writes_an_app_that_flower_accepts(tmp_path):
+    import tomllib
+
+    from flwr.cli.config_utils import load_and_validate
+
+    from protofl.cli import main
+    from protofl.flower.settings import CONFIG_KEY, FlowerSettings, run_config_of
+
+    out, app = tmp_path / "run", tmp_path / "app"
+    assert main(["flower", "app", "--set", "data.dataset=optdigits", "--set", "method.name=fedproto",
+                 "--set", "privacy.mechanism=vpp", "--out", str(out), "--app-dir", str(app),
+                 "--min-replies", "2", "--round-timeout", "30"]) == 0
+    flower_config, _warnings = load_and_validate(app / "pyproject.toml")  # raises on what Flower refuses
+    assert flower_config["tool"]["flwr"]["app"]["components"]["clientapp"] == "protofl.flower.client_app:app"
+    run_config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    settings = FlowerSettings.from_run_config(run_config)
+    assert settings.min_replies == 2 and settings.round_timeout == 30.0 and settings.out == str(out.resolve())
+    assert run_config_of(run_config).privacy.mechanism == "vpp"
+    assert json.loads((out / "flower.json").read_text())["run_key"] == settings.run_key
+    # resuming keeps the run key (the nodes' state is filed under it); a used folder is not started again
+    assert main(["flower", "app", "--resume", "--out", str(out), "--app-dir", str(tmp_path / "app2")]) == 0
+    again = tomllib.loads((tmp_path / "app2" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert again["run-key"] == settings.run_key and again["resume"] is True
+    assert CONFIG_KEY in again
