@@ -144,54 +144,63 @@ def unstack_params(stacked: Params) -> list[Params]:
 
 
 class _Optimizer:
-    """``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (default betas and eps) on stacked parameters, with an
-    update mask over clients; state starts empty each round as in ``train_local``."""
+    """``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (default betas and eps) on stacked parameters, updated
+    in place with the ``torch._foreach_*`` operations those optimisers use, and a mask over clients:
+    an inactive client's parameters and optimiser state are restored after the update. State starts
+    empty each round, as in ``train_local``."""
 
     def __init__(self, config: Any, params: Params):
         self.config = config
         self.kind = config.optimizer
+        self.names = list(params)
+        self.state: list[list[torch.Tensor]] = []
         if self.kind == "sgd":
-            self.buf = {n: torch.zeros_like(v) for n, v in params.items()} if config.momentum else None
+            if config.momentum:
+                self.state = [[torch.zeros_like(v) for v in params.values()]]
         else:
-            self.exp_avg = {n: torch.zeros_like(v) for n, v in params.items()}
-            self.exp_avg_sq = {n: torch.zeros_like(v) for n, v in params.items()}
+            self.state = [[torch.zeros_like(v) for v in params.values()], [torch.zeros_like(v) for v in params.values()]]
 
-    def step(self, params: Params, grads: Params, active: torch.Tensor, step: int) -> Params:
+    def step(self, params: Params, grads: Params, active: torch.Tensor, step: int) -> None:
+        p = [params[n] for n in self.names]
+        g = [grads[n] for n in self.names]
+        if bool(active.all()):
+            self._update(p, g, step)
+            return
+        saved = [[t.clone() for t in group] for group in (p, *self.state)]
+        self._update(p, g, step)
+        for group, old in zip((p, *self.state), saved):
+            for t, o in zip(group, old):
+                mask = active.view(-1, *([1] * (t.dim() - 1)))
+                t.copy_(torch.where(mask, t, o))
+
+    def _update(self, p: list[torch.Tensor], g: list[torch.Tensor], step: int) -> None:
         c = self.config
         lr, wd = c.lr, c.weight_decay
-        everyone = bool(active.all())
-        out = {}
-        for name, p in params.items():
-            g = grads[name]
-            mask = None if everyone else active.view(-1, *([1] * (p.dim() - 1)))
-            if self.kind == "sgd":
-                if wd:
-                    g = g + wd * p
-                if self.buf is not None:
-                    buf = self.buf[name] * c.momentum + g
-                    self.buf[name] = buf if mask is None else torch.where(mask, buf, self.buf[name])
-                    g = buf
-                new = p - lr * g
-            else:
-                beta1, beta2, eps = 0.9, 0.999, 1e-8
-                if self.kind == "adamw":
-                    p_decayed = p * (1 - lr * wd) if wd else p
-                else:
-                    p_decayed = p
-                    if wd:
-                        g = g + wd * p
-                m = self.exp_avg[name].lerp(g, 1 - beta1)
-                v = self.exp_avg_sq[name] * beta2 + (g * g) * (1 - beta2)
-                if mask is None:
-                    self.exp_avg[name], self.exp_avg_sq[name] = m, v
-                else:
-                    self.exp_avg[name] = torch.where(mask, m, self.exp_avg[name])
-                    self.exp_avg_sq[name] = torch.where(mask, v, self.exp_avg_sq[name])
-                step_size = lr / (1 - beta1 ** step)
-                denom = v.sqrt() / math.sqrt(1 - beta2 ** step) + eps
-                new = p_decayed - step_size * (m / denom)
-            out[name] = new if mask is None else torch.where(mask, new, p)
-        return out
+        if self.kind == "sgd":
+            if wd:
+                g = torch._foreach_add(g, p, alpha=wd)
+            if self.state:
+                (buf,) = self.state
+                torch._foreach_mul_(buf, c.momentum)
+                torch._foreach_add_(buf, g)
+                g = buf
+            torch._foreach_add_(p, g, alpha=-lr)
+            return
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        exp_avg, exp_avg_sq = self.state
+        if self.kind == "adamw":
+            if wd:
+                torch._foreach_mul_(p, 1 - lr * wd)
+        elif wd:
+            g = torch._foreach_add(g, p, alpha=wd)
+        torch._foreach_lerp_(exp_avg, g, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, g, g, 1 - beta2)
+        step_size = lr / (1 - beta1 ** step)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** step))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, exp_avg, denom, -step_size)
 
 
 def train_batched(
@@ -208,7 +217,7 @@ def train_batched(
     stacked parameters and each client's ``{"train_loss"}`` (the mean of its step losses, as
     ``train_local`` reports it)."""
     schedule = batch_schedule(batch, config.batch_size, config.local_epochs, generators)
-    leaves = {name: v.detach() for name, v in params.items()}
+    leaves = {name: v.detach().clone() for name, v in params.items()}  # updated in place below
     optimizer = _Optimizer(config, leaves)
     step_fn = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0, *([None] * len(shared))))
     k = len(batch)
@@ -217,7 +226,7 @@ def train_batched(
         index = schedule.index[s]
         active = schedule.active[s]
         grads, losses = step_fn(leaves, batch.x[index], batch.y[index], schedule.weight[s], *shared)
-        leaves = optimizer.step(leaves, grads, active, s + 1)
+        optimizer.step(leaves, grads, active, s + 1)
         total += torch.where(active, losses.detach().double(), torch.zeros((), dtype=torch.float64))
     steps = schedule.steps.clamp_min(1).double()
     metrics = [{"train_loss": float(v)} for v in (total / steps).tolist()]
