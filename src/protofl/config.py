@@ -189,7 +189,7 @@ class FederationConfig:
     execution: str = "per-client"
     #: Batched execution: at most this many clients are stacked into one program (bounds the memory
     #: of the stacked parameters, optimiser state and data).
-    batch_clients: int = 1000
+    batch_clients: int = 256
 
     def __post_init__(self) -> None:
         check_choice(self.execution, ("per-client", "batched"), "execution")

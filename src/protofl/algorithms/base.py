@@ -222,7 +222,8 @@ class Algorithm:
         generators: Sequence[torch.Generator],
         shared: tuple = (),
     ):
-        """:meth:`train_local` for ``K`` clients at once: ``params`` are stacked ``(K, ...)`` tensors and
+        """:meth:`train_local` for ``K`` clients at once: ``params`` are stacked ``(K, ...)`` tensors (a fresh
+        stack: they are trained in place) and
         ``loss_fn(params, x, y, weight, *shared)`` is one client's loss on a padded batch (``weight``
         is 1 on real samples, 0 on padding). Returns ``(stacked params, per-client metrics, the
         concatenated train data)``."""

@@ -211,13 +211,14 @@ def train_batched(
     generators: Sequence[torch.Generator],
     shared: tuple = (),
 ) -> tuple[Params, list[dict[str, float]]]:
-    """Train ``K`` clients at once: ``params`` holds ``(K, ...)`` tensors, ``loss_fn(params_k, x, y,
+    """Train ``K`` clients at once: ``params`` holds ``(K, ...)`` tensors (a fresh stack, e.g. from
+    :func:`stack_params`: they are updated in place), ``loss_fn(params_k, x, y,
     weight, *shared)`` is one client's loss on its padded batch (``weight`` marks real samples), and
     ``shared`` are arguments common to every client (e.g. the global prototypes). Returns the trained
     stacked parameters and each client's ``{"train_loss"}`` (the mean of its step losses, as
     ``train_local`` reports it)."""
     schedule = batch_schedule(batch, config.batch_size, config.local_epochs, generators)
-    leaves = {name: v.detach().clone() for name, v in params.items()}  # updated in place below
+    leaves = {name: v.detach() for name, v in params.items()}  # trained in place: pass a fresh stack
     optimizer = _Optimizer(config, leaves)
     step_fn = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0, *([None] * len(shared))))
     k = len(batch)
