@@ -227,3 +227,40 @@ def test_fingerprint_keeps_per_client_runs_and_separates_batched_ones():
     base = RunConfig()
     assert fingerprint(base) == fingerprint(base.replace("federation.batch_clients=7"))
     assert fingerprint(base) != fingerprint(base.replace("federation.execution=batched"))
+
+
+def test_a_resumed_batched_run_repeats_the_uninterrupted_one(tmp_path):
+    from protofl.engine import RunInterrupted
+
+    def simulation(checkpoint_dir=None):
+        algo = get_algorithm("fedproto").from_options({"batch_size": 16}, TASK)
+        fed = FederationConfig(rounds=3, checkpoint_every=1, progress=False, execution="batched", batch_clients=3)
+        clients = make_clients()
+        return Simulation(algo, clients, clients[0].x_test, clients[0].y_test, fed, seed=2,
+                          checkpoint_dir=checkpoint_dir, fingerprint="f")
+
+    whole = simulation()
+    whole.run()
+    first = simulation(tmp_path / "ckpt")
+    with pytest.raises(RunInterrupted):
+        first.run(stop_after=1)
+    resumed = simulation(tmp_path / "ckpt")
+    assert resumed.resume() and resumed.round == 1
+    resumed.run()
+    assert_close_states(whole.server_state, resumed.server_state, atol=0)
+    for k in whole.client_states:
+        assert_close_states(whole.client_states[k], resumed.client_states[k], atol=0)
+
+
+def test_protofl_run_records_the_execution_and_matches_per_client(small_config):
+    import protofl
+
+    small_config["federation"]["progress"] = False
+    ref = protofl.run(small_config)
+    small_config["federation"]["execution"] = "batched"
+    got = protofl.run(small_config)
+    assert ref.summary["execution"] == "per-client" and got.summary["execution"] == "batched"
+    assert all(row["execution"] == "batched" for row in got.history)
+    for key in ("global_acc", "personal_acc_mean"):
+        assert got.summary["final"][key] == pytest.approx(ref.summary["final"][key], abs=1e-6)
+    assert got.history[-1]["train_loss"] == pytest.approx(ref.history[-1]["train_loss"], rel=1e-4)
