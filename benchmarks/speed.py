@@ -95,38 +95,39 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none") -> di
     return out
 
 
-def _time_mechanism(algo) -> list[float]:
-    """Wrap the privacy mechanism (the release: clipping, selection, noise, spending from the ledger;
-    and the engine's budget check before the round) so that its time is counted (per round, reset by
-    ``_rounds``)."""
-    spent = [0.0]
+def _time_mechanism(algo) -> dict[str, float]:
+    """Wrap the privacy mechanism so that its CPU time is counted per round (reset by ``_rounds``):
+    ``check`` is the engine's budget check before the round (the accountant), ``release`` the release
+    itself (clipping, selection, noise, spending from the ledger)."""
+    spent = {"check": 0.0, "release": 0.0}
     mech = getattr(algo, "release_mechanism", None)
     if mech is not None:
         for name in ("release", "check"):
             fn = getattr(mech, name)
 
-            def timed(*args, _fn=fn, **kwargs):
-                t = time.perf_counter()
+            def timed(*args, _fn=fn, _name=name, **kwargs):
+                t = time.process_time()
                 try:
                     return _fn(*args, **kwargs)
                 finally:
-                    spent[0] += time.perf_counter() - t
+                    spent[_name] += time.process_time() - t
 
             setattr(mech, name, timed)
     return spent
 
 
-def _rounds(step, rounds: int, mechanism: list[float] | None = None) -> dict:
-    wall, cpu, mech = [], [], []
+def _rounds(step, rounds: int, mechanism: dict[str, float] | None = None) -> dict:
+    wall, cpu, check, release = [], [], [], []
+    mechanism = mechanism if mechanism is not None else {"check": 0.0, "release": 0.0}
     for r in range(1, rounds + 1):
-        if mechanism is not None:
-            mechanism[0] = 0.0
+        mechanism.update(check=0.0, release=0.0)
         t, c = time.perf_counter(), time.process_time()
         step(r)
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-        mech.append(mechanism[0] if mechanism is not None else 0.0)
-    return {"round_wall": wall, "round_cpu": cpu, "mechanism": mech}
+        check.append(mechanism["check"])
+        release.append(mechanism["release"])
+    return {"round_wall": wall, "round_cpu": cpu, "mechanism_check": check, "mechanism_release": release}
 
 
 def run_plain(n: int, rounds: int) -> dict:
@@ -207,7 +208,8 @@ def run_flower(n: int, rounds: int) -> dict:
     simulate(algorithm=algo, clients=clients, federation=fed, seed=0, rounds=rounds, on_round=on_round)
     marks = [t0, *stamps]
     return {"ready": ready, "execution": "flower", "round_wall": [b[0] - a[0] for a, b in zip(marks, marks[1:])],
-            "round_cpu": [b[1] - a[1] for a, b in zip(marks, marks[1:])], "mechanism": [0.0] * len(stamps)}
+            "round_cpu": [b[1] - a[1] for a, b in zip(marks, marks[1:])],
+            "mechanism_check": [0.0] * len(stamps), "mechanism_release": [0.0] * len(stamps)}
 
 
 def run_cached_embeddings(n: int, rounds: int, fraction: float) -> dict:
@@ -354,8 +356,11 @@ def launch(kind: str, clients: int, rounds: int, threads: int, privacy: str = "n
         out["s_per_round"] = statistics.median(later)
         out["cpu_s_per_round"] = statistics.median(out["round_cpu"][1:] or out["round_cpu"])
         out["first_round_s"] = out["round_wall"][0]
-        spent = sum(out["mechanism"][1:]) if len(out["mechanism"]) > 1 else sum(out["mechanism"])
-        out["mechanism_share"] = spent / sum(later) if sum(later) else 0.0
+        cpu_later = out["round_cpu"][1:] or out["round_cpu"]
+        for part in ("check", "release"):
+            values = out[f"mechanism_{part}"][1:] or out[f"mechanism_{part}"]
+            out[f"mechanism_{part}_s"] = statistics.fmean(values)
+            out[f"mechanism_{part}_share"] = sum(values) / sum(cpu_later) if sum(cpu_later) else 0.0
     print(f"{kind:>10} N={clients:<6} {privacy:>5}: " + (
         f"{out.get('s_per_round', float('nan')):.4f} s/round (cpu {out.get('cpu_s_per_round', float('nan')):.4f}), "
         f"start-up {out.get('startup_s', float('nan')):.2f} s, peak {out['peak_tree_mb']:.0f} MB"), file=sys.stderr, flush=True)
@@ -386,7 +391,7 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
         f"load average when it started {results['load'][0]:.2f} and ended {results['load'][1]:.2f} (the 2 cores are "
         "shared with other jobs, so wall times are noisy; CPU seconds of the process are given next to them).",
         "",
-        f"Command: `{command}`",
+        "Commands: " + "; ".join(f"{part}: `{cmd}`" for part, cmd in sorted(results.get("commands", {}).items())),
         "",
         "Seconds per round: median of rounds 2+ (wall / CPU). Start-up: process launch to the engine ready for "
         "round 1 (imports, data, clients), wall and the process's CPU seconds. First round: round 1 alone, with its lazy imports. Peak: summed RSS of "
@@ -433,17 +438,19 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
     if priv:
         lines += ["", "### Privacy mechanisms' share of a round", "",
                   f"FedProto with `[privacy] mechanism = ...` (epsilon 8, fixed-features sensitivity), same workload, "
-                  f"{args.privacy_clients} clients: seconds in the mechanism (clipping, selection, noise, "
-                  "spending from the ledger, and the engine's budget check before each round) over the round's time, "
-                  "rounds 2+.", "",
-                  "| mechanism | path | s / round (wall) | mechanism s / round | share of the round |", "|---|---|---|---|---|"]
+                  f"{args.privacy_clients} clients, CPU seconds per round (rounds 2+): the engine's budget check "
+                  "before the round (the accountant: epsilon after one more release) and the releases (clipping, "
+                  "selection, noise, spending from the ledger), each as a share of the round's CPU time.", "",
+                  "| mechanism | path | round (CPU s) | budget check (CPU s) | releases (CPU s) | share: check | "
+                  "share: releases | share: mechanism |", "|---|---|---|---|---|---|---|---|"]
         for row in priv:
             if "error" in row:
-                lines.append(f"| {row['privacy']} | {row['kind']} | n/a: {row['error']} | | |")
+                lines.append(f"| {row['privacy']} | {row['kind']} | n/a: {row['error']} | | | | | |")
                 continue
-            later = row["mechanism"][1:] or row["mechanism"]
-            lines.append(f"| {row['privacy']} | {names[row['kind']]} | {row['s_per_round']:.4f} | "
-                         f"{statistics.fmean(later):.4f} | {100 * row['mechanism_share']:.1f} % |")
+            lines.append(f"| {row['privacy']} | {names[row['kind']]} | {row['cpu_s_per_round']:.4f} | "
+                         f"{row['mechanism_check_s']:.4f} | {row['mechanism_release_s']:.4f} | "
+                         f"{100 * row['mechanism_check_share']:.1f} % | {100 * row['mechanism_release_share']:.1f} % | "
+                         f"{100 * (row['mechanism_check_share'] + row['mechanism_release_share']):.1f} % |")
     prof = results.get("breakdown")
     if prof and "parts" in prof:
         lines += ["", f"### Where a batched round's time goes ({prof['clients']} clients, CPU seconds per round)", "",
@@ -478,6 +485,8 @@ def main() -> None:
     parser.add_argument("--privacy-clients", type=int, default=100)
     parser.add_argument("--embedding-clients", type=int, default=10000)
     parser.add_argument("--quick", action="store_true", help="N = 10 and 100, no embeddings run")
+    parser.add_argument("--parts", nargs="+", default=["grid", "privacy", "breakdown", "embeddings"],
+                        help="run only these parts; the others are kept from an earlier results.json in --out")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
@@ -488,24 +497,33 @@ def main() -> None:
         args.sizes = [n for n in args.sizes if n <= 100]
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     load_start = os.getloadavg()[0]
-    grid = []
-    for n in args.sizes:
-        rounds = args.rounds if n <= 1000 else max(2, min(args.rounds, 3))
-        for kind in ("plain", "per-client", "batched", "flower"):
-            if kind == "flower" and n > 1000:
-                continue  # the issue asks for 10,000 clients on the in-process engine only
-            if kind in ("plain", "per-client") and n > args.per_client_max:
-                continue
-            grid.append(launch(kind, n, rounds, args.threads))
-    privacy = [launch(kind, args.privacy_clients, args.rounds, args.threads, privacy=mech)
-               for mech in ("vpp", "igpp") for kind in ("per-client", "batched")]
-    prof = launch("breakdown", 100, args.rounds, args.threads)
-    prof["clients"] = 100
-    results: dict[str, Any] = {"workload": WORKLOAD, "threads": args.threads, "grid": grid, "privacy": privacy,
-                               "breakdown": prof}
-    if not args.quick:
+    previous = args.out / "results.json"
+    results: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() and set(args.parts) != {
+        "grid", "privacy", "breakdown", "embeddings"} else {}
+    results.update(workload=WORKLOAD, threads=args.threads)
+    if "grid" in args.parts:
+        grid = []
+        for n in args.sizes:
+            rounds = args.rounds if n <= 1000 else max(2, min(args.rounds, 3))
+            for kind in ("plain", "per-client", "batched", "flower"):
+                if kind == "flower" and n > 1000:
+                    continue  # the issue asks for 10,000 clients on the in-process engine only
+                if kind in ("plain", "per-client") and n > args.per_client_max:
+                    continue
+                grid.append(launch(kind, n, rounds, args.threads))
+        results["grid"] = grid
+    if "privacy" in args.parts:
+        results["privacy"] = [launch(kind, args.privacy_clients, args.rounds, args.threads, privacy=mech)
+                              for mech in ("vpp", "igpp") for kind in ("per-client", "batched")]
+    if "breakdown" in args.parts:
+        results["breakdown"] = launch("breakdown", 100, args.rounds, args.threads)
+        results["breakdown"]["clients"] = 100
+    if "embeddings" in args.parts and not args.quick:
         results["embeddings"] = launch("embeddings", args.embedding_clients, 2, args.threads, fraction=args.fraction)
     results["load"] = [load_start, os.getloadavg()[0]]
+    results.setdefault("commands", {})
+    for part in args.parts:
+        results["commands"][part] = command
     table = tabulate(results, args, command)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
