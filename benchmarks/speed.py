@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -184,7 +185,7 @@ def run_flower(n: int, rounds: int) -> dict:
     """The workload through protofl's Flower simulation. The Flower integration is built on another
     branch; until ``protofl.flower`` can be imported this column is reported as not available."""
     try:
-        import protofl.flower as flower  # noqa: F401
+        from protofl import flower
     except ImportError as exc:
         raise RuntimeError(
             f"protofl.flower is not importable ({exc}); the Flower column needs protofl's Flower integration"
@@ -207,19 +208,16 @@ def run_flower(n: int, rounds: int) -> dict:
     t0 = (time.perf_counter(), time.process_time())
     simulate(algorithm=algo, clients=clients, federation=fed, seed=0, rounds=rounds, on_round=on_round)
     marks = [t0, *stamps]
-    return {"ready": ready, "execution": "flower", "round_wall": [b[0] - a[0] for a, b in zip(marks, marks[1:])],
-            "round_cpu": [b[1] - a[1] for a, b in zip(marks, marks[1:])],
+    return {"ready": ready, "execution": "flower", "round_wall": [b[0] - a[0] for a, b in itertools.pairwise(marks)],
+            "round_cpu": [b[1] - a[1] for a, b in itertools.pairwise(marks)],
             "mechanism_check": [0.0] * len(stamps), "mechanism_release": [0.0] * len(stamps)}
 
 
 def run_cached_embeddings(n: int, rounds: int, fraction: float) -> dict:
     """FedProto, batched, on the cached EfficientNet-Lite0 embeddings of Fashion-MNIST (IID over ``n``
     clients, ``fraction`` of them per round), through protofl.run's data pipeline."""
-    import torch
-
     from protofl.algorithms import Task, get_algorithm
     from protofl.api import prepare_data, resolve_config
-    from protofl.config import FederationConfig
     from protofl.engine import Simulation
 
     config = resolve_config({
@@ -240,15 +238,13 @@ def run_cached_embeddings(n: int, rounds: int, fraction: float) -> dict:
     params = sum(v.numel() for v in algo.initial_params(0).values())
     out.update(ready=ready, ready_cpu=ready_cpu, execution=sim.execution, clients_with_state=len(sim.client_states),
                params_per_client=params, train_samples=sum(d.num_train for d in data.clients))
-    del torch
     return out
 
 
 def breakdown(n: int, rounds: int) -> dict:
     """CPU seconds per round of the batched path's parts (rounds 2+), for the profile."""
-    import protofl.engine.batched as batched
-    import protofl.engine.simulation as simulation
     import protofl.algorithms.fedproto as fedproto_mod
+    from protofl.engine import batched, simulation
 
     spent: dict[str, float] = {}
 
@@ -384,18 +380,18 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
     lookup = {(row["kind"], row["clients"]): row for row in grid}
     w = WORKLOAD
     lines = [
-        f"FedProto round, synthetic workload: {w['classes']} classes, {w['input_dim']}-d inputs, {w['samples']} samples per "
+        (f"FedProto round, synthetic workload: {w['classes']} classes, {w['input_dim']}-d inputs, {w['samples']} samples per "
         f"client, adapter + MLP model (hidden {w['hidden_dim']}, feature dim {w['feature_dim']}), 1 local epoch of 4 "
         f"batches of 50, SGD lr {w['lr']} momentum {w['momentum']}, CE + MSE to the global prototype, count-weighted "
         f"aggregation, all clients every round, evaluation off. {args.threads} torch thread(s); "
         f"load average when it started {results['load'][0]:.2f} and ended {results['load'][1]:.2f} (the 2 cores are "
-        "shared with other jobs, so wall times are noisy; CPU seconds of the process are given next to them).",
+        "shared with other jobs, so wall times are noisy; CPU seconds of the process are given next to them)."),
         "",
         "Commands: " + "; ".join(f"{part}: `{cmd}`" for part, cmd in sorted(results.get("commands", {}).items())),
         "",
-        "Seconds per round: median of rounds 2+ (wall / CPU). Start-up: process launch to the engine ready for "
+        ("Seconds per round: median of rounds 2+ (wall / CPU). Start-up: process launch to the engine ready for "
         "round 1 (imports, data, clients), wall and the process's CPU seconds. First round: round 1 alone, with its lazy imports. Peak: summed RSS of "
-        "the whole process tree.",
+        "the whole process tree."),
         "",
         "| clients | path | s / round (wall) | s / round (CPU) | speed-up vs per-client (wall / CPU) | start-up (wall / CPU s) | first round (s) | peak (MB) |",
         "|---|---|---|---|---|---|---|---|",
@@ -422,27 +418,27 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
             lines.append(f"Not run: {emb['error']}")
         else:
             lines += [
-                f"FedProto, batched, Fashion-MNIST EfficientNet-Lite0 embeddings (1280-d, cached), IID over "
+                (f"FedProto, batched, Fashion-MNIST EfficientNet-Lite0 embeddings (1280-d, cached), IID over "
                 f"{emb['clients']} clients ({emb['train_samples']} training samples in all), a fraction "
                 f"{args.fraction} of the clients per round, model hidden 64 / feature dim 64 "
                 f"({emb['params_per_client']} parameters, {emb['params_per_client'] * 4 / 2**20:.2f} MB per personal "
-                f"model), {len(emb['round_wall'])} rounds.",
+                f"model), {len(emb['round_wall'])} rounds."),
                 "",
                 "| clients | per round | s / round (wall, each round) | start-up (s) | clients holding a model after | peak (MB) |",
                 "|---|---|---|---|---|---|",
-                f"| {emb['clients']} | {int(round(args.fraction * emb['clients']))} | "
+                (f"| {emb['clients']} | {round(args.fraction * emb['clients'])} | "
                 f"{', '.join(f'{v:.2f}' for v in emb['round_wall'])} | {emb['startup_s']:.1f} | "
-                f"{emb['clients_with_state']} | {emb['peak_tree_mb']:.0f} |",
+                f"{emb['clients_with_state']} | {emb['peak_tree_mb']:.0f} |"),
             ]
     priv = results.get("privacy", [])
     if priv:
         lines += ["", "### Privacy mechanisms' share of a round", "",
-                  f"FedProto with `[privacy] mechanism = ...` (epsilon 8, fixed-features sensitivity), same workload, "
+                  (f"FedProto with `[privacy] mechanism = ...` (epsilon 8, fixed-features sensitivity), same workload, "
                   f"{args.privacy_clients} clients, CPU seconds per round (rounds 2+): the engine's budget check "
                   "before the round (the accountant: epsilon after one more release) and the releases (clipping, "
-                  "selection, noise, spending from the ledger), each as a share of the round's CPU time.", "",
-                  "| mechanism | path | round (CPU s) | budget check (CPU s) | releases (CPU s) | share: check | "
-                  "share: releases | share: mechanism |", "|---|---|---|---|---|---|---|---|"]
+                  "selection, noise, spending from the ledger), each as a share of the round's CPU time."), "",
+                  ("| mechanism | path | round (CPU s) | budget check (CPU s) | releases (CPU s) | share: check | "
+                  "share: releases | share: mechanism |"), "|---|---|---|---|---|---|---|---|"]
         for row in priv:
             if "error" in row:
                 lines.append(f"| {row['privacy']} | {row['kind']} | n/a: {row['error']} | | | | | |")

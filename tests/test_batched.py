@@ -8,9 +8,20 @@ import torch
 
 from protofl.algorithms import ClientData, Task, get_algorithm
 from protofl.algorithms.base import train_local
-from protofl.config import ConfigError, FederationConfig, ModelConfig, PrivacyConfig, RunConfig
+from protofl.config import (
+    ConfigError,
+    FederationConfig,
+    ModelConfig,
+    PrivacyConfig,
+    RunConfig,
+)
 from protofl.engine import Simulation
-from protofl.engine.batched import ClientBatch, batch_schedule, stack_params, unstack_params
+from protofl.engine.batched import (
+    ClientBatch,
+    batch_schedule,
+    stack_params,
+    unstack_params,
+)
 from protofl.payload import Payload
 
 TASK = Task(input_shape=(8,), num_classes=4, model=ModelConfig(feature_dim=6, hidden_dim=10))
@@ -137,7 +148,7 @@ def test_client_step_batched_replies_match_client_step_array_for_array():
     states = [algo.init_client_state(0) for _ in clients]
     states[1] = {"params": {k: v + 0.01 for k, v in states[1]["params"].items()}}
     received = Payload({"classes": np.array([0, 2]), "prototypes": np.ones((2, 6), dtype=np.float32)}, {"method": "fedproto"})
-    gens = lambda: [torch.Generator().manual_seed(100 + k) for k in range(len(clients))]  # noqa: E731
+    gens = lambda: [torch.Generator().manual_seed(100 + k) for k in range(len(clients))]
     ref = [algo.client_step(s, d, received, g) for s, d, g in zip(states, clients, gens())]
     got = algo.client_step_batched(states, clients, received, gens())
     assert len(got) == len(ref)

@@ -261,8 +261,13 @@ class FedProto(Algorithm):
             ("local_loss", "prototype_loss", "client_context"))
 
     def client_step_batched(self, client_states, datas, received, generators):
-        from protofl.engine.batched import (batched_features, batched_prototypes, broadcast_params, stack_params,
-                                            unstack_params)
+        from protofl.engine.batched import (
+            batched_features,
+            batched_prototypes,
+            broadcast_params,
+            stack_params,
+            unstack_params,
+        )
 
         context = self.client_context(received, datas[0])
         if self.shares_model:

@@ -63,7 +63,7 @@ class ClientBatch:
     offsets: torch.Tensor  # (K,) int64
 
     @classmethod
-    def of(cls, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> "ClientBatch":
+    def of(cls, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> ClientBatch:
         sizes = torch.tensor([len(y) for y in ys], dtype=torch.int64)
         offsets = torch.zeros_like(sizes)
         if len(sizes) > 1:
