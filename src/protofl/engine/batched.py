@@ -36,10 +36,6 @@ from torch.func import grad_and_value, vmap
 
 Params = dict[str, torch.Tensor]
 
-#: ``execution`` values of :class:`protofl.config.FederationConfig`.
-EXECUTION_MODES = ("per-client", "batched")
-
-
 def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over the entries whose ``weight`` is 1 (0 when there are none)."""
     return (values * weight).sum() / weight.sum().clamp_min(1.0)
