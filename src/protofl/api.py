@@ -88,6 +88,9 @@ def fingerprint(config: RunConfig) -> str:
     data = config.to_dict()
     data["federation"].pop("progress", None)
     data["federation"].pop("checkpoint_every", None)
+    data["federation"].pop("batch_clients", None)  # how many clients share one batched program
+    if data["federation"].get("execution") == "per-client":
+        data["federation"].pop("execution")  # the reference path: fingerprints of earlier runs stay valid
     if not config.privacy.enabled:
         data.pop("privacy", None)  # privacy settings change nothing while privacy is off
     return hashlib.sha256(repr(sorted(_flatten(data).items())).encode()).hexdigest()[:16]
@@ -224,6 +227,7 @@ def run(
         "privacy": algorithm.privacy_report(simulation.client_states),
         "wall_seconds": simulation.wall_seconds,
         "seconds_per_round": simulation.elapsed / rounds_run,
+        "execution": simulation.execution,
         "bytes_up": simulation.bytes_up,
         "bytes_down": simulation.bytes_down,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -18,7 +18,7 @@ state stays a dict of tensors and many clients can later be trained as one batch
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -187,6 +187,52 @@ class Algorithm:
     ) -> dict[str, float]:
         raise NotImplementedError
 
+    # -- batched execution (``federation.execution = "batched"``; see protofl.engine.batched) ---------
+    def batched_unsupported(self) -> str | None:
+        """Why this method, so configured, cannot train its clients as one batched program (``None``
+        when :meth:`client_step_batched` serves it); the engine then runs it per client and says so."""
+        return f"method {self.name!r} has no batched client step"
+
+    def client_step_batched(
+        self, client_states: Sequence[State], datas: Sequence[ClientData], received: Payload,
+        generators: Sequence[torch.Generator],
+    ) -> list[tuple[State, Payload, dict[str, float]]]:
+        """``client_step`` for several clients at once; the same results within float tolerance, in
+        the same order. Only called when :meth:`batched_unsupported` returns ``None``."""
+        raise NotImplementedError(self.batched_unsupported() or f"{self.name}: client_step_batched is missing")
+
+    def batched_unsupported_overrides(self, owner: type, fixed: Sequence[str], paired: Sequence[str]) -> str | None:
+        """For a batched client step written in class ``owner``: a reason if this object's class changed
+        one of the ``fixed`` methods, or one of the ``paired`` ones (the per-client objective) without
+        also giving its ``batched_local_loss`` next to it."""
+        cls = type(self)
+        changed = [n for n in fixed if _defined_in(cls, n) is not _defined_in(owner, n)]
+        loss_owner = _defined_in(cls, "batched_local_loss")
+        changed += [n for n in paired if not issubclass(loss_owner, _defined_in(cls, n))]
+        if changed:
+            return (f"method {self.name!r} overrides {', '.join(changed)} and has no batched form of it "
+                    f"(the batched client step is {owner.__name__}'s)")
+        return None
+
+    def train_local_batched(
+        self,
+        params: Params,
+        datas: Sequence[ClientData],
+        loss_fn: Callable[..., torch.Tensor],
+        generators: Sequence[torch.Generator],
+        shared: tuple = (),
+    ):
+        """:meth:`train_local` for ``K`` clients at once: ``params`` are stacked ``(K, ...)`` tensors (a fresh
+        stack: they are trained in place) and
+        ``loss_fn(params, x, y, weight, *shared)`` is one client's loss on a padded batch (``weight``
+        is 1 on real samples, 0 on padding). Returns ``(stacked params, per-client metrics, the
+        concatenated train data)``."""
+        from protofl.engine.batched import ClientBatch, train_batched
+
+        batch = ClientBatch.of([d.x_train for d in datas], [d.y_train for d in datas])
+        trained, metrics = train_batched(params, batch, loss_fn, self.config, generators, shared)
+        return trained, metrics, batch
+
     # -- shared helpers ----------------------------------------------------------------------------
     def forward(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and logits of the template model under ``params``."""
@@ -206,6 +252,11 @@ class Algorithm:
     @torch.no_grad()
     def accuracy(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((predict_logits(self, params, x).argmax(1) == y).float().mean()) if len(y) else float("nan")
+
+
+def _defined_in(cls: type, name: str) -> type:
+    """The class of ``cls``'s MRO whose body defines attribute ``name``."""
+    return next(c for c in cls.__mro__ if name in c.__dict__)
 
 
 def make_optimizer(config: LocalTrainingConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:

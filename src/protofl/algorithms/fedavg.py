@@ -62,6 +62,31 @@ class FedAvg(Algorithm):
         arrays["num_samples"] = np.int64(data.num_train)
         return client_state, Payload(arrays, {"method": self.name}), metrics
 
+    # -- batched execution -------------------------------------------------------------------------
+    def batched_local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                           global_params: Params) -> torch.Tensor:
+        """:meth:`local_loss` on one client's padded batch (``weight``: 1 on real samples)."""
+        from protofl.engine.batched import masked_cross_entropy
+
+        return masked_cross_entropy(self.forward(params, x)[1], y, weight)
+
+    def batched_unsupported(self):
+        return self.batched_unsupported_overrides(FedAvg, ("client_step", "train_local", "forward"), ("local_loss",))
+
+    def client_step_batched(self, client_states, datas, received, generators):
+        from protofl.engine.batched import broadcast_params
+
+        global_params = arrays_to_params(received)
+        params, metrics, _ = self.train_local_batched(
+            broadcast_params(global_params, len(datas)), datas, self.batched_local_loss, generators, (global_params,)
+        )
+        out = []
+        for c, (state, data) in enumerate(zip(client_states, datas)):
+            arrays = params_to_arrays({name: v[c] for name, v in params.items()})
+            arrays["num_samples"] = np.int64(data.num_train)
+            out.append((state, Payload(arrays, {"method": self.name}), metrics[c]))
+        return out
+
     def server_step(self, server_state: State, replies: list[Payload]):
         models = [arrays_to_params(r) for r in replies]
         weights = [int(r["num_samples"]) for r in replies]

@@ -238,6 +238,63 @@ class FedProto(Algorithm):
             arrays["num_samples"] = np.int64(data.num_train)
         return new_state, Payload(arrays, {"method": self.name}), metrics
 
+    # -- batched execution -------------------------------------------------------------------------
+    def batched_local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                           context: Any) -> torch.Tensor:
+        """:meth:`local_loss` on one client's padded batch (``weight``: 1 on real samples)."""
+        from protofl.engine.batched import masked_cross_entropy
+
+        table, mask = context
+        z, logits = self.forward(params, x)
+        loss = masked_cross_entropy(logits, y, weight)
+        if not self.config.proto_weight:
+            return loss
+        has = mask[y].to(z.dtype) * weight
+        mse = (((z - table[y]) ** 2).sum(-1) * has).sum() / (has.sum().clamp_min(1.0) * z.shape[-1])
+        return loss + self.config.proto_weight * mse
+
+    def batched_unsupported(self):
+        if self.privacy.dcr:
+            return "privacy.dcr (distillation-guided clipping) keeps a per-client teacher head; it has no batched form"
+        return self.batched_unsupported_overrides(
+            FedProto, ("client_step", "train_local", "forward", "features", "local_prototypes", "model_params"),
+            ("local_loss", "prototype_loss", "client_context"))
+
+    def client_step_batched(self, client_states, datas, received, generators):
+        from protofl.engine.batched import (
+            batched_features,
+            batched_prototypes,
+            broadcast_params,
+            stack_params,
+            unstack_params,
+        )
+
+        context = self.client_context(received, datas[0])
+        if self.shares_model:
+            start = broadcast_params(arrays_to_params(received), len(datas))
+        else:
+            start = stack_params([s["params"] for s in client_states])
+        params, metrics, batch = self.train_local_batched(start, datas, self.batched_local_loss, generators, (context,))
+        z, weight, index = batched_features(self.forward, params, batch)
+        own = [{}] * len(datas) if self.shares_model else [{"params": p} for p in unstack_params(params)]
+        clean = None if self.release_mechanism else batched_prototypes(z, weight, batch.y[index], self.task.num_classes)
+        out = []
+        for c, (state, data) in enumerate(zip(client_states, datas)):
+            new_state: State = dict(own[c])
+            if self.release_mechanism is not None:
+                release, new_state[LEDGER_KEY] = self.release_mechanism.release(
+                    z[c, : data.num_train], data.y_train, generators[c], state, who=f"client {data.client_id}")
+                classes, protos, counts = release.classes, release.prototypes, release.counts
+                metrics[c]["privacy_noise_std"] = float(release.noise_std.mean())
+            else:
+                classes, protos, counts = clean[c]
+            arrays = {"classes": classes.numpy(), "prototypes": protos.numpy(), "counts": counts.long().numpy()}
+            if self.shares_model:
+                arrays.update(params_to_arrays({name: v[c] for name, v in params.items()}))
+                arrays["num_samples"] = np.int64(data.num_train)
+            out.append((new_state, Payload(arrays, {"method": self.name}), metrics[c]))
+        return out
+
     def check_release(self, client_state: State, client_id: int) -> None:
         if self.release_mechanism is not None:
             self.release_mechanism.check(client_state, f"client {client_id}")

@@ -32,3 +32,10 @@ class FedProx(FedAvg):
     def local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, global_params: Params) -> torch.Tensor:
         proximal = sum(((params[k] - global_params[k]) ** 2).sum() for k in params)
         return F.cross_entropy(self.forward(params, x)[1], y) + 0.5 * self.config.mu * proximal
+
+    def batched_local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                           global_params: Params) -> torch.Tensor:
+        from protofl.engine.batched import masked_cross_entropy
+
+        proximal = sum(((params[k] - global_params[k]) ** 2).sum() for k in params)
+        return masked_cross_entropy(self.forward(params, x)[1], y, weight) + 0.5 * self.config.mu * proximal

@@ -87,6 +87,7 @@ def metrics_row(
     down_total: int,
     server_metrics: Mapping[str, float],
     privacy: Mapping[str, float],
+    execution: str = "per-client",
     round_seconds: float,
     eval_seconds: float,
     elapsed_seconds: float,
@@ -105,6 +106,7 @@ def metrics_row(
         "bytes_down_total": down_total,
         **{f"server_{k}": v for k, v in server_metrics.items()},
         **privacy,
+        "execution": execution,
         "round_seconds": round_seconds,
         "eval_seconds": eval_seconds,
         "elapsed_seconds": elapsed_seconds,
@@ -147,6 +149,13 @@ class Simulation:
         #: Wall time of earlier processes of this run (restored on resume) and when this one began.
         self.wall_before = 0.0
         self._wall_start = time.perf_counter()
+        #: The execution actually used: ``batched`` only where asked for and the method supports it.
+        self.execution = self.federation.execution
+        if self.execution == "batched":
+            reason = self.algorithm.batched_unsupported()
+            if reason is not None:
+                log.warning("federation.execution = 'batched': %s; running it per client", reason)
+                self.execution = "per-client"
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -231,11 +240,7 @@ class Simulation:
         rejected: list[int] = []
         train_losses = []
         up = 0
-        for k in active:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, r, k))
-            # Each client parses its own copy of the broadcast, as it would off a network.
-            received = self._through_wire(wire_down, algo.broadcast_spec(), "broadcast") if algo.communicates else broadcast
-            new_state, reply, metrics = algo.client_step(self.client_state(k), self.clients[k], received, generator)
+        for k, new_state, reply, metrics in self._client_steps(active, r, broadcast, wire_down):
             train_losses.append(metrics.get("train_loss", float("nan")))
             if algo.communicates:
                 wire = reply.to_bytes()
@@ -265,7 +270,7 @@ class Simulation:
             row = metrics_row(
                 r, evaluation, train_losses, sampled=len(sampled), dropped=len(dropped), rejected=len(rejected),
                 up=up, down=down, up_total=self.bytes_up, down_total=self.bytes_down, server_metrics=server_metrics,
-                privacy=self._privacy_metrics(), round_seconds=train_seconds,
+                privacy=self._privacy_metrics(), execution=self.execution, round_seconds=train_seconds,
                 eval_seconds=time.perf_counter() - eval_start, elapsed_seconds=self.elapsed,
             )
             self.history.append(row)
@@ -277,6 +282,30 @@ class Simulation:
         ):
             save_checkpoint(self.checkpoint_dir, self.state_dict())
         return row
+
+    def _client_steps(self, active: list[int], r: int, broadcast: Payload, wire_down: bytes):
+        """``(k, new_state, reply, metrics)`` of every active client, per client or batched."""
+        algo = self.algorithm
+
+        def receive() -> Payload:
+            return self._through_wire(wire_down, algo.broadcast_spec(), "broadcast") if algo.communicates else broadcast
+
+        def generator(k: int) -> torch.Generator:
+            return torch.Generator().manual_seed(derive_seed(self.seed, r, k))
+
+        if self.execution != "batched":
+            for k in active:
+                # Each client parses its own copy of the broadcast, as it would off a network.
+                yield k, *algo.client_step(self.client_state(k), self.clients[k], receive(), generator(k))
+            return
+        from protofl.engine.batched import chunks
+
+        for chunk in chunks(active, self.federation.batch_clients):
+            # One parsed copy of the (identical) broadcast serves the whole chunk.
+            results = algo.client_step_batched([self.client_state(k) for k in chunk], [self.clients[k] for k in chunk],
+                                               receive(), [generator(k) for k in chunk])
+            for k, result in zip(chunk, results):
+                yield k, *result
 
     def _privacy_metrics(self) -> dict[str, float]:
         return privacy_metrics(self.algorithm.privacy_report(self.client_states, all_accountants=False))
