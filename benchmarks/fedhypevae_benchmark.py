@@ -15,8 +15,10 @@ macro-F1 and MMD² between real and synthetic embeddings), final round, mean ± 
 
     python benchmarks/fedhypevae_benchmark.py                                  # the documented table
     python benchmarks/fedhypevae_benchmark.py --rounds 3 --seeds 1 --settings digits-domains   # smoke
+    python benchmarks/fedhypevae_benchmark.py --sweep 1 8 64 10000   # privacy-utility, first setting, seed 0
 
-Writes benchmarks/results/fedhypevae/{table.md, summaries.json, projection_<setting>.png}.
+Writes benchmarks/results/fedhypevae/{table.md, summaries.json, projection_<setting>.png} (and sweep.md,
+sweep.png for ``--sweep``).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "fedhypevae")
+    parser.add_argument("--sweep", nargs="+", type=float, metavar="EPSILON",
+                        help="instead of the table: the private methods at each epsilon, first setting, seed 0")
     args = parser.parse_args()
 
     from protofl.data import embed, load_dataset
@@ -72,6 +76,8 @@ def main() -> None:
         embed(load_dataset(SETTINGS[s]["data"]["dataset"]), encoder="efficientnet-lite0", image_size=32)
     public_embedding_range("efficientnet-lite0", 32)
 
+    if args.sweep:
+        return sweep(args)
     keys = [(s, m, seed) for s in args.settings for m in args.methods for seed in range(args.seeds)]
     jobs = [(config(s, m, seed, args.rounds), args.out / "runs" / f"{s}-{m}-seed{seed}") for s, m, seed in keys]
     summaries = run_grid(jobs, args.workers, args.threads)
@@ -105,6 +111,51 @@ def main() -> None:
         if "fedhypevae" in args.methods:
             projection(args.out / "runs" / f"{s}-fedhypevae-seed0", args.out / f"projection_{s}.png")
     print((args.out / "table.md").read_text())
+
+
+def sweep(args) -> None:
+    """Privacy-utility of the private methods on the first setting, seed 0: where does each start to learn?"""
+    setting = args.settings[0]
+    methods = [m for m in args.methods if m in ("fedhypevae", "dp-cvae", "dpfedavg")]
+    keys, jobs = [], []
+    for eps in args.sweep:
+        for m in methods:
+            cfg = config(setting, m, 0, args.rounds)
+            cfg["method"] = {**cfg["method"], "epsilon": eps}
+            keys.append((m, eps))
+            jobs.append((cfg, args.out / "sweep" / f"{setting}-{m}-eps{eps:g}"))
+    summaries = run_grid(jobs, args.workers, args.threads)
+    lines = ["| method | epsilon | sampler | acc (%) | MMD² real vs synthetic | spent ε (RDP) |", "|---|---|---|---|---|---|"]
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for (m, eps), summary in zip(keys, summaries):
+        final = summary["final"]
+        samplers = [s for s in ("neutral", "mixture", "clients") if f"global_acc_{s}" in final] or ["—"]
+        for sampler in samplers:
+            acc = final.get(f"global_acc_{sampler}", final.get("global_acc"))
+            mmd = final.get(f"global_mmd_{sampler}")
+            lines.append(f"| {m} | {eps:g} | {sampler} | {100 * acc:.2f} | {'—' if mmd is None else f'{mmd:.3f}'} "
+                         f"| {summary['epsilon']:.3f} |")
+            curves.setdefault(m if sampler == "—" else f"{m} ({sampler})", []).append((eps, acc))
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    text = (f"{setting}, seed 0, {args.rounds} rounds, delta 1e-4; downstream accuracy on the real test set. "
+            f"Command: `{command_line()}`\n\n")
+    (out / "sweep.md").write_text(text + "\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for name, points in curves.items():
+        ax.plot(*zip(*sorted(points)), marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon per client (delta = 1e-4)")
+    ax.set_ylabel("global test accuracy")
+    ax.set_title(f"{setting}: privacy-utility", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.savefig(out / "sweep.png", dpi=110)
+    print((out / "sweep.md").read_text())
 
 
 def projection(run_dir: Path, path: Path, per_class: int = 150) -> None:
