@@ -45,3 +45,31 @@ def test_dpfedavg_spends_what_an_independent_accountant_says_and_learns():
 def test_dpfedavg_stops_before_the_round_that_would_exceed(tmp_path):
     with pytest.raises(BudgetExceededError, match="next release would bring epsilon"):
         protofl.run(_config(rounds=3, planned=2), out=tmp_path / "r")
+
+
+def test_ghost_and_materialised_paths_give_the_same_noisy_model():
+    """On embedding inputs (an all-linear model) ``auto`` takes ghost clipping; from the same generator it
+    returns the same model as the materialised per-example gradients, and a CNN cannot be forced onto it."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    from protofl.algorithms import ClientData, Task, get_algorithm
+    from protofl.config import ConfigError
+
+    x, y = load_digits(return_X_y=True)
+    data = ClientData(0, torch.tensor(x[:300] / 16, dtype=torch.float32), torch.tensor(y[:300]), torch.zeros(0, 64),
+                      torch.zeros(0, dtype=torch.long))
+    options = {"steps_per_round": 3, "batch_size": 32, "lr": 0.5, "clip_norm": 0.5, "epsilon": 4.0, "planned_rounds": 2}
+    task = Task((64,), 10)
+    ghost = get_algorithm("dpfedavg").from_options(options, task)
+    plain = get_algorithm("dpfedavg").from_options({**options, "per_example_grads": "materialised"}, task)
+    assert ghost.gradient_path == "ghost" and plain.gradient_path == "materialised"
+    received = ghost.broadcast(ghost.init_server_state(0))
+    _, reply_g, metrics_g = ghost.client_step({}, data, received, torch.Generator().manual_seed(3))
+    _, reply_m, metrics_m = plain.client_step({}, data, received, torch.Generator().manual_seed(3))
+    for key in reply_m.arrays:
+        np.testing.assert_allclose(reply_g[key], reply_m[key], rtol=1e-4, atol=1e-6)
+    assert 0 < metrics_g["clipped_fraction"] == metrics_m["clipped_fraction"]
+    with pytest.raises(ConfigError, match="per_example_grads"):
+        get_algorithm("dpfedavg").from_options({**options, "per_example_grads": "ghost"}, Task((1, 8, 8), 10))

@@ -1,7 +1,8 @@
 """DP-FedAvg with record-level DP per client: FedAvg whose local training is DP-SGD.
 
 Each client runs ``steps_per_round`` DP-SGD steps on the broadcast model (Poisson sampling at
-q = batch_size / n_k, per-example gradients with ``torch.func``, clipping to C, noise N(0, σ²C²), SGD with
+q = batch_size / n_k, each example's gradient clipped to C (by ghost clipping where every trainable layer is an
+``nn.Linear``, as on embeddings: :mod:`protofl.privacy.ghost`; otherwise materialised with ``torch.func``), noise N(0, σ²C²), SGD with
 momentum on the noisy gradient) and returns the model; the server averages the models uniformly (n_k is
 not released). σ is calibrated per client, before its first step, for all its planned steps at the
 target (ε, δ); a client whose next round would exceed its budget stops the run before that round.
@@ -25,7 +26,7 @@ from protofl.algorithms.base import (
     register,
 )
 from protofl.algorithms.fedavg import FedAvg, FedAvgConfig
-from protofl.config import check
+from protofl.config import ConfigError, check, check_choice
 from protofl.payload import Payload, PayloadSpec
 from protofl.privacy.accounting import (
     PrivacyLedger,
@@ -34,21 +35,28 @@ from protofl.privacy.accounting import (
 )
 from protofl.privacy.dpsgd import (
     DPSGDConfig,
+    add_noise,
     noisy_clipped_mean,
     per_example_gradients,
     poisson_sample,
     step_event,
 )
+from protofl.privacy.ghost import module_clipped_sum
 
 
 @dataclasses.dataclass(frozen=True)
 class DPFedAvgConfig(FedAvgConfig, DPSGDConfig):
     steps_per_round: int = 20
+    #: How each example's clipped gradient is computed: ``auto`` (ghost clipping when every trainable layer
+    #: is an ``nn.Linear``, else materialised), ``ghost`` (an error if the model has other layers) or
+    #: ``materialised`` (``torch.func`` per-example gradients). Same clipping, noise and accounting.
+    per_example_grads: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_dp()
         check(self.steps_per_round >= 1, "steps_per_round", f"must be >= 1, got {self.steps_per_round}")
+        check_choice(self.per_example_grads, ("auto", "ghost", "materialised"), "per_example_grads")
 
 
 @register
@@ -60,6 +68,13 @@ class DPFedAvg(FedAvg):
     def __init__(self, config, task, privacy=None):
         super().__init__(config, task, privacy)
         self._sigma: dict[float, float] = {}
+        linear_only = all(isinstance(m, torch.nn.Linear) for m in self.model.modules() if any(True for _ in m.parameters(recurse=False)))
+        if config.per_example_grads == "ghost" and not linear_only:
+            raise ConfigError("method.per_example_grads: ghost clipping needs a model whose trainable layers are all "
+                              "nn.Linear (embedding inputs); use 'auto' or 'materialised'")
+        #: The path this run uses (``auto`` resolved), reported in every client's metrics.
+        self.gradient_path = "ghost" if config.per_example_grads != "materialised" and linear_only else "materialised"
+        self._live = None
 
     @classmethod
     def resolve_options(cls, config, run_config):
@@ -98,13 +113,18 @@ class DPFedAvg(FedAvg):
         norms, losses = [], []
         for _ in range(c.steps_per_round):
             index = poisson_sample(data.num_train, rate, generator)
-            if len(index):
-                grads = per_example_gradients(example_loss, params, data.x_train[index], data.y_train[index])
-                with torch.no_grad():
-                    losses.append(float(F.cross_entropy(self.forward(params, data.x_train[index])[1], data.y_train[index])))
+            if len(index) and self.gradient_path == "ghost":
+                noisy, n, loss = self._ghost_step(params, data.x_train[index], data.y_train[index], sigma,
+                                                  rate * data.num_train, generator)
+                losses.append(loss)
             else:
-                grads = {k: torch.zeros(0, *v.shape) for k, v in params.items()}
-            noisy, n = noisy_clipped_mean(grads, c.clip_norm, sigma, rate * data.num_train, generator)
+                if len(index):
+                    grads = per_example_gradients(example_loss, params, data.x_train[index], data.y_train[index])
+                    with torch.no_grad():
+                        losses.append(float(F.cross_entropy(self.forward(params, data.x_train[index])[1], data.y_train[index])))
+                else:
+                    grads = {k: torch.zeros(0, *v.shape) for k, v in params.items()}
+                noisy, n = noisy_clipped_mean(grads, c.clip_norm, sigma, rate * data.num_train, generator)
             norms.append(n)
             for k, v in params.items():
                 v.grad = noisy[k]
@@ -112,6 +132,24 @@ class DPFedAvg(FedAvg):
         all_norms = torch.cat(norms)
         metrics: dict[str, Any] = {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "clipped_fraction": float((all_norms > c.clip_norm).float().mean()) if len(all_norms) else 0.0}
         return {"privacy_ledger": ledger.state_dict()}, Payload(params_to_arrays(params), {"method": self.name}), metrics
+
+    def _ghost_step(self, params, x, y, sigma, expected_batch, generator):
+        """The noisy clipped mean gradient by ghost clipping on a live copy of the template model (the
+        forward hooks need real modules); the noise is drawn in the same parameter order as the
+        materialised path, so both paths give the same step from the same clipped sum."""
+        if self._live is None:
+            import copy
+
+            self._live = copy.deepcopy(self.model).requires_grad_(True)
+        model = self._live
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(params[name])
+        summed, norms, example_losses = module_clipped_sum(
+            model, lambda: F.cross_entropy(model(x)[1], y, reduction="none"), self.config.clip_norm)
+        summed = {k: summed[k] for k in params}
+        return (add_noise(summed, self.config.clip_norm, sigma, expected_batch, generator), norms,
+                float(example_losses.mean()))
 
     def server_step(self, server_state: State, replies: list[Payload]):
         models = [arrays_to_params(r) for r in replies]
