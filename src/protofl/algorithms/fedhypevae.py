@@ -27,7 +27,11 @@ Spec: ../shared/specs/fedhypevae.md. What the paper leaves open is marked *infer
   noise N(0, σ²C²), Adam on the noisy gradient. *Where we differ*: the spec updates ψ and c with
   ordinary gradients; but they shape every later gradient of φ, so one example would then influence
   later φ updates outside its clipped contribution and the accounting would not hold. We clip and noise
-  the gradient of (φ, ψ, c) as one vector; ψ and c still never leave the client. Only φ leaves; the
+  the gradient of (φ, ψ, c) as one vector; ψ and c still never leave the client. After each step the
+  code is projected onto the ball of radius ``code_clip`` it is later released from (post-processing),
+  so the released code is the trained one plus noise. The hypernetwork and the prior network take their
+  own learning rate ``hyper_lr``: all examples share one code, so the hypernetwork's outputs move by
+  O(hyper_hidden · lr) per Adam step, and at the decoder's rate they shut the decoder's ReLUs off. Only φ leaves; the
   server averages the clients' φ uniformly (n_k is not released). The sampling rate uses the client's
   size n_k, which is treated as public (as Opacus does).
 - **Accounting per client** over every step of every round (RDP or PLD, Poisson-subsampled Gaussian),
