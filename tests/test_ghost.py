@@ -105,6 +105,28 @@ def test_module_ghost_clipping_refuses_parameters_outside_linear_layers():
         module_clipped_sum(model, lambda: model(torch.randn(3, 4)).sum(1), 1.0)
 
 
+def test_module_ghost_clipping_refuses_functional_use_and_shared_weights():
+    """A weight used through F.linear never passes its layer's hook, and a weight shared by two layers
+    needs the norm of the summed gradient: both would escape the clipping, so both are refused."""
+    import torch.nn.functional as F
+
+    class Functional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(F.linear(x, self.a.weight, self.a.bias))
+
+    model = Functional()
+    with pytest.raises(ValueError, match="a.weight"):
+        module_clipped_sum(model, lambda: model(torch.randn(3, 4)).sum(1), 1.0)
+    shared = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    shared[2].weight = shared[0].weight
+    with pytest.raises(ValueError, match="shared"):
+        module_clipped_sum(shared, lambda: shared(torch.randn(3, 4)).sum(1), 1.0)
+
+
 OPTIONS = {"range_reference": "unit", "latent_dim": 4, "hidden_dim": 16, "code_dim": 3, "hyper_hidden": 8,
            "steps_per_round": 2, "batch_size": 8, "planned_rounds": 3, "meta_rounds": 1, "meta_steps": 2,
            "synthetic_per_class": 7, "classifier_epochs": 2, "classifier_hidden": 8}

@@ -82,6 +82,10 @@ def module_clipped_sum(module: torch.nn.Module, example_losses: Callable[[], tor
     linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)
                and any(p.requires_grad for p in m.parameters(recurse=False))]  # frozen layers need no norms
     covered = {id(p) for m in linears for p in m.parameters(recurse=False) if p.requires_grad}
+    owners = [id(p) for m in linears for p in m.parameters(recurse=False) if p.requires_grad]
+    if len(owners) != len(set(owners)):
+        raise ValueError("ghost clipping: a parameter is shared by several nn.Linear layers; the norm of its summed "
+                         "gradient is not the sum of per-layer norms: use materialised gradients")
     if set(names) - covered:
         missing = sorted(names[i] for i in set(names) - covered)
         raise ValueError(f"ghost clipping covers nn.Linear layers only; {missing} would need materialised "
@@ -108,8 +112,10 @@ def module_clipped_sum(module: torch.nn.Module, example_losses: Callable[[], tor
         acts.append(a.reshape(b, -1, a.shape[-1]))
         outs.append(g.reshape(b, -1, g.shape[-1]))
     sq = torch.zeros(b, dtype=losses.dtype)
+    unused = []
     for layer in linears:
         if id(layer) not in per_layer:
+            unused.append(layer)
             continue
         acts, outs = per_layer[id(layer)]
         w_sq, b_sq = linear_sq_norms(torch.cat(acts, 1), torch.cat(outs, 1))
@@ -119,7 +125,16 @@ def module_clipped_sum(module: torch.nn.Module, example_losses: Callable[[], tor
             sq = sq + b_sq
     weights, norms = clip_factors(sq, clip_norm)
     leaves = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    return _reweighted_sum(losses, weights, leaves), norms, losses.detach()
+    summed = _reweighted_sum(losses, weights, leaves)
+    # A layer whose forward hook never fired has no norm; if its parameters still got a gradient (used
+    # through F.linear, or inside another module's forward) that gradient would escape the clipping.
+    for layer in unused:
+        for p in layer.parameters(recurse=False):
+            name = names.get(id(p))
+            if name is not None and bool(summed[name].abs().sum() > 0):
+                raise ValueError(f"ghost clipping: {name!r} got a gradient without a forward call of its nn.Linear "
+                                 "(used functionally?); its per-example norm is unknown: use materialised gradients")
+    return summed, norms, losses.detach()
 
 
 # --------------------------------------------------------------------------------------------------
