@@ -50,31 +50,40 @@ WORKLOAD = {"classes": 10, "input_dim": 32, "feature_dim": 64, "hidden_dim": 64,
 # Child side: one configuration in this (fresh) process
 
 
-def synthetic_clients(n: int, seed: int = 0):
-    import torch
-
-    from protofl.algorithms import ClientData
-
+def run_config(n: int, rounds: int, privacy: str = "none", eval_every: int = 10**6) -> dict:
+    """The workload as a run configuration: every column (in-process and Flower) is built from it. The
+    data is the registered ``synthetic-gaussian`` workload (Gaussian class means + unit noise, from the
+    seed), 220 samples per client split IID, 10 % of each client's (stratified) kept as its test split."""
     w = WORKLOAD
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(w["classes"], w["input_dim"], generator=g)
-    total = w["samples"] + w["test_samples"]
-    y = torch.randint(0, w["classes"], (n, total), generator=g)
-    x = means[y] + torch.randn(n, total, w["input_dim"], generator=g)
-    s = w["samples"]
-    return [ClientData(k, x[k, :s], y[k, :s], x[k, s:], y[k, s:]) for k in range(n)]
+    per_client = w["samples"] + w["test_samples"]
+    cfg: dict[str, Any] = {
+        "seed": 0,
+        "data": {"dataset": f"synthetic-gaussian:train={n * per_client},test=200,dim={w['input_dim']},"
+                            f"classes={w['classes']},seed=0"},
+        "partition": {"scheme": "iid", "num_clients": n, "min_client_size": 2,
+                      "test_fraction": w["test_samples"] / per_client},
+        "federation": {"rounds": rounds, "eval_every": min(eval_every, rounds), "checkpoint_every": 0,
+                       "progress": False},
+        "model": {"feature_dim": w["feature_dim"], "hidden_dim": w["hidden_dim"]},
+        "method": {"name": "fedproto", "optimizer": "sgd", "lr": w["lr"], "momentum": w["momentum"],
+                   "batch_size": w["batch_size"], "local_epochs": w["local_epochs"], "aggregation": "weighted"},
+    }
+    if privacy != "none":
+        cfg["privacy"] = {"mechanism": privacy, "planned_releases": rounds}
+    return cfg
 
 
-def make_algorithm(privacy: str = "none", rounds: int = 1):
+def synthetic_clients(n: int, rounds: int = 1, privacy: str = "none"):
+    """The clients of the workload and its algorithm, through protofl's data pipeline (as ``protofl.run``
+    and every Flower node build them)."""
     from protofl.algorithms import Task, get_algorithm
-    from protofl.config import ModelConfig, PrivacyConfig
+    from protofl.api import prepare_data, resolve_config
 
-    w = WORKLOAD
-    task = Task((w["input_dim"],), w["classes"], ModelConfig(feature_dim=w["feature_dim"], hidden_dim=w["hidden_dim"]))
-    options = {"optimizer": "sgd", "lr": w["lr"], "momentum": w["momentum"], "batch_size": w["batch_size"],
-               "local_epochs": w["local_epochs"], "aggregation": "weighted"}
-    priv = PrivacyConfig(mechanism=privacy, planned_releases=rounds) if privacy != "none" else None
-    return get_algorithm("fedproto").from_options(options, task, priv)
+    config = resolve_config(run_config(n, rounds, privacy))
+    data = prepare_data(config)
+    task = Task(data.input_shape, data.num_classes, config.model)
+    algo = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
+    return data.clients, algo
 
 
 def run_engine(execution: str, n: int, rounds: int, privacy: str = "none") -> dict:
@@ -84,8 +93,7 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none") -> di
     from protofl.config import FederationConfig
     from protofl.engine import Simulation
 
-    clients = synthetic_clients(n)
-    algo = make_algorithm(privacy, rounds)
+    clients, algo = synthetic_clients(n, rounds, privacy)
     # Evaluation is off (eval_every beyond the rounds run): the figures are of the rounds themselves.
     fed = FederationConfig(rounds=10**6, eval_every=10**6, checkpoint_every=0, progress=False, execution=execution)
     sim = Simulation(algo, clients, torch.zeros(0, WORKLOAD["input_dim"]), torch.zeros(0, dtype=torch.int64), fed, seed=0)
@@ -137,8 +145,7 @@ def run_plain(n: int, rounds: int) -> dict:
     import torch.nn.functional as F
 
     w = WORKLOAD
-    clients = synthetic_clients(n)
-    algo = make_algorithm()
+    clients, algo = synthetic_clients(n)
     model = algo.task.build_model()
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     states = [init] * n
@@ -182,35 +189,50 @@ def run_plain(n: int, rounds: int) -> dict:
 
 
 def run_flower(n: int, rounds: int) -> dict:
-    """The workload through protofl's Flower simulation. The Flower integration is built on another
-    branch; until ``protofl.flower`` can be imported this column is reported as not available."""
+    """The workload through protofl's Flower simulation runtime (``run_on_flower(mode="simulation")``: the
+    ServerApp and one ClientApp per client on Flower's Ray backend), from the same run configuration and
+    the same algorithm code as the in-process columns.
+
+    The server writes a metrics row only for an evaluated round, and a round's evaluation rides on the
+    next round's training messages; so rounds are evaluated every other round (2, 4, ...), and the rows of
+    those rounds time pure training rounds (``round_seconds``: server side of the exchange, nodes' work
+    included). Round 1 is ``elapsed`` of round 2's row minus round 2. Start-up: until the ServerApp has
+    built its data and algorithm (its first, empty metrics.jsonl appears). CPU seconds are spread over
+    Ray's processes and not reported."""
+    import shutil
+    import tempfile
+    import threading
+
+    from protofl.flower import run_on_flower
+    from protofl.records import read_metrics
+
+    rounds = 2 * max(2, (rounds + 1) // 2)  # even: the last round is an even, evaluated one
+    out = Path(tempfile.mkdtemp(prefix="protofl-speed-flower-"))
+    metrics = out / "run" / "metrics.jsonl"
+    ready: list[float] = []
+
+    def watch() -> None:
+        while not ready and not done.is_set():
+            if metrics.exists():
+                ready.append(time.time())
+            time.sleep(0.01)
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
-        from protofl import flower
-    except ImportError as exc:
-        raise RuntimeError(
-            f"protofl.flower is not importable ({exc}); the Flower column needs protofl's Flower integration"
-        ) from None
-    simulate = getattr(flower, "run_simulation", None)
-    if simulate is None:
-        raise RuntimeError("protofl.flower has no run_simulation(algorithm, clients, federation, seed, rounds, "
-                           "on_round) entry point for this benchmark; connect it here")
-    from protofl.config import FederationConfig
-
-    clients = synthetic_clients(n)
-    algo = make_algorithm()
-    fed = FederationConfig(rounds=rounds, eval_every=10**6, checkpoint_every=0, progress=False)
-    ready = time.time()
-    stamps: list[tuple[float, float]] = []
-
-    def on_round(_row: Any = None) -> None:
-        stamps.append((time.perf_counter(), time.process_time()))
-
-    t0 = (time.perf_counter(), time.process_time())
-    simulate(algorithm=algo, clients=clients, federation=fed, seed=0, rounds=rounds, on_round=on_round)
-    marks = [t0, *stamps]
-    return {"ready": ready, "execution": "flower", "round_wall": [b[0] - a[0] for a, b in itertools.pairwise(marks)],
-            "round_cpu": [b[1] - a[1] for a, b in itertools.pairwise(marks)],
-            "mechanism_check": [0.0] * len(stamps), "mechanism_release": [0.0] * len(stamps)}
+        run_on_flower(run_config(n, rounds, eval_every=2), out / "run", mode="simulation", timeout=1800)
+        rows = read_metrics(metrics)
+    finally:
+        done.set()
+        watcher.join()
+        shutil.rmtree(out, ignore_errors=True)
+    timed = {row["round"]: row["round_seconds"] for row in rows}
+    first = rows[0]["elapsed_seconds"] - rows[0]["round_seconds"]
+    walls = [first] + [timed[r] for r in sorted(timed)]
+    return {"ready": ready[0] if ready else float("nan"), "execution": "flower-simulation", "round_wall": walls,
+            "round_cpu": [float("nan")] * len(walls), "mechanism_check": [0.0] * len(walls),
+            "mechanism_release": [0.0] * len(walls), "timed_rounds": [1, *sorted(timed)]}
 
 
 def run_cached_embeddings(n: int, rounds: int, fraction: float) -> dict:
