@@ -394,7 +394,7 @@ def _fmt(row: dict | None, key: str, spec: str) -> str:
 
 
 def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
-    grid = results["grid"]
+    grid = results.get("grid", [])
     kinds = ["plain", "per-client", "batched", "flower"]
     names = {"plain": "plain loop", "per-client": "protofl per-client", "batched": "protofl batched",
              "flower": "protofl Flower simulation"}
