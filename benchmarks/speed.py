@@ -1,17 +1,22 @@
 """Issue 7: many clients as one batched program. Seconds per round, start-up and peak memory of a
 FedProto round, per-client against batched execution, and each privacy mechanism's share of a round.
 
-The workload (the issue's): 10 classes, 32-d inputs, 200 training samples per client (synthetic:
-Gaussian class means plus unit noise), protofl's embedding model (adapter + MLP, hidden 64, feature
-dim 64, 9.2k parameters), 1 local epoch of 4 batches of 50, SGD lr 0.05 momentum 0.9, CE + MSE to the
-global prototype, count-weighted prototype aggregation; every client takes part in every round.
+The workload (the issue's): 10 classes, 32-d inputs, about 200 training samples per client (the
+registered ``synthetic-gaussian`` workload: Gaussian class means plus unit noise, 220 samples per client
+split IID, 20 kept as the client's test split), protofl's embedding model (adapter + MLP, hidden 64,
+feature dim 64, 9.2k parameters), 1 local epoch of 4 batches of at most 50, SGD lr 0.05 momentum 0.9,
+CE + MSE to the global prototype, count-weighted prototype aggregation; every client takes part in
+every round. Every column is built from one run configuration (:func:`run_config`) through protofl's
+data pipeline.
 
 Columns: a plain per-client loop (torch.optim, no engine: the issue's reference), protofl's
-per-client path, protofl's batched path, and protofl's Flower simulation (needs ``protofl.flower``,
-built on another branch; the column says so when it is not importable). Every configuration runs in
-a fresh process: start-up is from process launch to the engine being ready for round 1 (imports,
-data, clients), the first round (lazy imports, warm-up) is reported apart, seconds per round are the
-median of rounds 2+, and peak memory is the peak summed RSS of the process tree, polled every 20 ms.
+per-client path, protofl's batched path, and protofl's Flower simulation (``run_on_flower`` with
+``mode="simulation"``: the ServerApp and a ClientApp per client on Flower's Ray runtime, same
+configuration, same algorithm code; see :func:`run_flower` for how its rounds are timed). Every
+configuration runs in a fresh process: start-up is from process launch to the engine being ready for
+round 1 (imports, data, clients), the first round (lazy imports, warm-up) is reported apart, seconds
+per round are the median of rounds 2+, and peak memory is the peak summed RSS of the process tree
+(Ray's processes included), polled every 20 ms.
 
 Also: 10,000 clients on the cached Fashion-MNIST EfficientNet-Lite0 embeddings (batched), and the
 share of a round's time spent in the ``vpp`` and ``igpp`` release mechanisms.
@@ -29,6 +34,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -346,8 +352,12 @@ def _tree_rss_mb(root: int) -> float:
     return total * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+LOAD_SAMPLES: list[float] = []
+
+
 def launch(kind: str, clients: int, rounds: int, threads: int, privacy: str = "none", fraction: float = 1.0,
            timeout: float = 1800) -> dict:
+    LOAD_SAMPLES.append(os.getloadavg()[0])
     cmd = [sys.executable, __file__, "--child", kind, "--clients", str(clients), "--rounds", str(rounds),
            "--threads", str(threads), "--privacy", privacy, "--fraction", str(fraction)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -402,12 +412,15 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
     lookup = {(row["kind"], row["clients"]): row for row in grid}
     w = WORKLOAD
     lines = [
-        (f"FedProto round, synthetic workload: {w['classes']} classes, {w['input_dim']}-d inputs, {w['samples']} samples per "
-        f"client, adapter + MLP model (hidden {w['hidden_dim']}, feature dim {w['feature_dim']}), 1 local epoch of 4 "
-        f"batches of 50, SGD lr {w['lr']} momentum {w['momentum']}, CE + MSE to the global prototype, count-weighted "
-        f"aggregation, all clients every round, evaluation off. {args.threads} torch thread(s); "
-        f"load average when it started {results['load'][0]:.2f} and ended {results['load'][1]:.2f} (the 2 cores are "
-        "shared with other jobs, so wall times are noisy; CPU seconds of the process are given next to them)."),
+        (f"FedProto round on the `synthetic-gaussian` workload (docs/data.md: Gaussian class means + unit noise, "
+        f"{w['classes']} classes, {w['input_dim']}-d inputs), {w['samples'] + w['test_samples']} samples per client "
+        f"split IID, {w['test_samples']} of them (stratified) kept as the client's test split, so 196-200 training "
+        f"samples per client; adapter + MLP model (hidden {w['hidden_dim']}, feature dim {w['feature_dim']}), 1 local "
+        f"epoch of 4 batches of at most 50, SGD lr {w['lr']} momentum {w['momentum']}, CE + MSE to the global "
+        "prototype, count-weighted aggregation, all clients every round. Every column is built from the same run "
+        "configuration (`run_config` in benchmarks/speed.py) through protofl's data pipeline; the Flower column runs "
+        "it with `protofl.flower.run_on_flower(..., mode=\"simulation\")`. Evaluation off in the in-process columns "
+        f"(see the Flower note below). {args.threads} torch thread(s). {_load_text(results)}"),
         "",
         "Commands: " + "; ".join(f"{part}: `{cmd}`" for part, cmd in sorted(results.get("commands", {}).items())),
         "",
@@ -427,12 +440,28 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
             if "error" in row:
                 lines.append(f"| {n} | {names[kind]} | n/a: {row['error']} | | | | | |")
                 continue
-            speed = (f"{base['s_per_round'] / row['s_per_round']:.1f}× / {base['cpu_s_per_round'] / row['cpu_s_per_round']:.1f}×"
+            flower = kind == "flower"  # its work runs in Ray's processes: no CPU seconds of one process
+            speed = (f"{base['s_per_round'] / row['s_per_round']:.1f}×" + ("" if flower else
+                     f" / {base['cpu_s_per_round'] / row['cpu_s_per_round']:.1f}×")
                      if base and "error" not in base and "s_per_round" in row else "—")
-            lines.append(f"| {n} | {names[kind]} | {_fmt(row, 's_per_round', '.4f')} | {_fmt(row, 'cpu_s_per_round', '.4f')} "
-                         f"| {speed} | {_fmt(row, 'startup_s', '.2f')} / {_fmt(row, 'ready_cpu', '.2f')} "
+            cpu = "—" if flower else _fmt(row, 'cpu_s_per_round', '.4f')
+            startup_cpu = "—" if flower else _fmt(row, 'ready_cpu', '.2f')
+            lines.append(f"| {n} | {names[kind]} | {_fmt(row, 's_per_round', '.4f')} | {cpu} "
+                         f"| {speed} | {_fmt(row, 'startup_s', '.2f')} / {startup_cpu} "
                          f"| {_fmt(row, 'first_round_s', '.2f')} "
                          f"| {_fmt(row, 'peak_tree_mb', '.0f')} |")
+    if any(row["kind"] == "flower" for row in grid):
+        lines += ["", (
+            "Flower column: protofl's ServerApp and one ClientApp per client on Flower's simulation runtime (Ray), "
+            "same configuration, same algorithm code. Its server writes a row only for an evaluated round and an "
+            "evaluation rides on the next round's training messages, so those runs evaluate every other round and "
+            "the seconds per round are the median of the training phase (`round_seconds`) of rounds 2, 4, 6 (no "
+            "evaluation in them); round 1 is the first round. Start-up: launch to the ServerApp having built its data "
+            "and algorithm (Ray and the nodes' first start fall in round 1). Peak: the whole process tree (the "
+            "SuperLink, the ServerApp, Ray's workers). Where the time goes: the ServerApp polls the SuperLink for "
+            f"replies every {_flower_poll()} s (`POLL_SECONDS` in protofl/flower/server.py), so a round takes a whole "
+            "number of polls, on top of Flower's messaging and the ClientApps run in Ray's actors.")]
+    lines += _targets(lookup, results)
     emb = results.get("embeddings")
     if emb:
         lines += ["", "### 10,000 clients on cached embeddings", ""]
@@ -479,6 +508,54 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load_text(results: dict) -> str:
+    load = results.get("load", [math.nan, math.nan])
+    during = results.get("load_during") or []
+    text = f"1-minute load average when it started {load[0]:.2f}, when it ended {load[1]:.2f}"
+    if during:
+        text += (f", over the run (sampled at each launch) {min(during):.2f}–{max(during):.2f}, "
+                 f"mean {statistics.fmean(during):.2f}")
+    return text + (" (the 2 cores are shared with other jobs, so wall times are noisy; CPU seconds of the process "
+                   "are given next to them).")
+
+
+def _flower_poll() -> str:
+    try:
+        from protofl.flower.server import POLL_SECONDS
+    except ImportError:
+        return "?"
+    return f"{POLL_SECONDS:g}"
+
+
+def _targets(lookup: dict, results: dict) -> list[str]:
+    """Issue 7's targets at N = 100 against the figures reached (benchmarks, not timed tests)."""
+    def get(kind, key):
+        row = lookup.get((kind, 100))
+        return row.get(key) if row and "error" not in row else None
+
+    batched, plain, flower = get("batched", "s_per_round"), get("plain", "s_per_round"), get("flower", "s_per_round")
+    shares = [(row["privacy"], row["kind"], row["mechanism_check_share"] + row["mechanism_release_share"])
+              for row in results.get("privacy", []) if "error" not in row]
+    out = ["", "### Issue 7's targets at N = 100 (1 thread)", "", "| target | reached | met |", "|---|---|---|"]
+
+    def line(target, value, ok):
+        out.append(f"| {target} | {value} | {'—' if ok is None else ('yes' if ok else '**no**')} |")
+
+    line("batched round <= 0.05 s", f"{batched:.4f} s (CPU {get('batched', 'cpu_s_per_round'):.4f} s)" if batched else "n/a",
+         batched <= 0.05 if batched else None)
+    line("10x faster than the plain loop", f"{plain / batched:.1f}x" if plain and batched else "n/a",
+         plain / batched >= 10 if plain and batched else None)
+    line("25x faster than Flower's simulation", f"{flower / batched:.1f}x" if flower and batched else "n/a",
+         flower / batched >= 25 if flower and batched else None)
+    startup = get("batched", "startup_s")
+    line("start-up <= 3 s (batched)", f"{startup:.2f} s" if startup else "n/a", startup <= 3 if startup else None)
+    peak = get("batched", "peak_tree_mb")
+    line("peak <= 400 MB (batched)", f"{peak:.0f} MB" if peak else "n/a", peak <= 400 if peak else None)
+    for mech, kind, share in shares:
+        line(f"{mech} ({kind}): privacy mechanism <= 10 % of a round", f"{100 * share:.1f} %", share <= 0.10)
+    return out
+
+
 def write_docs(table: str) -> None:
     text = DOCS.read_text()
     block = f"{BEGIN}\n{table}{END}"
@@ -519,6 +596,7 @@ def main() -> None:
     results: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() and set(args.parts) != {
         "grid", "privacy", "breakdown", "embeddings"} else {}
     results.update(workload=WORKLOAD, threads=args.threads)
+    LOAD_SAMPLES.clear()
     if "grid" in args.parts:
         grid = []
         for n in args.sizes:
@@ -539,12 +617,13 @@ def main() -> None:
     if "embeddings" in args.parts and not args.quick:
         results["embeddings"] = launch("embeddings", args.embedding_clients, 2, args.threads, fraction=args.fraction)
     results["load"] = [load_start, os.getloadavg()[0]]
+    results["load_during"] = [*LOAD_SAMPLES, results["load"][1]]
     results.setdefault("commands", {})
     for part in args.parts:
         results["commands"][part] = command
-    table = tabulate(results, args, command)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    table = tabulate(results, args, command)
     (args.out / "table.md").write_text(table)
     if args.out == RESULTS:
         write_docs(table)
