@@ -110,39 +110,59 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none") -> di
     return out
 
 
+#: Parts of a release timed inside it (module, function name, label), for the release's profile.
+RELEASE_PARTS = (("protofl.privacy.mechanisms", "_anova", "ANOVA scores"),
+                 ("protofl.privacy.mechanisms", "_top_k", "private top-k (Laplace noise + peeling)"),
+                 ("protofl.privacy.mechanisms", "gaussian_noise", "Gaussian noise draw"),
+                 ("protofl.privacy.vpdr", "vpp_release", "mechanism"),
+                 ("protofl.privacy.vpdr", "igpp_release", "mechanism"))
+
+
 def _time_mechanism(algo) -> dict[str, float]:
     """Wrap the privacy mechanism so that its CPU time is counted per round (reset by ``_rounds``):
     ``check`` is the engine's budget check before the round (the accountant), ``release`` the release
-    itself (clipping, selection, noise, spending from the ledger)."""
+    itself (clipping, selection, noise, spending from the ledger); the ``part:`` entries time pieces of
+    the release (:data:`RELEASE_PARTS`) for its profile."""
+    import importlib
+
     spent = {"check": 0.0, "release": 0.0}
     mech = getattr(algo, "release_mechanism", None)
+
+    def wrap(owner, name, key):
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.process_time() - t
+
+        spent.setdefault(key, 0.0)
+        setattr(owner, name, timed)
+
     if mech is not None:
         for name in ("release", "check"):
-            fn = getattr(mech, name)
-
-            def timed(*args, _fn=fn, _name=name, **kwargs):
-                t = time.process_time()
-                try:
-                    return _fn(*args, **kwargs)
-                finally:
-                    spent[_name] += time.process_time() - t
-
-            setattr(mech, name, timed)
+            wrap(mech, name, name)
+        for module, name, label in RELEASE_PARTS:
+            wrap(importlib.import_module(module), name, f"part:{label}")
     return spent
 
 
 def _rounds(step, rounds: int, mechanism: dict[str, float] | None = None) -> dict:
-    wall, cpu, check, release = [], [], [], []
+    wall, cpu = [], []
     mechanism = mechanism if mechanism is not None else {"check": 0.0, "release": 0.0}
+    per_round: dict[str, list[float]] = {key: [] for key in mechanism}
     for r in range(1, rounds + 1):
-        mechanism.update(check=0.0, release=0.0)
+        for key in mechanism:
+            mechanism[key] = 0.0
         t, c = time.perf_counter(), time.process_time()
         step(r)
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-        check.append(mechanism["check"])
-        release.append(mechanism["release"])
-    return {"round_wall": wall, "round_cpu": cpu, "mechanism_check": check, "mechanism_release": release}
+        for key, value in mechanism.items():
+            per_round[key].append(value)
+    return {"round_wall": wall, "round_cpu": cpu, **{f"mechanism_{key}": values for key, values in per_round.items()}}
 
 
 def run_plain(n: int, rounds: int) -> dict:
@@ -498,6 +518,20 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
                          f"{row['mechanism_check_s']:.4f} | {row['mechanism_release_s']:.4f} | "
                          f"{100 * row['mechanism_check_share']:.1f} % | {100 * row['mechanism_release_share']:.1f} % | "
                          f"{100 * (row['mechanism_check_share'] + row['mechanism_release_share']):.1f} % |")
+    profiled = [row for row in priv if "error" not in row and any(k.startswith("mechanism_part:") for k in row)]
+    if profiled:
+        lines += ["", "### Where a release's time goes (CPU seconds per round, all clients, rounds 2+)", "",
+                  ("`mechanism` is the release function itself (vpp_release / igpp_release: the parts listed above it "
+                   "plus clipping and the class means); the rest of the release is the ledger (loading it from the "
+                   "client's state, the budget check and recording the spend)."), "",
+                  "| mechanism | path | " + " | ".join(label for _, _, label in RELEASE_PARTS[:3]) +
+                  " | mechanism (all of the release function) | ledger and bookkeeping | release |", "|---|---|" + "---|" * 6]
+        for row in profiled:
+            parts = [statistics.fmean(row[f"mechanism_part:{label}"][1:] or row[f"mechanism_part:{label}"])
+                     for _, _, label in RELEASE_PARTS[:4]]
+            mechanism_s = parts[3]
+            lines.append(f"| {row['privacy']} | {names[row['kind']]} | " + " | ".join(f"{v:.4f}" for v in parts) +
+                         f" | {row['mechanism_release_s'] - mechanism_s:.4f} | {row['mechanism_release_s']:.4f} |")
     prof = results.get("breakdown")
     if prof and "parts" in prof:
         lines += ["", f"### Where a batched round's time goes ({prof['clients']} clients, CPU seconds per round)", "",

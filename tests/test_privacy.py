@@ -312,6 +312,46 @@ def test_private_top_k_draws_as_one_round_at_a_time():
                 _top_k_one_round_at_a_time(scores, k, 0.1, epsilon, _gen(seed))
 
 
+@pytest.mark.parametrize("sensitivity", ["fixed-features", "trained-features"])
+def test_releases_equal_their_steps_composed_from_the_public_pieces(sensitivity):
+    """VPP and IGPP run as one numpy program per client; the same steps through anova_scores,
+    private_top_k, clip_groups / clip_rows, per-class means and gaussian_noise on the same generator
+    give the same release."""
+    z, y = _features(n_per_class=(40, 1, 7, 0, 12), d=24, seed=5)
+    z = z * 3
+    bound, sigma, rho, cap, eps = 2.0, 1.3, 0.3, 0.1, 0.5
+    for seed in range(5):
+        got = vpp_release(z, y, 5, bound, sigma, rho, cap, eps, _gen(seed), sensitivity)
+        g = _gen(seed)
+        k = math.ceil(rho * 24)
+        selected = private_top_k(anova_scores(z, y), k, cap, eps, g)
+        rest = torch.tensor([j for j in range(24) if j not in set(selected.tolist())])
+        kappa_a, kappa_b, s_a, s_b = vpp_group_noise(24, k, sigma)
+        clipped = clip_groups(z.double(), [selected, rest], [bound * kappa_a, bound * kappa_b])
+        classes = torch.tensor([0, 1, 2, 4])
+        counts = torch.tensor([40, 1, 7, 12])
+        means = torch.stack([clipped[y == c].mean(0) for c in classes.tolist()])
+        per_coordinate = torch.full((24,), s_b, dtype=torch.float64)
+        per_coordinate[selected] = s_a
+        delta = 2 * bound / counts.double() if sensitivity == "fixed-features" else torch.full((4,), 2 * bound * 2.0,
+                                                                                               dtype=torch.float64)
+        std = delta[:, None] * per_coordinate[None, :]
+        want = (means + torch.randn(means.shape, generator=g, dtype=torch.float64) * std).float()
+        assert torch.equal(got.selected, selected) and torch.equal(got.classes, classes)
+        assert torch.equal(got.counts, counts)
+        torch.testing.assert_close(got.noise_std, std)
+        torch.testing.assert_close(got.prototypes, want, rtol=1e-5, atol=1e-5)
+
+        got = igpp_release(z, y, 5, bound, sigma, _gen(seed), sensitivity)
+        clipped = clip_rows(z.double(), bound)
+        means = torch.stack([clipped[y == c].mean(0) for c in classes.tolist()])
+        std = (sigma * delta)[:, None].expand(-1, 24)
+        want = (means + torch.randn(means.shape, generator=_gen(seed), dtype=torch.float64) * std).float()
+        assert torch.equal(got.classes, classes) and torch.equal(got.counts, counts)
+        torch.testing.assert_close(got.noise_std, std)
+        torch.testing.assert_close(got.prototypes, want, rtol=1e-5, atol=1e-5)
+
+
 def test_private_top_k_follows_the_scores_at_large_epsilon_and_not_at_tiny_epsilon():
     scores = torch.linspace(0, 0.2, 50)
     top = private_top_k(scores, 5, 0.1, 1e6, _gen())

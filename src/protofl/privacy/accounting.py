@@ -62,7 +62,7 @@ class Event:
     kind: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **dataclasses.asdict(self)}
+        return {"kind": self.kind, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Event:
@@ -326,7 +326,7 @@ class PrivacyLedger:
         budget, which answers the budget check without a new accountant computation."""
         if not self.plan:
             return False
-        planned = dict(_merged(self.plan))
+        planned = _plan_counts(tuple(self.plan))
         if any(count > planned.get(event, 0) for event, count in _merged([*self.events, *events])):
             return False
         return compute_epsilon(self.accountant, list(planned.items()), self.delta) <= self.budget * (1 + 1e-9)
@@ -352,6 +352,12 @@ class PrivacyLedger:
 
     def load_state_dict(self, state: Sequence[tuple[dict[str, Any], int]]) -> None:
         self.events = [(Event.from_dict(e), int(c)) for e, c in state]
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_counts(plan: tuple[tuple[Event, int], ...]) -> dict[Event, int]:
+    """A plan's ``{event: count}`` (memoised: every ledger of a run shares one plan; read-only)."""
+    return dict(_merged(plan))
 
 
 def _merged(events: Iterable[tuple[Event, int]]) -> list[tuple[Event, int]]:

@@ -197,33 +197,23 @@ class PrototypeRelease:
     selected: torch.Tensor | None = None
 
 
-def _class_means(z: torch.Tensor, y: torch.Tensor, num_classes: int):
-    counts = torch.bincount(y, minlength=num_classes)
-    classes = torch.nonzero(counts).flatten()
-    sums = torch.zeros(num_classes, z.shape[1], dtype=torch.float64).index_add_(0, y, z.double())
-    return classes, sums[classes] / counts[classes, None], counts[classes]
-
-
-def _sensitivity_scale(counts: torch.Tensor, rule: str) -> torch.Tensor:
-    """Per released class, the release's L2 sensitivity in units of 2R (see the module docstring)."""
-    if rule == "fixed-features":
-        return 1 / counts.double()
-    if rule == "trained-features":
-        return torch.full((len(counts),), math.sqrt(len(counts)), dtype=torch.float64)
-    raise ValueError(f"unknown sensitivity rule {rule!r}; valid: {', '.join(SENSITIVITY_RULES)}")
-
-
 def igpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: float, noise_multiplier: float,
                  generator: torch.Generator, sensitivity: str = "fixed-features") -> PrototypeRelease:
     """IGPP: clip every feature to norm ``bound``, average per class, add N(0, (σΔ)² I), Δ = 2R/n_c
     (``fixed-features``) or 2R√C (``trained-features``)."""
-    classes, means, counts = _class_means(clip_rows(z.double(), bound), y, num_classes)
-    if sensitivity == "fixed-features":
-        std = (noise_multiplier * 2 * bound / counts.double())[:, None].expand(-1, z.shape[1])
-    else:
-        std = (noise_multiplier * 2 * bound * _sensitivity_scale(counts, sensitivity))[:, None].expand(-1, z.shape[1])
-    noisy = means + gaussian_noise(tuple(means.shape), std, generator)
-    return PrototypeRelease(classes, noisy.float(), counts, std, ((GaussianEvent(noise_multiplier), 1),))
+    if sensitivity not in SENSITIVITY_RULES:
+        raise ValueError(f"unknown sensitivity rule {sensitivity!r}; valid: {', '.join(SENSITIVITY_RULES)}")
+    # In float64 numpy (clip_rows and the class means, as in vpp_release), once per client per round.
+    x, labels = z.detach().double().numpy(), y.numpy()
+    clipped = x * np.minimum(bound / np.maximum(np.sqrt((x * x).sum(1)), 1e-12), 1.0)[:, None]
+    groups = _Groups.of(labels, num_classes)
+    counts = groups.counts
+    means = groups.sums(clipped) / counts[:, None]
+    delta = 2 * bound / counts if sensitivity == "fixed-features" else np.full(len(counts), 2 * bound * math.sqrt(len(counts)))
+    std = torch.from_numpy(noise_multiplier * delta)[:, None].expand(-1, x.shape[1])
+    noisy = torch.from_numpy(means) + gaussian_noise(tuple(means.shape), std, generator)
+    return PrototypeRelease(torch.from_numpy(groups.classes), noisy.float(), torch.from_numpy(counts), std,
+                            ((GaussianEvent(noise_multiplier), 1),))
 
 
 def vpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: float, noise_multiplier: float,
@@ -250,7 +240,8 @@ def vpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: float
     sq = x * x
     scale_a = np.minimum(bound * kappa_a / np.maximum(np.sqrt(sq @ in_a), 1e-12), 1.0)
     scale_b = np.minimum(bound * kappa_b / np.maximum(np.sqrt(sq @ ~in_a), 1e-12), 1.0)
-    clipped = x * np.where(in_a[None, :], scale_a[:, None], scale_b[:, None])
+    clipped = x * scale_b[:, None]
+    np.multiply(x, scale_a[:, None], out=clipped, where=in_a[None, :])
     present, counts = groups.classes, groups.counts
     means = groups.sums(clipped) / counts[:, None]
     per_coordinate = np.where(in_a, s_a, s_b)
