@@ -57,3 +57,5 @@ def test_a_run_configuration_names_it_and_every_client_gets_its_share():
     assert all(190 <= c.num_train <= 205 for c in data.clients)
     with pytest.raises(ConfigError, match="data.dataset: .*must be an integer"):
         resolve_config({"data": {"dataset": "synthetic-gaussian:train=lots"}, "method": {"name": "fedproto"}})
+    with pytest.raises(ConfigError, match="data.dataset: .*classes must be an integer >= 2"):
+        resolve_config({"data": {"dataset": "synthetic-gaussian:classes=1"}, "method": {"name": "fedproto"}})

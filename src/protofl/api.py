@@ -71,11 +71,11 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
 
 def check_dataset_name(name: str) -> None:
     from protofl.data import DATASETS
-    from protofl.data.datasets import SYNTHETIC_GAUSSIAN, _parse_synthetic
+    from protofl.data.datasets import SYNTHETIC_GAUSSIAN, parse_synthetic_options
 
     if name.partition(":")[0] == SYNTHETIC_GAUSSIAN:  # a generated benchmark workload, options in the name
         try:
-            _parse_synthetic(name.partition(":")[2])
+            parse_synthetic_options(name.partition(":")[2])
         except ValueError as exc:
             raise ConfigError(f"data.dataset: {exc}") from None
         return

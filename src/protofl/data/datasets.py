@@ -172,10 +172,8 @@ def synthetic_gaussian(train: int = 2000, test: int = 200, dim: int = 32, classe
     normal entries), each sample its class mean plus unit Gaussian noise, labels uniform; ``train``
     samples in the pool and ``test`` held out, float32 ``(N, dim)``. Deterministic for a ``seed`` (numpy's
     default generator), so every process of a run (e.g. Flower's nodes) builds the same set."""
-    for key, value, low in (("train", train, 1), ("test", test, 0), ("dim", dim, 1), ("classes", classes, 2),
-                            ("seed", seed, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{SYNTHETIC_GAUSSIAN}: {key} must be an integer >= {low}, got {value!r}")
+    for key, value in (("train", train), ("test", test), ("dim", dim), ("classes", classes), ("seed", seed)):
+        _check_synthetic(key, value)
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((classes, dim))
 
@@ -189,7 +187,16 @@ def synthetic_gaussian(train: int = 2000, test: int = 200, dim: int = 32, classe
     return DatasetSplits(name, draw(train), draw(test), tuple(f"class {c}" for c in range(classes)))
 
 
-def _parse_synthetic(spec: str) -> dict[str, int]:
+#: The smallest value of each ``synthetic-gaussian`` option.
+_SYNTHETIC_MIN = {"train": 1, "test": 0, "dim": 1, "classes": 2, "seed": 0}
+
+
+def _check_synthetic(key: str, value: Any) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < _SYNTHETIC_MIN[key]:
+        raise ValueError(f"{SYNTHETIC_GAUSSIAN}: {key} must be an integer >= {_SYNTHETIC_MIN[key]}, got {value!r}")
+
+
+def parse_synthetic_options(spec: str) -> dict[str, int]:
     """``train=22000,test=200,dim=32`` -> options (unknown keys and non-integers are errors)."""
     options: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
@@ -202,12 +209,13 @@ def _parse_synthetic(spec: str) -> dict[str, int]:
             options[key] = int(value)
         except ValueError:
             raise ValueError(f"{SYNTHETIC_GAUSSIAN}:{spec}: {key} must be an integer, got {value.strip()!r}") from None
+        _check_synthetic(key, options[key])
     return options
 
 
 def _load_synthetic_gaussian(spec: str = "", image_size: int | None = None, progress: bool = True,
                              **options: Any) -> DatasetSplits:
-    return synthetic_gaussian(**{**_parse_synthetic(spec), **options})
+    return synthetic_gaussian(**{**parse_synthetic_options(spec), **options})
 
 
 #: ``prefix:`` -> loader ``(path, image_size=None, progress=True, **options)`` for files a user holds.
