@@ -1,17 +1,22 @@
 """Issue 7: many clients as one batched program. Seconds per round, start-up and peak memory of a
 FedProto round, per-client against batched execution, and each privacy mechanism's share of a round.
 
-The workload (the issue's): 10 classes, 32-d inputs, 200 training samples per client (synthetic:
-Gaussian class means plus unit noise), protofl's embedding model (adapter + MLP, hidden 64, feature
-dim 64, 9.2k parameters), 1 local epoch of 4 batches of 50, SGD lr 0.05 momentum 0.9, CE + MSE to the
-global prototype, count-weighted prototype aggregation; every client takes part in every round.
+The workload (the issue's): 10 classes, 32-d inputs, about 200 training samples per client (the
+registered ``synthetic-gaussian`` workload: Gaussian class means plus unit noise, 220 samples per client
+split IID, 20 kept as the client's test split), protofl's embedding model (adapter + MLP, hidden 64,
+feature dim 64, 9.2k parameters), 1 local epoch of 4 batches of at most 50, SGD lr 0.05 momentum 0.9,
+CE + MSE to the global prototype, count-weighted prototype aggregation; every client takes part in
+every round. Every column is built from one run configuration (:func:`run_config`) through protofl's
+data pipeline.
 
 Columns: a plain per-client loop (torch.optim, no engine: the issue's reference), protofl's
-per-client path, protofl's batched path, and protofl's Flower simulation (needs ``protofl.flower``,
-built on another branch; the column says so when it is not importable). Every configuration runs in
-a fresh process: start-up is from process launch to the engine being ready for round 1 (imports,
-data, clients), the first round (lazy imports, warm-up) is reported apart, seconds per round are the
-median of rounds 2+, and peak memory is the peak summed RSS of the process tree, polled every 20 ms.
+per-client path, protofl's batched path, and protofl's Flower simulation (``run_on_flower`` with
+``mode="simulation"``: the ServerApp and a ClientApp per client on Flower's Ray runtime, same
+configuration, same algorithm code; see :func:`run_flower` for how its rounds are timed). Every
+configuration runs in a fresh process: start-up is from process launch to the engine being ready for
+round 1 (imports, data, clients), the first round (lazy imports, warm-up) is reported apart, seconds
+per round are the median of rounds 2+, and peak memory is the peak summed RSS of the process tree
+(Ray's processes included), polled every 20 ms.
 
 Also: 10,000 clients on the cached Fashion-MNIST EfficientNet-Lite0 embeddings (batched), and the
 share of a round's time spent in the ``vpp`` and ``igpp`` release mechanisms.
@@ -27,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -50,85 +55,114 @@ WORKLOAD = {"classes": 10, "input_dim": 32, "feature_dim": 64, "hidden_dim": 64,
 # Child side: one configuration in this (fresh) process
 
 
-def synthetic_clients(n: int, seed: int = 0):
-    import torch
-
-    from protofl.algorithms import ClientData
-
+def run_config(n: int, rounds: int, privacy: str = "none", eval_every: int = 10**6) -> dict:
+    """The workload as a run configuration: every column (in-process and Flower) is built from it. The
+    data is the registered ``synthetic-gaussian`` workload (Gaussian class means + unit noise, from the
+    seed), 220 samples per client split IID, 10 % of each client's (stratified) kept as its test split."""
     w = WORKLOAD
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(w["classes"], w["input_dim"], generator=g)
-    total = w["samples"] + w["test_samples"]
-    y = torch.randint(0, w["classes"], (n, total), generator=g)
-    x = means[y] + torch.randn(n, total, w["input_dim"], generator=g)
-    s = w["samples"]
-    return [ClientData(k, x[k, :s], y[k, :s], x[k, s:], y[k, s:]) for k in range(n)]
+    per_client = w["samples"] + w["test_samples"]
+    cfg: dict[str, Any] = {
+        "seed": 0,
+        "data": {"dataset": f"synthetic-gaussian:train={n * per_client},test=200,dim={w['input_dim']},"
+                            f"classes={w['classes']},seed=0"},
+        "partition": {"scheme": "iid", "num_clients": n, "min_client_size": 2,
+                      "test_fraction": w["test_samples"] / per_client},
+        "federation": {"rounds": rounds, "eval_every": min(eval_every, rounds), "checkpoint_every": 0,
+                       "progress": False},
+        "model": {"feature_dim": w["feature_dim"], "hidden_dim": w["hidden_dim"]},
+        "method": {"name": "fedproto", "optimizer": "sgd", "lr": w["lr"], "momentum": w["momentum"],
+                   "batch_size": w["batch_size"], "local_epochs": w["local_epochs"], "aggregation": "weighted"},
+    }
+    if privacy != "none":
+        cfg["privacy"] = {"mechanism": privacy, "planned_releases": rounds}
+    return cfg
 
 
-def make_algorithm(privacy: str = "none", rounds: int = 1):
+def synthetic_clients(n: int, rounds: int = 1, privacy: str = "none"):
+    """The clients of the workload and its algorithm, through protofl's data pipeline (as ``protofl.run``
+    and every Flower node build them)."""
     from protofl.algorithms import Task, get_algorithm
-    from protofl.config import ModelConfig, PrivacyConfig
+    from protofl.api import prepare_data, resolve_config
 
-    w = WORKLOAD
-    task = Task((w["input_dim"],), w["classes"], ModelConfig(feature_dim=w["feature_dim"], hidden_dim=w["hidden_dim"]))
-    options = {"optimizer": "sgd", "lr": w["lr"], "momentum": w["momentum"], "batch_size": w["batch_size"],
-               "local_epochs": w["local_epochs"], "aggregation": "weighted"}
-    priv = PrivacyConfig(mechanism=privacy, planned_releases=rounds) if privacy != "none" else None
-    return get_algorithm("fedproto").from_options(options, task, priv)
+    config = resolve_config(run_config(n, rounds, privacy))
+    data = prepare_data(config)
+    task = Task(data.input_shape, data.num_classes, config.model)
+    algo = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
+    return data.clients, algo
 
 
-def run_engine(execution: str, n: int, rounds: int, privacy: str = "none") -> dict:
+def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profile_release: bool = False) -> dict:
     """protofl's in-process engine on the workload; training time of each round (no evaluation)."""
     import torch
 
     from protofl.config import FederationConfig
     from protofl.engine import Simulation
 
-    clients = synthetic_clients(n)
-    algo = make_algorithm(privacy, rounds)
+    clients, algo = synthetic_clients(n, rounds, privacy)
     # Evaluation is off (eval_every beyond the rounds run): the figures are of the rounds themselves.
     fed = FederationConfig(rounds=10**6, eval_every=10**6, checkpoint_every=0, progress=False, execution=execution)
     sim = Simulation(algo, clients, torch.zeros(0, WORKLOAD["input_dim"]), torch.zeros(0, dtype=torch.int64), fed, seed=0)
-    mechanism = _time_mechanism(algo)
+    mechanism = _time_mechanism(algo, profile_release)
     ready, ready_cpu = time.time(), time.process_time()
     out = _rounds(lambda r: sim.run_round(r), rounds, mechanism)
     out.update(ready=ready, ready_cpu=ready_cpu, execution=sim.execution)
     return out
 
 
-def _time_mechanism(algo) -> dict[str, float]:
+#: Parts of a release timed inside it (module, function name, label), for the release's profile.
+RELEASE_PARTS = (("protofl.privacy.mechanisms", "_anova", "ANOVA scores"),
+                 ("protofl.privacy.mechanisms", "_top_k", "private top-k (Laplace noise + peeling)"),
+                 ("protofl.privacy.mechanisms", "gaussian_noise", "Gaussian noise draw"),
+                 ("protofl.privacy.vpdr", "vpp_release", "mechanism"),
+                 ("protofl.privacy.vpdr", "igpp_release", "mechanism"))
+
+
+def _time_mechanism(algo, profile_release: bool = False) -> dict[str, float]:
     """Wrap the privacy mechanism so that its CPU time is counted per round (reset by ``_rounds``):
     ``check`` is the engine's budget check before the round (the accountant), ``release`` the release
-    itself (clipping, selection, noise, spending from the ledger)."""
+    itself (clipping, selection, noise, spending from the ledger); the ``part:`` entries time pieces of
+    the release (:data:`RELEASE_PARTS`) for its profile, with ``profile_release`` only (their timers
+    cost about 2 µs a call, which would inflate the shares)."""
+    import importlib
+
     spent = {"check": 0.0, "release": 0.0}
     mech = getattr(algo, "release_mechanism", None)
+
+    def wrap(owner, name, key):
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.process_time() - t
+
+        spent.setdefault(key, 0.0)
+        setattr(owner, name, timed)
+
     if mech is not None:
         for name in ("release", "check"):
-            fn = getattr(mech, name)
-
-            def timed(*args, _fn=fn, _name=name, **kwargs):
-                t = time.process_time()
-                try:
-                    return _fn(*args, **kwargs)
-                finally:
-                    spent[_name] += time.process_time() - t
-
-            setattr(mech, name, timed)
+            wrap(mech, name, name)
+        for module, name, label in RELEASE_PARTS if profile_release else ():
+            wrap(importlib.import_module(module), name, f"part:{label}")
     return spent
 
 
 def _rounds(step, rounds: int, mechanism: dict[str, float] | None = None) -> dict:
-    wall, cpu, check, release = [], [], [], []
+    wall, cpu = [], []
     mechanism = mechanism if mechanism is not None else {"check": 0.0, "release": 0.0}
+    per_round: dict[str, list[float]] = {key: [] for key in mechanism}
     for r in range(1, rounds + 1):
-        mechanism.update(check=0.0, release=0.0)
+        for key in mechanism:
+            mechanism[key] = 0.0
         t, c = time.perf_counter(), time.process_time()
         step(r)
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-        check.append(mechanism["check"])
-        release.append(mechanism["release"])
-    return {"round_wall": wall, "round_cpu": cpu, "mechanism_check": check, "mechanism_release": release}
+        for key, value in mechanism.items():
+            per_round[key].append(value)
+    return {"round_wall": wall, "round_cpu": cpu, **{f"mechanism_{key}": values for key, values in per_round.items()}}
 
 
 def run_plain(n: int, rounds: int) -> dict:
@@ -137,8 +171,7 @@ def run_plain(n: int, rounds: int) -> dict:
     import torch.nn.functional as F
 
     w = WORKLOAD
-    clients = synthetic_clients(n)
-    algo = make_algorithm()
+    clients, algo = synthetic_clients(n)
     model = algo.task.build_model()
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     states = [init] * n
@@ -181,36 +214,52 @@ def run_plain(n: int, rounds: int) -> dict:
     return out
 
 
-def run_flower(n: int, rounds: int) -> dict:
-    """The workload through protofl's Flower simulation. The Flower integration is built on another
-    branch; until ``protofl.flower`` can be imported this column is reported as not available."""
+def run_flower(n: int, rounds: int, timeout: float = 1800.0) -> dict:
+    """The workload through protofl's Flower simulation runtime (``run_on_flower(mode="simulation")``: the
+    ServerApp and one ClientApp per client on Flower's Ray backend), from the same run configuration and
+    the same algorithm code as the in-process columns.
+
+    The server writes a metrics row only for an evaluated round, and a round's evaluation rides on the
+    next round's training messages; so rounds are evaluated every other round (2, 4, ...), and the rows of
+    those rounds time pure training rounds (``round_seconds``: server side of the exchange, nodes' work
+    included). Round 1 is ``elapsed`` of round 2's row minus round 2. Start-up: until the ServerApp has
+    built its data and algorithm (its first, empty metrics.jsonl appears). CPU seconds are spread over
+    Ray's processes and not reported."""
+    import shutil
+    import tempfile
+    import threading
+
+    from protofl.flower import run_on_flower
+    from protofl.records import read_metrics
+
+    rounds = 2 * max(2, (rounds + 1) // 2)  # even: the last round is an even, evaluated one
+    out = Path(tempfile.mkdtemp(prefix="protofl-speed-flower-"))
+    metrics = out / "run" / "metrics.jsonl"
+    ready: list[float] = []
+
+    def watch() -> None:
+        while not ready and not done.is_set():
+            if metrics.exists():
+                ready.append(time.time())
+            time.sleep(0.01)
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
-        from protofl import flower
-    except ImportError as exc:
-        raise RuntimeError(
-            f"protofl.flower is not importable ({exc}); the Flower column needs protofl's Flower integration"
-        ) from None
-    simulate = getattr(flower, "run_simulation", None)
-    if simulate is None:
-        raise RuntimeError("protofl.flower has no run_simulation(algorithm, clients, federation, seed, rounds, "
-                           "on_round) entry point for this benchmark; connect it here")
-    from protofl.config import FederationConfig
-
-    clients = synthetic_clients(n)
-    algo = make_algorithm()
-    fed = FederationConfig(rounds=rounds, eval_every=10**6, checkpoint_every=0, progress=False)
-    ready = time.time()
-    stamps: list[tuple[float, float]] = []
-
-    def on_round(_row: Any = None) -> None:
-        stamps.append((time.perf_counter(), time.process_time()))
-
-    t0 = (time.perf_counter(), time.process_time())
-    simulate(algorithm=algo, clients=clients, federation=fed, seed=0, rounds=rounds, on_round=on_round)
-    marks = [t0, *stamps]
-    return {"ready": ready, "execution": "flower", "round_wall": [b[0] - a[0] for a, b in itertools.pairwise(marks)],
-            "round_cpu": [b[1] - a[1] for a, b in itertools.pairwise(marks)],
-            "mechanism_check": [0.0] * len(stamps), "mechanism_release": [0.0] * len(stamps)}
+        # past ``timeout`` run_on_flower raises and its Federation shuts the SuperLink and Ray down
+        run_on_flower(run_config(n, rounds, eval_every=2), out / "run", mode="simulation", timeout=timeout)
+        rows = read_metrics(metrics)
+    finally:
+        done.set()
+        watcher.join()
+        shutil.rmtree(out, ignore_errors=True)
+    timed = {row["round"]: row["round_seconds"] for row in rows}
+    first = rows[0]["elapsed_seconds"] - rows[0]["round_seconds"]
+    walls = [first] + [timed[r] for r in sorted(timed)]
+    return {"ready": ready[0] if ready else float("nan"), "execution": "flower-simulation", "round_wall": walls,
+            "round_cpu": [float("nan")] * len(walls), "mechanism_check": [0.0] * len(walls),
+            "mechanism_release": [0.0] * len(walls), "timed_rounds": [1, *sorted(timed)]}
 
 
 def run_cached_embeddings(n: int, rounds: int, fraction: float) -> dict:
@@ -284,13 +333,13 @@ def child_main(args: argparse.Namespace) -> None:
     if args.kind == "plain":
         out = run_plain(args.clients, args.rounds)
     elif args.kind == "flower":
-        out = run_flower(args.clients, args.rounds)
+        out = run_flower(args.clients, args.rounds, args.flower_timeout)
     elif args.kind == "embeddings":
         out = run_cached_embeddings(args.clients, args.rounds, args.fraction)
     elif args.kind == "breakdown":
         out = breakdown(args.clients, args.rounds)
     else:
-        out = run_engine(args.kind, args.clients, args.rounds, args.privacy)
+        out = run_engine(args.kind, args.clients, args.rounds, args.privacy, args.profile_release)
     import resource
 
     out["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -324,10 +373,16 @@ def _tree_rss_mb(root: int) -> float:
     return total * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+LOAD_SAMPLES: list[float] = []
+
+
 def launch(kind: str, clients: int, rounds: int, threads: int, privacy: str = "none", fraction: float = 1.0,
-           timeout: float = 1800) -> dict:
+           timeout: float = 1800, flower_timeout: float = 300.0, profile_release: bool = False) -> dict:
+    LOAD_SAMPLES.append(os.getloadavg()[0])
     cmd = [sys.executable, __file__, "--child", kind, "--clients", str(clients), "--rounds", str(rounds),
-           "--threads", str(threads), "--privacy", privacy, "--fraction", str(fraction)]
+           "--threads", str(threads), "--privacy", privacy, "--fraction", str(fraction),
+           *(["--profile-release"] if profile_release else []),
+           "--flower-timeout", str(flower_timeout)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -337,7 +392,8 @@ def launch(kind: str, clients: int, rounds: int, threads: int, privacy: str = "n
         time.sleep(0.02)
         if time.time() - start > timeout:
             proc.kill()
-            raise RuntimeError(f"{kind} N={clients} ran past {timeout} s")
+            proc.wait()
+            return {"kind": kind, "clients": clients, "error": f"ran past {timeout:g} s (killed)"}
     stdout, stderr = proc.communicate()
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -372,7 +428,7 @@ def _fmt(row: dict | None, key: str, spec: str) -> str:
 
 
 def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
-    grid = results["grid"]
+    grid = results.get("grid", [])
     kinds = ["plain", "per-client", "batched", "flower"]
     names = {"plain": "plain loop", "per-client": "protofl per-client", "batched": "protofl batched",
              "flower": "protofl Flower simulation"}
@@ -380,12 +436,15 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
     lookup = {(row["kind"], row["clients"]): row for row in grid}
     w = WORKLOAD
     lines = [
-        (f"FedProto round, synthetic workload: {w['classes']} classes, {w['input_dim']}-d inputs, {w['samples']} samples per "
-        f"client, adapter + MLP model (hidden {w['hidden_dim']}, feature dim {w['feature_dim']}), 1 local epoch of 4 "
-        f"batches of 50, SGD lr {w['lr']} momentum {w['momentum']}, CE + MSE to the global prototype, count-weighted "
-        f"aggregation, all clients every round, evaluation off. {args.threads} torch thread(s); "
-        f"load average when it started {results['load'][0]:.2f} and ended {results['load'][1]:.2f} (the 2 cores are "
-        "shared with other jobs, so wall times are noisy; CPU seconds of the process are given next to them)."),
+        (f"FedProto round on the `synthetic-gaussian` workload (docs/data.md: Gaussian class means + unit noise, "
+        f"{w['classes']} classes, {w['input_dim']}-d inputs), {w['samples'] + w['test_samples']} samples per client "
+        f"split IID, {w['test_samples']} of them (stratified) kept as the client's test split, so 196-200 training "
+        f"samples per client; adapter + MLP model (hidden {w['hidden_dim']}, feature dim {w['feature_dim']}), 1 local "
+        f"epoch of 4 batches of at most 50, SGD lr {w['lr']} momentum {w['momentum']}, CE + MSE to the global "
+        "prototype, count-weighted aggregation, all clients every round. Every column is built from the same run "
+        "configuration (`run_config` in benchmarks/speed.py) through protofl's data pipeline; the Flower column runs "
+        "it with `protofl.flower.run_on_flower(..., mode=\"simulation\")`. Evaluation off in the in-process columns "
+        f"(see the Flower note below). {args.threads} torch thread(s). {_load_text(results)}"),
         "",
         "Commands: " + "; ".join(f"{part}: `{cmd}`" for part, cmd in sorted(results.get("commands", {}).items())),
         "",
@@ -405,12 +464,28 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
             if "error" in row:
                 lines.append(f"| {n} | {names[kind]} | n/a: {row['error']} | | | | | |")
                 continue
-            speed = (f"{base['s_per_round'] / row['s_per_round']:.1f}× / {base['cpu_s_per_round'] / row['cpu_s_per_round']:.1f}×"
+            flower = kind == "flower"  # its work runs in Ray's processes: no CPU seconds of one process
+            speed = (f"{base['s_per_round'] / row['s_per_round']:.1f}×" + ("" if flower else
+                     f" / {base['cpu_s_per_round'] / row['cpu_s_per_round']:.1f}×")
                      if base and "error" not in base and "s_per_round" in row else "—")
-            lines.append(f"| {n} | {names[kind]} | {_fmt(row, 's_per_round', '.4f')} | {_fmt(row, 'cpu_s_per_round', '.4f')} "
-                         f"| {speed} | {_fmt(row, 'startup_s', '.2f')} / {_fmt(row, 'ready_cpu', '.2f')} "
+            cpu = "—" if flower else _fmt(row, 'cpu_s_per_round', '.4f')
+            startup_cpu = "—" if flower else _fmt(row, 'ready_cpu', '.2f')
+            lines.append(f"| {n} | {names[kind]} | {_fmt(row, 's_per_round', '.4f')} | {cpu} "
+                         f"| {speed} | {_fmt(row, 'startup_s', '.2f')} / {startup_cpu} "
                          f"| {_fmt(row, 'first_round_s', '.2f')} "
                          f"| {_fmt(row, 'peak_tree_mb', '.0f')} |")
+    if any(row["kind"] == "flower" for row in grid):
+        lines += ["", (
+            "Flower column: protofl's ServerApp and one ClientApp per client on Flower's simulation runtime (Ray), "
+            "same configuration, same algorithm code. Its server writes a row only for an evaluated round and an "
+            "evaluation rides on the next round's training messages, so those runs evaluate every other round and "
+            "the seconds per round are the median of the training phase (`round_seconds`) of rounds 2, 4, 6 (no "
+            "evaluation in them); round 1 is the first round. Start-up: launch to the ServerApp having built its data "
+            "and algorithm (Ray and the nodes' first start fall in round 1). Peak: the whole process tree (the "
+            "SuperLink, the ServerApp, Ray's workers). Where the time goes: the ServerApp polls the SuperLink for "
+            f"replies every {_flower_poll()} s (`POLL_SECONDS` in protofl/flower/server.py), so a round takes a whole "
+            "number of polls, on top of Flower's messaging and the ClientApps run in Ray's actors.")]
+    lines += _targets(lookup, results)
     emb = results.get("embeddings")
     if emb:
         lines += ["", "### 10,000 clients on cached embeddings", ""]
@@ -447,6 +522,21 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
                          f"{row['mechanism_check_s']:.4f} | {row['mechanism_release_s']:.4f} | "
                          f"{100 * row['mechanism_check_share']:.1f} % | {100 * row['mechanism_release_share']:.1f} % | "
                          f"{100 * (row['mechanism_check_share'] + row['mechanism_release_share']):.1f} % |")
+    profiled = [row for row in results.get("release_profile", []) if "error" not in row]
+    if profiled:
+        lines += ["", ("### Where a release's time goes (CPU seconds per round, all clients, rounds 2+; separate runs "
+                       "with timers inside the release)"), "",
+                  ("`mechanism` is the release function itself (vpp_release / igpp_release: the parts listed above it "
+                   "plus clipping and the class means); the rest of the release is the ledger (loading it from the "
+                   "client's state, the budget check and recording the spend)."), "",
+                  "| mechanism | path | " + " | ".join(label for _, _, label in RELEASE_PARTS[:3]) +
+                  " | mechanism (all of the release function) | ledger and bookkeeping | release |", "|---|---|" + "---|" * 6]
+        for row in profiled:
+            parts = [statistics.fmean(row[f"mechanism_part:{label}"][1:] or row[f"mechanism_part:{label}"])
+                     for _, _, label in RELEASE_PARTS[:4]]
+            mechanism_s = parts[3]
+            lines.append(f"| {row['privacy']} | {names[row['kind']]} | " + " | ".join(f"{v:.4f}" for v in parts) +
+                         f" | {row['mechanism_release_s'] - mechanism_s:.4f} | {row['mechanism_release_s']:.4f} |")
     prof = results.get("breakdown")
     if prof and "parts" in prof:
         lines += ["", f"### Where a batched round's time goes ({prof['clients']} clients, CPU seconds per round)", "",
@@ -455,6 +545,54 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
             lines.append(f"| {name} | {value:.4f} | {100 * value / prof['round_cpu']:.0f} % |")
         lines.append(f"| **round** | **{prof['round_cpu']:.4f}** | |")
     return "\n".join(lines) + "\n"
+
+
+def _load_text(results: dict) -> str:
+    load = results.get("load", [math.nan, math.nan])
+    during = results.get("load_during") or []
+    text = f"1-minute load average when it started {load[0]:.2f}, when it ended {load[1]:.2f}"
+    if during:
+        text += (f", over the run (sampled at each launch) {min(during):.2f}–{max(during):.2f}, "
+                 f"mean {statistics.fmean(during):.2f}")
+    return text + (" (the 2 cores are shared with other jobs, so wall times are noisy; CPU seconds of the process "
+                   "are given next to them).")
+
+
+def _flower_poll() -> str:
+    try:
+        from protofl.flower.server import POLL_SECONDS
+    except ImportError:
+        return "?"
+    return f"{POLL_SECONDS:g}"
+
+
+def _targets(lookup: dict, results: dict) -> list[str]:
+    """Issue 7's targets at N = 100 against the figures reached (benchmarks, not timed tests)."""
+    def get(kind, key):
+        row = lookup.get((kind, 100))
+        return row.get(key) if row and "error" not in row else None
+
+    batched, plain, flower = get("batched", "s_per_round"), get("plain", "s_per_round"), get("flower", "s_per_round")
+    shares = [(row["privacy"], row["kind"], row["mechanism_check_share"] + row["mechanism_release_share"])
+              for row in results.get("privacy", []) if "error" not in row]
+    out = ["", "### Issue 7's targets at N = 100 (1 thread)", "", "| target | reached | met |", "|---|---|---|"]
+
+    def line(target, value, ok):
+        out.append(f"| {target} | {value} | {'—' if ok is None else ('yes' if ok else '**no**')} |")
+
+    line("batched round <= 0.05 s", f"{batched:.4f} s (CPU {get('batched', 'cpu_s_per_round'):.4f} s)" if batched else "n/a",
+         batched <= 0.05 if batched else None)
+    line("10x faster than the plain loop", f"{plain / batched:.1f}x" if plain and batched else "n/a",
+         plain / batched >= 10 if plain and batched else None)
+    line("25x faster than Flower's simulation", f"{flower / batched:.1f}x" if flower and batched else "n/a",
+         flower / batched >= 25 if flower and batched else None)
+    startup = get("batched", "startup_s")
+    line("start-up <= 3 s (batched)", f"{startup:.2f} s" if startup else "n/a", startup <= 3 if startup else None)
+    peak = get("batched", "peak_tree_mb")
+    line("peak <= 400 MB (batched)", f"{peak:.0f} MB" if peak else "n/a", peak <= 400 if peak else None)
+    for mech, kind, share in shares:
+        line(f"{mech} ({kind}): privacy mechanism <= 10 % of a round", f"{100 * share:.1f} %", share <= 0.10)
+    return out
 
 
 def write_docs(table: str) -> None:
@@ -472,6 +610,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, default=100, help=argparse.SUPPRESS)
     parser.add_argument("--privacy", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-release", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fraction", type=float, default=0.1,
                         help="fraction of the 10,000 embedding clients sampled per round")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per configuration (median of rounds 2+)")
@@ -483,6 +622,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N = 10 and 100, no embeddings run")
     parser.add_argument("--parts", nargs="+", default=["grid", "privacy", "breakdown", "embeddings"],
                         help="run only these parts; the others are kept from an earlier results.json in --out")
+    parser.add_argument("--flower-timeout", type=float, default=300.0,
+                        help="seconds a Flower simulation run may take before it is stopped and reported as such")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
@@ -497,6 +638,7 @@ def main() -> None:
     results: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() and set(args.parts) != {
         "grid", "privacy", "breakdown", "embeddings"} else {}
     results.update(workload=WORKLOAD, threads=args.threads)
+    LOAD_SAMPLES.clear()
     if "grid" in args.parts:
         grid = []
         for n in args.sizes:
@@ -506,23 +648,27 @@ def main() -> None:
                     continue  # the issue asks for 10,000 clients on the in-process engine only
                 if kind in ("plain", "per-client") and n > args.per_client_max:
                     continue
-                grid.append(launch(kind, n, rounds, args.threads))
+                grid.append(launch(kind, n, rounds, args.threads, flower_timeout=args.flower_timeout,
+                                   timeout=args.flower_timeout + 120 if kind == "flower" else 1800))
         results["grid"] = grid
     if "privacy" in args.parts:
         results["privacy"] = [launch(kind, args.privacy_clients, args.rounds, args.threads, privacy=mech)
                               for mech in ("vpp", "igpp") for kind in ("per-client", "batched")]
+        results["release_profile"] = [launch("batched", args.privacy_clients, args.rounds, args.threads, privacy=mech,
+                                             profile_release=True) for mech in ("vpp", "igpp")]
     if "breakdown" in args.parts:
         results["breakdown"] = launch("breakdown", 100, args.rounds, args.threads)
         results["breakdown"]["clients"] = 100
     if "embeddings" in args.parts and not args.quick:
         results["embeddings"] = launch("embeddings", args.embedding_clients, 2, args.threads, fraction=args.fraction)
     results["load"] = [load_start, os.getloadavg()[0]]
+    results["load_during"] = [*LOAD_SAMPLES, results["load"][1]]
     results.setdefault("commands", {})
     for part in args.parts:
         results["commands"][part] = command
-    table = tabulate(results, args, command)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    table = tabulate(results, args, command)
     (args.out / "table.md").write_text(table)
     if args.out == RESULTS:
         write_docs(table)

@@ -212,6 +212,64 @@ def test_ledger_refuses_the_release_that_would_exceed_and_records_nothing():
     assert restored.epsilon() == ledger.epsilon()
 
 
+def _decision(ledger: PrivacyLedger, events) -> bool:
+    try:
+        ledger.check(events)
+    except BudgetExceededError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+@pytest.mark.parametrize("mechanism", ["igpp", "vpp"])
+def test_planned_budget_check_decides_as_the_exact_computation_and_runs_no_accountant(accountant, mechanism):
+    from protofl.privacy import accounting
+    from protofl.privacy.vpdr import LEDGER_KEY, PrototypePrivacy
+
+    planned = 4
+    mech = PrototypePrivacy(PrivacyConfig(mechanism=mechanism, epsilon=2.0, accountant=accountant), planned, 3)
+    events = mech.release_events()
+    state: dict = {}
+    for release in range(1, planned + 2):
+        fast = mech.ledger(state)
+        exact = PrivacyLedger(accountant, fast.delta, fast.budget, list(fast.events))  # no plan: always computed
+        assert fast.within_plan(events) == (release <= planned)
+        if release <= planned:
+            mech.ledger(state).check(events)  # the plan's epsilon is memoised now
+            misses = accounting._cached_epsilon.cache_info().misses
+            assert _decision(fast, events)
+            assert accounting._cached_epsilon.cache_info().misses == misses  # no accountant ran for this count
+        assert _decision(fast, events) == _decision(exact, events) == (release <= planned)
+        if release <= planned:
+            ledger = mech.ledger(state)
+            ledger.spend(events)
+            state = {LEDGER_KEY: ledger.state_dict()}
+    # The first release past the plan is refused by the exact computation, and nothing is recorded.
+    ledger = mech.ledger(state)
+    with pytest.raises(BudgetExceededError, match="budget 2"):
+        ledger.spend(events, "client 3")
+    assert ledger.state_dict() == state[LEDGER_KEY]
+    assert ledger.epsilon() <= 2.0 * (1 + 1e-9)  # the reported figure is computed, and within the budget
+
+
+def test_a_plan_outside_the_budget_or_events_outside_the_plan_take_the_exact_computation():
+    sigma = calibrate_noise_multiplier(2.0, 1e-5, 3, "rdp")
+    # A plan of 10 releases does not fit the budget: it must not vouch for the 4th release.
+    ledger = PrivacyLedger("rdp", 1e-5, budget=2.0, plan=[(GaussianEvent(sigma), 10)])
+    for _ in range(3):
+        assert ledger.within_plan([(GaussianEvent(sigma), 1)]) is False
+        ledger.spend([(GaussianEvent(sigma), 1)])
+    with pytest.raises(BudgetExceededError):
+        ledger.spend([(GaussianEvent(sigma), 1)])
+    # An event the plan does not hold (a smaller sigma) is computed, and refused when it exceeds.
+    ledger = PrivacyLedger("rdp", 1e-5, budget=2.0, plan=[(GaussianEvent(sigma), 3)])
+    assert ledger.within_plan([(GaussianEvent(sigma), 3)])
+    assert not ledger.within_plan([(GaussianEvent(sigma / 2), 1)])
+    with pytest.raises(BudgetExceededError):
+        ledger.spend([(GaussianEvent(sigma / 2), 1)])
+    assert ledger.events == []
+
+
 # -- clipping and selection ------------------------------------------------------------------------
 
 
@@ -233,6 +291,65 @@ def test_anova_scores_agree_with_scikit_learn():
     ours = anova_scores(z, y).numpy()
     f, _ = f_classif(z.numpy(), y.numpy())
     np.testing.assert_allclose(ours, f, rtol=1e-2)  # ours adds zeta = 1e-3 * median(between) to the denominator
+
+
+def _top_k_one_round_at_a_time(scores, k, cap, epsilon, generator):
+    """private_top_k as first written: one fresh Laplace draw of d per peeling round."""
+    clipped, scale = scores.double().clamp(0, cap), 2 * k * cap / epsilon
+    available, chosen = torch.ones(len(scores), dtype=torch.bool), []
+    for _ in range(k):
+        j = int((clipped + laplace_noise((len(scores),), scale, generator)).masked_fill(~available, -math.inf).argmax())
+        chosen.append(j)
+        available[j] = False
+    return sorted(chosen)
+
+
+def test_private_top_k_draws_as_one_round_at_a_time():
+    for seed in range(20):
+        scores = torch.rand(40, generator=_gen(100 + seed)) * 0.2
+        for k, epsilon in ((1, 1.0), (7, 0.5), (39, 100.0)):
+            assert private_top_k(scores, k, 0.1, epsilon, _gen(seed)).tolist() == \
+                _top_k_one_round_at_a_time(scores, k, 0.1, epsilon, _gen(seed))
+
+
+@pytest.mark.parametrize("sensitivity", ["fixed-features", "trained-features"])
+def test_releases_equal_their_steps_composed_from_the_public_pieces(sensitivity):
+    """VPP and IGPP run as one numpy program per client; the same steps through anova_scores,
+    private_top_k, clip_groups / clip_rows, per-class means and gaussian_noise on the same generator
+    give the same release."""
+    z, y = _features(n_per_class=(40, 1, 7, 0, 12), d=24, seed=5)
+    z = z * 3
+    bound, sigma, rho, cap, eps = 2.0, 1.3, 0.3, 0.1, 0.5
+    for seed in range(5):
+        got = vpp_release(z, y, 5, bound, sigma, rho, cap, eps, _gen(seed), sensitivity)
+        g = _gen(seed)
+        k = math.ceil(rho * 24)
+        selected = private_top_k(anova_scores(z, y), k, cap, eps, g)
+        rest = torch.tensor([j for j in range(24) if j not in set(selected.tolist())])
+        kappa_a, kappa_b, s_a, s_b = vpp_group_noise(24, k, sigma)
+        clipped = clip_groups(z.double(), [selected, rest], [bound * kappa_a, bound * kappa_b])
+        classes = torch.tensor([0, 1, 2, 4])
+        counts = torch.tensor([40, 1, 7, 12])
+        means = torch.stack([clipped[y == c].mean(0) for c in classes.tolist()])
+        per_coordinate = torch.full((24,), s_b, dtype=torch.float64)
+        per_coordinate[selected] = s_a
+        delta = 2 * bound / counts.double() if sensitivity == "fixed-features" else torch.full((4,), 2 * bound * 2.0,
+                                                                                               dtype=torch.float64)
+        std = delta[:, None] * per_coordinate[None, :]
+        want = (means + torch.randn(means.shape, generator=g, dtype=torch.float64) * std).float()
+        assert torch.equal(got.selected, selected) and torch.equal(got.classes, classes)
+        assert torch.equal(got.counts, counts)
+        torch.testing.assert_close(got.noise_std, std)
+        torch.testing.assert_close(got.prototypes, want, rtol=1e-5, atol=1e-5)
+
+        got = igpp_release(z, y, 5, bound, sigma, _gen(seed), sensitivity)
+        clipped = clip_rows(z.double(), bound)
+        means = torch.stack([clipped[y == c].mean(0) for c in classes.tolist()])
+        std = (sigma * delta)[:, None].expand(-1, 24)
+        want = (means + torch.randn(means.shape, generator=_gen(seed), dtype=torch.float64) * std).float()
+        assert torch.equal(got.classes, classes) and torch.equal(got.counts, counts)
+        torch.testing.assert_close(got.noise_std, std)
+        torch.testing.assert_close(got.prototypes, want, rtol=1e-5, atol=1e-5)
 
 
 def test_private_top_k_follows_the_scores_at_large_epsilon_and_not_at_tiny_epsilon():

@@ -71,7 +71,14 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
 
 def check_dataset_name(name: str) -> None:
     from protofl.data import DATASETS
+    from protofl.data.datasets import SYNTHETIC_GAUSSIAN, parse_synthetic_options
 
+    if name.partition(":")[0] == SYNTHETIC_GAUSSIAN:  # a generated benchmark workload, options in the name
+        try:
+            parse_synthetic_options(name.partition(":")[2])
+        except ValueError as exc:
+            raise ConfigError(f"data.dataset: {exc}") from None
+        return
     if ":" in name:
         kind = name.split(":", 1)[0]
         if kind not in ("idx", "cifar"):

@@ -3,7 +3,8 @@
 Built in: ``mnist``, ``fashion-mnist`` (official splits, ``(N, 1, 28, 28)``), ``optdigits`` (scikit-learn's
 8x8 digits with a fixed stratified 30 % test split), ``digits-domains`` (four digit domains, see
 :mod:`protofl.data.digits_domains`). Files a user already holds: ``idx:/path/to/folder`` (MNIST-format
-IDX files) and ``cifar:/path/to/folder`` (CIFAR-10/100 python batches).
+IDX files) and ``cifar:/path/to/folder`` (CIFAR-10/100 python batches). ``synthetic-gaussian`` is not
+data but a benchmark workload (Gaussian classes, generated from a seed, see :func:`synthetic_gaussian`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "dataset_names",
     "load_dataset",
     "resize_images",
+    "synthetic_gaussian",
 ]
 
 DIGIT_CLASSES: tuple[str, ...] = tuple(str(i) for i in range(10))
@@ -159,6 +161,63 @@ def _load_cifar_path(
     return _resized(splits, image_size)
 
 
+SYNTHETIC_GAUSSIAN = "synthetic-gaussian"
+#: Options of ``synthetic-gaussian`` and their defaults (the speed benchmark's workload, issue 7).
+SYNTHETIC_GAUSSIAN_OPTIONS: dict[str, int] = {"train": 2000, "test": 200, "dim": 32, "classes": 10, "seed": 0}
+
+
+def synthetic_gaussian(train: int = 2000, test: int = 200, dim: int = 32, classes: int = 10,
+                       seed: int = 0) -> DatasetSplits:
+    """A benchmark workload, not data: ``classes`` Gaussian class means in ``dim`` dimensions (standard
+    normal entries), each sample its class mean plus unit Gaussian noise, labels uniform; ``train``
+    samples in the pool and ``test`` held out, float32 ``(N, dim)``. Deterministic for a ``seed`` (numpy's
+    default generator), so every process of a run (e.g. Flower's nodes) builds the same set."""
+    for key, value in (("train", train), ("test", test), ("dim", dim), ("classes", classes), ("seed", seed)):
+        _check_synthetic(key, value)
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((classes, dim))
+
+    def draw(n: int) -> ArrayDataset:
+        y = rng.integers(0, classes, size=n)
+        x = (means[y] + rng.standard_normal((n, dim))).astype(np.float32)
+        return ArrayDataset(x, y.astype(np.int64), classes)
+
+    name = SYNTHETIC_GAUSSIAN + ":" + ",".join(f"{k}={v}" for k, v in
+                                               zip(("train", "test", "dim", "classes", "seed"), (train, test, dim, classes, seed)))
+    return DatasetSplits(name, draw(train), draw(test), tuple(f"class {c}" for c in range(classes)))
+
+
+#: The smallest value of each ``synthetic-gaussian`` option.
+_SYNTHETIC_MIN = {"train": 1, "test": 0, "dim": 1, "classes": 2, "seed": 0}
+
+
+def _check_synthetic(key: str, value: Any) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < _SYNTHETIC_MIN[key]:
+        raise ValueError(f"{SYNTHETIC_GAUSSIAN}: {key} must be an integer >= {_SYNTHETIC_MIN[key]}, got {value!r}")
+
+
+def parse_synthetic_options(spec: str) -> dict[str, int]:
+    """``train=22000,test=200,dim=32`` -> options (unknown keys and non-integers are errors)."""
+    options: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in SYNTHETIC_GAUSSIAN_OPTIONS:
+            raise ValueError(f"{SYNTHETIC_GAUSSIAN}:{spec}: expected key=value pairs with keys "
+                             f"{', '.join(SYNTHETIC_GAUSSIAN_OPTIONS)}, got {item!r}")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise ValueError(f"{SYNTHETIC_GAUSSIAN}:{spec}: {key} must be an integer, got {value.strip()!r}") from None
+        _check_synthetic(key, options[key])
+    return options
+
+
+def _load_synthetic_gaussian(spec: str = "", image_size: int | None = None, progress: bool = True,
+                             **options: Any) -> DatasetSplits:
+    return synthetic_gaussian(**{**parse_synthetic_options(spec), **options})
+
+
 #: ``prefix:`` -> loader ``(path, image_size=None, progress=True, **options)`` for files a user holds.
 PATH_LOADERS: dict[str, Callable[..., DatasetSplits]] = {
     "idx": _load_idx_path,
@@ -168,7 +227,8 @@ PATH_LOADERS: dict[str, Callable[..., DatasetSplits]] = {
 
 def dataset_names() -> list[str]:
     """Registered names plus the path forms (``idx:/path``, ``cifar:/path``)."""
-    return sorted(DATASETS) + [f"{p}:/path/to/folder" for p in sorted(PATH_LOADERS)]
+    return sorted(DATASETS) + [f"{p}:/path/to/folder" for p in sorted(PATH_LOADERS)] + [
+        f"{SYNTHETIC_GAUSSIAN}:train=N,test=N,dim=N,classes=N,seed=N"]
 
 
 def load_dataset(
@@ -181,6 +241,8 @@ def load_dataset(
     Unknown names raise :class:`UnknownDatasetError` (a ``KeyError`` and a ``ValueError``).
     """
     prefix, sep, rest = name.partition(":")
+    if prefix == SYNTHETIC_GAUSSIAN:  # generated, no file: options in the name (a config holds only the name)
+        return _load_synthetic_gaussian(rest, image_size=image_size, progress=progress, **options)
     if sep and prefix in PATH_LOADERS:
         if not rest:
             raise ValueError(f"{name!r}: give a folder after '{prefix}:', e.g. {prefix}:/data/my-set")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 from protofl.privacy.accounting import Event, GaussianEvent, PureDpEvent
@@ -86,8 +87,8 @@ def gaussian_noise(shape: tuple[int, ...], std: torch.Tensor | float, generator:
 
 def laplace_noise(shape: tuple[int, ...], scale: float, generator: torch.Generator) -> torch.Tensor:
     """Laplace(0, scale) noise by inversion of the CDF."""
-    u = torch.rand(shape, generator=generator, dtype=torch.float64) - 0.5
-    return -scale * torch.sign(u) * torch.log1p(-2 * u.abs().clamp(max=0.5 - 1e-16))
+    u = torch.rand(shape, generator=generator, dtype=torch.float64).numpy() - 0.5
+    return torch.from_numpy(-scale * np.sign(u) * np.log1p(-2 * np.minimum(np.abs(u), 0.5 - 1e-16)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,18 +100,43 @@ def anova_scores(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     between-class mean square over (within-class mean square + ζ), ζ = 1e-3 × median of the
     between-class term. Zero everywhere when fewer than two classes or no within-class degrees of
     freedom are present (nothing to rank)."""
-    z = z.double()
-    classes, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
-    n, c = len(y), len(classes)
+    return torch.from_numpy(_anova(z.detach().double().numpy(), y.numpy()))
+
+
+def _anova(z: np.ndarray, y: np.ndarray, groups: _Groups | None = None) -> np.ndarray:
+    """:func:`anova_scores` on float64 numpy arrays (a release runs it per client: numpy's per-call cost
+    is a fraction of torch's on these small arrays). ζ takes the lower middle value, as ``torch.median``."""
+    g = groups if groups is not None else _Groups.of(y)
+    n, c = len(y), len(g.counts)
     if c < 2 or n <= c:
-        return torch.zeros(z.shape[1], dtype=torch.float64)
-    sums = torch.zeros(c, z.shape[1], dtype=torch.float64).index_add_(0, inverse, z)
-    means = sums / counts[:, None]
-    grand = z.mean(0)
-    between = (counts[:, None] * (means - grand) ** 2).sum(0) / (c - 1)
-    within = ((z - means[inverse]) ** 2).sum(0) / (n - c)
-    zeta = 1e-3 * between.median()
-    return between / (within + zeta).clamp_min(1e-300)
+        return np.zeros(z.shape[1])
+    means = g.sums(z) / g.counts[:, None]
+    between = (g.counts[:, None] * (means - z.mean(0)) ** 2).sum(0) / (c - 1)
+    within = ((z - means[g.inverse]) ** 2).sum(0) / (n - c)
+    zeta = 1e-3 * np.sort(between)[(len(between) - 1) // 2]
+    return between / np.maximum(within + zeta, 1e-300)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Groups:
+    """The classes present in labels ``y`` (sorted), their counts, each row's index among them and the
+    (classes × rows) indicator matrix, so that per-class sums are one small matrix product."""
+
+    classes: np.ndarray
+    counts: np.ndarray
+    inverse: np.ndarray
+    indicator: np.ndarray
+
+    @classmethod
+    def of(cls, y: np.ndarray, num_classes: int = 0) -> _Groups:
+        counts = np.bincount(y, minlength=num_classes)
+        classes = np.flatnonzero(counts)
+        inverse = np.searchsorted(classes, y)
+        indicator = (inverse[None, :] == np.arange(len(classes))[:, None]).astype(np.float64)
+        return cls(classes, counts[classes], inverse, indicator)
+
+    def sums(self, z: np.ndarray) -> np.ndarray:
+        return self.indicator @ z
 
 
 def private_top_k(scores: torch.Tensor, k: int, cap: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
@@ -124,16 +150,20 @@ def private_top_k(scores: torch.Tensor, k: int, cap: float, epsilon: float, gene
         raise ValueError(f"k must be in [1, {d}], got {k}")
     if k == d:
         return torch.arange(d)
-    clipped = scores.double().clamp(0, cap)
+    return torch.from_numpy(_top_k(scores.detach().double().numpy(), k, cap, epsilon, generator))
+
+
+def _top_k(scores: np.ndarray, k: int, cap: float, epsilon: float, generator: torch.Generator) -> np.ndarray:
+    """:func:`private_top_k`'s peeling (``0 < k < d``): all k rounds' noise in one draw (row i is round
+    i's fresh noise, drawn in the same order as k draws of d); round i takes the first dimension of its
+    row's descending (stable: ties to the lower index, as argmax) order not taken by an earlier round."""
     scale = 2 * k * cap / epsilon
-    available = torch.ones(d, dtype=torch.bool)
-    chosen = []
-    for _ in range(k):
-        noisy = (clipped + laplace_noise((d,), scale, generator)).masked_fill(~available, -math.inf)
-        j = int(noisy.argmax())
-        chosen.append(j)
-        available[j] = False
-    return torch.tensor(sorted(chosen), dtype=torch.int64)
+    noisy = np.minimum(np.maximum(scores, 0), cap)[None, :] + laplace_noise((k, len(scores)), scale, generator).numpy()
+    taken: set[int] = set()
+    # Round i (0-based) skips at most i taken dimensions: the first k of each row's order suffice.
+    for order in np.argsort(-noisy, axis=1, kind="stable")[:, :k].tolist():
+        taken.add(next(j for j in order if j not in taken))
+    return np.array(sorted(taken), dtype=np.int64)
 
 
 def vpp_group_noise(d: int, k: int, noise_multiplier: float) -> tuple[float, float, float, float]:
@@ -167,33 +197,23 @@ class PrototypeRelease:
     selected: torch.Tensor | None = None
 
 
-def _class_means(z: torch.Tensor, y: torch.Tensor, num_classes: int):
-    counts = torch.bincount(y, minlength=num_classes)
-    classes = torch.nonzero(counts).flatten()
-    sums = torch.zeros(num_classes, z.shape[1], dtype=torch.float64).index_add_(0, y, z.double())
-    return classes, sums[classes] / counts[classes, None], counts[classes]
-
-
-def _sensitivity_scale(counts: torch.Tensor, rule: str) -> torch.Tensor:
-    """Per released class, the release's L2 sensitivity in units of 2R (see the module docstring)."""
-    if rule == "fixed-features":
-        return 1 / counts.double()
-    if rule == "trained-features":
-        return torch.full((len(counts),), math.sqrt(len(counts)), dtype=torch.float64)
-    raise ValueError(f"unknown sensitivity rule {rule!r}; valid: {', '.join(SENSITIVITY_RULES)}")
-
-
 def igpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: float, noise_multiplier: float,
                  generator: torch.Generator, sensitivity: str = "fixed-features") -> PrototypeRelease:
     """IGPP: clip every feature to norm ``bound``, average per class, add N(0, (σΔ)² I), Δ = 2R/n_c
     (``fixed-features``) or 2R√C (``trained-features``)."""
-    classes, means, counts = _class_means(clip_rows(z.double(), bound), y, num_classes)
-    if sensitivity == "fixed-features":
-        std = (noise_multiplier * 2 * bound / counts.double())[:, None].expand(-1, z.shape[1])
-    else:
-        std = (noise_multiplier * 2 * bound * _sensitivity_scale(counts, sensitivity))[:, None].expand(-1, z.shape[1])
-    noisy = means + gaussian_noise(tuple(means.shape), std, generator)
-    return PrototypeRelease(classes, noisy.float(), counts, std, ((GaussianEvent(noise_multiplier), 1),))
+    if sensitivity not in SENSITIVITY_RULES:
+        raise ValueError(f"unknown sensitivity rule {sensitivity!r}; valid: {', '.join(SENSITIVITY_RULES)}")
+    # In float64 numpy (clip_rows and the class means, as in vpp_release), once per client per round.
+    x, labels = z.detach().double().numpy(), y.numpy()
+    clipped = x * np.minimum(bound / np.maximum(np.sqrt((x * x).sum(1)), 1e-12), 1.0)[:, None]
+    groups = _Groups.of(labels, num_classes)
+    counts = groups.counts
+    means = groups.sums(clipped) / counts[:, None]
+    delta = 2 * bound / counts if sensitivity == "fixed-features" else np.full(len(counts), 2 * bound * math.sqrt(len(counts)))
+    std = torch.from_numpy(noise_multiplier * delta)[:, None].expand(-1, x.shape[1])
+    noisy = torch.from_numpy(means) + gaussian_noise(tuple(means.shape), std, generator)
+    return PrototypeRelease(torch.from_numpy(groups.classes), noisy.float(), torch.from_numpy(counts), std,
+                            ((GaussianEvent(noise_multiplier), 1),))
 
 
 def vpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: float, noise_multiplier: float,
@@ -202,19 +222,32 @@ def vpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: float
     """VPP: private top-⌈ρd⌉ selection of discriminative dimensions (``selection_epsilon``-DP), groupwise
     clipping to ``R κ_A`` and ``R κ_B``, per-class means, and group noise ``s_A Δ`` on A, ``s_B Δ`` on B
     (see :func:`vpp_group_noise`); costs one pure-DP selection and one Gaussian release at σ."""
-    d = z.shape[1]
+    if sensitivity not in SENSITIVITY_RULES:
+        raise ValueError(f"unknown sensitivity rule {sensitivity!r}; valid: {', '.join(SENSITIVITY_RULES)}")
+    # In float64 numpy (the same steps as anova_scores, private_top_k, clip_groups and the class means;
+    # noise from ``generator`` in the same order), as this runs once per client per round.
+    x, labels = z.detach().double().numpy(), y.numpy()
+    d = x.shape[1]
     k = math.ceil(rho * d)
-    selected = private_top_k(anova_scores(z, y), k, score_cap, selection_epsilon, generator)
-    rest = torch.ones(d, dtype=torch.bool)
-    rest[selected] = False
-    rest = torch.nonzero(rest).flatten()
+    if not 0 < k <= d:
+        raise ValueError(f"k must be in [1, {d}], got {k}")
+    groups = _Groups.of(labels, num_classes)
+    selected = np.arange(d) if k == d else _top_k(_anova(x, labels, groups), k, score_cap, selection_epsilon, generator)
+    in_a = np.zeros(d, dtype=bool)
+    in_a[selected] = True
     kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, noise_multiplier)
-    clipped = clip_groups(z.double(), [selected, rest], [bound * kappa_a, bound * kappa_b])
-    classes, means, counts = _class_means(clipped, y, num_classes)
-    per_coordinate = torch.full((d,), s_b, dtype=torch.float64)
-    per_coordinate[selected] = s_a
-    delta = 2 * bound / counts.double() if sensitivity == "fixed-features" else 2 * bound * _sensitivity_scale(counts, sensitivity)
-    std = delta[:, None] * per_coordinate[None, :]
-    noisy = means + gaussian_noise(tuple(means.shape), std, generator)
+    # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B.
+    sq = x * x
+    scale_a = np.minimum(bound * kappa_a / np.maximum(np.sqrt(sq @ in_a), 1e-12), 1.0)
+    scale_b = np.minimum(bound * kappa_b / np.maximum(np.sqrt(sq @ ~in_a), 1e-12), 1.0)
+    clipped = x * scale_b[:, None]
+    np.multiply(x, scale_a[:, None], out=clipped, where=in_a[None, :])
+    present, counts = groups.classes, groups.counts
+    means = groups.sums(clipped) / counts[:, None]
+    per_coordinate = np.where(in_a, s_a, s_b)
+    delta = 2 * bound / counts if sensitivity == "fixed-features" else np.full(len(counts), 2 * bound * math.sqrt(len(counts)))
+    std = torch.from_numpy(delta[:, None] * per_coordinate[None, :])
+    noisy = torch.from_numpy(means) + gaussian_noise(tuple(means.shape), std, generator)
+    classes, counts, selected = torch.from_numpy(present), torch.from_numpy(counts), torch.from_numpy(selected)
     events = ((PureDpEvent(selection_epsilon), 1), (GaussianEvent(noise_multiplier), 1))
     return PrototypeRelease(classes, noisy.float(), counts, std, events, selected)

@@ -65,14 +65,21 @@ class PrototypePrivacy:
         self.noise_multiplier = calibrate_noise_multiplier(
             config.epsilon, config.delta, planned_releases, config.accountant, selection
         )
+        self._plan = self.plan()
 
     def release_events(self) -> tuple[tuple[Event, int], ...]:
         """What one release costs."""
         gaussian = (GaussianEvent(self.noise_multiplier), 1)
         return ((PureDpEvent(self.selection_epsilon), 1), gaussian) if self.selection_epsilon else (gaussian,)
 
+    def plan(self) -> tuple[tuple[Event, int], ...]:
+        """The releases σ was calibrated for: ``planned_releases`` times :meth:`release_events`."""
+        return tuple((event, count * self.planned_releases) for event, count in self.release_events())
+
     def ledger(self, client_state: dict[str, Any]) -> PrivacyLedger:
-        ledger = PrivacyLedger(self.config.accountant, self.config.delta, self.config.epsilon)
+        """The client's ledger, with the calibrated plan (its budget check needs no accountant run while
+        the client's releases stay within the plan; see :class:`PrivacyLedger`)."""
+        ledger = PrivacyLedger(self.config.accountant, self.config.delta, self.config.epsilon, plan=self._plan)
         ledger.load_state_dict(client_state.get(LEDGER_KEY, ()))
         return ledger
 
