@@ -397,3 +397,44 @@ def test_protofl_flower_app_writes_an_app_that_flower_accepts(tmp_path):
     again = tomllib.loads((tmp_path / "app2" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert again["run-key"] == settings.run_key and again["resume"] is True
     assert CONFIG_KEY in again
+
+
+# -- a node's state and privacy ledger ----------------------------------------------------------------------
+
+
+def _vpp_node(partition=0):
+    from protofl.flower.node import node_task
+
+    config = resolve_config({**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
+                             "federation": {"rounds": 10, "progress": False}})
+    task = node_task(config.to_toml(), partition, config.partition.num_clients)
+    broadcast = task.algorithm.broadcast(task.algorithm.init_server_state(config.seed))
+    return task, broadcast
+
+
+def test_a_resumed_server_never_rolls_back_a_nodes_privacy_ledger():
+    """Rounds 1-4 committed, round 5 trained and then dropped (the server restarted from round 4's checkpoint):
+    the repeated round 5 is a new release and its ledger counts all six; a round older than the states a node
+    keeps is refused, not started from a fresh model with an empty ledger."""
+    from protofl.flower.node import ClientStore, StateLostError
+    from protofl.privacy.vpdr import LEDGER_KEY
+
+    task, broadcast = _vpp_node()
+    store = ClientStore()
+    for r in range(1, 5):
+        store.train(task, r, broadcast)
+        store.decide(task, {r: True})
+    store.train(task, 5, broadcast)
+    store = ClientStore.from_bytes(store.to_bytes())  # the ledger high-water is kept on disk
+    store.decide(task, {3: True, 4: True})  # the server has no record of round 5: dropped
+    assert store.pending is None
+    store.train(task, 5, broadcast)
+    assert [count for _event, count in store.pending[LEDGER_KEY]] == [6, 6]  # six releases of two events each
+    store.decide(task, {5: True})
+    with pytest.raises(StateLostError, match="none from before round 2"):
+        store.train(task, 2, broadcast)
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="cannot resume: .* holds no checkpoint"):
+        _loopback_run(SMALL, tmp_path / "f", resume=True)

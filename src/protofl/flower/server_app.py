@@ -89,7 +89,9 @@ def _run(grid, config, settings, engine: str, out: Path):
     server = Server(grid, algorithm, config, settings, data.test_x, data.test_y, data.test_groups,
                     fingerprint(config), engine)
     if settings.resume and not server.resume():
-        log.warning("no checkpoint in %s: starting from round 1", out)
+        # starting over under the same run key would repeat releases the nodes' ledgers already hold
+        raise RuntimeError(f"cannot resume: {out / 'checkpoint'} holds no checkpoint of this run; "
+                           "start a new run (without --resume) in another folder")
     if not settings.resume:
         write_atomic(out / "config.toml", config.to_toml())
     write_metrics(out / "metrics.jsonl", server.history)
