@@ -438,3 +438,23 @@ def test_a_resumed_server_never_rolls_back_a_nodes_privacy_ledger():
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="cannot resume: .* holds no checkpoint"):
         _loopback_run(SMALL, tmp_path / "f", resume=True)
+
+
+def test_a_node_that_lost_its_state_refuses_to_start_over(tmp_path):
+    """A SuperNode restarted without its state-dir (Flower's context.state is gone too) must not train again
+    from a fresh model with an empty privacy ledger."""
+    from flwr.app import RecordDict
+
+    from protofl.flower.node import StateLostError
+
+    class Forgetting(LoopbackGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.metadata.message_type == "train" and m.metadata.group_id == "2" for m in messages):
+                self.contexts[102].state = RecordDict()  # restarted, with no state-dir
+            return super().push_messages(messages)
+
+    config = {**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 2, "progress": False}}
+    with pytest.raises(StateLostError, match="restart the SuperNode with its state-dir"):
+        _loopback_run(config, tmp_path / "f", grid_class=Forgetting)
