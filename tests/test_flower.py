@@ -250,6 +250,29 @@ class ServerCrash(RuntimeError):
     pass
 
 
+class ErrorReplyingGrid(LoopbackGrid):
+    """As Flower's runtime does, an exception in a ClientApp handler comes back as an error reply."""
+
+    def push_messages(self, messages):
+        from flwr.app import Error, Message
+
+        handlers = self.handlers
+
+        def guarded(handler):
+            def call(msg, context):
+                try:
+                    return handler(msg, context)
+                except Exception as exc:  # noqa: BLE001 - what Flower's runtime does with it
+                    return Message(error=Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            return call
+
+        self.handlers = {k: guarded(h) for k, h in handlers.items()}
+        try:
+            return super().push_messages(messages)
+        finally:
+            self.handlers = handlers
+
+
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
     """Flower's messages take the run and node id of the process's task (set by Flower's runtime)."""
@@ -458,3 +481,36 @@ def test_a_node_that_lost_its_state_refuses_to_start_over(tmp_path):
               "federation": {"rounds": 2, "progress": False}}
     with pytest.raises(StateLostError, match="restart the SuperNode with its state-dir"):
         _loopback_run(config, tmp_path / "f", grid_class=Forgetting)
+
+
+def test_a_node_over_its_budget_stops_the_run_as_in_process(tmp_path, monkeypatch):
+    """Client 1's budget allows one release: the in-process engine stops before round 2; so does the server,
+    with round 1's row and a checkpoint written, and `protofl flower run` exits with the budget's code."""
+    from protofl.algorithms import get_algorithm
+    from protofl.flower.launcher import wait_done
+    from protofl.flower.server_app import _write_done
+    from protofl.privacy import BudgetExceededError
+    from protofl.privacy.vpdr import LEDGER_KEY
+
+    algorithm = get_algorithm("fedproto")
+    original = algorithm.check_release
+
+    def check_release(self, state, client_id):
+        if client_id == 1 and state.get(LEDGER_KEY):
+            raise BudgetExceededError("client 1 would exceed epsilon")
+        return original(self, state, client_id)
+
+    monkeypatch.setattr(algorithm, "check_release", check_release)
+    config = {**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 3, "progress": False}}
+    with pytest.raises(BudgetExceededError, match="client 1 would exceed"):
+        protofl.run(config)
+    with pytest.raises(BudgetExceededError, match="client 1 would exceed"):
+        _loopback_run(config, tmp_path / "f", grid_class=ErrorReplyingGrid)
+    assert [r["round"] for r in read_metrics(tmp_path / "f" / "metrics.jsonl")] == [1]
+    from protofl.engine.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "f" / "checkpoint")["round"] == 1
+    _write_done(tmp_path / "f", "BudgetExceededError: client 1 would exceed epsilon", "BudgetExceededError")
+    with pytest.raises(BudgetExceededError, match="client 1 would exceed"):  # what the CLI maps to exit code 3
+        wait_done(tmp_path / "f", timeout=1)

@@ -126,10 +126,19 @@ def train(msg: Message, context: Context) -> Message:
         # evaluation first: it sees the state after the round before, which training replaces
         evaluated = records.to_record_dict(None)
         _evaluation(store, task, int(fields["evaluate-round"]), received, bool(fields.get("privacy-all")), evaluated)
-    reply, metrics = store.train(task, r, received)
-    _keep(context, store, path, run_key)
-    content = records.to_record_dict(reply, **{"partition-id": task.partition, "round": r,
-                                               "train-loss": float(metrics.get("train_loss", float("nan")))})
+    from protofl.privacy import BudgetExceededError
+
+    try:
+        reply, metrics = store.train(task, r, received)
+    except BudgetExceededError as exc:
+        # nothing released: the server is told why, and stops the run (as the in-process engine does)
+        _keep(context, store, path, run_key)
+        content = records.to_record_dict(None, **{"partition-id": task.partition, "round": r,
+                                                  "budget-exceeded": str(exc)})
+    else:
+        _keep(context, store, path, run_key)
+        content = records.to_record_dict(reply, **{"partition-id": task.partition, "round": r,
+                                                   "train-loss": float(metrics.get("train_loss", float("nan")))})
     if "evaluate-round" in fields:
         content.config_records[records.FIELDS].update(dict(evaluated.config_records[records.FIELDS]))
         content["metrics"] = evaluated.metric_records["metrics"]

@@ -292,6 +292,7 @@ class FlowerServer:
             # the nodes' side of this evaluation was part of the exchange above (counted in this round's
             # round_seconds); its eval_seconds is the server's side
             self._finish(owed, replies, time.perf_counter())
+        self._stop_if_over_budget(r, replies, reachable)
 
         accepted: list[Payload] = []
         rejected: list[int] = []
@@ -350,6 +351,28 @@ class FlowerServer:
         if fed.checkpoint_every and r % fed.checkpoint_every == 0:
             save_checkpoint(self.checkpoint_dir, self.state_dict())
         return None
+
+    def _stop_if_over_budget(self, r: int, replies: Mapping[int, Reply], reachable: Sequence[int]) -> None:
+        """A node refused round ``r``'s release (its budget would be exceeded): stop the run as the in-process
+        engine does, with a checkpoint of the rounds finished (round ``r`` is not taken)."""
+        from protofl.privacy import BudgetExceededError
+
+        over = {}
+        for k in reachable:
+            reply = replies.get(k)
+            if reply is None or reply.error is not None:
+                continue
+            try:
+                why = records.fields_of(reply.content).get("budget-exceeded")
+            except (PayloadError, ValueError, TypeError, KeyError):
+                continue
+            if why is not None:
+                over[k] = str(why)
+        if not over:
+            return
+        save_checkpoint(self.checkpoint_dir, self.state_dict())
+        log.error("round %d: clients %s would exceed their privacy budget; the run stops", r, sorted(over))
+        raise BudgetExceededError("; ".join(over[k] for k in sorted(over)))
 
     def _finish(self, owed: dict[str, Any], replies: Mapping[int, Reply], eval_start: float) -> dict[str, Any]:
         """Round ``owed["round"]``'s metrics row from the nodes' evaluation replies; then its checkpoint."""

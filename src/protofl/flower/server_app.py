@@ -35,15 +35,15 @@ def main(grid: Grid, context: Context) -> None:
     try:
         run_server(grid, run_config_of(context.run_config), settings, str(context.run_config.get("engine", "flower")))
     except BaseException as exc:
-        _write_done(out, error=f"{type(exc).__name__}: {exc}")
+        _write_done(out, error=f"{type(exc).__name__}: {exc}", kind=type(exc).__name__)
         raise
     _write_done(out, error=None)
 
 
-def _write_done(out: Path, error: str | None) -> None:
+def _write_done(out: Path, error: str | None, kind: str | None = None) -> None:
     from protofl.records import write_json
 
-    write_json(out / DONE, {"ok": error is None, "error": error})
+    write_json(out / DONE, {"ok": error is None, "error": error, "kind": kind})
 
 
 def run_server(grid, config, settings, engine: str):
