@@ -514,3 +514,38 @@ def test_a_node_over_its_budget_stops_the_run_as_in_process(tmp_path, monkeypatc
     _write_done(tmp_path / "f", "BudgetExceededError: client 1 would exceed epsilon", "BudgetExceededError")
     with pytest.raises(BudgetExceededError, match="client 1 would exceed"):  # what the CLI maps to exit code 3
         wait_done(tmp_path / "f", timeout=1)
+
+
+@pytest.mark.parametrize("fault", ["rejected", "missing"])
+def test_fewer_accepted_replies_than_min_replies_stop_the_run(tmp_path, fault):
+    """Round 2: two of three replies rejected (min_replies=2); or, from round 3, one node gone (min_replies=3)."""
+    from protofl.flower import records
+    from protofl.flower.server import NotEnoughReplies
+
+    def tamper(node_id, reply):
+        fields = reply.content.config_records.get(records.FIELDS) if not reply.has_error() else None
+        if fields is not None and "metadata" in fields and fields["round"] == 2 and node_id in (101, 102):
+            fields["round"] = 99  # a reply for another round: rejected
+        return reply
+
+    class Shrinking(LoopbackGrid):
+        def get_node_ids(self):
+            two = any(k.startswith("2") for k in getattr(self, "seen", ()))
+            return [n for n in self.contexts if not (two and n == 102)]
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            self.seen = getattr(self, "seen", set()) | {m.metadata.group_id for m in messages
+                                                        if m.metadata.message_type == "train"}
+            return super().push_messages(messages)
+
+    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 3, "progress": False}}
+    if fault == "rejected":
+        run = lambda: _loopback_run(config, tmp_path / "f", (tamper,), min_replies=2)  # noqa: E731
+    else:
+        run = lambda: _loopback_run(config, tmp_path / "f", grid_class=Shrinking, min_replies=3)  # noqa: E731
+    stop = 2 if fault == "rejected" else 3
+    with pytest.raises(NotEnoughReplies, match=f"round {stop}: . accepted replies"):
+        run()
+    assert [r["round"] for r in read_metrics(tmp_path / "f" / "metrics.jsonl")] == list(range(1, stop))

@@ -189,7 +189,8 @@ class FlowerServer:
                 error = f"{msg.error.reason} (code {msg.error.code})" if msg.has_error() else None
                 replies[k] = Reply(k, msg.metadata.src_node_id, None if error else msg.content, error)
             if pending and time.monotonic() > deadline:
-                got = sum(1 for k in replies if counted is None or k in counted)
+                got = sum(1 for k, reply in replies.items()
+                          if (counted is None or k in counted) and reply.error is None)
                 if got >= wait_for:
                     break
                 raise NotEnoughReplies(f"{got} of {len(counted if counted is not None else partitions)} nodes "
@@ -283,8 +284,10 @@ class FlowerServer:
         if owed:
             messages.update({k: self._message(k, "evaluate", owed["round"], broadcast, **{"privacy-all": False})
                              for k in sorted(self.nodes) if k not in messages})
-        wait_for = min(self.settings.min_replies or len(reachable), len(reachable))
-        replies, silent = self._exchange(messages, wait_for, counted=set(reachable))
+        # min_replies counts accepted replies of the clients sampled and not dropped (0: every reachable one);
+        # a node missing from the federation does not lower it
+        required = min(self.settings.min_replies, len(active)) if self.settings.min_replies else len(reachable)
+        replies, silent = self._exchange(messages, required, counted=set(reachable))
         for k, (node, why) in sorted(silent.items()):
             self._lose(r, k, why, node)
         lost += [k for k in sorted(silent) if k in reachable]
@@ -318,6 +321,11 @@ class FlowerServer:
                 rejected.append(k)
                 continue
             accepted.append(payload)
+        if self.settings.min_replies and len(accepted) < required:
+            save_checkpoint(self.checkpoint_dir, self.state_dict())  # round r is not taken
+            raise NotEnoughReplies(
+                f"round {r}: {len(accepted)} accepted replies ({len(rejected)} rejected, {len(lost)} lost) of "
+                f"{len(active)} clients; min_replies={self.settings.min_replies} needs {required}")
         for k in reachable:
             kept = self.decisions.setdefault(k, {})
             kept[r] = k not in rejected and k not in lost and k in replies
