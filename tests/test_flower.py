@@ -549,3 +549,28 @@ def test_fewer_accepted_replies_than_min_replies_stop_the_run(tmp_path, fault):
     with pytest.raises(NotEnoughReplies, match=f"round {stop}: . accepted replies"):
         run()
     assert [r["round"] for r in read_metrics(tmp_path / "f" / "metrics.jsonl")] == list(range(1, stop))
+
+
+@pytest.mark.parametrize("field,value", [("partition-id", "one"), ("train-loss", "low"), ("privacy", "{not json")])
+def test_a_malformed_reply_field_is_rejected_not_a_crash(tmp_path, caplog, field, value):
+    from protofl.flower import records
+
+    def tamper(node_id, reply):
+        fields = reply.content.config_records.get(records.FIELDS) if not reply.has_error() else None
+        if node_id == 101 and fields is not None and field in fields and "round" in fields:  # not the query
+            fields[field] = value
+        return reply
+
+    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 2, "progress": False}}
+    with caplog.at_level("WARNING", logger="protofl.flower"):
+        _, summary = _loopback_run(config, tmp_path / "f", (tamper,))
+    rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
+    rejected = [i for i in summary["incidents"] if i["kind"] == "rejected"]
+    assert rejected and all(i["partition"] == 1 and "malformed reply field" in i["reason"] for i in rejected)
+    if field == "privacy":  # only its evaluations are refused
+        assert [r["clients_evaluated"] for r in rows] == [2, 2]
+        assert all(i["reason"].startswith("evaluation:") for i in rejected)
+    else:
+        assert [r["clients_rejected"] for r in rows] == [1, 1]
+    assert "malformed reply field" in caplog.text

@@ -69,7 +69,7 @@ def merge_privacy_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any
     out = dict(reports[0])
     for key in out:
         if key.startswith("epsilon_") and key.endswith(("_max", "_mean")):
-            values = [r[key] for r in reports]
+            values = [r.get(key) for r in reports]
             if any(v is None for v in values):
                 out[key] = None
             elif key.endswith("_max"):
@@ -79,6 +79,23 @@ def merge_privacy_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any
     out["max_releases_by_a_client"] = max(r["max_releases_by_a_client"] for r in reports)
     out["epsilon"] = out[f"epsilon_{out['accountant']}_max"]
     return out
+
+
+def _check_report(report: Any) -> None:
+    """A node's privacy report has the fields :func:`merge_privacy_reports` reads (else ValueError)."""
+    if not isinstance(report, dict):
+        raise ValueError(f"privacy report is a {type(report).__name__}, not an object")
+    accountant = report.get("accountant")
+    needed = ["max_releases_by_a_client", f"epsilon_{accountant}_max"]
+    missing = [key for key in needed if key not in report]
+    if not isinstance(accountant, str) or missing:
+        raise ValueError(f"privacy report lacks {missing or ['accountant']}")
+    if not isinstance(report["max_releases_by_a_client"], int):
+        raise ValueError("privacy report's max_releases_by_a_client is not an int")
+    for key, value in report.items():
+        if key.startswith("epsilon_") and key.endswith(("_max", "_mean")) and not (
+                value is None or isinstance(value, (int, float))):
+            raise ValueError(f"privacy report's {key} is not a number")
 
 
 class FlowerServer:
@@ -228,7 +245,12 @@ class FlowerServer:
                         if msg.has_error():
                             log.warning("node %d cannot take part: %s", node, msg.error.reason)
                             continue
-                        k = int(records.fields_of(msg.content)["partition-id"])
+                        try:
+                            k = int(records.fields_of(msg.content)["partition-id"])
+                        except (ValueError, TypeError, KeyError) as exc:
+                            log.warning("node %d cannot take part: malformed partition-id (%s: %s)", node,
+                                        type(exc).__name__, exc)
+                            continue
                         if self.nodes.get(k) not in (None, node):
                             log.info("partition %d is now served by node %d (was node %d)", k, node, self.nodes[k])
                         self.nodes[k] = node
@@ -316,6 +338,8 @@ class FlowerServer:
                     validate(payload, algo.reply_spec())
                 except PayloadError as exc:
                     reply.error = str(exc)
+                except (ValueError, TypeError, KeyError) as exc:  # a malformed protocol field
+                    reply.error = f"malformed reply field: {type(exc).__name__}: {exc}"
             if reply.error is not None:
                 self._reject(r, k, reply.error)
                 rejected.append(k)
@@ -422,13 +446,21 @@ class FlowerServer:
             if reply.error is not None:
                 log.warning("round %d: client %d could not evaluate: %s", r, k, reply.error)
                 continue
-            fields = records.fields_of(reply.content)
-            if int(fields.get("evaluated-round", -1)) != r:
+            try:
+                fields = records.fields_of(reply.content)
+                if int(fields.get("evaluated-round", -1)) != r:
+                    continue
+                metrics = reply.content.metric_records.get("metrics", {})
+                client = ({key: float(metrics[key]) for key in fields.get("metric-keys", [])}
+                          if fields.get("evaluated") else None)
+                report = json.loads(fields.get("privacy", "null"))
+                if report is not None:
+                    _check_report(report)
+            except (ValueError, TypeError, KeyError) as exc:  # a malformed protocol field: not used
+                self._reject(r, k, f"evaluation: malformed reply field: {type(exc).__name__}: {exc}")
                 continue
-            metrics = reply.content.metric_records.get("metrics", {})
-            if fields.get("evaluated"):
-                per_client.append({key: float(metrics[key]) for key in fields.get("metric-keys", [])})
-            report = json.loads(fields.get("privacy", "null"))
+            if client is not None:
+                per_client.append(client)
             if report is not None:
                 reports.append(report)
         out.update(summarize_client_metrics(per_client))
