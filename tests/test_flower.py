@@ -574,3 +574,31 @@ def test_a_malformed_reply_field_is_rejected_not_a_crash(tmp_path, caplog, field
     else:
         assert [r["clients_rejected"] for r in rows] == [1, 1]
     assert "malformed reply field" in caplog.text
+
+
+def test_the_final_epsilon_counts_every_partition_not_only_those_at_the_last_evaluation(tmp_path):
+    """Node 102 reports a large spend after round 1 (rewritten here) and stays silent at the final
+    evaluation: its last report still counts in the final ε (the max over all partitions)."""
+    from protofl.flower import records
+
+    def tamper(node_id, reply):
+        fields = reply.content.config_records.get(records.FIELDS) if not reply.has_error() else None
+        if node_id == 102 and fields is not None and fields.get("evaluated-round") == 1:
+            report = json.loads(fields["privacy"])
+            report.update({k: 1234.0 for k in report if k.startswith("epsilon_") and k.endswith("_max")})
+            fields["privacy"] = json.dumps(report)
+        return reply
+
+    class SilentAtTheEnd(LoopbackGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.metadata.message_type == "evaluate" and m.metadata.group_id == "2" for m in messages):
+                self.silent.add(102)
+            return super().push_messages(messages)
+
+    config = {**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 2, "progress": False}}
+    _, summary = _loopback_run(config, tmp_path / "f", (tamper,), grid_class=SilentAtTheEnd, round_timeout=0.5)
+    rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
+    assert rows[-1]["clients_evaluated"] == 2
+    assert summary["epsilon"] == 1234.0

@@ -67,7 +67,8 @@ def merge_privacy_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any
     if not reports:
         return None
     out = dict(reports[0])
-    for key in out:
+    keys = dict.fromkeys(key for r in reports for key in r)  # a node's report may hold more accountants
+    for key in keys:
         if key.startswith("epsilon_") and key.endswith(("_max", "_mean")):
             values = [r.get(key) for r in reports]
             if any(v is None for v in values):
@@ -125,6 +126,9 @@ class FlowerServer:
         #: Every node lost or reply rejected: {"round", "partition", "node_id", "reason"}.
         self.incidents: list[dict[str, Any]] = []
         self.privacy: dict[str, Any] | None = None
+        #: Each partition's latest privacy report (its node's own spend), merged over all partitions for the
+        #: rows and summary.json: a node silent at an evaluation still counts with what it reported last.
+        self.reports: dict[int, dict[str, Any]] = {}
         self.nodes: dict[int, int] = {}  # partition -> node id
         #: The row of the last evaluated round, waiting for the nodes' evaluations (see :meth:`run_round`).
         self.owed: dict[str, Any] | None = None
@@ -144,7 +148,8 @@ class FlowerServer:
                 "history": self.history, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "elapsed": self.elapsed, "wall_seconds": self.wall_seconds,
                 "decisions": {k: [[r, a] for r, a in v.items()] for k, v in self.decisions.items()},
-                "incidents": json.dumps(self.incidents), "privacy": json.dumps(self.privacy)}
+                "incidents": json.dumps(self.incidents), "privacy": json.dumps(self.privacy),
+                "reports": json.dumps({str(k): v for k, v in self.reports.items()})}
 
     def resume(self) -> bool:
         state = load_checkpoint(self.checkpoint_dir)
@@ -158,6 +163,7 @@ class FlowerServer:
         self.decisions = {int(k): {int(r): bool(a) for r, a in v} for k, v in state["decisions"].items()}
         self.incidents = json.loads(state["incidents"])
         self.privacy = json.loads(state["privacy"])
+        self.reports = {int(k): v for k, v in json.loads(state.get("reports", "{}")).items()}
         log.info("resumed from round %d", self.round)
         return True
 
@@ -440,7 +446,7 @@ class FlowerServer:
             for name, index in self.test_groups.items():
                 out[f"global_acc@{name}"] = algo.evaluate_global(
                     self.server_state, self.test_x[index], self.test_y[index]).get("global_acc")
-        per_client, reports = [], []
+        per_client = []
         for k in sorted(replies):
             reply = replies[k]
             if reply.error is not None:
@@ -462,7 +468,7 @@ class FlowerServer:
             if client is not None:
                 per_client.append(client)
             if report is not None:
-                reports.append(report)
+                self.reports[k] = report
         out.update(summarize_client_metrics(per_client))
         out["clients_evaluated"] = len(per_client)
-        return out, merge_privacy_reports(reports)
+        return out, merge_privacy_reports([self.reports[k] for k in sorted(self.reports)])
