@@ -83,20 +83,21 @@ def merge_privacy_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any
 
 
 def _check_report(report: Any) -> None:
-    """A node's privacy report has the fields :func:`merge_privacy_reports` reads (else ValueError)."""
+    """A node's privacy report has the fields :func:`merge_privacy_reports` reads (else ValueError or
+    TypeError)."""
     if not isinstance(report, dict):
-        raise ValueError(f"privacy report is a {type(report).__name__}, not an object")
+        raise TypeError(f"privacy report is a {type(report).__name__}, not an object")
     accountant = report.get("accountant")
     needed = ["max_releases_by_a_client", f"epsilon_{accountant}_max"]
     missing = [key for key in needed if key not in report]
     if not isinstance(accountant, str) or missing:
         raise ValueError(f"privacy report lacks {missing or ['accountant']}")
     if not isinstance(report["max_releases_by_a_client"], int):
-        raise ValueError("privacy report's max_releases_by_a_client is not an int")
+        raise TypeError("privacy report's max_releases_by_a_client is not an int")
     for key, value in report.items():
         if key.startswith("epsilon_") and key.endswith(("_max", "_mean")) and not (
                 value is None or isinstance(value, (int, float))):
-            raise ValueError(f"privacy report's {key} is not a number")
+            raise TypeError(f"privacy report's {key} is not a number")
 
 
 class FlowerServer:
