@@ -9,6 +9,8 @@ or rejected/lost) arrives with the node's next message and commits either the ne
 reply was not taken, the old state with the new ledger (what went on the wire was spent, accepted or
 not), exactly as the in-process engine keeps it (a client whose reply was rejected keeps its old state). Committed states are kept per round, so a server that
 restarts from an earlier checkpoint and repeats a round starts it from the state of that round's eve.
+The privacy ledger alone never rolls back: the store keeps its high-water mark (every release the node
+ever made, a dropped pending round's included) and every round starts with it.
 """
 
 from __future__ import annotations
