@@ -250,6 +250,29 @@ class ServerCrash(RuntimeError):
     pass
 
 
+class ErrorReplyingGrid(LoopbackGrid):
+    """As Flower's runtime does, an exception in a ClientApp handler comes back as an error reply."""
+
+    def push_messages(self, messages):
+        from flwr.app import Error, Message
+
+        handlers = self.handlers
+
+        def guarded(handler):
+            def call(msg, context):
+                try:
+                    return handler(msg, context)
+                except Exception as exc:  # noqa: BLE001 - what Flower's runtime does with it
+                    return Message(error=Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            return call
+
+        self.handlers = {k: guarded(h) for k, h in handlers.items()}
+        try:
+            return super().push_messages(messages)
+        finally:
+            self.handlers = handlers
+
+
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
     """Flower's messages take the run and node id of the process's task (set by Flower's runtime)."""
@@ -397,3 +420,185 @@ def test_protofl_flower_app_writes_an_app_that_flower_accepts(tmp_path):
     again = tomllib.loads((tmp_path / "app2" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert again["run-key"] == settings.run_key and again["resume"] is True
     assert CONFIG_KEY in again
+
+
+# -- a node's state and privacy ledger ----------------------------------------------------------------------
+
+
+def _vpp_node(partition=0):
+    from protofl.flower.node import node_task
+
+    config = resolve_config({**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
+                             "federation": {"rounds": 10, "progress": False}})
+    task = node_task(config.to_toml(), partition, config.partition.num_clients)
+    broadcast = task.algorithm.broadcast(task.algorithm.init_server_state(config.seed))
+    return task, broadcast
+
+
+def test_a_resumed_server_never_rolls_back_a_nodes_privacy_ledger():
+    """Rounds 1-4 committed, round 5 trained and then dropped (the server restarted from round 4's checkpoint):
+    the repeated round 5 is a new release and its ledger counts all six; a round older than the states a node
+    keeps is refused, not started from a fresh model with an empty ledger."""
+    from protofl.flower.node import ClientStore, StateLostError
+    from protofl.privacy.vpdr import LEDGER_KEY
+
+    task, broadcast = _vpp_node()
+    store = ClientStore()
+    for r in range(1, 5):
+        store.train(task, r, broadcast)
+        store.decide(task, {r: True})
+    store.train(task, 5, broadcast)
+    store = ClientStore.from_bytes(store.to_bytes())  # the ledger high-water is kept on disk
+    store.decide(task, {3: True, 4: True})  # the server has no record of round 5: dropped
+    assert store.pending is None
+    store.train(task, 5, broadcast)
+    assert [count for _event, count in store.pending[LEDGER_KEY]] == [6, 6]  # six releases of two events each
+    store.decide(task, {5: True})
+    with pytest.raises(StateLostError, match="none from before round 2"):
+        store.train(task, 2, broadcast)
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="cannot resume: .* holds no checkpoint"):
+        _loopback_run(SMALL, tmp_path / "f", resume=True)
+
+
+def test_a_node_that_lost_its_state_refuses_to_start_over(tmp_path):
+    """A SuperNode restarted without its state-dir (Flower's context.state is gone too) must not train again
+    from a fresh model with an empty privacy ledger."""
+    from flwr.app import RecordDict
+
+    from protofl.flower.node import StateLostError
+
+    class Forgetting(LoopbackGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.metadata.message_type == "train" and m.metadata.group_id == "2" for m in messages):
+                self.contexts[102].state = RecordDict()  # restarted, with no state-dir
+            return super().push_messages(messages)
+
+    config = {**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 2, "progress": False}}
+    with pytest.raises(StateLostError, match="restart the SuperNode with its state-dir"):
+        _loopback_run(config, tmp_path / "f", grid_class=Forgetting)
+
+
+def test_a_node_over_its_budget_stops_the_run_as_in_process(tmp_path, monkeypatch):
+    """Client 1's budget allows one release: the in-process engine stops before round 2; so does the server,
+    with round 1's row and a checkpoint written, and `protofl flower run` exits with the budget's code."""
+    from protofl.algorithms import get_algorithm
+    from protofl.flower.launcher import wait_done
+    from protofl.flower.server_app import _write_done
+    from protofl.privacy import BudgetExceededError
+    from protofl.privacy.vpdr import LEDGER_KEY
+
+    algorithm = get_algorithm("fedproto")
+    original = algorithm.check_release
+
+    def check_release(self, state, client_id):
+        if client_id == 1 and state.get(LEDGER_KEY):
+            raise BudgetExceededError("client 1 would exceed epsilon")
+        return original(self, state, client_id)
+
+    monkeypatch.setattr(algorithm, "check_release", check_release)
+    config = {**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 3, "progress": False}}
+    with pytest.raises(BudgetExceededError, match="client 1 would exceed"):
+        protofl.run(config)
+    with pytest.raises(BudgetExceededError, match="client 1 would exceed"):
+        _loopback_run(config, tmp_path / "f", grid_class=ErrorReplyingGrid)
+    assert [r["round"] for r in read_metrics(tmp_path / "f" / "metrics.jsonl")] == [1]
+    from protofl.engine.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "f" / "checkpoint")["round"] == 1
+    _write_done(tmp_path / "f", "BudgetExceededError: client 1 would exceed epsilon", "BudgetExceededError")
+    with pytest.raises(BudgetExceededError, match="client 1 would exceed"):  # what the CLI maps to exit code 3
+        wait_done(tmp_path / "f", timeout=1)
+
+
+@pytest.mark.parametrize("fault", ["rejected", "missing"])
+def test_fewer_accepted_replies_than_min_replies_stop_the_run(tmp_path, fault):
+    """Round 2: two of three replies rejected (min_replies=2); or, from round 3, one node gone (min_replies=3)."""
+    from protofl.flower import records
+    from protofl.flower.server import NotEnoughReplies
+
+    def tamper(node_id, reply):
+        fields = reply.content.config_records.get(records.FIELDS) if not reply.has_error() else None
+        if fields is not None and "metadata" in fields and fields["round"] == 2 and node_id in (101, 102):
+            fields["round"] = 99  # a reply for another round: rejected
+        return reply
+
+    class Shrinking(LoopbackGrid):
+        def get_node_ids(self):
+            two = any(k.startswith("2") for k in getattr(self, "seen", ()))
+            return [n for n in self.contexts if not (two and n == 102)]
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            self.seen = getattr(self, "seen", set()) | {m.metadata.group_id for m in messages
+                                                        if m.metadata.message_type == "train"}
+            return super().push_messages(messages)
+
+    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 3, "progress": False}}
+    if fault == "rejected":
+        run = lambda: _loopback_run(config, tmp_path / "f", (tamper,), min_replies=2)  # noqa: E731
+    else:
+        run = lambda: _loopback_run(config, tmp_path / "f", grid_class=Shrinking, min_replies=3)  # noqa: E731
+    stop = 2 if fault == "rejected" else 3
+    with pytest.raises(NotEnoughReplies, match=f"round {stop}: . accepted replies"):
+        run()
+    assert [r["round"] for r in read_metrics(tmp_path / "f" / "metrics.jsonl")] == list(range(1, stop))
+
+
+@pytest.mark.parametrize("field,value", [("partition-id", "one"), ("train-loss", "low"), ("privacy", "{not json")])
+def test_a_malformed_reply_field_is_rejected_not_a_crash(tmp_path, caplog, field, value):
+    from protofl.flower import records
+
+    def tamper(node_id, reply):
+        fields = reply.content.config_records.get(records.FIELDS) if not reply.has_error() else None
+        if node_id == 101 and fields is not None and field in fields and "round" in fields:  # not the query
+            fields[field] = value
+        return reply
+
+    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 2, "progress": False}}
+    with caplog.at_level("WARNING", logger="protofl.flower"):
+        _, summary = _loopback_run(config, tmp_path / "f", (tamper,))
+    rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
+    rejected = [i for i in summary["incidents"] if i["kind"] == "rejected"]
+    assert rejected and all(i["partition"] == 1 and "malformed reply field" in i["reason"] for i in rejected)
+    if field == "privacy":  # only its evaluations are refused
+        assert [r["clients_evaluated"] for r in rows] == [2, 2]
+        assert all(i["reason"].startswith("evaluation:") for i in rejected)
+    else:
+        assert [r["clients_rejected"] for r in rows] == [1, 1]
+    assert "malformed reply field" in caplog.text
+
+
+def test_the_final_epsilon_counts_every_partition_not_only_those_at_the_last_evaluation(tmp_path):
+    """Node 102 reports a large spend after round 1 (rewritten here) and stays silent at the final
+    evaluation: its last report still counts in the final ε (the max over all partitions)."""
+    from protofl.flower import records
+
+    def tamper(node_id, reply):
+        fields = reply.content.config_records.get(records.FIELDS) if not reply.has_error() else None
+        if node_id == 102 and fields is not None and fields.get("evaluated-round") == 1:
+            report = json.loads(fields["privacy"])
+            report.update({k: 1234.0 for k in report if k.startswith("epsilon_") and k.endswith("_max")})
+            fields["privacy"] = json.dumps(report)
+        return reply
+
+    class SilentAtTheEnd(LoopbackGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.metadata.message_type == "evaluate" and m.metadata.group_id == "2" for m in messages):
+                self.silent.add(102)
+            return super().push_messages(messages)
+
+    config = {**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
+              "federation": {"rounds": 2, "progress": False}}
+    _, summary = _loopback_run(config, tmp_path / "f", (tamper,), grid_class=SilentAtTheEnd, round_timeout=0.5)
+    rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
+    assert rows[-1]["clients_evaluated"] == 2
+    assert summary["epsilon"] == 1234.0

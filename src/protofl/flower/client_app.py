@@ -73,8 +73,19 @@ def _keep(context: Context, store, path, run_key: str) -> None:
 
 
 def _decide(store, task, fields: dict) -> None:
+    from protofl.flower.node import StateLostError
+
     rounds, accepted = fields.get("decision-rounds", []), fields.get("decision-accepted", [])
-    store.decide(task, {int(r): bool(a) for r, a in zip(rounds, accepted)})
+    decisions = {int(r): bool(a) for r, a in zip(rounds, accepted)}
+    taken = sorted(r for r, a in decisions.items() if a)
+    if taken and not store.has_any_state():
+        # the server took this partition's replies before, but this node holds nothing of the run: starting
+        # from a fresh model would also start an empty privacy ledger and release again on a reset budget
+        raise StateLostError(
+            f"{task.who}: the server accepted this partition's replies of rounds {taken}, but this node holds "
+            "no state of the run: state and privacy ledger lost: restart the SuperNode with its "
+            "state-dir (--node-config \"... state-dir=DIR\") holding the state it kept")
+    store.decide(task, decisions)
 
 
 @app.query()
@@ -115,10 +126,19 @@ def train(msg: Message, context: Context) -> Message:
         # evaluation first: it sees the state after the round before, which training replaces
         evaluated = records.to_record_dict(None)
         _evaluation(store, task, int(fields["evaluate-round"]), received, bool(fields.get("privacy-all")), evaluated)
-    reply, metrics = store.train(task, r, received)
-    _keep(context, store, path, run_key)
-    content = records.to_record_dict(reply, **{"partition-id": task.partition, "round": r,
-                                               "train-loss": float(metrics.get("train_loss", float("nan")))})
+    from protofl.privacy import BudgetExceededError
+
+    try:
+        reply, metrics = store.train(task, r, received)
+    except BudgetExceededError as exc:
+        # nothing released: the server is told why, and stops the run (as the in-process engine does)
+        _keep(context, store, path, run_key)
+        content = records.to_record_dict(None, **{"partition-id": task.partition, "round": r,
+                                                  "budget-exceeded": str(exc)})
+    else:
+        _keep(context, store, path, run_key)
+        content = records.to_record_dict(reply, **{"partition-id": task.partition, "round": r,
+                                                   "train-loss": float(metrics.get("train_loss", float("nan")))})
     if "evaluate-round" in fields:
         content.config_records[records.FIELDS].update(dict(evaluated.config_records[records.FIELDS]))
         content["metrics"] = evaluated.metric_records["metrics"]

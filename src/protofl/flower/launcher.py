@@ -268,6 +268,10 @@ def wait_done(out: Path, federation: Federation | None = None, timeout: float = 
             raise FlowerRunError(f"the run did not finish within {timeout:g} s")
         time.sleep(0.2)
     status = json.loads(done.read_text())
+    if not status["ok"] and status.get("kind") == "BudgetExceededError":
+        from protofl.privacy import BudgetExceededError
+
+        raise BudgetExceededError(status["error"].removeprefix("BudgetExceededError: "))
     if not status["ok"]:
         where = f"; see {federation.workdir / 'superlink.log'}" if federation is not None else ""
         raise FlowerRunError(f"the Flower run failed: {status['error']}{where}")

@@ -9,6 +9,8 @@ or rejected/lost) arrives with the node's next message and commits either the ne
 reply was not taken, the old state with the new ledger (what went on the wire was spent, accepted or
 not), exactly as the in-process engine keeps it (a client whose reply was rejected keeps its old state). Committed states are kept per round, so a server that
 restarts from an earlier checkpoint and repeats a round starts it from the state of that round's eve.
+The privacy ledger alone never rolls back: the store keeps its high-water mark (every release the node
+ever made, a dropped pending round's included) and every round starts with it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ log = logging.getLogger("protofl.flower")
 
 #: Committed states kept per node (the current one and its predecessor, for a repeated round).
 KEEP_STATES = 2
+
+
+class StateLostError(RuntimeError):
+    """A node lacks the state a message needs (its state was lost, or the server went back too far)."""
+
+
+def _releases(ledger: Any) -> int:
+    """Releases a privacy ledger (``[(event, count), ...]``) records."""
+    return sum(int(count) for _event, count in ledger or ())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -132,18 +143,49 @@ class ClientStore:
     committed: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
     pending_round: int | None = None
     pending: dict[str, Any] | None = None
+    #: The privacy ledger's high-water mark: the ledger of every release this node ever made (committed,
+    #: pending or dropped). It never rolls back: a round repeated after a server restart is a new release
+    #: and counts again, so every state a round starts from carries this ledger.
+    ledger: Any = None
+
+    def __post_init__(self) -> None:
+        for state in [*self.committed.values(), self.pending]:
+            if state is not None:
+                self._raise_ledger(state)
+
+    def _raise_ledger(self, state: Mapping[str, Any]) -> None:
+        if LEDGER_KEY in state and (self.ledger is None or _releases(state[LEDGER_KEY]) >= _releases(self.ledger)):
+            self.ledger = state[LEDGER_KEY]
 
     def latest(self, before: int) -> tuple[int, dict[str, Any]] | None:
         rounds = [r for r in self.committed if r < before]
         return (max(rounds), self.committed[max(rounds)]) if rounds else None
 
     def state(self, task: NodeTask, before: int) -> dict[str, Any]:
-        """The state to start round ``before`` from (or to evaluate after round ``before - 1``)."""
+        """The state to start round ``before`` from (or to evaluate after round ``before - 1``), carrying the
+        node's ledger high-water mark. A node with committed state but none before ``before`` (the server went
+        back further than the states a node keeps) raises :class:`StateLostError`: starting from a fresh
+        model would be a different run."""
         found = self.latest(before)
-        return found[1] if found is not None else task.algorithm.init_client_state(task.seed)
+        if found is not None:
+            state = found[1]
+        elif self.committed:
+            raise StateLostError(
+                f"{task.who} holds the state of rounds {sorted(self.committed)} but none from before round "
+                f"{before} (a node keeps its last {KEEP_STATES}): the server resumed from a checkpoint older "
+                "than this node's state; resume from a later checkpoint or start a new run")
+        else:
+            state = task.algorithm.init_client_state(task.seed)
+        if self.ledger is not None:
+            state = {**state, LEDGER_KEY: self.ledger}
+        return state
 
     def has_state(self) -> bool:
         return bool(self.committed)
+
+    def has_any_state(self) -> bool:
+        """Whether this node holds anything of the run (a committed or pending state, or a ledger)."""
+        return bool(self.committed) or self.pending is not None or self.ledger is not None
 
     def decide(self, task: NodeTask, decisions: Mapping[int, bool]) -> None:
         """Apply the server's decisions ``{round: accepted}`` to the pending state: commit it whole when its
@@ -182,6 +224,7 @@ class ClientStore:
         generator = torch.Generator().manual_seed(derive_seed(task.seed, r, task.partition))
         new_state, reply, metrics = algo.client_step(state, task.data, received, generator)
         self.pending_round, self.pending = r, new_state
+        self._raise_ledger(new_state)
         return reply, metrics
 
     @torch.no_grad()
@@ -193,20 +236,21 @@ class ClientStore:
         return task.algorithm.evaluate_client(self.state(task, r + 1), received, task.data)
 
     def privacy_report(self, task: NodeTask, r: int, all_accountants: bool) -> dict[str, Any] | None:
-        if not self.has_state():
+        if not self.has_state() and self.ledger is None:
             return None
         return task.algorithm.privacy_report({task.partition: self.state(task, r + 1)}, all_accountants=all_accountants)
 
     # -- persistence -------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        torch.save({"committed": self.committed, "pending_round": self.pending_round, "pending": self.pending}, buffer)
+        torch.save({"committed": self.committed, "pending_round": self.pending_round, "pending": self.pending,
+                    "ledger": self.ledger}, buffer)
         return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ClientStore":
         state = torch.load(io.BytesIO(data), weights_only=True)
-        return cls(state["committed"], state["pending_round"], state["pending"])
+        return cls(state["committed"], state["pending_round"], state["pending"], state.get("ledger"))
 
     @classmethod
     def load(cls, path: Path | None) -> "ClientStore | None":

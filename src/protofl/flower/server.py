@@ -67,9 +67,10 @@ def merge_privacy_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any
     if not reports:
         return None
     out = dict(reports[0])
-    for key in out:
+    keys = dict.fromkeys(key for r in reports for key in r)  # a node's report may hold more accountants
+    for key in keys:
         if key.startswith("epsilon_") and key.endswith(("_max", "_mean")):
-            values = [r[key] for r in reports]
+            values = [r.get(key) for r in reports]
             if any(v is None for v in values):
                 out[key] = None
             elif key.endswith("_max"):
@@ -79,6 +80,24 @@ def merge_privacy_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any
     out["max_releases_by_a_client"] = max(r["max_releases_by_a_client"] for r in reports)
     out["epsilon"] = out[f"epsilon_{out['accountant']}_max"]
     return out
+
+
+def _check_report(report: Any) -> None:
+    """A node's privacy report has the fields :func:`merge_privacy_reports` reads (else ValueError or
+    TypeError)."""
+    if not isinstance(report, dict):
+        raise TypeError(f"privacy report is a {type(report).__name__}, not an object")
+    accountant = report.get("accountant")
+    needed = ["max_releases_by_a_client", f"epsilon_{accountant}_max"]
+    missing = [key for key in needed if key not in report]
+    if not isinstance(accountant, str) or missing:
+        raise ValueError(f"privacy report lacks {missing or ['accountant']}")
+    if not isinstance(report["max_releases_by_a_client"], int):
+        raise TypeError("privacy report's max_releases_by_a_client is not an int")
+    for key, value in report.items():
+        if key.startswith("epsilon_") and key.endswith(("_max", "_mean")) and not (
+                value is None or isinstance(value, (int, float))):
+            raise TypeError(f"privacy report's {key} is not a number")
 
 
 class FlowerServer:
@@ -108,6 +127,9 @@ class FlowerServer:
         #: Every node lost or reply rejected: {"round", "partition", "node_id", "reason"}.
         self.incidents: list[dict[str, Any]] = []
         self.privacy: dict[str, Any] | None = None
+        #: Each partition's latest privacy report (its node's own spend), merged over all partitions for the
+        #: rows and summary.json: a node silent at an evaluation still counts with what it reported last.
+        self.reports: dict[int, dict[str, Any]] = {}
         self.nodes: dict[int, int] = {}  # partition -> node id
         #: The row of the last evaluated round, waiting for the nodes' evaluations (see :meth:`run_round`).
         self.owed: dict[str, Any] | None = None
@@ -127,7 +149,8 @@ class FlowerServer:
                 "history": self.history, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "elapsed": self.elapsed, "wall_seconds": self.wall_seconds,
                 "decisions": {k: [[r, a] for r, a in v.items()] for k, v in self.decisions.items()},
-                "incidents": json.dumps(self.incidents), "privacy": json.dumps(self.privacy)}
+                "incidents": json.dumps(self.incidents), "privacy": json.dumps(self.privacy),
+                "reports": json.dumps({str(k): v for k, v in self.reports.items()})}
 
     def resume(self) -> bool:
         state = load_checkpoint(self.checkpoint_dir)
@@ -141,6 +164,7 @@ class FlowerServer:
         self.decisions = {int(k): {int(r): bool(a) for r, a in v} for k, v in state["decisions"].items()}
         self.incidents = json.loads(state["incidents"])
         self.privacy = json.loads(state["privacy"])
+        self.reports = {int(k): v for k, v in json.loads(state.get("reports", "{}")).items()}
         log.info("resumed from round %d", self.round)
         return True
 
@@ -189,7 +213,8 @@ class FlowerServer:
                 error = f"{msg.error.reason} (code {msg.error.code})" if msg.has_error() else None
                 replies[k] = Reply(k, msg.metadata.src_node_id, None if error else msg.content, error)
             if pending and time.monotonic() > deadline:
-                got = sum(1 for k in replies if counted is None or k in counted)
+                got = sum(1 for k, reply in replies.items()
+                          if (counted is None or k in counted) and reply.error is None)
                 if got >= wait_for:
                     break
                 raise NotEnoughReplies(f"{got} of {len(counted if counted is not None else partitions)} nodes "
@@ -227,7 +252,12 @@ class FlowerServer:
                         if msg.has_error():
                             log.warning("node %d cannot take part: %s", node, msg.error.reason)
                             continue
-                        k = int(records.fields_of(msg.content)["partition-id"])
+                        try:
+                            k = int(records.fields_of(msg.content)["partition-id"])
+                        except (ValueError, TypeError, KeyError) as exc:
+                            log.warning("node %d cannot take part: malformed partition-id (%s: %s)", node,
+                                        type(exc).__name__, exc)
+                            continue
                         if self.nodes.get(k) not in (None, node):
                             log.info("partition %d is now served by node %d (was node %d)", k, node, self.nodes[k])
                         self.nodes[k] = node
@@ -283,8 +313,10 @@ class FlowerServer:
         if owed:
             messages.update({k: self._message(k, "evaluate", owed["round"], broadcast, **{"privacy-all": False})
                              for k in sorted(self.nodes) if k not in messages})
-        wait_for = min(self.settings.min_replies or len(reachable), len(reachable))
-        replies, silent = self._exchange(messages, wait_for, counted=set(reachable))
+        # min_replies counts accepted replies of the clients sampled and not dropped (0: every reachable one);
+        # a node missing from the federation does not lower it
+        required = min(self.settings.min_replies, len(active)) if self.settings.min_replies else len(reachable)
+        replies, silent = self._exchange(messages, required, counted=set(reachable))
         for k, (node, why) in sorted(silent.items()):
             self._lose(r, k, why, node)
         lost += [k for k in sorted(silent) if k in reachable]
@@ -292,6 +324,7 @@ class FlowerServer:
             # the nodes' side of this evaluation was part of the exchange above (counted in this round's
             # round_seconds); its eval_seconds is the server's side
             self._finish(owed, replies, time.perf_counter())
+        self._stop_if_over_budget(r, replies, reachable)
 
         accepted: list[Payload] = []
         rejected: list[int] = []
@@ -312,11 +345,18 @@ class FlowerServer:
                     validate(payload, algo.reply_spec())
                 except PayloadError as exc:
                     reply.error = str(exc)
+                except (ValueError, TypeError, KeyError) as exc:  # a malformed protocol field
+                    reply.error = f"malformed reply field: {type(exc).__name__}: {exc}"
             if reply.error is not None:
                 self._reject(r, k, reply.error)
                 rejected.append(k)
                 continue
             accepted.append(payload)
+        if self.settings.min_replies and len(accepted) < required:
+            save_checkpoint(self.checkpoint_dir, self.state_dict())  # round r is not taken
+            raise NotEnoughReplies(
+                f"round {r}: {len(accepted)} accepted replies ({len(rejected)} rejected, {len(lost)} lost) of "
+                f"{len(active)} clients; min_replies={self.settings.min_replies} needs {required}")
         for k in reachable:
             kept = self.decisions.setdefault(k, {})
             kept[r] = k not in rejected and k not in lost and k in replies
@@ -350,6 +390,28 @@ class FlowerServer:
         if fed.checkpoint_every and r % fed.checkpoint_every == 0:
             save_checkpoint(self.checkpoint_dir, self.state_dict())
         return None
+
+    def _stop_if_over_budget(self, r: int, replies: Mapping[int, Reply], reachable: Sequence[int]) -> None:
+        """A node refused round ``r``'s release (its budget would be exceeded): stop the run as the in-process
+        engine does, with a checkpoint of the rounds finished (round ``r`` is not taken)."""
+        from protofl.privacy import BudgetExceededError
+
+        over = {}
+        for k in reachable:
+            reply = replies.get(k)
+            if reply is None or reply.error is not None:
+                continue
+            try:
+                why = records.fields_of(reply.content).get("budget-exceeded")
+            except (PayloadError, ValueError, TypeError, KeyError):
+                continue
+            if why is not None:
+                over[k] = str(why)
+        if not over:
+            return
+        save_checkpoint(self.checkpoint_dir, self.state_dict())
+        log.error("round %d: clients %s would exceed their privacy budget; the run stops", r, sorted(over))
+        raise BudgetExceededError("; ".join(over[k] for k in sorted(over)))
 
     def _finish(self, owed: dict[str, Any], replies: Mapping[int, Reply], eval_start: float) -> dict[str, Any]:
         """Round ``owed["round"]``'s metrics row from the nodes' evaluation replies; then its checkpoint."""
@@ -385,21 +447,29 @@ class FlowerServer:
             for name, index in self.test_groups.items():
                 out[f"global_acc@{name}"] = algo.evaluate_global(
                     self.server_state, self.test_x[index], self.test_y[index]).get("global_acc")
-        per_client, reports = [], []
+        per_client = []
         for k in sorted(replies):
             reply = replies[k]
             if reply.error is not None:
                 log.warning("round %d: client %d could not evaluate: %s", r, k, reply.error)
                 continue
-            fields = records.fields_of(reply.content)
-            if int(fields.get("evaluated-round", -1)) != r:
+            try:
+                fields = records.fields_of(reply.content)
+                if int(fields.get("evaluated-round", -1)) != r:
+                    continue
+                metrics = reply.content.metric_records.get("metrics", {})
+                client = ({key: float(metrics[key]) for key in fields.get("metric-keys", [])}
+                          if fields.get("evaluated") else None)
+                report = json.loads(fields.get("privacy", "null"))
+                if report is not None:
+                    _check_report(report)
+            except (ValueError, TypeError, KeyError) as exc:  # a malformed protocol field: not used
+                self._reject(r, k, f"evaluation: malformed reply field: {type(exc).__name__}: {exc}")
                 continue
-            metrics = reply.content.metric_records.get("metrics", {})
-            if fields.get("evaluated"):
-                per_client.append({key: float(metrics[key]) for key in fields.get("metric-keys", [])})
-            report = json.loads(fields.get("privacy", "null"))
+            if client is not None:
+                per_client.append(client)
             if report is not None:
-                reports.append(report)
+                self.reports[k] = report
         out.update(summarize_client_metrics(per_client))
         out["clients_evaluated"] = len(per_client)
-        return out, merge_privacy_reports(reports)
+        return out, merge_privacy_reports([self.reports[k] for k in sorted(self.reports)])

@@ -35,15 +35,15 @@ def main(grid: Grid, context: Context) -> None:
     try:
         run_server(grid, run_config_of(context.run_config), settings, str(context.run_config.get("engine", "flower")))
     except BaseException as exc:
-        _write_done(out, error=f"{type(exc).__name__}: {exc}")
+        _write_done(out, error=f"{type(exc).__name__}: {exc}", kind=type(exc).__name__)
         raise
     _write_done(out, error=None)
 
 
-def _write_done(out: Path, error: str | None) -> None:
+def _write_done(out: Path, error: str | None, kind: str | None = None) -> None:
     from protofl.records import write_json
 
-    write_json(out / DONE, {"ok": error is None, "error": error})
+    write_json(out / DONE, {"ok": error is None, "error": error, "kind": kind})
 
 
 def run_server(grid, config, settings, engine: str):
@@ -89,7 +89,9 @@ def _run(grid, config, settings, engine: str, out: Path):
     server = Server(grid, algorithm, config, settings, data.test_x, data.test_y, data.test_groups,
                     fingerprint(config), engine)
     if settings.resume and not server.resume():
-        log.warning("no checkpoint in %s: starting from round 1", out)
+        # starting over under the same run key would repeat releases the nodes' ledgers already hold
+        raise RuntimeError(f"cannot resume: {out / 'checkpoint'} holds no checkpoint of this run; "
+                           "start a new run (without --resume) in another folder")
     if not settings.resume:
         write_atomic(out / "config.toml", config.to_toml())
     write_metrics(out / "metrics.jsonl", server.history)
