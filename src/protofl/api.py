@@ -175,12 +175,7 @@ def run(
     from protofl.algorithms import Task, get_algorithm
     from protofl.engine import Simulation
     from protofl.engine.checkpoint import has_checkpoint
-    from protofl.records import (
-        summarize_history,
-        write_atomic,
-        write_json,
-        write_metrics,
-    )
+    from protofl.records import write_atomic, write_metrics
 
     run_dir = Path(out) if out is not None else None
     if resume:
@@ -217,9 +212,25 @@ def run(
         _write_partition_records(run_dir, data)
     history = simulation.run(stop_after=stop_after)
 
+    summary = run_summary(config, history, privacy=algorithm.privacy_report(simulation.client_states),
+                          wall_seconds=simulation.wall_seconds,
+                          seconds_per_round=simulation.elapsed / max(simulation.round, 1),
+                          bytes_up=simulation.bytes_up, bytes_down=simulation.bytes_down,
+                          execution=simulation.execution)
+    if run_dir is not None:
+        write_run_records(run_dir, config, history, summary)
+    return RunResult(summary, history, run_dir, config)
+
+
+def run_summary(config: RunConfig, history: list[dict[str, Any]], *, privacy: dict[str, Any] | None,
+                wall_seconds: float, seconds_per_round: float, bytes_up: int, bytes_down: int,
+                **extra: Any) -> dict[str, Any]:
+    """summary.json of a run, whichever engine ran it (``extra``: engine-specific fields, e.g. the
+    in-process ``execution`` or Flower's ``engine`` and ``incidents``)."""
+    from protofl.records import summarize_history
+
     final, best = summarize_history(history)
-    rounds_run = max(simulation.round, 1)
-    summary = {
+    return {
         "method": config.method_name,
         "dataset": config.data.dataset,
         "features": config.data.features,
@@ -229,26 +240,27 @@ def run(
         "seed": config.seed,
         "final": final,
         "best": best,
-        "epsilon": None,
-        "delta": None,
-        "privacy": algorithm.privacy_report(simulation.client_states),
-        "wall_seconds": simulation.wall_seconds,
-        "seconds_per_round": simulation.elapsed / rounds_run,
-        "execution": simulation.execution,
-        "bytes_up": simulation.bytes_up,
-        "bytes_down": simulation.bytes_down,
+        "epsilon": privacy["epsilon"] if privacy else None,
+        "delta": privacy["delta"] if privacy else None,
+        "privacy": privacy,
+        "wall_seconds": wall_seconds,
+        "seconds_per_round": seconds_per_round,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **extra,
     }
-    if summary["privacy"]:
-        summary["epsilon"], summary["delta"] = summary["privacy"]["epsilon"], summary["privacy"]["delta"]
-    if run_dir is not None:
-        from protofl.report import plot_learning_curves, run_report
 
-        write_metrics(run_dir / "metrics.jsonl", history)
-        write_json(run_dir / "summary.json", summary)
-        plot_learning_curves([(config.method_name, history)], run_dir / "learning_curves.png")
-        write_atomic(run_dir / "report.md", run_report(run_dir))
-    return RunResult(summary, history, run_dir, config)
+
+def write_run_records(run_dir: Path, config: RunConfig, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """metrics.jsonl, summary.json, learning_curves.png and report.md of a finished run."""
+    from protofl.records import write_atomic, write_json, write_metrics
+    from protofl.report import plot_learning_curves, run_report
+
+    write_metrics(run_dir / "metrics.jsonl", history)
+    write_json(run_dir / "summary.json", summary)
+    plot_learning_curves([(config.method_name, history)], run_dir / "learning_curves.png")
+    write_atomic(run_dir / "report.md", run_report(run_dir))
 
 
 def _write_partition_records(run_dir: Path, data: PreparedData) -> None:

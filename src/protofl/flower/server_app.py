@@ -8,15 +8,14 @@ and ``incidents`` (nodes lost, replies rejected, with reasons).
 from __future__ import annotations
 
 import logging
-import resource
 from pathlib import Path
 
 from protofl.flower._require import require_flwr
 
 require_flwr()
 
-from flwr.app import Context  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 
 log = logging.getLogger("protofl.flower")
 
@@ -71,11 +70,15 @@ def _run(grid, config, settings, engine: str, out: Path):
     import torch
 
     from protofl.algorithms import Task, get_algorithm
-    from protofl.api import _write_partition_records, fingerprint, prepare_data
-    from protofl.config import to_mapping
+    from protofl.api import (
+        _write_partition_records,
+        fingerprint,
+        prepare_data,
+        run_summary,
+        write_run_records,
+    )
     from protofl.flower.server import FlowerServer
-    from protofl.records import summarize_history, write_atomic, write_json, write_metrics
-    from protofl.report import plot_learning_curves, run_report
+    from protofl.records import write_atomic, write_metrics
 
     torch.manual_seed(config.seed)
     data = prepare_data(config)
@@ -98,31 +101,8 @@ def _run(grid, config, settings, engine: str, out: Path):
     _write_partition_records(out, data)
     history = server.run()
 
-    final, best = summarize_history(history)
-    privacy = server.privacy
-    summary = {
-        "method": config.method_name,
-        "dataset": config.data.dataset,
-        "features": config.data.features,
-        "partition": to_mapping(config.partition),
-        "clients": config.partition.num_clients,
-        "rounds": config.federation.rounds,
-        "seed": config.seed,
-        "final": final,
-        "best": best,
-        "epsilon": privacy["epsilon"] if privacy else None,
-        "delta": privacy["delta"] if privacy else None,
-        "privacy": privacy,
-        "wall_seconds": server.wall_seconds,
-        "seconds_per_round": server.elapsed / max(server.round, 1),
-        "bytes_up": server.bytes_up,
-        "bytes_down": server.bytes_down,
-        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "engine": engine,
-        "incidents": server.incidents,
-    }
-    write_metrics(out / "metrics.jsonl", history)
-    write_json(out / "summary.json", summary)
-    plot_learning_curves([(config.method_name, history)], out / "learning_curves.png")
-    write_atomic(out / "report.md", run_report(out))
+    summary = run_summary(config, history, privacy=server.privacy, wall_seconds=server.wall_seconds,
+                          seconds_per_round=server.elapsed / max(server.round, 1), bytes_up=server.bytes_up,
+                          bytes_down=server.bytes_down, engine=engine, incidents=server.incidents)
+    write_run_records(out, config, history, summary)
     return summary
