@@ -129,17 +129,7 @@ def _time_mechanism(algo, profile_release: bool = False) -> dict[str, float]:
     mech = getattr(algo, "release_mechanism", None)
 
     def wrap(owner, name, key):
-        fn = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            t = time.process_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[key] += time.process_time() - t
-
-        spent.setdefault(key, 0.0)
-        setattr(owner, name, timed)
+        time_calls(owner, name, key, spent)
 
     if mech is not None:
         for name in ("release", "check"):
@@ -147,6 +137,21 @@ def _time_mechanism(algo, profile_release: bool = False) -> dict[str, float]:
         for module, name, label in RELEASE_PARTS if profile_release else ():
             wrap(importlib.import_module(module), name, f"part:{label}")
     return spent
+
+
+def time_calls(owner, name: str, key: str, spent: dict[str, float]) -> None:
+    """Replace ``owner.name`` by a wrapper adding each call's CPU seconds to ``spent[key]``."""
+    fn = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        t = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[key] += time.process_time() - t
+
+    spent.setdefault(key, 0.0)
+    setattr(owner, name, staticmethod(timed) if isinstance(owner.__dict__.get(name), staticmethod) else timed)
 
 
 def _rounds(step, rounds: int, mechanism: dict[str, float] | None = None) -> dict:
@@ -298,16 +303,7 @@ def breakdown(n: int, rounds: int) -> dict:
     spent: dict[str, float] = {}
 
     def wrap(owner, name, label):
-        fn = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            t = time.process_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[label] = spent.get(label, 0.0) + time.process_time() - t
-
-        setattr(owner, name, staticmethod(timed) if isinstance(owner.__dict__.get(name), staticmethod) else timed)
+        time_calls(owner, name, label, spent)
 
     wrap(batched, "train_batched", "local training (4 batched steps)")
     wrap(batched, "batched_features", "features for the prototypes")
@@ -317,7 +313,7 @@ def breakdown(n: int, rounds: int) -> dict:
     wrap(simulation.Simulation, "_through_wire", "payloads through bytes + validation")
     wrap(fedproto_mod.FedProto, "server_step", "server aggregation")
     result = run_engine("batched", n, 1)  # warm-up (lazy imports) in a throwaway engine
-    spent.clear()
+    spent.update(dict.fromkeys(spent, 0.0))
     result = run_engine("batched", n, rounds)
     measured = rounds
     parts = {k: v / measured for k, v in spent.items()}
