@@ -113,14 +113,20 @@ def _evaluation(store, task, r: int, received, privacy_all: bool, content) -> No
     content["metrics"] = MetricRecord({k: float(v) for k, v in metrics.items()})
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Commit the last decision; evaluate the round before (if asked); train round ``round``."""
+def _open(msg: Message, context: Context):
+    """What every message handler starts with: the node's task and store, the message's fields and
+    round, and the server's last decisions committed."""
     task = _task(context)
     store, path, run_key = _store(context, task)
     fields = records.fields_of(msg.content)
-    r = int(fields["round"])
     _decide(store, task, fields)
+    return task, store, path, run_key, fields, int(fields["round"])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Commit the last decision; evaluate the round before (if asked); train round ``round``."""
+    task, store, path, run_key, fields, r = _open(msg, context)
     received = records.payload_of(msg.content)
     if "evaluate-round" in fields:
         # evaluation first: it sees the state after the round before, which training replaces
@@ -148,11 +154,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Commit the last decision; personalised metrics and privacy spent after round ``round``."""
-    task = _task(context)
-    store, path, run_key = _store(context, task)
-    fields = records.fields_of(msg.content)
-    r = int(fields["round"])
-    _decide(store, task, fields)
+    task, store, path, run_key, fields, r = _open(msg, context)
     _keep(context, store, path, run_key)
     content = records.to_record_dict(None, **{"partition-id": task.partition, "round": r})
     _evaluation(store, task, r, records.payload_of(msg.content), bool(fields.get("privacy-all", False)), content)
