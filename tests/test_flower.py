@@ -520,7 +520,7 @@ def test_a_node_over_its_budget_stops_the_run_as_in_process(tmp_path, monkeypatc
 def test_fewer_accepted_replies_than_min_replies_stop_the_run(tmp_path, fault):
     """Round 2: two of three replies rejected (min_replies=2); or, from round 3, one node gone (min_replies=3)."""
     from protofl.flower import records
-    from protofl.flower.server import NotEnoughReplies
+    from protofl.flower.transport import NotEnoughReplies
 
     def tamper(node_id, reply):
         fields = reply.content.config_records.get(records.FIELDS) if not reply.has_error() else None
