@@ -96,7 +96,7 @@ class InProcessTransport:
         return Exchange(accepted=accepted, train_losses=train_losses, status=status,
                         bytes_down={k: len(wire_down) for k in active}, bytes_up=up)
 
-    def _client_steps(self, active: list[int] | Sequence[int], r: int, broadcast: Payload,
+    def _client_steps(self, active: Sequence[int], r: int, broadcast: Payload,
                       wire_down: bytes) -> Iterator[tuple[Any, ...]]:
         """``(k, new_state, reply, metrics)`` of every active client, per client or batched."""
         algo = self.algorithm
