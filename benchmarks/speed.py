@@ -298,7 +298,7 @@ def run_cached_embeddings(n: int, rounds: int, fraction: float) -> dict:
 def breakdown(n: int, rounds: int) -> dict:
     """CPU seconds per round of the batched path's parts (rounds 2+), for the profile."""
     import protofl.algorithms.fedproto as fedproto_mod
-    from protofl.engine import batched, simulation
+    from protofl.engine import batched, inprocess
 
     spent: dict[str, float] = {}
 
@@ -310,7 +310,7 @@ def breakdown(n: int, rounds: int) -> dict:
     wrap(batched, "batched_prototypes", "per-class means")
     wrap(batched, "unstack_params", "client states out of the stack")
     wrap(batched, "stack_params", "client states into the stack")
-    wrap(simulation.Simulation, "_through_wire", "payloads through bytes + validation")
+    wrap(inprocess.InProcessTransport, "_through_wire", "payloads through bytes + validation")
     wrap(fedproto_mod.FedProto, "server_step", "server aggregation")
     result = run_engine("batched", n, 1)  # warm-up (lazy imports) in a throwaway engine
     spent.update(dict.fromkeys(spent, 0.0))
@@ -479,7 +479,7 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
             "evaluation in them); round 1 is the first round. Start-up: launch to the ServerApp having built its data "
             "and algorithm (Ray and the nodes' first start fall in round 1). Peak: the whole process tree (the "
             "SuperLink, the ServerApp, Ray's workers). Where the time goes: the ServerApp polls the SuperLink for "
-            f"replies every {_flower_poll()} s (`POLL_SECONDS` in protofl/flower/server.py), so a round takes a whole "
+            f"replies every {_flower_poll()} s (`POLL_SECONDS` in protofl/flower/transport.py), so a round takes a whole "
             "number of polls, on top of Flower's messaging and the ClientApps run in Ray's actors.")]
     lines += _targets(lookup, results)
     emb = results.get("embeddings")
@@ -556,7 +556,7 @@ def _load_text(results: dict) -> str:
 
 def _flower_poll() -> str:
     try:
-        from protofl.flower.server import POLL_SECONDS
+        from protofl.flower.transport import POLL_SECONDS
     except ImportError:
         return "?"
     return f"{POLL_SECONDS:g}"

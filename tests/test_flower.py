@@ -520,7 +520,7 @@ def test_a_node_over_its_budget_stops_the_run_as_in_process(tmp_path, monkeypatc
 def test_fewer_accepted_replies_than_min_replies_stop_the_run(tmp_path, fault):
     """Round 2: two of three replies rejected (min_replies=2); or, from round 3, one node gone (min_replies=3)."""
     from protofl.flower import records
-    from protofl.flower.server import NotEnoughReplies
+    from protofl.flower.transport import NotEnoughReplies
 
     def tamper(node_id, reply):
         fields = reply.content.config_records.get(records.FIELDS) if not reply.has_error() else None
@@ -602,3 +602,44 @@ def test_the_final_epsilon_counts_every_partition_not_only_those_at_the_last_eva
     rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
     assert rows[-1]["clients_evaluated"] == 2
     assert summary["epsilon"] == 1234.0
+
+
+def test_the_nodes_per_client_records_match_the_in_process_ones(tmp_path):
+    """The grid transport builds each row's per-client records from the nodes' evaluation replies: the same
+    clients, statuses, data, bytes and personalised metrics as the in-process transport's."""
+    import torch
+
+    from protofl.engine import RoundDriver, Simulation
+    from protofl.flower.settings import CONFIG_KEY, FlowerSettings
+    from protofl.flower.transport import GridTransport
+    from protofl.runner import build_algorithm, prepare_data
+
+    config = resolve_config({**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
+                             "federation": {"rounds": 2, "progress": False, "client_fraction": 0.67}})
+    rows = {}
+    for name in ("flower", "local"):
+        torch.manual_seed(config.seed)
+        data = prepare_data(config)
+        algo = build_algorithm(config, data)
+        rows[name] = []
+        if name == "local":
+            driver = Simulation(algo, data.clients, data.test_x, data.test_y, config.federation, config.seed,
+                                on_round=rows[name].append)
+        else:
+            flower = FlowerSettings(out=str(tmp_path / "f"), run_key="k", round_timeout=2.0, node_wait=2.0)
+            grid = LoopbackGrid({CONFIG_KEY: config.to_toml(), **flower.to_run_config()}, 3)
+            driver = RoundDriver(algo, GridTransport(grid, algo, 3, flower, "loopback"), config.federation,
+                                 config.seed, test_x=data.test_x, test_y=data.test_y, on_round=rows[name].append)
+        driver.run()
+    assert [r["round"] for r in rows["flower"]] == [r["round"] for r in rows["local"]] == [1, 2]
+    for f, l in zip(rows["flower"], rows["local"]):
+        assert [c["status"] for c in f["clients"]] == [c["status"] for c in l["clients"]]
+        assert "not-sampled" in [c["status"] for c in f["clients"]]
+        for fc, lc in zip(f["clients"], l["clients"]):
+            for key in ("client", "samples", "classes", "bytes_up", "bytes_down"):
+                assert fc[key] == lc[key], (f["round"], key)
+            assert fc["personal_acc"] == pytest.approx(lc["personal_acc"], abs=TOLERANCE)
+            if lc["epsilon"] is None:
+                assert fc["epsilon"] is None
+            else:
+                assert fc["epsilon"] == pytest.approx(lc["epsilon"], rel=1e-6)

@@ -46,14 +46,9 @@ from protofl.gradient_matching import (
     match_features,
 )
 from protofl.payload import ArraySpec, Payload, PayloadSpec
+from protofl.seeds import derive_seed as _seed  # noqa: F401 (also imported by fedtgp, fedhpro)
 
 HEAD_W, HEAD_B = "head.weight", "head.bias"
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
-    return int(state.view(np.uint64)[0] >> 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,6 @@ restarted server continues it.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -21,7 +20,7 @@ require_flwr()
 from flwr.app import ConfigRecord, Context, Message, MetricRecord  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from protofl.flower import records  # noqa: E402
+from protofl.flower import protocol, records  # noqa: E402
 from protofl.flower.settings import CONFIG_KEY, FlowerSettings  # noqa: E402
 
 log = logging.getLogger("protofl.flower")
@@ -75,8 +74,9 @@ def _keep(context: Context, store, path, run_key: str) -> None:
 def _decide(store, task, fields: dict) -> None:
     from protofl.flower.node import StateLostError
 
-    rounds, accepted = fields.get("decision-rounds", []), fields.get("decision-accepted", [])
-    decisions = {int(r): bool(a) for r, a in zip(rounds, accepted)}
+    rounds = protocol.DECISION_ROUNDS.read(fields, [])
+    accepted = protocol.DECISION_ACCEPTED.read(fields, [])
+    decisions = dict(zip(rounds, accepted))
     taken = sorted(r for r, a in decisions.items() if a)
     if taken and not store.has_any_state():
         # the server took this partition's replies before, but this node holds nothing of the run: starting
@@ -100,16 +100,22 @@ def query(msg: Message, context: Context) -> Message:
     if int(context.node_config["num-partitions"]) != wanted or not 0 <= partition < wanted:
         raise ConfigError(f"node config partition-id={partition} num-partitions={context.node_config['num-partitions']} "
                           f"does not fit the run's partition.num_clients={wanted}")
-    return Message(records.to_record_dict(None, **{"partition-id": partition}), reply_to=msg)
+    return Message(records.to_record_dict(None, **protocol.pack({protocol.PARTITION_ID: partition})), reply_to=msg)
 
 
 def _evaluation(store, task, r: int, received, privacy_all: bool, content) -> None:
-    """Personalised metrics and privacy spent after round ``r``, added to a reply's ``content``."""
+    """Personalised metrics, the node's data profile and privacy spent after round ``r``, added to a reply's
+    ``content``."""
+    from protofl.engine.client import client_profile
+
     metrics = store.evaluate(task, r, received)
     report = store.privacy_report(task, r, privacy_all)
+    profile = client_profile(task.data)
     fields = content.config_records[records.FIELDS]
-    fields.update({"evaluated-round": r, "evaluated": bool(len(task.data.y_test)), "privacy": json.dumps(report),
-                   "metric-keys": list(metrics)})
+    fields.update(protocol.pack({protocol.EVALUATED_ROUND: r, protocol.EVALUATED: bool(len(task.data.y_test)),
+                                 protocol.PRIVACY: report, protocol.METRIC_KEYS: list(metrics),
+                                 protocol.TRAIN_SAMPLES: profile["samples"],
+                                 protocol.TRAIN_CLASSES: profile["classes"]}))
     content["metrics"] = MetricRecord({k: float(v) for k, v in metrics.items()})
 
 
@@ -120,7 +126,7 @@ def _open(msg: Message, context: Context):
     store, path, run_key = _store(context, task)
     fields = records.fields_of(msg.content)
     _decide(store, task, fields)
-    return task, store, path, run_key, fields, int(fields["round"])
+    return task, store, path, run_key, fields, protocol.ROUND.read(fields)
 
 
 @app.train()
@@ -128,10 +134,11 @@ def train(msg: Message, context: Context) -> Message:
     """Commit the last decision; evaluate the round before (if asked); train round ``round``."""
     task, store, path, run_key, fields, r = _open(msg, context)
     received = records.payload_of(msg.content)
-    if "evaluate-round" in fields:
+    evaluate_round = protocol.EVALUATE_ROUND.read(fields, None)
+    if evaluate_round is not None:
         # evaluation first: it sees the state after the round before, which training replaces
         evaluated = records.to_record_dict(None)
-        _evaluation(store, task, int(fields["evaluate-round"]), received, bool(fields.get("privacy-all")), evaluated)
+        _evaluation(store, task, evaluate_round, received, protocol.PRIVACY_ALL.read(fields, False), evaluated)
     from protofl.privacy import BudgetExceededError
 
     try:
@@ -139,13 +146,14 @@ def train(msg: Message, context: Context) -> Message:
     except BudgetExceededError as exc:
         # nothing released: the server is told why, and stops the run (as the in-process engine does)
         _keep(context, store, path, run_key)
-        content = records.to_record_dict(None, **{"partition-id": task.partition, "round": r,
-                                                  "budget-exceeded": str(exc)})
+        content = records.to_record_dict(None, **protocol.pack({protocol.PARTITION_ID: task.partition, protocol.ROUND: r,
+                                                                protocol.BUDGET_EXCEEDED: str(exc)}))
     else:
         _keep(context, store, path, run_key)
-        content = records.to_record_dict(reply, **{"partition-id": task.partition, "round": r,
-                                                   "train-loss": float(metrics.get("train_loss", float("nan")))})
-    if "evaluate-round" in fields:
+        content = records.to_record_dict(reply, **protocol.pack({
+            protocol.PARTITION_ID: task.partition, protocol.ROUND: r,
+            protocol.TRAIN_LOSS: float(metrics.get("train_loss", float("nan")))}))
+    if evaluate_round is not None:
         content.config_records[records.FIELDS].update(dict(evaluated.config_records[records.FIELDS]))
         content["metrics"] = evaluated.metric_records["metrics"]
     return Message(content, reply_to=msg)
@@ -156,6 +164,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Commit the last decision; personalised metrics and privacy spent after round ``round``."""
     task, store, path, run_key, fields, r = _open(msg, context)
     _keep(context, store, path, run_key)
-    content = records.to_record_dict(None, **{"partition-id": task.partition, "round": r})
-    _evaluation(store, task, r, records.payload_of(msg.content), bool(fields.get("privacy-all", False)), content)
+    content = records.to_record_dict(None, **protocol.pack({protocol.PARTITION_ID: task.partition, protocol.ROUND: r}))
+    _evaluation(store, task, r, records.payload_of(msg.content), protocol.PRIVACY_ALL.read(fields, False), content)
     return Message(content, reply_to=msg)

@@ -284,7 +284,7 @@ def run_on_flower(config: RunConfig | Any, out: str | Path, *, mode: str = "depl
     """Run ``config`` on Flower on this machine and return its summary: ``mode="deployment"`` starts a
     SuperLink and one SuperNode per client as processes, ``"simulation"`` Flower's simulation runtime;
     ``tls_dir`` (ca.crt, server.pem, server.key) turns TLS on between them."""
-    from protofl.api import resolve_config
+    from protofl.runner import resolve_config
     from protofl.flower._require import require_flwr
     from protofl.records import read_summary
 

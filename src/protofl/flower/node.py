@@ -28,7 +28,7 @@ import torch
 
 from protofl.algorithms.base import Algorithm, ClientData
 from protofl.config import ConfigError, RunConfig
-from protofl.engine.simulation import derive_seed
+from protofl.engine.client import client_evaluation, client_round
 from protofl.payload import Payload, validate
 from protofl.privacy.vpdr import LEDGER_KEY
 
@@ -68,7 +68,7 @@ def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: 
     import tomllib
 
     from protofl.algorithms import ClientData, Task, get_algorithm
-    from protofl.api import fingerprint, resolve_config
+    from protofl.runner import fingerprint, resolve_config
 
     config: RunConfig = resolve_config(tomllib.loads(config_text))
     if num_partitions != config.partition.num_clients:
@@ -81,7 +81,7 @@ def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: 
     if cache is not None and cache.exists():
         saved = torch.load(cache, weights_only=True)
     else:
-        from protofl.api import prepare_data
+        from protofl.runner import prepare_data
 
         data = prepare_data(config)
         c = data.clients[partition]
@@ -221,8 +221,7 @@ class ClientStore:
         state = self.state(task, r)
         algo.check_release(state, task.partition)
         validate(received, algo.broadcast_spec())
-        generator = torch.Generator().manual_seed(derive_seed(task.seed, r, task.partition))
-        new_state, reply, metrics = algo.client_step(state, task.data, received, generator)
+        new_state, reply, metrics = client_round(algo, state, task.data, received, round_index=r, seed=task.seed)
         self.pending_round, self.pending = r, new_state
         self._raise_ledger(new_state)
         return reply, metrics
@@ -233,7 +232,7 @@ class ClientStore:
         if not len(task.data.y_test):
             return {}
         validate(received, task.algorithm.broadcast_spec())
-        return task.algorithm.evaluate_client(self.state(task, r + 1), received, task.data)
+        return client_evaluation(task.algorithm, self.state(task, r + 1), task.data, received)
 
     def privacy_report(self, task: NodeTask, r: int, all_accountants: bool) -> dict[str, Any] | None:
         if not self.has_state() and self.ledger is None:

@@ -1,4 +1,6 @@
-"""The ServerApp: loads the run's configuration and data, drives :class:`FlowerServer`, writes the run folder.
+"""The ServerApp: the runner (:mod:`protofl.runner`) with the round driver over a Flower grid
+(:class:`~protofl.flower.transport.GridTransport`): loads the run's configuration and data, runs the rounds,
+writes the run folder.
 
 The run folder has protofl's format (config.toml, metrics.jsonl, summary.json, checkpoint/, report.md,
 plots), so ``protofl report`` compares Flower runs with in-process runs; summary.json adds ``engine``
@@ -69,40 +71,17 @@ def run_server(grid, config, settings, engine: str):
 def _run(grid, config, settings, engine: str, out: Path):
     import torch
 
-    from protofl.algorithms import Task, get_algorithm
-    from protofl.api import (
-        _write_partition_records,
-        fingerprint,
-        prepare_data,
-        run_summary,
-        write_run_records,
-    )
-    from protofl.flower.server import FlowerServer
-    from protofl.records import write_atomic, write_metrics
+    from protofl.engine.rounds import RoundDriver
+    from protofl.flower.transport import GridTransport
+    from protofl.runner import prepare_data, run_rounds
 
     torch.manual_seed(config.seed)
     data = prepare_data(config)
-    task = Task(data.input_shape, data.num_classes, config.model)
-    algorithm = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
 
-    class Server(FlowerServer):
-        def on_round(self, row):
-            write_metrics(out / "metrics.jsonl", self.history)
+    def driver(algorithm, **kwargs) -> RoundDriver:
+        transport = GridTransport(grid, algorithm, config.partition.num_clients, settings, engine)
+        return RoundDriver(algorithm, transport, config.federation, config.seed, test_x=data.test_x,
+                           test_y=data.test_y, test_groups=data.test_groups, **kwargs)
 
-    server = Server(grid, algorithm, config, settings, data.test_x, data.test_y, data.test_groups,
-                    fingerprint(config), engine)
-    if settings.resume and not server.resume():
-        # starting over under the same run key would repeat releases the nodes' ledgers already hold
-        raise RuntimeError(f"cannot resume: {out / 'checkpoint'} holds no checkpoint of this run; "
-                           "start a new run (without --resume) in another folder")
-    if not settings.resume:
-        write_atomic(out / "config.toml", config.to_toml())
-    write_metrics(out / "metrics.jsonl", server.history)
-    _write_partition_records(out, data)
-    history = server.run()
-
-    summary = run_summary(config, history, privacy=server.privacy, wall_seconds=server.wall_seconds,
-                          seconds_per_round=server.elapsed / max(server.round, 1), bytes_up=server.bytes_up,
-                          bytes_down=server.bytes_down, engine=engine, incidents=server.incidents)
-    write_run_records(out, config, history, summary)
+    summary, _history = run_rounds(config, data, driver, out, resume=settings.resume, require_checkpoint=True)
     return summary

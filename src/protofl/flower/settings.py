@@ -66,7 +66,7 @@ def run_config_of(run_config: Mapping[str, Any]) -> RunConfig:
     """The protofl configuration carried in a Flower run config."""
     import tomllib
 
-    from protofl.api import resolve_config
+    from protofl.runner import resolve_config
     from protofl.config import ConfigError
 
     text = run_config.get(CONFIG_KEY)

@@ -1,0 +1,160 @@
+"""The in-process transport: every client's compact state (a dict of tensors) held in this process.
+
+The byte boundary is kept as a network would impose it: the broadcast is serialised once and each
+client parses its own copy; each reply is serialised, parsed back and validated against the algorithm's
+reply spec. Clients step one by one (``per-client``) or in chunks of ``batch_clients`` as one batched
+program (``batched``, where the method supports it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from protofl.algorithms.base import Algorithm, ClientData
+from protofl.config import FederationConfig
+from protofl.engine.client import (
+    StepResult,
+    client_evaluation,
+    client_profile,
+    client_round,
+    client_rounds_batched,
+)
+from protofl.engine.rounds import ClientEvaluation, Exchange, merge_privacy_reports
+from protofl.payload import Payload, PayloadError, PayloadSpec, validate
+from protofl.privacy.vpdr import LEDGER_KEY
+
+log = logging.getLogger("protofl.engine")
+
+
+class InProcessTransport:
+    """Holds ``clients``' data and states and runs their steps here (see the module docstring)."""
+
+    counts_lost = False
+
+    def __init__(self, algorithm: Algorithm, clients: Sequence[ClientData], federation: FederationConfig, seed: int):
+        self.algorithm = algorithm
+        self.clients = clients
+        self.federation = federation
+        self.seed = seed
+        self.client_states: dict[int, dict[str, Any]] = {}
+        #: The execution actually used: ``batched`` only where asked for and the method supports it.
+        self.execution = federation.execution
+        if self.execution == "batched":
+            reason = algorithm.batched_unsupported()
+            if reason is not None:
+                log.warning("federation.execution = 'batched': %s; running it per client", reason)
+                self.execution = "per-client"
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    def start(self) -> None:
+        """Nothing to wait for: the clients are here."""
+
+    def client_state(self, k: int) -> dict[str, Any]:
+        state = self.client_states.get(k)
+        if state is None:
+            state = self.algorithm.init_client_state(self.seed)
+        return state
+
+    # -- the round ---------------------------------------------------------------------------------
+    def exchange(self, r: int, active: Sequence[int], broadcast: Payload, owed: int | None) -> Exchange:
+        from protofl.privacy import BudgetExceededError
+
+        algo = self.algorithm
+        # Budget check before the round: a client whose next release would exceed its privacy budget
+        # stops the run here, before anything is released.
+        try:
+            for k in active:
+                algo.check_release(self.client_state(k), k)
+        except BudgetExceededError as exc:
+            return Exchange(stop=exc)
+        wire_down = broadcast.to_bytes() if algo.communicates else b""
+        accepted: list[Payload] = []
+        status: dict[int, str] = {}
+        up: dict[int, int] = {}
+        train_losses = []
+        for k, new_state, reply, metrics in self._client_steps(active, r, broadcast, wire_down):
+            train_losses.append(metrics.get("train_loss", float("nan")))
+            status[k] = "ok"
+            if algo.communicates:
+                wire = reply.to_bytes()
+                up[k] = len(wire)
+                try:
+                    reply = self._through_wire(wire, algo.reply_spec(), f"client {k}")
+                except PayloadError as exc:
+                    log.warning("round %d: rejected the reply of client %d: %s", r, k, exc)
+                    status[k] = "rejected"
+                    if LEDGER_KEY in new_state:  # what went on the wire was spent, accepted or not
+                        self.client_states[k] = {**self.client_state(k), LEDGER_KEY: new_state[LEDGER_KEY]}
+                    continue
+                accepted.append(reply)
+            self.client_states[k] = new_state
+        return Exchange(accepted=accepted, train_losses=train_losses, status=status,
+                        bytes_down={k: len(wire_down) for k in active}, bytes_up=up)
+
+    def _client_steps(self, active: Sequence[int], r: int, broadcast: Payload,
+                      wire_down: bytes) -> Iterator[tuple[Any, ...]]:
+        """``(k, new_state, reply, metrics)`` of every active client, per client or batched."""
+        algo = self.algorithm
+
+        def receive() -> Payload:
+            return self._through_wire(wire_down, algo.broadcast_spec(), "broadcast") if algo.communicates else broadcast
+
+        if self.execution != "batched":
+            for k in active:
+                # Each client parses its own copy of the broadcast, as it would off a network.
+                yield k, *client_round(algo, self.client_state(k), self.clients[k], receive(), round_index=r,
+                                       seed=self.seed)
+            return
+        from protofl.engine.batched import chunks
+
+        for chunk in chunks(list(active), self.federation.batch_clients):
+            # One parsed copy of the (identical) broadcast serves the whole chunk.
+            results: list[StepResult] = client_rounds_batched(
+                algo, [self.client_state(k) for k in chunk], [self.clients[k] for k in chunk], receive(),
+                round_index=r, seed=self.seed)
+            for k, result in zip(chunk, results):
+                yield k, *result
+
+    @staticmethod
+    def _through_wire(payload: Payload | bytes, spec: PayloadSpec, who: str) -> Payload:
+        """Serialise (if needed), parse back and validate, as a real transport would."""
+        data = payload.to_bytes() if isinstance(payload, Payload) else payload
+        received = Payload.from_bytes(data)
+        try:
+            validate(received, spec)
+        except PayloadError as exc:
+            raise PayloadError(f"{who}: {exc}") from None
+        return received
+
+    def evaluate(self, r: int, broadcast: Payload, final: bool) -> ClientEvaluation:
+        """Every client's personalised metrics and spend, now."""
+        algo = self.algorithm
+        received = Payload.from_bytes(broadcast.to_bytes())
+        metrics = {data.client_id: client_evaluation(algo, self.client_state(data.client_id), data, received)
+                   for data in self.clients if len(data.y_test)}
+        reports = {k: algo.privacy_report({k: state}, all_accountants=False) for k, state in self.client_states.items()}
+        reports = {k: report for k, report in reports.items() if report is not None}
+        return ClientEvaluation(
+            metrics=metrics,
+            profiles={data.client_id: client_profile(data) for data in self.clients},
+            epsilon={k: report["epsilon"] for k, report in reports.items()},
+            privacy=merge_privacy_reports([reports[k] for k in self.client_states if k in reports]),
+        )
+
+    def privacy_report(self) -> dict[str, Any] | None:
+        return self.algorithm.privacy_report(self.client_states)
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {"execution": self.execution}
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"client_states": self.client_states}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.client_states = state["client_states"]
