@@ -113,8 +113,8 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profi
 RELEASE_PARTS = (("protofl.privacy.mechanisms", "_anova", "ANOVA scores"),
                  ("protofl.privacy.mechanisms", "_top_k", "private top-k (Laplace noise + peeling)"),
                  ("protofl.privacy.mechanisms", "gaussian_noise", "Gaussian noise draw"),
-                 ("protofl.privacy.vpdr", "vpp_release", "mechanism"),
-                 ("protofl.privacy.vpdr", "igpp_release", "mechanism"))
+                 ("protofl.privacy.layer", "vpp_release", "mechanism"),
+                 ("protofl.privacy.layer", "igpp_release", "mechanism"))
 
 
 def _time_mechanism(algo, profile_release: bool = False) -> dict[str, float]:
@@ -126,14 +126,14 @@ def _time_mechanism(algo, profile_release: bool = False) -> dict[str, float]:
     import importlib
 
     spent = {"check": 0.0, "release": 0.0}
-    mech = getattr(algo, "release_mechanism", None)
+    mech = getattr(algo, "privacy_layer", None)
 
     def wrap(owner, name, key):
         time_calls(owner, name, key, spent)
 
     if mech is not None:
-        for name in ("release", "check"):
-            wrap(mech, name, name)
+        for name, key in (("release", "release"), ("check_next", "check")):
+            wrap(mech, name, key)
         for module, name, label in RELEASE_PARTS if profile_release else ():
             wrap(importlib.import_module(module), name, f"part:{label}")
     return spent

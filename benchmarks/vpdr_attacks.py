@@ -60,11 +60,11 @@ def load_run(run_dir: Path):
 def release(algo, params, client, seed: int):
     from protofl.algorithms.base import compute_features
 
-    if algo.release_mechanism is None:
+    if algo.privacy_layer is None:
         classes, protos, _ = algo.local_prototypes(params, client)
         return classes, protos
     z = compute_features(algo, params, client.x_train)
-    out, _ = algo.release_mechanism.release(z, client.y_train, torch.Generator().manual_seed(seed), {})
+    out, _ = algo.privacy_layer.release(z, client.y_train, torch.Generator().manual_seed(seed), {})
     return out.classes, out.prototypes
 
 

@@ -224,10 +224,11 @@ def _decision(ledger: PrivacyLedger, events) -> bool:
 @pytest.mark.parametrize("mechanism", ["igpp", "vpp"])
 def test_planned_budget_check_decides_as_the_exact_computation_and_runs_no_accountant(accountant, mechanism):
     from protofl.privacy import accounting
-    from protofl.privacy.vpdr import LEDGER_KEY, PrototypePrivacy
+    from protofl.privacy import LEDGER_KEY, create_privacy_layer
 
     planned = 4
-    mech = PrototypePrivacy(PrivacyConfig(mechanism=mechanism, epsilon=2.0, accountant=accountant), planned, 3)
+    mech = create_privacy_layer(PrivacyConfig(mechanism=mechanism, epsilon=2.0, accountant=accountant,
+                                              planned_releases=planned), 3)
     events = mech.release_events()
     state: dict = {}
     for release in range(1, planned + 2):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from protofl.algorithms.base import Algorithm, ClientData
-from protofl.privacy.vpdr import LEDGER_KEY
+from protofl.privacy.accounting import LEDGER_KEY
 from protofl.config import FederationConfig
 from protofl.engine.checkpoint import load_checkpoint, save_checkpoint
 from protofl.payload import Payload, PayloadError, validate
