@@ -440,8 +440,16 @@ def test_bad_privacy_values_fail_at_config_time_naming_the_key(key, value):
 def test_a_method_without_prototypes_is_refused_with_the_valid_hosts():
     from protofl.api import resolve_config
 
-    with pytest.raises(ConfigError, match="valid hosts are fedproto, fedtgp, fpl"):
+    with pytest.raises(ConfigError, match="methods that do: fedproto, fedtgp, fpl"):
         resolve_config({"privacy": {"mechanism": "igpp"}, "method": {"name": "fedavg"}})
+    with pytest.raises(ConfigError, match="methods that do: dpfedavg, fedhypevae"):
+        resolve_config({"privacy": {"mechanism": "dp-sgd"}, "method": {"name": "fedproto"}})
+    with pytest.raises(ConfigError, match="set privacy.mechanism = 'dp-sgd'"):
+        resolve_config({"method": {"name": "dpfedavg"}})
+    with pytest.raises(ConfigError, match="privacy.accountant: 'moments' is not one of pld, rdp"):
+        resolve_config({"privacy": {"mechanism": "igpp", "accountant": "moments"}, "method": {"name": "fedproto"}})
+    with pytest.raises(ConfigError, match="privacy.dcr"):
+        resolve_config({"privacy": {"dcr": True}, "method": {"name": "fedavg"}})
     with pytest.raises(ConfigError, match="model_sharing"):
         resolve_config({"privacy": {"mechanism": "igpp"}, "method": {"name": "fpl"}})
     resolve_config({"privacy": {"mechanism": "igpp"}, "method": {"name": "fpl", "model_sharing": "none"}})
