@@ -15,6 +15,7 @@ from protofl.config import ConfigError, PrivacyConfig, RunConfig
 from protofl.privacy import (
     BudgetExceededError,
     DistillationClipping,
+    LEDGER_KEY,
     GaussianEvent,
     LaplaceEvent,
     PrivacyLedger,
@@ -224,7 +225,7 @@ def _decision(ledger: PrivacyLedger, events) -> bool:
 @pytest.mark.parametrize("mechanism", ["igpp", "vpp"])
 def test_planned_budget_check_decides_as_the_exact_computation_and_runs_no_accountant(accountant, mechanism):
     from protofl.privacy import accounting
-    from protofl.privacy import LEDGER_KEY, create_privacy_layer
+    from protofl.privacy import create_privacy_layer
 
     planned = 4
     mech = create_privacy_layer(PrivacyConfig(mechanism=mechanism, epsilon=2.0, accountant=accountant,
@@ -386,7 +387,7 @@ def test_budget_stop_triggers_before_the_release_that_would_exceed_and_resume_ke
     sigma = calibrate_noise_multiplier(2.0, 1e-5, 2, "pld")
     for k in range(3):
         ledger = PrivacyLedger("pld", 1e-5, 2.0)
-        ledger.load_state_dict(state["client_states"][k]["privacy_ledger"])
+        ledger.load_state_dict(state["client_states"][k][LEDGER_KEY])
         assert ledger.events == [(GaussianEvent(sigma), 2)]
         assert 2.0 * (1 - 2e-3) <= ledger.epsilon() <= 2.0
     with pytest.raises(BudgetExceededError):  # resuming does not reset what was spent
@@ -427,7 +428,7 @@ def test_clean_prototypes_never_reach_the_payload(mechanism):
         assert row.tobytes() not in wire
         assert row[:4].tobytes() not in wire
     assert not np.allclose(reply["prototypes"], clean.numpy(), atol=1e-3)
-    assert len(state["privacy_ledger"]) == (2 if mechanism == "vpp" else 1)
+    assert len(state[LEDGER_KEY]) == (2 if mechanism == "vpp" else 1)
 
 
 @pytest.mark.parametrize("key,value", [("epsilon", 0.0), ("epsilon", -1.0), ("delta", 0.0), ("delta", 1.0),
