@@ -1,4 +1,4 @@
-"""Issue 7's benchmark: seconds per DP-SGD step, plain vs materialised per-example gradients vs ghost.
+"""The DP-SGD step benchmark: seconds per DP-SGD step, plain vs materialised per-example gradients vs ghost.
 
 Models, batch 256:
 

@@ -1,4 +1,4 @@
-"""Issue 5's benchmark: FedHypeVAE against its baselines at (epsilon, delta) = (1.0, 1e-4).
+"""The FedHypeVAE benchmark: FedHypeVAE against its baselines at (epsilon, delta) = (1.0, 1e-4).
 
 EfficientNet-Lite0 embeddings (cached) of Fashion-MNIST (10 clients, Dirichlet alpha = 0.3) and of
 ``digits-domains`` (one client per domain). Methods, every private one at the same per-client budget:

@@ -1,4 +1,4 @@
-"""Benchmark 2 of issue 4: attacks on the prototypes VPDR releases, over the same grid of epsilon and
+"""The VPDR benchmark, part 2: attacks on the prototypes VPDR releases, over the same grid of epsilon and
 mechanism as vpdr_privacy_utility.py (host fedproto, ``digits-domains``, the runs that script made).
 
 For every run, every client's final personalized model is loaded from the run's last checkpoint and the
