@@ -1,4 +1,4 @@
-"""Benchmark 2 of issue 3: domain skew, FPL's setting, on ``digits-domains``.
+"""The prototype family, benchmark 2: domain skew, FPL's setting, on ``digits-domains``.
 
 Four clients, one per domain (mnist, optdigits, mnistm-recreated, synthdigits-recreated; the last two are
 recreations, see protofl.data.digits_domains), all every round; global test accuracy of the global model

@@ -1,4 +1,4 @@
-"""Issue 7's benchmark: seconds per DP-SGD step, plain vs materialised per-example gradients vs ghost.
+"""The DP-SGD step benchmark: seconds per DP-SGD step, plain vs materialised per-example gradients vs ghost.
 
 Models, batch 256:
 
@@ -37,21 +37,18 @@ from _common import RESULTS, command_line
 from torch.func import functional_call
 
 from protofl.algorithms import Task, get_algorithm
-from protofl.algorithms.fedhypevae import init_encoder, init_phi
+from protofl.algorithms.fedhypevae import batch_losses, batch_noise, ghost_clipped_sum, init_encoder, init_phi
+from protofl.config import PrivacyConfig
 from protofl.privacy.dpsgd import add_noise, noisy_clipped_mean, per_example_gradients
-from protofl.privacy.ghost import (
-    fedhypevae_batch_losses,
-    fedhypevae_clipped_sum,
-    fedhypevae_noise,
-    module_clipped_sum,
-)
+from protofl.privacy.ghost import module_clipped_sum
 
 BATCH, CLIP, SIGMA = 256, 1.0, 1.0
 
 
 def fedhypevae_steps(batch: int):
     """``{mode: step()}`` for FedHypeVAE's DP-SGD on (φ, ψ, c) as ``_train_phi`` runs it."""
-    algo = get_algorithm("fedhypevae").from_options({"range_reference": "unit", "planned_rounds": 10}, Task((1280,), 10))
+    algo = get_algorithm("fedhypevae").from_options(
+        {"range_reference": "unit"}, Task((1280,), 10), PrivacyConfig(mechanism="dp-sgd", planned_releases=10))
     c = algo.config
     g = torch.Generator().manual_seed(0)
     phi, psi = init_phi(c, 1280, 10, g), init_encoder(c, 1280, 10, g)
@@ -73,7 +70,7 @@ def fedhypevae_steps(batch: int):
 
     def plain():
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        loss, _ = fedhypevae_batch_losses(algo, leaves, x, y1h, fedhypevae_noise(c, batch))
+        loss = batch_losses(algo, leaves, x, y1h, batch_noise(c, batch))
         apply(dict(zip(leaves, torch.autograd.grad(loss.mean(), list(leaves.values())))))
 
     def materialised():
@@ -81,7 +78,7 @@ def fedhypevae_steps(batch: int):
         apply(noisy_clipped_mean(grads, CLIP, SIGMA, batch, g)[0])
 
     def ghost():
-        summed, _, _ = fedhypevae_clipped_sum(algo, params, x, y1h, fedhypevae_noise(c, batch), CLIP)
+        summed, _, _ = ghost_clipped_sum(algo, params, x, y1h, batch_noise(c, batch), CLIP)
         apply(add_noise(summed, CLIP, SIGMA, batch, g))
 
     return {"plain": plain, "materialised": materialised, "ghost": ghost}

@@ -1,4 +1,4 @@
-"""Benchmark 3 of issue 3: FedHPro ablation on Fashion-MNIST-LT (imbalance factor 100, Dirichlet 0.5,
+"""The prototype family, benchmark 3: FedHPro ablation on Fashion-MNIST-LT (imbalance factor 100, Dirichlet 0.5,
 10 clients), the setting of benchmarks/label_skew_lt.py: without the client margin, without HPCL,
 without HPAL, averaged prototypes instead of hyper-prototypes, each gradient distance of the HP step,
 Adam instead of SGD for the HP step, CReFF's from-scratch head re-training, no distillation augmentation.

@@ -1,4 +1,4 @@
-"""Benchmark 1 of issue 3 (plus 4 and 5 from the same runs): label skew with a long tail.
+"""The prototype family, benchmark 1 (plus 4 and 5 from the same runs): label skew with a long tail.
 
 Fashion-MNIST-LT and MNIST-LT (imbalance factor 100 on the training pool; the global test set stays
 balanced), Dirichlet alpha=0.5 over 10 clients, all clients every round; global balanced test accuracy

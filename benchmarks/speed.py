@@ -1,4 +1,4 @@
-"""Issue 7: many clients as one batched program. Seconds per round, start-up and peak memory of a
+"""The speed benchmark: many clients as one batched program. Seconds per round, start-up and peak memory of a
 FedProto round, per-client against batched execution, and each privacy mechanism's share of a round.
 
 The workload (the issue's): 10 classes, 32-d inputs, about 200 training samples per client (the
@@ -113,8 +113,8 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profi
 RELEASE_PARTS = (("protofl.privacy.mechanisms", "_anova", "ANOVA scores"),
                  ("protofl.privacy.mechanisms", "_top_k", "private top-k (Laplace noise + peeling)"),
                  ("protofl.privacy.mechanisms", "gaussian_noise", "Gaussian noise draw"),
-                 ("protofl.privacy.vpdr", "vpp_release", "mechanism"),
-                 ("protofl.privacy.vpdr", "igpp_release", "mechanism"))
+                 ("protofl.privacy.layer", "vpp_release", "mechanism"),
+                 ("protofl.privacy.layer", "igpp_release", "mechanism"))
 
 
 def _time_mechanism(algo, profile_release: bool = False) -> dict[str, float]:
@@ -126,14 +126,14 @@ def _time_mechanism(algo, profile_release: bool = False) -> dict[str, float]:
     import importlib
 
     spent = {"check": 0.0, "release": 0.0}
-    mech = getattr(algo, "release_mechanism", None)
+    mech = getattr(algo, "privacy_layer", None)
 
     def wrap(owner, name, key):
         time_calls(owner, name, key, spent)
 
     if mech is not None:
-        for name in ("release", "check"):
-            wrap(mech, name, name)
+        for name, key in (("release", "release"), ("check_next", "check")):
+            wrap(mech, name, key)
         for module, name, label in RELEASE_PARTS if profile_release else ():
             wrap(importlib.import_module(module), name, f"part:{label}")
     return spent
@@ -563,7 +563,7 @@ def _flower_poll() -> str:
 
 
 def _targets(lookup: dict, results: dict) -> list[str]:
-    """Issue 7's targets at N = 100 against the figures reached (benchmarks, not timed tests)."""
+    """The speed targets at N = 100 against the figures reached (benchmarks, not timed tests)."""
     def get(kind, key):
         row = lookup.get((kind, 100))
         return row.get(key) if row and "error" not in row else None
@@ -571,7 +571,7 @@ def _targets(lookup: dict, results: dict) -> list[str]:
     batched, plain, flower = get("batched", "s_per_round"), get("plain", "s_per_round"), get("flower", "s_per_round")
     shares = [(row["privacy"], row["kind"], row["mechanism_check_share"] + row["mechanism_release_share"])
               for row in results.get("privacy", []) if "error" not in row]
-    out = ["", "### Issue 7's targets at N = 100 (1 thread)", "", "| target | reached | met |", "|---|---|---|"]
+    out = ["", "### The speed targets at N = 100 (1 thread)", "", "| target | reached | met |", "|---|---|---|"]
 
     def line(target, value, ok):
         out.append(f"| {target} | {value} | {'—' if ok is None else ('yes' if ok else '**no**')} |")
@@ -597,7 +597,7 @@ def write_docs(table: str) -> None:
     if BEGIN in text and END in text:
         text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
     else:
-        text = text.rstrip("\n") + "\n\n## Issue 7: many clients as one batched program\n\n" + block + "\n"
+        text = text.rstrip("\n") + "\n\n## The speed benchmark: many clients as one batched program\n\n" + block + "\n"
     DOCS.write_text(text)
 
 

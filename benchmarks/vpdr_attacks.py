@@ -1,4 +1,4 @@
-"""Benchmark 2 of issue 4: attacks on the prototypes VPDR releases, over the same grid of epsilon and
+"""The VPDR benchmark, part 2: attacks on the prototypes VPDR releases, over the same grid of epsilon and
 mechanism as vpdr_privacy_utility.py (host fedproto, ``digits-domains``, the runs that script made).
 
 For every run, every client's final personalized model is loaded from the run's last checkpoint and the
@@ -60,11 +60,11 @@ def load_run(run_dir: Path):
 def release(algo, params, client, seed: int):
     from protofl.algorithms.base import compute_features
 
-    if algo.release_mechanism is None:
+    if algo.privacy_layer is None:
         classes, protos, _ = algo.local_prototypes(params, client)
         return classes, protos
     z = compute_features(algo, params, client.x_train)
-    out, _ = algo.release_mechanism.release(z, client.y_train, torch.Generator().manual_seed(seed), {})
+    out, _ = algo.privacy_layer.release(z, client.y_train, torch.Generator().manual_seed(seed), {})
     return out.classes, out.prototypes
 
 

@@ -1,4 +1,4 @@
-"""Benchmarks 1 and 3 of issue 4: VPDR's privacy-utility trade-off and its cost in time.
+"""The VPDR benchmark, parts 1 and 3: VPDR's privacy-utility trade-off and its cost in time.
 
 Personalized fine-tuning on frozen EfficientNet-Lite0 embeddings (cached once): a per-client residual
 adapter and MLP to d=128 features and a linear head, AdamW (lr 1e-3, weight decay 5e-4), batch 256,

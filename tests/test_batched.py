@@ -204,7 +204,7 @@ def test_stack_and_unstack_round_trip_into_independent_tensors():
 @pytest.mark.parametrize("name,options,privacy,reason", [
     ("fpl", {}, None, "prototype_loss"),
     ("creff", {}, None, "client_step"),
-    ("dpfedavg", {}, None, "client_step"),
+    ("dpfedavg", {}, PrivacyConfig(mechanism="dp-sgd", planned_releases=1), "client_step"),
     ("fedproto", {}, PrivacyConfig(dcr=True), "dcr"),
 ])
 def test_methods_that_cannot_be_batched_say_so_and_run_per_client(name, options, privacy, reason, caplog):

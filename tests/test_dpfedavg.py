@@ -14,8 +14,9 @@ def _config(rounds=5, planned=0):
             "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 3},
             "federation": {"rounds": rounds, "progress": False},
             "model": {"feature_dim": 16},
-            "method": {"name": "dpfedavg", "steps_per_round": 20, "batch_size": 64, "lr": 1.0, "momentum": 0.5,
-                       "epsilon": 8.0, "planned_rounds": planned}}
+            "method": {"name": "dpfedavg", "steps_per_round": 20, "batch_size": 64, "lr": 1.0, "momentum": 0.5},
+            "privacy": {"mechanism": "dp-sgd", "epsilon": 8.0, "delta": 1e-4, "accountant": "rdp",
+                        "planned_releases": planned}}
 
 
 def test_dpfedavg_spends_what_an_independent_accountant_says_and_learns():
@@ -55,15 +56,17 @@ def test_ghost_and_materialised_paths_give_the_same_noisy_model():
     from sklearn.datasets import load_digits
 
     from protofl.algorithms import ClientData, Task, get_algorithm
-    from protofl.config import ConfigError
+    from protofl.config import ConfigError, PrivacyConfig
 
     x, y = load_digits(return_X_y=True)
     data = ClientData(0, torch.tensor(x[:300] / 16, dtype=torch.float32), torch.tensor(y[:300]), torch.zeros(0, 64),
                       torch.zeros(0, dtype=torch.long))
-    options = {"steps_per_round": 3, "batch_size": 32, "lr": 0.5, "clip_norm": 0.5, "epsilon": 4.0, "planned_rounds": 2}
+    options = {"steps_per_round": 3, "batch_size": 32, "lr": 0.5}
+    privacy = PrivacyConfig(mechanism="dp-sgd", clip_norm=0.5, epsilon=4.0, delta=1e-4, accountant="rdp",
+                            planned_releases=2)
     task = Task((64,), 10)
-    ghost = get_algorithm("dpfedavg").from_options(options, task)
-    plain = get_algorithm("dpfedavg").from_options({**options, "per_example_grads": "materialised"}, task)
+    ghost = get_algorithm("dpfedavg").from_options(options, task, privacy)
+    plain = get_algorithm("dpfedavg").from_options({**options, "per_example_grads": "materialised"}, task, privacy)
     assert ghost.gradient_path == "ghost" and plain.gradient_path == "materialised"
     received = ghost.broadcast(ghost.init_server_state(0))
     _, reply_g, metrics_g = ghost.client_step({}, data, received, torch.Generator().manual_seed(3))
@@ -72,4 +75,4 @@ def test_ghost_and_materialised_paths_give_the_same_noisy_model():
         np.testing.assert_allclose(reply_g[key], reply_m[key], rtol=1e-4, atol=1e-6)
     assert 0 < metrics_g["clipped_fraction"] == metrics_m["clipped_fraction"]
     with pytest.raises(ConfigError, match="per_example_grads"):
-        get_algorithm("dpfedavg").from_options({**options, "per_example_grads": "ghost"}, Task((1, 8, 8), 10))
+        get_algorithm("dpfedavg").from_options({**options, "per_example_grads": "ghost"}, Task((1, 8, 8), 10), privacy)

@@ -96,6 +96,6 @@ def test_a_rejected_private_reply_still_counts_against_the_budget():
     spent = algo.privacy_report(sim.client_states)
     assert spent["max_releases_by_a_client"] == 2
     # client 1's replies were rejected, yet both of its releases were recorded (they went on the wire)
-    assert algo.release_mechanism.ledger(sim.client_states[1]).events == algo.release_mechanism.ledger(sim.client_states[0]).events
+    assert algo.privacy_layer.ledger(sim.client_states[1]).events == algo.privacy_layer.ledger(sim.client_states[0]).events
     initial = algo.initial_params(0)
     assert all(torch.equal(v, initial[k]) for k, v in sim.client_states[1]["params"].items())  # its update is not kept

@@ -9,15 +9,19 @@ import torch
 
 from protofl.algorithms import ClientData, Task, get_algorithm
 from protofl.algorithms.fedhypevae import decode, decoder_sizes, init_phi, modulations
+from protofl.config import PrivacyConfig
 from protofl.privacy import BudgetExceededError, SampledGaussianEvent
 
 OPTIONS = {"range_reference": "unit", "latent_dim": 4, "hidden_dim": 16, "code_dim": 3, "hyper_hidden": 8,
-           "steps_per_round": 3, "batch_size": 8, "planned_rounds": 3, "meta_rounds": 1, "meta_steps": 2,
+           "steps_per_round": 3, "batch_size": 8, "meta_rounds": 1, "meta_steps": 2,
            "synthetic_per_class": 7, "classifier_epochs": 2, "classifier_hidden": 8}
 
 
+PRIVACY = PrivacyConfig(mechanism="dp-sgd", epsilon=1.0, delta=1e-4, accountant="rdp", planned_releases=3)
+
+
 def _algo(**options):
-    return get_algorithm("fedhypevae").from_options({**OPTIONS, **options}, Task((12,), 3))
+    return get_algorithm("fedhypevae").from_options({**OPTIONS, **options}, Task((12,), 3), PRIVACY)
 
 
 def _client(k=0, n=40, seed=0):
@@ -112,7 +116,8 @@ def test_short_run_on_real_embeddings_spends_at_most_its_budget(tmp_path):
               "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 3},
               "federation": {"rounds": 3, "progress": False},
               "method": {"name": "fedhypevae", "meta_rounds": 1, "steps_per_round": 4, "batch_size": 32,
-                         "hidden_dim": 64, "synthetic_per_class": 30, "classifier_epochs": 3}}
+                         "hidden_dim": 64, "synthetic_per_class": 30, "classifier_epochs": 3},
+              "privacy": {"mechanism": "dp-sgd", "epsilon": 1.0, "delta": 1e-4, "accountant": "rdp"}}
     result = protofl.run(config, out=tmp_path / "run")
     p = result.summary["privacy"]
     assert 0.99 <= result.summary["epsilon"] <= 1.0 and p["epsilon_pld_max"] <= p["epsilon_rdp_max"]
@@ -153,8 +158,9 @@ def test_without_noise_the_generator_learns_classes_a_classifier_can_use():
     x, y = torch.tensor(x / 16, dtype=torch.float32), torch.tensor(y)
     algo = get_algorithm("fedhypevae").from_options(
         {"range_reference": "unit", "latent_dim": 8, "hidden_dim": 64, "code_dim": 8, "hyper_hidden": 32, "batch_size": 64,
-         "lr": 1e-2, "private_lr": 1e-2, "hyper_lr": 5e-4, "planned_rounds": 2, "meta_rounds": 1, "steps_per_round": 25,
-         "classifier_epochs": 20}, Task((64,), 10))
+         "lr": 1e-2, "private_lr": 1e-2, "hyper_lr": 5e-4, "meta_rounds": 1, "steps_per_round": 25,
+         "classifier_epochs": 20}, Task((64,), 10), PrivacyConfig(mechanism="dp-sgd", epsilon=1.0, delta=1e-4,
+                                                                   accountant="rdp", planned_releases=2))
     state, phi = algo._fresh_client(0, 0), algo.init_server_state(0)["phi"]
     psi, code, g = state["psi"], state["code"], torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):

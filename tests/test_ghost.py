@@ -11,20 +11,15 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from protofl.algorithms import Task, get_algorithm
-from protofl.algorithms.fedhypevae import init_encoder, init_phi
-from protofl.config import ConfigError
+from protofl.algorithms.fedhypevae import batch_noise, ghost_clipped_sum, init_encoder, init_phi
+from protofl.config import ConfigError, PrivacyConfig
 from protofl.privacy.dpsgd import (
     add_noise,
     clip_per_example,
     noisy_clipped_mean,
     per_example_gradients,
 )
-from protofl.privacy.ghost import (
-    fedhypevae_clipped_sum,
-    fedhypevae_noise,
-    linear_sq_norms,
-    module_clipped_sum,
-)
+from protofl.privacy.ghost import linear_sq_norms, module_clipped_sum
 
 
 def _formed(a, g):
@@ -128,8 +123,9 @@ def test_module_ghost_clipping_refuses_functional_use_and_shared_weights():
 
 
 OPTIONS = {"range_reference": "unit", "latent_dim": 4, "hidden_dim": 16, "code_dim": 3, "hyper_hidden": 8,
-           "steps_per_round": 2, "batch_size": 8, "planned_rounds": 3, "meta_rounds": 1, "meta_steps": 2,
+           "steps_per_round": 2, "batch_size": 8, "meta_rounds": 1, "meta_steps": 2,
            "synthetic_per_class": 7, "classifier_epochs": 2, "classifier_hidden": 8}
+PRIVACY = PrivacyConfig(mechanism="dp-sgd", epsilon=1.0, delta=1e-4, accountant="rdp", planned_releases=3)
 VARIANTS = {"full": {}, "no-mmd": {"mmd_weight": 0.0}, "no-lipschitz": {"lip_weight": 0.0},
             "dp-cvae": {"code_dim": 0, "samplers": ["neutral"]}}
 
@@ -144,7 +140,7 @@ def float64():
 
 
 def _setup(variant, n=10):
-    algo = get_algorithm("fedhypevae").from_options({**OPTIONS, **VARIANTS[variant]}, Task((12,), 3))
+    algo = get_algorithm("fedhypevae").from_options({**OPTIONS, **VARIANTS[variant]}, Task((12,), 3), PRIVACY)
     c = algo.config
     g = torch.Generator().manual_seed(1)
     phi, psi = init_phi(c, 12, 3, g), init_encoder(c, 12, 3, g)
@@ -170,12 +166,12 @@ def _example_loss(algo):
 def test_fedhypevae_ghost_norms_and_clipped_sum_equal_materialised(variant, float64):
     algo, params, x, y1h = _setup(variant)
     torch.manual_seed(0)
-    noise = fedhypevae_noise(algo.config, len(x))
+    noise = batch_noise(algo.config, len(x))
     materialised = per_example_gradients(_example_loss(algo), params, x, y1h, *noise)
     _, norms = clip_per_example(materialised, 1.0)
     clip = float(norms.median())
     clipped, _ = clip_per_example(materialised, clip)
-    summed, ghost_norms, _ = fedhypevae_clipped_sum(algo, params, x, y1h, noise, clip)
+    summed, ghost_norms, _ = ghost_clipped_sum(algo, params, x, y1h, noise, clip)
     torch.testing.assert_close(ghost_norms, norms, rtol=1e-9, atol=1e-12)
     assert bool((norms > clip).any() and (norms < clip).any())
     for k in params:
@@ -205,7 +201,7 @@ def test_fedhypevae_ghost_equals_one_example_at_a_time_with_the_losses_own_rando
     noise = tuple(torch.stack(d) for d in zip(*draws))
     norms = torch.stack([torch.cat([g.flatten() for g in gi]).norm() for gi in grads])
     clip = float(norms.median())
-    summed, ghost_norms, ghost_losses = fedhypevae_clipped_sum(algo, params, x, y1h, noise, clip)
+    summed, ghost_norms, ghost_losses = ghost_clipped_sum(algo, params, x, y1h, noise, clip)
     torch.testing.assert_close(ghost_losses, torch.stack(losses), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(ghost_norms, norms, rtol=1e-9, atol=1e-12)
     for j, k in enumerate(params):
@@ -220,7 +216,7 @@ def test_fedhypevae_trains_with_either_per_example_gradient_path_and_rejects_oth
     y = torch.arange(40) % 3
     x = (torch.rand(40, 12, generator=g) * 0.3 + 0.2 * y[:, None]).clamp(0, 1)
     for mode in ("ghost", "materialised"):
-        algo = get_algorithm("fedhypevae").from_options({**OPTIONS, "per_example_grads": mode}, Task((12,), 3))
+        algo = get_algorithm("fedhypevae").from_options({**OPTIONS, "per_example_grads": mode}, Task((12,), 3), PRIVACY)
         server = algo.init_server_state(0)
         _, payload, metrics = algo.client_step({}, ClientData(0, x, y, x[:9], y[:9]), algo.broadcast(server),
                                                torch.Generator().manual_seed(0))
@@ -228,4 +224,4 @@ def test_fedhypevae_trains_with_either_per_example_gradient_path_and_rejects_oth
         assert metrics["train_loss"] == metrics["train_loss"]
         assert not torch.equal(torch.as_tensor(payload["phi/dec0.w"]), server["phi"]["dec0.w"])
     with pytest.raises(ConfigError, match="per_example_grads"):
-        get_algorithm("fedhypevae").from_options({**OPTIONS, "per_example_grads": "hooks"}, Task((12,), 3))
+        get_algorithm("fedhypevae").from_options({**OPTIONS, "per_example_grads": "hooks"}, Task((12,), 3), PRIVACY)

@@ -15,6 +15,7 @@ from protofl.config import ConfigError, PrivacyConfig, RunConfig
 from protofl.privacy import (
     BudgetExceededError,
     DistillationClipping,
+    LEDGER_KEY,
     GaussianEvent,
     LaplaceEvent,
     PrivacyLedger,
@@ -224,10 +225,11 @@ def _decision(ledger: PrivacyLedger, events) -> bool:
 @pytest.mark.parametrize("mechanism", ["igpp", "vpp"])
 def test_planned_budget_check_decides_as_the_exact_computation_and_runs_no_accountant(accountant, mechanism):
     from protofl.privacy import accounting
-    from protofl.privacy.vpdr import LEDGER_KEY, PrototypePrivacy
+    from protofl.privacy import create_privacy_layer
 
     planned = 4
-    mech = PrototypePrivacy(PrivacyConfig(mechanism=mechanism, epsilon=2.0, accountant=accountant), planned, 3)
+    mech = create_privacy_layer(PrivacyConfig(mechanism=mechanism, epsilon=2.0, accountant=accountant,
+                                              planned_releases=planned), 3)
     events = mech.release_events()
     state: dict = {}
     for release in range(1, planned + 2):
@@ -385,7 +387,7 @@ def test_budget_stop_triggers_before_the_release_that_would_exceed_and_resume_ke
     sigma = calibrate_noise_multiplier(2.0, 1e-5, 2, "pld")
     for k in range(3):
         ledger = PrivacyLedger("pld", 1e-5, 2.0)
-        ledger.load_state_dict(state["client_states"][k]["privacy_ledger"])
+        ledger.load_state_dict(state["client_states"][k][LEDGER_KEY])
         assert ledger.events == [(GaussianEvent(sigma), 2)]
         assert 2.0 * (1 - 2e-3) <= ledger.epsilon() <= 2.0
     with pytest.raises(BudgetExceededError):  # resuming does not reset what was spent
@@ -426,7 +428,7 @@ def test_clean_prototypes_never_reach_the_payload(mechanism):
         assert row.tobytes() not in wire
         assert row[:4].tobytes() not in wire
     assert not np.allclose(reply["prototypes"], clean.numpy(), atol=1e-3)
-    assert len(state["privacy_ledger"]) == (2 if mechanism == "vpp" else 1)
+    assert len(state[LEDGER_KEY]) == (2 if mechanism == "vpp" else 1)
 
 
 @pytest.mark.parametrize("key,value", [("epsilon", 0.0), ("epsilon", -1.0), ("delta", 0.0), ("delta", 1.0),
@@ -439,8 +441,16 @@ def test_bad_privacy_values_fail_at_config_time_naming_the_key(key, value):
 def test_a_method_without_prototypes_is_refused_with_the_valid_hosts():
     from protofl.api import resolve_config
 
-    with pytest.raises(ConfigError, match="valid hosts are fedproto, fedtgp, fpl"):
+    with pytest.raises(ConfigError, match="methods that do: fedproto, fedtgp, fpl"):
         resolve_config({"privacy": {"mechanism": "igpp"}, "method": {"name": "fedavg"}})
+    with pytest.raises(ConfigError, match="methods that do: dpfedavg, fedhypevae"):
+        resolve_config({"privacy": {"mechanism": "dp-sgd"}, "method": {"name": "fedproto"}})
+    with pytest.raises(ConfigError, match="set privacy.mechanism = 'dp-sgd'"):
+        resolve_config({"method": {"name": "dpfedavg"}})
+    with pytest.raises(ConfigError, match="privacy.accountant: 'moments' is not one of pld, rdp"):
+        resolve_config({"privacy": {"mechanism": "igpp", "accountant": "moments"}, "method": {"name": "fedproto"}})
+    with pytest.raises(ConfigError, match="privacy.dcr"):
+        resolve_config({"privacy": {"dcr": True}, "method": {"name": "fedavg"}})
     with pytest.raises(ConfigError, match="model_sharing"):
         resolve_config({"privacy": {"mechanism": "igpp"}, "method": {"name": "fpl"}})
     resolve_config({"privacy": {"mechanism": "igpp"}, "method": {"name": "fpl", "model_sharing": "none"}})

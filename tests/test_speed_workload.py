@@ -1,4 +1,4 @@
-"""The ``synthetic-gaussian`` benchmark workload (issue 7's speed benchmark): what it generates, that it
+"""The ``synthetic-gaussian`` benchmark workload (the speed benchmark's): what it generates, that it
 is deterministic, that a run configuration can name it, and clear errors on bad options."""
 
 from __future__ import annotations

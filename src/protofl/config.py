@@ -215,31 +215,41 @@ class ModelConfig:
         check(self.hidden_dim >= 2, "hidden_dim", f"must be >= 2, got {self.hidden_dim}")
 
 
-PRIVACY_MECHANISMS = ("none", "igpp", "vpp")
-PRIVACY_ACCOUNTANTS = ("pld", "rdp")
+#: The mechanisms ``[privacy] mechanism`` names: prototype releases (VPDR's IGPP and VPP) and DP-SGD. The
+#: privacy layer (:mod:`protofl.privacy.layer`) holds the implementation of each; an algorithm declares
+#: which ones it hosts (``Algorithm.privacy_mechanisms``).
+PRIVACY_MECHANISMS = ("none", "igpp", "vpp", "dp-sgd")
 
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyConfig:
-    """Local DP for the prototypes a client releases (VPDR; see :mod:`protofl.privacy`). Applies to the
-    prototype hosts (``fedproto``, ``fpl``, ``fedtgp``) with ``model_sharing = "none"``."""
+    """Every privacy mechanism of a run, in one section (see :mod:`protofl.privacy` and docs/privacy.md).
 
-    #: ``none``, ``igpp`` (isotropic Gaussian) or ``vpp`` (variance-adaptive).
+    ``igpp`` and ``vpp`` protect the per-class prototypes a prototype host (``fedproto``, ``fpl``,
+    ``fedtgp``, ...) releases; ``dp-sgd`` is the local training of the DP-SGD methods (``dpfedavg``,
+    ``fedhypevae``), whose updates it protects. ``dcr`` is a training option of the prototype releases."""
+
+    #: ``none``, ``igpp`` (isotropic Gaussian), ``vpp`` (variance-adaptive) or ``dp-sgd``.
     mechanism: str = "none"
-    #: Distillation-guided clipping regularisation in local training (DCR).
+    #: Distillation-guided clipping regularisation in the local training of a prototype host (DCR; alone,
+    #: or with ``igpp`` or ``vpp``).
     dcr: bool = False
     #: Per-client budget over the whole run, at ``delta``; the noise is calibrated to spend it over
-    #: ``planned_releases`` releases (0: one per round).
+    #: ``planned_releases`` releases.
     epsilon: float = 8.0
     delta: float = 1e-5
+    #: The rounds in which a client releases (each release: one prototype upload, or one round of
+    #: DP-SGD steps); 0: one per round of the run, filled in when the configuration is resolved.
     planned_releases: int = 0
-    #: ``pld`` or ``rdp``: calibrates the noise and enforces the budget (both are reported).
+    #: The accountant that calibrates the noise and enforces the budget, by name from the registry
+    #: (:func:`protofl.privacy.create_accountant`: ``pld``, ``rdp``). For DP-SGD, ``rdp`` calibrates in
+    #: about a second per client sampling rate, ``pld`` in about ten (and gives slightly less noise).
     accountant: str = "pld"
-    #: Clipping bound R of every feature (VPDR: 5).
+    #: Prototype releases: clipping bound R of every feature (VPDR: 5).
     clip_bound: float = 5.0
-    #: ``fixed-features``: sensitivity 2R/n_c per class, the VPDR paper's analysis, which treats the feature
-    #: map as fixed; it does not cover a map trained on the same data without DP. ``trained-features``:
-    #: 2R·sqrt(C) for the whole release, valid whatever the feature map (much more noise).
+    #: Prototype releases: ``fixed-features``: sensitivity 2R/n_c per class, the VPDR paper's analysis,
+    #: which treats the feature map as fixed; it does not cover a map trained on the same data without
+    #: DP. ``trained-features``: 2R·sqrt(C) for the whole release, valid whatever the feature map.
     sensitivity: str = "fixed-features"
     #: VPP: fraction of dimensions in the discriminative group (rho), share of the budget spent on the
     #: private selection, and the cap of the ANOVA scores (s_max).
@@ -253,10 +263,12 @@ class PrivacyConfig:
     kd_temperature: float = 4.0
     ema_momentum: float = 0.999
     kd_warmup_steps: int = 5
+    #: DP-SGD: per-example clip norm C of the gradient.
+    clip_norm: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice(self.mechanism, PRIVACY_MECHANISMS, "mechanism")
-        check_choice(self.accountant, PRIVACY_ACCOUNTANTS, "accountant")
+        check(isinstance(self.accountant, str) and bool(self.accountant), "accountant", "name an accountant")
         check_choice(self.sensitivity, ("fixed-features", "trained-features"), "sensitivity")
         check(self.epsilon > 0 and self.epsilon == self.epsilon, "epsilon", f"must be > 0, got {self.epsilon}")
         check(self.mechanism == "none" or self.epsilon < float("inf"), "epsilon",
@@ -264,6 +276,7 @@ class PrivacyConfig:
         check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
         check(self.planned_releases >= 0, "planned_releases", f"must be >= 0 (0: one per round), got {self.planned_releases}")
         check(self.clip_bound > 0, "clip_bound", f"must be > 0, got {self.clip_bound}")
+        check(self.clip_norm > 0 and self.clip_norm < float("inf"), "clip_norm", f"must be finite and > 0, got {self.clip_norm}")
         check(0 < self.rho <= 1, "rho", f"must be in (0, 1], got {self.rho}")
         check(0 < self.selection_fraction < 1, "selection_fraction", f"must be in (0, 1), got {self.selection_fraction}")
         check(self.score_cap > 0, "score_cap", f"must be > 0, got {self.score_cap}")
@@ -272,11 +285,20 @@ class PrivacyConfig:
         check(self.kd_temperature > 0, "kd_temperature", f"must be > 0, got {self.kd_temperature}")
         check(0 <= self.ema_momentum < 1, "ema_momentum", f"must be in [0, 1), got {self.ema_momentum}")
         check(self.kd_warmup_steps >= 0, "kd_warmup_steps", f"must be >= 0, got {self.kd_warmup_steps}")
+        check(not self.dcr or self.mechanism != "dp-sgd", "dcr",
+              "is a training option of the prototype hosts (alone, or with igpp or vpp), not of dp-sgd")
 
     @property
     def enabled(self) -> bool:
         """Whether anything private happens (a mechanism or DCR)."""
         return self.mechanism != "none" or self.dcr
+
+    def resolved(self, rounds: int) -> PrivacyConfig:
+        """This section with ``planned_releases`` filled in (one release per round of a ``rounds``-round
+        run when left at 0). The one place where it is resolved."""
+        if self.mechanism == "none" or self.planned_releases:
+            return self
+        return dataclasses.replace(self, planned_releases=rounds)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,10 +49,10 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
     elif overrides:
         config = config.replace(*overrides)
     algorithm_cls = get_algorithm(config.method_name)
+    config = dataclasses.replace(config, privacy=config.privacy.resolved(config.federation.rounds))
     method_config = algorithm_cls.resolve_options(from_mapping(algorithm_cls.Config, config.method_options, "method."), config)
     algorithm_cls.validate_privacy(method_config, config.privacy)
-    if config.privacy.mechanism != "none" and not config.privacy.planned_releases:
-        config = config.replace(f"privacy.planned_releases={config.federation.rounds}")
+    check_accountant(config.privacy.accountant)
     check_dataset_name(config.data.dataset)
     if config.data.features != "pixels":
         from protofl.data import ENCODERS
@@ -60,6 +60,14 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
         if config.data.features not in ENCODERS:
             raise ConfigError(f"data.features: {config.data.features!r} is not one of pixels, {', '.join(sorted(ENCODERS))}")
     return dataclasses.replace(config, method={"name": config.method_name, **to_mapping(method_config)})
+
+
+def check_accountant(name: str) -> None:
+    """``privacy.accountant`` names a registered accountant (:func:`protofl.privacy.register_accountant`)."""
+    from protofl.privacy import ACCOUNTANTS
+
+    if name not in ACCOUNTANTS:
+        raise ConfigError(f"privacy.accountant: {name!r} is not one of {', '.join(sorted(ACCOUNTANTS))}")
 
 
 def check_dataset_name(name: str) -> None:

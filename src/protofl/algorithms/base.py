@@ -35,6 +35,7 @@ from protofl.config import (
 )
 from protofl.models import FeatureNet, build_model
 from protofl.payload import ArraySpec, Payload, PayloadSpec
+from protofl.privacy.layer import create_privacy_layer
 
 Params = dict[str, torch.Tensor]
 State = dict[str, Any]
@@ -101,14 +102,20 @@ class Algorithm:
     #: Whether clients and server exchange payloads at all (``local`` does not).
     communicates: ClassVar[bool] = True
 
-    #: Whether clients release per-class prototypes that a privacy mechanism (``[privacy]``) can protect.
-    releases_prototypes: ClassVar[bool] = False
+    #: The ``[privacy]`` mechanisms this method hosts (``igpp``/``vpp`` protect released prototypes,
+    #: ``dp-sgd`` the local training); the privacy layer of the run is built from the section.
+    privacy_mechanisms: ClassVar[tuple[str, ...]] = ()
+    #: Whether the method is private by construction (DP-SGD methods): ``[privacy]`` must name a mechanism.
+    requires_privacy: ClassVar[bool] = False
 
     def __init__(self, config: Any, task: Task, privacy: PrivacyConfig | None = None):
         self.config = config
         self.task = task
         self.privacy = privacy or PrivacyConfig()
         self.validate_privacy(config, self.privacy)
+        #: The client-side privacy layer of this run (``None`` without a mechanism): it calibrates, spends
+        #: from each client's ledger, releases and reports (:mod:`protofl.privacy.layer`).
+        self.privacy_layer = create_privacy_layer(self.privacy, task.num_classes)
         self.model = task.build_model()
         self.model.requires_grad_(False)
         self._initial_params: dict[int, Params] = {}
@@ -123,11 +130,20 @@ class Algorithm:
     @classmethod
     def validate_privacy(cls, config: Any, privacy: PrivacyConfig) -> None:
         """Refuse a ``[privacy]`` section this method cannot honour (:class:`ConfigError`)."""
-        if privacy.enabled and not cls.releases_prototypes:
+        if privacy.mechanism != "none" and privacy.mechanism not in cls.privacy_mechanisms:
+            hosts = privacy_hosts(privacy.mechanism)
             raise ConfigError(
-                f"privacy.mechanism: method {cls.name!r} releases no prototypes to protect; "
-                f"valid hosts are {', '.join(prototype_hosts())}"
+                f"privacy.mechanism: method {cls.name!r} does not host {privacy.mechanism!r}"
+                + (f" (it hosts {', '.join(cls.privacy_mechanisms)})" if cls.privacy_mechanisms else "")
+                + f"; methods that do: {', '.join(hosts) or 'none'}"
             )
+        if privacy.dcr and "igpp" not in cls.privacy_mechanisms:
+            raise ConfigError(f"privacy.dcr: method {cls.name!r} releases no prototypes; DCR trains prototype hosts "
+                              f"({', '.join(privacy_hosts('igpp'))})")
+        if cls.requires_privacy and privacy.mechanism == "none":
+            raise ConfigError(f"privacy.mechanism: method {cls.name!r} trains with "
+                              f"{' or '.join(cls.privacy_mechanisms)}; set privacy.mechanism = "
+                              f"{cls.privacy_mechanisms[0]!r} (and privacy.epsilon, privacy.delta)")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], task: Task, privacy: PrivacyConfig | None = None) -> Algorithm:
@@ -176,11 +192,15 @@ class Algorithm:
     def check_release(self, client_state: State, client_id: int) -> None:
         """Raise :class:`~protofl.privacy.BudgetExceededError` if the client's next reply would exceed
         its privacy budget; the engine asks before every round, so a run stops before that release."""
+        if self.privacy_layer is not None:
+            self.privacy_layer.check_next(client_state, f"client {client_id}")
 
     def privacy_report(self, client_states: Mapping[int, State], all_accountants: bool = True) -> dict[str, Any] | None:
         """Spent privacy per client (``None`` where nothing is protected); with ``all_accountants=False``
         only under the run's own accountant (the per-round metrics)."""
-        return None
+        if self.privacy_layer is None:
+            return None
+        return self.privacy_layer.report(client_states.values(), all_accountants)
 
     def evaluate_client(
         self, client_state: State, received: Payload, data: ClientData
@@ -351,9 +371,14 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
+def privacy_hosts(mechanism: str) -> list[str]:
+    """Names of the registered methods that host the ``[privacy]`` mechanism ``mechanism``."""
+    return sorted(name for name, cls in ALGORITHMS.items() if mechanism in cls.privacy_mechanisms)
+
+
 def prototype_hosts() -> list[str]:
     """Names of the registered methods whose prototype releases ``[privacy]`` can protect."""
-    return sorted(name for name, cls in ALGORITHMS.items() if cls.releases_prototypes)
+    return privacy_hosts("igpp")
 
 
 def get_algorithm(name: str) -> type[Algorithm]:

@@ -1,7 +1,8 @@
 """DP-FedAvg with record-level DP per client: FedAvg whose local training is DP-SGD.
 
-Each client runs ``steps_per_round`` DP-SGD steps on the broadcast model (Poisson sampling at
-q = batch_size / n_k, each example's gradient clipped to C (by ghost clipping where every trainable layer is an
+Each client runs ``steps_per_round`` DP-SGD steps on the broadcast model (``[privacy] mechanism =
+"dp-sgd"``; Poisson sampling at q = batch_size / n_k, each example's gradient clipped to
+C = ``privacy.clip_norm`` (by ghost clipping where every trainable layer is an
 ``nn.Linear``, as on embeddings: :mod:`protofl.privacy.ghost`; otherwise materialised with ``torch.func``), noise N(0, σ²C²), SGD with
 momentum on the noisy gradient) and returns the model; the server averages the models uniformly (n_k is
 not released). σ is calibrated per client, before its first step, for all its planned steps at the
@@ -12,8 +13,7 @@ The baseline FedHypeVAE is measured against on real embeddings, at the same budg
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,24 +28,20 @@ from protofl.algorithms.base import (
 from protofl.algorithms.fedavg import FedAvg, FedAvgConfig
 from protofl.config import ConfigError, check, check_choice
 from protofl.payload import Payload, PayloadSpec
-from protofl.privacy.accounting import (
-    PrivacyLedger,
-    calibrate_noise_multiplier,
-    spend_report,
-)
+from protofl.privacy.accounting import LEDGER_KEY
 from protofl.privacy.dpsgd import (
-    DPSGDConfig,
     add_noise,
     noisy_clipped_mean,
     per_example_gradients,
     poisson_sample,
-    step_event,
 )
+from protofl.privacy.layer import DPSGDLayer
 from protofl.privacy.ghost import module_clipped_sum
 
 
 @dataclasses.dataclass(frozen=True)
-class DPFedAvgConfig(FedAvgConfig, DPSGDConfig):
+class DPFedAvgConfig(FedAvgConfig):
+    #: DP-SGD steps per round (the privacy settings, clip norm included, are the ``[privacy]`` section's).
     steps_per_round: int = 20
     #: How each example's clipped gradient is computed: ``auto`` (ghost clipping when every trainable layer
     #: is an ``nn.Linear``, else materialised), ``ghost`` (an error if the model has other layers) or
@@ -54,7 +50,6 @@ class DPFedAvgConfig(FedAvgConfig, DPSGDConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check_dp()
         check(self.steps_per_round >= 1, "steps_per_round", f"must be >= 1, got {self.steps_per_round}")
         check_choice(self.per_example_grads, ("auto", "ghost", "materialised"), "per_example_grads")
 
@@ -64,10 +59,12 @@ class DPFedAvg(FedAvg):
     name = "dpfedavg"
     summary = "DP-FedAvg: FedAvg with DP-SGD local training, per-client (epsilon, delta) accounting"
     Config = DPFedAvgConfig
+    privacy_mechanisms = ("dp-sgd",)
+    requires_privacy = True
 
     def __init__(self, config, task, privacy=None):
         super().__init__(config, task, privacy)
-        self._sigma: dict[float, float] = {}
+        self.dp = cast(DPSGDLayer, self.privacy_layer)  # validate_privacy made it dp-sgd
         linear_only = all(isinstance(m, torch.nn.Linear) for m in self.model.modules() if any(True for _ in m.parameters(recurse=False)))
         if config.per_example_grads == "ghost" and not linear_only:
             raise ConfigError("method.per_example_grads: ghost clipping needs a model whose trainable layers are all "
@@ -76,22 +73,12 @@ class DPFedAvg(FedAvg):
         self.gradient_path = "ghost" if config.per_example_grads != "materialised" and linear_only else "materialised"
         self._live = None
 
-    @classmethod
-    def resolve_options(cls, config, run_config):
-        return config.resolved(run_config)
-
     def reply_spec(self) -> PayloadSpec:
         return PayloadSpec(self.name, self._param_specs())
 
     def sigma(self, rate: float) -> float:
-        if rate not in self._sigma:
-            c = self.config
-            self._sigma[rate] = calibrate_noise_multiplier(
-                c.epsilon, c.delta, c.planned_rounds * c.steps_per_round, c.accountant, sampling_rate=rate)
-        return self._sigma[rate]
-
-    def ledger(self, state: State) -> PrivacyLedger:
-        return self.config.ledger(state)
+        """σ of a client sampled at ``rate``, for every step it takes over the planned releases."""
+        return self.dp.noise_multiplier(rate, self.privacy.planned_releases * self.config.steps_per_round)
 
     def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
         c = self.config
@@ -102,8 +89,9 @@ class DPFedAvg(FedAvg):
                              f"{c.batch_size}; nothing was released")
         rate = c.batch_size / data.num_train
         sigma = self.sigma(rate)
-        ledger = self.ledger(client_state)
-        ledger.spend([(step_event(rate, sigma), c.steps_per_round)], f"client {data.client_id}")
+        clip = self.dp.clip_norm
+        ledger = self.dp.spend(client_state, [(self.dp.step_event(rate, sigma), c.steps_per_round)],
+                               f"client {data.client_id}")
         params = {k: v.clone() for k, v in arrays_to_params(received).items()}
         optimizer = torch.optim.SGD(list(params.values()), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
@@ -124,14 +112,15 @@ class DPFedAvg(FedAvg):
                         losses.append(float(F.cross_entropy(self.forward(params, data.x_train[index])[1], data.y_train[index])))
                 else:
                     grads = {k: torch.zeros(0, *v.shape) for k, v in params.items()}
-                noisy, n = noisy_clipped_mean(grads, c.clip_norm, sigma, rate * data.num_train, generator)
+                noisy, n = noisy_clipped_mean(grads, clip, sigma, rate * data.num_train, generator)
             norms.append(n)
             for k, v in params.items():
                 v.grad = noisy[k]
             optimizer.step()
         all_norms = torch.cat(norms)
-        metrics: dict[str, Any] = {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "clipped_fraction": float((all_norms > c.clip_norm).float().mean()) if len(all_norms) else 0.0}
-        return {"privacy_ledger": ledger.state_dict()}, Payload(params_to_arrays(params), {"method": self.name}), metrics
+        metrics: dict[str, Any] = {"train_loss": sum(losses) / len(losses) if losses else float("nan"),
+                                   "clipped_fraction": float((all_norms > clip).float().mean()) if len(all_norms) else 0.0}
+        return {LEDGER_KEY: ledger}, Payload(params_to_arrays(params), {"method": self.name}), metrics
 
     def _ghost_step(self, params, x, y, sigma, expected_batch, generator):
         """The noisy clipped mean gradient by ghost clipping on a live copy of the template model (the
@@ -146,20 +135,14 @@ class DPFedAvg(FedAvg):
             for name, p in model.named_parameters():
                 p.copy_(params[name])
         summed, norms, example_losses = module_clipped_sum(
-            model, lambda: F.cross_entropy(model(x)[1], y, reduction="none"), self.config.clip_norm)
+            model, lambda: F.cross_entropy(model(x)[1], y, reduction="none"), self.dp.clip_norm)
         summed = {k: summed[k] for k in params}
-        return (add_noise(summed, self.config.clip_norm, sigma, expected_batch, generator), norms,
+        return (add_noise(summed, self.dp.clip_norm, sigma, expected_batch, generator), norms,
                 float(example_losses.mean()))
 
     def server_step(self, server_state: State, replies: list[Payload]):
         models = [arrays_to_params(r) for r in replies]
         return {"params": {k: torch.stack([m[k] for m in models]).mean(0) for k in models[0]}}, {}
-
-    def privacy_report(self, client_states, all_accountants: bool = True) -> dict[str, Any] | None:
-        c = self.config
-        return spend_report([self.ledger(s) for s in client_states.values()], accountant=c.accountant, delta=c.delta,
-                            budget=c.epsilon, mechanism="dp-sgd", noise_multiplier=min(self._sigma.values(), default=math.nan),
-                            planned_releases=c.planned_rounds * c.steps_per_round, all_accountants=all_accountants)
 
 
 __all__ = ["DPFedAvg", "DPFedAvgConfig"]

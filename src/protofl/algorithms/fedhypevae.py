@@ -20,9 +20,9 @@ Spec: ../shared/specs/fedhypevae.md. What the paper leaves open is marked *infer
   of the class-conditional MMD² up to that constant, and each term depends on one example only, so
   per-example clipping bounds every example's influence. R_Lip = ‖h(c + ξ) − h(c)‖² / ‖ξ‖²,
   ξ ~ N(0, r² I) (inferred form), included in every example's loss (it depends on c, so it is clipped too).
-- **DP-SGD**: per-example clipping by ghost clipping (:mod:`protofl.privacy.ghost`: norms from the
-  layers' inputs and output gradients, then one re-weighted backward pass; exact, no per-example
-  gradient tensors) or, with ``per_example_grads = "materialised"``, per-example gradients with
+- **DP-SGD** (``[privacy] mechanism = "dp-sgd"``): per-example clipping by ghost clipping
+  (:func:`ghost_clipped_sum`, from :mod:`protofl.privacy.ghost`'s pieces: norms from the layers' inputs
+  and output gradients, then one re-weighted backward pass; exact, no per-example gradient tensors) or, with ``per_example_grads = "materialised"``, per-example gradients with
   ``torch.func`` (``vmap(grad)``: the decoder weights are generated, hooks would not see them), Poisson sampling at rate q = batch_size / n_k, clipping to C,
   noise N(0, σ²C²), Adam on the noisy gradient. *Where we differ*: the spec updates ψ and c with
   ordinary gradients; but they shape every later gradient of φ, so one example would then influence
@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -65,28 +65,18 @@ from torch.func import vmap
 from protofl.algorithms.base import Algorithm, ClientData, State, register
 from protofl.config import ConfigError, check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
-from protofl.privacy.accounting import (
-    GaussianEvent,
-    PrivacyLedger,
-    calibrate_noise_multiplier,
-    spend_report,
-)
-from protofl.privacy.dpsgd import (
-    DPSGDConfig,
-    add_noise,
-    noisy_clipped_mean,
-    per_example_gradients,
-    poisson_sample,
-    step_event,
-)
-from protofl.privacy.ghost import fedhypevae_clipped_sum, fedhypevae_noise
+from protofl.privacy.accounting import LEDGER_KEY, GaussianEvent, PrivacyLedger
+from protofl.privacy.dpsgd import add_noise, noisy_clipped_mean, per_example_gradients, poisson_sample
+from protofl.privacy.layer import DPSGDLayer
+from protofl.privacy.ghost import clip_factors, linear_sq_norms, reweighted_sum
 
 SAMPLERS = ("neutral", "mixture", "clients")
+Params = dict[str, torch.Tensor]
 PHI_PREFIX = "phi/"
 
 
 @dataclasses.dataclass(frozen=True)
-class FedHypeVAEConfig(DPSGDConfig):
+class FedHypeVAEConfig:
     #: Sizes: latent z, hidden width of encoder/decoder, client code (0: the DP-CVAE baseline), hypernetwork.
     latent_dim: int = 32
     hidden_dim: int = 256
@@ -99,8 +89,9 @@ class FedHypeVAEConfig(DPSGDConfig):
     lip_radius: float = 0.01
     #: RBF kernel bandwidth as a multiple of sqrt(D) (inputs in [0, 1]^D).
     mmd_bandwidth: float = 0.05
-    #: Local DP-SGD: steps per round, expected (Poisson) batch size, learning rates (Adam) of phi and of
-    #: the private encoder and code, clip norm C.
+    #: Local DP-SGD (``[privacy] mechanism = "dp-sgd"``, whose section holds ε, δ, the accountant and the
+    #: clip norm C): steps per round, expected (Poisson) batch size, learning rates (Adam) of phi and of
+    #: the private encoder and code.
     steps_per_round: int = 20
     batch_size: int = 64
     lr: float = 1e-3
@@ -138,7 +129,6 @@ class FedHypeVAEConfig(DPSGDConfig):
         check(self.code_dim >= 0, "code_dim", f"must be >= 0 (0: DP-CVAE baseline), got {self.code_dim}")
         for key in ("beta_kl", "mmd_weight", "lip_weight"):
             check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
-        self.check_dp()
         check(self.hyper_lr is None or self.hyper_lr > 0, "hyper_lr", f"must be > 0, got {self.hyper_lr}")
         for key in ("lip_radius", "mmd_bandwidth", "lr", "private_lr", "meta_lr", "code_clip"):
             check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
@@ -153,8 +143,6 @@ class FedHypeVAEConfig(DPSGDConfig):
               "code_dim = 0 (DP-CVAE) has no codes: use samplers = ['neutral']")
         check_choice(self.range_reference, ("photos", "unit"), "range_reference")
         check_choice(self.per_example_grads, ("ghost", "materialised"), "per_example_grads")
-        check(self.planned_rounds == 0 or self.planned_rounds > self.meta_rounds, "meta_rounds",
-              f"must be < planned_rounds ({self.planned_rounds}), got {self.meta_rounds}")
 
     @property
     def releases_codes(self) -> bool:
@@ -269,6 +257,163 @@ def mmd_squared(a: torch.Tensor, b: torch.Tensor, bandwidth: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+# The objective over a batch, and DP-SGD's clipped gradient sum by ghost clipping
+
+
+def batch_noise(config: FedHypeVAEConfig, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random numbers of a batch's per-example losses, from the global generator: the encoder's
+    reparameterisation ε_z (B, L), the two generated samples' ε (B, 2, L), the Lipschitz probe ξ
+    (B, d_c) (radius r applied here)."""
+    return (torch.randn(batch_size, config.latent_dim), torch.randn(batch_size, 2, config.latent_dim),
+            torch.randn(batch_size, config.code_dim) * config.lip_radius)
+
+
+def ghost_clipped_sum(algo: FedHypeVAE, params: Params, x: torch.Tensor, y1h: torch.Tensor,
+                           noise: tuple[torch.Tensor, torch.Tensor, torch.Tensor], clip_norm: float
+                           ) -> tuple[Params, torch.Tensor, torch.Tensor]:
+    """Σ_i clip_C(∇L_i) over FedHypeVAE's DP-SGD parameters (``phi/…``, ``psi/…``, ``code``) with
+    ghost norms (:mod:`protofl.privacy.ghost`); L_i is :func:`batch_losses`' loss of example i with the
+    random numbers ``noise[·][i]``.
+    Returns ``(summed clipped gradients, per-example norms, per-example losses)``.
+
+    The batch runs in one pass: the encoder on (B, ·); the decoder on (B, T, ·) with T = 3 uses per
+    example (the reconstruction and the two MMD samples; T = 1 without MMD). Per parameter group:
+
+    - ψ (encoder), prior network: per-example linear layers, T = 1: ‖g‖²(‖a‖² + 1).
+    - decoder base W_l, b_l: the modulated layer is u = (1 + s) ⊙ (W a) + b + β, so with g = ∂L_i/∂u,
+      ∂L_i/∂W = Σ_t ((1 + s) ⊙ g_t) a_tᵀ (still rank one per use) and ∂L_i/∂b = Σ_t g_t: the T-use
+      Gram formula with the output gradients scaled by 1 + s.
+    - hypernetwork: its output m = h(c) (all s_l, β_l) is shared by the batch. It is replicated per
+      example, so the first backward pass gives v_i = ∂L_i/∂m. The per-example gradient of a parameter θ
+      behind m is Jᵀv_i, of squared norm v_iᵀ(J Jᵀ)v_i; for the two-layer hypernetwork m = W₁ tanh(W₀c +
+      b₀) + b₁ that Gram form factorises layer by layer: W₁'s rows see the shared input tanh(·) (rank
+      one), and W₀'s output gradient is p_i = (1 − tanh²) ⊙ W₁ᵀv_i, a (B, hyper_hidden) product, so
+      no (B, |θ|) tensor and no |m| x |m| Gram matrix is formed.
+    - The Lipschitz term runs the hypernetwork again on c + ξ_i, a per-example input: W₀, b₀, W₁, b₁ are
+      then used twice per example (shared use and probe), handled by the T = 2 Gram formula, which keeps
+      the cross terms (the norm of a sum is not the sum of norms).
+    - the code c (d_c numbers) enters the hypernetwork twice and the prior's input; its per-example
+      gradient W₀ᵀp_i + W₀ᵀp'_i + (prior₀ input gradient)[:d_c] is formed: (B, d_c) is small.
+
+    The MMD term is already a per-example sum (each example's two generated samples are its own), so it
+    is just two more decoder uses of that example; nothing couples examples."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    rec: dict[str, Any] = {}
+    loss = batch_losses(algo, leaves, x, y1h, noise, rec)
+    taps = rec["taps"]
+    grads = dict(zip(taps, torch.autograd.grad(loss.sum(), list(taps.values()), retain_graph=True)))
+    with torch.no_grad():
+        phi = {k[4:]: v.detach() for k, v in leaves.items() if k.startswith("phi/")}
+        sq = _ghost_sq_norms(algo, phi, leaves["code"].detach(), rec["acts"], grads, rec["scales"], rec["hid"],
+                                  rec["lip"])
+    weights, norms = clip_factors(sq, clip_norm)
+    return reweighted_sum(loss, weights, leaves), norms, loss.detach()
+
+
+def batch_losses(algo: FedHypeVAE, params: Params, x: torch.Tensor, y1h: torch.Tensor,
+                 noise: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+                 record: dict[str, Any] | None = None) -> torch.Tensor:
+    """The local objective: the per-example losses (B,) of a batch (see the module docstring), with the
+    random numbers ``noise`` (:func:`batch_noise`; the MMD and Lipschitz draws may be ``None`` when those
+    terms are off). The one definition of the loss: :meth:`FedHypeVAE.example_loss` is it on a batch of
+    one, and ghost clipping reads the linear layers' inputs and outputs it leaves in ``record`` (``taps``,
+    ``acts``, ``scales``, ``hid``, ``lip``). Without clipping, ``losses.sum()`` is the plain step's
+    objective."""
+    c = algo.config
+    lat = c.latent_dim
+    phi = {k[4:]: v for k, v in params.items() if k.startswith("phi/")}
+    psi = {k[4:]: v for k, v in params.items() if k.startswith("psi/")}
+    code = params["code"]
+    eps_z, eps_gen, xi = noise
+    b = x.shape[0]
+    taps: dict[str, torch.Tensor] = {}   # tensors whose per-example gradients the first pass computes
+    acts: dict[str, torch.Tensor] = {}   # the inputs of the linear layers at those taps
+
+    h = torch.cat([x, y1h], -1)
+    for l in range(3):
+        acts[f"psi/enc{l}"] = h
+        h = taps[f"psi/enc{l}"] = F.linear(h, psi[f"enc{l}.w"], psi[f"enc{l}.b"])
+        if l < 2:
+            h = F.relu(h)
+    mu_q, logvar_q = h[:, :lat], h[:, lat:].clamp(-8, 8)
+    z = mu_q + eps_z * (0.5 * logvar_q).exp()
+
+    hyper = "hyper0.w" in phi
+    if hyper:
+        hid = torch.tanh(F.linear(code, phi["hyper0.w"], phi["hyper0.b"]))
+        m = taps["m"] = F.linear(hid, phi["hyper1.w"], phi["hyper1.b"]).expand(b, -1)
+        pin = acts["phi/prior0"] = torch.cat([code.expand(b, -1), y1h], -1)
+        u = taps["phi/prior0"] = F.linear(pin, phi["prior0.w"], phi["prior0.b"])
+        acts["phi/prior1"] = ph = torch.tanh(u)
+        out = taps["phi/prior1"] = F.linear(ph, phi["prior1.w"], phi["prior1.b"])
+        mu_p, logvar_p = out[:, :lat], out[:, lat:].clamp(-8, 8)
+    else:
+        mu_p = logvar_p = torch.zeros(b, lat)
+    kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)
+
+    zs = z[:, None]
+    if c.mmd_weight:
+        zs = torch.cat([zs, mu_p[:, None] + eps_gen * (0.5 * logvar_p).exp()[:, None]], 1)
+    h = torch.cat([zs, y1h[:, None].expand(-1, zs.shape[1], -1)], -1)
+    scales: dict[str, torch.Tensor] = {}
+    start, last = 0, len(algo.sizes) - 1
+    for l, (o, _) in enumerate(algo.sizes):
+        w, bias = phi[f"dec{l}.w"], phi[f"dec{l}.b"]
+        acts[f"phi/dec{l}"] = h
+        if hyper:
+            s, beta = m[:, start:start + o], m[:, start + o:start + 2 * o]
+            start += 2 * o
+            scales[f"phi/dec{l}"] = (1 + s)[:, None].detach()
+            h = taps[f"phi/dec{l}"] = F.linear(h, w) * (1 + s)[:, None] + (bias + beta)[:, None]
+        else:
+            h = taps[f"phi/dec{l}"] = F.linear(h, w, bias)
+        h = torch.sigmoid(h) if l == last else F.relu(h)
+    loss = ((x - h[:, 0]) ** 2).sum(-1) + c.beta_kl * kl
+    if c.mmd_weight:
+        loss = loss + c.mmd_weight * (rbf(h[:, 1], h[:, 2], algo.bandwidth) - 2 * rbf(x, h[:, 1], algo.bandwidth))
+    lip = bool(c.lip_weight and c.code_dim)
+    if lip:
+        shifted = acts["probe0"] = code + xi
+        u = taps["probe0"] = F.linear(shifted, phi["hyper0.w"], phi["hyper0.b"])
+        acts["probe1"] = hs = torch.tanh(u)
+        m2 = taps["probe1"] = F.linear(hs, phi["hyper1.w"], phi["hyper1.b"])
+        loss = loss + c.lip_weight * ((m2 - m) ** 2).sum(-1) / (xi**2).sum(-1)
+    if record is not None:
+        record.update(taps=taps, acts=acts, scales=scales, hid=hid.detach() if hyper else None, lip=lip)
+    return loss
+
+
+def _ghost_sq_norms(algo, phi, code, acts, grads, scales, hid, lip):
+    """Σ over FedHypeVAE's parameters of the per-example squared gradient norms (see
+    :func:`ghost_clipped_sum`)."""
+    c = algo.config
+    b = grads["psi/enc0"].shape[0]
+    hyper = hid is not None
+    sq = torch.zeros(b, dtype=grads["psi/enc0"].dtype)
+    for name in ("psi/enc0", "psi/enc1", "psi/enc2", "phi/prior0", "phi/prior1"):
+        if name in grads:
+            sq = sq + sum(linear_sq_norms(acts[name], grads[name]))
+    for l in range(len(algo.sizes)):
+        name = f"phi/dec{l}"
+        g = grads[name]
+        w_sq, _ = linear_sq_norms(acts[name], g * scales[name] if hyper else g)
+        sq = sq + w_sq + g.sum(1).square().sum(-1)
+    if hyper:
+        v = grads["m"]
+        p = v @ phi["hyper1.w"] * (1 - hid**2)  # ∂L_i/∂(W₀c + b₀) through the shared use
+        a1, g1, a0, g0 = hid[None, None], v[:, None], code[None, None], p[:, None]
+        code_grad = p @ phi["hyper0.w"] + (grads["phi/prior0"] @ phi["prior0.w"])[:, :c.code_dim]
+        if lip:
+            a1 = torch.cat([a1.expand(b, 1, -1), acts["probe1"][:, None]], 1)
+            g1 = torch.cat([g1, grads["probe1"][:, None]], 1)
+            a0 = torch.cat([a0.expand(b, 1, -1), acts["probe0"][:, None]], 1)
+            g0 = torch.cat([g0, grads["probe0"][:, None]], 1)
+            code_grad = code_grad + grads["probe0"] @ phi["hyper0.w"]
+        sq = sq + sum(linear_sq_norms(a1, g1)) + sum(linear_sq_norms(a0, g0)) + code_grad.square().sum(-1)
+    return sq
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 @register
@@ -277,25 +422,30 @@ class FedHypeVAE(Algorithm):
     summary = "FedHypeVAE (2026): hypernetwork-generated CVAE decoders/priors from private codes, DP-SGD, synthetic embeddings"
     Config = FedHypeVAEConfig
     has_global_model = True
+    privacy_mechanisms = ("dp-sgd",)
+    requires_privacy = True
 
     def __init__(self, config: FedHypeVAEConfig, task, privacy=None):
         super().__init__(config, task, privacy)
         if len(task.input_shape) != 1:
             raise ConfigError(f"method.name: fedhypevae works on embeddings (D,), got inputs of shape {task.input_shape}; "
                               "set data.features = 'efficientnet-lite0'")
-        if config.planned_rounds < 1:
-            raise ConfigError("method.planned_rounds: must be resolved to >= 1 (protofl.run sets it to the rounds)")
+        self.dp = cast(DPSGDLayer, self.privacy_layer)
+        #: The rounds the run plans (the schedule: the last ``meta_rounds`` of them learn the meta-code).
+        self.planned_rounds = self.privacy.planned_releases
         self.input_dim = task.input_shape[0]
         self.num_classes = task.num_classes
         self.sizes = decoder_sizes(config, self.input_dim, self.num_classes)
         self.bandwidth = config.mmd_bandwidth * math.sqrt(self.input_dim)
         self._range: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._sigma: dict[float, tuple[float, float | None]] = {}
         self._metric_samples: dict[Any, Any] = {}
 
     @classmethod
-    def resolve_options(cls, config: FedHypeVAEConfig, run_config) -> FedHypeVAEConfig:
-        return config.resolved(run_config)
+    def validate_privacy(cls, config: FedHypeVAEConfig, privacy) -> None:
+        super().validate_privacy(config, privacy)
+        planned = privacy.planned_releases
+        if config.code_dim and planned and planned <= config.meta_rounds:
+            raise ConfigError(f"method.meta_rounds: must be < privacy.planned_releases ({planned}), got {config.meta_rounds}")
 
     # -- normalisation ---------------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -320,23 +470,19 @@ class FedHypeVAE(Algorithm):
 
     @property
     def phi_rounds(self) -> int:
-        return self.config.planned_rounds - self.meta_rounds
+        return self.planned_rounds - self.meta_rounds
 
     def planned_steps(self) -> int:
         return self.phi_rounds * self.config.steps_per_round + self.meta_rounds * self.config.meta_steps
 
     def noise(self, rate: float) -> tuple[float, float | None]:
         """``(σ of DP-SGD, σ of the code release or None)`` for a client sampled at ``rate``."""
-        if rate not in self._sigma:
-            c = self.config
-            extra, code_sigma = [], None
-            if c.releases_codes:
-                code_sigma = calibrate_noise_multiplier(c.code_release_fraction * c.epsilon, c.delta, 1, c.accountant)
-                extra = [(GaussianEvent(code_sigma), 1)]
-            sigma = calibrate_noise_multiplier(c.epsilon, c.delta, self.planned_steps(), c.accountant, extra,
-                                               sampling_rate=rate)
-            self._sigma[rate] = (sigma, code_sigma)
-        return self._sigma[rate]
+        c = self.config
+        extra, code_sigma = [], None
+        if c.releases_codes:
+            code_sigma = self.dp.gaussian_multiplier(c.code_release_fraction * self.privacy.epsilon)
+            extra = [(GaussianEvent(code_sigma), 1)]
+        return self.dp.noise_multiplier(rate, self.planned_steps(), extra), code_sigma
 
     def rate(self, n: int) -> float:
         return self.config.batch_size / n
@@ -346,13 +492,13 @@ class FedHypeVAE(Algorithm):
         c = self.config
         sigma, code_sigma = self.noise(self.rate(n))
         steps = c.steps_per_round if round_index <= self.phi_rounds else c.meta_steps
-        events = [(step_event(self.rate(n), sigma), steps)]
-        if round_index == c.planned_rounds and c.releases_codes:
+        events = [(self.dp.step_event(self.rate(n), sigma), steps)]
+        if round_index == self.planned_rounds and c.releases_codes:
             events.append((GaussianEvent(code_sigma), 1))
         return events
 
     def ledger(self, state: State) -> PrivacyLedger:
-        return self.config.ledger(state)
+        return self.dp.ledger(state)
 
     # -- state and payloads ----------------------------------------------------------------------------
     def init_server_state(self, seed: int) -> State:
@@ -367,7 +513,7 @@ class FedHypeVAE(Algorithm):
     def _fresh_client(self, seed: int, client_id: int) -> State:
         g = torch.Generator().manual_seed(seed * 100_003 + client_id + 1)
         return {"psi": init_encoder(self.config, self.input_dim, self.num_classes, g),
-                "code": 0.1 * torch.randn(self.config.code_dim, generator=g), "privacy_ledger": []}
+                "code": 0.1 * torch.randn(self.config.code_dim, generator=g), LEDGER_KEY: []}
 
     def _phi_specs(self) -> dict[str, ArraySpec]:
         g = torch.Generator().manual_seed(0)
@@ -397,28 +543,17 @@ class FedHypeVAE(Algorithm):
         return PayloadSpec(self.name, specs, optional=("noisy_code",))
 
     # -- client ----------------------------------------------------------------------------------------
-    def example_loss(self, phi, psi, code, x, y1h, parts: bool = False, noise=None):
-        """The local objective of one example (x, y) (shapes (D,), (C,)). ``noise``: its random numbers
-        (ε_z (L,), ε_gen (2, L), ξ (d_c,) with radius applied) instead of drawing them."""
+    def example_loss(self, phi, psi, code, x, y1h, noise=None):
+        """The local objective of one example (x, y) (shapes (D,), (C,)): :func:`batch_losses` on a batch of
+        one. ``noise``: its random numbers (ε_z (L,), ε_gen (2, L), ξ (d_c,) with radius applied) instead of
+        drawing them (in that order, each only where its term is on)."""
         c = self.config
-        eps_z, eps_gen, xi = (None, None, None) if noise is None else noise
-        mods = modulations(phi, code, self.sizes)
-        mu_q, logvar_q = encode(psi, x, y1h, c.latent_dim)
-        z = mu_q + (torch.randn_like(mu_q) if eps_z is None else eps_z) * (0.5 * logvar_q).exp()
-        recon = ((x - decode(phi, z, y1h, mods)) ** 2).sum()
-        mu_p, logvar_p = prior(phi, code, y1h, c.latent_dim)
-        kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)
-        loss = recon + c.beta_kl * kl
-        if c.mmd_weight:
-            eps_gen = torch.randn(2, c.latent_dim) if eps_gen is None else eps_gen
-            gen = decode(phi, mu_p + eps_gen * (0.5 * logvar_p).exp(), y1h.expand(2, -1), mods)
-            loss = loss + c.mmd_weight * (rbf(gen[0], gen[1], self.bandwidth) - 2 * rbf(x, gen[0], self.bandwidth))
-        if c.lip_weight and c.code_dim:
-            xi = torch.randn_like(code) * c.lip_radius if xi is None else xi
-            shifted = modulations(phi, code + xi, self.sizes)
-            diff = sum(((s2 - s1) ** 2).sum() + ((b2 - b1) ** 2).sum() for (s1, b1), (s2, b2) in zip(mods, shifted))
-            loss = loss + c.lip_weight * diff / (xi**2).sum()
-        return loss
+        if noise is None:
+            noise = (torch.randn(c.latent_dim), torch.randn(2, c.latent_dim) if c.mmd_weight else None,
+                     torch.randn(c.code_dim) * c.lip_radius if c.lip_weight and c.code_dim else None)
+        params = {**{"phi/" + k: v for k, v in phi.items()}, **{"psi/" + k: v for k, v in psi.items()}, "code": code}
+        batch = tuple(None if n is None else n[None] for n in noise)
+        return batch_losses(self, params, x[None], y1h[None], batch)[0]
 
     def meta_example_loss(self, meta_code, phi, x, y1h):
         """Per-example MMD of the generator at the meta-code against one real example."""
@@ -440,9 +575,8 @@ class FedHypeVAE(Algorithm):
         c = self.config
         round_index = int(received["round"])
         state = client_state if "psi" in client_state else self._fresh_client(int(generator.initial_seed()) % 2**31, data.client_id)
-        ledger = self.ledger(state)
         events = self.round_events(state, data.num_train, round_index)
-        ledger.spend(events, f"client {data.client_id}")  # raises before any training or release
+        ledger = self.dp.spend(state, events, f"client {data.client_id}")  # raises before any training or release
         rate = self.rate(data.num_train)
         sigma, code_sigma = self.noise(rate)
         x = self.normalise(data.x_train)
@@ -461,10 +595,10 @@ class FedHypeVAE(Algorithm):
         metrics["train_loss"] = loss
         arrays: dict[str, Any] = {PHI_PREFIX + k: v.numpy() for k, v in phi.items()}
         arrays["meta_code"] = meta_code.numpy()
-        if round_index == c.planned_rounds and c.releases_codes:
+        if round_index == self.planned_rounds and c.releases_codes:
             clipped = state["code"] * min(1.0, c.code_clip / max(float(state["code"].norm()), 1e-12))
             arrays["noisy_code"] = (clipped + torch.randn(c.code_dim, generator=generator) * code_sigma * 2 * c.code_clip).numpy()
-        state = {**state, "privacy_ledger": ledger.state_dict()}
+        state = {**state, LEDGER_KEY: ledger}
         return state, Payload(arrays, {"method": self.name}), metrics
 
     def _train_phi(self, phi, psi, code, x, y1h, rate, sigma, generator):
@@ -490,13 +624,13 @@ class FedHypeVAE(Algorithm):
             index = poisson_sample(len(x), rate, generator)
             ghost = len(index) and c.per_example_grads == "ghost"
             if ghost:  # the same clipped sum and noise, without per-example gradient tensors
-                summed, _, example_losses = fedhypevae_clipped_sum(
-                    self, params, x[index], y1h[index], fedhypevae_noise(c, len(index)), c.clip_norm)
-                noisy = add_noise(summed, c.clip_norm, sigma, rate * len(x), generator)
+                summed, _, example_losses = ghost_clipped_sum(
+                    self, params, x[index], y1h[index], batch_noise(c, len(index)), self.dp.clip_norm)
+                noisy = add_noise(summed, self.dp.clip_norm, sigma, rate * len(x), generator)
             else:
                 grads = (per_example_gradients(loss, params, x[index], y1h[index]) if len(index)
                          else {k: torch.zeros(0, *v.shape) for k, v in params.items()})
-                noisy, _ = noisy_clipped_mean(grads, c.clip_norm, sigma, rate * len(x), generator)
+                noisy, _ = noisy_clipped_mean(grads, self.dp.clip_norm, sigma, rate * len(x), generator)
             for k, v in params.items():
                 v.grad = noisy[k]
             opt_phi.step()
@@ -529,7 +663,7 @@ class FedHypeVAE(Algorithm):
                                              randomness="different")(x[index], y1h[index]).mean()))
             else:
                 grads = {"code": torch.zeros(0, c.code_dim)}
-            noisy, _ = noisy_clipped_mean(grads, c.clip_norm, sigma, rate * len(x), generator)
+            noisy, _ = noisy_clipped_mean(grads, self.dp.clip_norm, sigma, rate * len(x), generator)
             meta.grad = noisy["code"]
             optimizer.step()
         return meta.detach(), float(np.mean(losses)) if losses else float("nan")
@@ -543,7 +677,7 @@ class FedHypeVAE(Algorithm):
         state: State = {"round": r, "phi": phi_new if r <= self.phi_rounds else server_state["phi"],
                         "meta_code": meta if r > self.phi_rounds else server_state["meta_code"]}
         metrics: dict[str, float] = {}
-        if r == self.config.planned_rounds:
+        if r == self.planned_rounds:
             codes = [torch.from_numpy(np.array(rep["noisy_code"])) for rep in replies if "noisy_code" in rep.arrays]
             state["released_codes"] = torch.stack(codes) if codes else torch.zeros(0, self.config.code_dim)
             state["classifiers"] = {name: self.train_classifier(*self.synthesise(state, name, r))
@@ -640,14 +774,6 @@ class FedHypeVAE(Algorithm):
         if out:
             out["personal_acc"] = out[f"personal_acc_{self.config.samplers[0]}"]
         return out
-
-    def privacy_report(self, client_states, all_accountants: bool = True) -> dict[str, Any] | None:
-        c = self.config
-        sigmas = sorted(s for s, _ in self._sigma.values())
-        return spend_report([self.ledger(s) for s in client_states.values()], accountant=c.accountant, delta=c.delta,
-                            budget=c.epsilon, mechanism="dp-sgd", noise_multiplier=sigmas[0] if sigmas else math.nan,
-                            planned_releases=self.planned_steps(), counted=("sampled-gaussian",),
-                            all_accountants=all_accountants, noise_multipliers=sigmas)
 
 
 def classify(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,8 @@ from protofl.algorithms.base import (
 from protofl.algorithms.fedavg import weighted_average
 from protofl.config import ConfigError, check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
-from protofl.privacy.vpdr import LEDGER_KEY, DistillationClipping, PrototypePrivacy
+from protofl.privacy.accounting import LEDGER_KEY
+from protofl.privacy.vpdr import DistillationClipping
 from protofl.prototypes import PrototypeAccumulator
 
 MODEL_SHARING = ("none", "fedavg")
@@ -98,17 +99,9 @@ class FedProto(Algorithm):
     name = "fedproto"
     summary = "FedProto (Tan et al., 2022): per-class prototypes, no weight sharing (model_sharing='fedavg': global variant)"
     Config = FedProtoConfig
-    releases_prototypes = True
-
-    def __init__(self, config, task, privacy=None):
-        super().__init__(config, task, privacy)
-        #: The VPDR release mechanism (``None`` without ``[privacy] mechanism``): the prototypes in a
-        #: reply are then its noisy ones, and the clean ones never leave :meth:`client_step`.
-        self.release_mechanism: PrototypePrivacy | None = None
-        if self.privacy.mechanism != "none":
-            if self.privacy.planned_releases < 1:
-                raise ConfigError("privacy.planned_releases: must be resolved to >= 1 (protofl.run sets it to the rounds)")
-            self.release_mechanism = PrototypePrivacy(self.privacy, self.privacy.planned_releases, self.task.num_classes)
+    #: With ``[privacy] mechanism = "igpp"`` or ``"vpp"`` the prototypes in a reply are the privacy layer's
+    #: noisy ones, and the clean ones never leave the client step.
+    privacy_mechanisms = ("igpp", "vpp")
 
     @classmethod
     def validate_privacy(cls, config, privacy) -> None:
@@ -224,8 +217,8 @@ class FedProto(Algorithm):
         new_state: State = {} if self.shares_model else {"params": params}
         if self.privacy.dcr:
             new_state.update(dcr.state())
-        if self.release_mechanism is not None:
-            release, new_state[LEDGER_KEY] = self.release_mechanism.release(
+        if self.privacy_layer is not None:
+            release, new_state[LEDGER_KEY] = self.privacy_layer.release(
                 compute_features(self, params, data.x_train), data.y_train, generator, client_state,
                 who=f"client {data.client_id}")
             classes, protos, counts = release.classes, release.prototypes, release.counts
@@ -277,12 +270,12 @@ class FedProto(Algorithm):
         params, metrics, batch = self.train_local_batched(start, datas, self.batched_local_loss, generators, (context,))
         z, weight, index = batched_features(self.forward, params, batch)
         own = [{}] * len(datas) if self.shares_model else [{"params": p} for p in unstack_params(params)]
-        clean = None if self.release_mechanism else batched_prototypes(z, weight, batch.y[index], self.task.num_classes)
+        clean = None if self.privacy_layer else batched_prototypes(z, weight, batch.y[index], self.task.num_classes)
         out = []
         for c, (state, data) in enumerate(zip(client_states, datas)):
             new_state: State = dict(own[c])
-            if self.release_mechanism is not None:
-                release, new_state[LEDGER_KEY] = self.release_mechanism.release(
+            if self.privacy_layer is not None:
+                release, new_state[LEDGER_KEY] = self.privacy_layer.release(
                     z[c, : data.num_train], data.y_train, generators[c], state, who=f"client {data.client_id}")
                 classes, protos, counts = release.classes, release.prototypes, release.counts
                 metrics[c]["privacy_noise_std"] = float(release.noise_std.mean())
@@ -294,15 +287,6 @@ class FedProto(Algorithm):
                 arrays["num_samples"] = np.int64(data.num_train)
             out.append((new_state, Payload(arrays, {"method": self.name}), metrics[c]))
         return out
-
-    def check_release(self, client_state: State, client_id: int) -> None:
-        if self.release_mechanism is not None:
-            self.release_mechanism.check(client_state, f"client {client_id}")
-
-    def privacy_report(self, client_states, all_accountants: bool = True):
-        if self.release_mechanism is None:
-            return None
-        return self.release_mechanism.report(client_states.values(), all_accountants)
 
     # -- server ------------------------------------------------------------------------------------
     def server_prototypes(self, server_state: State, replies: list[Payload]) -> tuple[State, dict[str, float]]:

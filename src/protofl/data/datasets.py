@@ -162,7 +162,7 @@ def _load_cifar_path(
 
 
 SYNTHETIC_GAUSSIAN = "synthetic-gaussian"
-#: Options of ``synthetic-gaussian`` and their defaults (the speed benchmark's workload, issue 7).
+#: Options of ``synthetic-gaussian`` and their defaults (the speed benchmark's workload).
 SYNTHETIC_GAUSSIAN_OPTIONS: dict[str, int] = {"train": 2000, "test": 200, "dim": 32, "classes": 10, "seed": 0}
 
 

@@ -23,7 +23,7 @@ from protofl.engine.client import (
 )
 from protofl.engine.rounds import ClientEvaluation, Exchange, merge_privacy_reports
 from protofl.payload import Payload, PayloadError, PayloadSpec, validate
-from protofl.privacy.vpdr import LEDGER_KEY
+from protofl.privacy.accounting import LEDGER_KEY
 
 log = logging.getLogger("protofl.engine")
 

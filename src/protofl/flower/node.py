@@ -15,7 +15,6 @@ ever made, a dropped pending round's included) and every round starts with it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import io
@@ -30,7 +29,7 @@ from protofl.algorithms.base import Algorithm, ClientData
 from protofl.config import ConfigError, RunConfig
 from protofl.engine.client import client_evaluation, client_round
 from protofl.payload import Payload, validate
-from protofl.privacy.vpdr import LEDGER_KEY
+from protofl.privacy.accounting import LEDGER_KEY, remember_calibrations
 
 log = logging.getLogger("protofl.flower")
 
@@ -92,48 +91,12 @@ def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: 
 
             atomic_write(cache, lambda fh: torch.save(saved, fh))
     task = Task(tuple(saved["input_shape"]), int(saved["num_classes"]), config.model)
-    with _remembered_calibration(Path(cache_dir) / "calibration.json" if cache_dir else None):
-        algorithm = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
+    if cache_dir:
+        # Flower may start a fresh process for every message: calibrate each noise level once per run.
+        remember_calibrations(Path(cache_dir) / "calibration.json")
+    algorithm = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
     client = ClientData(partition, saved["x_train"], saved["y_train"], saved["x_test"], saved["y_test"])
     return NodeTask(algorithm, client, partition, config.seed)
-
-
-@contextlib.contextmanager
-def _remembered_calibration(path: Path | None):
-    """Calibrating the noise to a budget takes seconds (a root search over PLD accountants) and Flower runs
-    every message in a fresh process: remember each calibration's result on the node's disk, keyed by its
-    arguments, while the algorithm is built. Where no module uses the calibration, nothing changes."""
-    import sys
-
-    from protofl.privacy import accounting
-
-    original = getattr(accounting, "calibrate_noise_multiplier", None)
-    if path is None or original is None:
-        yield
-        return
-    import json
-
-    known = json.loads(path.read_text()) if path.exists() else {}
-
-    def remembered(*args, **kwargs):
-        key = repr((args, sorted(kwargs.items())))
-        if key not in known:
-            known[key] = original(*args, **kwargs)
-            from protofl._io import atomic_write
-
-            text = json.dumps(known).encode()
-            atomic_write(path, lambda fh: fh.write(text))
-        return known[key]
-
-    users = [m for m in list(sys.modules.values())
-             if getattr(m, "__name__", "").startswith("protofl.") and getattr(m, "calibrate_noise_multiplier", None) is original]
-    for module in users:
-        module.calibrate_noise_multiplier = remembered
-    try:
-        yield
-    finally:
-        for module in users:
-            module.calibrate_noise_multiplier = original
 
 
 @dataclasses.dataclass

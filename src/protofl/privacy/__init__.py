@@ -5,6 +5,7 @@ per-client ledgers and budget stops, and attacks that measure what a release lea
 
 from protofl.privacy.accounting import (
     ACCOUNTANTS,
+    LEDGER_KEY,
     Accountant,
     BudgetExceededError,
     Event,
@@ -17,7 +18,10 @@ from protofl.privacy.accounting import (
     SampledGaussianEvent,
     calibrate_noise_multiplier,
     compute_epsilon,
+    create_accountant,
     make_accountant,
+    register_accountant,
+    remember_calibrations,
 )
 from protofl.privacy.attacks import (
     MembershipResult,
@@ -40,10 +44,32 @@ from protofl.privacy.mechanisms import (
     vpp_group_noise,
     vpp_release,
 )
-from protofl.privacy.vpdr import DistillationClipping, PrototypePrivacy
+from protofl.privacy.layer import (
+    PRIVACY_LAYERS,
+    DPSGDLayer,
+    IGPPLayer,
+    PrivacyLayer,
+    PrototypeReleaseLayer,
+    VPPLayer,
+    create_privacy_layer,
+    register_privacy_layer,
+)
+from protofl.privacy.vpdr import DistillationClipping
 
 __all__ = [
     "ACCOUNTANTS",
+    "DPSGDLayer",
+    "IGPPLayer",
+    "LEDGER_KEY",
+    "PRIVACY_LAYERS",
+    "PrivacyLayer",
+    "PrototypeReleaseLayer",
+    "VPPLayer",
+    "create_accountant",
+    "create_privacy_layer",
+    "register_accountant",
+    "register_privacy_layer",
+    "remember_calibrations",
     "Accountant",
     "BudgetExceededError",
     "DistillationClipping",
@@ -53,7 +79,6 @@ __all__ = [
     "MembershipResult",
     "PldAccountant",
     "PrivacyLedger",
-    "PrototypePrivacy",
     "PrototypeRelease",
     "PureDpEvent",
     "RdpAccountant",

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "BudgetExceededError",
     "Event",
     "GaussianEvent",
+    "LEDGER_KEY",
     "LaplaceEvent",
     "PldAccountant",
     "PrivacyLedger",
@@ -42,7 +44,10 @@ __all__ = [
     "SampledGaussianEvent",
     "calibrate_noise_multiplier",
     "compute_epsilon",
+    "create_accountant",
     "make_accountant",
+    "register_accountant",
+    "remember_calibrations",
     "spend_report",
 ]
 
@@ -221,19 +226,39 @@ def _pld_of(event: Event, interval: float):
                                        value_discretization_interval=interval)
 
 
-ACCOUNTANTS: dict[str, type[Accountant]] = {cls.name: cls for cls in (RdpAccountant, PldAccountant)}
+#: The accountants by name (``privacy.accountant``); add one with :func:`register_accountant`.
+ACCOUNTANTS: dict[str, type[Accountant]] = {}
 
 
-def make_accountant(name: str) -> Accountant:
+def register_accountant(cls: type[Accountant]) -> type[Accountant]:
+    """Class decorator: make an :class:`Accountant` subclass available by its ``name``."""
+    if not getattr(cls, "name", ""):
+        raise ValueError(f"{cls.__name__} has no name")
+    if ACCOUNTANTS.get(cls.name, cls) is not cls:
+        raise ValueError(f"accountant {cls.name!r} is registered twice")
+    ACCOUNTANTS[cls.name] = cls
+    return cls
+
+
+def create_accountant(name: str) -> Accountant:
+    """A fresh accountant of the registered kind ``name`` (ValueError naming the valid ones otherwise)."""
     try:
         return ACCOUNTANTS[name]()
     except KeyError:
         raise ValueError(f"unknown accountant {name!r}; valid: {', '.join(sorted(ACCOUNTANTS))}") from None
 
 
+#: The name the rest of the code used before the registry (kept for callers outside protofl).
+make_accountant = create_accountant
+
+
+register_accountant(RdpAccountant)
+register_accountant(PldAccountant)
+
+
 @functools.lru_cache(maxsize=4096)
 def _cached_epsilon(accountant: str, events: tuple[tuple[Event, int], ...], delta: float) -> float:
-    return make_accountant(accountant).compose(events).epsilon(delta)
+    return create_accountant(accountant).compose(events).epsilon(delta)
 
 
 def compute_epsilon(accountant: str, events: Sequence[tuple[Event, int]], delta: float) -> float:
@@ -242,7 +267,71 @@ def compute_epsilon(accountant: str, events: Sequence[tuple[Event, int]], delta:
     return _cached_epsilon(accountant, tuple(events), delta)
 
 
+#: Calibrations made in this process, by their arguments (every client of a run asks for the same few).
+_CALIBRATIONS: dict[str, float] = {}
+#: Where calibrations are also remembered across processes (see :func:`remember_calibrations`).
+_CALIBRATION_FILE: list[Path] = []
+
+
+def remember_calibrations(path: str | Path | None) -> None:
+    """Also keep calibration results in the JSON file ``path`` (``None``: stop). A process that starts
+    afresh for every message, as a Flower ClientApp does, then calibrates once per run instead of once per
+    message. The file holds only noise multipliers keyed by the public arguments that determine them."""
+    _CALIBRATION_FILE.clear()
+    if path is not None:
+        _CALIBRATION_FILE.append(Path(path))
+
+
 def calibrate_noise_multiplier(
+    epsilon: float,
+    delta: float,
+    releases: int,
+    accountant: str = "pld",
+    extra_events: Sequence[tuple[Event, int]] = (),
+    sampling_rate: float | None = None,
+) -> float:
+    """The smallest Gaussian noise multiplier σ such that ``releases`` Gaussian releases at σ (Poisson
+    subsampled at ``sampling_rate`` when given: DP-SGD steps), composed with ``extra_events``, are
+    (``epsilon``, ``delta``)-DP under ``accountant`` (the composed ε is at most ``epsilon``: calibration
+    hits the target from below). Memoised: a calibration is a root search (up to seconds), made once
+    per process for the same arguments (and once per run with :func:`remember_calibrations`)."""
+    key = repr((float(epsilon), float(delta), int(releases), accountant,
+                tuple((e.to_dict(), int(c)) for e, c in extra_events), sampling_rate))
+    if key in _CALIBRATIONS:
+        return _CALIBRATIONS[key]
+    stored = _read_calibrations()
+    if key not in stored:
+        stored[key] = _calibrate(epsilon, delta, releases, accountant, extra_events, sampling_rate)
+        _write_calibrations(key, stored[key])
+    _CALIBRATIONS[key] = stored[key]
+    return stored[key]
+
+
+def _read_calibrations() -> dict[str, float]:
+    if not _CALIBRATION_FILE:
+        return {}
+    import json
+
+    path = _CALIBRATION_FILE[0]
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or torn by a concurrent writer: calibrate again
+        return {}
+    return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _write_calibrations(key: str, sigma: float) -> None:
+    if not _CALIBRATION_FILE:
+        return
+    import json
+
+    from protofl._io import atomic_write
+
+    known = {**_read_calibrations(), key: sigma}
+    atomic_write(_CALIBRATION_FILE[0], lambda fh: fh.write(json.dumps(known).encode()))
+
+
+def _calibrate(
     epsilon: float,
     delta: float,
     releases: int,
@@ -260,7 +349,7 @@ def calibrate_noise_multiplier(
         raise ValueError(f"epsilon must be finite and > 0, got {epsilon}")
     if releases < 1:
         raise ValueError(f"releases must be >= 1, got {releases}")
-    floor = make_accountant(accountant).compose(list(extra_events)).epsilon(delta)
+    floor = create_accountant(accountant).compose(list(extra_events)).epsilon(delta)
     if floor >= epsilon:
         raise ValueError(f"the other releases alone already spend epsilon {floor:.4g} >= {epsilon}")
     extra = list(extra_events)
@@ -275,7 +364,7 @@ def calibrate_noise_multiplier(
 
         logging.getLogger("absl").setLevel(logging.ERROR)
         return float(dp_accounting.calibrate_dp_mechanism(
-            lambda: make_accountant(name), lambda sigma: [(make_event(sigma), releases), *extra],
+            lambda: create_accountant(name), lambda sigma: [(make_event(sigma), releases), *extra],
             epsilon, delta, bracket_interval=bracket, tol=1e-4,
         ))
 
@@ -292,6 +381,11 @@ def calibrate_noise_multiplier(
 
 # --------------------------------------------------------------------------------------------------
 # A party's record
+
+
+#: Where a client's ledger lives in its state (a list of ``(event dict, count)`` pairs): the one key every
+#: engine and mechanism uses.
+LEDGER_KEY = "privacy_ledger"
 
 
 @dataclasses.dataclass

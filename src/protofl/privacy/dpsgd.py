@@ -12,51 +12,16 @@ number, so the division costs no privacy.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch.func import grad, vmap
 
-from protofl.config import check, check_choice
-from protofl.privacy.accounting import PrivacyLedger, SampledGaussianEvent
+from protofl.privacy.accounting import SampledGaussianEvent
 
-__all__ = ["DPSGDConfig", "add_noise", "clip_per_example", "noisy_clipped_mean", "per_example_gradients",
+__all__ = ["add_noise", "clip_per_example", "noisy_clipped_mean", "per_example_gradients",
            "poisson_sample", "step_event"]
 
-
-@dataclasses.dataclass(frozen=True)
-class DPSGDConfig:
-    """The DP-SGD settings a method's config shares (mix it into the method's ``Config``)."""
-
-    #: Per-example clip norm C.
-    clip_norm: float = 1.0
-    #: Per-client budget over the whole run, and the accountant that calibrates and enforces it.
-    epsilon: float = 1.0
-    delta: float = 1e-4
-    accountant: str = "rdp"
-    #: Rounds the noise is calibrated for (0: federation.rounds, filled in by :meth:`resolved`).
-    planned_rounds: int = 0
-
-    def check_dp(self) -> None:
-        """Validate the DP fields (call from the method config's ``__post_init__``)."""
-        check(self.clip_norm > 0, "clip_norm", f"must be > 0, got {self.clip_norm}")
-        check(0 < self.epsilon < math.inf, "epsilon", f"must be finite and > 0, got {self.epsilon}")
-        check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
-        check_choice(self.accountant, ("rdp", "pld"), "accountant")
-        check(self.planned_rounds >= 0, "planned_rounds", f"must be >= 0, got {self.planned_rounds}")
-
-    def resolved(self, run_config: Any):
-        """This config with ``planned_rounds`` taken from the run when left at 0."""
-        return self if self.planned_rounds else dataclasses.replace(self, planned_rounds=run_config.federation.rounds)
-
-    def ledger(self, state: dict[str, Any]) -> PrivacyLedger:
-        """The client's ledger from its state (empty for a client that has not released yet)."""
-        ledger = PrivacyLedger(self.accountant, self.delta, self.epsilon)
-        ledger.load_state_dict(state.get("privacy_ledger", ()))
-        return ledger
 
 Params = dict[str, torch.Tensor]
 

@@ -1,113 +1,24 @@
-"""VPDR's client side as a plug-in for a prototype host: calibrated release, per-client ledger, DCR.
+"""DCR, VPDR's training-side part: soft clipping of the features fed to the head and to the host loss, an
+EMA teacher head on the unclipped features, and a KD term after warm-up.
 
-:class:`PrototypePrivacy` is built once per run from a :class:`~protofl.config.PrivacyConfig`:
-
-- it calibrates the Gaussian noise multiplier σ so that ``planned_releases`` releases (with VPP, each
-  also one private selection at ``selection_fraction · ε / planned_releases``, pure DP) compose to at
-  most (ε, δ) under the configured accountant. The VPDR reference instead gives 0.9 ε to the Gaussian
-  part by the classic RDP conversion; composing both parts with the accountant is tighter, so σ comes
-  out lower at the same ε;
-- ``release`` turns a client's features into the prototypes it may publish (IGPP or VPP), after the
-  ledger kept in the client's state confirms the release fits the budget; nothing is recorded or
-  released when it does not (:class:`~protofl.privacy.accounting.BudgetExceededError`);
-- ``report`` gives the spent ε at δ per client under both accountants.
-
-:class:`DistillationClipping` is DCR's local-training part: soft clipping of the features fed to the
-head and to the host loss, an EMA teacher head on the unclipped features, and a KD term after warm-up.
+VPDR's releases (IGPP, VPP) are :class:`~protofl.privacy.layer.IGPPLayer` and
+:class:`~protofl.privacy.layer.VPPLayer` of the privacy layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from protofl.config import PrivacyConfig
-from protofl.privacy.accounting import (
-    Event,
-    GaussianEvent,
-    PrivacyLedger,
-    PureDpEvent,
-    calibrate_noise_multiplier,
-    spend_report,
-)
-from protofl.privacy.mechanisms import (
-    PrototypeRelease,
-    igpp_release,
-    soft_clip,
-    vpp_release,
-)
+from protofl.privacy.accounting import LEDGER_KEY
+from protofl.privacy.mechanisms import soft_clip
 
-__all__ = ["LEDGER_KEY", "DistillationClipping", "PrototypePrivacy"]
-
-#: Where a client's ledger lives in its state (a list of ``(event dict, count)`` pairs).
-LEDGER_KEY = "privacy_ledger"
-
-
-class PrototypePrivacy:
-    """The release mechanism of one run (see the module docstring)."""
-
-    def __init__(self, config: PrivacyConfig, planned_releases: int, num_classes: int):
-        if config.mechanism == "none":
-            raise ValueError("PrototypePrivacy needs a mechanism (igpp or vpp)")
-        if planned_releases < 1:
-            raise ValueError(f"planned_releases must be >= 1, got {planned_releases}")
-        self.config = config
-        self.planned_releases = planned_releases
-        self.num_classes = num_classes
-        self.selection_epsilon = (
-            config.selection_fraction * config.epsilon / planned_releases if config.mechanism == "vpp" else None
-        )
-        selection = [(PureDpEvent(self.selection_epsilon), planned_releases)] if self.selection_epsilon else []
-        self.noise_multiplier = calibrate_noise_multiplier(
-            config.epsilon, config.delta, planned_releases, config.accountant, selection
-        )
-        self._plan = self.plan()
-
-    def release_events(self) -> tuple[tuple[Event, int], ...]:
-        """What one release costs."""
-        gaussian = (GaussianEvent(self.noise_multiplier), 1)
-        return ((PureDpEvent(self.selection_epsilon), 1), gaussian) if self.selection_epsilon else (gaussian,)
-
-    def plan(self) -> tuple[tuple[Event, int], ...]:
-        """The releases σ was calibrated for: ``planned_releases`` times :meth:`release_events`."""
-        return tuple((event, count * self.planned_releases) for event, count in self.release_events())
-
-    def ledger(self, client_state: dict[str, Any]) -> PrivacyLedger:
-        """The client's ledger, with the calibrated plan (its budget check needs no accountant run while
-        the client's releases stay within the plan; see :class:`PrivacyLedger`)."""
-        ledger = PrivacyLedger(self.config.accountant, self.config.delta, self.config.epsilon, plan=self._plan)
-        ledger.load_state_dict(client_state.get(LEDGER_KEY, ()))
-        return ledger
-
-    def check(self, client_state: dict[str, Any], who: str) -> None:
-        """Raise :class:`BudgetExceededError` if this client's next release would exceed its budget."""
-        self.ledger(client_state).check(self.release_events(), who)
-
-    def release(self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, client_state: dict[str, Any],
-                who: str = "client") -> tuple[PrototypeRelease, list]:
-        """The noisy prototypes of features ``z`` (labels ``y``) and the client's updated ledger state."""
-        ledger = self.ledger(client_state)
-        ledger.spend(self.release_events(), who)
-        c = self.config
-        if c.mechanism == "igpp":
-            out = igpp_release(z, y, self.num_classes, c.clip_bound, self.noise_multiplier, generator, c.sensitivity)
-        else:
-            out = vpp_release(z, y, self.num_classes, c.clip_bound, self.noise_multiplier, c.rho, c.score_cap,
-                              self.selection_epsilon, generator, c.sensitivity)
-        return out, ledger.state_dict()
-
-    def report(self, client_states: Iterable[dict[str, Any]], all_accountants: bool = True) -> dict[str, Any]:
-        """Spent ε at δ per client under each accountant (max and mean over clients) and the calibration."""
-        c = self.config
-        return spend_report([self.ledger(state) for state in client_states], accountant=c.accountant, delta=c.delta,
-                            budget=c.epsilon, mechanism=c.mechanism, noise_multiplier=self.noise_multiplier,
-                            planned_releases=self.planned_releases, counted=("gaussian",),
-                            all_accountants=all_accountants, selection_epsilon_per_release=self.selection_epsilon,
-                            sensitivity=c.sensitivity)
+__all__ = ["LEDGER_KEY", "DistillationClipping"]
 
 
 @dataclasses.dataclass
