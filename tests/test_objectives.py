@@ -69,9 +69,9 @@ def test_both_paths_release_prototypes_through_release_prototypes_only(privacy, 
     calls = []
     original = algo.release_prototypes
 
-    def counted(z, y, generator, client_state, client_id):
+    def counted(z, y, clean, generator, client_state, client_id):
         calls.append(client_id)
-        return original(z, y, generator, client_state, client_id)
+        return original(z, y, clean, generator, client_state, client_id)
 
     monkeypatch.setattr(algo, "release_prototypes", counted)
     if algo.release_mechanism is not None:

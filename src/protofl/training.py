@@ -225,12 +225,22 @@ def batch_schedule(
     for c, (n, spe, g) in enumerate(zip(sizes, per_epoch, generators)):
         offset = int(batch.offsets[c])
         for e in range(epochs):
-            for i, rows in enumerate(minibatches(n, batch_size, g)):
-                s = e * spe + i
-                index[s, c, : len(rows)] = rows + offset
-                index[s, c, len(rows):] = offset
-                weight[s, c, : len(rows)] = 1.0
-                active[s, c] = True
+            batches = minibatches(n, batch_size, g)
+            if not batches:
+                continue
+            order = torch.cat(batches) + offset  # the epoch's rows in the order of its minibatches
+            steps = slice(e * spe, (e + 1) * spe)
+            if n % batch_size == 0 and width == batch_size:
+                index[steps, c] = order.view(spe, width)
+                weight[steps, c] = 1.0
+            else:
+                padded = torch.full((spe * batch_size,), offset, dtype=torch.int64)
+                padded[:n] = order
+                mask = torch.zeros(spe * batch_size)
+                mask[:n] = 1.0
+                index[steps, c] = padded.view(spe, batch_size)[:, :width]
+                weight[steps, c] = mask.view(spe, batch_size)[:, :width]
+            active[steps, c] = True
     return Schedule(index, weight, active, torch.tensor(per_epoch, dtype=torch.int64) * epochs)
 
 
@@ -284,12 +294,13 @@ def train_batched(
 
 @torch.no_grad()
 def batched_features(forward: Callable[[Params, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                     params: Params, batch: ClientBatch) -> list[torch.Tensor]:
+                     params: Params, batch: ClientBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features of every client's train split under its own stacked parameters (one ``vmap`` call):
-    client ``k``'s ``(n_k, d)`` features, in order."""
-    index, _ = batch.padded_index()
+    ``(K, n_max, d)``, the ``(K, n_max)`` weight of the real rows and their ``(K, n_max)`` row index into
+    the batch."""
+    index, weight = batch.padded_index()
     z = vmap(lambda p, x: forward(p, x)[0])(params, batch.x[index])
-    return [z[c, : int(n)] for c, n in enumerate(batch.sizes)]
+    return z, weight, index
 
 
 def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:

@@ -38,9 +38,11 @@ from protofl.config import (
 )
 from protofl.models import FeatureNet, build_model
 from protofl.payload import ArraySpec, Payload, PayloadSpec
+from protofl.prototypes import PrototypeAccumulator
 from protofl.training import (
     ClientBatch,
     batched_features,
+    broadcast_params,
     masked_cross_entropy,
     stack_params,
     train_batched,
@@ -236,6 +238,8 @@ class LocalOutcome:
     #: The train split's features under ``params`` where the method asks for them
     #: (:attr:`ModelAlgorithm.reply_uses_features`), else ``None``.
     features: torch.Tensor | None
+    #: Their per-class sums and counts (with the train labels), where ``features`` are given.
+    feature_stats: PrototypeAccumulator | None
     #: The client's generator, as training left it (e.g. for a privacy mechanism's noise).
     generator: torch.Generator
     #: ``{"train_loss", ...}``; the reply may add its own.
@@ -271,6 +275,14 @@ class ModelAlgorithm(Algorithm):
     def start_params(self, client_state: State, received: Payload) -> Params:
         raise NotImplementedError
 
+    def received_params(self, received: Payload) -> Params:
+        """The model parameters in ``received``, parsed once per payload: the clients of a round start
+        from the same tensors (nothing trains them in place), and the batched step stacks them once."""
+        memo = getattr(self, "_received_memo", None)
+        if memo is None or memo[0] is not received:
+            memo = self._received_memo = (received, arrays_to_params(received))
+        return memo[1]
+
     def context(self, received: Payload) -> Any:
         return None
 
@@ -298,9 +310,13 @@ class ModelAlgorithm(Algorithm):
         context = self.context(received)
         start = self.start_params(client_state, received)
         params, metrics, trainer_state = self.train_client(client_state, data, start, context, generator)
-        features = compute_features(self, params, data.x_train) if self.reply_uses_features else None
-        return self.reply(LocalOutcome(client_state, data, received, params, features, generator, metrics, before,
-                                       trainer_state))
+        features = stats = None
+        if self.reply_uses_features:
+            features = compute_features(self, params, data.x_train)
+            stats = PrototypeAccumulator(self.task.num_classes, self.model.feature_dim)
+            stats.update(features, data.y_train)
+        return self.reply(LocalOutcome(client_state, data, received, params, features, stats, generator, metrics,
+                                       before, trainer_state))
 
     def batched_unsupported(self) -> str | None:
         if type(self).client_step is not ModelAlgorithm.client_step:
@@ -311,15 +327,21 @@ class ModelAlgorithm(Algorithm):
     def client_step_batched(self, client_states, datas, received, generators):
         befores = [self.before_training(s, d, received, g) for s, d, g in zip(client_states, datas, generators)]
         context = self.context(received)
-        start = stack_params([self.start_params(s, received) for s in client_states])
+        starts = [self.start_params(s, received) for s in client_states]
+        shared = all(p is starts[0] for p in starts)
+        start = broadcast_params(starts[0], len(starts)) if shared else stack_params(starts)
         batch = ClientBatch.of([d.x_train for d in datas], [d.y_train for d in datas])
         trained, metrics = train_batched(start, batch, self.loss, self.config, generators, (context,))
-        features = (batched_features(self.forward, trained, batch) if self.reply_uses_features
-                    else [None] * len(datas))
+        features: list[torch.Tensor | None] = [None] * len(datas)
+        stats: list[PrototypeAccumulator | None] = [None] * len(datas)
+        if self.reply_uses_features:
+            z, weight, index = batched_features(self.forward, trained, batch)
+            features = [z[c, : d.num_train] for c, d in enumerate(datas)]
+            stats = list(PrototypeAccumulator.per_client(z, batch.y[index], weight, self.task.num_classes))
         return [
-            self.reply(LocalOutcome(s, d, received, p, z, g, m, b, {}))
-            for s, d, p, z, g, m, b in zip(client_states, datas, unstack_params(trained), features, generators,
-                                           metrics, befores)
+            self.reply(LocalOutcome(s, d, received, p, z_c, a, g, m, b, {}))
+            for s, d, p, z_c, a, g, m, b in zip(client_states, datas, unstack_params(trained), features, stats,
+                                                generators, metrics, befores)
         ]
 
 

@@ -50,7 +50,7 @@ class FedAvg(ModelAlgorithm):
         return PayloadSpec(self.name, {**self._param_specs(), "num_samples": ArraySpec((), "int64", minimum=1)})
 
     def start_params(self, client_state: State, received: Payload) -> Params:
-        return arrays_to_params(received)
+        return self.received_params(received)
 
     def reply(self, outcome: LocalOutcome):
         arrays = params_to_arrays(outcome.params)

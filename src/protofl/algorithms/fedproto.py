@@ -190,7 +190,7 @@ class FedProto(ModelAlgorithm):
     reply_uses_features = True
 
     def start_params(self, client_state: State, received: Payload) -> Params:
-        return self.model_params(client_state, received)
+        return self.received_params(received) if self.shares_model else client_state["params"]
 
     def context(self, received: Payload) -> Any:
         """What the local loss needs from the broadcast, parsed once per round (here the dense
@@ -222,23 +222,21 @@ class FedProto(ModelAlgorithm):
         params, metrics = train_local(start, data.x_train, data.y_train, loss_fn, self.config, generator)
         return params, metrics, dcr.state()
 
-    def clean_prototypes(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(classes, prototypes, counts)``: the per-class means of features ``z`` (labels ``y``)."""
-        acc = PrototypeAccumulator(self.task.num_classes, self.dim)
-        acc.update(z, y)
-        return acc.compute()
-
     def local_prototypes(self, params: Params, data: ClientData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(classes, prototypes, counts)``: per-class mean features of the trained model on the train split."""
-        return self.clean_prototypes(compute_features(self, params, data.x_train), data.y_train)
+        acc = PrototypeAccumulator(self.task.num_classes, self.dim)
+        acc.update(compute_features(self, params, data.x_train), data.y_train)
+        return acc.compute()
 
-    def release_prototypes(self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, client_state: State,
-                           client_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, float]]:
-        """The prototypes a client uploads from its train features ``z`` (labels ``y``): ``(classes,
-        prototypes, counts, new ledger state or None, metrics)``. The clean per-class means, or, under a
-        ``[privacy]`` mechanism, its noisy release (the only place a release happens)."""
+    def release_prototypes(self, z: torch.Tensor, y: torch.Tensor, clean: PrototypeAccumulator,
+                           generator: torch.Generator, client_state: State, client_id: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, float]]:
+        """The prototypes a client uploads from its train features ``z`` (labels ``y``; ``clean`` holds
+        their per-class sums and counts): ``(classes, prototypes, counts, new ledger state or None,
+        metrics)``. The clean per-class means, or, under a ``[privacy]`` mechanism, its noisy release
+        (the only place a release happens)."""
         if self.release_mechanism is None:
-            return (*self.clean_prototypes(z, y), None, {})
+            return (*clean.compute(), None, {})
         release, ledger = self.release_mechanism.release(z, y, generator, client_state, who=f"client {client_id}")
         return (release.classes, release.prototypes, release.counts, ledger,
                 {"privacy_noise_std": float(release.noise_std.mean())})
@@ -255,7 +253,8 @@ class FedProto(ModelAlgorithm):
         new_state: State = {} if self.shares_model else {"params": outcome.params}
         new_state.update(outcome.trainer_state)
         classes, protos, counts, ledger, release_metrics = self.release_prototypes(
-            outcome.features, data.y_train, outcome.generator, outcome.client_state, data.client_id)
+            outcome.features, data.y_train, outcome.feature_stats, outcome.generator, outcome.client_state,
+            data.client_id)
         if ledger is not None:
             new_state[LEDGER_KEY] = ledger
         arrays = {"classes": classes.numpy(), "prototypes": protos.numpy(), "counts": counts.long().numpy()}
