@@ -104,7 +104,7 @@ def _forbidden_outside(calls, release):
 
 def test_weighted_losses_ignore_padding_and_stay_finite_on_it():
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(5, 6, generator=g, requires_grad=True)
+    z = torch.randn(5, 6, generator=g).requires_grad_(True)
     y = torch.tensor([0, 1, 0, 3, 2])
     weight = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])  # rows 3 and 4: padding (class 3 has no cluster)
     cluster_classes = torch.tensor([0, 0, 1, 2])
@@ -114,6 +114,7 @@ def test_weighted_losses_ignore_padding_and_stay_finite_on_it():
     assert float(padded.detach()) == pytest.approx(float(real.detach()), rel=1e-6)
     padded.backward()
     assert torch.isfinite(z.grad).all() and torch.equal(z.grad[3:], torch.zeros(2, 6))
+    z = z.detach()
 
     summaries = torch.nn.functional.normalize(torch.randn(3, 6, generator=g), dim=1)
     classes = torch.tensor([0, 1, 2])
