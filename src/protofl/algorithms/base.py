@@ -297,7 +297,9 @@ class ModelAlgorithm(Algorithm):
     def train_client(self, client_state: State, data: ClientData, start: Params, context: Any,
                      generator: torch.Generator) -> tuple[Params, dict[str, float], State]:
         """The per-client training: :meth:`loss` with unit weights; returns the trained parameters, the
-        metrics and any state the training keeps (none here)."""
+        metrics and any state the training keeps (none here). The batched step does not call it: a
+        method whose override trains differently from :meth:`loss` returns its reason from
+        :meth:`batched_unsupported` whenever that override is in effect."""
         params, metrics = train_local(start, data.x_train, data.y_train, self.loss, self.config, generator,
                                       shared=(context,))
         return params, metrics, {}

@@ -184,13 +184,13 @@ class FedProto(ModelAlgorithm):
 
     def model_params(self, client_state: State, received: Payload) -> Params:
         """The model a client trains and evaluates: the received global one, or its own."""
-        return arrays_to_params(received) if self.shares_model else client_state["params"]
+        return self.received_params(received) if self.shares_model else client_state["params"]
 
     # -- client ------------------------------------------------------------------------------------
     reply_uses_features = True
 
     def start_params(self, client_state: State, received: Payload) -> Params:
-        return self.received_params(received) if self.shares_model else client_state["params"]
+        return self.model_params(client_state, received)
 
     def context(self, received: Payload) -> Any:
         """What the local loss needs from the broadcast, parsed once per round (here the dense
