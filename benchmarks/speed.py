@@ -297,19 +297,21 @@ def run_cached_embeddings(n: int, rounds: int, fraction: float) -> dict:
 
 def breakdown(n: int, rounds: int) -> dict:
     """CPU seconds per round of the batched path's parts (rounds 2+), for the profile."""
+    import protofl.algorithms.base as base_mod
     import protofl.algorithms.fedproto as fedproto_mod
-    from protofl.engine import batched, inprocess
+    from protofl.engine import inprocess
 
     spent: dict[str, float] = {}
 
     def wrap(owner, name, label):
         time_calls(owner, name, label, spent)
 
-    wrap(batched, "train_batched", "local training (4 batched steps)")
-    wrap(batched, "batched_features", "features for the prototypes")
-    wrap(batched, "batched_prototypes", "per-class means")
-    wrap(batched, "unstack_params", "client states out of the stack")
-    wrap(batched, "stack_params", "client states into the stack")
+    # The batched client step (ModelAlgorithm's, in protofl.algorithms.base) calls these by name.
+    wrap(base_mod, "train_batched", "local training (4 batched steps)")
+    wrap(base_mod, "batched_features", "features for the prototypes")
+    wrap(fedproto_mod.FedProto, "release_prototypes", "per-class means")
+    wrap(base_mod, "unstack_params", "client states out of the stack")
+    wrap(base_mod, "stack_params", "client states into the stack")
     wrap(inprocess.InProcessTransport, "_through_wire", "payloads through bytes + validation")
     wrap(fedproto_mod.FedProto, "server_step", "server aggregation")
     result = run_engine("batched", n, 1)  # warm-up (lazy imports) in a throwaway engine

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from protofl.algorithms import ClientData, Task, get_algorithm
-from protofl.algorithms.base import train_local
 from protofl.config import (
     ConfigError,
     FederationConfig,
@@ -16,13 +15,14 @@ from protofl.config import (
     RunConfig,
 )
 from protofl.engine import Simulation
-from protofl.engine.batched import (
+from protofl.payload import Payload
+from protofl.training import (
     ClientBatch,
     batch_schedule,
     stack_params,
+    train_local,
     unstack_params,
 )
-from protofl.payload import Payload
 
 TASK = Task(input_shape=(8,), num_classes=4, model=ModelConfig(feature_dim=6, hidden_dim=10))
 #: Unequal sizes: full batches, a short last batch, a client with fewer examples than one batch
@@ -102,6 +102,13 @@ SERVED = [
     ("fedproto", {"aggregation": "unweighted", "proto_weight": 2.0, "local_epochs": 2}),
     ("fedproto", {"model_sharing": "fedavg"}),
     ("fedtgp", {"server_epochs": 2}),
+    ("fpl", {"lr": 0.01}),
+    ("fpl", {"lr": 0.01, "model_sharing": "none", "finch_level": "first", "optimizer": "adam"}),
+    ("creff", {"features_per_class": 4, "match_steps": 3, "retrain_epochs": 2, "grad_samples": 5}),
+    ("fedhpro", {"features_per_class": 4, "match_steps": 3, "retrain_epochs": 2, "grad_samples": 5, "hp_steps": 3,
+                 "distill_augmentation": "none", "client_margin": False, "local_epochs": 2}),
+    ("fedhpro", {"features_per_class": 4, "match_steps": 3, "retrain_epochs": 2, "grad_samples": 5, "hp_steps": 3,
+                 "distill_augmentation": "none", "hpcl_weight": 0.0, "global_signal": "averaged"}),
 ]
 
 
@@ -174,7 +181,7 @@ def test_schedule_draws_the_same_batches_and_leaves_the_generators_as_train_loca
     for c, data in enumerate(clients):
         seen = []
 
-        def record(params, x, y, seen=seen):
+        def record(params, x, y, weight, seen=seen):
             seen.append(y.clone())
             return (params["w"] * 0).sum() + x.sum() * 0
 
@@ -202,13 +209,12 @@ def test_stack_and_unstack_round_trip_into_independent_tensors():
 
 
 @pytest.mark.parametrize("name,options,privacy,reason", [
-    ("fpl", {}, None, "prototype_loss"),
-    ("creff", {}, None, "client_step"),
     ("dpfedavg", {}, PrivacyConfig(mechanism="dp-sgd", planned_releases=1), "client_step"),
     ("fedproto", {}, PrivacyConfig(dcr=True), "dcr"),
+    ("fedhpro", {"distill_augmentation": "none"}, None, "client margin"),
 ])
 def test_methods_that_cannot_be_batched_say_so_and_run_per_client(name, options, privacy, reason, caplog):
-    algo = get_algorithm(name).from_options({}, TASK, privacy)
+    algo = get_algorithm(name).from_options(options, TASK, privacy)
     assert reason in algo.batched_unsupported()
     clients = make_clients((20, 12))
     fed = FederationConfig(rounds=1, checkpoint_every=0, progress=False, execution="batched")

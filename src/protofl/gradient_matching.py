@@ -122,14 +122,6 @@ def head_gradients(
     return [g.t() @ z, g.sum(0)]
 
 
-def loss_gradients(
-    loss: torch.Tensor, wrt: Sequence[torch.Tensor], create_graph: bool = True
-) -> list[torch.Tensor]:
-    """Autograd gradients of ``loss`` w.r.t. any tensors (``create_graph=True`` keeps them
-    differentiable, for matching a gradient of something other than a linear head)."""
-    return list(torch.autograd.grad(loss, list(wrt), create_graph=create_graph))
-
-
 def input_gradients(
     weight: torch.Tensor, bias: torch.Tensor, z: torch.Tensor, labels_or_class: torch.Tensor | int,
     create_graph: bool = True,

@@ -5,6 +5,7 @@ clients) combine by addition and the count-weighted mean of prototypes is exact.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class PrototypeAccumulator:
@@ -20,6 +21,22 @@ class PrototypeAccumulator:
         self.dim = dim
         self.sums = torch.zeros(num_classes, dim, dtype=dtype)
         self.counts = torch.zeros(num_classes, dtype=dtype)
+
+    @classmethod
+    def per_client(cls, features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                   num_classes: int) -> list[PrototypeAccumulator]:
+        """One accumulator per client from padded batches, as if each had ``update``-d its real rows:
+        ``features`` (K, n, d), ``labels`` (K, n) and ``weight`` (K, n), 1 on real rows and 0 on
+        padding. The sums and counts of all clients come from one ``einsum``."""
+        onehot = F.one_hot(labels, num_classes).to(features.dtype) * weight[..., None]  # (K, n, C)
+        sums = torch.einsum("knc,knd->kcd", onehot, features)
+        counts = onehot.sum(1)
+        out = []
+        for client_sums, client_counts in zip(sums, counts):
+            acc = cls(num_classes, features.shape[-1], dtype=features.dtype)
+            acc.sums, acc.counts = client_sums, client_counts
+            out.append(acc)
+        return out
 
     def reset(self) -> None:
         self.sums.zero_()

@@ -9,16 +9,19 @@ An algorithm is small and declarative. It declares its own ``Config`` dataclass 
 - ``server_step(server_state, replies)`` -> ``(server_state, metrics)``;
 - ``evaluate_global`` (``None`` where the method has no global model) and ``evaluate_client``.
 
-Server and clients only ever see payloads (the engine sends them through bytes). The local
-objective is written as a function of ``(parameters, batch, received state)`` through
-``torch.func.functional_call`` on a template module, not as a live model per client, so that client
-state stays a dict of tensors and many clients can later be trained as one batched program.
+Server and clients only ever see payloads (the engine sends them through bytes). A method that
+trains a model on its clients derives from :class:`ModelAlgorithm` and declares its client step in
+pieces (the starting parameters, the round's context, ONE per-example-weighted loss, the reply); the
+generic per-client and batched client steps both call those pieces (see :class:`ModelAlgorithm`).
+The loss is a function of ``(parameters, batch, weight, context)`` through
+``torch.func.functional_call`` on a template module, not a live model per client, so that client
+state stays a dict of tensors and many clients train as one batched program.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -36,6 +39,17 @@ from protofl.config import (
 from protofl.models import FeatureNet, build_model
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.layer import create_privacy_layer
+from protofl.prototypes import PrototypeAccumulator
+from protofl.training import (
+    ClientBatch,
+    batched_features,
+    broadcast_params,
+    masked_cross_entropy,
+    stack_params,
+    train_batched,
+    train_local,
+    unstack_params,
+)
 
 Params = dict[str, torch.Tensor]
 State = dict[str, Any]
@@ -153,7 +167,7 @@ class Algorithm:
         """The model's initial parameters for ``seed`` (the same for every client and the server).
 
         Built once per seed and shared, so clients that have not trained yet cost no memory of their own.
-        Contract: nothing updates state tensors in place (``train_local`` trains copies)."""
+        Contract: nothing updates state tensors in place (:func:`protofl.training.train_local` trains copies)."""
         cache = self._initial_params
         if seed not in cache:
             with torch.random.fork_rng(devices=[]):
@@ -207,7 +221,7 @@ class Algorithm:
     ) -> dict[str, float]:
         raise NotImplementedError
 
-    # -- batched execution (``federation.execution = "batched"``; see protofl.engine.batched) ---------
+    # -- batched execution (``federation.execution = "batched"``; see protofl.training) ---------------
     def batched_unsupported(self) -> str | None:
         """Why this method, so configured, cannot train its clients as one batched program (``None``
         when :meth:`client_step_batched` serves it); the engine then runs it per client and says so."""
@@ -221,102 +235,136 @@ class Algorithm:
         the same order. Only called when :meth:`batched_unsupported` returns ``None``."""
         raise NotImplementedError(self.batched_unsupported() or f"{self.name}: client_step_batched is missing")
 
-    def batched_unsupported_overrides(self, owner: type, fixed: Sequence[str], paired: Sequence[str]) -> str | None:
-        """For a batched client step written in class ``owner``: a reason if this object's class changed
-        one of the ``fixed`` methods, or one of the ``paired`` ones (the per-client objective) without
-        also giving its ``batched_local_loss`` next to it."""
-        cls = type(self)
-        changed = [n for n in fixed if _defined_in(cls, n) is not _defined_in(owner, n)]
-        loss_owner = _defined_in(cls, "batched_local_loss")
-        changed += [n for n in paired if not issubclass(loss_owner, _defined_in(cls, n))]
-        if changed:
-            return (f"method {self.name!r} overrides {', '.join(changed)} and has no batched form of it "
-                    f"(the batched client step is {owner.__name__}'s)")
-        return None
-
-    def train_local_batched(
-        self,
-        params: Params,
-        datas: Sequence[ClientData],
-        loss_fn: Callable[..., torch.Tensor],
-        generators: Sequence[torch.Generator],
-        shared: tuple = (),
-    ):
-        """:meth:`train_local` for ``K`` clients at once: ``params`` are stacked ``(K, ...)`` tensors (a fresh
-        stack: they are trained in place) and
-        ``loss_fn(params, x, y, weight, *shared)`` is one client's loss on a padded batch (``weight``
-        is 1 on real samples, 0 on padding). Returns ``(stacked params, per-client metrics, the
-        concatenated train data)``."""
-        from protofl.engine.batched import ClientBatch, train_batched
-
-        batch = ClientBatch.of([d.x_train for d in datas], [d.y_train for d in datas])
-        trained, metrics = train_batched(params, batch, loss_fn, self.config, generators, shared)
-        return trained, metrics, batch
-
     # -- shared helpers ----------------------------------------------------------------------------
     def forward(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and logits of the template model under ``params``."""
         return functional_call(self.model, params, (x,))
-
-    def train_local(
-        self,
-        params: Params,
-        data: ClientData,
-        loss_fn: Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor],
-        generator: torch.Generator,
-        on_epoch: Callable[[Params], None] | None = None,
-    ) -> tuple[Params, dict[str, float]]:
-        """Minibatch training of ``loss_fn(params, x, y)`` on the client's train split."""
-        return train_local(params, data.x_train, data.y_train, loss_fn, self.config, generator, on_epoch)
 
     @torch.no_grad()
     def accuracy(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((predict_logits(self, params, x).argmax(1) == y).float().mean()) if len(y) else float("nan")
 
 
-def _defined_in(cls: type, name: str) -> type:
-    """The class of ``cls``'s MRO whose body defines attribute ``name``."""
-    return next(c for c in cls.__mro__ if name in c.__dict__)
+@dataclasses.dataclass(frozen=True, eq=False)
+class LocalOutcome:
+    """What one client's local training produced, for :meth:`ModelAlgorithm.reply` (the same on the
+    per-client and the batched path)."""
+
+    client_state: State
+    data: ClientData
+    received: Payload
+    #: The trained parameters (the client's own tensors).
+    params: Params
+    #: The train split's features under ``params`` where the method asks for them
+    #: (:attr:`ModelAlgorithm.reply_uses_features`), else ``None``.
+    features: torch.Tensor | None
+    #: Their per-class sums and counts (with the train labels), where ``features`` are given.
+    feature_stats: PrototypeAccumulator | None
+    #: The client's generator, as training left it (e.g. for a privacy mechanism's noise).
+    generator: torch.Generator
+    #: ``{"train_loss", ...}``; the reply may add its own.
+    metrics: dict[str, float]
+    #: Reply arrays computed before training (:meth:`ModelAlgorithm.before_training`).
+    before: dict[str, np.ndarray]
+    #: State the training itself keeps across rounds (:meth:`ModelAlgorithm.train_client`).
+    trainer_state: State
 
 
-def make_optimizer(config: LocalTrainingConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+class ModelAlgorithm(Algorithm):
+    """A method whose clients train model parameters on ONE per-example-weighted local loss.
 
+    It declares a few pieces and inherits both client steps, which call the same pieces:
 
-def train_local(
-    params: Params,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    loss_fn: Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor],
-    config: LocalTrainingConfig,
-    generator: torch.Generator,
-    on_epoch: Callable[[Params], None] | None = None,
-) -> tuple[Params, dict[str, float]]:
-    """Run ``config.local_epochs`` epochs of shuffled minibatches; returns detached parameters.
+    - :meth:`start_params` -- the parameters a client starts from (its own or the received ones);
+    - :meth:`context` -- what the loss needs from the broadcast, parsed once per round;
+    - :meth:`loss` ``(params, x, y, weight, context) -> scalar`` -- the weighted mean over the real
+      samples of a batch (``weight`` is 1 on real samples, 0 on padding): the per-client path calls it
+      with unit weights, the batched path under ``vmap`` on padded batches, so it must be written
+      without data-dependent Python branches;
+    - :meth:`before_training` (optional) -- reply arrays computed on the received model, before
+      training, with the client's generator;
+    - :meth:`reply` -- the new client state, the reply and the metrics from a :class:`LocalOutcome`.
 
-    ``on_epoch(params)`` (optional) is called with the current detached parameters before each epoch
-    (e.g. to recompute a per-epoch statistic of the local data)."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    optimizer = make_optimizer(config, list(leaves.values()))
-    n = len(y)
-    total, batches = 0.0, 0
-    for _ in range(config.local_epochs):
-        if on_epoch is not None:
-            on_epoch({k: v.detach() for k, v in leaves.items()})
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, config.batch_size):
-            index = order[start : start + config.batch_size]
-            loss = loss_fn(leaves, x[index], y[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-            batches += 1
-    return {k: v.detach() for k, v in leaves.items()}, {"train_loss": total / max(batches, 1)}
+    A subclass that overrides only these pieces stays batched. A method that cannot be batched says
+    why in :meth:`batched_unsupported`.
+    """
+
+    #: Whether :meth:`reply` needs the train split's features under the trained parameters.
+    reply_uses_features: ClassVar[bool] = False
+
+    def start_params(self, client_state: State, received: Payload) -> Params:
+        raise NotImplementedError
+
+    def received_params(self, received: Payload) -> Params:
+        """The model parameters in ``received``, parsed once per payload: the clients of a round start
+        from the same tensors (nothing trains them in place), and the batched step stacks them once."""
+        memo = getattr(self, "_received_memo", None)
+        if memo is None or memo[0] is not received:
+            memo = self._received_memo = (received, arrays_to_params(received))
+        return memo[1]
+
+    def context(self, received: Payload) -> Any:
+        return None
+
+    def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any) -> torch.Tensor:
+        """Cross-entropy of the model's logits, weighted mean over the real samples."""
+        return masked_cross_entropy(self.forward(params, x)[1], y, weight)
+
+    def before_training(self, client_state: State, data: ClientData, received: Payload,
+                        generator: torch.Generator) -> dict[str, np.ndarray]:
+        return {}
+
+    def train_client(self, client_state: State, data: ClientData, start: Params, context: Any,
+                     generator: torch.Generator) -> tuple[Params, dict[str, float], State]:
+        """The per-client training: :meth:`loss` with unit weights; returns the trained parameters, the
+        metrics and any state the training keeps (none here). The batched step does not call it: a
+        method whose override trains differently from :meth:`loss` returns its reason from
+        :meth:`batched_unsupported` whenever that override is in effect."""
+        params, metrics = train_local(start, data.x_train, data.y_train, self.loss, self.config, generator,
+                                      shared=(context,))
+        return params, metrics, {}
+
+    def reply(self, outcome: LocalOutcome) -> tuple[State, Payload, dict[str, float]]:
+        raise NotImplementedError
+
+    def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
+        before = self.before_training(client_state, data, received, generator)
+        context = self.context(received)
+        start = self.start_params(client_state, received)
+        params, metrics, trainer_state = self.train_client(client_state, data, start, context, generator)
+        features = stats = None
+        if self.reply_uses_features:
+            features = compute_features(self, params, data.x_train)
+            stats = PrototypeAccumulator(self.task.num_classes, self.model.feature_dim)
+            stats.update(features, data.y_train)
+        return self.reply(LocalOutcome(client_state, data, received, params, features, stats, generator, metrics,
+                                       before, trainer_state))
+
+    def batched_unsupported(self) -> str | None:
+        if type(self).client_step is not ModelAlgorithm.client_step:
+            return (f"method {self.name!r} defines its own client_step, which the batched client step "
+                    "(built from start_params, context, loss and reply) would bypass")
+        return None
+
+    def client_step_batched(self, client_states, datas, received, generators):
+        befores = [self.before_training(s, d, received, g) for s, d, g in zip(client_states, datas, generators)]
+        context = self.context(received)
+        starts = [self.start_params(s, received) for s in client_states]
+        shared = all(p is starts[0] for p in starts)
+        start = broadcast_params(starts[0], len(starts)) if shared else stack_params(starts)
+        batch = ClientBatch.of([d.x_train for d in datas], [d.y_train for d in datas])
+        trained, metrics = train_batched(start, batch, self.loss, self.config, generators, (context,))
+        features: list[torch.Tensor | None] = [None] * len(datas)
+        stats: list[PrototypeAccumulator | None] = [None] * len(datas)
+        if self.reply_uses_features:
+            z, weight, index = batched_features(self.forward, trained, batch)
+            features = [z[c, : d.num_train] for c, d in enumerate(datas)]
+            stats = list(PrototypeAccumulator.per_client(z, batch.y[index], weight, self.task.num_classes))
+        return [
+            self.reply(LocalOutcome(s, d, received, p, z_c, a, g, m, b, {}))
+            for s, d, p, z_c, a, g, m, b in zip(client_states, datas, unstack_params(trained), features, stats,
+                                                generators, metrics, befores)
+        ]
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ import torch
 
 from protofl.algorithms.base import (
     ClientData,
+    LocalOutcome,
     Params,
     State,
     arrays_to_params,
@@ -47,6 +48,7 @@ from protofl.gradient_matching import (
 )
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.seeds import derive_seed as _seed  # noqa: F401 (also imported by fedtgp, fedhpro)
+from protofl.training import minibatches
 
 HEAD_W, HEAD_B = "head.weight", "head.bias"
 
@@ -118,9 +120,7 @@ def retrain_head(
     n = len(labels)
     with torch.no_grad():
         for _ in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, batch_size):
-                index = order[start : start + batch_size]
+            for index in minibatches(n, batch_size, generator):
                 f, y = features[index], labels[index]
                 dw, db = head_gradients(w, b, f, y)
                 if momentum:
@@ -217,15 +217,15 @@ class CReFF(FedAvg):
             "grad_bias": np.stack([r[3][1].numpy() for r in rows]).astype(np.float32).reshape(-1, num_classes),
         }
 
-    def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
-        # Gradients on the model as received (before local training), as in CReFF.
-        gradients = self.client_gradients(arrays_to_params(received), data, generator)
-        client_state, reply, metrics = self.train_and_reply(client_state, data, received, generator)
-        return client_state, Payload({**reply.arrays, **gradients}, {"method": self.name}), metrics
+    def before_training(self, client_state: State, data: ClientData, received: Payload,
+                        generator: torch.Generator) -> dict[str, np.ndarray]:
+        """Gradients on the model as received (before local training, with the client's generator), as in CReFF."""
+        return self.client_gradients(arrays_to_params(received), data, generator)
 
-    def train_and_reply(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
-        """FedAvg's local training and model upload."""
-        return super().client_step(client_state, data, received, generator)
+    def reply(self, outcome: LocalOutcome):
+        """FedAvg's model upload plus the gradients taken before training."""
+        client_state, reply, metrics = super().reply(outcome)
+        return client_state, Payload({**reply.arrays, **outcome.before}, {"method": self.name}), metrics
 
     # -- server ------------------------------------------------------------------------------------
     def server_step(self, server_state: State, replies: list[Payload]):

@@ -7,10 +7,9 @@ import dataclasses
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from protofl.algorithms.base import (Algorithm, ClientData, LocalTrainingConfig, Params, State, arrays_to_params,
-                                     param_specs, params_to_arrays, register)
+from protofl.algorithms.base import (ClientData, LocalOutcome, LocalTrainingConfig, ModelAlgorithm, Params, State,
+                                     arrays_to_params, param_specs, params_to_arrays, register)
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 
 
@@ -29,7 +28,7 @@ def weighted_average(params_list: list[Params], weights: list[float]) -> Params:
 
 
 @register
-class FedAvg(Algorithm):
+class FedAvg(ModelAlgorithm):
     name = "fedavg"
     summary = "FedAvg (McMahan et al., 2017): sample-weighted model averaging"
     Config = FedAvgConfig
@@ -50,42 +49,13 @@ class FedAvg(Algorithm):
     def reply_spec(self) -> PayloadSpec:
         return PayloadSpec(self.name, {**self._param_specs(), "num_samples": ArraySpec((), "int64", minimum=1)})
 
-    def local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, global_params: Params) -> torch.Tensor:
-        return F.cross_entropy(self.forward(params, x)[1], y)
+    def start_params(self, client_state: State, received: Payload) -> Params:
+        return self.received_params(received)
 
-    def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
-        global_params = arrays_to_params(received)
-        params, metrics = self.train_local(
-            global_params, data, lambda p, x, y: self.local_loss(p, x, y, global_params), generator
-        )
-        arrays = params_to_arrays(params)
-        arrays["num_samples"] = np.int64(data.num_train)
-        return client_state, Payload(arrays, {"method": self.name}), metrics
-
-    # -- batched execution -------------------------------------------------------------------------
-    def batched_local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                           global_params: Params) -> torch.Tensor:
-        """:meth:`local_loss` on one client's padded batch (``weight``: 1 on real samples)."""
-        from protofl.engine.batched import masked_cross_entropy
-
-        return masked_cross_entropy(self.forward(params, x)[1], y, weight)
-
-    def batched_unsupported(self):
-        return self.batched_unsupported_overrides(FedAvg, ("client_step", "train_local", "forward"), ("local_loss",))
-
-    def client_step_batched(self, client_states, datas, received, generators):
-        from protofl.engine.batched import broadcast_params
-
-        global_params = arrays_to_params(received)
-        params, metrics, _ = self.train_local_batched(
-            broadcast_params(global_params, len(datas)), datas, self.batched_local_loss, generators, (global_params,)
-        )
-        out = []
-        for c, (state, data) in enumerate(zip(client_states, datas)):
-            arrays = params_to_arrays({name: v[c] for name, v in params.items()})
-            arrays["num_samples"] = np.int64(data.num_train)
-            out.append((state, Payload(arrays, {"method": self.name}), metrics[c]))
-        return out
+    def reply(self, outcome: LocalOutcome):
+        arrays = params_to_arrays(outcome.params)
+        arrays["num_samples"] = np.int64(outcome.data.num_train)
+        return outcome.client_state, Payload(arrays, {"method": self.name}), outcome.metrics
 
     def server_step(self, server_state: State, replies: list[Payload]):
         models = [arrays_to_params(r) for r in replies]

@@ -44,6 +44,7 @@ Where we chose (all switchable, see :class:`FedHProConfig`):
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,11 +52,10 @@ import torch.nn.functional as F
 
 from protofl.algorithms.base import (
     ClientData,
+    LocalOutcome,
     Params,
     State,
-    arrays_to_params,
     compute_features,
-    params_to_arrays,
     predict_features_and_logits,
     register,
 )
@@ -71,6 +71,7 @@ from protofl.gradient_matching import (
 )
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.prototypes import PrototypeAccumulator
+from protofl.training import masked_cross_entropy, masked_mean, train_local
 
 AUGMENTATIONS = ("none", "random-shift")
 GLOBAL_SIGNALS = ("hyper", "averaged")
@@ -143,25 +144,29 @@ def client_margin(class_means: torch.Tensor, num_classes: int) -> float:
 
 
 def hpcl_loss(z: torch.Tensor, y: torch.Tensor, class_summaries: torch.Tensor, temperature: float,
-              margin: float = 0.0, classes: torch.Tensor | None = None) -> torch.Tensor:
-    """``mean_i [log(Σ_c exp(ẑ_i·m_c/τ) + κ) − ẑ_i·m_{y_i}/τ]``. ``class_summaries`` holds ``m_c`` (rows)
-    for the classes ``classes`` (default ``0..n−1``); every ``y_i`` must be among them."""
+              margin: float = 0.0, classes: torch.Tensor | None = None,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean_i [log(Σ_c exp(ẑ_i·m_c/τ) + κ) − ẑ_i·m_{y_i}/τ]``, weighted by ``weight`` (default: every
+    sample counts). ``class_summaries`` holds ``m_c`` (rows) for the classes ``classes`` (default
+    ``0..n−1``); every ``y_i`` of non-zero weight must be among them."""
     classes = torch.arange(len(class_summaries)) if classes is None else classes
-    position = torch.full((int(classes.max()) + 1 if len(classes) else 1,), -1, dtype=torch.long)
-    position[classes] = torch.arange(len(classes))
-    logits = F.normalize(z, dim=1) @ class_summaries.t() / temperature
-    positive = logits.gather(1, position[y][:, None]).squeeze(1)
+    weight = torch.ones(len(y), dtype=z.dtype) if weight is None else weight
+    logits = F.normalize(z, dim=-1) @ class_summaries.t() / temperature
+    positive = (logits * (classes[None, :] == y[:, None]).to(logits.dtype)).sum(-1)
     if margin:
         # log(Σ exp(l) + κ) = logsumexp over the logits and log κ
-        log_sum = torch.logsumexp(torch.cat([logits, torch.full_like(logits[:, :1], float(np.log(margin)))], 1), 1)
+        log_sum = torch.logsumexp(torch.cat([logits, torch.full_like(logits[:, :1], float(np.log(margin)))], -1), -1)
     else:
-        log_sum = torch.logsumexp(logits, 1)
-    return (log_sum - positive).mean()
+        log_sum = torch.logsumexp(logits, -1)
+    return masked_mean(log_sum - positive, weight)
 
 
-def hpal_loss(z: torch.Tensor, targets: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """SmoothL1 (``beta``) between ``ẑ_i`` and the normalised target rows, averaged over batch and dimensions."""
-    return F.smooth_l1_loss(F.normalize(z, dim=1), F.normalize(targets, dim=1), beta=beta)
+def hpal_loss(z: torch.Tensor, targets: torch.Tensor, beta: float = 1.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """SmoothL1 (``beta``) between ``ẑ_i`` and the normalised target rows, averaged over dimensions and
+    over the samples (weighted by ``weight``, default: every sample counts)."""
+    weight = torch.ones(len(z), dtype=z.dtype) if weight is None else weight
+    per_sample = F.smooth_l1_loss(F.normalize(z, dim=-1), F.normalize(targets, dim=-1), beta=beta, reduction="none").mean(-1)
+    return masked_mean(per_sample, weight)
 
 
 def hp_summaries(hyper_prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,45 +268,74 @@ class FedHPro(CReFF):
         arrays["feature_grad"] = (torch.stack(feature_grads).numpy() if feature_grads else np.zeros((0, d))).astype(np.float32)
         return arrays
 
-    def train_and_reply(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
+    def context(self, received: Payload) -> dict[str, Any]:
+        """The HP summaries of the classes matched at least once (``hp_classes``) and the client margin
+        κ (0 until :meth:`train_client` computes it)."""
         cfg = self.config
-        num_classes, d = self._dims
-        hp = torch.from_numpy(received["hyper_prototypes"]).float()
+        num_classes = self._dims[0]
+        summaries, means = hp_summaries(torch.from_numpy(received["hyper_prototypes"]).float())
         ready = torch.zeros(num_classes, dtype=torch.bool)
         ready[torch.from_numpy(received["hp_classes"])] = True
-        summaries, means = hp_summaries(hp)
-        ready_classes = torch.nonzero(ready).flatten()
-        margin = {"kappa": 0.0}
-        use_hp = bool(ready.any()) and (cfg.hpcl_weight > 0 or cfg.hpal_weight > 0)
+        classes = torch.nonzero(ready).flatten()
+        return {"ready": ready, "classes": classes, "summaries": summaries[classes], "means": means, "kappa": 0.0,
+                "use_hp": bool(ready.any()) and (cfg.hpcl_weight > 0 or cfg.hpal_weight > 0)}
+
+    def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+             context: dict[str, Any]) -> torch.Tensor:
+        """``CE + hpcl_weight · HPCL + hpal_weight · HPAL``, the HP terms over the samples of matched classes."""
+        cfg = self.config
+        z, logits = self.forward(params, x)
+        loss = masked_cross_entropy(logits, y, weight)
+        if not context["use_hp"]:
+            return loss
+        has = context["ready"][y].to(z.dtype) * weight
+        if cfg.hpcl_weight:
+            loss = loss + cfg.hpcl_weight * hpcl_loss(z, y, context["summaries"], cfg.temperature, context["kappa"],
+                                                      context["classes"], has)
+        if cfg.hpal_weight:
+            loss = loss + cfg.hpal_weight * hpal_loss(z, context["means"][y], cfg.hpal_beta, has)
+        return loss
+
+    @property
+    def _updates_margin(self) -> bool:
+        return self.config.hpcl_weight > 0 and self.config.client_margin
+
+    def train_client(self, client_state: State, data: ClientData, start: Params, context: dict[str, Any],
+                     generator: torch.Generator):
+        """:meth:`loss` with unit weights, κ recomputed from the client's class means before every epoch."""
+        num_classes = self._dims[0]
 
         def update_margin(params: Params) -> None:
-            if use_hp and cfg.hpcl_weight > 0 and cfg.client_margin:
-                acc = PrototypeAccumulator(num_classes, d)
-                acc.update(compute_features(self, params, data.x_train), data.y_train)
-                margin["kappa"] = client_margin(acc.compute()[1], num_classes)
+            if context["use_hp"] and self._updates_margin:
+                context["kappa"] = client_margin(self.class_means(params, data), num_classes)
 
-        def loss_fn(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            z, logits = self.forward(params, x)
-            loss = F.cross_entropy(logits, y)
-            has = ready[y]
-            if use_hp and has.any():
-                zr, yr = z[has], y[has]
-                if cfg.hpcl_weight:
-                    loss = loss + cfg.hpcl_weight * hpcl_loss(
-                        zr, yr, summaries[ready_classes], cfg.temperature, margin["kappa"], ready_classes)
-                if cfg.hpal_weight:
-                    loss = loss + cfg.hpal_weight * hpal_loss(zr, means[yr], cfg.hpal_beta)
-            return loss
+        params, metrics = train_local(start, data.x_train, data.y_train, self.loss, self.config, generator,
+                                      on_epoch=update_margin, shared=(context,))
+        metrics["client_margin"] = context["kappa"]
+        return params, metrics, {}
 
-        params, metrics = self.train_local(arrays_to_params(received), data, loss_fn, generator, on_epoch=update_margin)
-        arrays = params_to_arrays(params)
-        arrays["num_samples"] = np.int64(data.num_train)
-        if cfg.global_signal == "averaged":
-            acc = PrototypeAccumulator(num_classes, d)
-            acc.update(compute_features(self, params, data.x_train), data.y_train)
-            arrays["class_means"] = acc.compute()[1].numpy().astype(np.float32)
-        metrics["client_margin"] = margin["kappa"]
+    def class_means(self, params: Params, data: ClientData) -> torch.Tensor:
+        """The client's per-class mean features (classes it holds) under ``params``."""
+        acc = PrototypeAccumulator(*self._dims)
+        acc.update(compute_features(self, params, data.x_train), data.y_train)
+        return acc.compute()[1]
+
+    def reply(self, outcome: LocalOutcome):
+        client_state, reply, metrics = super().reply(outcome)
+        arrays = dict(reply.arrays)
+        if self.config.global_signal == "averaged":
+            arrays["class_means"] = self.class_means(outcome.params, outcome.data).numpy().astype(np.float32)
+        metrics = dict(metrics)
+        metrics.setdefault("client_margin", 0.0)  # κ stays 0 where it is not recomputed (see batched_unsupported)
         return client_state, Payload(arrays, {"method": self.name}), metrics
+
+    def batched_unsupported(self) -> str | None:
+        if self._updates_margin:
+            return ("HPCL's client margin κ_k is recomputed from the client's whole train split before every "
+                    "local epoch, a per-client statistic that changes during training, while the batched "
+                    "program takes one context per round (method.client_margin = false or hpcl_weight = 0 "
+                    "run batched)")
+        return super().batched_unsupported()
 
     # -- server ------------------------------------------------------------------------------------
     def server_step(self, server_state: State, replies: list[Payload]):

@@ -14,7 +14,8 @@ skew: clients also start every round from the sample-weighted average of the mod
 there is a global model, evaluated on the global test set (``global_acc``, ``global_proto_acc``) and
 the consistency of the global prototypes with the class means of its features on that set
 (``global_signal_cos``). :class:`FedProto` is also the base of the other prototype methods (FPL,
-FedTGP): they override :meth:`FedProto.prototype_loss` and :meth:`FedProto.server_prototypes`.
+FedTGP): they override :meth:`FedProto.context`, :meth:`FedProto.prototype_loss` and
+:meth:`FedProto.server_prototypes`, and stay batched.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from protofl.algorithms.base import (
-    Algorithm,
     ClientData,
+    LocalOutcome,
     LocalTrainingConfig,
+    ModelAlgorithm,
     Params,
     State,
     arrays_to_params,
@@ -46,6 +48,7 @@ from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY
 from protofl.privacy.vpdr import DistillationClipping
 from protofl.prototypes import PrototypeAccumulator
+from protofl.training import masked_cross_entropy, train_local
 
 MODEL_SHARING = ("none", "fedavg")
 
@@ -78,6 +81,12 @@ def aggregate_prototypes(replies: list[Payload], num_classes: int, dim: int, wei
     return classes, protos.float()
 
 
+def alignment_loss(z: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``MSE(z, targets)`` (mean over dimensions) averaged over the rows whose ``weight`` is 1 (0 when
+    none is): FedProto's ``F.mse_loss(z[has], targets[has])`` in a form that works on padded batches."""
+    return (((z - targets) ** 2).sum(-1) * weight).sum() / (weight.sum().clamp_min(1.0) * z.shape[-1])
+
+
 def nearest_prototype(features: torch.Tensor, classes: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Class of the nearest prototype (Euclidean) for each feature vector."""
     return classes[torch.cdist(features, prototypes).argmin(1)]
@@ -95,7 +104,7 @@ def signal_consistency(features: torch.Tensor, labels: torch.Tensor, classes: to
 
 
 @register
-class FedProto(Algorithm):
+class FedProto(ModelAlgorithm):
     name = "fedproto"
     summary = "FedProto (Tan et al., 2022): per-class prototypes, no weight sharing (model_sharing='fedavg': global variant)"
     Config = FedProtoConfig
@@ -168,34 +177,62 @@ class FedProto(Algorithm):
 
     def model_params(self, client_state: State, received: Payload) -> Params:
         """The model a client trains and evaluates: the received global one, or its own."""
-        return arrays_to_params(received) if self.shares_model else client_state["params"]
+        return self.received_params(received) if self.shares_model else client_state["params"]
 
     # -- client ------------------------------------------------------------------------------------
-    def client_context(self, received: Payload, data: ClientData) -> Any:
+    reply_uses_features = True
+
+    def start_params(self, client_state: State, received: Payload) -> Params:
+        return self.model_params(client_state, received)
+
+    def context(self, received: Payload) -> Any:
         """What the local loss needs from the broadcast, parsed once per round (here the dense
         prototype table and its mask)."""
         return self.global_lookup(received, self.task.num_classes, self.dim)
 
-    def prototype_loss(self, z: torch.Tensor, y: torch.Tensor, context: Any) -> torch.Tensor | None:
-        """The regulariser added to CE: ``lambda * MSE(z, P_y)`` over samples whose class has a global
-        prototype (``None`` when nothing applies)."""
+    def prototype_loss(self, z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any) -> torch.Tensor:
+        """The regulariser added to CE: ``lambda * MSE(z, P_y)`` over the (real) samples whose class has
+        a global prototype (0 where none has)."""
         table, mask = context
-        has = mask[y]
-        if not self.config.proto_weight or not has.any():
-            return None
-        return self.config.proto_weight * F.mse_loss(z[has], table[y[has]])
+        if not self.config.proto_weight:
+            return z.new_zeros(())
+        return self.config.proto_weight * alignment_loss(z, table[y], mask[y].to(z.dtype) * weight)
 
-    def local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, context: Any) -> torch.Tensor:
+    def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any) -> torch.Tensor:
         z, logits = self.forward(params, x)
-        loss = F.cross_entropy(logits, y)
-        extra = self.prototype_loss(z, y, context)
-        return loss if extra is None else loss + extra
+        return masked_cross_entropy(logits, y, weight) + self.prototype_loss(z, y, weight, context)
+
+    def train_client(self, client_state: State, data: ClientData, start: Params, context: Any,
+                     generator: torch.Generator):
+        if not self.privacy.dcr:
+            return super().train_client(client_state, data, start, context, generator)
+        dcr = DistillationClipping.from_state(self.privacy, client_state)
+
+        def loss_fn(p, x, y, weight):
+            return dcr.loss(p, x, y, self.features, self.head,
+                            lambda z, labels: self.prototype_loss(z, labels, weight, context))
+
+        params, metrics = train_local(start, data.x_train, data.y_train, loss_fn, self.config, generator)
+        return params, metrics, dcr.state()
 
     def local_prototypes(self, params: Params, data: ClientData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(classes, prototypes, counts)``: per-class mean features of the trained model on the train split."""
         acc = PrototypeAccumulator(self.task.num_classes, self.dim)
         acc.update(compute_features(self, params, data.x_train), data.y_train)
         return acc.compute()
+
+    def release_prototypes(self, z: torch.Tensor, y: torch.Tensor, clean: PrototypeAccumulator,
+                           generator: torch.Generator, client_state: State, client_id: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, float]]:
+        """The prototypes a client uploads from its train features ``z`` (labels ``y``; ``clean`` holds
+        their per-class sums and counts): ``(classes, prototypes, counts, new ledger state or None,
+        metrics)``. The clean per-class means, or, under a ``[privacy]`` mechanism, its noisy release
+        (the only place a release happens)."""
+        if self.privacy_layer is None:
+            return (*clean.compute(), None, {})
+        release, ledger = self.privacy_layer.release(z, y, generator, client_state, who=f"client {client_id}")
+        return (release.classes, release.prototypes, release.counts, ledger,
+                {"privacy_noise_std": float(release.noise_std.mean())})
 
     def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return self.forward(params, x)[0]
@@ -204,89 +241,27 @@ class FedProto(Algorithm):
         """The classifier head alone, on features ``z`` (``params`` holds at least the ``head.*`` keys)."""
         return functional_call(self.model.head, {k[5:]: v for k, v in params.items() if k.startswith("head.")}, (z,))
 
-    def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
-        context = self.client_context(received, data)
-        if self.privacy.dcr:
-            dcr = DistillationClipping.from_state(self.privacy, client_state)
-            def loss_fn(p, x, y):
-                return dcr.loss(p, x, y, self.features, self.head, lambda z, labels: self.prototype_loss(z, labels, context))
-        else:
-            def loss_fn(p, x, y):
-                return self.local_loss(p, x, y, context)
-        params, metrics = self.train_local(self.model_params(client_state, received), data, loss_fn, generator)
-        new_state: State = {} if self.shares_model else {"params": params}
-        if self.privacy.dcr:
-            new_state.update(dcr.state())
-        if self.privacy_layer is not None:
-            release, new_state[LEDGER_KEY] = self.privacy_layer.release(
-                compute_features(self, params, data.x_train), data.y_train, generator, client_state,
-                who=f"client {data.client_id}")
-            classes, protos, counts = release.classes, release.prototypes, release.counts
-            metrics["privacy_noise_std"] = float(release.noise_std.mean())
-        else:
-            classes, protos, counts = self.local_prototypes(params, data)
+    def reply(self, outcome: LocalOutcome):
+        data = outcome.data
+        new_state: State = {} if self.shares_model else {"params": outcome.params}
+        new_state.update(outcome.trainer_state)
+        classes, protos, counts, ledger, release_metrics = self.release_prototypes(
+            outcome.features, data.y_train, outcome.feature_stats, outcome.generator, outcome.client_state,
+            data.client_id)
+        if ledger is not None:
+            new_state[LEDGER_KEY] = ledger
         arrays = {"classes": classes.numpy(), "prototypes": protos.numpy(), "counts": counts.long().numpy()}
         if self.shares_model:
-            arrays.update(params_to_arrays(params))
+            arrays.update(params_to_arrays(outcome.params))
             arrays["num_samples"] = np.int64(data.num_train)
-        return new_state, Payload(arrays, {"method": self.name}), metrics
+        return new_state, Payload(arrays, {"method": self.name}), {**outcome.metrics, **release_metrics}
 
     # -- batched execution -------------------------------------------------------------------------
-    def batched_local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                           context: Any) -> torch.Tensor:
-        """:meth:`local_loss` on one client's padded batch (``weight``: 1 on real samples)."""
-        from protofl.engine.batched import masked_cross_entropy
-
-        table, mask = context
-        z, logits = self.forward(params, x)
-        loss = masked_cross_entropy(logits, y, weight)
-        if not self.config.proto_weight:
-            return loss
-        has = mask[y].to(z.dtype) * weight
-        mse = (((z - table[y]) ** 2).sum(-1) * has).sum() / (has.sum().clamp_min(1.0) * z.shape[-1])
-        return loss + self.config.proto_weight * mse
-
     def batched_unsupported(self):
         if self.privacy.dcr:
-            return "privacy.dcr (distillation-guided clipping) keeps a per-client teacher head; it has no batched form"
-        return self.batched_unsupported_overrides(
-            FedProto, ("client_step", "train_local", "forward", "features", "local_prototypes", "model_params"),
-            ("local_loss", "prototype_loss", "client_context"))
-
-    def client_step_batched(self, client_states, datas, received, generators):
-        from protofl.engine.batched import (
-            batched_features,
-            batched_prototypes,
-            broadcast_params,
-            stack_params,
-            unstack_params,
-        )
-
-        context = self.client_context(received, datas[0])
-        if self.shares_model:
-            start = broadcast_params(arrays_to_params(received), len(datas))
-        else:
-            start = stack_params([s["params"] for s in client_states])
-        params, metrics, batch = self.train_local_batched(start, datas, self.batched_local_loss, generators, (context,))
-        z, weight, index = batched_features(self.forward, params, batch)
-        own = [{}] * len(datas) if self.shares_model else [{"params": p} for p in unstack_params(params)]
-        clean = None if self.privacy_layer else batched_prototypes(z, weight, batch.y[index], self.task.num_classes)
-        out = []
-        for c, (state, data) in enumerate(zip(client_states, datas)):
-            new_state: State = dict(own[c])
-            if self.privacy_layer is not None:
-                release, new_state[LEDGER_KEY] = self.privacy_layer.release(
-                    z[c, : data.num_train], data.y_train, generators[c], state, who=f"client {data.client_id}")
-                classes, protos, counts = release.classes, release.prototypes, release.counts
-                metrics[c]["privacy_noise_std"] = float(release.noise_std.mean())
-            else:
-                classes, protos, counts = clean[c]
-            arrays = {"classes": classes.numpy(), "prototypes": protos.numpy(), "counts": counts.long().numpy()}
-            if self.shares_model:
-                arrays.update(params_to_arrays({name: v[c] for name, v in params.items()}))
-                arrays["num_samples"] = np.int64(data.num_train)
-            out.append((new_state, Payload(arrays, {"method": self.name}), metrics[c]))
-        return out
+            return ("privacy.dcr (distillation-guided clipping) updates a per-client EMA teacher head at every "
+                    "local step, inside the loss; it has no batched form")
+        return super().batched_unsupported()
 
     # -- server ------------------------------------------------------------------------------------
     def server_prototypes(self, server_state: State, replies: list[Payload]) -> tuple[State, dict[str, float]]:

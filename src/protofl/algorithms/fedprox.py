@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
-from protofl.algorithms.base import Params, register
+from protofl.algorithms.base import Params, arrays_to_params, register
 from protofl.algorithms.fedavg import FedAvg, FedAvgConfig
 from protofl.config import check
+from protofl.payload import Payload
+from protofl.training import masked_cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,13 +30,11 @@ class FedProx(FedAvg):
     summary = "FedProx (Li et al., 2020): FedAvg with a proximal term"
     Config = FedProxConfig
 
-    def local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, global_params: Params) -> torch.Tensor:
-        proximal = sum(((params[k] - global_params[k]) ** 2).sum() for k in params)
-        return F.cross_entropy(self.forward(params, x)[1], y) + 0.5 * self.config.mu * proximal
+    def context(self, received: Payload) -> Params:
+        """The received global model: the anchor of the proximal term."""
+        return arrays_to_params(received)
 
-    def batched_local_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                           global_params: Params) -> torch.Tensor:
-        from protofl.engine.batched import masked_cross_entropy
-
+    def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+             global_params: Params) -> torch.Tensor:
         proximal = sum(((params[k] - global_params[k]) ** 2).sum() for k in params)
         return masked_cross_entropy(self.forward(params, x)[1], y, weight) + 0.5 * self.config.mu * proximal

@@ -27,6 +27,7 @@ from protofl.algorithms.creff import _seed
 from protofl.algorithms.fedproto import FedProto, FedProtoConfig, aggregate_prototypes
 from protofl.config import check, check_choice
 from protofl.payload import Payload
+from protofl.training import minibatches
 
 GENERATOR_KEYS = ("embedding", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
@@ -110,14 +111,12 @@ class FedTGP(FedProto):
                      else torch.optim.SGD(params, lr=cfg.server_lr))
         first = last = float("nan")
         for epoch in range(cfg.server_epochs):
-            order = torch.randperm(len(labels), generator=shuffle)
-            for start in range(0, len(labels), cfg.server_batch_size):
-                index = order[start : start + cfg.server_batch_size]
+            for step, index in enumerate(minibatches(len(labels), cfg.server_batch_size, shuffle)):
                 loss = margin_loss(uploaded[index], labels[index], generate_prototypes(leaves), margin)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                if epoch == 0 and start == 0:
+                if epoch == 0 and step == 0:
                     first = float(loss.detach())
         with torch.no_grad():
             generated = generate_prototypes(leaves)

@@ -30,11 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protofl.algorithms.base import ClientData, State, register
-from protofl.algorithms.fedproto import FedProto, FedProtoConfig
+from protofl.algorithms.base import State, register
+from protofl.algorithms.fedproto import FedProto, FedProtoConfig, alignment_loss
 from protofl.config import check, check_choice
 from protofl.finch import cluster_means, finch
 from protofl.payload import ArraySpec, Payload, PayloadSpec
+from protofl.training import masked_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +56,17 @@ class FPLConfig(FedProtoConfig):
 
 
 def cpcl_loss(z: torch.Tensor, y: torch.Tensor, cluster_classes: torch.Tensor, cluster_prototypes: torch.Tensor,
-              temperature: float) -> torch.Tensor:
-    """Mean over samples of ``logsumexp_all(cos/τ) − logsumexp_{clusters of y}(cos/τ)``; every ``y_i``
-    must have at least one cluster prototype."""
-    logits = F.normalize(z, dim=1) @ F.normalize(cluster_prototypes, dim=1).t() / temperature
-    positive = cluster_classes[None, :] == y[:, None]
-    return (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positive, float("-inf")), 1)).mean()
+              temperature: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over samples of ``logsumexp_all(cos/τ) − logsumexp_{clusters of y}(cos/τ)``, weighted by
+    ``weight`` (default: every sample counts). Every sample of non-zero weight must have at least one
+    cluster prototype of its class; the others may have none (their term is kept finite and dropped)."""
+    weight = torch.ones(len(y), dtype=z.dtype) if weight is None else weight
+    logits = F.normalize(z, dim=-1) @ F.normalize(cluster_prototypes, dim=-1).t() / temperature
+    # Rows of weight 0 (e.g. padding, or a class without clusters) see every cluster as positive, so that
+    # their (dropped) term and its gradient stay finite.
+    positive = (cluster_classes[None, :] == y[:, None]) | (weight[:, None] == 0)
+    per_sample = torch.logsumexp(logits, -1) - torch.logsumexp(logits.masked_fill(~positive, float("-inf")), -1)
+    return masked_mean(per_sample, weight)
 
 
 def cluster_prototypes(replies: list[Payload], dim: int, level: str = "last"):
@@ -108,18 +114,19 @@ class FPL(FedProto):
             "cluster_prototypes": ArraySpec((None, self.dim)),
         }, same_length=spec.same_length)
 
-    def client_context(self, received: Payload, data: ClientData) -> Any:
-        table, mask = super().client_context(received, data)
-        return table, mask, torch.from_numpy(received["cluster_classes"]), torch.from_numpy(received["cluster_prototypes"]).float()
+    def context(self, received: Payload) -> Any:
+        table, mask = super().context(received)
+        cluster_classes = torch.from_numpy(received["cluster_classes"])
+        clustered = torch.zeros_like(mask)
+        clustered[cluster_classes] = True
+        return table, mask & clustered, cluster_classes, torch.from_numpy(received["cluster_prototypes"]).float()
 
-    def prototype_loss(self, z: torch.Tensor, y: torch.Tensor, context: Any) -> torch.Tensor | None:
+    def prototype_loss(self, z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any) -> torch.Tensor:
         table, mask, cluster_classes, clusters = context
-        has = mask[y] & torch.isin(y, cluster_classes)
-        if not has.any():
-            return None
-        loss = self.config.proto_weight * F.mse_loss(z[has], table[y[has]])
-        if self.config.cpcl_weight:
-            loss = loss + self.config.cpcl_weight * cpcl_loss(z[has], y[has], cluster_classes, clusters, self.config.temperature)
+        has = mask[y].to(z.dtype) * weight
+        loss = self.config.proto_weight * alignment_loss(z, table[y], has)
+        if self.config.cpcl_weight and len(cluster_classes):
+            loss = loss + self.config.cpcl_weight * cpcl_loss(z, y, cluster_classes, clusters, self.config.temperature, has)
         return loss
 
     def server_prototypes(self, server_state: State, replies: list[Payload]):

@@ -110,7 +110,7 @@ class InProcessTransport:
                 yield k, *client_round(algo, self.client_state(k), self.clients[k], receive(), round_index=r,
                                        seed=self.seed)
             return
-        from protofl.engine.batched import chunks
+        from protofl.training import chunks
 
         for chunk in chunks(list(active), self.federation.batch_clients):
             # One parsed copy of the (identical) broadcast serves the whole chunk.

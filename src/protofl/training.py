@@ -1,0 +1,308 @@
+"""Local training below the algorithms: the minibatch schedule, the per-client loop, the batched loop.
+
+Every loop here draws its minibatches with :func:`minibatches` (one ``randperm`` of the examples per
+epoch from the caller's generator, consecutive slices of ``batch_size``), so the per-client loop, the
+batched loop and the server-side loops of the methods draw their random numbers the same way.
+
+**The per-client loop** (:func:`train_local`) trains one parameter dict on one client's data.
+
+**The batched loop** (:func:`train_batched`): on a small CPU, a federated round of small models is
+bound by per-step overhead (Python, autograd, the optimiser), not by arithmetic. Here the parameters
+of ``K`` clients are stacked along a leading axis and every local step of all ``K`` clients is one call
+of ``vmap(grad(loss))`` over that axis (``torch.func``), followed by one stacked optimiser update. The
+result is the per-client loop's within float tolerance, because everything that makes a client's
+training its own is kept:
+
+- **the same minibatches**: each client's shuffles are drawn up front with its own generator, epoch by
+  epoch, exactly as :func:`train_local` draws them (so the generator is left in the same state for
+  anything drawn after training, e.g. a privacy mechanism's noise);
+- **unequal sizes**: batches are padded to the batch size with a per-sample weight (0 for padding);
+  the loss of a client is the weighted mean over its real samples, so a short last batch or a client
+  with fewer examples than a batch is averaged over what it has;
+- **unequal batch counts**: client ``k`` runs its own ``S_k`` steps as steps ``0 .. S_k - 1`` of the
+  program; at later steps it is inactive and its parameters and optimiser state are left untouched
+  (a masked update, not a zero gradient: momentum and weight decay would otherwise still move it);
+- **the same optimiser math** as ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (state reset each round).
+
+Both loops train the same objective, ``loss(params, x, y, weight, *shared)`` with ``weight`` 1 on real
+samples and 0 on padding (the per-client loop passes unit weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.func import grad_and_value, vmap
+
+Params = dict[str, torch.Tensor]
+
+
+# -- the minibatch schedule ------------------------------------------------------------------------
+def minibatches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch of shuffled minibatches of ``range(n)``: a single ``randperm(n, generator)`` (drawn
+    even for ``n = 0``, so a generator advances the same way whatever the data), cut into consecutive
+    slices of ``batch_size`` (the last one shorter)."""
+    order = torch.randperm(n, generator=generator)
+    return list(order.split(batch_size)) if n else []
+
+
+# -- losses on padded batches ------------------------------------------------------------------------
+def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the entries whose ``weight`` is 1 (0 when there are none)."""
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(logits[valid], y[valid])`` for one client's padded batch. Written as
+    ``logsumexp - gather``: under ``vmap`` ``F.cross_entropy`` falls back to a decomposition of
+    ``nll_loss`` about three times slower."""
+    nll = torch.logsumexp(logits, -1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return masked_mean(nll, weight)
+
+
+# -- optimisers ----------------------------------------------------------------------------------------
+def make_optimizer(config: Any, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimiser named by ``config.optimizer`` (``sgd``, ``adam``, ``adamw``)."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+class StackedOptimizer:
+    """``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (default betas and eps) on stacked parameters, updated
+    in place with the ``torch._foreach_*`` operations those optimisers use, and a mask over clients:
+    an inactive client's parameters and optimiser state are restored after the update. State starts
+    empty each round, as in :func:`train_local`."""
+
+    def __init__(self, config: Any, params: Params):
+        self.config = config
+        self.kind = config.optimizer
+        self.names = list(params)
+        self.state: list[list[torch.Tensor]] = []
+        if self.kind == "sgd":
+            if config.momentum:
+                self.state = [[torch.zeros_like(v) for v in params.values()]]
+        else:
+            self.state = [[torch.zeros_like(v) for v in params.values()], [torch.zeros_like(v) for v in params.values()]]
+
+    def step(self, params: Params, grads: Params, active: torch.Tensor, step: int) -> None:
+        p = [params[n] for n in self.names]
+        g = [grads[n] for n in self.names]
+        if bool(active.all()):
+            self._update(p, g, step)
+            return
+        saved = [[t.clone() for t in group] for group in (p, *self.state)]
+        self._update(p, g, step)
+        for group, old in zip((p, *self.state), saved):
+            for t, o in zip(group, old):
+                mask = active.view(-1, *([1] * (t.dim() - 1)))
+                t.copy_(torch.where(mask, t, o))
+
+    def _update(self, p: list[torch.Tensor], g: list[torch.Tensor], step: int) -> None:
+        c = self.config
+        lr, wd = c.lr, c.weight_decay
+        if self.kind == "sgd":
+            if wd:
+                g = torch._foreach_add(g, p, alpha=wd)
+            if self.state:
+                (buf,) = self.state
+                torch._foreach_mul_(buf, c.momentum)
+                torch._foreach_add_(buf, g)
+                g = buf
+            torch._foreach_add_(p, g, alpha=-lr)
+            return
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        exp_avg, exp_avg_sq = self.state
+        if self.kind == "adamw":
+            if wd:
+                torch._foreach_mul_(p, 1 - lr * wd)
+        elif wd:
+            g = torch._foreach_add(g, p, alpha=wd)
+        torch._foreach_lerp_(exp_avg, g, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, g, g, 1 - beta2)
+        step_size = lr / (1 - beta1 ** step)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** step))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, exp_avg, denom, -step_size)
+
+
+# -- the per-client loop -----------------------------------------------------------------------------
+def train_local(
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[..., torch.Tensor],
+    config: Any,
+    generator: torch.Generator,
+    on_epoch: Callable[[Params], None] | None = None,
+    shared: tuple = (),
+) -> tuple[Params, dict[str, float]]:
+    """``config.local_epochs`` epochs of :func:`minibatches` of ``loss_fn(params, x, y, weight, *shared)``
+    (unit weights) with :func:`make_optimizer`; returns detached parameters and ``{"train_loss"}`` (the
+    mean of the step losses). ``params`` are not modified (copies are trained).
+
+    ``on_epoch(params)`` (optional) is called with the current detached parameters before each epoch
+    (e.g. to recompute a per-epoch statistic of the local data)."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    optimizer = make_optimizer(config, list(leaves.values()))
+    total, batches = 0.0, 0
+    for _ in range(config.local_epochs):
+        if on_epoch is not None:
+            on_epoch({k: v.detach() for k, v in leaves.items()})
+        for index in minibatches(len(y), config.batch_size, generator):
+            loss = loss_fn(leaves, x[index], y[index], torch.ones(len(index), dtype=x.dtype), *shared)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            batches += 1
+    return {k: v.detach() for k, v in leaves.items()}, {"train_loss": total / max(batches, 1)}
+
+
+# -- the batched loop ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ClientBatch:
+    """The train splits of ``K`` clients, concatenated, with their offsets and sizes."""
+
+    x: torch.Tensor  # (sum n_k, ...)
+    y: torch.Tensor  # (sum n_k,)
+    sizes: torch.Tensor  # (K,) int64
+    offsets: torch.Tensor  # (K,) int64
+
+    @classmethod
+    def of(cls, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> ClientBatch:
+        sizes = torch.tensor([len(y) for y in ys], dtype=torch.int64)
+        offsets = torch.zeros_like(sizes)
+        if len(sizes) > 1:
+            offsets[1:] = torch.cumsum(sizes, 0)[:-1]
+        return cls(torch.cat(list(xs)), torch.cat(list(ys)), sizes, offsets)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index (K, n_max), weight (K, n_max))``: every client's rows, padded by repeating its first
+        row (weight 0); a client with no rows points at row 0 of the whole batch."""
+        n_max = int(self.sizes.max()) if len(self.sizes) else 0
+        pos = torch.arange(n_max)
+        weight = (pos[None, :] < self.sizes[:, None]).float()
+        within = torch.where(weight > 0, pos[None, :], torch.zeros((), dtype=torch.int64))
+        index = (self.offsets[:, None] + within).clamp(max=max(len(self.y) - 1, 0))
+        return index, weight
+
+
+@dataclasses.dataclass
+class Schedule:
+    """Which rows every client uses at every step of the batched program."""
+
+    index: torch.Tensor  # (S, K, B) rows into ClientBatch.x / .y
+    weight: torch.Tensor  # (S, K, B) 1 for a real sample, 0 for padding
+    active: torch.Tensor  # (S, K) whether client k takes step s
+    steps: torch.Tensor  # (K,) number of steps of each client
+
+
+def batch_schedule(
+    batch: ClientBatch, batch_size: int, epochs: int, generators: Sequence[torch.Generator]
+) -> Schedule:
+    """Each client's :func:`minibatches`, drawn with its own generator epoch by epoch exactly as
+    :func:`train_local` draws them, padded into one table."""
+    sizes = [int(n) for n in batch.sizes]
+    k = len(sizes)
+    width = max(1, min(batch_size, max(sizes, default=1)))
+    per_epoch = [math.ceil(n / batch_size) for n in sizes]
+    total = epochs * max(per_epoch, default=0)
+    index = torch.zeros(total, k, width, dtype=torch.int64)
+    weight = torch.zeros(total, k, width)
+    active = torch.zeros(total, k, dtype=torch.bool)
+    for c, (n, spe, g) in enumerate(zip(sizes, per_epoch, generators)):
+        offset = int(batch.offsets[c])
+        for e in range(epochs):
+            batches = minibatches(n, batch_size, g)
+            if not batches:
+                continue
+            order = torch.cat(batches) + offset  # the epoch's rows in the order of its minibatches
+            steps = slice(e * spe, (e + 1) * spe)
+            if n % batch_size == 0 and width == batch_size:
+                index[steps, c] = order.view(spe, width)
+                weight[steps, c] = 1.0
+            else:
+                padded = torch.full((spe * batch_size,), offset, dtype=torch.int64)
+                padded[:n] = order
+                mask = torch.zeros(spe * batch_size)
+                mask[:n] = 1.0
+                index[steps, c] = padded.view(spe, batch_size)[:, :width]
+                weight[steps, c] = mask.view(spe, batch_size)[:, :width]
+            active[steps, c] = True
+    return Schedule(index, weight, active, torch.tensor(per_epoch, dtype=torch.int64) * epochs)
+
+
+def stack_params(params_list: Sequence[Params]) -> Params:
+    """``K`` parameter dicts -> one dict of ``(K, ...)`` tensors (a fresh copy)."""
+    return {name: torch.stack([p[name] for p in params_list]) for name in params_list[0]}
+
+
+def broadcast_params(params: Params, k: int) -> Params:
+    """One parameter dict repeated for ``K`` clients (a fresh copy)."""
+    return {name: v.detach().unsqueeze(0).expand(k, *v.shape).clone() for name, v in params.items()}
+
+
+def unstack_params(stacked: Params) -> list[Params]:
+    """``(K, ...)`` tensors -> ``K`` dicts of independent tensors (clones, so that one client's state
+    does not keep the whole chunk's storage alive)."""
+    k = len(next(iter(stacked.values())))
+    parts = {name: [t.clone() for t in v.unbind(0)] for name, v in stacked.items()}
+    return [{name: parts[name][c] for name in stacked} for c in range(k)]
+
+
+def train_batched(
+    params: Params,
+    batch: ClientBatch,
+    loss_fn: Callable[..., torch.Tensor],
+    config: Any,
+    generators: Sequence[torch.Generator],
+    shared: tuple = (),
+) -> tuple[Params, list[dict[str, float]]]:
+    """Train ``K`` clients at once: ``params`` holds ``(K, ...)`` tensors (a fresh stack, e.g. from
+    :func:`stack_params`: they are updated in place), ``loss_fn(params_k, x, y, weight, *shared)`` is
+    one client's loss on its padded batch (``weight`` marks real samples), and ``shared`` are arguments
+    common to every client (e.g. the global prototypes). Returns the trained stacked parameters and each
+    client's ``{"train_loss"}`` (the mean of its step losses, as :func:`train_local` reports it)."""
+    schedule = batch_schedule(batch, config.batch_size, config.local_epochs, generators)
+    leaves = {name: v.detach() for name, v in params.items()}  # trained in place: pass a fresh stack
+    optimizer = StackedOptimizer(config, leaves)
+    step_fn = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0, *([None] * len(shared))))
+    k = len(batch)
+    total = torch.zeros(k, dtype=torch.float64)
+    for s in range(schedule.index.shape[0]):
+        index = schedule.index[s]
+        active = schedule.active[s]
+        grads, losses = step_fn(leaves, batch.x[index], batch.y[index], schedule.weight[s], *shared)
+        optimizer.step(leaves, grads, active, s + 1)
+        total += torch.where(active, losses.detach().double(), torch.zeros((), dtype=torch.float64))
+    steps = schedule.steps.clamp_min(1).double()
+    metrics = [{"train_loss": float(v)} for v in (total / steps).tolist()]
+    return leaves, metrics
+
+
+@torch.no_grad()
+def batched_features(forward: Callable[[Params, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                     params: Params, batch: ClientBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features of every client's train split under its own stacked parameters (one ``vmap`` call):
+    ``(K, n_max, d)``, the ``(K, n_max)`` weight of the real rows and their ``(K, n_max)`` row index into
+    the batch."""
+    index, weight = batch.padded_index()
+    z = vmap(lambda p, x: forward(p, x)[0])(params, batch.x[index])
+    return z, weight, index
+
+
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """``items`` in consecutive groups of at most ``size``."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
