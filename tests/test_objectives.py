@@ -74,8 +74,8 @@ def test_both_paths_release_prototypes_through_release_prototypes_only(privacy, 
         return original(z, y, clean, generator, client_state, client_id)
 
     monkeypatch.setattr(algo, "release_prototypes", counted)
-    if algo.release_mechanism is not None:
-        monkeypatch.setattr(algo.release_mechanism, "release", _forbidden_outside(calls, algo.release_mechanism.release))
+    if algo.privacy_layer is not None:
+        monkeypatch.setattr(algo.privacy_layer, "release", _forbidden_outside(calls, algo.privacy_layer.release))
     data = clients()
     received = algo.broadcast(algo.init_server_state(0))
     states = [algo.init_client_state(0) for _ in data]
