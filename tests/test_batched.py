@@ -102,6 +102,7 @@ SERVED = [
     ("fedproto", {"aggregation": "unweighted", "proto_weight": 2.0, "local_epochs": 2}),
     ("fedproto", {"model_sharing": "fedavg"}),
     ("fedtgp", {"server_epochs": 2}),
+    ("fedgh", {"server_epochs": 2}),
     ("fpl", {"lr": 0.01}),
     ("fpl", {"lr": 0.01, "model_sharing": "none", "finch_level": "first", "optimizer": "adam"}),
     ("creff", {"features_per_class": 4, "match_steps": 3, "retrain_epochs": 2, "grad_samples": 5}),

@@ -643,3 +643,15 @@ def test_the_nodes_per_client_records_match_the_in_process_ones(tmp_path):
                 assert fc["epsilon"] is None
             else:
                 assert fc["epsilon"] == pytest.approx(lc["epsilon"], rel=1e-6)
+
+
+def test_a_method_added_as_one_file_runs_private_on_flower_as_in_process(tmp_path):
+    """FedGH lives in one file (algorithms/fedgh.py) and touches neither the engine, the Flower package nor
+    the privacy layer: under igpp its Flower run (the grid transport, nodes' client steps, their ledgers)
+    equals the in-process run, and both spend at most the budget."""
+    config = {**SMALL, "method": {"name": "fedgh", "lr": 0.1, "batch_size": 32, "server_epochs": 5},
+              "privacy": {"mechanism": "igpp", "epsilon": 8.0, "accountant": "rdp"}}
+    _, summary = _loopback_run(config, tmp_path / "f")
+    local = protofl.run(config)
+    _assert_close(read_metrics(tmp_path / "f" / "metrics.jsonl"), local.history, rounds=[1, 2, 3, 4])
+    assert summary["epsilon"] == pytest.approx(local.summary["epsilon"], rel=1e-9) and summary["epsilon"] <= 8.0

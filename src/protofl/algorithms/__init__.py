@@ -4,6 +4,7 @@ from protofl.algorithms import (  # noqa: F401  (registers them)
     creff,
     dpfedavg,
     fedavg,
+    fedgh,
     fedhpro,
     fedhypevae,
     fedproto,
