@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 
 from protofl.config import ConfigError, RunConfig, from_mapping, to_mapping
+from protofl.errors import RunFailedError
+from protofl.health import failure_fields, learning_failure
 
 log = logging.getLogger("protofl")
 
@@ -49,6 +52,9 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
     """A :class:`RunConfig` with the method's options validated and its defaults filled in."""
     from protofl.algorithms import get_algorithm
 
+    if not isinstance(config, (RunConfig, Mapping, str, Path)):
+        raise ConfigError(f"config: expected a RunConfig, a mapping in the TOML layout or the path of a TOML file, "
+                          f"got {type(config).__name__}")
     if isinstance(config, (str, Path)):
         config = RunConfig.from_toml(config, overrides)
     elif isinstance(config, Mapping):
@@ -154,7 +160,14 @@ def _stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(labels))
-    kept, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
+    classes = len(np.unique(labels))
+    if size < classes:
+        raise ConfigError(f"data.max_train_samples: {size} is fewer than the {classes} classes of the training set; "
+                          f"keep at least one sample of each (>= {classes}), or 0 for all")
+    try:
+        kept, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
+    except ValueError as exc:
+        raise ConfigError(f"data.max_train_samples: cannot draw {size} samples stratified by class ({exc})") from None
     return np.sort(kept)
 
 
@@ -172,21 +185,29 @@ def run(
     the run folder receives config.toml, metrics.jsonl, summary.json, checkpoints, plots and
     report.md; ``resume=True`` continues from ``out``'s last checkpoint (the config there is used).
     """
-    from protofl.algorithms import Task, get_algorithm
-    from protofl.engine import Simulation
-    from protofl.engine.checkpoint import has_checkpoint
-    from protofl.records import write_atomic, write_metrics
+    from protofl.rundir import RunFolder
 
-    run_dir = Path(out) if out is not None else None
+    folder = RunFolder(out, resume=resume) if out is not None else None
+    run_dir = folder.path if folder is not None else None
     if resume:
-        if run_dir is None or not (run_dir / "config.toml").exists():
-            raise ConfigError(f"cannot resume: {run_dir} holds no config.toml of an earlier run")
+        if folder is None:
+            raise ConfigError("cannot resume: name the run folder (out)")
         if overrides:
             raise ConfigError("cannot change the configuration of a run being resumed (no --set with --resume)")
+        folder.check()
         config = RunConfig.from_toml(run_dir / "config.toml")
-    elif run_dir is not None and has_checkpoint(run_dir / "checkpoint"):
-        raise ConfigError(f"{run_dir} already holds a run; resume it (--resume {run_dir}) or choose another --out")
+    elif folder is not None:
+        folder.check()
     config = resolve_config(config, overrides)
+    with folder.lock() if folder is not None else contextlib.nullcontext():
+        return _run_locked(config, run_dir, resume, stop_after)
+
+
+def _run_locked(config: RunConfig, run_dir: Path | None, resume: bool, stop_after: int | None) -> RunResult:
+    from protofl.algorithms import Task, get_algorithm
+    from protofl.engine import Simulation
+    from protofl.records import write_atomic, write_metrics
+
     torch.manual_seed(config.seed)
 
     data = prepare_data(config)
@@ -216,9 +237,12 @@ def run(
                           wall_seconds=simulation.wall_seconds,
                           seconds_per_round=simulation.elapsed / max(simulation.round, 1),
                           bytes_up=simulation.bytes_up, bytes_down=simulation.bytes_down,
-                          execution=simulation.execution)
+                          execution=simulation.execution, **failure_fields(failure := learning_failure(history)))
     if run_dir is not None:
         write_run_records(run_dir, config, history, summary)
+    if failure is not None:
+        where = f"; its records are in {run_dir}" if run_dir is not None else ""
+        raise RunFailedError(f"the run could not learn: {failure}; no accuracy is reported{where}")
     return RunResult(summary, history, run_dir, config)
 
 
