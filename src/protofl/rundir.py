@@ -117,6 +117,7 @@ class RunFolder:
     def lock(self) -> RunFolderLock:
         """Check, create the folder and take its lock; temporary files of interrupted writes are removed."""
         self.check()
+        created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -132,21 +133,30 @@ class RunFolder:
         except BaseException:
             os.close(fd)
             raise
-        return RunFolderLock(self.path, fd)
+        return RunFolderLock(self.path, fd, created)
 
 
 class RunFolderLock:
-    """The held lock of a run folder; :meth:`release` (or leaving the ``with`` block) lets it go."""
+    """The held lock of a run folder; :meth:`release` (or leaving the ``with`` block) lets it go. A
+    folder the lock created that still holds nothing else (the run failed before writing) is removed."""
 
-    def __init__(self, path: Path, fd: int):
+    def __init__(self, path: Path, fd: int, created: bool = False):
         self.path = path
         self._fd: int | None = fd
+        self._created = created
 
     def release(self) -> None:
-        if self._fd is not None:
-            _unlock(self._fd)
-            os.close(self._fd)
-            self._fd = None
+        if self._fd is None:
+            return
+        try:
+            if self._created and os.listdir(self.path) == [LOCK_NAME]:
+                (self.path / LOCK_NAME).unlink()
+                self.path.rmdir()
+        except OSError:  # another process may be looking at it: leaving an empty folder is harmless
+            pass
+        _unlock(self._fd)
+        os.close(self._fd)
+        self._fd = None
 
     def __enter__(self) -> RunFolderLock:
         return self

@@ -14,6 +14,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import struct
 import zlib
 from pathlib import Path
@@ -325,14 +326,30 @@ def _allowed_globals() -> dict[tuple[str, str], tuple[Any, Any]]:
     return allowed
 
 
+class _Budget:
+    """The bytes a pickle may still ask for (kept apart from the unpickler: what the closures below
+    reference must not reach the unpickler, or each load would leave an uncollectable cycle)."""
+
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.size = size
+        self.limit = PICKLE_ALLOCATION_FACTOR * size + PICKLE_ALLOCATION_SLACK
+        self.spent = 0
+
+    def spend(self, nbytes: int, what: str) -> None:
+        self.spent += nbytes
+        if self.spent > self.limit:
+            raise UnsafePickleError(f"{self.path}: refusing {what}: the pickle asks for {self.spent} bytes, more "
+                                    f"than the {self.limit} a file of {self.size} bytes can justify")
+
+
 class _SafeUnpickler(pickle.Unpickler):
     _allowed = None
 
     def __init__(self, file: BinaryIO, path: Path, size: int, **kwargs: Any):
         super().__init__(file, **kwargs)
         self.path = path
-        self.limit = PICKLE_ALLOCATION_FACTOR * size + PICKLE_ALLOCATION_SLACK
-        self.spent = 0
+        self.budget = _Budget(path, size)
 
     def find_class(self, module: str, name: str) -> Any:
         if _SafeUnpickler._allowed is None:
@@ -343,19 +360,33 @@ class _SafeUnpickler(pickle.Unpickler):
             raise UnsafePickleError(
                 f"{self.path}: refusing to load {module}.{name}: only numpy arrays and plain containers are allowed"
             ) from None
-
         if cost is None:
             return function
+        return _bounded(function, cost, self.budget, f"{module}.{name}")
 
-        def bounded(*args: Any) -> Any:
-            args = tuple(np.ndarray if a is _ARRAY_TYPE else a for a in args)
-            self.spent += cost(args)
-            if self.spent > self.limit:
-                raise UnsafePickleError(f"{self.path}: refusing {module}.{name}: the pickle asks for {self.spent} "
-                                        f"bytes, more than its {self.limit - PICKLE_ALLOCATION_SLACK} could justify")
-            return function(*args)
 
-        return function if function is np.dtype else bounded
+def _bounded(function: Any, cost: Any, budget: _Budget, what: str) -> Any:
+    """``function`` charging ``budget`` for what each call may allocate, before it runs."""
+
+    def call(*args: Any) -> Any:
+        args = tuple(np.ndarray if a is _ARRAY_TYPE else a for a in args)
+        budget.spend(cost(args), what)
+        return function(*args)
+
+    return call
+
+
+#: Opcodes that store into the unpickler's memo (which grows to twice the largest index it is given).
+_MEMO_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def _prescan(data: bytes, path: Path) -> None:
+    """Walk the pickle's opcodes without running any: every declared length must fit in the bytes that
+    remain (:mod:`pickletools` checks it) and every memo index must be below the file's size. (CPython's
+    unpickler allocates a counted string, or the memo, before it finds the data short.)"""
+    for opcode, arg, _ in pickletools.genops(data):
+        if opcode.name in _MEMO_OPCODES and isinstance(arg, int) and not 0 <= arg <= len(data):
+            raise UnsafePickleError(f"{path}: refusing a memo index of {arg} in a file of {len(data)} bytes")
 
 
 def safe_unpickle(path: str | Path) -> Any:
@@ -366,6 +397,7 @@ def safe_unpickle(path: str | Path) -> Any:
     path = Path(path)
     data = path.read_bytes()
     try:
+        _prescan(data, path)
         return _SafeUnpickler(io.BytesIO(data), path, len(data), encoding="bytes").load()
     except UnsafePickleError:
         raise
