@@ -203,8 +203,13 @@ def _check_file(path: Path, spec: FileSpec, stamps: dict | None) -> str | None:
 
 
 def _check_folder(source: Source, folder: Path, *, use_stamps: bool = True) -> list[str]:
-    stamps = _read_stamps(source.name) if use_stamps else {}
-    before = dict(stamps)
+    """Problems with ``folder``'s files. Without ``use_stamps`` every file is hashed and the verdicts
+    replace the stored ones (a file found changed loses its stamp, so the next fetch replaces it)."""
+    before = _read_stamps(source.name)
+    stamps = dict(before)
+    if not use_stamps:
+        for spec in source.files:
+            stamps.pop(str((folder / spec.name).resolve()), None)
     problems = [p for spec in source.files if (p := _check_file(folder / spec.name, spec, stamps))]
     if stamps != before:
         _write_stamps(source.name, stamps)
@@ -281,8 +286,12 @@ def _lock(name: str) -> Iterator[None]:
 def _cache_root() -> Path:
     """The cache folder, refused (:class:`DataFetchError`) where it cannot be one."""
     root = cache_dir()
-    if root.exists() and not root.is_dir():
-        raise DataFetchError(f"the data cache {root} is a file, not a folder; set PROTOFL_CACHE to a folder")
+    try:
+        if root.exists() and not root.is_dir():
+            raise DataFetchError(f"the data cache {root} is a file, not a folder; set PROTOFL_CACHE to a folder")
+    except OSError as exc:
+        raise DataFetchError(f"the data cache {root} cannot be used ({exc.strerror or exc}); set PROTOFL_CACHE "
+                             "to another folder") from None
     return root
 
 
