@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
-    from protofl.errors import ConfigError, ProtoflError
+    from protofl.errors import ProtoflError
     from protofl.privacy import BudgetExceededError
 
     received: list[int] = []
@@ -242,11 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         signum = received[0] if received else signal.SIGINT
         print(f"interrupted ({signal.Signals(signum).name}){_resume_hint(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED[signum]
-    except ConfigError as exc:
-        print(f"error: invalid configuration: {_one_line(exc)}", file=sys.stderr)
-        return exc.exit_code
     except ProtoflError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {exc.prefix}{_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except BudgetExceededError as exc:
         print(f"error: privacy budget: {exc}; the last checkpoint holds the rounds completed", file=sys.stderr)

@@ -29,15 +29,22 @@ class ProtoflError(Exception):
 
     #: The command line's exit status for this error.
     exit_code = 2
+    #: What the command line prints before the message (after ``error: ``).
+    prefix = ""
 
 
 class ConfigError(ProtoflError, ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
+    prefix = "invalid configuration: "
 
-class RunFolderError(ProtoflError, ValueError):
+
+class RunFolderError(ConfigError):
     """``--out`` cannot be used as a run folder (it holds other files, is not a folder, cannot be
-    written), or a run folder cannot be resumed."""
+    written), or a run folder cannot be resumed. (A :class:`ConfigError`: where a run writes is part
+    of what it is asked to do.)"""
+
+    prefix = ""
 
 
 class RunLockedError(RunFolderError):
