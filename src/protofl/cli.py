@@ -210,6 +210,8 @@ def _resume_hint(args: argparse.Namespace) -> str:
         folder, command = args.out, f"protofl flower run --resume --out {args.out}"
     else:
         return ""
+    if not folder:
+        return ""
     if not has_checkpoint(Path(folder) / "checkpoint"):
         return f"; no round had finished, so {folder} holds no checkpoint yet"
     return f"; the last checkpoint in {folder} is kept: continue with  {command}"
