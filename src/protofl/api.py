@@ -194,10 +194,10 @@ def run(
             raise ConfigError("cannot resume: name the run folder (out)")
         if overrides:
             raise ConfigError("cannot change the configuration of a run being resumed (no --set with --resume)")
-        folder.check()
+    if folder is not None:
+        folder.check()  # before anything is read or written
+    if resume:
         config = RunConfig.from_toml(run_dir / "config.toml")
-    elif folder is not None:
-        folder.check()
     config = resolve_config(config, overrides)
     with folder.lock() if folder is not None else contextlib.nullcontext():
         return _run_locked(config, run_dir, resume, stop_after)
@@ -233,11 +233,12 @@ def _run_locked(config: RunConfig, run_dir: Path | None, resume: bool, stop_afte
         _write_partition_records(run_dir, data)
     history = simulation.run(stop_after=stop_after)
 
+    failure = learning_failure(history)
     summary = run_summary(config, history, privacy=algorithm.privacy_report(simulation.client_states),
                           wall_seconds=simulation.wall_seconds,
                           seconds_per_round=simulation.elapsed / max(simulation.round, 1),
                           bytes_up=simulation.bytes_up, bytes_down=simulation.bytes_down,
-                          execution=simulation.execution, **failure_fields(failure := learning_failure(history)))
+                          execution=simulation.execution, **failure_fields(failure))
     if run_dir is not None:
         write_run_records(run_dir, config, history, summary)
     if failure is not None:
