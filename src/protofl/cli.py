@@ -217,7 +217,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
     return f"; the last checkpoint in {folder} is kept: continue with  {command}"
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | str) -> str:
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
     return " ".join(str(text).split())
 
