@@ -3,8 +3,9 @@
 ``python tests/_fuzz.py TARGET COUNT SEED FOLDER`` writes a valid file of TARGET's kind into FOLDER,
 loads COUNT mutants of it (bit flips, interesting bytes, boundary integers over 4- and 8-byte fields,
 truncations, insertions, deletions, duplicated spans) and prints one JSON object: how many loaded,
-how many raised the loader's typed error, the first crashes (any other exception) and the growth of
-the process's peak resident memory over the loop (``resource.getrusage``).
+how many raised the loader's typed error, the first crashes (any other exception, MemoryError included:
+the loop runs under an address-space limit set with ``resource.setrlimit``) and the growth of the
+process's peak resident memory over the loop.
 """
 
 from __future__ import annotations
@@ -138,6 +139,34 @@ TARGETS: dict[str, Callable[[], tuple]] = {
 }
 
 
+#: The address space a mutant set may add to its process: an allocation past it fails with MemoryError,
+#: which no loader turns into its typed error, so it counts as a crash.
+ADDRESS_SPACE_ALLOWANCE = 1 << 30
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB). Linux's VmHWM belongs to the program since its exec;
+    ``ru_maxrss`` would include the pre-exec peak of the (forked) test process that started it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _limit_address_space() -> None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                size = int(line.split()[1]) * 1024
+                resource.setrlimit(resource.RLIMIT_AS, (size + ADDRESS_SPACE_ALLOWANCE, resource.RLIM_INFINITY))
+                return
+    except (OSError, ValueError):
+        pass
+
+
 def fuzz(target: str, count: int, seed: int, folder: Path, plot: bool = False) -> dict:
     write, load, typed_error = TARGETS[target]()
     if target == "summary" and not plot:
@@ -150,7 +179,8 @@ def fuzz(target: str, count: int, seed: int, folder: Path, plot: bool = False) -
     original = path.read_bytes()
     load(path)  # the valid file loads
     rng = np.random.default_rng(seed)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _limit_address_space()
+    before = peak_rss_mb()
     counts = {"loaded": 0, "refused": 0}
     crashes: list[str] = []
     handle = open(path, "r+b")  # rewritten in place: creating a file anew costs milliseconds on some filesystems
@@ -170,7 +200,7 @@ def fuzz(target: str, count: int, seed: int, folder: Path, plot: bool = False) -
         except Exception as exc:  # noqa: BLE001 - any other exception is the finding
             crashes.append(f"mutant {i}: {type(exc).__name__}: {str(exc)[:200]}")
     handle.close()
-    growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    growth_mb = peak_rss_mb() - before
     return {**counts, "crashes": crashes[:10], "crash_count": len(crashes), "peak_growth_mb": growth_mb}
 
 

@@ -2,8 +2,9 @@
 
 Each loader (IDX plain and gzip, CIFAR batches, checkpoints, summary.json for the report) gets mutants
 of a valid file of its kind (tests/_fuzz.py). Every mutant must load or raise the loader's typed error
-naming the file; any other exception is a crash. The set runs in a fresh process, so the growth of its
-peak resident memory over the loop (``resource.getrusage``) is the loader's own; it must stay under a
+naming the file; any other exception is a crash. The set runs in a fresh process under an address-space
+limit (``resource.setrlimit``: an allocation past it is a MemoryError, which no loader turns into its
+typed error), and the growth of that process's peak resident memory over the loop must stay under a
 limit. The default set (1,500 mutants a loader) runs in seconds; the ``slow`` set runs 20,000 a loader
 with other seeds.
 """

@@ -31,8 +31,8 @@ def _idx_header(code: int, dims: tuple[int, ...]) -> bytes:
 
 def _peak_rss_mb(code: str) -> float:
     """Run ``code`` in a fresh interpreter and return its peak resident memory (MB)."""
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    script = code + "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    src = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + str(Path(__file__).resolve().parent)
+    script = code + "\nfrom _fuzz import peak_rss_mb; print(peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": src})
     assert out.returncode == 0, out.stderr

@@ -198,8 +198,10 @@ SYNTHETIC_MAX_VALUES = 10**9
 
 def _check_synthetic(key: str, value: Any) -> None:
     low, high = _SYNTHETIC_MIN[key], _SYNTHETIC_MAX[key]
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{SYNTHETIC_GAUSSIAN}: {key} must be an integer in [{low}, {high}], got {value!r}")
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{SYNTHETIC_GAUSSIAN}: {key} must be an integer >= {low}, got {value!r}")
+    if value > high:
+        raise ValueError(f"{SYNTHETIC_GAUSSIAN}: {key} must be an integer <= {high}, got {value!r}")
 
 
 def _check_synthetic_size(train: int, test: int, dim: int) -> None:

@@ -402,7 +402,7 @@ def safe_unpickle(path: str | Path) -> Any:
     except UnsafePickleError:
         raise
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError, AttributeError,
-            OverflowError, MemoryError, RecursionError, UnicodeError) as exc:
+            OverflowError, RecursionError, UnicodeError) as exc:
         detail = " ".join(str(exc).split())[:200]
         raise DataFormatError(f"{path}: not a readable pickle ({type(exc).__name__}: {detail})") from None
 
