@@ -10,11 +10,9 @@ process's peak resident memory over the loop.
 
 from __future__ import annotations
 
-import gzip
 import json
 import pickle
 import resource
-import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -88,7 +86,7 @@ def _cifar_target():
 def _checkpoint_target():
     import torch
 
-    from protofl.engine.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+    from protofl.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
     def write(folder: Path) -> Path:
         state = {"round": 2, "fingerprint": "0123456789abcdef",
