@@ -20,7 +20,14 @@ _EXPORTS = {
     "FederationConfig": "protofl.config",
     "ModelConfig": "protofl.config",
     "PrivacyConfig": "protofl.config",
-    "ConfigError": "protofl.config",
+    "ConfigError": "protofl.errors",
+    "ProtoflError": "protofl.errors",
+    "CheckpointError": "protofl.errors",
+    "DataFormatError": "protofl.errors",
+    "ReportError": "protofl.errors",
+    "RunFailedError": "protofl.errors",
+    "RunFolderError": "protofl.errors",
+    "RunLockedError": "protofl.errors",
     "RunInterrupted": "protofl.engine",
     "BudgetExceededError": "protofl.privacy",
     "load_dataset": "protofl.data",
@@ -31,8 +38,10 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from protofl.api import RunResult, run
-    from protofl.config import (ConfigError, DataConfig, FederationConfig, ModelConfig,
+    from protofl.config import (DataConfig, FederationConfig, ModelConfig,
                                 PartitionConfig, PrivacyConfig, RunConfig)
+    from protofl.errors import (CheckpointError, ConfigError, DataFormatError, ProtoflError, ReportError,
+                                RunFailedError, RunFolderError, RunLockedError)
     from protofl.engine import RunInterrupted
     from protofl.privacy import BudgetExceededError
     from protofl.data import load_dataset, make_partition

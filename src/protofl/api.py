@@ -4,6 +4,7 @@ The work is the runner's (:mod:`protofl.runner`); this module keeps its public n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -53,19 +54,27 @@ def run(
     the run folder receives config.toml, metrics.jsonl, summary.json, checkpoints, plots and
     report.md; ``resume=True`` continues from ``out``'s last checkpoint (the config there is used).
     """
-    from protofl.engine import Simulation
-    from protofl.engine.checkpoint import has_checkpoint
+    from protofl.rundir import RunFolder
 
-    run_dir = Path(out) if out is not None else None
+    folder = RunFolder(out, resume=resume) if out is not None else None
+    run_dir = folder.path if folder is not None else None
     if resume:
-        if run_dir is None or not (run_dir / "config.toml").exists():
-            raise ConfigError(f"cannot resume: {run_dir} holds no config.toml of an earlier run")
+        if folder is None:
+            raise ConfigError("cannot resume: name the run folder (out)")
         if overrides:
             raise ConfigError("cannot change the configuration of a run being resumed (no --set with --resume)")
+    if folder is not None:
+        folder.check()  # before anything is read or written
+    if resume:
         config = RunConfig.from_toml(run_dir / "config.toml")
-    elif run_dir is not None and has_checkpoint(run_dir / "checkpoint"):
-        raise ConfigError(f"{run_dir} already holds a run; resume it (--resume {run_dir}) or choose another --out")
     config = resolve_config(config, overrides)
+    with folder.lock() if folder is not None else contextlib.nullcontext():
+        return _run_locked(config, run_dir, resume, stop_after)
+
+
+def _run_locked(config: RunConfig, run_dir: Path | None, resume: bool, stop_after: int | None) -> RunResult:
+    from protofl.engine import Simulation
+
     torch.manual_seed(config.seed)
     data = prepare_data(config)
 

@@ -6,9 +6,17 @@ Heavy imports (torch, the data layer) happen inside the subcommands so ``protofl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+
+def _pct(value: float | None, unit: str = "%") -> str:
+    """An accuracy as a percentage; "—" where there is none (no global model, no client test split)."""
+    return "—" if value is None else f"{100 * value:.2f}{unit}"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -27,9 +35,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = run(config, out=args.out, overrides=args.set)
     s = result.summary
     final = s["final"]
-    glob = "—" if final["global_acc"] is None else f"{100 * final['global_acc']:.2f}%"
-    print(f"{s['method']} on {s['dataset']}: global acc {glob}, personalised acc "
-          f"{100 * final['personal_acc_mean']:.2f}% ± {100 * final['personal_acc_std']:.2f} "
+    print(f"{s['method']} on {s['dataset']}: global acc {_pct(final['global_acc'])}, personalised acc "
+          f"{_pct(final['personal_acc_mean'])} ± {_pct(final['personal_acc_std'], '')} "
           f"after {final['round']} rounds ({s['wall_seconds']:.0f} s)")
     print(f"run folder: {result.run_dir} (report.md, summary.json, metrics.jsonl, plots)")
     return 0
@@ -98,10 +105,9 @@ def _cmd_flower(args: argparse.Namespace) -> int:
         raise SystemExit("error: --out DIR is required (where the run folder is written)")
     summary = run_on_flower(config, args.out, mode=args.mode, resume=args.resume, tls_dir=args.tls_dir, **settings)
     final = summary["final"]
-    glob = "—" if final["global_acc"] is None else f"{100 * final['global_acc']:.2f}%"
     lost = sum(1 for i in summary["incidents"] if i["kind"] == "lost")
-    print(f"{summary['method']} on Flower ({args.mode}): global acc {glob}, personalised acc "
-          f"{100 * final['personal_acc_mean']:.2f}% after {final['round']} rounds; {lost} node losses, "
+    print(f"{summary['method']} on Flower ({args.mode}): global acc {_pct(final['global_acc'])}, personalised acc "
+          f"{_pct(final['personal_acc_mean'])} after {final['round']} rounds; {lost} node losses, "
           f"{summary['seconds_per_round']:.2f} s per round")
     print(f"run folder: {args.out}")
     return 0
@@ -171,19 +177,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status of a run stopped by Ctrl-C (SIGINT) or SIGTERM: 128 + the signal's number, as a shell reports it.
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(received: list[int]) -> Iterator[None]:
+    """SIGTERM stops the command as Ctrl-C does (a KeyboardInterrupt: atomic writes in progress are
+    abandoned, the last checkpoint stays); ``received`` gets the signal's number."""
+    def stop(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What to run to continue an interrupted command (empty for commands that write no run)."""
+    from protofl.engine.checkpoint import has_checkpoint
+
+    if args.command == "run":
+        folder, command = args.resume or args.out, f"protofl run --resume {args.resume or args.out}"
+    elif args.command == "flower" and args.action == "run" and args.out:
+        folder, command = args.out, f"protofl flower run --resume --out {args.out}"
+    else:
+        return ""
+    if not folder:
+        return ""
+    if not has_checkpoint(Path(folder) / "checkpoint"):
+        return f"; no round had finished, so {folder} holds no checkpoint yet"
+    return f"; the last checkpoint in {folder} is kept: continue with  {command}"
+
+
+def _one_line(exc: BaseException | str) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return " ".join(str(text).split())
+
+
+def _os_error(exc: OSError) -> str:
+    if exc.strerror is None:  # raised by protofl with its own message
+        return str(exc)
+    return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
-    from protofl.config import ConfigError
+    from protofl.errors import ProtoflError
     from protofl.privacy import BudgetExceededError
 
+    received: list[int] = []
     try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"error: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+        with _sigterm_as_interrupt(received):
+            return args.func(args)
+    except KeyboardInterrupt:
+        signum = received[0] if received else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name}){_resume_hint(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED[signum]
+    except ProtoflError as exc:
+        print(f"error: {exc.prefix}{_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     except BudgetExceededError as exc:
         print(f"error: privacy budget: {exc}; the last checkpoint holds the rounds completed", file=sys.stderr)
         return 3
@@ -192,12 +255,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except OSError as exc:
+        # The filesystem said no (read-only, full, a path too long, a file where a folder should be).
+        if args.verbose:
+            raise
+        print(f"error: {_one_line(_os_error(exc))} (run with -v for the traceback)", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as exc:
         # Data, partition and payload errors carry their explanation; -v shows where they came from.
         if args.verbose:
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {message} (run with -v for the traceback)", file=sys.stderr)
+        print(f"error: {_one_line(exc)} (run with -v for the traceback)", file=sys.stderr)
         return 2
 
 

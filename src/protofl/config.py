@@ -11,6 +11,7 @@ parsed as TOML literals, falling back to a plain string.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -20,15 +21,62 @@ from typing import Any
 
 import tomli_w
 
+from protofl.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
+#: Every integer in a configuration lies in [-INT_LIMIT, INT_LIMIT] unless its field declares a
+#: ``range`` in its metadata (see :func:`bounded`); every float is finite and in [-FLOAT_LIMIT, FLOAT_LIMIT].
+INT_LIMIT = 2**31 - 1
+FLOAT_LIMIT = 1e15
+#: Upper bounds of the numbers that size a run's work or memory.
+MAX_ROUNDS = 1_000_000
+MAX_CLIENTS = 1_000_000
+MAX_RELEASES = 1_000_000
+MAX_WIDTH = 65_536
+MAX_IMAGE_SIZE = 1024
+#: Privacy calibration: the noise search must end in seconds (the PLD accountant's grows with epsilon
+#: and with the number of releases; a smaller delta is cheap).
+MAX_EPSILON = 1e6
+MAX_EPSILON_PLD = 100.0
+MIN_DELTA = 1e-30
 
 
 def check(condition: bool, key: str, message: str) -> None:
     """Raise :class:`ConfigError` naming ``key`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+def bounded(default: Any, low: float, high: float) -> Any:
+    """A dataclass field whose value must lie in ``[low, high]`` (checked by :func:`check_number`)."""
+    return dataclasses.field(default=default, metadata={"range": (low, high)})
+
+
+def number_range(f: dataclasses.Field, value: int | float) -> tuple[float, float]:
+    """The allowed range of a number in field ``f``: the field's own ``range``, else the generic one."""
+    if "range" in f.metadata:
+        return f.metadata["range"]
+    return (-INT_LIMIT, INT_LIMIT) if isinstance(value, int) else (-FLOAT_LIMIT, FLOAT_LIMIT)
+
+
+def check_number(value: Any, f: dataclasses.Field, key: str) -> None:
+    """Refuse a number (or a number in a tuple) of field ``f`` that is not finite or lies outside its
+    range, naming ``key`` and the range. Anything that is not a number passes."""
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            check_number(item, f, key)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high = number_range(f, value)
+    finite = not isinstance(value, float) or math.isfinite(value)
+    check(finite and low <= value <= high, key, f"must be a finite number in [{low:g}, {high:g}], got {value!r}"
+          if isinstance(value, float) else f"must be an integer in [{low}, {high}], got {value}")
+
+
+def check_numbers(obj: Any) -> None:
+    """:func:`check_number` on every field of dataclass instance ``obj`` (its ``__post_init__`` calls it)."""
+    for f in dataclasses.fields(obj):
+        check_number(getattr(obj, f.name), f, f.name)
 
 
 def check_choice(value: str, choices: typing.Iterable[str], key: str) -> None:
@@ -93,7 +141,9 @@ def from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         else:
             kwargs[name] = _coerce(value, annotation, prefix + name)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
+        check_numbers(obj)  # every dataclass, whether or not its __post_init__ calls it
+        return obj
     except ConfigError as exc:
         raise ConfigError(f"{prefix}{exc}") from None
 
@@ -127,13 +177,14 @@ class DataConfig:
     #: whose embeddings are computed once and cached on disk.
     features: str = "pixels"
     #: Side length the images are resized to before the encoder (ignored for ``pixels``).
-    image_size: int = 32
+    image_size: int = bounded(32, 8, MAX_IMAGE_SIZE)
     #: Use at most this many training samples (0: all), drawn class-stratified with the run's seed.
     max_train_samples: int = 0
 
     def __post_init__(self) -> None:
         check(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
         check(self.max_train_samples >= 0, "max_train_samples", "must be >= 0 (0 means all)")
+        check_numbers(self)
 
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "domain")
@@ -144,7 +195,7 @@ class PartitionConfig:
     """How the training pool is split among clients (see :mod:`protofl.data.partition`)."""
 
     scheme: str = "iid"
-    num_clients: int = 10
+    num_clients: int = bounded(10, 1, MAX_CLIENTS)
     #: Dirichlet concentration (``dirichlet``); smaller is more skewed.
     alpha: float = 0.5
     #: Classes per client (``pathological``).
@@ -153,7 +204,7 @@ class PartitionConfig:
     min_client_size: int = 10
     #: Long tail: ratio of the largest to the smallest class after subsampling (1: none). Applied to the
     #: training pool before partitioning; the global test set stays balanced.
-    imbalance_factor: float = 1.0
+    imbalance_factor: float = bounded(1.0, 1.0, 1e6)
     #: Fraction of each client's samples kept as its own test split (same label distribution).
     test_fraction: float = 0.2
 
@@ -165,13 +216,14 @@ class PartitionConfig:
         check(self.min_client_size >= 1, "min_client_size", f"must be >= 1, got {self.min_client_size}")
         check(self.imbalance_factor >= 1, "imbalance_factor", f"must be >= 1, got {self.imbalance_factor}")
         check(0 < self.test_fraction < 1, "test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        check_numbers(self)
 
 
 @dataclasses.dataclass(frozen=True)
 class FederationConfig:
     """The engine's schedule: rounds, client sampling, evaluation and checkpoints."""
 
-    rounds: int = 10
+    rounds: int = bounded(10, 1, MAX_ROUNDS)
     #: Fraction of clients sampled each round (at least one client is always sampled).
     client_fraction: float = 1.0
     #: Evaluate every this many rounds (the last round is always evaluated).
@@ -189,7 +241,7 @@ class FederationConfig:
     execution: str = "per-client"
     #: Batched execution: at most this many clients are stacked into one program (bounds the memory
     #: of the stacked parameters, optimiser state and data).
-    batch_clients: int = 256
+    batch_clients: int = bounded(256, 1, MAX_CLIENTS)
 
     def __post_init__(self) -> None:
         check_choice(self.execution, ("per-client", "batched"), "execution")
@@ -199,6 +251,7 @@ class FederationConfig:
         check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
         check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         check(0 <= self.client_dropout < 1, "client_dropout", f"must be in [0, 1), got {self.client_dropout}")
+        check_numbers(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,13 +259,14 @@ class ModelConfig:
     """The client model: a small CNN on pixels, or a residual adapter + MLP head on embeddings."""
 
     #: Width of the feature (prototype) layer.
-    feature_dim: int = 128
+    feature_dim: int = bounded(128, 2, MAX_WIDTH)
     #: Hidden width of the embedding adapter (embeddings only).
-    hidden_dim: int = 256
+    hidden_dim: int = bounded(256, 2, MAX_WIDTH)
 
     def __post_init__(self) -> None:
         check(self.feature_dim >= 2, "feature_dim", f"must be >= 2, got {self.feature_dim}")
         check(self.hidden_dim >= 2, "hidden_dim", f"must be >= 2, got {self.hidden_dim}")
+        check_numbers(self)
 
 
 #: The mechanisms ``[privacy] mechanism`` names: prototype releases (VPDR's IGPP and VPP) and DP-SGD. The
@@ -236,11 +290,11 @@ class PrivacyConfig:
     dcr: bool = False
     #: Per-client budget over the whole run, at ``delta``; the noise is calibrated to spend it over
     #: ``planned_releases`` releases.
-    epsilon: float = 8.0
-    delta: float = 1e-5
+    epsilon: float = bounded(8.0, 0.0, MAX_EPSILON)
+    delta: float = bounded(1e-5, MIN_DELTA, 1.0)
     #: The rounds in which a client releases (each release: one prototype upload, or one round of
     #: DP-SGD steps); 0: one per round of the run, filled in when the configuration is resolved.
-    planned_releases: int = 0
+    planned_releases: int = bounded(0, 0, MAX_RELEASES)
     #: The accountant that calibrates the noise and enforces the budget, by name from the registry
     #: (:func:`protofl.privacy.create_accountant`: ``pld``, ``rdp``). For DP-SGD, ``rdp`` calibrates in
     #: about a second per client sampling rate, ``pld`` in about ten (and gives slightly less noise).
@@ -271,9 +325,10 @@ class PrivacyConfig:
         check(isinstance(self.accountant, str) and bool(self.accountant), "accountant", "name an accountant")
         check_choice(self.sensitivity, ("fixed-features", "trained-features"), "sensitivity")
         check(self.epsilon > 0 and self.epsilon == self.epsilon, "epsilon", f"must be > 0, got {self.epsilon}")
-        check(self.mechanism == "none" or self.epsilon < float("inf"), "epsilon",
-              "must be finite when a mechanism is on (epsilon = inf means mechanism = 'none')")
         check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
+        check(self.accountant != "pld" or self.epsilon <= MAX_EPSILON_PLD, "epsilon",
+              f"must be <= {MAX_EPSILON_PLD:g} with the pld accountant (its calibration takes minutes beyond); "
+              f"use accountant = 'rdp' for epsilon {self.epsilon:g}")
         check(self.planned_releases >= 0, "planned_releases", f"must be >= 0 (0: one per round), got {self.planned_releases}")
         check(self.clip_bound > 0, "clip_bound", f"must be > 0, got {self.clip_bound}")
         check(self.clip_norm > 0 and self.clip_norm < float("inf"), "clip_norm", f"must be finite and > 0, got {self.clip_norm}")
@@ -287,6 +342,7 @@ class PrivacyConfig:
         check(self.kd_warmup_steps >= 0, "kd_warmup_steps", f"must be >= 0, got {self.kd_warmup_steps}")
         check(not self.dcr or self.mechanism != "dp-sgd", "dcr",
               "is a training option of the prototype hosts (alone, or with igpp or vpp), not of dp-sgd")
+        check_numbers(self)
 
     @property
     def enabled(self) -> bool:
@@ -305,7 +361,8 @@ class PrivacyConfig:
 class RunConfig:
     """A whole run. ``method`` holds the algorithm name and its (not yet validated) options."""
 
-    seed: int = 0
+    #: Seeds numpy's and scikit-learn's generators too, which take 32-bit seeds.
+    seed: int = bounded(0, 0, 2**32 - 1)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
     federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
@@ -318,6 +375,7 @@ class RunConfig:
         check(isinstance(self.method, Mapping), "method", "expected a table")
         check(isinstance(self.method.get("name"), str), "method.name", "missing: name an algorithm")
         object.__setattr__(self, "method", types.MappingProxyType(dict(self.method)))
+        check_numbers(self)
 
     @property
     def method_name(self) -> str:
@@ -342,6 +400,12 @@ class RunConfig:
             data = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder, not a TOML file") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: cannot read it ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path}: not text (TOML is UTF-8)") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         return cls.from_dict(apply_overrides(data, overrides))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from protofl._io import atomic_write
+from protofl.errors import ReportError
 
 #: Metrics compared when picking the ``best`` round (higher is better).
 SUMMARY_KEYS = ("global_acc", "personal_acc_mean", "personal_acc_std")
@@ -40,7 +41,22 @@ def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of metrics.jsonl; :class:`ReportError` names the file and line that cannot be read."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise ReportError(f"{path}: missing (not a complete protofl run folder)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: cannot read it ({exc})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except (ValueError, RecursionError) as exc:
+            raise ReportError(f"{path}: line {number} is not JSON ({exc})") from None
+    return rows
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -50,8 +66,14 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def read_summary(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "summary.json"
     if not path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a protofl run folder (no summary.json)")
-    return json.loads(path.read_text())
+        raise ReportError(f"{run_dir} is not a protofl run folder (no summary.json)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ReportError(f"{path}: cannot be read as JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def accuracy_keys(row: dict[str, Any]) -> list[str]:

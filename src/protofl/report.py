@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from protofl.records import read_metrics, read_summary, write_atomic
+from protofl.errors import ReportError
+from protofl.records import write_atomic
+from protofl.report_input import load_history, load_summary
 
 
 def _fmt(value: Any, pct: bool = True) -> str:
@@ -65,8 +67,8 @@ def plot_learning_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path:
 def run_report(run_dir: Path) -> str:
     """Markdown report of one run (written to ``run_dir/report.md`` by the runner)."""
     run_dir = Path(run_dir)
-    s = read_summary(run_dir)
-    history = read_metrics(run_dir / "metrics.jsonl")
+    s = load_summary(run_dir)
+    history = load_history(run_dir)
     lines = [
         f"# {s['method']} on {s['dataset']} ({s['features']})",
         "",
@@ -127,14 +129,27 @@ def _partition_text(p: dict[str, Any]) -> str:
     return ", ".join(parts) or "—"
 
 
+def check_report_folder(out_dir: Path, run_dirs: Sequence[Path]) -> None:
+    """Refuse (:class:`ReportError`) to write a comparison into a run folder or over a file."""
+    from protofl.rundir import LOCK_NAME, is_run_folder
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportError(f"--out {out_dir}: not a folder")
+    inside = any(out_dir.resolve() == Path(d).resolve() for d in run_dirs)
+    if inside or is_run_folder(out_dir) or (out_dir / "summary.json").exists() or (out_dir / LOCK_NAME).exists():
+        raise ReportError(f"--out {out_dir} is a run folder; a report is never written into one (choose another --out)")
+
+
 def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     """Write ``comparison.md`` (one row per run) and ``learning_curves.png`` into ``out_dir``."""
     out_dir = Path(out_dir)
+    check_report_folder(out_dir, run_dirs)
     rows, curves = [], []
     for run_dir in run_dirs:
-        s = read_summary(run_dir)
+        s = load_summary(run_dir)
         label = f"{s['method']} ({Path(run_dir).name})"
-        curves.append((label, read_metrics(Path(run_dir) / "metrics.jsonl")))
+        curves.append((label, load_history(run_dir)))
         rows.append(
             f"| {Path(run_dir).name} | {s['method']} | {s['dataset']} | {s['partition']['scheme']} | {s['clients']} | "
             f"{s['rounds']} | {s['seed']} | {_fmt(s['final']['global_acc'])} | {_fmt(s['best']['global_acc'])} | "

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from protofl.config import ConfigError, RunConfig, from_mapping, to_mapping
+from protofl.errors import RunFailedError
+from protofl.health import failure_fields, learning_failure
 
 log = logging.getLogger("protofl")
 
@@ -42,6 +44,9 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
     """A :class:`RunConfig` with the method's options validated and its defaults filled in."""
     from protofl.algorithms import get_algorithm
 
+    if not isinstance(config, (RunConfig, Mapping, str, Path)):
+        raise ConfigError(f"config: expected a RunConfig, a mapping in the TOML layout or the path of a TOML file, "
+                          f"got {type(config).__name__}")
     if isinstance(config, (str, Path)):
         config = RunConfig.from_toml(config, overrides)
     elif isinstance(config, Mapping):
@@ -155,7 +160,14 @@ def _stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(labels))
-    kept, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
+    classes = len(np.unique(labels))
+    if size < classes:
+        raise ConfigError(f"data.max_train_samples: {size} is fewer than the {classes} classes of the training set; "
+                          f"keep at least one sample of each (>= {classes}), or 0 for all")
+    try:
+        kept, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
+    except ValueError as exc:
+        raise ConfigError(f"data.max_train_samples: cannot draw {size} samples stratified by class ({exc})") from None
     return np.sort(kept)
 
 
@@ -247,10 +259,14 @@ def run_rounds(config: RunConfig, data: PreparedData, driver_for: Callable[..., 
         write_metrics(run_dir / "metrics.jsonl", driver.history)
         write_partition_records(run_dir, data)
     history = driver.run(stop_after=stop_after)
+    failure = learning_failure(history)
     summary = run_summary(config, history, privacy=driver.transport.privacy_report(),
                           wall_seconds=driver.wall_seconds, seconds_per_round=driver.elapsed / max(driver.round, 1),
                           bytes_up=driver.bytes_up, bytes_down=driver.bytes_down,
-                          **driver.transport.summary_fields())
+                          **driver.transport.summary_fields(), **failure_fields(failure))
     if run_dir is not None:
         write_run_records(run_dir, config, history, summary)
+    if failure is not None:
+        where = f"; its records are in {run_dir}" if run_dir is not None else ""
+        raise RunFailedError(f"the run could not learn: {failure}; no accuracy is reported{where}")
     return summary, history

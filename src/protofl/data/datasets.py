@@ -17,6 +17,7 @@ import numpy as np
 
 from protofl.data import formats, sources
 from protofl.data.dataset import ArrayDataset, DatasetSplits
+from protofl.errors import ProtoflError
 
 __all__ = [
     "CLASS_NAMES",
@@ -42,7 +43,7 @@ OPTDIGITS_TEST_FRACTION = 0.3
 OPTDIGITS_SPLIT_SEED = 0
 
 
-class UnknownDatasetError(KeyError, ValueError):
+class UnknownDatasetError(ProtoflError, KeyError, ValueError):
     """No dataset of that name; the message lists the valid ones."""
 
     def __str__(self) -> str:  # KeyError would show the message in quotes
@@ -174,6 +175,7 @@ def synthetic_gaussian(train: int = 2000, test: int = 200, dim: int = 32, classe
     default generator), so every process of a run (e.g. Flower's nodes) builds the same set."""
     for key, value in (("train", train), ("test", test), ("dim", dim), ("classes", classes), ("seed", seed)):
         _check_synthetic(key, value)
+    _check_synthetic_size(train, test, dim)
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((classes, dim))
 
@@ -187,13 +189,25 @@ def synthetic_gaussian(train: int = 2000, test: int = 200, dim: int = 32, classe
     return DatasetSplits(name, draw(train), draw(test), tuple(f"class {c}" for c in range(classes)))
 
 
-#: The smallest value of each ``synthetic-gaussian`` option.
+#: The smallest and largest value of each ``synthetic-gaussian`` option.
 _SYNTHETIC_MIN = {"train": 1, "test": 0, "dim": 1, "classes": 2, "seed": 0}
+_SYNTHETIC_MAX = {"train": 10**8, "test": 10**8, "dim": 65_536, "classes": 100_000, "seed": 2**32 - 1}
+#: At most this many float32 values in the generated set ((train + test) x dim: 4 GB).
+SYNTHETIC_MAX_VALUES = 10**9
 
 
 def _check_synthetic(key: str, value: Any) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < _SYNTHETIC_MIN[key]:
-        raise ValueError(f"{SYNTHETIC_GAUSSIAN}: {key} must be an integer >= {_SYNTHETIC_MIN[key]}, got {value!r}")
+    low, high = _SYNTHETIC_MIN[key], _SYNTHETIC_MAX[key]
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{SYNTHETIC_GAUSSIAN}: {key} must be an integer >= {low}, got {value!r}")
+    if value > high:
+        raise ValueError(f"{SYNTHETIC_GAUSSIAN}: {key} must be an integer <= {high}, got {value!r}")
+
+
+def _check_synthetic_size(train: int, test: int, dim: int) -> None:
+    if (train + test) * dim > SYNTHETIC_MAX_VALUES:
+        raise ValueError(f"{SYNTHETIC_GAUSSIAN}: (train + test) x dim = {(train + test) * dim} values is more than "
+                         f"the {SYNTHETIC_MAX_VALUES} a generated set may hold")
 
 
 def parse_synthetic_options(spec: str) -> dict[str, int]:
@@ -210,6 +224,8 @@ def parse_synthetic_options(spec: str) -> dict[str, int]:
         except ValueError:
             raise ValueError(f"{SYNTHETIC_GAUSSIAN}:{spec}: {key} must be an integer, got {value.strip()!r}") from None
         _check_synthetic(key, options[key])
+    full = {**SYNTHETIC_GAUSSIAN_OPTIONS, **options}
+    _check_synthetic_size(full["train"], full["test"], full["dim"])
     return options
 
 

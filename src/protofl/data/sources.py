@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 
 from protofl._io import atomic_write, current_umask
 from protofl.data.dataset import cache_dir
+from protofl.errors import ProtoflError, UnknownSourceError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ __all__ = [
 COMMAND_TIMEOUT_S = 900
 
 
-class DataIntegrityError(RuntimeError):
+class DataIntegrityError(ProtoflError, RuntimeError):
     """A data file does not match its pinned size or SHA-256, even after fetching it again."""
 
     def __init__(self, path: Path | str, expected: str, actual: str, detail: str = ""):
@@ -68,7 +69,7 @@ class DataIntegrityError(RuntimeError):
         super().__init__(msg)
 
 
-class DataFetchError(RuntimeError):
+class DataFetchError(ProtoflError, RuntimeError):
     """A package manager could not produce a source's files."""
 
 
@@ -202,8 +203,13 @@ def _check_file(path: Path, spec: FileSpec, stamps: dict | None) -> str | None:
 
 
 def _check_folder(source: Source, folder: Path, *, use_stamps: bool = True) -> list[str]:
-    stamps = _read_stamps(source.name) if use_stamps else {}
-    before = dict(stamps)
+    """Problems with ``folder``'s files. Without ``use_stamps`` every file is hashed and the verdicts
+    replace the stored ones (a file found changed loses its stamp, so the next fetch replaces it)."""
+    before = _read_stamps(source.name)
+    stamps = dict(before)
+    if not use_stamps:
+        for spec in source.files:
+            stamps.pop(str((folder / spec.name).resolve()), None)
     problems = [p for spec in source.files if (p := _check_file(folder / spec.name, spec, stamps))]
     if stamps != before:
         _write_stamps(source.name, stamps)
@@ -243,7 +249,7 @@ def get_source(name: str) -> Source:
     try:
         return SOURCES[name]
     except KeyError:
-        raise KeyError(f"unknown source {name!r}; known sources: {', '.join(sorted(SOURCES))}") from None
+        raise UnknownSourceError(f"unknown source {name!r}; known sources: {', '.join(sorted(SOURCES))}") from None
 
 
 def list_sources() -> list[Source]:
@@ -258,8 +264,12 @@ def list_sources() -> list[Source]:
 @contextlib.contextmanager
 def _lock(name: str) -> Iterator[None]:
     """An exclusive lock per source, so two processes do not fetch the same thing at once."""
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    root = _cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataFetchError(f"cannot create the data cache {root} ({exc.strerror or exc}); set PROTOFL_CACHE "
+                             "to a folder you can write") from None
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking
@@ -271,6 +281,18 @@ def _lock(name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cache_root() -> Path:
+    """The cache folder, refused (:class:`DataFetchError`) where it cannot be one."""
+    root = cache_dir()
+    try:
+        if root.exists() and not root.is_dir():
+            raise DataFetchError(f"the data cache {root} is a file, not a folder; set PROTOFL_CACHE to a folder")
+    except OSError as exc:
+        raise DataFetchError(f"the data cache {root} cannot be used ({exc.strerror or exc}); set PROTOFL_CACHE "
+                             "to another folder") from None
+    return root
 
 
 def _resolve(source: str | Source) -> Source:
@@ -301,7 +323,9 @@ def fetch(source: str | Source, *, force: bool = False) -> Path:
         if folder is None:
             raise DataFetchError(f"source {src.name!r} is bundled ({src.method}) but could not be located")
         return folder
-    folder = cache_dir() / src.name
+    folder = _cache_root() / src.name
+    if not force and folder.is_dir() and not _check_folder(src, folder):
+        return folder  # a valid cached copy: used without the lock, so a read-only cache works
     with _lock(src.name):
         if not force:
             if folder.is_dir():

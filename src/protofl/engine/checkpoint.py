@@ -1,16 +1,23 @@
 """Atomic checkpoints: written to a temporary file and renamed, so a run killed mid-write leaves the
-previous complete checkpoint in place."""
+previous complete checkpoint in place. A checkpoint that cannot be read (empty, truncated, damaged,
+not written by protofl, or asking for anything but tensors and containers) is refused with a
+:class:`~protofl.errors.CheckpointError` naming the file."""
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from protofl._io import atomic_write
+from protofl.errors import CheckpointError
 
 CHECKPOINT_NAME = "state.pt"
+#: What every protofl checkpoint holds (a run's round and the fingerprint of its configuration).
+REQUIRED_KEYS = ("round", "fingerprint")
 
 
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
@@ -26,5 +33,19 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
     path = directory / CHECKPOINT_NAME
     if not path.exists():
         return None
+    hint = "move it away to start the run over"
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint; {hint}")
     # Our own checkpoints hold tensors, dicts, lists and numbers only: load with weights_only.
-    return torch.load(path, weights_only=True)
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{path}: refused to load: it asks for more than tensors and containers ({first}); "
+                              f"{hint}") from None
+    except (RuntimeError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+            OSError, zipfile.BadZipFile, UnicodeDecodeError, NotImplementedError, AssertionError) as exc:
+        raise CheckpointError(f"{path}: truncated or damaged ({type(exc).__name__}); {hint}") from None
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
+        raise CheckpointError(f"{path}: not a protofl checkpoint (no {' and '.join(REQUIRED_KEYS)}); {hint}")
+    return state

@@ -27,6 +27,7 @@ from typing import Any
 import tomli_w
 
 from protofl.config import RunConfig
+from protofl.rundir import RunFolder
 from protofl.flower.settings import CONFIG_KEY, FlowerSettings
 
 #: Written by the launcher in the run folder: the run key (so a restarted server continues the nodes'
@@ -249,9 +250,13 @@ def prepare_run(config: RunConfig, out: Path, *, resume: bool = False, **setting
         if (out / "checkpoint").exists():
             raise FlowerRunError(f"{out} already holds a run; resume it or choose another folder")
         run_key = uuid.uuid4().hex
+        # Bad settings and a folder the run may not write are refused before anything is written.
+        flower_settings = FlowerSettings(out=str(out), run_key=run_key, resume=resume, **settings)
+        RunFolder(out).check()
         out.mkdir(parents=True, exist_ok=True)
         launch.write_text(json.dumps({"run_key": run_key}) + "\n")
         (out / "config.toml").write_text(config.to_toml())  # what --resume reads
+        return flower_settings
     return FlowerSettings(out=str(out), run_key=run_key, resume=resume, **settings)
 
 
