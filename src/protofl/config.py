@@ -11,6 +11,7 @@ parsed as TOML literals, falling back to a plain string.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -137,6 +138,7 @@ class DataConfig:
 
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "domain")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +192,17 @@ class FederationConfig:
     #: Batched execution: at most this many clients are stacked into one program (bounds the memory
     #: of the stacked parameters, optimiser state and data).
     batch_clients: int = 256
+    #: Where tensors live: ``auto`` (the first CUDA device when there is one, else the CPU), ``cpu``,
+    #: ``cuda`` or ``cuda:i``. Results are not bit-identical across devices; checkpoints load on any.
+    device: str = "auto"
+    #: torch threads of this process (intra-op and inter-op); 0: the cores available to this process
+    #: divided by the number of worker processes (a sweep's workers), at least 1.
+    threads: int = 0
 
     def __post_init__(self) -> None:
+        check(DEVICE_PATTERN.fullmatch(self.device) is not None, "device",
+              f"{self.device!r} is not one of auto, cpu, cuda, cuda:INDEX")
+        check(self.threads >= 0, "threads", f"must be >= 0 (0: automatic), got {self.threads}")
         check_choice(self.execution, ("per-client", "batched"), "execution")
         check(self.batch_clients >= 1, "batch_clients", f"must be >= 1, got {self.batch_clients}")
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
@@ -213,6 +224,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check(self.feature_dim >= 2, "feature_dim", f"must be >= 2, got {self.feature_dim}")
         check(self.hidden_dim >= 2, "hidden_dim", f"must be >= 2, got {self.hidden_dim}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Experiment tracking besides the run folder's own records."""
+
+    #: Write TensorBoard event files (every metric of every round, epsilon, bytes, per-client
+    #: histograms) to the run folder's ``tensorboard/`` (needs the ``tensorboard`` package).
+    tensorboard: bool = False
 
 
 PRIVACY_MECHANISMS = ("none", "igpp", "vpp")
@@ -289,6 +309,7 @@ class RunConfig:
     federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     method: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"name": "fedavg"})
 
     def __post_init__(self) -> None:

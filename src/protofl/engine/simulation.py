@@ -240,11 +240,13 @@ class Simulation:
         rejected: list[int] = []
         train_losses = []
         up = 0
+        up_by_client: dict[int, int] = {}
         for k, new_state, reply, metrics in self._client_steps(active, r, broadcast, wire_down):
             train_losses.append(metrics.get("train_loss", float("nan")))
             if algo.communicates:
                 wire = reply.to_bytes()
                 up += len(wire)
+                up_by_client[k] = len(wire)
                 try:
                     reply = self._through_wire(wire, algo.reply_spec(), f"client {k}")
                 except PayloadError as exc:
@@ -275,7 +277,8 @@ class Simulation:
             )
             self.history.append(row)
             if self.on_round is not None:
-                self.on_round(row)
+                self.on_round({**row, "clients": self._client_records(sampled, dropped, rejected, up_by_client,
+                                                                        {k: len(wire_down) for k in active})})
         self.round = r
         if self.checkpoint_dir is not None and (
             r == fed.rounds or (fed.checkpoint_every and r % fed.checkpoint_every == 0)
@@ -306,6 +309,14 @@ class Simulation:
                                                receive(), [generator(k) for k in chunk])
             for k, result in zip(chunk, results):
                 yield k, *result
+
+    def _client_records(self, sampled, dropped, rejected, bytes_up, bytes_down) -> list[dict[str, Any]]:
+        from protofl.client_records import client_epsilons, client_records
+
+        epsilon = client_epsilons(self.algorithm, {d.client_id: self.client_state(d.client_id) for d in self.clients})
+        return client_records({d.client_id: d.y_train for d in self.clients}, self.client_metrics, sampled=sampled,
+                              dropped=dropped, rejected=rejected, bytes_up=bytes_up, bytes_down=bytes_down,
+                              epsilon=epsilon)
 
     def _privacy_metrics(self) -> dict[str, float]:
         return privacy_metrics(self.algorithm.privacy_report(self.client_states, all_accountants=False))
@@ -341,6 +352,8 @@ class Simulation:
         received = Payload.from_bytes(algo.broadcast(self.server_state).to_bytes())
         per_client = [algo.evaluate_client(self.client_state(data.client_id), received, data)
                       for data in self.clients if len(data.y_test)]
+        # The last evaluation's personal metrics by client id (for the per-client records).
+        self.client_metrics = {d.client_id: m for d, m in zip([d for d in self.clients if len(d.y_test)], per_client)}
         out.update(summarize_client_metrics(per_client))
         out["clients_evaluated"] = len(per_client)
         return out
