@@ -211,7 +211,7 @@ def run(
     re-raises.
     """
     from protofl.algorithms import Task, get_algorithm
-    from protofl.client_records import ClientTable
+    from protofl.client_records import ClientTable, client_figures
     from protofl.engine import Simulation
     from protofl.engine.checkpoint import has_checkpoint
     from protofl.records import write_atomic, write_metrics
@@ -263,8 +263,10 @@ def run(
     algorithm = algorithm_cls.from_options(config.method_options, task, config.privacy)
     table = None if run_dir is None else ClientTable(run_dir / "clients.csv")
     round_log = logging.getLogger(ROUND_LOGGER)
+    last_clients: list[dict[str, Any]] = []  # the last evaluated round's per-client records
 
     def on_round_hook(row: dict[str, Any]) -> None:
+        last_clients[:] = row.get("clients", [])
         if run_dir is not None:
             write_metrics(run_dir / "metrics.jsonl", simulation.history)
             table.append(row["round"], row.get("clients", []))
@@ -295,8 +297,11 @@ def run(
                               bytes_up=simulation.bytes_up, bytes_down=simulation.bytes_down,
                               execution=simulation.execution, status=status, rounds_done=simulation.round,
                               **runtime)
+        if not last_clients and table is not None:  # resumed after the last evaluated round
+            last_clients[:] = table.last_round()
+        if last_clients:
+            summary["per_client"] = client_figures(last_clients)
         if run_dir is not None:
-            summary.update(per_client_figures(run_dir))
             write_run_records(run_dir, config, simulation.history, summary)
         return RunResult(summary, simulation.history, run_dir, config)
 
@@ -334,14 +339,6 @@ def stop_status(exc: BaseException) -> str | None:
     if server is not None and isinstance(exc, server.NotEnoughReplies):
         return "stopped: too few replies"
     return None
-
-
-def per_client_figures(run_dir: Path) -> dict[str, Any]:
-    """summary.json's per-client figures from clients.csv's last round (empty without a table)."""
-    from protofl.client_records import ClientTable, client_figures
-
-    last = ClientTable(Path(run_dir) / "clients.csv").last_round()
-    return {"per_client": client_figures(last)} if last else {}
 
 
 def run_summary(config: RunConfig, history: list[dict[str, Any]], *, privacy: dict[str, Any] | None,

@@ -13,7 +13,19 @@ from protofl._io import atomic_write
 CHECKPOINT_NAME = "state.pt"
 
 
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` with every tensor on the CPU, so that the checkpoint loads on any machine."""
+    state = _on_cpu(state)
     return atomic_write(directory / CHECKPOINT_NAME, lambda fh: torch.save(state, fh))
 
 
@@ -27,4 +39,4 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     # Our own checkpoints hold tensors, dicts, lists and numbers only: load with weights_only.
-    return torch.load(path, weights_only=True)
+    return torch.load(path, weights_only=True, map_location="cpu")
