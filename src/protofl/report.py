@@ -235,6 +235,8 @@ class RunRecord:
             raise FileNotFoundError(f"{run_dir} has no config.toml: not a protofl run folder")
         settings = effective_settings(RunConfig.from_toml(run_dir / "config.toml"))
         settings.pop("seed", None)
+        if not any(k.startswith("privacy.") for k in settings):  # privacy off: its settings change nothing
+            settings["privacy.mechanism"] = "none"
         return cls(run_dir, summary, read_metrics(run_dir / "metrics.jsonl"), settings)
 
     @property
@@ -261,9 +263,10 @@ def find_run_folders(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
 
 
 def varying_keys(runs: Sequence[RunRecord]) -> list[str]:
-    """The settings in which the runs differ (a key some runs lack counts as differing)."""
+    """The settings that take different values among the runs that have them (a setting only some runs
+    have, e.g. the privacy budget of private runs, is shown as — for the others)."""
     keys = sorted({k for r in runs for k in r.settings})
-    return [k for k in keys if len({repr(r.settings.get(k)) for r in runs}) > 1]
+    return [k for k in keys if len({repr(r.settings[k]) for r in runs if k in r.settings}) > 1]
 
 
 def group_runs(runs: Sequence[RunRecord], keys: Sequence[str]) -> dict[tuple, list[RunRecord]]:
@@ -331,7 +334,7 @@ def plot_privacy_utility(groups: Mapping[tuple, list[RunRecord]], keys: Sequence
         mean, std, _ = mean_std([r.summary["final"].get("personal_acc_mean") for r in runs])
         if mean is None:
             continue
-        if values[at] is None:  # not private: privacy settings are not part of its effective settings
+        if values[at] is None:  # not private: the budget is not part of its effective settings
             references[label] = (mean, std)
         else:
             lines.setdefault(label, []).append((float(values[at]), mean, std))
