@@ -352,6 +352,7 @@ def plot_privacy_utility(groups: Mapping[tuple, list[RunRecord]], keys: Sequence
     ax.set_xscale("log")
     eps = sorted({p[0] for points in lines.values() for p in points})
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.minorticks_off()
     ax.set(title="Privacy–utility (mean ± std over seeds)", xlabel="epsilon budget per client",
            ylabel="personalised accuracy, final round (%)")
     ax.grid(alpha=0.3)
