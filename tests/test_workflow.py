@@ -161,6 +161,10 @@ def test_sweep_groups_by_differing_settings_aggregates_seeds_and_resumes(tiny, t
     assert main(["sweep", str(base), "--out", str(out)]) == 0
     after = {name: (out / name / "summary.json").stat().st_mtime_ns for name in ran}
     assert {n for n in ran if after[n] != before.get(n)} == {victim.name}
+    actions = {k: c["last_action"] for k, c in json.loads((out / "sweep.json").read_text())["cells"].items()
+               if "last_action" in c}
+    assert actions.pop(victim.name) == "resumed from round 1"
+    assert set(actions.values()) == {"already done"} and len(actions) == 5
     resumed = json.loads((victim / "summary.json").read_text())
     assert resumed["final"] == expected_victim and resumed["status"] == "completed"
 

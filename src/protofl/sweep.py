@@ -158,8 +158,9 @@ def cell_state(run_dir: Path) -> str:
     return "resume" if has_checkpoint(run_dir / "checkpoint") else "new"
 
 
-def run_cell(base: Mapping[str, Any], overrides: Sequence[str], run_dir: str, workers: int) -> str:
-    """Run (or resume, or skip) one cell; returns its final status. Runs in a worker process too."""
+def run_cell(base: Mapping[str, Any], overrides: Sequence[str], run_dir: str, workers: int) -> tuple[str, str]:
+    """Run (or resume, or skip) one cell; returns its final status and what was done (``ran``,
+    ``resumed from round N``, ``already done``). Runs in a worker process too."""
     from protofl.api import run
     from protofl.privacy import BudgetExceededError
     from protofl.runtime import WORKERS_ENV
@@ -168,15 +169,19 @@ def run_cell(base: Mapping[str, Any], overrides: Sequence[str], run_dir: str, wo
     folder = Path(run_dir)
     state = cell_state(folder)
     if state == "done":
-        return json.loads((folder / "summary.json").read_text()).get("status", "completed")
+        return json.loads((folder / "summary.json").read_text()).get("status", "completed"), "already done"
+    action = "ran"
     try:
         if state == "resume":
+            from protofl.engine.checkpoint import load_checkpoint
+
+            action = f"resumed from round {load_checkpoint(folder / 'checkpoint')['round']}"
             run(None, out=folder, resume=True)  # type: ignore[arg-type]
         else:
             run(dict(base), out=folder, overrides=overrides)
     except BudgetExceededError:
-        return "stopped: budget"  # a designed outcome: its summary.json says so
-    return "completed"
+        return "stopped: budget", action  # a designed outcome: its summary.json says so
+    return "completed", action
 
 
 def run_sweep(spec: SweepSpec, out: str | Path) -> dict[str, Any]:
@@ -197,15 +202,17 @@ def run_sweep(spec: SweepSpec, out: str | Path) -> dict[str, Any]:
     log.info("sweep: %d cells (%d with settings of an earlier cell), %d worker process(es)",
              len(plan), len(plan) - len(todo), spec.workers)
 
-    def record(cell: Cell, status: str) -> None:
+    def record(cell: Cell, status: str, action: str = "") -> None:
         cells[cell.name]["status"] = status
+        if action:
+            cells[cell.name]["last_action"] = action
         write_json(out / "sweep.json", manifest)
-        log.info("sweep cell %s: %s", cell.name, status)
+        log.info("sweep cell %s: %s%s", cell.name, status, f" ({action})" if action else "")
 
     if spec.workers == 1:
         for cell, folder in todo:
             try:
-                record(cell, run_cell(spec.base, cell.overrides, folder, 1))
+                record(cell, *run_cell(spec.base, cell.overrides, folder, 1))
             except Exception as exc:  # noqa: BLE001 - recorded; the other cells go on
                 record(cell, f"failed: {type(exc).__name__}: {exc}")
     else:
@@ -217,7 +224,7 @@ def run_sweep(spec: SweepSpec, out: str | Path) -> dict[str, Any]:
                        for cell, folder in todo}
             for future, cell in futures.items():
                 try:
-                    record(cell, future.result())
+                    record(cell, *future.result())
                 except Exception as exc:  # noqa: BLE001 - recorded; the other cells go on
                     record(cell, f"failed: {type(exc).__name__}: {exc}")
     from protofl.report import compare_runs
