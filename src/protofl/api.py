@@ -53,7 +53,7 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
     from protofl.algorithms import get_algorithm
     from protofl.plugins import load_plugins
     from protofl.presets import preset_options
-    from protofl.runtime import resolve_device
+    from protofl.runtime import check_supported, resolve_device
 
     if isinstance(config, (str, Path)):
         config = RunConfig.from_toml(config, overrides)
@@ -68,7 +68,7 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
     algorithm_cls.validate_privacy(method_config, config.privacy)
     if config.privacy.mechanism != "none" and not config.privacy.planned_releases:
         config = config.replace(f"privacy.planned_releases={config.federation.rounds}")
-    resolve_device(config.federation.device)
+    check_supported(resolve_device(config.federation.device))
     if not user_data:
         check_dataset_name(config.data.dataset)
     if config.data.features != "pixels":

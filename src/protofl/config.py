@@ -192,9 +192,10 @@ class FederationConfig:
     #: Batched execution: at most this many clients are stacked into one program (bounds the memory
     #: of the stacked parameters, optimiser state and data).
     batch_clients: int = 256
-    #: Where tensors live: ``auto`` (the first CUDA device when there is one, else the CPU), ``cpu``,
-    #: ``cuda`` or ``cuda:i``. Results are not bit-identical across devices; checkpoints load on any.
-    device: str = "auto"
+    #: Where tensors live: ``cpu``, ``auto`` (the first CUDA device when there is one, else the CPU),
+    #: ``cuda`` or ``cuda:i``. Checkpoints hold CPU tensors and load on any device. The methods do not
+    #: yet create their tensors on a CUDA device: a run that resolves to one is refused before any work.
+    device: str = "cpu"
     #: torch threads of this process (intra-op and inter-op); 0: the cores available to this process
     #: divided by the number of worker processes (a sweep's workers), at least 1.
     threads: int = 0

@@ -53,7 +53,7 @@ def plot_learning_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path:
         line, = ax["personal"].plot(rounds, mean, marker=".", label=label)
         ax["personal"].fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                     color=line.get_color(), alpha=0.15)
-        if any(row.get("personal_proto_acc_mean") is not None for row in history):
+        if len(runs) <= 4 and any(row.get("personal_proto_acc_mean") is not None for row in history):
             ax["personal"].plot(rounds, _curve(history, "personal_proto_acc_mean"), ls="--", color=line.get_color(),
                                 label=f"{label} (nearest prototype)")
         if has_epsilon and any(row.get("privacy_epsilon_max") is not None for row in history):
@@ -62,8 +62,11 @@ def plot_learning_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path:
     titles = {"global": ("Global test accuracy", "accuracy (%)"),
               "personal": ("Personalised accuracy (mean ± std over clients)", "accuracy (%)"),
               "epsilon": ("Privacy spent (most-spent client)", "epsilon")}
+    from matplotlib.ticker import MaxNLocator
+
     for name, axis in ax.items():
         axis.set(title=titles[name][0], xlabel="round", ylabel=titles[name][1])
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=8)
@@ -292,12 +295,18 @@ def _ms(values: Sequence[float | None], pct: bool = True) -> str:
     if mean is None:
         return "—"
     scale = 100 if pct else 1
+    std = std if std > 1e-9 * max(abs(mean), 1.0) else 0.0  # float noise of equal values
     text = f"{scale * mean:.2f}" if pct else f"{mean:.3g}"
     return text + (f" ± {scale * std:.2f}" if pct else f" ± {std:.2g}") if n > 1 else text
 
 
 def _value(value: Any) -> str:
     return "—" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
+
+
+def _label(keys: Sequence[str], values: Sequence[Any]) -> str:
+    """``mechanism=vpp, epsilon=4`` (settings a group lacks are left out)."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={_value(v)}" for k, v in zip(keys, values) if v is not None) or "runs"
 
 
 def _status_text(runs: Sequence[RunRecord]) -> str:
@@ -330,7 +339,7 @@ def plot_privacy_utility(groups: Mapping[tuple, list[RunRecord]], keys: Sequence
     lines: dict[str, list[tuple[float, float, float]]] = {}
     references: dict[str, tuple[float, float]] = {}
     for values, runs in groups.items():
-        label = ", ".join(f"{keys[i].rsplit('.', 1)[-1]}={_value(values[i])}" for i in others) or "runs"
+        label = _label([keys[i] for i in others], [values[i] for i in others])
         mean, std, _ = mean_std([r.summary["final"].get("personal_acc_mean") for r in runs])
         if mean is None:
             continue
@@ -353,7 +362,9 @@ def plot_privacy_utility(groups: Mapping[tuple, list[RunRecord]], keys: Sequence
     eps = sorted({p[0] for points in lines.values() for p in points})
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.minorticks_off()
-    ax.set(title="Privacy–utility (mean ± std over seeds)", xlabel="epsilon budget per client",
+    shared = {(r.summary["method"], r.summary["dataset"]) for members in groups.values() for r in members}
+    what = f": {next(iter(shared))[0]} on {next(iter(shared))[1]}" if len(shared) == 1 else ""
+    ax.set(title=f"Privacy–utility{what} (mean ± std over seeds)", xlabel="epsilon budget per client",
            ylabel="personalised accuracy, final round (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -380,8 +391,7 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     keys = varying_keys(runs)
     groups = group_runs(runs, keys)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_learning_curves([(", ".join(f"{k.rsplit('.', 1)[-1]}={_value(v)}" for k, v in zip(keys, values)) or "runs",
-                           mean_history(members)) for values, members in groups.items()],
+    plot_learning_curves([(_label(keys, values), mean_history(members)) for values, members in groups.items()],
                          out_dir / "learning_curves.png")
     privacy_plot = plot_privacy_utility(groups, keys, out_dir / "privacy_utility.png")
 
