@@ -60,8 +60,8 @@ def client_records(
         rows.append({
             "client": int(k),
             "status": client_status(k, sampled=sampled, dropped=dropped, rejected=rejected, lost=lost),
-            "samples": int(len(labels)),
-            "classes": int(len(np.unique(labels))),
+            "samples": len(labels),
+            "classes": len(np.unique(labels)),
             **{name: float(value) for name, value in personal.get(k, {}).items()},
             "epsilon": None if epsilon is None else epsilon.get(k),
             "bytes_up": int(bytes_up.get(k, 0)),

@@ -34,7 +34,7 @@ def load_plugins() -> dict[str, str]:
         label = f"{entry.name} = {entry.value}"
         try:
             cls = entry.load()
-        except Exception as exc:  # a broken plugin must not take the built-in methods down with it
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the built-in methods down with it
             problems[label] = f"cannot be imported: {type(exc).__name__}: {exc}"
         else:
             if not (isinstance(cls, type) and issubclass(cls, Algorithm) and isinstance(getattr(cls, "name", None), str)):

@@ -228,7 +228,7 @@ class RunRecord:
     settings: dict[str, Any]
 
     @classmethod
-    def load(cls, run_dir: Path) -> "RunRecord":
+    def load(cls, run_dir: Path) -> RunRecord:
         from protofl.api import effective_settings
         from protofl.config import RunConfig
 

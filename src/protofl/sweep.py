@@ -78,7 +78,7 @@ class SweepSpec:
 
     @classmethod
     def from_toml(cls, path: str | Path, grid: Sequence[str] = (), seeds: Sequence[int] | None = None,
-                  workers: int | None = None, overrides: Sequence[str] = ()) -> "SweepSpec":
+                  workers: int | None = None, overrides: Sequence[str] = ()) -> SweepSpec:
         """The ``[sweep]`` table of a TOML configuration (``grid`` = {key = [values]}, ``seeds``,
         ``workers``), the rest being the base; command-line ``grid`` entries (``key=v1,v2``) add to or
         replace the table's, ``seeds``/``workers`` replace its own."""
