@@ -63,7 +63,8 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
         config = config.replace(*overrides)
     load_plugins()
     algorithm_cls = get_algorithm(config.method_name)
-    options = {**preset_options(config.data.dataset, algorithm_cls.Config, config.method_options), **config.method_options}
+    options = {**preset_options(config.data.dataset, config.method_name, algorithm_cls.Config,
+                                 config.method_options), **config.method_options}
     method_config = algorithm_cls.resolve_options(from_mapping(algorithm_cls.Config, options, "method."), config)
     algorithm_cls.validate_privacy(method_config, config.privacy)
     if config.privacy.mechanism != "none" and not config.privacy.planned_releases:

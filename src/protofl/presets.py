@@ -21,8 +21,16 @@ DATASET_PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({
 })
 
 
-def preset_options(dataset: str, config_cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The preset options of ``dataset`` that ``config_cls`` declares and ``given`` does not set."""
+#: (dataset, method) -> option -> value, over the dataset's presets: FPL's contrastive losses diverge at
+#: lr 0.05 with five epochs on OptDigits (40 % after 3 rounds; 77 % at lr 0.02).
+METHOD_PRESETS: Mapping[tuple[str, str], Mapping[str, Any]] = types.MappingProxyType({
+    ("optdigits", "fpl"): types.MappingProxyType({"lr": 0.02}),
+})
+
+
+def preset_options(dataset: str, method: str, config_cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The preset options of ``dataset`` (and of ``method`` on it) that ``config_cls`` declares and
+    ``given`` does not set."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
-    preset = DATASET_PRESETS.get(dataset, {})
+    preset = {**DATASET_PRESETS.get(dataset, {}), **METHOD_PRESETS.get((dataset, method), {})}
     return {k: v for k, v in preset.items() if k in fields and k not in given}

@@ -90,6 +90,10 @@ def plot_clients(records: Sequence[dict[str, Any]], path: Path, metric: str = "p
         scatter.scatter([r["samples"] for r in group], [100 * r[metric] for r in group], s=14, label=status)
     scatter.set(title="against the client's training samples", xlabel="training samples", ylabel="accuracy (%)")
     scatter.legend(fontsize=8, title="last round")
+    from matplotlib.ticker import MaxNLocator
+
+    hist.yaxis.set_major_locator(MaxNLocator(integer=True))
+    scatter.xaxis.set_major_locator(MaxNLocator(integer=True))
     for axis in (hist, scatter):
         axis.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
