@@ -411,3 +411,22 @@ def test_dataset_presets_fill_unset_options_only():
     assert resolve_config({"data": {"dataset": "optdigits"}, "method": {"name": "fpl"}}).method["lr"] == 0.02
     plain = resolve_config({"data": {"dataset": "fashion-mnist"}, "method": {"name": "fedavg"}})
     assert (plain.method["lr"], plain.method["local_epochs"], plain.method["batch_size"]) == (0.05, 1, 50)
+
+
+def test_sweep_in_worker_processes_shares_the_cores(tiny, tmp_path, capsys):
+    from protofl.runtime import available_cores
+    from protofl.sweep import SweepSpec, run_sweep
+
+    base = {**tiny, "federation": {**tiny["federation"], "threads": 0}}
+    spec = SweepSpec(base, (("method.lr", (0.05, 0.1)),), workers=2)
+    manifest = run_sweep(spec, tmp_path / "sweep")
+    assert {c["status"] for c in manifest["cells"].values()} == {"completed"}
+    for name in manifest["cells"]:
+        summary = json.loads((tmp_path / "sweep" / name / "summary.json").read_text())
+        assert summary["threads"] == max(1, available_cores() // 2)  # never more threads than cores
+    # a sweep file is not a run configuration
+    import tomli_w
+
+    (tmp_path / "s.toml").write_text(tomli_w.dumps({**tiny, "sweep": {"seeds": [0, 1]}}))
+    assert main(["run", str(tmp_path / "s.toml"), "--out", str(tmp_path / "r")]) == 2
+    assert "describes a sweep; run it with protofl sweep" in capsys.readouterr().err

@@ -344,6 +344,8 @@ class RunConfig:
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        if "sweep" in data:
+            raise ConfigError(f"sweep: {path} describes a sweep; run it with protofl sweep {path} --out DIR")
         return cls.from_dict(apply_overrides(data, overrides))
 
     def to_toml(self) -> str:
