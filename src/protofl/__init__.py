@@ -1,7 +1,8 @@
 """protofl: privacy-preserving, prototype-based federated learning.
 
-The public API is what this module exports: ``run(config) -> RunResult`` and the configuration
-classes. Imports are lazy so that ``protofl --help`` starts fast.
+The public API is what this module exports: ``run(config) -> RunResult`` (with your own data,
+model and ``on_round`` callback), the configuration classes, sweeps, comparisons, and what a method of
+your own needs (``Algorithm``, ``LocalTrainingConfig``, ``register``). Imports are lazy so that ``protofl --help`` starts fast.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ _EXPORTS = {
     "BudgetExceededError": "protofl.privacy",
     "load_dataset": "protofl.data",
     "make_partition": "protofl.data",
+    "UserData": "protofl.custom",
+    "FeatureNet": "protofl.models",
+    "Algorithm": "protofl.algorithms",
+    "LocalTrainingConfig": "protofl.algorithms",
+    "register": "protofl.algorithms",
+    "SweepSpec": "protofl.sweep",
+    "run_sweep": "protofl.sweep",
+    "compare_runs": "protofl.report",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -45,6 +54,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from protofl.engine import RunInterrupted
     from protofl.privacy import BudgetExceededError
     from protofl.data import load_dataset, make_partition
+    from protofl.algorithms import Algorithm, LocalTrainingConfig, register
+    from protofl.custom import UserData
+    from protofl.models import FeatureNet
+    from protofl.report import compare_runs
+    from protofl.sweep import SweepSpec, run_sweep
 
 
 def __getattr__(name: str):

@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from protofl.config import ConfigError, RunConfig
+from protofl.config import effective_settings
 from protofl.runner import (
     PreparedData,
     check_dataset_name,
@@ -22,6 +23,7 @@ from protofl.runner import (
     resolve_config,
     run_rounds,
     run_summary,
+    stop_status,
     write_partition_records,
     write_run_records,
 )
@@ -47,12 +49,24 @@ def run(
     overrides: Sequence[str] = (),
     resume: bool = False,
     stop_after: int | None = None,
+    dataset: Any = None,
+    model: Callable[..., Any] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Run one federated experiment in-process.
 
     ``config`` is a :class:`RunConfig`, a mapping in the TOML layout, or a TOML file. With ``out``
-    the run folder receives config.toml, metrics.jsonl, summary.json, checkpoints, plots and
-    report.md; ``resume=True`` continues from ``out``'s last checkpoint (the config there is used).
+    the run folder receives config.toml, metrics.jsonl, clients.csv, summary.json, checkpoints, plots
+    and report.md; ``resume=True`` continues from ``out``'s last checkpoint (the config there is used).
+
+    Bring your own: ``dataset`` is a :class:`protofl.UserData` (arrays or torch Datasets, optional
+    domain ids); ``model`` a factory ``(input_shape, num_classes, model_config) -> nn.Module``
+    following the feature-model protocol (:mod:`protofl.custom`); methods of your own are registered
+    with ``protofl.register`` or an entry point (:mod:`protofl.plugins`). ``on_round(row)`` is called
+    after every evaluated round with its metrics row and the per-client records in ``row["clients"]``.
+
+    A run stopped by its privacy budget, by Ctrl-C or SIGTERM still writes summary.json (``status``
+    says why it stopped), report.md and plots for the rounds done, then re-raises.
     """
     from protofl.rundir import RunFolder
 
@@ -67,24 +81,54 @@ def run(
         folder.check()  # before anything is read or written
     if resume:
         config = RunConfig.from_toml(run_dir / "config.toml")
-    config = resolve_config(config, overrides)
+    splits = None
+    if dataset is not None:
+        from protofl.custom import UserData
+
+        if not isinstance(dataset, UserData):
+            raise ConfigError(f"dataset: expected a protofl.UserData, got {type(dataset).__name__}")
+        splits = dataset.splits()
+        overrides = (*overrides, f'data.dataset="{splits.name}"')
+        if resume:  # the dataset key of the resumed config already names the data
+            overrides = ()
+    config = resolve_config(config, overrides, user_data=dataset is not None)
+    if dataset is not None and config.data.dataset != splits.name:
+        raise ConfigError(f"data.dataset: the run in {run_dir} was on {config.data.dataset!r}, not {splits.name!r}")
+    if config.data.features != "pixels" and dataset is not None and splits.train.x.ndim != 4:
+        raise ConfigError("data.features: an encoder needs images (N, C, H, W); use features = 'pixels' for vectors")
+    if config.logging.tensorboard and run_dir is None:
+        raise ConfigError("logging.tensorboard: needs a run folder (out=...)")
     with folder.lock() if folder is not None else contextlib.nullcontext():
-        return _run_locked(config, run_dir, resume, stop_after)
+        return _run_locked(config, run_dir, resume, stop_after, splits, model, on_round)
 
 
-def _run_locked(config: RunConfig, run_dir: Path | None, resume: bool, stop_after: int | None) -> RunResult:
+def _run_locked(config: RunConfig, run_dir: Path | None, resume: bool, stop_after: int | None, splits: Any,
+                model: Callable[..., Any] | None, on_round: Callable[[dict[str, Any]], None] | None) -> RunResult:
     from protofl.engine import Simulation
+    from protofl.runtime import apply_threads, resolve_device, resolve_threads
+    from protofl.tracking import TensorBoardTracker
 
+    tracker = None
+    if config.logging.tensorboard:
+        TensorBoardTracker.check_available()
+        tracker = TensorBoardTracker(run_dir / "tensorboard")
+    runtime = {**apply_threads(resolve_threads(config.federation.threads)),
+               "device": str(resolve_device(config.federation.device))}
     torch.manual_seed(config.seed)
-    data = prepare_data(config)
+    data = prepare_data(config, splits, device=torch.device(runtime["device"]))
 
     def simulation(algorithm, **kwargs) -> Simulation:
         return Simulation(algorithm, data.clients, data.test_x, data.test_y, config.federation, config.seed,
                           test_groups=data.test_groups, **kwargs)
 
-    summary, history = run_rounds(config, data, simulation, run_dir, resume=resume, stop_after=stop_after)
+    try:
+        summary, history = run_rounds(config, data, simulation, run_dir, resume=resume, stop_after=stop_after,
+                                      model=model, on_round=on_round, tracker=tracker, extra=runtime)
+    finally:
+        if tracker is not None:
+            tracker.close()
     return RunResult(summary, history, run_dir, config)
 
 
-__all__ = ["PreparedData", "RunResult", "check_dataset_name", "fingerprint", "prepare_data", "resolve_config", "run",
-           "run_summary", "write_partition_records", "write_run_records"]
+__all__ = ["PreparedData", "RunResult", "check_dataset_name", "effective_settings", "fingerprint", "prepare_data",
+           "resolve_config", "run", "run_summary", "stop_status", "write_partition_records", "write_run_records"]

@@ -32,7 +32,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from protofl.config import RunConfig
 
         config = args.config if args.config else RunConfig()
-        result = run(config, out=args.out, overrides=args.set)
+        result = run(config, out=args.out, overrides=[*args.set, *(["logging.tensorboard=true"] if args.tensorboard else [])])
     s = result.summary
     final = s["final"]
     print(f"{s['method']} on {s['dataset']}: global acc {_pct(final['global_acc'])}, personalised acc "
@@ -50,11 +50,34 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from protofl.sweep import SweepSpec, run_sweep
+
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise SystemExit(f"error: --seeds: expected whole numbers separated by commas, got {args.seeds!r}") from None
+    spec = SweepSpec.from_toml(args.config, args.grid, seeds, args.workers, args.set)
+    manifest = run_sweep(spec, args.out)
+    counts: dict[str, int] = {}
+    for cell in manifest["cells"].values():
+        status = "run once for an earlier cell's settings" if cell["status"].startswith("same as") else cell["status"]
+        counts[status] = counts.get(status, 0) + 1
+    print(f"sweep of {len(manifest['cells'])} cells in {args.out}: "
+          + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    print(f"comparison: {Path(args.out) / 'report' / 'comparison.md'} (again: protofl report {args.out})")
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from protofl import data
 
     if args.action == "list":
         print("datasets:", ", ".join(sorted(data.DATASETS)))
+        print("files you hold: idx:/folder (MNIST-style IDX files), cifar:/folder (CIFAR python batches); "
+              "your own arrays: protofl.run(dataset=protofl.UserData(...)) (docs/own-data-and-model.md)")
         print("sources (fetched through package managers):")
         for source in data.list_sources():
             print(f"  {source.name}: {source.description}")
@@ -114,14 +137,18 @@ def _cmd_flower(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from protofl.algorithms import ALGORITHMS
+    from protofl.options import option_help
+    from protofl.plugins import ENTRY_POINT_GROUP, load_plugins
 
+    problems = load_plugins()
     for name, cls in sorted(ALGORITHMS.items()):
-        print(f"{name}: {cls.summary}")
-        for f in dataclasses.fields(cls.Config):
-            print(f"    {f.name} = {f.default!r}")
+        origin = "" if cls.__module__.startswith("protofl.") else f" [{cls.__module__}]"
+        print(f"{name}{origin}: {cls.summary}")
+        for option, default, meaning in option_help(cls.Config):
+            print(f"    {option} = {default!r}: {meaning}")
+    for label, problem in problems.items():
+        print(f"(entry point {label} of group {ENTRY_POINT_GROUP} {problem})")
     return 0
 
 
@@ -137,11 +164,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--out", help="run folder to write")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files (logging.tensorboard)")
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("sweep", help="run a grid of settings and seeds", description=(
+        "Run every combination of the --grid values (and the [sweep] table of CONFIG) and --seeds, one run "
+        "folder per cell under --out, then write the comparison into OUT/report. Running it again skips "
+        "finished cells and resumes killed ones. Example: protofl sweep base.toml --grid privacy.mechanism=igpp,vpp "
+        "--grid privacy.epsilon=1,4,8 --seeds 0,1,2 --out runs/sweep"))
+    p.add_argument("config", help="TOML configuration: the base of every cell (may hold a [sweep] table)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and its values (repeatable)")
+    p.add_argument("--seeds", help="seeds, e.g. 0,1,2 (default: [sweep] seeds, else the config's seed)")
+    p.add_argument("--workers", type=int, help="worker processes (default: [sweep] workers, else 1); each gets "
+                   "cores / workers torch threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key")
+    p.add_argument("--out", required=True, help="folder of the sweep's run folders")
+    p.set_defaults(func=_cmd_sweep)
+
     p = sub.add_parser("report", help="compare run folders", description=(
-        "Write a markdown comparison table and learning-curve plots across run folders."))
-    p.add_argument("run_dirs", nargs="+", help="run folders written by 'protofl run'")
+        "Write a markdown comparison (runs grouped by the settings in which they differ, mean ± std over "
+        "seeds, a privacy-utility plot when epsilon varies) and learning-curve plots across run folders."))
+    p.add_argument("run_dirs", nargs="+", help="run folders written by 'protofl run', or folders holding them (a sweep)")
     p.add_argument("--out", default="report", help="folder for comparison.md and plots (default: report)")
     p.set_defaults(func=_cmd_report)
 
@@ -233,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
+    from protofl.tracking import ROUND_LOGGER
+
+    # One line per evaluated round, whatever the progress-bar setting (and the sweep's progress).
+    for name in (ROUND_LOGGER, "protofl.sweep"):
+        logging.getLogger(name).setLevel(min(logging.INFO, logging.getLogger().level))
     from protofl.errors import ProtoflError
     from protofl.privacy import BudgetExceededError
 
@@ -248,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.prefix}{_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except BudgetExceededError as exc:
-        print(f"error: privacy budget: {exc}; the last checkpoint holds the rounds completed", file=sys.stderr)
+        print(f"error: privacy budget: {exc}; the last checkpoint holds the rounds completed, summary.json and "
+              "report.md report them", file=sys.stderr)
         return 3
     except ImportError as exc:
         if type(exc).__name__ != "FlowerMissingError":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -188,6 +189,7 @@ class DataConfig:
 
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "domain")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,8 +244,18 @@ class FederationConfig:
     #: Batched execution: at most this many clients are stacked into one program (bounds the memory
     #: of the stacked parameters, optimiser state and data).
     batch_clients: int = bounded(256, 1, MAX_CLIENTS)
+    #: Where tensors live: ``cpu``, ``auto`` (the first CUDA device when there is one, else the CPU),
+    #: ``cuda`` or ``cuda:i``. Checkpoints hold CPU tensors and load on any device. The methods do not
+    #: yet create their tensors on a CUDA device: a run that resolves to one is refused before any work.
+    device: str = "cpu"
+    #: torch threads of this process (intra-op and inter-op); 0: the cores available to this process
+    #: divided by the number of worker processes (a sweep's workers), at least 1.
+    threads: int = bounded(0, 0, 4096)
 
     def __post_init__(self) -> None:
+        check(DEVICE_PATTERN.fullmatch(self.device) is not None, "device",
+              f"{self.device!r} is not one of auto, cpu, cuda, cuda:INDEX")
+        check(self.threads >= 0, "threads", f"must be >= 0 (0: automatic), got {self.threads}")
         check_choice(self.execution, ("per-client", "batched"), "execution")
         check(self.batch_clients >= 1, "batch_clients", f"must be >= 1, got {self.batch_clients}")
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
@@ -267,6 +279,15 @@ class ModelConfig:
         check(self.feature_dim >= 2, "feature_dim", f"must be >= 2, got {self.feature_dim}")
         check(self.hidden_dim >= 2, "hidden_dim", f"must be >= 2, got {self.hidden_dim}")
         check_numbers(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Experiment tracking besides the run folder's own records."""
+
+    #: Write TensorBoard event files (every metric of every round, epsilon, bytes, per-client
+    #: histograms) to the run folder's ``tensorboard/`` (needs the ``tensorboard`` package).
+    tensorboard: bool = False
 
 
 #: The mechanisms ``[privacy] mechanism`` names: prototype releases (VPDR's IGPP and VPP) and DP-SGD. The
@@ -368,6 +389,7 @@ class RunConfig:
     federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     method: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"name": "fedavg"})
 
     def __post_init__(self) -> None:
@@ -408,6 +430,8 @@ class RunConfig:
             raise ConfigError(f"config file {path}: not text (TOML is UTF-8)") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        if "sweep" in data:
+            raise ConfigError(f"sweep: {path} describes a sweep; run it with protofl sweep {path} --out DIR")
         return cls.from_dict(apply_overrides(data, overrides))
 
     def to_toml(self) -> str:
@@ -447,3 +471,30 @@ def apply_overrides(data: Mapping[str, Any], overrides: typing.Sequence[str]) ->
 
 def _deepcopy(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def effective_settings(config: RunConfig) -> dict[str, Any]:
+    """The settings that determine a run's results, as flat ``section.key`` -> value: what a run's
+    fingerprint digests and what ``protofl report`` groups runs by. Left out: progress bars, the schedule
+    of checkpoints, how many clients share a batched program, threads, device and tracking (how fast and
+    where, not what), the reference per-client execution (so earlier fingerprints stay valid), and the
+    privacy settings while privacy is off."""
+    data = config.to_dict()
+    for key in ("progress", "checkpoint_every", "batch_clients", "threads", "device"):
+        data["federation"].pop(key, None)
+    data.pop("logging", None)
+    if data["federation"].get("execution") == "per-client":
+        data["federation"].pop("execution")
+    if not config.privacy.enabled:
+        data.pop("privacy", None)
+    return _flatten(data)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out

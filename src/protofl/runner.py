@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from protofl.config import ConfigError, RunConfig, from_mapping, to_mapping
+from protofl.config import ConfigError, RunConfig, effective_settings, from_mapping, to_mapping
 from protofl.errors import RunFailedError
 from protofl.health import failure_fields, learning_failure
 
@@ -40,9 +40,15 @@ class PreparedData:
     test_groups: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
-def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """A :class:`RunConfig` with the method's options validated and its defaults filled in."""
+def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides: Sequence[str] = (), *,
+                   user_data: bool = False) -> RunConfig:
+    """A :class:`RunConfig` with the method's options validated and its defaults filled in (the
+    dataset's presets first, :mod:`protofl.presets`); the device is checked to exist. ``user_data``:
+    the data comes from ``protofl.run(dataset=...)``, not from ``data.dataset``."""
     from protofl.algorithms import get_algorithm
+    from protofl.plugins import load_plugins
+    from protofl.presets import preset_options
+    from protofl.runtime import check_supported, resolve_device
 
     if not isinstance(config, (RunConfig, Mapping, str, Path)):
         raise ConfigError(f"config: expected a RunConfig, a mapping in the TOML layout or the path of a TOML file, "
@@ -53,12 +59,17 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
         config = RunConfig.from_dict(config).replace(*overrides)
     elif overrides:
         config = config.replace(*overrides)
+    load_plugins()
     algorithm_cls = get_algorithm(config.method_name)
     config = dataclasses.replace(config, privacy=config.privacy.resolved(config.federation.rounds))
-    method_config = algorithm_cls.resolve_options(from_mapping(algorithm_cls.Config, config.method_options, "method."), config)
+    options = {**preset_options(config.data.dataset, config.method_name, algorithm_cls.Config,
+                                config.method_options), **config.method_options}
+    method_config = algorithm_cls.resolve_options(from_mapping(algorithm_cls.Config, options, "method."), config)
     algorithm_cls.validate_privacy(method_config, config.privacy)
     check_accountant(config.privacy.accountant)
-    check_dataset_name(config.data.dataset)
+    check_supported(resolve_device(config.federation.device))
+    if not user_data:
+        check_dataset_name(config.data.dataset)
     if config.data.features != "pixels":
         from protofl.data import ENCODERS
 
@@ -86,7 +97,11 @@ def check_dataset_name(name: str) -> None:
             raise ConfigError(f"data.dataset: {exc}") from None
         return
     if ":" in name:
+        from protofl.custom import USER_PREFIX, user_dataset_error
+
         kind = name.split(":", 1)[0]
+        if name.startswith(USER_PREFIX):
+            raise user_dataset_error(name)
         if kind not in ("idx", "cifar"):
             raise ConfigError(f"data.dataset: unknown folder kind {kind!r}; use idx:/path or cifar:/path")
         return
@@ -96,36 +111,20 @@ def check_dataset_name(name: str) -> None:
 
 
 def fingerprint(config: RunConfig) -> str:
-    """A digest of everything that determines a run's results (progress bars and schedule of
-    checkpoints excluded)."""
-    data = config.to_dict()
-    data["federation"].pop("progress", None)
-    data["federation"].pop("checkpoint_every", None)
-    data["federation"].pop("batch_clients", None)  # how many clients share one batched program
-    if data["federation"].get("execution") == "per-client":
-        data["federation"].pop("execution")  # the reference path: fingerprints of earlier runs stay valid
-    if not config.privacy.enabled:
-        data.pop("privacy", None)  # privacy settings change nothing while privacy is off
-    return hashlib.sha256(repr(sorted(_flatten(data).items())).encode()).hexdigest()[:16]
+    """A digest of everything that determines a run's results (:func:`protofl.config.effective_settings`:
+    progress bars, the schedule of checkpoints, threads and device excluded)."""
+    return hashlib.sha256(repr(sorted(effective_settings(config).items())).encode()).hexdigest()[:16]
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def prepare_data(config: RunConfig) -> PreparedData:
-    """Load (and embed) the dataset, partition its training pool, build per-client tensors."""
+def prepare_data(config: RunConfig, splits: Any = None, device: Any = None) -> PreparedData:
+    """Load (and embed) the dataset (or use ``splits``, a :class:`~protofl.data.DatasetSplits` of the
+    user's), partition its training pool, build per-client tensors (moved once onto ``device``)."""
     from protofl.algorithms import ClientData
     from protofl.data import embed, load_dataset, make_partition
 
     progress = config.federation.progress
-    splits = load_dataset(config.data.dataset, progress=progress)
+    if splits is None:
+        splits = load_dataset(config.data.dataset, progress=progress)
     if config.data.features != "pixels":
         splits = embed(splits, encoder=config.data.features, image_size=config.data.image_size, progress=progress)
     train = splits.train
@@ -133,20 +132,20 @@ def prepare_data(config: RunConfig) -> PreparedData:
         train = train.subset(_stratified_subset(train.y, config.data.max_train_samples, config.seed))
     partition = make_partition(train.y, config.partition, seed=config.seed, domains=train.domain,
                                num_classes=train.num_classes)
-    x = torch.from_numpy(np.ascontiguousarray(train.x, dtype=np.float32))
-    y = torch.from_numpy(train.y.astype(np.int64))
+    x = torch.from_numpy(np.ascontiguousarray(train.x, dtype=np.float32)).to(device)
+    y = torch.from_numpy(train.y.astype(np.int64)).to(device)
     clients = [
         ClientData(k, x[torch.tensor(tr)], y[torch.tensor(tr)], x[torch.tensor(te)], y[torch.tensor(te)])
         for k, (tr, te) in enumerate(zip(partition.train, partition.test))
     ]
     test_groups = {}
     if splits.test.domain is not None:
-        test_groups = {name: torch.from_numpy(np.flatnonzero(splits.test.domain == d))
+        test_groups = {name: torch.from_numpy(np.flatnonzero(splits.test.domain == d)).to(device)
                        for d, name in enumerate(splits.test.domain_names)}
     return PreparedData(
         clients=clients,
-        test_x=torch.from_numpy(np.ascontiguousarray(splits.test.x, dtype=np.float32)),
-        test_y=torch.from_numpy(splits.test.y.astype(np.int64)),
+        test_x=torch.from_numpy(np.ascontiguousarray(splits.test.x, dtype=np.float32)).to(device),
+        test_y=torch.from_numpy(splits.test.y.astype(np.int64)).to(device),
         input_shape=tuple(train.x.shape[1:]),
         num_classes=train.num_classes,
         partition=partition,
@@ -173,12 +172,17 @@ def _stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 def run_summary(config: RunConfig, history: list[dict[str, Any]], *, privacy: dict[str, Any] | None,
                 wall_seconds: float, seconds_per_round: float, bytes_up: int, bytes_down: int,
-                **extra: Any) -> dict[str, Any]:
+                status: str = "completed", rounds_done: int | None = None, **extra: Any) -> dict[str, Any]:
     """summary.json of a run, whichever engine ran it (``extra``: engine-specific fields, e.g. the
-    in-process ``execution`` or Flower's ``engine`` and ``incidents``)."""
+    in-process ``execution``, ``threads`` and ``device`` or Flower's ``engine`` and ``incidents``).
+    ``status``: ``completed``, ``stopped: budget``, ``stopped: too few replies``, ``interrupted`` or
+    ``failed``; ``rounds_done``: rounds finished (default: the last evaluated one)."""
     from protofl.records import summarize_history
+    from protofl.runtime import git_commit, versions
 
     final, best = summarize_history(history)
+    if rounds_done is None:
+        rounds_done = history[-1]["round"] if history else 0
     return {
         "method": config.method_name,
         "dataset": config.data.dataset,
@@ -187,6 +191,8 @@ def run_summary(config: RunConfig, history: list[dict[str, Any]], *, privacy: di
         "clients": config.partition.num_clients,
         "rounds": config.federation.rounds,
         "seed": config.seed,
+        "status": status,
+        "rounds_done": rounds_done,
         "final": final,
         "best": best,
         "epsilon": privacy["epsilon"] if privacy else None,
@@ -197,6 +203,8 @@ def run_summary(config: RunConfig, history: list[dict[str, Any]], *, privacy: di
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "versions": versions(),
+        "commit": git_commit(),
         **extra,
     }
 
@@ -218,36 +226,60 @@ def write_partition_records(run_dir: Path, data: PreparedData) -> None:
 
     names = data.class_names or None
     write_atomic(run_dir / "partition.md", partition_table(data.partition, data.pool_labels, class_names=names))
-    plot_partition_heatmap(data.partition, data.pool_labels, run_dir / "partition_heatmap.png", class_names=names)
+    # The heat map counts what the table counts: each client's training samples per class.
+    plot_partition_heatmap(data.partition, data.pool_labels, run_dir / "partition_heatmap.png", class_names=names,
+                           split="train")
 
 
-def build_algorithm(config: RunConfig, data: PreparedData):
-    """The configured method for ``data``'s input shape and classes."""
+def build_algorithm(config: RunConfig, data: PreparedData, model: Callable[..., Any] | None = None):
+    """The configured method for ``data``'s input shape and classes (``model``: a factory of the user's,
+    :mod:`protofl.custom`)."""
     from protofl.algorithms import Task, get_algorithm
 
-    task = Task(data.input_shape, data.num_classes, config.model)
+    if model is not None:
+        from protofl.custom import FactoryTask
+
+        task: Task = FactoryTask(data.input_shape, data.num_classes, config.model, factory=model)
+    else:
+        task = Task(data.input_shape, data.num_classes, config.model)
     return get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
 
 
 def run_rounds(config: RunConfig, data: PreparedData, driver_for: Callable[..., Any], run_dir: Path | None, *,
-               resume: bool, require_checkpoint: bool = False,
-               stop_after: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+               resume: bool, require_checkpoint: bool = False, stop_after: int | None = None,
+               model: Callable[..., Any] | None = None, on_round: Callable[[dict[str, Any]], None] | None = None,
+               tracker: Any = None, extra: Mapping[str, Any] | None = None
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run ``config``'s rounds with the driver ``driver_for(algorithm, checkpoint_dir=..., fingerprint=...,
     on_round=...)`` builds; with ``run_dir``, write the run folder as the rounds go (config.toml,
-    metrics.jsonl, the partition's records, checkpoints) and at the end (summary.json, plots, report.md).
+    metrics.jsonl, clients.csv, the partition's records, checkpoints) and at the end (summary.json, plots,
+    report.md). Every evaluated row is logged on one line, handed to ``tracker`` and to ``on_round``.
     ``resume``: continue from ``run_dir``'s checkpoint; where there is none, start from round 1 or, with
     ``require_checkpoint``, refuse (a Flower run: starting over would repeat releases the nodes' ledgers
-    already hold). Returns the summary and the history."""
+    already hold). A run stopped by its budget, too few replies or an interruption still writes its
+    records (``status`` says why), then the stop is raised again. Returns the summary and the history."""
+    from protofl.client_records import ClientTable, client_figures
     from protofl.records import write_atomic, write_metrics
+    from protofl.tracking import ROUND_LOGGER, round_line
 
-    algorithm = build_algorithm(config, data)
+    algorithm = build_algorithm(config, data, model)
+    table = None if run_dir is None else ClientTable(run_dir / "clients.csv")
+    round_log = logging.getLogger(ROUND_LOGGER)
+    last_clients: list[dict[str, Any]] = []  # the last evaluated round's per-client records
 
-    def on_round(row: dict[str, Any]) -> None:
+    def on_round_hook(row: dict[str, Any]) -> None:
+        last_clients[:] = row.get("clients", [])
         if run_dir is not None:
             write_metrics(run_dir / "metrics.jsonl", driver.history)
+            table.append(row["round"], row.get("clients", []))
+        round_log.info(round_line(row, config.federation.rounds))
+        if tracker is not None:
+            tracker(row)
+        if on_round is not None:
+            on_round(row)
 
     driver = driver_for(algorithm, checkpoint_dir=None if run_dir is None else run_dir / "checkpoint",
-                        fingerprint=fingerprint(config), on_round=on_round)
+                        fingerprint=fingerprint(config), on_round=on_round_hook)
     if resume and not driver.resume():
         if require_checkpoint:
             raise RuntimeError(f"cannot resume: {driver.checkpoint_dir} holds no checkpoint of this run; "
@@ -257,16 +289,56 @@ def run_rounds(config: RunConfig, data: PreparedData, driver_for: Callable[..., 
         if not resume:
             write_atomic(run_dir / "config.toml", config.to_toml())
         write_metrics(run_dir / "metrics.jsonl", driver.history)
+        table.keep_rounds_up_to(driver.round)
         write_partition_records(run_dir, data)
-    history = driver.run(stop_after=stop_after)
-    failure = learning_failure(history)
-    summary = run_summary(config, history, privacy=driver.transport.privacy_report(),
-                          wall_seconds=driver.wall_seconds, seconds_per_round=driver.elapsed / max(driver.round, 1),
-                          bytes_up=driver.bytes_up, bytes_down=driver.bytes_down,
-                          **driver.transport.summary_fields(), **failure_fields(failure))
-    if run_dir is not None:
-        write_run_records(run_dir, config, history, summary)
+
+    def finish(status: str, **fields: Any) -> dict[str, Any]:
+        summary = run_summary(config, driver.history, privacy=driver.transport.privacy_report(),
+                              wall_seconds=driver.wall_seconds, seconds_per_round=driver.elapsed / max(driver.round, 1),
+                              bytes_up=driver.bytes_up, bytes_down=driver.bytes_down, status=status,
+                              rounds_done=driver.round, **driver.transport.summary_fields(), **(extra or {}), **fields)
+        if not last_clients and table is not None:  # resumed after the last evaluated round
+            last_clients[:] = table.last_round()
+        if last_clients:
+            summary["per_client"] = client_figures(last_clients)
+        if run_dir is not None:
+            write_run_records(run_dir, config, driver.history, summary)
+        return summary
+
+    try:
+        driver.run(stop_after=stop_after)
+    except BaseException as exc:
+        status = stop_status(exc)
+        if status is not None:
+            try:
+                finish(status)
+                log.warning("run %s after round %d: summary.json and report.md hold the rounds done", status,
+                            driver.round)
+            except Exception:  # the records of a stop must not hide why it stopped
+                log.exception("could not write the records of the stopped run")
+        raise
+    failure = learning_failure(driver.history)
+    fields = failure_fields(failure)
+    summary = finish(fields.pop("status", "completed"), **fields)
     if failure is not None:
         where = f"; its records are in {run_dir}" if run_dir is not None else ""
         raise RunFailedError(f"the run could not learn: {failure}; no accuracy is reported{where}")
-    return summary, history
+    return summary, driver.history
+
+
+def stop_status(exc: BaseException) -> str | None:
+    """summary.json's ``status`` of a run that ``exc`` stopped, or None for a failure (a bug, bad
+    data) whose records are not worth writing."""
+    import sys
+
+    from protofl.engine import RunInterrupted
+    from protofl.privacy import BudgetExceededError
+
+    if isinstance(exc, BudgetExceededError):
+        return "stopped: budget"
+    if isinstance(exc, (KeyboardInterrupt, RunInterrupted)):
+        return "interrupted"
+    transport = sys.modules.get("protofl.flower.transport")  # loaded only where Flower runs the rounds
+    if transport is not None and isinstance(exc, transport.NotEnoughReplies):
+        return "stopped: too few replies"
+    return None

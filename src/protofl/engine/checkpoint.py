@@ -20,7 +20,19 @@ CHECKPOINT_NAME = "state.pt"
 REQUIRED_KEYS = ("round", "fingerprint")
 
 
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` with every tensor on the CPU, so that the checkpoint loads on any machine."""
+    state = _on_cpu(state)
     return atomic_write(directory / CHECKPOINT_NAME, lambda fh: torch.save(state, fh))
 
 
@@ -38,7 +50,7 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{path}: empty file, not a checkpoint; {hint}")
     # Our own checkpoints hold tensors, dicts, lists and numbers only: load with weights_only.
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         first = " ".join(str(exc).split())[:200]
         raise CheckpointError(f"{path}: refused to load: it asks for more than tensors and containers ({first}); "

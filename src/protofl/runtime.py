@@ -1,0 +1,117 @@
+"""Where and how a run executes: its device, its torch threads, and the versions it ran with.
+
+``federation.device`` and ``federation.threads`` are resolved here, once, before any data is loaded;
+summary.json and report.md record the result (with the versions of protofl, torch, Flower and Python,
+and the git commit when protofl runs from a checkout).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from protofl.config import ConfigError
+
+#: A sweep sets this in its worker processes: how many processes share the machine's cores.
+WORKERS_ENV = "PROTOFL_WORKERS"
+
+
+def resolve_device(name: str) -> Any:
+    """The ``torch.device`` for ``federation.device``; a CUDA device this machine lacks is a
+    :class:`ConfigError` (raised before any work)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(f"federation.device: {name!r} asked for, but this machine has no CUDA device "
+                          f"(torch {torch.__version__}, {build}); use 'cpu' or 'auto'")
+    index = int(name.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"federation.device: {name!r} asked for, but this machine has {count} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def check_supported(device: Any) -> None:
+    """Refuse a device the methods cannot run on yet (their tensors are created on the CPU: model
+    parameters, payload arrays, prototypes), before any work rather than halfway through a round."""
+    if device.type != "cpu":
+        raise ConfigError(f"federation.device: {str(device)!r} resolved, but protofl's methods create their "
+                          "tensors on the CPU and cannot run on a CUDA device yet; use 'cpu'")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - platforms without affinity
+        return os.cpu_count() or 1
+
+
+def worker_processes() -> int:
+    """How many worker processes share this machine's cores (1 outside a sweep)."""
+    try:
+        return max(1, int(os.environ.get(WORKERS_ENV, "1")))
+    except ValueError:
+        raise ConfigError(f"{WORKERS_ENV}: expected a whole number of worker processes, "
+                          f"got {os.environ[WORKERS_ENV]!r}") from None
+
+
+def resolve_threads(threads: int) -> int:
+    """``federation.threads``, with 0 meaning the available cores divided among the worker processes."""
+    return threads if threads > 0 else max(1, available_cores() // worker_processes())
+
+
+def apply_threads(threads: int) -> dict[str, int]:
+    """Set torch's intra-op and inter-op threads; returns what is in force. The inter-op pool can
+    only be sized before its first use in a process: a later call keeps the size it has."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:
+        pass  # already started in this process (e.g. a second run in one Python session)
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of protofl, torch, Flower (None where not installed) and Python."""
+    import torch
+
+    import protofl
+
+    def installed(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"protofl": protofl.__version__, "torch": torch.__version__, "flwr": installed("flwr"),
+            "python": platform.python_version()}
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the checkout protofl is imported from (``-dirty`` with uncommitted changes), or
+    None when it is not a git checkout (an installed wheel) or git is missing."""
+    source = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no", "."],
+                               capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
