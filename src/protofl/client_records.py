@@ -28,6 +28,7 @@ TRAILING_COLUMNS = ("epsilon", "bytes_up", "bytes_down")
 WORST_COUNT = 5
 
 
+@dataclasses.dataclass(frozen=True)
 class ClientTable:
     """``clients.csv`` of a run folder: appended every evaluated round, cut back on resume."""
 
