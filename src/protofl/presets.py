@@ -28,9 +28,16 @@ METHOD_PRESETS: Mapping[tuple[str, str], Mapping[str, Any]] = types.MappingProxy
 })
 
 
+#: Methods no preset touches: DP-SGD methods, whose batch size and learning rate were tuned with their
+#: budget (the batch size sets the Poisson sampling rate, hence sigma and the privacy events).
+PRIVATE_BY_CONSTRUCTION = frozenset({"dpfedavg", "fedhypevae"})
+
+
 def preset_options(dataset: str, method: str, config_cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
     """The preset options of ``dataset`` (and of ``method`` on it) that ``config_cls`` declares and
     ``given`` does not set."""
+    if method in PRIVATE_BY_CONSTRUCTION:
+        return {}  # their batch size sets the sampling rate, hence the noise: never changed behind the config
     fields = {f.name for f in dataclasses.fields(config_cls)}
     preset = {**DATASET_PRESETS.get(dataset, {}), **METHOD_PRESETS.get((dataset, method), {})}
     return {k: v for k, v in preset.items() if k in fields and k not in given}

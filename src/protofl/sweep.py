@@ -155,7 +155,10 @@ def cell_state(run_dir: Path) -> str:
     summary = run_dir / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status", "completed") in FINAL_STATUSES:
         return "done"
-    return "resume" if has_checkpoint(run_dir / "checkpoint") else "new"
+    from protofl.rundir import is_run_folder
+
+    # a folder with config.toml but no checkpoint yet (killed in its first round) resumes from round 1
+    return "resume" if has_checkpoint(run_dir / "checkpoint") or is_run_folder(run_dir) else "new"
 
 
 def run_cell(base: Mapping[str, Any], overrides: Sequence[str], run_dir: str, workers: int) -> tuple[str, str]:

@@ -574,7 +574,11 @@ class FedHypeVAE(Algorithm):
         self._check_data(data)
         c = self.config
         round_index = int(received["round"])
-        state = client_state if "psi" in client_state else self._fresh_client(int(generator.initial_seed()) % 2**31, data.client_id)
+        if "psi" in client_state:
+            state = client_state
+        else:  # first training: its own encoder and code, but whatever it spent before (a rejected reply) stays
+            state = {**self._fresh_client(int(generator.initial_seed()) % 2**31, data.client_id),
+                     LEDGER_KEY: client_state.get(LEDGER_KEY, [])}
         events = self.round_events(state, data.num_train, round_index)
         ledger = self.dp.spend(state, events, f"client {data.client_id}")  # raises before any training or release
         rate = self.rate(data.num_train)

@@ -77,12 +77,13 @@ def _decide(store, task, fields: dict) -> None:
     rounds = protocol.DECISION_ROUNDS.read(fields, [])
     accepted = protocol.DECISION_ACCEPTED.read(fields, [])
     decisions = dict(zip(rounds, accepted))
-    taken = sorted(r for r, a in decisions.items() if a)
-    if taken and not store.has_any_state():
-        # the server took this partition's replies before, but this node holds nothing of the run: starting
-        # from a fresh model would also start an empty privacy ledger and release again on a reset budget
+    replied = sorted(decisions)
+    if replied and not store.has_any_state():
+        # the server saw this partition reply before (accepted or not: a rejected reply was on the wire and
+        # spent), but this node holds nothing of the run: starting from a fresh model would also start an
+        # empty privacy ledger and release again on a reset budget
         raise StateLostError(
-            f"{task.who}: the server accepted this partition's replies of rounds {taken}, but this node holds "
+            f"{task.who}: the server decided on this partition's replies of rounds {replied}, but this node holds "
             "no state of the run: state and privacy ledger lost: restart the SuperNode with its "
             "state-dir (--node-config \"... state-dir=DIR\") holding the state it kept")
     store.decide(task, decisions)

@@ -41,11 +41,6 @@ class StateLostError(RuntimeError):
     """A node lacks the state a message needs (its state was lost, or the server went back too far)."""
 
 
-def _releases(ledger: Any) -> int:
-    """Releases a privacy ledger (``[(event, count), ...]``) records."""
-    return sum(int(count) for _event, count in ledger or ())
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class NodeTask:
     """One node's part of a run: the algorithm, its partition's data, the run's seed."""
@@ -117,8 +112,18 @@ class ClientStore:
                 self._raise_ledger(state)
 
     def _raise_ledger(self, state: Mapping[str, Any]) -> None:
-        if LEDGER_KEY in state and (self.ledger is None or _releases(state[LEDGER_KEY]) >= _releases(self.ledger)):
+        """Keep the high-water mark: for every event, the larger count of the two ledgers (a ledger that
+        records more of one event and less of another is never taken whole over the other)."""
+        if LEDGER_KEY not in state:
+            return
+        if self.ledger is None:
             self.ledger = state[LEDGER_KEY]
+            return
+        counts: dict[str, tuple[Any, int]] = {}
+        for event, count in [*self.ledger, *state[LEDGER_KEY]]:
+            key = repr(sorted(dict(event).items()))
+            counts[key] = (event, max(int(count), counts.get(key, (event, 0))[1]))
+        self.ledger = [[event, count] for event, count in counts.values()]
 
     def latest(self, before: int) -> tuple[int, dict[str, Any]] | None:
         rounds = [r for r in self.committed if r < before]

@@ -132,13 +132,15 @@ class GridTransport:
         content = records.to_record_dict(payload, **protocol.pack(values))
         return Message(content, dst_node_id=self.nodes[partition], message_type=kind, group_id=str(r))
 
-    def _exchange(self, messages: Mapping[int, Any], wait_for: int,
-                  counted: set[int] | None = None) -> tuple[dict[int, Reply], dict[int, tuple[int, str]]]:
+    def _exchange(self, messages: Mapping[int, Any], wait_for: int, counted: set[int] | None = None
+                  ) -> tuple[dict[int, Reply], dict[int, tuple[int, str]], str | None]:
         """Send one message per partition; wait for every reply, or, past ``round_timeout``, for at least
-        ``wait_for`` replies from the ``counted`` partitions (default: all); returns the replies and, for
-        each partition that stayed silent, the node it was sent to and why."""
+        ``wait_for`` replies from the ``counted`` partitions (default: all); returns the replies, for each
+        partition that stayed silent the node it was sent to and why, and, where fewer than ``wait_for``
+        replied in time, why that is too few (the replies that did come are kept: they may carry the
+        previous round's evaluation)."""
         if not messages:
-            return {}, {}
+            return {}, {}, None
         partitions = list(messages)
         ids = list(self.grid.push_messages([messages[k] for k in partitions]))
         pending = {mid: k for mid, k in zip(ids, partitions) if mid}
@@ -150,6 +152,7 @@ class GridTransport:
         sent_to = {k: self.nodes[k] for k in partitions}
         deadline = time.monotonic() + self.settings.round_timeout
         next_look = time.monotonic() + REJOIN_LOOK_SECONDS
+        short = None
         while pending:
             if time.monotonic() >= next_look:
                 # A node that restarted while we wait holds the partition now: its predecessor's message
@@ -169,14 +172,14 @@ class GridTransport:
             if pending and time.monotonic() > deadline:
                 got = sum(1 for k, reply in replies.items()
                           if (counted is None or k in counted) and reply.error is None)
-                if got >= wait_for:
-                    break
-                raise NotEnoughReplies(f"{got} of {len(counted if counted is not None else partitions)} nodes "
-                                       f"replied within {self.settings.round_timeout:g} s; at least {wait_for} needed")
+                if got < wait_for:
+                    short = (f"{got} of {len(counted if counted is not None else partitions)} nodes replied within "
+                             f"{self.settings.round_timeout:g} s; at least {wait_for} needed")
+                break
             if pending:
                 time.sleep(POLL_SECONDS)
         late = f"no reply within {self.settings.round_timeout:g} s"
-        return replies, {**{k: (sent_to[k], late) for k in pending.values()}, **replaced}
+        return replies, {**{k: (sent_to[k], late) for k in pending.values()}, **replaced}, short
 
     def start(self) -> None:
         """Wait (up to ``node_wait``) for a node to hold every partition."""
@@ -255,11 +258,14 @@ class GridTransport:
         # min_replies counts accepted replies of the clients sampled and not dropped (0: every reachable one);
         # a node missing from the federation does not lower it
         required = min(self.settings.min_replies, len(active)) if self.settings.min_replies else len(reachable)
-        replies, silent = self._exchange(messages, required, counted=set(reachable))
+        replies, silent, short = self._exchange(messages, required, counted=set(reachable))
         for k, (node, why) in sorted(silent.items()):
             self._lose(r, k, why, node)
         lost += [k for k in sorted(silent) if k in reachable]
         evaluation = self._evaluation(owed, replies) if owed is not None else None
+        if short is not None:  # the round is not taken; the previous round's row and checkpoint still are
+            log.error("round %d: %s; the run stops", r, short)
+            return Exchange(evaluation=evaluation, stop=NotEnoughReplies(f"round {r}: {short}"))
         status = {k: "lost" for k in lost}
         bytes_down = {k: size for k in active}
 
@@ -335,7 +341,7 @@ class GridTransport:
         self.discover()
         messages = {k: self._message(k, protocol.EVALUATE, r, broadcast, {protocol.PRIVACY_ALL: True})
                     for k in sorted(self.nodes)}
-        replies, silent = self._exchange(messages, 0)
+        replies, silent, _ = self._exchange(messages, 0)
         for k, (node, why) in sorted(silent.items()):
             self._lose(r, k, f"evaluation: {why}", node)
         return self._evaluation(r, replies)
