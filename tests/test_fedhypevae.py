@@ -171,3 +171,17 @@ def test_without_noise_the_generator_learns_classes_a_classifier_can_use():
     xs, ys = algo.synthesise({"phi": phi, "meta_code": code, "released_codes": code[None]}, "mixture", 0, per_class=100)
     accuracy = float((classify(algo.train_classifier(xs, ys), x[1400:]).argmax(1) == y[1400:]).float().mean())
     assert accuracy > 0.6, accuracy
+
+
+def test_a_rejected_first_reply_stays_spent_when_the_client_trains_again():
+    """A rejected (or lost) reply leaves the client only its ledger: its next step builds its encoder and
+    code afresh but keeps every earlier release in the ledger (an empty one would re-spend the budget)."""
+    from protofl.privacy import LEDGER_KEY
+
+    algo = _algo(samplers=["neutral"])
+    data = _client(n=40)
+    first, _, _ = _step(algo, {}, data, 1, seed=1)
+    rejected = {LEDGER_KEY: first[LEDGER_KEY]}  # what the engines keep of a rejected reply
+    second, _, _ = _step(algo, rejected, data, 2, seed=2)
+    assert [count for _event, count in second[LEDGER_KEY]] == [6]  # two rounds of three steps
+    assert algo.ledger(second).epsilon() > algo.ledger(first).epsilon()
