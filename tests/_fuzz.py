@@ -119,6 +119,7 @@ def _summary_target():
         run = folder / "run"
         run.mkdir(exist_ok=True)
         write_metrics(run / "metrics.jsonl", [row, {**row, "round": 2}])
+        (run / "config.toml").write_text('seed = 0\n[method]\nname = "fedavg"\n')
         write_json(run / "summary.json", summary)
         return run / "summary.json"
 

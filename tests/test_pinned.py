@@ -11,7 +11,7 @@ BASE = {"seed": 3, "data": {"dataset": "optdigits", "max_train_samples": 600},
         "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 4},
         "federation": {"rounds": 3, "progress": False, "client_fraction": 0.75, "client_dropout": 0.2},
         "model": {"feature_dim": 16},
-        "method": {"name": "fedavg", "lr": 0.1, "batch_size": 32}}
+        "method": {"name": "fedavg", "lr": 0.1, "batch_size": 32, "local_epochs": 1}}
 
 CASES = {
     "fedavg-per-client": ("fedavg", "per-client", {}),

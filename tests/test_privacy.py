@@ -441,7 +441,7 @@ def test_bad_privacy_values_fail_at_config_time_naming_the_key(key, value):
 def test_a_method_without_prototypes_is_refused_with_the_valid_hosts():
     from protofl.api import resolve_config
 
-    with pytest.raises(ConfigError, match="methods that do: fedproto, fedtgp, fpl"):
+    with pytest.raises(ConfigError, match="methods that do: fedgh, fedproto, fedtgp, fpl"):
         resolve_config({"privacy": {"mechanism": "igpp"}, "method": {"name": "fedavg"}})
     with pytest.raises(ConfigError, match="methods that do: dpfedavg, fedhypevae"):
         resolve_config({"privacy": {"mechanism": "dp-sgd"}, "method": {"name": "fedproto"}})

@@ -295,7 +295,7 @@ def test_checkpoints_hold_cpu_tensors(tmp_path):
 
     from protofl.engine.checkpoint import load_checkpoint, save_checkpoint
 
-    state = {"a": torch.ones(2), "nested": [{"b": torch.zeros(1)}], "round": 3}
+    state = {"a": torch.ones(2), "nested": [{"b": torch.zeros(1)}], "round": 3, "fingerprint": "f"}
     save_checkpoint(tmp_path, state)
     loaded = load_checkpoint(tmp_path)
     assert loaded["round"] == 3 and loaded["a"].device.type == "cpu" and torch.equal(loaded["nested"][0]["b"], torch.zeros(1))

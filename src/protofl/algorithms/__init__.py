@@ -18,9 +18,10 @@ from protofl.algorithms.base import (
     Algorithm,
     ClientData,
     LocalTrainingConfig,
+    ModelAlgorithm,
     Task,
     get_algorithm,
     register,
 )
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientData", "LocalTrainingConfig", "Task", "get_algorithm", "register"]
+__all__ = ["ALGORITHMS", "Algorithm", "ClientData", "LocalTrainingConfig", "ModelAlgorithm", "Task", "get_algorithm", "register"]

@@ -412,7 +412,8 @@ class RoundDriver:
                 "samples": profile.get("samples"),
                 "classes": profile.get("classes"),
                 **clients.metrics.get(k, {}),
-                "epsilon": clients.epsilon.get(k),
+                # a client that has released nothing yet has spent nothing (None: nothing is protected)
+                "epsilon": clients.epsilon.get(k, None if clients.privacy is None else 0.0),
                 "bytes_up": done.exchange.bytes_up.get(k, 0),
                 "bytes_down": done.exchange.bytes_down.get(k, 0),
                 "status": status,
