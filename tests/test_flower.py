@@ -33,7 +33,7 @@ BASE = {
     "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 3},
     "federation": {"rounds": 3, "progress": False},
     "model": {"feature_dim": 32},
-    "method": {"name": "fedproto", "lr": 0.1, "batch_size": 32},
+    "method": {"name": "fedproto", "lr": 0.1, "batch_size": 32, "local_epochs": 1},
 }
 VPP = {**BASE, "privacy": {"mechanism": "vpp", "epsilon": 8.0}}
 

@@ -312,7 +312,7 @@ def run_rounds(config: RunConfig, data: PreparedData, driver_for: Callable[..., 
         if status is not None:
             try:
                 finish(status)
-                log.warning("run %s after round %d: summary.json and report.md hold the rounds done", status,
+                log.info("run %s after round %d: summary.json and report.md hold the rounds done", status,
                             driver.round)
             except Exception:  # the records of a stop must not hide why it stopped
                 log.exception("could not write the records of the stopped run")
