@@ -48,8 +48,12 @@ def run_grid(jobs: list[tuple[dict[str, Any], Path]], workers: int, threads: int
         summaries = []
         for i, summary in enumerate(pool.imap(_worker, args)):
             summaries.append(summary)
-            print(f"[{i + 1}/{len(args)}] {Path(args[i][1]).name}: final {summary['final']} "
-                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"[{i + 1}/{len(args)}] {Path(args[i][1]).name}: final {summary['final']} "
+                f"({time.perf_counter() - start:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     return summaries
 
 

@@ -29,8 +29,7 @@ def config(method: str, seed: int, rounds: int) -> dict:
         "partition": {"scheme": "dirichlet", "alpha": 0.1, "num_clients": 20, "min_client_size": 20},
         "federation": {"rounds": rounds, "progress": False, "checkpoint_every": 5},
         "model": {"feature_dim": 128},
-        "method": {"name": method, "local_epochs": 1, "batch_size": 50, "lr": 0.05, "momentum": 0.9,
-                   **METHODS[method]},
+        "method": {"name": method, "local_epochs": 1, "batch_size": 50, "lr": 0.05, "momentum": 0.9, **METHODS[method]},
     }
 
 
@@ -64,11 +63,13 @@ def main() -> None:
             f"| {statistics.fmean(r['bytes_up'] / r['rounds'] for r in runs) / 1e6:.3f} "
             f"| {statistics.fmean(r['bytes_down'] / r['rounds'] for r in runs) / 1e6:.3f} |"
         )
-    header = (f"Fashion-MNIST, Dirichlet alpha=0.1, 20 clients (min 20 samples each, 20% of each client's data as its "
-              f"own test split), small CNN (d=128), {args.rounds} rounds, 1 local epoch, SGD lr 0.05 momentum 0.9, "
-              f"batch 50; {args.seeds} seeds (mean ± std over seeds; each seed's value is the mean over clients). "
-              f"Seconds per round are training time with {args.workers} runs in parallel at {args.threads} torch "
-              f"thread(s) each.\n\nCommand: `{command_line()}`\n\n")
+    header = (
+        f"Fashion-MNIST, Dirichlet alpha=0.1, 20 clients (min 20 samples each, 20% of each client's data as its "
+        f"own test split), small CNN (d=128), {args.rounds} rounds, 1 local epoch, SGD lr 0.05 momentum 0.9, "
+        f"batch 50; {args.seeds} seeds (mean ± std over seeds; each seed's value is the mean over clients). "
+        f"Seconds per round are training time with {args.workers} runs in parallel at {args.threads} torch "
+        f"thread(s) each.\n\nCommand: `{command_line()}`\n\n"
+    )
     table = header + "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(table)
@@ -86,7 +87,7 @@ def plot(by_method: dict[str, list[dict]], out: Path) -> None:
     from protofl.records import read_metrics
 
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    for method, runs in by_method.items():
+    for method in by_method:
         folders = sorted((out / "runs").glob(f"{method}-seed*"))
         curves = [read_metrics(f / "metrics.jsonl") for f in folders]
         if not curves:

@@ -53,8 +53,9 @@ def main() -> None:
     from protofl.data import load_dataset
 
     load_dataset("digits-domains", progress=True)  # build and cache once, before the workers start
-    jobs = [(config(m, s, args.rounds), args.out / "runs" / f"{m}-seed{s}")
-            for m in args.methods for s in range(args.seeds)]
+    jobs = [
+        (config(m, s, args.rounds), args.out / "runs" / f"{m}-seed{s}") for m in args.methods for s in range(args.seeds)
+    ]
     summaries = run_grid(jobs, args.workers, args.threads)
     by_method: dict[str, list[dict]] = {}
     for (cfg, _), summary in zip(jobs, summaries):
@@ -68,12 +69,15 @@ def main() -> None:
         cells.append(mean_std([domain_average(f) for f in finals]))
         cells.append(mean_std([f.get("global_acc") for f in finals]))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    setting = (f"digits-domains, one client per domain (4 clients, all every round), small CNN (d=128), "
-               f"{args.rounds} rounds, 1 local epoch, SGD lr 0.05 (fpl: 0.01) momentum 0.9, batch 64; "
-               f"{args.seeds} seeds (mean ± std over seeds). Command: `{command_line()}`")
+    setting = (
+        f"digits-domains, one client per domain (4 clients, all every round), small CNN (d=128), "
+        f"{args.rounds} rounds, 1 local epoch, SGD lr 0.05 (fpl: 0.01) momentum 0.9, batch 64; "
+        f"{args.seeds} seeds (mean ± std over seeds). Command: `{command_line()}`"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(
-        f"Global model's test accuracy (%) per domain, final round; {setting}\n\n" + "\n".join(lines) + "\n")
+        f"Global model's test accuracy (%) per domain, final round; {setting}\n\n" + "\n".join(lines) + "\n"
+    )
     (args.out / "summaries.json").write_text(json.dumps(by_method, indent=1))
     plot(by_method, args.out / "domain_acc.png")
     print((args.out / "table.md").read_text())

@@ -48,20 +48,29 @@ BATCH, CLIP, SIGMA = 256, 1.0, 1.0
 def fedhypevae_steps(batch: int):
     """``{mode: step()}`` for FedHypeVAE's DP-SGD on (φ, ψ, c) as ``_train_phi`` runs it."""
     algo = get_algorithm("fedhypevae").from_options(
-        {"range_reference": "unit"}, Task((1280,), 10), PrivacyConfig(mechanism="dp-sgd", planned_releases=10))
+        {"range_reference": "unit"}, Task((1280,), 10), PrivacyConfig(mechanism="dp-sgd", planned_releases=10)
+    )
     c = algo.config
     g = torch.Generator().manual_seed(0)
     phi, psi = init_phi(c, 1280, 10, g), init_encoder(c, 1280, 10, g)
     phi["hyper1.w"] = torch.randn(phi["hyper1.w"].shape, generator=g) * 0.01  # away from the zero start
-    params = {**{"phi/" + k: v for k, v in phi.items()}, **{"psi/" + k: v for k, v in psi.items()},
-              "code": 0.1 * torch.randn(c.code_dim, generator=g)}
+    params = {
+        **{"phi/" + k: v for k, v in phi.items()},
+        **{"psi/" + k: v for k, v in psi.items()},
+        "code": 0.1 * torch.randn(c.code_dim, generator=g),
+    }
     x = torch.rand(batch, 1280, generator=g)
     y1h = F.one_hot(torch.randint(0, 10, (batch,), generator=g), 10).float()
     optimizer = torch.optim.Adam(list(params.values()), lr=1e-4)
 
     def example(p, xi, yi):
-        return algo.example_loss({k[4:]: v for k, v in p.items() if k.startswith("phi/")},
-                                 {k[4:]: v for k, v in p.items() if k.startswith("psi/")}, p["code"], xi, yi)
+        return algo.example_loss(
+            {k[4:]: v for k, v in p.items() if k.startswith("phi/")},
+            {k[4:]: v for k, v in p.items() if k.startswith("psi/")},
+            p["code"],
+            xi,
+            yi,
+        )
 
     def apply(grads):
         for k, v in params.items():
@@ -86,8 +95,13 @@ def fedhypevae_steps(batch: int):
 
 def mlp_steps(batch: int):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(768, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                                torch.nn.Linear(256, 100))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(768, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 100),
+    )
     x, y = torch.randn(batch, 768), torch.randint(0, 100, (batch,))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -104,8 +118,9 @@ def mlp_steps(batch: int):
 
     def materialised():
         params = {k: v.detach() for k, v in model.named_parameters()}
-        grads = per_example_gradients(lambda p, xi, yi: F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None]),
-                                      params, x, y)
+        grads = per_example_gradients(
+            lambda p, xi, yi: F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None]), params, x, y
+        )
         apply(noisy_clipped_mean(grads, CLIP, SIGMA, batch, g)[0])
 
     def ghost():
@@ -152,8 +167,10 @@ def main() -> None:
         results[model] = {}
         for mode, times in time_interleaved(steps, args.steps, args.warmup).items():
             results[model][mode] = {"median_s": statistics.median(times), "min_s": min(times), "steps": len(times)}
-            print(f"{model} {mode}: {results[model][mode]['median_s'] * 1e3:.1f} ms/step (median of {len(times)})",
-                  flush=True)
+            print(
+                f"{model} {mode}: {results[model][mode]['median_s'] * 1e3:.1f} ms/step (median of {len(times)})",
+                flush=True,
+            )
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
@@ -163,17 +180,31 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     command = command_line()
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"batch": args.batch, "threads": args.threads, "torch": torch.__version__, "command": command,
-            "clip_norm": CLIP, "noise_multiplier": SIGMA}
+    meta = {
+        "batch": args.batch,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "command": command,
+        "clip_norm": CLIP,
+        "noise_multiplier": SIGMA,
+    }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    lines = [(f"Seconds per optimiser step at batch {args.batch} (median, the modes taking turns; {args.threads} "
-              f"torch thread(s), CPU shared with other jobs, torch {torch.__version__}); ratio to the plain step. "
-              f"Command: `{command}` (from benchmarks/)"), "",
-             "| model | plain | materialised per-example | ghost |", "|---|---|---|---|"]
+    lines = [
+        (
+            f"Seconds per optimiser step at batch {args.batch} (median, the modes taking turns; {args.threads} "
+            f"torch thread(s), CPU shared with other jobs, torch {torch.__version__}); ratio to the plain step. "
+            f"Command: `{command}` (from benchmarks/)"
+        ),
+        "",
+        "| model | plain | materialised per-example | ghost |",
+        "|---|---|---|---|",
+    ]
     for model, r in results.items():
         p = r["plain"]["median_s"]
-        cells = [f"{r[m]['median_s']:.4f} s" + ("" if m == "plain" else f" ({r[m]['median_s'] / p:.1f}x)")
-                 for m in ("plain", "materialised", "ghost")]
+        cells = [
+            f"{r[m]['median_s']:.4f} s" + ("" if m == "plain" else f" ({r[m]['median_s'] / p:.1f}x)")
+            for m in ("plain", "materialised", "ghost")
+        ]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

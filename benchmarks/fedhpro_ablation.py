@@ -46,22 +46,31 @@ def main() -> None:
     args = parser.parse_args()
 
     names = list(VARIANTS)
-    jobs = [(config(args.dataset, "fedhpro", s, args.rounds, VARIANTS[v]), args.out / "runs" / f"v{i:02d}-seed{s}")
-            for i, v in enumerate(names) for s in range(args.seeds)]
+    jobs = [
+        (config(args.dataset, "fedhpro", s, args.rounds, VARIANTS[v]), args.out / "runs" / f"v{i:02d}-seed{s}")
+        for i, v in enumerate(names)
+        for s in range(args.seeds)
+    ]
     summaries = run_grid(jobs, args.workers, args.threads)
     by_variant: dict[str, list[dict]] = {}
-    for (cfg, folder), summary in zip(jobs, summaries):
+    for (_cfg, folder), summary in zip(jobs, summaries):
         by_variant.setdefault(names[int(folder.name[1:3])], []).append(summary)
-    lines = ["| variant | options | global acc, final (%) | global acc, best round (%) | signal consistency, final | s / round |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | options | global acc, final (%) | global acc, best round (%) | signal consistency, final | s / round |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, runs in by_variant.items():
-        lines.append(f"| {name} | `{json.dumps(VARIANTS[name])}` | {mean_std([r['final']['global_acc'] for r in runs])} "
-                     f"| {mean_std([r['best']['global_acc'] for r in runs])} "
-                     f"| {mean_std([r['final'].get('global_signal_cos') for r in runs], pct=False)} "
-                     f"| {statistics.fmean(r['seconds_per_round'] for r in runs):.2f} |")
-    header = (f"FedHPro ablation, {args.dataset}-LT (imbalance factor 100), Dirichlet alpha=0.5, 10 clients, small CNN "
-              f"(d=128), {args.rounds} rounds, 1 local epoch, SGD lr 0.05 momentum 0.9, batch 64; {args.seeds} seeds "
-              f"(mean ± std). Command: `{command_line()}`\n\n")
+        lines.append(
+            f"| {name} | `{json.dumps(VARIANTS[name])}` | {mean_std([r['final']['global_acc'] for r in runs])} "
+            f"| {mean_std([r['best']['global_acc'] for r in runs])} "
+            f"| {mean_std([r['final'].get('global_signal_cos') for r in runs], pct=False)} "
+            f"| {statistics.fmean(r['seconds_per_round'] for r in runs):.2f} |"
+        )
+    header = (
+        f"FedHPro ablation, {args.dataset}-LT (imbalance factor 100), Dirichlet alpha=0.5, 10 clients, small CNN "
+        f"(d=128), {args.rounds} rounds, 1 local epoch, SGD lr 0.05 momentum 0.9, batch 64; {args.seeds} seeds "
+        f"(mean ± std). Command: `{command_line()}`\n\n"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(header + "\n".join(lines) + "\n")
     (args.out / "summaries.json").write_text(json.dumps(by_variant, indent=1))

@@ -30,13 +30,29 @@ from pathlib import Path
 from _common import RESULTS, command_line, mean_std, run_grid
 
 SETTINGS = {
-    "fashion-mnist-dir0.3": {"data": {"dataset": "fashion-mnist", "features": "efficientnet-lite0", "max_train_samples": 20000},
-                             "partition": {"scheme": "dirichlet", "alpha": 0.3, "num_clients": 10, "min_client_size": 300}},
-    "digits-domains": {"data": {"dataset": "digits-domains", "features": "efficientnet-lite0"},
-                       "partition": {"scheme": "domain", "num_clients": 4}},
+    "fashion-mnist-dir0.3": {
+        "data": {"dataset": "fashion-mnist", "features": "efficientnet-lite0", "max_train_samples": 20000},
+        "partition": {"scheme": "dirichlet", "alpha": 0.3, "num_clients": 10, "min_client_size": 300},
+    },
+    "digits-domains": {
+        "data": {"dataset": "digits-domains", "features": "efficientnet-lite0"},
+        "partition": {"scheme": "domain", "num_clients": 4},
+    },
 }
-GENERATOR = {"latent_dim": 16, "hidden_dim": 128, "code_dim": 16, "batch_size": 128, "steps_per_round": 20,
-             "meta_rounds": 2, "meta_steps": 10, "lr": 1e-2, "private_lr": 1e-2, "hyper_lr": 5e-4, "synthetic_per_class": 400, "classifier_epochs": 20}
+GENERATOR = {
+    "latent_dim": 16,
+    "hidden_dim": 128,
+    "code_dim": 16,
+    "batch_size": 128,
+    "steps_per_round": 20,
+    "meta_rounds": 2,
+    "meta_steps": 10,
+    "lr": 1e-2,
+    "private_lr": 1e-2,
+    "hyper_lr": 5e-4,
+    "synthetic_per_class": 400,
+    "classifier_epochs": 20,
+}
 #: The budget of every private method: (1, 1e-4) per client, RDP (what the published table used).
 PRIVACY = {"mechanism": "dp-sgd", "epsilon": 1.0, "delta": 1e-4, "accountant": "rdp"}
 PRIVATE = ("fedhypevae", "dp-cvae", "dpfedavg")
@@ -54,10 +70,15 @@ def config(setting: str, method: str, seed: int, rounds: int) -> dict:
     partition = dict(base["partition"])
     if method == "centralised":
         partition = {"scheme": "iid", "num_clients": 1}
-    return {"seed": seed, "data": base["data"], "partition": partition,
-            "federation": {"rounds": rounds, "progress": False, "checkpoint_every": rounds, "eval_every": rounds},
-            "model": {"feature_dim": 128, "hidden_dim": 256}, "method": METHODS[method],
-            "privacy": dict(PRIVACY) if method in PRIVATE else {}}
+    return {
+        "seed": seed,
+        "data": base["data"],
+        "partition": partition,
+        "federation": {"rounds": rounds, "progress": False, "checkpoint_every": rounds, "eval_every": rounds},
+        "model": {"feature_dim": 128, "hidden_dim": 256},
+        "method": METHODS[method],
+        "privacy": dict(PRIVACY) if method in PRIVATE else {},
+    }
 
 
 def main() -> None:
@@ -69,8 +90,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "fedhypevae")
-    parser.add_argument("--sweep", nargs="+", type=float, metavar="EPSILON",
-                        help="instead of the table: the private methods at each epsilon, first setting, seed 0")
+    parser.add_argument(
+        "--sweep",
+        nargs="+",
+        type=float,
+        metavar="EPSILON",
+        help="instead of the table: the private methods at each epsilon, first setting, seed 0",
+    )
     args = parser.parse_args()
 
     from protofl.data import embed, load_dataset
@@ -89,8 +115,10 @@ def main() -> None:
     for (setting, method, _), summary in zip(keys, summaries):
         results.setdefault((setting, method), []).append(summary)
 
-    lines = ["| setting | method | sampler | acc (%) | balanced acc (%) | macro-F1 (%) | MMD² real vs synthetic | spent ε (RDP) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | method | sampler | acc (%) | balanced acc (%) | macro-F1 (%) | MMD² real vs synthetic | spent ε (RDP) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for (setting, method), runs in results.items():
         finals = [r["final"] for r in runs]
         eps = mean_std([r["epsilon"] for r in runs], pct=False) if runs[0]["epsilon"] is not None else "— (not private)"
@@ -98,17 +126,23 @@ def main() -> None:
             for sampler in ("neutral", "mixture", "clients"):
                 if f"global_acc_{sampler}" not in finals[0]:
                     continue
-                lines.append(f"| {setting} | {method} | {sampler} | {mean_std([f[f'global_acc_{sampler}'] for f in finals])} "
-                             f"| {mean_std([f[f'global_balanced_acc_{sampler}'] for f in finals])} "
-                             f"| {mean_std([f[f'global_macro_f1_{sampler}'] for f in finals])} "
-                             f"| {mean_std([f[f'global_mmd_{sampler}'] for f in finals], pct=False)} | {eps} |")
+                lines.append(
+                    f"| {setting} | {method} | {sampler} | {mean_std([f[f'global_acc_{sampler}'] for f in finals])} "
+                    f"| {mean_std([f[f'global_balanced_acc_{sampler}'] for f in finals])} "
+                    f"| {mean_std([f[f'global_macro_f1_{sampler}'] for f in finals])} "
+                    f"| {mean_std([f[f'global_mmd_{sampler}'] for f in finals], pct=False)} | {eps} |"
+                )
         else:
-            acc = [f.get("global_acc") if f.get("global_acc") is not None else f.get("personal_acc_mean") for f in finals]
+            acc = [
+                f.get("global_acc") if f.get("global_acc") is not None else f.get("personal_acc_mean") for f in finals
+            ]
             note = " (own test splits)" if finals[0].get("global_acc") is None else ""
             lines.append(f"| {setting} | {method} | — | {mean_std(acc)}{note} | — | — | — | {eps} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    text = (f"Downstream accuracy on real held-out embeddings, final round; {args.rounds} rounds, {args.seeds} seeds "
-            f"(mean ± std over seeds), (epsilon, delta) = (1.0, 1e-4) per client. Command: `{command_line()}`\n\n")
+    text = (
+        f"Downstream accuracy on real held-out embeddings, final round; {args.rounds} rounds, {args.seeds} seeds "
+        f"(mean ± std over seeds), (epsilon, delta) = (1.0, 1e-4) per client. Command: `{command_line()}`\n\n"
+    )
     (args.out / "table.md").write_text(text + "\n".join(lines) + "\n")
     (args.out / "summaries.json").write_text(json.dumps({f"{s}/{m}": v for (s, m), v in results.items()}, indent=1))
     for s in args.settings:
@@ -129,7 +163,10 @@ def sweep(args) -> None:
             keys.append((m, eps))
             jobs.append((cfg, args.out / "sweep" / f"{setting}-{m}-eps{eps:g}"))
     summaries = run_grid(jobs, args.workers, args.threads)
-    lines = ["| method | epsilon | sampler | acc (%) | MMD² real vs synthetic | spent ε (RDP) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | epsilon | sampler | acc (%) | MMD² real vs synthetic | spent ε (RDP) |",
+        "|---|---|---|---|---|---|",
+    ]
     curves: dict[str, list[tuple[float, float]]] = {}
     for (m, eps), summary in zip(keys, summaries):
         final = summary["final"]
@@ -137,13 +174,17 @@ def sweep(args) -> None:
         for sampler in samplers:
             acc = final.get(f"global_acc_{sampler}", final.get("global_acc"))
             mmd = final.get(f"global_mmd_{sampler}")
-            lines.append(f"| {m} | {eps:g} | {sampler} | {100 * acc:.2f} | {'—' if mmd is None else f'{mmd:.3f}'} "
-                         f"| {summary['epsilon']:.3f} |")
+            lines.append(
+                f"| {m} | {eps:g} | {sampler} | {100 * acc:.2f} | {'—' if mmd is None else f'{mmd:.3f}'} "
+                f"| {summary['epsilon']:.3f} |"
+            )
             curves.setdefault(m if sampler == "—" else f"{m} ({sampler})", []).append((eps, acc))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    text = (f"{setting}, seed 0, {args.rounds} rounds, delta 1e-4; downstream accuracy on the real test set. "
-            f"Command: `{command_line()}`\n\n")
+    text = (
+        f"{setting}, seed 0, {args.rounds} rounds, delta 1e-4; downstream accuracy on the real test set. "
+        f"Command: `{command_line()}`\n\n"
+    )
     (out / "sweep.md").write_text(text + "\n".join(lines) + "\n")
     import matplotlib
 
@@ -178,14 +219,17 @@ def projection(run_dir: Path, path: Path, per_class: int = 150) -> None:
 
     cfg = resolve_config(RunConfig.from_toml(run_dir / "config.toml"))
     data = prepare_data(cfg)
-    algo = get_algorithm(cfg.method_name).from_options(cfg.method_options, Task(data.input_shape, data.num_classes, cfg.model))
+    algo = get_algorithm(cfg.method_name).from_options(
+        cfg.method_options, Task(data.input_shape, data.num_classes, cfg.model)
+    )
     state = load_checkpoint(run_dir / "checkpoint")["server_state"]
     real = algo.normalise(data.test_x)
     keep = torch.cat([torch.nonzero(data.test_y == c).flatten()[:per_class] for c in range(data.num_classes)])
     pca = PCA(2).fit(real[keep].numpy())
     samplers = list(algo.config.samplers)
-    fig, axes = plt.subplots(1, 1 + len(samplers), figsize=(4 * (1 + len(samplers)), 4), sharex=True, sharey=True,
-                             constrained_layout=True)
+    fig, axes = plt.subplots(
+        1, 1 + len(samplers), figsize=(4 * (1 + len(samplers)), 4), sharex=True, sharey=True, constrained_layout=True
+    )
     r2 = pca.transform(real[keep].numpy())
     axes[0].scatter(r2[:, 0], r2[:, 1], c=data.test_y[keep].numpy(), cmap="tab10", s=4)
     axes[0].set_title("real (test)")

@@ -71,18 +71,25 @@ def main() -> None:
             summary = run_on_flower(cfg, folder, mode=engine.removeprefix("flower-"), round_timeout=600)
         wall = time.perf_counter() - start
         seconds = per_round(folder)
-        results[engine] = {"seconds_per_round": statistics.mean(seconds), "per_round": seconds, "wall_seconds": wall,
-                           "personal_acc": summary["final"]["personal_acc_mean"], "epsilon": summary["epsilon"],
-                           "bytes_up": summary["bytes_up"]}
-        print(f"{engine}: {statistics.mean(seconds):.2f} s/round, wall {wall:.1f} s, "
-              f"personal acc {summary['final']['personal_acc_mean']:.4f}", flush=True)
+        results[engine] = {
+            "seconds_per_round": statistics.mean(seconds),
+            "per_round": seconds,
+            "wall_seconds": wall,
+            "personal_acc": summary["final"]["personal_acc_mean"],
+            "epsilon": summary["epsilon"],
+            "bytes_up": summary["bytes_up"],
+        }
+        print(
+            f"{engine}: {statistics.mean(seconds):.2f} s/round, wall {wall:.1f} s, "
+            f"personal acc {summary['final']['personal_acc_mean']:.4f}",
+            flush=True,
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     title = "FedProto" + (" + VPP (ε = 8)" if args.privacy else "")
     lines = [
-        f"# Seconds per round: in-process vs Flower ({title}, OptDigits, {args.clients} clients, "
-        f"{args.rounds} rounds)",
+        f"# Seconds per round: in-process vs Flower ({title}, OptDigits, {args.clients} clients, {args.rounds} rounds)",
         "",
         f"`{command_line()}` on {platform.machine()} with {os.cpu_count()} cores, OMP_NUM_THREADS="
         f"{os.environ['OMP_NUM_THREADS']}, flwr {__import__('flwr').__version__}; the machine is shared "
@@ -92,8 +99,10 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for engine, r in results.items():
-        lines.append(f"| {engine} | {r['seconds_per_round']:.2f} | {min(r['per_round']):.2f}–{max(r['per_round']):.2f} "
-                     f"| {r['wall_seconds']:.1f} | {100 * r['personal_acc']:.2f}% | {r['bytes_up']} |")
+        lines.append(
+            f"| {engine} | {r['seconds_per_round']:.2f} | {min(r['per_round']):.2f}–{max(r['per_round']):.2f} "
+            f"| {r['wall_seconds']:.1f} | {100 * r['personal_acc']:.2f}% | {r['bytes_up']} |"
+        )
     lines += ["", "s/round: training phase plus evaluation of each round, from the run's metrics.jsonl.", ""]
     (args.out / "table.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -41,8 +41,13 @@ def config(dataset: str, method: str, seed: int, rounds: int, options: dict | No
     return {
         "seed": seed,
         "data": {"dataset": dataset},
-        "partition": {"scheme": "dirichlet", "alpha": 0.5, "num_clients": 10, "imbalance_factor": 100,
-                      "min_client_size": 20},
+        "partition": {
+            "scheme": "dirichlet",
+            "alpha": 0.5,
+            "num_clients": 10,
+            "imbalance_factor": 100,
+            "min_client_size": 20,
+        },
         "federation": {"rounds": rounds, "progress": False, "checkpoint_every": 5},
         "model": {"feature_dim": 128},
         "method": {"name": method, **LOCAL, **METHODS.get(method, {}), **(options or {})},
@@ -60,39 +65,57 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "label_skew_lt")
     args = parser.parse_args()
 
-    jobs = [(config(d, m, s, args.rounds), args.out / "runs" / f"{d}-{m}-seed{s}")
-            for d in args.datasets for m in args.methods for s in range(args.seeds)]
+    jobs = [
+        (config(d, m, s, args.rounds), args.out / "runs" / f"{d}-{m}-seed{s}")
+        for d in args.datasets
+        for m in args.methods
+        for s in range(args.seeds)
+    ]
     summaries = run_grid(jobs, args.workers, args.threads)
     runs: dict[tuple[str, str], list[tuple[dict, Path]]] = {}
     for (cfg, folder), summary in zip(jobs, summaries):
         runs.setdefault((cfg["data"]["dataset"], cfg["method"]["name"]), []).append((summary, folder))
 
-    setting = (f"imbalance factor 100, Dirichlet alpha=0.5, 10 clients (all every round), small CNN (d=128), "
-               f"{args.rounds} rounds, 1 local epoch, SGD lr 0.05 (fpl: 0.01) momentum 0.9, batch 64; {args.seeds} seeds "
-               f"(mean ± std over seeds). Command: `{command_line()}`")
-    lines = ["| dataset | method | global acc, final (%) | global acc, best round (%) | s / round (train) |",
-             "|---|---|---|---|---|"]
+    setting = (
+        f"imbalance factor 100, Dirichlet alpha=0.5, 10 clients (all every round), small CNN (d=128), "
+        f"{args.rounds} rounds, 1 local epoch, SGD lr 0.05 (fpl: 0.01) momentum 0.9, batch 64; {args.seeds} seeds "
+        f"(mean ± std over seeds). Command: `{command_line()}`"
+    )
+    lines = [
+        "| dataset | method | global acc, final (%) | global acc, best round (%) | s / round (train) |",
+        "|---|---|---|---|---|",
+    ]
     comm = ["| method | KB up / round (all clients) | KB down / round (all clients) |", "|---|---|---|"]
     seen_comm = set()
     for (dataset, method), group in runs.items():
         s = [g[0] for g in group]
-        lines.append(f"| {dataset} | {method} | {mean_std([r['final']['global_acc'] for r in s])} "
-                     f"| {mean_std([r['best']['global_acc'] for r in s])} "
-                     f"| {statistics.fmean(r['seconds_per_round'] for r in s):.2f} |")
+        lines.append(
+            f"| {dataset} | {method} | {mean_std([r['final']['global_acc'] for r in s])} "
+            f"| {mean_std([r['best']['global_acc'] for r in s])} "
+            f"| {statistics.fmean(r['seconds_per_round'] for r in s):.2f} |"
+        )
         if method not in seen_comm and dataset == args.datasets[0]:
             seen_comm.add(method)
-            comm.append(f"| {method} | {statistics.fmean(r['bytes_up'] / r['rounds'] for r in s) / 1e3:.1f} "
-                        f"| {statistics.fmean(r['bytes_down'] / r['rounds'] for r in s) / 1e3:.1f} |")
+            comm.append(
+                f"| {method} | {statistics.fmean(r['bytes_up'] / r['rounds'] for r in s) / 1e3:.1f} "
+                f"| {statistics.fmean(r['bytes_down'] / r['rounds'] for r in s) / 1e3:.1f} |"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(f"Global balanced test accuracy; {setting}\n\n" + "\n".join(lines) + "\n")
     (args.out / "communication.md").write_text(
-        f"Bytes per round, {args.datasets[0]}, measured on the wire by the engine; {setting}\n\n" + "\n".join(comm) + "\n")
-    (args.out / "summaries.json").write_text(json.dumps({f"{d}/{m}": [g[0] for g in v] for (d, m), v in runs.items()}, indent=1))
+        f"Bytes per round, {args.datasets[0]}, measured on the wire by the engine; {setting}\n\n"
+        + "\n".join(comm)
+        + "\n"
+    )
+    (args.out / "summaries.json").write_text(
+        json.dumps({f"{d}/{m}": [g[0] for g in v] for (d, m), v in runs.items()}, indent=1)
+    )
     consistency = plot(runs, args)
     (args.out / "consistency.md").write_text(
         "Semantic consistency of the global signal: mean over classes of cos(global signal of class c, mean feature "
         "of class c on the global test set under the current global model), per round, mean over seeds. "
-        f"{setting}\n\n" + consistency)
+        f"{setting}\n\n" + consistency
+    )
     print((args.out / "table.md").read_text())
     print((args.out / "communication.md").read_text())
     print((args.out / "consistency.md").read_text())
@@ -115,8 +138,12 @@ def plot(runs, args) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(args.datasets), figsize=(6 * len(args.datasets), 4), constrained_layout=True, squeeze=False)
-    fig2, axes2 = plt.subplots(1, len(args.datasets), figsize=(6 * len(args.datasets), 4), constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(args.datasets), figsize=(6 * len(args.datasets), 4), constrained_layout=True, squeeze=False
+    )
+    fig2, axes2 = plt.subplots(
+        1, len(args.datasets), figsize=(6 * len(args.datasets), 4), constrained_layout=True, squeeze=False
+    )
     table = []
     for ax, ax2, dataset in zip(axes[0], axes2[0], args.datasets):
         for (d, method), group in runs.items():
@@ -129,8 +156,12 @@ def plot(runs, args) -> str:
             if cos:
                 ax2.plot(rounds, cos, marker=".", label=method)
                 table.append((dataset, method, rounds, cos))
-        ax.set(xlabel="round", ylabel="global balanced test acc (%)", title=f"{dataset}-LT (IF 100), Dir(0.5), 10 clients")
-        ax2.set(xlabel="round", ylabel="cos(global signal, class mean feature)", title=f"{dataset}-LT: semantic consistency")
+        ax.set(
+            xlabel="round", ylabel="global balanced test acc (%)", title=f"{dataset}-LT (IF 100), Dir(0.5), 10 clients"
+        )
+        ax2.set(
+            xlabel="round", ylabel="cos(global signal, class mean feature)", title=f"{dataset}-LT: semantic consistency"
+        )
         for a in (ax, ax2):
             a.grid(alpha=0.3)
             a.legend(fontsize=8)

@@ -26,10 +26,16 @@ def main() -> None:
     args = parser.parse_args()
 
     # Embed first, in another process (cached on disk), so the figures below are of the federated run.
-    subprocess.run([sys.executable, "-c", "from protofl.data import embed, load_dataset; "
-                    "embed(load_dataset('fashion-mnist'), encoder='efficientnet-lite0', image_size=32)"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from protofl.data import embed, load_dataset; "
+            "embed(load_dataset('fashion-mnist'), encoder='efficientnet-lite0', image_size=32)",
+        ],
+        check=True,
+    )
     import protofl
-
 
     config = {
         "seed": 0,
@@ -37,16 +43,23 @@ def main() -> None:
         "partition": {"scheme": "dirichlet", "alpha": args.alpha, "num_clients": args.clients, "min_client_size": 10},
         "federation": {"rounds": args.rounds, "checkpoint_every": 0},
         "model": {"feature_dim": 64, "hidden_dim": 128},
-        "method": {"name": "fedproto", "optimizer": "adam", "lr": 0.001, "batch_size": 50,
-                   "local_epochs": args.local_epochs},
+        "method": {
+            "name": "fedproto",
+            "optimizer": "adam",
+            "lr": 0.001,
+            "batch_size": 50,
+            "local_epochs": args.local_epochs,
+        },
     }
     run_dir = args.out / "runs" / f"fedproto-{args.clients}"
     result = protofl.run(config, out=run_dir)
     s = result.summary
-    row = (f"| fedproto | {args.clients} | {args.rounds} | {s['seconds_per_round']:.2f} | "
-           f"{sum(r['eval_seconds'] for r in result.history) / len(result.history):.2f} | {s['peak_memory_mb']:.0f} | "
-           f"{s['bytes_up'] / args.rounds / 1e6:.2f} | {s['bytes_down'] / args.rounds / 1e6:.2f} | "
-           f"{100 * s['final']['personal_acc_mean']:.2f} ± {100 * s['final']['personal_acc_std']:.2f} |")
+    row = (
+        f"| fedproto | {args.clients} | {args.rounds} | {s['seconds_per_round']:.2f} | "
+        f"{sum(r['eval_seconds'] for r in result.history) / len(result.history):.2f} | {s['peak_memory_mb']:.0f} | "
+        f"{s['bytes_up'] / args.rounds / 1e6:.2f} | {s['bytes_down'] / args.rounds / 1e6:.2f} | "
+        f"{100 * s['final']['personal_acc_mean']:.2f} ± {100 * s['final']['personal_acc_std']:.2f} |"
+    )
     table = (
         f"FedProto, {args.clients} clients, Fashion-MNIST EfficientNet-Lite0 embeddings (1280-d, cached), "
         f"Dirichlet alpha={args.alpha}, adapter + MLP head (d=64), all clients every round, {args.local_epochs} local epochs, Adam lr 1e-3, batch 50. "

@@ -47,8 +47,18 @@ RESULTS = HERE / "results" / "speed"
 DOCS = HERE.parent / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
 
-WORKLOAD = {"classes": 10, "input_dim": 32, "feature_dim": 64, "hidden_dim": 64, "samples": 200, "test_samples": 20,
-            "batch_size": 50, "local_epochs": 1, "lr": 0.05, "momentum": 0.9}
+WORKLOAD = {
+    "classes": 10,
+    "input_dim": 32,
+    "feature_dim": 64,
+    "hidden_dim": 64,
+    "samples": 200,
+    "test_samples": 20,
+    "batch_size": 50,
+    "local_epochs": 1,
+    "lr": 0.05,
+    "momentum": 0.9,
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,15 +73,32 @@ def run_config(n: int, rounds: int, privacy: str = "none", eval_every: int = 10*
     per_client = w["samples"] + w["test_samples"]
     cfg: dict[str, Any] = {
         "seed": 0,
-        "data": {"dataset": f"synthetic-gaussian:train={n * per_client},test=200,dim={w['input_dim']},"
-                            f"classes={w['classes']},seed=0"},
-        "partition": {"scheme": "iid", "num_clients": n, "min_client_size": 2,
-                      "test_fraction": w["test_samples"] / per_client},
-        "federation": {"rounds": rounds, "eval_every": min(eval_every, rounds), "checkpoint_every": 0,
-                       "progress": False},
+        "data": {
+            "dataset": f"synthetic-gaussian:train={n * per_client},test=200,dim={w['input_dim']},"
+            f"classes={w['classes']},seed=0"
+        },
+        "partition": {
+            "scheme": "iid",
+            "num_clients": n,
+            "min_client_size": 2,
+            "test_fraction": w["test_samples"] / per_client,
+        },
+        "federation": {
+            "rounds": rounds,
+            "eval_every": min(eval_every, rounds),
+            "checkpoint_every": 0,
+            "progress": False,
+        },
         "model": {"feature_dim": w["feature_dim"], "hidden_dim": w["hidden_dim"]},
-        "method": {"name": "fedproto", "optimizer": "sgd", "lr": w["lr"], "momentum": w["momentum"],
-                   "batch_size": w["batch_size"], "local_epochs": w["local_epochs"], "aggregation": "weighted"},
+        "method": {
+            "name": "fedproto",
+            "optimizer": "sgd",
+            "lr": w["lr"],
+            "momentum": w["momentum"],
+            "batch_size": w["batch_size"],
+            "local_epochs": w["local_epochs"],
+            "aggregation": "weighted",
+        },
     }
     if privacy != "none":
         cfg["privacy"] = {"mechanism": privacy, "planned_releases": rounds}
@@ -101,7 +128,9 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profi
     clients, algo = synthetic_clients(n, rounds, privacy)
     # Evaluation is off (eval_every beyond the rounds run): the figures are of the rounds themselves.
     fed = FederationConfig(rounds=10**6, eval_every=10**6, checkpoint_every=0, progress=False, execution=execution)
-    sim = Simulation(algo, clients, torch.zeros(0, WORKLOAD["input_dim"]), torch.zeros(0, dtype=torch.int64), fed, seed=0)
+    sim = Simulation(
+        algo, clients, torch.zeros(0, WORKLOAD["input_dim"]), torch.zeros(0, dtype=torch.int64), fed, seed=0
+    )
     mechanism = _time_mechanism(algo, profile_release)
     ready, ready_cpu = time.time(), time.process_time()
     out = _rounds(lambda r: sim.run_round(r), rounds, mechanism)
@@ -110,11 +139,13 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profi
 
 
 #: Parts of a release timed inside it (module, function name, label), for the release's profile.
-RELEASE_PARTS = (("protofl.privacy.mechanisms", "_anova", "ANOVA scores"),
-                 ("protofl.privacy.mechanisms", "_top_k", "private top-k (Laplace noise + peeling)"),
-                 ("protofl.privacy.mechanisms", "gaussian_noise", "Gaussian noise draw"),
-                 ("protofl.privacy.layer", "vpp_release", "mechanism"),
-                 ("protofl.privacy.layer", "igpp_release", "mechanism"))
+RELEASE_PARTS = (
+    ("protofl.privacy.mechanisms", "_anova", "ANOVA scores"),
+    ("protofl.privacy.mechanisms", "_top_k", "private top-k (Laplace noise + peeling)"),
+    ("protofl.privacy.mechanisms", "gaussian_noise", "Gaussian noise draw"),
+    ("protofl.privacy.layer", "vpp_release", "mechanism"),
+    ("protofl.privacy.layer", "igpp_release", "mechanism"),
+)
 
 
 def _time_mechanism(algo, profile_release: bool = False) -> dict[str, float]:
@@ -262,9 +293,15 @@ def run_flower(n: int, rounds: int, timeout: float = 1800.0) -> dict:
     timed = {row["round"]: row["round_seconds"] for row in rows}
     first = rows[0]["elapsed_seconds"] - rows[0]["round_seconds"]
     walls = [first] + [timed[r] for r in sorted(timed)]
-    return {"ready": ready[0] if ready else float("nan"), "execution": "flower-simulation", "round_wall": walls,
-            "round_cpu": [float("nan")] * len(walls), "mechanism_check": [0.0] * len(walls),
-            "mechanism_release": [0.0] * len(walls), "timed_rounds": [1, *sorted(timed)]}
+    return {
+        "ready": ready[0] if ready else float("nan"),
+        "execution": "flower-simulation",
+        "round_wall": walls,
+        "round_cpu": [float("nan")] * len(walls),
+        "mechanism_check": [0.0] * len(walls),
+        "mechanism_release": [0.0] * len(walls),
+        "timed_rounds": [1, *sorted(timed)],
+    }
 
 
 def run_cached_embeddings(n: int, rounds: int, fraction: float) -> dict:
@@ -274,14 +311,16 @@ def run_cached_embeddings(n: int, rounds: int, fraction: float) -> dict:
     from protofl.api import prepare_data, resolve_config
     from protofl.engine import Simulation
 
-    config = resolve_config({
-        "seed": 0,
-        "data": {"dataset": "fashion-mnist", "features": "efficientnet-lite0", "image_size": 32},
-        "partition": {"scheme": "iid", "num_clients": n, "min_client_size": 2},
-        "federation": {"rounds": rounds, "client_fraction": fraction, "execution": "batched", "progress": False},
-        "model": {"feature_dim": 64, "hidden_dim": 64},
-        "method": {"name": "fedproto", "optimizer": "sgd", "lr": 0.05, "batch_size": 50},
-    })
+    config = resolve_config(
+        {
+            "seed": 0,
+            "data": {"dataset": "fashion-mnist", "features": "efficientnet-lite0", "image_size": 32},
+            "partition": {"scheme": "iid", "num_clients": n, "min_client_size": 2},
+            "federation": {"rounds": rounds, "client_fraction": fraction, "execution": "batched", "progress": False},
+            "model": {"feature_dim": 64, "hidden_dim": 64},
+            "method": {"name": "fedproto", "optimizer": "sgd", "lr": 0.05, "batch_size": 50},
+        }
+    )
     data = prepare_data(config)
     task = Task(data.input_shape, data.num_classes, config.model)
     algo = get_algorithm("fedproto").from_options(config.method_options, task, config.privacy)
@@ -290,8 +329,14 @@ def run_cached_embeddings(n: int, rounds: int, fraction: float) -> dict:
     ready, ready_cpu = time.time(), time.process_time()
     out = _rounds(lambda r: sim.run_round(r), rounds)
     params = sum(v.numel() for v in algo.initial_params(0).values())
-    out.update(ready=ready, ready_cpu=ready_cpu, execution=sim.execution, clients_with_state=len(sim.client_states),
-               params_per_client=params, train_samples=sum(d.num_train for d in data.clients))
+    out.update(
+        ready=ready,
+        ready_cpu=ready_cpu,
+        execution=sim.execution,
+        clients_with_state=len(sim.client_states),
+        params_per_client=params,
+        train_samples=sum(d.num_train for d in data.clients),
+    )
     return out
 
 
@@ -374,13 +419,37 @@ def _tree_rss_mb(root: int) -> float:
 LOAD_SAMPLES: list[float] = []
 
 
-def launch(kind: str, clients: int, rounds: int, threads: int, privacy: str = "none", fraction: float = 1.0,
-           timeout: float = 1800, flower_timeout: float = 300.0, profile_release: bool = False) -> dict:
+def launch(
+    kind: str,
+    clients: int,
+    rounds: int,
+    threads: int,
+    privacy: str = "none",
+    fraction: float = 1.0,
+    timeout: float = 1800,
+    flower_timeout: float = 300.0,
+    profile_release: bool = False,
+) -> dict:
     LOAD_SAMPLES.append(os.getloadavg()[0])
-    cmd = [sys.executable, __file__, "--child", kind, "--clients", str(clients), "--rounds", str(rounds),
-           "--threads", str(threads), "--privacy", privacy, "--fraction", str(fraction),
-           *(["--profile-release"] if profile_release else []),
-           "--flower-timeout", str(flower_timeout)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--clients",
+        str(clients),
+        "--rounds",
+        str(rounds),
+        "--threads",
+        str(threads),
+        "--privacy",
+        privacy,
+        "--fraction",
+        str(fraction),
+        *(["--profile-release"] if profile_release else []),
+        "--flower-timeout",
+        str(flower_timeout),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -397,7 +466,7 @@ def launch(kind: str, clients: int, rounds: int, threads: int, privacy: str = "n
     if proc.returncode or not lines:
         message = (stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"kind": kind, "clients": clients, "error": message}
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT ") :])
     out.update(kind=kind, clients=clients, privacy=privacy, peak_tree_mb=max(peak, out["ru_maxrss_mb"]))
     if "ready" in out:
         out["startup_s"] = out["ready"] - start
@@ -411,9 +480,15 @@ def launch(kind: str, clients: int, rounds: int, threads: int, privacy: str = "n
             values = out[f"mechanism_{part}"][1:] or out[f"mechanism_{part}"]
             out[f"mechanism_{part}_s"] = statistics.fmean(values)
             out[f"mechanism_{part}_share"] = sum(values) / sum(cpu_later) if sum(cpu_later) else 0.0
-    print(f"{kind:>10} N={clients:<6} {privacy:>5}: " + (
-        f"{out.get('s_per_round', float('nan')):.4f} s/round (cpu {out.get('cpu_s_per_round', float('nan')):.4f}), "
-        f"start-up {out.get('startup_s', float('nan')):.2f} s, peak {out['peak_tree_mb']:.0f} MB"), file=sys.stderr, flush=True)
+    print(
+        f"{kind:>10} N={clients:<6} {privacy:>5}: "
+        + (
+            f"{out.get('s_per_round', float('nan')):.4f} s/round (cpu {out.get('cpu_s_per_round', float('nan')):.4f}), "
+            f"start-up {out.get('startup_s', float('nan')):.2f} s, peak {out['peak_tree_mb']:.0f} MB"
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
     return out
 
 
@@ -428,27 +503,35 @@ def _fmt(row: dict | None, key: str, spec: str) -> str:
 def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
     grid = results.get("grid", [])
     kinds = ["plain", "per-client", "batched", "flower"]
-    names = {"plain": "plain loop", "per-client": "protofl per-client", "batched": "protofl batched",
-             "flower": "protofl Flower simulation"}
+    names = {
+        "plain": "plain loop",
+        "per-client": "protofl per-client",
+        "batched": "protofl batched",
+        "flower": "protofl Flower simulation",
+    }
     sizes = sorted({row["clients"] for row in grid})
     lookup = {(row["kind"], row["clients"]): row for row in grid}
     w = WORKLOAD
     lines = [
-        (f"FedProto round on the `synthetic-gaussian` workload (docs/data.md: Gaussian class means + unit noise, "
-        f"{w['classes']} classes, {w['input_dim']}-d inputs), {w['samples'] + w['test_samples']} samples per client "
-        f"split IID, {w['test_samples']} of them (stratified) kept as the client's test split, so 196-200 training "
-        f"samples per client; adapter + MLP model (hidden {w['hidden_dim']}, feature dim {w['feature_dim']}), 1 local "
-        f"epoch of 4 batches of at most 50, SGD lr {w['lr']} momentum {w['momentum']}, CE + MSE to the global "
-        "prototype, count-weighted aggregation, all clients every round. Every column is built from the same run "
-        "configuration (`run_config` in benchmarks/speed.py) through protofl's data pipeline; the Flower column runs "
-        "it with `protofl.flower.run_on_flower(..., mode=\"simulation\")`. Evaluation off in the in-process columns "
-        f"(see the Flower note below). {args.threads} torch thread(s). {_load_text(results)}"),
+        (
+            f"FedProto round on the `synthetic-gaussian` workload (docs/data.md: Gaussian class means + unit noise, "
+            f"{w['classes']} classes, {w['input_dim']}-d inputs), {w['samples'] + w['test_samples']} samples per client "
+            f"split IID, {w['test_samples']} of them (stratified) kept as the client's test split, so 196-200 training "
+            f"samples per client; adapter + MLP model (hidden {w['hidden_dim']}, feature dim {w['feature_dim']}), 1 local "
+            f"epoch of 4 batches of at most 50, SGD lr {w['lr']} momentum {w['momentum']}, CE + MSE to the global "
+            "prototype, count-weighted aggregation, all clients every round. Every column is built from the same run "
+            "configuration (`run_config` in benchmarks/speed.py) through protofl's data pipeline; the Flower column runs "
+            'it with `protofl.flower.run_on_flower(..., mode="simulation")`. Evaluation off in the in-process columns '
+            f"(see the Flower note below). {args.threads} torch thread(s). {_load_text(results)}"
+        ),
         "",
         "Commands: " + "; ".join(f"{part}: `{cmd}`" for part, cmd in sorted(results.get("commands", {}).items())),
         "",
-        ("Seconds per round: median of rounds 2+ (wall / CPU). Start-up: process launch to the engine ready for "
-        "round 1 (imports, data, clients), wall and the process's CPU seconds. First round: round 1 alone, with its lazy imports. Peak: summed RSS of "
-        "the whole process tree."),
+        (
+            "Seconds per round: median of rounds 2+ (wall / CPU). Start-up: process launch to the engine ready for "
+            "round 1 (imports, data, clients), wall and the process's CPU seconds. First round: round 1 alone, with its lazy imports. Peak: summed RSS of "
+            "the whole process tree."
+        ),
         "",
         "| clients | path | s / round (wall) | s / round (CPU) | speed-up vs per-client (wall / CPU) | start-up (wall / CPU s) | first round (s) | peak (MB) |",
         "|---|---|---|---|---|---|---|---|",
@@ -463,26 +546,35 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
                 lines.append(f"| {n} | {names[kind]} | n/a: {row['error']} | | | | | |")
                 continue
             flower = kind == "flower"  # its work runs in Ray's processes: no CPU seconds of one process
-            speed = (f"{base['s_per_round'] / row['s_per_round']:.1f}×" + ("" if flower else
-                     f" / {base['cpu_s_per_round'] / row['cpu_s_per_round']:.1f}×")
-                     if base and "error" not in base and "s_per_round" in row else "—")
-            cpu = "—" if flower else _fmt(row, 'cpu_s_per_round', '.4f')
-            startup_cpu = "—" if flower else _fmt(row, 'ready_cpu', '.2f')
-            lines.append(f"| {n} | {names[kind]} | {_fmt(row, 's_per_round', '.4f')} | {cpu} "
-                         f"| {speed} | {_fmt(row, 'startup_s', '.2f')} / {startup_cpu} "
-                         f"| {_fmt(row, 'first_round_s', '.2f')} "
-                         f"| {_fmt(row, 'peak_tree_mb', '.0f')} |")
+            speed = (
+                f"{base['s_per_round'] / row['s_per_round']:.1f}×"
+                + ("" if flower else f" / {base['cpu_s_per_round'] / row['cpu_s_per_round']:.1f}×")
+                if base and "error" not in base and "s_per_round" in row
+                else "—"
+            )
+            cpu = "—" if flower else _fmt(row, "cpu_s_per_round", ".4f")
+            startup_cpu = "—" if flower else _fmt(row, "ready_cpu", ".2f")
+            lines.append(
+                f"| {n} | {names[kind]} | {_fmt(row, 's_per_round', '.4f')} | {cpu} "
+                f"| {speed} | {_fmt(row, 'startup_s', '.2f')} / {startup_cpu} "
+                f"| {_fmt(row, 'first_round_s', '.2f')} "
+                f"| {_fmt(row, 'peak_tree_mb', '.0f')} |"
+            )
     if any(row["kind"] == "flower" for row in grid):
-        lines += ["", (
-            "Flower column: protofl's ServerApp and one ClientApp per client on Flower's simulation runtime (Ray), "
-            "same configuration, same algorithm code. Its server writes a row only for an evaluated round and an "
-            "evaluation rides on the next round's training messages, so those runs evaluate every other round and "
-            "the seconds per round are the median of the training phase (`round_seconds`) of rounds 2, 4, 6 (no "
-            "evaluation in them); round 1 is the first round. Start-up: launch to the ServerApp having built its data "
-            "and algorithm (Ray and the nodes' first start fall in round 1). Peak: the whole process tree (the "
-            "SuperLink, the ServerApp, Ray's workers). Where the time goes: the ServerApp polls the SuperLink for "
-            f"replies every {_flower_poll()} s (`POLL_SECONDS` in protofl/flower/transport.py), so a round takes a whole "
-            "number of polls, on top of Flower's messaging and the ClientApps run in Ray's actors.")]
+        lines += [
+            "",
+            (
+                "Flower column: protofl's ServerApp and one ClientApp per client on Flower's simulation runtime (Ray), "
+                "same configuration, same algorithm code. Its server writes a row only for an evaluated round and an "
+                "evaluation rides on the next round's training messages, so those runs evaluate every other round and "
+                "the seconds per round are the median of the training phase (`round_seconds`) of rounds 2, 4, 6 (no "
+                "evaluation in them); round 1 is the first round. Start-up: launch to the ServerApp having built its data "
+                "and algorithm (Ray and the nodes' first start fall in round 1). Peak: the whole process tree (the "
+                "SuperLink, the ServerApp, Ray's workers). Where the time goes: the ServerApp polls the SuperLink for "
+                f"replies every {_flower_poll()} s (`POLL_SECONDS` in protofl/flower/transport.py), so a round takes a whole "
+                "number of polls, on top of Flower's messaging and the ClientApps run in Ray's actors."
+            ),
+        ]
     lines += _targets(lookup, results)
     emb = results.get("embeddings")
     if emb:
@@ -491,54 +583,91 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
             lines.append(f"Not run: {emb['error']}")
         else:
             lines += [
-                (f"FedProto, batched, Fashion-MNIST EfficientNet-Lite0 embeddings (1280-d, cached), IID over "
-                f"{emb['clients']} clients ({emb['train_samples']} training samples in all), a fraction "
-                f"{args.fraction} of the clients per round, model hidden 64 / feature dim 64 "
-                f"({emb['params_per_client']} parameters, {emb['params_per_client'] * 4 / 2**20:.2f} MB per personal "
-                f"model), {len(emb['round_wall'])} rounds."),
+                (
+                    f"FedProto, batched, Fashion-MNIST EfficientNet-Lite0 embeddings (1280-d, cached), IID over "
+                    f"{emb['clients']} clients ({emb['train_samples']} training samples in all), a fraction "
+                    f"{args.fraction} of the clients per round, model hidden 64 / feature dim 64 "
+                    f"({emb['params_per_client']} parameters, {emb['params_per_client'] * 4 / 2**20:.2f} MB per personal "
+                    f"model), {len(emb['round_wall'])} rounds."
+                ),
                 "",
                 "| clients | per round | s / round (wall, each round) | start-up (s) | clients holding a model after | peak (MB) |",
                 "|---|---|---|---|---|---|",
-                (f"| {emb['clients']} | {round(args.fraction * emb['clients'])} | "
-                f"{', '.join(f'{v:.2f}' for v in emb['round_wall'])} | {emb['startup_s']:.1f} | "
-                f"{emb['clients_with_state']} | {emb['peak_tree_mb']:.0f} |"),
+                (
+                    f"| {emb['clients']} | {round(args.fraction * emb['clients'])} | "
+                    f"{', '.join(f'{v:.2f}' for v in emb['round_wall'])} | {emb['startup_s']:.1f} | "
+                    f"{emb['clients_with_state']} | {emb['peak_tree_mb']:.0f} |"
+                ),
             ]
     priv = results.get("privacy", [])
     if priv:
-        lines += ["", "### Privacy mechanisms' share of a round", "",
-                  (f"FedProto with `[privacy] mechanism = ...` (epsilon 8, fixed-features sensitivity), same workload, "
-                  f"{args.privacy_clients} clients, CPU seconds per round (rounds 2+): the engine's budget check "
-                  "before the round (the accountant: epsilon after one more release) and the releases (clipping, "
-                  "selection, noise, spending from the ledger), each as a share of the round's CPU time."), "",
-                  ("| mechanism | path | round (CPU s) | budget check (CPU s) | releases (CPU s) | share: check | "
-                  "share: releases | share: mechanism |"), "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "### Privacy mechanisms' share of a round",
+            "",
+            (
+                f"FedProto with `[privacy] mechanism = ...` (epsilon 8, fixed-features sensitivity), same workload, "
+                f"{args.privacy_clients} clients, CPU seconds per round (rounds 2+): the engine's budget check "
+                "before the round (the accountant: epsilon after one more release) and the releases (clipping, "
+                "selection, noise, spending from the ledger), each as a share of the round's CPU time."
+            ),
+            "",
+            (
+                "| mechanism | path | round (CPU s) | budget check (CPU s) | releases (CPU s) | share: check | "
+                "share: releases | share: mechanism |"
+            ),
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for row in priv:
             if "error" in row:
                 lines.append(f"| {row['privacy']} | {row['kind']} | n/a: {row['error']} | | | | | |")
                 continue
-            lines.append(f"| {row['privacy']} | {names[row['kind']]} | {row['cpu_s_per_round']:.4f} | "
-                         f"{row['mechanism_check_s']:.4f} | {row['mechanism_release_s']:.4f} | "
-                         f"{100 * row['mechanism_check_share']:.1f} % | {100 * row['mechanism_release_share']:.1f} % | "
-                         f"{100 * (row['mechanism_check_share'] + row['mechanism_release_share']):.1f} % |")
+            lines.append(
+                f"| {row['privacy']} | {names[row['kind']]} | {row['cpu_s_per_round']:.4f} | "
+                f"{row['mechanism_check_s']:.4f} | {row['mechanism_release_s']:.4f} | "
+                f"{100 * row['mechanism_check_share']:.1f} % | {100 * row['mechanism_release_share']:.1f} % | "
+                f"{100 * (row['mechanism_check_share'] + row['mechanism_release_share']):.1f} % |"
+            )
     profiled = [row for row in results.get("release_profile", []) if "error" not in row]
     if profiled:
-        lines += ["", ("### Where a release's time goes (CPU seconds per round, all clients, rounds 2+; separate runs "
-                       "with timers inside the release)"), "",
-                  ("`mechanism` is the release function itself (vpp_release / igpp_release: the parts listed above it "
-                   "plus clipping and the class means); the rest of the release is the ledger (loading it from the "
-                   "client's state, the budget check and recording the spend)."), "",
-                  "| mechanism | path | " + " | ".join(label for _, _, label in RELEASE_PARTS[:3]) +
-                  " | mechanism (all of the release function) | ledger and bookkeeping | release |", "|---|---|" + "---|" * 6]
+        lines += [
+            "",
+            (
+                "### Where a release's time goes (CPU seconds per round, all clients, rounds 2+; separate runs "
+                "with timers inside the release)"
+            ),
+            "",
+            (
+                "`mechanism` is the release function itself (vpp_release / igpp_release: the parts listed above it "
+                "plus clipping and the class means); the rest of the release is the ledger (loading it from the "
+                "client's state, the budget check and recording the spend)."
+            ),
+            "",
+            "| mechanism | path | "
+            + " | ".join(label for _, _, label in RELEASE_PARTS[:3])
+            + " | mechanism (all of the release function) | ledger and bookkeeping | release |",
+            "|---|---|" + "---|" * 6,
+        ]
         for row in profiled:
-            parts = [statistics.fmean(row[f"mechanism_part:{label}"][1:] or row[f"mechanism_part:{label}"])
-                     for _, _, label in RELEASE_PARTS[:4]]
+            parts = [
+                statistics.fmean(row[f"mechanism_part:{label}"][1:] or row[f"mechanism_part:{label}"])
+                for _, _, label in RELEASE_PARTS[:4]
+            ]
             mechanism_s = parts[3]
-            lines.append(f"| {row['privacy']} | {names[row['kind']]} | " + " | ".join(f"{v:.4f}" for v in parts) +
-                         f" | {row['mechanism_release_s'] - mechanism_s:.4f} | {row['mechanism_release_s']:.4f} |")
+            lines.append(
+                f"| {row['privacy']} | {names[row['kind']]} | "
+                + " | ".join(f"{v:.4f}" for v in parts)
+                + f" | {row['mechanism_release_s'] - mechanism_s:.4f} | {row['mechanism_release_s']:.4f} |"
+            )
     prof = results.get("breakdown")
     if prof and "parts" in prof:
-        lines += ["", f"### Where a batched round's time goes ({prof['clients']} clients, CPU seconds per round)", "",
-                  "| part | CPU s / round | share |", "|---|---|---|"]
+        lines += [
+            "",
+            f"### Where a batched round's time goes ({prof['clients']} clients, CPU seconds per round)",
+            "",
+            "| part | CPU s / round | share |",
+            "|---|---|---|",
+        ]
         for name, value in sorted(prof["parts"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {name} | {value:.4f} | {100 * value / prof['round_cpu']:.0f} % |")
         lines.append(f"| **round** | **{prof['round_cpu']:.4f}** | |")
@@ -550,10 +679,14 @@ def _load_text(results: dict) -> str:
     during = results.get("load_during") or []
     text = f"1-minute load average when it started {load[0]:.2f}, when it ended {load[1]:.2f}"
     if during:
-        text += (f", over the run (sampled at each launch) {min(during):.2f}–{max(during):.2f}, "
-                 f"mean {statistics.fmean(during):.2f}")
-    return text + (" (the 2 cores are shared with other jobs, so wall times are noisy; CPU seconds of the process "
-                   "are given next to them).")
+        text += (
+            f", over the run (sampled at each launch) {min(during):.2f}–{max(during):.2f}, "
+            f"mean {statistics.fmean(during):.2f}"
+        )
+    return text + (
+        " (the 2 cores are shared with other jobs, so wall times are noisy; CPU seconds of the process "
+        "are given next to them)."
+    )
 
 
 def _flower_poll() -> str:
@@ -566,24 +699,37 @@ def _flower_poll() -> str:
 
 def _targets(lookup: dict, results: dict) -> list[str]:
     """The speed targets at N = 100 against the figures reached (benchmarks, not timed tests)."""
+
     def get(kind, key):
         row = lookup.get((kind, 100))
         return row.get(key) if row and "error" not in row else None
 
     batched, plain, flower = get("batched", "s_per_round"), get("plain", "s_per_round"), get("flower", "s_per_round")
-    shares = [(row["privacy"], row["kind"], row["mechanism_check_share"] + row["mechanism_release_share"])
-              for row in results.get("privacy", []) if "error" not in row]
+    shares = [
+        (row["privacy"], row["kind"], row["mechanism_check_share"] + row["mechanism_release_share"])
+        for row in results.get("privacy", [])
+        if "error" not in row
+    ]
     out = ["", "### The speed targets at N = 100 (1 thread)", "", "| target | reached | met |", "|---|---|---|"]
 
     def line(target, value, ok):
         out.append(f"| {target} | {value} | {'—' if ok is None else ('yes' if ok else '**no**')} |")
 
-    line("batched round <= 0.05 s", f"{batched:.4f} s (CPU {get('batched', 'cpu_s_per_round'):.4f} s)" if batched else "n/a",
-         batched <= 0.05 if batched else None)
-    line("10x faster than the plain loop", f"{plain / batched:.1f}x" if plain and batched else "n/a",
-         plain / batched >= 10 if plain and batched else None)
-    line("25x faster than Flower's simulation", f"{flower / batched:.1f}x" if flower and batched else "n/a",
-         flower / batched >= 25 if flower and batched else None)
+    line(
+        "batched round <= 0.05 s",
+        f"{batched:.4f} s (CPU {get('batched', 'cpu_s_per_round'):.4f} s)" if batched else "n/a",
+        batched <= 0.05 if batched else None,
+    )
+    line(
+        "10x faster than the plain loop",
+        f"{plain / batched:.1f}x" if plain and batched else "n/a",
+        plain / batched >= 10 if plain and batched else None,
+    )
+    line(
+        "25x faster than Flower's simulation",
+        f"{flower / batched:.1f}x" if flower and batched else "n/a",
+        flower / batched >= 25 if flower and batched else None,
+    )
     startup = get("batched", "startup_s")
     line("start-up <= 3 s (batched)", f"{startup:.2f} s" if startup else "n/a", startup <= 3 if startup else None)
     peak = get("batched", "peak_tree_mb")
@@ -597,7 +743,7 @@ def write_docs(table: str) -> None:
     text = DOCS.read_text()
     block = f"{BEGIN}\n{table}{END}"
     if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip("\n") + "\n\n## The speed benchmark: many clients as one batched program\n\n" + block + "\n"
     DOCS.write_text(text)
@@ -609,19 +755,30 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100, help=argparse.SUPPRESS)
     parser.add_argument("--privacy", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--profile-release", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--fraction", type=float, default=0.1,
-                        help="fraction of the 10,000 embedding clients sampled per round")
+    parser.add_argument(
+        "--fraction", type=float, default=0.1, help="fraction of the 10,000 embedding clients sampled per round"
+    )
     parser.add_argument("--rounds", type=int, default=4, help="rounds per configuration (median of rounds 2+)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000, 10000])
-    parser.add_argument("--per-client-max", type=int, default=1000, help="largest N for the plain loop and the per-client path")
+    parser.add_argument(
+        "--per-client-max", type=int, default=1000, help="largest N for the plain loop and the per-client path"
+    )
     parser.add_argument("--privacy-clients", type=int, default=100)
     parser.add_argument("--embedding-clients", type=int, default=10000)
     parser.add_argument("--quick", action="store_true", help="N = 10 and 100, no embeddings run")
-    parser.add_argument("--parts", nargs="+", default=["grid", "privacy", "breakdown", "embeddings"],
-                        help="run only these parts; the others are kept from an earlier results.json in --out")
-    parser.add_argument("--flower-timeout", type=float, default=300.0,
-                        help="seconds a Flower simulation run may take before it is stopped and reported as such")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["grid", "privacy", "breakdown", "embeddings"],
+        help="run only these parts; the others are kept from an earlier results.json in --out",
+    )
+    parser.add_argument(
+        "--flower-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a Flower simulation run may take before it is stopped and reported as such",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
@@ -633,8 +790,11 @@ def main() -> None:
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     load_start = os.getloadavg()[0]
     previous = args.out / "results.json"
-    results: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() and set(args.parts) != {
-        "grid", "privacy", "breakdown", "embeddings"} else {}
+    results: dict[str, Any] = (
+        json.loads(previous.read_text())
+        if previous.exists() and set(args.parts) != {"grid", "privacy", "breakdown", "embeddings"}
+        else {}
+    )
     results.update(workload=WORKLOAD, threads=args.threads)
     LOAD_SAMPLES.clear()
     if "grid" in args.parts:
@@ -646,14 +806,27 @@ def main() -> None:
                     continue  # the issue asks for 10,000 clients on the in-process engine only
                 if kind in ("plain", "per-client") and n > args.per_client_max:
                     continue
-                grid.append(launch(kind, n, rounds, args.threads, flower_timeout=args.flower_timeout,
-                                   timeout=args.flower_timeout + 120 if kind == "flower" else 1800))
+                grid.append(
+                    launch(
+                        kind,
+                        n,
+                        rounds,
+                        args.threads,
+                        flower_timeout=args.flower_timeout,
+                        timeout=args.flower_timeout + 120 if kind == "flower" else 1800,
+                    )
+                )
         results["grid"] = grid
     if "privacy" in args.parts:
-        results["privacy"] = [launch(kind, args.privacy_clients, args.rounds, args.threads, privacy=mech)
-                              for mech in ("vpp", "igpp") for kind in ("per-client", "batched")]
-        results["release_profile"] = [launch("batched", args.privacy_clients, args.rounds, args.threads, privacy=mech,
-                                             profile_release=True) for mech in ("vpp", "igpp")]
+        results["privacy"] = [
+            launch(kind, args.privacy_clients, args.rounds, args.threads, privacy=mech)
+            for mech in ("vpp", "igpp")
+            for kind in ("per-client", "batched")
+        ]
+        results["release_profile"] = [
+            launch("batched", args.privacy_clients, args.rounds, args.threads, privacy=mech, profile_release=True)
+            for mech in ("vpp", "igpp")
+        ]
     if "breakdown" in args.parts:
         results["breakdown"] = launch("breakdown", 100, args.rounds, args.threads)
         results["breakdown"]["clients"] = 100

@@ -72,8 +72,12 @@ def membership(algo, params, client, classes, protos, clip):
     from protofl.algorithms.base import compute_features
     from protofl.privacy import membership_inference, prototype_distance_scores
 
-    members = prototype_distance_scores(compute_features(algo, params, client.x_train), client.y_train, classes, protos, clip)
-    others = prototype_distance_scores(compute_features(algo, params, client.x_test), client.y_test, classes, protos, clip)
+    members = prototype_distance_scores(
+        compute_features(algo, params, client.x_train), client.y_train, classes, protos, clip
+    )
+    others = prototype_distance_scores(
+        compute_features(algo, params, client.x_test), client.y_test, classes, protos, clip
+    )
     return membership_inference(members, others).to_dict()
 
 
@@ -107,15 +111,17 @@ def decoder_inversion(feature_fn, public_x: torch.Tensor, targets: torch.Tensor,
     """Train an MLP decoder features -> images on public images, then decode ``targets``."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        z = torch.cat([feature_fn(public_x[i:i + 256]) for i in range(0, len(public_x), 256)])
+        z = torch.cat([feature_fn(public_x[i : i + 256]) for i in range(0, len(public_x), 256)])
     d, pixels = z.shape[1], public_x[0].numel()
-    decoder = torch.nn.Sequential(torch.nn.Linear(d, 512), torch.nn.ReLU(), torch.nn.Linear(512, pixels), torch.nn.Sigmoid())
+    decoder = torch.nn.Sequential(
+        torch.nn.Linear(d, 512), torch.nn.ReLU(), torch.nn.Linear(512, pixels), torch.nn.Sigmoid()
+    )
     optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-3)
     flat = public_x.flatten(1)
     for _ in range(epochs):
         order = torch.randperm(len(z), generator=g)
         for s in range(0, len(z), 128):
-            i = order[s:s + 128]
+            i = order[s : s + 128]
             loss = F.mse_loss(decoder(z[i]), flat[i])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -157,19 +163,38 @@ def main() -> None:
                     feature_fn = encoder_feature_fn(algo, params)
                     pool = data.partition.train[client.client_id]
                     refs = [torch.from_numpy(raw.x[pool][raw.y[pool] == int(c)]).float()[:200] for c in classes]
-                    rec, history = invert_prototypes(feature_fn, protos, tuple(raw.x.shape[1:]), steps=args.steps,
-                                                     lr=0.01, tv_weight=1e-3, generator=torch.Generator().manual_seed(0))
+                    rec, history = invert_prototypes(
+                        feature_fn,
+                        protos,
+                        tuple(raw.x.shape[1:]),
+                        steps=args.steps,
+                        lr=0.01,
+                        tv_weight=1e-3,
+                        generator=torch.Generator().manual_seed(0),
+                    )
                     with torch.no_grad():
-                        cos = F.cosine_similarity(feature_fn(rec), clean[torch.searchsorted(clean_classes, classes)], dim=1)
-                    inversion[(mechanism, epsilon)] = {**reconstruction_scores(rec, refs), "feature_cos": float(cos.mean()),
-                                                       "steps": len(history)}
+                        cos = F.cosine_similarity(
+                            feature_fn(rec), clean[torch.searchsorted(clean_classes, classes)], dim=1
+                        )
+                    inversion[(mechanism, epsilon)] = {
+                        **reconstruction_scores(rec, refs),
+                        "feature_cos": float(cos.mean()),
+                        "steps": len(history),
+                    }
                     images[(mechanism, epsilon)] = rec
                     dec = decoder_inversion(feature_fn, public_x, protos)
                     with torch.no_grad():
-                        dcos = F.cosine_similarity(feature_fn(dec), clean[torch.searchsorted(clean_classes, classes)], dim=1)
+                        dcos = F.cosine_similarity(
+                            feature_fn(dec), clean[torch.searchsorted(clean_classes, classes)], dim=1
+                        )
                     scores = reconstruction_scores(dec, refs)
-                    inversion[(mechanism, epsilon)].update({"decoder_psnr": scores["psnr"], "decoder_ssim": scores["ssim"],
-                                                            "decoder_feature_cos": float(dcos.mean())})
+                    inversion[(mechanism, epsilon)].update(
+                        {
+                            "decoder_psnr": scores["psnr"],
+                            "decoder_ssim": scores["ssim"],
+                            "decoder_feature_cos": float(dcos.mean()),
+                        }
+                    )
                     decoded[(mechanism, epsilon)] = dec
             print(f"{run_dir.name}: done", flush=True)
     write(args, cells, mia, inversion, images, decoded)
@@ -183,30 +208,48 @@ def write(args, cells, mia, inversion, images, decoded) -> None:
         return ("none (clean)" if m == "igpp" else "DCR only") if math.isinf(e) else label[m]
 
     keys = ("auc", "tpr_at_fpr_1e2", "tpr_at_fpr_1e3", "advantage")
-    lines = ["| ε | mechanism | AUC | TPR @ FPR 1e-2 | TPR @ FPR 1e-3 | advantage | members / non-members per client |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| ε | mechanism | AUC | TPR @ FPR 1e-2 | TPR @ FPR 1e-3 | advantage | members / non-members per client |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m, e in cells:
         rows = mia[(m, e)]
-        vals = [f"{statistics.fmean(r[k] for r in rows):.3f} ± {statistics.pstdev([r[k] for r in rows]):.3f}" for k in keys]
+        vals = [
+            f"{statistics.fmean(r[k] for r in rows):.3f} ± {statistics.pstdev([r[k] for r in rows]):.3f}" for k in keys
+        ]
         sizes = f"{statistics.fmean(r['members'] for r in rows):.0f} / {statistics.fmean(r['non_members'] for r in rows):.0f}"
         lines.append(f"| {'∞' if math.isinf(e) else f'{e:g}'} | {name(m, e)} | " + " | ".join(vals) + f" | {sizes} |")
-    header = (f"Host {HOST} on {SETTING}; mean ± std over clients and {args.seeds} seeds. "
-              f"Command: `{command_line()}`\n\n")
-    (args.out / "membership.md").write_text("Membership inference on released prototypes. " + header + "\n".join(lines) + "\n")
-    inv = ["| ε | mechanism | optimisation: PSNR (dB) | SSIM | feature cos | steps | decoder: PSNR (dB) | SSIM | feature cos |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    header = (
+        f"Host {HOST} on {SETTING}; mean ± std over clients and {args.seeds} seeds. Command: `{command_line()}`\n\n"
+    )
+    (args.out / "membership.md").write_text(
+        "Membership inference on released prototypes. " + header + "\n".join(lines) + "\n"
+    )
+    inv = [
+        "| ε | mechanism | optimisation: PSNR (dB) | SSIM | feature cos | steps | decoder: PSNR (dB) | SSIM | feature cos |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for m, e in cells:
         r = inversion[(m, e)]
-        inv.append(f"| {'∞' if math.isinf(e) else f'{e:g}'} | {name(m, e)} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
-                   f"{r['feature_cos']:.3f} | {r['steps']} | {r['decoder_psnr']:.2f} | {r['decoder_ssim']:.3f} | "
-                   f"{r['decoder_feature_cos']:.3f} |")
+        inv.append(
+            f"| {'∞' if math.isinf(e) else f'{e:g}'} | {name(m, e)} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
+            f"{r['feature_cos']:.3f} | {r['steps']} | {r['decoder_psnr']:.2f} | {r['decoder_ssim']:.3f} | "
+            f"{r['decoder_feature_cos']:.3f} |"
+        )
     (args.out / "inversion.md").write_text(
         f"Prototype inversion (optimisation and public-data decoder), host {HOST} on {SETTING}, client "
         f"{args.invert_client}, seed 0, scored against the closest real training image of each class. "
-        f"Command: `{command_line()}`\n\n" + "\n".join(inv) + "\n")
-    (args.out / "attacks.json").write_text(json.dumps(
-        {"membership": {f"{m}/eps{e}": v for (m, e), v in mia.items()},
-         "inversion": {f"{m}/eps{e}": v for (m, e), v in inversion.items()}}, indent=1))
+        f"Command: `{command_line()}`\n\n" + "\n".join(inv) + "\n"
+    )
+    (args.out / "attacks.json").write_text(
+        json.dumps(
+            {
+                "membership": {f"{m}/eps{e}": v for (m, e), v in mia.items()},
+                "inversion": {f"{m}/eps{e}": v for (m, e), v in inversion.items()},
+            },
+            indent=1,
+        )
+    )
     plot_grid(cells, images, name, args.out / "reconstructions.png", "optimisation")
     plot_grid(cells, decoded, name, args.out / "reconstructions_decoder.png", "public-data decoder")
     print((args.out / "membership.md").read_text())
@@ -228,8 +271,15 @@ def plot_grid(cells, images, name, path: Path, how: str) -> None:
             ax.axis("off")
             if j < len(images[(m, e)]):
                 ax.imshow(images[(m, e)][j].permute(1, 2, 0).numpy())
-        axes[i][0].text(-0.1, 0.5, f"{'∞' if math.isinf(e) else f'ε={e:g}'}\n{name(m, e)}", transform=axes[i][0].transAxes,
-                        ha="right", va="center", fontsize=7)
+        axes[i][0].text(
+            -0.1,
+            0.5,
+            f"{'∞' if math.isinf(e) else f'ε={e:g}'}\n{name(m, e)}",
+            transform=axes[i][0].transAxes,
+            ha="right",
+            va="center",
+            fontsize=7,
+        )
     fig.suptitle(f"Inverted prototypes ({how}; one per class), digits-domains client 0", fontsize=9, y=1.0)
     fig.savefig(path, dpi=110, bbox_inches="tight")
 

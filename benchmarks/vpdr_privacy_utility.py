@@ -31,10 +31,14 @@ from pathlib import Path
 from _common import RESULTS, command_line, mean_std, run_grid
 
 SETTINGS = {
-    "digits-domains": {"data": {"dataset": "digits-domains", "features": "efficientnet-lite0", "max_train_samples": 6000},
-                       "partition": {"scheme": "domain", "num_clients": 4}},
-    "fashion-mnist-dir1.0": {"data": {"dataset": "fashion-mnist", "features": "efficientnet-lite0", "max_train_samples": 10000},
-                             "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 20, "min_client_size": 20}},
+    "digits-domains": {
+        "data": {"dataset": "digits-domains", "features": "efficientnet-lite0", "max_train_samples": 6000},
+        "partition": {"scheme": "domain", "num_clients": 4},
+    },
+    "fashion-mnist-dir1.0": {
+        "data": {"dataset": "fashion-mnist", "features": "efficientnet-lite0", "max_train_samples": 10000},
+        "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 20, "min_client_size": 20},
+    },
 }
 HOSTS = {
     "fedproto": {"proto_weight": 0.1},
@@ -55,8 +59,9 @@ def privacy_section(mechanism: str, epsilon: float, sensitivity: str = "fixed-fe
     return out
 
 
-def config(setting: str, host: str, mechanism: str, epsilon: float, seed: int, rounds: int,
-           sensitivity: str = "fixed-features") -> dict:
+def config(
+    setting: str, host: str, mechanism: str, epsilon: float, seed: int, rounds: int, sensitivity: str = "fixed-features"
+) -> dict:
     return {
         "seed": seed,
         **SETTINGS[setting],
@@ -69,7 +74,9 @@ def config(setting: str, host: str, mechanism: str, epsilon: float, seed: int, r
 
 def run_name(setting: str, host: str, mechanism: str, epsilon: float, seed: int) -> str:
     p = privacy_section(mechanism, epsilon)
-    label = "dcr-only" if p["mechanism"] == "none" and p["dcr"] else ("plain" if p["mechanism"] == "none" else mechanism)
+    label = (
+        "dcr-only" if p["mechanism"] == "none" and p["dcr"] else ("plain" if p["mechanism"] == "none" else mechanism)
+    )
     eps = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
     return f"{setting}-{host}-{label}-eps{eps}-seed{seed}"
 
@@ -106,44 +113,61 @@ def main() -> None:
                         keys.append((setting, host, mechanism, epsilon, name))
                         if name not in seen:  # at epsilon = inf, igpp and vpp are the same plain run
                             seen[name] = len(jobs)
-                            jobs.append((config(setting, host, mechanism, epsilon, seed, args.rounds, args.sensitivity),
-                                         args.out / "runs" / name))
+                            jobs.append(
+                                (
+                                    config(setting, host, mechanism, epsilon, seed, args.rounds, args.sensitivity),
+                                    args.out / "runs" / name,
+                                )
+                            )
     summaries = run_grid(jobs, args.workers, args.threads)
     results: dict[tuple, list[dict]] = {}
     for setting, host, mechanism, epsilon, name in keys:
         results.setdefault((setting, host, mechanism, epsilon), []).append(summaries[seen[name]])
 
-    setting_text = (f"sensitivity rule {args.sensitivity}; {args.rounds} rounds, 2 local epochs, AdamW lr 1e-3 wd 5e-4, batch 256, EfficientNet-Lite0 "
-                    f"embeddings at 32 px, adapter + MLP (d=128); delta = 1e-5, PLD accountant, budget per client "
-                    f"over all rounds; {args.seeds} seeds (mean ± std over seeds). Command: `{command_line()}`")
+    setting_text = (
+        f"sensitivity rule {args.sensitivity}; {args.rounds} rounds, 2 local epochs, AdamW lr 1e-3 wd 5e-4, batch 256, EfficientNet-Lite0 "
+        f"embeddings at 32 px, adapter + MLP (d=128); delta = 1e-5, PLD accountant, budget per client "
+        f"over all rounds; {args.seeds} seeds (mean ± std over seeds). Command: `{command_line()}`"
+    )
     eps_head = " | ".join("ε=∞" if math.isinf(e) else f"ε={e:g}" for e in EPSILONS)
-    lines = [f"| setting | host | mechanism | {eps_head} | spent ε (PLD / RDP) at ε=1 |",
-             "|---|---|---|" + "---|" * len(EPSILONS) + "---|"]
+    lines = [
+        f"| setting | host | mechanism | {eps_head} | spent ε (PLD / RDP) at ε=1 |",
+        "|---|---|---|" + "---|" * len(EPSILONS) + "---|",
+    ]
     for setting in args.settings:
         for host in args.hosts:
             for mechanism in MECHANISMS:
-                cells = [mean_std([s["final"].get("personal_acc_mean") for s in results[(setting, host, mechanism, e)]])
-                         for e in EPSILONS]
+                cells = [
+                    mean_std([s["final"].get("personal_acc_mean") for s in results[(setting, host, mechanism, e)]])
+                    for e in EPSILONS
+                ]
                 p = results[(setting, host, mechanism, 1.0)][0]["privacy"]
                 spent = f"{p['epsilon_pld_max']:.3f} / {p['epsilon_rdp_max']:.3f}" if p else "—"
                 lines.append(f"| {setting} | {host} | {mechanism} | " + " | ".join(cells) + f" | {spent} |")
-    time_lines = ["| setting | host | none | " + " | ".join(f"{m} (ε=8)" for m in MECHANISMS) + " |",
-                  "|---|---|---|" + "---|" * len(MECHANISMS)]
+    time_lines = [
+        "| setting | host | none | " + " | ".join(f"{m} (ε=8)" for m in MECHANISMS) + " |",
+        "|---|---|---|" + "---|" * len(MECHANISMS),
+    ]
     for setting in args.settings:
         for host in args.hosts:
             plain = statistics.fmean(s["seconds_per_round"] for s in results[(setting, host, "igpp", math.inf)])
-            cells = [f"{statistics.fmean(s['seconds_per_round'] for s in results[(setting, host, m, 8.0)]):.3f}"
-                     for m in MECHANISMS]
+            cells = [
+                f"{statistics.fmean(s['seconds_per_round'] for s in results[(setting, host, m, 8.0)]):.3f}"
+                for m in MECHANISMS
+            ]
             time_lines.append(f"| {setting} | {host} | {plain:.3f} | " + " | ".join(cells) + " |")
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(
-        f"Personalized test accuracy (%), final round; {setting_text}\n\n" + "\n".join(lines) + "\n")
+        f"Personalized test accuracy (%), final round; {setting_text}\n\n" + "\n".join(lines) + "\n"
+    )
     (args.out / "time.md").write_text(
         f"Seconds per round (training, all clients, 1 torch thread per run, 2 runs in parallel on 2 cores); "
-        f"{setting_text}\n\n" + "\n".join(time_lines) + "\n")
-    (args.out / "summaries.json").write_text(json.dumps(
-        {f"{s}/{h}/{m}/eps{e}": v for (s, h, m, e), v in results.items()}, indent=1))
+        f"{setting_text}\n\n" + "\n".join(time_lines) + "\n"
+    )
+    (args.out / "summaries.json").write_text(
+        json.dumps({f"{s}/{h}/{m}/eps{e}": v for (s, h, m, e), v in results.items()}, indent=1)
+    )
     for setting in args.settings:
         plot(results, setting, args.hosts, args.out / f"privacy_utility_{setting}.png")
     print((args.out / "table.md").read_text())

@@ -38,15 +38,15 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
             width = 4 if rng.random() < 0.5 else 8
             order = "big" if rng.random() < 0.5 else "little"
             pos = min(pos, len(buf) - width)
-            buf[pos:pos + width] = (value % 2 ** (8 * width)).to_bytes(width, order)
+            buf[pos : pos + width] = (value % 2 ** (8 * width)).to_bytes(width, order)
         elif kind == 3:  # truncate
             del buf[pos:]
         elif kind == 4:  # insert random bytes
             buf[pos:pos] = rng.integers(0, 256, size=int(rng.integers(1, 16))).astype(np.uint8).tobytes()
         elif kind == 5:  # delete a span
-            del buf[pos:pos + int(rng.integers(1, 16))]
+            del buf[pos : pos + int(rng.integers(1, 16))]
         else:  # duplicate a span
-            buf[pos:pos] = buf[pos:pos + int(rng.integers(1, 64))]
+            buf[pos:pos] = buf[pos : pos + int(rng.integers(1, 64))]
     return bytes(buf)
 
 
@@ -73,11 +73,15 @@ def _cifar_target():
     def write(folder: Path) -> Path:
         rng = np.random.default_rng(0)
         for name, n in (("data_batch_1", 6), ("test_batch", 3)):
-            batch = {b"batch_label": b"batch", b"data": rng.integers(0, 256, size=(n, 3072)).astype(np.uint8),
-                     b"labels": [int(v) for v in rng.integers(0, 10, size=n)]}
+            batch = {
+                b"batch_label": b"batch",
+                b"data": rng.integers(0, 256, size=(n, 3072)).astype(np.uint8),
+                b"labels": [int(v) for v in rng.integers(0, 10, size=n)],
+            }
             (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-        (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]},
-                                                           protocol=2))
+        (folder / "batches.meta").write_bytes(
+            pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}, protocol=2)
+        )
         return folder / "data_batch_1"
 
     return write, (lambda path: load_cifar_folder(path.parent)), DataFormatError
@@ -89,11 +93,17 @@ def _checkpoint_target():
     from protofl.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
     def write(folder: Path) -> Path:
-        state = {"round": 2, "fingerprint": "0123456789abcdef",
-                 "server_state": {"weight": torch.randn(4, 3), "bias": torch.zeros(4)},
-                 "client_states": {0: {"weight": torch.randn(4, 3), "steps": 7}},
-                 "history": [{"round": 1, "global_acc": 0.5}, {"round": 2, "global_acc": 0.6}],
-                 "bytes_up": 100, "bytes_down": 200, "elapsed": 1.5, "wall_seconds": 2.5}
+        state = {
+            "round": 2,
+            "fingerprint": "0123456789abcdef",
+            "server_state": {"weight": torch.randn(4, 3), "bias": torch.zeros(4)},
+            "client_states": {0: {"weight": torch.randn(4, 3), "steps": 7}},
+            "history": [{"round": 1, "global_acc": 0.5}, {"round": 2, "global_acc": 0.6}],
+            "bytes_up": 100,
+            "bytes_down": 200,
+            "elapsed": 1.5,
+            "wall_seconds": 2.5,
+        }
         return save_checkpoint(folder, state)
 
     return write, (lambda path: load_checkpoint(path.parent)), CheckpointError
@@ -105,17 +115,44 @@ def _summary_target():
     from protofl.report import compare_runs
 
     def write(folder: Path) -> Path:
-        row = {"round": 1, "global_acc": 0.5, "personal_acc_mean": 0.6, "personal_acc_std": 0.1, "train_loss": 0.7,
-               "bytes_up": 10, "bytes_down": 20, "round_seconds": 0.1}
+        row = {
+            "round": 1,
+            "global_acc": 0.5,
+            "personal_acc_mean": 0.6,
+            "personal_acc_std": 0.1,
+            "train_loss": 0.7,
+            "bytes_up": 10,
+            "bytes_down": 20,
+            "round_seconds": 0.1,
+        }
         final = {"global_acc": 0.5, "personal_acc_mean": 0.6, "personal_acc_std": 0.1, "round": 2}
-        summary = {"method": "fedavg", "dataset": "optdigits", "features": "pixels",
-                   "partition": {"scheme": "dirichlet", "alpha": 0.5, "imbalance_factor": 1.0}, "clients": 4,
-                   "rounds": 2, "seed": 0, "final": final, "best": {**final, "selected_by": "global_acc"},
-                   "epsilon": 3.2, "delta": 1e-5,
-                   "privacy": {"mechanism": "igpp", "noise_multiplier": 1.1, "epsilon_budget": 8.0, "accountant": "pld",
-                               "epsilon_pld_max": 3.2, "epsilon_rdp_max": 3.9, "max_releases_by_a_client": 2},
-                   "wall_seconds": 3.0, "seconds_per_round": 1.2, "bytes_up": 100, "bytes_down": 200,
-                   "peak_memory_mb": 300.0}
+        summary = {
+            "method": "fedavg",
+            "dataset": "optdigits",
+            "features": "pixels",
+            "partition": {"scheme": "dirichlet", "alpha": 0.5, "imbalance_factor": 1.0},
+            "clients": 4,
+            "rounds": 2,
+            "seed": 0,
+            "final": final,
+            "best": {**final, "selected_by": "global_acc"},
+            "epsilon": 3.2,
+            "delta": 1e-5,
+            "privacy": {
+                "mechanism": "igpp",
+                "noise_multiplier": 1.1,
+                "epsilon_budget": 8.0,
+                "accountant": "pld",
+                "epsilon_pld_max": 3.2,
+                "epsilon_rdp_max": 3.9,
+                "max_releases_by_a_client": 2,
+            },
+            "wall_seconds": 3.0,
+            "seconds_per_round": 1.2,
+            "bytes_up": 100,
+            "bytes_down": 200,
+            "peak_memory_mb": 300.0,
+        }
         run = folder / "run"
         run.mkdir(exist_ok=True)
         write_metrics(run / "metrics.jsonl", [row, {**row, "round": 2}])

@@ -9,8 +9,18 @@ import sys
 from pathlib import Path
 
 #: A quick real run: OptDigits (bundled with scikit-learn), 2 clients, 1 round.
-QUICK = ["--set", "data.dataset=optdigits", "--set", "partition.num_clients=2", "--set", "federation.rounds=1",
-         "--set", "federation.progress=false", "--set", "model.feature_dim=16"]
+QUICK = [
+    "--set",
+    "data.dataset=optdigits",
+    "--set",
+    "partition.num_clients=2",
+    "--set",
+    "federation.rounds=1",
+    "--set",
+    "federation.progress=false",
+    "--set",
+    "model.feature_dim=16",
+]
 
 
 def tree_hash(path: Path) -> str:
@@ -40,9 +50,17 @@ def one_error_line(err: str, *needles: str) -> str:
     return line
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``protofl ARGS`` in a fresh process, with this checkout's sources first on the path."""
     src = str(Path(__file__).resolve().parents[1] / "src")
     full_env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "protofl.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "protofl.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=timeout,
+    )

@@ -25,8 +25,19 @@ CASES = {
     "fpl": ("fpl", {"lr": 0.01}, None),
     "fedtgp": ("fedtgp", {"server_epochs": 2}, None),
     "creff": ("creff", {"match_steps": 3, "retrain_epochs": 2, "features_per_class": 4, "grad_samples": 5}, None),
-    "fedhpro": ("fedhpro", {"match_steps": 3, "retrain_epochs": 2, "features_per_class": 4, "grad_samples": 5,
-                            "hp_steps": 3, "distill_augmentation": "none", "local_epochs": 2}, None),
+    "fedhpro": (
+        "fedhpro",
+        {
+            "match_steps": 3,
+            "retrain_epochs": 2,
+            "features_per_class": 4,
+            "grad_samples": 5,
+            "hp_steps": 3,
+            "distill_augmentation": "none",
+            "local_epochs": 2,
+        },
+        None,
+    ),
 }
 
 

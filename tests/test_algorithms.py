@@ -64,13 +64,21 @@ def test_fedprox_with_mu_zero_equals_fedavg_and_mu_pulls_towards_global():
 
 
 def proto_reply(classes, protos, counts):
-    return Payload({"classes": np.array(classes, dtype=np.int64), "prototypes": np.array(protos, dtype=np.float32),
-                    "counts": np.array(counts, dtype=np.int64)}, {"method": "fedproto"})
+    return Payload(
+        {
+            "classes": np.array(classes, dtype=np.int64),
+            "prototypes": np.array(protos, dtype=np.float32),
+            "counts": np.array(counts, dtype=np.int64),
+        },
+        {"method": "fedproto"},
+    )
 
 
 def test_fedproto_aggregation_weighted_and_unweighted():
-    replies = [proto_reply([0, 2], [[1.0, 0.0], [2.0, 2.0]], [3, 1]),
-               proto_reply([2, 3], [[4.0, 0.0], [5.0, 5.0]], [3, 2])]
+    replies = [
+        proto_reply([0, 2], [[1.0, 0.0], [2.0, 2.0]], [3, 1]),
+        proto_reply([2, 3], [[4.0, 0.0], [5.0, 5.0]], [3, 2]),
+    ]
     classes, protos = aggregate_prototypes(replies, 4, 2, weighted=True)
     assert classes.tolist() == [0, 2, 3]
     torch.testing.assert_close(protos, torch.tensor([[1.0, 0.0], [(2 + 12) / 4, 2 / 4], [5.0, 5.0]]))
@@ -98,7 +106,9 @@ def test_fedproto_alignment_term_pulls_features_to_global_prototypes():
     received_state = {"classes": torch.arange(4), "prototypes": torch.full((4, 6), 1.0)}
     distances = {}
     for weight in (0.0, 5.0):
-        algo = ALGORITHMS["fedproto"].from_options({"lr": 0.01, "local_epochs": 20, "batch_size": 10, "proto_weight": weight}, TASK)
+        algo = ALGORITHMS["fedproto"].from_options(
+            {"lr": 0.01, "local_epochs": 20, "batch_size": 10, "proto_weight": weight}, TASK
+        )
         received = Payload.from_bytes(algo.broadcast(received_state).to_bytes())
         state, _, _ = algo.client_step(algo.init_client_state(0), data, received, torch.Generator().manual_seed(0))
         z, _ = algo.forward(state["params"], data.x_train)

@@ -64,8 +64,9 @@ def test_inversion_recovers_an_image_through_an_invertible_feature_map():
     def feature_fn(x):
         return x.flatten(1) @ mixing
 
-    rec, history = invert_prototypes(feature_fn, feature_fn(image), (1, 12, 12), steps=400, lr=0.1,
-                                     tv_weight=1e-4, patience=400, generator=g)
+    rec, history = invert_prototypes(
+        feature_fn, feature_fn(image), (1, 12, 12), steps=400, lr=0.1, tv_weight=1e-4, patience=400, generator=g
+    )
     assert history[-1] < 0.05 * history[0]
     scores = reconstruction_scores(rec, [image])
     assert scores["psnr"] > 18 and scores["ssim"] > 0.6

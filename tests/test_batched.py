@@ -44,8 +44,9 @@ def make_clients(sizes=SIZES, task=TASK, seed=0):
 def run(name, options, execution, rounds=3, privacy=None, task=TASK, clients=None, batch_clients=2):
     algo = get_algorithm(name).from_options({"batch_size": 16, **options}, task, privacy)
     clients = clients or make_clients(task=task)
-    fed = FederationConfig(rounds=rounds, checkpoint_every=0, progress=False, execution=execution,
-                           batch_clients=batch_clients)
+    fed = FederationConfig(
+        rounds=rounds, checkpoint_every=0, progress=False, execution=execution, batch_clients=batch_clients
+    )
     test_x = torch.randn(30, *task.input_shape, generator=torch.Generator().manual_seed(9))
     test_y = torch.randint(0, task.num_classes, (30,), generator=torch.Generator().manual_seed(9))
     sim = Simulation(algo, clients, test_x, test_y, fed, seed=5)
@@ -106,10 +107,32 @@ SERVED = [
     ("fpl", {"lr": 0.01}),
     ("fpl", {"lr": 0.01, "model_sharing": "none", "finch_level": "first", "optimizer": "adam"}),
     ("creff", {"features_per_class": 4, "match_steps": 3, "retrain_epochs": 2, "grad_samples": 5}),
-    ("fedhpro", {"features_per_class": 4, "match_steps": 3, "retrain_epochs": 2, "grad_samples": 5, "hp_steps": 3,
-                 "distill_augmentation": "none", "client_margin": False, "local_epochs": 2}),
-    ("fedhpro", {"features_per_class": 4, "match_steps": 3, "retrain_epochs": 2, "grad_samples": 5, "hp_steps": 3,
-                 "distill_augmentation": "none", "hpcl_weight": 0.0, "global_signal": "averaged"}),
+    (
+        "fedhpro",
+        {
+            "features_per_class": 4,
+            "match_steps": 3,
+            "retrain_epochs": 2,
+            "grad_samples": 5,
+            "hp_steps": 3,
+            "distill_augmentation": "none",
+            "client_margin": False,
+            "local_epochs": 2,
+        },
+    ),
+    (
+        "fedhpro",
+        {
+            "features_per_class": 4,
+            "match_steps": 3,
+            "retrain_epochs": 2,
+            "grad_samples": 5,
+            "hp_steps": 3,
+            "distill_augmentation": "none",
+            "hpcl_weight": 0.0,
+            "global_signal": "averaged",
+        },
+    ),
 ]
 
 
@@ -155,7 +178,9 @@ def test_client_step_batched_replies_match_client_step_array_for_array():
     # A trained state for half the clients, the shared initial one for the others; a non-empty broadcast.
     states = [algo.init_client_state(0) for _ in clients]
     states[1] = {"params": {k: v + 0.01 for k, v in states[1]["params"].items()}}
-    received = Payload({"classes": np.array([0, 2]), "prototypes": np.ones((2, 6), dtype=np.float32)}, {"method": "fedproto"})
+    received = Payload(
+        {"classes": np.array([0, 2]), "prototypes": np.ones((2, 6), dtype=np.float32)}, {"method": "fedproto"}
+    )
     gens = lambda: [torch.Generator().manual_seed(100 + k) for k in range(len(clients))]
     ref = [algo.client_step(s, d, received, g) for s, d, g in zip(states, clients, gens())]
     got = algo.client_step_batched(states, clients, received, gens())
@@ -187,8 +212,14 @@ def test_schedule_draws_the_same_batches_and_leaves_the_generators_as_train_loca
             return (params["w"] * 0).sum() + x.sum() * 0
 
         g = torch.Generator().manual_seed(c)
-        train_local({"w": torch.zeros(1)}, data.x_train, data.y_train, record,
-                    get_algorithm("local").Config(batch_size=16, local_epochs=2), g)
+        train_local(
+            {"w": torch.zeros(1)},
+            data.x_train,
+            data.y_train,
+            record,
+            get_algorithm("local").Config(batch_size=16, local_epochs=2),
+            g,
+        )
         steps = int(schedule.steps[c])
         assert schedule.active[:steps, c].all() and not schedule.active[steps:, c].any()
         for s, y in enumerate(seen):
@@ -209,11 +240,14 @@ def test_stack_and_unstack_round_trip_into_independent_tensors():
     assert torch.equal(stacked["w"][0], params[0]["w"])  # clones, not views of the stack
 
 
-@pytest.mark.parametrize("name,options,privacy,reason", [
-    ("dpfedavg", {}, PrivacyConfig(mechanism="dp-sgd", planned_releases=1), "client_step"),
-    ("fedproto", {}, PrivacyConfig(dcr=True), "dcr"),
-    ("fedhpro", {"distill_augmentation": "none"}, None, "client margin"),
-])
+@pytest.mark.parametrize(
+    "name,options,privacy,reason",
+    [
+        ("dpfedavg", {}, PrivacyConfig(mechanism="dp-sgd", planned_releases=1), "client_step"),
+        ("fedproto", {}, PrivacyConfig(dcr=True), "dcr"),
+        ("fedhpro", {"distill_augmentation": "none"}, None, "client margin"),
+    ],
+)
 def test_methods_that_cannot_be_batched_say_so_and_run_per_client(name, options, privacy, reason, caplog):
     algo = get_algorithm(name).from_options(options, TASK, privacy)
     assert reason in algo.batched_unsupported()
@@ -236,7 +270,10 @@ def test_execution_is_validated():
         FederationConfig(execution="vectorised")
     with pytest.raises(ConfigError, match="batch_clients"):
         FederationConfig(batch_clients=0)
-    assert RunConfig.from_dict({"federation": {"execution": "batched", "batch_clients": 64}}).federation.batch_clients == 64
+    assert (
+        RunConfig.from_dict({"federation": {"execution": "batched", "batch_clients": 64}}).federation.batch_clients
+        == 64
+    )
 
 
 def test_fingerprint_keeps_per_client_runs_and_separates_batched_ones():
@@ -254,8 +291,16 @@ def test_a_resumed_batched_run_repeats_the_uninterrupted_one(tmp_path):
         algo = get_algorithm("fedproto").from_options({"batch_size": 16}, TASK)
         fed = FederationConfig(rounds=3, checkpoint_every=1, progress=False, execution="batched", batch_clients=3)
         clients = make_clients()
-        return Simulation(algo, clients, clients[0].x_test, clients[0].y_test, fed, seed=2,
-                          checkpoint_dir=checkpoint_dir, fingerprint="f")
+        return Simulation(
+            algo,
+            clients,
+            clients[0].x_test,
+            clients[0].y_test,
+            fed,
+            seed=2,
+            checkpoint_dir=checkpoint_dir,
+            fingerprint="f",
+        )
 
     whole = simulation()
     whole.run()

@@ -6,7 +6,6 @@ import sys
 import pytest
 
 from protofl.algorithms import ALGORITHMS
-
 from protofl.cli import main
 
 
@@ -23,7 +22,10 @@ def test_help_for_every_subcommand(sub):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--set", "method.name=fedfoo"], "unknown method 'fedfoo'; valid methods are " + ", ".join(sorted(ALGORITHMS))),
+        (
+            ["--set", "method.name=fedfoo"],
+            "unknown method 'fedfoo'; valid methods are " + ", ".join(sorted(ALGORITHMS)),
+        ),
         (["--set", "data.dataset=svhn"], "unknown dataset 'svhn'; valid datasets are"),
         (["--set", "partition.alpha=0"], "partition.alpha: must be > 0, got 0"),
         (["--set", "federation.client_fraction=2"], "client_fraction: must be in (0, 1]"),
@@ -44,8 +46,16 @@ def test_missing_config_file_is_reported(tmp_path, capsys):
 
 
 def test_run_then_report(tmp_path, capsys):
-    common = ["--set", "data.dataset=optdigits", "--set", "federation.rounds=2", "--set", "federation.progress=false",
-              "--set", "partition.num_clients=3"]
+    common = [
+        "--set",
+        "data.dataset=optdigits",
+        "--set",
+        "federation.rounds=2",
+        "--set",
+        "federation.progress=false",
+        "--set",
+        "partition.num_clients=3",
+    ]
     assert main(["run", *common, "--out", str(tmp_path / "a")]) == 0
     assert main(["run", *common, "--set", "method.name=fedproto", "--out", str(tmp_path / "b")]) == 0
     assert "global acc" in capsys.readouterr().out

@@ -1,7 +1,6 @@
 import pytest
 
 from protofl.algorithms import ALGORITHMS
-
 from protofl.api import resolve_config
 from protofl.config import ConfigError, PartitionConfig, RunConfig
 
@@ -14,8 +13,13 @@ def test_defaults_round_trip_through_toml(tmp_path):
 
 
 def test_overrides_parse_toml_literals():
-    config = RunConfig().replace("partition.alpha=0.1", "partition.scheme=dirichlet", "federation.progress=false",
-                                 "method.name=fedprox", "method.mu=0.5")
+    config = RunConfig().replace(
+        "partition.alpha=0.1",
+        "partition.scheme=dirichlet",
+        "federation.progress=false",
+        "method.name=fedprox",
+        "method.mu=0.5",
+    )
     assert config.partition.alpha == 0.1 and config.partition.scheme == "dirichlet"
     assert config.federation.progress is False
     assert config.method["mu"] == 0.5

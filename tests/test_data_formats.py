@@ -160,8 +160,10 @@ def test_load_cifar100_folder(tmp_path):
     fine_names = [f"class{i}".encode() for i in range(100)]
     coarse_names = [f"super{i}".encode() for i in range(20)]
     _dump(tmp_path / "meta", {b"fine_label_names": fine_names, b"coarse_label_names": coarse_names})
-    _dump(tmp_path / "train", {b"data": _cifar_images(rng, 4), b"fine_labels": [99, 0, 5, 7],
-                               b"coarse_labels": [19, 0, 1, 2]})
+    _dump(
+        tmp_path / "train",
+        {b"data": _cifar_images(rng, 4), b"fine_labels": [99, 0, 5, 7], b"coarse_labels": [19, 0, 1, 2]},
+    )
     _dump(tmp_path / "test", {"data": _cifar_images(rng, 2), "fine_labels": [1, 2], "coarse_labels": [3, 4]})
     fine = load_cifar_folder(tmp_path)
     assert fine.num_classes == 100 and fine.class_names[99] == "class99"

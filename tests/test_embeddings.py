@@ -12,7 +12,6 @@ from protofl.data.dataset import ArrayDataset, DatasetSplits
 from protofl.data.datasets import optdigits_arrays
 from protofl.data.embeddings import ENCODERS, EncoderSpec, embed, embedding_cache_path
 
-
 pytestmark = pytest.mark.usefixtures("cache")
 
 
@@ -77,8 +76,9 @@ def test_preprocessing_resize_grey_to_rgb_and_normalise(monkeypatch):
     monkeypatch.setitem(ENCODERS, "fake", _recording_encoder(seen))
     x = np.zeros((5, 1, 8, 8), dtype=np.float32)
     x[1] = 1.0
-    data = DatasetSplits("toy", ArrayDataset(x, np.zeros(5, dtype=np.int64), 2),
-                         ArrayDataset(x[:2], np.zeros(2, dtype=np.int64), 2))
+    data = DatasetSplits(
+        "toy", ArrayDataset(x, np.zeros(5, dtype=np.int64), 2), ArrayDataset(x[:2], np.zeros(2, dtype=np.int64), 2)
+    )
     out = embed(data, encoder="fake", image_size=16, batch_size=2, progress=False)
     assert [tuple(b.shape) for b in seen] == [(2, 3, 16, 16), (2, 3, 16, 16), (1, 3, 16, 16), (2, 3, 16, 16)]
     first = seen[0].numpy()
@@ -94,7 +94,8 @@ def test_cache_key_depends_on_content(digits, monkeypatch):
     changed.train.x[0, 0, 0, 0] += 0.5
     assert embedding_cache_path(digits, "fake", 32) != embedding_cache_path(changed, "fake", 32)
     assert embedding_cache_path(digits, "fake", 32) == embedding_cache_path(
-        DatasetSplits(digits.name, ArrayDataset(digits.train.x.copy(), digits.train.y, 10), digits.test), "fake", 32)
+        DatasetSplits(digits.name, ArrayDataset(digits.train.x.copy(), digits.train.y, 10), digits.test), "fake", 32
+    )
     a = embed(digits, encoder="fake", image_size=8, progress=False)
     b = embed(changed, encoder="fake", image_size=8, progress=False)
     assert a.train.x[0, 0] != b.train.x[0, 0]

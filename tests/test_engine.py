@@ -49,8 +49,14 @@ class Corrupting(FedProto):
 def test_a_malformed_reply_is_rejected_and_the_round_goes_on(fault, caplog):
     algo = Corrupting(Corrupting.Config(), TASK)
     algo.fault = fault
-    sim = Simulation(algo, clients(), torch.randn(9, 8), torch.randint(0, 3, (9,)),
-                     FederationConfig(rounds=2, progress=False), seed=0)
+    sim = Simulation(
+        algo,
+        clients(),
+        torch.randn(9, 8),
+        torch.randint(0, 3, (9,)),
+        FederationConfig(rounds=2, progress=False),
+        seed=0,
+    )
     with caplog.at_level("WARNING", logger="protofl.engine"):
         history = sim.run()
     assert [row["clients_rejected"] for row in history] == [1, 1]
@@ -66,8 +72,14 @@ def test_fedavg_zero_sample_count_is_rejected():
             state, reply, metrics = super().client_step(client_state, data, received, generator)
             return state, Payload({**reply.arrays, "num_samples": np.int64(0)}, reply.metadata), metrics
 
-    sim = Simulation(ZeroCount(ZeroCount.Config(), TASK), clients(2), torch.randn(9, 8), torch.randint(0, 3, (9,)),
-                     FederationConfig(rounds=1, progress=False), seed=0)
+    sim = Simulation(
+        ZeroCount(ZeroCount.Config(), TASK),
+        clients(2),
+        torch.randn(9, 8),
+        torch.randint(0, 3, (9,)),
+        FederationConfig(rounds=1, progress=False),
+        seed=0,
+    )
     history = sim.run()
     assert history[0]["clients_rejected"] == 2
     # no reply survived, so the global model is still the initial one
@@ -90,12 +102,20 @@ def test_a_rejected_private_reply_still_counts_against_the_budget():
     privacy = PrivacyConfig(mechanism="igpp", epsilon=2.0, planned_releases=2)
     algo = Corrupting(Corrupting.Config(), TASK, privacy)
     algo.fault = "shape"
-    sim = Simulation(algo, clients(), torch.randn(9, 8), torch.randint(0, 3, (9,)),
-                     FederationConfig(rounds=2, progress=False), seed=0)
+    sim = Simulation(
+        algo,
+        clients(),
+        torch.randn(9, 8),
+        torch.randint(0, 3, (9,)),
+        FederationConfig(rounds=2, progress=False),
+        seed=0,
+    )
     sim.run()
     spent = algo.privacy_report(sim.client_states)
     assert spent["max_releases_by_a_client"] == 2
     # client 1's replies were rejected, yet both of its releases were recorded (they went on the wire)
-    assert algo.privacy_layer.ledger(sim.client_states[1]).events == algo.privacy_layer.ledger(sim.client_states[0]).events
+    assert (
+        algo.privacy_layer.ledger(sim.client_states[1]).events == algo.privacy_layer.ledger(sim.client_states[0]).events
+    )
     initial = algo.initial_params(0)
     assert all(torch.equal(v, initial[k]) for k, v in sim.client_states[1]["params"].items())  # its update is not kept

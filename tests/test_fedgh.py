@@ -8,14 +8,13 @@ import pytest
 import torch
 
 import protofl
-from protofl.algorithms import ClientData, Task, get_algorithm
+from protofl.algorithms import Task, get_algorithm
 from protofl.config import ConfigError
 
 
 def test_clients_train_and_evaluate_under_the_received_header_and_the_server_trains_it():
     torch.manual_seed(0)
-    algo = get_algorithm("fedgh").from_options({"server_epochs": 30, "server_lr": 0.5, "batch_size": 16},
-                                              Task((6,), 3))
+    algo = get_algorithm("fedgh").from_options({"server_epochs": 30, "server_lr": 0.5, "batch_size": 16}, Task((6,), 3))
     server = algo.init_server_state(0)
     own = {k: v + 1.0 for k, v in algo.initial_params(0).items()}  # a client's own, distinct model
     received = algo.broadcast(server)
@@ -29,8 +28,12 @@ def test_clients_train_and_evaluate_under_the_received_header_and_the_server_tra
     replies = []
     for _ in range(3):
         protos = centres + 0.1 * torch.randn(3, algo.dim, generator=g)
-        replies.append(protofl.payload.Payload({"classes": np.arange(3), "prototypes": protos.numpy(),
-                                                "counts": np.array([5, 5, 5])}, {"method": "fedgh"}))
+        replies.append(
+            protofl.payload.Payload(
+                {"classes": np.arange(3), "prototypes": protos.numpy(), "counts": np.array([5, 5, 5])},
+                {"method": "fedgh"},
+            )
+        )
     state, metrics = algo.server_step(server, replies)
     assert metrics["header_prototype_acc"] == 1.0 and metrics["header_loss"] < 0.3
     assert not torch.equal(state["header"]["head.weight"], server["header"]["head.weight"])
@@ -38,10 +41,14 @@ def test_clients_train_and_evaluate_under_the_received_header_and_the_server_tra
 
 
 def test_fedgh_learns_on_optdigits_and_reports_its_header():
-    config = {"seed": 0, "data": {"dataset": "optdigits", "max_train_samples": 1500},
-              "partition": {"scheme": "dirichlet", "alpha": 0.5, "num_clients": 4},
-              "federation": {"rounds": 5, "progress": False, "execution": "batched"},
-              "model": {"feature_dim": 32}, "method": {"name": "fedgh", "lr": 0.1, "batch_size": 32, "local_epochs": 2}}
+    config = {
+        "seed": 0,
+        "data": {"dataset": "optdigits", "max_train_samples": 1500},
+        "partition": {"scheme": "dirichlet", "alpha": 0.5, "num_clients": 4},
+        "federation": {"rounds": 5, "progress": False, "execution": "batched"},
+        "model": {"feature_dim": 32},
+        "method": {"name": "fedgh", "lr": 0.1, "batch_size": 32, "local_epochs": 2},
+    }
     result = protofl.run(config)
     final = result.summary["final"]
     assert final["personal_acc_mean"] > 0.7  # chance: 0.1

@@ -36,8 +36,18 @@ def client(k, n=40, classes=(0, 1, 2, 3)):
 
 
 def fedhpro(**options):
-    return ALGORITHMS["fedhpro"].from_options({"lr": 0.05, "hp_per_class": 3, "features_per_class": 5,
-                                               "match_steps": 3, "retrain_epochs": 2, "hp_steps": 3, **options}, TASK)
+    return ALGORITHMS["fedhpro"].from_options(
+        {
+            "lr": 0.05,
+            "hp_per_class": 3,
+            "features_per_class": 5,
+            "match_steps": 3,
+            "retrain_epochs": 2,
+            "hp_steps": 3,
+            **options,
+        },
+        TASK,
+    )
 
 
 # -- losses and margin against hand computations ------------------------------------------------------
@@ -99,8 +109,9 @@ def test_hp_matching_recovers_prototypes_that_reproduce_a_known_gradient():
     truth = torch.randn(3, 2, 4, generator=g)
     targets = {c: input_gradients(w, b, truth[c], c, create_graph=False) for c in range(3)}
     start = {c: torch.randn(2, 4, generator=g) for c in range(3)}
-    found, metrics = match_synthetic(start, targets, lambda c, h: input_gradients(w, b, h, c), "mse", 300, 0.05,
-                                     optimizer="adam")
+    found, metrics = match_synthetic(
+        start, targets, lambda c, h: input_gradients(w, b, h, c), "mse", 300, 0.05, optimizer="adam"
+    )
     assert metrics["match_distance_end"] < 1e-3 * metrics["match_distance_start"]
     for c in range(3):
         torch.testing.assert_close(input_gradients(w, b, found[c], c)[0], targets[c][0], atol=2e-3, rtol=0.05)
@@ -112,8 +123,9 @@ def test_every_distance_lowers_the_hp_matching_loss(distance):
     w, b = torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
     targets = {c: [torch.randn(6, generator=g)] for c in range(4)}
     start = {c: torch.randn(3, 6, generator=g) for c in range(4)}
-    _, metrics = match_synthetic(start, targets, lambda c, h: input_gradients(w, b, h, c), distance, 20, 0.1,
-                                 optimizer="adam")
+    _, metrics = match_synthetic(
+        start, targets, lambda c, h: input_gradients(w, b, h, c), distance, 20, 0.1, optimizer="adam"
+    )
     assert metrics["match_distance_end"] < metrics["match_distance_start"]
 
 
@@ -130,7 +142,9 @@ def test_client_reply_is_valid_and_its_feature_gradients_are_those_of_the_receiv
     params = server["params"]
     for c, grad in zip(reply["grad_classes"], reply["feature_grad"]):
         z = algo.forward(params, data.x_train[data.y_train == int(c)])[0].detach().requires_grad_(True)
-        loss = F.cross_entropy(z @ params["head.weight"].t() + params["head.bias"], torch.full((len(z),), int(c)), reduction="sum")
+        loss = F.cross_entropy(
+            z @ params["head.weight"].t() + params["head.bias"], torch.full((len(z),), int(c)), reduction="sum"
+        )
         (by_autograd,) = torch.autograd.grad(loss, [z])
         np.testing.assert_allclose(grad, by_autograd.mean(0).numpy(), rtol=1e-4, atol=1e-6)
 
@@ -190,8 +204,16 @@ def test_config_errors_name_the_key():
 # 8x8 digits: a 2-pixel random shift is a quarter of the image, so distillation runs unaugmented here.
 @pytest.mark.parametrize("options,floor", [({}, 0.25), ({"global_signal": "averaged"}, 0.15)])
 def test_fedhpro_end_to_end_on_optdigits_beats_chance(small_config, tmp_path, options, floor):
-    small_config["method"] = {"name": "fedhpro", "lr": 0.1, "batch_size": 32, "local_epochs": 3,
-                              "features_per_class": 20, "retrain_epochs": 20, "distill_augmentation": "none", **options}
+    small_config["method"] = {
+        "name": "fedhpro",
+        "lr": 0.1,
+        "batch_size": 32,
+        "local_epochs": 3,
+        "features_per_class": 20,
+        "retrain_epochs": 20,
+        "distill_augmentation": "none",
+        **options,
+    }
     result = protofl.run(small_config, out=tmp_path / "run")
     final = result.summary["final"]
     assert final["global_acc"] > floor  # chance: 0.1 (3 rounds: the measured values are 0.29 and 0.19)

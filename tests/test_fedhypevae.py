@@ -12,9 +12,20 @@ from protofl.algorithms.fedhypevae import decode, decoder_sizes, init_phi, modul
 from protofl.config import PrivacyConfig
 from protofl.privacy import BudgetExceededError, SampledGaussianEvent
 
-OPTIONS = {"range_reference": "unit", "latent_dim": 4, "hidden_dim": 16, "code_dim": 3, "hyper_hidden": 8,
-           "steps_per_round": 3, "batch_size": 8, "meta_rounds": 1, "meta_steps": 2,
-           "synthetic_per_class": 7, "classifier_epochs": 2, "classifier_hidden": 8}
+OPTIONS = {
+    "range_reference": "unit",
+    "latent_dim": 4,
+    "hidden_dim": 16,
+    "code_dim": 3,
+    "hyper_hidden": 8,
+    "steps_per_round": 3,
+    "batch_size": 8,
+    "meta_rounds": 1,
+    "meta_steps": 2,
+    "synthetic_per_class": 7,
+    "classifier_epochs": 2,
+    "classifier_hidden": 8,
+}
 
 
 PRIVACY = PrivacyConfig(mechanism="dp-sgd", epsilon=1.0, delta=1e-4, accountant="rdp", planned_releases=3)
@@ -112,12 +123,22 @@ def test_bad_input_is_refused_before_anything_is_released():
 def test_short_run_on_real_embeddings_spends_at_most_its_budget(tmp_path):
     import protofl
 
-    config = {"seed": 0, "data": {"dataset": "optdigits", "features": "efficientnet-lite0"},
-              "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 3},
-              "federation": {"rounds": 3, "progress": False},
-              "method": {"name": "fedhypevae", "meta_rounds": 1, "steps_per_round": 4, "batch_size": 32,
-                         "hidden_dim": 64, "synthetic_per_class": 30, "classifier_epochs": 3},
-              "privacy": {"mechanism": "dp-sgd", "epsilon": 1.0, "delta": 1e-4, "accountant": "rdp"}}
+    config = {
+        "seed": 0,
+        "data": {"dataset": "optdigits", "features": "efficientnet-lite0"},
+        "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 3},
+        "federation": {"rounds": 3, "progress": False},
+        "method": {
+            "name": "fedhypevae",
+            "meta_rounds": 1,
+            "steps_per_round": 4,
+            "batch_size": 32,
+            "hidden_dim": 64,
+            "synthetic_per_class": 30,
+            "classifier_epochs": 3,
+        },
+        "privacy": {"mechanism": "dp-sgd", "epsilon": 1.0, "delta": 1e-4, "accountant": "rdp"},
+    }
     result = protofl.run(config, out=tmp_path / "run")
     p = result.summary["privacy"]
     assert 0.99 <= result.summary["epsilon"] <= 1.0 and p["epsilon_pld_max"] <= p["epsilon_rdp_max"]
@@ -157,16 +178,31 @@ def test_without_noise_the_generator_learns_classes_a_classifier_can_use():
     x, y = load_digits(return_X_y=True)
     x, y = torch.tensor(x / 16, dtype=torch.float32), torch.tensor(y)
     algo = get_algorithm("fedhypevae").from_options(
-        {"range_reference": "unit", "latent_dim": 8, "hidden_dim": 64, "code_dim": 8, "hyper_hidden": 32, "batch_size": 64,
-         "lr": 1e-2, "private_lr": 1e-2, "hyper_lr": 5e-4, "meta_rounds": 1, "steps_per_round": 25,
-         "classifier_epochs": 20}, Task((64,), 10), PrivacyConfig(mechanism="dp-sgd", epsilon=1.0, delta=1e-4,
-                                                                   accountant="rdp", planned_releases=2))
+        {
+            "range_reference": "unit",
+            "latent_dim": 8,
+            "hidden_dim": 64,
+            "code_dim": 8,
+            "hyper_hidden": 32,
+            "batch_size": 64,
+            "lr": 1e-2,
+            "private_lr": 1e-2,
+            "hyper_lr": 5e-4,
+            "meta_rounds": 1,
+            "steps_per_round": 25,
+            "classifier_epochs": 20,
+        },
+        Task((64,), 10),
+        PrivacyConfig(mechanism="dp-sgd", epsilon=1.0, delta=1e-4, accountant="rdp", planned_releases=2),
+    )
     state, phi = algo._fresh_client(0, 0), algo.init_server_state(0)["phi"]
     psi, code, g = state["psi"], state["code"], torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         for _ in range(6):
-            phi, psi, code, _ = algo._train_phi(phi, psi, code, x[:1400], F.one_hot(y[:1400], 10).float(), 64 / 1400, 0.0, g)
+            phi, psi, code, _ = algo._train_phi(
+                phi, psi, code, x[:1400], F.one_hot(y[:1400], 10).float(), 64 / 1400, 0.0, g
+            )
     assert float(code.norm()) <= algo.config.code_clip + 1e-6  # trained inside the ball it is released from
     xs, ys = algo.synthesise({"phi": phi, "meta_code": code, "released_codes": code[None]}, "mixture", 0, per_class=100)
     accuracy = float((classify(algo.train_classifier(xs, ys), x[1400:]).argmax(1) == y[1400:]).float().mean())

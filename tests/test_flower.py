@@ -40,16 +40,18 @@ VPP = {**BASE, "privacy": {"mechanism": "vpp", "epsilon": 8.0}}
 
 def _run_deployment(config, out, workdir, results, name):
     try:
-        results[name] = run_on_flower(config, out, mode="deployment", workdir=workdir, round_timeout=300,
-                                      node_wait=120, timeout=600)
+        results[name] = run_on_flower(
+            config, out, mode="deployment", workdir=workdir, round_timeout=300, node_wait=120, timeout=600
+        )
     except BaseException as exc:  # reported by the test that needs it
         results[name] = exc
 
 
 def _run_simulation(config, out, workdir, results):
     try:
-        results["simulation"] = run_on_flower(config, out, mode="simulation", workdir=workdir, round_timeout=300,
-                                              node_wait=120, timeout=600)
+        results["simulation"] = run_on_flower(
+            config, out, mode="simulation", workdir=workdir, round_timeout=300, node_wait=120, timeout=600
+        )
     except BaseException as exc:
         results["simulation"] = exc
 
@@ -128,8 +130,9 @@ def test_flower_deployment_matches_the_in_process_engine(flower_runs, name, conf
     assert summary["engine"] == "flower-deployment"
     assert summary["incidents"] == []
     assert summary["bytes_up"] == local.summary["bytes_up"] and summary["bytes_down"] == local.summary["bytes_down"]
-    assert summary["final"]["personal_acc_mean"] == pytest.approx(local.summary["final"]["personal_acc_mean"],
-                                                                  abs=TOLERANCE)
+    assert summary["final"]["personal_acc_mean"] == pytest.approx(
+        local.summary["final"]["personal_acc_mean"], abs=TOLERANCE
+    )
     assert summary["final"]["personal_acc_mean"] > 0.3  # it learns: chance is 0.1
     if name == "vpp":
         # each client's accountant lived on its node; the server merged their reports
@@ -189,8 +192,10 @@ def test_a_malformed_reply_is_rejected_with_its_reason(tmp_path):
     from protofl.payload import Payload, PayloadError, validate
 
     algo = FedProto(FedProto.Config(), Task((8,), 3, ModelConfig(feature_dim=4, hidden_dim=6)))
-    good = Payload({"classes": np.array([0, 2]), "prototypes": np.ones((2, 4), np.float32),
-                    "counts": np.array([3, 5])}, {"method": "fedproto"})
+    good = Payload(
+        {"classes": np.array([0, 2]), "prototypes": np.ones((2, 4), np.float32), "counts": np.array([3, 5])},
+        {"method": "fedproto"},
+    )
     spec = algo.reply_spec()
     validate(records.payload_of(records.to_record_dict(good, round=1)), spec)
     bad = {
@@ -218,8 +223,10 @@ class LoopbackGrid:
         from protofl.flower import client_app
 
         self.handlers = {"train": client_app.train, "evaluate": client_app.evaluate, "query": client_app.query}
-        self.contexts = {100 + k: Context(1, 100 + k, {"partition-id": k, "num-partitions": num_nodes}, RecordDict(),
-                                          run_config) for k in range(num_nodes)}
+        self.contexts = {
+            100 + k: Context(1, 100 + k, {"partition-id": k, "num-partitions": num_nodes}, RecordDict(), run_config)
+            for k in range(num_nodes)
+        }
         self.tamper, self.crash_at = tamper, crash_at
         self.silent: set[int] = set()
         self.replies = {}
@@ -264,6 +271,7 @@ class ErrorReplyingGrid(LoopbackGrid):
                     return handler(msg, context)
                 except Exception as exc:  # noqa: BLE001 - what Flower's runtime does with it
                     return Message(error=Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
             return call
 
         self.handlers = {k: guarded(h) for k, h in handlers.items()}
@@ -288,15 +296,24 @@ def _loopback_run(config, out, grid_args=(), state_dir="", resume=False, run_key
     from protofl.flower.settings import CONFIG_KEY, FlowerSettings
 
     config = resolve_config(config)
-    flower = FlowerSettings(out=str(out), run_key=run_key, client_state_dir=str(state_dir), resume=resume,
-                            **{"round_timeout": 2.0, "node_wait": 2.0, **settings})
-    grid = (grid_class or LoopbackGrid)({CONFIG_KEY: config.to_toml(), **flower.to_run_config()}, config.partition.num_clients,
-                        *grid_args)
+    flower = FlowerSettings(
+        out=str(out),
+        run_key=run_key,
+        client_state_dir=str(state_dir),
+        resume=resume,
+        **{"round_timeout": 2.0, "node_wait": 2.0, **settings},
+    )
+    grid = (grid_class or LoopbackGrid)(
+        {CONFIG_KEY: config.to_toml(), **flower.to_run_config()}, config.partition.num_clients, *grid_args
+    )
     return grid, run_server(grid, config, flower, "flower-loopback")
 
 
-SMALL = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
-         "federation": {"rounds": 4, "progress": False, "client_fraction": 0.67, "checkpoint_every": 2}}
+SMALL = {
+    **BASE,
+    "data": {"dataset": "optdigits", "max_train_samples": 600},
+    "federation": {"rounds": 4, "progress": False, "client_fraction": 0.67, "checkpoint_every": 2},
+}
 
 
 def test_server_logic_matches_the_in_process_engine_under_partial_participation(tmp_path):
@@ -332,8 +349,11 @@ def test_a_node_with_a_malformed_payload_is_rejected_and_the_round_goes_on(tmp_p
         reply.content = content
         return reply
 
-    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
-              "federation": {"rounds": 2, "progress": False}}
+    config = {
+        **BASE,
+        "data": {"dataset": "optdigits", "max_train_samples": 600},
+        "federation": {"rounds": 2, "progress": False},
+    }
     with caplog.at_level("WARNING", logger="protofl.flower"):
         _, summary = _loopback_run(config, tmp_path / "f", (tamper,))
     rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
@@ -347,8 +367,11 @@ def test_a_node_with_a_malformed_payload_is_rejected_and_the_round_goes_on(tmp_p
 
 
 def test_a_silent_node_is_lost_and_the_round_goes_on_with_min_replies(tmp_path, caplog):
-    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
-              "federation": {"rounds": 2, "progress": False}}
+    config = {
+        **BASE,
+        "data": {"dataset": "optdigits", "max_train_samples": 600},
+        "federation": {"rounds": 2, "progress": False},
+    }
 
     class Silencing(LoopbackGrid):
         def push_messages(self, messages):
@@ -379,7 +402,9 @@ def test_a_restarted_server_continues_from_its_checkpoint(tmp_path):
     # a new server (and fresh Flower contexts: the nodes' state comes back from their disks)
     _, resumed = _loopback_run(SMALL, tmp_path / "cut", state_dir=state, run_key="cut", resume=True)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+    assert strip(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == strip(
+        read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    )
     assert resumed["final"] == whole["final"]
 
 
@@ -405,9 +430,29 @@ def test_protofl_flower_app_writes_an_app_that_flower_accepts(tmp_path):
     from protofl.flower.settings import CONFIG_KEY, FlowerSettings, run_config_of
 
     out, app = tmp_path / "run", tmp_path / "app"
-    assert main(["flower", "app", "--set", "data.dataset=optdigits", "--set", "method.name=fedproto",
-                 "--set", "privacy.mechanism=vpp", "--out", str(out), "--app-dir", str(app),
-                 "--min-replies", "2", "--round-timeout", "30"]) == 0
+    assert (
+        main(
+            [
+                "flower",
+                "app",
+                "--set",
+                "data.dataset=optdigits",
+                "--set",
+                "method.name=fedproto",
+                "--set",
+                "privacy.mechanism=vpp",
+                "--out",
+                str(out),
+                "--app-dir",
+                str(app),
+                "--min-replies",
+                "2",
+                "--round-timeout",
+                "30",
+            ]
+        )
+        == 0
+    )
     flower_config, _warnings = load_and_validate(app / "pyproject.toml")  # raises on what Flower refuses
     assert flower_config["tool"]["flwr"]["app"]["components"]["clientapp"] == "protofl.flower.client_app:app"
     run_config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -428,8 +473,13 @@ def test_protofl_flower_app_writes_an_app_that_flower_accepts(tmp_path):
 def _vpp_node(partition=0):
     from protofl.flower.node import node_task
 
-    config = resolve_config({**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
-                             "federation": {"rounds": 10, "progress": False}})
+    config = resolve_config(
+        {
+            **VPP,
+            "data": {"dataset": "optdigits", "max_train_samples": 600},
+            "federation": {"rounds": 10, "progress": False},
+        }
+    )
     task = node_task(config.to_toml(), partition, config.partition.num_clients)
     broadcast = task.algorithm.broadcast(task.algorithm.init_server_state(config.seed))
     return task, broadcast
@@ -477,8 +527,11 @@ def test_a_node_that_lost_its_state_refuses_to_start_over(tmp_path):
                 self.contexts[102].state = RecordDict()  # restarted, with no state-dir
             return super().push_messages(messages)
 
-    config = {**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
-              "federation": {"rounds": 2, "progress": False}}
+    config = {
+        **VPP,
+        "data": {"dataset": "optdigits", "max_train_samples": 600},
+        "federation": {"rounds": 2, "progress": False},
+    }
     with pytest.raises(StateLostError, match="restart the SuperNode with its state-dir"):
         _loopback_run(config, tmp_path / "f", grid_class=Forgetting)
 
@@ -501,8 +554,11 @@ def test_a_node_over_its_budget_stops_the_run_as_in_process(tmp_path, monkeypatc
         return original(self, state, client_id)
 
     monkeypatch.setattr(algorithm, "check_release", check_release)
-    config = {**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
-              "federation": {"rounds": 3, "progress": False}}
+    config = {
+        **VPP,
+        "data": {"dataset": "optdigits", "max_train_samples": 600},
+        "federation": {"rounds": 3, "progress": False},
+    }
     with pytest.raises(BudgetExceededError, match="client 1 would exceed"):
         protofl.run(config)
     with pytest.raises(BudgetExceededError, match="client 1 would exceed"):
@@ -535,12 +591,16 @@ def test_fewer_accepted_replies_than_min_replies_stop_the_run(tmp_path, fault):
 
         def push_messages(self, messages):
             messages = list(messages)
-            self.seen = getattr(self, "seen", set()) | {m.metadata.group_id for m in messages
-                                                        if m.metadata.message_type == "train"}
+            self.seen = getattr(self, "seen", set()) | {
+                m.metadata.group_id for m in messages if m.metadata.message_type == "train"
+            }
             return super().push_messages(messages)
 
-    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
-              "federation": {"rounds": 3, "progress": False}}
+    config = {
+        **BASE,
+        "data": {"dataset": "optdigits", "max_train_samples": 600},
+        "federation": {"rounds": 3, "progress": False},
+    }
     if fault == "rejected":
         run = lambda: _loopback_run(config, tmp_path / "f", (tamper,), min_replies=2)  # noqa: E731
     else:
@@ -561,8 +621,11 @@ def test_a_malformed_reply_field_is_rejected_not_a_crash(tmp_path, caplog, field
             fields[field] = value
         return reply
 
-    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600},
-              "federation": {"rounds": 2, "progress": False}}
+    config = {
+        **BASE,
+        "data": {"dataset": "optdigits", "max_train_samples": 600},
+        "federation": {"rounds": 2, "progress": False},
+    }
     with caplog.at_level("WARNING", logger="protofl.flower"):
         _, summary = _loopback_run(config, tmp_path / "f", (tamper,))
     rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
@@ -596,8 +659,11 @@ def test_the_final_epsilon_counts_every_partition_not_only_those_at_the_last_eva
                 self.silent.add(102)
             return super().push_messages(messages)
 
-    config = {**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
-              "federation": {"rounds": 2, "progress": False}}
+    config = {
+        **VPP,
+        "data": {"dataset": "optdigits", "max_train_samples": 600},
+        "federation": {"rounds": 2, "progress": False},
+    }
     _, summary = _loopback_run(config, tmp_path / "f", (tamper,), grid_class=SilentAtTheEnd, round_timeout=0.5)
     rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
     assert rows[-1]["clients_evaluated"] == 2
@@ -614,8 +680,13 @@ def test_the_nodes_per_client_records_match_the_in_process_ones(tmp_path):
     from protofl.flower.transport import GridTransport
     from protofl.runner import build_algorithm, prepare_data
 
-    config = resolve_config({**VPP, "data": {"dataset": "optdigits", "max_train_samples": 600},
-                             "federation": {"rounds": 2, "progress": False, "client_fraction": 0.67}})
+    config = resolve_config(
+        {
+            **VPP,
+            "data": {"dataset": "optdigits", "max_train_samples": 600},
+            "federation": {"rounds": 2, "progress": False, "client_fraction": 0.67},
+        }
+    )
     rows = {}
     for name in ("flower", "local"):
         torch.manual_seed(config.seed)
@@ -623,13 +694,21 @@ def test_the_nodes_per_client_records_match_the_in_process_ones(tmp_path):
         algo = build_algorithm(config, data)
         rows[name] = []
         if name == "local":
-            driver = Simulation(algo, data.clients, data.test_x, data.test_y, config.federation, config.seed,
-                                on_round=rows[name].append)
+            driver = Simulation(
+                algo, data.clients, data.test_x, data.test_y, config.federation, config.seed, on_round=rows[name].append
+            )
         else:
             flower = FlowerSettings(out=str(tmp_path / "f"), run_key="k", round_timeout=2.0, node_wait=2.0)
             grid = LoopbackGrid({CONFIG_KEY: config.to_toml(), **flower.to_run_config()}, 3)
-            driver = RoundDriver(algo, GridTransport(grid, algo, 3, flower, "loopback"), config.federation,
-                                 config.seed, test_x=data.test_x, test_y=data.test_y, on_round=rows[name].append)
+            driver = RoundDriver(
+                algo,
+                GridTransport(grid, algo, 3, flower, "loopback"),
+                config.federation,
+                config.seed,
+                test_x=data.test_x,
+                test_y=data.test_y,
+                on_round=rows[name].append,
+            )
         driver.run()
     assert [r["round"] for r in rows["flower"]] == [r["round"] for r in rows["local"]] == [1, 2]
     for f, l in zip(rows["flower"], rows["local"]):
@@ -649,8 +728,11 @@ def test_a_method_added_as_one_file_runs_private_on_flower_as_in_process(tmp_pat
     """FedGH lives in one file (algorithms/fedgh.py) and touches neither the engine, the Flower package nor
     the privacy layer: under igpp its Flower run (the grid transport, nodes' client steps, their ledgers)
     equals the in-process run, and both spend at most the budget."""
-    config = {**SMALL, "method": {"name": "fedgh", "lr": 0.1, "batch_size": 32, "server_epochs": 5},
-              "privacy": {"mechanism": "igpp", "epsilon": 8.0, "accountant": "rdp"}}
+    config = {
+        **SMALL,
+        "method": {"name": "fedgh", "lr": 0.1, "batch_size": 32, "server_epochs": 5},
+        "privacy": {"mechanism": "igpp", "epsilon": 8.0, "accountant": "rdp"},
+    }
     _, summary = _loopback_run(config, tmp_path / "f")
     local = protofl.run(config)
     _assert_close(read_metrics(tmp_path / "f" / "metrics.jsonl"), local.history, rounds=[1, 2, 3, 4])

@@ -89,14 +89,24 @@ def test_cpcl_equals_a_hand_computation():
 
 def reply(classes, protos, counts=None):
     counts = counts or [1] * len(classes)
-    return Payload({"classes": np.array(classes, np.int64), "prototypes": np.array(protos, np.float32),
-                    "counts": np.array(counts, np.int64)}, {"method": "fpl"})
+    return Payload(
+        {
+            "classes": np.array(classes, np.int64),
+            "prototypes": np.array(protos, np.float32),
+            "counts": np.array(counts, np.int64),
+        },
+        {"method": "fpl"},
+    )
 
 
 def test_fpl_unbiased_prototype_is_the_mean_of_cluster_means():
     # class 0: four clients in two directions (two near x, two near y); class 2 uploaded once
-    replies = [reply([0, 2], [[1.0, 0.0], [5.0, 5.0]]), reply([0], [[3.0, 0.1]]), reply([0], [[0.0, 2.0]]),
-               reply([0], [[0.1, 3.0]])]
+    replies = [
+        reply([0, 2], [[1.0, 0.0], [5.0, 5.0]]),
+        reply([0], [[3.0, 0.1]]),
+        reply([0], [[0.0, 2.0]]),
+        reply([0], [[0.1, 3.0]]),
+    ]
     cluster_cls, clusters, classes, unbiased = cluster_prototypes(replies, 2)
     assert classes.tolist() == [0, 2]
     assert sorted(cluster_cls.tolist()) == [0, 0, 2]
@@ -126,14 +136,17 @@ def test_fpl_finch_level_first_or_last():
 
 @pytest.mark.parametrize("method", ["fpl", "fedtgp"])
 def test_client_without_a_class_uploads_nothing_for_it_and_payloads_validate(method):
-    algo = ALGORITHMS[method].from_options({"lr": 0.01, "server_epochs": 5} if method == "fedtgp" else {"lr": 0.01}, TASK)
+    algo = ALGORITHMS[method].from_options(
+        {"lr": 0.01, "server_epochs": 5} if method == "fedtgp" else {"lr": 0.01}, TASK
+    )
     server = algo.init_server_state(0)
     received = Payload.from_bytes(algo.broadcast(server).to_bytes())
     validate(received, algo.broadcast_spec())
     replies = []
     for k, classes in enumerate([(0, 1), (1, 3), (1,)]):
-        _, r, _ = algo.client_step(algo.init_client_state(0), client(k, classes=classes), received,
-                                   torch.Generator().manual_seed(k))
+        _, r, _ = algo.client_step(
+            algo.init_client_state(0), client(k, classes=classes), received, torch.Generator().manual_seed(k)
+        )
         validate(r, algo.reply_spec())
         assert r["classes"].tolist() == list(classes)
         replies.append(r)
@@ -167,8 +180,10 @@ def test_fedtgp_server_learns_prototypes_that_classify_the_uploads():
     algo = ALGORITHMS["fedtgp"].from_options({"server_epochs": 60, "server_lr": 0.05}, TASK)
     g = torch.Generator().manual_seed(3)
     centres = torch.randn(4, 6, generator=g) * 3
-    replies = [reply([0, 1, 2], (centres[:3] + 0.3 * torch.randn(3, 6, generator=g)).tolist()),
-               reply([1, 2], (centres[1:3] + 0.3 * torch.randn(2, 6, generator=g)).tolist())]
+    replies = [
+        reply([0, 1, 2], (centres[:3] + 0.3 * torch.randn(3, 6, generator=g)).tolist()),
+        reply([1, 2], (centres[1:3] + 0.3 * torch.randn(2, 6, generator=g)).tolist()),
+    ]
     server = algo.init_server_state(0)
     state, metrics = algo.server_step(server, replies)
     assert metrics["server_loss_last"] < metrics["server_loss_first"]
@@ -192,13 +207,16 @@ def test_fedtgp_server_learns_prototypes_that_classify_the_uploads():
 
 
 # -- short real runs ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,options,key,floor", [
-    # FPL at its reference lr 0.01 (see the fpl module docstring: at >= 0.02 CPCL collapses the features here)
-    ("fpl", {"lr": 0.01, "local_epochs": 5}, "global_acc", 0.7),
-    ("fedtgp", {}, "personal_acc_mean", 0.6),
-    ("fedtgp", {"model_sharing": "fedavg"}, "global_acc", 0.7),
-    ("fedproto", {"model_sharing": "fedavg"}, "global_acc", 0.7),
-])
+@pytest.mark.parametrize(
+    "method,options,key,floor",
+    [
+        # FPL at its reference lr 0.01 (see the fpl module docstring: at >= 0.02 CPCL collapses the features here)
+        ("fpl", {"lr": 0.01, "local_epochs": 5}, "global_acc", 0.7),
+        ("fedtgp", {}, "personal_acc_mean", 0.6),
+        ("fedtgp", {"model_sharing": "fedavg"}, "global_acc", 0.7),
+        ("fedproto", {"model_sharing": "fedavg"}, "global_acc", 0.7),
+    ],
+)
 def test_prototype_methods_train_above_chance_on_optdigits(small_config, tmp_path, method, options, key, floor):
     small_config["method"] = {"name": method, "lr": 0.05, "batch_size": 32, "local_epochs": 3, **options}
     small_config["federation"]["rounds"] = 4

@@ -30,14 +30,19 @@ def _formed(a, g):
 @pytest.mark.parametrize("t, d_in, d_out", [(1, 7, 5), (3, 7, 5), (6, 2, 3)])  # one use, Gram, formed (T² > in·out)
 def test_linear_sq_norms_equal_the_norms_of_formed_per_example_gradients(t, d_in, d_out):
     g = torch.Generator().manual_seed(t)
-    a, out = torch.randn(9, t, d_in, generator=g, dtype=torch.float64), torch.randn(9, t, d_out, generator=g, dtype=torch.float64)
+    a, out = (
+        torch.randn(9, t, d_in, generator=g, dtype=torch.float64),
+        torch.randn(9, t, d_out, generator=g, dtype=torch.float64),
+    )
     w, b = _formed(a, out)
     w_sq, b_sq = linear_sq_norms(a, out)
     torch.testing.assert_close(w_sq, w.square().sum((1, 2)))
     torch.testing.assert_close(b_sq, b.square().sum(1))
     # a shared input (the same activation for every example), given once and broadcast
     shared = a[:1]
-    torch.testing.assert_close(linear_sq_norms(shared, out)[0], _formed(shared.expand(9, -1, -1), out)[0].square().sum((1, 2)))
+    torch.testing.assert_close(
+        linear_sq_norms(shared, out)[0], _formed(shared.expand(9, -1, -1), out)[0].square().sum((1, 2))
+    )
     if t > 1:  # the cross terms matter: the sum of the uses' norms is not the norm of the sum
         separate = sum(linear_sq_norms(a[:, s], out[:, s])[0] for s in range(t))
         assert not torch.allclose(separate, w_sq)
@@ -59,8 +64,9 @@ class TwoUseMLP(torch.nn.Module):
 
 
 def _mlp():
-    return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
-                               torch.nn.Linear(16, 4))
+    return torch.nn.Sequential(
+        torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+    )
 
 
 @pytest.mark.parametrize("make, shape", [(_mlp, (10,)), (TwoUseMLP, (4, 6))])
@@ -77,7 +83,9 @@ def test_module_ghost_clipping_equals_materialised_and_one_at_a_time(make, shape
     _, norms = clip_per_example(materialised, 1.0)
     clip = float(norms.median())  # some examples clipped, some not
     clipped, _ = clip_per_example(materialised, clip)
-    summed, ghost_norms, losses = module_clipped_sum(model, lambda: F.cross_entropy(model(x), y, reduction="none"), clip)
+    summed, ghost_norms, losses = module_clipped_sum(
+        model, lambda: F.cross_entropy(model(x), y, reduction="none"), clip
+    )
     torch.testing.assert_close(ghost_norms, norms)
     assert bool((norms > clip).any() and (norms < clip).any())
     for k in params:
@@ -87,7 +95,7 @@ def test_module_ghost_clipping_equals_materialised_and_one_at_a_time(make, shape
         total = torch.zeros_like(value)
         for i in range(12):
             model.zero_grad()
-            F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+            F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
             flat = torch.cat([p.grad.flatten() for p in model.parameters()])
             total += dict(model.named_parameters())[k].grad * min(1.0, clip / float(flat.norm()))
         torch.testing.assert_close(summed[k], total)
@@ -122,12 +130,27 @@ def test_module_ghost_clipping_refuses_functional_use_and_shared_weights():
         module_clipped_sum(shared, lambda: shared(torch.randn(3, 4)).sum(1), 1.0)
 
 
-OPTIONS = {"range_reference": "unit", "latent_dim": 4, "hidden_dim": 16, "code_dim": 3, "hyper_hidden": 8,
-           "steps_per_round": 2, "batch_size": 8, "meta_rounds": 1, "meta_steps": 2,
-           "synthetic_per_class": 7, "classifier_epochs": 2, "classifier_hidden": 8}
+OPTIONS = {
+    "range_reference": "unit",
+    "latent_dim": 4,
+    "hidden_dim": 16,
+    "code_dim": 3,
+    "hyper_hidden": 8,
+    "steps_per_round": 2,
+    "batch_size": 8,
+    "meta_rounds": 1,
+    "meta_steps": 2,
+    "synthetic_per_class": 7,
+    "classifier_epochs": 2,
+    "classifier_hidden": 8,
+}
 PRIVACY = PrivacyConfig(mechanism="dp-sgd", epsilon=1.0, delta=1e-4, accountant="rdp", planned_releases=3)
-VARIANTS = {"full": {}, "no-mmd": {"mmd_weight": 0.0}, "no-lipschitz": {"lip_weight": 0.0},
-            "dp-cvae": {"code_dim": 0, "samplers": ["neutral"]}}
+VARIANTS = {
+    "full": {},
+    "no-mmd": {"mmd_weight": 0.0},
+    "no-lipschitz": {"lip_weight": 0.0},
+    "dp-cvae": {"code_dim": 0, "samplers": ["neutral"]},
+}
 
 
 @pytest.fixture
@@ -147,8 +170,11 @@ def _setup(variant, n=10):
     if "hyper1.w" in phi:  # away from the zero start, so every hypernetwork path carries gradient
         phi["hyper1.w"] = torch.randn(phi["hyper1.w"].shape, generator=g) * 0.5
         phi["hyper1.b"] = torch.randn(phi["hyper1.b"].shape, generator=g) * 0.2
-    params = {**{"phi/" + k: v.double() for k, v in phi.items()}, **{"psi/" + k: v.double() for k, v in psi.items()},
-              "code": torch.randn(c.code_dim, generator=g).double()}
+    params = {
+        **{"phi/" + k: v.double() for k, v in phi.items()},
+        **{"psi/" + k: v.double() for k, v in psi.items()},
+        "code": torch.randn(c.code_dim, generator=g).double(),
+    }
     x = torch.rand(n, 12, generator=g).double()
     y1h = F.one_hot(torch.arange(n) % 3, 3).double()
     return algo, params, x, y1h
@@ -156,9 +182,15 @@ def _setup(variant, n=10):
 
 def _example_loss(algo):
     def loss(p, xi, yi, *noise):
-        return algo.example_loss({k[4:]: v for k, v in p.items() if k.startswith("phi/")},
-                                 {k[4:]: v for k, v in p.items() if k.startswith("psi/")}, p["code"], xi, yi,
-                                 noise=noise or None)
+        return algo.example_loss(
+            {k[4:]: v for k, v in p.items() if k.startswith("phi/")},
+            {k[4:]: v for k, v in p.items() if k.startswith("psi/")},
+            p["code"],
+            xi,
+            yi,
+            noise=noise or None,
+        )
+
     return loss
 
 
@@ -218,8 +250,9 @@ def test_fedhypevae_trains_with_either_per_example_gradient_path_and_rejects_oth
     for mode in ("ghost", "materialised"):
         algo = get_algorithm("fedhypevae").from_options({**OPTIONS, "per_example_grads": mode}, Task((12,), 3), PRIVACY)
         server = algo.init_server_state(0)
-        _, payload, metrics = algo.client_step({}, ClientData(0, x, y, x[:9], y[:9]), algo.broadcast(server),
-                                               torch.Generator().manual_seed(0))
+        _, payload, metrics = algo.client_step(
+            {}, ClientData(0, x, y, x[:9], y[:9]), algo.broadcast(server), torch.Generator().manual_seed(0)
+        )
         assert all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in payload.arrays.values())
         assert metrics["train_loss"] == metrics["train_loss"]
         assert not torch.equal(torch.as_tensor(payload["phi/dec0.w"]), server["phi"]["dec0.w"])

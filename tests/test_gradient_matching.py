@@ -100,8 +100,9 @@ def test_match_features_brings_synthetic_head_gradients_close_to_real_ones():
         assert float(after) < 0.3 * float(before[c])
         # the matched head gradient points the target's way, row by row (layerwise-cos is scale-free)
         got, want = head_gradients(w, b, matched[c], c), targets[c]
-        rows = torch.cat([F.cosine_similarity(got[0], want[0], dim=1),
-                          F.cosine_similarity(got[1], want[1], dim=0)[None]])
+        rows = torch.cat(
+            [F.cosine_similarity(got[0], want[0], dim=1), F.cosine_similarity(got[1], want[1], dim=0)[None]]
+        )
         assert float(rows.mean()) > 0.9, rows
     torch.testing.assert_close(matched[3], features[3])  # no target: unchanged
     again, _ = match_features(features, targets, w, b, "layerwise-cos", steps=200, lr=0.1)
@@ -115,7 +116,8 @@ def test_match_features_brings_synthetic_head_gradients_close_to_real_ones():
 # -- CReFF ------------------------------------------------------------------------------------------
 def creff(**options):
     return ALGORITHMS["creff"].from_options(
-        {"lr": 0.1, "features_per_class": 10, "match_steps": 20, "retrain_epochs": 20, **options}, TASK)
+        {"lr": 0.1, "features_per_class": 10, "match_steps": 20, "retrain_epochs": 20, **options}, TASK
+    )
 
 
 def test_creff_client_reply_is_valid_and_holds_the_received_models_head_gradients():
@@ -133,8 +135,9 @@ def test_creff_client_reply_is_valid_and_holds_the_received_models_head_gradient
         with torch.no_grad():
             z = algo.forward(server["params"], data.x_train[mask])[0]
         logits = z @ params["head.weight"].t() + params["head.bias"]
-        dw, db = torch.autograd.grad(F.cross_entropy(logits, torch.full((len(z),), int(c))),
-                                     [params["head.weight"], params["head.bias"]])
+        dw, db = torch.autograd.grad(
+            F.cross_entropy(logits, torch.full((len(z),), int(c))), [params["head.weight"], params["head.bias"]]
+        )
         np.testing.assert_allclose(gw, dw.numpy(), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(gb, db.numpy(), rtol=1e-4, atol=1e-6)
     assert not torch.equal(arrays_to_params(reply)["head.weight"], server["params"]["head.weight"])
@@ -205,17 +208,23 @@ def test_creff_gradient_weighting_and_head_options():
 
 
 def test_creff_end_to_end_on_optdigits_beats_chance():
-    config = {"seed": 3, "data": {"dataset": "optdigits"},
-              "partition": {"scheme": "dirichlet", "alpha": 0.5, "num_clients": 4, "imbalance_factor": 10},
-              "federation": {"rounds": 3, "progress": False}, "model": {"feature_dim": 32},
-              "method": {"name": "creff", "lr": 0.1, "batch_size": 32, "local_epochs": 3}}
+    config = {
+        "seed": 3,
+        "data": {"dataset": "optdigits"},
+        "partition": {"scheme": "dirichlet", "alpha": 0.5, "num_clients": 4, "imbalance_factor": 10},
+        "federation": {"rounds": 3, "progress": False},
+        "model": {"feature_dim": 32},
+        "method": {"name": "creff", "lr": 0.1, "batch_size": 32, "local_epochs": 3},
+    }
     start = time.perf_counter()
     result = protofl.run(config)
     elapsed = time.perf_counter() - start
     history = result.history if hasattr(result, "history") else result["history"]
     final = history[-1]
-    print(f"creff optdigits: global_acc={final['global_acc']:.3f}, {elapsed:.1f}s total, "
-          f"round_seconds={[round(r['round_seconds'], 2) for r in history]}")
+    print(
+        f"creff optdigits: global_acc={final['global_acc']:.3f}, {elapsed:.1f}s total, "
+        f"round_seconds={[round(r['round_seconds'], 2) for r in history]}"
+    )
     # FedAvg on this config is still at chance (0.10) after 3 rounds; CReFF's re-trained head gets 0.26
     assert final["global_acc"] > 0.2
 
@@ -223,12 +232,16 @@ def test_creff_end_to_end_on_optdigits_beats_chance():
 def test_creff_killed_and_resumed_run_matches_an_uninterrupted_run(small_config, tmp_path):
     from protofl.engine import RunInterrupted
 
-    config = {**small_config, "federation": {"rounds": 3, "progress": False},
-              "method": {**small_config["method"], "name": "creff", "match_steps": 20, "retrain_epochs": 20}}
+    config = {
+        **small_config,
+        "federation": {"rounds": 3, "progress": False},
+        "method": {**small_config["method"], "name": "creff", "match_steps": 20, "retrain_epochs": 20},
+    }
     whole = protofl.run(config, out=tmp_path / "whole")
     with pytest.raises(RunInterrupted):
         protofl.run(config, out=tmp_path / "killed", stop_after=1)
     resumed = protofl.run(None, out=tmp_path / "killed", resume=True)
     timing = ("round_seconds", "eval_seconds", "elapsed_seconds")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in whole.history]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == [
+        {k: v for k, v in r.items() if k not in timing} for r in whole.history
+    ]

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _hardening import QUICK, one_error_line
 
 import protofl
 from protofl.cli import main
 from protofl.engine.checkpoint import load_checkpoint
 from protofl.errors import CheckpointError, ProtoflError, ReportError
 from protofl.rundir import RunFolder
-
-from _hardening import QUICK, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +71,8 @@ def test_unknown_data_source_is_one_line(action, capsys, cache):
     [
         ("[]", "expected a JSON object, got list"),
         ("{}", "missing field 'method'"),
-        ("{\"method\": ", "cannot be read as JSON"),
-        ("\"text\"", "got str"),
+        ('{"method": ', "cannot be read as JSON"),
+        ('"text"', "got str"),
     ],
 )
 def test_report_on_a_bad_summary_is_one_line_naming_it(content, needle, tmp_path, capsys, finished_run):
@@ -99,9 +98,23 @@ def test_report_field_of_the_wrong_type_is_named(tmp_path, finished_run):
 
 def test_run_without_client_test_splits_prints_a_dash(tmp_path, capsys):
     # Every client holds one sample, so none has a test split: the CLI printed 100 * None and crashed.
-    code = main(["run", "--set", "data.dataset=synthetic-gaussian:train=20,test=50,dim=8,classes=2",
-                 "--set", "partition.num_clients=20", "--set", "partition.min_client_size=1",
-                 "--set", "federation.rounds=1", "--set", "federation.progress=false", "--out", str(tmp_path / "r")])
+    code = main(
+        [
+            "run",
+            "--set",
+            "data.dataset=synthetic-gaussian:train=20,test=50,dim=8,classes=2",
+            "--set",
+            "partition.num_clients=20",
+            "--set",
+            "partition.min_client_size=1",
+            "--set",
+            "federation.rounds=1",
+            "--set",
+            "federation.progress=false",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "personalised acc — ± —" in out.out
@@ -122,10 +135,22 @@ def test_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
 
 def _start_long_run(out: Path) -> subprocess.Popen:
     src = str(Path(__file__).resolve().parents[1] / "src")
-    args = [sys.executable, "-m", "protofl.cli", "run", *QUICK, "--set", "federation.rounds=100000",
-            "--set", "federation.eval_every=1000", "--out", str(out)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": src})
+    args = [
+        sys.executable,
+        "-m",
+        "protofl.cli",
+        "run",
+        *QUICK,
+        "--set",
+        "federation.rounds=100000",
+        "--set",
+        "federation.eval_every=1000",
+        "--out",
+        str(out),
+    ]
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": src}
+    )
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -149,8 +174,15 @@ def test_signal_stops_cleanly_keeps_the_checkpoint_and_prints_the_resume_hint(si
 
 
 def test_api_errors_are_typed():
-    for name in ("ConfigError", "CheckpointError", "DataFormatError", "ReportError", "RunFailedError",
-                 "RunFolderError", "RunLockedError"):
+    for name in (
+        "ConfigError",
+        "CheckpointError",
+        "DataFormatError",
+        "ReportError",
+        "RunFailedError",
+        "RunFolderError",
+        "RunLockedError",
+    ):
         assert issubclass(getattr(protofl, name), protofl.ProtoflError)
     from protofl.data.datasets import UnknownDatasetError
     from protofl.data.sources import DataFetchError, DataIntegrityError

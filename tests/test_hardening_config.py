@@ -7,14 +7,13 @@ Each bad value is refused at configuration time, before any work: exit code 2, o
 import dataclasses
 
 import pytest
+from _hardening import one_error_line
 
 import protofl
 from protofl.api import resolve_config
 from protofl.cli import main
 from protofl.config import RunConfig, from_mapping
 from protofl.errors import ConfigError, ProtoflError
-
-from _hardening import one_error_line
 
 
 @pytest.mark.parametrize(
@@ -56,8 +55,9 @@ def test_the_message_gives_the_allowed_range():
 
 def test_max_train_samples_below_the_class_count_names_the_key(tmp_path, capsys):
     # scikit-learn's own wording ("The train_size = 5 should be greater or equal to the number of classes") before
-    code = main(["run", "--set", "data.dataset=optdigits", "--set", "data.max_train_samples=5", "--out",
-                 str(tmp_path / "r")])
+    code = main(
+        ["run", "--set", "data.dataset=optdigits", "--set", "data.max_train_samples=5", "--out", str(tmp_path / "r")]
+    )
     assert code == 2
     one_error_line(capsys.readouterr().err, "data.max_train_samples", "10 classes")
 
@@ -79,7 +79,7 @@ def test_every_method_config_is_bounded_through_from_mapping():
     from protofl.algorithms import ALGORITHMS
 
     checked = 0
-    for name, cls in sorted(ALGORITHMS.items()):
+    for _name, cls in sorted(ALGORITHMS.items()):
         for f in dataclasses.fields(cls.Config):
             default = f.default
             if isinstance(default, bool) or not isinstance(default, (int, float)):
@@ -113,7 +113,15 @@ def test_run_with_no_config_is_a_typed_error(tmp_path, bad):
 
 
 def test_defaults_and_a_large_but_sane_config_still_pass():
-    config = resolve_config(RunConfig(), ["federation.rounds=1000000", "seed=4294967295", "privacy.epsilon=100",
-                                          "privacy.mechanism=igpp", "method.name=fedproto",
-                                          "privacy.planned_releases=10000"])
+    config = resolve_config(
+        RunConfig(),
+        [
+            "federation.rounds=1000000",
+            "seed=4294967295",
+            "privacy.epsilon=100",
+            "privacy.mechanism=igpp",
+            "method.name=fedproto",
+            "privacy.planned_releases=10000",
+        ],
+    )
     assert config.federation.rounds == 10**6 and config.seed == 2**32 - 1

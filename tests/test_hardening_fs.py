@@ -10,12 +10,11 @@ import hashlib
 import os
 
 import pytest
+from _hardening import one_error_line
 
 from protofl.cli import main
 from protofl.data import sources
 from protofl.data.sources import FileSpec, Source, copy_from_folder, fetch, verify
-
-from _hardening import one_error_line
 
 
 @pytest.fixture

@@ -25,8 +25,13 @@ PEAK_GROWTH_LIMIT_MB = 64
 def run_fuzz(target: str, count: int, seed: int, folder: Path, *extra: str) -> dict:
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": str(here.parent / "src")}
-    result = subprocess.run([sys.executable, "-W", "ignore", str(here / "_fuzz.py"), target, str(count), str(seed),
-                             str(folder), *extra], capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", str(here / "_fuzz.py"), target, str(count), str(seed), str(folder), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     # The interpreter reports some memory errors only on stderr (e.g. a buffer freed while exported).
     assert "Error" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]

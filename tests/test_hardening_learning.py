@@ -8,18 +8,22 @@ ends with :class:`RunFailedError` (exit code 4 on the command line, one line), a
 import json
 
 import pytest
+from _hardening import QUICK
 
 import protofl
 from protofl.cli import main
 from protofl.errors import RunFailedError
 from protofl.health import learning_failure
 
-from _hardening import QUICK
-
 
 def _row(r, sampled=4, dropped=0, rejected=0, loss=0.5):
-    return {"round": r, "clients_sampled": sampled, "clients_dropped": dropped, "clients_rejected": rejected,
-            "train_loss": loss}
+    return {
+        "round": r,
+        "clients_sampled": sampled,
+        "clients_dropped": dropped,
+        "clients_rejected": rejected,
+        "train_loss": loss,
+    }
 
 
 @pytest.mark.parametrize(

@@ -16,12 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _hardening import one_error_line
 
 from protofl.cli import main
-from protofl.data.formats import (DataFormatError, UnsafePickleError, load_cifar_folder, load_idx_folder, read_idx,
-                                  safe_unpickle, write_idx)
-
-from _hardening import one_error_line
+from protofl.data.formats import (
+    DataFormatError,
+    UnsafePickleError,
+    load_cifar_folder,
+    load_idx_folder,
+    read_idx,
+    safe_unpickle,
+    write_idx,
+)
 
 
 def _idx_header(code: int, dims: tuple[int, ...]) -> bytes:
@@ -32,8 +38,13 @@ def _peak_rss_mb(code: str) -> float:
     """Run ``code`` in a fresh interpreter and return its peak resident memory (MB)."""
     src = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + str(Path(__file__).resolve().parent)
     script = code + "\nfrom _fuzz import peak_rss_mb; print(peak_rss_mb())"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": src})
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": src},
+    )
     assert out.returncode == 0, out.stderr
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -126,11 +137,14 @@ def _cifar_folder(folder: Path, labels, data=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     n = len(labels) if isinstance(labels, list) else 2
-    batch = {b"data": rng.integers(0, 256, size=(n, 3072)).astype(np.uint8) if data is None else data,
-             b"labels": labels}
+    batch = {
+        b"data": rng.integers(0, 256, size=(n, 3072)).astype(np.uint8) if data is None else data,
+        b"labels": labels,
+    }
     (folder / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=2))
-    (folder / "test_batch").write_bytes(pickle.dumps({b"data": rng.integers(0, 256, size=(1, 3072)).astype(np.uint8),
-                                                      b"labels": [1]}, protocol=2))
+    (folder / "test_batch").write_bytes(
+        pickle.dumps({b"data": rng.integers(0, 256, size=(1, 3072)).astype(np.uint8), b"labels": [1]}, protocol=2)
+    )
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}))
     return folder
 
@@ -194,8 +208,17 @@ class _Evil:
 
 def test_refused_pickle_names_the_file_on_the_command_line(tmp_path, capsys):
     folder = _cifar_folder(tmp_path / "c", [0, 1], data=_Evil())
-    code = main(["run", "--set", f"data.dataset=cifar:{folder}", "--set", "federation.progress=false",
-                 "--out", str(tmp_path / "r")])
+    code = main(
+        [
+            "run",
+            "--set",
+            f"data.dataset=cifar:{folder}",
+            "--set",
+            "federation.progress=false",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     assert code == 2
     one_error_line(capsys.readouterr().err, str(folder / "data_batch_1"), "refusing to load posix.system")
     assert not (tmp_path / "r").exists()  # the run folder it created held nothing: removed

@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from _hardening import QUICK, cli, one_error_line, tree_hash
 
 from protofl.cli import main
 from protofl.errors import RunFolderError, RunLockedError
 from protofl.rundir import LOCK_NAME, RunFolder, leftover_temporaries
-
-from _hardening import QUICK, cli, one_error_line, tree_hash
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +44,10 @@ def _foreign_folder(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("case", ["foreign-folder", "file", "finished-run-without-checkpoint",
-                                  "finished-run-without-metrics", "only-a-config"])
+@pytest.mark.parametrize(
+    "case",
+    ["foreign-folder", "file", "finished-run-without-checkpoint", "finished-run-without-metrics", "only-a-config"],
+)
 def test_out_that_is_not_new_empty_or_resumed_is_refused_and_left_identical(case, tmp_path, capsys, finished_run):
     if case == "foreign-folder":
         out, needle = _foreign_folder(tmp_path), "holds other files"

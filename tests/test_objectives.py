@@ -5,8 +5,8 @@ padding."""
 import numpy as np
 import pytest
 import torch
-
 from objective_reference import CASES, REFERENCE, TASK, clients, outcome
+
 from protofl.algorithms import get_algorithm
 from protofl.algorithms.fedavg import FedAvg
 from protofl.algorithms.fedhpro import hpal_loss, hpcl_loss
@@ -43,7 +43,9 @@ class LabelSmoothedFedAvg(FedAvg):
     def loss(self, params, x, y, weight, context):
         logits = self.forward(params, x)[1]
         uniform = -torch.log_softmax(logits, -1).mean(-1)
-        return 0.8 * masked_cross_entropy(logits, y, weight) + 0.2 * (uniform * weight).sum() / weight.sum().clamp_min(1)
+        return 0.8 * masked_cross_entropy(logits, y, weight) + 0.2 * (uniform * weight).sum() / weight.sum().clamp_min(
+            1
+        )
 
 
 def test_a_subclass_that_changes_only_the_loss_stays_batched_and_matches():
@@ -79,8 +81,9 @@ def test_both_paths_release_prototypes_through_release_prototypes_only(privacy, 
     data = clients()
     received = algo.broadcast(algo.init_server_state(0))
     states = [algo.init_client_state(0) for _ in data]
-    per_client = [algo.client_step(s, d, received, torch.Generator().manual_seed(k))
-                  for k, (s, d) in enumerate(zip(states, data))]
+    per_client = [
+        algo.client_step(s, d, received, torch.Generator().manual_seed(k)) for k, (s, d) in enumerate(zip(states, data))
+    ]
     assert calls == [0, 1, 2]
     batched = algo.client_step_batched(states, data, received, [torch.Generator().manual_seed(k) for k in range(3)])
     assert calls == [0, 1, 2, 0, 1, 2]
@@ -119,7 +122,8 @@ def test_weighted_losses_ignore_padding_and_stay_finite_on_it():
     summaries = torch.nn.functional.normalize(torch.randn(3, 6, generator=g), dim=1)
     classes = torch.tensor([0, 1, 2])
     assert float(hpcl_loss(z, y, summaries, 0.05, 0.5, classes, weight)) == pytest.approx(
-        float(hpcl_loss(z[:3], y[:3], summaries, 0.05, 0.5, classes)), rel=1e-6)
+        float(hpcl_loss(z[:3], y[:3], summaries, 0.05, 0.5, classes)), rel=1e-6
+    )
     targets = torch.randn(5, 6, generator=g)
     assert float(hpal_loss(z, targets, 1.0, weight)) == pytest.approx(float(hpal_loss(z[:3], targets[:3])), rel=1e-6)
 

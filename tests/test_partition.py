@@ -95,13 +95,13 @@ def test_dirichlet_smaller_alpha_more_skewed(digits):
     skew = {}
     for alpha in (0.1, 100.0):
         config = PartitionConfig(scheme="dirichlet", num_clients=10, alpha=alpha)
-        skew[alpha] = np.mean([partition_summary(make_partition(digits, config, seed=s), digits)["label_skew_tv"]
-                               for s in range(3)])
+        skew[alpha] = np.mean(
+            [partition_summary(make_partition(digits, config, seed=s), digits)["label_skew_tv"] for s in range(3)]
+        )
     assert skew[0.1] > 0.4 > 0.1 > skew[100.0]
 
 
-@pytest.mark.parametrize("config", SCHEMES + [PartitionConfig(scheme="domain", num_clients=6)],
-                         ids=lambda c: c.scheme)
+@pytest.mark.parametrize("config", SCHEMES + [PartitionConfig(scheme="domain", num_clients=6)], ids=lambda c: c.scheme)
 def test_deterministic_per_seed(config, digits):
     domains = np.arange(len(digits)) % 3
     a = make_partition(digits, config, seed=11, domains=domains)
@@ -153,8 +153,12 @@ def test_pathological_errors(digits):
         make_partition(digits, PartitionConfig(scheme="pathological", classes_per_client=11), seed=0)
     y = np.array([0] * 50 + [1] * 50)
     with pytest.raises(ValueError, match="classes_per_client"):
-        make_partition(y, PartitionConfig(scheme="pathological", num_clients=2, classes_per_client=3,
-                                          min_client_size=1), seed=0, num_classes=3)
+        make_partition(
+            y,
+            PartitionConfig(scheme="pathological", num_clients=2, classes_per_client=3, min_client_size=1),
+            seed=0,
+            num_classes=3,
+        )
 
 
 def test_long_tail_profile(digits):
@@ -254,8 +258,9 @@ def test_impossible_partitions_raise(digits):
     # pathological: more shards of a class than it has samples
     y = np.array([0] * 3 + [1] * 200)
     with pytest.raises(ValueError, match="num_clients"):
-        make_partition(y, PartitionConfig(scheme="pathological", num_clients=10, classes_per_client=2,
-                                          min_client_size=1), seed=0)
+        make_partition(
+            y, PartitionConfig(scheme="pathological", num_clients=10, classes_per_client=2, min_client_size=1), seed=0
+        )
 
 
 def test_config_rejects_bad_values():
@@ -296,8 +301,10 @@ def test_class_counts_and_num_classes_override(digits):
 
 def test_save_load_roundtrip(tmp_path, digits):
     domains = np.arange(len(digits)) % 3
-    for config, doms in [(PartitionConfig(scheme="dirichlet", num_clients=8, imbalance_factor=5), None),
-                         (PartitionConfig(scheme="domain", num_clients=6), domains)]:
+    for config, doms in [
+        (PartitionConfig(scheme="dirichlet", num_clients=8, imbalance_factor=5), None),
+        (PartitionConfig(scheme="domain", num_clients=6), domains),
+    ]:
         p = make_partition(digits, config, seed=2, domains=doms)
         d = json.loads(json.dumps(p.to_dict()))  # JSON-friendly
         assert isinstance(d["train"][0][0], int)
@@ -350,8 +357,7 @@ def test_label_skew_values():
 
 def test_heatmap_png(tmp_path, digits):
     p = make_partition(digits, PartitionConfig(scheme="dirichlet", num_clients=8, alpha=0.5), seed=0)
-    path = plot_partition_heatmap(p, digits, tmp_path / "sub" / "heat.png",
-                                  class_names=[str(i) for i in range(10)])
+    path = plot_partition_heatmap(p, digits, tmp_path / "sub" / "heat.png", class_names=[str(i) for i in range(10)])
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 2000
     many = make_partition(digits, PartitionConfig(scheme="iid", num_clients=150, min_client_size=5), seed=0)

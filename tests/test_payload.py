@@ -102,7 +102,7 @@ def test_validate_rejects_malformed_payloads(payload, message):
         b'{"metadata": {}, "arrays": [["a", "object", [1]]]}',
         b'{"metadata": {}, "arrays": [["a", "float32", [-1]]]}',
         b'{"metadata": {}, "arrays": [["a", "float32"]]}',
-        b'not json',
+        b"not json",
     ],
 )
 def test_hostile_headers_raise_payload_error_only(header):

@@ -13,9 +13,9 @@ from scipy.stats import norm
 import protofl
 from protofl.config import ConfigError, PrivacyConfig, RunConfig
 from protofl.privacy import (
+    LEDGER_KEY,
     BudgetExceededError,
     DistillationClipping,
-    LEDGER_KEY,
     GaussianEvent,
     LaplaceEvent,
     PrivacyLedger,
@@ -70,8 +70,9 @@ def test_trained_features_rule_scales_every_class_by_2r_sqrt_c():
     sigma, bound = 1.7, 5.0
     clipped = clip_rows(z.double(), bound)
     means = torch.stack([clipped[y == c].mean(0) for c in range(3)])
-    draws = torch.stack([igpp_release(z, y, 3, bound, sigma, _gen(s), "trained-features").prototypes.double()
-                         for s in range(2000)])
+    draws = torch.stack(
+        [igpp_release(z, y, 3, bound, sigma, _gen(s), "trained-features").prototypes.double() for s in range(2000)]
+    )
     expected = sigma * 2 * bound * math.sqrt(3)
     for c in range(3):
         assert float((draws - means)[:, c].pow(2).mean().sqrt()) == pytest.approx(expected, rel=0.03)
@@ -149,12 +150,19 @@ def test_accountants_equal_independent_dp_accounting_computations():
     expected_rdp.compose(dp_accounting.ZCDpEvent(0.02**2 / 2), 20)  # eps-DP => eps^2/2-zCDP
     expected_rdp.compose(dp_accounting.GaussianDpEvent(3.0), 20)
     expected_rdp.compose(dp_accounting.LaplaceDpEvent(5.0), 2)
-    assert make_accountant("rdp").compose(events).epsilon(1e-5) == pytest.approx(expected_rdp.get_epsilon(1e-5), rel=1e-9)
+    assert make_accountant("rdp").compose(events).epsilon(1e-5) == pytest.approx(
+        expected_rdp.get_epsilon(1e-5), rel=1e-9
+    )
 
-    composed = (pld.from_privacy_parameters(common.DifferentialPrivacyParameters(0.02, 0.0)).self_compose(20)
-                .compose(pld.from_gaussian_mechanism(3.0).self_compose(20))
-                .compose(pld.from_laplace_mechanism(5.0).self_compose(2)))
-    assert make_accountant("pld").compose(events).epsilon(1e-5) == pytest.approx(composed.get_epsilon_for_delta(1e-5), rel=1e-9)
+    composed = (
+        pld.from_privacy_parameters(common.DifferentialPrivacyParameters(0.02, 0.0))
+        .self_compose(20)
+        .compose(pld.from_gaussian_mechanism(3.0).self_compose(20))
+        .compose(pld.from_laplace_mechanism(5.0).self_compose(2))
+    )
+    assert make_accountant("pld").compose(events).epsilon(1e-5) == pytest.approx(
+        composed.get_epsilon_for_delta(1e-5), rel=1e-9
+    )
     # basic composition bounds the pure part: 20 x 0.02 alone costs at most 0.4
     assert make_accountant("pld").compose(PureDpEvent(0.02), 20).epsilon(1e-5) <= 0.4 + 1e-6
 
@@ -170,7 +178,8 @@ def test_sampled_gaussian_steps_equal_independent_dp_accounting_and_calibrate_fr
     assert ours == pytest.approx(expected.get_epsilon(1e-4), rel=1e-9)
     composed = pld.from_gaussian_mechanism(1.1, sampling_prob=0.02).self_compose(300)
     assert make_accountant("pld").compose(SampledGaussianEvent(0.02, 1.1), 300).epsilon(1e-4) == pytest.approx(
-        composed.get_epsilon_for_delta(1e-4), rel=1e-9)
+        composed.get_epsilon_for_delta(1e-4), rel=1e-9
+    )
     sigma = calibrate_noise_multiplier(1.0, 1e-4, 300, "rdp", sampling_rate=0.02)
     assert 0.998 <= make_accountant("rdp").compose(SampledGaussianEvent(0.02, sigma), 300).epsilon(1e-4) <= 1.0
 
@@ -224,12 +233,12 @@ def _decision(ledger: PrivacyLedger, events) -> bool:
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 @pytest.mark.parametrize("mechanism", ["igpp", "vpp"])
 def test_planned_budget_check_decides_as_the_exact_computation_and_runs_no_accountant(accountant, mechanism):
-    from protofl.privacy import accounting
-    from protofl.privacy import create_privacy_layer
+    from protofl.privacy import accounting, create_privacy_layer
 
     planned = 4
-    mech = create_privacy_layer(PrivacyConfig(mechanism=mechanism, epsilon=2.0, accountant=accountant,
-                                              planned_releases=planned), 3)
+    mech = create_privacy_layer(
+        PrivacyConfig(mechanism=mechanism, epsilon=2.0, accountant=accountant, planned_releases=planned), 3
+    )
     events = mech.release_events()
     state: dict = {}
     for release in range(1, planned + 2):
@@ -282,7 +291,9 @@ def test_clipping_bounds_hold_for_every_example():
     assert torch.equal(clip_rows(z, 5.0)[inside], z[inside])
     a, b = torch.arange(10), torch.arange(10, 32)
     c = clip_groups(z, [a, b], [2.0, 3.0])
-    assert bool((c[:, a].norm(dim=1) <= 2.0 * (1 + 1e-6)).all()) and bool((c[:, b].norm(dim=1) <= 3.0 * (1 + 1e-6)).all())
+    assert bool((c[:, a].norm(dim=1) <= 2.0 * (1 + 1e-6)).all()) and bool(
+        (c[:, b].norm(dim=1) <= 3.0 * (1 + 1e-6)).all()
+    )
     assert bool((soft_clip(z, 5.0, 0.05).norm(dim=1) < 5.0).all())
 
 
@@ -310,8 +321,9 @@ def test_private_top_k_draws_as_one_round_at_a_time():
     for seed in range(20):
         scores = torch.rand(40, generator=_gen(100 + seed)) * 0.2
         for k, epsilon in ((1, 1.0), (7, 0.5), (39, 100.0)):
-            assert private_top_k(scores, k, 0.1, epsilon, _gen(seed)).tolist() == \
-                _top_k_one_round_at_a_time(scores, k, 0.1, epsilon, _gen(seed))
+            assert private_top_k(scores, k, 0.1, epsilon, _gen(seed)).tolist() == _top_k_one_round_at_a_time(
+                scores, k, 0.1, epsilon, _gen(seed)
+            )
 
 
 @pytest.mark.parametrize("sensitivity", ["fixed-features", "trained-features"])
@@ -335,8 +347,11 @@ def test_releases_equal_their_steps_composed_from_the_public_pieces(sensitivity)
         means = torch.stack([clipped[y == c].mean(0) for c in classes.tolist()])
         per_coordinate = torch.full((24,), s_b, dtype=torch.float64)
         per_coordinate[selected] = s_a
-        delta = 2 * bound / counts.double() if sensitivity == "fixed-features" else torch.full((4,), 2 * bound * 2.0,
-                                                                                               dtype=torch.float64)
+        delta = (
+            2 * bound / counts.double()
+            if sensitivity == "fixed-features"
+            else torch.full((4,), 2 * bound * 2.0, dtype=torch.float64)
+        )
         std = delta[:, None] * per_coordinate[None, :]
         want = (means + torch.randn(means.shape, generator=g, dtype=torch.float64) * std).float()
         assert torch.equal(got.selected, selected) and torch.equal(got.classes, classes)
@@ -404,7 +419,9 @@ def test_resumed_run_reports_the_same_epsilon_as_an_uninterrupted_one(tmp_path):
     p = whole.summary["privacy"]
     assert p["max_releases_by_a_client"] == 3 and p["epsilon"] <= 2.0 and whole.summary["epsilon"] == p["epsilon"]
     assert p["epsilon_rdp_max"] >= p["epsilon_pld_max"]  # RDP's conversion is the looser one
-    assert [row["privacy_epsilon_max"] for row in whole.history] == sorted(row["privacy_epsilon_max"] for row in whole.history)
+    assert [row["privacy_epsilon_max"] for row in whole.history] == sorted(
+        row["privacy_epsilon_max"] for row in whole.history
+    )
 
 
 @pytest.mark.parametrize("mechanism", ["igpp", "vpp"])
@@ -431,8 +448,18 @@ def test_clean_prototypes_never_reach_the_payload(mechanism):
     assert len(state[LEDGER_KEY]) == (2 if mechanism == "vpp" else 1)
 
 
-@pytest.mark.parametrize("key,value", [("epsilon", 0.0), ("epsilon", -1.0), ("delta", 0.0), ("delta", 1.0),
-                                       ("clip_bound", 0.0), ("rho", 0.0), ("rho", 1.5)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("epsilon", 0.0),
+        ("epsilon", -1.0),
+        ("delta", 0.0),
+        ("delta", 1.0),
+        ("clip_bound", 0.0),
+        ("rho", 0.0),
+        ("rho", 1.5),
+    ],
+)
 def test_bad_privacy_values_fail_at_config_time_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=rf"privacy\.{key}"):
         RunConfig.from_dict({"privacy": {"mechanism": "vpp", key: value}, "method": {"name": "fedproto"}})
@@ -461,8 +488,15 @@ def test_a_method_without_prototypes_is_refused_with_the_valid_hosts():
 
 def test_dcr_loss_equals_a_hand_computation():
     torch.manual_seed(1)
-    config = PrivacyConfig(dcr=True, clip_bound=1.0, soft_clip_tau=0.1, kd_weight=0.5, kd_temperature=2.0,
-                           ema_momentum=0.9, kd_warmup_steps=1)
+    config = PrivacyConfig(
+        dcr=True,
+        clip_bound=1.0,
+        soft_clip_tau=0.1,
+        kd_weight=0.5,
+        kd_temperature=2.0,
+        ema_momentum=0.9,
+        kd_warmup_steps=1,
+    )
     w, b = torch.randn(3, 4), torch.randn(3)
     params = {"head.weight": w, "head.bias": b}
     z = torch.randn(5, 4) * 3
@@ -479,7 +513,9 @@ def test_dcr_loss_equals_a_hand_computation():
     first = dcr.loss(params, z, y, features, head, host)  # warm-up step: no KD
     sc = z * torch.clamp(1.0 / (z.norm(dim=1, keepdim=True) + 0.1), max=1.0)
     student = sc @ w.t() + b
-    assert float(first) == pytest.approx(float(torch.nn.functional.cross_entropy(student, y) + sc.pow(2).mean()), rel=1e-6)
+    assert float(first) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(student, y) + sc.pow(2).mean()), rel=1e-6
+    )
     assert dcr.teacher is None and dcr.steps == 1
 
     params2 = {"head.weight": w + 1.0, "head.bias": b}
@@ -499,6 +535,13 @@ def test_the_secondary_pld_figure_is_skipped_where_it_would_take_gigabytes():
 
     ledger = PrivacyLedger("rdp", 1e-5, 1e9)
     ledger.events = [(SampledGaussianEvent(0.05, 0.1), 100)]  # sigma 0.1: a PLD of ~1e8 points per event
-    report = spend_report([ledger], accountant="rdp", delta=1e-5, budget=1e9, mechanism="dp-sgd",
-                          noise_multiplier=0.1, planned_releases=100)
+    report = spend_report(
+        [ledger],
+        accountant="rdp",
+        delta=1e-5,
+        budget=1e9,
+        mechanism="dp-sgd",
+        noise_multiplier=0.1,
+        planned_releases=100,
+    )
     assert report["epsilon_pld_max"] is None and report["epsilon"] == report["epsilon_rdp_max"] > 0

@@ -53,7 +53,9 @@ def test_a_registered_accountant_is_created_by_name_and_a_name_is_registered_onc
             return 2 * super().epsilon(delta)
 
     acc = create_accountant("doubled-rdp").compose(accounting.GaussianEvent(2.0), 3)
-    assert acc.epsilon(1e-5) == pytest.approx(2 * create_accountant("rdp").compose(accounting.GaussianEvent(2.0), 3).epsilon(1e-5))
+    assert acc.epsilon(1e-5) == pytest.approx(
+        2 * create_accountant("rdp").compose(accounting.GaussianEvent(2.0), 3).epsilon(1e-5)
+    )
     with pytest.raises(ValueError, match="registered twice"):
         register_accountant(type("Other", (RdpAccountant,), {"name": "doubled-rdp"}))
     with pytest.raises(ValueError, match="unknown accountant 'nope'; valid: doubled-rdp, pld, rdp"):
@@ -104,8 +106,10 @@ def test_vpp_layer_spends_its_selection_and_its_gaussian_in_one_ledger():
 
 
 def test_dp_sgd_layer_noise_equals_an_independent_calibration_per_sampling_rate():
-    layer = create_privacy_layer(PrivacyConfig(mechanism="dp-sgd", epsilon=4.0, delta=1e-4, accountant="rdp",
-                                               planned_releases=3, clip_norm=0.7), 10)
+    layer = create_privacy_layer(
+        PrivacyConfig(mechanism="dp-sgd", epsilon=4.0, delta=1e-4, accountant="rdp", planned_releases=3, clip_norm=0.7),
+        10,
+    )
     assert isinstance(layer, DPSGDLayer) and layer.clip_norm == 0.7
     for rate in (0.1, 0.25):
         assert layer.noise_multiplier(rate, 30) == calibrate_noise_multiplier(4.0, 1e-4, 30, "rdp", sampling_rate=rate)
@@ -129,10 +133,16 @@ def test_one_section_refuses_what_no_method_or_mechanism_can_honour():
 def test_planned_releases_is_resolved_once_from_the_rounds():
     from protofl.api import resolve_config
 
-    config = resolve_config({"federation": {"rounds": 7}, "privacy": {"mechanism": "dp-sgd"},
-                             "method": {"name": "dpfedavg"}})
+    config = resolve_config(
+        {"federation": {"rounds": 7}, "privacy": {"mechanism": "dp-sgd"}, "method": {"name": "dpfedavg"}}
+    )
     assert config.privacy.planned_releases == 7
-    explicit = resolve_config({"federation": {"rounds": 7}, "privacy": {"mechanism": "igpp", "planned_releases": 9},
-                               "method": {"name": "fedproto"}})
+    explicit = resolve_config(
+        {
+            "federation": {"rounds": 7},
+            "privacy": {"mechanism": "igpp", "planned_releases": 9},
+            "method": {"name": "fedproto"},
+        }
+    )
     assert explicit.privacy.planned_releases == 9
     assert resolve_config({"federation": {"rounds": 7}}).privacy.planned_releases == 0  # nothing to plan

@@ -12,12 +12,15 @@ from protofl.engine.rounds import STATUSES
 from protofl.records import read_metrics
 from protofl.runner import build_algorithm, prepare_data, resolve_config
 
-CONFIG = {"seed": 5, "data": {"dataset": "optdigits", "max_train_samples": 400},
-          "partition": {"scheme": "dirichlet", "alpha": 0.5, "num_clients": 5},
-          "federation": {"rounds": 3, "progress": False, "client_fraction": 0.8, "client_dropout": 0.3},
-          "model": {"feature_dim": 16},
-          "method": {"name": "fedproto", "lr": 0.1, "batch_size": 32},
-          "privacy": {"mechanism": "vpp", "epsilon": 8.0}}
+CONFIG = {
+    "seed": 5,
+    "data": {"dataset": "optdigits", "max_train_samples": 400},
+    "partition": {"scheme": "dirichlet", "alpha": 0.5, "num_clients": 5},
+    "federation": {"rounds": 3, "progress": False, "client_fraction": 0.8, "client_dropout": 0.3},
+    "model": {"feature_dim": 16},
+    "method": {"name": "fedproto", "lr": 0.1, "batch_size": 32},
+    "privacy": {"mechanism": "vpp", "epsilon": 8.0},
+}
 
 
 def _records_run(config):
@@ -25,8 +28,15 @@ def _records_run(config):
     torch.manual_seed(config.seed)
     data = prepare_data(config)
     rows = []
-    sim = Simulation(build_algorithm(config, data), data.clients, data.test_x, data.test_y, config.federation,
-                     config.seed, on_round=rows.append)
+    sim = Simulation(
+        build_algorithm(config, data),
+        data.clients,
+        data.test_x,
+        data.test_y,
+        config.federation,
+        config.seed,
+        on_round=rows.append,
+    )
     sim.run()
     return data, sim, rows
 
@@ -99,8 +109,16 @@ def test_a_stop_from_the_transport_leaves_a_checkpoint_of_the_rounds_finished(tm
     data = prepare_data(config)
     algo = build_algorithm(config, data)
     transport = _StopAtRound2(InProcessTransport(algo, data.clients, config.federation, config.seed))
-    driver = RoundDriver(algo, transport, config.federation, config.seed, test_x=data.test_x, test_y=data.test_y,
-                         checkpoint_dir=tmp_path, fingerprint="f")
+    driver = RoundDriver(
+        algo,
+        transport,
+        config.federation,
+        config.seed,
+        test_x=data.test_x,
+        test_y=data.test_y,
+        checkpoint_dir=tmp_path,
+        fingerprint="f",
+    )
     with pytest.raises(RuntimeError, match="stop here"):
         driver.run()
     state = load_checkpoint(tmp_path)

@@ -20,12 +20,33 @@ def strip_timing(obj):
 def test_fedavg_run_writes_a_complete_run_folder(small_config, tmp_path):
     result = protofl.run(small_config, out=tmp_path / "run")
     folder = tmp_path / "run"
-    for name in ["config.toml", "metrics.jsonl", "summary.json", "report.md", "learning_curves.png",
-                 "partition.md", "partition_heatmap.png", "checkpoint/state.pt"]:
+    for name in [
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "report.md",
+        "learning_curves.png",
+        "partition.md",
+        "partition_heatmap.png",
+        "checkpoint/state.pt",
+    ]:
         assert (folder / name).exists(), name
     summary = json.loads((folder / "summary.json").read_text())
-    for key in ["method", "dataset", "partition", "clients", "rounds", "seed", "final", "best", "epsilon", "delta",
-                "wall_seconds", "bytes_up", "bytes_down"]:
+    for key in [
+        "method",
+        "dataset",
+        "partition",
+        "clients",
+        "rounds",
+        "seed",
+        "final",
+        "best",
+        "epsilon",
+        "delta",
+        "wall_seconds",
+        "bytes_up",
+        "bytes_down",
+    ]:
         assert key in summary, key
     assert summary["epsilon"] is None and summary["delta"] is None
     assert summary["final"]["global_acc"] > 0.6  # 3 rounds of FedAvg on digits; chance is 0.1
@@ -46,15 +67,20 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(small_confi
     a = protofl.run(small_config, out=tmp_path / "a")
     b = protofl.run(small_config, out=tmp_path / "b")
     assert strip_timing(a.summary) == strip_timing(b.summary)
-    assert strip_timing(read_metrics(tmp_path / "a/metrics.jsonl")) == strip_timing(read_metrics(tmp_path / "b/metrics.jsonl"))
+    assert strip_timing(read_metrics(tmp_path / "a/metrics.jsonl")) == strip_timing(
+        read_metrics(tmp_path / "b/metrics.jsonl")
+    )
     c = protofl.run({**small_config, "seed": 4})
     assert strip_timing(c.history) != strip_timing(a.history)
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fedproto"])
 def test_killed_and_resumed_run_matches_an_uninterrupted_run(small_config, tmp_path, method):
-    config = {**small_config, "method": {**small_config["method"], "name": method},
-              "federation": {"rounds": 4, "progress": False, "client_fraction": 0.5}}
+    config = {
+        **small_config,
+        "method": {**small_config["method"], "name": method},
+        "federation": {"rounds": 4, "progress": False, "client_fraction": 0.5},
+    }
     whole = protofl.run(config, out=tmp_path / "whole")
     with pytest.raises(RunInterrupted):
         protofl.run(config, out=tmp_path / "killed", stop_after=2)
@@ -76,8 +102,11 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(small_config, tmp_
 def test_fedproto_and_local_report_personalised_accuracy_under_label_skew(small_config):
     accs = {}
     for method in ["local", "fedproto"]:
-        config = {**small_config, "partition": {"scheme": "dirichlet", "alpha": 0.3, "num_clients": 5},
-                  "method": {"name": method, "lr": 0.05, "batch_size": 16}}
+        config = {
+            **small_config,
+            "partition": {"scheme": "dirichlet", "alpha": 0.3, "num_clients": 5},
+            "method": {"name": method, "lr": 0.05, "batch_size": 16},
+        }
         result = protofl.run(config)
         final = result.summary["final"]
         assert final["global_acc"] is None
@@ -112,11 +141,26 @@ def test_a_process_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_p
     import sys
     import time
 
-    args = ["--set", "data.dataset=optdigits", "--set", "federation.rounds=15", "--set", "federation.progress=false",
-            "--set", "partition.num_clients=4", "--set", "method.name=fedproto", "--set", "method.local_epochs=2",
-            "--set", "seed=7"]
+    args = [
+        "--set",
+        "data.dataset=optdigits",
+        "--set",
+        "federation.rounds=15",
+        "--set",
+        "federation.progress=false",
+        "--set",
+        "partition.num_clients=4",
+        "--set",
+        "method.name=fedproto",
+        "--set",
+        "method.local_epochs=2",
+        "--set",
+        "seed=7",
+    ]
     cmd = [sys.executable, "-m", "protofl.cli", "run", *args]
-    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     metrics = tmp_path / "killed/metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -124,8 +168,11 @@ def test_a_process_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_p
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed/summary.json").exists(), "the run finished before it could be killed"
-    subprocess.run([sys.executable, "-m", "protofl.cli", "run", "--resume", str(tmp_path / "killed")], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "protofl.cli", "run", "--resume", str(tmp_path / "killed")],
+        check=True,
+        capture_output=True,
+    )
     subprocess.run([*cmd, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
     killed = read_metrics(tmp_path / "killed/metrics.jsonl")
     whole = read_metrics(tmp_path / "whole/metrics.jsonl")

@@ -45,12 +45,14 @@ def test_defaults_and_bad_options():
 def test_a_run_configuration_names_it_and_every_client_gets_its_share():
     from protofl.api import prepare_data, resolve_config
 
-    config = resolve_config({
-        "data": {"dataset": "synthetic-gaussian:train=2200,test=100,dim=16"},
-        "partition": {"scheme": "iid", "num_clients": 10, "test_fraction": 1 / 11, "min_client_size": 2},
-        "federation": {"rounds": 1, "progress": False},
-        "method": {"name": "fedproto"},
-    })
+    config = resolve_config(
+        {
+            "data": {"dataset": "synthetic-gaussian:train=2200,test=100,dim=16"},
+            "partition": {"scheme": "iid", "num_clients": 10, "test_fraction": 1 / 11, "min_client_size": 2},
+            "federation": {"rounds": 1, "progress": False},
+            "method": {"name": "fedproto"},
+        }
+    )
     data = prepare_data(config)
     assert data.input_shape == (16,) and data.num_classes == 10 and len(data.clients) == 10
     assert sum(c.num_train + len(c.y_test) for c in data.clients) == 2200

@@ -43,9 +43,12 @@ def read_csv(path):
 
 
 def test_clients_csv_holds_every_client_of_every_evaluated_round(tiny, tmp_path):
-    config = {**tiny, "partition": {**tiny["partition"], "num_clients": 4},
-              "federation": {**tiny["federation"], "rounds": 3, "client_fraction": 0.5, "client_dropout": 0.4},
-              "privacy": {"mechanism": "igpp", "epsilon": 8.0, "accountant": "rdp"}}
+    config = {
+        **tiny,
+        "partition": {**tiny["partition"], "num_clients": 4},
+        "federation": {**tiny["federation"], "rounds": 3, "client_fraction": 0.5, "client_dropout": 0.4},
+        "privacy": {"mechanism": "igpp", "epsilon": 8.0, "accountant": "rdp"},
+    }
     rows_seen = []
     result = protofl.run(config, out=tmp_path / "run", on_round=rows_seen.append)
     table = read_csv(tmp_path / "run/clients.csv")
@@ -79,8 +82,10 @@ def test_clients_csv_holds_every_client_of_every_evaluated_round(tiny, tmp_path)
     accs = sorted(float(r["personal_acc"]) for r in last)
     assert figures["personal_acc_worst"] == pytest.approx(accs[0])
     assert figures["personal_acc_p10"] == pytest.approx(np.percentile(accs, 10))
-    assert figures["worst_clients"][0] == int(min(last, key=lambda r: float(r["personal_acc"]))["client"]) and \
-        len(figures["worst_clients"]) == 4
+    assert (
+        figures["worst_clients"][0] == int(min(last, key=lambda r: float(r["personal_acc"]))["client"])
+        and len(figures["worst_clients"]) == 4
+    )
     eps = [float(r["epsilon"]) for r in last]
     assert figures["epsilon_max"] == pytest.approx(max(eps)) and figures["epsilon_mean"] == pytest.approx(np.mean(eps))
     report = (tmp_path / "run/report.md").read_text()
@@ -103,8 +108,11 @@ def test_resumed_run_rewrites_no_client_rows_twice(tiny, tmp_path):
 
 
 def test_a_run_stopped_by_its_budget_is_reported(tiny, tmp_path):
-    config = {**tiny, "federation": {**tiny["federation"], "rounds": 4},
-              "privacy": {"mechanism": "igpp", "epsilon": 4.0, "planned_releases": 2, "accountant": "rdp"}}
+    config = {
+        **tiny,
+        "federation": {**tiny["federation"], "rounds": 4},
+        "privacy": {"mechanism": "igpp", "epsilon": 4.0, "planned_releases": 2, "accountant": "rdp"},
+    }
     with pytest.raises(protofl.BudgetExceededError):
         protofl.run(config, out=tmp_path / "budget")
     summary = json.loads((tmp_path / "budget/summary.json").read_text())
@@ -125,9 +133,18 @@ def test_sweep_groups_by_differing_settings_aggregates_seeds_and_resumes(tiny, t
     base = tmp_path / "base.toml"
     import tomli_w
 
-    base.write_text(tomli_w.dumps({**tiny, "sweep": {"grid": {"privacy.mechanism": ["none", "igpp"],
-                                                              "privacy.epsilon": [2.0, 8.0]},
-                                                     "seeds": [0, 1]}}) + '\n[privacy]\naccountant = "rdp"\n')
+    base.write_text(
+        tomli_w.dumps(
+            {
+                **tiny,
+                "sweep": {
+                    "grid": {"privacy.mechanism": ["none", "igpp"], "privacy.epsilon": [2.0, 8.0]},
+                    "seeds": [0, 1],
+                },
+            }
+        )
+        + '\n[privacy]\naccountant = "rdp"\n'
+    )
     out = tmp_path / "sweep"
     assert main(["sweep", str(base), "--out", str(out)]) == 0
     manifest = json.loads((out / "sweep.json").read_text())
@@ -161,22 +178,28 @@ def test_sweep_groups_by_differing_settings_aggregates_seeds_and_resumes(tiny, t
     assert main(["sweep", str(base), "--out", str(out)]) == 0
     after = {name: (out / name / "summary.json").stat().st_mtime_ns for name in ran}
     assert {n for n in ran if after[n] != before.get(n)} == {victim.name}
-    actions = {k: c["last_action"] for k, c in json.loads((out / "sweep.json").read_text())["cells"].items()
-               if "last_action" in c}
+    actions = {
+        k: c["last_action"]
+        for k, c in json.loads((out / "sweep.json").read_text())["cells"].items()
+        if "last_action" in c
+    }
     assert actions.pop(victim.name) == "resumed from round 1"
     assert set(actions.values()) == {"already done"} and len(actions) == 5
     resumed = json.loads((victim / "summary.json").read_text())
     assert resumed["final"] == expected_victim and resumed["status"] == "completed"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--grid", "privacy.epsilonn=1,2"], "privacy.epsilonn: unknown key"),
-    (["--grid", "federation.rounds=two,three"], "federation.rounds: expected an integer"),
-    (["--grid", "method.lr=0.1,fast"], "method.lr: expected a number"),
-    (["--grid", "privacy.epsilon="], "sweep.grid.privacy.epsilon: no values"),
-    ([], "empty grid"),
-    (["--grid", "seed=1,2"], "use seeds"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--grid", "privacy.epsilonn=1,2"], "privacy.epsilonn: unknown key"),
+        (["--grid", "federation.rounds=two,three"], "federation.rounds: expected an integer"),
+        (["--grid", "method.lr=0.1,fast"], "method.lr: expected a number"),
+        (["--grid", "privacy.epsilon="], "sweep.grid.privacy.epsilon: no values"),
+        ([], "empty grid"),
+        (["--grid", "seed=1,2"], "use seeds"),
+    ],
+)
 def test_bad_sweep_input_is_one_clear_line_before_any_work(tiny, tmp_path, capsys, args, message):
     import tomli_w
 
@@ -209,8 +232,13 @@ def test_tensorboard_event_files_hold_every_round_metric(tiny, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = {**tiny, "privacy": {"mechanism": "vpp", "epsilon": 8.0, "accountant": "rdp"}}
-    assert main(["run", "--set", "federation.progress=false", "--tensorboard", "--out", str(tmp_path / "run")]
-                + [a for k, v in _flat(config).items() for a in ("--set", f"{k}={json.dumps(v)}")]) == 0
+    assert (
+        main(
+            ["run", "--set", "federation.progress=false", "--tensorboard", "--out", str(tmp_path / "run")]
+            + [a for k, v in _flat(config).items() for a in ("--set", f"{k}={json.dumps(v)}")]
+        )
+        == 0
+    )
     events = EventAccumulator(str(tmp_path / "run/tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     history = read_metrics(tmp_path / "run/metrics.jsonl")
@@ -251,7 +279,10 @@ def test_device_cpu_explicit_and_threads_recorded(tiny, tmp_path):
     config = {**tiny, "federation": {**tiny["federation"], "device": "cpu", "threads": 1}}
     result = protofl.run(config, out=tmp_path / "cpu")
     assert result.summary["device"] == "cpu" and result.summary["threads"] == 1
-    assert result.summary["versions"]["torch"] and "device cpu, 1 torch threads" in (tmp_path / "cpu/report.md").read_text()
+    assert (
+        result.summary["versions"]["torch"]
+        and "device cpu, 1 torch threads" in (tmp_path / "cpu/report.md").read_text()
+    )
     import torch
 
     from protofl.runtime import check_supported
@@ -269,8 +300,12 @@ def test_cuda_on_a_machine_without_one_is_refused_before_any_work(tiny, tmp_path
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
-    assert main(["run", "--set", "federation.device=cuda", "--set", "data.dataset=optdigits",
-                 "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            ["run", "--set", "federation.device=cuda", "--set", "data.dataset=optdigits", "--out", str(tmp_path / "r")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "federation.device: 'cuda' asked for, but this machine has no CUDA device" in err
     assert not (tmp_path / "r").exists()
@@ -298,7 +333,11 @@ def test_checkpoints_hold_cpu_tensors(tmp_path):
     state = {"a": torch.ones(2), "nested": [{"b": torch.zeros(1)}], "round": 3, "fingerprint": "f"}
     save_checkpoint(tmp_path, state)
     loaded = load_checkpoint(tmp_path)
-    assert loaded["round"] == 3 and loaded["a"].device.type == "cpu" and torch.equal(loaded["nested"][0]["b"], torch.zeros(1))
+    assert (
+        loaded["round"] == 3
+        and loaded["a"].device.type == "cpu"
+        and torch.equal(loaded["nested"][0]["b"], torch.zeros(1))
+    )
 
 
 # -- bring your own ----------------------------------------------------------------------------------
@@ -329,8 +368,14 @@ def test_user_data_as_torch_dataset_with_domains_and_a_bad_model(tiny):
     x = torch.tensor(rng.normal(size=(200, 1, 8, 8)), dtype=torch.float32)
     y = torch.tensor(rng.integers(0, 4, 200))
     domains = np.repeat([0, 1], 100)
-    data = protofl.UserData(TensorDataset(x[:150], y[:150]), TensorDataset(x[150:], y[150:]), num_classes=4,
-                            train_domains=domains[:150], test_domains=domains[150:], domain_names=("left", "right"))
+    data = protofl.UserData(
+        TensorDataset(x[:150], y[:150]),
+        TensorDataset(x[150:], y[150:]),
+        num_classes=4,
+        train_domains=domains[:150],
+        test_domains=domains[150:],
+        domain_names=("left", "right"),
+    )
     config = {**tiny, "partition": {"scheme": "domain", "num_clients": 2}, "method": {"name": "fedavg"}}
     result = protofl.run(config, dataset=data)
     assert result.summary["dataset"] == "user:custom" and "global_acc@right" in result.history[-1]
@@ -354,7 +399,8 @@ def test_entry_point_method_is_listed_and_runs(tmp_path, monkeypatch, capsys, ti
         "class Solo(Local):\n"
         "    name = 'solo-plugin'\n"
         "    summary = 'local training, from a plugin'\n"
-        "    Config = SoloConfig\n")
+        "    Config = SoloConfig\n"
+    )
     dist = pkg / "myplugin-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 1.0\n")
@@ -381,22 +427,37 @@ def test_entry_point_method_is_listed_and_runs(tmp_path, monkeypatch, capsys, ti
 # -- defaults that learn -----------------------------------------------------------------------------
 
 
-DP_AT_CHANCE = pytest.mark.xfail(strict=True, reason=(
-    "DP-SGD at the method's default budget (epsilon 1 per client over the run) on about 100 samples per "
-    "client stays at chance on OptDigits in 3 rounds; no preset found yet (docs/configuration.md)"))
+DP_AT_CHANCE = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "DP-SGD at the method's default budget (epsilon 1 per client over the run) on about 100 samples per "
+        "client stays at chance on OptDigits in 3 rounds; no preset found yet (docs/configuration.md)"
+    ),
+)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["local", "fedavg", "fedprox", "fedproto", "fpl", "fedtgp", "creff", "fedhpro",
-                                    pytest.param("dpfedavg", marks=DP_AT_CHANCE),
-                                    pytest.param("fedhypevae", marks=DP_AT_CHANCE)])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "local",
+        "fedavg",
+        "fedprox",
+        "fedproto",
+        "fpl",
+        "fedtgp",
+        "creff",
+        "fedhpro",
+        pytest.param("dpfedavg", marks=DP_AT_CHANCE),
+        pytest.param("fedhypevae", marks=DP_AT_CHANCE),
+    ],
+)
 def test_defaults_are_well_above_chance_on_optdigits(method):
     """Every method with its OptDigits defaults (the dataset's presets), 3 rounds: chance is 10%, and a
     run at the general defaults (one epoch, batches of 50) stays at 14-18%."""
     # fedhypevae works on frozen-encoder embeddings only (its own error says so on pixels)
     data = {"dataset": "optdigits", **({"features": "efficientnet-lite0"} if method == "fedhypevae" else {})}
-    config = {"data": data, "method": {"name": method},
-              "federation": {"rounds": 3, "progress": False, "threads": 1}}
+    config = {"data": data, "method": {"name": method}, "federation": {"rounds": 3, "progress": False, "threads": 1}}
     result = protofl.run(config)
     final = result.summary["final"]
     headline = final["global_acc"] if final["global_acc"] is not None else final["personal_acc_mean"]

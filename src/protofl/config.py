@@ -70,8 +70,13 @@ def check_number(value: Any, f: dataclasses.Field, key: str) -> None:
         return
     low, high = number_range(f, value)
     finite = not isinstance(value, float) or math.isfinite(value)
-    check(finite and low <= value <= high, key, f"must be a finite number in [{low:g}, {high:g}], got {value!r}"
-          if isinstance(value, float) else f"must be an integer in [{low}, {high}], got {value}")
+    check(
+        finite and low <= value <= high,
+        key,
+        f"must be a finite number in [{low:g}, {high:g}], got {value!r}"
+        if isinstance(value, float)
+        else f"must be an integer in [{low}, {high}], got {value}",
+    )
 
 
 def check_numbers(obj: Any) -> None:
@@ -130,9 +135,7 @@ def from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key; valid keys are {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys are {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
         annotation = hints[name]
@@ -253,8 +256,11 @@ class FederationConfig:
     threads: int = bounded(0, 0, 4096)
 
     def __post_init__(self) -> None:
-        check(DEVICE_PATTERN.fullmatch(self.device) is not None, "device",
-              f"{self.device!r} is not one of auto, cpu, cuda, cuda:INDEX")
+        check(
+            DEVICE_PATTERN.fullmatch(self.device) is not None,
+            "device",
+            f"{self.device!r} is not one of auto, cpu, cuda, cuda:INDEX",
+        )
         check(self.threads >= 0, "threads", f"must be >= 0 (0: automatic), got {self.threads}")
         check_choice(self.execution, ("per-client", "batched"), "execution")
         check(self.batch_clients >= 1, "batch_clients", f"must be >= 1, got {self.batch_clients}")
@@ -347,22 +353,38 @@ class PrivacyConfig:
         check_choice(self.sensitivity, ("fixed-features", "trained-features"), "sensitivity")
         check(self.epsilon > 0 and self.epsilon == self.epsilon, "epsilon", f"must be > 0, got {self.epsilon}")
         check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
-        check(self.accountant != "pld" or self.epsilon <= MAX_EPSILON_PLD, "epsilon",
-              f"must be <= {MAX_EPSILON_PLD:g} with the pld accountant (its calibration takes minutes beyond); "
-              f"use accountant = 'rdp' for epsilon {self.epsilon:g}")
-        check(self.planned_releases >= 0, "planned_releases", f"must be >= 0 (0: one per round), got {self.planned_releases}")
+        check(
+            self.accountant != "pld" or self.epsilon <= MAX_EPSILON_PLD,
+            "epsilon",
+            f"must be <= {MAX_EPSILON_PLD:g} with the pld accountant (its calibration takes minutes beyond); "
+            f"use accountant = 'rdp' for epsilon {self.epsilon:g}",
+        )
+        check(
+            self.planned_releases >= 0,
+            "planned_releases",
+            f"must be >= 0 (0: one per round), got {self.planned_releases}",
+        )
         check(self.clip_bound > 0, "clip_bound", f"must be > 0, got {self.clip_bound}")
-        check(self.clip_norm > 0 and self.clip_norm < float("inf"), "clip_norm", f"must be finite and > 0, got {self.clip_norm}")
+        check(
+            self.clip_norm > 0 and self.clip_norm < float("inf"),
+            "clip_norm",
+            f"must be finite and > 0, got {self.clip_norm}",
+        )
         check(0 < self.rho <= 1, "rho", f"must be in (0, 1], got {self.rho}")
-        check(0 < self.selection_fraction < 1, "selection_fraction", f"must be in (0, 1), got {self.selection_fraction}")
+        check(
+            0 < self.selection_fraction < 1, "selection_fraction", f"must be in (0, 1), got {self.selection_fraction}"
+        )
         check(self.score_cap > 0, "score_cap", f"must be > 0, got {self.score_cap}")
         check(self.soft_clip_tau >= 0, "soft_clip_tau", f"must be >= 0, got {self.soft_clip_tau}")
         check(self.kd_weight >= 0, "kd_weight", f"must be >= 0, got {self.kd_weight}")
         check(self.kd_temperature > 0, "kd_temperature", f"must be > 0, got {self.kd_temperature}")
         check(0 <= self.ema_momentum < 1, "ema_momentum", f"must be in [0, 1), got {self.ema_momentum}")
         check(self.kd_warmup_steps >= 0, "kd_warmup_steps", f"must be >= 0, got {self.kd_warmup_steps}")
-        check(not self.dcr or self.mechanism != "dp-sgd", "dcr",
-              "is a training option of the prototype hosts (alone, or with igpp or vpp), not of dp-sgd")
+        check(
+            not self.dcr or self.mechanism != "dp-sgd",
+            "dcr",
+            "is a training option of the prototype hosts (alone, or with igpp or vpp), not of dp-sgd",
+        )
         check_numbers(self)
 
     @property
@@ -409,14 +431,14 @@ class RunConfig:
 
     # -- I/O ---------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
         return from_mapping(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)
 
     @classmethod
-    def from_toml(cls, path: str | Path, overrides: typing.Sequence[str] = ()) -> "RunConfig":
+    def from_toml(cls, path: str | Path, overrides: typing.Sequence[str] = ()) -> RunConfig:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
@@ -437,7 +459,7 @@ class RunConfig:
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
-    def replace(self, *overrides: str) -> "RunConfig":
+    def replace(self, *overrides: str) -> RunConfig:
         """A copy with ``key=value`` overrides applied."""
         return RunConfig.from_dict(apply_overrides(self.to_dict(), overrides))
 

@@ -125,8 +125,10 @@ def check_feature_model(model: Any, input_shape: tuple[int, ...], num_classes: i
         raise ValueError("model factory: forward(x) must return (features, logits)")
     features, logits = out
     if tuple(features.shape) != (2, dim) or tuple(logits.shape) != (2, num_classes):
-        raise ValueError(f"model factory: forward(x) gave features {tuple(features.shape)} and logits "
-                         f"{tuple(logits.shape)} for 2 samples; expected (2, {dim}) and (2, {num_classes})")
+        raise ValueError(
+            f"model factory: forward(x) gave features {tuple(features.shape)} and logits "
+            f"{tuple(logits.shape)} for 2 samples; expected (2, {dim}) and (2, {num_classes})"
+        )
     return model
 
 
@@ -141,10 +143,15 @@ class FactoryTask(Task):
             raise ValueError("model factory: expected a callable (input_shape, num_classes, model_config) -> nn.Module")
 
     def build_model(self):
-        return check_feature_model(self.factory(self.input_shape, self.num_classes, self.model),  # type: ignore[misc]
-                                   self.input_shape, self.num_classes)
+        return check_feature_model(
+            self.factory(self.input_shape, self.num_classes, self.model),  # type: ignore[misc]
+            self.input_shape,
+            self.num_classes,
+        )
 
 
 def user_dataset_error(name: str) -> ConfigError:
-    return ConfigError(f"data.dataset: {name!r} names data passed to protofl.run(dataset=...); "
-                       "pass the same data again (resuming such a run needs it too)")
+    return ConfigError(
+        f"data.dataset: {name!r} names data passed to protofl.run(dataset=...); "
+        "pass the same data again (resuming such a run needs it too)"
+    )

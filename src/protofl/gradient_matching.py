@@ -123,7 +123,10 @@ def head_gradients(
 
 
 def input_gradients(
-    weight: torch.Tensor, bias: torch.Tensor, z: torch.Tensor, labels_or_class: torch.Tensor | int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    z: torch.Tensor,
+    labels_or_class: torch.Tensor | int,
     create_graph: bool = True,
 ) -> list[torch.Tensor]:
     """``[mean_i ∂CE(W z_i + b, y_i)/∂z_i]`` (a d-vector): the per-sample CE gradient w.r.t. each
@@ -163,8 +166,11 @@ def match_synthetic(
         return out, {"match_distance_start": 0.0, "match_distance_end": 0.0}
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-    opt = (torch.optim.Adam(list(leaves.values()), lr=lr) if optimizer == "adam"
-           else torch.optim.SGD(list(leaves.values()), lr=lr, momentum=momentum))
+    opt = (
+        torch.optim.Adam(list(leaves.values()), lr=lr)
+        if optimizer == "adam"
+        else torch.optim.SGD(list(leaves.values()), lr=lr, momentum=momentum)
+    )
 
     def total_distance() -> torch.Tensor:
         return sum(gradient_distance(distance, grad_fn(c, leaves[c]), targets[c]) for c in classes)

@@ -24,8 +24,10 @@ def learning_failure(history: Sequence[dict[str, Any]]) -> str | None:
     for row in history:
         answered = row.get("clients_sampled", 0) - row.get("clients_dropped", 0)
         if answered > 0 and row.get("clients_rejected", 0) >= answered:
-            return (f"round {row['round']}: all {answered} replies were rejected (see the log for why), so the "
-                    "server had nothing to aggregate")
+            return (
+                f"round {row['round']}: all {answered} replies were rejected (see the log for why), so the "
+                "server had nothing to aggregate"
+            )
     if history and not any(_finite(row.get("train_loss")) for row in history):
         return "no round produced a finite training loss"
     return None

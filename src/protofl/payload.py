@@ -59,12 +59,14 @@ class Payload:
         }
         head = json.dumps(header, separators=(",", ":")).encode()
         parts = [MAGIC, struct.pack("<I", len(head)), head]
-        parts += [np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-                  for arr in self.arrays.values()]
+        parts += [
+            np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            for arr in self.arrays.values()
+        ]
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Payload":
+    def from_bytes(cls, data: bytes) -> Payload:
         """Parse bytes written by :meth:`to_bytes`; anything malformed raises :class:`PayloadError`."""
         try:
             return cls._parse(memoryview(data))
@@ -74,15 +76,18 @@ class Payload:
             raise PayloadError(f"malformed payload: {type(exc).__name__}: {exc}") from None
 
     @classmethod
-    def _parse(cls, view: memoryview) -> "Payload":
+    def _parse(cls, view: memoryview) -> Payload:
         if len(view) < 8 or bytes(view[:4]) != MAGIC:
             raise PayloadError("not a protofl payload (bad magic bytes)")
         (head_len,) = struct.unpack("<I", view[4:8])
         if 8 + head_len > len(view):
             raise PayloadError("truncated payload header")
         header = json.loads(bytes(view[8 : 8 + head_len]))
-        if not isinstance(header, dict) or not isinstance(header.get("metadata"), dict) \
-                or not isinstance(header.get("arrays"), list):
+        if (
+            not isinstance(header, dict)
+            or not isinstance(header.get("metadata"), dict)
+            or not isinstance(header.get("arrays"), list)
+        ):
             raise PayloadError("corrupt payload header")
         offset = 8 + head_len
         arrays: dict[str, np.ndarray] = {}
@@ -150,9 +155,7 @@ def validate(payload: Payload, spec: PayloadSpec) -> None:
         arr = payload.arrays[name]
         if arr.dtype.name != want.dtype:
             raise PayloadError(f"array {name!r}: dtype {arr.dtype} is not {want.dtype}")
-        if len(arr.shape) != len(want.shape) or any(
-            w is not None and w != s for w, s in zip(want.shape, arr.shape)
-        ):
+        if len(arr.shape) != len(want.shape) or any(w is not None and w != s for w, s in zip(want.shape, arr.shape)):
             raise PayloadError(f"array {name!r}: shape {arr.shape} does not match {want.shape}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise PayloadError(f"array {name!r}: contains NaN or infinite values")

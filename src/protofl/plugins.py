@@ -37,7 +37,9 @@ def load_plugins() -> dict[str, str]:
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the built-in methods down with it
             problems[label] = f"cannot be imported: {type(exc).__name__}: {exc}"
         else:
-            if not (isinstance(cls, type) and issubclass(cls, Algorithm) and isinstance(getattr(cls, "name", None), str)):
+            if not (
+                isinstance(cls, type) and issubclass(cls, Algorithm) and isinstance(getattr(cls, "name", None), str)
+            ):
                 problems[label] = "is not an Algorithm subclass with a name"
             elif ALGORITHMS.get(cls.name) not in (None, cls):
                 problems[label] = f"its name {cls.name!r} is taken by {ALGORITHMS[cls.name].__module__}"

@@ -16,16 +16,20 @@ from typing import Any
 
 #: Dataset name -> option -> value. Measured with ``protofl run --set data.dataset=optdigits
 #: --set method.name=M`` for every method (docs/configuration.md lists the accuracies).
-DATASET_PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({
-    "optdigits": types.MappingProxyType({"local_epochs": 5, "lr": 0.05, "batch_size": 16}),
-})
+DATASET_PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
+    {
+        "optdigits": types.MappingProxyType({"local_epochs": 5, "lr": 0.05, "batch_size": 16}),
+    }
+)
 
 
 #: (dataset, method) -> option -> value, over the dataset's presets: FPL's contrastive losses diverge at
 #: lr 0.05 with five epochs on OptDigits (40 % after 3 rounds; 77 % at lr 0.02).
-METHOD_PRESETS: Mapping[tuple[str, str], Mapping[str, Any]] = types.MappingProxyType({
-    ("optdigits", "fpl"): types.MappingProxyType({"lr": 0.02}),
-})
+METHOD_PRESETS: Mapping[tuple[str, str], Mapping[str, Any]] = types.MappingProxyType(
+    {
+        ("optdigits", "fpl"): types.MappingProxyType({"lr": 0.02}),
+    }
+)
 
 
 #: Methods no preset touches: DP-SGD methods, whose batch size and learning rate were tuned with their

@@ -23,8 +23,9 @@ class PrototypeAccumulator:
         self.counts = torch.zeros(num_classes, dtype=dtype)
 
     @classmethod
-    def per_client(cls, features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                   num_classes: int) -> list[PrototypeAccumulator]:
+    def per_client(
+        cls, features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, num_classes: int
+    ) -> list[PrototypeAccumulator]:
         """One accumulator per client from padded batches, as if each had ``update``-d its real rows:
         ``features`` (K, n, d), ``labels`` (K, n) and ``weight`` (K, n), 1 on real rows and 0 on
         padding. The sums and counts of all clients come from one ``einsum``."""
@@ -51,7 +52,7 @@ class PrototypeAccumulator:
         self.sums.index_add_(0, classes, means.to(self.sums.dtype) * weights[:, None])
         self.counts.index_add_(0, classes, weights)
 
-    def merge(self, other: "PrototypeAccumulator") -> None:
+    def merge(self, other: PrototypeAccumulator) -> None:
         self.sums += other.sums
         self.counts += other.counts
 

@@ -17,8 +17,9 @@ from protofl.errors import ReportError
 #: Metrics compared when picking the ``best`` round (higher is better).
 SUMMARY_KEYS = ("global_acc", "personal_acc_mean", "personal_acc_std")
 #: Keys that measure time and so differ between otherwise identical runs.
-TIMING_KEYS = frozenset({"round_seconds", "eval_seconds", "elapsed_seconds", "wall_seconds",
-                         "seconds_per_round", "peak_memory_mb"})
+TIMING_KEYS = frozenset(
+    {"round_seconds", "eval_seconds", "elapsed_seconds", "wall_seconds", "seconds_per_round", "peak_memory_mb"}
+)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -78,7 +79,11 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 def accuracy_keys(row: dict[str, Any]) -> list[str]:
     """The headline metrics in a metrics row: every ``global_*`` metric and every personal ``*_mean``/``_std``."""
-    return [k for k in row if k.startswith("global_") or (k.startswith("personal_") and (k.endswith("_mean") or k.endswith("_std")))]
+    return [
+        k
+        for k in row
+        if k.startswith("global_") or (k.startswith("personal_") and (k.endswith("_mean") or k.endswith("_std")))
+    ]
 
 
 def summarize_history(history: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:

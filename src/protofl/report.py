@@ -52,18 +52,31 @@ def plot_learning_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path:
             ax["global"].plot(rounds, _curve(history, "global_acc"), marker=".", label=label)
         mean = _curve(history, "personal_acc_mean")
         std = [100 * (row.get("personal_acc_std") or 0.0) for row in history]
-        line, = ax["personal"].plot(rounds, mean, marker=".", label=label)
-        ax["personal"].fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                    color=line.get_color(), alpha=0.15)
+        (line,) = ax["personal"].plot(rounds, mean, marker=".", label=label)
+        ax["personal"].fill_between(
+            rounds,
+            [m - s for m, s in zip(mean, std)],
+            [m + s for m, s in zip(mean, std)],
+            color=line.get_color(),
+            alpha=0.15,
+        )
         if len(runs) <= 4 and any(row.get("personal_proto_acc_mean") is not None for row in history):
-            ax["personal"].plot(rounds, _curve(history, "personal_proto_acc_mean"), ls="--", color=line.get_color(),
-                                label=f"{label} (nearest prototype)")
+            ax["personal"].plot(
+                rounds,
+                _curve(history, "personal_proto_acc_mean"),
+                ls="--",
+                color=line.get_color(),
+                label=f"{label} (nearest prototype)",
+            )
         if has_epsilon and any(row.get("privacy_epsilon_max") is not None for row in history):
-            ax["epsilon"].plot(rounds, _curve(history, "privacy_epsilon_max", 1.0), marker=".", color=line.get_color(),
-                               label=label)
-    titles = {"global": ("Global test accuracy", "accuracy (%)"),
-              "personal": ("Personalised accuracy (mean ± std over clients)", "accuracy (%)"),
-              "epsilon": ("Privacy spent (most-spent client)", "epsilon")}
+            ax["epsilon"].plot(
+                rounds, _curve(history, "privacy_epsilon_max", 1.0), marker=".", color=line.get_color(), label=label
+            )
+    titles = {
+        "global": ("Global test accuracy", "accuracy (%)"),
+        "personal": ("Personalised accuracy (mean ± std over clients)", "accuracy (%)"),
+        "epsilon": ("Privacy spent (most-spent client)", "epsilon"),
+    }
     from matplotlib.ticker import MaxNLocator
 
     for name, axis in ax.items():
@@ -113,9 +126,15 @@ def run_report(run_dir: Path) -> str:
     lines = [
         f"# {s['method']} on {s['dataset']} ({s['features']})",
         "",
-        *([f"**Stopped early: {status}** after round {s.get('rounds_done')} of {s['rounds']}; the figures below "
-           f"cover the rounds done (`protofl run --resume {run_dir}` continues an interrupted run).", ""]
-          if status != "completed" else []),
+        *(
+            [
+                f"**Stopped early: {status}** after round {s.get('rounds_done')} of {s['rounds']}; the figures below "
+                f"cover the rounds done (`protofl run --resume {run_dir}` continues an interrupted run).",
+                "",
+            ]
+            if status != "completed"
+            else []
+        ),
         f"- Partition: {s['partition']['scheme']} ({_partition_text(s['partition'])}), {s['clients']} clients, "
         f"{s['rounds']} rounds, seed {s['seed']}.",
         f"- Wall time {s['wall_seconds']:.1f} s ({s['seconds_per_round']:.2f} s per round of training); "
@@ -128,33 +147,52 @@ def run_report(run_dir: Path) -> str:
     ]
     for name in ("final", "best"):
         r = s[name]
-        lines.append(f"| {name} | {r.get('round')} | {_fmt(r.get('global_acc'))} | {_fmt(r.get('personal_acc_mean'))} "
-                     f"| {_fmt(r.get('personal_acc_std'))} |")
+        lines.append(
+            f"| {name} | {r.get('round')} | {_fmt(r.get('global_acc'))} | {_fmt(r.get('personal_acc_mean'))} "
+            f"| {_fmt(r.get('personal_acc_std'))} |"
+        )
     extra = [k for k in s["final"] if k.startswith("personal_") and k.endswith("_mean") and k != "personal_acc_mean"]
     for key in extra:
         lines.append(f"\n{key}: final {_fmt(s['final'][key])} %, best-round {_fmt(s['best'].get(key))} %.")
     lines += ["", "![learning curves](learning_curves.png)", ""]
     if (run_dir / "partition_heatmap.png").exists():
-        lines += ["![partition](partition_heatmap.png)", "", "Per-client class counts: [partition.md](partition.md).", ""]
+        lines += [
+            "![partition](partition_heatmap.png)",
+            "",
+            "Per-client class counts: [partition.md](partition.md).",
+            "",
+        ]
     lines += _clients_section(run_dir, s)
     private = any(row.get("privacy_epsilon_max") is not None for row in history)
-    lines += ["## Rounds", "", "| round | global acc | personalised acc | train loss | bytes up | bytes down | seconds |"
-              + (" epsilon |" if private else ""), "|---|---|---|---|---|---|---|" + ("---|" if private else "")]
+    lines += [
+        "## Rounds",
+        "",
+        "| round | global acc | personalised acc | train loss | bytes up | bytes down | seconds |"
+        + (" epsilon |" if private else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if private else ""),
+    ]
     for row in history:
-        lines.append(f"| {row['round']} | {_fmt(row.get('global_acc'))} | {_fmt(row.get('personal_acc_mean'))} | "
-                     f"{_fmt(row.get('train_loss'), pct=False)} | {row['bytes_up']} | {row['bytes_down']} | "
-                     f"{row['round_seconds']:.2f} |" + (f" {_fmt(row.get('privacy_epsilon_max'), pct=False)} |"
-                                                        if private else ""))
+        lines.append(
+            f"| {row['round']} | {_fmt(row.get('global_acc'))} | {_fmt(row.get('personal_acc_mean'))} | "
+            f"{_fmt(row.get('train_loss'), pct=False)} | {row['bytes_up']} | {row['bytes_down']} | "
+            f"{row['round_seconds']:.2f} |"
+            + (f" {_fmt(row.get('privacy_epsilon_max'), pct=False)} |" if private else "")
+        )
     lines += ["", f"Reproduce: `protofl run {run_dir}/config.toml --out DIR`", ""]
     return "\n".join(lines)
 
 
 def _runtime_text(s: dict[str, Any]) -> str:
     v = s.get("versions") or {}
-    parts = [f"protofl {v.get('protofl', '?')}" + (f" (commit {s['commit'][:12]}"
-                                                    f"{', uncommitted changes' if s['commit'].endswith('-dirty') else ''})"
-                                                    if s.get("commit") else ""),
-             f"torch {v.get('torch', '?')}"]
+    parts = [
+        f"protofl {v.get('protofl', '?')}"
+        + (
+            f" (commit {s['commit'][:12]}{', uncommitted changes' if s['commit'].endswith('-dirty') else ''})"
+            if s.get("commit")
+            else ""
+        ),
+        f"torch {v.get('torch', '?')}",
+    ]
     if v.get("flwr"):
         parts.append(f"flwr {v['flwr']}")
     if v.get("python"):
@@ -176,19 +214,30 @@ def _clients_section(run_dir: Path, s: dict[str, Any]) -> list[str]:
     plot_clients(records, run_dir / "clients.png")
     figures = s.get("per_client") or {}
     by_id = {r["client"]: r for r in records}
-    lines = ["## Clients", "",
-             f"Round {records[0]['round']}: personalised accuracy of the worst client "
-             f"{_fmt(figures.get('personal_acc_worst'))} %, 10th percentile {_fmt(figures.get('personal_acc_p10'))} %"
-             + (f"; epsilon spent max {figures['epsilon_max']:.3f}, mean {figures['epsilon_mean']:.3f}"
-                if figures.get("epsilon_max") is not None else "")
-             + ". Every client in every evaluated round: [clients.csv](clients.csv).", "",
-             "![clients](clients.png)", "",
-             "| worst clients | personalised acc (%) | train samples | classes | epsilon | status |", "|---|---|---|---|---|---|"]
+    lines = [
+        "## Clients",
+        "",
+        f"Round {records[0]['round']}: personalised accuracy of the worst client "
+        f"{_fmt(figures.get('personal_acc_worst'))} %, 10th percentile {_fmt(figures.get('personal_acc_p10'))} %"
+        + (
+            f"; epsilon spent max {figures['epsilon_max']:.3f}, mean {figures['epsilon_mean']:.3f}"
+            if figures.get("epsilon_max") is not None
+            else ""
+        )
+        + ". Every client in every evaluated round: [clients.csv](clients.csv).",
+        "",
+        "![clients](clients.png)",
+        "",
+        "| worst clients | personalised acc (%) | train samples | classes | epsilon | status |",
+        "|---|---|---|---|---|---|",
+    ]
     for k in figures.get("worst_clients", []):
         r = by_id.get(k, {})
         eps = "—" if r.get("epsilon") is None else f"{r['epsilon']:.3f}"
-        lines.append(f"| {k} | {_fmt(r.get('personal_acc'))} | {r.get('samples')} | {r.get('classes')} | {eps} | "
-                     f"{r.get('status')} |")
+        lines.append(
+            f"| {k} | {_fmt(r.get('personal_acc'))} | {r.get('samples')} | {r.get('classes')} | {eps} | "
+            f"{r.get('status')} |"
+        )
     return [*lines, ""]
 
 
@@ -196,13 +245,18 @@ def _privacy_text(s: dict[str, Any]) -> str:
     p = s.get("privacy")
     if s["epsilon"] is None or not p:
         return "not private (clients release their prototypes or models as they are)"
-    selection = (f", private top-k selection at epsilon {p['selection_epsilon_per_release']:.3g} per release"
-                 if p.get("selection_epsilon_per_release") else "")
-    return (f"{p['mechanism']} on every released prototype, Gaussian noise multiplier {p['noise_multiplier']:.3f}{selection}; "
-            f"spent epsilon {s['epsilon']:.3f} of {p['epsilon_budget']:g} at delta {s['delta']:.1g} "
-            f"(most-spent client, {p['accountant']} accountant; PLD {_num(p['epsilon_pld_max'])}, RDP {_num(p['epsilon_rdp_max'])}) "
-            f"over {p['max_releases_by_a_client']} releases"
-            + (f"; sensitivity rule {p['sensitivity']}" if p.get("sensitivity") else ""))
+    selection = (
+        f", private top-k selection at epsilon {p['selection_epsilon_per_release']:.3g} per release"
+        if p.get("selection_epsilon_per_release")
+        else ""
+    )
+    return (
+        f"{p['mechanism']} on every released prototype, Gaussian noise multiplier {p['noise_multiplier']:.3f}{selection}; "
+        f"spent epsilon {s['epsilon']:.3f} of {p['epsilon_budget']:g} at delta {s['delta']:.1g} "
+        f"(most-spent client, {p['accountant']} accountant; PLD {_num(p['epsilon_pld_max'])}, RDP {_num(p['epsilon_rdp_max'])}) "
+        f"over {p['max_releases_by_a_client']} releases"
+        + (f"; sensitivity rule {p['sensitivity']}" if p.get("sensitivity") else "")
+    )
 
 
 def _num(value: float | None) -> str:
@@ -247,8 +301,7 @@ class RunRecord:
 
     @classmethod
     def load(cls, run_dir: Path) -> RunRecord:
-        from protofl.config import effective_settings
-        from protofl.config import RunConfig
+        from protofl.config import RunConfig, effective_settings
 
         run_dir = Path(run_dir)
         summary = load_summary(run_dir)
@@ -370,11 +423,18 @@ def plot_privacy_utility(groups: Mapping[tuple, list[RunRecord]], keys: Sequence
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     for label, points in sorted(lines.items()):
         points.sort()
-        ax.errorbar([p[0] for p in points], [100 * p[1] for p in points], yerr=[100 * p[2] for p in points],
-                    marker="o", capsize=3, label=label)
+        ax.errorbar(
+            [p[0] for p in points],
+            [100 * p[1] for p in points],
+            yerr=[100 * p[2] for p in points],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     for label, (mean, std) in sorted(references.items()):
-        line = ax.axhline(100 * mean, ls="--", lw=1, color="grey" if len(references) == 1 else None,
-                          label=f"{label} (no privacy)")
+        line = ax.axhline(
+            100 * mean, ls="--", lw=1, color="grey" if len(references) == 1 else None, label=f"{label} (no privacy)"
+        )
         ax.axhspan(100 * (mean - std), 100 * (mean + std), color=line.get_color(), alpha=0.1)
     ax.set_xscale("log")
     eps = sorted({p[0] for points in lines.values() for p in points})
@@ -382,8 +442,11 @@ def plot_privacy_utility(groups: Mapping[tuple, list[RunRecord]], keys: Sequence
     ax.minorticks_off()
     shared = {(r.summary["method"], r.summary["dataset"]) for members in groups.values() for r in members}
     what = f": {next(iter(shared))[0]} on {next(iter(shared))[1]}" if len(shared) == 1 else ""
-    ax.set(title=f"Privacy–utility{what} (mean ± std over seeds)", xlabel="epsilon budget per client",
-           ylabel="personalised accuracy, final round (%)")
+    ax.set(
+        title=f"Privacy–utility{what} (mean ± std over seeds)",
+        xlabel="epsilon budget per client",
+        ylabel="personalised accuracy, final round (%)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -405,25 +468,32 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     done, unfinished = find_run_folders(run_dirs)
     runs = [RunRecord.load(d) for d in done]
     if not runs:
-        raise FileNotFoundError(f"no run in {', '.join(map(str, run_dirs))} has a summary.json yet "
-                                "(killed before its first summary: resume it)")
+        raise FileNotFoundError(
+            f"no run in {', '.join(map(str, run_dirs))} has a summary.json yet "
+            "(killed before its first summary: resume it)"
+        )
     keys = varying_keys(runs)
     groups = group_runs(runs, keys)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_learning_curves([(_label(keys, values), mean_history(members)) for values, members in groups.items()],
-                         out_dir / "learning_curves.png")
+    plot_learning_curves(
+        [(_label(keys, values), mean_history(members)) for values, members in groups.items()],
+        out_dir / "learning_curves.png",
+    )
     privacy_plot = plot_privacy_utility(groups, keys, out_dir / "privacy_utility.png")
 
     group_rows = []
     for values, members in groups.items():
         s = [m.summary for m in members]
         group_rows.append(
-            "| " + " | ".join(_value(v) for v in values) + (" | " if values else "")
+            "| "
+            + " | ".join(_value(v) for v in values)
+            + (" | " if values else "")
             + f"{len(members)} | {', '.join(str(x['seed']) for x in s)} | {_status_text(members)} | "
             f"{_ms([x['final'].get('global_acc') for x in s])} | {_ms([x['final'].get('personal_acc_mean') for x in s])} | "
             f"{_ms([(x.get('per_client') or {}).get('personal_acc_worst') for x in s])} | "
             f"{_ms([x.get('epsilon') for x in s], pct=False)} | "
-            f"{_ms([x['seconds_per_round'] for x in s], pct=False)} |")
+            f"{_ms([x['seconds_per_round'] for x in s], pct=False)} |"
+        )
     rows = []
     for r in runs:
         s = r.summary
@@ -447,8 +517,12 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
         "",
         "## By setting",
         "",
-        ("Runs grouped by the settings in which their resolved configurations differ: "
-         + ", ".join(f"`{k}`" for k in keys) if keys else "All runs share one setting")
+        (
+            "Runs grouped by the settings in which their resolved configurations differ: "
+            + ", ".join(f"`{k}`" for k in keys)
+            if keys
+            else "All runs share one setting"
+        )
         + "; mean ± std over the runs (seeds) of each group, final round; epsilon is the most-spent client's.",
         "",
         "| " + " | ".join(header) + " | global acc | personalised acc | worst client | epsilon spent | s/round |",
@@ -467,8 +541,11 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
         "",
     ]
     if unfinished:
-        table += ["Killed before writing a summary (continue with `protofl run --resume DIR`): "
-                  + ", ".join(f"`{p}`" for p in unfinished), ""]
+        table += [
+            "Killed before writing a summary (continue with `protofl run --resume DIR`): "
+            + ", ".join(f"`{p}`" for p in unfinished),
+            "",
+        ]
     path = out_dir / "comparison.md"
     write_atomic(path, "\n".join(table))
     return path

@@ -22,38 +22,68 @@ NONE = type(None)
 
 #: summary.json: the fields a report uses and their JSON types (bool is never a number).
 SUMMARY_FIELDS: dict[str, tuple[type, ...]] = {
-    "method": (str,), "dataset": (str,), "features": (str,), "partition": (dict,), "clients": (int,),
-    "rounds": (int,), "seed": (int,), "final": (dict,), "best": (dict,), "epsilon": (*NUMBER, NONE),
-    "delta": (*NUMBER, NONE), "privacy": (dict, NONE), "wall_seconds": NUMBER, "seconds_per_round": NUMBER,
-    "bytes_up": NUMBER, "bytes_down": NUMBER,
+    "method": (str,),
+    "dataset": (str,),
+    "features": (str,),
+    "partition": (dict,),
+    "clients": (int,),
+    "rounds": (int,),
+    "seed": (int,),
+    "final": (dict,),
+    "best": (dict,),
+    "epsilon": (*NUMBER, NONE),
+    "delta": (*NUMBER, NONE),
+    "privacy": (dict, NONE),
+    "wall_seconds": NUMBER,
+    "seconds_per_round": NUMBER,
+    "bytes_up": NUMBER,
+    "bytes_down": NUMBER,
 }
 OPTIONAL_SUMMARY_FIELDS: dict[str, tuple[type, ...]] = {"peak_memory_mb": NUMBER}
 #: ``final`` and ``best``: one evaluated round's headline metrics.
 ROUND_FIELDS: dict[str, tuple[type, ...]] = {
-    "global_acc": (*NUMBER, NONE), "personal_acc_mean": (*NUMBER, NONE), "personal_acc_std": (*NUMBER, NONE),
+    "global_acc": (*NUMBER, NONE),
+    "personal_acc_mean": (*NUMBER, NONE),
+    "personal_acc_std": (*NUMBER, NONE),
 }
 OPTIONAL_ROUND_FIELDS: dict[str, tuple[type, ...]] = {"round": (int, NONE)}
 PARTITION_FIELDS: dict[str, tuple[type, ...]] = {"scheme": (str,)}
-OPTIONAL_PARTITION_FIELDS: dict[str, tuple[type, ...]] = {"alpha": NUMBER, "classes_per_client": (int,),
-                                                          "imbalance_factor": NUMBER}
+OPTIONAL_PARTITION_FIELDS: dict[str, tuple[type, ...]] = {
+    "alpha": NUMBER,
+    "classes_per_client": (int,),
+    "imbalance_factor": NUMBER,
+}
 #: ``privacy`` (where a mechanism ran): what the run's report says of it.
 PRIVACY_FIELDS: dict[str, tuple[type, ...]] = {
-    "mechanism": (str,), "noise_multiplier": NUMBER, "epsilon_budget": NUMBER, "accountant": (str,),
-    "epsilon_pld_max": (*NUMBER, NONE), "epsilon_rdp_max": (*NUMBER, NONE), "max_releases_by_a_client": (int,),
+    "mechanism": (str,),
+    "noise_multiplier": NUMBER,
+    "epsilon_budget": NUMBER,
+    "accountant": (str,),
+    "epsilon_pld_max": (*NUMBER, NONE),
+    "epsilon_rdp_max": (*NUMBER, NONE),
+    "max_releases_by_a_client": (int,),
 }
-OPTIONAL_PRIVACY_FIELDS: dict[str, tuple[type, ...]] = {"selection_epsilon_per_release": (*NUMBER, NONE),
-                                                        "sensitivity": (str, NONE)}
+OPTIONAL_PRIVACY_FIELDS: dict[str, tuple[type, ...]] = {
+    "selection_epsilon_per_release": (*NUMBER, NONE),
+    "sensitivity": (str, NONE),
+}
 #: metrics.jsonl: one row per evaluated round.
 ROW_FIELDS: dict[str, tuple[type, ...]] = {"round": (int,)}
 OPTIONAL_ROW_FIELDS: dict[str, tuple[type, ...]] = {
-    "global_acc": (*NUMBER, NONE), "personal_acc_mean": (*NUMBER, NONE), "personal_acc_std": (*NUMBER, NONE),
-    "personal_proto_acc_mean": (*NUMBER, NONE), "train_loss": (*NUMBER, NONE), "bytes_up": NUMBER,
-    "bytes_down": NUMBER, "round_seconds": NUMBER,
+    "global_acc": (*NUMBER, NONE),
+    "personal_acc_mean": (*NUMBER, NONE),
+    "personal_acc_std": (*NUMBER, NONE),
+    "personal_proto_acc_mean": (*NUMBER, NONE),
+    "train_loss": (*NUMBER, NONE),
+    "bytes_up": NUMBER,
+    "bytes_down": NUMBER,
+    "round_seconds": NUMBER,
 }
 
 
-def _check(data: Any, where: str, required: Mapping[str, tuple[type, ...]],
-           optional: Mapping[str, tuple[type, ...]] = {}) -> None:
+def _check(
+    data: Any, where: str, required: Mapping[str, tuple[type, ...]], optional: Mapping[str, tuple[type, ...]] = {}
+) -> None:
     if not isinstance(data, dict):
         raise ReportError(f"{where}: expected a JSON object, got {type(data).__name__}")
     for key, types in (*required.items(), *optional.items()):

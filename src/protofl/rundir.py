@@ -96,11 +96,14 @@ class RunFolder:
         if not content:
             return
         if CONFIG_NAME in content:
-            raise RunFolderError(f"{self.path} already holds a run; resume it (--resume {self.path}) or choose "
-                                 "another --out")
-        raise RunFolderError(f"--out {self.path}: the folder holds other files ({', '.join(content[:3])}"
-                             f"{', ...' if len(content) > 3 else ''}); protofl writes runs only into a new or "
-                             "empty folder, and left this one as it was")
+            raise RunFolderError(
+                f"{self.path} already holds a run; resume it (--resume {self.path}) or choose another --out"
+            )
+        raise RunFolderError(
+            f"--out {self.path}: the folder holds other files ({', '.join(content[:3])}"
+            f"{', ...' if len(content) > 3 else ''}); protofl writes runs only into a new or "
+            "empty folder, and left this one as it was"
+        )
 
     def _probe_lock(self) -> None:
         """Refuse at once if another process holds the folder's lock (takes nothing)."""
@@ -177,8 +180,10 @@ def _try_lock(fd: int, path: Path) -> None:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         except OSError:
             holder = "unknown"
-        raise RunLockedError(f"{path} is being written by another protofl process (pid {holder}); wait for it to "
-                             "finish or choose another --out") from None
+        raise RunLockedError(
+            f"{path} is being written by another protofl process (pid {holder}); wait for it to "
+            "finish or choose another --out"
+        ) from None
 
 
 def _unlock(fd: int) -> None:

@@ -40,8 +40,9 @@ class PreparedData:
     test_groups: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
-def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides: Sequence[str] = (), *,
-                   user_data: bool = False) -> RunConfig:
+def resolve_config(
+    config: RunConfig | Mapping[str, Any] | str | Path, overrides: Sequence[str] = (), *, user_data: bool = False
+) -> RunConfig:
     """A :class:`RunConfig` with the method's options validated and its defaults filled in (the
     dataset's presets first, :mod:`protofl.presets`); the device is checked to exist. ``user_data``:
     the data comes from ``protofl.run(dataset=...)``, not from ``data.dataset``."""
@@ -51,8 +52,10 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
     from protofl.runtime import check_supported, resolve_device
 
     if not isinstance(config, (RunConfig, Mapping, str, Path)):
-        raise ConfigError(f"config: expected a RunConfig, a mapping in the TOML layout or the path of a TOML file, "
-                          f"got {type(config).__name__}")
+        raise ConfigError(
+            f"config: expected a RunConfig, a mapping in the TOML layout or the path of a TOML file, "
+            f"got {type(config).__name__}"
+        )
     if isinstance(config, (str, Path)):
         config = RunConfig.from_toml(config, overrides)
     elif isinstance(config, Mapping):
@@ -62,8 +65,10 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
     load_plugins()
     algorithm_cls = get_algorithm(config.method_name)
     config = dataclasses.replace(config, privacy=config.privacy.resolved(config.federation.rounds))
-    options = {**preset_options(config.data.dataset, config.method_name, algorithm_cls.Config,
-                                config.method_options), **config.method_options}
+    options = {
+        **preset_options(config.data.dataset, config.method_name, algorithm_cls.Config, config.method_options),
+        **config.method_options,
+    }
     method_config = algorithm_cls.resolve_options(from_mapping(algorithm_cls.Config, options, "method."), config)
     algorithm_cls.validate_privacy(method_config, config.privacy)
     check_accountant(config.privacy.accountant)
@@ -74,7 +79,9 @@ def resolve_config(config: RunConfig | Mapping[str, Any] | str | Path, overrides
         from protofl.data import ENCODERS
 
         if config.data.features not in ENCODERS:
-            raise ConfigError(f"data.features: {config.data.features!r} is not one of pixels, {', '.join(sorted(ENCODERS))}")
+            raise ConfigError(
+                f"data.features: {config.data.features!r} is not one of pixels, {', '.join(sorted(ENCODERS))}"
+            )
     return dataclasses.replace(config, method={"name": config.method_name, **to_mapping(method_config)})
 
 
@@ -106,8 +113,10 @@ def check_dataset_name(name: str) -> None:
             raise ConfigError(f"data.dataset: unknown folder kind {kind!r}; use idx:/path or cifar:/path")
         return
     if name not in DATASETS:
-        raise ConfigError(f"data.dataset: unknown dataset {name!r}; valid datasets are {', '.join(sorted(DATASETS))}, "
-                          "or idx:/folder, cifar:/folder for files you hold")
+        raise ConfigError(
+            f"data.dataset: unknown dataset {name!r}; valid datasets are {', '.join(sorted(DATASETS))}, "
+            "or idx:/folder, cifar:/folder for files you hold"
+        )
 
 
 def fingerprint(config: RunConfig) -> str:
@@ -130,8 +139,9 @@ def prepare_data(config: RunConfig, splits: Any = None, device: Any = None) -> P
     train = splits.train
     if config.data.max_train_samples and config.data.max_train_samples < len(train):
         train = train.subset(_stratified_subset(train.y, config.data.max_train_samples, config.seed))
-    partition = make_partition(train.y, config.partition, seed=config.seed, domains=train.domain,
-                               num_classes=train.num_classes)
+    partition = make_partition(
+        train.y, config.partition, seed=config.seed, domains=train.domain, num_classes=train.num_classes
+    )
     x = torch.from_numpy(np.ascontiguousarray(train.x, dtype=np.float32)).to(device)
     y = torch.from_numpy(train.y.astype(np.int64)).to(device)
     clients = [
@@ -140,8 +150,10 @@ def prepare_data(config: RunConfig, splits: Any = None, device: Any = None) -> P
     ]
     test_groups = {}
     if splits.test.domain is not None:
-        test_groups = {name: torch.from_numpy(np.flatnonzero(splits.test.domain == d)).to(device)
-                       for d, name in enumerate(splits.test.domain_names)}
+        test_groups = {
+            name: torch.from_numpy(np.flatnonzero(splits.test.domain == d)).to(device)
+            for d, name in enumerate(splits.test.domain_names)
+        }
     return PreparedData(
         clients=clients,
         test_x=torch.from_numpy(np.ascontiguousarray(splits.test.x, dtype=np.float32)).to(device),
@@ -161,8 +173,10 @@ def _stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     index = np.arange(len(labels))
     classes = len(np.unique(labels))
     if size < classes:
-        raise ConfigError(f"data.max_train_samples: {size} is fewer than the {classes} classes of the training set; "
-                          f"keep at least one sample of each (>= {classes}), or 0 for all")
+        raise ConfigError(
+            f"data.max_train_samples: {size} is fewer than the {classes} classes of the training set; "
+            f"keep at least one sample of each (>= {classes}), or 0 for all"
+        )
     try:
         kept, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
     except ValueError as exc:
@@ -170,9 +184,19 @@ def _stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(kept)
 
 
-def run_summary(config: RunConfig, history: list[dict[str, Any]], *, privacy: dict[str, Any] | None,
-                wall_seconds: float, seconds_per_round: float, bytes_up: int, bytes_down: int,
-                status: str = "completed", rounds_done: int | None = None, **extra: Any) -> dict[str, Any]:
+def run_summary(
+    config: RunConfig,
+    history: list[dict[str, Any]],
+    *,
+    privacy: dict[str, Any] | None,
+    wall_seconds: float,
+    seconds_per_round: float,
+    bytes_up: int,
+    bytes_down: int,
+    status: str = "completed",
+    rounds_done: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """summary.json of a run, whichever engine ran it (``extra``: engine-specific fields, e.g. the
     in-process ``execution``, ``threads`` and ``device`` or Flower's ``engine`` and ``incidents``).
     ``status``: ``completed``, ``stopped: budget``, ``stopped: too few replies``, ``interrupted`` or
@@ -227,8 +251,9 @@ def write_partition_records(run_dir: Path, data: PreparedData) -> None:
     names = data.class_names or None
     write_atomic(run_dir / "partition.md", partition_table(data.partition, data.pool_labels, class_names=names))
     # The heat map counts what the table counts: each client's training samples per class.
-    plot_partition_heatmap(data.partition, data.pool_labels, run_dir / "partition_heatmap.png", class_names=names,
-                           split="train")
+    plot_partition_heatmap(
+        data.partition, data.pool_labels, run_dir / "partition_heatmap.png", class_names=names, split="train"
+    )
 
 
 def build_algorithm(config: RunConfig, data: PreparedData, model: Callable[..., Any] | None = None):
@@ -245,11 +270,20 @@ def build_algorithm(config: RunConfig, data: PreparedData, model: Callable[..., 
     return get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
 
 
-def run_rounds(config: RunConfig, data: PreparedData, driver_for: Callable[..., Any], run_dir: Path | None, *,
-               resume: bool, require_checkpoint: bool = False, stop_after: int | None = None,
-               model: Callable[..., Any] | None = None, on_round: Callable[[dict[str, Any]], None] | None = None,
-               tracker: Any = None, extra: Mapping[str, Any] | None = None
-               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_rounds(
+    config: RunConfig,
+    data: PreparedData,
+    driver_for: Callable[..., Any],
+    run_dir: Path | None,
+    *,
+    resume: bool,
+    require_checkpoint: bool = False,
+    stop_after: int | None = None,
+    model: Callable[..., Any] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    tracker: Any = None,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run ``config``'s rounds with the driver ``driver_for(algorithm, checkpoint_dir=..., fingerprint=...,
     on_round=...)`` builds; with ``run_dir``, write the run folder as the rounds go (config.toml,
     metrics.jsonl, clients.csv, the partition's records, checkpoints) and at the end (summary.json, plots,
@@ -278,12 +312,18 @@ def run_rounds(config: RunConfig, data: PreparedData, driver_for: Callable[..., 
         if on_round is not None:
             on_round(row)
 
-    driver = driver_for(algorithm, checkpoint_dir=None if run_dir is None else run_dir / "checkpoint",
-                        fingerprint=fingerprint(config), on_round=on_round_hook)
+    driver = driver_for(
+        algorithm,
+        checkpoint_dir=None if run_dir is None else run_dir / "checkpoint",
+        fingerprint=fingerprint(config),
+        on_round=on_round_hook,
+    )
     if resume and not driver.resume():
         if require_checkpoint:
-            raise RuntimeError(f"cannot resume: {driver.checkpoint_dir} holds no checkpoint of this run; "
-                               "start a new run (without --resume) in another folder")
+            raise RuntimeError(
+                f"cannot resume: {driver.checkpoint_dir} holds no checkpoint of this run; "
+                "start a new run (without --resume) in another folder"
+            )
         log.warning("no checkpoint in %s: starting from round 1", run_dir)
     if run_dir is not None:
         if not resume:
@@ -293,10 +333,20 @@ def run_rounds(config: RunConfig, data: PreparedData, driver_for: Callable[..., 
         write_partition_records(run_dir, data)
 
     def finish(status: str, **fields: Any) -> dict[str, Any]:
-        summary = run_summary(config, driver.history, privacy=driver.transport.privacy_report(),
-                              wall_seconds=driver.wall_seconds, seconds_per_round=driver.elapsed / max(driver.round, 1),
-                              bytes_up=driver.bytes_up, bytes_down=driver.bytes_down, status=status,
-                              rounds_done=driver.round, **driver.transport.summary_fields(), **(extra or {}), **fields)
+        summary = run_summary(
+            config,
+            driver.history,
+            privacy=driver.transport.privacy_report(),
+            wall_seconds=driver.wall_seconds,
+            seconds_per_round=driver.elapsed / max(driver.round, 1),
+            bytes_up=driver.bytes_up,
+            bytes_down=driver.bytes_down,
+            status=status,
+            rounds_done=driver.round,
+            **driver.transport.summary_fields(),
+            **(extra or {}),
+            **fields,
+        )
         if not last_clients and table is not None:  # resumed after the last evaluated round
             last_clients[:] = table.last_round()
         if last_clients:
@@ -312,8 +362,7 @@ def run_rounds(config: RunConfig, data: PreparedData, driver_for: Callable[..., 
         if status is not None:
             try:
                 finish(status)
-                log.info("run %s after round %d: summary.json and report.md hold the rounds done", status,
-                            driver.round)
+                log.info("run %s after round %d: summary.json and report.md hold the rounds done", status, driver.round)
             except Exception:  # the records of a stop must not hide why it stopped
                 log.exception("could not write the records of the stopped run")
         raise

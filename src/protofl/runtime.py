@@ -32,8 +32,10 @@ def resolve_device(name: str) -> Any:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise ConfigError(f"federation.device: {name!r} asked for, but this machine has no CUDA device "
-                          f"(torch {torch.__version__}, {build}); use 'cpu' or 'auto'")
+        raise ConfigError(
+            f"federation.device: {name!r} asked for, but this machine has no CUDA device "
+            f"(torch {torch.__version__}, {build}); use 'cpu' or 'auto'"
+        )
     index = int(name.partition(":")[2] or 0)
     count = torch.cuda.device_count()
     if index >= count:
@@ -45,8 +47,10 @@ def check_supported(device: Any) -> None:
     """Refuse a device the methods cannot run on yet (their tensors are created on the CPU: model
     parameters, payload arrays, prototypes), before any work rather than halfway through a round."""
     if device.type != "cpu":
-        raise ConfigError(f"federation.device: {str(device)!r} resolved, but protofl's methods create their "
-                          "tensors on the CPU and cannot run on a CUDA device yet; use 'cpu'")
+        raise ConfigError(
+            f"federation.device: {str(device)!r} resolved, but protofl's methods create their "
+            "tensors on the CPU and cannot run on a CUDA device yet; use 'cpu'"
+        )
 
 
 def available_cores() -> int:
@@ -62,8 +66,9 @@ def worker_processes() -> int:
     try:
         return max(1, int(os.environ.get(WORKERS_ENV, "1")))
     except ValueError:
-        raise ConfigError(f"{WORKERS_ENV}: expected a whole number of worker processes, "
-                          f"got {os.environ[WORKERS_ENV]!r}") from None
+        raise ConfigError(
+            f"{WORKERS_ENV}: expected a whole number of worker processes, got {os.environ[WORKERS_ENV]!r}"
+        ) from None
 
 
 def resolve_threads(threads: int) -> int:
@@ -96,8 +101,12 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             return None
 
-    return {"protofl": protofl.__version__, "torch": torch.__version__, "flwr": installed("flwr"),
-            "python": platform.python_version()}
+    return {
+        "protofl": protofl.__version__,
+        "torch": torch.__version__,
+        "flwr": installed("flwr"),
+        "python": platform.python_version(),
+    }
 
 
 @functools.cache
@@ -106,12 +115,18 @@ def git_commit() -> str | None:
     None when it is not a git checkout (an installed wheel) or git is missing."""
     source = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                              timeout=10)
+        head = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, check=False, timeout=10
+        )
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no", "."],
-                               capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

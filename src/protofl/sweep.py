@@ -61,8 +61,11 @@ class SweepSpec:
     workers: int = 1
 
     def __post_init__(self) -> None:
-        check(bool(self.grid) or bool(self.seeds), "sweep", "empty grid: give --grid KEY=V1,V2 (or [sweep] grid) "
-              "and/or --seeds")
+        check(
+            bool(self.grid) or bool(self.seeds),
+            "sweep",
+            "empty grid: give --grid KEY=V1,V2 (or [sweep] grid) and/or --seeds",
+        )
         keys = [k for k, _ in self.grid]
         for key, values in self.grid:
             check(bool(key), "sweep.grid", "a key is empty")
@@ -71,14 +74,25 @@ class SweepSpec:
             check(keys.count(key) == 1, f"sweep.grid.{key}", "given twice")
             check(len(set(map(repr, values))) == len(values), f"sweep.grid.{key}", f"repeated values in {list(values)}")
         for seed in self.seeds:
-            check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "sweep.seeds",
-                  f"expected whole numbers >= 0, got {seed!r}")
+            check(
+                isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
+                "sweep.seeds",
+                f"expected whole numbers >= 0, got {seed!r}",
+            )
         check(len(set(self.seeds)) == len(self.seeds), "sweep.seeds", f"repeated seeds in {list(self.seeds)}")
-        check(isinstance(self.workers, int) and self.workers >= 1, "sweep.workers", f"must be >= 1, got {self.workers!r}")
+        check(
+            isinstance(self.workers, int) and self.workers >= 1, "sweep.workers", f"must be >= 1, got {self.workers!r}"
+        )
 
     @classmethod
-    def from_toml(cls, path: str | Path, grid: Sequence[str] = (), seeds: Sequence[int] | None = None,
-                  workers: int | None = None, overrides: Sequence[str] = ()) -> SweepSpec:
+    def from_toml(
+        cls,
+        path: str | Path,
+        grid: Sequence[str] = (),
+        seeds: Sequence[int] | None = None,
+        workers: int | None = None,
+        overrides: Sequence[str] = (),
+    ) -> SweepSpec:
         """The ``[sweep]`` table of a TOML configuration (``grid`` = {key = [values]}, ``seeds``,
         ``workers``), the rest being the base; command-line ``grid`` entries (``key=v1,v2``) add to or
         replace the table's, ``seeds``/``workers`` replace its own."""
@@ -102,8 +116,12 @@ class SweepSpec:
         merged.update(parse_grid(grid))
         table_seeds = table.get("seeds", [])
         check(isinstance(table_seeds, list), "sweep.seeds", f"expected a list, got {table_seeds!r}")
-        return cls(apply_overrides(data, overrides), tuple(merged.items()),
-                   tuple(seeds if seeds is not None else table_seeds), workers or table.get("workers", 1))
+        return cls(
+            apply_overrides(data, overrides),
+            tuple(merged.items()),
+            tuple(seeds if seeds is not None else table_seeds),
+            workers or table.get("workers", 1),
+        )
 
     def cells(self) -> list[Cell]:
         """Every combination, in grid order then seeds."""
@@ -112,9 +130,13 @@ class SweepSpec:
         axes = [[(name, key, v) for v in values] for name, (key, values) in zip(names, self.grid)]
         if self.seeds:
             axes.append([("seed", "seed", s) for s in self.seeds])
-        return [Cell("_".join(f"{name}-{_short(v)}" for name, _, v in combo),
-                     tuple(f"{key}={_literal(v)}" for _, key, v in combo))
-                for combo in itertools.product(*axes)]
+        return [
+            Cell(
+                "_".join(f"{name}-{_short(v)}" for name, _, v in combo),
+                tuple(f"{key}={_literal(v)}" for _, key, v in combo),
+            )
+            for combo in itertools.product(*axes)
+        ]
 
     def resolved(self) -> list[tuple[Cell, Any, str | None]]:
         """``(cell, resolved config, name of an earlier cell with the same effective settings or None)``
@@ -196,14 +218,24 @@ def run_sweep(spec: SweepSpec, out: str | Path) -> dict[str, Any]:
     out = Path(out)
     plan = spec.resolved()
     out.mkdir(parents=True, exist_ok=True)
-    cells = {cell.name: {"overrides": list(cell.overrides), "status": "pending" if dup is None else f"same as {dup}"}
-             for cell, _, dup in plan}
-    manifest = {"workers": spec.workers, "grid": {k: list(v) for k, v in spec.grid}, "seeds": list(spec.seeds),
-                "cells": cells}
+    cells = {
+        cell.name: {"overrides": list(cell.overrides), "status": "pending" if dup is None else f"same as {dup}"}
+        for cell, _, dup in plan
+    }
+    manifest = {
+        "workers": spec.workers,
+        "grid": {k: list(v) for k, v in spec.grid},
+        "seeds": list(spec.seeds),
+        "cells": cells,
+    }
     write_json(out / "sweep.json", manifest)
     todo = [(cell, str(out / cell.name)) for cell, _, dup in plan if dup is None]
-    log.info("sweep: %d cells (%d with settings of an earlier cell), %d worker process(es)",
-             len(plan), len(plan) - len(todo), spec.workers)
+    log.info(
+        "sweep: %d cells (%d with settings of an earlier cell), %d worker process(es)",
+        len(plan),
+        len(plan) - len(todo),
+        spec.workers,
+    )
 
     def record(cell: Cell, status: str, action: str = "") -> None:
         cells[cell.name]["status"] = status
@@ -223,8 +255,10 @@ def run_sweep(spec: SweepSpec, out: str | Path) -> dict[str, Any]:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(spec.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_cell, dict(spec.base), cell.overrides, folder, spec.workers): cell
-                       for cell, folder in todo}
+            futures = {
+                pool.submit(run_cell, dict(spec.base), cell.overrides, folder, spec.workers): cell
+                for cell, folder in todo
+            }
             for future, cell in futures.items():
                 try:
                     record(cell, *future.result())
@@ -236,8 +270,10 @@ def run_sweep(spec: SweepSpec, out: str | Path) -> dict[str, Any]:
         compare_runs([out], out / "report")
     failed = [name for name, c in cells.items() if c["status"].startswith("failed")]
     if failed:
-        raise SweepFailed(f"{len(failed)} of {len(cells)} sweep cells failed ({', '.join(failed)}); "
-                          f"see {out / 'sweep.json'}; run the sweep again to retry them")
+        raise SweepFailed(
+            f"{len(failed)} of {len(cells)} sweep cells failed ({', '.join(failed)}); "
+            f"see {out / 'sweep.json'}; run the sweep again to retry them"
+        )
     return manifest
 
 

@@ -28,8 +28,9 @@ def round_line(row: Mapping[str, Any], rounds: int) -> str:
     if row.get("privacy_epsilon_max") is not None:
         parts.append(f"eps {row['privacy_epsilon_max']:.3g},")
     seconds = (row.get("round_seconds") or 0.0) + (row.get("eval_seconds") or 0.0)
-    parts.append(f"{row.get('bytes_up', 0) / 1e6:.3f} MB up, {row.get('bytes_down', 0) / 1e6:.3f} MB down, "
-                 f"{seconds:.1f} s")
+    parts.append(
+        f"{row.get('bytes_up', 0) / 1e6:.3f} MB up, {row.get('bytes_down', 0) / 1e6:.3f} MB down, {seconds:.1f} s"
+    )
     return " ".join(parts)
 
 
@@ -56,7 +57,9 @@ class TensorBoardTracker:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise ConfigError("logging.tensorboard: needs the tensorboard package: pip install 'protofl[tracking]'") from None
+            raise ConfigError(
+                "logging.tensorboard: needs the tensorboard package: pip install 'protofl[tracking]'"
+            ) from None
 
     def __call__(self, row: Mapping[str, Any]) -> None:
         import numpy as np

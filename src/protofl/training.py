@@ -89,7 +89,10 @@ class StackedOptimizer:
             if config.momentum:
                 self.state = [[torch.zeros_like(v) for v in params.values()]]
         else:
-            self.state = [[torch.zeros_like(v) for v in params.values()], [torch.zeros_like(v) for v in params.values()]]
+            self.state = [
+                [torch.zeros_like(v) for v in params.values()],
+                [torch.zeros_like(v) for v in params.values()],
+            ]
 
     def step(self, params: Params, grads: Params, active: torch.Tensor, step: int) -> None:
         p = [params[n] for n in self.names]
@@ -127,9 +130,9 @@ class StackedOptimizer:
         torch._foreach_lerp_(exp_avg, g, 1 - beta1)
         torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, g, g, 1 - beta2)
-        step_size = lr / (1 - beta1 ** step)
+        step_size = lr / (1 - beta1**step)
         denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** step))
+        torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p, exp_avg, denom, -step_size)
 
@@ -209,9 +212,7 @@ class Schedule:
     steps: torch.Tensor  # (K,) number of steps of each client
 
 
-def batch_schedule(
-    batch: ClientBatch, batch_size: int, epochs: int, generators: Sequence[torch.Generator]
-) -> Schedule:
+def batch_schedule(batch: ClientBatch, batch_size: int, epochs: int, generators: Sequence[torch.Generator]) -> Schedule:
     """Each client's :func:`minibatches`, drawn with its own generator epoch by epoch exactly as
     :func:`train_local` draws them, padded into one table."""
     sizes = [int(n) for n in batch.sizes]
@@ -293,8 +294,9 @@ def train_batched(
 
 
 @torch.no_grad()
-def batched_features(forward: Callable[[Params, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                     params: Params, batch: ClientBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batched_features(
+    forward: Callable[[Params, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], params: Params, batch: ClientBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features of every client's train split under its own stacked parameters (one ``vmap`` call):
     ``(K, n_max, d)``, the ``(K, n_max)`` weight of the real rows and their ``(K, n_max)`` row index into
     the batch."""

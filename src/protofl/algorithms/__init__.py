@@ -24,4 +24,13 @@ from protofl.algorithms.base import (
     register,
 )
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientData", "LocalTrainingConfig", "ModelAlgorithm", "Task", "get_algorithm", "register"]
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "ClientData",
+    "LocalTrainingConfig",
+    "ModelAlgorithm",
+    "Task",
+    "get_algorithm",
+    "register",
+]

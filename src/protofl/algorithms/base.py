@@ -152,12 +152,16 @@ class Algorithm:
                 + f"; methods that do: {', '.join(hosts) or 'none'}"
             )
         if privacy.dcr and "igpp" not in cls.privacy_mechanisms:
-            raise ConfigError(f"privacy.dcr: method {cls.name!r} releases no prototypes; DCR trains prototype hosts "
-                              f"({', '.join(privacy_hosts('igpp'))})")
+            raise ConfigError(
+                f"privacy.dcr: method {cls.name!r} releases no prototypes; DCR trains prototype hosts "
+                f"({', '.join(privacy_hosts('igpp'))})"
+            )
         if cls.requires_privacy and privacy.mechanism == "none":
-            raise ConfigError(f"privacy.mechanism: method {cls.name!r} trains with "
-                              f"{' or '.join(cls.privacy_mechanisms)}; set privacy.mechanism = "
-                              f"{cls.privacy_mechanisms[0]!r} (and privacy.epsilon, privacy.delta)")
+            raise ConfigError(
+                f"privacy.mechanism: method {cls.name!r} trains with "
+                f"{' or '.join(cls.privacy_mechanisms)}; set privacy.mechanism = "
+                f"{cls.privacy_mechanisms[0]!r} (and privacy.epsilon, privacy.delta)"
+            )
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], task: Task, privacy: PrivacyConfig | None = None) -> Algorithm:
@@ -216,9 +220,7 @@ class Algorithm:
             return None
         return self.privacy_layer.report(client_states.values(), all_accountants)
 
-    def evaluate_client(
-        self, client_state: State, received: Payload, data: ClientData
-    ) -> dict[str, float]:
+    def evaluate_client(self, client_state: State, received: Payload, data: ClientData) -> dict[str, float]:
         raise NotImplementedError
 
     # -- batched execution (``federation.execution = "batched"``; see protofl.training) ---------------
@@ -228,7 +230,10 @@ class Algorithm:
         return f"method {self.name!r} has no batched client step"
 
     def client_step_batched(
-        self, client_states: Sequence[State], datas: Sequence[ClientData], received: Payload,
+        self,
+        client_states: Sequence[State],
+        datas: Sequence[ClientData],
+        received: Payload,
         generators: Sequence[torch.Generator],
     ) -> list[tuple[State, Payload, dict[str, float]]]:
         """``client_step`` for several clients at once; the same results within float tolerance, in
@@ -306,22 +311,27 @@ class ModelAlgorithm(Algorithm):
     def context(self, received: Payload) -> Any:
         return None
 
-    def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any) -> torch.Tensor:
+    def loss(
+        self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any
+    ) -> torch.Tensor:
         """Cross-entropy of the model's logits, weighted mean over the real samples."""
         return masked_cross_entropy(self.forward(params, x)[1], y, weight)
 
-    def before_training(self, client_state: State, data: ClientData, received: Payload,
-                        generator: torch.Generator) -> dict[str, np.ndarray]:
+    def before_training(
+        self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator
+    ) -> dict[str, np.ndarray]:
         return {}
 
-    def train_client(self, client_state: State, data: ClientData, start: Params, context: Any,
-                     generator: torch.Generator) -> tuple[Params, dict[str, float], State]:
+    def train_client(
+        self, client_state: State, data: ClientData, start: Params, context: Any, generator: torch.Generator
+    ) -> tuple[Params, dict[str, float], State]:
         """The per-client training: :meth:`loss` with unit weights; returns the trained parameters, the
         metrics and any state the training keeps (none here). The batched step does not call it: a
         method whose override trains differently from :meth:`loss` returns its reason from
         :meth:`batched_unsupported` whenever that override is in effect."""
-        params, metrics = train_local(start, data.x_train, data.y_train, self.loss, self.config, generator,
-                                      shared=(context,))
+        params, metrics = train_local(
+            start, data.x_train, data.y_train, self.loss, self.config, generator, shared=(context,)
+        )
         return params, metrics, {}
 
     def reply(self, outcome: LocalOutcome) -> tuple[State, Payload, dict[str, float]]:
@@ -337,13 +347,18 @@ class ModelAlgorithm(Algorithm):
             features = compute_features(self, params, data.x_train)
             stats = PrototypeAccumulator(self.task.num_classes, self.model.feature_dim)
             stats.update(features, data.y_train)
-        return self.reply(LocalOutcome(client_state, data, received, params, features, stats, generator, metrics,
-                                       before, trainer_state))
+        return self.reply(
+            LocalOutcome(
+                client_state, data, received, params, features, stats, generator, metrics, before, trainer_state
+            )
+        )
 
     def batched_unsupported(self) -> str | None:
         if type(self).client_step is not ModelAlgorithm.client_step:
-            return (f"method {self.name!r} defines its own client_step, which the batched client step "
-                    "(built from start_params, context, loss and reply) would bypass")
+            return (
+                f"method {self.name!r} defines its own client_step, which the batched client step "
+                "(built from start_params, context, loss and reply) would bypass"
+            )
         return None
 
     def client_step_batched(self, client_states, datas, received, generators):
@@ -362,8 +377,9 @@ class ModelAlgorithm(Algorithm):
             stats = list(PrototypeAccumulator.per_client(z, batch.y[index], weight, self.task.num_classes))
         return [
             self.reply(LocalOutcome(s, d, received, p, z_c, a, g, m, b, {}))
-            for s, d, p, z_c, a, g, m, b in zip(client_states, datas, unstack_params(trained), features, stats,
-                                                generators, metrics, befores)
+            for s, d, p, z_c, a, g, m, b in zip(
+                client_states, datas, unstack_params(trained), features, stats, generators, metrics, befores
+            )
         ]
 
 
@@ -398,8 +414,9 @@ def params_to_arrays(params: Params) -> dict[str, np.ndarray]:
 
 def arrays_to_params(payload: Payload) -> Params:
     return {
-        k[len(PARAM_PREFIX):]: torch.from_numpy(np.array(v, copy=True))
-        for k, v in payload.arrays.items() if k.startswith(PARAM_PREFIX)
+        k[len(PARAM_PREFIX) :]: torch.from_numpy(np.array(v, copy=True))
+        for k, v in payload.arrays.items()
+        if k.startswith(PARAM_PREFIX)
     }
 
 
@@ -433,4 +450,6 @@ def get_algorithm(name: str) -> type[Algorithm]:
     try:
         return ALGORITHMS[name]
     except KeyError:
-        raise ConfigError(f"method.name: unknown method {name!r}; valid methods are {', '.join(sorted(ALGORITHMS))}") from None
+        raise ConfigError(
+            f"method.name: unknown method {name!r}; valid methods are {', '.join(sorted(ALGORITHMS))}"
+        ) from None

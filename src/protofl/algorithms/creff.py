@@ -94,9 +94,7 @@ class CReFFConfig(FedAvgConfig):
         check_choice(self.head_to_clients, ("retrained", "aggregated"), "head_to_clients")
 
 
-def aggregate_head_gradients(
-    replies: list[Payload], weighting: str = "mean"
-) -> dict[int, list[torch.Tensor]]:
+def aggregate_head_gradients(replies: list[Payload], weighting: str = "mean") -> dict[int, list[torch.Tensor]]:
     """Per class, the mean (``mean``) or count-weighted mean (``count``) of the clients' ``[dW, db]``."""
     sums: dict[int, list] = {}
     for r in replies:
@@ -110,8 +108,15 @@ def aggregate_head_gradients(
 
 
 def retrain_head(
-    features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    epochs: int, lr: float, batch_size: int, momentum: float, generator: torch.Generator,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    momentum: float,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Minibatch SGD on ``mean CE(W f + b, y)`` over shuffled (``generator``) batches; the gradient
     is the closed form of :func:`head_gradients`. Returns the head and its final mean loss on all features."""
@@ -208,8 +213,12 @@ class CReFF(FedAvg):
     def gradient_arrays(self, params: Params, rows: list) -> dict[str, np.ndarray]:
         num_classes, d = self._dims
         if not rows:
-            return {"grad_classes": np.zeros(0, np.int64), "grad_counts": np.zeros(0, np.int64),
-                    "grad_weight": np.zeros((0, num_classes, d), np.float32), "grad_bias": np.zeros((0, num_classes), np.float32)}
+            return {
+                "grad_classes": np.zeros(0, np.int64),
+                "grad_counts": np.zeros(0, np.int64),
+                "grad_weight": np.zeros((0, num_classes, d), np.float32),
+                "grad_bias": np.zeros((0, num_classes), np.float32),
+            }
         return {
             "grad_classes": np.array([r[0] for r in rows], dtype=np.int64),
             "grad_counts": np.array([r[1] for r in rows], dtype=np.int64),
@@ -217,8 +226,9 @@ class CReFF(FedAvg):
             "grad_bias": np.stack([r[3][1].numpy() for r in rows]).astype(np.float32).reshape(-1, num_classes),
         }
 
-    def before_training(self, client_state: State, data: ClientData, received: Payload,
-                        generator: torch.Generator) -> dict[str, np.ndarray]:
+    def before_training(
+        self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator
+    ) -> dict[str, np.ndarray]:
         """Gradients on the model as received (before local training, with the client's generator), as in CReFF."""
         return self.client_gradients(arrays_to_params(received), data, generator)
 
@@ -241,7 +251,13 @@ class CReFF(FedAvg):
         features = server_state["features"]
         current = {c: features[c] for c in range(len(features))}
         matched, match_metrics = match_features(
-            current, targets, sent[HEAD_W], sent[HEAD_B], cfg.match_distance, cfg.match_steps, cfg.match_lr,
+            current,
+            targets,
+            sent[HEAD_W],
+            sent[HEAD_B],
+            cfg.match_distance,
+            cfg.match_steps,
+            cfg.match_lr,
             cfg.match_momentum,
         )
         features = torch.stack([matched[c] for c in range(len(features))])
@@ -252,7 +268,7 @@ class CReFF(FedAvg):
         generator = torch.Generator().manual_seed(_seed(int(server_state["seed"]), round_index, 0xC8EFF))
         num_classes, d = self._dims
         if cfg.retrain_init == "scratch" and bool(flags.any()):
-            bound = 1.0 / d ** 0.5
+            bound = 1.0 / d**0.5
             w0 = (torch.rand(num_classes, d, generator=generator) * 2 - 1) * bound
             b0 = (torch.rand(num_classes, generator=generator) * 2 - 1) * bound
         else:
@@ -262,8 +278,15 @@ class CReFF(FedAvg):
         train_f = features[used].reshape(-1, d)
         train_y = used.repeat_interleave(m)
         w, b, retrain_loss = retrain_head(
-            train_f, train_y, w0, b0, cfg.retrain_epochs, cfg.retrain_lr, cfg.retrain_batch_size,
-            cfg.retrain_momentum, generator,
+            train_f,
+            train_y,
+            w0,
+            b0,
+            cfg.retrain_epochs,
+            cfg.retrain_lr,
+            cfg.retrain_batch_size,
+            cfg.retrain_momentum,
+            generator,
         )
         params = {**params, HEAD_W: w.to(params[HEAD_W].dtype), HEAD_B: b.to(params[HEAD_B].dtype)}
         state = {

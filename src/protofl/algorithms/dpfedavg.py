@@ -35,8 +35,8 @@ from protofl.privacy.dpsgd import (
     per_example_gradients,
     poisson_sample,
 )
-from protofl.privacy.layer import DPSGDLayer
 from protofl.privacy.ghost import module_clipped_sum
+from protofl.privacy.layer import DPSGDLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +65,16 @@ class DPFedAvg(FedAvg):
     def __init__(self, config, task, privacy=None):
         super().__init__(config, task, privacy)
         self.dp = cast(DPSGDLayer, self.privacy_layer)  # validate_privacy made it dp-sgd
-        linear_only = all(isinstance(m, torch.nn.Linear) for m in self.model.modules() if any(True for _ in m.parameters(recurse=False)))
+        linear_only = all(
+            isinstance(m, torch.nn.Linear)
+            for m in self.model.modules()
+            if any(True for _ in m.parameters(recurse=False))
+        )
         if config.per_example_grads == "ghost" and not linear_only:
-            raise ConfigError("method.per_example_grads: ghost clipping needs a model whose trainable layers are all "
-                              "nn.Linear (embedding inputs); use 'auto' or 'materialised'")
+            raise ConfigError(
+                "method.per_example_grads: ghost clipping needs a model whose trainable layers are all "
+                "nn.Linear (embedding inputs); use 'auto' or 'materialised'"
+            )
         #: The path this run uses (``auto`` resolved), reported in every client's metrics.
         self.gradient_path = "ghost" if config.per_example_grads != "materialised" and linear_only else "materialised"
         self._live = None
@@ -83,15 +89,20 @@ class DPFedAvg(FedAvg):
     def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
         c = self.config
         if not bool(torch.isfinite(data.x_train).all()):
-            raise ValueError(f"client {data.client_id}: its inputs contain NaN or infinite values; nothing was released")
+            raise ValueError(
+                f"client {data.client_id}: its inputs contain NaN or infinite values; nothing was released"
+            )
         if data.num_train < c.batch_size:
-            raise ValueError(f"client {data.client_id}: {data.num_train} training examples, fewer than method.batch_size="
-                             f"{c.batch_size}; nothing was released")
+            raise ValueError(
+                f"client {data.client_id}: {data.num_train} training examples, fewer than method.batch_size="
+                f"{c.batch_size}; nothing was released"
+            )
         rate = c.batch_size / data.num_train
         sigma = self.sigma(rate)
         clip = self.dp.clip_norm
-        ledger = self.dp.spend(client_state, [(self.dp.step_event(rate, sigma), c.steps_per_round)],
-                               f"client {data.client_id}")
+        ledger = self.dp.spend(
+            client_state, [(self.dp.step_event(rate, sigma), c.steps_per_round)], f"client {data.client_id}"
+        )
         params = {k: v.clone() for k, v in arrays_to_params(received).items()}
         optimizer = torch.optim.SGD(list(params.values()), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
@@ -102,14 +113,17 @@ class DPFedAvg(FedAvg):
         for _ in range(c.steps_per_round):
             index = poisson_sample(data.num_train, rate, generator)
             if len(index) and self.gradient_path == "ghost":
-                noisy, n, loss = self._ghost_step(params, data.x_train[index], data.y_train[index], sigma,
-                                                  rate * data.num_train, generator)
+                noisy, n, loss = self._ghost_step(
+                    params, data.x_train[index], data.y_train[index], sigma, rate * data.num_train, generator
+                )
                 losses.append(loss)
             else:
                 if len(index):
                     grads = per_example_gradients(example_loss, params, data.x_train[index], data.y_train[index])
                     with torch.no_grad():
-                        losses.append(float(F.cross_entropy(self.forward(params, data.x_train[index])[1], data.y_train[index])))
+                        losses.append(
+                            float(F.cross_entropy(self.forward(params, data.x_train[index])[1], data.y_train[index]))
+                        )
                 else:
                     grads = {k: torch.zeros(0, *v.shape) for k, v in params.items()}
                 noisy, n = noisy_clipped_mean(grads, clip, sigma, rate * data.num_train, generator)
@@ -118,8 +132,10 @@ class DPFedAvg(FedAvg):
                 v.grad = noisy[k]
             optimizer.step()
         all_norms = torch.cat(norms)
-        metrics: dict[str, Any] = {"train_loss": sum(losses) / len(losses) if losses else float("nan"),
-                                   "clipped_fraction": float((all_norms > clip).float().mean()) if len(all_norms) else 0.0}
+        metrics: dict[str, Any] = {
+            "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+            "clipped_fraction": float((all_norms > clip).float().mean()) if len(all_norms) else 0.0,
+        }
         return {LEDGER_KEY: ledger}, Payload(params_to_arrays(params), {"method": self.name}), metrics
 
     def _ghost_step(self, params, x, y, sigma, expected_batch, generator):
@@ -135,10 +151,14 @@ class DPFedAvg(FedAvg):
             for name, p in model.named_parameters():
                 p.copy_(params[name])
         summed, norms, example_losses = module_clipped_sum(
-            model, lambda: F.cross_entropy(model(x)[1], y, reduction="none"), self.dp.clip_norm)
+            model, lambda: F.cross_entropy(model(x)[1], y, reduction="none"), self.dp.clip_norm
+        )
         summed = {k: summed[k] for k in params}
-        return (add_noise(summed, self.dp.clip_norm, sigma, expected_batch, generator), norms,
-                float(example_losses.mean()))
+        return (
+            add_noise(summed, self.dp.clip_norm, sigma, expected_batch, generator),
+            norms,
+            float(example_losses.mean()),
+        )
 
     def server_step(self, server_state: State, replies: list[Payload]):
         models = [arrays_to_params(r) for r in replies]

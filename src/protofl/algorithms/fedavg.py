@@ -8,8 +8,18 @@ import dataclasses
 import numpy as np
 import torch
 
-from protofl.algorithms.base import (ClientData, LocalOutcome, LocalTrainingConfig, ModelAlgorithm, Params, State,
-                                     arrays_to_params, param_specs, params_to_arrays, register)
+from protofl.algorithms.base import (
+    ClientData,
+    LocalOutcome,
+    LocalTrainingConfig,
+    ModelAlgorithm,
+    Params,
+    State,
+    arrays_to_params,
+    param_specs,
+    params_to_arrays,
+    register,
+)
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 
 
@@ -21,10 +31,7 @@ class FedAvgConfig(LocalTrainingConfig):
 def weighted_average(params_list: list[Params], weights: list[float]) -> Params:
     """Sum of ``w_k * params_k / sum(w)`` per tensor."""
     total = float(sum(weights))
-    return {
-        name: sum(p[name] * (w / total) for p, w in zip(params_list, weights))
-        for name in params_list[0]
-    }
+    return {name: sum(p[name] * (w / total) for p, w in zip(params_list, weights)) for name in params_list[0]}
 
 
 @register

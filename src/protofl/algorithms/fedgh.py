@@ -66,8 +66,12 @@ class FedGH(FedProto):
     # -- state and payloads ------------------------------------------------------------------------
     def init_server_state(self, seed: int) -> State:
         initial = self.initial_params(seed)
-        return {**super().init_server_state(seed), "header": {k: initial[k] for k in self._header_keys()},
-                "seed": torch.tensor(int(seed), dtype=torch.int64), "round": torch.tensor(0, dtype=torch.int64)}
+        return {
+            **super().init_server_state(seed),
+            "header": {k: initial[k] for k in self._header_keys()},
+            "seed": torch.tensor(int(seed), dtype=torch.int64),
+            "round": torch.tensor(0, dtype=torch.int64),
+        }
 
     def broadcast(self, server_state: State) -> Payload:
         arrays = dict(super().broadcast(server_state).arrays)
@@ -77,9 +81,11 @@ class FedGH(FedProto):
     def broadcast_spec(self) -> PayloadSpec:
         spec = super().broadcast_spec()
         shapes = dict(self.model.named_parameters())
-        return PayloadSpec(self.name, {**spec.arrays, **{HEADER + k: ArraySpec(tuple(shapes[k].shape))
-                                                           for k in self._header_keys()}},
-                           same_length=spec.same_length)
+        return PayloadSpec(
+            self.name,
+            {**spec.arrays, **{HEADER + k: ArraySpec(tuple(shapes[k].shape)) for k in self._header_keys()}},
+            same_length=spec.same_length,
+        )
 
     # -- client: its own extractor under the global header (to train and to evaluate) ---------------
     def model_params(self, client_state: State, received: Payload) -> Params:
@@ -105,8 +111,11 @@ class FedGH(FedProto):
         with torch.no_grad():
             header_loss = float(F.cross_entropy(self.head(header, z), y)) if len(y) else float("nan")
             header_acc = float((self.head(header, z).argmax(1) == y).float().mean()) if len(y) else float("nan")
-        state.update(header={k: v.detach() for k, v in header.items()}, seed=server_state["seed"],
-                     round=torch.tensor(round_index, dtype=torch.int64))
+        state.update(
+            header={k: v.detach() for k, v in header.items()},
+            seed=server_state["seed"],
+            round=torch.tensor(round_index, dtype=torch.int64),
+        )
         return state, {**metrics, "header_loss": header_loss, "header_prototype_acc": header_acc}
 
 

@@ -143,9 +143,15 @@ def client_margin(class_means: torch.Tensor, num_classes: int) -> float:
     return max(float(off_diagonal) / (num_classes - 1) ** 2, 0.0)
 
 
-def hpcl_loss(z: torch.Tensor, y: torch.Tensor, class_summaries: torch.Tensor, temperature: float,
-              margin: float = 0.0, classes: torch.Tensor | None = None,
-              weight: torch.Tensor | None = None) -> torch.Tensor:
+def hpcl_loss(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    class_summaries: torch.Tensor,
+    temperature: float,
+    margin: float = 0.0,
+    classes: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``mean_i [log(Σ_c exp(ẑ_i·m_c/τ) + κ) − ẑ_i·m_{y_i}/τ]``, weighted by ``weight`` (default: every
     sample counts). ``class_summaries`` holds ``m_c`` (rows) for the classes ``classes`` (default
     ``0..n−1``); every ``y_i`` of non-zero weight must be among them."""
@@ -161,11 +167,15 @@ def hpcl_loss(z: torch.Tensor, y: torch.Tensor, class_summaries: torch.Tensor, t
     return masked_mean(log_sum - positive, weight)
 
 
-def hpal_loss(z: torch.Tensor, targets: torch.Tensor, beta: float = 1.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+def hpal_loss(
+    z: torch.Tensor, targets: torch.Tensor, beta: float = 1.0, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """SmoothL1 (``beta``) between ``ẑ_i`` and the normalised target rows, averaged over dimensions and
     over the samples (weighted by ``weight``, default: every sample counts)."""
     weight = torch.ones(len(z), dtype=z.dtype) if weight is None else weight
-    per_sample = F.smooth_l1_loss(F.normalize(z, dim=-1), F.normalize(targets, dim=-1), beta=beta, reduction="none").mean(-1)
+    per_sample = F.smooth_l1_loss(
+        F.normalize(z, dim=-1), F.normalize(targets, dim=-1), beta=beta, reduction="none"
+    ).mean(-1)
     return masked_mean(per_sample, weight)
 
 
@@ -188,7 +198,11 @@ def aggregate_vectors(classes_list, vectors_list, counts_list, num_classes: int,
     acc = PrototypeAccumulator(num_classes, dim, dtype=torch.float64)
     for classes, vectors, counts in zip(classes_list, vectors_list, counts_list):
         c = torch.from_numpy(np.asarray(classes))
-        weights = torch.from_numpy(np.asarray(counts)).double() if weighting == "count" else torch.ones(len(c), dtype=torch.float64)
+        weights = (
+            torch.from_numpy(np.asarray(counts)).double()
+            if weighting == "count"
+            else torch.ones(len(c), dtype=torch.float64)
+        )
         acc.update_means(c, torch.from_numpy(np.asarray(vectors)).double(), weights)
     classes, means, _ = acc.compute()
     return classes, means.float()
@@ -197,7 +211,9 @@ def aggregate_vectors(classes_list, vectors_list, counts_list, num_classes: int,
 @register
 class FedHPro(CReFF):
     name = "fedhpro"
-    summary = "FedHPro (2026): gradient-matched hyper-prototypes + CReFF head re-training, HPCL with client margin, HPAL"
+    summary = (
+        "FedHPro (2026): gradient-matched hyper-prototypes + CReFF head re-training, HPCL with client margin, HPAL"
+    )
     Config = FedHProConfig
 
     def __init__(self, config, task, privacy=None):
@@ -233,11 +249,14 @@ class FedHPro(CReFF):
     def broadcast_spec(self) -> PayloadSpec:
         spec = super().broadcast_spec()
         num_classes = self._dims[0]
-        return PayloadSpec(self.name, {
-            **spec.arrays,
-            "hyper_prototypes": ArraySpec(self._hp_shape),
-            "hp_classes": ArraySpec((None,), "int64", class_bound=num_classes, unique=True),
-        })
+        return PayloadSpec(
+            self.name,
+            {
+                **spec.arrays,
+                "hyper_prototypes": ArraySpec(self._hp_shape),
+                "hp_classes": ArraySpec((None,), "int64", class_bound=num_classes, unique=True),
+            },
+        )
 
     def reply_spec(self) -> PayloadSpec:
         d = self._dims[1]
@@ -265,7 +284,9 @@ class FedHPro(CReFF):
                 feature_grads.append(input_gradients(params[HEAD_W], params[HEAD_B], z, c, create_graph=False)[0])
         arrays = self.gradient_arrays(params, rows)
         d = self._dims[1]
-        arrays["feature_grad"] = (torch.stack(feature_grads).numpy() if feature_grads else np.zeros((0, d))).astype(np.float32)
+        arrays["feature_grad"] = (torch.stack(feature_grads).numpy() if feature_grads else np.zeros((0, d))).astype(
+            np.float32
+        )
         return arrays
 
     def context(self, received: Payload) -> dict[str, Any]:
@@ -277,11 +298,18 @@ class FedHPro(CReFF):
         ready = torch.zeros(num_classes, dtype=torch.bool)
         ready[torch.from_numpy(received["hp_classes"])] = True
         classes = torch.nonzero(ready).flatten()
-        return {"ready": ready, "classes": classes, "summaries": summaries[classes], "means": means, "kappa": 0.0,
-                "use_hp": bool(ready.any()) and (cfg.hpcl_weight > 0 or cfg.hpal_weight > 0)}
+        return {
+            "ready": ready,
+            "classes": classes,
+            "summaries": summaries[classes],
+            "means": means,
+            "kappa": 0.0,
+            "use_hp": bool(ready.any()) and (cfg.hpcl_weight > 0 or cfg.hpal_weight > 0),
+        }
 
-    def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-             context: dict[str, Any]) -> torch.Tensor:
+    def loss(
+        self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: dict[str, Any]
+    ) -> torch.Tensor:
         """``CE + hpcl_weight · HPCL + hpal_weight · HPAL``, the HP terms over the samples of matched classes."""
         cfg = self.config
         z, logits = self.forward(params, x)
@@ -290,8 +318,9 @@ class FedHPro(CReFF):
             return loss
         has = context["ready"][y].to(z.dtype) * weight
         if cfg.hpcl_weight:
-            loss = loss + cfg.hpcl_weight * hpcl_loss(z, y, context["summaries"], cfg.temperature, context["kappa"],
-                                                      context["classes"], has)
+            loss = loss + cfg.hpcl_weight * hpcl_loss(
+                z, y, context["summaries"], cfg.temperature, context["kappa"], context["classes"], has
+            )
         if cfg.hpal_weight:
             loss = loss + cfg.hpal_weight * hpal_loss(z, context["means"][y], cfg.hpal_beta, has)
         return loss
@@ -300,8 +329,9 @@ class FedHPro(CReFF):
     def _updates_margin(self) -> bool:
         return self.config.hpcl_weight > 0 and self.config.client_margin
 
-    def train_client(self, client_state: State, data: ClientData, start: Params, context: dict[str, Any],
-                     generator: torch.Generator):
+    def train_client(
+        self, client_state: State, data: ClientData, start: Params, context: dict[str, Any], generator: torch.Generator
+    ):
         """:meth:`loss` with unit weights, κ recomputed from the client's class means before every epoch."""
         num_classes = self._dims[0]
 
@@ -309,8 +339,16 @@ class FedHPro(CReFF):
             if context["use_hp"] and self._updates_margin:
                 context["kappa"] = client_margin(self.class_means(params, data), num_classes)
 
-        params, metrics = train_local(start, data.x_train, data.y_train, self.loss, self.config, generator,
-                                      on_epoch=update_margin, shared=(context,))
+        params, metrics = train_local(
+            start,
+            data.x_train,
+            data.y_train,
+            self.loss,
+            self.config,
+            generator,
+            on_epoch=update_margin,
+            shared=(context,),
+        )
         metrics["client_margin"] = context["kappa"]
         return params, metrics, {}
 
@@ -331,10 +369,12 @@ class FedHPro(CReFF):
 
     def batched_unsupported(self) -> str | None:
         if self._updates_margin:
-            return ("HPCL's client margin κ_k is recomputed from the client's whole train split before every "
-                    "local epoch, a per-client statistic that changes during training, while the batched "
-                    "program takes one context per round (method.client_margin = false or hpcl_weight = 0 "
-                    "run batched)")
+            return (
+                "HPCL's client margin κ_k is recomputed from the client's whole train split before every "
+                "local epoch, a per-client statistic that changes during training, while the batched "
+                "program takes one context per round (method.client_margin = false or hpcl_weight = 0 "
+                "run batched)"
+            )
         return super().batched_unsupported()
 
     # -- server ------------------------------------------------------------------------------------
@@ -346,21 +386,35 @@ class FedHPro(CReFF):
         matched = server_state["hp_matched"].clone()
         if cfg.global_signal == "averaged":
             classes, means = aggregate_vectors(
-                [r["grad_classes"] for r in replies], [r["class_means"] for r in replies],
-                [r["grad_counts"] for r in replies], num_classes, d, "count")
+                [r["grad_classes"] for r in replies],
+                [r["class_means"] for r in replies],
+                [r["grad_counts"] for r in replies],
+                num_classes,
+                d,
+                "count",
+            )
             hp = hp.clone()
             hp[classes] = means[:, None, :].expand(-1, cfg.hp_per_class, -1)
             hp_metrics = {}
         else:
             classes, targets = aggregate_vectors(
-                [r["grad_classes"] for r in replies], [r["feature_grad"] for r in replies],
-                [r["grad_counts"] for r in replies], num_classes, d, cfg.feature_gradient_weighting)
+                [r["grad_classes"] for r in replies],
+                [r["feature_grad"] for r in replies],
+                [r["grad_counts"] for r in replies],
+                num_classes,
+                d,
+                cfg.feature_gradient_weighting,
+            )
             head_w, head_b = state["params"][HEAD_W].detach(), state["params"][HEAD_B].detach()
             new, match_metrics = match_synthetic(
                 {c: hp[c] for c in range(num_classes)},
                 {int(c): [t] for c, t in zip(classes, targets)},
                 lambda c, h: input_gradients(head_w, head_b, h, c),
-                cfg.hp_distance, cfg.hp_steps, cfg.hp_lr, cfg.hp_momentum, cfg.hp_optimizer,
+                cfg.hp_distance,
+                cfg.hp_steps,
+                cfg.hp_lr,
+                cfg.hp_momentum,
+                cfg.hp_optimizer,
             )
             hp = torch.stack([new[c] for c in range(num_classes)])
             hp_metrics = {f"hp_{k}": v for k, v in match_metrics.items()}

@@ -67,8 +67,8 @@ from protofl.config import ConfigError, check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY, GaussianEvent, PrivacyLedger
 from protofl.privacy.dpsgd import add_noise, noisy_clipped_mean, per_example_gradients, poisson_sample
-from protofl.privacy.layer import DPSGDLayer
 from protofl.privacy.ghost import clip_factors, linear_sq_norms, reweighted_sum
+from protofl.privacy.layer import DPSGDLayer
 
 SAMPLERS = ("neutral", "mixture", "clients")
 Params = dict[str, torch.Tensor]
@@ -123,8 +123,16 @@ class FedHypeVAEConfig:
     per_example_grads: str = "ghost"
 
     def __post_init__(self) -> None:
-        for key in ("latent_dim", "hidden_dim", "hyper_hidden", "steps_per_round", "batch_size", "synthetic_per_class",
-                    "classifier_hidden", "meta_steps"):
+        for key in (
+            "latent_dim",
+            "hidden_dim",
+            "hyper_hidden",
+            "steps_per_round",
+            "batch_size",
+            "synthetic_per_class",
+            "classifier_hidden",
+            "meta_steps",
+        ):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         check(self.code_dim >= 0, "code_dim", f"must be >= 0 (0: DP-CVAE baseline), got {self.code_dim}")
         for key in ("beta_kl", "mmd_weight", "lip_weight"):
@@ -134,13 +142,19 @@ class FedHypeVAEConfig:
             check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         check(self.meta_rounds >= 0, "meta_rounds", f"must be >= 0, got {self.meta_rounds}")
         check(self.classifier_epochs >= 1, "classifier_epochs", f"must be >= 1, got {self.classifier_epochs}")
-        check(0 < self.code_release_fraction < 1, "code_release_fraction",
-              f"must be in (0, 1), got {self.code_release_fraction}")
+        check(
+            0 < self.code_release_fraction < 1,
+            "code_release_fraction",
+            f"must be in (0, 1), got {self.code_release_fraction}",
+        )
         check(len(self.samplers) >= 1, "samplers", "name at least one sampler")
         for s in self.samplers:
             check_choice(s, SAMPLERS, "samplers")
-        check(self.code_dim > 0 or self.samplers == ("neutral",) or set(self.samplers) == {"neutral"}, "samplers",
-              "code_dim = 0 (DP-CVAE) has no codes: use samplers = ['neutral']")
+        check(
+            self.code_dim > 0 or self.samplers == ("neutral",) or set(self.samplers) == {"neutral"},
+            "samplers",
+            "code_dim = 0 (DP-CVAE) has no codes: use samplers = ['neutral']",
+        )
         check_choice(self.range_reference, ("photos", "unit"), "range_reference")
         check_choice(self.per_example_grads, ("ghost", "materialised"), "per_example_grads")
 
@@ -157,8 +171,10 @@ def _linear_init(out_dim: int, in_dim: int, generator: torch.Generator, zero: bo
     if zero:
         return torch.zeros(out_dim, in_dim), torch.zeros(out_dim)
     bound = 1 / math.sqrt(in_dim)
-    return ((torch.rand(out_dim, in_dim, generator=generator) * 2 - 1) * bound,
-            (torch.rand(out_dim, generator=generator) * 2 - 1) * bound)
+    return (
+        (torch.rand(out_dim, in_dim, generator=generator) * 2 - 1) * bound,
+        (torch.rand(out_dim, generator=generator) * 2 - 1) * bound,
+    )
 
 
 def decoder_sizes(c: FedHypeVAEConfig, input_dim: int, num_classes: int) -> list[tuple[int, int]]:
@@ -166,7 +182,9 @@ def decoder_sizes(c: FedHypeVAEConfig, input_dim: int, num_classes: int) -> list
     return [(h, c.latent_dim + num_classes), (h, h), (h, h), (input_dim, h)]
 
 
-def init_phi(c: FedHypeVAEConfig, input_dim: int, num_classes: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def init_phi(
+    c: FedHypeVAEConfig, input_dim: int, num_classes: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """The shared parameters φ: base decoder, hypernetwork (last layer zero), prior network."""
     phi: dict[str, torch.Tensor] = {}
     sizes = decoder_sizes(c, input_dim, num_classes)
@@ -188,7 +206,7 @@ def modulations(phi: dict[str, torch.Tensor], code: torch.Tensor, sizes: list[tu
     flat = F.linear(torch.tanh(F.linear(code, phi["hyper0.w"], phi["hyper0.b"])), phi["hyper1.w"], phi["hyper1.b"])
     out, start = [], 0
     for o, _ in sizes:
-        out.append((flat[start:start + o], flat[start + o:start + 2 * o]))
+        out.append((flat[start : start + o], flat[start + o : start + 2 * o]))
         start += 2 * o
     return out
 
@@ -219,8 +237,9 @@ def prior(phi, code: torch.Tensor, y1h: torch.Tensor, latent_dim: int) -> tuple[
 
 def init_encoder(c: FedHypeVAEConfig, input_dim: int, num_classes: int, generator: torch.Generator):
     psi = {}
-    for l, (o, i) in enumerate([(c.hidden_dim, input_dim + num_classes), (c.hidden_dim, c.hidden_dim),
-                                (2 * c.latent_dim, c.hidden_dim)]):
+    for l, (o, i) in enumerate(
+        [(c.hidden_dim, input_dim + num_classes), (c.hidden_dim, c.hidden_dim), (2 * c.latent_dim, c.hidden_dim)]
+    ):
         psi[f"enc{l}.w"], psi[f"enc{l}.b"] = _linear_init(o, i, generator)
     return psi
 
@@ -245,8 +264,9 @@ def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
 
 def mmd_squared(a: torch.Tensor, b: torch.Tensor, bandwidth: float) -> float:
     """Unbiased MMD² between samples ``a`` and ``b`` with an RBF kernel (a report metric)."""
+
     def kernel(x, y):
-        return torch.exp(-torch.cdist(x.double(), y.double()) ** 2 / (2 * bandwidth**2))
+        return torch.exp(-(torch.cdist(x.double(), y.double()) ** 2) / (2 * bandwidth**2))
 
     def mean_offdiag(x):
         k = kernel(x, x)
@@ -264,13 +284,21 @@ def batch_noise(config: FedHypeVAEConfig, batch_size: int) -> tuple[torch.Tensor
     """The random numbers of a batch's per-example losses, from the global generator: the encoder's
     reparameterisation ε_z (B, L), the two generated samples' ε (B, 2, L), the Lipschitz probe ξ
     (B, d_c) (radius r applied here)."""
-    return (torch.randn(batch_size, config.latent_dim), torch.randn(batch_size, 2, config.latent_dim),
-            torch.randn(batch_size, config.code_dim) * config.lip_radius)
+    return (
+        torch.randn(batch_size, config.latent_dim),
+        torch.randn(batch_size, 2, config.latent_dim),
+        torch.randn(batch_size, config.code_dim) * config.lip_radius,
+    )
 
 
-def ghost_clipped_sum(algo: FedHypeVAE, params: Params, x: torch.Tensor, y1h: torch.Tensor,
-                           noise: tuple[torch.Tensor, torch.Tensor, torch.Tensor], clip_norm: float
-                           ) -> tuple[Params, torch.Tensor, torch.Tensor]:
+def ghost_clipped_sum(
+    algo: FedHypeVAE,
+    params: Params,
+    x: torch.Tensor,
+    y1h: torch.Tensor,
+    noise: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    clip_norm: float,
+) -> tuple[Params, torch.Tensor, torch.Tensor]:
     """Σ_i clip_C(∇L_i) over FedHypeVAE's DP-SGD parameters (``phi/…``, ``psi/…``, ``code``) with
     ghost norms (:mod:`protofl.privacy.ghost`); L_i is :func:`batch_losses`' loss of example i with the
     random numbers ``noise[·][i]``.
@@ -304,15 +332,21 @@ def ghost_clipped_sum(algo: FedHypeVAE, params: Params, x: torch.Tensor, y1h: to
     grads = dict(zip(taps, torch.autograd.grad(loss.sum(), list(taps.values()), retain_graph=True)))
     with torch.no_grad():
         phi = {k[4:]: v.detach() for k, v in leaves.items() if k.startswith("phi/")}
-        sq = _ghost_sq_norms(algo, phi, leaves["code"].detach(), rec["acts"], grads, rec["scales"], rec["hid"],
-                                  rec["lip"])
+        sq = _ghost_sq_norms(
+            algo, phi, leaves["code"].detach(), rec["acts"], grads, rec["scales"], rec["hid"], rec["lip"]
+        )
     weights, norms = clip_factors(sq, clip_norm)
     return reweighted_sum(loss, weights, leaves), norms, loss.detach()
 
 
-def batch_losses(algo: FedHypeVAE, params: Params, x: torch.Tensor, y1h: torch.Tensor,
-                 noise: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
-                 record: dict[str, Any] | None = None) -> torch.Tensor:
+def batch_losses(
+    algo: FedHypeVAE,
+    params: Params,
+    x: torch.Tensor,
+    y1h: torch.Tensor,
+    noise: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    record: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """The local objective: the per-example losses (B,) of a batch (see the module docstring), with the
     random numbers ``noise`` (:func:`batch_noise`; the MMD and Lipschitz draws may be ``None`` when those
     terms are off). The one definition of the loss: :meth:`FedHypeVAE.example_loss` is it on a batch of
@@ -326,8 +360,8 @@ def batch_losses(algo: FedHypeVAE, params: Params, x: torch.Tensor, y1h: torch.T
     code = params["code"]
     eps_z, eps_gen, xi = noise
     b = x.shape[0]
-    taps: dict[str, torch.Tensor] = {}   # tensors whose per-example gradients the first pass computes
-    acts: dict[str, torch.Tensor] = {}   # the inputs of the linear layers at those taps
+    taps: dict[str, torch.Tensor] = {}  # tensors whose per-example gradients the first pass computes
+    acts: dict[str, torch.Tensor] = {}  # the inputs of the linear layers at those taps
 
     h = torch.cat([x, y1h], -1)
     for l in range(3):
@@ -361,7 +395,7 @@ def batch_losses(algo: FedHypeVAE, params: Params, x: torch.Tensor, y1h: torch.T
         w, bias = phi[f"dec{l}.w"], phi[f"dec{l}.b"]
         acts[f"phi/dec{l}"] = h
         if hyper:
-            s, beta = m[:, start:start + o], m[:, start + o:start + 2 * o]
+            s, beta = m[:, start : start + o], m[:, start + o : start + 2 * o]
             start += 2 * o
             scales[f"phi/dec{l}"] = (1 + s)[:, None].detach()
             h = taps[f"phi/dec{l}"] = F.linear(h, w) * (1 + s)[:, None] + (bias + beta)[:, None]
@@ -402,7 +436,7 @@ def _ghost_sq_norms(algo, phi, code, acts, grads, scales, hid, lip):
         v = grads["m"]
         p = v @ phi["hyper1.w"] * (1 - hid**2)  # ∂L_i/∂(W₀c + b₀) through the shared use
         a1, g1, a0, g0 = hid[None, None], v[:, None], code[None, None], p[:, None]
-        code_grad = p @ phi["hyper0.w"] + (grads["phi/prior0"] @ phi["prior0.w"])[:, :c.code_dim]
+        code_grad = p @ phi["hyper0.w"] + (grads["phi/prior0"] @ phi["prior0.w"])[:, : c.code_dim]
         if lip:
             a1 = torch.cat([a1.expand(b, 1, -1), acts["probe1"][:, None]], 1)
             g1 = torch.cat([g1, grads["probe1"][:, None]], 1)
@@ -428,8 +462,10 @@ class FedHypeVAE(Algorithm):
     def __init__(self, config: FedHypeVAEConfig, task, privacy=None):
         super().__init__(config, task, privacy)
         if len(task.input_shape) != 1:
-            raise ConfigError(f"method.name: fedhypevae works on embeddings (D,), got inputs of shape {task.input_shape}; "
-                              "set data.features = 'efficientnet-lite0'")
+            raise ConfigError(
+                f"method.name: fedhypevae works on embeddings (D,), got inputs of shape {task.input_shape}; "
+                "set data.features = 'efficientnet-lite0'"
+            )
         self.dp = cast(DPSGDLayer, self.privacy_layer)
         #: The rounds the run plans (the schedule: the last ``meta_rounds`` of them learn the meta-code).
         self.planned_rounds = self.privacy.planned_releases
@@ -445,7 +481,9 @@ class FedHypeVAE(Algorithm):
         super().validate_privacy(config, privacy)
         planned = privacy.planned_releases
         if config.code_dim and planned and planned <= config.meta_rounds:
-            raise ConfigError(f"method.meta_rounds: must be < privacy.planned_releases ({planned}), got {config.meta_rounds}")
+            raise ConfigError(
+                f"method.meta_rounds: must be < privacy.planned_releases ({planned}), got {config.meta_rounds}"
+            )
 
     # -- normalisation ---------------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -456,8 +494,10 @@ class FedHypeVAE(Algorithm):
 
             low, high = public_embedding_range(self.config.encoder, self.config.image_size)
             if len(low) != self.input_dim:
-                raise ConfigError(f"method.encoder: {self.config.encoder} gives {len(low)}-d embeddings, the data has "
-                                  f"{self.input_dim}-d")
+                raise ConfigError(
+                    f"method.encoder: {self.config.encoder} gives {len(low)}-d embeddings, the data has "
+                    f"{self.input_dim}-d"
+                )
             self._range = torch.from_numpy(low), torch.from_numpy(high)
         low, high = self._range
         return ((x - low) / (high - low)).clamp(0, 1)
@@ -503,8 +543,11 @@ class FedHypeVAE(Algorithm):
     # -- state and payloads ----------------------------------------------------------------------------
     def init_server_state(self, seed: int) -> State:
         g = torch.Generator().manual_seed(seed)
-        state: State = {"round": 0, "phi": init_phi(self.config, self.input_dim, self.num_classes, g),
-                        "meta_code": torch.zeros(self.config.code_dim)}
+        state: State = {
+            "round": 0,
+            "phi": init_phi(self.config, self.input_dim, self.num_classes, g),
+            "meta_code": torch.zeros(self.config.code_dim),
+        }
         return state
 
     def init_client_state(self, seed: int) -> State:
@@ -512,13 +555,18 @@ class FedHypeVAE(Algorithm):
 
     def _fresh_client(self, seed: int, client_id: int) -> State:
         g = torch.Generator().manual_seed(seed * 100_003 + client_id + 1)
-        return {"psi": init_encoder(self.config, self.input_dim, self.num_classes, g),
-                "code": 0.1 * torch.randn(self.config.code_dim, generator=g), LEDGER_KEY: []}
+        return {
+            "psi": init_encoder(self.config, self.input_dim, self.num_classes, g),
+            "code": 0.1 * torch.randn(self.config.code_dim, generator=g),
+            LEDGER_KEY: [],
+        }
 
     def _phi_specs(self) -> dict[str, ArraySpec]:
         g = torch.Generator().manual_seed(0)
-        return {PHI_PREFIX + k: ArraySpec(tuple(v.shape))
-                for k, v in init_phi(self.config, self.input_dim, self.num_classes, g).items()}
+        return {
+            PHI_PREFIX + k: ArraySpec(tuple(v.shape))
+            for k, v in init_phi(self.config, self.input_dim, self.num_classes, g).items()
+        }
 
     def broadcast(self, server_state: State) -> Payload:
         arrays = {PHI_PREFIX + k: v.numpy() for k, v in server_state["phi"].items()}
@@ -529,9 +577,17 @@ class FedHypeVAE(Algorithm):
         return Payload(arrays, {"method": self.name})
 
     def broadcast_spec(self) -> PayloadSpec:
-        specs = {**self._phi_specs(), "meta_code": ArraySpec((self.config.code_dim,)), "round": ArraySpec((), "int64", minimum=1)}
-        clf = {"0.w": (self.config.classifier_hidden, self.input_dim), "0.b": (self.config.classifier_hidden,),
-               "1.w": (self.num_classes, self.config.classifier_hidden), "1.b": (self.num_classes,)}
+        specs = {
+            **self._phi_specs(),
+            "meta_code": ArraySpec((self.config.code_dim,)),
+            "round": ArraySpec((), "int64", minimum=1),
+        }
+        clf = {
+            "0.w": (self.config.classifier_hidden, self.input_dim),
+            "0.b": (self.config.classifier_hidden,),
+            "1.w": (self.num_classes, self.config.classifier_hidden),
+            "1.b": (self.num_classes,),
+        }
         for name in self.config.samplers:
             specs.update({f"clf/{name}/{k}": ArraySpec(shape) for k, shape in clf.items()})
         return PayloadSpec(self.name, specs, optional=tuple(k for k in specs if k.startswith("clf/")))
@@ -549,8 +605,11 @@ class FedHypeVAE(Algorithm):
         drawing them (in that order, each only where its term is on)."""
         c = self.config
         if noise is None:
-            noise = (torch.randn(c.latent_dim), torch.randn(2, c.latent_dim) if c.mmd_weight else None,
-                     torch.randn(c.code_dim) * c.lip_radius if c.lip_weight and c.code_dim else None)
+            noise = (
+                torch.randn(c.latent_dim),
+                torch.randn(2, c.latent_dim) if c.mmd_weight else None,
+                torch.randn(c.code_dim) * c.lip_radius if c.lip_weight and c.code_dim else None,
+            )
         params = {**{"phi/" + k: v for k, v in phi.items()}, **{"psi/" + k: v for k, v in psi.items()}, "code": code}
         batch = tuple(None if n is None else n[None] for n in noise)
         return batch_losses(self, params, x[None], y1h[None], batch)[0]
@@ -565,10 +624,14 @@ class FedHypeVAE(Algorithm):
 
     def _check_data(self, data: ClientData) -> None:
         if not bool(torch.isfinite(data.x_train).all()):
-            raise ValueError(f"client {data.client_id}: its embeddings contain NaN or infinite values; nothing was released")
+            raise ValueError(
+                f"client {data.client_id}: its embeddings contain NaN or infinite values; nothing was released"
+            )
         if data.num_train < self.config.batch_size:
-            raise ValueError(f"client {data.client_id}: {data.num_train} training examples, fewer than method.batch_size="
-                             f"{self.config.batch_size}; lower the batch size or leave the client out (nothing was released)")
+            raise ValueError(
+                f"client {data.client_id}: {data.num_train} training examples, fewer than method.batch_size="
+                f"{self.config.batch_size}; lower the batch size or leave the client out (nothing was released)"
+            )
 
     def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
         self._check_data(data)
@@ -577,15 +640,21 @@ class FedHypeVAE(Algorithm):
         if "psi" in client_state:
             state = client_state
         else:  # first training: its own encoder and code, but whatever it spent before (a rejected reply) stays
-            state = {**self._fresh_client(int(generator.initial_seed()) % 2**31, data.client_id),
-                     LEDGER_KEY: client_state.get(LEDGER_KEY, [])}
+            state = {
+                **self._fresh_client(int(generator.initial_seed()) % 2**31, data.client_id),
+                LEDGER_KEY: client_state.get(LEDGER_KEY, []),
+            }
         events = self.round_events(state, data.num_train, round_index)
         ledger = self.dp.spend(state, events, f"client {data.client_id}")  # raises before any training or release
         rate = self.rate(data.num_train)
         sigma, code_sigma = self.noise(rate)
         x = self.normalise(data.x_train)
         y1h = F.one_hot(data.y_train, self.num_classes).float()
-        phi = {k[len(PHI_PREFIX):]: torch.from_numpy(np.array(v)) for k, v in received.arrays.items() if k.startswith(PHI_PREFIX)}
+        phi = {
+            k[len(PHI_PREFIX) :]: torch.from_numpy(np.array(v))
+            for k, v in received.arrays.items()
+            if k.startswith(PHI_PREFIX)
+        }
         meta_code = torch.from_numpy(np.array(received["meta_code"]))
         metrics: dict[str, float] = {}
         with torch.random.fork_rng(devices=[]):
@@ -601,7 +670,9 @@ class FedHypeVAE(Algorithm):
         arrays["meta_code"] = meta_code.numpy()
         if round_index == self.planned_rounds and c.releases_codes:
             clipped = state["code"] * min(1.0, c.code_clip / max(float(state["code"].norm()), 1e-12))
-            arrays["noisy_code"] = (clipped + torch.randn(c.code_dim, generator=generator) * code_sigma * 2 * c.code_clip).numpy()
+            arrays["noisy_code"] = (
+                clipped + torch.randn(c.code_dim, generator=generator) * code_sigma * 2 * c.code_clip
+            ).numpy()
         state = {**state, LEDGER_KEY: ledger}
         return state, Payload(arrays, {"method": self.name}), metrics
 
@@ -611,17 +682,31 @@ class FedHypeVAE(Algorithm):
         updating them with ordinary gradients (as a plain reading of the paper would) would let every
         example influence the later φ updates outside the clipping; noised, they are post-processing."""
         c = self.config
-        params = {**{"phi/" + k: v.clone() for k, v in phi.items()}, **{"psi/" + k: v.clone() for k, v in psi.items()},
-                  "code": code.clone()}
+        params = {
+            **{"phi/" + k: v.clone() for k, v in phi.items()},
+            **{"psi/" + k: v.clone() for k, v in psi.items()},
+            "code": code.clone(),
+        }
         hyper = ("phi/hyper", "phi/prior")
-        opt_phi = torch.optim.Adam([
-            {"params": [v for k, v in params.items() if k.startswith("phi/") and not k.startswith(hyper)], "lr": c.lr},
-            {"params": [v for k, v in params.items() if k.startswith(hyper)], "lr": c.hyper_lr or c.lr}])
+        opt_phi = torch.optim.Adam(
+            [
+                {
+                    "params": [v for k, v in params.items() if k.startswith("phi/") and not k.startswith(hyper)],
+                    "lr": c.lr,
+                },
+                {"params": [v for k, v in params.items() if k.startswith(hyper)], "lr": c.hyper_lr or c.lr},
+            ]
+        )
         opt_private = torch.optim.Adam([v for k, v in params.items() if not k.startswith("phi/")], lr=c.private_lr)
 
         def loss(p, xi, yi):
-            return self.example_loss({k[4:]: v for k, v in p.items() if k.startswith("phi/")},
-                                     {k[4:]: v for k, v in p.items() if k.startswith("psi/")}, p["code"], xi, yi)
+            return self.example_loss(
+                {k[4:]: v for k, v in p.items() if k.startswith("phi/")},
+                {k[4:]: v for k, v in p.items() if k.startswith("psi/")},
+                p["code"],
+                xi,
+                yi,
+            )
 
         losses = []
         for _ in range(c.steps_per_round):
@@ -629,11 +714,15 @@ class FedHypeVAE(Algorithm):
             ghost = len(index) and c.per_example_grads == "ghost"
             if ghost:  # the same clipped sum and noise, without per-example gradient tensors
                 summed, _, example_losses = ghost_clipped_sum(
-                    self, params, x[index], y1h[index], batch_noise(c, len(index)), self.dp.clip_norm)
+                    self, params, x[index], y1h[index], batch_noise(c, len(index)), self.dp.clip_norm
+                )
                 noisy = add_noise(summed, self.dp.clip_norm, sigma, rate * len(x), generator)
             else:
-                grads = (per_example_gradients(loss, params, x[index], y1h[index]) if len(index)
-                         else {k: torch.zeros(0, *v.shape) for k, v in params.items()})
+                grads = (
+                    per_example_gradients(loss, params, x[index], y1h[index])
+                    if len(index)
+                    else {k: torch.zeros(0, *v.shape) for k, v in params.items()}
+                )
                 noisy, _ = noisy_clipped_mean(grads, self.dp.clip_norm, sigma, rate * len(x), generator)
             for k, v in params.items():
                 v.grad = noisy[k]
@@ -645,12 +734,20 @@ class FedHypeVAE(Algorithm):
                 losses.append(float(example_losses[:64].mean()))
             elif len(index):
                 with torch.no_grad():
-                    losses.append(float(vmap(lambda xi, yi: loss(params, xi, yi), randomness="different")(
-                        x[index][:64], y1h[index][:64]).mean()))
+                    losses.append(
+                        float(
+                            vmap(lambda xi, yi: loss(params, xi, yi), randomness="different")(
+                                x[index][:64], y1h[index][:64]
+                            ).mean()
+                        )
+                    )
         out = {k: v.detach() for k, v in params.items()}
-        return ({k[4:]: v for k, v in out.items() if k.startswith("phi/")},
-                {k[4:]: v for k, v in out.items() if k.startswith("psi/")}, out["code"],
-                float(np.mean(losses)) if losses else float("nan"))
+        return (
+            {k[4:]: v for k, v in out.items() if k.startswith("phi/")},
+            {k[4:]: v for k, v in out.items() if k.startswith("psi/")},
+            out["code"],
+            float(np.mean(losses)) if losses else float("nan"),
+        )
 
     def _train_meta_code(self, meta_code, phi, x, y1h, rate, sigma, generator):
         c = self.config
@@ -660,11 +757,20 @@ class FedHypeVAE(Algorithm):
         for _ in range(c.meta_steps):
             index = poisson_sample(len(x), rate, generator)
             if len(index):
-                grads = per_example_gradients(lambda m, xi, yi: self.meta_example_loss(m["code"], phi, xi, yi),
-                                              {"code": meta}, x[index], y1h[index])
+                grads = per_example_gradients(
+                    lambda m, xi, yi: self.meta_example_loss(m["code"], phi, xi, yi),
+                    {"code": meta},
+                    x[index],
+                    y1h[index],
+                )
                 with torch.no_grad():
-                    losses.append(float(vmap(lambda xi, yi: self.meta_example_loss(meta, phi, xi, yi),
-                                             randomness="different")(x[index], y1h[index]).mean()))
+                    losses.append(
+                        float(
+                            vmap(lambda xi, yi: self.meta_example_loss(meta, phi, xi, yi), randomness="different")(
+                                x[index], y1h[index]
+                            ).mean()
+                        )
+                    )
             else:
                 grads = {"code": torch.zeros(0, c.code_dim)}
             noisy, _ = noisy_clipped_mean(grads, self.dp.clip_norm, sigma, rate * len(x), generator)
@@ -675,17 +781,23 @@ class FedHypeVAE(Algorithm):
     # -- server ----------------------------------------------------------------------------------------
     def server_step(self, server_state: State, replies: list[Payload]):
         r = server_state["round"] + 1
-        phi_new = {k: torch.stack([torch.from_numpy(np.array(rep[PHI_PREFIX + k])) for rep in replies]).mean(0)
-                   for k in server_state["phi"]}
+        phi_new = {
+            k: torch.stack([torch.from_numpy(np.array(rep[PHI_PREFIX + k])) for rep in replies]).mean(0)
+            for k in server_state["phi"]
+        }
         meta = torch.stack([torch.from_numpy(np.array(rep["meta_code"])) for rep in replies]).mean(0)
-        state: State = {"round": r, "phi": phi_new if r <= self.phi_rounds else server_state["phi"],
-                        "meta_code": meta if r > self.phi_rounds else server_state["meta_code"]}
+        state: State = {
+            "round": r,
+            "phi": phi_new if r <= self.phi_rounds else server_state["phi"],
+            "meta_code": meta if r > self.phi_rounds else server_state["meta_code"],
+        }
         metrics: dict[str, float] = {}
         if r == self.planned_rounds:
             codes = [torch.from_numpy(np.array(rep["noisy_code"])) for rep in replies if "noisy_code" in rep.arrays]
             state["released_codes"] = torch.stack(codes) if codes else torch.zeros(0, self.config.code_dim)
-            state["classifiers"] = {name: self.train_classifier(*self.synthesise(state, name, r))
-                                    for name in self.config.samplers}
+            state["classifiers"] = {
+                name: self.train_classifier(*self.synthesise(state, name, r)) for name in self.config.samplers
+            }
             metrics["synthetic_per_class"] = float(self.config.synthetic_per_class)
         return state, metrics
 
@@ -729,7 +841,7 @@ class FedHypeVAE(Algorithm):
             for _ in range(c.classifier_epochs):
                 order = torch.randperm(len(y), generator=g)
                 for s in range(0, len(y), 128):
-                    i = order[s:s + 128]
+                    i = order[s : s + 128]
                     loss = F.cross_entropy(classify(p, x[i]), y[i])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -763,7 +875,9 @@ class FedHypeVAE(Algorithm):
         if self._metric_samples.get("round") != state["round"]:
             self._metric_samples = {"round": state["round"]}
         if sampler not in self._metric_samples:
-            self._metric_samples[sampler] = self.synthesise(state, sampler, 12345, per_class=max(1, 1000 // self.num_classes))[0]
+            self._metric_samples[sampler] = self.synthesise(
+                state, sampler, 12345, per_class=max(1, 1000 // self.num_classes)
+            )[0]
         return self._metric_samples[sampler]
 
     @torch.no_grad()
@@ -772,7 +886,11 @@ class FedHypeVAE(Algorithm):
         xn = self.normalise(data.x_test)
         for name in self.config.samplers:
             prefix = f"clf/{name}/"
-            clf = {k[len(prefix):]: torch.from_numpy(np.array(v)) for k, v in received.arrays.items() if k.startswith(prefix)}
+            clf = {
+                k[len(prefix) :]: torch.from_numpy(np.array(v))
+                for k, v in received.arrays.items()
+                if k.startswith(prefix)
+            }
             if clf and len(data.y_test):
                 out[f"personal_acc_{name}"] = float((classify(clf, xn).argmax(1) == data.y_test).float().mean())
         if out:

@@ -75,7 +75,9 @@ def aggregate_prototypes(replies: list[Payload], num_classes: int, dim: int, wei
     acc = PrototypeAccumulator(num_classes, dim, dtype=torch.float64)
     for reply in replies:
         classes = torch.from_numpy(reply["classes"])
-        counts = torch.from_numpy(reply["counts"]).double() if weighted else torch.ones(len(classes), dtype=torch.float64)
+        counts = (
+            torch.from_numpy(reply["counts"]).double() if weighted else torch.ones(len(classes), dtype=torch.float64)
+        )
         acc.update_means(classes, torch.from_numpy(reply["prototypes"]).double(), counts)
     classes, protos, _ = acc.compute()
     return classes, protos.float()
@@ -92,7 +94,9 @@ def nearest_prototype(features: torch.Tensor, classes: torch.Tensor, prototypes:
     return classes[torch.cdist(features, prototypes).argmin(1)]
 
 
-def signal_consistency(features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, signal: torch.Tensor) -> float:
+def signal_consistency(
+    features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, signal: torch.Tensor
+) -> float:
     """Mean over ``classes`` (those with samples in ``labels``) of the cosine similarity between the
     class's global signal ``signal[i]`` (a ``(d,)`` vector) and the mean of its features."""
     cosines = []
@@ -106,7 +110,9 @@ def signal_consistency(features: torch.Tensor, labels: torch.Tensor, classes: to
 @register
 class FedProto(ModelAlgorithm):
     name = "fedproto"
-    summary = "FedProto (Tan et al., 2022): per-class prototypes, no weight sharing (model_sharing='fedavg': global variant)"
+    summary = (
+        "FedProto (Tan et al., 2022): per-class prototypes, no weight sharing (model_sharing='fedavg': global variant)"
+    )
     Config = FedProtoConfig
     #: With ``[privacy] mechanism = "igpp"`` or ``"vpp"`` the prototypes in a reply are the privacy layer's
     #: noisy ones, and the clean ones never leave the client step.
@@ -152,15 +158,22 @@ class FedProto(ModelAlgorithm):
         c = self.task.num_classes
         return PayloadSpec(
             self.name,
-            {"classes": ArraySpec((None,), "int64", class_bound=c, unique=True), "prototypes": ArraySpec((None, self.dim)),
-             **self._model_specs()},
+            {
+                "classes": ArraySpec((None,), "int64", class_bound=c, unique=True),
+                "prototypes": ArraySpec((None, self.dim)),
+                **self._model_specs(),
+            },
             same_length=("classes", "prototypes"),
         )
 
     def reply_spec(self) -> PayloadSpec:
         c = self.task.num_classes
-        arrays = {"classes": ArraySpec((None,), "int64", class_bound=c, unique=True), "prototypes": ArraySpec((None, self.dim)),
-                  "counts": ArraySpec((None,), "int64", minimum=1), **self._model_specs()}
+        arrays = {
+            "classes": ArraySpec((None,), "int64", class_bound=c, unique=True),
+            "prototypes": ArraySpec((None, self.dim)),
+            "counts": ArraySpec((None,), "int64", minimum=1),
+            **self._model_specs(),
+        }
         if self.shares_model:
             arrays["num_samples"] = ArraySpec((), "int64", minimum=1)
         return PayloadSpec(self.name, arrays, same_length=("classes", "prototypes", "counts"))
@@ -198,19 +211,23 @@ class FedProto(ModelAlgorithm):
             return z.new_zeros(())
         return self.config.proto_weight * alignment_loss(z, table[y], mask[y].to(z.dtype) * weight)
 
-    def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any) -> torch.Tensor:
+    def loss(
+        self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any
+    ) -> torch.Tensor:
         z, logits = self.forward(params, x)
         return masked_cross_entropy(logits, y, weight) + self.prototype_loss(z, y, weight, context)
 
-    def train_client(self, client_state: State, data: ClientData, start: Params, context: Any,
-                     generator: torch.Generator):
+    def train_client(
+        self, client_state: State, data: ClientData, start: Params, context: Any, generator: torch.Generator
+    ):
         if not self.privacy.dcr:
             return super().train_client(client_state, data, start, context, generator)
         dcr = DistillationClipping.from_state(self.privacy, client_state)
 
         def loss_fn(p, x, y, weight):
-            return dcr.loss(p, x, y, self.features, self.head,
-                            lambda z, labels: self.prototype_loss(z, labels, weight, context))
+            return dcr.loss(
+                p, x, y, self.features, self.head, lambda z, labels: self.prototype_loss(z, labels, weight, context)
+            )
 
         params, metrics = train_local(start, data.x_train, data.y_train, loss_fn, self.config, generator)
         return params, metrics, dcr.state()
@@ -221,9 +238,15 @@ class FedProto(ModelAlgorithm):
         acc.update(compute_features(self, params, data.x_train), data.y_train)
         return acc.compute()
 
-    def release_prototypes(self, z: torch.Tensor, y: torch.Tensor, clean: PrototypeAccumulator,
-                           generator: torch.Generator, client_state: State, client_id: int
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, float]]:
+    def release_prototypes(
+        self,
+        z: torch.Tensor,
+        y: torch.Tensor,
+        clean: PrototypeAccumulator,
+        generator: torch.Generator,
+        client_state: State,
+        client_id: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, float]]:
         """The prototypes a client uploads from its train features ``z`` (labels ``y``; ``clean`` holds
         their per-class sums and counts): ``(classes, prototypes, counts, new ledger state or None,
         metrics)``. The clean per-class means, or, under a ``[privacy]`` mechanism, its noisy release
@@ -231,8 +254,13 @@ class FedProto(ModelAlgorithm):
         if self.privacy_layer is None:
             return (*clean.compute(), None, {})
         release, ledger = self.privacy_layer.release(z, y, generator, client_state, who=f"client {client_id}")
-        return (release.classes, release.prototypes, release.counts, ledger,
-                {"privacy_noise_std": float(release.noise_std.mean())})
+        return (
+            release.classes,
+            release.prototypes,
+            release.counts,
+            ledger,
+            {"privacy_noise_std": float(release.noise_std.mean())},
+        )
 
     def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return self.forward(params, x)[0]
@@ -246,8 +274,13 @@ class FedProto(ModelAlgorithm):
         new_state: State = {} if self.shares_model else {"params": outcome.params}
         new_state.update(outcome.trainer_state)
         classes, protos, counts, ledger, release_metrics = self.release_prototypes(
-            outcome.features, data.y_train, outcome.feature_stats, outcome.generator, outcome.client_state,
-            data.client_id)
+            outcome.features,
+            data.y_train,
+            outcome.feature_stats,
+            outcome.generator,
+            outcome.client_state,
+            data.client_id,
+        )
         if ledger is not None:
             new_state[LEDGER_KEY] = ledger
         arrays = {"classes": classes.numpy(), "prototypes": protos.numpy(), "counts": counts.long().numpy()}
@@ -259,8 +292,10 @@ class FedProto(ModelAlgorithm):
     # -- batched execution -------------------------------------------------------------------------
     def batched_unsupported(self):
         if self.privacy.dcr:
-            return ("privacy.dcr (distillation-guided clipping) updates a per-client EMA teacher head at every "
-                    "local step, inside the loss; it has no batched form")
+            return (
+                "privacy.dcr (distillation-guided clipping) updates a per-client EMA teacher head at every "
+                "local step, inside the loss; it has no batched form"
+            )
         return super().batched_unsupported()
 
     # -- server ------------------------------------------------------------------------------------
@@ -275,7 +310,9 @@ class FedProto(ModelAlgorithm):
     def server_step(self, server_state: State, replies: list[Payload]):
         state, metrics = self.server_prototypes(server_state, replies)
         if self.shares_model:
-            state["params"] = weighted_average([arrays_to_params(r) for r in replies], [int(r["num_samples"]) for r in replies])
+            state["params"] = weighted_average(
+                [arrays_to_params(r) for r in replies], [int(r["num_samples"]) for r in replies]
+            )
         return state, metrics
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -302,7 +339,8 @@ class FedProto(ModelAlgorithm):
         out = {"personal_acc": self.accuracy(params, data.x_test, data.y_test)}
         if len(received["classes"]) and len(data.y_test):
             features = compute_features(self, params, data.x_test)
-            pred = nearest_prototype(features, torch.from_numpy(received["classes"]),
-                                     torch.from_numpy(received["prototypes"]).float())
+            pred = nearest_prototype(
+                features, torch.from_numpy(received["classes"]), torch.from_numpy(received["prototypes"]).float()
+            )
             out["personal_proto_acc"] = float((pred == data.y_test).float().mean())
         return out

@@ -34,7 +34,8 @@ class FedProx(FedAvg):
         """The received global model: the anchor of the proximal term."""
         return arrays_to_params(received)
 
-    def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-             global_params: Params) -> torch.Tensor:
+    def loss(
+        self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, global_params: Params
+    ) -> torch.Tensor:
         proximal = sum(((params[k] - global_params[k]) ** 2).sum() for k in params)
         return masked_cross_entropy(self.forward(params, x)[1], y, weight) + 0.5 * self.config.mu * proximal

@@ -83,7 +83,7 @@ class FedTGP(FedProto):
         state = super().init_server_state(seed)
         c, d = self.task.num_classes, self.dim
         g = torch.Generator().manual_seed(_seed(seed, 0x7C9))
-        bound = 1.0 / d ** 0.5
+        bound = 1.0 / d**0.5
         state["generator"] = {
             "embedding": torch.randn(c, d, generator=g),
             "fc1.weight": (torch.rand(d, d, generator=g) * 2 - 1) * bound,
@@ -107,8 +107,11 @@ class FedTGP(FedProto):
 
         leaves = {k: server_state["generator"][k].detach().clone().requires_grad_(True) for k in GENERATOR_KEYS}
         params = list(leaves.values())
-        optimizer = (torch.optim.Adam(params, lr=cfg.server_lr) if cfg.server_optimizer == "adam"
-                     else torch.optim.SGD(params, lr=cfg.server_lr))
+        optimizer = (
+            torch.optim.Adam(params, lr=cfg.server_lr)
+            if cfg.server_optimizer == "adam"
+            else torch.optim.SGD(params, lr=cfg.server_lr)
+        )
         first = last = float("nan")
         for epoch in range(cfg.server_epochs):
             for step, index in enumerate(minibatches(len(labels), cfg.server_batch_size, shuffle)):
@@ -126,9 +129,16 @@ class FedTGP(FedProto):
         seen[labels] = True
         classes = torch.nonzero(seen).flatten()
         state = {
-            "classes": classes, "prototypes": generated[classes].detach().clone(),
-            "generator": {k: v.detach() for k, v in leaves.items()}, "seen": seen,
-            "seed": server_state["seed"], "round": torch.tensor(round_index, dtype=torch.int64),
+            "classes": classes,
+            "prototypes": generated[classes].detach().clone(),
+            "generator": {k: v.detach() for k, v in leaves.items()},
+            "seen": seen,
+            "seed": server_state["seed"],
+            "round": torch.tensor(round_index, dtype=torch.int64),
         }
-        return state, {"global_classes": float(len(classes)), "margin": margin, "server_loss_first": first,
-                       "server_loss_last": last}
+        return state, {
+            "global_classes": float(len(classes)),
+            "margin": margin,
+            "server_loss_first": first,
+            "server_loss_last": last,
+        }

@@ -55,8 +55,14 @@ class FPLConfig(FedProtoConfig):
         check_choice(self.finch_level, ("first", "last"), "finch_level")
 
 
-def cpcl_loss(z: torch.Tensor, y: torch.Tensor, cluster_classes: torch.Tensor, cluster_prototypes: torch.Tensor,
-              temperature: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+def cpcl_loss(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    cluster_classes: torch.Tensor,
+    cluster_prototypes: torch.Tensor,
+    temperature: float,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean over samples of ``logsumexp_all(cos/τ) − logsumexp_{clusters of y}(cos/τ)``, weighted by
     ``weight`` (default: every sample counts). Every sample of non-zero weight must have at least one
     cluster prototype of its class; the others may have none (their term is kept finite and dropped)."""
@@ -85,14 +91,20 @@ def cluster_prototypes(replies: list[Payload], dim: int, level: str = "last"):
         cluster_cls += [c] * len(means)
         clusters.append(means)
         unbiased.append(means.mean(0))
-    return (torch.tensor(cluster_cls, dtype=torch.int64), torch.cat(clusters),
-            torch.tensor(classes, dtype=torch.int64), torch.stack(unbiased) if unbiased else torch.zeros(0, dim))
+    return (
+        torch.tensor(cluster_cls, dtype=torch.int64),
+        torch.cat(clusters),
+        torch.tensor(classes, dtype=torch.int64),
+        torch.stack(unbiased) if unbiased else torch.zeros(0, dim),
+    )
 
 
 @register
 class FPL(FedProto):
     name = "fpl"
-    summary = "FPL (Huang et al., 2023): FedAvg + FINCH cluster prototypes, contrastive (CPCL) and unbiased-prototype losses"
+    summary = (
+        "FPL (Huang et al., 2023): FedAvg + FINCH cluster prototypes, contrastive (CPCL) and unbiased-prototype losses"
+    )
     Config = FPLConfig
 
     def init_server_state(self, seed: int) -> State:
@@ -103,16 +115,26 @@ class FPL(FedProto):
 
     def broadcast(self, server_state: State) -> Payload:
         payload = super().broadcast(server_state)
-        return Payload({**payload.arrays, "cluster_classes": server_state["cluster_classes"].numpy(),
-                        "cluster_prototypes": server_state["cluster_prototypes"].numpy()}, {"method": self.name})
+        return Payload(
+            {
+                **payload.arrays,
+                "cluster_classes": server_state["cluster_classes"].numpy(),
+                "cluster_prototypes": server_state["cluster_prototypes"].numpy(),
+            },
+            {"method": self.name},
+        )
 
     def broadcast_spec(self) -> PayloadSpec:
         spec = super().broadcast_spec()
-        return PayloadSpec(self.name, {
-            **spec.arrays,
-            "cluster_classes": ArraySpec((None,), "int64", class_bound=self.task.num_classes),
-            "cluster_prototypes": ArraySpec((None, self.dim)),
-        }, same_length=spec.same_length)
+        return PayloadSpec(
+            self.name,
+            {
+                **spec.arrays,
+                "cluster_classes": ArraySpec((None,), "int64", class_bound=self.task.num_classes),
+                "cluster_prototypes": ArraySpec((None, self.dim)),
+            },
+            same_length=spec.same_length,
+        )
 
     def context(self, received: Payload) -> Any:
         table, mask = super().context(received)
@@ -126,10 +148,17 @@ class FPL(FedProto):
         has = mask[y].to(z.dtype) * weight
         loss = self.config.proto_weight * alignment_loss(z, table[y], has)
         if self.config.cpcl_weight and len(cluster_classes):
-            loss = loss + self.config.cpcl_weight * cpcl_loss(z, y, cluster_classes, clusters, self.config.temperature, has)
+            loss = loss + self.config.cpcl_weight * cpcl_loss(
+                z, y, cluster_classes, clusters, self.config.temperature, has
+            )
         return loss
 
     def server_prototypes(self, server_state: State, replies: list[Payload]):
         cluster_cls, clusters, classes, unbiased = cluster_prototypes(replies, self.dim, self.config.finch_level)
-        state = {"classes": classes, "prototypes": unbiased, "cluster_classes": cluster_cls, "cluster_prototypes": clusters}
+        state = {
+            "classes": classes,
+            "prototypes": unbiased,
+            "cluster_classes": cluster_cls,
+            "cluster_prototypes": clusters,
+        }
         return state, {"global_classes": float(len(classes)), "cluster_prototypes": float(len(clusters))}

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from protofl.algorithms.base import (ClientData, LocalOutcome, LocalTrainingConfig, ModelAlgorithm, Params, State,
-                                     register)
+from protofl.algorithms.base import (
+    ClientData,
+    LocalOutcome,
+    LocalTrainingConfig,
+    ModelAlgorithm,
+    Params,
+    State,
+    register,
+)
 from protofl.payload import Payload
 
 

@@ -6,5 +6,18 @@ from protofl.data.embeddings import ENCODERS, embed
 from protofl.data.partition import Partition, make_partition
 from protofl.data.sources import DataIntegrityError, fetch, list_sources, verify
 
-__all__ = ["ArrayDataset", "DATASETS", "DataIntegrityError", "DatasetSplits", "ENCODERS", "Partition", "cache_dir",
-           "embed", "fetch", "list_sources", "load_dataset", "make_partition", "verify"]
+__all__ = [
+    "ArrayDataset",
+    "DATASETS",
+    "DataIntegrityError",
+    "DatasetSplits",
+    "ENCODERS",
+    "Partition",
+    "cache_dir",
+    "embed",
+    "fetch",
+    "list_sources",
+    "load_dataset",
+    "make_partition",
+    "verify",
+]

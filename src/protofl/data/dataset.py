@@ -47,10 +47,13 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, index: np.ndarray) -> "ArrayDataset":
+    def subset(self, index: np.ndarray) -> ArrayDataset:
         return ArrayDataset(
-            self.x[index], self.y[index], self.num_classes,
-            None if self.domain is None else self.domain[index], self.domain_names,
+            self.x[index],
+            self.y[index],
+            self.num_classes,
+            None if self.domain is None else self.domain[index],
+            self.domain_names,
         )
 
 

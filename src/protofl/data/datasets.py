@@ -34,8 +34,16 @@ __all__ = [
 
 DIGIT_CLASSES: tuple[str, ...] = tuple(str(i) for i in range(10))
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 #: Seed and fraction of the fixed OptDigits train/test split (shared with the digits-domains benchmark).
@@ -63,9 +71,9 @@ def resize_images(x: np.ndarray, size: int, *, batch_size: int = 4096) -> np.nda
     out = np.empty((x.shape[0], x.shape[1], size, size), dtype=np.float32)
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
-            t = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32))
+            t = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))
             r = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
-            out[i:i + batch_size] = r.clamp_(0.0, 1.0).numpy()
+            out[i : i + batch_size] = r.clamp_(0.0, 1.0).numpy()
     return out
 
 
@@ -93,8 +101,7 @@ def _load_mnist(image_size: int | None = None, progress: bool = True) -> Dataset
 
 def _load_fashion_mnist(image_size: int | None = None, progress: bool = True) -> DatasetSplits:
     folder = sources.fetch("fashion-mnist")
-    splits = formats.load_idx_folder(folder, name="fashion-mnist", num_classes=10,
-                                     class_names=FASHION_MNIST_CLASSES)
+    splits = formats.load_idx_folder(folder, name="fashion-mnist", num_classes=10, class_names=FASHION_MNIST_CLASSES)
     return _resized(splits, image_size)
 
 
@@ -117,15 +124,11 @@ def optdigits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def _load_optdigits(image_size: int | None = None, progress: bool = True) -> DatasetSplits:
     x_tr, y_tr, x_te, y_te = optdigits_arrays()
-    splits = DatasetSplits(
-        "optdigits", ArrayDataset(x_tr, y_tr, 10), ArrayDataset(x_te, y_te, 10), DIGIT_CLASSES
-    )
+    splits = DatasetSplits("optdigits", ArrayDataset(x_tr, y_tr, 10), ArrayDataset(x_te, y_te, 10), DIGIT_CLASSES)
     return _resized(splits, image_size)
 
 
-def _load_digits_domains(
-    image_size: int | None = None, progress: bool = True, **options: Any
-) -> DatasetSplits:
+def _load_digits_domains(image_size: int | None = None, progress: bool = True, **options: Any) -> DatasetSplits:
     from protofl.data.digits_domains import build_digits_domains
 
     return _resized(build_digits_domains(progress=progress, **options), image_size)
@@ -148,16 +151,12 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _load_idx_path(
-    path: str, image_size: int | None = None, progress: bool = True, **options: Any
-) -> DatasetSplits:
+def _load_idx_path(path: str, image_size: int | None = None, progress: bool = True, **options: Any) -> DatasetSplits:
     splits = formats.load_idx_folder(Path(path).expanduser(), name=f"idx:{path}", **options)
     return _resized(splits, image_size)
 
 
-def _load_cifar_path(
-    path: str, image_size: int | None = None, progress: bool = True, **options: Any
-) -> DatasetSplits:
+def _load_cifar_path(path: str, image_size: int | None = None, progress: bool = True, **options: Any) -> DatasetSplits:
     splits = formats.load_cifar_folder(Path(path).expanduser(), name=f"cifar:{path}", **options)
     return _resized(splits, image_size)
 
@@ -167,8 +166,9 @@ SYNTHETIC_GAUSSIAN = "synthetic-gaussian"
 SYNTHETIC_GAUSSIAN_OPTIONS: dict[str, int] = {"train": 2000, "test": 200, "dim": 32, "classes": 10, "seed": 0}
 
 
-def synthetic_gaussian(train: int = 2000, test: int = 200, dim: int = 32, classes: int = 10,
-                       seed: int = 0) -> DatasetSplits:
+def synthetic_gaussian(
+    train: int = 2000, test: int = 200, dim: int = 32, classes: int = 10, seed: int = 0
+) -> DatasetSplits:
     """A benchmark workload, not data: ``classes`` Gaussian class means in ``dim`` dimensions (standard
     normal entries), each sample its class mean plus unit Gaussian noise, labels uniform; ``train``
     samples in the pool and ``test`` held out, float32 ``(N, dim)``. Deterministic for a ``seed`` (numpy's
@@ -184,8 +184,13 @@ def synthetic_gaussian(train: int = 2000, test: int = 200, dim: int = 32, classe
         x = (means[y] + rng.standard_normal((n, dim))).astype(np.float32)
         return ArrayDataset(x, y.astype(np.int64), classes)
 
-    name = SYNTHETIC_GAUSSIAN + ":" + ",".join(f"{k}={v}" for k, v in
-                                               zip(("train", "test", "dim", "classes", "seed"), (train, test, dim, classes, seed)))
+    name = (
+        SYNTHETIC_GAUSSIAN
+        + ":"
+        + ",".join(
+            f"{k}={v}" for k, v in zip(("train", "test", "dim", "classes", "seed"), (train, test, dim, classes, seed))
+        )
+    )
     return DatasetSplits(name, draw(train), draw(test), tuple(f"class {c}" for c in range(classes)))
 
 
@@ -206,8 +211,10 @@ def _check_synthetic(key: str, value: Any) -> None:
 
 def _check_synthetic_size(train: int, test: int, dim: int) -> None:
     if (train + test) * dim > SYNTHETIC_MAX_VALUES:
-        raise ValueError(f"{SYNTHETIC_GAUSSIAN}: (train + test) x dim = {(train + test) * dim} values is more than "
-                         f"the {SYNTHETIC_MAX_VALUES} a generated set may hold")
+        raise ValueError(
+            f"{SYNTHETIC_GAUSSIAN}: (train + test) x dim = {(train + test) * dim} values is more than "
+            f"the {SYNTHETIC_MAX_VALUES} a generated set may hold"
+        )
 
 
 def parse_synthetic_options(spec: str) -> dict[str, int]:
@@ -217,8 +224,10 @@ def parse_synthetic_options(spec: str) -> dict[str, int]:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key not in SYNTHETIC_GAUSSIAN_OPTIONS:
-            raise ValueError(f"{SYNTHETIC_GAUSSIAN}:{spec}: expected key=value pairs with keys "
-                             f"{', '.join(SYNTHETIC_GAUSSIAN_OPTIONS)}, got {item!r}")
+            raise ValueError(
+                f"{SYNTHETIC_GAUSSIAN}:{spec}: expected key=value pairs with keys "
+                f"{', '.join(SYNTHETIC_GAUSSIAN_OPTIONS)}, got {item!r}"
+            )
         try:
             options[key] = int(value)
         except ValueError:
@@ -229,8 +238,9 @@ def parse_synthetic_options(spec: str) -> dict[str, int]:
     return options
 
 
-def _load_synthetic_gaussian(spec: str = "", image_size: int | None = None, progress: bool = True,
-                             **options: Any) -> DatasetSplits:
+def _load_synthetic_gaussian(
+    spec: str = "", image_size: int | None = None, progress: bool = True, **options: Any
+) -> DatasetSplits:
     return synthetic_gaussian(**{**parse_synthetic_options(spec), **options})
 
 
@@ -243,13 +253,14 @@ PATH_LOADERS: dict[str, Callable[..., DatasetSplits]] = {
 
 def dataset_names() -> list[str]:
     """Registered names plus the path forms (``idx:/path``, ``cifar:/path``)."""
-    return sorted(DATASETS) + [f"{p}:/path/to/folder" for p in sorted(PATH_LOADERS)] + [
-        f"{SYNTHETIC_GAUSSIAN}:train=N,test=N,dim=N,classes=N,seed=N"]
+    return (
+        sorted(DATASETS)
+        + [f"{p}:/path/to/folder" for p in sorted(PATH_LOADERS)]
+        + [f"{SYNTHETIC_GAUSSIAN}:train=N,test=N,dim=N,classes=N,seed=N"]
+    )
 
 
-def load_dataset(
-    name: str, *, image_size: int | None = None, progress: bool = True, **options: Any
-) -> DatasetSplits:
+def load_dataset(name: str, *, image_size: int | None = None, progress: bool = True, **options: Any) -> DatasetSplits:
     """Load dataset ``name`` (fetching and verifying it on first use).
 
     ``image_size`` resizes images to a square side (bilinear); None keeps the native size. Extra
@@ -266,7 +277,5 @@ def load_dataset(
     try:
         loader = DATASETS[name]
     except KeyError:
-        raise UnknownDatasetError(
-            f"unknown dataset {name!r}; valid names: {', '.join(dataset_names())}"
-        ) from None
+        raise UnknownDatasetError(f"unknown dataset {name!r}; valid names: {', '.join(dataset_names())}") from None
     return loader(image_size=image_size, progress=progress, **options)

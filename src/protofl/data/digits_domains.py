@@ -39,11 +39,27 @@ SIZE = 28
 _SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 # Fonts shipped in matplotlib's mpl-data/fonts/ttf that have ordinary digit glyphs.
 _FONT_FILES = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
-    "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
-    "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
-    "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmb10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
+    "cmti10.ttf",
 )
 
 
@@ -143,7 +159,7 @@ def _mnistm_domain(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tu
         img = bank[which[i]]
         r = rng.integers(0, img.shape[0] - SIZE + 1)
         c = rng.integers(0, img.shape[1] - SIZE + 1)
-        patch = img[r:r + SIZE, c:c + SIZE].transpose(2, 0, 1)
+        patch = img[r : r + SIZE, c : c + SIZE].transpose(2, 0, 1)
         out[i] = np.abs(patch - x[i, 0][None])
     return _to_uint8(out), y
 
@@ -199,11 +215,11 @@ def _synth_domain(n: int, rng: np.random.Generator, progress: bool) -> tuple[np.
 
 
 def _cache_path(train_per_domain: int, test_per_domain: int, seed: int) -> Path:
-    return cache_dir() / "digits-domains" / (
-        f"digits-domains-v{VERSION}-train{train_per_domain}-test{test_per_domain}-seed{seed}.npz"
+    return (
+        cache_dir()
+        / "digits-domains"
+        / (f"digits-domains-v{VERSION}-train{train_per_domain}-test{test_per_domain}-seed{seed}.npz")
     )
-
-
 
 
 def _load_cached(path: Path) -> dict[str, np.ndarray] | None:
@@ -262,7 +278,7 @@ def build_digits_domains(
     def two_draws(n_total: int, cap: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         k = min(cap, n_total // 2)
         perm = rng.permutation(n_total)
-        return np.sort(perm[:k]), np.sort(perm[k:2 * k])
+        return np.sort(perm[:k]), np.sort(perm[k : 2 * k])
 
     tr_a, tr_b = two_draws(len(mnist.train), train_per_domain, rngs[0])
     te_a, te_b = two_draws(len(mnist.test), test_per_domain, rngs[1])

@@ -55,7 +55,7 @@ def _build_efficientnet_lite0() -> Callable:
     for p in model.parameters():
         p.requires_grad_(False)
 
-    def features(x: "torch.Tensor") -> "torch.Tensor":
+    def features(x: torch.Tensor) -> torch.Tensor:
         return model.extract_features(x).mean(dim=(2, 3))  # global average pool -> (B, 1280)
 
     return features
@@ -119,22 +119,22 @@ def encode_images(
     starts = range(0, len(x), batch_size)
     with torch.inference_mode():
         for i in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-            b = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32))
+            b = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))
             if b.shape[-2:] != (image_size, image_size):
                 shrink = b.shape[-1] > image_size or b.shape[-2] > image_size
-                b = F.interpolate(b, size=(image_size, image_size), mode="bilinear",
-                                  align_corners=False, antialias=shrink)
+                b = F.interpolate(
+                    b, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=shrink
+                )
             if b.shape[1] == 1:
                 b = b.repeat(1, 3, 1, 1)  # contiguous: convolutions on an expanded view are slow
             b = (b - mean) / std
             f = features(b)
             if f.shape != (len(b), spec.dim):
-                raise RuntimeError(f"encoder {spec.name} returned shape {tuple(f.shape)}, "
-                                   f"expected ({len(b)}, {spec.dim})")
-            out[i:i + len(b)] = f.float().numpy()
+                raise RuntimeError(
+                    f"encoder {spec.name} returned shape {tuple(f.shape)}, expected ({len(b)}, {spec.dim})"
+                )
+            out[i : i + len(b)] = f.float().numpy()
     return out
-
-
 
 
 def _load(path: Path, splits: DatasetSplits, dim: int) -> tuple[np.ndarray, np.ndarray] | None:

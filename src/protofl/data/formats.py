@@ -35,8 +35,6 @@ __all__ = [
 ]
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # IDX
 
@@ -69,7 +67,7 @@ def _readinto_full(stream: BinaryIO, buffer: memoryview) -> int:
     """Fill ``buffer`` from ``stream`` piece by piece; returns how many bytes were read."""
     done = 0
     while done < len(buffer):
-        n = stream.readinto(buffer[done:done + _CHUNK])
+        n = stream.readinto(buffer[done : done + _CHUNK])
         if not n:
             break
         done += n
@@ -120,8 +118,10 @@ def _read_idx_stream(stream: BinaryIO, path: Path, size: int, compressed: bool) 
     if compressed:
         bound = GZIP_MAX_RATIO * size + _CHUNK
         if header + expected > bound:
-            raise DataFormatError(f"{path}: IDX header declares {dims} x {dtype.itemsize} bytes = {expected} bytes, "
-                                  f"more than a gzip file of {size} bytes can hold")
+            raise DataFormatError(
+                f"{path}: IDX header declares {dims} x {dtype.itemsize} bytes = {expected} bytes, "
+                f"more than a gzip file of {size} bytes can hold"
+            )
     elif expected != size - header:
         actual = size - header
         what = "truncated" if actual < expected else "has trailing data"
@@ -132,8 +132,10 @@ def _read_idx_stream(stream: BinaryIO, path: Path, size: int, compressed: bool) 
     buffer = bytearray(expected)
     got = _readinto_full(stream, memoryview(buffer))
     if got < expected:
-        raise DataFormatError(f"{path}: IDX payload truncated: header says {dims} x {dtype.itemsize} bytes = "
-                              f"{expected} bytes, file holds {got}")
+        raise DataFormatError(
+            f"{path}: IDX payload truncated: header says {dims} x {dtype.itemsize} bytes = "
+            f"{expected} bytes, file holds {got}"
+        )
     if _read_exact(stream, 1):
         raise DataFormatError(f"{path}: IDX payload has trailing data after the {expected} bytes its header declares")
     arr = np.frombuffer(buffer, dtype=dtype, count=count).reshape(dims)
@@ -160,10 +162,18 @@ def write_idx(path: str | Path, array: np.ndarray, *, compress: bool | None = No
 _IDX_PATTERNS = {
     ("train", "images"): ["train-images-idx3-ubyte", "train-images.idx3-ubyte"],
     ("train", "labels"): ["train-labels-idx1-ubyte", "train-labels.idx1-ubyte"],
-    ("test", "images"): ["t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte",
-                         "test-images-idx3-ubyte", "test-images.idx3-ubyte"],
-    ("test", "labels"): ["t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte",
-                         "test-labels-idx1-ubyte", "test-labels.idx1-ubyte"],
+    ("test", "images"): [
+        "t10k-images-idx3-ubyte",
+        "t10k-images.idx3-ubyte",
+        "test-images-idx3-ubyte",
+        "test-images.idx3-ubyte",
+    ],
+    ("test", "labels"): [
+        "t10k-labels-idx1-ubyte",
+        "t10k-labels.idx1-ubyte",
+        "test-labels-idx1-ubyte",
+        "test-labels.idx1-ubyte",
+    ],
 }
 
 
@@ -219,8 +229,9 @@ def _idx_images(arr: np.ndarray, path: Path) -> np.ndarray:
         return arr.astype(np.float32) / np.float32(255.0)
     arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():
-        raise DataFormatError(f"{path}: pixel values must be finite; the file holds NaN or infinite values "
-                              "(or values beyond float32)")
+        raise DataFormatError(
+            f"{path}: pixel values must be finite; the file holds NaN or infinite values (or values beyond float32)"
+        )
     lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=1.0))
     return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
 
@@ -245,12 +256,11 @@ def load_idx_folder(
         if y.ndim != 1:
             raise DataFormatError(f"{files[split, 'labels']}: labels must be 1-D, got shape {y.shape}")
         if len(y) != len(x):
-            raise DataFormatError(
-                f"{folder}: {split} has {len(x)} images but {len(y)} labels"
-            )
+            raise DataFormatError(f"{folder}: {split} has {len(x)} images but {len(y)} labels")
         parts[split] = (x, check_labels(y, files[split, "labels"], num_classes))
-    k = num_classes or max(len(class_names), int(max(parts["train"][1].max(initial=-1),
-                                                      parts["test"][1].max(initial=-1))) + 1)
+    k = num_classes or max(
+        len(class_names), int(max(parts["train"][1].max(initial=-1), parts["test"][1].max(initial=-1))) + 1
+    )
     return DatasetSplits(
         name=name or f"idx:{folder}",
         train=ArrayDataset(*parts["train"], num_classes=k),
@@ -319,8 +329,21 @@ def _allowed_globals() -> dict[tuple[str, str], tuple[Any, Any]]:
     allowed["numpy", "ndarray"] = _ARRAY_TYPE, None
     allowed["numpy", "dtype"] = np.dtype, lambda args: 0
     allowed["_codecs", "encode"] = _codecs.encode, _sized  # how protocol-2 pickles from Python 3 store bytes
-    for name in ("list", "dict", "tuple", "set", "frozenset", "bytearray", "bytes", "str", "int",
-                 "float", "complex", "bool", "slice"):
+    for name in (
+        "list",
+        "dict",
+        "tuple",
+        "set",
+        "frozenset",
+        "bytearray",
+        "bytes",
+        "str",
+        "int",
+        "float",
+        "complex",
+        "bool",
+        "slice",
+    ):
         allowed["builtins", name] = getattr(builtins, name), _sized
         allowed["__builtin__", name] = allowed["builtins", name]
     return allowed
@@ -339,8 +362,10 @@ class _Budget:
     def spend(self, nbytes: int, what: str) -> None:
         self.spent += nbytes
         if self.spent > self.limit:
-            raise UnsafePickleError(f"{self.path}: refusing {what}: the pickle asks for {self.spent} bytes, more "
-                                    f"than the {self.limit} a file of {self.size} bytes can justify")
+            raise UnsafePickleError(
+                f"{self.path}: refusing {what}: the pickle asks for {self.spent} bytes, more "
+                f"than the {self.limit} a file of {self.size} bytes can justify"
+            )
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -401,8 +426,18 @@ def safe_unpickle(path: str | Path) -> Any:
         return _SafeUnpickler(io.BytesIO(data), path, len(data), encoding="bytes").load()
     except UnsafePickleError:
         raise
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError, AttributeError,
-            OverflowError, RecursionError, UnicodeError) as exc:
+    except (
+        EOFError,
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        OverflowError,
+        RecursionError,
+        UnicodeError,
+    ) as exc:
         detail = " ".join(str(exc).split())[:200]
         raise DataFormatError(f"{path}: not a readable pickle ({type(exc).__name__}: {detail})") from None
 
@@ -479,8 +514,7 @@ def load_cifar_folder(folder: str | Path, *, label: str = "fine", name: str | No
         x_te, y_te = _cifar_batch(folder / "test", f"{label}_labels", k)
     else:
         raise FileNotFoundError(
-            f"{folder}: not a CIFAR folder (expected batches.meta + data_batch_* + test_batch, "
-            "or meta + train + test)"
+            f"{folder}: not a CIFAR folder (expected batches.meta + data_batch_* + test_batch, or meta + train + test)"
         )
     return DatasetSplits(
         name=name or default_name,

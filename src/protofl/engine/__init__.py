@@ -17,6 +17,18 @@ from protofl.engine.rounds import (
 from protofl.engine.simulation import Simulation
 from protofl.seeds import derive_seed
 
-__all__ = ["ClientEvaluation", "Exchange", "InProcessTransport", "RoundDriver", "RunInterrupted", "Simulation",
-           "Transport", "derive_seed", "metrics_row", "privacy_metrics", "sample_clients", "simulated_dropouts",
-           "summarize_client_metrics"]
+__all__ = [
+    "ClientEvaluation",
+    "Exchange",
+    "InProcessTransport",
+    "RoundDriver",
+    "RunInterrupted",
+    "Simulation",
+    "Transport",
+    "derive_seed",
+    "metrics_row",
+    "privacy_metrics",
+    "sample_clients",
+    "simulated_dropouts",
+    "summarize_client_metrics",
+]

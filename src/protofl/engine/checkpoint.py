@@ -53,10 +53,24 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         first = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"{path}: refused to load: it asks for more than tensors and containers ({first}); "
-                              f"{hint}") from None
-    except (RuntimeError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
-            OSError, zipfile.BadZipFile, UnicodeDecodeError, NotImplementedError, AssertionError) as exc:
+        raise CheckpointError(
+            f"{path}: refused to load: it asks for more than tensors and containers ({first}); {hint}"
+        ) from None
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        OverflowError,
+        OSError,
+        zipfile.BadZipFile,
+        UnicodeDecodeError,
+        NotImplementedError,
+        AssertionError,
+    ) as exc:
         raise CheckpointError(f"{path}: truncated or damaged ({type(exc).__name__}); {hint}") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a protofl checkpoint (no {' and '.join(REQUIRED_KEYS)}); {hint}")

@@ -26,23 +26,32 @@ def client_generator(seed: int, round_index: int, client: int) -> torch.Generato
     return torch.Generator().manual_seed(derive_seed(seed, round_index, client))
 
 
-def client_round(algorithm: Algorithm, state: dict[str, Any], data: ClientData, received: Payload, *,
-                 round_index: int, seed: int) -> StepResult:
+def client_round(
+    algorithm: Algorithm, state: dict[str, Any], data: ClientData, received: Payload, *, round_index: int, seed: int
+) -> StepResult:
     """One client's step of round ``round_index`` (the budget check and the broadcast's validation are the
     caller's: they come before anything is released)."""
     return algorithm.client_step(state, data, received, client_generator(seed, round_index, data.client_id))
 
 
-def client_rounds_batched(algorithm: Algorithm, states: Sequence[dict[str, Any]], datas: Sequence[ClientData],
-                          received: Payload, *, round_index: int, seed: int) -> list[StepResult]:
+def client_rounds_batched(
+    algorithm: Algorithm,
+    states: Sequence[dict[str, Any]],
+    datas: Sequence[ClientData],
+    received: Payload,
+    *,
+    round_index: int,
+    seed: int,
+) -> list[StepResult]:
     """:func:`client_round` for several clients as one batched program (same results, same order)."""
     generators = [client_generator(seed, round_index, data.client_id) for data in datas]
     return algorithm.client_step_batched(list(states), list(datas), received, generators)
 
 
 @torch.no_grad()
-def client_evaluation(algorithm: Algorithm, state: dict[str, Any], data: ClientData,
-                      received: Payload) -> dict[str, float]:
+def client_evaluation(
+    algorithm: Algorithm, state: dict[str, Any], data: ClientData, received: Payload
+) -> dict[str, float]:
     """A client's personalised metrics (empty when it holds no test split)."""
     if not len(data.y_test):
         return {}

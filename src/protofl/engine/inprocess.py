@@ -93,11 +93,17 @@ class InProcessTransport:
                     continue
                 accepted.append(reply)
             self.client_states[k] = new_state
-        return Exchange(accepted=accepted, train_losses=train_losses, status=status,
-                        bytes_down={k: len(wire_down) for k in active}, bytes_up=up)
+        return Exchange(
+            accepted=accepted,
+            train_losses=train_losses,
+            status=status,
+            bytes_down={k: len(wire_down) for k in active},
+            bytes_up=up,
+        )
 
-    def _client_steps(self, active: Sequence[int], r: int, broadcast: Payload,
-                      wire_down: bytes) -> Iterator[tuple[Any, ...]]:
+    def _client_steps(
+        self, active: Sequence[int], r: int, broadcast: Payload, wire_down: bytes
+    ) -> Iterator[tuple[Any, ...]]:
         """``(k, new_state, reply, metrics)`` of every active client, per client or batched."""
         algo = self.algorithm
 
@@ -107,16 +113,25 @@ class InProcessTransport:
         if self.execution != "batched":
             for k in active:
                 # Each client parses its own copy of the broadcast, as it would off a network.
-                yield k, *client_round(algo, self.client_state(k), self.clients[k], receive(), round_index=r,
-                                       seed=self.seed)
+                yield (
+                    k,
+                    *client_round(
+                        algo, self.client_state(k), self.clients[k], receive(), round_index=r, seed=self.seed
+                    ),
+                )
             return
         from protofl.training import chunks
 
         for chunk in chunks(list(active), self.federation.batch_clients):
             # One parsed copy of the (identical) broadcast serves the whole chunk.
             results: list[StepResult] = client_rounds_batched(
-                algo, [self.client_state(k) for k in chunk], [self.clients[k] for k in chunk], receive(),
-                round_index=r, seed=self.seed)
+                algo,
+                [self.client_state(k) for k in chunk],
+                [self.clients[k] for k in chunk],
+                receive(),
+                round_index=r,
+                seed=self.seed,
+            )
             for k, result in zip(chunk, results):
                 yield k, *result
 
@@ -135,8 +150,11 @@ class InProcessTransport:
         """Every client's personalised metrics and spend, now."""
         algo = self.algorithm
         received = Payload.from_bytes(broadcast.to_bytes())
-        metrics = {data.client_id: client_evaluation(algo, self.client_state(data.client_id), data, received)
-                   for data in self.clients if len(data.y_test)}
+        metrics = {
+            data.client_id: client_evaluation(algo, self.client_state(data.client_id), data, received)
+            for data in self.clients
+            if len(data.y_test)
+        }
         reports = {k: algo.privacy_report({k: state}, all_accountants=False) for k, state in self.client_states.items()}
         reports = {k: report for k, report in reports.items() if report is not None}
         return ClientEvaluation(

@@ -71,7 +71,10 @@ def privacy_metrics(report: Mapping[str, Any] | None) -> dict[str, float]:
     """The per-round privacy metrics of a spend report (empty where nothing is protected)."""
     if not report:
         return {}
-    return {"privacy_epsilon_max": report["epsilon"], "privacy_epsilon_mean": report[f"epsilon_{report['accountant']}_mean"]}
+    return {
+        "privacy_epsilon_max": report["epsilon"],
+        "privacy_epsilon_mean": report[f"epsilon_{report['accountant']}_mean"],
+    }
 
 
 def merge_privacy_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -238,9 +241,20 @@ class RoundDriver:
     :attr:`history`).
     """
 
-    def __init__(self, algorithm: Algorithm, transport: Transport, federation: FederationConfig, seed: int, *,
-                 test_x: torch.Tensor, test_y: torch.Tensor, test_groups: Mapping[str, torch.Tensor] | None = None,
-                 checkpoint_dir: Path | None = None, fingerprint: str = "", on_round: RoundCallback | None = None):
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        transport: Transport,
+        federation: FederationConfig,
+        seed: int,
+        *,
+        test_x: torch.Tensor,
+        test_y: torch.Tensor,
+        test_groups: Mapping[str, torch.Tensor] | None = None,
+        checkpoint_dir: Path | None = None,
+        fingerprint: str = "",
+        on_round: RoundCallback | None = None,
+    ):
         self.algorithm = algorithm
         self.transport = transport
         self.federation = federation
@@ -325,8 +339,14 @@ class RoundDriver:
         for r in bar:
             row = self.run_round(r)
             if row is not None and hasattr(bar, "set_postfix"):
-                bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("acc_mean") or k == "global_acc"
-                                 if isinstance(v, float)})
+                bar.set_postfix(
+                    {
+                        k: f"{v:.3f}"
+                        for k, v in row.items()
+                        if k.endswith("acc_mean") or k == "global_acc"
+                        if isinstance(v, float)
+                    }
+                )
             if stop_after is not None and r >= stop_after and r < fed.rounds:
                 raise RunInterrupted(f"stopped after round {r}")
         return self.history
@@ -361,8 +381,17 @@ class RoundDriver:
         self.round = r
 
         if r % fed.eval_every == 0 or r == fed.rounds:
-            done = _Round(r, sampled, dropped, exchange, server_metrics, self.bytes_up, self.bytes_down,
-                          train_seconds, self.elapsed)
+            done = _Round(
+                r,
+                sampled,
+                dropped,
+                exchange,
+                server_metrics,
+                self.bytes_up,
+                self.bytes_down,
+                train_seconds,
+                self.elapsed,
+            )
             eval_start = time.perf_counter()
             evaluation = self.transport.evaluate(r, algo.broadcast(self.server_state), final=r == fed.rounds)
             if evaluation is None:
@@ -382,11 +411,21 @@ class RoundDriver:
         evaluation["clients_evaluated"] = len(per_client)
         status = exchange.status
         row = metrics_row(
-            r, evaluation, exchange.train_losses, sampled=len(done.sampled), dropped=len(done.dropped),
-            rejected=sum(1 for s in status.values() if s == "rejected"), up=sum(exchange.bytes_up.values()),
-            down=sum(exchange.bytes_down.values()), up_total=done.up_total, down_total=done.down_total,
-            server_metrics=done.server_metrics, privacy=privacy_metrics(clients.privacy), execution=self.execution,
-            round_seconds=done.round_seconds, eval_seconds=time.perf_counter() - eval_start,
+            r,
+            evaluation,
+            exchange.train_losses,
+            sampled=len(done.sampled),
+            dropped=len(done.dropped),
+            rejected=sum(1 for s in status.values() if s == "rejected"),
+            up=sum(exchange.bytes_up.values()),
+            down=sum(exchange.bytes_down.values()),
+            up_total=done.up_total,
+            down_total=done.down_total,
+            server_metrics=done.server_metrics,
+            privacy=privacy_metrics(clients.privacy),
+            execution=self.execution,
+            round_seconds=done.round_seconds,
+            eval_seconds=time.perf_counter() - eval_start,
             elapsed_seconds=done.elapsed,
         )
         if self.transport.counts_lost:
@@ -404,20 +443,27 @@ class RoundDriver:
         sampled = set(done.sampled)
         records = []
         for k in range(self.transport.num_clients):
-            status = ("not-sampled" if k not in sampled else "dropped" if k in done.dropped
-                      else done.exchange.status.get(k, "lost"))
+            status = (
+                "not-sampled"
+                if k not in sampled
+                else "dropped"
+                if k in done.dropped
+                else done.exchange.status.get(k, "lost")
+            )
             profile = clients.profiles.get(k, {})
-            records.append({
-                "client": k,
-                "samples": profile.get("samples"),
-                "classes": profile.get("classes"),
-                **clients.metrics.get(k, {}),
-                # a client that has released nothing yet has spent nothing (None: nothing is protected)
-                "epsilon": clients.epsilon.get(k, None if clients.privacy is None else 0.0),
-                "bytes_up": done.exchange.bytes_up.get(k, 0),
-                "bytes_down": done.exchange.bytes_down.get(k, 0),
-                "status": status,
-            })
+            records.append(
+                {
+                    "client": k,
+                    "samples": profile.get("samples"),
+                    "classes": profile.get("classes"),
+                    **clients.metrics.get(k, {}),
+                    # a client that has released nothing yet has spent nothing (None: nothing is protected)
+                    "epsilon": clients.epsilon.get(k, None if clients.privacy is None else 0.0),
+                    "bytes_up": done.exchange.bytes_up.get(k, 0),
+                    "bytes_down": done.exchange.bytes_down.get(k, 0),
+                    "status": status,
+                }
+            )
         return records
 
     @torch.no_grad()

@@ -24,13 +24,31 @@ class Simulation(RoundDriver):
 
     transport: InProcessTransport
 
-    def __init__(self, algorithm: Algorithm, clients: Sequence[ClientData], test_x: torch.Tensor,
-                 test_y: torch.Tensor, federation: FederationConfig, seed: int, checkpoint_dir: Path | None = None,
-                 fingerprint: str = "", on_round: RoundCallback | None = None,
-                 test_groups: Mapping[str, torch.Tensor] | None = None):
-        super().__init__(algorithm, InProcessTransport(algorithm, clients, federation, seed), federation, seed,
-                         test_x=test_x, test_y=test_y, test_groups=test_groups, checkpoint_dir=checkpoint_dir,
-                         fingerprint=fingerprint, on_round=on_round)
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        clients: Sequence[ClientData],
+        test_x: torch.Tensor,
+        test_y: torch.Tensor,
+        federation: FederationConfig,
+        seed: int,
+        checkpoint_dir: Path | None = None,
+        fingerprint: str = "",
+        on_round: RoundCallback | None = None,
+        test_groups: Mapping[str, torch.Tensor] | None = None,
+    ):
+        super().__init__(
+            algorithm,
+            InProcessTransport(algorithm, clients, federation, seed),
+            federation,
+            seed,
+            test_x=test_x,
+            test_y=test_y,
+            test_groups=test_groups,
+            checkpoint_dir=checkpoint_dir,
+            fingerprint=fingerprint,
+            on_round=on_round,
+        )
 
     @property
     def clients(self) -> Sequence[ClientData]:

@@ -10,5 +10,12 @@ from protofl.flower._require import FlowerMissingError, require_flwr
 from protofl.flower.launcher import Federation, FlowerRunError, run_on_flower, write_app
 from protofl.flower.settings import FlowerSettings
 
-__all__ = ["Federation", "FlowerMissingError", "FlowerRunError", "FlowerSettings", "require_flwr",
-           "run_on_flower", "write_app"]
+__all__ = [
+    "Federation",
+    "FlowerMissingError",
+    "FlowerRunError",
+    "FlowerSettings",
+    "require_flwr",
+    "run_on_flower",
+    "write_app",
+]

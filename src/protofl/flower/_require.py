@@ -25,5 +25,6 @@ def require_flwr():
         import logging
 
         logging.getLogger("protofl.flower").warning(
-            "flwr %s is installed; protofl's Flower app is tested with %s.x", version, SUPPORTED)
+            "flwr %s is installed; protofl's Flower app is tested with %s.x", version, SUPPORTED
+        )
     return flwr

@@ -53,8 +53,9 @@ def _store(context: Context, task):
     from protofl.flower.node import ClientStore, store_path
 
     settings = FlowerSettings.from_run_config(context.run_config)
-    path = store_path(str(context.node_config.get("state-dir", settings.client_state_dir)), settings.run_key,
-                      task.partition)
+    path = store_path(
+        str(context.node_config.get("state-dir", settings.client_state_dir)), settings.run_key, task.partition
+    )
     kept = context.state.config_records.get(STORE)
     if kept is not None and kept.get("run-key") == settings.run_key:
         store = ClientStore.from_bytes(kept["store"])
@@ -85,7 +86,8 @@ def _decide(store, task, fields: dict) -> None:
         raise StateLostError(
             f"{task.who}: the server decided on this partition's replies of rounds {replied}, but this node holds "
             "no state of the run: state and privacy ledger lost: restart the SuperNode with its "
-            "state-dir (--node-config \"... state-dir=DIR\") holding the state it kept")
+            'state-dir (--node-config "... state-dir=DIR") holding the state it kept'
+        )
     store.decide(task, decisions)
 
 
@@ -96,11 +98,16 @@ def query(msg: Message, context: Context) -> Message:
     from protofl.config import ConfigError, PartitionConfig
 
     partition = _partition(context)
-    wanted = tomllib.loads(str(context.run_config[CONFIG_KEY])).get("partition", {}).get(
-        "num_clients", PartitionConfig().num_clients)
+    wanted = (
+        tomllib.loads(str(context.run_config[CONFIG_KEY]))
+        .get("partition", {})
+        .get("num_clients", PartitionConfig().num_clients)
+    )
     if int(context.node_config["num-partitions"]) != wanted or not 0 <= partition < wanted:
-        raise ConfigError(f"node config partition-id={partition} num-partitions={context.node_config['num-partitions']} "
-                          f"does not fit the run's partition.num_clients={wanted}")
+        raise ConfigError(
+            f"node config partition-id={partition} num-partitions={context.node_config['num-partitions']} "
+            f"does not fit the run's partition.num_clients={wanted}"
+        )
     return Message(records.to_record_dict(None, **protocol.pack({protocol.PARTITION_ID: partition})), reply_to=msg)
 
 
@@ -113,10 +120,18 @@ def _evaluation(store, task, r: int, received, privacy_all: bool, content) -> No
     report = store.privacy_report(task, r, privacy_all)
     profile = client_profile(task.data)
     fields = content.config_records[records.FIELDS]
-    fields.update(protocol.pack({protocol.EVALUATED_ROUND: r, protocol.EVALUATED: bool(len(task.data.y_test)),
-                                 protocol.PRIVACY: report, protocol.METRIC_KEYS: list(metrics),
-                                 protocol.TRAIN_SAMPLES: profile["samples"],
-                                 protocol.TRAIN_CLASSES: profile["classes"]}))
+    fields.update(
+        protocol.pack(
+            {
+                protocol.EVALUATED_ROUND: r,
+                protocol.EVALUATED: bool(len(task.data.y_test)),
+                protocol.PRIVACY: report,
+                protocol.METRIC_KEYS: list(metrics),
+                protocol.TRAIN_SAMPLES: profile["samples"],
+                protocol.TRAIN_CLASSES: profile["classes"],
+            }
+        )
+    )
     content["metrics"] = MetricRecord({k: float(v) for k, v in metrics.items()})
 
 
@@ -147,13 +162,24 @@ def train(msg: Message, context: Context) -> Message:
     except BudgetExceededError as exc:
         # nothing released: the server is told why, and stops the run (as the in-process engine does)
         _keep(context, store, path, run_key)
-        content = records.to_record_dict(None, **protocol.pack({protocol.PARTITION_ID: task.partition, protocol.ROUND: r,
-                                                                protocol.BUDGET_EXCEEDED: str(exc)}))
+        content = records.to_record_dict(
+            None,
+            **protocol.pack(
+                {protocol.PARTITION_ID: task.partition, protocol.ROUND: r, protocol.BUDGET_EXCEEDED: str(exc)}
+            ),
+        )
     else:
         _keep(context, store, path, run_key)
-        content = records.to_record_dict(reply, **protocol.pack({
-            protocol.PARTITION_ID: task.partition, protocol.ROUND: r,
-            protocol.TRAIN_LOSS: float(metrics.get("train_loss", float("nan")))}))
+        content = records.to_record_dict(
+            reply,
+            **protocol.pack(
+                {
+                    protocol.PARTITION_ID: task.partition,
+                    protocol.ROUND: r,
+                    protocol.TRAIN_LOSS: float(metrics.get("train_loss", float("nan"))),
+                }
+            ),
+        )
     if evaluate_round is not None:
         content.config_records[records.FIELDS].update(dict(evaluated.config_records[records.FIELDS]))
         content["metrics"] = evaluated.metric_records["metrics"]

@@ -27,8 +27,8 @@ from typing import Any
 import tomli_w
 
 from protofl.config import RunConfig
-from protofl.rundir import RunFolder
 from protofl.flower.settings import CONFIG_KEY, FlowerSettings
+from protofl.rundir import RunFolder
 
 #: Written by the launcher in the run folder: the run key (so a restarted server continues the nodes'
 #: state) and how the run was started.
@@ -68,21 +68,39 @@ def write_app(directory: Path, config: RunConfig, settings: FlowerSettings, engi
     """The Flower app folder for ``config`` (its pyproject.toml names protofl's apps)."""
     directory.mkdir(parents=True, exist_ok=True)
     app = {
-        "project": {"name": "protofl-flower", "version": "1.0.0", "description": "protofl on Flower",
-                    "license": "Apache-2.0", "dependencies": []},
-        "tool": {"flwr": {"app": {
-            "publisher": "protofl",
-            "components": {"serverapp": "protofl.flower.server_app:app",
-                           "clientapp": "protofl.flower.client_app:app"},
-            "config": {CONFIG_KEY: config.to_toml(), "engine": engine, **settings.to_run_config()},
-        }}},
+        "project": {
+            "name": "protofl-flower",
+            "version": "1.0.0",
+            "description": "protofl on Flower",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "protofl",
+                    "components": {
+                        "serverapp": "protofl.flower.server_app:app",
+                        "clientapp": "protofl.flower.client_app:app",
+                    },
+                    "config": {CONFIG_KEY: config.to_toml(), "engine": engine, **settings.to_run_config()},
+                }
+            }
+        },
     }
     (directory / "pyproject.toml").write_text(tomli_w.dumps(app))
     return directory
 
 
-def write_connection(home: Path, name: str, address: str, *, insecure: bool = True,
-                     root_certificates: str | None = None, num_supernodes: int | None = None) -> None:
+def write_connection(
+    home: Path,
+    name: str,
+    address: str,
+    *,
+    insecure: bool = True,
+    root_certificates: str | None = None,
+    num_supernodes: int | None = None,
+) -> None:
     """A SuperLink connection ``name`` in ``$FLWR_HOME/config.toml`` (what ``flwr run APP NAME`` uses)."""
     conn: dict[str, Any] = {"address": address, "insecure": insecure}
     if root_certificates:
@@ -140,21 +158,34 @@ class Federation:
         log = open(self.workdir / log_name, "ab")  # noqa: SIM115 (owned by the process record)
         try:
             # A session of its own: stopping it stops the helpers it starts (SuperExec, app processes).
-            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir, start_new_session=True
+            )
         finally:
             log.close()
 
-    def start(self, timeout: float = 60.0) -> "Federation":
-        cmd = [_bin("flower-superlink"), *self._link_tls(), "--host", "127.0.0.1", "--port", str(self.port),
-               "--disable-runtime-dependency-installation"]
+    def start(self, timeout: float = 60.0) -> Federation:
+        cmd = [
+            _bin("flower-superlink"),
+            *self._link_tls(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.simulation:
             cmd.append("--simulation")
         self.superlink = self._start(cmd, "superlink.log")
         self._wait_listening(self.port, self.superlink, "superlink.log", timeout)
-        write_connection(self.home, "protofl", self.address, insecure=self.tls_dir is None,
-                         root_certificates=str(self.tls_dir / "ca.crt") if self.tls_dir else None,
-                         num_supernodes=self.num_nodes if self.simulation else None)
+        write_connection(
+            self.home,
+            "protofl",
+            self.address,
+            insecure=self.tls_dir is None,
+            root_certificates=str(self.tls_dir / "ca.crt") if self.tls_dir else None,
+            num_supernodes=self.num_nodes if self.simulation else None,
+        )
         if not self.simulation:
             for k in range(self.num_nodes):
                 self.start_node(k)
@@ -164,16 +195,30 @@ class Federation:
         """Start (or restart) the SuperNode of partition ``k``; its state on disk survives restarts."""
         node_config = f"partition-id={k} num-partitions={self.num_nodes} state-dir='{self.state_dir}'"
         tls = ["--root-certificates", str(self.tls_dir / "ca.crt")] if self.tls_dir else ["--insecure"]
-        cmd = [_bin("flower-supernode"), *tls, "--superlink", self.address, "--node-config", node_config,
-               "--port", str(free_port())]
+        cmd = [
+            _bin("flower-supernode"),
+            *tls,
+            "--superlink",
+            self.address,
+            "--node-config",
+            node_config,
+            "--port",
+            str(free_port()),
+        ]
         self.nodes[k] = self._start(cmd, f"supernode-{k}.log")
         return self.nodes[k]
 
     def _link_tls(self) -> list[str]:
         if self.tls_dir is None:
             return ["--insecure"]
-        return ["--ssl-ca-certfile", str(self.tls_dir / "ca.crt"), "--ssl-certfile", str(self.tls_dir / "server.pem"),
-                "--ssl-keyfile", str(self.tls_dir / "server.key")]
+        return [
+            "--ssl-ca-certfile",
+            str(self.tls_dir / "ca.crt"),
+            "--ssl-certfile",
+            str(self.tls_dir / "server.pem"),
+            "--ssl-keyfile",
+            str(self.tls_dir / "server.key"),
+        ]
 
     def kill_node(self, k: int) -> None:
         """SIGKILL partition ``k``'s SuperNode and everything it started, as a crash would."""
@@ -206,7 +251,7 @@ class Federation:
         self.nodes.clear()
         self.superlink = None
 
-    def __enter__(self) -> "Federation":
+    def __enter__(self) -> Federation:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -228,8 +273,14 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
 
 def submit(federation: Federation, app_dir: Path) -> str:
     """``flwr run APP protofl`` against the federation's SuperLink; returns the run id."""
-    res = subprocess.run([_bin("flwr"), "run", str(app_dir), "protofl", "--format", "json"], env=federation.env,
-                         capture_output=True, text=True, cwd=federation.workdir, timeout=300)
+    res = subprocess.run(
+        [_bin("flwr"), "run", str(app_dir), "protofl", "--format", "json"],
+        env=federation.env,
+        capture_output=True,
+        text=True,
+        cwd=federation.workdir,
+        timeout=300,
+    )
     if res.returncode != 0:
         raise FlowerRunError(f"flwr run failed ({res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
     try:
@@ -283,15 +334,23 @@ def wait_done(out: Path, federation: Federation | None = None, timeout: float = 
     return status
 
 
-def run_on_flower(config: RunConfig | Any, out: str | Path, *, mode: str = "deployment", resume: bool = False,
-                  workdir: str | Path | None = None, timeout: float = 3600.0, tls_dir: str | Path | None = None,
-                  **settings: Any) -> dict[str, Any]:
+def run_on_flower(
+    config: RunConfig | Any,
+    out: str | Path,
+    *,
+    mode: str = "deployment",
+    resume: bool = False,
+    workdir: str | Path | None = None,
+    timeout: float = 3600.0,
+    tls_dir: str | Path | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
     """Run ``config`` on Flower on this machine and return its summary: ``mode="deployment"`` starts a
     SuperLink and one SuperNode per client as processes, ``"simulation"`` Flower's simulation runtime;
     ``tls_dir`` (ca.crt, server.pem, server.key) turns TLS on between them."""
-    from protofl.runner import resolve_config
     from protofl.flower._require import require_flwr
     from protofl.records import read_summary
+    from protofl.runner import resolve_config
 
     require_flwr()
     if mode not in ("deployment", "simulation"):
@@ -307,8 +366,13 @@ def run_on_flower(config: RunConfig | Any, out: str | Path, *, mode: str = "depl
     nodes = out / "nodes"
     if mode == "simulation" and not flower_settings.client_state_dir:
         flower_settings = dataclasses.replace(flower_settings, client_state_dir=str(nodes))
-    with Federation(config.partition.num_clients, scratch, simulation=mode == "simulation",
-                    state_dir=nodes, tls_dir=Path(tls_dir) if tls_dir else None) as federation:
+    with Federation(
+        config.partition.num_clients,
+        scratch,
+        simulation=mode == "simulation",
+        state_dir=nodes,
+        tls_dir=Path(tls_dir) if tls_dir else None,
+    ) as federation:
         app_dir = write_app(scratch / "app", config, flower_settings, f"flower-{mode}")
         submit(federation, app_dir)
         wait_done(out, federation, timeout)

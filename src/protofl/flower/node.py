@@ -66,8 +66,10 @@ def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: 
 
     config: RunConfig = resolve_config(tomllib.loads(config_text))
     if num_partitions != config.partition.num_clients:
-        raise ConfigError(f"node config num-partitions={num_partitions}, but the run has "
-                          f"partition.num_clients={config.partition.num_clients}")
+        raise ConfigError(
+            f"node config num-partitions={num_partitions}, but the run has "
+            f"partition.num_clients={config.partition.num_clients}"
+        )
     if not 0 <= partition < num_partitions:
         raise ConfigError(f"node config partition-id={partition} is not in [0, {num_partitions})")
     torch.manual_seed(config.seed)
@@ -79,8 +81,14 @@ def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: 
 
         data = prepare_data(config)
         c = data.clients[partition]
-        saved = {"x_train": c.x_train, "y_train": c.y_train, "x_test": c.x_test, "y_test": c.y_test,
-                 "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+        saved = {
+            "x_train": c.x_train,
+            "y_train": c.y_train,
+            "x_test": c.x_test,
+            "y_test": c.y_test,
+            "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes,
+        }
         if cache is not None:
             from protofl._io import atomic_write
 
@@ -141,7 +149,8 @@ class ClientStore:
             raise StateLostError(
                 f"{task.who} holds the state of rounds {sorted(self.committed)} but none from before round "
                 f"{before} (a node keeps its last {KEEP_STATES}): the server resumed from a checkpoint older "
-                "than this node's state; resume from a later checkpoint or start a new run")
+                "than this node's state; resume from a later checkpoint or start a new run"
+            )
         else:
             state = task.algorithm.init_client_state(task.seed)
         if self.ledger is not None:
@@ -210,17 +219,24 @@ class ClientStore:
     # -- persistence -------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        torch.save({"committed": self.committed, "pending_round": self.pending_round, "pending": self.pending,
-                    "ledger": self.ledger}, buffer)
+        torch.save(
+            {
+                "committed": self.committed,
+                "pending_round": self.pending_round,
+                "pending": self.pending,
+                "ledger": self.ledger,
+            },
+            buffer,
+        )
         return buffer.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ClientStore":
+    def from_bytes(cls, data: bytes) -> ClientStore:
         state = torch.load(io.BytesIO(data), weights_only=True)
         return cls(state["committed"], state["pending_round"], state["pending"], state.get("ledger"))
 
     @classmethod
-    def load(cls, path: Path | None) -> "ClientStore | None":
+    def load(cls, path: Path | None) -> ClientStore | None:
         if path is None or not path.exists():
             return None
         return cls.from_bytes(path.read_bytes())

@@ -80,8 +80,16 @@ def _run(grid, config, settings, engine: str, out: Path):
 
     def driver(algorithm, **kwargs) -> RoundDriver:
         transport = GridTransport(grid, algorithm, config.partition.num_clients, settings, engine)
-        return RoundDriver(algorithm, transport, config.federation, config.seed, test_x=data.test_x,
-                           test_y=data.test_y, test_groups=data.test_groups, **kwargs)
+        return RoundDriver(
+            algorithm,
+            transport,
+            config.federation,
+            config.seed,
+            test_x=data.test_x,
+            test_y=data.test_y,
+            test_groups=data.test_groups,
+            **kwargs,
+        )
 
     summary, _history = run_rounds(config, data, driver, out, resume=settings.resume, require_checkpoint=True)
     return summary

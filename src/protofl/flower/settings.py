@@ -40,8 +40,11 @@ class FlowerSettings:
 
     def __post_init__(self) -> None:
         check(bool(self.out), "out", "the run folder is required")
-        check(bool(self.run_key) and self.run_key.replace("-", "").isalnum(), "run-key",
-              f"must be a non-empty alphanumeric key, got {self.run_key!r}")
+        check(
+            bool(self.run_key) and self.run_key.replace("-", "").isalnum(),
+            "run-key",
+            f"must be a non-empty alphanumeric key, got {self.run_key!r}",
+        )
         check(self.min_replies >= 0, "min-replies", f"must be >= 0, got {self.min_replies}")
         check(self.round_timeout > 0, "round-timeout", f"must be > 0 seconds, got {self.round_timeout}")
         check(self.node_wait > 0, "node-wait", f"must be > 0 seconds, got {self.node_wait}")
@@ -50,7 +53,7 @@ class FlowerSettings:
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FlowerSettings":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FlowerSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k.replace("-", "_"): v for k, v in run_config.items() if k.replace("-", "_") in names}
         for key in ("min_replies",):
@@ -66,8 +69,8 @@ def run_config_of(run_config: Mapping[str, Any]) -> RunConfig:
     """The protofl configuration carried in a Flower run config."""
     import tomllib
 
-    from protofl.runner import resolve_config
     from protofl.config import ConfigError
+    from protofl.runner import resolve_config
 
     text = run_config.get(CONFIG_KEY)
     if not isinstance(text, str) or not text.strip():

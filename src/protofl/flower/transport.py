@@ -69,8 +69,11 @@ def _check_report(report: Any) -> None:
     if not isinstance(report["max_releases_by_a_client"], int):
         raise TypeError("privacy report's max_releases_by_a_client is not an int")
     for key, value in report.items():
-        if key.startswith("epsilon_") and key.endswith(("_max", "_mean")) and not (
-                value is None or isinstance(value, (int, float))):
+        if (
+            key.startswith("epsilon_")
+            and key.endswith(("_max", "_mean"))
+            and not (value is None or isinstance(value, (int, float)))
+        ):
             raise TypeError(f"privacy report's {key} is not a number")
 
 
@@ -105,9 +108,12 @@ class GridTransport:
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"decisions": {k: [[r, a] for r, a in v.items()] for k, v in self.decisions.items()},
-                "incidents": json.dumps(self.incidents), "privacy": json.dumps(self.privacy),
-                "reports": json.dumps({str(k): v for k, v in self.reports.items()})}
+        return {
+            "decisions": {k: [[r, a] for r, a in v.items()] for k, v in self.decisions.items()},
+            "incidents": json.dumps(self.incidents),
+            "privacy": json.dumps(self.privacy),
+            "reports": json.dumps({str(k): v for k, v in self.reports.items()}),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.decisions = {int(k): {int(r): bool(a) for r, a in v} for k, v in state["decisions"].items()}
@@ -122,18 +128,23 @@ class GridTransport:
         return {"engine": self.engine, "incidents": self.incidents}
 
     # -- messaging ---------------------------------------------------------------------------------
-    def _message(self, partition: int, kind: str, r: int, payload: Payload | None, fields: Mapping[protocol.Field, Any]):
+    def _message(
+        self, partition: int, kind: str, r: int, payload: Payload | None, fields: Mapping[protocol.Field, Any]
+    ):
         from flwr.app import Message
 
         values = {protocol.ROUND: r, **fields}
         decisions = self.decisions.get(partition)
         if decisions:
-            values.update({protocol.DECISION_ROUNDS: list(decisions), protocol.DECISION_ACCEPTED: list(decisions.values())})
+            values.update(
+                {protocol.DECISION_ROUNDS: list(decisions), protocol.DECISION_ACCEPTED: list(decisions.values())}
+            )
         content = records.to_record_dict(payload, **protocol.pack(values))
         return Message(content, dst_node_id=self.nodes[partition], message_type=kind, group_id=str(r))
 
-    def _exchange(self, messages: Mapping[int, Any], wait_for: int, counted: set[int] | None = None
-                  ) -> tuple[dict[int, Reply], dict[int, tuple[int, str]], str | None]:
+    def _exchange(
+        self, messages: Mapping[int, Any], wait_for: int, counted: set[int] | None = None
+    ) -> tuple[dict[int, Reply], dict[int, tuple[int, str]], str | None]:
         """Send one message per partition; wait for every reply, or, past ``round_timeout``, for at least
         ``wait_for`` replies from the ``counted`` partitions (default: all); returns the replies, for each
         partition that stayed silent the node it was sent to and why, and, where fewer than ``wait_for``
@@ -170,11 +181,14 @@ class GridTransport:
                 error = f"{msg.error.reason} (code {msg.error.code})" if msg.has_error() else None
                 replies[k] = Reply(k, msg.metadata.src_node_id, None if error else msg.content, error)
             if pending and time.monotonic() > deadline:
-                got = sum(1 for k, reply in replies.items()
-                          if (counted is None or k in counted) and reply.error is None)
+                got = sum(
+                    1 for k, reply in replies.items() if (counted is None or k in counted) and reply.error is None
+                )
                 if got < wait_for:
-                    short = (f"{got} of {len(counted if counted is not None else partitions)} nodes replied within "
-                             f"{self.settings.round_timeout:g} s; at least {wait_for} needed")
+                    short = (
+                        f"{got} of {len(counted if counted is not None else partitions)} nodes replied within "
+                        f"{self.settings.round_timeout:g} s; at least {wait_for} needed"
+                    )
                 break
             if pending:
                 time.sleep(POLL_SECONDS)
@@ -199,9 +213,16 @@ class GridTransport:
             if new:
                 from flwr.app import Message
 
-                ids = list(self.grid.push_messages([
-                    Message(records.to_record_dict(None), dst_node_id=n, message_type=protocol.QUERY, group_id="0")
-                    for n in new]))
+                ids = list(
+                    self.grid.push_messages(
+                        [
+                            Message(
+                                records.to_record_dict(None), dst_node_id=n, message_type=protocol.QUERY, group_id="0"
+                            )
+                            for n in new
+                        ]
+                    )
+                )
                 self._asked.update(new)
                 asked = {mid: n for mid, n in zip(ids, new) if mid}
                 stop = time.monotonic() + min(self.settings.round_timeout, 60.0)
@@ -216,8 +237,12 @@ class GridTransport:
                         try:
                             k = protocol.PARTITION_ID.read(records.fields_of(msg.content))
                         except (ValueError, TypeError, KeyError) as exc:
-                            log.warning("node %d cannot take part: malformed partition-id (%s: %s)", node,
-                                        type(exc).__name__, exc)
+                            log.warning(
+                                "node %d cannot take part: malformed partition-id (%s: %s)",
+                                node,
+                                type(exc).__name__,
+                                exc,
+                            )
                             continue
                         if self.nodes.get(k) not in (None, node):
                             log.info("partition %d is now served by node %d (was node %d)", k, node, self.nodes[k])
@@ -238,8 +263,9 @@ class GridTransport:
 
     def _reject(self, r: int, k: int, reason: str) -> None:
         log.warning("round %d: rejected the reply of client %d (node %s): %s", r, k, self.nodes.get(k), reason)
-        self.incidents.append({"round": r, "partition": k, "node_id": self.nodes.get(k), "kind": "rejected",
-                               "reason": reason})
+        self.incidents.append(
+            {"round": r, "partition": k, "node_id": self.nodes.get(k), "kind": "rejected", "reason": reason}
+        )
 
     # -- the round ---------------------------------------------------------------------------------
     def exchange(self, r: int, active: Sequence[int], broadcast: Payload, owed: int | None) -> Exchange:
@@ -253,8 +279,13 @@ class GridTransport:
         evaluate = {protocol.EVALUATE_ROUND: owed, protocol.PRIVACY_ALL: False} if owed is not None else {}
         messages = {k: self._message(k, protocol.TRAIN, r, broadcast, evaluate) for k in reachable}
         if owed is not None:
-            messages.update({k: self._message(k, protocol.EVALUATE, owed, broadcast, {protocol.PRIVACY_ALL: False})
-                             for k in sorted(self.nodes) if k not in messages})
+            messages.update(
+                {
+                    k: self._message(k, protocol.EVALUATE, owed, broadcast, {protocol.PRIVACY_ALL: False})
+                    for k in sorted(self.nodes)
+                    if k not in messages
+                }
+            )
         # min_replies counts accepted replies of the clients sampled and not dropped (0: every reachable one);
         # a node missing from the federation does not lower it
         required = min(self.settings.min_replies, len(active)) if self.settings.min_replies else len(reachable)
@@ -289,8 +320,10 @@ class GridTransport:
                     payload = records.payload_of(reply.content)
                     partition, replied = protocol.PARTITION_ID.read(fields, -1), protocol.ROUND.read(fields, -1)
                     if partition != k or replied != r:
-                        raise PayloadError(f"reply is for partition {fields.get(protocol.PARTITION_ID.name)} round "
-                                           f"{fields.get(protocol.ROUND.name)}, expected partition {k} round {r}")
+                        raise PayloadError(
+                            f"reply is for partition {fields.get(protocol.PARTITION_ID.name)} round "
+                            f"{fields.get(protocol.ROUND.name)}, expected partition {k} round {r}"
+                        )
                     train_losses.append(protocol.TRAIN_LOSS.read(fields, math.nan))
                     up[k] = records.wire_size(payload)
                     validate(payload, algo.reply_spec())
@@ -306,9 +339,13 @@ class GridTransport:
             accepted.append(payload)
         rejected = sum(1 for s in status.values() if s == "rejected")
         if self.settings.min_replies and len(accepted) < required:
-            return Exchange(evaluation=evaluation, stop=NotEnoughReplies(
-                f"round {r}: {len(accepted)} accepted replies ({rejected} rejected, {len(lost)} lost) of "
-                f"{len(active)} clients; min_replies={self.settings.min_replies} needs {required}"))
+            return Exchange(
+                evaluation=evaluation,
+                stop=NotEnoughReplies(
+                    f"round {r}: {len(accepted)} accepted replies ({rejected} rejected, {len(lost)} lost) of "
+                    f"{len(active)} clients; min_replies={self.settings.min_replies} needs {required}"
+                ),
+            )
         for k in reachable:
             kept = self.decisions.setdefault(k, {})
             kept[r] = status.get(k) == "ok"
@@ -316,8 +353,14 @@ class GridTransport:
                 del kept[old]
         for k in active:
             status.setdefault(k, "lost")
-        return Exchange(accepted=accepted, train_losses=train_losses, status=status, bytes_down=bytes_down,
-                        bytes_up=up, evaluation=evaluation)
+        return Exchange(
+            accepted=accepted,
+            train_losses=train_losses,
+            status=status,
+            bytes_down=bytes_down,
+            bytes_up=up,
+            evaluation=evaluation,
+        )
 
     def _over_budget(self, replies: Mapping[int, Reply], reachable: Sequence[int]) -> dict[int, str]:
         """The clients whose node refused to train (its next release would exceed its budget), and why."""
@@ -339,8 +382,10 @@ class GridTransport:
         if not final:
             return None
         self.discover()
-        messages = {k: self._message(k, protocol.EVALUATE, r, broadcast, {protocol.PRIVACY_ALL: True})
-                    for k in sorted(self.nodes)}
+        messages = {
+            k: self._message(k, protocol.EVALUATE, r, broadcast, {protocol.PRIVACY_ALL: True})
+            for k in sorted(self.nodes)
+        }
         replies, silent, _ = self._exchange(messages, 0)
         for k, (node, why) in sorted(silent.items()):
             self._lose(r, k, f"evaluation: {why}", node)
@@ -360,13 +405,22 @@ class GridTransport:
                 if protocol.EVALUATED_ROUND.read(fields, -1) != r:
                     continue
                 values = reply.content.metric_records.get("metrics", {})
-                client = ({key: float(values[key]) for key in protocol.METRIC_KEYS.read(fields, [])}
-                          if protocol.EVALUATED.read(fields, False) else None)
+                client = (
+                    {key: float(values[key]) for key in protocol.METRIC_KEYS.read(fields, [])}
+                    if protocol.EVALUATED.read(fields, False)
+                    else None
+                )
                 report = protocol.PRIVACY.read(fields, None)
                 if report is not None:
                     _check_report(report)
-                profile = {"samples": protocol.TRAIN_SAMPLES.read(fields, None),
-                           "classes": protocol.TRAIN_CLASSES.read(fields, None)} if protocol.TRAIN_SAMPLES.within(fields) else {}
+                profile = (
+                    {
+                        "samples": protocol.TRAIN_SAMPLES.read(fields, None),
+                        "classes": protocol.TRAIN_CLASSES.read(fields, None),
+                    }
+                    if protocol.TRAIN_SAMPLES.within(fields)
+                    else {}
+                )
             except (ValueError, TypeError, KeyError) as exc:  # a malformed protocol field: not used
                 self._reject(r, k, f"evaluation: malformed reply field: {type(exc).__name__}: {exc}")
                 continue
@@ -377,6 +431,9 @@ class GridTransport:
             if report is not None:
                 self.reports[k] = report
         self.privacy = merge_privacy_reports([self.reports[k] for k in sorted(self.reports)])
-        return ClientEvaluation(metrics=metrics, profiles=profiles,
-                                epsilon={k: report.get("epsilon") for k, report in self.reports.items()},
-                                privacy=self.privacy)
+        return ClientEvaluation(
+            metrics=metrics,
+            profiles=profiles,
+            epsilon={k: report.get("epsilon") for k, report in self.reports.items()},
+            privacy=self.privacy,
+        )

@@ -37,8 +37,12 @@ class SmallCNN(FeatureNet):
             raise ValueError(f"SmallCNN needs an image side divisible by 4, got {image_size}")
         self.feature_dim = feature_dim
         self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.fc = nn.Linear(32 * (image_size // 4) ** 2, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
@@ -52,15 +56,18 @@ class EmbeddingAdapterNet(FeatureNet):
     zero, so the adapter starts as the identity), an MLP ``D -> hidden -> feature_dim`` with ReLU, and a
     linear head."""
 
-    def __init__(self, input_dim: int, num_classes: int, feature_dim: int = 128, hidden_dim: int = 256,
-                 adapter_rank: int = 32):
+    def __init__(
+        self, input_dim: int, num_classes: int, feature_dim: int = 128, hidden_dim: int = 256, adapter_rank: int = 32
+    ):
         super().__init__()
         self.feature_dim = feature_dim
         self.adapter_down = nn.Linear(input_dim, adapter_rank)
         self.adapter_up = nn.Linear(adapter_rank, input_dim)
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
-        self.mlp = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, feature_dim), nn.ReLU())
+        self.mlp = nn.Sequential(
+            nn.Linear(input_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, feature_dim), nn.ReLU()
+        )
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,16 @@ from protofl.privacy.attacks import (
     reconstruction_scores,
     total_variation,
 )
+from protofl.privacy.layer import (
+    PRIVACY_LAYERS,
+    DPSGDLayer,
+    IGPPLayer,
+    PrivacyLayer,
+    PrototypeReleaseLayer,
+    VPPLayer,
+    create_privacy_layer,
+    register_privacy_layer,
+)
 from protofl.privacy.mechanisms import (
     PrototypeRelease,
     anova_scores,
@@ -43,16 +53,6 @@ from protofl.privacy.mechanisms import (
     soft_clip,
     vpp_group_noise,
     vpp_release,
-)
-from protofl.privacy.layer import (
-    PRIVACY_LAYERS,
-    DPSGDLayer,
-    IGPPLayer,
-    PrivacyLayer,
-    PrototypeReleaseLayer,
-    VPPLayer,
-    create_privacy_layer,
-    register_privacy_layer,
 )
 from protofl.privacy.vpdr import DistillationClipping
 

@@ -185,7 +185,8 @@ class RdpAccountant(Accountant):
                 dp_event = dp_accounting.GaussianDpEvent(event.noise_multiplier)
             elif isinstance(event, SampledGaussianEvent):
                 dp_event = dp_accounting.PoissonSampledDpEvent(
-                    event.sampling_rate, dp_accounting.GaussianDpEvent(event.noise_multiplier))
+                    event.sampling_rate, dp_accounting.GaussianDpEvent(event.noise_multiplier)
+                )
             elif isinstance(event, LaplaceEvent):
                 dp_event = dp_accounting.LaplaceDpEvent(event.noise_multiplier)
             else:
@@ -218,12 +219,14 @@ def _pld_of(event: Event, interval: float):
     if isinstance(event, GaussianEvent):
         return pld.from_gaussian_mechanism(event.noise_multiplier, value_discretization_interval=interval)
     if isinstance(event, SampledGaussianEvent):
-        return pld.from_gaussian_mechanism(event.noise_multiplier, sampling_prob=event.sampling_rate,
-                                           value_discretization_interval=interval)
+        return pld.from_gaussian_mechanism(
+            event.noise_multiplier, sampling_prob=event.sampling_rate, value_discretization_interval=interval
+        )
     if isinstance(event, LaplaceEvent):
         return pld.from_laplace_mechanism(event.noise_multiplier, value_discretization_interval=interval)
-    return pld.from_privacy_parameters(common.DifferentialPrivacyParameters(event.epsilon, 0.0),
-                                       value_discretization_interval=interval)
+    return pld.from_privacy_parameters(
+        common.DifferentialPrivacyParameters(event.epsilon, 0.0), value_discretization_interval=interval
+    )
 
 
 #: The accountants by name (``privacy.accountant``); add one with :func:`register_accountant`.
@@ -295,8 +298,16 @@ def calibrate_noise_multiplier(
     (``epsilon``, ``delta``)-DP under ``accountant`` (the composed ε is at most ``epsilon``: calibration
     hits the target from below). Memoised: a calibration is a root search (up to seconds), made once
     per process for the same arguments (and once per run with :func:`remember_calibrations`)."""
-    key = repr((float(epsilon), float(delta), int(releases), accountant,
-                tuple((e.to_dict(), int(c)) for e, c in extra_events), sampling_rate))
+    key = repr(
+        (
+            float(epsilon),
+            float(delta),
+            int(releases),
+            accountant,
+            tuple((e.to_dict(), int(c)) for e, c in extra_events),
+            sampling_rate,
+        )
+    )
     if key in _CALIBRATIONS:
         return _CALIBRATIONS[key]
     stored = _read_calibrations()
@@ -363,10 +374,16 @@ def _calibrate(
         import logging
 
         logging.getLogger("absl").setLevel(logging.ERROR)
-        return float(dp_accounting.calibrate_dp_mechanism(
-            lambda: create_accountant(name), lambda sigma: [(make_event(sigma), releases), *extra],
-            epsilon, delta, bracket_interval=bracket, tol=1e-4,
-        ))
+        return float(
+            dp_accounting.calibrate_dp_mechanism(
+                lambda: create_accountant(name),
+                lambda sigma: [(make_event(sigma), releases), *extra],
+                epsilon,
+                delta,
+                bracket_interval=bracket,
+                tol=1e-4,
+            )
+        )
 
     # RDP first (cheap at any sigma); PLD is tighter, so its sigma lies below RDP's: search there, never
     # at tiny sigmas whose discretised privacy-loss distributions would not fit in memory.
@@ -469,14 +486,26 @@ PLD_MIN_NOISE_MULTIPLIER = 0.3
 
 def pld_practical(events: Iterable[tuple[Event, int]]) -> bool:
     """Whether the PLD of ``events`` is cheap enough to compute (every Gaussian multiplier >= 0.3)."""
-    return all(getattr(e, "noise_multiplier", math.inf) >= PLD_MIN_NOISE_MULTIPLIER
-               for e, _ in events if not isinstance(e, (PureDpEvent, LaplaceEvent)))
+    return all(
+        getattr(e, "noise_multiplier", math.inf) >= PLD_MIN_NOISE_MULTIPLIER
+        for e, _ in events
+        if not isinstance(e, (PureDpEvent, LaplaceEvent))
+    )
 
 
-def spend_report(ledgers: Iterable[PrivacyLedger], *, accountant: str, delta: float, budget: float,
-                 mechanism: str, noise_multiplier: float, planned_releases: int,
-                 counted: Iterable[str] = ("gaussian", "sampled-gaussian"), all_accountants: bool = True,
-                 **extra: Any) -> dict[str, Any]:
+def spend_report(
+    ledgers: Iterable[PrivacyLedger],
+    *,
+    accountant: str,
+    delta: float,
+    budget: float,
+    mechanism: str,
+    noise_multiplier: float,
+    planned_releases: int,
+    counted: Iterable[str] = ("gaussian", "sampled-gaussian"),
+    all_accountants: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
     """What a run spent, for summary.json and the round metrics: ε at δ of every party under both
     accountants (max and mean over parties; only under ``accountant`` with ``all_accountants=False``, as
     the per-round metrics need), the releases of the busiest party (events of the kinds in ``counted``),
@@ -491,10 +520,17 @@ def spend_report(ledgers: Iterable[PrivacyLedger], *, accountant: str, delta: fl
                 spent[name].append(math.nan)  # a secondary figure: not asked for, or not worth gigabytes
             else:
                 spent[name].append(compute_epsilon(name, ledger.events, delta) if ledger.events else 0.0)
-    out: dict[str, Any] = {"mechanism": mechanism, "accountant": accountant, "epsilon_budget": budget, "delta": delta,
-                           "noise_multiplier": noise_multiplier, "selection_epsilon_per_release": None,
-                           "planned_releases": planned_releases, "max_releases_by_a_client": max(releases, default=0),
-                           **extra}
+    out: dict[str, Any] = {
+        "mechanism": mechanism,
+        "accountant": accountant,
+        "epsilon_budget": budget,
+        "delta": delta,
+        "noise_multiplier": noise_multiplier,
+        "selection_epsilon_per_release": None,
+        "planned_releases": planned_releases,
+        "max_releases_by_a_client": max(releases, default=0),
+        **extra,
+    }
     for name, values in spent.items():
         if any(math.isnan(v) for v in values):
             out[f"epsilon_{name}_max"] = out[f"epsilon_{name}_mean"] = None

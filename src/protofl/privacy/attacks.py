@@ -49,8 +49,13 @@ class MembershipResult:
         return dataclasses.asdict(self)
 
 
-def prototype_distance_scores(features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
-                              prototypes: torch.Tensor, clip_bound: float | None = None) -> torch.Tensor:
+def prototype_distance_scores(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    classes: torch.Tensor,
+    prototypes: torch.Tensor,
+    clip_bound: float | None = None,
+) -> torch.Tensor:
     """Membership score of each example: minus the distance of its (clipped) feature to its class's
     released prototype; examples of classes without a prototype get −inf."""
     z = clip_rows(features.double(), clip_bound) if clip_bound else features.double()

@@ -19,8 +19,14 @@ from torch.func import grad, vmap
 
 from protofl.privacy.accounting import SampledGaussianEvent
 
-__all__ = ["add_noise", "clip_per_example", "noisy_clipped_mean", "per_example_gradients",
-           "poisson_sample", "step_event"]
+__all__ = [
+    "add_noise",
+    "clip_per_example",
+    "noisy_clipped_mean",
+    "per_example_gradients",
+    "poisson_sample",
+    "step_event",
+]
 
 
 Params = dict[str, torch.Tensor]
@@ -33,6 +39,7 @@ def per_example_gradients(
     dimension indexes examples; ``loss_fn`` sees one example, without that dimension). Returns a dict of
     ``(B, *param.shape)`` tensors. ``randomness`` is passed to ``vmap`` (``"different"``: each example
     draws its own random numbers, e.g. a VAE's reparameterisation noise)."""
+
     def single(p: Params, *example: torch.Tensor) -> torch.Tensor:
         return loss_fn(p, *example)
 
@@ -54,17 +61,21 @@ def noisy_clipped_mean(
     """DP-SGD's gradient: (Σ_i clip_C(g_i) + N(0, σ²C² I)) / (expected batch size). Returns it and the
     per-example norms before clipping. An empty batch (a Poisson sample can be empty) still gets noise."""
     clipped, norms = clip_per_example(grads, clip_norm)
-    return add_noise({k: g.sum(0) for k, g in clipped.items()}, clip_norm, noise_multiplier, expected_batch_size,
-                     generator), norms
+    return add_noise(
+        {k: g.sum(0) for k, g in clipped.items()}, clip_norm, noise_multiplier, expected_batch_size, generator
+    ), norms
 
 
-def add_noise(summed: Params, clip_norm: float, noise_multiplier: float, expected_batch_size: float,
-              generator: torch.Generator) -> Params:
+def add_noise(
+    summed: Params, clip_norm: float, noise_multiplier: float, expected_batch_size: float, generator: torch.Generator
+) -> Params:
     """(Σ_i clip_C(g_i) + N(0, σ²C² I)) / (expected batch size) from the clipped sum, the noise drawn per
     parameter in dict order (what :func:`noisy_clipped_mean` and ghost clipping share)."""
     std = noise_multiplier * clip_norm
-    return {k: (g + torch.randn(g.shape, generator=generator, dtype=g.dtype) * std) / expected_batch_size
-            for k, g in summed.items()}
+    return {
+        k: (g + torch.randn(g.shape, generator=generator, dtype=g.dtype) * std) / expected_batch_size
+        for k, g in summed.items()
+    }
 
 
 def poisson_sample(n: int, rate: float, generator: torch.Generator) -> torch.Tensor:

@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 Params = dict[str, torch.Tensor]
 
@@ -69,25 +68,32 @@ def reweighted_sum(losses: torch.Tensor, weights: torch.Tensor, leaves: Params) 
 # nn.Module models of linear layers
 
 
-def module_clipped_sum(module: torch.nn.Module, example_losses: Callable[[], torch.Tensor],
-                       clip_norm: float) -> tuple[Params, torch.Tensor, torch.Tensor]:
+def module_clipped_sum(
+    module: torch.nn.Module, example_losses: Callable[[], torch.Tensor], clip_norm: float
+) -> tuple[Params, torch.Tensor, torch.Tensor]:
     """Σ_i clip_C(∇L_i) for ``module``'s trainable parameters, every one of which must belong to an
     ``nn.Linear``; ``example_losses()`` runs the forward pass and returns the per-example losses (B,),
     each depending on its own example only. A layer's input may be (B, in) or (B, *, in) (each example's
     rows are its uses), and a layer may be called several times (its uses are stacked per example).
     Returns ``(summed clipped gradients by parameter name, per-example norms, losses)``."""
     names = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
-    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)
-               and any(p.requires_grad for p in m.parameters(recurse=False))]  # frozen layers need no norms
+    linears = [
+        m
+        for m in module.modules()
+        if isinstance(m, torch.nn.Linear) and any(p.requires_grad for p in m.parameters(recurse=False))
+    ]  # frozen layers need no norms
     covered = {id(p) for m in linears for p in m.parameters(recurse=False) if p.requires_grad}
     owners = [id(p) for m in linears for p in m.parameters(recurse=False) if p.requires_grad]
     if len(owners) != len(set(owners)):
-        raise ValueError("ghost clipping: a parameter is shared by several nn.Linear layers; the norm of its summed "
-                         "gradient is not the sum of per-layer norms: use materialised gradients")
+        raise ValueError(
+            "ghost clipping: a parameter is shared by several nn.Linear layers; the norm of its summed "
+            "gradient is not the sum of per-layer norms: use materialised gradients"
+        )
     if set(names) - covered:
         missing = sorted(names[i] for i in set(names) - covered)
-        raise ValueError(f"ghost clipping covers nn.Linear layers only; {missing} would need materialised "
-                         "per-example gradients")
+        raise ValueError(
+            f"ghost clipping covers nn.Linear layers only; {missing} would need materialised per-example gradients"
+        )
     uses: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]] = []
 
     def record(layer, inputs, output):
@@ -130,6 +136,8 @@ def module_clipped_sum(module: torch.nn.Module, example_losses: Callable[[], tor
         for p in layer.parameters(recurse=False):
             name = names.get(id(p))
             if name is not None and bool(summed[name].abs().sum() > 0):
-                raise ValueError(f"ghost clipping: {name!r} got a gradient without a forward call of its nn.Linear "
-                                 "(used functionally?); its per-example norm is unknown: use materialised gradients")
+                raise ValueError(
+                    f"ghost clipping: {name!r} got a gradient without a forward call of its nn.Linear "
+                    "(used functionally?); its per-example norm is unknown: use materialised gradients"
+                )
     return summed, norms, losses.detach()

@@ -20,7 +20,7 @@ import abc
 import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -38,8 +38,16 @@ from protofl.privacy.accounting import (
 )
 from protofl.privacy.mechanisms import PrototypeRelease, igpp_release, vpp_release
 
-__all__ = ["PRIVACY_LAYERS", "DPSGDLayer", "IGPPLayer", "PrivacyLayer", "VPPLayer", "PrototypeReleaseLayer", "create_privacy_layer",
-           "register_privacy_layer"]
+__all__ = [
+    "PRIVACY_LAYERS",
+    "DPSGDLayer",
+    "IGPPLayer",
+    "PrivacyLayer",
+    "VPPLayer",
+    "PrototypeReleaseLayer",
+    "create_privacy_layer",
+    "register_privacy_layer",
+]
 
 State = Mapping[str, Any]
 
@@ -49,10 +57,14 @@ class PrivacyLayer(abc.ABC):
 
     def __init__(self, config: PrivacyConfig, num_classes: int):
         if config.accountant not in ACCOUNTANTS:
-            raise ConfigError(f"privacy.accountant: {config.accountant!r} is not one of {', '.join(sorted(ACCOUNTANTS))}")
+            raise ConfigError(
+                f"privacy.accountant: {config.accountant!r} is not one of {', '.join(sorted(ACCOUNTANTS))}"
+            )
         if config.planned_releases < 1:
-            raise ConfigError("privacy.planned_releases: must be resolved to >= 1 (resolving the run's "
-                              "configuration sets it to federation.rounds)")
+            raise ConfigError(
+                "privacy.planned_releases: must be resolved to >= 1 (resolving the run's "
+                "configuration sets it to federation.rounds)"
+            )
         self.config = config
         self.num_classes = num_classes
 
@@ -80,7 +92,7 @@ class PrivacyLayer(abc.ABC):
         ledger.spend(events, who)
         return ledger.state_dict()
 
-    def check_next(self, client_state: State, who: str) -> None:
+    def check_next(self, client_state: State, who: str) -> None:  # noqa: B027 (a hook: no check by default)
         """Raise :class:`~protofl.privacy.accounting.BudgetExceededError` if the client's next release
         would exceed its budget (where the layer knows that release in advance)."""
 
@@ -117,8 +129,9 @@ class PrototypeReleaseLayer(PrivacyLayer):
     def check_next(self, client_state: State, who: str) -> None:
         self.ledger(client_state).check(self.release_events(), who)
 
-    def release(self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, client_state: State,
-                who: str = "client") -> tuple[PrototypeRelease, list]:
+    def release(
+        self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, client_state: State, who: str = "client"
+    ) -> tuple[PrototypeRelease, list]:
         """The noisy prototypes of features ``z`` (labels ``y``) and the client's new ledger state; the
         budget is checked and the release recorded before any noise is drawn."""
         ledger = self.spend(client_state, self.release_events(), who)
@@ -130,11 +143,19 @@ class PrototypeReleaseLayer(PrivacyLayer):
 
     def report(self, client_states: Iterable[State], all_accountants: bool = True) -> dict[str, Any]:
         c = self.config
-        return spend_report([self.ledger(state) for state in client_states], accountant=c.accountant, delta=c.delta,
-                            budget=c.epsilon, mechanism=c.mechanism, noise_multiplier=self.noise_multiplier,
-                            planned_releases=c.planned_releases, counted=("gaussian",),
-                            all_accountants=all_accountants, selection_epsilon_per_release=self.selection_epsilon,
-                            sensitivity=c.sensitivity)
+        return spend_report(
+            [self.ledger(state) for state in client_states],
+            accountant=c.accountant,
+            delta=c.delta,
+            budget=c.epsilon,
+            mechanism=c.mechanism,
+            noise_multiplier=self.noise_multiplier,
+            planned_releases=c.planned_releases,
+            counted=("gaussian",),
+            all_accountants=all_accountants,
+            selection_epsilon_per_release=self.selection_epsilon,
+            sensitivity=c.sensitivity,
+        )
 
 
 class IGPPLayer(PrototypeReleaseLayer):
@@ -154,8 +175,18 @@ class VPPLayer(PrototypeReleaseLayer):
 
     def noisy_prototypes(self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> PrototypeRelease:
         c = self.config
-        return vpp_release(z, y, self.num_classes, c.clip_bound, self.noise_multiplier, c.rho, c.score_cap,
-                           self.selection_epsilon, generator, c.sensitivity)
+        return vpp_release(
+            z,
+            y,
+            self.num_classes,
+            c.clip_bound,
+            self.noise_multiplier,
+            c.rho,
+            c.score_cap,
+            self.selection_epsilon,
+            generator,
+            c.sensitivity,
+        )
 
 
 class DPSGDLayer(PrivacyLayer):
@@ -195,10 +226,20 @@ class DPSGDLayer(PrivacyLayer):
     def report(self, client_states: Iterable[State], all_accountants: bool = True, **extra: Any) -> dict[str, Any]:
         c = self.config
         sigmas = sorted(self.used.values())
-        return spend_report([self.ledger(state) for state in client_states], accountant=c.accountant, delta=c.delta,
-                            budget=c.epsilon, mechanism=c.mechanism, noise_multiplier=sigmas[0] if sigmas else math.nan,
-                            planned_releases=c.planned_releases, counted=("sampled-gaussian",),
-                            all_accountants=all_accountants, noise_multipliers=sigmas, clip_norm=c.clip_norm, **extra)
+        return spend_report(
+            [self.ledger(state) for state in client_states],
+            accountant=c.accountant,
+            delta=c.delta,
+            budget=c.epsilon,
+            mechanism=c.mechanism,
+            noise_multiplier=sigmas[0] if sigmas else math.nan,
+            planned_releases=c.planned_releases,
+            counted=("sampled-gaussian",),
+            all_accountants=all_accountants,
+            noise_multipliers=sigmas,
+            clip_norm=c.clip_norm,
+            **extra,
+        )
 
 
 #: The layer of each ``privacy.mechanism``; add one with :func:`register_privacy_layer`.
@@ -223,6 +264,8 @@ def create_privacy_layer(config: PrivacyConfig, num_classes: int) -> PrivacyLaye
     try:
         cls = PRIVACY_LAYERS[config.mechanism]
     except KeyError:
-        raise ConfigError(f"privacy.mechanism: {config.mechanism!r} has no privacy layer; registered: "
-                          f"{', '.join(sorted(PRIVACY_LAYERS))}") from None
+        raise ConfigError(
+            f"privacy.mechanism: {config.mechanism!r} has no privacy layer; registered: "
+            f"{', '.join(sorted(PRIVACY_LAYERS))}"
+        ) from None
     return cls(config, num_classes)

@@ -197,8 +197,15 @@ class PrototypeRelease:
     selected: torch.Tensor | None = None
 
 
-def igpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: float, noise_multiplier: float,
-                 generator: torch.Generator, sensitivity: str = "fixed-features") -> PrototypeRelease:
+def igpp_release(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    bound: float,
+    noise_multiplier: float,
+    generator: torch.Generator,
+    sensitivity: str = "fixed-features",
+) -> PrototypeRelease:
     """IGPP: clip every feature to norm ``bound``, average per class, add N(0, (σΔ)² I), Δ = 2R/n_c
     (``fixed-features``) or 2R√C (``trained-features``)."""
     if sensitivity not in SENSITIVITY_RULES:
@@ -209,16 +216,34 @@ def igpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: floa
     groups = _Groups.of(labels, num_classes)
     counts = groups.counts
     means = groups.sums(clipped) / counts[:, None]
-    delta = 2 * bound / counts if sensitivity == "fixed-features" else np.full(len(counts), 2 * bound * math.sqrt(len(counts)))
+    delta = (
+        2 * bound / counts
+        if sensitivity == "fixed-features"
+        else np.full(len(counts), 2 * bound * math.sqrt(len(counts)))
+    )
     std = torch.from_numpy(noise_multiplier * delta)[:, None].expand(-1, x.shape[1])
     noisy = torch.from_numpy(means) + gaussian_noise(tuple(means.shape), std, generator)
-    return PrototypeRelease(torch.from_numpy(groups.classes), noisy.float(), torch.from_numpy(counts), std,
-                            ((GaussianEvent(noise_multiplier), 1),))
+    return PrototypeRelease(
+        torch.from_numpy(groups.classes),
+        noisy.float(),
+        torch.from_numpy(counts),
+        std,
+        ((GaussianEvent(noise_multiplier), 1),),
+    )
 
 
-def vpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: float, noise_multiplier: float,
-                rho: float, score_cap: float, selection_epsilon: float, generator: torch.Generator,
-                sensitivity: str = "fixed-features") -> PrototypeRelease:
+def vpp_release(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    bound: float,
+    noise_multiplier: float,
+    rho: float,
+    score_cap: float,
+    selection_epsilon: float,
+    generator: torch.Generator,
+    sensitivity: str = "fixed-features",
+) -> PrototypeRelease:
     """VPP: private top-⌈ρd⌉ selection of discriminative dimensions (``selection_epsilon``-DP), groupwise
     clipping to ``R κ_A`` and ``R κ_B``, per-class means, and group noise ``s_A Δ`` on A, ``s_B Δ`` on B
     (see :func:`vpp_group_noise`); costs one pure-DP selection and one Gaussian release at σ."""
@@ -245,7 +270,11 @@ def vpp_release(z: torch.Tensor, y: torch.Tensor, num_classes: int, bound: float
     present, counts = groups.classes, groups.counts
     means = groups.sums(clipped) / counts[:, None]
     per_coordinate = np.where(in_a, s_a, s_b)
-    delta = 2 * bound / counts if sensitivity == "fixed-features" else np.full(len(counts), 2 * bound * math.sqrt(len(counts)))
+    delta = (
+        2 * bound / counts
+        if sensitivity == "fixed-features"
+        else np.full(len(counts), 2 * bound * math.sqrt(len(counts)))
+    )
     std = torch.from_numpy(delta[:, None] * per_coordinate[None, :])
     noisy = torch.from_numpy(means) + gaussian_noise(tuple(means.shape), std, generator)
     classes, counts, selected = torch.from_numpy(present), torch.from_numpy(counts), torch.from_numpy(selected)

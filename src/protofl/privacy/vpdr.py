@@ -71,9 +71,12 @@ class DistillationClipping:
             with torch.no_grad():
                 teacher_logits = head(self.teacher, z.detach())
             t = c.kd_temperature
-            kd = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher_logits / t, 1), log_target=True,
-                          reduction="batchmean")
+            kd = F.kl_div(
+                F.log_softmax(student / t, 1),
+                F.log_softmax(teacher_logits / t, 1),
+                log_target=True,
+                reduction="batchmean",
+            )
             loss = loss + c.kd_weight * t * t * kd
         self.steps += 1
         return loss
-
