@@ -120,6 +120,7 @@ def _assert_close(flower_rows, local_rows, rounds=(1, 2, 3)):
         assert f["clients_lost"] == 0
 
 
+@pytest.mark.slow  # SuperLink and SuperNode processes (minutes)
 @pytest.mark.parametrize("name,config", [("plain", BASE), ("vpp", VPP)])
 def test_flower_deployment_matches_the_in_process_engine(flower_runs, name, config):
     root, results = flower_runs
@@ -146,6 +147,7 @@ def test_flower_deployment_matches_the_in_process_engine(flower_runs, name, conf
         assert (root / name / file).exists(), file
 
 
+@pytest.mark.slow  # SuperLink and SuperNode processes (minutes)
 def test_flower_simulation_runtime_matches_the_in_process_engine(flower_runs):
     root, results = flower_runs
     summary = _result(results, "simulation")
@@ -153,6 +155,7 @@ def test_flower_simulation_runtime_matches_the_in_process_engine(flower_runs):
     assert summary["engine"] == "flower-simulation"
 
 
+@pytest.mark.slow  # SuperLink and SuperNode processes (minutes)
 def test_protofl_report_compares_flower_and_in_process_runs(flower_runs, tmp_path):
     from protofl.report import compare_runs
 
@@ -163,6 +166,7 @@ def test_protofl_report_compares_flower_and_in_process_runs(flower_runs, tmp_pat
     assert "plain" in table and "in-process" in table
 
 
+@pytest.mark.slow  # SuperLink and SuperNode processes (minutes)
 def test_a_killed_supernode_is_recorded_and_the_run_completes(flower_runs):
     root, results = flower_runs
     summary = _result(results, "killed")

@@ -74,6 +74,7 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(small_confi
     assert strip_timing(c.history) != strip_timing(a.history)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fedavg", "fedproto"])
 def test_killed_and_resumed_run_matches_an_uninterrupted_run(small_config, tmp_path, method):
     config = {
@@ -99,6 +100,7 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(small_config, tmp_
         protofl.run(None, out=tmp_path / "r", resume=True)
 
 
+@pytest.mark.slow
 def test_fedproto_and_local_report_personalised_accuracy_under_label_skew(small_config):
     accs = {}
     for method in ["local", "fedproto"]:
@@ -133,6 +135,7 @@ def test_impossible_partition_fails_before_training(small_config):
         protofl.run(config)
 
 
+@pytest.mark.slow
 def test_a_process_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
     """The real thing: `protofl run` killed by SIGKILL mid-run, then `protofl run --resume`."""
     import os
