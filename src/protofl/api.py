@@ -79,6 +79,7 @@ def run(
     if folder is not None:
         folder.check()  # before anything is read or written
     if resume:
+        assert run_dir is not None  # resuming needs a run folder (checked above)
         config = RunConfig.from_toml(run_dir / "config.toml")
     splits = None
     if dataset is not None:
@@ -91,9 +92,9 @@ def run(
         if resume:  # the dataset key of the resumed config already names the data
             overrides = ()
     config = resolve_config(config, overrides, user_data=dataset is not None)
-    if dataset is not None and config.data.dataset != splits.name:
+    if splits is not None and config.data.dataset != splits.name:
         raise ConfigError(f"data.dataset: the run in {run_dir} was on {config.data.dataset!r}, not {splits.name!r}")
-    if config.data.features != "pixels" and dataset is not None and splits.train.x.ndim != 4:
+    if config.data.features != "pixels" and splits is not None and splits.train.x.ndim != 4:
         raise ConfigError("data.features: an encoder needs images (N, C, H, W); use features = 'pixels' for vectors")
     if config.logging.tensorboard and run_dir is None:
         raise ConfigError("logging.tensorboard: needs a run folder (out=...)")
@@ -117,8 +118,9 @@ def _run_locked(
     tracker = None
     if config.logging.tensorboard:
         TensorBoardTracker.check_available()
+        assert run_dir is not None  # checked by run()
         tracker = TensorBoardTracker(run_dir / "tensorboard")
-    runtime = {
+    runtime: dict[str, Any] = {
         **apply_threads(resolve_threads(config.federation.threads)),
         "device": str(resolve_device(config.federation.device)),
     }

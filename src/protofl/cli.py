@@ -132,17 +132,18 @@ def _cmd_flower(args: argparse.Namespace) -> int:
         return 0
     from protofl.flower import run_on_flower
 
+    run_config: RunConfig | None
     if args.resume:
         if args.config or args.set:
             raise SystemExit(
                 "error: --resume continues the run in --out with its own configuration; give no CONFIG or --set"
             )
-        config = None
+        run_config = None
     else:
-        config = resolve_config(args.config or RunConfig(), args.set)
+        run_config = resolve_config(args.config or RunConfig(), args.set)
     if args.out is None:
         raise SystemExit("error: --out DIR is required (where the run folder is written)")
-    summary = run_on_flower(config, args.out, mode=args.mode, resume=args.resume, tls_dir=args.tls_dir, **settings)
+    summary = run_on_flower(run_config, args.out, mode=args.mode, resume=args.resume, tls_dir=args.tls_dir, **settings)
     final = summary["final"]
     lost = sum(1 for i in summary["incidents"] if i["kind"] == "lost")
     print(
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Exit status of a run stopped by Ctrl-C (SIGINT) or SIGTERM: 128 + the signal's number, as a shell reports it.
-EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_INTERRUPTED: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 @contextlib.contextmanager

@@ -139,7 +139,7 @@ def from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             check(isinstance(value, Mapping), prefix + name, "expected a table")
             kwargs[name] = from_mapping(annotation, value, f"{prefix}{name}.")
         else:

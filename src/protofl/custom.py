@@ -144,7 +144,7 @@ class FactoryTask(Task):
 
     def build_model(self):
         return check_feature_model(
-            self.factory(self.input_shape, self.num_classes, self.model),  # type: ignore[misc]
+            self.factory(self.input_shape, self.num_classes, self.model),
             self.input_shape,
             self.num_classes,
         )

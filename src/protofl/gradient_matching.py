@@ -17,6 +17,7 @@ Everything here is deterministic: no global RNG is used.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -173,7 +174,8 @@ def match_synthetic(
     )
 
     def total_distance() -> torch.Tensor:
-        return sum(gradient_distance(distance, grad_fn(c, leaves[c]), targets[c]) for c in classes)
+        # ``classes`` is not empty here, so the sum is a tensor, never the start value 0
+        return cast(torch.Tensor, sum(gradient_distance(distance, grad_fn(c, leaves[c]), targets[c]) for c in classes))
 
     start = None
     for _ in range(steps):

@@ -66,7 +66,7 @@ def option_help(config_cls: type) -> list[tuple[str, Any, str]]:
             f.default
             if f.default is not dataclasses.MISSING
             else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        )  # type: ignore[misc]
+        )
         meaning = meanings.get(f.name, "(undocumented)")
         out.append((f.name, default, meaning.split(". ")[0].rstrip(".")))
     return out

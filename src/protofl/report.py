@@ -365,6 +365,7 @@ def _ms(values: Sequence[float | None], pct: bool = True) -> str:
     mean, std, n = mean_std(values)
     if mean is None:
         return "—"
+    assert std is not None  # given with the mean
     scale = 100 if pct else 1
     std = std if std > 1e-9 * max(abs(mean), 1.0) else 0.0  # float noise of equal values
     text = f"{scale * mean:.2f}" if pct else f"{mean:.3g}"
@@ -414,6 +415,7 @@ def plot_privacy_utility(groups: Mapping[tuple, list[RunRecord]], keys: Sequence
         mean, std, _ = mean_std([r.summary["final"].get("personal_acc_mean") for r in runs])
         if mean is None:
             continue
+        assert std is not None  # given with the mean
         if values[at] is None:  # not private: the budget is not part of its effective settings
             references[label] = (mean, std)
         else:
@@ -483,16 +485,16 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
 
     group_rows = []
     for values, members in groups.items():
-        s = [m.summary for m in members]
+        summaries = [m.summary for m in members]
         group_rows.append(
             "| "
             + " | ".join(_value(v) for v in values)
             + (" | " if values else "")
-            + f"{len(members)} | {', '.join(str(x['seed']) for x in s)} | {_status_text(members)} | "
-            f"{_ms([x['final'].get('global_acc') for x in s])} | {_ms([x['final'].get('personal_acc_mean') for x in s])} | "
-            f"{_ms([(x.get('per_client') or {}).get('personal_acc_worst') for x in s])} | "
-            f"{_ms([x.get('epsilon') for x in s], pct=False)} | "
-            f"{_ms([x['seconds_per_round'] for x in s], pct=False)} |"
+            + f"{len(members)} | {', '.join(str(x['seed']) for x in summaries)} | {_status_text(members)} | "
+            f"{_ms([x['final'].get('global_acc') for x in summaries])} | {_ms([x['final'].get('personal_acc_mean') for x in summaries])} | "
+            f"{_ms([(x.get('per_client') or {}).get('personal_acc_worst') for x in summaries])} | "
+            f"{_ms([x.get('epsilon') for x in summaries], pct=False)} | "
+            f"{_ms([x['seconds_per_round'] for x in summaries], pct=False)} |"
         )
     rows = []
     for r in runs:

@@ -304,6 +304,7 @@ def run_rounds(
     def on_round_hook(row: dict[str, Any]) -> None:
         last_clients[:] = row.get("clients", [])
         if run_dir is not None:
+            assert table is not None  # made whenever there is a run folder
             write_metrics(run_dir / "metrics.jsonl", driver.history)
             table.append(row["round"], row.get("clients", []))
         round_log.info(round_line(row, config.federation.rounds))
@@ -329,6 +330,7 @@ def run_rounds(
         if not resume:
             write_atomic(run_dir / "config.toml", config.to_toml())
         write_metrics(run_dir / "metrics.jsonl", driver.history)
+        assert table is not None  # made whenever there is a run folder
         table.keep_rounds_up_to(driver.round)
         write_partition_records(run_dir, data)
 

@@ -143,7 +143,8 @@ class SweepSpec:
         for every cell; any invalid cell raises :class:`ConfigError` naming the cell and the key."""
         from protofl.api import fingerprint, resolve_config
 
-        out, seen = [], {}
+        out: list[tuple[Cell, Any, str | None]] = []
+        seen: dict[str, str] = {}
         for cell in self.cells():
             try:
                 config = resolve_config(self.base, cell.overrides)
@@ -200,7 +201,9 @@ def run_cell(base: Mapping[str, Any], overrides: Sequence[str], run_dir: str, wo
         if state == "resume":
             from protofl.engine.checkpoint import load_checkpoint
 
-            action = f"resumed from round {load_checkpoint(folder / 'checkpoint')['round']}"
+            checkpoint = load_checkpoint(folder / "checkpoint")
+            # a folder with config.toml but no checkpoint yet (killed in its first round) resumes from round 1
+            action = "resumed from round 1" if checkpoint is None else f"resumed from round {checkpoint['round']}"
             run(None, out=folder, resume=True)  # type: ignore[arg-type]
         else:
             run(dict(base), out=folder, overrides=overrides)
@@ -218,7 +221,7 @@ def run_sweep(spec: SweepSpec, out: str | Path) -> dict[str, Any]:
     out = Path(out)
     plan = spec.resolved()
     out.mkdir(parents=True, exist_ok=True)
-    cells = {
+    cells: dict[str, dict[str, Any]] = {
         cell.name: {"overrides": list(cell.overrides), "status": "pending" if dup is None else f"same as {dup}"}
         for cell, _, dup in plan
     }

@@ -107,7 +107,7 @@ class StackedOptimizer:
                 mask = active.view(-1, *([1] * (t.dim() - 1)))
                 t.copy_(torch.where(mask, t, o))
 
-    def _update(self, p: list[torch.Tensor], g: list[torch.Tensor], step: int) -> None:
+    def _update(self, p: list[torch.Tensor], g: list[torch.Tensor] | tuple[torch.Tensor, ...], step: int) -> None:
         c = self.config
         lr, wd = c.lr, c.weight_decay
         if self.kind == "sgd":

@@ -4,6 +4,8 @@ server replaces it with the average of the returned models weighted by the clien
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -28,10 +30,14 @@ class FedAvgConfig(LocalTrainingConfig):
     pass
 
 
-def weighted_average(params_list: list[Params], weights: list[float]) -> Params:
+def weighted_average(params_list: Sequence[Params], weights: Sequence[float]) -> Params:
     """Sum of ``w_k * params_k / sum(w)`` per tensor."""
     total = float(sum(weights))
-    return {name: sum(p[name] * (w / total) for p, w in zip(params_list, weights)) for name in params_list[0]}
+    # ``params_list`` is not empty, so each sum is a tensor, never the start value 0
+    return {
+        name: cast(torch.Tensor, sum(p[name] * (w / total) for p, w in zip(params_list, weights)))
+        for name in params_list[0]
+    }
 
 
 @register
@@ -61,7 +67,7 @@ class FedAvg(ModelAlgorithm):
 
     def reply(self, outcome: LocalOutcome):
         arrays = params_to_arrays(outcome.params)
-        arrays["num_samples"] = np.int64(outcome.data.num_train)
+        arrays["num_samples"] = np.array(outcome.data.num_train, dtype=np.int64)
         return outcome.client_state, Payload(arrays, {"method": self.name}), outcome.metrics
 
     def server_step(self, server_state: State, replies: list[Payload]):

@@ -65,7 +65,7 @@ from torch.func import vmap
 from protofl.algorithms.base import Algorithm, ClientData, State, register
 from protofl.config import ConfigError, check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
-from protofl.privacy.accounting import LEDGER_KEY, GaussianEvent, PrivacyLedger
+from protofl.privacy.accounting import LEDGER_KEY, Event, GaussianEvent, PrivacyLedger
 from protofl.privacy.dpsgd import add_noise, noisy_clipped_mean, per_example_gradients, poisson_sample
 from protofl.privacy.ghost import clip_factors, linear_sq_norms, reweighted_sum
 from protofl.privacy.layer import DPSGDLayer
@@ -344,7 +344,7 @@ def batch_losses(
     params: Params,
     x: torch.Tensor,
     y1h: torch.Tensor,
-    noise: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    noise: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
     record: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """The local objective: the per-example losses (B,) of a batch (see the module docstring), with the
@@ -387,6 +387,7 @@ def batch_losses(
 
     zs = z[:, None]
     if c.mmd_weight:
+        assert eps_gen is not None  # drawn whenever the MMD term is on
         zs = torch.cat([zs, mu_p[:, None] + eps_gen * (0.5 * logvar_p).exp()[:, None]], 1)
     h = torch.cat([zs, y1h[:, None].expand(-1, zs.shape[1], -1)], -1)
     scales: dict[str, torch.Tensor] = {}
@@ -407,6 +408,7 @@ def batch_losses(
         loss = loss + c.mmd_weight * (rbf(h[:, 1], h[:, 2], algo.bandwidth) - 2 * rbf(x, h[:, 1], algo.bandwidth))
     lip = bool(c.lip_weight and c.code_dim)
     if lip:
+        assert xi is not None  # drawn whenever the Lipschitz term is on
         shifted = acts["probe0"] = code + xi
         u = taps["probe0"] = F.linear(shifted, phi["hyper0.w"], phi["hyper0.b"])
         acts["probe1"] = hs = torch.tanh(u)
@@ -499,8 +501,8 @@ class FedHypeVAE(Algorithm):
                     f"{self.input_dim}-d"
                 )
             self._range = torch.from_numpy(low), torch.from_numpy(high)
-        low, high = self._range
-        return ((x - low) / (high - low)).clamp(0, 1)
+        lo, hi = self._range
+        return ((x - lo) / (hi - lo)).clamp(0, 1)
 
     # -- schedule and budget ---------------------------------------------------------------------------
     @property
@@ -532,8 +534,9 @@ class FedHypeVAE(Algorithm):
         c = self.config
         sigma, code_sigma = self.noise(self.rate(n))
         steps = c.steps_per_round if round_index <= self.phi_rounds else c.meta_steps
-        events = [(self.dp.step_event(self.rate(n), sigma), steps)]
+        events: list[tuple[Event, int]] = [(self.dp.step_event(self.rate(n), sigma), steps)]
         if round_index == self.planned_rounds and c.releases_codes:
+            assert code_sigma is not None  # set whenever codes are released
             events.append((GaussianEvent(code_sigma), 1))
         return events
 
@@ -669,6 +672,7 @@ class FedHypeVAE(Algorithm):
         arrays: dict[str, Any] = {PHI_PREFIX + k: v.numpy() for k, v in phi.items()}
         arrays["meta_code"] = meta_code.numpy()
         if round_index == self.planned_rounds and c.releases_codes:
+            assert code_sigma is not None  # set whenever codes are released
             clipped = state["code"] * min(1.0, c.code_clip / max(float(state["code"].norm()), 1e-12))
             arrays["noisy_code"] = (
                 clipped + torch.randn(c.code_dim, generator=generator) * code_sigma * 2 * c.code_clip

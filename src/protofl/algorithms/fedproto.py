@@ -46,6 +46,7 @@ from protofl.algorithms.fedavg import weighted_average
 from protofl.config import ConfigError, check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY
+from protofl.privacy.layer import PrototypeReleaseLayer
 from protofl.privacy.vpdr import DistillationClipping
 from protofl.prototypes import PrototypeAccumulator
 from protofl.training import masked_cross_entropy, train_local
@@ -253,6 +254,8 @@ class FedProto(ModelAlgorithm):
         (the only place a release happens)."""
         if self.privacy_layer is None:
             return (*clean.compute(), None, {})
+        # fedproto hosts only the prototype-release mechanisms (igpp, vpp)
+        assert isinstance(self.privacy_layer, PrototypeReleaseLayer)
         release, ledger = self.privacy_layer.release(z, y, generator, client_state, who=f"client {client_id}")
         return (
             release.classes,
@@ -273,6 +276,8 @@ class FedProto(ModelAlgorithm):
         data = outcome.data
         new_state: State = {} if self.shares_model else {"params": outcome.params}
         new_state.update(outcome.trainer_state)
+        # given, as this method asks for them (reply_uses_features)
+        assert outcome.features is not None and outcome.feature_stats is not None
         classes, protos, counts, ledger, release_metrics = self.release_prototypes(
             outcome.features,
             data.y_train,
@@ -286,7 +291,7 @@ class FedProto(ModelAlgorithm):
         arrays = {"classes": classes.numpy(), "prototypes": protos.numpy(), "counts": counts.long().numpy()}
         if self.shares_model:
             arrays.update(params_to_arrays(outcome.params))
-            arrays["num_samples"] = np.int64(data.num_train)
+            arrays["num_samples"] = np.array(data.num_train, dtype=np.int64)
         return new_state, Payload(arrays, {"method": self.name}), {**outcome.metrics, **release_metrics}
 
     # -- batched execution -------------------------------------------------------------------------

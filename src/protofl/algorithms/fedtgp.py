@@ -58,7 +58,7 @@ def adaptive_margin(class_means: torch.Tensor, cap: float) -> float:
         return 0.0
     distance = torch.cdist(class_means.double(), class_means.double())
     distance.fill_diagonal_(float("inf"))
-    return float(min(distance.min(1).values.max(), cap))
+    return float(min(float(distance.min(1).values.max()), cap))
 
 
 def generate_prototypes(generator: dict[str, torch.Tensor]) -> torch.Tensor:

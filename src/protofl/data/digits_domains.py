@@ -193,7 +193,7 @@ def _synth_domain(n: int, rng: np.random.Generator, progress: bool) -> tuple[np.
             gap = rng.uniform(1, 5)
             draw.text((left - gap, cy), str(rng.integers(10)), fill=255, font=f, anchor="rm")
             draw.text((right + gap, cy), str(rng.integers(10)), fill=255, font=f, anchor="lm")
-        mask = mask.rotate(float(rng.uniform(-15, 15)), resample=Image.BICUBIC, center=(cx, cy))
+        mask = mask.rotate(float(rng.uniform(-15, 15)), resample=Image.BICUBIC, center=(cx, cy))  # type: ignore[attr-defined]
         blur = float(rng.uniform(0, 1.5))
         if blur > 0.2:
             mask = mask.filter(ImageFilter.GaussianBlur(blur))
@@ -264,9 +264,9 @@ def build_digits_domains(
     use_cache = cache and mnist is None
     path = _cache_path(train_per_domain, test_per_domain, seed)
     if use_cache and path.is_file():
-        arrays = _load_cached(path)
-        if arrays is not None:
-            return _splits(arrays)
+        cached = _load_cached(path)
+        if cached is not None:
+            return _splits(cached)
 
     from protofl.data.datasets import load_dataset, optdigits_arrays
 

@@ -13,6 +13,7 @@ import re
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,7 @@ def _digest(splits: DatasetSplits) -> str:
     for part in (splits.train, splits.test):
         x = np.ascontiguousarray(part.x)
         h.update(f"{x.dtype.str}{x.shape}".encode())
-        h.update(memoryview(x).cast("B"))
+        h.update(memoryview(x).cast("B"))  # type: ignore[arg-type]
     return h.hexdigest()[:16]
 
 
@@ -170,7 +171,7 @@ def embed(
     loaded = _load(path, splits, spec.dim) if path is not None and path.is_file() else None
     if loaded is None:
         features = spec.build()
-        kw = dict(image_size=image_size, batch_size=batch_size, progress=progress)
+        kw: dict[str, Any] = dict(image_size=image_size, batch_size=batch_size, progress=progress)
         tr = encode_images(splits.train.x, features, spec, desc=f"{splits.name} train", **kw)
         te = encode_images(splits.test.x, features, spec, desc=f"{splits.name} test", **kw)
         if path is not None:

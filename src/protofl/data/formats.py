@@ -58,12 +58,12 @@ _CHUNK = 1 << 20
 MAX_CLASSES = 100_000
 
 
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
+def _read_exact(stream: io.BufferedIOBase, size: int) -> bytes:
     data = stream.read(size)
     return data if data is not None else b""
 
 
-def _readinto_full(stream: BinaryIO, buffer: memoryview) -> int:
+def _readinto_full(stream: io.BufferedIOBase, buffer: memoryview) -> int:
     """Fill ``buffer`` from ``stream`` piece by piece; returns how many bytes were read."""
     done = 0
     while done < len(buffer):
@@ -96,7 +96,7 @@ def read_idx(path: str | Path) -> np.ndarray:
             raise DataFormatError(f"{path}: cannot decompress ({exc}); the file is probably truncated") from None
 
 
-def _read_idx_stream(stream: BinaryIO, path: Path, size: int, compressed: bool) -> np.ndarray:
+def _read_idx_stream(stream: io.BufferedIOBase, path: Path, size: int, compressed: bool) -> np.ndarray:
     head = _read_exact(stream, 4)
     if len(head) < 4:
         raise DataFormatError(f"{path}: {len(head)} bytes is too short for an IDX header")
@@ -369,7 +369,7 @@ class _Budget:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    _allowed = None
+    _allowed: dict[tuple[str, str], tuple[Any, Any]] | None = None
 
     def __init__(self, file: BinaryIO, path: Path, size: int, **kwargs: Any):
         super().__init__(file, **kwargs)
@@ -379,8 +379,9 @@ class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if _SafeUnpickler._allowed is None:
             _SafeUnpickler._allowed = _allowed_globals()
+        allowed = _SafeUnpickler._allowed
         try:
-            function, cost = _SafeUnpickler._allowed[module, name]
+            function, cost = allowed[module, name]
         except KeyError:
             raise UnsafePickleError(
                 f"{self.path}: refusing to load {module}.{name}: only numpy arrays and plain containers are allowed"

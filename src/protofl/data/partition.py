@@ -154,7 +154,11 @@ class Partition:
             return False
         if (self.client_domains is None) != (other.client_domains is None):
             return False
-        if self.client_domains is not None and not np.array_equal(self.client_domains, other.client_domains):
+        if (
+            self.client_domains is not None
+            and other.client_domains is not None
+            and not np.array_equal(self.client_domains, other.client_domains)
+        ):
             return False
         return (
             np.array_equal(self.pool_index, other.pool_index)
@@ -210,7 +214,7 @@ class Partition:
         train_sizes = np.array([len(a) for a in self.train], dtype=np.int64)
         test_sizes = np.array([len(a) for a in self.test], dtype=np.int64)
         empty = np.zeros(0, dtype=np.int64)
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "num_classes": np.array(self.num_classes, dtype=np.int64),
             "pool_index": self.pool_index,
             "train_sizes": train_sizes,
@@ -222,7 +226,7 @@ class Partition:
         if self.client_domains is not None:
             arrays["client_domains"] = self.client_domains
         with path.open("wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
         return path
 
     @classmethod
@@ -575,7 +579,7 @@ def _assign_pathological(
         left[chosen] -= 1
     assert left.min() >= 0
     counts = np.zeros((K, num_classes), dtype=np.int64)
-    client_of_class = [[] for _ in range(num_classes)]
+    client_of_class: list[list[int]] = [[] for _ in range(num_classes)]
     for k in range(K):
         for c in holds[k]:
             client_of_class[c].append(k)

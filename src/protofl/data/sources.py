@@ -347,6 +347,7 @@ def fetch(source: str | Source, *, force: bool = False) -> Path:
 
 
 def _fetch_into(src: Source, folder: Path) -> Path:
+    assert src.fetcher is not None  # the caller checks
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{src.name}.fetch-"))
     try:

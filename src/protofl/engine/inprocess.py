@@ -155,8 +155,10 @@ class InProcessTransport:
             for data in self.clients
             if len(data.y_test)
         }
-        reports = {k: algo.privacy_report({k: state}, all_accountants=False) for k, state in self.client_states.items()}
-        reports = {k: report for k, report in reports.items() if report is not None}
+        all_reports = {
+            k: algo.privacy_report({k: state}, all_accountants=False) for k, state in self.client_states.items()
+        }
+        reports = {k: report for k, report in all_reports.items() if report is not None}
         return ClientEvaluation(
             metrics=metrics,
             profiles={data.client_id: client_profile(data) for data in self.clients},

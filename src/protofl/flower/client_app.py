@@ -58,7 +58,7 @@ def _store(context: Context, task):
     )
     kept = context.state.config_records.get(STORE)
     if kept is not None and kept.get("run-key") == settings.run_key:
-        store = ClientStore.from_bytes(kept["store"])
+        store = ClientStore.from_bytes(kept["store"])  # type: ignore[arg-type]
     else:
         store = ClientStore.load(path) or ClientStore()
         if store.has_state():

@@ -175,11 +175,11 @@ class GridTransport:
                         replaced[k] = (sent_to[k], f"its node was replaced by node {self.nodes[k]} (restarted)")
                 next_look = time.monotonic() + REJOIN_LOOK_SECONDS
             for msg in self.grid.pull_messages(list(pending)):
-                k = pending.pop(msg.metadata.reply_to_message_id, None)
-                if k is None:
+                partition = pending.pop(msg.metadata.reply_to_message_id, None)
+                if partition is None:
                     continue
                 error = f"{msg.error.reason} (code {msg.error.code})" if msg.has_error() else None
-                replies[k] = Reply(k, msg.metadata.src_node_id, None if error else msg.content, error)
+                replies[partition] = Reply(partition, msg.metadata.src_node_id, None if error else msg.content, error)
             if pending and time.monotonic() > deadline:
                 got = sum(
                     1 for k, reply in replies.items() if (counted is None or k in counted) and reply.error is None
@@ -276,7 +276,9 @@ class GridTransport:
             self._lose(r, k, "no node holds this partition")
         size = records.wire_size(broadcast) if algo.communicates else 0
         reachable = [k for k in active if k in self.nodes]
-        evaluate = {protocol.EVALUATE_ROUND: owed, protocol.PRIVACY_ALL: False} if owed is not None else {}
+        evaluate: dict[protocol.Field, Any] = (
+            {protocol.EVALUATE_ROUND: owed, protocol.PRIVACY_ALL: False} if owed is not None else {}
+        )
         messages = {k: self._message(k, protocol.TRAIN, r, broadcast, evaluate) for k in reachable}
         if owed is not None:
             messages.update(

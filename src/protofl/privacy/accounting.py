@@ -190,6 +190,7 @@ class RdpAccountant(Accountant):
             elif isinstance(event, LaplaceEvent):
                 dp_event = dp_accounting.LaplaceDpEvent(event.noise_multiplier)
             else:
+                assert isinstance(event, PureDpEvent)
                 dp_event = dp_accounting.ZCDpEvent(rho=event.epsilon**2 / 2)
             accountant.compose(dp_event, count)
         return float(accountant.get_epsilon(delta))
@@ -205,7 +206,7 @@ class PldAccountant(Accountant):
     def epsilon(self, delta: float) -> float:
         if not self.events:
             return 0.0
-        total = None
+        total: Any = None
         for event, count in self.events:
             pld = _pld_of(event, self.value_discretization_interval).self_compose(count)
             total = pld if total is None else total.compose(pld)
@@ -224,6 +225,7 @@ def _pld_of(event: Event, interval: float):
         )
     if isinstance(event, LaplaceEvent):
         return pld.from_laplace_mechanism(event.noise_multiplier, value_discretization_interval=interval)
+    assert isinstance(event, PureDpEvent)
     return pld.from_privacy_parameters(
         common.DifferentialPrivacyParameters(event.epsilon, 0.0), value_discretization_interval=interval
     )

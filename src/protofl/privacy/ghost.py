@@ -25,7 +25,7 @@ its joint DP-SGD of (φ, ψ, c) (:mod:`protofl.algorithms.fedhypevae`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -58,7 +58,7 @@ def clip_factors(sq_norms: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor
     return torch.clamp(clip_norm / norms.clamp_min(1e-12), max=1.0), norms
 
 
-def reweighted_sum(losses: torch.Tensor, weights: torch.Tensor, leaves: Params) -> Params:
+def reweighted_sum(losses: torch.Tensor, weights: torch.Tensor, leaves: Mapping[str, torch.Tensor]) -> Params:
     """Σ_i clip_C(∇L_i) as the gradient of Σ_i w_i L_i (w_i held constant): one backward pass."""
     grads = torch.autograd.grad((weights.detach() * losses).sum(), list(leaves.values()), allow_unused=True)
     return {k: torch.zeros_like(v) if gr is None else gr for (k, v), gr in zip(leaves.items(), grads)}

@@ -169,6 +169,8 @@ class IGPPLayer(PrototypeReleaseLayer):
 class VPPLayer(PrototypeReleaseLayer):
     """VPP: a private selection of the discriminative dimensions, each group clipped and noised apart."""
 
+    selection_epsilon: float  # set in __init__
+
     def __init__(self, config: PrivacyConfig, num_classes: int):
         super().__init__(config, num_classes)
         self.selection_epsilon = config.selection_fraction * config.epsilon / config.planned_releases
