@@ -154,6 +154,7 @@ def test_run_folder_error_is_a_protofl_error():
         RunFolder("   ")
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_out_exactly_one_runs(tmp_path):
     """Two ``protofl run`` processes on one --out started 0.3 s apart: one runs, the other is refused
     with the lock message (before any checkpoint exists, and without touching the run)."""

@@ -63,6 +63,7 @@ def test_fedavg_run_writes_a_complete_run_folder(small_config, tmp_path):
     assert strip_timing(rerun.summary) == strip_timing(result.summary)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(small_config, tmp_path):
     a = protofl.run(small_config, out=tmp_path / "a")
     b = protofl.run(small_config, out=tmp_path / "b")
