@@ -300,6 +300,8 @@ class LoggingConfig:
 #: privacy layer (:mod:`protofl.privacy.layer`) holds the implementation of each; an algorithm declares
 #: which ones it hosts (``Algorithm.privacy_mechanisms``).
 PRIVACY_MECHANISMS = ("none", "igpp", "vpp", "dp-sgd")
+PRIVACY_RELATIONS = ("add-remove", "replace-one")
+NOISE_SOURCES = ("auto", "seeded", "secret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,10 +330,28 @@ class PrivacyConfig:
     accountant: str = "pld"
     #: Prototype releases: clipping bound R of every feature (VPDR: 5).
     clip_bound: float = 5.0
-    #: Prototype releases: ``fixed-features``: sensitivity 2R/n_c per class, the VPDR paper's analysis,
-    #: which treats the feature map as fixed; it does not cover a map trained on the same data without
-    #: DP. ``trained-features``: 2R·sqrt(C) for the whole release, valid whatever the feature map.
-    sensitivity: str = "fixed-features"
+    #: Prototype releases: ``trained-features`` (the default): every class mean lies in the R-ball, so the
+    #: whole release (every class) moves by at most 2R·sqrt(C), valid whatever the feature map.
+    #: ``fixed-features``: the VPDR paper's analysis (2R/n_c per class under replace-one, R per class sum
+    #: under add/remove), valid only where no client trains the map before the prototype (e.g. the
+    #: ``linear`` model on frozen public embeddings); refused otherwise.
+    sensitivity: str = "fixed-features"  # the default becomes trained-features with the add-remove release
+    #: The neighbouring relation ε is stated for. ``add-remove`` (the default, the relation of DP-SGD's
+    #: Poisson accounting): one example added or removed; no exact count and no class set leaves a client
+    #: (every class is released, with noisy counts). ``replace-one``: one example replaced by another of
+    #: the same class (the VPDR paper's analysis): class counts and the class set are public.
+    relation: str = "replace-one"  # the default becomes add-remove with its release
+    #: Prototype releases under ``add-remove``: the share of each release's Gaussian precision (1/σ²)
+    #: spent on the noisy per-class counts; the rest protects the per-class features.
+    count_fraction: float = 0.1
+    #: Where the random draws that protect a release come from: ``seeded`` (from the run seed: reproducible
+    #: simulations, but whoever knows the seed can replay the noise), ``secret`` (from the operating
+    #: system's CSPRNG, kept by the client: on Flower, a secret that never leaves the node), or ``auto``
+    #: (``seeded`` in-process, ``secret`` on Flower).
+    noise: str = "auto"
+    #: Flower: let replies of a private run also carry the training loss and the personalised test
+    #: metrics (not covered by ε; summary.json then says so). Off: they stay in the node's log.
+    share_diagnostics: bool = False
     #: VPP: fraction of dimensions in the discriminative group (rho), share of the budget spent on the
     #: private selection, and the cap of the ANOVA scores (s_max).
     rho: float = 0.3
@@ -351,6 +371,9 @@ class PrivacyConfig:
         check_choice(self.mechanism, PRIVACY_MECHANISMS, "mechanism")
         check(isinstance(self.accountant, str) and bool(self.accountant), "accountant", "name an accountant")
         check_choice(self.sensitivity, ("fixed-features", "trained-features"), "sensitivity")
+        check_choice(self.relation, PRIVACY_RELATIONS, "relation")
+        check_choice(self.noise, NOISE_SOURCES, "noise")
+        check(0 < self.count_fraction < 1, "count_fraction", f"must be in (0, 1), got {self.count_fraction}")
         check(self.epsilon > 0 and self.epsilon == self.epsilon, "epsilon", f"must be > 0, got {self.epsilon}")
         check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
         check(

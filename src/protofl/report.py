@@ -140,6 +140,7 @@ def run_report(run_dir: Path) -> str:
         f"- Wall time {s['wall_seconds']:.1f} s ({s['seconds_per_round']:.2f} s per round of training); "
         f"{_mb(s['bytes_up'])} MB up, {_mb(s['bytes_down'])} MB down in all; peak memory {s.get('peak_memory_mb', 0):.0f} MB.",
         f"- Privacy: {_privacy_text(s)}.",
+        *_meaning_lines(s),
         f"- Ran with {_runtime_text(s)}.",
         "",
         "| | round | global acc (%) | personalised acc (%) | std |",
@@ -257,6 +258,19 @@ def _privacy_text(s: dict[str, Any]) -> str:
         f"over {p['max_releases_by_a_client']} releases"
         + (f"; sensitivity rule {p['sensitivity']}" if p.get("sensitivity") else "")
     )
+
+
+def _meaning_lines(s: dict[str, Any]) -> list[str]:
+    """What the run's epsilon means (the privacy statement of summary.json), where it has one."""
+    p = s.get("privacy") or {}
+    if "relation" not in p:
+        return []
+    covered = p.get("not_covered") or []
+    return [
+        f"- What epsilon means here: the unit is {p['unit']}; neighbours differ by {p['relation_text']} "
+        f"(`{p['relation']}`); sensitivity rule `{p['sensitivity']}`; noise source `{p['noise_source']}`.",
+        "- Not covered by epsilon: " + ("; ".join(covered) if covered else "nothing beyond the above") + ".",
+    ]
 
 
 def _num(value: float | None) -> str:

@@ -184,6 +184,13 @@ def _stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(kept)
 
 
+def with_statement(report: dict[str, Any] | None, config: RunConfig, engine: str) -> dict[str, Any] | None:
+    """A run's privacy report with what its ε means (:func:`protofl.privacy.statement.privacy_statement`)."""
+    from protofl.privacy.statement import privacy_statement
+
+    return None if report is None else {**report, **privacy_statement(config.privacy, engine)}
+
+
 def run_summary(
     config: RunConfig,
     history: list[dict[str, Any]],
@@ -338,7 +345,7 @@ def run_rounds(
         summary = run_summary(
             config,
             driver.history,
-            privacy=driver.transport.privacy_report(),
+            privacy=with_statement(driver.transport.privacy_report(), config, driver.transport.kind),
             wall_seconds=driver.wall_seconds,
             seconds_per_round=driver.elapsed / max(driver.round, 1),
             bytes_up=driver.bytes_up,

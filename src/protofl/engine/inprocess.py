@@ -32,6 +32,7 @@ class InProcessTransport:
     """Holds ``clients``' data and states and runs their steps here (see the module docstring)."""
 
     counts_lost = False
+    kind = "in-process"
 
     def __init__(self, algorithm: Algorithm, clients: Sequence[ClientData], federation: FederationConfig, seed: int):
         self.algorithm = algorithm

@@ -187,6 +187,8 @@ class Transport(Protocol):
     execution: str
     #: Whether clients can be lost (rows then carry ``clients_lost``).
     counts_lost: bool
+    #: ``in-process`` or ``flower`` (see :data:`protofl.privacy.statement.ENGINES`): who can see what.
+    kind: str
 
     @property
     def num_clients(self) -> int: ...

@@ -82,6 +82,7 @@ class GridTransport:
 
     execution = "per-client"
     counts_lost = True
+    kind = "flower"
 
     def __init__(self, grid: Any, algorithm: Algorithm, num_clients: int, settings: FlowerSettings, engine: str):
         self.grid = grid

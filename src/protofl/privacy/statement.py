@@ -1,0 +1,59 @@
+"""What a run's ε means: the unit, the neighbouring relation, the sensitivity rule, where the noise comes
+from and what ε does not cover. summary.json (``privacy``) and report.md state it for every private run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protofl.config import PrivacyConfig
+
+__all__ = ["ENGINES", "noise_source", "privacy_statement"]
+
+#: The engines a run can use: ``in-process`` (one process plays the server and every client) and
+#: ``flower`` (clients are Flower nodes; the server sees only their replies).
+ENGINES = ("in-process", "flower")
+
+RELATION_TEXT = {
+    "add-remove": "one example added to or removed from one client's train split",
+    "replace-one": "one example of one client's train split replaced by another of the same class",
+}
+
+
+def noise_source(config: PrivacyConfig, engine: str) -> str:
+    """``seeded`` or ``secret``: ``privacy.noise`` with ``auto`` resolved for ``engine``."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    if config.noise != "auto":
+        return config.noise
+    return "secret" if engine == "flower" else "seeded"
+
+
+def privacy_statement(config: PrivacyConfig, engine: str) -> dict[str, Any]:
+    """``relation``, ``sensitivity``, ``noise_source`` and ``not_covered`` (what ε says nothing about) of a
+    private run on ``engine``; empty for a run without a mechanism."""
+    if config.mechanism == "none":
+        return {}
+    source = noise_source(config, engine)
+    not_covered: list[str] = []
+    if config.relation == "replace-one":
+        not_covered.append(
+            "the number of examples of each class and the set of classes each client holds (public under "
+            "the replace-one relation)"
+        )
+    if source == "seeded":
+        not_covered.append(
+            "the noise is drawn from the run seed: whoever knows the seed"
+            + (" (on Flower: the server)" if engine == "flower" else "")
+            + " can replay it and remove it"
+        )
+    if engine == "flower" and config.share_diagnostics:
+        not_covered.append("the training loss and the personalised test metrics in every reply")
+    return {
+        "unit": "one example of one client's train split",
+        "relation": config.relation,
+        "relation_text": RELATION_TEXT[config.relation],
+        "sensitivity": config.sensitivity if config.mechanism in ("igpp", "vpp") else "clipped per-example gradients",
+        "noise_source": source,
+        "not_covered": not_covered,
+    }
