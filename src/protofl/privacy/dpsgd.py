@@ -12,7 +12,9 @@ number, so the division costs no privacy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.func import grad, vmap
@@ -22,6 +24,7 @@ from protofl.privacy.accounting import SampledGaussianEvent
 __all__ = [
     "add_noise",
     "clip_per_example",
+    "inserted_gradients",
     "noisy_clipped_mean",
     "per_example_gradients",
     "poisson_sample",
@@ -30,6 +33,24 @@ __all__ = [
 
 
 Params = dict[str, torch.Tensor]
+
+#: What :func:`inserted_gradients` adds to every clipped sum before its noise (``None``: nothing). The one
+#: place where the privacy audit (:mod:`protofl.privacy.audit`) puts its gradient canaries into the real
+#: DP-SGD steps; a run never sets it.
+_INSERTION: contextvars.ContextVar[Callable[[Params, float], Params] | None] = contextvars.ContextVar(
+    "protofl_dpsgd_insertion", default=None
+)
+
+
+@contextlib.contextmanager
+def inserted_gradients(insert: Callable[[Params, float], Params]) -> Iterator[None]:
+    """While inside, every DP-SGD step's clipped sum passes through ``insert(summed, expected_batch_size)``
+    before its noise is added (the audit's canary gradients: extra clipped per-example gradients)."""
+    token = _INSERTION.set(insert)
+    try:
+        yield
+    finally:
+        _INSERTION.reset(token)
 
 
 def per_example_gradients(
@@ -71,6 +92,9 @@ def add_noise(
 ) -> Params:
     """(Σ_i clip_C(g_i) + N(0, σ²C² I)) / (expected batch size) from the clipped sum, the noise drawn per
     parameter in dict order (what :func:`noisy_clipped_mean` and ghost clipping share)."""
+    insert = _INSERTION.get()
+    if insert is not None:
+        summed = insert(summed, expected_batch_size)
     std = noise_multiplier * clip_norm
     return {
         k: (g + torch.randn(g.shape, generator=generator, dtype=g.dtype) * std) / expected_batch_size

@@ -1,0 +1,704 @@
+"""``protofl audit``: an empirical lower bound on a run's ε from one run of the real pipeline.
+
+After Steinke, Nasr & Jagielski (2023), "Privacy auditing with one training run": ``m`` canaries, each
+included by its own fair coin (the auditor's secret), go into one federated run as configured (the
+in-process engine, the real :class:`~protofl.engine.rounds.RoundDriver`, the run's privacy layer and
+ledgers). After the run, every canary gets a score computed from what the server received (the replies)
+and sent (the broadcasts), plus what the auditor knows (the canaries, the data without them, the
+configuration); the auditor guesses "in" for the highest scores and "out" for the lowest, and the number
+of right guesses gives, at the chosen confidence, a lower bound ε_lower on the ε of every client: a run
+whose ε_lower exceeds its reported ε does not have the privacy it claims.
+
+The canary designs (:data:`CANARY_DESIGNS`, each with its threat model in ``threat``):
+
+- ``release`` (``igpp``, ``vpp``), white box: each canary shifts one coordinate (class, dimension) of one
+  client's release, in every release of that client, by the full per-example sensitivity the run claims
+  (VPP: one coordinate of each group, by its group's share). The auditor also sees the clean statistic at
+  the client. It audits the noise, its calibration and the accounting as they run.
+- ``gradient`` (``dp-sgd``), white box: each canary is an extra clipped per-example gradient, a Dirac
+  direction of norm ``clip_norm`` on one parameter of one client's model, Poisson-sampled into that
+  client's DP-SGD steps at the client's rate; its score is the step the client's released update took
+  against that direction.
+
+``replay_seed``: the server also knows the run seed (as with ``privacy.noise = "seeded"`` on Flower) and
+replays each client's draws (``derive_seed``) to compute the release it would have made without any
+canary; the score then subtracts that replay. Noise from a secret the server lacks is not replayed.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from protofl.config import ConfigError, RunConfig, check
+from protofl.payload import Payload
+from protofl.seeds import derive_seed
+
+log = logging.getLogger("protofl.audit")
+
+__all__ = [
+    "CANARY_DESIGNS",
+    "AuditResult",
+    "AuditSettings",
+    "AuditTransport",
+    "Canary",
+    "CanaryDesign",
+    "GradientCanaries",
+    "ReleaseCanaries",
+    "audit_run",
+    "check_audit",
+    "design_for",
+]
+
+#: A tag that separates the auditor's coins and samples from every stream of the run itself.
+AUDIT_STREAM = 0x6A0D17
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditSettings:
+    """How a run is audited: ``canaries`` (m), the ``confidence`` of the bound, the canary ``design``
+    (``auto``: the one for the run's mechanism), ``replay_seed`` (the server knows the run seed) and the
+    auditor's own ``seed`` (its coins; not the run's)."""
+
+    canaries: int
+    confidence: float = 0.95
+    design: str = "auto"
+    replay_seed: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(
+            isinstance(self.canaries, int) and self.canaries >= 1,
+            "audit.canaries",
+            f"must be a whole number >= 1, got {self.canaries!r}",
+        )
+        check(0.5 <= self.confidence < 1, "audit.confidence", f"must be in [0.5, 1), got {self.confidence}")
+        check(
+            self.design == "auto" or self.design in CANARY_DESIGNS,
+            "audit.design",
+            f"{self.design!r} is not one of auto, {', '.join(sorted(CANARY_DESIGNS))}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Canary:
+    """One canary: its number, the client it belongs to, its place (design-specific integers) and its
+    coin (``included``)."""
+
+    id: int
+    client: int
+    place: tuple[int, ...]
+    included: bool
+
+
+# --------------------------------------------------------------------------------------------------
+# Canary designs
+
+
+class CanaryDesign(abc.ABC):
+    """Where canaries go into a run, and how each is scored from the server's view."""
+
+    name: ClassVar[str]
+    #: The ``privacy.mechanism`` values this design audits.
+    mechanisms: ClassVar[tuple[str, ...]]
+    #: Who the auditor is and what it knows (audit.json and docs/privacy.md).
+    threat: ClassVar[str]
+
+    def __init__(self, config: RunConfig, settings: AuditSettings):
+        self.config = config
+        self.settings = settings
+        self.canaries: list[Canary] = []
+        #: Per canary: its score, summed over the rounds its client released in.
+        self.score_sum: dict[int, float] = {}
+        #: While True (a replay), nothing is inserted or recorded.
+        self.disabled = False
+        self.round = 0
+
+    # -- placement ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def slots(self, algorithm: Any, clients: Sequence[Any]) -> list[tuple[int, tuple[int, ...]]]:
+        """Every ``(client, place)`` a canary can take (distinct places never interfere)."""
+
+    def place(self, algorithm: Any, clients: Sequence[Any]) -> list[Canary]:
+        """Draw ``settings.canaries`` slots and their coins from the auditor's seed (the same on resume)."""
+        slots = self.slots(algorithm, clients)
+        m = self.settings.canaries
+        if m > len(slots):
+            raise ConfigError(
+                f"audit.canaries: this run has room for {len(slots)} {self.name} canaries, fewer than the "
+                f"{m} asked for (more clients, classes or dimensions make more room)"
+            )
+        rng = np.random.default_rng([self.settings.seed, AUDIT_STREAM])
+        chosen = sorted(rng.choice(len(slots), size=m, replace=False).tolist())
+        coins = rng.random(m) < 0.5
+        self.canaries = [
+            Canary(i, slots[s][0], slots[s][1], bool(coin)) for i, (s, coin) in enumerate(zip(chosen, coins))
+        ]
+        return self.canaries
+
+    def of_client(self, client: int) -> list[Canary]:
+        return [c for c in self.canaries if c.client == client]
+
+    # -- the run -----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def install(self, algorithm: Any) -> None:
+        """Put the canaries' insertion into ``algorithm`` (an instance-level wrapper; nothing global)."""
+
+    def begin_round(self, r: int) -> None:
+        self.round = r
+
+    @abc.abstractmethod
+    def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:
+        """Score the canaries of ``client`` from its round-``r`` reply as the server received it, the
+        ``broadcast`` the server sent, and (``replay_seed``) the reply replayed without canaries."""
+
+    def add_score(self, canary: Canary, value: float) -> None:
+        self.score_sum[canary.id] = self.score_sum.get(canary.id, 0.0) + float(value)
+
+    def scores(self) -> np.ndarray:
+        return np.array([self.score_sum.get(c.id, 0.0) for c in self.canaries])
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"design": self.name, "canaries": [dataclasses.astuple(c) for c in self.canaries], **self._state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("design") != self.name or [tuple(c) for c in state["canaries"]] != [
+            dataclasses.astuple(c) for c in self.canaries
+        ]:
+            raise ConfigError("the checkpoint holds another audit's canaries; start the audit in a new folder")
+        self._load(state)
+
+    def _state(self) -> dict[str, Any]:
+        return {"score_sum": dict(self.score_sum)}
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        self.score_sum = {int(k): float(v) for k, v in state["score_sum"].items()}
+
+
+class ReleaseCanaries(CanaryDesign):
+    """White-box canaries in the prototype releases (see the module docstring). A canary's place is
+    ``(class, index)``: IGPP shifts dimension ``index``; VPP shifts the ``index``-th selected and the
+    ``index``-th unselected dimension of the release, by ``κ_A Δ`` and ``κ_B Δ``."""
+
+    name = "release"
+    mechanisms = ("igpp", "vpp")
+    threat = (
+        "white box: the auditor inserts each canary into one client's release as a shift of the full claimed "
+        "per-example sensitivity in every release, and knows the clean statistic; it does not know the noise"
+    )
+
+    def __init__(self, config: RunConfig, settings: AuditSettings):
+        super().__init__(config, settings)
+        #: (round, client) -> canary id -> (coordinates, shift, noise std, clean value), from the client.
+        self.inserted: dict[tuple[int, int], dict[int, tuple[list[int], list[float], list[float], list[float]]]] = {}
+        self._client = -1
+
+    def per_class(self, dim: int) -> int:
+        """Canary places per class of a client: every dimension (IGPP), or as many as both VPP groups can
+        give one coordinate each (``k`` alone when group B is empty)."""
+        if self.config.privacy.mechanism != "vpp":
+            return dim
+        k = math.ceil(self.config.privacy.rho * dim)
+        return k if k == dim else min(k, dim - k)
+
+    def slots(self, algorithm: Any, clients: Sequence[Any]) -> list[tuple[int, tuple[int, ...]]]:
+        n = self.per_class(algorithm.model.feature_dim)
+        return [
+            (data.client_id, (c, i))
+            for data in clients
+            for c in torch.unique(data.y_train).tolist()
+            for i in range(n)
+        ]
+
+    def install(self, algorithm: Any) -> None:
+        layer = algorithm.privacy_layer
+        release_prototypes = algorithm.release_prototypes
+        noisy_prototypes = layer.noisy_prototypes
+
+        def release_hook(z, y, clean, generator, client_state, client_id):
+            self._client = client_id
+            return release_prototypes(z, y, clean, generator, client_state, client_id)
+
+        def noisy_hook(z, y, generator):
+            mine = [] if self.disabled else self.of_client(self._client)
+            if not mine:
+                return noisy_prototypes(z, y, generator)
+            # The clean statistic: the same release with a vanishing noise (1e-300 σ: nothing left in
+            # float32), from a copy of the generator (VPP's private selection draws the same dimensions).
+            shadow = copy.copy(layer)
+            shadow.__dict__.pop("noisy_prototypes")  # the layer's own method, not this hook
+            shadow.__dict__["noise_multiplier"] = 1e-300
+            twin = torch.Generator().set_state(generator.get_state())
+            clean = shadow.noisy_prototypes(z, y, twin)
+            release = noisy_prototypes(z, y, generator)
+            return self._insert(release, clean, layer.noise_multiplier, mine)
+
+        algorithm.release_prototypes = release_hook
+        layer.noisy_prototypes = noisy_hook
+
+    def _coordinates(self, release: Any, row: int, index: int, sigma: float) -> tuple[list[int], list[float]]:
+        """The coordinates a canary shifts in ``release``'s class ``row`` and by how much: the claimed
+        sensitivity, read off the noise the release says it used (``std = σ Δ``)."""
+        from protofl.privacy.mechanisms import vpp_group_noise
+
+        std = release.noise_std[row].double()
+        d = len(std)
+        if release.selected is None:
+            return [index], [float(std[index]) / sigma]
+        in_a = torch.zeros(d, dtype=torch.bool)
+        in_a[release.selected] = True
+        group_a, group_b = torch.nonzero(in_a).flatten(), torch.nonzero(~in_a).flatten()
+        kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, len(group_a), sigma)
+        a = int(group_a[index])
+        sensitivity = float(std[a]) / s_a
+        if not len(group_b):
+            return [a], [kappa_a * sensitivity]
+        return [a, int(group_b[index])], [kappa_a * sensitivity, kappa_b * sensitivity]
+
+    def _insert(self, release: Any, clean: Any, sigma: float, mine: list[Canary]) -> Any:
+        protos = release.prototypes.double().clone()
+        record = self.inserted.setdefault((self.round, self._client), {})
+        rows = {int(c): i for i, c in enumerate(release.classes.tolist())}
+        for canary in mine:
+            cls, index = canary.place
+            if cls not in rows:
+                continue
+            row = rows[cls]
+            coords, shift = self._coordinates(release, row, index, sigma)
+            std = [float(release.noise_std[row, j]) for j in coords]
+            record[canary.id] = (coords, shift, std, [float(clean.prototypes[row, j]) for j in coords])
+            if canary.included:
+                protos[row, coords] += torch.tensor(shift, dtype=torch.float64)
+        return dataclasses.replace(release, prototypes=protos.float())
+
+    def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:
+        record = self.inserted.pop((r, client), {})
+        rows = {int(c): i for i, c in enumerate(reply["classes"].tolist())}
+        replay_rows = {int(c): i for i, c in enumerate(replay["classes"].tolist())} if replay is not None else {}
+        by_id = {c.id: c for c in self.of_client(client)}
+        for cid, (coords, shift, std, clean) in record.items():
+            cls = by_id[cid].place[0]
+            if cls not in rows:
+                continue
+            seen = reply["prototypes"][rows[cls], coords].astype(np.float64)
+            if replay is not None:
+                if cls not in replay_rows:
+                    continue
+                expected = replay["prototypes"][replay_rows[cls], coords].astype(np.float64)
+            else:
+                expected = np.asarray(clean)
+            # The likelihood-ratio statistic of a Gaussian shift: Σ u_i (x_i − expected_i) / std_i².
+            self.add_score(by_id[cid], float(np.sum(np.asarray(shift) * (seen - expected) / np.square(std))))
+
+
+class GradientCanaries(CanaryDesign):
+    """White-box gradient canaries in the DP-SGD steps (see the module docstring). A canary's place is
+    ``(parameter number, flat index)`` in the model's parameters (sorted by name)."""
+
+    name = "gradient"
+    mechanisms = ("dp-sgd",)
+    threat = (
+        "white box: the auditor inserts each canary as an extra clipped per-example gradient (a Dirac direction "
+        "of norm clip_norm) Poisson-sampled into one client's DP-SGD steps; it scores from the released update"
+    )
+
+    def __init__(self, config: RunConfig, settings: AuditSettings):
+        super().__init__(config, settings)
+        self.names: list[str] = []
+        self.sizes: dict[int, int] = {}
+
+    def slots(self, algorithm: Any, clients: Sequence[Any]) -> list[tuple[int, tuple[int, ...]]]:
+        params = dict(algorithm.model.named_parameters())
+        self.names = sorted(params)
+        self.sizes = {data.client_id: data.num_train for data in clients}
+        return [
+            (data.client_id, (p, j)) for data in clients for p, name in enumerate(self.names) for j in range(params[name].numel())
+        ]
+
+    def install(self, algorithm: Any) -> None:
+        from protofl.privacy.dpsgd import inserted_gradients
+
+        client_step = algorithm.client_step
+        clip = self.config.privacy.clip_norm
+
+        def step_hook(client_state, data, received, generator):
+            mine = [] if self.disabled else [c for c in self.of_client(data.client_id) if c.included]
+            if not mine:
+                return client_step(client_state, data, received, generator)
+            rng = np.random.default_rng([self.settings.seed, AUDIT_STREAM, self.round, data.client_id])
+
+            def insert(summed: dict[str, torch.Tensor], expected_batch: float) -> dict[str, torch.Tensor]:
+                rate = expected_batch / data.num_train  # the client's Poisson rate, as for its examples
+                out = {k: v.clone() for k, v in summed.items()}
+                for canary, coin in zip(mine, rng.random(len(mine))):
+                    if coin < rate:
+                        p, j = canary.place
+                        out[self.names[p]].view(-1)[j] += clip
+                return out
+
+            with inserted_gradients(insert):
+                return client_step(client_state, data, received, generator)
+
+        algorithm.client_step = step_hook
+
+    def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:
+        base = replay if replay is not None else broadcast
+        for canary in self.of_client(client):
+            p, j = canary.place
+            name = self.names[p]
+            # SGD steps against the gradient: the canary pulls its coordinate down.
+            moved = float(reply[name].reshape(-1)[j]) - float(base[name].reshape(-1)[j])
+            self.add_score(canary, -moved)
+
+
+#: The canary designs by name; ``auto`` picks the one whose ``mechanisms`` hold the run's mechanism.
+CANARY_DESIGNS: dict[str, type[CanaryDesign]] = {d.name: d for d in (ReleaseCanaries, GradientCanaries)}
+
+
+def design_for(config: RunConfig, settings: AuditSettings) -> CanaryDesign:
+    """The design ``settings.design`` names (or the first that audits the run's mechanism), checked to
+    audit it."""
+    mechanism = config.privacy.mechanism
+    if settings.design == "auto":
+        fitting = [d for d in CANARY_DESIGNS.values() if mechanism in d.mechanisms]
+        if not fitting:
+            raise ConfigError(f"privacy.mechanism: no canary design audits {mechanism!r}")
+        return fitting[0](config, settings)
+    cls = CANARY_DESIGNS[settings.design]
+    if mechanism not in cls.mechanisms:
+        raise ConfigError(
+            f"audit.design: {cls.name!r} audits {', '.join(cls.mechanisms)}, not this run's privacy.mechanism "
+            f"{mechanism!r}"
+        )
+    return cls(config, settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# The observer between the round driver and the clients
+
+
+class AuditTransport:
+    """The in-process transport with an auditor on the wire: it passes every round through unchanged and
+    shows the canary design each accepted reply next to the broadcast it answered (and, with
+    ``replay_seed``, the reply replayed from the run seed without canaries). Its state, in every
+    checkpoint, carries the scores so far, so a killed audit resumes where its run does."""
+
+    def __init__(self, inner: Any, design: CanaryDesign, *, replay_seed: int | None = None):
+        self.inner = inner
+        self.design = design
+        self.replay_seed = replay_seed
+        self.execution = inner.execution
+        self.counts_lost = inner.counts_lost
+        self.kind = inner.kind
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.inner.num_clients)
+
+    def start(self) -> None:
+        self.inner.start()
+
+    def exchange(self, r: int, active: Sequence[int], broadcast: Payload, owed: int | None) -> Any:
+        self.design.begin_round(r)
+        before = (
+            {k: copy.deepcopy(self.inner.client_state(k)) for k in active} if self.replay_seed is not None else {}
+        )
+        exchange = self.inner.exchange(r, active, broadcast, owed)
+        replied = [k for k in active if exchange.status.get(k) == "ok"]
+        for k, reply in zip(replied, exchange.accepted):
+            replay = self._replay(r, k, before[k], broadcast) if self.replay_seed is not None else None
+            self.design.observe(r, k, reply, broadcast, replay)
+        return exchange
+
+    def _replay(self, r: int, k: int, state: dict[str, Any], broadcast: Payload) -> Payload:
+        """Client ``k``'s round-``r`` reply as the server can compute it from the run seed alone: the
+        client's step with the generator ``derive_seed(seed, r, k)`` gives, no canary inserted."""
+        from protofl.engine.client import client_generator
+
+        algo = self.inner.algorithm
+        received = Payload.from_bytes(broadcast.to_bytes())
+        self.design.disabled = True
+        try:
+            _, reply, _ = algo.client_step(state, self.inner.clients[k], received, client_generator(self.replay_seed, r, k))
+        finally:
+            self.design.disabled = False
+        return Payload.from_bytes(reply.to_bytes())
+
+    def evaluate(self, r: int, broadcast: Payload, final: bool) -> Any:
+        return self.inner.evaluate(r, broadcast, final)
+
+    def privacy_report(self) -> dict[str, Any] | None:
+        return self.inner.privacy_report()
+
+    def summary_fields(self) -> dict[str, Any]:
+        return self.inner.summary_fields()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.inner.state_dict(), "audit": self.design.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "audit" not in state:
+            raise ConfigError("the checkpoint is a plain run's, not an audit's; start the audit in a new folder")
+        self.inner.load_state_dict(state)
+        self.design.load_state_dict(state["audit"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The audit
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditResult:
+    """What an audit found (audit.json holds the same and the scores)."""
+
+    epsilon_lower: float
+    epsilon: float
+    delta: float
+    design: str
+    canaries: int
+    guesses: int
+    correct: int
+    confidence: float
+    run_dir: Path | None
+    summary: dict[str, Any]
+
+    @property
+    def violated(self) -> bool:
+        """Whether the run was shown to leak more than its reported ε."""
+        return self.epsilon_lower > self.epsilon
+
+
+def check_audit(config: RunConfig, settings: AuditSettings) -> CanaryDesign:
+    """The design that audits ``config``, or one line on why it cannot be audited (before any work)."""
+    from protofl.privacy.audit_bounds import one_run_epsilon_lower
+
+    p = config.privacy
+    if p.mechanism == "none":
+        raise ConfigError(
+            "privacy.mechanism: 'none' releases nothing under a privacy claim; an audit needs igpp, vpp or dp-sgd"
+        )
+    if not math.isfinite(p.epsilon):
+        raise ConfigError("privacy.epsilon: an infinite ε claims nothing; there is nothing to audit")
+    design = design_for(config, settings)
+    m = settings.canaries
+    if one_run_epsilon_lower(m, m, m, p.delta, settings.confidence) <= 0:
+        raise ConfigError(
+            f"audit.canaries: {m} canaries cannot show any ε > 0 at {settings.confidence:.0%} confidence even if "
+            f"every guess is right; use at least {_least_canaries(p.delta, settings.confidence)}"
+        )
+    return design
+
+
+def _least_canaries(delta: float, confidence: float) -> int:
+    from protofl.privacy.audit_bounds import one_run_epsilon_lower
+
+    m = 1
+    while one_run_epsilon_lower(m, m, m, delta, confidence) <= 0:
+        m += 1
+    return m
+
+
+def audit_run(
+    config: RunConfig | Mapping[str, Any] | str | Path,
+    settings: AuditSettings,
+    *,
+    out: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+) -> AuditResult:
+    """Audit one run of ``config`` with ``settings``. With ``out``, the run folder holds the run's records,
+    audit.json, audit_scores.png and an audit section at the end of report.md; ``resume`` continues a
+    killed audit from its last checkpoint (the configuration and settings must be the same)."""
+    from protofl.engine.inprocess import InProcessTransport
+    from protofl.engine.rounds import RoundDriver
+    from protofl.rundir import RunFolder
+    from protofl.runner import prepare_data, resolve_config, run_rounds
+    from protofl.runtime import apply_threads, resolve_device, resolve_threads
+
+    folder = RunFolder(out, resume=resume) if out is not None else None
+    run_dir = folder.path if folder is not None else None
+    if resume and folder is None:
+        raise ConfigError("cannot resume: name the audit's folder (out)")
+    config = resolve_config(config, overrides)
+    design = check_audit(config, settings)
+    if folder is not None:
+        folder.check()
+    assert run_dir is not None or not resume
+    if run_dir is not None:
+        _check_settings(run_dir, config, settings, resume)
+    with folder.lock() if folder is not None else contextlib.nullcontext():
+        if run_dir is not None and not resume:
+            from protofl.records import write_json
+
+            write_json(run_dir / "audit_settings.json", _settings_record(config, settings))
+        runtime = {
+            **apply_threads(resolve_threads(config.federation.threads)),
+            "device": str(resolve_device(config.federation.device)),
+        }
+        torch.manual_seed(config.seed)
+        data = prepare_data(config, device=torch.device(runtime["device"]))
+
+        def driver_for(algorithm: Any, **kwargs: Any) -> RoundDriver:
+            design.place(algorithm, data.clients)
+            design.install(algorithm)
+            transport = AuditTransport(
+                InProcessTransport(algorithm, data.clients, config.federation, config.seed),
+                design,
+                replay_seed=config.seed if settings.replay_seed else None,
+            )
+            return RoundDriver(
+                algorithm,
+                transport,
+                config.federation,
+                config.seed,
+                test_x=data.test_x,
+                test_y=data.test_y,
+                test_groups=data.test_groups,
+                **kwargs,
+            )
+
+        summary, _ = run_rounds(config, data, driver_for, run_dir, resume=resume, extra=runtime)
+        result = _conclude(config, settings, design, summary, run_dir)
+    return result
+
+
+def _conclude(
+    config: RunConfig, settings: AuditSettings, design: CanaryDesign, summary: dict[str, Any], run_dir: Path | None
+) -> AuditResult:
+    from protofl.privacy.audit_bounds import guess_and_bound, minimum_canaries
+
+    scores = design.scores()
+    included = np.array([c.included for c in design.canaries])
+    delta = config.privacy.delta
+    bound = _bound_fields(guess_and_bound(scores, included, delta, settings.confidence))
+    epsilon = float(summary["epsilon"])
+    needed = minimum_canaries(epsilon, delta, settings.confidence)
+    result = AuditResult(
+        epsilon_lower=bound["epsilon_lower"],
+        epsilon=epsilon,
+        delta=delta,
+        design=design.name,
+        canaries=len(design.canaries),
+        guesses=bound["guesses"],
+        correct=bound["correct"],
+        confidence=settings.confidence,
+        run_dir=run_dir,
+        summary=summary,
+    )
+    if run_dir is not None:
+        from protofl.records import write_atomic, write_json
+
+        record = {
+            "epsilon_lower": result.epsilon_lower,
+            "epsilon": epsilon,
+            "delta": delta,
+            "verdict": "violated" if result.violated else "consistent",
+            "design": design.name,
+            "threat_model": design.threat,
+            "mechanism": config.privacy.mechanism,
+            "canaries": result.canaries,
+            "included": int(included.sum()),
+            "guesses": result.guesses,
+            "correct": result.correct,
+            "confidence": settings.confidence,
+            "replay_seed": settings.replay_seed,
+            "canaries_to_show_epsilon": needed,
+            "scores": scores.tolist(),
+            "included_mask": included.tolist(),
+        }
+        write_json(run_dir / "audit.json", record)
+        plot_scores(scores, included, run_dir / "audit_scores.png", title=f"{design.name} canaries")
+        report = run_dir / "report.md"
+        text = report.read_text() if report.exists() else ""
+        write_atomic(report, text.rstrip("\n") + "\n\n" + audit_section(record) + "\n")
+    return result
+
+
+def _bound_fields(bound: Any) -> dict[str, Any]:
+    """``guesses``, ``correct`` and ``epsilon_lower`` of the statistics' answer."""
+    if isinstance(bound, Mapping):
+        return {key: bound[key] for key in ("guesses", "correct", "epsilon_lower")}
+    return {key: getattr(bound, key) for key in ("guesses", "correct", "epsilon_lower")}
+
+
+def audit_section(record: Mapping[str, Any]) -> str:
+    """The audit's section of report.md."""
+    verdict = (
+        "**the run leaks more than its reported ε**"
+        if record["verdict"] == "violated"
+        else "consistent with the reported ε"
+    )
+    lines = [
+        "## Privacy audit",
+        "",
+        f"- ε lower bound at {record['confidence']:.0%} confidence: **{record['epsilon_lower']:.3f}** "
+        f"(reported ε = {record['epsilon']:.3f} at δ = {record['delta']:g}): {verdict}",
+        f"- design: {record['design']} canaries ({record['threat_model']})"
+        + ("; the server replays the seeded noise" if record["replay_seed"] else ""),
+        f"- {record['canaries']} canaries ({record['included']} included by their coins); "
+        f"{record['correct']} of {record['guesses']} guesses right",
+    ]
+    if record["canaries"] < record["canaries_to_show_epsilon"]:
+        lines.append(
+            f"- with {record['canaries']} canaries even perfect guesses cannot show ε ≥ {record['epsilon']:.3f} "
+            f"(that takes {record['canaries_to_show_epsilon']}): this audit can find a leak only larger than that"
+        )
+    lines.append("- score distributions: audit_scores.png")
+    return "\n".join(lines)
+
+
+def plot_scores(scores: np.ndarray, included: np.ndarray, path: Path, title: str = "") -> Path:
+    """Histograms of the canaries' scores, included against excluded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    bins = np.histogram_bin_edges(scores, bins=min(40, max(5, len(scores) // 5)))
+    ax.hist(scores[included], bins=bins, alpha=0.6, label=f"included ({int(included.sum())})")
+    ax.hist(scores[~included], bins=bins, alpha=0.6, label=f"excluded ({int((~included).sum())})")
+    ax.set_xlabel("score")
+    ax.set_ylabel("canaries")
+    ax.set_title(title)
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _settings_record(config: RunConfig, settings: AuditSettings) -> dict[str, Any]:
+    from protofl.runner import fingerprint
+
+    return {"settings": settings.to_dict(), "fingerprint": fingerprint(config)}
+
+
+def _check_settings(run_dir: Path, config: RunConfig, settings: AuditSettings, resume: bool) -> None:
+    """On resume, the folder's audit must be this one (same configuration and settings)."""
+    if not resume:
+        return
+    path = run_dir / "audit_settings.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{path}: no readable audit settings; this folder holds no audit to resume") from None
+    if stored != json.loads(json.dumps(_settings_record(config, settings))):
+        raise ConfigError(
+            f"{path}: the audit in this folder was started with other settings or another configuration; "
+            "resume it with the same CONFIG, --set and --canaries, or start a new folder"
+        )
