@@ -1,4 +1,4 @@
-"""The ``protofl`` command line: ``run``, ``report``, ``data``, ``methods``, ``flower``.
+"""The ``protofl`` command line: ``run``, ``audit``, ``report``, ``data``, ``methods``, ``flower``.
 
 Heavy imports (torch, the data layer) happen inside the subcommands so ``protofl --help`` is quick.
 """
@@ -44,6 +44,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     print(f"run folder: {result.run_dir} (report.md, summary.json, metrics.jsonl, plots)")
     return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from protofl.privacy.audit import AuditSettings, audit_run
+
+    settings = AuditSettings(
+        canaries=args.canaries,
+        confidence=args.confidence,
+        design=args.design,
+        replay_seed=args.replay_seed,
+        seed=args.audit_seed,
+    )
+    result = audit_run(args.config, settings, out=args.out, overrides=args.set, resume=args.resume)
+    verdict = "LEAKS MORE than the reported epsilon" if result.violated else "consistent with the reported epsilon"
+    print(
+        f"audit of {result.summary['method']} ({result.design} canaries, {result.canaries}): epsilon lower bound "
+        f"{result.epsilon_lower:.3f} at {result.confidence:.0%} confidence, reported epsilon {result.epsilon:.3f}: "
+        f"{verdict}"
+    )
+    print(f"audit folder: {result.run_dir} (audit.json, audit_scores.png, report.md)")
+    return 4 if result.violated else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -196,6 +217,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
+        "audit",
+        help="measure a lower bound on a private run's epsilon from one run",
+        description=(
+            "Run CONFIG once with canaries, each included by a fair coin, score them from what the server "
+            "receives, and bound epsilon from below at the given confidence (docs/privacy.md, 'Auditing a run'). "
+            "Writes the run folder plus audit.json, audit_scores.png and an audit section in report.md; exits "
+            "with status 4 when the bound exceeds the reported epsilon."
+        ),
+    )
+    p.add_argument("config", help="TOML configuration of a private run (privacy.mechanism igpp, vpp or dp-sgd)")
+    p.add_argument("--canaries", type=int, required=True, metavar="M", help="number of canaries")
+    p.add_argument("--out", required=True, help="folder of the audited run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the audit in --out from its last checkpoint")
+    p.add_argument(
+        "--design", default="auto", help="canary design: release (igpp, vpp), gradient (dp-sgd); auto: by mechanism"
+    )
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
+    p.add_argument(
+        "--replay-seed",
+        action="store_true",
+        help="the server knows the run seed and replays the clients' draws (as with seeded noise on Flower)",
+    )
+    p.add_argument("--audit-seed", type=int, default=0, help="seed of the auditor's coins (not the run's)")
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser(
         "sweep",
         help="run a grid of settings and seeds",
         description=(
@@ -313,6 +361,9 @@ def _resume_hint(args: argparse.Namespace) -> str:
 
     if args.command == "run":
         folder, command = args.resume or args.out, f"protofl run --resume {args.resume or args.out}"
+    elif args.command == "audit":
+        sets = "".join(f" --set {item}" for item in args.set)
+        folder, command = args.out, f"protofl audit {args.config} --canaries {args.canaries} --out {args.out}{sets} --resume"
     elif args.command == "flower" and args.action == "run" and args.out:
         folder, command = args.out, f"protofl flower run --resume --out {args.out}"
     else:

@@ -357,10 +357,12 @@ class GradientCanaries(CanaryDesign):
         algorithm.client_step = step_hook
 
     def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:
+        from protofl.algorithms.base import PARAM_PREFIX
+
         base = replay if replay is not None else broadcast
         for canary in self.of_client(client):
             p, j = canary.place
-            name = self.names[p]
+            name = PARAM_PREFIX + self.names[p]
             # SGD steps against the gradient: the canary pulls its coordinate down.
             moved = float(reply[name].reshape(-1)[j]) - float(base[name].reshape(-1)[j])
             self.add_score(canary, -moved)
@@ -520,10 +522,12 @@ def audit_run(
     out: str | Path | None = None,
     overrides: Sequence[str] = (),
     resume: bool = False,
+    stop_after: int | None = None,
 ) -> AuditResult:
     """Audit one run of ``config`` with ``settings``. With ``out``, the run folder holds the run's records,
     audit.json, audit_scores.png and an audit section at the end of report.md; ``resume`` continues a
-    killed audit from its last checkpoint (the configuration and settings must be the same)."""
+    killed audit from its last checkpoint (the configuration and settings must be the same);
+    ``stop_after=r`` stops it after round r, as a kill would (:class:`~protofl.engine.RunInterrupted`)."""
     from protofl.engine.inprocess import InProcessTransport
     from protofl.engine.rounds import RoundDriver
     from protofl.rundir import RunFolder
@@ -538,7 +542,6 @@ def audit_run(
     design = check_audit(config, settings)
     if folder is not None:
         folder.check()
-    assert run_dir is not None or not resume
     if run_dir is not None:
         _check_settings(run_dir, config, settings, resume)
     with folder.lock() if folder is not None else contextlib.nullcontext():
@@ -572,7 +575,9 @@ def audit_run(
                 **kwargs,
             )
 
-        summary, _ = run_rounds(config, data, driver_for, run_dir, resume=resume, extra=runtime)
+        summary, _ = run_rounds(
+            config, data, driver_for, run_dir, resume=resume, stop_after=stop_after, extra=runtime
+        )
         result = _conclude(config, settings, design, summary, run_dir)
     return result
 
