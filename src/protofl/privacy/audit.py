@@ -487,8 +487,6 @@ class AuditResult:
 
 def check_audit(config: RunConfig, settings: AuditSettings) -> CanaryDesign:
     """The design that audits ``config``, or one line on why it cannot be audited (before any work)."""
-    from protofl.privacy.audit_bounds import one_run_epsilon_lower
-
     p = config.privacy
     if p.mechanism == "none":
         raise ConfigError(
@@ -498,21 +496,34 @@ def check_audit(config: RunConfig, settings: AuditSettings) -> CanaryDesign:
         raise ConfigError("privacy.epsilon: an infinite ε claims nothing; there is nothing to audit")
     design = design_for(config, settings)
     m = settings.canaries
-    if one_run_epsilon_lower(m, m, m, p.delta, settings.confidence) <= 0:
+    if perfect_bound(m, p.delta, settings.confidence) <= 0:
+        least = m + 1
+        while perfect_bound(least, p.delta, settings.confidence) <= 0:
+            least += 1
         raise ConfigError(
             f"audit.canaries: {m} canaries cannot show any ε > 0 at {settings.confidence:.0%} confidence even if "
-            f"every guess is right; use at least {_least_canaries(p.delta, settings.confidence)}"
+            f"every guess is right; use at least {least}"
         )
     return design
 
 
-def _least_canaries(delta: float, confidence: float) -> int:
-    from protofl.privacy.audit_bounds import one_run_epsilon_lower
+def perfect_bound(canaries: int, delta: float, confidence: float) -> float:
+    """The bound an audit of ``canaries`` canaries (half of them included) shows when every score ranks
+    them perfectly: the most any attack can show with that many."""
+    from protofl.privacy.audit_bounds import guess_and_bound
 
-    m = 1
-    while one_run_epsilon_lower(m, m, m, delta, confidence) <= 0:
-        m += 1
-    return m
+    included = np.arange(canaries) < (canaries + 1) // 2
+    return guess_and_bound(included.astype(float), included, delta, confidence).epsilon_lower
+
+
+def canaries_to_show(epsilon: float, delta: float, confidence: float) -> int | None:
+    """The fewest canaries with which perfect guesses show ``epsilon`` (None: no number can, at this δ)."""
+    from protofl.privacy.audit_bounds import GUESS_FRACTIONS, minimum_canaries
+
+    try:
+        return minimum_canaries(epsilon, delta, confidence, tests=len(GUESS_FRACTIONS))
+    except ValueError:
+        return None
 
 
 def audit_run(
@@ -585,22 +596,21 @@ def audit_run(
 def _conclude(
     config: RunConfig, settings: AuditSettings, design: CanaryDesign, summary: dict[str, Any], run_dir: Path | None
 ) -> AuditResult:
-    from protofl.privacy.audit_bounds import guess_and_bound, minimum_canaries
+    from protofl.privacy.audit_bounds import guess_and_bound
 
     scores = design.scores()
     included = np.array([c.included for c in design.canaries])
     delta = config.privacy.delta
-    bound = _bound_fields(guess_and_bound(scores, included, delta, settings.confidence))
+    bound = guess_and_bound(scores, included, delta, settings.confidence)
     epsilon = float(summary["epsilon"])
-    needed = minimum_canaries(epsilon, delta, settings.confidence)
     result = AuditResult(
-        epsilon_lower=bound["epsilon_lower"],
+        epsilon_lower=bound.epsilon_lower,
         epsilon=epsilon,
         delta=delta,
         design=design.name,
         canaries=len(design.canaries),
-        guesses=bound["guesses"],
-        correct=bound["correct"],
+        guesses=bound.guesses,
+        correct=bound.correct,
         confidence=settings.confidence,
         run_dir=run_dir,
         summary=summary,
@@ -622,7 +632,8 @@ def _conclude(
             "correct": result.correct,
             "confidence": settings.confidence,
             "replay_seed": settings.replay_seed,
-            "canaries_to_show_epsilon": needed,
+            "most_shown_by_perfect_guesses": perfect_bound(len(scores), delta, settings.confidence),
+            "canaries_to_show_epsilon": canaries_to_show(epsilon, delta, settings.confidence),
             "scores": scores.tolist(),
             "included_mask": included.tolist(),
         }
@@ -632,13 +643,6 @@ def _conclude(
         text = report.read_text() if report.exists() else ""
         write_atomic(report, text.rstrip("\n") + "\n\n" + audit_section(record) + "\n")
     return result
-
-
-def _bound_fields(bound: Any) -> dict[str, Any]:
-    """``guesses``, ``correct`` and ``epsilon_lower`` of the statistics' answer."""
-    if isinstance(bound, Mapping):
-        return {key: bound[key] for key in ("guesses", "correct", "epsilon_lower")}
-    return {key: getattr(bound, key) for key in ("guesses", "correct", "epsilon_lower")}
 
 
 def audit_section(record: Mapping[str, Any]) -> str:
@@ -658,10 +662,13 @@ def audit_section(record: Mapping[str, Any]) -> str:
         f"- {record['canaries']} canaries ({record['included']} included by their coins); "
         f"{record['correct']} of {record['guesses']} guesses right",
     ]
-    if record["canaries"] < record["canaries_to_show_epsilon"]:
+    if record["most_shown_by_perfect_guesses"] < record["epsilon"]:
+        needed = record["canaries_to_show_epsilon"]
         lines.append(
-            f"- with {record['canaries']} canaries even perfect guesses cannot show ε ≥ {record['epsilon']:.3f} "
-            f"(that takes {record['canaries_to_show_epsilon']}): this audit can find a leak only larger than that"
+            f"- with {record['canaries']} canaries even perfect guesses show at most ε ≥ "
+            f"{record['most_shown_by_perfect_guesses']:.3f}, so this audit cannot reach the reported ε ("
+            + (f"that takes {needed} canaries" if needed else f"no number of canaries can at δ = {record['delta']:g}")
+            + ")"
         )
     lines.append("- score distributions: audit_scores.png")
     return "\n".join(lines)
