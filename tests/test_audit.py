@@ -35,7 +35,7 @@ def dpsgd_config(epsilon: float = 1.0) -> dict:
         "partition": {"scheme": "iid", "num_clients": 3},
         "federation": {"rounds": 2, "progress": False, "threads": 1},
         "privacy": {"mechanism": "dp-sgd", "epsilon": epsilon, "accountant": "rdp"},
-        "method": {"name": "dpfedavg", "steps_per_round": 5, "batch_size": 32},
+        "method": {"name": "dpfedavg", "steps_per_round": 10, "batch_size": 128},
     }
 
 
@@ -118,3 +118,93 @@ def test_seeded_noise_replayed_by_the_server_fails():
 def test_seeded_dpsgd_noise_replayed_by_the_server_fails():
     result = audit_run(dpsgd_config(epsilon=1.0), AuditSettings(canaries=200, replay_seed=True))
     assert result.epsilon_lower > result.epsilon
+
+
+# -- the run folder: resume, report, command line ---------------------------------------------------
+
+
+def test_a_killed_audit_resumes_to_the_same_result(tmp_path):
+    from protofl.engine import RunInterrupted
+
+    config, settings = prototype_config("igpp", epsilon=8.0), AuditSettings(canaries=200)
+    whole = audit_run(config, settings, out=tmp_path / "whole")
+    with pytest.raises(RunInterrupted):
+        audit_run(config, settings, out=tmp_path / "killed", stop_after=1)
+    assert not (tmp_path / "killed" / "audit.json").exists()
+    resumed = audit_run(config, settings, out=tmp_path / "killed", resume=True)
+    first = json.loads((tmp_path / "whole" / "audit.json").read_text())
+    second = json.loads((tmp_path / "killed" / "audit.json").read_text())
+    # Round 1's scores came back from the checkpoint: the resumed audit is the uninterrupted one.
+    assert second["scores"] == first["scores"]
+    assert resumed.epsilon_lower == whole.epsilon_lower > 0
+
+
+def test_resume_refuses_other_audit_settings(tmp_path):
+    from protofl.engine import RunInterrupted
+
+    config = prototype_config("igpp", epsilon=8.0)
+    with pytest.raises(RunInterrupted):
+        audit_run(config, AuditSettings(canaries=200), out=tmp_path / "a", stop_after=1)
+    with pytest.raises(ConfigError, match="other settings"):
+        audit_run(config, AuditSettings(canaries=300), out=tmp_path / "a", resume=True)
+
+
+def test_command_line_audit_reports_and_exits_4_on_a_leak(tmp_path, capsys):
+    from protofl.cli import main
+
+    toml = tmp_path / "igpp.toml"
+    toml.write_text(
+        "seed = 1\n[data]\ndataset = 'optdigits'\n[partition]\nscheme = 'iid'\nnum_clients = 4\n"
+        "[federation]\nrounds = 3\nprogress = false\nthreads = 1\n[model]\nfeature_dim = 32\n"
+        "[privacy]\nmechanism = 'igpp'\nepsilon = 1.0\naccountant = 'rdp'\n"
+        "[method]\nname = 'fedproto'\nlocal_epochs = 1\n"
+    )
+    assert main(["audit", str(toml), "--canaries", "100", "--out", str(tmp_path / "ok")]) == 0
+    assert "consistent with the reported epsilon" in capsys.readouterr().out
+    code = main(["audit", str(toml), "--canaries", "100", "--out", str(tmp_path / "leak"), "--replay-seed"])
+    assert code == 4
+    assert "LEAKS MORE" in capsys.readouterr().out
+    record = json.loads((tmp_path / "leak" / "audit.json").read_text())
+    assert record["verdict"] == "violated" and record["replay_seed"] is True
+    assert "the run leaks more than its reported" in (tmp_path / "leak" / "report.md").read_text()
+
+
+# -- bad input: one line, before any work -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "canaries", "message"),
+    [
+        ({"privacy": {"mechanism": "none"}, "method": {"name": "fedproto"}}, 100, "releases nothing"),
+        ({}, 4, "cannot show any"),
+        ({}, 10**6, "has room for"),
+    ],
+)
+def test_audits_that_cannot_work_are_refused_in_one_line(change, canaries, message, tmp_path, capsys):
+    from protofl.cli import main
+
+    config = prototype_config("igpp")
+    for key, value in change.items():
+        config[key] = value
+    toml = tmp_path / "c.toml"
+    from protofl.config import RunConfig
+
+    toml.write_text(RunConfig.from_dict(config).to_toml())
+    assert main(["audit", str(toml), "--canaries", str(canaries), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_a_design_for_another_mechanism_is_refused():
+    with pytest.raises(ConfigError, match="audit.design: 'gradient' audits dp-sgd"):
+        audit_run(prototype_config("igpp"), AuditSettings(canaries=100, design="gradient"))
+
+
+def test_bad_audit_settings_name_the_key():
+    with pytest.raises(ConfigError, match="audit.canaries"):
+        AuditSettings(canaries=0)
+    with pytest.raises(ConfigError, match="audit.confidence"):
+        AuditSettings(canaries=100, confidence=1.0)
+    with pytest.raises(ConfigError, match="audit.design"):
+        AuditSettings(canaries=100, design="everything")
