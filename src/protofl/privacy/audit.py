@@ -54,7 +54,6 @@ __all__ = [
     "AuditTransport",
     "Canary",
     "CanaryDesign",
-    "ExampleCanaries",
     "GradientCanaries",
     "ReleaseCanaries",
     "audit_run",
@@ -159,16 +158,8 @@ class CanaryDesign(abc.ABC):
     def install(self, algorithm: Any) -> None:
         """Put the canaries' insertion into ``algorithm`` (an instance-level wrapper; nothing global)."""
 
-    #: Whether the server's replay of a client's draws (``replay_seed``) can leave this design's canaries out.
-    replayable: ClassVar[bool] = True
-
     def begin_round(self, r: int) -> None:
         self.round = r
-
-    def exchange(self, r: int, active: Sequence[int], broadcast: Payload, transport: Any, run: Any) -> Any:
-        """Round ``r``'s exchange: ``run()`` runs it; a design that changes the clients' data for the round
-        or needs their state from before it wraps that call."""
-        return run()
 
     @abc.abstractmethod
     def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:
@@ -382,117 +373,8 @@ class GradientCanaries(CanaryDesign):
             self.add_score(canary, -moved)
 
 
-class ExampleCanaries(CanaryDesign):
-    """White-box example canaries (see the module docstring): canary ``(round r, client k)`` is one real
-    example, an out-of-range input (every input value ``±magnitude`` times the largest in the data, signs
-    from the auditor's seed) labelled with the client's most frequent class, added to client k's train
-    split in round r when its coin says so. At the client, the auditor also runs the other world: the
-    same step from the same state and the same draws, with the example where the run had none or none
-    where it had one, and keeps both clean releases. The score of the released prototypes ``x`` is the
-    log-likelihood ratio of the two worlds under the noise the release claims:
-    ``Σ (c_in − c_out)(x − (c_in + c_out)/2) / std²``. It measures what one example really moves, trained
-    feature map included, against the noise calibrated for the sensitivity rule."""
-
-    name = "example"
-    mechanisms = ("igpp", "vpp")
-    threat = (
-        "white box: the auditor adds one out-of-range example to one client's train split in one round by a "
-        "coin, and computes at the client the clean release with and without it (same state, same draws); it "
-        "audits the sensitivity rule on the trained feature map"
-    )
-    replayable = False
-    #: The canary's input values, in units of the largest input value in the data.
-    magnitude = 3.0
-
-    def __init__(self, config: RunConfig, settings: AuditSettings):
-        super().__init__(config, settings)
-        #: This round's clean releases by world (``real``, ``other``) and client: (classes, clean, std).
-        self.clean: dict[str, dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {"real": {}, "other": {}}
-        self.world = "real"
-        self.scale = 1.0
-
-    def slots(self, algorithm: Any, clients: Sequence[Any]) -> list[tuple[int, tuple[int, ...]]]:
-        self.scale = self.magnitude * max(float(data.x_train.abs().max()) for data in clients if data.num_train)
-        return [
-            (data.client_id, (r, int(torch.bincount(data.y_train).argmax())))
-            for data in clients
-            if data.num_train
-            for r in range(1, self.config.federation.rounds + 1)
-        ]
-
-    def install(self, algorithm: Any) -> None:
-        def on_release(client: int, release: Any, clean: Any, sigma: float) -> Any:
-            if not self.disabled:
-                self.clean[self.world][client] = (
-                    release.classes.numpy(),
-                    clean.prototypes.double().numpy(),
-                    release.noise_std.double().numpy(),
-                )
-            return release
-
-        watch_releases(algorithm, on_release)
-
-    def this_round(self, client: int) -> Canary | None:
-        return next((c for c in self.of_client(client) if c.place[0] == self.round), None)
-
-    def with_example(self, data: Any, canary: Canary) -> Any:
-        """``data`` with the canary's example added to its train split."""
-        rng = np.random.default_rng([self.settings.seed, AUDIT_STREAM, canary.id])
-        signs = rng.choice([-1.0, 1.0], size=tuple(data.x_train.shape[1:]))
-        x = torch.as_tensor(signs * self.scale, dtype=data.x_train.dtype, device=data.x_train.device)
-        y = torch.tensor([canary.place[1]], dtype=data.y_train.dtype, device=data.y_train.device)
-        return dataclasses.replace(data, x_train=torch.cat([data.x_train, x[None]]), y_train=torch.cat([data.y_train, y]))
-
-    def exchange(self, r: int, active: Sequence[int], broadcast: Payload, transport: Any, run: Any) -> Any:
-        from protofl.engine.client import client_generator
-
-        inner = transport.inner
-        self.clean = {"real": {}, "other": {}}
-        canaries = {k: c for k in active if (c := self.this_round(k)) is not None}
-        before = {k: copy.deepcopy(inner.client_state(k)) for k in canaries}
-        original = list(inner.clients)
-        inner.clients = [
-            self.with_example(d, canaries[d.client_id]) if d.client_id in canaries and canaries[d.client_id].included else d
-            for d in original
-        ]
-        try:
-            exchange = run()
-        finally:
-            inner.clients = original
-        self.world = "other"
-        try:
-            for k, canary in canaries.items():
-                data = original[k] if canary.included else self.with_example(original[k], canary)
-                received = Payload.from_bytes(broadcast.to_bytes())
-                inner.algorithm.client_step(before[k], data, received, client_generator(inner.seed, r, k))
-        finally:
-            self.world = "real"
-        return exchange
-
-    def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:
-        canary = self.this_round(client)
-        if canary is None or client not in self.clean["real"] or client not in self.clean["other"]:
-            return
-        classes, real, std = self.clean["real"][client]
-        other_classes, other, _ = self.clean["other"][client]
-        if not (np.isfinite(real).all() and np.isfinite(other).all()):
-            return  # a world whose features overflowed: its release is rejected, nothing to weigh
-        rows = {int(c): i for i, c in enumerate(other_classes.tolist())}
-        seen = {int(c): i for i, c in enumerate(reply["classes"].tolist())}
-        score = 0.0
-        for i, c in enumerate(classes.tolist()):
-            if c not in rows or c not in seen:
-                continue
-            c_in, c_out = (real[i], other[rows[c]]) if canary.included else (other[rows[c]], real[i])
-            x = reply["prototypes"][seen[c]].astype(np.float64)
-            score += float(np.sum((c_in - c_out) * (x - (c_in + c_out) / 2) / np.square(std[i])))
-        self.add_score(canary, score)
-
-
 #: The canary designs by name; ``auto`` picks the first whose ``mechanisms`` hold the run's mechanism.
-CANARY_DESIGNS: dict[str, type[CanaryDesign]] = {
-    d.name: d for d in (ReleaseCanaries, GradientCanaries, ExampleCanaries)
-}
+CANARY_DESIGNS: dict[str, type[CanaryDesign]] = {d.name: d for d in (ReleaseCanaries, GradientCanaries)}
 
 
 def design_for(config: RunConfig, settings: AuditSettings) -> CanaryDesign:
@@ -543,9 +425,7 @@ class AuditTransport:
         before = (
             {k: copy.deepcopy(self.inner.client_state(k)) for k in active} if self.replay_seed is not None else {}
         )
-        exchange = self.design.exchange(
-            r, active, broadcast, self, lambda: self.inner.exchange(r, active, broadcast, owed)
-        )
+        exchange = self.inner.exchange(r, active, broadcast, owed)
         replied = [k for k in active if exchange.status.get(k) == "ok"]
         for k, reply in zip(replied, exchange.accepted):
             replay = self._replay(r, k, before[k], broadcast) if self.replay_seed is not None else None
@@ -620,11 +500,6 @@ def check_audit(config: RunConfig, settings: AuditSettings) -> CanaryDesign:
     if not math.isfinite(p.epsilon):
         raise ConfigError("privacy.epsilon: an infinite ε claims nothing; there is nothing to audit")
     design = design_for(config, settings)
-    if settings.replay_seed and not design.replayable:
-        raise ConfigError(
-            f"audit.replay_seed: {design.name} canaries are in the clients' data, which a replay from the run "
-            "seed cannot leave out; use the release or gradient design"
-        )
     m = settings.canaries
     if perfect_bound(m, p.delta, settings.confidence) <= 0:
         least = m + 1
