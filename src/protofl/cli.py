@@ -363,7 +363,10 @@ def _resume_hint(args: argparse.Namespace) -> str:
         folder, command = args.resume or args.out, f"protofl run --resume {args.resume or args.out}"
     elif args.command == "audit":
         sets = "".join(f" --set {item}" for item in args.set)
-        folder, command = args.out, f"protofl audit {args.config} --canaries {args.canaries} --out {args.out}{sets} --resume"
+        folder, command = (
+            args.out,
+            f"protofl audit {args.config} --canaries {args.canaries} --out {args.out}{sets} --resume",
+        )
     elif args.command == "flower" and args.action == "run" and args.out:
         folder, command = args.out, f"protofl flower run --resume --out {args.out}"
     else:

@@ -12,9 +12,12 @@ whose ε_lower exceeds its reported ε does not have the privacy it claims.
 The canary designs (:data:`CANARY_DESIGNS`, each with its threat model in ``threat``):
 
 - ``release`` (``igpp``, ``vpp``), white box: each canary shifts one coordinate (class, dimension) of one
-  client's release, in every release of that client, by the full per-example sensitivity the run claims
-  (VPP: one coordinate of each group, by its group's share). The auditor also sees the clean statistic at
-  the client. It audits the noise, its calibration and the accounting as they run.
+  client's release, in every release of that client, by the most one example may move that release as
+  the run claims: ``std / σ`` of the noise the release says it used, whose privacy loss is the whole
+  Gaussian release's (``1/σ``; under replace-one that is the sensitivity Δ itself, under add/remove it
+  also carries the counts' share). VPP: one coordinate of each group, by its group's share. The auditor
+  also sees the clean statistic at the client. It audits the noise, its calibration and the accounting
+  as they run, not the sensitivity rule.
 - ``gradient`` (``dp-sgd``), white box: each canary is an extra clipped per-example gradient, a Dirac
   direction of norm ``clip_norm`` on one parameter of one client's model, Poisson-sampled into that
   client's DP-SGD steps at the client's rate; its score is the step the client's released update took
@@ -32,7 +35,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,9 +45,6 @@ import torch
 
 from protofl.config import ConfigError, RunConfig, check
 from protofl.payload import Payload
-from protofl.seeds import derive_seed
-
-log = logging.getLogger("protofl.audit")
 
 __all__ = [
     "CANARY_DESIGNS",
@@ -243,10 +242,7 @@ class ReleaseCanaries(CanaryDesign):
     def slots(self, algorithm: Any, clients: Sequence[Any]) -> list[tuple[int, tuple[int, ...]]]:
         n = self.per_class(algorithm.model.feature_dim)
         return [
-            (data.client_id, (c, i))
-            for data in clients
-            for c in torch.unique(data.y_train).tolist()
-            for i in range(n)
+            (data.client_id, (c, i)) for data in clients for c in torch.unique(data.y_train).tolist() for i in range(n)
         ]
 
     def install(self, algorithm: Any) -> None:
@@ -257,8 +253,8 @@ class ReleaseCanaries(CanaryDesign):
         watch_releases(algorithm, on_release)
 
     def _coordinates(self, release: Any, row: int, index: int, sigma: float) -> tuple[list[int], list[float]]:
-        """The coordinates a canary shifts in ``release``'s class ``row`` and by how much: the claimed
-        sensitivity, read off the noise the release says it used (``std = σ Δ``)."""
+        """The coordinates a canary shifts in ``release``'s class ``row`` and by how much: ``std / σ`` of the
+        noise the release says it used (IGPP), or its VPP split over the two groups (same loss, ``1/σ``)."""
         from protofl.privacy.mechanisms import vpp_group_noise
 
         std = release.noise_std[row].double()
@@ -276,6 +272,12 @@ class ReleaseCanaries(CanaryDesign):
         return [a, int(group_b[index])], [kappa_a * sensitivity, kappa_b * sensitivity]
 
     def _insert(self, client: int, release: Any, clean: Any, sigma: float, mine: list[Canary]) -> Any:
+        statistic = getattr(release, "statistic", None)
+        if statistic is not None and not torch.equal(statistic.float(), release.prototypes):
+            raise ConfigError(
+                "audit.design: release canaries shift the released prototypes by the noise they claim, but this "
+                "release's prototypes are not its noisy statistic (noisy sums divided by noisy counts)"
+            )
         protos = release.prototypes.double().clone()
         record = self.inserted.setdefault((self.round, client), {})
         rows = {int(c): i for i, c in enumerate(release.classes.tolist())}
@@ -332,7 +334,10 @@ class GradientCanaries(CanaryDesign):
         self.names = sorted(params)
         self.sizes = {data.client_id: data.num_train for data in clients}
         return [
-            (data.client_id, (p, j)) for data in clients for p, name in enumerate(self.names) for j in range(params[name].numel())
+            (data.client_id, (p, j))
+            for data in clients
+            for p, name in enumerate(self.names)
+            for j in range(params[name].numel())
         ]
 
     def install(self, algorithm: Any) -> None:
@@ -422,17 +427,17 @@ class AuditTransport:
 
     def exchange(self, r: int, active: Sequence[int], broadcast: Payload, owed: int | None) -> Any:
         self.design.begin_round(r)
-        before = (
-            {k: copy.deepcopy(self.inner.client_state(k)) for k in active} if self.replay_seed is not None else {}
-        )
+        before = {k: copy.deepcopy(self.inner.client_state(k)) for k in active} if self.replay_seed is not None else {}
         exchange = self.inner.exchange(r, active, broadcast, owed)
         replied = [k for k in active if exchange.status.get(k) == "ok"]
         for k, reply in zip(replied, exchange.accepted):
-            replay = self._replay(r, k, before[k], broadcast) if self.replay_seed is not None else None
+            replay = (
+                self._replay(r, k, before[k], broadcast, self.replay_seed) if self.replay_seed is not None else None
+            )
             self.design.observe(r, k, reply, broadcast, replay)
         return exchange
 
-    def _replay(self, r: int, k: int, state: dict[str, Any], broadcast: Payload) -> Payload:
+    def _replay(self, r: int, k: int, state: dict[str, Any], broadcast: Payload, seed: int) -> Payload:
         """Client ``k``'s round-``r`` reply as the server can compute it from the run seed alone: the
         client's step with the generator ``derive_seed(seed, r, k)`` gives, no canary inserted."""
         from protofl.engine.client import client_generator
@@ -441,7 +446,7 @@ class AuditTransport:
         received = Payload.from_bytes(broadcast.to_bytes())
         self.design.disabled = True
         try:
-            _, reply, _ = algo.client_step(state, self.inner.clients[k], received, client_generator(self.replay_seed, r, k))
+            _, reply, _ = algo.client_step(state, self.inner.clients[k], received, client_generator(seed, r, k))
         finally:
             self.design.disabled = False
         return Payload.from_bytes(reply.to_bytes())
@@ -565,12 +570,10 @@ def audit_run(
             from protofl.records import write_json
 
             write_json(run_dir / "audit_settings.json", _settings_record(config, settings))
-        runtime = {
-            **apply_threads(resolve_threads(config.federation.threads)),
-            "device": str(resolve_device(config.federation.device)),
-        }
+        device = str(resolve_device(config.federation.device))
+        runtime = {**apply_threads(resolve_threads(config.federation.threads)), "device": device}
         torch.manual_seed(config.seed)
-        data = prepare_data(config, device=torch.device(runtime["device"]))
+        data = prepare_data(config, device=torch.device(device))
 
         def driver_for(algorithm: Any, **kwargs: Any) -> RoundDriver:
             design.place(algorithm, data.clients)
@@ -591,9 +594,7 @@ def audit_run(
                 **kwargs,
             )
 
-        summary, _ = run_rounds(
-            config, data, driver_for, run_dir, resume=resume, stop_after=stop_after, extra=runtime
-        )
+        summary, _ = run_rounds(config, data, driver_for, run_dir, resume=resume, stop_after=stop_after, extra=runtime)
         result = _conclude(config, settings, design, summary, run_dir)
     return result
 
@@ -687,7 +688,7 @@ def plot_scores(scores: np.ndarray, included: np.ndarray, path: Path, title: str
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
-    bins = np.histogram_bin_edges(scores, bins=min(40, max(5, len(scores) // 5)))
+    bins = np.histogram_bin_edges(scores, bins=min(40, max(5, len(scores) // 5))).tolist()
     ax.hist(scores[included], bins=bins, alpha=0.6, label=f"included ({int(included.sum())})")
     ax.hist(scores[~included], bins=bins, alpha=0.6, label=f"excluded ({int((~included).sum())})")
     ax.set_xlabel("score")
