@@ -1,7 +1,8 @@
 """protofl: privacy-preserving, prototype-based federated learning.
 
 The public API is what this module exports: ``run(config) -> RunResult`` (with your own data,
-model and ``on_round`` callback), the configuration classes, sweeps, comparisons, and what a method of
+model and ``on_round`` callback), the configuration classes, sweeps, comparisons, the privacy audit
+(``audit_run``), and what a method of
 your own needs (``Algorithm``, ``LocalTrainingConfig``, ``register``). Imports are lazy so that ``protofl --help`` starts fast.
 """
 
@@ -41,6 +42,9 @@ _EXPORTS = {
     "SweepSpec": "protofl.sweep",
     "run_sweep": "protofl.sweep",
     "compare_runs": "protofl.report",
+    "audit_run": "protofl.privacy.audit",
+    "AuditSettings": "protofl.privacy.audit",
+    "AuditResult": "protofl.privacy.audit",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -64,6 +68,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from protofl.models import FeatureNet
     from protofl.privacy import BudgetExceededError
+    from protofl.privacy.audit import AuditResult, AuditSettings, audit_run
     from protofl.report import compare_runs
     from protofl.sweep import SweepSpec, run_sweep
 
