@@ -408,22 +408,19 @@ class AuditTransport:
     """The in-process transport with an auditor on the wire: it passes every round through unchanged and
     shows the canary design each accepted reply next to the broadcast it answered (and, with
     ``replay_seed``, the reply replayed from the run seed without canaries). Its state, in every
-    checkpoint, carries the scores so far, so a killed audit resumes where its run does."""
+    checkpoint, carries the scores so far, so a killed audit resumes where its run does. Everything else
+    (the rest of the :class:`~protofl.engine.rounds.Transport` protocol) is the inner transport's."""
 
     def __init__(self, inner: Any, design: CanaryDesign, *, replay_seed: int | None = None):
         self.inner = inner
         self.design = design
         self.replay_seed = replay_seed
-        self.execution = inner.execution
-        self.counts_lost = inner.counts_lost
-        self.kind = inner.kind
 
-    @property
-    def num_clients(self) -> int:
-        return int(self.inner.num_clients)
-
-    def start(self) -> None:
-        self.inner.start()
+    def __getattr__(self, name: str) -> Any:
+        # Everything but the exchange and the state is the inner transport's, whatever the protocol holds.
+        if name in ("inner", "design", "replay_seed"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     def exchange(self, r: int, active: Sequence[int], broadcast: Payload, owed: int | None) -> Any:
         self.design.begin_round(r)
@@ -450,15 +447,6 @@ class AuditTransport:
         finally:
             self.design.disabled = False
         return Payload.from_bytes(reply.to_bytes())
-
-    def evaluate(self, r: int, broadcast: Payload, final: bool) -> Any:
-        return self.inner.evaluate(r, broadcast, final)
-
-    def privacy_report(self) -> dict[str, Any] | None:
-        return self.inner.privacy_report()
-
-    def summary_fields(self) -> dict[str, Any]:
-        return self.inner.summary_fields()
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.inner.state_dict(), "audit": self.design.state_dict()}
