@@ -330,7 +330,15 @@ class GradientCanaries(CanaryDesign):
         self.sizes: dict[int, int] = {}
 
     def slots(self, algorithm: Any, clients: Sequence[Any]) -> list[tuple[int, tuple[int, ...]]]:
-        params = dict(algorithm.model.named_parameters())
+        from protofl.algorithms.base import PARAM_PREFIX
+
+        released = algorithm.reply_spec().arrays
+        params = {k: v for k, v in algorithm.model.named_parameters() if PARAM_PREFIX + k in released}
+        if not params:
+            raise ConfigError(
+                f"audit.design: gradient canaries are scored on the model parameters a client releases, and "
+                f"method {algorithm.name!r} releases none of its model's (dpfedavg does)"
+            )
         self.names = sorted(params)
         self.sizes = {data.client_id: data.num_train for data in clients}
         return [
