@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 __all__ = [
     "GUESS_FRACTIONS",
@@ -100,14 +100,31 @@ def one_run_p_value(canaries: int, guesses: int, correct: int, epsilon: float, d
         raise ValueError(f"delta must lie in [0, 1), got {delta!r}")
     if correct == 0:
         return 1.0
-    q = 1.0 / (1.0 + math.exp(-min(epsilon, _EPSILON_CAP)))  # accuracy of ε-DP randomised response
-    tail = float(stats.binom.sf(correct - 1, guesses, q))  # P[Binomial(r, q) >= v]
+    epsilon = min(epsilon, _EPSILON_CAP)
+    q = 1.0 / (1.0 + math.exp(-epsilon))  # accuracy of ε-DP randomised response
+    tail = float(special.bdtrc(correct - 1, guesses, q))  # P[Binomial(r, q) >= v]
     if delta == 0.0:
         return min(tail, 1.0)
-    # P[v - i <= Binomial(r, q) < v] for i = 1..v, from the pmf at v-1, v-2, ..., 0.
-    below = stats.binom.pmf(np.arange(correct - 1, -1, -1), guesses, q)
-    window = np.cumsum(below) / np.arange(1, correct + 1)
-    return min(tail + 2.0 * canaries * delta * float(window.max()), 1.0)
+    # max over i = 1..v of P[v - i <= Binomial(r, q) < v] / i, from the pmf at v-1, v-2, ... . The pmf is
+    # summed down to 12 standard deviations (and 12) below the mean only: every longer window holds at
+    # most P[B < v] and has a larger divisor than the last one summed, so P[B < v] / (that divisor) bounds
+    # them all from above (the p-value can only come out too large, the ε bound too small), and the
+    # far tail, negligible there, is not summed.
+    spread = math.sqrt(guesses * q * (1.0 - q))
+    floor = min(correct, max(0, int(guesses * q - 12.0 * spread - 12.0)))
+    k = np.arange(correct - 1, floor - 1, -1, dtype=float)
+    log_pmf = (
+        special.gammaln(guesses + 1.0)
+        - special.gammaln(k + 1.0)
+        - special.gammaln(guesses - k + 1.0)
+        - k * math.log1p(math.exp(-epsilon))  # k log q
+        - (guesses - k) * (epsilon + math.log1p(math.exp(-epsilon)))  # (r - k) log(1 - q)
+    )
+    windows = np.cumsum(np.exp(log_pmf)) / np.arange(1, correct - floor + 1)
+    largest = float(windows.max()) if windows.size else 0.0
+    if floor > 0:
+        largest = max(largest, float(special.bdtr(correct - 1, guesses, q)) / (correct - floor + 1))
+    return min(tail + 2.0 * canaries * delta * largest, 1.0)
 
 
 def one_run_epsilon_lower(canaries: int, guesses: int, correct: int, delta: float, confidence: float = 0.95) -> float:
