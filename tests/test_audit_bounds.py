@@ -70,6 +70,14 @@ def test_bound_grows_with_correct_guesses_and_shrinks_with_delta():
     assert one_run_epsilon_lower(2000, 200, 170, 0.0, 0.99) < one_run_epsilon_lower(2000, 200, 170, 0.0, 0.9)
 
 
+@pytest.mark.parametrize(("canaries", "guesses", "correct"), [(1000, 100, 90), (4000, 800, 700), (100_000, 1000, 900)])
+def test_approximate_dp_p_value_rises_with_epsilon(canaries, guesses, correct):
+    # The bound is found by bisection over ε: that needs the p-value to rise with ε, δ term included.
+    p = [one_run_p_value(canaries, guesses, correct, eps, 1e-5) for eps in np.linspace(0.0, 12.0, 241)]
+    assert all(a <= b + 1e-15 for a, b in zip(p, p[1:]))
+    assert p[0] < 0.01 and p[-1] > 0.5
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
