@@ -1,7 +1,8 @@
 """Differential privacy for what clients release: clipping, Gaussian and Laplace noise, the VPDR
 prototype releases (IGPP, VPP) and DCR, accounting through ``dp-accounting`` (RDP and PLD) with
-per-client ledgers and budget stops, and attacks that measure what a release leaks
-(:mod:`protofl.privacy.attacks`)."""
+per-client ledgers and budget stops, attacks that measure what a release leaks
+(:mod:`protofl.privacy.attacks`), and the statistics that turn an audit's attack into a lower bound on ε
+(:mod:`protofl.privacy.audit_bounds`)."""
 
 from protofl.privacy.accounting import (
     ACCOUNTANTS,
@@ -31,6 +32,15 @@ from protofl.privacy.attacks import (
     reconstruction_scores,
     total_variation,
 )
+from protofl.privacy.audit_bounds import (
+    GUESS_FRACTIONS,
+    OneRunBound,
+    guess_and_bound,
+    minimum_canaries,
+    one_run_epsilon_lower,
+    one_run_p_value,
+    two_worlds_epsilon_lower,
+)
 from protofl.privacy.layer import (
     PRIVACY_LAYERS,
     DPSGDLayer,
@@ -58,6 +68,7 @@ from protofl.privacy.vpdr import DistillationClipping
 
 __all__ = [
     "ACCOUNTANTS",
+    "GUESS_FRACTIONS",
     "DPSGDLayer",
     "IGPPLayer",
     "LEDGER_KEY",
@@ -77,6 +88,7 @@ __all__ = [
     "GaussianEvent",
     "LaplaceEvent",
     "MembershipResult",
+    "OneRunBound",
     "PldAccountant",
     "PrivacyLedger",
     "PrototypeRelease",
@@ -89,16 +101,21 @@ __all__ = [
     "clip_rows",
     "compute_epsilon",
     "gaussian_noise",
+    "guess_and_bound",
     "igpp_release",
     "invert_prototypes",
     "laplace_noise",
     "make_accountant",
     "membership_inference",
+    "minimum_canaries",
+    "one_run_epsilon_lower",
+    "one_run_p_value",
     "private_top_k",
     "prototype_distance_scores",
     "reconstruction_scores",
     "soft_clip",
     "total_variation",
+    "two_worlds_epsilon_lower",
     "vpp_group_noise",
     "vpp_release",
 ]
