@@ -36,7 +36,7 @@ from protofl.privacy.accounting import (
     calibrate_noise_multiplier,
     spend_report,
 )
-from protofl.privacy.mechanisms import PrototypeRelease, igpp_release, vpp_release
+from protofl.privacy.mechanisms import PrototypeRelease, igpp_release, split_multiplier, vpp_release
 
 __all__ = [
     "PRIVACY_LAYERS",
@@ -102,7 +102,9 @@ class PrivacyLayer(abc.ABC):
 
 
 class PrototypeReleaseLayer(PrivacyLayer):
-    """A prototype release (VPDR's IGPP and VPP): the noisy per-class prototypes a client may publish.
+    """A prototype release (VPDR's IGPP and VPP): the noisy per-class prototypes a client may publish
+    (under ``privacy.relation = "add-remove"`` every class, with noisy counts; see
+    :mod:`protofl.privacy.mechanisms`).
 
     σ is calibrated so that ``planned_releases`` releases (with VPP, each also one private selection at
     ``selection_fraction · ε / planned_releases``, pure DP) compose to at most (ε, δ) under the configured
@@ -128,6 +130,14 @@ class PrototypeReleaseLayer(PrivacyLayer):
 
     def check_next(self, client_state: State, who: str) -> None:
         self.ledger(client_state).check(self.release_events(), who)
+
+    @property
+    def count_noise_std(self) -> float:
+        """Standard deviation of the noise on every released count (σ_n = σ/√f under add/remove: one
+        count moves by 1); 0 under replace-one, where the counts are published exactly. Public: a
+        server may use it (e.g. to tell a class a client holds from noise)."""
+        c = self.config
+        return 0.0 if c.relation == "replace-one" else split_multiplier(self.noise_multiplier, c.count_fraction)[1]
 
     def release(
         self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, client_state: State, who: str = "client"
@@ -155,6 +165,8 @@ class PrototypeReleaseLayer(PrivacyLayer):
             all_accountants=all_accountants,
             selection_epsilon_per_release=self.selection_epsilon,
             sensitivity=c.sensitivity,
+            relation=c.relation,
+            count_noise_multiplier=self.count_noise_std or None,
         )
 
 
@@ -163,7 +175,17 @@ class IGPPLayer(PrototypeReleaseLayer):
 
     def noisy_prototypes(self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> PrototypeRelease:
         c = self.config
-        return igpp_release(z, y, self.num_classes, c.clip_bound, self.noise_multiplier, generator, c.sensitivity)
+        return igpp_release(
+            z,
+            y,
+            self.num_classes,
+            c.clip_bound,
+            self.noise_multiplier,
+            generator,
+            c.sensitivity,
+            c.relation,
+            c.count_fraction,
+        )
 
 
 class VPPLayer(PrototypeReleaseLayer):
@@ -188,6 +210,8 @@ class VPPLayer(PrototypeReleaseLayer):
             self.selection_epsilon,
             generator,
             c.sensitivity,
+            c.relation,
+            c.count_fraction,
         )
 
 
