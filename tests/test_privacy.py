@@ -75,7 +75,10 @@ def test_trained_features_rule_scales_every_class_by_2r_sqrt_c():
     clipped = clip_rows(z.double(), bound)
     means = torch.stack([clipped[y == c].mean(0) for c in range(3)])
     draws = torch.stack(
-        [igpp_release(z, y, 3, bound, sigma, _gen(s), "trained-features", "replace-one").prototypes.double() for s in range(2000)]
+        [
+            igpp_release(z, y, 3, bound, sigma, _gen(s), "trained-features", "replace-one").prototypes.double()
+            for s in range(2000)
+        ]
     )
     expected = sigma * 2 * bound * math.sqrt(3)
     for c in range(3):

@@ -87,8 +87,9 @@ def test_the_split_release_costs_exactly_one_gaussian_at_sigma(f):
     sigma_f, sigma_n = split_multiplier(sigma, f)
     assert 1 / sigma_f**2 + 1 / sigma_n**2 == pytest.approx(1 / sigma**2, rel=1e-12)
     assert _rdp_epsilon([(sigma_f, 5), (sigma_n, 5)], 1e-5) == pytest.approx(_rdp_epsilon([(sigma, 5)], 1e-5), rel=1e-9)
-    split, whole = pld.PLDAccountant(value_discretization_interval=1e-3), pld.PLDAccountant(
-        value_discretization_interval=1e-3
+    split, whole = (
+        pld.PLDAccountant(value_discretization_interval=1e-3),
+        pld.PLDAccountant(value_discretization_interval=1e-3),
     )
     split.compose(dp_event.GaussianDpEvent(sigma_f), 5).compose(dp_event.GaussianDpEvent(sigma_n), 5)
     whole.compose(dp_event.GaussianDpEvent(sigma), 5)
@@ -141,9 +142,7 @@ def test_adding_or_removing_one_example_moves_the_rescaled_release_by_at_most_on
             if mechanism == "igpp":
                 releases.append(igpp_release(zz, yy, num_classes, bound, sigma, _gen(trial), sensitivity))
             else:
-                releases.append(
-                    vpp_release(zz, yy, num_classes, bound, sigma, 0.4, 0.1, 1.0, _gen(trial), sensitivity)
-                )
+                releases.append(vpp_release(zz, yy, num_classes, bound, sigma, 0.4, 0.1, 1.0, _gen(trial), sensitivity))
         worst = max(worst, _rescaled_move(*releases))
     assert worst <= 1 / sigma * (1 + 1e-9)
     assert worst > 0.3 / sigma  # the property is not met vacuously
@@ -333,3 +332,29 @@ def test_every_prototype_host_runs_under_both_relations(method, mechanism, dcr, 
     assert 0 < privacy["epsilon"] <= 4.0 * (1 + 1e-9)
     assert (privacy["count_noise_multiplier"] is None) == (relation == "replace-one")
     assert all(math.isfinite(row["personal_acc_mean"]) for row in result.history)
+
+
+# -- DP-SGD: the budget is checked before the round --------------------------------------------------------
+
+
+@pytest.mark.parametrize("planned,stops", [(1, True), (2, False)])
+def test_dpfedavg_announces_its_next_round_and_the_check_stops_it_before_it_starts(planned, stops):
+    """After a round the client's state says what its next round costs; the engine's pre-round check
+    raises (naming the client) exactly when that round would exceed the budget. Without the
+    announcement the check could not know the client's sampling rate and would pass."""
+    from protofl.privacy import BudgetExceededError
+    from protofl.privacy.layer import NEXT_ROUND_KEY
+
+    privacy = PrivacyConfig(mechanism="dp-sgd", epsilon=2.0, accountant="rdp", planned_releases=planned)
+    algo = get_algorithm("dpfedavg").from_options(
+        {"batch_size": 8, "steps_per_round": 3}, Task((8,), 3, ModelConfig(feature_dim=6, hidden_dim=8)), privacy
+    )
+    received = algo.broadcast(algo.init_server_state(0))
+    algo.check_release({}, 4)  # nothing spent, nothing announced
+    state, _, _ = algo.client_step({}, _client_data(4, (0, 1, 2)), received, _gen(0))
+    assert NEXT_ROUND_KEY in state
+    if stops:
+        with pytest.raises(BudgetExceededError, match="^client 4: the next release would bring epsilon"):
+            algo.check_release(state, 4)
+    else:
+        algo.check_release(state, 4)

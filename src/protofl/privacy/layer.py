@@ -39,6 +39,7 @@ from protofl.privacy.accounting import (
 from protofl.privacy.mechanisms import PrototypeRelease, igpp_release, split_multiplier, vpp_release
 
 __all__ = [
+    "NEXT_ROUND_KEY",
     "PRIVACY_LAYERS",
     "DPSGDLayer",
     "IGPPLayer",
@@ -230,6 +231,21 @@ class DPSGDLayer(PrivacyLayer):
     def clip_norm(self) -> float:
         return self.config.clip_norm
 
+    @staticmethod
+    def next_round_state(events: Sequence[tuple[Event, int]]) -> list:
+        """What a client's next round will cost, for its state under :data:`NEXT_ROUND_KEY` (a DP-SGD
+        method writes it after each round: it knows the client's sampling rate and step count)."""
+        return [(event.to_dict(), int(count)) for event, count in events]
+
+    def check_next(self, client_state: State, who: str) -> None:
+        """Before a round: raise :class:`~protofl.privacy.accounting.BudgetExceededError` if the round the
+        client's state announces (:data:`NEXT_ROUND_KEY`) would exceed its budget, so that the run stops
+        before the round (with its checkpoint) rather than inside the client's step. A client that has
+        not trained yet announces nothing (its first round is within the calibrated plan)."""
+        announced = client_state.get(NEXT_ROUND_KEY)
+        if announced:
+            self.ledger(client_state).check([(Event.from_dict(e), int(c)) for e, c in announced], who)
+
     def noise_multiplier(self, rate: float, steps: int, extra: Sequence[tuple[Event, int]] = ()) -> float:
         """σ for a client sampled at ``rate`` that takes ``steps`` DP-SGD steps over the run, composed with
         the ``extra`` releases, at the run's (ε, δ)."""
@@ -267,6 +283,9 @@ class DPSGDLayer(PrivacyLayer):
             **extra,
         )
 
+
+#: Client-state key of the events of a DP-SGD client's next round (:meth:`DPSGDLayer.check_next`).
+NEXT_ROUND_KEY = "privacy_next_round"
 
 #: The layer of each ``privacy.mechanism``; add one with :func:`register_privacy_layer`.
 PRIVACY_LAYERS: dict[str, type[PrivacyLayer]] = {}
