@@ -34,7 +34,6 @@ from protofl.privacy import (
     vpp_release,
 )
 
-
 #: The VPDR paper's rule: fixed features, one example replaced by another of its class.
 OLD = ("fixed-features", "replace-one")
 
