@@ -275,6 +275,11 @@ def test_the_check_is_one_function_a_test_can_replace(monkeypatch):
     assert resolve_config(_config()).privacy.sensitivity == "fixed-features"
 
 
+def test_dp_sgd_under_replace_one_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"^privacy\.relation: dp-sgd is accounted under add-remove"):
+        resolve_config({"privacy": {"mechanism": "dp-sgd", "relation": "replace-one"}, "method": {"name": "dpfedavg"}})
+
+
 def test_the_linear_model_passes_its_input_through_as_features():
     model = build_model(ModelConfig(name="linear"), (1, 8, 8), 10)
     assert isinstance(model, LinearNet) and model.feature_dim == 64

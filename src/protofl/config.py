@@ -421,6 +421,12 @@ class PrivacyConfig:
         check(0 <= self.ema_momentum < 1, "ema_momentum", f"must be in [0, 1), got {self.ema_momentum}")
         check(self.kd_warmup_steps >= 0, "kd_warmup_steps", f"must be >= 0, got {self.kd_warmup_steps}")
         check(
+            self.mechanism != "dp-sgd" or self.relation == "add-remove",
+            "relation",
+            "dp-sgd is accounted under add-remove (Poisson sampling of one example more or less); "
+            "'replace-one' would need twice the sensitivity, set privacy.relation = 'add-remove'",
+        )
+        check(
             not self.dcr or self.mechanism != "dp-sgd",
             "dcr",
             "is a training option of the prototype hosts (alone, or with igpp or vpp), not of dp-sgd",
