@@ -178,10 +178,11 @@ def _client_data(k, classes):
     return ClientData(k, x, y, x[:6], y[:6])
 
 
-@pytest.mark.parametrize("name", ["fedproto", "fpl", "fedtgp"])
+@pytest.mark.parametrize("name", ["fedproto", "fpl", "fedtgp", "fedgh"])
 def test_an_add_remove_reply_covers_every_class_whatever_the_client_holds(name):
     privacy = PrivacyConfig(mechanism="igpp", epsilon=4.0, accountant="rdp", planned_releases=2)
-    options = {"batch_size": 8, "model_sharing": "none"} if name != "fedtgp" else {"batch_size": 8, "server_epochs": 2}
+    options = {"batch_size": 8, **({"model_sharing": "none"} if name == "fpl" else {"server_epochs": 2})}
+    options = {"batch_size": 8} if name == "fedproto" else options
     algo = get_algorithm(name).from_options(options, Task((8,), 4, ModelConfig(feature_dim=6, hidden_dim=8)), privacy)
     received = algo.broadcast(algo.init_server_state(0))
     replies = []
@@ -326,10 +327,10 @@ SMALL = {
 
 @pytest.mark.parametrize("relation", ["add-remove", "replace-one"])
 @pytest.mark.parametrize("mechanism,dcr", [("igpp", False), ("vpp", False), ("vpp", True)])
-@pytest.mark.parametrize("method", ["fedproto", "fpl", "fedtgp"])
+@pytest.mark.parametrize("method", ["fedproto", "fpl", "fedtgp", "fedgh"])
 def test_every_prototype_host_runs_under_both_relations(method, mechanism, dcr, relation):
     options = {"name": method, "local_epochs": 1}
-    if method == "fedtgp":
+    if method in ("fedtgp", "fedgh"):
         options["server_epochs"] = 2
     config = {
         **SMALL,
