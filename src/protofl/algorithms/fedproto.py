@@ -8,9 +8,9 @@ CE). Server: per-class average of the uploaded prototypes, weighted by class cou
 (``aggregation = "unweighted"``). Under a prototype release with ``privacy.relation = "add-remove"``
 every reply covers every class with noisy counts: ``weighted`` uses the noisy counts clamped at 0, and
 ``unweighted`` counts a client for a class when its noisy count reaches
-:attr:`FedProto.presence_threshold` (post-processing of the release). Clients keep their own models. Inference is reported both ways:
-the client's classifier (``personal_acc``) and the nearest global prototype in Euclidean distance
-(``personal_proto_acc``).
+:attr:`FedProto.presence_threshold` (post-processing of the release). Clients keep their own models.
+Inference is reported both ways: the client's classifier (``personal_acc``) and the nearest global
+prototype in Euclidean distance (``personal_proto_acc``).
 
 ``model_sharing = "fedavg"`` is the *global variant* the FedHPro paper compares against under label
 skew: clients also start every round from the sample-weighted average of the models (FedAvg), so
