@@ -21,7 +21,14 @@ CASES = {
     "fedprox": ("fedprox", {"mu": 0.5}, None),
     "fedproto": ("fedproto", {"local_epochs": 2}, None),
     "fedproto-shared": ("fedproto", {"model_sharing": "fedavg", "optimizer": "adam", "lr": 0.01}, None),
-    "fedproto-igpp": ("fedproto", {}, PrivacyConfig(mechanism="igpp", epsilon=4.0, planned_releases=3)),
+    # recorded under the rule that was the default then (VPDR: fixed features, replace-one)
+    "fedproto-igpp": (
+        "fedproto",
+        {},
+        PrivacyConfig(
+            mechanism="igpp", epsilon=4.0, planned_releases=3, sensitivity="fixed-features", relation="replace-one"
+        ),
+    ),
     "fpl": ("fpl", {"lr": 0.01}, None),
     "fedtgp": ("fedtgp", {"server_epochs": 2}, None),
     "creff": ("creff", {"match_steps": 3, "retrain_epochs": 2, "features_per_class": 4, "grad_samples": 5}, None),

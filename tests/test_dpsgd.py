@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from scipy import stats
 from torch.func import functional_call
 
 from protofl.privacy.dpsgd import (
@@ -58,12 +59,40 @@ def test_every_clipped_per_example_gradient_has_norm_at_most_c():
     assert torch.allclose(after[small], norms[small])
 
 
-def test_noise_std_matches_sigma_times_c():
-    zero = {"w": torch.zeros(4, 1000)}
-    g = torch.Generator().manual_seed(0)
-    noisy, _ = noisy_clipped_mean(zero, clip_norm=2.0, noise_multiplier=1.3, expected_batch_size=8.0, generator=g)
-    assert float((noisy["w"] * 8.0).std()) == pytest.approx(1.3 * 2.0, rel=0.05)
-    assert float((noisy["w"] * 8.0).mean()).__abs__() < 4 * 2.6 / math.sqrt(1000)
+#: Noise draws per check: the variance's χ² interval at level NOISE_ALPHA is then about ±1.6 % wide, so
+#: noise 3 % too small (variance 5.9 % too small, about 19 standard errors) cannot pass.
+NOISE_SAMPLES = 200_000
+NOISE_ALPHA = 1e-6
+
+
+def noise_matches(noise_multiplier: float, claimed: float, seed: int) -> bool:
+    """Whether DP-SGD's noise, drawn at ``noise_multiplier`` around a zero gradient sum, is consistent with
+    N(0, (claimed · C)²): its mean within the normal interval and Σx²/(σC)² within the two-sided χ²(n)
+    interval, both at level NOISE_ALPHA."""
+    zero = {"w": torch.zeros(4, NOISE_SAMPLES)}
+    g = torch.Generator().manual_seed(seed)
+    noisy, _ = noisy_clipped_mean(
+        zero, clip_norm=2.0, noise_multiplier=noise_multiplier, expected_batch_size=8.0, generator=g
+    )
+    x = (noisy["w"] * 8.0).double().numpy()
+    std = claimed * 2.0
+    z = stats.norm.isf(NOISE_ALPHA / 2)
+    mean_ok = abs(float(x.mean())) < z * std / math.sqrt(NOISE_SAMPLES)
+    chi2 = float((x**2).sum()) / std**2
+    low, high = stats.chi2.ppf([NOISE_ALPHA / 2, 1 - NOISE_ALPHA / 2], NOISE_SAMPLES)
+    return mean_ok and low < chi2 < high
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_noise_std_matches_sigma_times_c(seed):
+    assert noise_matches(1.3, 1.3, seed)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("factor", [0.97, 1.03])
+def test_noise_check_rejects_noise_three_percent_off(seed, factor):
+    # The same check on a mutant that draws 3 % less (or more) noise than it claims must fail.
+    assert not noise_matches(1.3 * factor, 1.3, seed)
 
 
 def test_poisson_sample_rate():

@@ -34,6 +34,9 @@ from protofl.privacy import (
     vpp_release,
 )
 
+#: The VPDR paper's rule: fixed features, one example replaced by another of its class.
+OLD = ("fixed-features", "replace-one")
+
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -52,8 +55,8 @@ def _features(n_per_class=(40, 1, 7), d=16, seed=0):
 def test_igpp_noise_std_matches_calibration_including_a_single_example_class():
     z, y = _features()
     sigma, bound = 1.7, 5.0
-    clean = igpp_release(z, y, 3, bound, sigma, _gen()).prototypes.double() - 0  # one draw for the shape
-    draws = torch.stack([igpp_release(z, y, 3, bound, sigma, _gen(s)).prototypes.double() for s in range(3000)])
+    clean = igpp_release(z, y, 3, bound, sigma, _gen(), *OLD).prototypes.double() - 0  # one draw for the shape
+    draws = torch.stack([igpp_release(z, y, 3, bound, sigma, _gen(s), *OLD).prototypes.double() for s in range(3000)])
     clipped = clip_rows(z.double(), bound)
     means = torch.stack([clipped[y == c].mean(0) for c in range(3)])
     assert clean.shape == means.shape
@@ -71,12 +74,15 @@ def test_trained_features_rule_scales_every_class_by_2r_sqrt_c():
     clipped = clip_rows(z.double(), bound)
     means = torch.stack([clipped[y == c].mean(0) for c in range(3)])
     draws = torch.stack(
-        [igpp_release(z, y, 3, bound, sigma, _gen(s), "trained-features").prototypes.double() for s in range(2000)]
+        [
+            igpp_release(z, y, 3, bound, sigma, _gen(s), "trained-features", "replace-one").prototypes.double()
+            for s in range(2000)
+        ]
     )
     expected = sigma * 2 * bound * math.sqrt(3)
     for c in range(3):
         assert float((draws - means)[:, c].pow(2).mean().sqrt()) == pytest.approx(expected, rel=0.03)
-    r = vpp_release(z, y, 3, bound, sigma, 0.3, 0.1, 1.0, _gen(), "trained-features")
+    r = vpp_release(z, y, 3, bound, sigma, 0.3, 0.1, 1.0, _gen(), "trained-features", "replace-one")
     _, _, s_a, s_b = vpp_group_noise(16, math.ceil(0.3 * 16), sigma)
     assert float(r.noise_std[0, r.selected[0]]) == pytest.approx(s_a * 2 * bound * math.sqrt(3))
     assert float(r.noise_std[1].max()) == pytest.approx(s_b * 2 * bound * math.sqrt(3))
@@ -89,7 +95,7 @@ def test_vpp_group_noise_std_matches_calibration():
     kappa_a, kappa_b, s_a, s_b = vpp_group_noise(20, k, sigma)
     dev_a, dev_b = [], []
     for s in range(2000):
-        r = vpp_release(z, y, 2, bound, sigma, rho, 0.1, 1.0, _gen(s))
+        r = vpp_release(z, y, 2, bound, sigma, rho, 0.1, 1.0, _gen(s), *OLD)
         rest = torch.tensor([j for j in range(20) if j not in set(r.selected.tolist())])
         clipped = clip_groups(z.double(), [r.selected, rest], [bound * kappa_a, bound * kappa_b])
         means = torch.stack([clipped[y == c].mean(0) for c in range(2)])
@@ -328,14 +334,14 @@ def test_private_top_k_draws_as_one_round_at_a_time():
 
 @pytest.mark.parametrize("sensitivity", ["fixed-features", "trained-features"])
 def test_releases_equal_their_steps_composed_from_the_public_pieces(sensitivity):
-    """VPP and IGPP run as one numpy program per client; the same steps through anova_scores,
+    """Under replace-one, VPP and IGPP run as one numpy program per client; the same steps through anova_scores,
     private_top_k, clip_groups / clip_rows, per-class means and gaussian_noise on the same generator
     give the same release."""
     z, y = _features(n_per_class=(40, 1, 7, 0, 12), d=24, seed=5)
     z = z * 3
     bound, sigma, rho, cap, eps = 2.0, 1.3, 0.3, 0.1, 0.5
     for seed in range(5):
-        got = vpp_release(z, y, 5, bound, sigma, rho, cap, eps, _gen(seed), sensitivity)
+        got = vpp_release(z, y, 5, bound, sigma, rho, cap, eps, _gen(seed), sensitivity, "replace-one")
         g = _gen(seed)
         k = math.ceil(rho * 24)
         selected = private_top_k(anova_scores(z, y), k, cap, eps, g)
@@ -359,7 +365,7 @@ def test_releases_equal_their_steps_composed_from_the_public_pieces(sensitivity)
         torch.testing.assert_close(got.noise_std, std)
         torch.testing.assert_close(got.prototypes, want, rtol=1e-5, atol=1e-5)
 
-        got = igpp_release(z, y, 5, bound, sigma, _gen(seed), sensitivity)
+        got = igpp_release(z, y, 5, bound, sigma, _gen(seed), sensitivity, "replace-one")
         clipped = clip_rows(z.double(), bound)
         means = torch.stack([clipped[y == c].mean(0) for c in classes.tolist()])
         std = (sigma * delta)[:, None].expand(-1, 24)

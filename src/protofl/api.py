@@ -91,7 +91,7 @@ def run(
         overrides = (*overrides, f'data.dataset="{splits.name}"')
         if resume:  # the dataset key of the resumed config already names the data
             overrides = ()
-    config = resolve_config(config, overrides, user_data=dataset is not None)
+    config = resolve_config(config, overrides, user_data=dataset is not None, user_model=model is not None)
     if splits is not None and config.data.dataset != splits.name:
         raise ConfigError(f"data.dataset: the run in {run_dir} was on {config.data.dataset!r}, not {splits.name!r}")
     if config.data.features != "pixels" and splits is not None and splits.train.x.ndim != 4:

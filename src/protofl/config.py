@@ -272,19 +272,35 @@ class FederationConfig:
         check_numbers(self)
 
 
+#: ``model.name``: ``auto`` (``cnn`` on images, ``adapter`` on embeddings), ``cnn``, ``adapter`` or
+#: ``linear`` (features = the input vector as is, head = one linear layer). Each name says whether a
+#: client trains the feature map (what ``privacy.sensitivity = "fixed-features"`` needs to know before
+#: any work): only ``linear`` does not.
+MODEL_TRAINS_FEATURES = {"auto": True, "cnn": True, "adapter": True, "linear": False}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The client model: a small CNN on pixels, or a residual adapter + MLP head on embeddings."""
+    """The client model: a small CNN on pixels, a residual adapter + MLP head on embeddings, or a linear
+    head on the input as it is (``linear``: e.g. frozen public-encoder embeddings)."""
 
-    #: Width of the feature (prototype) layer.
+    #: ``auto``, ``cnn``, ``adapter`` or ``linear`` (:data:`MODEL_TRAINS_FEATURES`).
+    name: str = "auto"
+    #: Width of the feature (prototype) layer (``linear``: the input's size, this is ignored).
     feature_dim: int = bounded(128, 2, MAX_WIDTH)
     #: Hidden width of the embedding adapter (embeddings only).
     hidden_dim: int = bounded(256, 2, MAX_WIDTH)
 
     def __post_init__(self) -> None:
+        check_choice(self.name, MODEL_TRAINS_FEATURES, "name")
         check(self.feature_dim >= 2, "feature_dim", f"must be >= 2, got {self.feature_dim}")
         check(self.hidden_dim >= 2, "hidden_dim", f"must be >= 2, got {self.hidden_dim}")
         check_numbers(self)
+
+    @property
+    def trains_features(self) -> bool:
+        """Whether a client trains this model's feature map (known from the name, before any work)."""
+        return MODEL_TRAINS_FEATURES[self.name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,14 +351,15 @@ class PrivacyConfig:
     #: ``fixed-features``: the VPDR paper's analysis (2R/n_c per class under replace-one, R per class sum
     #: under add/remove), valid only where no client trains the map before the prototype (e.g. the
     #: ``linear`` model on frozen public embeddings); refused otherwise.
-    sensitivity: str = "fixed-features"  # the default becomes trained-features with the add-remove release
+    sensitivity: str = "trained-features"
     #: The neighbouring relation ε is stated for. ``add-remove`` (the default, the relation of DP-SGD's
     #: Poisson accounting): one example added or removed; no exact count and no class set leaves a client
     #: (every class is released, with noisy counts). ``replace-one``: one example replaced by another of
     #: the same class (the VPDR paper's analysis): class counts and the class set are public.
-    relation: str = "replace-one"  # the default becomes add-remove with its release
+    relation: str = "add-remove"
     #: Prototype releases under ``add-remove``: the share of each release's Gaussian precision (1/σ²)
-    #: spent on the noisy per-class counts; the rest protects the per-class features.
+    #: spent on the noisy per-class counts; the rest protects the per-class features (see
+    #: docs/privacy.md for the measurement behind the default).
     count_fraction: float = 0.1
     #: Where the random draws that protect a release come from: ``seeded`` (from the run seed: reproducible
     #: simulations, but whoever knows the seed can replay the noise), ``secret`` (from the operating
@@ -403,6 +420,12 @@ class PrivacyConfig:
         check(self.kd_temperature > 0, "kd_temperature", f"must be > 0, got {self.kd_temperature}")
         check(0 <= self.ema_momentum < 1, "ema_momentum", f"must be in [0, 1), got {self.ema_momentum}")
         check(self.kd_warmup_steps >= 0, "kd_warmup_steps", f"must be >= 0, got {self.kd_warmup_steps}")
+        check(
+            self.mechanism != "dp-sgd" or self.relation == "add-remove",
+            "relation",
+            "dp-sgd is accounted under add-remove (Poisson sampling of one example more or less); "
+            "'replace-one' would need twice the sensitivity, set privacy.relation = 'add-remove'",
+        )
         check(
             not self.dcr or self.mechanism != "dp-sgd",
             "dcr",
@@ -527,6 +550,8 @@ def effective_settings(config: RunConfig) -> dict[str, Any]:
     data = config.to_dict()
     for key in ("progress", "checkpoint_every", "batch_clients", "threads", "device"):
         data["federation"].pop(key, None)
+    if data["model"].get("name") == "auto":  # the models before model.name: earlier fingerprints stay valid
+        data["model"].pop("name")
     data.pop("logging", None)
     if data["federation"].get("execution") == "per-client":
         data["federation"].pop("execution")

@@ -41,14 +41,20 @@ class PreparedData:
 
 
 def resolve_config(
-    config: RunConfig | Mapping[str, Any] | str | Path, overrides: Sequence[str] = (), *, user_data: bool = False
+    config: RunConfig | Mapping[str, Any] | str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    user_data: bool = False,
+    user_model: bool = False,
 ) -> RunConfig:
     """A :class:`RunConfig` with the method's options validated and its defaults filled in (the
     dataset's presets first, :mod:`protofl.presets`); the device is checked to exist. ``user_data``:
-    the data comes from ``protofl.run(dataset=...)``, not from ``data.dataset``."""
+    the data comes from ``protofl.run(dataset=...)``, not from ``data.dataset``; ``user_model``: the
+    model from ``protofl.run(model=...)``."""
     from protofl.algorithms import get_algorithm
     from protofl.plugins import load_plugins
     from protofl.presets import preset_options
+    from protofl.privacy import statement
     from protofl.runtime import check_supported, resolve_device
 
     if not isinstance(config, (RunConfig, Mapping, str, Path)):
@@ -71,6 +77,7 @@ def resolve_config(
     }
     method_config = algorithm_cls.resolve_options(from_mapping(algorithm_cls.Config, options, "method."), config)
     algorithm_cls.validate_privacy(method_config, config.privacy)
+    statement.check_sensitivity(config, user_model=user_model)
     check_accountant(config.privacy.accountant)
     check_supported(resolve_device(config.federation.device))
     if not user_data:

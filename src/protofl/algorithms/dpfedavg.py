@@ -36,7 +36,7 @@ from protofl.privacy.dpsgd import (
     poisson_sample,
 )
 from protofl.privacy.ghost import module_clipped_sum
-from protofl.privacy.layer import DPSGDLayer
+from protofl.privacy.layer import NEXT_ROUND_KEY, DPSGDLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +100,8 @@ class DPFedAvg(FedAvg):
         rate = c.batch_size / data.num_train
         sigma = self.sigma(rate)
         clip = self.dp.clip_norm
-        ledger = self.dp.spend(
-            client_state, [(self.dp.step_event(rate, sigma), c.steps_per_round)], f"client {data.client_id}"
-        )
+        round_events = [(self.dp.step_event(rate, sigma), c.steps_per_round)]
+        ledger = self.dp.spend(client_state, round_events, f"client {data.client_id}")
         params = {k: v.clone() for k, v in arrays_to_params(received).items()}
         optimizer = torch.optim.SGD(list(params.values()), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
@@ -136,7 +135,9 @@ class DPFedAvg(FedAvg):
             "train_loss": sum(losses) / len(losses) if losses else float("nan"),
             "clipped_fraction": float((all_norms > clip).float().mean()) if len(all_norms) else 0.0,
         }
-        return {LEDGER_KEY: ledger}, Payload(params_to_arrays(params), {"method": self.name}), metrics
+        # Every round of this client costs the same: announce it, so the next one is checked before it starts.
+        state = {LEDGER_KEY: ledger, NEXT_ROUND_KEY: self.dp.next_round_state(round_events)}
+        return state, Payload(params_to_arrays(params), {"method": self.name}), metrics
 
     def _ghost_step(self, params, x, y, sigma, expected_batch, generator):
         """The noisy clipped mean gradient by ghost clipping on a live copy of the template model (the

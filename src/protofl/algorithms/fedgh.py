@@ -13,7 +13,9 @@ on the server, trained further each round for ``server_epochs`` of shuffled mini
 counts once (a client's class is one example of the header's training set, as in the paper's
 algorithm); the broadcast also carries the count-weighted class means, so nearest-prototype accuracy
 is reported as for FedProto. Under ``[privacy]`` (``igpp``, ``vpp``) the uploaded prototypes are the
-privacy layer's noisy ones and the header is trained on them (post-processing: no extra ε).
+privacy layer's noisy ones and the header is trained on them (post-processing: no extra ε); under the
+add/remove relation (every class uploaded, with noisy counts) on the pairs whose noisy count passes the
+presence threshold (:attr:`~protofl.algorithms.fedproto.FedProto.presence_threshold`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from protofl.algorithms.base import Params, State, register
-from protofl.algorithms.fedproto import FedProto, FedProtoConfig
+from protofl.algorithms.fedproto import FedProto, FedProtoConfig, present_rows
 from protofl.config import check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.seeds import derive_seed
@@ -97,8 +99,8 @@ class FedGH(FedProto):
         state, metrics = super().server_prototypes(server_state, replies)  # the class means
         c = self.config
         round_index = int(server_state["round"]) + 1
-        z = torch.from_numpy(np.concatenate([r["prototypes"] for r in replies])).float()
-        y = torch.from_numpy(np.concatenate([r["classes"] for r in replies]))
+        y, z = present_rows(replies, self.presence_threshold)
+        z = z.float()
         header = {k: v.detach().clone().requires_grad_(True) for k, v in server_state["header"].items()}
         optimizer = torch.optim.SGD(list(header.values()), lr=c.server_lr, momentum=c.server_momentum)
         shuffle = torch.Generator().manual_seed(derive_seed(int(server_state["seed"]), round_index, 0xF6))

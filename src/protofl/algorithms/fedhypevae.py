@@ -68,7 +68,7 @@ from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY, Event, GaussianEvent, PrivacyLedger
 from protofl.privacy.dpsgd import add_noise, noisy_clipped_mean, per_example_gradients, poisson_sample
 from protofl.privacy.ghost import clip_factors, linear_sq_norms, reweighted_sum
-from protofl.privacy.layer import DPSGDLayer
+from protofl.privacy.layer import NEXT_ROUND_KEY, DPSGDLayer
 
 SAMPLERS = ("neutral", "mixture", "clients")
 Params = dict[str, torch.Tensor]
@@ -678,6 +678,9 @@ class FedHypeVAE(Algorithm):
                 clipped + torch.randn(c.code_dim, generator=generator) * code_sigma * 2 * c.code_clip
             ).numpy()
         state = {**state, LEDGER_KEY: ledger}
+        # Announce what the next round would cost (checked before it starts; the round after this one,
+        # which is what a client sampled every round takes next, and past the plan a round of meta-steps).
+        state[NEXT_ROUND_KEY] = self.dp.next_round_state(self.round_events(state, data.num_train, round_index + 1))
         return state, Payload(arrays, {"method": self.name}), metrics
 
     def _train_phi(self, phi, psi, code, x, y1h, rate, sigma, generator):

@@ -5,9 +5,12 @@ Local objective: CE + lambda * MSE(f(x), P_y), where P_y is the global prototype
 class (mean over feature dimensions; samples of classes without a global prototype contribute only
 CE). Server: per-class average of the uploaded prototypes, weighted by class counts as in the paper
 (``aggregation = "weighted"``, our default) or unweighted as in the authors' public code
-(``aggregation = "unweighted"``). Clients keep their own models. Inference is reported both ways:
-the client's classifier (``personal_acc``) and the nearest global prototype in Euclidean distance
-(``personal_proto_acc``).
+(``aggregation = "unweighted"``). Under a prototype release with ``privacy.relation = "add-remove"``
+every reply covers every class with noisy counts: ``weighted`` uses the noisy counts clamped at 0, and
+``unweighted`` counts a client for a class when its noisy count reaches
+:attr:`FedProto.presence_threshold` (post-processing of the release). Clients keep their own models.
+Inference is reported both ways: the client's classifier (``personal_acc``) and the nearest global
+prototype in Euclidean distance (``personal_proto_acc``).
 
 ``model_sharing = "fedavg"`` is the *global variant* the FedHPro paper compares against under label
 skew: clients also start every round from the sample-weighted average of the models (FedAvg), so
@@ -58,7 +61,9 @@ MODEL_SHARING = ("none", "fedavg")
 class FedProtoConfig(LocalTrainingConfig):
     #: Weight of the prototype-alignment term (lambda = 1 in the paper).
     proto_weight: float = 1.0
-    #: ``weighted`` (by class counts, the paper) or ``unweighted`` (the authors' code).
+    #: ``weighted`` (by class counts, the paper) or ``unweighted`` (the authors' code); under an add/remove
+    #: prototype release, by the noisy counts, or every client whose noisy count passes the presence
+    #: threshold (:attr:`FedProto.presence_threshold`).
     aggregation: str = "weighted"
     #: ``none`` (FedProto: every client keeps its own model) or ``fedavg`` (the global variant: models
     #: are also averaged, and there is a global model).
@@ -71,15 +76,38 @@ class FedProtoConfig(LocalTrainingConfig):
         check_choice(self.model_sharing, MODEL_SHARING, "model_sharing")
 
 
-def aggregate_prototypes(replies: list[Payload], num_classes: int, dim: int, weighted: bool):
-    """Per-class mean of the uploaded prototypes, weighted by their counts or unweighted."""
+def reply_weights(reply: Payload, weighted: bool, min_count: float = 1.0) -> torch.Tensor:
+    """The weight of each uploaded prototype of ``reply`` in a per-class average: ``weighted``, its count
+    clamped at 0; unweighted, 1 where its count is at least ``min_count``, else 0. Exact counts (no
+    mechanism, or ``replace-one``) are at least 1, so with ``min_count = 1`` these are the counts and the
+    ones. Under ``add-remove`` the counts are the release's noisy ones (every class is uploaded, and a
+    class the client lacks has a count of pure noise): using them is post-processing of the release, and
+    ``min_count`` (:attr:`FedProto.presence_threshold`) tells a class a client holds from noise."""
+    counts = torch.from_numpy(np.asarray(reply["counts"])).double()
+    return counts.clamp_min(0.0) if weighted else (counts >= min_count).double()
+
+
+def present_rows(replies: list[Payload], min_count: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(labels, prototypes)``: every uploaded prototype whose count is at least ``min_count`` (the
+    unweighted rule of :func:`reply_weights`), in reply order."""
+    keep = [reply_weights(r, weighted=False, min_count=min_count).bool().numpy() for r in replies]
+    if not replies:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0)
+    return (
+        torch.from_numpy(np.concatenate([r["classes"][k] for r, k in zip(replies, keep)])),
+        torch.from_numpy(np.concatenate([r["prototypes"][k] for r, k in zip(replies, keep)])),
+    )
+
+
+def aggregate_prototypes(replies: list[Payload], num_classes: int, dim: int, weighted: bool, min_count: float = 1.0):
+    """Per-class mean of the uploaded prototypes, weighted as :func:`reply_weights` says; a class whose
+    weights are all 0 gets no prototype."""
     acc = PrototypeAccumulator(num_classes, dim, dtype=torch.float64)
     for reply in replies:
         classes = torch.from_numpy(reply["classes"])
-        counts = (
-            torch.from_numpy(reply["counts"]).double() if weighted else torch.ones(len(classes), dtype=torch.float64)
+        acc.update_means(
+            classes, torch.from_numpy(reply["prototypes"]).double(), reply_weights(reply, weighted, min_count)
         )
-        acc.update_means(classes, torch.from_numpy(reply["prototypes"]).double(), counts)
     classes, protos, _ = acc.compute()
     return classes, protos.float()
 
@@ -167,12 +195,30 @@ class FedProto(ModelAlgorithm):
             same_length=("classes", "prototypes"),
         )
 
+    @property
+    def covers_every_class(self) -> bool:
+        """Whether a reply covers every class with noisy counts (a prototype release under
+        ``privacy.relation = "add-remove"``): its shape then does not depend on the client's classes."""
+        return isinstance(self.privacy_layer, PrototypeReleaseLayer) and self.privacy.relation == "add-remove"
+
+    @property
+    def presence_threshold(self) -> float:
+        """The count from which an upload counts for its class in an unweighted average (FedProto's
+        ``unweighted``, FPL's clusters, FedTGP's generator): 1 with exact counts; under ``add-remove``
+        ``max(1, 2 σ_n)``, σ_n the public std of the count noise, so a class a client lacks passes with
+        probability about 2 % (and a held class of fewer examples may be left out)."""
+        if not self.covers_every_class:
+            return 1.0
+        assert isinstance(self.privacy_layer, PrototypeReleaseLayer)
+        return max(1.0, 2 * self.privacy_layer.count_noise_std)
+
     def reply_spec(self) -> PayloadSpec:
         c = self.task.num_classes
+        every = self.covers_every_class
         arrays = {
-            "classes": ArraySpec((None,), "int64", class_bound=c, unique=True),
-            "prototypes": ArraySpec((None, self.dim)),
-            "counts": ArraySpec((None,), "int64", minimum=1),
+            "classes": ArraySpec((c if every else None,), "int64", class_bound=c, unique=True),
+            "prototypes": ArraySpec((c if every else None, self.dim)),
+            "counts": ArraySpec((c,), "float64") if every else ArraySpec((None,), "int64", minimum=1),
             **self._model_specs(),
         }
         if self.shares_model:
@@ -288,7 +334,11 @@ class FedProto(ModelAlgorithm):
         )
         if ledger is not None:
             new_state[LEDGER_KEY] = ledger
-        arrays = {"classes": classes.numpy(), "prototypes": protos.numpy(), "counts": counts.long().numpy()}
+        arrays = {
+            "classes": classes.numpy(),
+            "prototypes": protos.numpy(),
+            "counts": counts.double().numpy() if self.covers_every_class else counts.long().numpy(),
+        }
         if self.shares_model:
             arrays.update(params_to_arrays(outcome.params))
             arrays["num_samples"] = np.array(data.num_train, dtype=np.int64)
@@ -308,7 +358,11 @@ class FedProto(ModelAlgorithm):
         """The new global prototypes (``{"classes", "prototypes"}`` plus any state of their own) from
         the uploads: here their per-class average."""
         classes, protos = aggregate_prototypes(
-            replies, self.task.num_classes, self.dim, weighted=self.config.aggregation == "weighted"
+            replies,
+            self.task.num_classes,
+            self.dim,
+            weighted=self.config.aggregation == "weighted",
+            min_count=self.presence_threshold,
         )
         return {"classes": classes, "prototypes": protos}, {"global_classes": float(len(classes))}
 

@@ -10,7 +10,9 @@ prototype to another class's. Inference: the nearest ``P`` (``personal_proto_acc
 Choices: the generator's tensors live in the server state and persist across rounds (initialised from
 the run seed: ``E`` ~ N(0, 1), linear layers U(−1/√d, 1/√d), PyTorch's rules); the broadcast carries
 ``P_c`` for every class uploaded at least once; δ = 0 while fewer than two classes have been uploaded
-in a round; the margin uses the unweighted mean of the client prototypes of each class. The reference
+in a round; the margin uses the unweighted mean of the client prototypes of each class. Under an add/remove
+prototype release (every class uploaded, with noisy counts) the server uses the uploads whose noisy count
+passes the presence threshold (:attr:`~protofl.algorithms.fedproto.FedProto.presence_threshold`). The reference
 code trains the generator for 1000 server epochs; our default is 100 (``server_epochs``).
 """
 
@@ -18,13 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from protofl.algorithms.base import State, register
 from protofl.algorithms.creff import _seed
-from protofl.algorithms.fedproto import FedProto, FedProtoConfig, aggregate_prototypes
+from protofl.algorithms.fedproto import FedProto, FedProtoConfig, aggregate_prototypes, present_rows
 from protofl.config import check, check_choice
 from protofl.payload import Payload
 from protofl.training import minibatches
@@ -98,9 +99,10 @@ class FedTGP(FedProto):
 
     def server_prototypes(self, server_state: State, replies: list[Payload]):
         cfg = self.config
-        labels = torch.from_numpy(np.concatenate([r["classes"] for r in replies]))
-        uploaded = torch.from_numpy(np.concatenate([r["prototypes"] for r in replies])).float()
-        _, means = aggregate_prototypes(replies, self.task.num_classes, self.dim, weighted=False)
+        threshold = self.presence_threshold
+        labels, uploaded = present_rows(replies, threshold)
+        uploaded = uploaded.float()
+        _, means = aggregate_prototypes(replies, self.task.num_classes, self.dim, weighted=False, min_count=threshold)
         margin = adaptive_margin(means, cfg.margin_cap)
         round_index = int(server_state["round"]) + 1
         shuffle = torch.Generator().manual_seed(_seed(int(server_state["seed"]), round_index, 0x7C9))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from protofl.algorithms.base import State, register
-from protofl.algorithms.fedproto import FedProto, FedProtoConfig, alignment_loss
+from protofl.algorithms.fedproto import FedProto, FedProtoConfig, alignment_loss, present_rows
 from protofl.config import check, check_choice
 from protofl.finch import cluster_means, finch
 from protofl.payload import ArraySpec, Payload, PayloadSpec
@@ -75,13 +75,15 @@ def cpcl_loss(
     return masked_mean(per_sample, weight)
 
 
-def cluster_prototypes(replies: list[Payload], dim: int, level: str = "last"):
-    """Per class, FINCH (cosine) over the uploaded prototypes: ``(cluster_classes, cluster_prototypes,
-    classes, unbiased)`` with ``unbiased[i]`` the mean of class ``classes[i]``'s cluster prototypes."""
+def cluster_prototypes(replies: list[Payload], dim: int, level: str = "last", min_count: float = 1.0):
+    """Per class, FINCH (cosine) over the uploaded prototypes whose count is at least ``min_count``
+    (:func:`~protofl.algorithms.fedproto.present_rows`: under an add/remove release, those whose noisy
+    count passes the presence threshold): ``(cluster_classes, cluster_prototypes, classes, unbiased)``
+    with ``unbiased[i]`` the mean of class ``classes[i]``'s cluster prototypes."""
     by_class: dict[int, list[np.ndarray]] = {}
-    for reply in replies:
-        for c, p in zip(reply["classes"], reply["prototypes"]):
-            by_class.setdefault(int(c), []).append(p)
+    labels, prototypes = present_rows(replies, min_count)
+    for c, p in zip(labels.tolist(), prototypes.numpy()):
+        by_class.setdefault(int(c), []).append(p)
     cluster_cls, clusters, unbiased = [], [torch.zeros(0, dim)], []
     classes = sorted(by_class)
     for c in classes:
@@ -154,7 +156,9 @@ class FPL(FedProto):
         return loss
 
     def server_prototypes(self, server_state: State, replies: list[Payload]):
-        cluster_cls, clusters, classes, unbiased = cluster_prototypes(replies, self.dim, self.config.finch_level)
+        cluster_cls, clusters, classes, unbiased = cluster_prototypes(
+            replies, self.dim, self.config.finch_level, self.presence_threshold
+        )
         state = {
             "classes": classes,
             "prototypes": unbiased,

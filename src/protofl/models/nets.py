@@ -6,6 +6,8 @@ prototype methods average per class, ``head`` maps it to class logits, ``forward
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -75,13 +77,52 @@ class EmbeddingAdapterNet(FeatureNet):
         return self.mlp(x)
 
 
+class LinearNet(FeatureNet):
+    """Features = the input vector as it is (flattened; e.g. frozen public-encoder embeddings from
+    ``data.features``), head = one linear layer. No client trains the feature map, which is what
+    ``privacy.sensitivity = "fixed-features"`` needs."""
+
+    def __init__(self, input_dim: int, num_classes: int):
+        super().__init__()
+        self.feature_dim = input_dim
+        self.head = nn.Linear(input_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+def _cnn(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> FeatureNet:
+    if len(input_shape) != 3:
+        raise ValueError(f"model.name 'cnn' needs image inputs (C, H, W), got inputs of shape {input_shape}")
+    channels, height, width = input_shape
+    if height != width:
+        raise ValueError(f"square images expected, got {height}x{width}")
+    return SmallCNN(channels, height, num_classes, config.feature_dim)
+
+
+def _adapter(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> FeatureNet:
+    if len(input_shape) != 1:
+        raise ValueError(f"model.name 'adapter' needs embedding inputs (D,), got inputs of shape {input_shape}")
+    return EmbeddingAdapterNet(input_shape[0], num_classes, config.feature_dim, config.hidden_dim)
+
+
+def _linear(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> FeatureNet:
+    return LinearNet(math.prod(input_shape), num_classes)
+
+
+def _auto(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> FeatureNet:
+    builder = {3: _cnn, 1: _adapter}.get(len(input_shape))
+    if builder is None:
+        raise ValueError(f"no model for inputs of shape {input_shape}")
+    return builder(config, input_shape, num_classes)
+
+
+#: ``model.name`` -> builder ``(config, input_shape, num_classes) -> FeatureNet``; whether each trains its
+#: features is :data:`protofl.config.MODEL_TRAINS_FEATURES`.
+MODELS = {"auto": _auto, "cnn": _cnn, "adapter": _adapter, "linear": _linear}
+
+
 def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> FeatureNet:
-    """A CNN for image inputs ``(C, H, W)``, an adapter net for embedding inputs ``(D,)``."""
-    if len(input_shape) == 3:
-        channels, height, width = input_shape
-        if height != width:
-            raise ValueError(f"square images expected, got {height}x{width}")
-        return SmallCNN(channels, height, num_classes, config.feature_dim)
-    if len(input_shape) == 1:
-        return EmbeddingAdapterNet(input_shape[0], num_classes, config.feature_dim, config.hidden_dim)
-    raise ValueError(f"no model for inputs of shape {input_shape}")
+    """The model ``config.name`` names: ``auto`` builds a CNN for image inputs ``(C, H, W)`` and an
+    adapter net for embedding inputs ``(D,)``."""
+    return MODELS[config.name](config, input_shape, num_classes)

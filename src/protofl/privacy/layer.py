@@ -36,9 +36,10 @@ from protofl.privacy.accounting import (
     calibrate_noise_multiplier,
     spend_report,
 )
-from protofl.privacy.mechanisms import PrototypeRelease, igpp_release, vpp_release
+from protofl.privacy.mechanisms import PrototypeRelease, igpp_release, split_multiplier, vpp_release
 
 __all__ = [
+    "NEXT_ROUND_KEY",
     "PRIVACY_LAYERS",
     "DPSGDLayer",
     "IGPPLayer",
@@ -102,7 +103,9 @@ class PrivacyLayer(abc.ABC):
 
 
 class PrototypeReleaseLayer(PrivacyLayer):
-    """A prototype release (VPDR's IGPP and VPP): the noisy per-class prototypes a client may publish.
+    """A prototype release (VPDR's IGPP and VPP): the noisy per-class prototypes a client may publish
+    (under ``privacy.relation = "add-remove"`` every class, with noisy counts; see
+    :mod:`protofl.privacy.mechanisms`).
 
     σ is calibrated so that ``planned_releases`` releases (with VPP, each also one private selection at
     ``selection_fraction · ε / planned_releases``, pure DP) compose to at most (ε, δ) under the configured
@@ -128,6 +131,14 @@ class PrototypeReleaseLayer(PrivacyLayer):
 
     def check_next(self, client_state: State, who: str) -> None:
         self.ledger(client_state).check(self.release_events(), who)
+
+    @property
+    def count_noise_std(self) -> float:
+        """Standard deviation of the noise on every released count (σ_n = σ/√f under add/remove: one
+        count moves by 1); 0 under replace-one, where the counts are published exactly. Public: a
+        server may use it (e.g. to tell a class a client holds from noise)."""
+        c = self.config
+        return 0.0 if c.relation == "replace-one" else split_multiplier(self.noise_multiplier, c.count_fraction)[1]
 
     def release(
         self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, client_state: State, who: str = "client"
@@ -155,6 +166,8 @@ class PrototypeReleaseLayer(PrivacyLayer):
             all_accountants=all_accountants,
             selection_epsilon_per_release=self.selection_epsilon,
             sensitivity=c.sensitivity,
+            relation=c.relation,
+            count_noise_multiplier=self.count_noise_std or None,
         )
 
 
@@ -163,7 +176,17 @@ class IGPPLayer(PrototypeReleaseLayer):
 
     def noisy_prototypes(self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> PrototypeRelease:
         c = self.config
-        return igpp_release(z, y, self.num_classes, c.clip_bound, self.noise_multiplier, generator, c.sensitivity)
+        return igpp_release(
+            z,
+            y,
+            self.num_classes,
+            c.clip_bound,
+            self.noise_multiplier,
+            generator,
+            c.sensitivity,
+            c.relation,
+            c.count_fraction,
+        )
 
 
 class VPPLayer(PrototypeReleaseLayer):
@@ -188,6 +211,8 @@ class VPPLayer(PrototypeReleaseLayer):
             self.selection_epsilon,
             generator,
             c.sensitivity,
+            c.relation,
+            c.count_fraction,
         )
 
 
@@ -205,6 +230,21 @@ class DPSGDLayer(PrivacyLayer):
     @property
     def clip_norm(self) -> float:
         return self.config.clip_norm
+
+    @staticmethod
+    def next_round_state(events: Sequence[tuple[Event, int]]) -> list:
+        """What a client's next round will cost, for its state under :data:`NEXT_ROUND_KEY` (a DP-SGD
+        method writes it after each round: it knows the client's sampling rate and step count)."""
+        return [(event.to_dict(), int(count)) for event, count in events]
+
+    def check_next(self, client_state: State, who: str) -> None:
+        """Before a round: raise :class:`~protofl.privacy.accounting.BudgetExceededError` if the round the
+        client's state announces (:data:`NEXT_ROUND_KEY`) would exceed its budget, so that the run stops
+        before the round (with its checkpoint) rather than inside the client's step. A client that has
+        not trained yet announces nothing (its first round is within the calibrated plan)."""
+        announced = client_state.get(NEXT_ROUND_KEY)
+        if announced:
+            self.ledger(client_state).check([(Event.from_dict(e), int(c)) for e, c in announced], who)
 
     def noise_multiplier(self, rate: float, steps: int, extra: Sequence[tuple[Event, int]] = ()) -> float:
         """σ for a client sampled at ``rate`` that takes ``steps`` DP-SGD steps over the run, composed with
@@ -243,6 +283,9 @@ class DPSGDLayer(PrivacyLayer):
             **extra,
         )
 
+
+#: Client-state key of the events of a DP-SGD client's next round (:meth:`DPSGDLayer.check_next`).
+NEXT_ROUND_KEY = "privacy_next_round"
 
 #: The layer of each ``privacy.mechanism``; add one with :func:`register_privacy_layer`.
 PRIVACY_LAYERS: dict[str, type[PrivacyLayer]] = {}

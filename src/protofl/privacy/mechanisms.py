@@ -1,23 +1,44 @@
 """Clipping, noise and the two prototype releases of VPDR (IGPP and VPP), as tensor functions.
 
-Neighbouring relation (one rule for every release here): two local datasets are neighbours when
-one example is replaced by another *of the same class*. Class counts and the set of classes a client
-holds are therefore the same on both and are not protected.
+Neighbouring relations (``RELATIONS``):
 
-Sensitivity, by ``SENSITIVITY_RULES``:
+- ``add-remove`` (the default; the relation of DP-SGD's Poisson accounting): two local datasets are
+  neighbours when one holds one example more than the other. Then no exact count and no class set may
+  leave a client: a release covers *every* class ``0..C-1`` (a class the client lacks has clean
+  statistic 0) and carries noisy per-class counts next to the features.
+- ``replace-one`` (the VPDR paper's analysis): one example is replaced by another *of the same class*.
+  Class counts and the set of classes a client holds are the same on both and are published exactly
+  (not protected); a release covers the classes the client holds.
 
-- ``fixed-features`` (the VPDR paper's analysis): the feature map is taken as fixed, i.e. not itself a
-  function of the replaced example. Then the per-class mean of features clipped to norm ``R`` moves by
-  at most ``2R / n_c`` (L2) and a change touches one class only, so releasing all classes at once is one
-  Gaussian mechanism of that sensitivity (parallel composition over classes). This does **not** hold
-  when the client's feature map was trained on the same data without DP (as in every personalised
-  host here): replacing one example then changes the model and so every feature.
-- ``trained-features``: valid whatever the feature map: every class mean of clipped features lies in
-  the R-ball and can move by at most ``2R``, so the whole release (C classes) has L2 sensitivity
-  ``2R·√C``, used for every class.
+Sensitivity of the feature part, by ``SENSITIVITY_RULES`` (:func:`feature_sensitivity`):
 
-A class with a single example is released like any other (sensitivity ``2R`` under ``fixed-features``:
-no special case, its noise is simply large).
+- ``trained-features`` (the default): valid whatever the feature map, also when the client trained it
+  on the same data just before the release (every personalised host here): every class mean of clipped
+  features lies in the R-ball (0, for an absent class, too) and so moves by at most ``2R``; all ``C``
+  released classes may move at once, so the L2 sensitivity is ``2R·√C`` (``C``: every class under
+  add/remove, the classes held under replace-one).
+- ``fixed-features``: the feature map is not itself a function of the client's data (e.g. the
+  ``linear`` model on frozen public embeddings; refused elsewhere when a configuration is resolved).
+  Under replace-one the class mean of clipped features moves by at most ``2R / n_c`` and one class
+  only changes (the VPDR paper). Under add/remove the release carries per-class *sums* of clipped
+  features instead (one example moves one class sum by at most ``R``), and the prototype is the
+  post-processing ``noisy sum / max(noisy count, 1)``.
+
+Under add/remove the counts have L2 sensitivity 1 (one count moves by one).
+
+**One release is one Gaussian mechanism of multiplier σ.** A release is calibrated to one σ (one
+``GaussianEvent(σ)``; VPP adds its pure-DP selection), and under add/remove its precision ``1/σ²`` is
+split: the features get multiplier ``σ_f = σ/√(1−f)``, the counts ``σ_n = σ/√f``, with
+``f = count_fraction``. Proof: divide the features by ``σ_f Δ_f`` and the counts by ``σ_n Δ_n``
+(``Δ``: their sensitivities). The rescaled release is its clean statistic plus N(0, I) noise, and a
+neighbour moves that clean statistic by at most
+``√(‖δ_f‖²/(σ_f Δ_f)² + ‖δ_n‖²/(σ_n Δ_n)²) ≤ √((1−f)/σ² + f/σ²) = 1/σ``. A Gaussian mechanism of
+sensitivity ``1/σ`` and unit noise is one of sensitivity 1 and noise σ, whatever the direction of the
+move, so the pair costs exactly ``GaussianEvent(σ)``. VPP's groups split the features' precision the
+same way (:func:`vpp_group_noise`, applied at ``σ_f``). Under replace-one nothing is split (``σ_f = σ``).
+
+A class with a single example is released like any other (sensitivity ``2R`` under ``fixed-features``
+and replace-one: no special case, its noise is simply large).
 
 Randomness comes from a caller's ``torch.Generator`` so simulations are reproducible; a deployment
 that needs cryptographic noise should draw from the operating system's generator instead.
@@ -27,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,10 +56,14 @@ import torch
 from protofl.privacy.accounting import Event, GaussianEvent, PureDpEvent
 
 SENSITIVITY_RULES = ("fixed-features", "trained-features")
+RELATIONS = ("add-remove", "replace-one")
 
 __all__ = [
+    "RELATIONS",
+    "SENSITIVITY",
     "SENSITIVITY_RULES",
     "PrototypeRelease",
+    "SensitivityRule",
     "anova_scores",
     "clip_groups",
     "clip_rows",
@@ -45,7 +71,9 @@ __all__ = [
     "igpp_release",
     "laplace_noise",
     "private_top_k",
+    "sensitivity_rule",
     "soft_clip",
+    "split_multiplier",
     "vpp_group_noise",
     "vpp_release",
 ]
@@ -183,11 +211,74 @@ def vpp_group_noise(d: int, k: int, noise_multiplier: float) -> tuple[float, flo
 # Releases
 
 
+@dataclasses.dataclass(frozen=True)
+class SensitivityRule:
+    """The L2 sensitivity of a release's feature part under one rule and one relation: ``text`` says it
+    (summary.json's privacy statement), ``delta(R, counts, released)`` gives it per released class
+    (``counts``: the exact counts of the released classes, ``released``: how many classes are released),
+    and ``sums``: whether the feature part is the per-class sums (else the per-class means)."""
+
+    text: str
+    delta: Callable[[float, np.ndarray, int], np.ndarray]
+    sums: bool = False
+
+
+def _per_class(value: Callable[[float, int], float]) -> Callable[[float, np.ndarray, int], np.ndarray]:
+    return lambda bound, counts, released: np.full(len(counts), value(bound, released))
+
+
+#: The rule of each ``(privacy.sensitivity, privacy.relation)``.
+SENSITIVITY: dict[tuple[str, str], SensitivityRule] = {
+    ("trained-features", "add-remove"): SensitivityRule(
+        "every class mean of clipped features (0 for a class the client lacks) lies in the R-ball: "
+        "2R·sqrt(C) over the C classes of the task, valid whatever the feature map; counts: 1",
+        _per_class(lambda bound, released: 2 * bound * math.sqrt(released)),
+    ),
+    ("trained-features", "replace-one"): SensitivityRule(
+        "every class mean of clipped features lies in the R-ball: 2R·sqrt(C) over the C classes the "
+        "client holds, valid whatever the feature map",
+        _per_class(lambda bound, released: 2 * bound * math.sqrt(released)),
+    ),
+    ("fixed-features", "add-remove"): SensitivityRule(
+        "per-class sums of clipped features under a feature map no client trains: one example moves one "
+        "class sum by at most R; counts: 1; prototypes are noisy sum / max(noisy count, 1)",
+        _per_class(lambda bound, released: bound),
+        sums=True,
+    ),
+    ("fixed-features", "replace-one"): SensitivityRule(
+        "per-class means of clipped features under a feature map no client trains: 2R/n_c for class c "
+        "(one class changes)",
+        lambda bound, counts, released: 2 * bound / counts,
+    ),
+}
+
+
+def sensitivity_rule(sensitivity: str, relation: str) -> SensitivityRule:
+    """The rule of ``sensitivity`` under ``relation`` (ValueError naming the valid ones)."""
+    if sensitivity not in SENSITIVITY_RULES:
+        raise ValueError(f"unknown sensitivity rule {sensitivity!r}; valid: {', '.join(SENSITIVITY_RULES)}")
+    if relation not in RELATIONS:
+        raise ValueError(f"unknown neighbouring relation {relation!r}; valid: {', '.join(RELATIONS)}")
+    return SENSITIVITY[sensitivity, relation]
+
+
+def split_multiplier(noise_multiplier: float, count_fraction: float) -> tuple[float, float]:
+    """``(σ_f, σ_n) = (σ/√(1−f), σ/√f)``: the multipliers of the features and of the counts of an
+    add/remove release at σ whose counts get the share ``f`` of its precision; ``1/σ_f² + 1/σ_n² = 1/σ²``
+    (the module docstring's proof)."""
+    if not 0 < count_fraction < 1:
+        raise ValueError(f"count_fraction must be in (0, 1), got {count_fraction}")
+    return noise_multiplier / math.sqrt(1 - count_fraction), noise_multiplier / math.sqrt(count_fraction)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PrototypeRelease:
-    """What a client may publish: the classes it holds and their noisy prototypes, plus (kept local)
-    the noise standard deviation used per class and coordinate, the selected group A (VPP) and the
-    accounting events the release cost."""
+    """What a client may publish: the released classes (every class under add/remove, the held ones
+    under replace-one), their noisy prototypes and counts (noisy float64 under add/remove, exact int64
+    under replace-one), plus (kept local) the noise standard deviation of the feature statistic per
+    class and coordinate, that of the counts (``count_std``, 0 under replace-one), the noisy feature
+    statistic itself (``statistic``: per-class means, or sums under fixed-features and add/remove), the
+    selected group A (VPP) and the accounting events the release cost."""
 
     classes: torch.Tensor
     prototypes: torch.Tensor
@@ -195,6 +286,59 @@ class PrototypeRelease:
     noise_std: torch.Tensor
     events: tuple[tuple[Event, int], ...]
     selected: torch.Tensor | None = None
+    count_std: float = 0.0
+    statistic: torch.Tensor | None = None
+
+
+def _release(
+    clipped: np.ndarray,
+    groups: _Groups,
+    num_classes: int,
+    bound: float,
+    multipliers: np.ndarray,
+    rule: SensitivityRule,
+    count_multiplier: float | None,
+    generator: torch.Generator,
+    events: tuple[tuple[Event, int], ...],
+    selected: torch.Tensor | None = None,
+) -> PrototypeRelease:
+    """The release of features ``clipped`` (rows already clipped): per-class statistic plus noise of std
+    ``Δ_c × multipliers`` (per coordinate, at σ_f), and, with a ``count_multiplier`` (σ_n, add/remove),
+    every class ``0..C-1`` with noisy counts; without (replace-one), the held classes and exact counts.
+    The features' noise is drawn first, then the counts'."""
+    if count_multiplier is None:
+        classes, counts = groups.classes, groups.counts
+        statistic = groups.sums(clipped) / counts[:, None]
+    else:
+        classes = np.arange(num_classes)
+        counts = np.zeros(num_classes, dtype=np.int64)
+        counts[groups.classes] = groups.counts
+        sums = np.zeros((num_classes, clipped.shape[1]))
+        sums[groups.classes] = groups.sums(clipped)
+        statistic = sums if rule.sums else sums / np.maximum(counts, 1)[:, None]
+    delta = rule.delta(bound, counts, len(classes))
+    std = torch.from_numpy(delta[:, None] * multipliers[None, :])
+    noisy = torch.from_numpy(statistic) + gaussian_noise(tuple(statistic.shape), std, generator)
+    if count_multiplier is None:
+        return PrototypeRelease(
+            torch.from_numpy(classes), noisy.float(), torch.from_numpy(counts), std, events, selected, 0.0, noisy
+        )
+    noisy_counts = torch.from_numpy(counts).double() + gaussian_noise((num_classes,), count_multiplier, generator)
+    prototypes = noisy / noisy_counts.clamp_min(1.0)[:, None] if rule.sums else noisy
+    return PrototypeRelease(
+        torch.from_numpy(classes), prototypes.float(), noisy_counts, std, events, selected, count_multiplier, noisy
+    )
+
+
+def _multipliers(noise_multiplier: float, relation: str, count_fraction: float) -> tuple[float, float | None]:
+    """``(σ_f, σ_n)`` of a release at σ: split under add/remove, ``(σ, None)`` under replace-one."""
+    if relation == "replace-one":
+        return noise_multiplier, None
+    return split_multiplier(noise_multiplier, count_fraction)
+
+
+def _clip(x: np.ndarray, bound: float) -> np.ndarray:
+    return x * np.minimum(bound / np.maximum(np.sqrt((x * x).sum(1)), 1e-12), 1.0)[:, None]
 
 
 def igpp_release(
@@ -204,30 +348,26 @@ def igpp_release(
     bound: float,
     noise_multiplier: float,
     generator: torch.Generator,
-    sensitivity: str = "fixed-features",
+    sensitivity: str = "trained-features",
+    relation: str = "add-remove",
+    count_fraction: float = 0.1,
 ) -> PrototypeRelease:
-    """IGPP: clip every feature to norm ``bound``, average per class, add N(0, (σΔ)² I), Δ = 2R/n_c
-    (``fixed-features``) or 2R√C (``trained-features``)."""
-    if sensitivity not in SENSITIVITY_RULES:
-        raise ValueError(f"unknown sensitivity rule {sensitivity!r}; valid: {', '.join(SENSITIVITY_RULES)}")
+    """IGPP: clip every feature to norm ``bound``, take the per-class statistic (:data:`SENSITIVITY`) and
+    add N(0, (σ_f Δ)² I), plus (add/remove) N(0, σ_n²) on every class count; costs one Gaussian release
+    at σ (the module docstring)."""
+    rule = sensitivity_rule(sensitivity, relation)
     # In float64 numpy (clip_rows and the class means, as in vpp_release), once per client per round.
     x, labels = z.detach().double().numpy(), y.numpy()
-    clipped = x * np.minimum(bound / np.maximum(np.sqrt((x * x).sum(1)), 1e-12), 1.0)[:, None]
-    groups = _Groups.of(labels, num_classes)
-    counts = groups.counts
-    means = groups.sums(clipped) / counts[:, None]
-    delta = (
-        2 * bound / counts
-        if sensitivity == "fixed-features"
-        else np.full(len(counts), 2 * bound * math.sqrt(len(counts)))
-    )
-    std = torch.from_numpy(noise_multiplier * delta)[:, None].expand(-1, x.shape[1])
-    noisy = torch.from_numpy(means) + gaussian_noise(tuple(means.shape), std, generator)
-    return PrototypeRelease(
-        torch.from_numpy(groups.classes),
-        noisy.float(),
-        torch.from_numpy(counts),
-        std,
+    sigma_f, sigma_n = _multipliers(noise_multiplier, relation, count_fraction)
+    return _release(
+        _clip(x, bound),
+        _Groups.of(labels, num_classes),
+        num_classes,
+        bound,
+        np.full(x.shape[1], sigma_f),
+        rule,
+        sigma_n,
+        generator,
         ((GaussianEvent(noise_multiplier), 1),),
     )
 
@@ -242,13 +382,15 @@ def vpp_release(
     score_cap: float,
     selection_epsilon: float,
     generator: torch.Generator,
-    sensitivity: str = "fixed-features",
+    sensitivity: str = "trained-features",
+    relation: str = "add-remove",
+    count_fraction: float = 0.1,
 ) -> PrototypeRelease:
     """VPP: private top-⌈ρd⌉ selection of discriminative dimensions (``selection_epsilon``-DP), groupwise
-    clipping to ``R κ_A`` and ``R κ_B``, per-class means, and group noise ``s_A Δ`` on A, ``s_B Δ`` on B
-    (see :func:`vpp_group_noise`); costs one pure-DP selection and one Gaussian release at σ."""
-    if sensitivity not in SENSITIVITY_RULES:
-        raise ValueError(f"unknown sensitivity rule {sensitivity!r}; valid: {', '.join(SENSITIVITY_RULES)}")
+    clipping to ``R κ_A`` and ``R κ_B``, the per-class statistic, and group noise ``s_A Δ`` on A,
+    ``s_B Δ`` on B (:func:`vpp_group_noise` at σ_f), plus (add/remove) noisy counts at σ_n; costs one
+    pure-DP selection and one Gaussian release at σ."""
+    rule = sensitivity_rule(sensitivity, relation)
     # In float64 numpy (the same steps as anova_scores, private_top_k, clip_groups and the class means;
     # noise from ``generator`` in the same order), as this runs once per client per round.
     x, labels = z.detach().double().numpy(), y.numpy()
@@ -260,24 +402,24 @@ def vpp_release(
     selected = np.arange(d) if k == d else _top_k(_anova(x, labels, groups), k, score_cap, selection_epsilon, generator)
     in_a = np.zeros(d, dtype=bool)
     in_a[selected] = True
-    kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, noise_multiplier)
+    sigma_f, sigma_n = _multipliers(noise_multiplier, relation, count_fraction)
+    kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, sigma_f)
     # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B.
     sq = x * x
     scale_a = np.minimum(bound * kappa_a / np.maximum(np.sqrt(sq @ in_a), 1e-12), 1.0)
     scale_b = np.minimum(bound * kappa_b / np.maximum(np.sqrt(sq @ ~in_a), 1e-12), 1.0)
     clipped = x * scale_b[:, None]
     np.multiply(x, scale_a[:, None], out=clipped, where=in_a[None, :])
-    present, counts = groups.classes, groups.counts
-    means = groups.sums(clipped) / counts[:, None]
-    per_coordinate = np.where(in_a, s_a, s_b)
-    delta = (
-        2 * bound / counts
-        if sensitivity == "fixed-features"
-        else np.full(len(counts), 2 * bound * math.sqrt(len(counts)))
-    )
-    std = torch.from_numpy(delta[:, None] * per_coordinate[None, :])
-    noisy = torch.from_numpy(means) + gaussian_noise(tuple(means.shape), std, generator)
-    classes_t, counts_t = torch.from_numpy(present), torch.from_numpy(counts)
-    selected_t = torch.from_numpy(selected)
     events = ((PureDpEvent(selection_epsilon), 1), (GaussianEvent(noise_multiplier), 1))
-    return PrototypeRelease(classes_t, noisy.float(), counts_t, std, events, selected_t)
+    return _release(
+        clipped,
+        groups,
+        num_classes,
+        bound,
+        np.where(in_a, s_a, s_b),
+        rule,
+        sigma_n,
+        generator,
+        events,
+        torch.from_numpy(selected),
+    )

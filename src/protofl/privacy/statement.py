@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from protofl.config import PrivacyConfig
+from protofl.config import ConfigError, PrivacyConfig, RunConfig
+from protofl.privacy.mechanisms import sensitivity_rule
 
-__all__ = ["ENGINES", "noise_source", "privacy_statement"]
+__all__ = ["ENGINES", "check_sensitivity", "noise_source", "privacy_statement"]
 
 #: The engines a run can use: ``in-process`` (one process plays the server and every client) and
 #: ``flower`` (clients are Flower nodes; the server sees only their replies).
@@ -18,6 +19,28 @@ RELATION_TEXT = {
     "add-remove": "one example added to or removed from one client's train split",
     "replace-one": "one example of one client's train split replaced by another of the same class",
 }
+
+
+def check_sensitivity(config: RunConfig, user_model: bool = False) -> None:
+    """Refuse (:class:`ConfigError` naming ``privacy.sensitivity``) ``fixed-features`` on a prototype
+    release whose clients train the feature map before it: that rule's bound assumes the map is not a
+    function of the client's data. Known from the configuration alone (``model.name``), before any
+    work; a model of the user's (``user_model``, a factory passed to ``protofl.run``) counts as trained.
+    The one place this is decided (resolving a configuration calls it)."""
+    privacy = config.privacy
+    if privacy.mechanism not in ("igpp", "vpp") or privacy.sensitivity != "fixed-features":
+        return
+    if user_model:
+        raise ConfigError(
+            "privacy.sensitivity: 'fixed-features' needs a feature map no client trains, and protofl cannot "
+            "tell that of a model of your own; use 'trained-features' (valid whatever the map)"
+        )
+    if config.model.trains_features:
+        raise ConfigError(
+            f"privacy.sensitivity: 'fixed-features' needs a feature map no client trains, but model.name = "
+            f"{config.model.name!r} trains its features on the client's data just before each release; use "
+            "'trained-features' (the default), or model.name = 'linear' (e.g. on frozen embeddings)"
+        )
 
 
 def noise_source(config: PrivacyConfig, engine: str) -> str:
@@ -30,16 +53,23 @@ def noise_source(config: PrivacyConfig, engine: str) -> str:
 
 
 def privacy_statement(config: PrivacyConfig, engine: str) -> dict[str, Any]:
-    """``relation``, ``sensitivity``, ``noise_source`` and ``not_covered`` (what ε says nothing about) of a
-    private run on ``engine``; empty for a run without a mechanism."""
+    """``relation``, ``sensitivity`` (and ``sensitivity_text``, in words), ``noise_source`` and
+    ``not_covered`` (what ε says nothing about) of a private run on ``engine``; empty for a run without a
+    mechanism."""
     if config.mechanism == "none":
         return {}
     source = noise_source(config, engine)
     not_covered: list[str] = []
-    if config.relation == "replace-one":
+    if config.relation == "replace-one" and config.mechanism in ("igpp", "vpp"):
         not_covered.append(
             "the number of examples of each class and the set of classes each client holds (public under "
             "the replace-one relation)"
+        )
+    if config.mechanism == "dp-sgd":
+        not_covered.append(
+            "each client's number of train examples n: it sets the DP-SGD sampling rate (batch_size / n) and "
+            "with it the noise multiplier, both treated as public (under add/remove, n differs by one on "
+            "neighbouring datasets)"
         )
     if source == "seeded":
         not_covered.append(
@@ -54,6 +84,15 @@ def privacy_statement(config: PrivacyConfig, engine: str) -> dict[str, Any]:
         "relation": config.relation,
         "relation_text": RELATION_TEXT[config.relation],
         "sensitivity": config.sensitivity if config.mechanism in ("igpp", "vpp") else "clipped per-example gradients",
+        "sensitivity_text": sensitivity_text(config),
         "noise_source": source,
         "not_covered": not_covered,
     }
+
+
+def sensitivity_text(config: PrivacyConfig) -> str:
+    """The sensitivity rule of a private run, in words (``privacy.sensitivity`` under
+    ``privacy.relation`` for a prototype release)."""
+    if config.mechanism not in ("igpp", "vpp"):
+        return "clipped per-example gradients (norm privacy.clip_norm); one example changes one gradient"
+    return f"{config.sensitivity}: {sensitivity_rule(config.sensitivity, config.relation).text}"
