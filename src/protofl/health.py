@@ -28,7 +28,9 @@ def learning_failure(history: Sequence[dict[str, Any]]) -> str | None:
                 f"round {row['round']}: all {answered} replies were rejected (see the log for why), so the "
                 "server had nothing to aggregate"
             )
-    if history and not any(_finite(row.get("train_loss")) for row in history):
+    # None: a private Flower run's nodes kept their training loss (nothing to judge here)
+    losses = [row["train_loss"] for row in history if row.get("train_loss") is not None]
+    if losses and not any(_finite(loss) for loss in losses):
         return "no round produced a finite training loss"
     return None
 

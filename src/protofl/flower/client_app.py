@@ -6,6 +6,11 @@ spent). A node's partition comes from its node config (``partition-id``, ``num-p
 simulation runtime sets both); its state lives in Flower's ``context.state`` and, where the node config
 names a ``state-dir`` (or the run config a ``client-state-dir``), on disk, so a restarted node or a
 restarted server continues it.
+
+Under a privacy mechanism a reply carries only the protected release and what the protocol needs (the
+partition, the round, the node's spend report, a budget refusal): the training loss, the personalised
+test metrics and the node's data profile (training samples, classes held) go to the node's own log
+(logger ``protofl.flower``), unless the run sets ``privacy.share_diagnostics = true``.
 """
 
 from __future__ import annotations
@@ -120,12 +125,14 @@ def _evaluation(store, task, r: int, received, privacy_all: bool, content) -> No
     report = store.privacy_report(task, r, privacy_all)
     profile = client_profile(task.data)
     fields = content.config_records[records.FIELDS]
+    fields.update(protocol.pack({protocol.EVALUATED_ROUND: r, protocol.PRIVACY: report}))
+    if not task.shares_diagnostics:
+        log.info("%s after round %s (kept on this node): %s, %s", task.who, r, profile, metrics)
+        return
     fields.update(
         protocol.pack(
             {
-                protocol.EVALUATED_ROUND: r,
                 protocol.EVALUATED: bool(len(task.data.y_test)),
-                protocol.PRIVACY: report,
                 protocol.METRIC_KEYS: list(metrics),
                 protocol.TRAIN_SAMPLES: profile["samples"],
                 protocol.TRAIN_CLASSES: profile["classes"],
@@ -170,19 +177,16 @@ def train(msg: Message, context: Context) -> Message:
         )
     else:
         _keep(context, store, path, run_key)
-        content = records.to_record_dict(
-            reply,
-            **protocol.pack(
-                {
-                    protocol.PARTITION_ID: task.partition,
-                    protocol.ROUND: r,
-                    protocol.TRAIN_LOSS: float(metrics.get("train_loss", float("nan"))),
-                }
-            ),
-        )
+        fields = {protocol.PARTITION_ID: task.partition, protocol.ROUND: r}
+        if task.shares_diagnostics:
+            fields[protocol.TRAIN_LOSS] = float(metrics.get("train_loss", float("nan")))
+        else:
+            log.info("%s round %s (kept on this node): %s", task.who, r, metrics)
+        content = records.to_record_dict(reply, **protocol.pack(fields))
     if evaluate_round is not None:
         content.config_records[records.FIELDS].update(dict(evaluated.config_records[records.FIELDS]))
-        content["metrics"] = evaluated.metric_records["metrics"]
+        if "metrics" in evaluated.metric_records:
+            content["metrics"] = evaluated.metric_records["metrics"]
     return Message(content, reply_to=msg)
 
 
