@@ -798,21 +798,26 @@ def _clean_of_node(grid, partition, round_index):
     return clean_prototypes(task.algorithm, store.committed[round_index], task.data, config.privacy.clip_bound), store
 
 
+def _training_replies(replies):
+    """``{partition: payload}`` of the training replies among ``[(partition, content)]``."""
+    from protofl.flower import records
+
+    return {k: records.payload_of(c) for k, c in replies if "metadata" in records.fields_of(c)}
+
+
 def _replay_errors(config, replies, clean_of):
-    """The server's replay of every training reply of round 1 from what it knows (the run config, seed
-    included, the round, the partition id and the reply): its error in noise scales, per partition."""
+    """The server's replay of every training reply of round 1 (``{partition: reply}``) from what it knows
+    (the run config, seed included, the round, the partition id and the reply): its error in noise
+    scales, per partition."""
     from _replay import replay_error, replayed_prototypes
 
-    from protofl.flower import records
     from protofl.runner import build_algorithm, prepare_data
 
     config = resolve_config(config)
     algo = build_algorithm(config, prepare_data(config))  # the server's own copy of the method
     errors = {}
-    for partition, content in replies:
-        if "metadata" not in records.fields_of(content):  # not a training reply
-            continue
-        recovered, std = replayed_prototypes(algo, config.seed, 1, partition, records.payload_of(content))
+    for partition, reply in replies.items():
+        recovered, std = replayed_prototypes(algo, config.seed, 1, partition, reply)
         errors[partition] = replay_error(recovered, clean_of(partition), std)
     assert sorted(errors) == [0, 1, 2]
     return errors
@@ -826,7 +831,7 @@ def test_on_flower_a_replay_from_the_seed_removes_seeded_noise_but_not_the_nodes
         config = _igpp() if noise == "secret" else _igpp(noise="seeded")  # secret: Flower's default
         grid, summary, replies = _recorded_loopback_run(config, tmp_path / noise)
         assert summary["privacy"]["noise_source"] == noise
-        errors[noise] = _replay_errors(config, replies, lambda k: _clean_of_node(grid, k, 1)[0])
+        errors[noise] = _replay_errors(config, _training_replies(replies), lambda k: _clean_of_node(grid, k, 1)[0])
         stores = [_clean_of_node(grid, k, 1)[1] for k in range(3)]
         if noise == "secret":
             assert all(s.secret is not None for s in stores) and len({s.secret for s in stores}) == 3
@@ -897,3 +902,122 @@ def test_an_in_process_resume_of_a_flower_run_folder_is_refused_in_one_line(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "flower engine" in err[0] and "Traceback" not in err[0]
     assert (tmp_path / "f" / "metrics.jsonl").read_text() == before  # nothing lost
+
+
+#: A ServerApp that is protofl's, but keeps a copy of every reply the server receives: the field names of
+#: each, and the arrays of each training reply (what the server knows, for the replay).
+RECORDING_SERVER_APP = """
+import json
+from pathlib import Path
+
+import numpy as np
+from flwr.serverapp import ServerApp
+
+from protofl.flower import records, server_app
+from protofl.flower.settings import FlowerSettings, run_config_of
+
+app = ServerApp()
+
+
+class RecordingGrid:
+    def __init__(self, grid, folder):
+        self.grid, self.folder, self.count = grid, folder, 0
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def pull_messages(self, message_ids):
+        messages = list(self.grid.pull_messages(message_ids))
+        for msg in messages:
+            if msg.has_error():
+                continue
+            fields = records.fields_of(msg.content)
+            self.count += 1
+            names = {"fields": sorted(fields), "metrics": sorted(msg.content.metric_records)}
+            (self.folder / f"reply-{self.count}.json").write_text(json.dumps(names))
+            if "metadata" in fields:
+                arrays = records.payload_of(msg.content).arrays
+                np.savez(self.folder / f"train-{fields['round']}-{fields['partition-id']}.npz", **arrays)
+        return messages
+
+
+@app.main()
+def main(grid, context):
+    settings = FlowerSettings.from_run_config(context.run_config)
+    out = Path(settings.out)
+    (out / "replies").mkdir(parents=True, exist_ok=True)
+    try:
+        server_app.run_server(
+            RecordingGrid(grid, out / "replies"), run_config_of(context.run_config), settings, "flower-deployment"
+        )
+    except BaseException as exc:
+        server_app._write_done(out, error=f"{type(exc).__name__}: {exc}", kind=type(exc).__name__)
+        raise
+    server_app._write_done(out, error=None)
+"""
+
+
+def _recorded_deployment(config, out, workdir):
+    """A deployment (SuperLink and three SuperNodes as processes) whose server keeps a copy of its replies;
+    returns where the nodes keep their state."""
+    import tomllib
+
+    import tomli_w
+
+    config = resolve_config(config)
+    settings = prepare_run(config, out, round_timeout=300, node_wait=120)
+    with Federation(3, workdir) as federation:
+        app = write_app(workdir / "app", config, settings, "flower-deployment")
+        (app / "recording_server.py").write_text(RECORDING_SERVER_APP)
+        project = tomllib.loads((app / "pyproject.toml").read_text())
+        project["tool"]["flwr"]["app"]["components"]["serverapp"] = "recording_server:app"
+        (app / "pyproject.toml").write_text(tomli_w.dumps(project))
+        submit(federation, app)
+        wait_done(out, federation, timeout=600)
+    return federation.state_dir / settings.run_key
+
+
+@pytest.mark.slow  # SuperLink and SuperNode processes (about a minute)
+def test_on_a_flower_deployment_the_server_cannot_replay_the_nodes_secret_noise(tmp_path):
+    """Real SuperNodes: with Flower's default (secret) noise the server's replay from the run seed misses the
+    clean prototypes by the noise scale; with explicitly seeded noise it recovers them. The nodes keep their
+    secret with their state (mode 0600), and their replies carry no diagnostics."""
+    from protofl.flower.node import ClientStore, node_task
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    configs = {"secret": _igpp(), "seeded": _igpp(noise="seeded")}
+    results = {}
+
+    def deploy(noise):
+        try:
+            results[noise] = _recorded_deployment(configs[noise], tmp_path / noise, tmp_path / f"w-{noise}")
+        except BaseException as exc:  # raised below
+            results[noise] = exc
+
+    jobs = [threading.Thread(target=deploy, args=(noise,)) for noise in configs]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    errors = {}
+    for noise, config in configs.items():
+        state_dir = _result(results, noise)
+        resolved = resolve_config(config)
+        replies = {k: np.load(tmp_path / noise / "replies" / f"train-1-{k}.npz") for k in range(3)}
+        stores = {k: ClientStore.load(state_dir / f"partition-{k}.pt") for k in range(3)}
+
+        def clean_of(k, stores=stores, resolved=resolved):
+            from _replay import clean_prototypes
+
+            task = node_task(resolved.to_toml(), k, 3)
+            return clean_prototypes(task.algorithm, stores[k].committed[1], task.data, resolved.privacy.clip_bound)
+
+        errors[noise] = _replay_errors(config, replies, clean_of)
+        for k in range(3):
+            assert (state_dir / f"partition-{k}.pt").stat().st_mode & 0o777 == 0o600
+            assert (stores[k].secret is not None) == (noise == "secret")
+        sent = [json.loads(p.read_text()) for p in (tmp_path / noise / "replies").glob("reply-*.json")]
+        assert sent and not any(set(r["fields"]) & DIAGNOSTIC_FIELDS or r["metrics"] for r in sent)
+        assert _statement(tmp_path / noise)["noise_source"] == noise
+    assert max(errors["seeded"].values()) < 1e-4, errors
+    assert min(errors["secret"].values()) >= 1.0, errors
