@@ -574,7 +574,14 @@ def test_a_node_over_its_budget_stops_the_run_as_in_process(tmp_path, monkeypatc
         protofl.run(config)
     with pytest.raises(BudgetExceededError, match="client 1 would exceed"):
         _loopback_run(config, tmp_path / "f", grid_class=ErrorReplyingGrid)
-    assert [r["round"] for r in read_metrics(tmp_path / "f" / "metrics.jsonl")] == [1]
+    rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1]
+    # clients 0 and 2 released round 2 before the server learnt that client 1 refused: the summary's spend
+    # is the nodes' actual spend (two releases), not the spend before the round (one)
+    summary = json.loads((tmp_path / "f" / "summary.json").read_text())
+    assert summary["status"] == "stopped: budget"
+    assert summary["privacy"]["max_releases_by_a_client"] == 2
+    assert summary["epsilon"] > rows[0]["privacy_epsilon_max"]
     from protofl.engine.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "f" / "checkpoint")["round"] == 1

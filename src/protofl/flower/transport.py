@@ -322,6 +322,7 @@ class GridTransport:
             from protofl.privacy import BudgetExceededError
 
             log.error("round %d: clients %s would exceed their privacy budget; the run stops", r, sorted(over))
+            self._spend_after_stop(r, broadcast)
             return Exchange(evaluation=evaluation, stop=BudgetExceededError("; ".join(over[k] for k in sorted(over))))
 
         accepted: list[Payload] = []
@@ -379,6 +380,21 @@ class GridTransport:
             bytes_up=up,
             evaluation=evaluation,
         )
+
+    def _spend_after_stop(self, r: int, broadcast: Payload) -> None:
+        """The nodes' actual spend once a budget stop ends the run in round ``r``: the nodes with budget left
+        released round ``r`` before the server learnt that another refused (in process, every client is
+        checked before anyone releases). Their spend reports (asked for with the evaluation of round
+        ``r - 1``, the state the server keeps; their ledgers keep round ``r``'s release) replace the ones
+        from before the round, so summary.json counts every release that went on the wire."""
+        messages = {
+            k: self._message(k, protocol.EVALUATE, r - 1, broadcast, {protocol.PRIVACY_ALL: True})
+            for k in sorted(self.nodes)
+        }
+        replies, silent, _ = self._exchange(messages, 0)
+        for k, (node, why) in sorted(silent.items()):
+            self._lose(r, k, f"spend after the budget stop: {why}", node)
+        self._evaluation(r - 1, replies)
 
     def _over_budget(self, replies: Mapping[int, Reply], reachable: Sequence[int]) -> dict[int, str]:
         """The clients whose node refused to train (its next release would exceed its budget), and why."""
