@@ -91,9 +91,7 @@ def flower_runs(tmp_path_factory):
     results = {}
     jobs = [
         threading.Thread(target=_run_deployment, args=(BASE, root / "plain", root / "w-plain", results, "plain")),
-        threading.Thread(
-            target=_run_deployment, args=(VPP_COMPARABLE, root / "vpp", root / "w-vpp", results, "vpp")
-        ),
+        threading.Thread(target=_run_deployment, args=(VPP_COMPARABLE, root / "vpp", root / "w-vpp", results, "vpp")),
         threading.Thread(target=_run_with_a_killed_node, args=(BASE, root / "killed", root / "w-killed", results)),
         threading.Thread(target=_run_simulation, args=(BASE, root / "simulation", root / "w-sim", results)),
     ]
@@ -838,7 +836,9 @@ def test_on_flower_a_replay_from_the_seed_removes_seeded_noise_but_not_the_nodes
         config = _igpp() if noise == "secret" else _igpp(noise="seeded")  # secret: Flower's default
         grid, summary, replies = _recorded_loopback_run(config, tmp_path / noise)
         assert summary["privacy"]["noise_source"] == noise
-        errors[noise] = _replay_errors(config, _training_replies(replies), lambda k: _clean_of_node(grid, k, 1)[0])
+        errors[noise] = _replay_errors(
+            config, _training_replies(replies), lambda k, grid=grid: _clean_of_node(grid, k, 1)[0]
+        )
         stores = [_clean_of_node(grid, k, 1)[1] for k in range(3)]
         if noise == "secret":
             assert all(s.secret is not None for s in stores) and len({s.secret for s in stores}) == 3

@@ -169,14 +169,18 @@ def run_report(run_dir: Path) -> str:
             "Per-client class counts: [partition.md](partition.md).",
             "",
         ]
-    lines += _clients_section(run_dir, s) if not kept else [
-        "## Clients",
-        "",
-        f"Each client's personalised metrics, training samples and classes held are {kept} (not sent to the "
-        "server under the privacy mechanism; `privacy.share_diagnostics = true` sends them). Every client's "
-        "status, bytes and epsilon in every evaluated round: [clients.csv](clients.csv).",
-        "",
-    ]
+    lines += (
+        _clients_section(run_dir, s)
+        if not kept
+        else [
+            "## Clients",
+            "",
+            f"Each client's personalised metrics, training samples and classes held are {kept} (not sent to the "
+            "server under the privacy mechanism; `privacy.share_diagnostics = true` sends them). Every client's "
+            "status, bytes and epsilon in every evaluated round: [clients.csv](clients.csv).",
+            "",
+        ]
+    )
     private = any(row.get("privacy_epsilon_max") is not None for row in history)
     lines += [
         "## Rounds",
@@ -284,7 +288,11 @@ def _meaning_lines(s: dict[str, Any]) -> list[str]:
         f"- What epsilon means here: the unit is {p['unit']}; neighbours differ by {p['relation_text']} "
         f"(`{p['relation']}`); sensitivity rule `{p['sensitivity']}`; noise source `{p['noise_source']}`.",
         "- Not covered by epsilon: " + ("; ".join(covered) if covered else "nothing beyond the above") + ".",
-        *([f"- Training loss, personalised test metrics and client data profiles: {p['diagnostics']}."] if p.get("diagnostics") else []),
+        *(
+            [f"- Training loss, personalised test metrics and client data profiles: {p['diagnostics']}."]
+            if p.get("diagnostics")
+            else []
+        ),
     ]
 
 

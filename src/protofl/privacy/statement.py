@@ -8,7 +8,14 @@ from typing import Any
 
 from protofl.config import PrivacyConfig
 
-__all__ = ["ENGINES", "diagnostics_text", "noise_source", "privacy_statement", "shares_diagnostics", "uses_secret_noise"]
+__all__ = [
+    "ENGINES",
+    "diagnostics_text",
+    "noise_source",
+    "privacy_statement",
+    "shares_diagnostics",
+    "uses_secret_noise",
+]
 
 #: The engines a run can use: ``in-process`` (one process plays the server and every client) and
 #: ``flower`` (clients are Flower nodes; the server sees only their replies).
