@@ -196,3 +196,45 @@ def test_a_node_with_explicitly_seeded_noise_draws_from_the_run_seed():
     recovered, std = replayed_prototypes(task.algorithm, config.seed, 1, task.partition, reply)
     clean = clean_prototypes(task.algorithm, store.pending, task.data, config.privacy.clip_bound)
     assert replay_error(recovered, clean, std) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "method,privacy",
+    [
+        ({"name": "fedproto", "lr": 0.1, "batch_size": 32}, {"mechanism": "igpp"}),
+        ({"name": "fedproto", "lr": 0.1, "batch_size": 32}, {"mechanism": "vpp"}),  # private selection too
+        ({"name": "dpfedavg", "steps_per_round": 3, "batch_size": 32, "lr": 0.5}, {"mechanism": "dp-sgd"}),
+    ],
+    ids=["igpp", "vpp", "dp-sgd"],
+)
+def test_every_draw_of_a_client_step_comes_from_its_secret(method, privacy):
+    """The same secret gives the same step bit for bit, whatever the process's global generator holds (no
+    draw escapes the client's generator); another secret gives another release; the run seed plays no part."""
+    from protofl.engine.client import client_round
+
+    config = resolve_config(
+        {**IGPP, "method": method, "privacy": {"epsilon": 8.0, "noise": "secret", **privacy}, "seed": 11}
+    )
+    torch.manual_seed(config.seed)
+    data = prepare_data(config)
+    algo = build_algorithm(config, data)
+    broadcast = algo.broadcast(algo.init_server_state(config.seed))
+    client = data.clients[1]
+
+    def step(secret, seed=config.seed, global_seed=0):
+        torch.manual_seed(global_seed)  # whatever state the process is in
+        state = algo.init_client_state(config.seed)
+        _, reply, _ = client_round(algo, state, client, broadcast, round_index=2, seed=seed, secret=secret)
+        return {k: np.asarray(v) for k, v in reply.arrays.items()}
+
+    secret = new_secret()
+    first = step(secret)
+    for again in (step(secret, global_seed=123), step(secret, seed=config.seed + 1, global_seed=7)):
+        assert first.keys() == again.keys()
+        for key in first:
+            np.testing.assert_array_equal(first[key], again[key], err_msg=key)
+    other = step(new_secret())
+    noised = [k for k in first if first[k].dtype.kind == "f"]
+    assert noised and all(not np.array_equal(first[k], other[k]) for k in noised), noised
+    seeded = step(None)
+    assert all(not np.array_equal(first[k], seeded[k]) for k in noised)
