@@ -774,7 +774,7 @@ def _igpp(**privacy):
     return {**IGPP, "privacy": {**IGPP["privacy"], **privacy}}
 
 
-def _recorded_loopback_run(config, out):
+def _recorded_loopback_run(config, out, state_dir=""):
     """A loopback run whose every reply the test keeps: ``(grid, summary, replies)``, replies as
     ``[(partition, content)]`` in the order the server received them."""
     replies = []
@@ -784,7 +784,7 @@ def _recorded_loopback_run(config, out):
             replies.append((node_id - 100, reply.content))
         return reply
 
-    grid, summary = _loopback_run(config, out, (record,))
+    grid, summary = _loopback_run(config, out, (record,), state_dir=state_dir)
     return grid, summary, replies
 
 
@@ -860,7 +860,7 @@ def test_a_private_flower_runs_replies_carry_no_diagnostics_unless_shared(tmp_pa
     from protofl.client_records import ClientTable
 
     config = {**_igpp(), "federation": {"rounds": 2, "progress": False}}
-    _, summary, replies = _recorded_loopback_run(config, tmp_path / "kept")
+    _, summary, replies = _recorded_loopback_run(config, tmp_path / "kept", state_dir=tmp_path / "nodes")
     sent = {name for _, content in replies for name in content.config_records["protofl"]}
     assert sent and not sent & DIAGNOSTIC_FIELDS, sent & DIAGNOSTIC_FIELDS
     assert not any(content.metric_records for _, content in replies)
@@ -879,6 +879,16 @@ def test_a_private_flower_runs_replies_carry_no_diagnostics_unless_shared(tmp_pa
     assert "nan" not in report.lower()
     assert summary["privacy"]["diagnostics"].startswith("kept on the nodes")
     assert not any("training loss" in line for line in summary["privacy"]["not_covered"])
+    # each node keeps them: its training loss per round, its metrics and profile per evaluation
+    for k in range(3):
+        kept = tmp_path / "nodes" / "k1" / f"partition-{k}-diagnostics.jsonl"
+        assert kept.stat().st_mode & 0o777 == 0o600
+        entries = [json.loads(line) for line in kept.read_text().splitlines()]
+        assert [e["round"] for e in entries if "round" in e] == [1, 2]
+        assert all(np.isfinite(e["train_loss"]) for e in entries if "round" in e)
+        evaluations = [e for e in entries if "evaluated_round" in e]
+        assert [e["evaluated_round"] for e in evaluations] == [1, 2]
+        assert all(e["samples"] > 0 and 0 <= e["personal_acc"] <= 1 for e in evaluations)
 
     _, shared, replies = _recorded_loopback_run(
         {**config, "privacy": {**config["privacy"], "share_diagnostics": True}}, tmp_path / "shared"
@@ -1025,6 +1035,8 @@ def test_on_a_flower_deployment_the_server_cannot_replay_the_nodes_secret_noise(
             assert (stores[k].secret is not None) == (noise == "secret")
         sent = [json.loads(p.read_text()) for p in (tmp_path / noise / "replies").glob("reply-*.json")]
         assert sent and not any(set(r["fields"]) & DIAGNOSTIC_FIELDS or r["metrics"] for r in sent)
+        for k in range(3):  # kept on the nodes instead
+            assert "train_loss" in (state_dir / f"partition-{k}-diagnostics.jsonl").read_text()
         assert _statement(tmp_path / noise)["noise_source"] == noise
     assert max(errors["seeded"].values()) < 1e-4, errors
     assert min(errors["secret"].values()) >= 1.0, errors

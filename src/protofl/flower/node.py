@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import io
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,28 @@ class ClientStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         # the node's own: its model, ledger and noise secret (readable by its owner only)
         atomic_write(path, lambda fh: fh.write(data), mode=0o600)
+
+
+def diagnostics_path(state_dir: str, run_key: str, partition: int) -> Path | None:
+    """Where a node of a private run keeps its training loss, personalised metrics and data profile (one
+    JSON line per round; None: no state-dir, the node's log only)."""
+    if not state_dir:
+        return None
+    return Path(state_dir).expanduser() / run_key / f"partition-{partition}-diagnostics.jsonl"
+
+
+def keep_diagnostics(path: Path | None, task: NodeTask, entry: Mapping[str, Any]) -> None:
+    """Keep a private run's diagnostics on the node: in its log (logger ``protofl.flower``) and, with a
+    state-dir, appended to ``path`` (readable by its owner only). They are not sent."""
+    import json
+
+    log.info("%s (kept on this node): %s", task.who, dict(entry))
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as fh:
+        fh.write(json.dumps(dict(entry)) + "\n")
 
 
 def store_path(state_dir: str, run_key: str, partition: int) -> Path | None:
