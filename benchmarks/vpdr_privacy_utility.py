@@ -54,7 +54,12 @@ HOSTS = {
     "fpl": {"model_sharing": "none", "cpcl_weight": 0.5, "proto_weight": 0.5},
     "fedtgp": {"proto_weight": 1.0, "server_epochs": 100},
 }
-MECHANISMS = {"igpp": {"mechanism": "igpp"}, "vpp": {"mechanism": "vpp"}, "vpp+dcr": {"mechanism": "vpp", "dcr": True}}
+MECHANISMS = {
+    "igpp": {"mechanism": "igpp"},
+    "igpp+dcr": {"mechanism": "igpp", "dcr": True},
+    "vpp": {"mechanism": "vpp"},
+    "vpp+dcr": {"mechanism": "vpp", "dcr": True},
+}
 EPSILONS = (1.0, 2.0, 4.0, 8.0, math.inf)
 LOCAL = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 5e-4, "batch_size": 256, "local_epochs": 2}
 
@@ -137,6 +142,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--relation", default="add-remove", choices=["add-remove", "replace-one"])
     parser.add_argument("--model", default="adapter", choices=list(MODELS))
+    parser.add_argument("--mechanisms", nargs="+", default=list(MECHANISMS), choices=list(MECHANISMS))
     parser.add_argument("--out", type=Path, default=None, help="default: results/vpdr_valid[_linear]")
     args = parser.parse_args()
     load_start, cpu_start = os.getloadavg()[0], _cpu_seconds()
@@ -147,7 +153,7 @@ def main() -> None:
     jobs, keys, seen = [], [], {}
     for setting in args.settings:
         for host in args.hosts:
-            for mechanism in MECHANISMS:
+            for mechanism in args.mechanisms:
                 for epsilon in EPSILONS:
                     for seed in range(args.seeds):
                         name = run_name(setting, host, mechanism, epsilon, seed)
@@ -185,7 +191,7 @@ def main() -> None:
         ]
         for setting in args.settings:
             for host in args.hosts:
-                for mechanism in MECHANISMS:
+                for mechanism in args.mechanisms:
                     cells = [
                         mean_std([s["final"].get(metric) for s in results[(setting, host, mechanism, e)]])
                         for e in EPSILONS
@@ -206,15 +212,17 @@ def main() -> None:
         + table("personal_proto_acc_mean")
     )
     time_lines = [
-        "| setting | host | none | " + " | ".join(f"{m} (ε=8)" for m in MECHANISMS) + " |",
-        "|---|---|---|" + "---|" * len(MECHANISMS),
+        f"| setting | host | {args.mechanisms[0]} at ε=∞ | " + " | ".join(f"{m} (ε=8)" for m in args.mechanisms) + " |",
+        "|---|---|---|" + "---|" * len(args.mechanisms),
     ]
     for setting in args.settings:
         for host in args.hosts:
-            plain = statistics.fmean(s["seconds_per_round"] for s in results[(setting, host, "igpp", math.inf)])
+            plain = statistics.fmean(
+                s["seconds_per_round"] for s in results[(setting, host, args.mechanisms[0], math.inf)]
+            )
             cells = [
                 f"{statistics.fmean(s['seconds_per_round'] for s in results[(setting, host, m, 8.0)]):.3f}"
-                for m in MECHANISMS
+                for m in args.mechanisms
             ]
             time_lines.append(f"| {setting} | {host} | {plain:.3f} | " + " | ".join(cells) + " |")
 
@@ -230,12 +238,12 @@ def main() -> None:
         json.dumps({f"{s}/{h}/{m}/eps{e}": v for (s, h, m, e), v in results.items()}, indent=1)
     )
     for setting in args.settings:
-        plot(results, setting, args.hosts, args.out / f"privacy_utility_{setting}.png")
+        plot(results, setting, args.hosts, args.mechanisms, args.out / f"privacy_utility_{setting}.png")
     print((args.out / "table.md").read_text())
     print((args.out / "time.md").read_text())
 
 
-def plot(results, setting: str, hosts: list[str], path: Path) -> None:
+def plot(results, setting: str, hosts: list[str], mechanisms: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,7 +252,7 @@ def plot(results, setting: str, hosts: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(hosts), figsize=(4.5 * len(hosts), 3.6), constrained_layout=True, squeeze=False)
     xs = list(range(len(EPSILONS)))
     for ax, host in zip(axes[0], hosts):
-        for mechanism in MECHANISMS:
+        for mechanism in mechanisms:
             runs = [results[(setting, host, mechanism, e)] for e in EPSILONS]
             means = [100 * statistics.fmean(s["final"]["personal_acc_mean"] for s in r) for r in runs]
             stds = [100 * statistics.pstdev([s["final"]["personal_acc_mean"] for s in r]) for r in runs]
