@@ -54,28 +54,56 @@ HOSTS = {
     "fpl": {"model_sharing": "none", "cpcl_weight": 0.5, "proto_weight": 0.5},
     "fedtgp": {"proto_weight": 1.0, "server_epochs": 100},
 }
-MECHANISMS = {"igpp": {"mechanism": "igpp"}, "vpp": {"mechanism": "vpp"}, "vpp+dcr": {"mechanism": "vpp", "dcr": True}}
+MECHANISMS = {
+    "igpp": {"mechanism": "igpp"},
+    "igpp+dcr": {"mechanism": "igpp", "dcr": True},
+    "vpp": {"mechanism": "vpp"},
+    "vpp+dcr": {"mechanism": "vpp", "dcr": True},
+}
 EPSILONS = (1.0, 2.0, 4.0, 8.0, math.inf)
 LOCAL = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 5e-4, "batch_size": 256, "local_epochs": 2}
 
 
-def privacy_section(mechanism: str, epsilon: float, relation: str = "add-remove") -> dict:
-    """The ``[privacy]`` section of one cell: the library's defaults (``trained-features``, valid for the
-    trained adapter) under ``relation``."""
+#: The client models: ``adapter`` (a residual adapter + MLP trained on the client's data: only the
+#: ``trained-features`` bound is valid) and ``linear`` (a linear head on the frozen public embeddings: no
+#: client trains the feature map, so the paper's ``fixed-features`` bound is valid).
+MODELS = {
+    "adapter": ({"name": "adapter", "feature_dim": 128, "hidden_dim": 256}, "trained-features"),
+    "linear": ({"name": "linear"}, "fixed-features"),
+}
+
+
+def privacy_section(mechanism: str, epsilon: float, relation: str = "add-remove", model: str = "adapter") -> dict:
+    """The ``[privacy]`` section of one cell: under ``relation``, with the sensitivity rule that is valid for
+    ``model``."""
     if math.isinf(epsilon):  # no noise; DCR alone stays a training change
         return {"mechanism": "none", "dcr": MECHANISMS[mechanism].get("dcr", False)}
-    return {**MECHANISMS[mechanism], "epsilon": epsilon, "delta": 1e-5, "accountant": "pld", "relation": relation}
+    return {
+        **MECHANISMS[mechanism],
+        "epsilon": epsilon,
+        "delta": 1e-5,
+        "accountant": "pld",
+        "relation": relation,
+        "sensitivity": MODELS[model][1],
+    }
 
 
 def config(
-    setting: str, host: str, mechanism: str, epsilon: float, seed: int, rounds: int, relation: str = "add-remove"
+    setting: str,
+    host: str,
+    mechanism: str,
+    epsilon: float,
+    seed: int,
+    rounds: int,
+    relation: str = "add-remove",
+    model: str = "adapter",
 ) -> dict:
     return {
         "seed": seed,
         **SETTINGS[setting],
         "federation": {"rounds": rounds, "progress": False, "checkpoint_every": rounds, "eval_every": 5},
-        "model": {"feature_dim": 128, "hidden_dim": 256},
-        "privacy": privacy_section(mechanism, epsilon, relation),
+        "model": MODELS[model][0],
+        "privacy": privacy_section(mechanism, epsilon, relation, model),
         "method": {"name": host, **LOCAL, **HOSTS[host]},
     }
 
@@ -113,15 +141,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--relation", default="add-remove", choices=["add-remove", "replace-one"])
-    parser.add_argument("--out", type=Path, default=RESULTS / "vpdr_valid")
+    parser.add_argument("--model", default="adapter", choices=list(MODELS))
+    parser.add_argument("--mechanisms", nargs="+", default=list(MECHANISMS), choices=list(MECHANISMS))
+    parser.add_argument("--out", type=Path, default=None, help="default: results/vpdr_valid[_linear]")
     args = parser.parse_args()
     load_start, cpu_start = os.getloadavg()[0], _cpu_seconds()
+    if args.out is None:
+        args.out = RESULTS / ("vpdr_valid" if args.model == "adapter" else f"vpdr_valid_{args.model}")
 
     prepare_embeddings(args.settings)
     jobs, keys, seen = [], [], {}
     for setting in args.settings:
         for host in args.hosts:
-            for mechanism in MECHANISMS:
+            for mechanism in args.mechanisms:
                 for epsilon in EPSILONS:
                     for seed in range(args.seeds):
                         name = run_name(setting, host, mechanism, epsilon, seed)
@@ -130,7 +162,9 @@ def main() -> None:
                             seen[name] = len(jobs)
                             jobs.append(
                                 (
-                                    config(setting, host, mechanism, epsilon, seed, args.rounds, args.relation),
+                                    config(
+                                        setting, host, mechanism, epsilon, seed, args.rounds, args.relation, args.model
+                                    ),
                                     args.out / "runs" / name,
                                 )
                             )
@@ -142,37 +176,53 @@ def main() -> None:
 
     wall = time.perf_counter() - wall_start
     setting_text = (
-        f"relation {args.relation}, sensitivity rule trained-features; {args.rounds} rounds, 2 local epochs, AdamW lr 1e-3 wd 5e-4, batch 256, EfficientNet-Lite0 "
-        f"embeddings at 32 px, adapter + MLP (d=128); delta = 1e-5, PLD accountant, budget per client "
+        f"model {args.model}, relation {args.relation}, sensitivity rule {MODELS[args.model][1]}; {args.rounds} rounds, 2 local epochs, AdamW lr 1e-3 wd 5e-4, batch 256, EfficientNet-Lite0 "
+        f"embeddings at 32 px; delta = 1e-5, PLD accountant, budget per client "
         f"over all rounds; {args.seeds} seeds (mean ± std over seeds). Command: `{command_line()}`; "
         f"{wall:.0f} s wall, {_cpu_seconds() - cpu_start:.0f} CPU-s; 1-minute load average "
         f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     )
     eps_head = " | ".join("ε=∞" if math.isinf(e) else f"ε={e:g}" for e in EPSILONS)
-    lines = [
-        f"| setting | host | mechanism | {eps_head} | spent ε (PLD / RDP) at ε=1 |",
-        "|---|---|---|" + "---|" * len(EPSILONS) + "---|",
-    ]
-    for setting in args.settings:
-        for host in args.hosts:
-            for mechanism in MECHANISMS:
-                cells = [
-                    mean_std([s["final"].get("personal_acc_mean") for s in results[(setting, host, mechanism, e)]])
-                    for e in EPSILONS
-                ]
-                p = results[(setting, host, mechanism, 1.0)][0]["privacy"]
-                spent = f"{p['epsilon_pld_max']:.3f} / {p['epsilon_rdp_max']:.3f}" if p else "—"
-                lines.append(f"| {setting} | {host} | {mechanism} | " + " | ".join(cells) + f" | {spent} |")
+
+    def table(metric: str) -> list[str]:
+        lines = [
+            f"| setting | host | mechanism | {eps_head} | spent ε (PLD / RDP) at ε=1 |",
+            "|---|---|---|" + "---|" * len(EPSILONS) + "---|",
+        ]
+        for setting in args.settings:
+            for host in args.hosts:
+                for mechanism in args.mechanisms:
+                    cells = [
+                        mean_std([s["final"].get(metric) for s in results[(setting, host, mechanism, e)]])
+                        for e in EPSILONS
+                    ]
+                    p = results[(setting, host, mechanism, 1.0)][0]["privacy"]
+                    spent = f"{p['epsilon_pld_max']:.3f} / {p['epsilon_rdp_max']:.3f}" if p else "—"
+                    lines.append(f"| {setting} | {host} | {mechanism} | " + " | ".join(cells) + f" | {spent} |")
+        return lines
+
+    lines = (
+        table("personal_acc_mean")
+        + [
+            "",
+            "Nearest-global-prototype accuracy (%) of the personal features, final round (what the noisy "
+            "prototypes are worth):",
+            "",
+        ]
+        + table("personal_proto_acc_mean")
+    )
     time_lines = [
-        "| setting | host | none | " + " | ".join(f"{m} (ε=8)" for m in MECHANISMS) + " |",
-        "|---|---|---|" + "---|" * len(MECHANISMS),
+        f"| setting | host | {args.mechanisms[0]} at ε=∞ | " + " | ".join(f"{m} (ε=8)" for m in args.mechanisms) + " |",
+        "|---|---|---|" + "---|" * len(args.mechanisms),
     ]
     for setting in args.settings:
         for host in args.hosts:
-            plain = statistics.fmean(s["seconds_per_round"] for s in results[(setting, host, "igpp", math.inf)])
+            plain = statistics.fmean(
+                s["seconds_per_round"] for s in results[(setting, host, args.mechanisms[0], math.inf)]
+            )
             cells = [
                 f"{statistics.fmean(s['seconds_per_round'] for s in results[(setting, host, m, 8.0)]):.3f}"
-                for m in MECHANISMS
+                for m in args.mechanisms
             ]
             time_lines.append(f"| {setting} | {host} | {plain:.3f} | " + " | ".join(cells) + " |")
 
@@ -188,12 +238,12 @@ def main() -> None:
         json.dumps({f"{s}/{h}/{m}/eps{e}": v for (s, h, m, e), v in results.items()}, indent=1)
     )
     for setting in args.settings:
-        plot(results, setting, args.hosts, args.out / f"privacy_utility_{setting}.png")
+        plot(results, setting, args.hosts, args.mechanisms, args.out / f"privacy_utility_{setting}.png")
     print((args.out / "table.md").read_text())
     print((args.out / "time.md").read_text())
 
 
-def plot(results, setting: str, hosts: list[str], path: Path) -> None:
+def plot(results, setting: str, hosts: list[str], mechanisms: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +252,7 @@ def plot(results, setting: str, hosts: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(hosts), figsize=(4.5 * len(hosts), 3.6), constrained_layout=True, squeeze=False)
     xs = list(range(len(EPSILONS)))
     for ax, host in zip(axes[0], hosts):
-        for mechanism in MECHANISMS:
+        for mechanism in mechanisms:
             runs = [results[(setting, host, mechanism, e)] for e in EPSILONS]
             means = [100 * statistics.fmean(s["final"]["personal_acc_mean"] for s in r) for r in runs]
             stds = [100 * statistics.pstdev([s["final"]["personal_acc_mean"] for s in r]) for r in runs]

@@ -36,6 +36,11 @@ BASE = {
     "method": {"name": "fedproto", "lr": 0.1, "batch_size": 32, "local_epochs": 1},
 }
 VPP = {**BASE, "privacy": {"mechanism": "vpp", "epsilon": 8.0}}
+#: What a private Flower run needs to be compared with the in-process engine: the nodes draw from the run
+#: seed (by default on Flower they draw from a secret of their own) and send their training loss and
+#: personalised metrics (by default they keep them).
+COMPARABLE = {"noise": "seeded", "share_diagnostics": True}
+VPP_COMPARABLE = {**BASE, "privacy": {**VPP["privacy"], **COMPARABLE}}
 
 
 def _run_deployment(config, out, workdir, results, name):
@@ -86,7 +91,7 @@ def flower_runs(tmp_path_factory):
     results = {}
     jobs = [
         threading.Thread(target=_run_deployment, args=(BASE, root / "plain", root / "w-plain", results, "plain")),
-        threading.Thread(target=_run_deployment, args=(VPP, root / "vpp", root / "w-vpp", results, "vpp")),
+        threading.Thread(target=_run_deployment, args=(VPP_COMPARABLE, root / "vpp", root / "w-vpp", results, "vpp")),
         threading.Thread(target=_run_with_a_killed_node, args=(BASE, root / "killed", root / "w-killed", results)),
         threading.Thread(target=_run_simulation, args=(BASE, root / "simulation", root / "w-sim", results)),
     ]
@@ -121,7 +126,7 @@ def _assert_close(flower_rows, local_rows, rounds=(1, 2, 3)):
 
 
 @pytest.mark.slow  # SuperLink and SuperNode processes (minutes)
-@pytest.mark.parametrize("name,config", [("plain", BASE), ("vpp", VPP)])
+@pytest.mark.parametrize("name,config", [("plain", BASE), ("vpp", VPP_COMPARABLE)])
 def test_flower_deployment_matches_the_in_process_engine(flower_runs, name, config):
     root, results = flower_runs
     summary = _result(results, name)
@@ -567,7 +572,14 @@ def test_a_node_over_its_budget_stops_the_run_as_in_process(tmp_path, monkeypatc
         protofl.run(config)
     with pytest.raises(BudgetExceededError, match="client 1 would exceed"):
         _loopback_run(config, tmp_path / "f", grid_class=ErrorReplyingGrid)
-    assert [r["round"] for r in read_metrics(tmp_path / "f" / "metrics.jsonl")] == [1]
+    rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1]
+    # clients 0 and 2 released round 2 before the server learnt that client 1 refused: the summary's spend
+    # is the nodes' actual spend (two releases), not the spend before the round (one)
+    summary = json.loads((tmp_path / "f" / "summary.json").read_text())
+    assert summary["status"] == "stopped: budget"
+    assert summary["privacy"]["max_releases_by_a_client"] == 2
+    assert summary["epsilon"] > rows[0]["privacy_epsilon_max"]
     from protofl.engine.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "f" / "checkpoint")["round"] == 1
@@ -669,8 +681,8 @@ def test_the_final_epsilon_counts_every_partition_not_only_those_at_the_last_eva
         "federation": {"rounds": 2, "progress": False},
     }
     _, summary = _loopback_run(config, tmp_path / "f", (tamper,), grid_class=SilentAtTheEnd, round_timeout=0.5)
-    rows = read_metrics(tmp_path / "f" / "metrics.jsonl")
-    assert rows[-1]["clients_evaluated"] == 2
+    silent = [(i["round"], i["partition"]) for i in summary["incidents"] if i["reason"].startswith("evaluation:")]
+    assert silent == [(2, 2)]
     assert summary["epsilon"] == 1234.0
 
 
@@ -686,7 +698,7 @@ def test_the_nodes_per_client_records_match_the_in_process_ones(tmp_path):
 
     config = resolve_config(
         {
-            **VPP,
+            **VPP_COMPARABLE,
             "data": {"dataset": "optdigits", "max_train_samples": 600},
             "federation": {"rounds": 2, "progress": False, "client_fraction": 0.67},
         }
@@ -735,9 +747,296 @@ def test_a_method_added_as_one_file_runs_private_on_flower_as_in_process(tmp_pat
     config = {
         **SMALL,
         "method": {"name": "fedgh", "lr": 0.1, "batch_size": 32, "server_epochs": 5},
-        "privacy": {"mechanism": "igpp", "epsilon": 8.0, "accountant": "rdp"},
+        "privacy": {"mechanism": "igpp", "epsilon": 8.0, "accountant": "rdp", **COMPARABLE},
     }
     _, summary = _loopback_run(config, tmp_path / "f")
     local = protofl.run(config)
     _assert_close(read_metrics(tmp_path / "f" / "metrics.jsonl"), local.history, rounds=[1, 2, 3, 4])
     assert summary["epsilon"] == pytest.approx(local.summary["epsilon"], rel=1e-9) and summary["epsilon"] <= 8.0
+
+
+# -- secret noise and no side channels ----------------------------------------------------------------------
+
+#: An igpp release (class means plus Gaussian noise, exact counts) whose noise a server may try to replay.
+IGPP = {
+    **BASE,
+    "seed": 5,
+    "data": {"dataset": "optdigits", "max_train_samples": 600},
+    "federation": {"rounds": 1, "progress": False},
+    "model": {"feature_dim": 16},
+    "privacy": {"mechanism": "igpp", "epsilon": 8.0, "relation": "replace-one", "sensitivity": "trained-features"},
+}
+#: Reply fields that carry the clients' diagnostics (training loss, personalised metrics, data profile).
+DIAGNOSTIC_FIELDS = {"train-loss", "metric-keys", "evaluated", "train-samples", "train-classes"}
+
+
+def _igpp(**privacy):
+    return {**IGPP, "privacy": {**IGPP["privacy"], **privacy}}
+
+
+def _recorded_loopback_run(config, out, state_dir=""):
+    """A loopback run whose every reply the test keeps: ``(grid, summary, replies)``, replies as
+    ``[(partition, content)]`` in the order the server received them."""
+    replies = []
+
+    def record(node_id, reply):
+        if not reply.has_error():
+            replies.append((node_id - 100, reply.content))
+        return reply
+
+    grid, summary = _loopback_run(config, out, (record,), state_dir=state_dir)
+    return grid, summary, replies
+
+
+def _clean_of_node(grid, partition, round_index):
+    """A node's clean prototypes of a round, from the state it keeps (the server never sees it)."""
+    from _replay import clean_prototypes
+
+    from protofl.flower import client_app
+    from protofl.flower.node import ClientStore, node_task
+    from protofl.flower.settings import CONFIG_KEY
+
+    context = grid.contexts[100 + partition]
+    store = ClientStore.from_bytes(context.state.config_records[client_app.STORE]["store"])
+    config = resolve_config(__import__("tomllib").loads(context.run_config[CONFIG_KEY]))
+    task = node_task(context.run_config[CONFIG_KEY], partition, config.partition.num_clients)
+    return clean_prototypes(task.algorithm, store.committed[round_index], task.data, config.privacy.clip_bound), store
+
+
+def _training_replies(replies):
+    """``{partition: payload}`` of the training replies among ``[(partition, content)]``."""
+    from protofl.flower import records
+
+    return {k: records.payload_of(c) for k, c in replies if "metadata" in records.fields_of(c)}
+
+
+def _replay_errors(config, replies, clean_of):
+    """The server's replay of every training reply of round 1 (``{partition: reply}``) from what it knows
+    (the run config, seed included, the round, the partition id and the reply): its error in noise
+    scales, per partition."""
+    from _replay import replay_error, replayed_prototypes
+
+    from protofl.runner import build_algorithm, prepare_data
+
+    config = resolve_config(config)
+    algo = build_algorithm(config, prepare_data(config))  # the server's own copy of the method
+    errors = {}
+    for partition, reply in replies.items():
+        recovered, std = replayed_prototypes(algo, config.seed, 1, partition, reply)
+        errors[partition] = replay_error(recovered, clean_of(partition), std)
+    assert sorted(errors) == [0, 1, 2]
+    return errors
+
+
+def test_on_flower_a_replay_from_the_seed_removes_seeded_noise_but_not_the_nodes_secret_noise(tmp_path):
+    """By default a private Flower run's nodes draw from their own secret: the server, which knows the run
+    seed, replays seeded noise exactly but not theirs."""
+    errors = {}
+    for noise in ("secret", "seeded"):
+        config = _igpp() if noise == "secret" else _igpp(noise="seeded")  # secret: Flower's default
+        grid, summary, replies = _recorded_loopback_run(config, tmp_path / noise)
+        assert summary["privacy"]["noise_source"] == noise
+        errors[noise] = _replay_errors(
+            config, _training_replies(replies), lambda k, grid=grid: _clean_of_node(grid, k, 1)[0]
+        )
+        stores = [_clean_of_node(grid, k, 1)[1] for k in range(3)]
+        if noise == "secret":
+            assert all(s.secret is not None for s in stores) and len({s.secret for s in stores}) == 3
+        else:
+            assert all(s.secret is None for s in stores)
+    assert max(errors["seeded"].values()) < 1e-4, errors
+    assert min(errors["secret"].values()) >= 1.0, errors
+    assert any("the server" in line and "replay" in line for line in _statement(tmp_path / "seeded")["not_covered"])
+
+
+def _statement(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())["privacy"]
+
+
+def test_a_private_flower_runs_replies_carry_no_diagnostics_unless_shared(tmp_path):
+    """Under a mechanism the nodes keep their training loss, personalised metrics and data profile; the
+    server's rows, clients.csv and report say they are kept on the nodes. privacy.share_diagnostics sends
+    them (and the privacy statement says ε does not cover them)."""
+    from protofl.client_records import ClientTable
+
+    config = {**_igpp(), "federation": {"rounds": 2, "progress": False}}
+    _, summary, replies = _recorded_loopback_run(config, tmp_path / "kept", state_dir=tmp_path / "nodes")
+    sent = {name for _, content in replies for name in content.config_records["protofl"]}
+    assert sent and not sent & DIAGNOSTIC_FIELDS, sent & DIAGNOSTIC_FIELDS
+    assert not any(content.metric_records for _, content in replies)
+    assert "privacy" in sent  # the spend report the server merges: what the protocol needs
+    rows = read_metrics(tmp_path / "kept" / "metrics.jsonl")
+    assert [r["train_loss"] for r in rows] == [None, None]
+    assert all("personal_acc_mean" not in r for r in rows)
+    assert all(r["privacy_epsilon_max"] > 0 for r in rows)
+    assert summary["diagnostics"] == "kept on the nodes" and summary["status"] == "completed"
+    assert summary["final"]["personal_acc_mean"] is None
+    clients = ClientTable(tmp_path / "kept" / "clients.csv").last_round()
+    assert [c["status"] for c in clients] == ["ok"] * 3
+    assert all(c["samples"] is None and c["classes"] is None and c["epsilon"] > 0 for c in clients)
+    report = (tmp_path / "kept" / "report.md").read_text()
+    assert "| final | 2 | — | kept on the nodes | kept on the nodes |" in report
+    assert "nan" not in report.lower()
+    assert summary["privacy"]["diagnostics"].startswith("kept on the nodes")
+    assert not any("training loss" in line for line in summary["privacy"]["not_covered"])
+    # each node keeps them: its training loss per round, its metrics and profile per evaluation
+    for k in range(3):
+        kept = tmp_path / "nodes" / "k1" / f"partition-{k}-diagnostics.jsonl"
+        assert kept.stat().st_mode & 0o777 == 0o600
+        entries = [json.loads(line) for line in kept.read_text().splitlines()]
+        assert [e["round"] for e in entries if "round" in e] == [1, 2]
+        assert all(np.isfinite(e["train_loss"]) for e in entries if "round" in e)
+        evaluations = [e for e in entries if "evaluated_round" in e]
+        assert [e["evaluated_round"] for e in evaluations] == [1, 2]
+        assert all(e["samples"] > 0 and 0 <= e["personal_acc"] <= 1 for e in evaluations)
+
+    _, shared, replies = _recorded_loopback_run(
+        {**config, "privacy": {**config["privacy"], "share_diagnostics": True}}, tmp_path / "shared"
+    )
+    sent = {name for _, content in replies for name in content.config_records["protofl"]}
+    assert DIAGNOSTIC_FIELDS <= sent
+    rows = read_metrics(tmp_path / "shared" / "metrics.jsonl")
+    assert all(np.isfinite(r["train_loss"]) and r["personal_acc_mean"] > 0 for r in rows)
+    assert "diagnostics" not in shared
+    assert any("training loss" in line for line in shared["privacy"]["not_covered"])
+
+
+def test_an_in_process_resume_of_a_flower_run_folder_is_refused_in_one_line(tmp_path, capsys):
+    from protofl.cli import main
+    from protofl.errors import CheckpointError
+
+    config = {
+        **BASE,
+        "data": {"dataset": "optdigits", "max_train_samples": 600},
+        "federation": {"rounds": 2, "progress": False},
+    }
+    _loopback_run(config, tmp_path / "f")
+    (tmp_path / "f" / "flower-done.json").unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="written by a run on the flower engine.*protofl flower run --resume"):
+        protofl.run(None, out=tmp_path / "f", resume=True)
+    before = (tmp_path / "f" / "metrics.jsonl").read_text()
+    assert main(["run", "--resume", str(tmp_path / "f")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flower engine" in err[0] and "Traceback" not in err[0]
+    assert (tmp_path / "f" / "metrics.jsonl").read_text() == before  # nothing lost
+
+
+#: A ServerApp that is protofl's, but keeps a copy of every reply the server receives: the field names of
+#: each, and the arrays of each training reply (what the server knows, for the replay).
+RECORDING_SERVER_APP = """
+import json
+from pathlib import Path
+
+import numpy as np
+from flwr.serverapp import ServerApp
+
+from protofl.flower import records, server_app
+from protofl.flower.settings import FlowerSettings, run_config_of
+
+app = ServerApp()
+
+
+class RecordingGrid:
+    def __init__(self, grid, folder):
+        self.grid, self.folder, self.count = grid, folder, 0
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def pull_messages(self, message_ids):
+        messages = list(self.grid.pull_messages(message_ids))
+        for msg in messages:
+            if msg.has_error():
+                continue
+            fields = records.fields_of(msg.content)
+            self.count += 1
+            names = {"fields": sorted(fields), "metrics": sorted(msg.content.metric_records)}
+            (self.folder / f"reply-{self.count}.json").write_text(json.dumps(names))
+            if "metadata" in fields:
+                arrays = records.payload_of(msg.content).arrays
+                np.savez(self.folder / f"train-{fields['round']}-{fields['partition-id']}.npz", **arrays)
+        return messages
+
+
+@app.main()
+def main(grid, context):
+    settings = FlowerSettings.from_run_config(context.run_config)
+    out = Path(settings.out)
+    (out / "replies").mkdir(parents=True, exist_ok=True)
+    try:
+        server_app.run_server(
+            RecordingGrid(grid, out / "replies"), run_config_of(context.run_config), settings, "flower-deployment"
+        )
+    except BaseException as exc:
+        server_app._write_done(out, error=f"{type(exc).__name__}: {exc}", kind=type(exc).__name__)
+        raise
+    server_app._write_done(out, error=None)
+"""
+
+
+def _recorded_deployment(config, out, workdir):
+    """A deployment (SuperLink and three SuperNodes as processes) whose server keeps a copy of its replies;
+    returns where the nodes keep their state."""
+    import tomllib
+
+    import tomli_w
+
+    config = resolve_config(config)
+    settings = prepare_run(config, out, round_timeout=300, node_wait=120)
+    with Federation(3, workdir) as federation:
+        app = write_app(workdir / "app", config, settings, "flower-deployment")
+        (app / "recording_server.py").write_text(RECORDING_SERVER_APP)
+        project = tomllib.loads((app / "pyproject.toml").read_text())
+        project["tool"]["flwr"]["app"]["components"]["serverapp"] = "recording_server:app"
+        (app / "pyproject.toml").write_text(tomli_w.dumps(project))
+        submit(federation, app)
+        wait_done(out, federation, timeout=600)
+    return federation.state_dir / settings.run_key
+
+
+@pytest.mark.slow  # SuperLink and SuperNode processes (about a minute)
+def test_on_a_flower_deployment_the_server_cannot_replay_the_nodes_secret_noise(tmp_path):
+    """Real SuperNodes: with Flower's default (secret) noise the server's replay from the run seed misses the
+    clean prototypes by the noise scale; with explicitly seeded noise it recovers them. The nodes keep their
+    secret with their state (mode 0600), and their replies carry no diagnostics."""
+    from protofl.flower.node import ClientStore, node_task
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    configs = {"secret": _igpp(), "seeded": _igpp(noise="seeded")}
+    results = {}
+
+    def deploy(noise):
+        try:
+            results[noise] = _recorded_deployment(configs[noise], tmp_path / noise, tmp_path / f"w-{noise}")
+        except BaseException as exc:  # raised below
+            results[noise] = exc
+
+    jobs = [threading.Thread(target=deploy, args=(noise,)) for noise in configs]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    errors = {}
+    for noise, config in configs.items():
+        state_dir = _result(results, noise)
+        resolved = resolve_config(config)
+        replies = {k: np.load(tmp_path / noise / "replies" / f"train-1-{k}.npz") for k in range(3)}
+        stores = {k: ClientStore.load(state_dir / f"partition-{k}.pt") for k in range(3)}
+
+        def clean_of(k, stores=stores, resolved=resolved):
+            from _replay import clean_prototypes
+
+            task = node_task(resolved.to_toml(), k, 3)
+            return clean_prototypes(task.algorithm, stores[k].committed[1], task.data, resolved.privacy.clip_bound)
+
+        errors[noise] = _replay_errors(config, replies, clean_of)
+        for k in range(3):
+            assert (state_dir / f"partition-{k}.pt").stat().st_mode & 0o777 == 0o600
+            assert (stores[k].secret is not None) == (noise == "secret")
+        sent = [json.loads(p.read_text()) for p in (tmp_path / noise / "replies").glob("reply-*.json")]
+        assert sent and not any(set(r["fields"]) & DIAGNOSTIC_FIELDS or r["metrics"] for r in sent)
+        for k in range(3):  # kept on the nodes instead
+            assert "train_loss" in (state_dir / f"partition-{k}-diagnostics.jsonl").read_text()
+        assert _statement(tmp_path / noise)["noise_source"] == noise
+    assert max(errors["seeded"].values()) < 1e-4, errors
+    assert min(errors["secret"].values()) >= 1.0, errors

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(fh)`` on a temporary binary file and rename it to ``path``."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], mode: int | None = None) -> Path:
+    """Call ``write(fh)`` on a temporary binary file and rename it to ``path`` (with file ``mode``; default:
+    what a plain create gives under the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
@@ -20,7 +21,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give what a plain create would
+        # mkstemp makes 0600; give what a plain create would, unless told otherwise
+        os.chmod(tmp, 0o666 & ~current_umask() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

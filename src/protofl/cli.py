@@ -169,7 +169,7 @@ def _cmd_flower(args: argparse.Namespace) -> int:
     lost = sum(1 for i in summary["incidents"] if i["kind"] == "lost")
     print(
         f"{summary['method']} on Flower ({args.mode}): global acc {_pct(final['global_acc'])}, personalised acc "
-        f"{_pct(final['personal_acc_mean'])} after {final['round']} rounds; {lost} node losses, "
+        f"{summary.get('diagnostics') or _pct(final['personal_acc_mean'])} after {final['round']} rounds; {lost} node losses, "
         f"{summary['seconds_per_round']:.2f} s per round"
     )
     print(f"run folder: {args.out}")

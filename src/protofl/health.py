@@ -19,8 +19,10 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def learning_failure(history: Sequence[dict[str, Any]]) -> str | None:
-    """Why the run of ``history`` (metrics rows) could not learn, or None if nothing says so."""
+def learning_failure(history: Sequence[dict[str, Any]], losses_kept: bool = False) -> str | None:
+    """Why the run of ``history`` (metrics rows) could not learn, or None if nothing says so
+    (``losses_kept``: the clients kept their training losses, as a private Flower run's nodes do, so the
+    rows carry none to judge by)."""
     for row in history:
         answered = row.get("clients_sampled", 0) - row.get("clients_dropped", 0)
         if answered > 0 and row.get("clients_rejected", 0) >= answered:
@@ -28,7 +30,7 @@ def learning_failure(history: Sequence[dict[str, Any]]) -> str | None:
                 f"round {row['round']}: all {answered} replies were rejected (see the log for why), so the "
                 "server had nothing to aggregate"
             )
-    if history and not any(_finite(row.get("train_loss")) for row in history):
+    if history and not losses_kept and not any(_finite(row.get("train_loss")) for row in history):
         return "no round produced a finite training loss"
     return None
 

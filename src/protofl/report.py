@@ -123,6 +123,12 @@ def run_report(run_dir: Path) -> str:
     s = load_summary(run_dir)
     history = load_history(run_dir)
     status = s.get("status", "completed")
+    # a private Flower run's nodes keep their personalised metrics and training loss: say so, not "—"
+    kept = s.get("diagnostics")
+
+    def personal(value: Any, pct: bool = True) -> str:
+        return kept if kept else _fmt(value, pct)
+
     lines = [
         f"# {s['method']} on {s['dataset']} ({s['features']})",
         "",
@@ -149,8 +155,8 @@ def run_report(run_dir: Path) -> str:
     for name in ("final", "best"):
         r = s[name]
         lines.append(
-            f"| {name} | {r.get('round')} | {_fmt(r.get('global_acc'))} | {_fmt(r.get('personal_acc_mean'))} "
-            f"| {_fmt(r.get('personal_acc_std'))} |"
+            f"| {name} | {r.get('round')} | {_fmt(r.get('global_acc'))} | {personal(r.get('personal_acc_mean'))} "
+            f"| {personal(r.get('personal_acc_std'))} |"
         )
     extra = [k for k in s["final"] if k.startswith("personal_") and k.endswith("_mean") and k != "personal_acc_mean"]
     for key in extra:
@@ -163,7 +169,18 @@ def run_report(run_dir: Path) -> str:
             "Per-client class counts: [partition.md](partition.md).",
             "",
         ]
-    lines += _clients_section(run_dir, s)
+    lines += (
+        _clients_section(run_dir, s)
+        if not kept
+        else [
+            "## Clients",
+            "",
+            f"Each client's personalised metrics, training samples and classes held are {kept} (not sent to the "
+            "server under the privacy mechanism; `privacy.share_diagnostics = true` sends them). Every client's "
+            "status, bytes and epsilon in every evaluated round: [clients.csv](clients.csv).",
+            "",
+        ]
+    )
     private = any(row.get("privacy_epsilon_max") is not None for row in history)
     lines += [
         "## Rounds",
@@ -174,8 +191,9 @@ def run_report(run_dir: Path) -> str:
     ]
     for row in history:
         lines.append(
-            f"| {row['round']} | {_fmt(row.get('global_acc'))} | {_fmt(row.get('personal_acc_mean'))} | "
-            f"{_fmt(row.get('train_loss'), pct=False)} | {row['bytes_up']} | {row['bytes_down']} | "
+            f"| {row['round']} | {_fmt(row.get('global_acc'))} | {personal(row.get('personal_acc_mean'))} | "
+            f"{personal(row.get('train_loss'), pct=False)} | "
+            f"{row['bytes_up']} | {row['bytes_down']} | "
             f"{row['round_seconds']:.2f} |"
             + (f" {_fmt(row.get('privacy_epsilon_max'), pct=False)} |" if private else "")
         )
@@ -270,6 +288,11 @@ def _meaning_lines(s: dict[str, Any]) -> list[str]:
         f"- What epsilon means here: the unit is {p['unit']}; neighbours differ by {p['relation_text']} "
         f"(`{p['relation']}`); sensitivity rule `{p['sensitivity']}`; noise source `{p['noise_source']}`.",
         "- Not covered by epsilon: " + ("; ".join(covered) if covered else "nothing beyond the above") + ".",
+        *(
+            [f"- Training loss, personalised test metrics and client data profiles: {p['diagnostics']}."]
+            if p.get("diagnostics")
+            else []
+        ),
     ]
 
 

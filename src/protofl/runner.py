@@ -382,7 +382,7 @@ def run_rounds(
             except Exception:  # the records of a stop must not hide why it stopped
                 log.exception("could not write the records of the stopped run")
         raise
-    failure = learning_failure(driver.history)
+    failure = learning_failure(driver.history, losses_kept=driver.transport.kept_on_nodes)
     fields = failure_fields(failure)
     summary = finish(fields.pop("status", "completed"), **fields)
     if failure is not None:

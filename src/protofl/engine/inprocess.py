@@ -4,6 +4,10 @@ The byte boundary is kept as a network would impose it: the broadcast is seriali
 client parses its own copy; each reply is serialised, parsed back and validated against the algorithm's
 reply spec. Clients step one by one (``per-client``) or in chunks of ``batch_clients`` as one batched
 program (``batched``, where the method supports it).
+
+Under ``privacy.noise = secret`` each client draws its noise secret from the operating system's CSPRNG
+at its first step and keeps it with its state (checkpointed with the run, so a resumed run repeats the
+same draws); by default (``auto``) an in-process run's draws come from the run seed (reproducible).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+import torch
 
 from protofl.algorithms.base import Algorithm, ClientData
 from protofl.config import FederationConfig
@@ -24,6 +30,8 @@ from protofl.engine.client import (
 from protofl.engine.rounds import ClientEvaluation, Exchange, merge_privacy_reports
 from protofl.payload import Payload, PayloadError, PayloadSpec, validate
 from protofl.privacy.accounting import LEDGER_KEY
+from protofl.privacy.statement import uses_secret_noise
+from protofl.seeds import new_secret
 
 log = logging.getLogger("protofl.engine")
 
@@ -33,6 +41,8 @@ class InProcessTransport:
 
     counts_lost = False
     kind = "in-process"
+    #: One process holds everything: the clients' diagnostics are the experimenter's own measurement.
+    kept_on_nodes = False
 
     def __init__(self, algorithm: Algorithm, clients: Sequence[ClientData], federation: FederationConfig, seed: int):
         self.algorithm = algorithm
@@ -40,6 +50,9 @@ class InProcessTransport:
         self.federation = federation
         self.seed = seed
         self.client_states: dict[int, dict[str, Any]] = {}
+        #: Each client's noise secret (``privacy.noise = secret`` only), drawn at its first step.
+        self.client_secrets: dict[int, bytes] = {}
+        self.secret_noise = uses_secret_noise(algorithm.privacy, self.kind)
         #: The execution actually used: ``batched`` only where asked for and the method supports it.
         self.execution = federation.execution
         if self.execution == "batched":
@@ -60,6 +73,14 @@ class InProcessTransport:
         if state is None:
             state = self.algorithm.init_client_state(self.seed)
         return state
+
+    def client_secret(self, k: int) -> bytes | None:
+        """Client ``k``'s noise secret (drawn now if it has none yet); ``None`` where the noise is seeded."""
+        if not self.secret_noise:
+            return None
+        if k not in self.client_secrets:
+            self.client_secrets[k] = new_secret()
+        return self.client_secrets[k]
 
     # -- the round ---------------------------------------------------------------------------------
     def exchange(self, r: int, active: Sequence[int], broadcast: Payload, owed: int | None) -> Exchange:
@@ -117,7 +138,13 @@ class InProcessTransport:
                 yield (
                     k,
                     *client_round(
-                        algo, self.client_state(k), self.clients[k], receive(), round_index=r, seed=self.seed
+                        algo,
+                        self.client_state(k),
+                        self.clients[k],
+                        receive(),
+                        round_index=r,
+                        seed=self.seed,
+                        secret=self.client_secret(k),
                     ),
                 )
             return
@@ -132,6 +159,7 @@ class InProcessTransport:
                 receive(),
                 round_index=r,
                 seed=self.seed,
+                secrets=[self.client_secret(k) for k in chunk],
             )
             for k, result in zip(chunk, results):
                 yield k, *result
@@ -175,7 +203,13 @@ class InProcessTransport:
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"client_states": self.client_states}
+        state: dict[str, Any] = {"client_states": self.client_states}
+        if self.client_secrets:
+            state["client_secrets"] = {
+                k: torch.frombuffer(bytearray(secret), dtype=torch.uint8) for k, secret in self.client_secrets.items()
+            }
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.client_states = state["client_states"]
+        self.client_secrets = {int(k): bytes(v.tolist()) for k, v in state.get("client_secrets", {}).items()}

@@ -189,6 +189,9 @@ class Transport(Protocol):
     counts_lost: bool
     #: ``in-process`` or ``flower`` (see :data:`protofl.privacy.statement.ENGINES`): who can see what.
     kind: str
+    #: Whether the clients' training loss, personalised metrics and data profiles stay with them (a
+    #: private Flower run without ``privacy.share_diagnostics``): rows then carry ``None`` for them.
+    kept_on_nodes: bool
 
     @property
     def num_clients(self) -> int: ...
@@ -301,6 +304,7 @@ class RoundDriver:
             "bytes_down": self.bytes_down,
             "elapsed": self.elapsed,
             "wall_seconds": self.wall_seconds,
+            "transport": self.transport.kind,
             **self.transport.state_dict(),
         }
 
@@ -325,6 +329,18 @@ class RoundDriver:
         state = load_checkpoint(self.checkpoint_dir)
         if state is None:
             return False
+        # checkpoints from before the transport was recorded: in-process ones hold the clients' states
+        written_by = state.get("transport", "in-process" if "client_states" in state else "flower")
+        if written_by != self.transport.kind:
+            from protofl.errors import CheckpointError
+
+            how = "protofl flower run --resume --out DIR" if written_by == "flower" else "protofl run --resume DIR"
+            raise CheckpointError(
+                f"{self.checkpoint_dir}: written by a run on the {written_by} engine; it cannot be resumed on the "
+                f"{self.transport.kind} engine (the clients' state lives "
+                + ("on the Flower nodes" if written_by == "flower" else "in the checkpoint")
+                + f"): resume it as it was run ({how})"
+            )
         self.load_state_dict(state)
         log.info("resumed from round %d", self.round)
         return True
@@ -431,6 +447,8 @@ class RoundDriver:
             eval_seconds=time.perf_counter() - eval_start,
             elapsed_seconds=done.elapsed,
         )
+        if self.transport.kept_on_nodes:
+            row["train_loss"] = None  # kept on the nodes, not lost: None, not NaN
         if self.transport.counts_lost:
             row["clients_lost"] = sum(1 for s in status.values() if s == "lost")
         self.history.append(row)

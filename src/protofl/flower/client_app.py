@@ -6,12 +6,18 @@ spent). A node's partition comes from its node config (``partition-id``, ``num-p
 simulation runtime sets both); its state lives in Flower's ``context.state`` and, where the node config
 names a ``state-dir`` (or the run config a ``client-state-dir``), on disk, so a restarted node or a
 restarted server continues it.
+
+Under a privacy mechanism a reply carries only the protected release and what the protocol needs (the
+partition, the round, the node's spend report, a budget refusal): the training loss, the personalised
+test metrics and the node's data profile (training samples, classes held) go to the node's own log
+(logger ``protofl.flower``), unless the run sets ``privacy.share_diagnostics = true``.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from protofl.flower._require import require_flwr
 
@@ -66,6 +72,14 @@ def _store(context: Context, task):
     return store, path, settings.run_key
 
 
+def _diagnostics_path(context: Context, task):
+    from protofl.flower.node import diagnostics_path
+
+    settings = FlowerSettings.from_run_config(context.run_config)
+    state_dir = str(context.node_config.get("state-dir", settings.client_state_dir))
+    return diagnostics_path(state_dir, settings.run_key, task.partition)
+
+
 def _keep(context: Context, store, path, run_key: str) -> None:
     data = store.to_bytes()
     context.state[STORE] = ConfigRecord({"store": data, "run-key": run_key})
@@ -111,21 +125,24 @@ def query(msg: Message, context: Context) -> Message:
     return Message(records.to_record_dict(None, **protocol.pack({protocol.PARTITION_ID: partition})), reply_to=msg)
 
 
-def _evaluation(store, task, r: int, received, privacy_all: bool, content) -> None:
-    """Personalised metrics, the node's data profile and privacy spent after round ``r``, added to a reply's
-    ``content``."""
+def _evaluation(store, task, r: int, received, privacy_all: bool, content, diagnostics) -> None:
+    """Privacy spent after round ``r``, added to a reply's ``content``, with the personalised metrics and
+    the node's data profile where the run shares them (else they are kept at ``diagnostics``)."""
     from protofl.engine.client import client_profile
+    from protofl.flower.node import keep_diagnostics
 
     metrics = store.evaluate(task, r, received)
     report = store.privacy_report(task, r, privacy_all)
     profile = client_profile(task.data)
     fields = content.config_records[records.FIELDS]
+    fields.update(protocol.pack({protocol.EVALUATED_ROUND: r, protocol.PRIVACY: report}))
+    if not task.shares_diagnostics:
+        keep_diagnostics(diagnostics, task, {"evaluated_round": r, **profile, **metrics})
+        return
     fields.update(
         protocol.pack(
             {
-                protocol.EVALUATED_ROUND: r,
                 protocol.EVALUATED: bool(len(task.data.y_test)),
-                protocol.PRIVACY: report,
                 protocol.METRIC_KEYS: list(metrics),
                 protocol.TRAIN_SAMPLES: profile["samples"],
                 protocol.TRAIN_CLASSES: profile["classes"],
@@ -154,7 +171,16 @@ def train(msg: Message, context: Context) -> Message:
     if evaluate_round is not None:
         # evaluation first: it sees the state after the round before, which training replaces
         evaluated = records.to_record_dict(None)
-        _evaluation(store, task, evaluate_round, received, protocol.PRIVACY_ALL.read(fields, False), evaluated)
+        _evaluation(
+            store,
+            task,
+            evaluate_round,
+            received,
+            protocol.PRIVACY_ALL.read(fields, False),
+            evaluated,
+            _diagnostics_path(context, task),
+        )
+    from protofl.flower.node import keep_diagnostics
     from protofl.privacy import BudgetExceededError
 
     try:
@@ -170,19 +196,16 @@ def train(msg: Message, context: Context) -> Message:
         )
     else:
         _keep(context, store, path, run_key)
-        content = records.to_record_dict(
-            reply,
-            **protocol.pack(
-                {
-                    protocol.PARTITION_ID: task.partition,
-                    protocol.ROUND: r,
-                    protocol.TRAIN_LOSS: float(metrics.get("train_loss", float("nan"))),
-                }
-            ),
-        )
+        sent: dict[protocol.Field, Any] = {protocol.PARTITION_ID: task.partition, protocol.ROUND: r}
+        if task.shares_diagnostics:
+            sent[protocol.TRAIN_LOSS] = float(metrics.get("train_loss", float("nan")))
+        else:
+            keep_diagnostics(_diagnostics_path(context, task), task, {"round": r, **metrics})
+        content = records.to_record_dict(reply, **protocol.pack(sent))
     if evaluate_round is not None:
         content.config_records[records.FIELDS].update(dict(evaluated.config_records[records.FIELDS]))
-        content["metrics"] = evaluated.metric_records["metrics"]
+        if "metrics" in evaluated.metric_records:
+            content["metrics"] = evaluated.metric_records["metrics"]
     return Message(content, reply_to=msg)
 
 
@@ -192,5 +215,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     task, store, path, run_key, fields, r = _open(msg, context)
     _keep(context, store, path, run_key)
     content = records.to_record_dict(None, **protocol.pack({protocol.PARTITION_ID: task.partition, protocol.ROUND: r}))
-    _evaluation(store, task, r, records.payload_of(msg.content), protocol.PRIVACY_ALL.read(fields, False), content)
+    _evaluation(
+        store,
+        task,
+        r,
+        records.payload_of(msg.content),
+        protocol.PRIVACY_ALL.read(fields, False),
+        content,
+        _diagnostics_path(context, task),
+    )
     return Message(content, reply_to=msg)

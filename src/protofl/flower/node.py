@@ -2,7 +2,15 @@
 
 Everything here is plain protofl (no Flower import), so the ClientApp is a thin adapter and the same
 logic can be tested without Flower. A node holds one partition (``partition-id`` of ``num-partitions``
-in its node config); its state — model, prototypes and the privacy ledger — never leaves it.
+in its node config); its state — model, prototypes, the privacy ledger and its noise secret — never
+leaves it.
+
+Noise secret: under a mechanism with ``privacy.noise`` ``secret`` (``auto`` on Flower), every random draw
+of the node's client step comes from a generator seeded with HMAC-SHA256(secret, round, partition), the
+secret being 32 bytes from the operating system's CSPRNG drawn at the node's first training of the run
+and kept with its state (on disk in its state-dir, file mode 0600). The server knows the run seed, not
+the secret, so it cannot replay the noise; a restarted node continues with the same secret, so a round it
+repeats draws the same noise (no second independent release of that round).
 
 State protocol: a training step leaves a *pending* state; the server's decision on that reply (accepted,
 or rejected/lost) arrives with the node's next message and commits either the new state or, when the
@@ -19,6 +27,7 @@ import dataclasses
 import functools
 import io
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,7 @@ from protofl.config import ConfigError, RunConfig
 from protofl.engine.client import client_evaluation, client_round
 from protofl.payload import Payload, validate
 from protofl.privacy.accounting import LEDGER_KEY, remember_calibrations
+from protofl.seeds import new_secret
 
 log = logging.getLogger("protofl.flower")
 
@@ -43,12 +53,16 @@ class StateLostError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class NodeTask:
-    """One node's part of a run: the algorithm, its partition's data, the run's seed."""
+    """One node's part of a run: the algorithm, its partition's data, the run's seed; whether its draws
+    come from its noise secret, and whether its training loss, personalised metrics and data profile go
+    to the server (see :mod:`protofl.privacy.statement`)."""
 
     algorithm: Algorithm
     data: ClientData
     partition: int
     seed: int
+    secret_noise: bool = False
+    shares_diagnostics: bool = True
 
     @property
     def who(self) -> str:
@@ -99,7 +113,16 @@ def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: 
         remember_calibrations(Path(cache_dir) / "calibration.json")
     algorithm = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
     client = ClientData(partition, saved["x_train"], saved["y_train"], saved["x_test"], saved["y_test"])
-    return NodeTask(algorithm, client, partition, config.seed)
+    from protofl.privacy.statement import shares_diagnostics, uses_secret_noise
+
+    return NodeTask(
+        algorithm,
+        client,
+        partition,
+        config.seed,
+        secret_noise=uses_secret_noise(config.privacy, "flower"),
+        shares_diagnostics=shares_diagnostics(config.privacy, "flower"),
+    )
 
 
 @dataclasses.dataclass
@@ -113,6 +136,8 @@ class ClientStore:
     #: pending or dropped). It never rolls back: a round repeated after a server restart is a new release
     #: and counts again, so every state a round starts from carries this ledger.
     ledger: Any = None
+    #: The node's noise secret for this run (drawn at its first training under secret noise); never sent.
+    secret: bytes | None = None
 
     def __post_init__(self) -> None:
         for state in [*self.committed.values(), self.pending]:
@@ -157,6 +182,15 @@ class ClientStore:
             state = {**state, LEDGER_KEY: self.ledger}
         return state
 
+    def noise_secret(self, task: NodeTask) -> bytes | None:
+        """The secret the node's draws come from (drawn now, from the OS CSPRNG, at its first use);
+        ``None`` where they come from the run seed."""
+        if not task.secret_noise:
+            return None
+        if self.secret is None:
+            self.secret = new_secret()
+        return self.secret
+
     def has_state(self) -> bool:
         return bool(self.committed)
 
@@ -198,7 +232,9 @@ class ClientStore:
         state = self.state(task, r)
         algo.check_release(state, task.partition)
         validate(received, algo.broadcast_spec())
-        new_state, reply, metrics = client_round(algo, state, task.data, received, round_index=r, seed=task.seed)
+        new_state, reply, metrics = client_round(
+            algo, state, task.data, received, round_index=r, seed=task.seed, secret=self.noise_secret(task)
+        )
         self.pending_round, self.pending = r, new_state
         self._raise_ledger(new_state)
         return reply, metrics
@@ -225,6 +261,7 @@ class ClientStore:
                 "pending_round": self.pending_round,
                 "pending": self.pending,
                 "ledger": self.ledger,
+                "secret": None if self.secret is None else torch.frombuffer(bytearray(self.secret), dtype=torch.uint8),
             },
             buffer,
         )
@@ -233,7 +270,14 @@ class ClientStore:
     @classmethod
     def from_bytes(cls, data: bytes) -> ClientStore:
         state = torch.load(io.BytesIO(data), weights_only=True)
-        return cls(state["committed"], state["pending_round"], state["pending"], state.get("ledger"))
+        secret = state.get("secret")
+        return cls(
+            state["committed"],
+            state["pending_round"],
+            state["pending"],
+            state.get("ledger"),
+            None if secret is None else bytes(secret.tolist()),
+        )
 
     @classmethod
     def load(cls, path: Path | None) -> ClientStore | None:
@@ -248,7 +292,30 @@ class ClientStore:
 
         data = self.to_bytes()
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda fh: fh.write(data))
+        # the node's own: its model, ledger and noise secret (readable by its owner only)
+        atomic_write(path, lambda fh: fh.write(data), mode=0o600)
+
+
+def diagnostics_path(state_dir: str, run_key: str, partition: int) -> Path | None:
+    """Where a node of a private run keeps its training loss, personalised metrics and data profile (one
+    JSON line per round; None: no state-dir, the node's log only)."""
+    if not state_dir:
+        return None
+    return Path(state_dir).expanduser() / run_key / f"partition-{partition}-diagnostics.jsonl"
+
+
+def keep_diagnostics(path: Path | None, task: NodeTask, entry: Mapping[str, Any]) -> None:
+    """Keep a private run's diagnostics on the node: in its log (logger ``protofl.flower``) and, with a
+    state-dir, appended to ``path`` (readable by its owner only). They are not sent."""
+    import json
+
+    log.info("%s (kept on this node): %s", task.who, dict(entry))
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as fh:
+        fh.write(json.dumps(dict(entry)) + "\n")
 
 
 def store_path(state_dir: str, run_key: str, partition: int) -> Path | None:

@@ -17,6 +17,10 @@ counted in ``clients_lost``) and the round goes on once ``min_replies`` are in; 
 validation is rejected with its reason; a node that comes back (a new node id for its partition) is
 found by the next round's discovery and continues from its saved state; a node over its privacy budget
 stops the run, as in process.
+
+Under a privacy mechanism (without ``privacy.share_diagnostics``) the nodes keep their training loss,
+personalised metrics and data profiles (:mod:`protofl.flower.client_app`): rows then carry ``None`` for
+them and summary.json says ``"diagnostics": "kept on the nodes"``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ POLL_SECONDS = 0.25
 REJOIN_LOOK_SECONDS = 2.0
 #: Decisions remembered (and sent) per partition.
 DECISIONS_KEPT = 4
+#: What summary.json and report.md say of the training loss, personalised metrics and data profiles of a
+#: private run's nodes (they stay on the nodes).
+KEPT_ON_NODES = "kept on the nodes"
 
 
 class NotEnoughReplies(RuntimeError):
@@ -90,6 +97,10 @@ class GridTransport:
         self._num_clients = num_clients
         self.settings = settings
         self.engine = engine
+        from protofl.privacy.statement import shares_diagnostics
+
+        #: Whether the nodes keep their training loss, personalised metrics and data profiles.
+        self.kept_on_nodes = not shares_diagnostics(algorithm.privacy, self.kind)
         #: Per partition, the server's decisions on its last training replies: {round: accepted}. Every
         #: message to a node carries them, so a node that missed a message still learns its decision.
         self.decisions: dict[int, dict[int, bool]] = {}
@@ -126,7 +137,10 @@ class GridTransport:
         return self.privacy
 
     def summary_fields(self) -> dict[str, Any]:
-        return {"engine": self.engine, "incidents": self.incidents}
+        fields: dict[str, Any] = {"engine": self.engine, "incidents": self.incidents}
+        if self.kept_on_nodes:
+            fields["diagnostics"] = KEPT_ON_NODES
+        return fields
 
     # -- messaging ---------------------------------------------------------------------------------
     def _message(
@@ -308,6 +322,7 @@ class GridTransport:
             from protofl.privacy import BudgetExceededError
 
             log.error("round %d: clients %s would exceed their privacy budget; the run stops", r, sorted(over))
+            self._spend_after_stop(r, broadcast)
             return Exchange(evaluation=evaluation, stop=BudgetExceededError("; ".join(over[k] for k in sorted(over))))
 
         accepted: list[Payload] = []
@@ -327,7 +342,8 @@ class GridTransport:
                             f"reply is for partition {fields.get(protocol.PARTITION_ID.name)} round "
                             f"{fields.get(protocol.ROUND.name)}, expected partition {k} round {r}"
                         )
-                    train_losses.append(protocol.TRAIN_LOSS.read(fields, math.nan))
+                    if not self.kept_on_nodes:
+                        train_losses.append(protocol.TRAIN_LOSS.read(fields, math.nan))
                     up[k] = records.wire_size(payload)
                     validate(payload, algo.reply_spec())
                 except PayloadError as exc:
@@ -364,6 +380,21 @@ class GridTransport:
             bytes_up=up,
             evaluation=evaluation,
         )
+
+    def _spend_after_stop(self, r: int, broadcast: Payload) -> None:
+        """The nodes' actual spend once a budget stop ends the run in round ``r``: the nodes with budget left
+        released round ``r`` before the server learnt that another refused (in process, every client is
+        checked before anyone releases). Their spend reports (asked for with the evaluation of round
+        ``r - 1``, the state the server keeps; their ledgers keep round ``r``'s release) replace the ones
+        from before the round, so summary.json counts every release that went on the wire."""
+        messages = {
+            k: self._message(k, protocol.EVALUATE, r - 1, broadcast, {protocol.PRIVACY_ALL: True})
+            for k in sorted(self.nodes)
+        }
+        replies, silent, _ = self._exchange(messages, 0)
+        for k, (node, why) in sorted(silent.items()):
+            self._lose(r, k, f"spend after the budget stop: {why}", node)
+        self._evaluation(r - 1, replies)
 
     def _over_budget(self, replies: Mapping[int, Reply], reachable: Sequence[int]) -> dict[int, str]:
         """The clients whose node refused to train (its next release would exceed its budget), and why."""

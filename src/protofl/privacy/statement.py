@@ -9,7 +9,15 @@ from typing import Any
 from protofl.config import ConfigError, PrivacyConfig, RunConfig
 from protofl.privacy.mechanisms import sensitivity_rule
 
-__all__ = ["ENGINES", "check_sensitivity", "noise_source", "privacy_statement"]
+__all__ = [
+    "ENGINES",
+    "check_sensitivity",
+    "diagnostics_text",
+    "noise_source",
+    "privacy_statement",
+    "shares_diagnostics",
+    "uses_secret_noise",
+]
 
 #: The engines a run can use: ``in-process`` (one process plays the server and every client) and
 #: ``flower`` (clients are Flower nodes; the server sees only their replies).
@@ -52,6 +60,35 @@ def noise_source(config: PrivacyConfig, engine: str) -> str:
     return "secret" if engine == "flower" else "seeded"
 
 
+def uses_secret_noise(config: PrivacyConfig, engine: str) -> bool:
+    """Whether a client's random draws (release noise, VPP's selection, DP-SGD's sampling and noise, its
+    shuffles) come from its own secret rather than the run seed: a mechanism is on and the noise source
+    is ``secret``. Without a mechanism nothing is protected and the draws stay seeded (reproducible)."""
+    return config.mechanism != "none" and noise_source(config, engine) == "secret"
+
+
+def shares_diagnostics(config: PrivacyConfig, engine: str) -> bool:
+    """Whether the clients' training loss, personalised test metrics and data profile (training samples,
+    classes held) reach the server: always in-process (one process holds everything) and without a
+    mechanism; on Flower under a mechanism only with ``privacy.share_diagnostics``, else they stay on the
+    nodes (each node's own log)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    return engine == "in-process" or config.mechanism == "none" or config.share_diagnostics
+
+
+def diagnostics_text(config: PrivacyConfig, engine: str) -> str:
+    """Where a private run's training loss, personalised test metrics and per-client data profile go."""
+    if engine == "in-process":
+        return (
+            "computed in this process by the experimenter (a measurement of the run, not a release: no server "
+            "of a deployment would see them)"
+        )
+    if shares_diagnostics(config, engine):
+        return "sent to the server with every reply (privacy.share_diagnostics = true; not covered by epsilon)"
+    return "kept on the nodes (each node's own log); replies carry only the protected release and the spend report"
+
+
 def privacy_statement(config: PrivacyConfig, engine: str) -> dict[str, Any]:
     """``relation``, ``sensitivity`` (and ``sensitivity_text``, in words), ``noise_source`` and
     ``not_covered`` (what ε says nothing about) of a private run on ``engine``; empty for a run without a
@@ -86,6 +123,7 @@ def privacy_statement(config: PrivacyConfig, engine: str) -> dict[str, Any]:
         "sensitivity": config.sensitivity if config.mechanism in ("igpp", "vpp") else "clipped per-example gradients",
         "sensitivity_text": sensitivity_text(config),
         "noise_source": source,
+        "diagnostics": diagnostics_text(config, engine),
         "not_covered": not_covered,
     }
 
