@@ -210,10 +210,6 @@ def test_bad_audit_settings_name_the_key():
         AuditSettings(canaries=100, design="everything")
 
 
-@pytest.mark.skipif(
-    not hasattr(__import__("protofl.privacy.statement", fromlist=["x"]), "uses_secret_noise"),
-    reason="secret noise (privacy.noise = 'secret') is not implemented on this branch yet",
-)
 def test_secret_noise_is_not_replayed_by_the_server():
     config = prototype_config("igpp", epsilon=1.0, noise="secret")
     result = audit_run(config, AuditSettings(canaries=200, replay_seed=True))
