@@ -20,6 +20,9 @@ def _worker(args: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     import protofl
+
+    # the run applies federation.threads itself (0 would mean every core, in each worker)
+    config = {**config, "federation": {**config.get("federation", {}), "threads": threads}}
     from protofl.api import resolve_config
     from protofl.config import RunConfig
 

@@ -143,8 +143,11 @@ def main() -> None:
     parser.add_argument("--relation", default="add-remove", choices=["add-remove", "replace-one"])
     parser.add_argument("--model", default="adapter", choices=list(MODELS))
     parser.add_argument("--mechanisms", nargs="+", default=list(MECHANISMS), choices=list(MECHANISMS))
+    parser.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS), help="must include 1 and inf")
     parser.add_argument("--out", type=Path, default=None, help="default: results/vpdr_valid[_linear]")
     args = parser.parse_args()
+    global EPSILONS
+    EPSILONS = tuple(args.epsilons)
     load_start, cpu_start = os.getloadavg()[0], _cpu_seconds()
     if args.out is None:
         args.out = RESULTS / ("vpdr_valid" if args.model == "adapter" else f"vpdr_valid_{args.model}")

@@ -551,3 +551,24 @@ def test_the_secondary_pld_figure_is_skipped_where_it_would_take_gigabytes():
         planned_releases=100,
     )
     assert report["epsilon_pld_max"] is None and report["epsilon"] == report["epsilon_rdp_max"] > 0
+
+
+@pytest.mark.parametrize("mechanism", ["igpp", "vpp"])
+def test_a_non_finite_feature_row_is_released_as_a_zero_row(mechanism):
+    """One example driven to overflow must not make the release NaN (the server's rejection of a NaN reply
+    would reveal it outside ε): its row counts as a zero feature, inside the R-ball."""
+    from protofl.privacy.layer import create_privacy_layer
+
+    config = PrivacyConfig(mechanism=mechanism, epsilon=4.0, planned_releases=1)
+    layer = create_privacy_layer(config, 3)
+    z = torch.randn(30, 8)
+    y = torch.arange(30) % 3
+    broken = z.clone()
+    broken[4] = float("nan")
+    broken[7, 2] = float("inf")
+    zeroed = z.clone()
+    zeroed[[4, 7]] = 0.0
+    got = layer.noisy_prototypes(broken, y, torch.Generator().manual_seed(1))
+    want = layer.noisy_prototypes(zeroed, y, torch.Generator().manual_seed(1))
+    assert torch.isfinite(got.prototypes).all()
+    assert torch.equal(got.prototypes, want.prototypes)

@@ -341,6 +341,18 @@ def _clip(x: np.ndarray, bound: float) -> np.ndarray:
     return x * np.minimum(bound / np.maximum(np.sqrt((x * x).sum(1)), 1e-12), 1.0)[:, None]
 
 
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` with every row that holds a non-finite value set to zero. A feature map driven to overflow (one
+    out-of-range example at a high learning rate can do it) would otherwise make the release NaN, and the
+    server's rejection of that reply would tell it so, outside ε; a zero row is inside the R-ball, so the
+    sensitivity is unchanged."""
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        x = x.copy()
+        x[bad] = 0.0
+    return x
+
+
 def igpp_release(
     z: torch.Tensor,
     y: torch.Tensor,
@@ -357,7 +369,7 @@ def igpp_release(
     at σ (the module docstring)."""
     rule = sensitivity_rule(sensitivity, relation)
     # In float64 numpy (clip_rows and the class means, as in vpp_release), once per client per round.
-    x, labels = z.detach().double().numpy(), y.numpy()
+    x, labels = finite_rows(z.detach().double().numpy()), y.numpy()
     sigma_f, sigma_n = _multipliers(noise_multiplier, relation, count_fraction)
     return _release(
         _clip(x, bound),
@@ -393,7 +405,7 @@ def vpp_release(
     rule = sensitivity_rule(sensitivity, relation)
     # In float64 numpy (the same steps as anova_scores, private_top_k, clip_groups and the class means;
     # noise from ``generator`` in the same order), as this runs once per client per round.
-    x, labels = z.detach().double().numpy(), y.numpy()
+    x, labels = finite_rows(z.detach().double().numpy()), y.numpy()
     d = x.shape[1]
     k = math.ceil(rho * d)
     if not 0 < k <= d:
