@@ -133,6 +133,7 @@ def prepare_embeddings(settings: list[str]) -> None:
 
 
 def main() -> None:
+    global EPSILONS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
@@ -146,7 +147,6 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS), help="must include 1 and inf")
     parser.add_argument("--out", type=Path, default=None, help="default: results/vpdr_valid[_linear]")
     args = parser.parse_args()
-    global EPSILONS
     EPSILONS = tuple(args.epsilons)
     load_start, cpu_start = os.getloadavg()[0], _cpu_seconds()
     if args.out is None:
