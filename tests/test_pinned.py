@@ -143,7 +143,9 @@ PINNED = {
         },
     ],
     # Re-recorded when the add/remove release with the trained-features rule became the default (the
-    # rows before were VPDR's replace-one release under fixed features, now refused on this CNN).
+    # rows before were VPDR's replace-one release under fixed features, now refused on this CNN), and
+    # again when the server began projecting noisy uploads onto the R-ball (privacy.bound_uploads;
+    # rounds 2-3 change, train loss 990 -> 3.2).
     "fedproto-vpp": [
         {
             "global_acc": None,
@@ -157,8 +159,8 @@ PINNED = {
         },
         {
             "global_acc": None,
-            "personal_acc_mean": 0.22671569138765335,
-            "train_loss": 989.6837178548176,
+            "personal_acc_mean": 0.228104580193758,
+            "train_loss": 3.1876869122187297,
             "bytes_up": 2811,
             "bytes_down": 2493,
             "clients_sampled": 3,
@@ -167,8 +169,8 @@ PINNED = {
         },
         {
             "global_acc": None,
-            "personal_acc_mean": 0.17009804211556911,
-            "train_loss": 710.5415944417318,
+            "personal_acc_mean": 0.2419934682548046,
+            "train_loss": 2.8565325935681662,
             "bytes_up": 2811,
             "bytes_down": 2493,
             "clients_sampled": 3,

@@ -366,6 +366,10 @@ class PrivacyConfig:
     #: system's CSPRNG, kept by the client: on Flower, a secret that never leaves the node), or ``auto``
     #: (``seeded`` in-process, ``secret`` on Flower).
     noise: str = "auto"
+    #: Prototype releases: the server projects every noisy prototype it receives onto the R-ball
+    #: (``clip_bound``), which holds every true class mean of clipped features (post-processing, no ε;
+    #: never moves an estimate further from the truth). Off: the noisy prototypes are used as they are.
+    bound_uploads: bool = True
     #: Flower: let replies of a private run also carry the training loss and the personalised test
     #: metrics (not covered by ε; summary.json then says so). Off: they stay in the node's log.
     share_diagnostics: bool = False

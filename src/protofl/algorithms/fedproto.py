@@ -50,6 +50,7 @@ from protofl.config import ConfigError, check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY
 from protofl.privacy.layer import PrototypeReleaseLayer
+from protofl.privacy.mechanisms import clip_rows
 from protofl.privacy.vpdr import DistillationClipping
 from protofl.prototypes import PrototypeAccumulator
 from protofl.training import masked_cross_entropy, train_local
@@ -366,7 +367,30 @@ class FedProto(ModelAlgorithm):
         )
         return {"classes": classes, "prototypes": protos}, {"global_classes": float(len(classes))}
 
+    def bounded_uploads(self, replies: list[Payload]) -> list[Payload]:
+        """The uploads with every noisy prototype projected onto the R-ball (``privacy.bound_uploads``).
+
+        Every prototype a release protects is a class mean (or, for ``fixed-features`` under add/remove, a
+        sum over a count) of features clipped to norm R — VPP's two groups to R·κ_A and R·κ_B, with
+        κ_A² + κ_B² = 1 — so the true value lies in the R-ball, and projecting a noisy estimate onto that
+        convex set never moves it further from the truth. It is post-processing of the release (no ε).
+        Under a valid bound the noise is far larger than R (about σ·2R·√C per coordinate), and an
+        unprojected prototype pulls the features it aligns toward a point far outside the data."""
+        if not (self.privacy_layer is not None and isinstance(self.privacy_layer, PrototypeReleaseLayer)):
+            return replies
+        if not self.privacy.bound_uploads:
+            return replies
+        bound = self.privacy.clip_bound
+        out = []
+        for reply in replies:
+            arrays = dict(reply.arrays)
+            protos = torch.from_numpy(reply["prototypes"]).double()
+            arrays["prototypes"] = clip_rows(protos, bound).numpy().astype(reply["prototypes"].dtype)
+            out.append(Payload(arrays, reply.metadata))
+        return out
+
     def server_step(self, server_state: State, replies: list[Payload]):
+        replies = self.bounded_uploads(replies)
         state, metrics = self.server_prototypes(server_state, replies)
         if self.shares_model:
             state["params"] = weighted_average(

@@ -117,9 +117,7 @@ def privacy_statement(config: PrivacyConfig, engine: str) -> dict[str, Any]:
     if engine == "flower" and config.share_diagnostics:
         not_covered.append("the training loss and the personalised test metrics in every reply")
     if engine == "flower":
-        not_covered.append(
-            "whether and when a node replies (a node's error, its reply time): outside every mechanism"
-        )
+        not_covered.append("whether and when a node replies (a node's error, its reply time): outside every mechanism")
     return {
         "unit": "one example of one client's train split",
         "relation": config.relation,
