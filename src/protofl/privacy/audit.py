@@ -53,6 +53,7 @@ __all__ = [
     "AuditTransport",
     "Canary",
     "CanaryDesign",
+    "ExampleCanaries",
     "GradientCanaries",
     "ReleaseCanaries",
     "audit_run",
@@ -157,8 +158,19 @@ class CanaryDesign(abc.ABC):
     def install(self, algorithm: Any) -> None:
         """Put the canaries' insertion into ``algorithm`` (an instance-level wrapper; nothing global)."""
 
+    #: Whether the server's replay of a client's draws (``replay_seed``) can leave this design's canaries out.
+    replayable: ClassVar[bool] = True
+
+    def check(self) -> None:
+        """Refuse (one line) a run this design cannot audit, beyond its mechanism; nothing by default."""
+
     def begin_round(self, r: int) -> None:
         self.round = r
+
+    def exchange(self, r: int, active: Sequence[int], broadcast: Payload, transport: Any, run: Any) -> Any:
+        """Round ``r``'s exchange: ``run()`` runs it; a design that changes the clients' data for the round
+        or needs their state from before it wraps that call."""
+        return run()
 
     @abc.abstractmethod
     def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:
@@ -386,8 +398,136 @@ class GradientCanaries(CanaryDesign):
             self.add_score(canary, -moved)
 
 
+class ExampleCanaries(CanaryDesign):
+    """White-box example canaries (see the module docstring). Canary ``(round r, client k)`` is one real
+    example: an out-of-range input (every input value ``±magnitude`` times the largest in the data, signs
+    from the auditor's seed) labelled with the client's most frequent class, added to client k's train
+    split in round r when its coin says so. At the client, the auditor also runs the other world: the same
+    step from the same state with the same generator, with the example where the run had none or none
+    where it had one, and keeps both worlds' clean releases (features and counts). The score of what the
+    server received is the log-likelihood ratio of the two worlds under the noise the release claims, over
+    the whole release: ``Σ (a − b)(x − (a + b)/2) / std²`` over the feature statistic (the released
+    prototypes, times the noisy counts where the statistic is the class sums) and over the counts, with
+    ``a``/``b`` the world with/without the example. It measures what one example really moves, trained
+    feature map included, against the noise calibrated for the sensitivity rule."""
+
+    name = "example"
+    mechanisms = ("igpp", "vpp")
+    threat = (
+        "white box: the auditor adds one out-of-range example to one client's train split in one round by a "
+        "coin, and computes at the client the clean release (features and counts) with and without it (same "
+        "state, same generator); it audits the sensitivity rule on the trained feature map and the counts"
+    )
+    replayable = False
+    #: The canary's input values, in units of the largest input value in the data.
+    magnitude = 3.0
+
+    def __init__(self, config: RunConfig, settings: AuditSettings):
+        super().__init__(config, settings)
+        #: This round's clean releases by world (``real``, ``other``) and client:
+        #: (classes, clean statistic, clean counts, feature noise std, count noise std).
+        self.clean: dict[str, dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]]] = {
+            "real": {},
+            "other": {},
+        }
+        self.world = "real"
+        self.scale = 1.0
+
+    def check(self) -> None:
+        if self.config.privacy.relation != "add-remove":
+            raise ConfigError(
+                "privacy.relation: example canaries add an example to a client's data, which is the add-remove "
+                "relation; a replace-one claim says nothing about that (audit it with the release design)"
+            )
+
+    def slots(self, algorithm: Any, clients: Sequence[Any]) -> list[tuple[int, tuple[int, ...]]]:
+        self.scale = self.magnitude * max(float(data.x_train.abs().max()) for data in clients if data.num_train)
+        return [
+            (data.client_id, (r, int(torch.bincount(data.y_train).argmax())))
+            for data in clients
+            if data.num_train
+            for r in range(1, self.config.federation.rounds + 1)
+        ]
+
+    def install(self, algorithm: Any) -> None:
+        def on_release(client: int, release: Any, clean: Any, sigma: float) -> Any:
+            if not self.disabled:
+                self.clean[self.world][client] = (
+                    release.classes.numpy(),
+                    clean.statistic.double().numpy(),
+                    clean.counts.double().numpy(),
+                    release.noise_std.double().numpy(),
+                    float(release.count_std),
+                )
+            return release
+
+        watch_releases(algorithm, on_release)
+
+    def this_round(self, client: int) -> Canary | None:
+        return next((c for c in self.of_client(client) if c.place[0] == self.round), None)
+
+    def with_example(self, data: Any, canary: Canary) -> Any:
+        """``data`` with the canary's example added to its train split."""
+        rng = np.random.default_rng([self.settings.seed, AUDIT_STREAM, canary.id])
+        signs = rng.choice([-1.0, 1.0], size=tuple(data.x_train.shape[1:]))
+        x = torch.as_tensor(signs * self.scale, dtype=data.x_train.dtype, device=data.x_train.device)
+        y = torch.tensor([canary.place[1]], dtype=data.y_train.dtype, device=data.y_train.device)
+        return dataclasses.replace(data, x_train=torch.cat([data.x_train, x[None]]), y_train=torch.cat([data.y_train, y]))
+
+    def exchange(self, r: int, active: Sequence[int], broadcast: Payload, transport: Any, run: Any) -> Any:
+        from protofl.engine.client import client_generator
+
+        inner = transport.inner
+        self.clean = {"real": {}, "other": {}}
+        canaries = {k: c for k in active if (c := self.this_round(k)) is not None}
+        before = {k: copy.deepcopy(inner.client_state(k)) for k in canaries}
+        original = list(inner.clients)
+        inner.clients = [
+            self.with_example(d, canaries[d.client_id]) if d.client_id in canaries and canaries[d.client_id].included else d
+            for d in original
+        ]
+        try:
+            exchange = run()
+        finally:
+            inner.clients = original
+        self.world = "other"
+        try:
+            for k, canary in canaries.items():
+                data = original[k] if canary.included else self.with_example(original[k], canary)
+                received = Payload.from_bytes(broadcast.to_bytes())
+                generator = client_generator(inner.seed, r, k, inner.client_secret(k))
+                inner.algorithm.client_step(before[k], data, received, generator)
+        finally:
+            self.world = "real"
+        return exchange
+
+    def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:
+        from protofl.privacy.mechanisms import sensitivity_rule
+
+        canary = self.this_round(client)
+        if canary is None or client not in self.clean["real"] or client not in self.clean["other"]:
+            return
+        classes, real, real_counts, std, count_std = self.clean["real"][client]
+        other_classes, other, other_counts, _, _ = self.clean["other"][client]
+        if not np.array_equal(classes, other_classes) or not np.array_equal(classes, reply["classes"]):
+            raise ConfigError("audit.design: example canaries need a release of every class (privacy.relation)")
+        counts = np.asarray(reply["counts"], dtype=np.float64)
+        x = reply["prototypes"].astype(np.float64)
+        p = self.config.privacy
+        if sensitivity_rule(p.sensitivity, p.relation).sums:
+            x = x * np.maximum(counts, 1.0)[:, None]  # the noisy class sums the prototypes were divided from
+        (a, b), (na, nb) = (
+            ((real, other), (real_counts, other_counts)) if canary.included else ((other, real), (other_counts, real_counts))
+        )
+        score = float(np.sum((a - b) * (x - (a + b) / 2) / np.square(std)))
+        score += float(np.sum((na - nb) * (counts - (na + nb) / 2))) / count_std**2
+        self.add_score(canary, score)
+
+
 #: The canary designs by name; ``auto`` picks the first whose ``mechanisms`` hold the run's mechanism.
-CANARY_DESIGNS: dict[str, type[CanaryDesign]] = {d.name: d for d in (ReleaseCanaries, GradientCanaries)}
+CANARY_DESIGNS: dict[str, type[CanaryDesign]] = {
+    d.name: d for d in (ReleaseCanaries, GradientCanaries, ExampleCanaries)
+}
 
 
 def design_for(config: RunConfig, settings: AuditSettings) -> CanaryDesign:
@@ -433,7 +573,9 @@ class AuditTransport:
     def exchange(self, r: int, active: Sequence[int], broadcast: Payload, owed: int | None) -> Any:
         self.design.begin_round(r)
         before = {k: copy.deepcopy(self.inner.client_state(k)) for k in active} if self.replay_seed is not None else {}
-        exchange = self.inner.exchange(r, active, broadcast, owed)
+        exchange = self.design.exchange(
+            r, active, broadcast, self, lambda: self.inner.exchange(r, active, broadcast, owed)
+        )
         replied = [k for k in active if exchange.status.get(k) == "ok"]
         for k, reply in zip(replied, exchange.accepted):
             replay = (
@@ -501,6 +643,12 @@ def check_audit(config: RunConfig, settings: AuditSettings) -> CanaryDesign:
     if not math.isfinite(p.epsilon):
         raise ConfigError("privacy.epsilon: an infinite ε claims nothing; there is nothing to audit")
     design = design_for(config, settings)
+    design.check()
+    if settings.replay_seed and not design.replayable:
+        raise ConfigError(
+            f"audit.replay_seed: {design.name} canaries are in the clients' data, which a replay from the run "
+            "seed cannot leave out; use the release or gradient design"
+        )
     m = settings.canaries
     if perfect_bound(m, p.delta, settings.confidence) <= 0:
         least = m + 1
