@@ -183,6 +183,15 @@ class CanaryDesign(abc.ABC):
     def scores(self) -> np.ndarray:
         return np.array([self.score_sum.get(c.id, 0.0) for c in self.canaries])
 
+    def findings(self) -> dict[str, Any]:
+        """What this design measured besides the scores (in audit.json); nothing by default."""
+        return {}
+
+    def sensitivity_exceeded(self) -> bool:
+        """Whether the design saw one example move a release by more than the run's sensitivity rule
+        allows (only a design that computes both worlds can tell)."""
+        return False
+
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"design": self.name, "canaries": [dataclasses.astuple(c) for c in self.canaries], **self._state()}
@@ -432,6 +441,10 @@ class ExampleCanaries(CanaryDesign):
         }
         self.world = "real"
         self.scale = 1.0
+        #: Per canary: how far apart its two worlds' clean releases lie, in the release's noise
+        #: (``sqrt(Σ ((a − b)/std)²)`` over features and counts), and ``1/σ``, the most the run claims.
+        self.separation: dict[int, float] = {}
+        self.claimed: float = 0.0
 
     def check(self) -> None:
         if self.config.privacy.relation != "add-remove":
@@ -459,6 +472,7 @@ class ExampleCanaries(CanaryDesign):
                     release.noise_std.double().numpy(),
                     float(release.count_std),
                 )
+                self.claimed = 1.0 / sigma
             return release
 
         watch_releases(algorithm, on_release)
@@ -522,6 +536,31 @@ class ExampleCanaries(CanaryDesign):
         score = float(np.sum((a - b) * (x - (a + b) / 2) / np.square(std)))
         score += float(np.sum((na - nb) * (counts - (na + nb) / 2))) / count_std**2
         self.add_score(canary, score)
+        self.separation[canary.id] = math.sqrt(
+            float(np.sum(np.square((a - b) / std))) + float(np.sum(np.square(na - nb))) / count_std**2
+        )
+
+    def findings(self) -> dict[str, Any]:
+        seen = np.array(list(self.separation.values()))
+        return {
+            "claimed_separation": self.claimed,
+            "largest_separation": float(seen.max()) if len(seen) else 0.0,
+            "median_separation": float(np.median(seen)) if len(seen) else 0.0,
+            "separations_over_claim": int((seen > self.claimed * (1 + 1e-6)).sum()),
+            "sensitivity_exceeded": self.sensitivity_exceeded(),
+        }
+
+    def sensitivity_exceeded(self) -> bool:
+        # A relative margin for float32 features and float64 sums: a correct rule stays within 1/σ exactly.
+        return any(v > self.claimed * (1 + 1e-6) for v in self.separation.values())
+
+    def _state(self) -> dict[str, Any]:
+        return {**super()._state(), "separation": dict(self.separation), "claimed": self.claimed}
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        super()._load(state)
+        self.separation = {int(k): float(v) for k, v in state["separation"].items()}
+        self.claimed = float(state["claimed"])
 
 
 #: The canary designs by name; ``auto`` picks the first whose ``mechanisms`` hold the run's mechanism.
@@ -626,11 +665,15 @@ class AuditResult:
     confidence: float
     run_dir: Path | None
     summary: dict[str, Any]
+    #: Whether one example was seen to move a release by more than the sensitivity rule allows (example
+    #: canaries): the premise of the reported ε fails, whatever ε_lower shows.
+    sensitivity_exceeded: bool = False
 
     @property
     def violated(self) -> bool:
-        """Whether the run was shown to leak more than its reported ε."""
-        return self.epsilon_lower > self.epsilon
+        """Whether the run was shown to leak more than its reported ε, or to break the sensitivity its ε
+        rests on."""
+        return self.epsilon_lower > self.epsilon or self.sensitivity_exceeded
 
 
 def check_audit(config: RunConfig, settings: AuditSettings) -> CanaryDesign:
@@ -764,6 +807,7 @@ def _conclude(
         confidence=settings.confidence,
         run_dir=run_dir,
         summary=summary,
+        sensitivity_exceeded=design.sensitivity_exceeded(),
     )
     if run_dir is not None:
         from protofl.records import write_atomic, write_json
@@ -784,6 +828,7 @@ def _conclude(
             "replay_seed": settings.replay_seed,
             "most_shown_by_perfect_guesses": perfect_bound(len(scores), delta, settings.confidence),
             "canaries_to_show_epsilon": canaries_to_show(epsilon, delta, settings.confidence),
+            **design.findings(),
             "scores": scores.tolist(),
             "included_mask": included.tolist(),
         }
@@ -819,6 +864,17 @@ def audit_section(record: Mapping[str, Any]) -> str:
             f"{record['most_shown_by_perfect_guesses']:.3f}, so this audit cannot reach the reported ε ("
             + (f"that takes {needed} canaries" if needed else f"no number of canaries can at δ = {record['delta']:g}")
             + ")"
+        )
+    if "claimed_separation" in record:
+        lines.append(
+            f"- one example moved a release by up to {record['largest_separation']:.3g} noise units (median "
+            f"{record['median_separation']:.3g}); the sensitivity rule allows {record['claimed_separation']:.3g}"
+            + (
+                f": **exceeded by {record['separations_over_claim']} canaries, so the reported ε rests on a "
+                "sensitivity the run does not have**"
+                if record["sensitivity_exceeded"]
+                else ""
+            )
         )
     lines.append("- score distributions: audit_scores.png")
     return "\n".join(lines)
