@@ -347,26 +347,40 @@ class GradientCanaries(CanaryDesign):
 
     def __init__(self, config: RunConfig, settings: AuditSettings):
         super().__init__(config, settings)
-        self.names: list[str] = []
+        self.names: list[tuple[str, str]] = []
         self.sizes: dict[int, int] = {}
 
-    def slots(self, algorithm: Any, clients: Sequence[Any]) -> list[tuple[int, tuple[int, ...]]]:
+    @staticmethod
+    def released(algorithm: Any) -> dict[str, str]:
+        """Every array a client releases that its DP-SGD steps train, with that parameter's name in the
+        steps' clipped sum: a method's own ``dp_sgd_released()`` (FedHypeVAE's shared φ), else the model
+        parameters it releases (DP-FedAvg)."""
         from protofl.algorithms.base import PARAM_PREFIX
 
+        own = getattr(algorithm, "dp_sgd_released", None)
+        if own is not None:
+            return dict(own())
+        model = getattr(algorithm, "model", None)
+        named = model.named_parameters() if model is not None else ()
         released = algorithm.reply_spec().arrays
-        params = {k: v for k, v in algorithm.model.named_parameters() if PARAM_PREFIX + k in released}
-        if not params:
+        return {PARAM_PREFIX + k: k for k, _ in named if PARAM_PREFIX + k in released}
+
+    def slots(self, algorithm: Any, clients: Sequence[Any]) -> list[tuple[int, tuple[int, ...]]]:
+        pairs = self.released(algorithm)
+        if not pairs:
             raise ConfigError(
                 f"audit.design: gradient canaries are scored on the model parameters a client releases, and "
                 f"method {algorithm.name!r} releases none of its model's (dpfedavg does)"
             )
-        self.names = sorted(params)
+        spec = algorithm.reply_spec().arrays
+        #: (released array, its name in the clipped sum), sorted by the released name.
+        self.names = sorted(pairs.items())
         self.sizes = {data.client_id: data.num_train for data in clients}
         return [
             (data.client_id, (p, j))
             for data in clients
-            for p, name in enumerate(self.names)
-            for j in range(params[name].numel())
+            for p, (name, _) in enumerate(self.names)
+            for j in range(math.prod(spec[name].shape))
         ]
 
     def install(self, algorithm: Any) -> None:
@@ -385,9 +399,11 @@ class GradientCanaries(CanaryDesign):
                 rate = expected_batch / data.num_train  # the client's Poisson rate, as for its examples
                 out = {k: v.clone() for k, v in summed.items()}
                 for canary, coin in zip(mine, rng.random(len(mine))):
-                    if coin < rate:
-                        p, j = canary.place
-                        out[self.names[p]].view(-1)[j] += clip
+                    p, j = canary.place
+                    gradient = self.names[p][1]
+                    # A step that does not train the canary's parameter (FedHypeVAE's meta-code steps) skips it.
+                    if coin < rate and gradient in out:
+                        out[gradient].view(-1)[j] += clip
                 return out
 
             with inserted_gradients(insert):
@@ -396,12 +412,10 @@ class GradientCanaries(CanaryDesign):
         algorithm.client_step = step_hook
 
     def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:
-        from protofl.algorithms.base import PARAM_PREFIX
-
         base = replay if replay is not None else broadcast
         for canary in self.of_client(client):
             p, j = canary.place
-            name = PARAM_PREFIX + self.names[p]
+            name = self.names[p][0]
             # SGD steps against the gradient: the canary pulls its coordinate down.
             moved = float(reply[name].reshape(-1)[j]) - float(base[name].reshape(-1)[j])
             self.add_score(canary, -moved)
