@@ -9,6 +9,7 @@ down, seeded noise replayed by the server) must give ε_lower > ε at a small cl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -290,3 +291,32 @@ def test_correct_defaults_pass_the_example_audit():
 def test_example_audits_that_cannot_work_are_refused(privacy, settings, message):
     with pytest.raises(ConfigError, match=message):
         audit_run(example_config(**privacy), AuditSettings(canaries=100, design="example", **settings))
+
+
+# -- FedHypeVAE: gradient canaries in the shared hypernetwork parameters ---------------------------
+
+
+FEDHYPEVAE_AUDIT = Path(__file__).resolve().parents[1] / "configs" / "optdigits-audit-fedhypevae.toml"
+
+
+@pytest.mark.slow
+def test_correct_fedhypevae_passes_the_gradient_audit():
+    result = audit_run(FEDHYPEVAE_AUDIT, AuditSettings(canaries=2000), overrides=["privacy.epsilon=8"])
+    assert result.design == "gradient"
+    assert 0 < result.epsilon_lower <= result.epsilon
+
+
+@pytest.mark.slow
+def test_scaled_down_fedhypevae_noise_fails(monkeypatch):
+    from protofl.algorithms import fedhypevae
+    from protofl.privacy import dpsgd
+
+    honest = dpsgd.add_noise
+
+    def weak(summed, clip_norm, sigma, expected, generator):
+        return honest(summed, clip_norm, sigma * 0.02, expected, generator)
+
+    monkeypatch.setattr(dpsgd, "add_noise", weak)
+    monkeypatch.setattr(fedhypevae, "add_noise", weak)
+    result = audit_run(FEDHYPEVAE_AUDIT, AuditSettings(canaries=2000), overrides=["privacy.epsilon=1"])
+    assert result.epsilon_lower > result.epsilon
