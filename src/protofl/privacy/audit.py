@@ -21,7 +21,15 @@ The canary designs (:data:`CANARY_DESIGNS`, each with its threat model in ``thre
 - ``gradient`` (``dp-sgd``), white box: each canary is an extra clipped per-example gradient, a Dirac
   direction of norm ``clip_norm`` on one parameter of one client's model, Poisson-sampled into that
   client's DP-SGD steps at the client's rate; its score is the step the client's released update took
-  against that direction.
+  against that direction. The released arrays it audits are a method's ``dp_sgd_released()`` (FedHypeVAE's
+  shared φ) or the model parameters it releases (DP-FedAvg).
+- ``example`` (``igpp``, ``vpp``, add/remove), white box: canary ``(client, round)`` is one out-of-range
+  example added to that client's train split in that round by its coin. The auditor computes the
+  client's clean release (features and counts) with and without it, from the same state and generator;
+  the score is the likelihood ratio of those two worlds over the whole release, under the noise it
+  claims. It audits the sensitivity rule on the trained feature map and the counts, and reports every
+  canary whose two worlds lie further apart than ``1/σ`` (the most a correct rule allows) as a broken
+  sensitivity (:attr:`AuditResult.sensitivity_exceeded`).
 
 ``replay_seed``: the server also knows the run seed (as with ``privacy.noise = "seeded"`` on Flower) and
 replays each client's draws (``derive_seed``) to compute the release it would have made without any
