@@ -171,6 +171,7 @@ class CanaryDesign(abc.ABC):
 
     def check(self) -> None:
         """Refuse (one line) a run this design cannot audit, beyond its mechanism; nothing by default."""
+        return None
 
     def begin_round(self, r: int) -> None:
         self.round = r
@@ -508,7 +509,9 @@ class ExampleCanaries(CanaryDesign):
         signs = rng.choice([-1.0, 1.0], size=tuple(data.x_train.shape[1:]))
         x = torch.as_tensor(signs * self.scale, dtype=data.x_train.dtype, device=data.x_train.device)
         y = torch.tensor([canary.place[1]], dtype=data.y_train.dtype, device=data.y_train.device)
-        return dataclasses.replace(data, x_train=torch.cat([data.x_train, x[None]]), y_train=torch.cat([data.y_train, y]))
+        return dataclasses.replace(
+            data, x_train=torch.cat([data.x_train, x[None]]), y_train=torch.cat([data.y_train, y])
+        )
 
     def exchange(self, r: int, active: Sequence[int], broadcast: Payload, transport: Any, run: Any) -> Any:
         from protofl.engine.client import client_generator
@@ -519,7 +522,9 @@ class ExampleCanaries(CanaryDesign):
         before = {k: copy.deepcopy(inner.client_state(k)) for k in canaries}
         original = list(inner.clients)
         inner.clients = [
-            self.with_example(d, canaries[d.client_id]) if d.client_id in canaries and canaries[d.client_id].included else d
+            self.with_example(d, canaries[d.client_id])
+            if d.client_id in canaries and canaries[d.client_id].included
+            else d
             for d in original
         ]
         try:
@@ -553,7 +558,9 @@ class ExampleCanaries(CanaryDesign):
         if sensitivity_rule(p.sensitivity, p.relation).sums:
             x = x * np.maximum(counts, 1.0)[:, None]  # the noisy class sums the prototypes were divided from
         (a, b), (na, nb) = (
-            ((real, other), (real_counts, other_counts)) if canary.included else ((other, real), (other_counts, real_counts))
+            ((real, other), (real_counts, other_counts))
+            if canary.included
+            else ((other, real), (other_counts, real_counts))
         )
         score = float(np.sum((a - b) * (x - (a + b) / 2) / np.square(std)))
         score += float(np.sum((na - nb) * (counts - (na + nb) / 2))) / count_std**2
