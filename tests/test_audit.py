@@ -299,14 +299,12 @@ def test_example_audits_that_cannot_work_are_refused(privacy, settings, message)
 FEDHYPEVAE_AUDIT = Path(__file__).resolve().parents[1] / "configs" / "optdigits-audit-fedhypevae.toml"
 
 
-@pytest.mark.slow
 def test_correct_fedhypevae_passes_the_gradient_audit():
     result = audit_run(FEDHYPEVAE_AUDIT, AuditSettings(canaries=2000), overrides=["privacy.epsilon=8"])
     assert result.design == "gradient"
     assert 0 < result.epsilon_lower <= result.epsilon
 
 
-@pytest.mark.slow
 def test_scaled_down_fedhypevae_noise_fails(monkeypatch):
     from protofl.algorithms import fedhypevae
     from protofl.privacy import dpsgd
