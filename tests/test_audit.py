@@ -318,3 +318,20 @@ def test_scaled_down_fedhypevae_noise_fails(monkeypatch):
     monkeypatch.setattr(fedhypevae, "add_noise", weak)
     result = audit_run(FEDHYPEVAE_AUDIT, AuditSettings(canaries=2000), overrides=["privacy.epsilon=1"])
     assert result.epsilon_lower > result.epsilon
+
+
+def test_a_killed_example_audit_resumes_to_the_same_result(tmp_path):
+    from protofl.engine import RunInterrupted
+
+    config, settings = example_config(), AuditSettings(canaries=40, design="example")
+    config["federation"]["rounds"] = 4
+    audit_run(config, settings, out=tmp_path / "whole")
+    with pytest.raises(RunInterrupted):
+        audit_run(config, settings, out=tmp_path / "killed", stop_after=2)
+    audit_run(config, settings, out=tmp_path / "killed", resume=True)
+    first = json.loads((tmp_path / "whole" / "audit.json").read_text())
+    second = json.loads((tmp_path / "killed" / "audit.json").read_text())
+    # Rounds 1-2's scores and separations came back from the checkpoint.
+    assert second["scores"] == first["scores"]
+    for key in ("largest_separation", "median_separation", "claimed_separation"):
+        assert second[key] == first[key] > 0
