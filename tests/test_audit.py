@@ -9,6 +9,7 @@ down, seeded noise replayed by the server) must give ε_lower > ε at a small cl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +215,123 @@ def test_secret_noise_is_not_replayed_by_the_server():
     config = prototype_config("igpp", epsilon=1.0, noise="secret")
     result = audit_run(config, AuditSettings(canaries=200, replay_seed=True))
     assert result.epsilon_lower <= result.epsilon
+
+
+# -- example canaries: the sensitivity rule on a trained feature map, and the counts ---------------
+
+
+def example_config(epsilon: float = 1.0, **privacy) -> dict:
+    """10 OptDigits clients and 10 rounds: one example canary per (client, round), 100 in all. A high
+    learning rate and no prototype term, so one example moves the trained feature map a lot."""
+    config = prototype_config("igpp", epsilon, **privacy)
+    config["partition"]["num_clients"] = 10
+    config["federation"]["rounds"] = 10
+    config["method"].update({"lr": 0.1, "proto_weight": 0.0})
+    return config
+
+
+def test_fixed_features_on_a_trained_map_is_caught_by_example_canaries(monkeypatch, tmp_path):
+    from protofl.privacy import statement
+
+    # The run is refused before any work (rightly); let it start to show what the audit finds.
+    monkeypatch.setattr(statement, "check_sensitivity", lambda *args, **kwargs: None)
+    config = example_config(sensitivity="fixed-features")
+    result = audit_run(config, AuditSettings(canaries=100, design="example"), out=tmp_path / "a")
+    record = json.loads((tmp_path / "a" / "audit.json").read_text())
+    # fixed-features claims one example moves a class sum by R; the trained map moves many rows.
+    assert record["largest_separation"] > 2 * record["claimed_separation"]
+    assert record["separations_over_claim"] > 10
+    assert result.sensitivity_exceeded and result.violated
+    assert record["verdict"] == "violated" and record["sensitivity_exceeded"] is True
+    assert "sensitivity the run does not have" in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_counts_in_the_clear_under_add_remove_fail_the_example_audit(monkeypatch, tmp_path):
+    from protofl.privacy import mechanisms
+
+    honest = mechanisms._multipliers
+    # A broken add/remove release: the counts carry (almost) no noise, the reported ε stays the same.
+    monkeypatch.setattr(mechanisms, "_multipliers", lambda sigma, relation, f: (honest(sigma, relation, f)[0], 1e-6))
+    result = audit_run(example_config(), AuditSettings(canaries=100, design="example"), out=tmp_path / "a")
+    record = json.loads((tmp_path / "a" / "audit.json").read_text())
+    scores, included = record["scores"], record["included_mask"]
+    # An added example of a class changes its exact count by one: the scores split the coins perfectly.
+    assert min(s for s, i in zip(scores, included) if i) > max(s for s, i in zip(scores, included) if not i)
+    assert result.epsilon_lower > result.epsilon
+
+
+def test_correct_defaults_pass_the_example_audit():
+    from protofl.privacy import audit
+
+    settings = AuditSettings(canaries=100, design="example")
+
+    conclude = audit._conclude
+    seen = {}
+
+    def spy(config, settings, design, summary, run_dir):
+        seen.update(design.findings())
+        return conclude(config, settings, design, summary, run_dir)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(audit, "_conclude", spy)
+        result = audit_run(example_config(), settings)
+    assert result.epsilon_lower <= result.epsilon
+    assert not result.sensitivity_exceeded and not result.violated
+    # The two worlds really differ (the canaries are in), and never by more than trained-features allows.
+    assert 0 < seen["largest_separation"] <= seen["claimed_separation"]
+
+
+@pytest.mark.parametrize(
+    ("privacy", "settings", "message"),
+    [
+        ({"relation": "replace-one"}, {}, "privacy.relation"),
+        ({}, {"replay_seed": True}, "audit.replay_seed"),
+    ],
+)
+def test_example_audits_that_cannot_work_are_refused(privacy, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        audit_run(example_config(**privacy), AuditSettings(canaries=100, design="example", **settings))
+
+
+# -- FedHypeVAE: gradient canaries in the shared hypernetwork parameters ---------------------------
+
+
+FEDHYPEVAE_AUDIT = Path(__file__).resolve().parents[1] / "configs" / "optdigits-audit-fedhypevae.toml"
+
+
+def test_correct_fedhypevae_passes_the_gradient_audit():
+    result = audit_run(FEDHYPEVAE_AUDIT, AuditSettings(canaries=2000), overrides=["privacy.epsilon=8"])
+    assert result.design == "gradient"
+    assert 0 < result.epsilon_lower <= result.epsilon
+
+
+def test_scaled_down_fedhypevae_noise_fails(monkeypatch):
+    from protofl.algorithms import fedhypevae
+    from protofl.privacy import dpsgd
+
+    honest = dpsgd.add_noise
+
+    def weak(summed, clip_norm, sigma, expected, generator):
+        return honest(summed, clip_norm, sigma * 0.02, expected, generator)
+
+    monkeypatch.setattr(dpsgd, "add_noise", weak)
+    monkeypatch.setattr(fedhypevae, "add_noise", weak)
+    result = audit_run(FEDHYPEVAE_AUDIT, AuditSettings(canaries=2000), overrides=["privacy.epsilon=1"])
+    assert result.epsilon_lower > result.epsilon
+
+
+def test_a_killed_example_audit_resumes_to_the_same_result(tmp_path):
+    from protofl.engine import RunInterrupted
+
+    config, settings = example_config(), AuditSettings(canaries=40, design="example")
+    config["federation"]["rounds"] = 4
+    audit_run(config, settings, out=tmp_path / "whole")
+    with pytest.raises(RunInterrupted):
+        audit_run(config, settings, out=tmp_path / "killed", stop_after=2)
+    audit_run(config, settings, out=tmp_path / "killed", resume=True)
+    first = json.loads((tmp_path / "whole" / "audit.json").read_text())
+    second = json.loads((tmp_path / "killed" / "audit.json").read_text())
+    # Rounds 1-2's scores and separations came back from the checkpoint.
+    assert second["scores"] == first["scores"]
+    for key in ("largest_separation", "median_separation", "claimed_separation"):
+        assert second[key] == first[key] > 0

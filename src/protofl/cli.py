@@ -232,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the audit in --out from its last checkpoint")
     p.add_argument(
-        "--design", default="auto", help="canary design: release (igpp, vpp), gradient (dp-sgd); auto: by mechanism"
+        "--design",
+        default="auto",
+        help="canary design: release (igpp, vpp), gradient (dp-sgd), example (igpp, vpp; add-remove); auto: by mechanism",
     )
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
     p.add_argument(

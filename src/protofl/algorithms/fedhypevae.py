@@ -564,6 +564,11 @@ class FedHypeVAE(Algorithm):
             LEDGER_KEY: [],
         }
 
+    def dp_sgd_released(self) -> dict[str, str]:
+        """The released arrays DP-SGD trains, each with its name in the steps' clipped sum (the privacy
+        audit's gradient canaries): every shared parameter φ, under the same name."""
+        return {name: name for name in self._phi_specs()}
+
     def _phi_specs(self) -> dict[str, ArraySpec]:
         g = torch.Generator().manual_seed(0)
         return {

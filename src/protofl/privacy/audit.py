@@ -21,7 +21,15 @@ The canary designs (:data:`CANARY_DESIGNS`, each with its threat model in ``thre
 - ``gradient`` (``dp-sgd``), white box: each canary is an extra clipped per-example gradient, a Dirac
   direction of norm ``clip_norm`` on one parameter of one client's model, Poisson-sampled into that
   client's DP-SGD steps at the client's rate; its score is the step the client's released update took
-  against that direction.
+  against that direction. The released arrays it audits are a method's ``dp_sgd_released()`` (FedHypeVAE's
+  shared φ) or the model parameters it releases (DP-FedAvg).
+- ``example`` (``igpp``, ``vpp``, add/remove), white box: canary ``(client, round)`` is one out-of-range
+  example added to that client's train split in that round by its coin. The auditor computes the
+  client's clean release (features and counts) with and without it, from the same state and generator;
+  the score is the likelihood ratio of those two worlds over the whole release, under the noise it
+  claims. It audits the sensitivity rule on the trained feature map and the counts, and reports every
+  canary whose two worlds lie further apart than ``1/σ`` (the most a correct rule allows) as a broken
+  sensitivity (:attr:`AuditResult.sensitivity_exceeded`).
 
 ``replay_seed``: the server also knows the run seed (as with ``privacy.noise = "seeded"`` on Flower) and
 replays each client's draws (``derive_seed``) to compute the release it would have made without any
@@ -53,6 +61,7 @@ __all__ = [
     "AuditTransport",
     "Canary",
     "CanaryDesign",
+    "ExampleCanaries",
     "GradientCanaries",
     "ReleaseCanaries",
     "audit_run",
@@ -157,8 +166,20 @@ class CanaryDesign(abc.ABC):
     def install(self, algorithm: Any) -> None:
         """Put the canaries' insertion into ``algorithm`` (an instance-level wrapper; nothing global)."""
 
+    #: Whether the server's replay of a client's draws (``replay_seed``) can leave this design's canaries out.
+    replayable: ClassVar[bool] = True
+
+    def check(self) -> None:
+        """Refuse (one line) a run this design cannot audit, beyond its mechanism; nothing by default."""
+        return None
+
     def begin_round(self, r: int) -> None:
         self.round = r
+
+    def exchange(self, r: int, active: Sequence[int], broadcast: Payload, transport: Any, run: Any) -> Any:
+        """Round ``r``'s exchange: ``run()`` runs it; a design that changes the clients' data for the round
+        or needs their state from before it wraps that call."""
+        return run()
 
     @abc.abstractmethod
     def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:
@@ -170,6 +191,15 @@ class CanaryDesign(abc.ABC):
 
     def scores(self) -> np.ndarray:
         return np.array([self.score_sum.get(c.id, 0.0) for c in self.canaries])
+
+    def findings(self) -> dict[str, Any]:
+        """What this design measured besides the scores (in audit.json); nothing by default."""
+        return {}
+
+    def sensitivity_exceeded(self) -> bool:
+        """Whether the design saw one example move a release by more than the run's sensitivity rule
+        allows (only a design that computes both worlds can tell)."""
+        return False
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -326,26 +356,40 @@ class GradientCanaries(CanaryDesign):
 
     def __init__(self, config: RunConfig, settings: AuditSettings):
         super().__init__(config, settings)
-        self.names: list[str] = []
+        self.names: list[tuple[str, str]] = []
         self.sizes: dict[int, int] = {}
 
-    def slots(self, algorithm: Any, clients: Sequence[Any]) -> list[tuple[int, tuple[int, ...]]]:
+    @staticmethod
+    def released(algorithm: Any) -> dict[str, str]:
+        """Every array a client releases that its DP-SGD steps train, with that parameter's name in the
+        steps' clipped sum: a method's own ``dp_sgd_released()`` (FedHypeVAE's shared φ), else the model
+        parameters it releases (DP-FedAvg)."""
         from protofl.algorithms.base import PARAM_PREFIX
 
+        own = getattr(algorithm, "dp_sgd_released", None)
+        if own is not None:
+            return dict(own())
+        model = getattr(algorithm, "model", None)
+        named = model.named_parameters() if model is not None else ()
         released = algorithm.reply_spec().arrays
-        params = {k: v for k, v in algorithm.model.named_parameters() if PARAM_PREFIX + k in released}
-        if not params:
+        return {PARAM_PREFIX + k: k for k, _ in named if PARAM_PREFIX + k in released}
+
+    def slots(self, algorithm: Any, clients: Sequence[Any]) -> list[tuple[int, tuple[int, ...]]]:
+        pairs = self.released(algorithm)
+        if not pairs:
             raise ConfigError(
                 f"audit.design: gradient canaries are scored on the model parameters a client releases, and "
                 f"method {algorithm.name!r} releases none of its model's (dpfedavg does)"
             )
-        self.names = sorted(params)
+        spec = algorithm.reply_spec().arrays
+        #: (released array, its name in the clipped sum), sorted by the released name.
+        self.names = sorted(pairs.items())
         self.sizes = {data.client_id: data.num_train for data in clients}
         return [
             (data.client_id, (p, j))
             for data in clients
-            for p, name in enumerate(self.names)
-            for j in range(params[name].numel())
+            for p, (name, _) in enumerate(self.names)
+            for j in range(math.prod(spec[name].shape))
         ]
 
     def install(self, algorithm: Any) -> None:
@@ -364,9 +408,11 @@ class GradientCanaries(CanaryDesign):
                 rate = expected_batch / data.num_train  # the client's Poisson rate, as for its examples
                 out = {k: v.clone() for k, v in summed.items()}
                 for canary, coin in zip(mine, rng.random(len(mine))):
-                    if coin < rate:
-                        p, j = canary.place
-                        out[self.names[p]].view(-1)[j] += clip
+                    p, j = canary.place
+                    gradient = self.names[p][1]
+                    # A step that does not train the canary's parameter (FedHypeVAE's meta-code steps) skips it.
+                    if coin < rate and gradient in out:
+                        out[gradient].view(-1)[j] += clip
                 return out
 
             with inserted_gradients(insert):
@@ -375,19 +421,181 @@ class GradientCanaries(CanaryDesign):
         algorithm.client_step = step_hook
 
     def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:
-        from protofl.algorithms.base import PARAM_PREFIX
-
         base = replay if replay is not None else broadcast
         for canary in self.of_client(client):
             p, j = canary.place
-            name = PARAM_PREFIX + self.names[p]
+            name = self.names[p][0]
             # SGD steps against the gradient: the canary pulls its coordinate down.
             moved = float(reply[name].reshape(-1)[j]) - float(base[name].reshape(-1)[j])
             self.add_score(canary, -moved)
 
 
+class ExampleCanaries(CanaryDesign):
+    """White-box example canaries (see the module docstring). Canary ``(round r, client k)`` is one real
+    example: an out-of-range input (every input value ``±magnitude`` times the largest in the data, signs
+    from the auditor's seed) labelled with the client's most frequent class, added to client k's train
+    split in round r when its coin says so. At the client, the auditor also runs the other world: the same
+    step from the same state with the same generator, with the example where the run had none or none
+    where it had one, and keeps both worlds' clean releases (features and counts). The score of what the
+    server received is the log-likelihood ratio of the two worlds under the noise the release claims, over
+    the whole release: ``Σ (a − b)(x − (a + b)/2) / std²`` over the feature statistic (the released
+    prototypes, times the noisy counts where the statistic is the class sums) and over the counts, with
+    ``a``/``b`` the world with/without the example. It measures what one example really moves, trained
+    feature map included, against the noise calibrated for the sensitivity rule."""
+
+    name = "example"
+    mechanisms = ("igpp", "vpp")
+    threat = (
+        "white box: the auditor adds one out-of-range example to one client's train split in one round by a "
+        "coin, and computes at the client the clean release (features and counts) with and without it (same "
+        "state, same generator); it audits the sensitivity rule on the trained feature map and the counts"
+    )
+    replayable = False
+    #: The canary's input values, in units of the largest input value in the data.
+    magnitude = 3.0
+
+    def __init__(self, config: RunConfig, settings: AuditSettings):
+        super().__init__(config, settings)
+        #: This round's clean releases by world (``real``, ``other``) and client:
+        #: (classes, clean statistic, clean counts, feature noise std, count noise std).
+        self.clean: dict[str, dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]]] = {
+            "real": {},
+            "other": {},
+        }
+        self.world = "real"
+        self.scale = 1.0
+        #: Per canary: how far apart its two worlds' clean releases lie, in the release's noise
+        #: (``sqrt(Σ ((a − b)/std)²)`` over features and counts), and ``1/σ``, the most the run claims.
+        self.separation: dict[int, float] = {}
+        self.claimed: float = 0.0
+
+    def check(self) -> None:
+        if self.config.privacy.relation != "add-remove":
+            raise ConfigError(
+                "privacy.relation: example canaries add an example to a client's data, which is the add-remove "
+                "relation; a replace-one claim says nothing about that (audit it with the release design)"
+            )
+
+    def slots(self, algorithm: Any, clients: Sequence[Any]) -> list[tuple[int, tuple[int, ...]]]:
+        self.scale = self.magnitude * max(float(data.x_train.abs().max()) for data in clients if data.num_train)
+        return [
+            (data.client_id, (r, int(torch.bincount(data.y_train).argmax())))
+            for data in clients
+            if data.num_train
+            for r in range(1, self.config.federation.rounds + 1)
+        ]
+
+    def install(self, algorithm: Any) -> None:
+        def on_release(client: int, release: Any, clean: Any, sigma: float) -> Any:
+            if not self.disabled:
+                self.clean[self.world][client] = (
+                    release.classes.numpy(),
+                    clean.statistic.double().numpy(),
+                    clean.counts.double().numpy(),
+                    release.noise_std.double().numpy(),
+                    float(release.count_std),
+                )
+                self.claimed = 1.0 / sigma
+            return release
+
+        watch_releases(algorithm, on_release)
+
+    def this_round(self, client: int) -> Canary | None:
+        return next((c for c in self.of_client(client) if c.place[0] == self.round), None)
+
+    def with_example(self, data: Any, canary: Canary) -> Any:
+        """``data`` with the canary's example added to its train split."""
+        rng = np.random.default_rng([self.settings.seed, AUDIT_STREAM, canary.id])
+        signs = rng.choice([-1.0, 1.0], size=tuple(data.x_train.shape[1:]))
+        x = torch.as_tensor(signs * self.scale, dtype=data.x_train.dtype, device=data.x_train.device)
+        y = torch.tensor([canary.place[1]], dtype=data.y_train.dtype, device=data.y_train.device)
+        return dataclasses.replace(
+            data, x_train=torch.cat([data.x_train, x[None]]), y_train=torch.cat([data.y_train, y])
+        )
+
+    def exchange(self, r: int, active: Sequence[int], broadcast: Payload, transport: Any, run: Any) -> Any:
+        from protofl.engine.client import client_generator
+
+        inner = transport.inner
+        self.clean = {"real": {}, "other": {}}
+        canaries = {k: c for k in active if (c := self.this_round(k)) is not None}
+        before = {k: copy.deepcopy(inner.client_state(k)) for k in canaries}
+        original = list(inner.clients)
+        inner.clients = [
+            self.with_example(d, canaries[d.client_id])
+            if d.client_id in canaries and canaries[d.client_id].included
+            else d
+            for d in original
+        ]
+        try:
+            exchange = run()
+        finally:
+            inner.clients = original
+        self.world = "other"
+        try:
+            for k, canary in canaries.items():
+                data = original[k] if canary.included else self.with_example(original[k], canary)
+                received = Payload.from_bytes(broadcast.to_bytes())
+                generator = client_generator(inner.seed, r, k, inner.client_secret(k))
+                inner.algorithm.client_step(before[k], data, received, generator)
+        finally:
+            self.world = "real"
+        return exchange
+
+    def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:
+        from protofl.privacy.mechanisms import sensitivity_rule
+
+        canary = self.this_round(client)
+        if canary is None or client not in self.clean["real"] or client not in self.clean["other"]:
+            return
+        classes, real, real_counts, std, count_std = self.clean["real"][client]
+        other_classes, other, other_counts, _, _ = self.clean["other"][client]
+        if not np.array_equal(classes, other_classes) or not np.array_equal(classes, reply["classes"]):
+            raise ConfigError("audit.design: example canaries need a release of every class (privacy.relation)")
+        counts = np.asarray(reply["counts"], dtype=np.float64)
+        x = reply["prototypes"].astype(np.float64)
+        p = self.config.privacy
+        if sensitivity_rule(p.sensitivity, p.relation).sums:
+            x = x * np.maximum(counts, 1.0)[:, None]  # the noisy class sums the prototypes were divided from
+        (a, b), (na, nb) = (
+            ((real, other), (real_counts, other_counts))
+            if canary.included
+            else ((other, real), (other_counts, real_counts))
+        )
+        score = float(np.sum((a - b) * (x - (a + b) / 2) / np.square(std)))
+        score += float(np.sum((na - nb) * (counts - (na + nb) / 2))) / count_std**2
+        self.add_score(canary, score)
+        self.separation[canary.id] = math.sqrt(
+            float(np.sum(np.square((a - b) / std))) + float(np.sum(np.square(na - nb))) / count_std**2
+        )
+
+    def findings(self) -> dict[str, Any]:
+        seen = np.array(list(self.separation.values()))
+        return {
+            "claimed_separation": self.claimed,
+            "largest_separation": float(seen.max()) if len(seen) else 0.0,
+            "median_separation": float(np.median(seen)) if len(seen) else 0.0,
+            "separations_over_claim": int((seen > self.claimed * (1 + 1e-6)).sum()),
+            "sensitivity_exceeded": self.sensitivity_exceeded(),
+        }
+
+    def sensitivity_exceeded(self) -> bool:
+        # A relative margin for float32 features and float64 sums: a correct rule stays within 1/σ exactly.
+        return any(v > self.claimed * (1 + 1e-6) for v in self.separation.values())
+
+    def _state(self) -> dict[str, Any]:
+        return {**super()._state(), "separation": dict(self.separation), "claimed": self.claimed}
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        super()._load(state)
+        self.separation = {int(k): float(v) for k, v in state["separation"].items()}
+        self.claimed = float(state["claimed"])
+
+
 #: The canary designs by name; ``auto`` picks the first whose ``mechanisms`` hold the run's mechanism.
-CANARY_DESIGNS: dict[str, type[CanaryDesign]] = {d.name: d for d in (ReleaseCanaries, GradientCanaries)}
+CANARY_DESIGNS: dict[str, type[CanaryDesign]] = {
+    d.name: d for d in (ReleaseCanaries, GradientCanaries, ExampleCanaries)
+}
 
 
 def design_for(config: RunConfig, settings: AuditSettings) -> CanaryDesign:
@@ -433,7 +641,9 @@ class AuditTransport:
     def exchange(self, r: int, active: Sequence[int], broadcast: Payload, owed: int | None) -> Any:
         self.design.begin_round(r)
         before = {k: copy.deepcopy(self.inner.client_state(k)) for k in active} if self.replay_seed is not None else {}
-        exchange = self.inner.exchange(r, active, broadcast, owed)
+        exchange = self.design.exchange(
+            r, active, broadcast, self, lambda: self.inner.exchange(r, active, broadcast, owed)
+        )
         replied = [k for k in active if exchange.status.get(k) == "ok"]
         for k, reply in zip(replied, exchange.accepted):
             replay = (
@@ -484,11 +694,15 @@ class AuditResult:
     confidence: float
     run_dir: Path | None
     summary: dict[str, Any]
+    #: Whether one example was seen to move a release by more than the sensitivity rule allows (example
+    #: canaries): the premise of the reported ε fails, whatever ε_lower shows.
+    sensitivity_exceeded: bool = False
 
     @property
     def violated(self) -> bool:
-        """Whether the run was shown to leak more than its reported ε."""
-        return self.epsilon_lower > self.epsilon
+        """Whether the run was shown to leak more than its reported ε, or to break the sensitivity its ε
+        rests on."""
+        return self.epsilon_lower > self.epsilon or self.sensitivity_exceeded
 
 
 def check_audit(config: RunConfig, settings: AuditSettings) -> CanaryDesign:
@@ -501,6 +715,12 @@ def check_audit(config: RunConfig, settings: AuditSettings) -> CanaryDesign:
     if not math.isfinite(p.epsilon):
         raise ConfigError("privacy.epsilon: an infinite ε claims nothing; there is nothing to audit")
     design = design_for(config, settings)
+    design.check()
+    if settings.replay_seed and not design.replayable:
+        raise ConfigError(
+            f"audit.replay_seed: {design.name} canaries are in the clients' data, which a replay from the run "
+            "seed cannot leave out; use the release or gradient design"
+        )
     m = settings.canaries
     if perfect_bound(m, p.delta, settings.confidence) <= 0:
         least = m + 1
@@ -616,6 +836,7 @@ def _conclude(
         confidence=settings.confidence,
         run_dir=run_dir,
         summary=summary,
+        sensitivity_exceeded=design.sensitivity_exceeded(),
     )
     if run_dir is not None:
         from protofl.records import write_atomic, write_json
@@ -636,6 +857,7 @@ def _conclude(
             "replay_seed": settings.replay_seed,
             "most_shown_by_perfect_guesses": perfect_bound(len(scores), delta, settings.confidence),
             "canaries_to_show_epsilon": canaries_to_show(epsilon, delta, settings.confidence),
+            **design.findings(),
             "scores": scores.tolist(),
             "included_mask": included.tolist(),
         }
@@ -671,6 +893,17 @@ def audit_section(record: Mapping[str, Any]) -> str:
             f"{record['most_shown_by_perfect_guesses']:.3f}, so this audit cannot reach the reported ε ("
             + (f"that takes {needed} canaries" if needed else f"no number of canaries can at δ = {record['delta']:g}")
             + ")"
+        )
+    if "claimed_separation" in record:
+        lines.append(
+            f"- one example moved a release by up to {record['largest_separation']:.3g} noise units (median "
+            f"{record['median_separation']:.3g}); the sensitivity rule allows {record['claimed_separation']:.3g}"
+            + (
+                f": **exceeded by {record['separations_over_claim']} canaries, so the reported ε rests on a "
+                "sensitivity the run does not have**"
+                if record["sensitivity_exceeded"]
+                else ""
+            )
         )
     lines.append("- score distributions: audit_scores.png")
     return "\n".join(lines)
