@@ -121,6 +121,9 @@ class Algorithm:
     privacy_mechanisms: ClassVar[tuple[str, ...]] = ()
     #: Whether the method is private by construction (DP-SGD methods): ``[privacy]`` must name a mechanism.
     requires_privacy: ClassVar[bool] = False
+    #: Metrics of a client's training step (besides ``train_loss``) that the in-process engine averages
+    #: over the round's clients into the round row (NaN ignored), where the clients report them.
+    row_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any, task: Task, privacy: PrivacyConfig | None = None):
         self.config = config
