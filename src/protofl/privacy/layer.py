@@ -253,6 +253,9 @@ class VPPLayer(PrototypeReleaseLayer):
             self.public_selection(received, z.shape[1]),
         )
 
+    def report(self, client_states: Iterable[State], all_accountants: bool = True) -> dict[str, Any]:
+        return {**super().report(client_states, all_accountants), "selection": self.config.selection}
+
 
 class DPSGDLayer(PrivacyLayer):
     """DP-SGD: Poisson-sampled steps of clipped per-example gradients plus Gaussian noise (the

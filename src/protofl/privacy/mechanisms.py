@@ -243,7 +243,8 @@ def selection_diagnostics(z: torch.Tensor, y: torch.Tensor, selected: torch.Tens
     from private data: they stay with the client unless it shares them): ``vpp_selected_energy``, the
     share of the between-class energy ``Σ_c n_c (μ_cj − μ_j)²`` of the class means in the selected
     dimensions, and ``vpp_overlap``, the share of the true top-k by the clean ANOVA F score that was
-    selected. NaN when the client has no between-class energy (fewer than two classes)."""
+    selected. NaN when the client has no between-class energy (fewer than two classes, or features
+    that do not differ between them)."""
     x, labels = z.detach().double().numpy(), y.numpy()
     groups = _Groups.of(labels)
     k = len(selected)
@@ -253,9 +254,11 @@ def selection_diagnostics(z: torch.Tensor, y: torch.Tensor, selected: torch.Tens
     means = groups.sums(x) / groups.counts[:, None]
     energy = (groups.counts[:, None] * (means - x.mean(0)) ** 2).sum(0)
     total = energy.sum()
+    if not total > 0:  # e.g. features collapsed to zero: nothing to rank
+        return {"vpp_selected_energy": math.nan, "vpp_overlap": math.nan}
     top = np.argsort(-_anova(x, labels, groups), kind="stable")[:k]
     return {
-        "vpp_selected_energy": float(energy[chosen].sum() / total) if total > 0 else math.nan,
+        "vpp_selected_energy": float(energy[chosen].sum() / total),
         "vpp_overlap": len(np.intersect1d(top, chosen)) / k,
     }
 
