@@ -1,6 +1,8 @@
 """VPP's selection of discriminative dimensions, measured: does it select, and what is it worth?
 
-For each host (fedproto, fpl with model_sharing = "none"), epsilon and seed, runs IGPP and VPP with
+On the VPDR benchmark's digits-domains setting (its hosts' losses, local training and trained ``adapter``
+model; benchmarks/vpdr_privacy_utility.py), for each host (fedproto, fpl), epsilon and seed, runs IGPP
+and VPP with
 each ``privacy.selection`` (``private-anova``, the paper's, at the default score cap s_max = 0.1 and at
 a cap above the real scores, s_max = 100; ``broadcast-variance``) under the library's privacy defaults
 (trained-features, add-remove, PLD), one run at a time, 1 torch thread. Reports, per cell, the VPP
@@ -24,6 +26,7 @@ import statistics
 import time
 
 import torch
+import vpdr_privacy_utility as vpdr
 from _common import RESULTS, command_line
 
 import protofl
@@ -36,19 +39,13 @@ VARIANTS = {
 }
 
 
-def config(host: str, variant: dict, epsilon: float, seed: int, rounds: int) -> dict:
-    method = {"name": host, "local_epochs": 2}
-    if host == "fpl":
-        method["model_sharing"] = "none"  # FPL's FedAvg of the models is not protected
-    return {
-        "seed": seed,
-        "data": {"dataset": "optdigits"},
-        "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 5},
-        "federation": {"rounds": rounds, "progress": False},
-        "model": {"feature_dim": 64},
-        "method": method,
-        "privacy": {**variant, "epsilon": epsilon},
-    }
+def config(setting: str, host: str, variant: dict, epsilon: float, seed: int, rounds: int) -> dict:
+    """The VPDR benchmark's cell (its settings, hosts, local training and the ``adapter`` model under the
+    library's privacy defaults), with this variant's mechanism and selection, evaluated every round."""
+    cell = vpdr.config(setting, host, variant["mechanism"], epsilon, seed, rounds)
+    cell["privacy"].update(variant)
+    cell["federation"].update(eval_every=1, checkpoint_every=0)
+    return cell
 
 
 def mean(values: list[float]) -> float:
@@ -58,19 +55,22 @@ def mean(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--hosts", nargs="+", default=["fedproto", "fpl"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--setting", default="digits-domains", choices=sorted(vpdr.SETTINGS))
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
     start = time.perf_counter()
     for host in args.hosts:
         for epsilon in args.epsilons:
-            for name, variant in VARIANTS.items():
+            for name in args.variants:
+                variant = VARIANTS[name]
                 for seed in range(args.seeds):
-                    result = protofl.run(config(host, variant, epsilon, seed, args.rounds))
+                    result = protofl.run(config(args.setting, host, variant, epsilon, seed, args.rounds))
                     later = [r for r in result.history if r["round"] >= 2]
                     final = result.history[-1]
                     rows.append(
@@ -91,7 +91,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = [
-        f"`{command_line()}` ({args.seeds} seeds, {args.rounds} rounds; f and overlap: mean over rounds 2..T "
+        f"`{command_line()}` ({args.setting}, {args.seeds} seeds, {args.rounds} rounds; f and overlap: mean over rounds 2..T "
         "and clients; accuracies: final round, mean over seeds)",
         "",
         "| host | ε | variant | σ | f | overlap | personal acc | proto acc |",
@@ -99,7 +99,7 @@ def main() -> None:
     ]
     for host in args.hosts:
         for epsilon in args.epsilons:
-            for name in VARIANTS:
+            for name in args.variants:
                 cell = [r for r in rows if (r["host"], r["epsilon"], r["variant"]) == (host, epsilon, name)]
 
                 def avg(key: str, cell: list = cell) -> str:
