@@ -90,7 +90,9 @@ def main() -> None:
                             "proto_acc": final.get("personal_proto_acc_mean"),
                         }
                     )
-                    print(f"{host} eps {epsilon:g} {name} seed {seed}: {rows[-1]} ({time.perf_counter() - start:.0f} s)")
+                    print(
+                        f"{host} eps {epsilon:g} {name} seed {seed}: {rows[-1]} ({time.perf_counter() - start:.0f} s)"
+                    )
     out = RESULTS / "vpp_selection" / args.model
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -95,14 +95,19 @@ def test_selection_diagnostics_measure_energy_share_and_overlap_on_the_clean_dat
     y = torch.tensor([0, 0, 1, 1])
     z = torch.tensor([[0.0, 0.0, 0.3], [0.0, 0.0, -0.3], [2.0, 1.0, 0.3], [2.0, 1.0, -0.3]])
     assert selection_diagnostics(z, y, torch.tensor([0])) == {"vpp_selected_energy": 0.8, "vpp_overlap": 1.0}
-    assert selection_diagnostics(z, y, torch.tensor([1])) == {"vpp_selected_energy": pytest.approx(0.2), "vpp_overlap": 0.0}
+    assert selection_diagnostics(z, y, torch.tensor([1])) == {
+        "vpp_selected_energy": pytest.approx(0.2),
+        "vpp_overlap": 0.0,
+    }
     assert selection_diagnostics(z, y, torch.tensor([2])) == {"vpp_selected_energy": 0.0, "vpp_overlap": 0.0}
     one_class = selection_diagnostics(z, torch.zeros(4, dtype=torch.int64), torch.tensor([0]))
     assert all(math.isnan(v) for v in one_class.values())
 
 
 def _layer(selection: str, epsilon: float = 4.0, mechanism: str = "vpp"):
-    config = PrivacyConfig(mechanism=mechanism, epsilon=epsilon, accountant="rdp", planned_releases=5, selection=selection)
+    config = PrivacyConfig(
+        mechanism=mechanism, epsilon=epsilon, accountant="rdp", planned_releases=5, selection=selection
+    )
     return (VPPLayer if mechanism == "vpp" else IGPPLayer)(config, C)
 
 

@@ -27,7 +27,7 @@ Sensitivity of the feature part, by ``SENSITIVITY_RULES`` (:func:`feature_sensit
 Under add/remove the counts have L2 sensitivity 1 (one count moves by one).
 
 **One release is one Gaussian mechanism of multiplier σ.** A release is calibrated to one σ (one
-``GaussianEvent(σ)``; VPP adds its pure-DP selection), and under add/remove its precision ``1/σ²`` is
+``GaussianEvent(σ)``; VPP's private selection adds its pure-DP event), and under add/remove its precision ``1/σ²`` is
 split: the features get multiplier ``σ_f = σ/√(1−f)``, the counts ``σ_n = σ/√f``, with
 ``f = count_fraction``. Proof: divide the features by ``σ_f Δ_f`` and the counts by ``σ_n Δ_n``
 (``Δ``: their sensitivities). The rescaled release is its clean statistic plus N(0, I) noise, and a
@@ -477,7 +477,9 @@ def vpp_release(
             raise ValueError(f"k must be in [1, {d}], got {k}")
         if selection_epsilon is None or not selection_epsilon > 0:
             raise ValueError(f"a private selection needs selection_epsilon > 0, got {selection_epsilon}")
-        chosen = np.arange(d) if k == d else _top_k(_anova(x, labels, groups), k, score_cap, selection_epsilon, generator)
+        chosen = (
+            np.arange(d) if k == d else _top_k(_anova(x, labels, groups), k, score_cap, selection_epsilon, generator)
+        )
         events = ((PureDpEvent(selection_epsilon), 1), *events)
     else:
         chosen = np.unique(np.asarray(selected, dtype=np.int64))
