@@ -121,9 +121,6 @@ class Algorithm:
     privacy_mechanisms: ClassVar[tuple[str, ...]] = ()
     #: Whether the method is private by construction (DP-SGD methods): ``[privacy]`` must name a mechanism.
     requires_privacy: ClassVar[bool] = False
-    #: Metrics of a client's training step (besides ``train_loss``) that the in-process engine averages
-    #: over the round's clients into the round row (NaN ignored), where the clients report them.
-    row_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any, task: Task, privacy: PrivacyConfig | None = None):
         self.config = config
@@ -188,6 +185,12 @@ class Algorithm:
 
     def init_client_state(self, seed: int) -> State:
         return {}
+
+    def row_metrics(self) -> tuple[str, ...]:
+        """Metrics of a client's training step (besides ``train_loss``) that the in-process engine
+        averages over the round's clients into the round row (NaN ignored). Every row carries them:
+        ``None`` where no client sent them (on Flower they stay in the nodes' logs)."""
+        return ()
 
     def broadcast(self, server_state: State) -> Payload:
         return Payload({}, {"method": self.name})

@@ -152,7 +152,9 @@ class FedProto(ModelAlgorithm):
     #: With ``[privacy] mechanism = "igpp"`` or ``"vpp"`` the prototypes in a reply are the privacy layer's
     #: noisy ones, and the clean ones never leave the client step.
     privacy_mechanisms = ("igpp", "vpp")
-    row_metrics = VPP_ROW_METRICS
+
+    def row_metrics(self) -> tuple[str, ...]:
+        return VPP_ROW_METRICS if self.privacy.mechanism == "vpp" else ()
 
     @classmethod
     def validate_privacy(cls, config, privacy) -> None:

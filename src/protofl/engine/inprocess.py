@@ -102,7 +102,7 @@ class InProcessTransport:
         reply_metrics: dict[str, list[float]] = {}
         for k, new_state, reply, metrics in self._client_steps(active, r, broadcast, wire_down):
             train_losses.append(metrics.get("train_loss", float("nan")))
-            for key in algo.row_metrics:
+            for key in algo.row_metrics():
                 if key in metrics:
                     reply_metrics.setdefault(key, []).append(float(metrics[key]))
             status[k] = "ok"

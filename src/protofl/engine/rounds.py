@@ -461,6 +461,8 @@ class RoundDriver:
         )
         if self.transport.kept_on_nodes:
             row["train_loss"] = None  # kept on the nodes, not lost: None, not NaN
+        for key in self.algorithm.row_metrics():
+            row.setdefault(key, None)  # no client sent it (on Flower: kept on the nodes)
         if self.transport.counts_lost:
             row["clients_lost"] = sum(1 for s in status.values() if s == "lost")
         self.history.append(row)
