@@ -318,6 +318,8 @@ class LoggingConfig:
 PRIVACY_MECHANISMS = ("none", "igpp", "vpp", "dp-sgd")
 PRIVACY_RELATIONS = ("add-remove", "replace-one")
 NOISE_SOURCES = ("auto", "seeded", "secret")
+#: How VPP picks its discriminative dimensions (:data:`protofl.privacy.mechanisms.SELECTIONS`).
+VPP_SELECTIONS = ("private-anova", "broadcast-variance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +380,13 @@ class PrivacyConfig:
     rho: float = 0.3
     selection_fraction: float = 0.1
     score_cap: float = 0.1
+    #: VPP: how the discriminative dimensions are picked. ``private-anova`` (the VPDR paper): a pure-DP
+    #: top-k of the client's capped ANOVA scores, costing ``selection_fraction`` of ε (at the default
+    #: ``score_cap`` the scores are all capped and the choice is random). ``broadcast-variance``: the
+    #: top-k by the between-class variance of the global prototypes the client received (post-processing
+    #: of the broadcast: no ε spent on it); a round with fewer than two global prototypes releases as
+    #: IGPP. See docs/privacy.md for the measurement.
+    selection: str = "private-anova"
     #: DCR: soft-clip slack tau_s, KD weight and temperature, EMA momentum of the teacher head, warm-up
     #: local steps before KD starts.
     soft_clip_tau: float = 0.05
@@ -419,6 +428,7 @@ class PrivacyConfig:
             0 < self.selection_fraction < 1, "selection_fraction", f"must be in (0, 1), got {self.selection_fraction}"
         )
         check(self.score_cap > 0, "score_cap", f"must be > 0, got {self.score_cap}")
+        check_choice(self.selection, VPP_SELECTIONS, "selection")
         check(self.soft_clip_tau >= 0, "soft_clip_tau", f"must be >= 0, got {self.soft_clip_tau}")
         check(self.kd_weight >= 0, "kd_weight", f"must be >= 0, got {self.kd_weight}")
         check(self.kd_temperature > 0, "kd_temperature", f"must be > 0, got {self.kd_temperature}")

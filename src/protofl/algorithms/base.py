@@ -186,6 +186,12 @@ class Algorithm:
     def init_client_state(self, seed: int) -> State:
         return {}
 
+    def row_metrics(self) -> tuple[str, ...]:
+        """Metrics of a client's training step (besides ``train_loss``) that the in-process engine
+        averages over the round's clients into the round row (NaN ignored). Every row carries them:
+        ``None`` where no client sent them (on Flower they stay in the nodes' logs)."""
+        return ()
+
     def broadcast(self, server_state: State) -> Payload:
         return Payload({}, {"method": self.name})
 

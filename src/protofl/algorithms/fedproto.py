@@ -50,12 +50,17 @@ from protofl.config import ConfigError, check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY
 from protofl.privacy.layer import PrototypeReleaseLayer
-from protofl.privacy.mechanisms import clip_rows
+from protofl.privacy.mechanisms import clip_rows, selection_diagnostics
 from protofl.privacy.vpdr import DistillationClipping
 from protofl.prototypes import PrototypeAccumulator
 from protofl.training import masked_cross_entropy, train_local
 
 MODEL_SHARING = ("none", "fedavg")
+#: What a VPP release reports of its selection, averaged over the round's clients into the round row:
+#: the share of the dimensions selected (1 in a round released as IGPP, for want of a broadcast to
+#: select from), the share of the clean between-class energy in them, and their overlap with the true
+#: top-k of the clean ANOVA scores (:func:`protofl.privacy.mechanisms.selection_diagnostics`).
+VPP_ROW_METRICS = ("vpp_selected_fraction", "vpp_selected_energy", "vpp_overlap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +152,9 @@ class FedProto(ModelAlgorithm):
     #: With ``[privacy] mechanism = "igpp"`` or ``"vpp"`` the prototypes in a reply are the privacy layer's
     #: noisy ones, and the clean ones never leave the client step.
     privacy_mechanisms = ("igpp", "vpp")
+
+    def row_metrics(self) -> tuple[str, ...]:
+        return VPP_ROW_METRICS if self.privacy.mechanism == "vpp" else ()
 
     @classmethod
     def validate_privacy(cls, config, privacy) -> None:
@@ -294,23 +302,28 @@ class FedProto(ModelAlgorithm):
         generator: torch.Generator,
         client_state: State,
         client_id: int,
+        received: Payload | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, float]]:
         """The prototypes a client uploads from its train features ``z`` (labels ``y``; ``clean`` holds
         their per-class sums and counts): ``(classes, prototypes, counts, new ledger state or None,
         metrics)``. The clean per-class means, or, under a ``[privacy]`` mechanism, its noisy release
-        (the only place a release happens)."""
+        (the only place a release happens), given the global prototypes of the broadcast ``received``
+        (VPP's ``broadcast-variance`` selection reads them). A VPP release adds the diagnostics of its
+        selection (:data:`VPP_ROW_METRICS`), computed from the clean features: they stay with the client
+        (on Flower, in the node's log)."""
         if self.privacy_layer is None:
             return (*clean.compute(), None, {})
         # fedproto hosts only the prototype-release mechanisms (igpp, vpp)
         assert isinstance(self.privacy_layer, PrototypeReleaseLayer)
-        release, ledger = self.privacy_layer.release(z, y, generator, client_state, who=f"client {client_id}")
-        return (
-            release.classes,
-            release.prototypes,
-            release.counts,
-            ledger,
-            {"privacy_noise_std": float(release.noise_std.mean())},
+        public = None if received is None else torch.from_numpy(np.asarray(received["prototypes"]))
+        release, ledger = self.privacy_layer.release(
+            z, y, generator, client_state, who=f"client {client_id}", received=public
         )
+        metrics = {"privacy_noise_std": float(release.noise_std.mean())}
+        if release.selected is not None:
+            metrics["vpp_selected_fraction"] = len(release.selected) / z.shape[1]
+            metrics.update(selection_diagnostics(z, y, release.selected))
+        return release.classes, release.prototypes, release.counts, ledger, metrics
 
     def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return self.forward(params, x)[0]
@@ -332,6 +345,7 @@ class FedProto(ModelAlgorithm):
             outcome.generator,
             outcome.client_state,
             data.client_id,
+            outcome.received,
         )
         if ledger is not None:
             new_state[LEDGER_KEY] = ledger

@@ -99,8 +99,12 @@ class InProcessTransport:
         status: dict[int, str] = {}
         up: dict[int, int] = {}
         train_losses = []
+        reply_metrics: dict[str, list[float]] = {}
         for k, new_state, reply, metrics in self._client_steps(active, r, broadcast, wire_down):
             train_losses.append(metrics.get("train_loss", float("nan")))
+            for key in algo.row_metrics():
+                if key in metrics:
+                    reply_metrics.setdefault(key, []).append(float(metrics[key]))
             status[k] = "ok"
             if algo.communicates:
                 wire = reply.to_bytes()
@@ -118,6 +122,7 @@ class InProcessTransport:
         return Exchange(
             accepted=accepted,
             train_losses=train_losses,
+            reply_metrics=reply_metrics,
             status=status,
             bytes_down={k: len(wire_down) for k in active},
             bytes_up=up,

@@ -99,6 +99,13 @@ def merge_privacy_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any
     return out
 
 
+def _nanmean(values: Sequence[float]) -> float:
+    """The mean of the values that are not NaN (NaN when none is)."""
+    arr = np.asarray(values, dtype=float)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if len(arr) else float("nan")
+
+
 def metrics_row(
     r: int,
     evaluation: Mapping[str, Any],
@@ -117,12 +124,14 @@ def metrics_row(
     round_seconds: float,
     eval_seconds: float,
     elapsed_seconds: float,
+    reply_metrics: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """One line of metrics.jsonl, in the engine's key order."""
     return {
         "round": r,
         **evaluation,
         "train_loss": float(np.nanmean(train_losses)) if len(train_losses) else float("nan"),
+        **{key: _nanmean(values) for key, values in (reply_metrics or {}).items()},
         "clients_sampled": sampled,
         "clients_dropped": dropped,
         "clients_rejected": rejected,
@@ -151,6 +160,8 @@ class Exchange:
     accepted: list[Payload] = dataclasses.field(default_factory=list)
     #: The training loss of every client that replied (NaN where it reported none).
     train_losses: list[float] = dataclasses.field(default_factory=list)
+    #: The values of the method's ``row_metrics`` the clients that replied reported, by name.
+    reply_metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     #: Each active client's part: ``ok``, ``rejected`` or ``lost``.
     status: dict[int, str] = dataclasses.field(default_factory=dict)
     #: Bytes each active client received and sent this round (protofl's wire format).
@@ -446,9 +457,12 @@ class RoundDriver:
             round_seconds=done.round_seconds,
             eval_seconds=time.perf_counter() - eval_start,
             elapsed_seconds=done.elapsed,
+            reply_metrics=exchange.reply_metrics,
         )
         if self.transport.kept_on_nodes:
             row["train_loss"] = None  # kept on the nodes, not lost: None, not NaN
+        for key in self.algorithm.row_metrics():
+            row.setdefault(key, None)  # no client sent it (on Flower: kept on the nodes)
         if self.transport.counts_lost:
             row["clients_lost"] = sum(1 for s in status.values() if s == "lost")
         self.history.append(row)

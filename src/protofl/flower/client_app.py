@@ -15,6 +15,7 @@ test metrics and the node's data profile (training samples, classes held) go to 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,9 @@ def train(msg: Message, context: Context) -> Message:
         sent: dict[protocol.Field, Any] = {protocol.PARTITION_ID: task.partition, protocol.ROUND: r}
         if task.shares_diagnostics:
             sent[protocol.TRAIN_LOSS] = float(metrics.get("train_loss", float("nan")))
+            shared = {k: float(metrics[k]) for k in task.algorithm.row_metrics() if k in metrics}
+            if shared:
+                sent[protocol.ROW_METRICS] = json.dumps(shared)
         else:
             keep_diagnostics(_diagnostics_path(context, task), task, {"round": r, **metrics})
         content = records.to_record_dict(reply, **protocol.pack(sent))

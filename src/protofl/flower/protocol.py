@@ -69,6 +69,8 @@ PRIVACY_ALL = Field("privacy-all", bool)
 # -- replies ---------------------------------------------------------------------------------------
 PARTITION_ID = Field("partition-id", int)
 TRAIN_LOSS = Field("train-loss", float)
+#: The method's row metrics of the node's training step (``Algorithm.row_metrics``), JSON ``{name: value}``.
+ROW_METRICS = Field("row-metrics", lambda value: {str(k): float(v) for k, v in json.loads(value).items()})
 #: Why the node refused to train (its next release would exceed its privacy budget).
 BUDGET_EXCEEDED = Field("budget-exceeded", str)
 #: The round an evaluation is of; whether the node evaluated (it holds a test split); its metric names.

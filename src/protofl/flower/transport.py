@@ -327,6 +327,7 @@ class GridTransport:
 
         accepted: list[Payload] = []
         train_losses: list[float] = []
+        reply_metrics: dict[str, list[float]] = {}
         up: dict[int, int] = {}
         for k in reachable:
             reply = replies.get(k)
@@ -344,6 +345,8 @@ class GridTransport:
                         )
                     if not self.kept_on_nodes:
                         train_losses.append(protocol.TRAIN_LOSS.read(fields, math.nan))
+                        for key, value in protocol.ROW_METRICS.read(fields, {}).items():
+                            reply_metrics.setdefault(key, []).append(value)
                     up[k] = records.wire_size(payload)
                     validate(payload, algo.reply_spec())
                 except PayloadError as exc:
@@ -375,6 +378,7 @@ class GridTransport:
         return Exchange(
             accepted=accepted,
             train_losses=train_losses,
+            reply_metrics=reply_metrics,
             status=status,
             bytes_down=bytes_down,
             bytes_up=up,

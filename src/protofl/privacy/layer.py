@@ -36,7 +36,14 @@ from protofl.privacy.accounting import (
     calibrate_noise_multiplier,
     spend_report,
 )
-from protofl.privacy.mechanisms import PrototypeRelease, igpp_release, split_multiplier, vpp_release
+from protofl.privacy.mechanisms import (
+    SELECTIONS,
+    PrototypeRelease,
+    broadcast_top_k,
+    igpp_release,
+    split_multiplier,
+    vpp_release,
+)
 
 __all__ = [
     "NEXT_ROUND_KEY",
@@ -141,15 +148,25 @@ class PrototypeReleaseLayer(PrivacyLayer):
         return 0.0 if c.relation == "replace-one" else split_multiplier(self.noise_multiplier, c.count_fraction)[1]
 
     def release(
-        self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, client_state: State, who: str = "client"
+        self,
+        z: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        client_state: State,
+        who: str = "client",
+        received: torch.Tensor | None = None,
     ) -> tuple[PrototypeRelease, list]:
         """The noisy prototypes of features ``z`` (labels ``y``) and the client's new ledger state; the
-        budget is checked and the release recorded before any noise is drawn."""
+        budget is checked and the release recorded before any noise is drawn. ``received``: the global
+        prototypes the client received this round (one row per class; public), for a mechanism that
+        uses them."""
         ledger = self.spend(client_state, self.release_events(), who)
-        return self.noisy_prototypes(z, y, generator), ledger
+        return self.noisy_prototypes(z, y, generator, received), ledger
 
     @abc.abstractmethod
-    def noisy_prototypes(self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> PrototypeRelease:
+    def noisy_prototypes(
+        self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, received: torch.Tensor | None = None
+    ) -> PrototypeRelease:
         """The mechanism itself (its cost is :meth:`release_events`)."""
 
     def report(self, client_states: Iterable[State], all_accountants: bool = True) -> dict[str, Any]:
@@ -174,7 +191,9 @@ class PrototypeReleaseLayer(PrivacyLayer):
 class IGPPLayer(PrototypeReleaseLayer):
     """IGPP: every class mean of clipped features plus isotropic Gaussian noise."""
 
-    def noisy_prototypes(self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> PrototypeRelease:
+    def noisy_prototypes(
+        self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, received: torch.Tensor | None = None
+    ) -> PrototypeRelease:
         c = self.config
         return igpp_release(
             z,
@@ -190,15 +209,33 @@ class IGPPLayer(PrototypeReleaseLayer):
 
 
 class VPPLayer(PrototypeReleaseLayer):
-    """VPP: a private selection of the discriminative dimensions, each group clipped and noised apart."""
-
-    selection_epsilon: float  # set in __init__
+    """VPP: a selection of the discriminative dimensions (``privacy.selection``), each group clipped and
+    noised apart. A private selection (``private-anova``) spends ``selection_fraction`` of ε per release;
+    one from the broadcast (``broadcast-variance``) spends nothing, so σ is calibrated on the Gaussian
+    releases alone (as IGPP's at the same ε), and a release in a round whose broadcast holds fewer than
+    two global prototypes selects every dimension (IGPP-shaped)."""
 
     def __init__(self, config: PrivacyConfig, num_classes: int):
         super().__init__(config, num_classes)
-        self.selection_epsilon = config.selection_fraction * config.epsilon / config.planned_releases
+        rule = SELECTIONS.get(config.selection)
+        if rule is None:
+            raise ConfigError(f"privacy.selection: {config.selection!r} is not one of {', '.join(sorted(SELECTIONS))}")
+        self.private_selection = rule.private
+        if rule.private:
+            self.selection_epsilon = config.selection_fraction * config.epsilon / config.planned_releases
 
-    def noisy_prototypes(self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> PrototypeRelease:
+    def public_selection(self, received: torch.Tensor | None, d: int) -> torch.Tensor | None:
+        """The group A chosen from the broadcast (every dimension when it holds fewer than two global
+        prototypes), or ``None`` for a private selection (made inside the release)."""
+        if self.private_selection:
+            return None
+        k = math.ceil(self.config.rho * d)
+        chosen = None if received is None else broadcast_top_k(received, k)
+        return torch.arange(d) if chosen is None else torch.from_numpy(chosen)
+
+    def noisy_prototypes(
+        self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, received: torch.Tensor | None = None
+    ) -> PrototypeRelease:
         c = self.config
         return vpp_release(
             z,
@@ -213,7 +250,11 @@ class VPPLayer(PrototypeReleaseLayer):
             c.sensitivity,
             c.relation,
             c.count_fraction,
+            self.public_selection(received, z.shape[1]),
         )
+
+    def report(self, client_states: Iterable[State], all_accountants: bool = True) -> dict[str, Any]:
+        return {**super().report(client_states, all_accountants), "selection": self.config.selection}
 
 
 class DPSGDLayer(PrivacyLayer):

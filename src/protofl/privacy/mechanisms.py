@@ -27,7 +27,7 @@ Sensitivity of the feature part, by ``SENSITIVITY_RULES`` (:func:`feature_sensit
 Under add/remove the counts have L2 sensitivity 1 (one count moves by one).
 
 **One release is one Gaussian mechanism of multiplier σ.** A release is calibrated to one σ (one
-``GaussianEvent(σ)``; VPP adds its pure-DP selection), and under add/remove its precision ``1/σ²`` is
+``GaussianEvent(σ)``; VPP's private selection adds its pure-DP event), and under add/remove its precision ``1/σ²`` is
 split: the features get multiplier ``σ_f = σ/√(1−f)``, the counts ``σ_n = σ/√f``, with
 ``f = count_fraction``. Proof: divide the features by ``σ_f Δ_f`` and the counts by ``σ_n Δ_n``
 (``Δ``: their sensitivities). The rescaled release is its clean statistic plus N(0, I) noise, and a
@@ -64,13 +64,17 @@ __all__ = [
     "SENSITIVITY_RULES",
     "PrototypeRelease",
     "SensitivityRule",
+    "SELECTIONS",
+    "SelectionRule",
     "anova_scores",
+    "broadcast_top_k",
     "clip_groups",
     "clip_rows",
     "gaussian_noise",
     "igpp_release",
     "laplace_noise",
     "private_top_k",
+    "selection_diagnostics",
     "sensitivity_rule",
     "soft_clip",
     "split_multiplier",
@@ -192,6 +196,71 @@ def _top_k(scores: np.ndarray, k: int, cap: float, epsilon: float, generator: to
     for order in np.argsort(-noisy, axis=1, kind="stable")[:, :k].tolist():
         taken.add(next(j for j in order if j not in taken))
     return np.array(sorted(taken), dtype=np.int64)
+
+
+def broadcast_top_k(prototypes: torch.Tensor | np.ndarray, k: int) -> np.ndarray | None:
+    """The top ``k`` dimensions (sorted indices; ties to the lower index) by the between-class variance
+    of ``prototypes`` (one row per class: the global prototypes a client received), or ``None`` when
+    fewer than two rows are given (nothing to rank). Post-processing of what the server published: it
+    reads no client data and costs nothing."""
+    table = np.asarray(prototypes, dtype=np.float64)
+    d = table.shape[1]
+    if not 0 < k <= d:
+        raise ValueError(f"k must be in [1, {d}], got {k}")
+    if table.shape[0] < 2:
+        return None
+    variance = table.var(axis=0)
+    return np.sort(np.argsort(-variance, kind="stable")[:k]).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionRule:
+    """How VPP picks its discriminative group A: ``text`` says it (summary.json), ``private``: whether it
+    reads the client's data (then it is a pure-DP selection that costs ``selection_fraction`` of ε;
+    otherwise it is post-processing of the broadcast and the whole budget goes to the Gaussian part)."""
+
+    text: str
+    private: bool
+
+
+#: The rule of each ``privacy.selection``.
+SELECTIONS: dict[str, SelectionRule] = {
+    "private-anova": SelectionRule(
+        "top-k of the client's ANOVA F scores capped at score_cap, by pure-DP peeling (the VPDR paper); "
+        "costs selection_fraction of epsilon",
+        private=True,
+    ),
+    "broadcast-variance": SelectionRule(
+        "top-k by the between-class variance of the global prototypes the client received (post-processing "
+        "of the broadcast, no epsilon); k = d (IGPP) in a round with fewer than two global prototypes",
+        private=False,
+    ),
+}
+
+
+def selection_diagnostics(z: torch.Tensor, y: torch.Tensor, selected: torch.Tensor) -> dict[str, float]:
+    """What a selection ``selected`` (k sorted indices) is worth on the client's CLEAN data (diagnostics
+    from private data: they stay with the client unless it shares them): ``vpp_selected_energy``, the
+    share of the between-class energy ``Σ_c n_c (μ_cj − μ_j)²`` of the class means in the selected
+    dimensions, and ``vpp_overlap``, the share of the true top-k by the clean ANOVA F score that was
+    selected. NaN when the client has no between-class energy (fewer than two classes, or features
+    that do not differ between them)."""
+    x, labels = z.detach().double().numpy(), y.numpy()
+    groups = _Groups.of(labels)
+    k = len(selected)
+    chosen = selected.numpy()
+    if len(groups.counts) < 2:
+        return {"vpp_selected_energy": math.nan, "vpp_overlap": math.nan}
+    means = groups.sums(x) / groups.counts[:, None]
+    energy = (groups.counts[:, None] * (means - x.mean(0)) ** 2).sum(0)
+    total = energy.sum()
+    if not total > 0:  # e.g. features collapsed to zero: nothing to rank
+        return {"vpp_selected_energy": math.nan, "vpp_overlap": math.nan}
+    top = np.argsort(-_anova(x, labels, groups), kind="stable")[:k]
+    return {
+        "vpp_selected_energy": float(energy[chosen].sum() / total),
+        "vpp_overlap": len(np.intersect1d(top, chosen)) / k,
+    }
 
 
 def vpp_group_noise(d: int, k: int, noise_multiplier: float) -> tuple[float, float, float, float]:
@@ -392,28 +461,45 @@ def vpp_release(
     noise_multiplier: float,
     rho: float,
     score_cap: float,
-    selection_epsilon: float,
+    selection_epsilon: float | None,
     generator: torch.Generator,
     sensitivity: str = "trained-features",
     relation: str = "add-remove",
     count_fraction: float = 0.1,
+    selected: torch.Tensor | np.ndarray | None = None,
 ) -> PrototypeRelease:
-    """VPP: private top-⌈ρd⌉ selection of discriminative dimensions (``selection_epsilon``-DP), groupwise
-    clipping to ``R κ_A`` and ``R κ_B``, the per-class statistic, and group noise ``s_A Δ`` on A,
-    ``s_B Δ`` on B (:func:`vpp_group_noise` at σ_f), plus (add/remove) noisy counts at σ_n; costs one
-    pure-DP selection and one Gaussian release at σ."""
+    """VPP: a top-⌈ρd⌉ group A of discriminative dimensions, groupwise clipping to ``R κ_A`` and
+    ``R κ_B``, the per-class statistic, and group noise ``s_A Δ`` on A, ``s_B Δ`` on B
+    (:func:`vpp_group_noise` at σ_f), plus (add/remove) noisy counts at σ_n.
+
+    Group A is the private selection of the client's ANOVA scores (``selection_epsilon``-DP; the release
+    then costs one pure-DP selection and one Gaussian release at σ) or, given ``selected`` (sorted
+    indices chosen without the client's data, e.g. :func:`broadcast_top_k`; its length is k), that one
+    (the release then costs the Gaussian release at σ only; with every dimension selected it is IGPP)."""
     rule = sensitivity_rule(sensitivity, relation)
     # In float64 numpy (the same steps as anova_scores, private_top_k, clip_groups and the class means;
     # noise from ``generator`` in the same order), as this runs once per client per round.
     x, labels = finite_rows(z.detach().double().numpy()), y.numpy()
     d = x.shape[1]
-    k = math.ceil(rho * d)
-    if not 0 < k <= d:
-        raise ValueError(f"k must be in [1, {d}], got {k}")
     groups = _Groups.of(labels, num_classes)
-    selected = np.arange(d) if k == d else _top_k(_anova(x, labels, groups), k, score_cap, selection_epsilon, generator)
+    events: tuple[tuple[Event, int], ...] = ((GaussianEvent(noise_multiplier), 1),)
+    if selected is None:
+        k = math.ceil(rho * d)
+        if not 0 < k <= d:
+            raise ValueError(f"k must be in [1, {d}], got {k}")
+        if selection_epsilon is None or not selection_epsilon > 0:
+            raise ValueError(f"a private selection needs selection_epsilon > 0, got {selection_epsilon}")
+        chosen = (
+            np.arange(d) if k == d else _top_k(_anova(x, labels, groups), k, score_cap, selection_epsilon, generator)
+        )
+        events = ((PureDpEvent(selection_epsilon), 1), *events)
+    else:
+        chosen = np.unique(np.asarray(selected, dtype=np.int64))
+        k = len(chosen)
+        if not (0 < k == len(selected) and 0 <= chosen[0] and chosen[-1] < d):
+            raise ValueError(f"selected must be distinct dimensions in [0, {d}), got {len(selected)} of them")
     in_a = np.zeros(d, dtype=bool)
-    in_a[selected] = True
+    in_a[chosen] = True
     sigma_f, sigma_n = _multipliers(noise_multiplier, relation, count_fraction)
     kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, sigma_f)
     # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B.
@@ -422,7 +508,6 @@ def vpp_release(
     scale_b = np.minimum(bound * kappa_b / np.maximum(np.sqrt(sq @ ~in_a), 1e-12), 1.0)
     clipped = x * scale_b[:, None]
     np.multiply(x, scale_a[:, None], out=clipped, where=in_a[None, :])
-    events = ((PureDpEvent(selection_epsilon), 1), (GaussianEvent(noise_multiplier), 1))
     return _release(
         clipped,
         groups,
@@ -433,5 +518,5 @@ def vpp_release(
         sigma_n,
         generator,
         events,
-        torch.from_numpy(selected),
+        torch.from_numpy(chosen),
     )
