@@ -139,7 +139,9 @@ def test_flower_deployment_matches_the_in_process_engine(flower_runs, name, conf
     assert summary["final"]["personal_acc_mean"] == pytest.approx(
         local.summary["final"]["personal_acc_mean"], abs=TOLERANCE
     )
-    assert summary["final"]["personal_acc_mean"] > 0.3  # it learns: chance is 0.1
+    # it learns (chance is 0.1); with VPP under the valid trained-features bound the noisy prototypes cost
+    # accuracy on 300 samples per client in 3 rounds (about 25 %), so the floor is twice chance there
+    assert summary["final"]["personal_acc_mean"] > (0.2 if name == "vpp" else 0.3)
     if name == "vpp":
         # each client's accountant lived on its node; the server merged their reports
         assert summary["epsilon"] == pytest.approx(local.summary["epsilon"], rel=1e-9)
