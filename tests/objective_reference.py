@@ -26,7 +26,12 @@ CASES = {
         "fedproto",
         {},
         PrivacyConfig(
-            mechanism="igpp", epsilon=4.0, planned_releases=3, sensitivity="fixed-features", relation="replace-one"
+            mechanism="igpp",
+            epsilon=4.0,
+            planned_releases=3,
+            sensitivity="fixed-features",
+            relation="replace-one",
+            bound_uploads=False,
         ),
     ),
     "fpl": ("fpl", {"lr": 0.01}, None),

@@ -71,9 +71,9 @@ def test_both_paths_release_prototypes_through_release_prototypes_only(privacy, 
     calls = []
     original = algo.release_prototypes
 
-    def counted(z, y, clean, generator, client_state, client_id):
+    def counted(z, y, clean, generator, client_state, client_id, *rest):
         calls.append(client_id)
-        return original(z, y, clean, generator, client_state, client_id)
+        return original(z, y, clean, generator, client_state, client_id, *rest)
 
     monkeypatch.setattr(algo, "release_prototypes", counted)
     if algo.privacy_layer is not None:

@@ -229,16 +229,17 @@ def watch_releases(algorithm: Any, on_release: Any) -> None:
     noisy_prototypes = layer.noisy_prototypes
     current = [-1]
 
-    def release_hook(z, y, clean, generator, client_state, client_id):
+    def release_hook(z, y, clean, generator, client_state, client_id, *args, **kwargs):
         current[0] = client_id
-        return release_prototypes(z, y, clean, generator, client_state, client_id)
+        return release_prototypes(z, y, clean, generator, client_state, client_id, *args, **kwargs)
 
-    def noisy_hook(z, y, generator):
+    def noisy_hook(z, y, generator, *args, **kwargs):
         quiet = copy.copy(layer)
         quiet.__dict__.pop("noisy_prototypes")  # the layer's own method, not this hook
         quiet.__dict__["noise_multiplier"] = 1e-300
-        clean = quiet.noisy_prototypes(z, y, torch.Generator().set_state(generator.get_state()))
-        return on_release(current[0], noisy_prototypes(z, y, generator), clean, layer.noise_multiplier)
+        clean = quiet.noisy_prototypes(z, y, torch.Generator().set_state(generator.get_state()), *args, **kwargs)
+        released = noisy_prototypes(z, y, generator, *args, **kwargs)
+        return on_release(current[0], released, clean, layer.noise_multiplier)
 
     algorithm.release_prototypes = release_hook
     layer.noisy_prototypes = noisy_hook
