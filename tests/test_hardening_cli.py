@@ -148,8 +148,15 @@ def _start_long_run(out: Path) -> subprocess.Popen:
         "--out",
         str(out),
     ]
+    # The child starts with Ctrl-C at its default whatever this process inherited (a test runner started in
+    # the background may have SIGINT ignored, which a child would inherit and keep).
     return subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": src}
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": src},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -162,7 +169,8 @@ def _start_long_run(out: Path) -> subprocess.Popen:
             130,
             marks=pytest.mark.xfail(
                 strict=False,
-                reason="failed twice in the whole suite (passes alone); cause not yet found, see the session note",
+                reason="failed twice in the whole suite, never alone; the child now starts with Ctrl-C at its "
+                "default and the round loop stops on a lost interrupt, kept until the whole suite passes it",
             ),
         ),
     ],
@@ -177,7 +185,7 @@ def test_signal_stops_cleanly_keeps_the_checkpoint_and_prints_the_resume_hint(si
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == code, err
+    assert proc.returncode == code, (err, "SIGINT here:", signal.getsignal(signal.SIGINT))
     line = one_error_line(err, f"protofl run --resume {out}", signal.Signals(signum).name)
     assert line.startswith("interrupted")
     kept = load_checkpoint(out / "checkpoint")  # intact and complete
@@ -202,3 +210,20 @@ def test_api_errors_are_typed():
 
     for cls in (UnknownDatasetError, DataFetchError, DataIntegrityError):
         assert issubclass(cls, ProtoflError)
+
+
+def test_an_interrupt_lost_in_a_finaliser_still_stops_the_run_at_the_next_round(tmp_path, monkeypatch):
+    """Python drops an exception raised while a finaliser runs: the handler also records the signal, and
+    the round loop stops before the next round when one is recorded (a run of 50 rounds stops after 1)."""
+    from protofl import runtime
+
+    monkeypatch.setattr(runtime, "STOP_SIGNALS", [])
+
+    def lost_interrupt(row):  # the handler ran, its KeyboardInterrupt was lost
+        runtime.STOP_SIGNALS.append(signal.SIGTERM)
+
+    overrides = [QUICK[i + 1] for i in range(0, len(QUICK), 2)] + ["federation.rounds=50"]
+    with pytest.raises(KeyboardInterrupt):
+        protofl.run({}, out=tmp_path / "r", overrides=overrides, on_round=lost_interrupt)
+    assert load_checkpoint(tmp_path / "r" / "checkpoint")["round"] == 1
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "interrupted"

@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _pct(value: float | None, unit: str = "%") -> str:
@@ -338,23 +339,36 @@ EXIT_INTERRUPTED: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt(received: list[int]) -> Iterator[None]:
+def _signals_as_interrupt(received: list[int]) -> Iterator[None]:
     """SIGTERM stops the command as Ctrl-C does (a KeyboardInterrupt: atomic writes in progress are
-    abandoned, the last checkpoint stays); ``received`` gets the signal's number."""
+    abandoned, the last checkpoint stays); ``received`` gets the signal's number. Ctrl-C is handled by the
+    same function unless it is ignored (a command started in the background with SIGINT ignored keeps it
+    ignored). The signal is also recorded in :data:`protofl.runtime.STOP_SIGNALS`, which the round loop
+    checks before each round: an interrupt that lands in a finaliser (where Python prints and drops it)
+    still stops the run at the next round."""
+    from protofl import runtime
 
     def stop(signum: int, frame: object) -> None:
         received.append(signum)
+        runtime.STOP_SIGNALS.append(signum)
         raise KeyboardInterrupt
 
+    runtime.STOP_SIGNALS.clear()
+    previous: dict[int, Any] = {}
     try:
-        previous = signal.signal(signal.SIGTERM, stop)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if signum == signal.SIGINT and signal.getsignal(signum) is not signal.default_int_handler:
+                continue
+            previous[signum] = signal.signal(signum, stop)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        runtime.STOP_SIGNALS.clear()
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
@@ -408,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
     received: list[int] = []
     try:
-        with _sigterm_as_interrupt(received):
+        with _signals_as_interrupt(received):
             return args.func(args)
     except KeyboardInterrupt:
         signum = received[0] if received else signal.SIGINT

@@ -17,6 +17,18 @@ from typing import Any
 
 from protofl.config import ConfigError
 
+#: Signals that asked the command to stop (Ctrl-C, SIGTERM), appended by the command line's handler; the
+#: round loop stops before the next round when one is here (see :func:`check_stop`).
+STOP_SIGNALS: list[int] = []
+
+
+def check_stop() -> None:
+    """Raise :class:`KeyboardInterrupt` when a stop signal was received but its interrupt was lost (Python
+    drops an exception raised while a finaliser runs)."""
+    if STOP_SIGNALS:
+        raise KeyboardInterrupt
+
+
 #: A sweep sets this in its worker processes: how many processes share the machine's cores.
 WORKERS_ENV = "PROTOFL_WORKERS"
 

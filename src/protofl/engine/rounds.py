@@ -27,6 +27,7 @@ from protofl.algorithms.base import Algorithm
 from protofl.config import FederationConfig
 from protofl.engine.checkpoint import load_checkpoint, save_checkpoint
 from protofl.payload import Payload
+from protofl.runtime import check_stop
 
 log = logging.getLogger("protofl.engine")
 
@@ -367,6 +368,7 @@ class RoundDriver:
         self.transport.start()
         bar = _progress(range(self.round + 1, fed.rounds + 1), fed.progress, self.round, fed.rounds)
         for r in bar:
+            check_stop()
             row = self.run_round(r)
             if row is not None and hasattr(bar, "set_postfix"):
                 bar.set_postfix(
