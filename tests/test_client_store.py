@@ -147,7 +147,13 @@ def test_a_checkpoint_of_either_store_resumes_on_the_other(tmp_path):
     for first_kind, second_kind in (("memory", "disk"), ("disk", "memory")):
         folder = tmp_path / first_kind
         first = simulation(
-            "fedproto", folder, rounds=3, client_fraction=0.5, client_store=first_kind, client_cache=1, checkpoint_every=1
+            "fedproto",
+            folder,
+            rounds=3,
+            client_fraction=0.5,
+            client_store=first_kind,
+            client_cache=1,
+            checkpoint_every=1,
         )
         with pytest.raises(RunInterrupted):
             first.run(stop_after=1)
@@ -215,7 +221,10 @@ def test_float16_precision_rounds_the_state_but_not_the_ledger(tmp_path):
     assert not torch.equal(rounded["params"]["w"], state["params"]["w"])
     assert torch.equal(rounded["params"]["big"], state["params"]["big"])  # beyond float16's range: kept
     assert torch.equal(rounded[LEDGER_KEY]["noise"], state[LEDGER_KEY]["noise"])
-    exact, half = DiskClientStore(tmp_path / "a", cache=0), DiskClientStore(tmp_path / "b", cache=0, precision="float16")
+    exact, half = (
+        DiskClientStore(tmp_path / "a", cache=0),
+        DiskClientStore(tmp_path / "b", cache=0, precision="float16"),
+    )
     payload = {"params": {"w": torch.randn(5000)}}
     exact[0], half[0] = payload, payload
     assert_equal_states(half[0], rounded_to_float16(payload))

@@ -25,7 +25,6 @@ import torch
 
 from protofl.algorithms.base import Algorithm, ClientData
 from protofl.config import FederationConfig
-from protofl.engine.client_store import STORES
 from protofl.engine.client import (
     StepResult,
     client_evaluation,
@@ -33,6 +32,7 @@ from protofl.engine.client import (
     client_round,
     client_rounds_batched,
 )
+from protofl.engine.client_store import STORES
 from protofl.engine.rounds import ClientEvaluation, Exchange, merge_privacy_reports
 from protofl.payload import Payload, PayloadError, PayloadSpec, validate
 from protofl.privacy.accounting import LEDGER_KEY
