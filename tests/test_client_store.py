@@ -9,6 +9,7 @@ from protofl.algorithms import ALGORITHMS, ClientData, Task
 from protofl.config import ConfigError, FederationConfig, ModelConfig, PrivacyConfig, RunConfig
 from protofl.engine import RunInterrupted, Simulation
 from protofl.engine.client_store import STORE_FOLDER, DiskClientStore, MemoryClientStore, rounded_to_float16
+from protofl.errors import CheckpointError
 from protofl.privacy.accounting import LEDGER_KEY
 
 TASK = Task(input_shape=(8,), num_classes=4, model=ModelConfig(feature_dim=6, hidden_dim=10))
@@ -276,3 +277,39 @@ def test_the_store_settings_are_validated_and_only_precision_enters_the_fingerpr
     assert fingerprint(base) == fingerprint(base.replace("federation.client_store=disk"))
     assert fingerprint(base) == fingerprint(base.replace("federation.client_cache=5"))
     assert fingerprint(base) != fingerprint(base.replace("federation.client_state_precision=float16"))
+
+
+def test_files_of_a_killed_process_are_removed_on_resume(tmp_path):
+    store = DiskClientStore(tmp_path, cache=0)
+    store[0] = {"w": torch.zeros(3)}
+    named = store.checkpoint()
+    store[1] = {"w": torch.ones(3)}  # after the checkpoint: no checkpoint names it
+    (tmp_path / "0" / ".1.7.pt-abc.tmp").write_bytes(b"half a write")
+    (tmp_path / "0" / "notes.txt").write_text("not the store's")
+    resumed = DiskClientStore(tmp_path, cache=0)
+    resumed.restore(named)
+    assert sorted(p.name for p in (tmp_path / "0").iterdir()) == ["0.0.pt", "notes.txt"]
+    assert list(resumed) == [0] and torch.equal(resumed[0]["w"], torch.zeros(3))
+    resumed[2] = {"w": torch.ones(1)}
+    assert (tmp_path / "0" / "2.2.pt").exists()  # versions go on after the highest seen, never over one
+    (tmp_path / "0" / "0.0.pt").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        DiskClientStore(tmp_path, cache=0).restore(named)
+
+
+def test_a_disk_store_run_into_a_folder_protofl_did_not_make_writes_nothing(tmp_path):
+    import protofl
+    from protofl.errors import RunFolderError
+
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter1.tex").write_text("my only copy")
+    config = {
+        "data": {"dataset": "synthetic-gaussian:train=300,test=50,dim=8,classes=4,seed=0"},
+        "partition": {"scheme": "iid", "num_clients": 3, "min_client_size": 2},
+        "federation": {"rounds": 1, "progress": False, "client_store": "disk", "client_cache": 0},
+        "method": {"name": "fedproto"},
+    }
+    with pytest.raises(RunFolderError):
+        protofl.run(config, out=folder)
+    assert sorted(p.name for p in folder.rglob("*")) == ["chapter1.tex"]

@@ -276,10 +276,13 @@ class DiskClientStore(MutableMapping[int, State]):
 
     def _remove_unnamed(self) -> None:
         """Delete the files in the folder that name no state of this store (left by a process that
-        stopped after its last checkpoint), and continue the versions after the highest seen."""
+        stopped after its last checkpoint, and the temporary files of writes it never finished), and
+        continue the versions after the highest seen."""
         self._scanned = True
         if not self.directory.is_dir():
             return
+        for path in self.directory.glob("*/.*.pt-*.tmp"):
+            path.unlink(missing_ok=True)
         for path in self.directory.glob("*/*.pt"):
             match = _FILE.fullmatch(path.name)
             if match is None:
