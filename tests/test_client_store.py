@@ -313,3 +313,21 @@ def test_a_disk_store_run_into_a_folder_protofl_did_not_make_writes_nothing(tmp_
     with pytest.raises(RunFolderError):
         protofl.run(config, out=folder)
     assert sorted(p.name for p in folder.rglob("*")) == ["chapter1.tex"]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "foreign"])
+def test_a_damaged_state_file_is_one_error_naming_it(damage, tmp_path):
+    store = DiskClientStore(tmp_path, cache=0)
+    store[4] = {"w": torch.randn(100)}
+    named = store.checkpoint()
+    (path,) = tmp_path.glob("*/*.pt")
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:50])
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+    resumed = DiskClientStore(tmp_path, cache=0)
+    resumed.restore(named)
+    with pytest.raises(CheckpointError, match=str(path)):
+        resumed[4]

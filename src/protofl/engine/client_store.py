@@ -231,13 +231,17 @@ class DiskClientStore(MutableMapping[int, State]):
         return self.directory / f"{k // 1000}" / f"{k}.{version}.pt"
 
     def _read(self, k: int, version: int) -> State:
-        path = self._path(k, version)
-        try:
-            entry = torch.load(path, weights_only=True, map_location="cpu")
-        except FileNotFoundError:
-            from protofl.errors import CheckpointError
+        from protofl.engine.checkpoint import load_tensors
+        from protofl.errors import CheckpointError
 
-            raise CheckpointError(f"{path}: the state of client {k} the checkpoint names is missing") from None
+        path = self._path(k, version)
+        hint = "the run folder's client states are incomplete; start the run over in a new folder"
+        try:
+            entry = load_tensors(path, hint)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: the state of client {k} the checkpoint names is missing; {hint}") from None
+        if not isinstance(entry, dict) or "state" not in entry or "device" not in entry:
+            raise CheckpointError(f"{path}: not a client state of protofl's; {hint}")
         device = torch.device(entry["device"])
         state = _decode(entry["state"])
         return state if device.type == "cpu" else _to_device(state, device)
