@@ -331,3 +331,30 @@ def test_a_damaged_state_file_is_one_error_naming_it(damage, tmp_path):
     resumed.restore(named)
     with pytest.raises(CheckpointError, match=str(path)):
         resumed[4]
+
+
+def test_protofl_run_with_the_disk_store_resumes_to_the_uninterrupted_run(tmp_path):
+    import protofl
+
+    config = {
+        "seed": 1,
+        "data": {"dataset": "synthetic-gaussian:train=800,test=100,dim=8,classes=4,seed=0"},
+        "partition": {"scheme": "iid", "num_clients": 8, "min_client_size": 2},
+        "federation": {
+            "rounds": 3,
+            "client_fraction": 0.5,
+            "progress": False,
+            "client_store": "disk",
+            "client_cache": 1,
+        },
+        "model": {"feature_dim": 6, "hidden_dim": 10},
+        "method": {"name": "fedproto", "batch_size": 16},
+    }
+    whole = protofl.run(config, out=tmp_path / "whole")
+    with pytest.raises(RunInterrupted):
+        protofl.run(config, out=tmp_path / "cut", stop_after=1)
+    assert list((tmp_path / "cut" / "checkpoint" / STORE_FOLDER).glob("*/*.pt"))
+    resumed = protofl.run(None, out=tmp_path / "cut", resume=True)
+    strip = [{k: v for k, v in row.items() if "seconds" not in k} for row in whole.history]
+    assert strip == [{k: v for k, v in row.items() if "seconds" not in k} for row in resumed.history]
+    assert resumed.summary["final"] == whole.summary["final"] and resumed.summary["client_store"] == "disk"
