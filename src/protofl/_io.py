@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object], mode: int | None = None) -> Path:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], mode: int | None = None, sync: bool = True) -> Path:
     """Call ``write(fh)`` on a temporary binary file and rename it to ``path`` (with file ``mode``; default:
-    what a plain create gives under the umask)."""
+    what a plain create gives under the umask). ``sync=False``: no fsync (the caller makes the file
+    durable later, e.g. with one ``os.sync()`` for many files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
@@ -20,7 +21,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], mode: int | No
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         # mkstemp makes 0600; give what a plain create would, unless told otherwise
         os.chmod(tmp, 0o666 & ~current_umask() if mode is None else mode)
         os.replace(tmp, path)

@@ -224,6 +224,11 @@ class PartitionConfig:
         check_numbers(self)
 
 
+#: ``federation.client_store`` and ``federation.client_state_precision`` choices.
+CLIENT_STORES = ("memory", "disk")
+CLIENT_STATE_PRECISIONS = ("exact", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class FederationConfig:
     """The engine's schedule: rounds, client sampling, evaluation and checkpoints."""
@@ -254,6 +259,15 @@ class FederationConfig:
     #: torch threads of this process (intra-op and inter-op); 0: the cores available to this process
     #: divided by the number of worker processes (a sweep's workers), at least 1.
     threads: int = bounded(0, 0, 4096)
+    #: Where the in-process engine keeps its clients' personal state between their rounds: ``memory``
+    #: (every state in memory) or ``disk`` (the ``client_cache`` most recently used in memory, the others
+    #: in files under the run's checkpoint folder; see :mod:`protofl.engine.client_store`). Same results.
+    client_store: str = "memory"
+    #: The disk store: how many client states stay in memory between rounds.
+    client_cache: int = bounded(256, 0, MAX_CLIENTS)
+    #: ``exact`` or ``float16``: round the floating-point tensors of a stored client state to float16
+    #: (halves the disk store's files; changes results, so it is off by default and named in summary.json).
+    client_state_precision: str = "exact"
 
     def __post_init__(self) -> None:
         check(
@@ -263,6 +277,8 @@ class FederationConfig:
         )
         check(self.threads >= 0, "threads", f"must be >= 0 (0: automatic), got {self.threads}")
         check_choice(self.execution, ("per-client", "batched"), "execution")
+        check_choice(self.client_store, CLIENT_STORES, "client_store")
+        check_choice(self.client_state_precision, CLIENT_STATE_PRECISIONS, "client_state_precision")
         check(self.batch_clients >= 1, "batch_clients", f"must be >= 1, got {self.batch_clients}")
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         check(0 < self.client_fraction <= 1, "client_fraction", f"must be in (0, 1], got {self.client_fraction}")
@@ -559,11 +575,14 @@ def effective_settings(config: RunConfig) -> dict[str, Any]:
     """The settings that determine a run's results, as flat ``section.key`` -> value: what a run's
     fingerprint digests and what ``protofl report`` groups runs by. Left out: progress bars, the schedule
     of checkpoints, how many clients share a batched program, threads, device and tracking (how fast and
-    where, not what), the reference per-client execution (so earlier fingerprints stay valid), and the
-    privacy settings while privacy is off."""
+    where, not what), where the clients' state is kept (same results), the exact client state precision
+    and the reference per-client execution (so earlier fingerprints stay valid), and the privacy settings
+    while privacy is off."""
     data = config.to_dict()
-    for key in ("progress", "checkpoint_every", "batch_clients", "threads", "device"):
+    for key in ("progress", "checkpoint_every", "batch_clients", "threads", "device", "client_store", "client_cache"):
         data["federation"].pop(key, None)
+    if data["federation"].get("client_state_precision") == "exact":
+        data["federation"].pop("client_state_precision")
     if data["model"].get("name") == "auto":  # the models before model.name: earlier fingerprints stay valid
         data["model"].pop("name")
     data.pop("logging", None)

@@ -46,11 +46,21 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     hint = "move it away to start the run over"
+    state = load_tensors(path, hint)
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
+        raise CheckpointError(f"{path}: not a protofl checkpoint (no {' and '.join(REQUIRED_KEYS)}); {hint}")
+    return state
+
+
+def load_tensors(path: Path, hint: str) -> Any:
+    """What ``path`` (written by ``torch.save``) holds, loaded on the CPU if it holds tensors and
+    containers only; anything else (empty, truncated, damaged, asking for more) is a
+    :class:`~protofl.errors.CheckpointError` naming the file and ending with ``hint``."""
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint; {hint}")
     # Our own checkpoints hold tensors, dicts, lists and numbers only: load with weights_only.
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         first = " ".join(str(exc).split())[:200]
         raise CheckpointError(
@@ -72,6 +82,3 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
         AssertionError,
     ) as exc:
         raise CheckpointError(f"{path}: truncated or damaged ({type(exc).__name__}); {hint}") from None
-    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
-        raise CheckpointError(f"{path}: not a protofl checkpoint (no {' and '.join(REQUIRED_KEYS)}); {hint}")
-    return state

@@ -8,12 +8,17 @@ program (``batched``, where the method supports it).
 Under ``privacy.noise = secret`` each client draws its noise secret from the operating system's CSPRNG
 at its first step and keeps it with its state (checkpointed with the run, so a resumed run repeats the
 same draws); by default (``auto``) an in-process run's draws come from the run seed (reproducible).
+
+The clients' personal states live in the store ``federation.client_store`` names
+(:mod:`protofl.engine.client_store`): all in memory, or the most recently used in memory and the others
+on disk under ``store_dir``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +32,7 @@ from protofl.engine.client import (
     client_round,
     client_rounds_batched,
 )
+from protofl.engine.client_store import STORES
 from protofl.engine.rounds import ClientEvaluation, Exchange, merge_privacy_reports
 from protofl.payload import Payload, PayloadError, PayloadSpec, validate
 from protofl.privacy.accounting import LEDGER_KEY
@@ -44,12 +50,23 @@ class InProcessTransport:
     #: One process holds everything: the clients' diagnostics are the experimenter's own measurement.
     kept_on_nodes = False
 
-    def __init__(self, algorithm: Algorithm, clients: Sequence[ClientData], federation: FederationConfig, seed: int):
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        clients: Sequence[ClientData],
+        federation: FederationConfig,
+        seed: int,
+        store_dir: Path | None = None,
+    ):
         self.algorithm = algorithm
         self.clients = clients
         self.federation = federation
         self.seed = seed
-        self.client_states: dict[int, dict[str, Any]] = {}
+        #: Each client's state once it has trained (``store_dir``: the disk store's folder; ``None``: a
+        #: temporary one).
+        self.client_states = STORES[federation.client_store](
+            store_dir, federation.client_cache, federation.client_state_precision
+        )
         #: Each client's noise secret (``privacy.noise = secret`` only), drawn at its first step.
         self.client_secrets: dict[int, bytes] = {}
         self.secret_noise = uses_secret_noise(algorithm.privacy, self.kind)
@@ -204,11 +221,16 @@ class InProcessTransport:
         return self.algorithm.privacy_report(self.client_states)
 
     def summary_fields(self) -> dict[str, Any]:
-        return {"execution": self.execution}
+        fields: dict[str, Any] = {"execution": self.execution}
+        if self.federation.client_store != "memory":
+            fields["client_store"] = self.federation.client_store
+        if self.federation.client_state_precision != "exact":
+            fields["client_state_precision"] = self.federation.client_state_precision
+        return fields
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"client_states": self.client_states}
+        state: dict[str, Any] = self.client_states.checkpoint()
         if self.client_secrets:
             state["client_secrets"] = {
                 k: torch.frombuffer(bytearray(secret), dtype=torch.uint8) for k, secret in self.client_secrets.items()
@@ -216,5 +238,5 @@ class InProcessTransport:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.client_states = state["client_states"]
+        self.client_states.restore(state)
         self.client_secrets = {int(k): bytes(v.tolist()) for k, v in state.get("client_secrets", {}).items()}

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 
 from protofl.algorithms.base import Algorithm, ClientData
 from protofl.config import FederationConfig
+from protofl.engine.client_store import STORE_FOLDER
 from protofl.engine.inprocess import InProcessTransport
 from protofl.engine.rounds import RoundCallback, RoundDriver
 
@@ -39,7 +40,13 @@ class Simulation(RoundDriver):
     ):
         super().__init__(
             algorithm,
-            InProcessTransport(algorithm, clients, federation, seed),
+            InProcessTransport(
+                algorithm,
+                clients,
+                federation,
+                seed,
+                store_dir=None if checkpoint_dir is None else checkpoint_dir / STORE_FOLDER,
+            ),
             federation,
             seed,
             test_x=test_x,
@@ -55,7 +62,7 @@ class Simulation(RoundDriver):
         return self.transport.clients
 
     @property
-    def client_states(self) -> dict[int, dict[str, Any]]:
+    def client_states(self) -> MutableMapping[int, dict[str, Any]]:
         return self.transport.client_states
 
     def client_state(self, k: int) -> dict[str, Any]:
