@@ -219,7 +219,8 @@ def test_private_creff_run_spends_what_dp_accounting_computes(tmp_path):
 
 
 def test_private_fedhpro_run_completes_with_its_ledger_and_stops_at_the_budget(tmp_path):
-    protofl.run(run_config("fedhpro", 2, 2, planned_releases=1), out=tmp_path / "run")
+    with pytest.raises(protofl.BudgetExceededError, match="client 0: the next release would bring epsilon"):
+        protofl.run(run_config("fedhpro", 2, 2, planned_releases=1), out=tmp_path / "run")
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["status"] == "stopped: budget" and summary["rounds_done"] == 1
     p = summary["privacy"]

@@ -117,9 +117,7 @@ class CReFFConfig(FedAvgConfig):
         check_choice(self.head_to_clients, ("retrained", "aggregated"), "head_to_clients")
         check(self.steps_per_round >= 1, "steps_per_round", f"must be >= 1, got {self.steps_per_round}")
         check(0 < self.upload_fraction < 1, "upload_fraction", f"must be in (0, 1), got {self.upload_fraction}")
-        check(
-            0 < self.upload_clip < float("inf"), "upload_clip", f"must be finite and > 0, got {self.upload_clip}"
-        )
+        check(0 < self.upload_clip < float("inf"), "upload_clip", f"must be finite and > 0, got {self.upload_clip}")
 
 
 def upload_weights(counts, weighting: str, min_count: float = 1.0) -> np.ndarray:
@@ -310,9 +308,7 @@ class CReFF(FedAvg):
             return super().client_step(client_state, data, received, generator)
         return self.private_client_step(client_state, data, received, generator)
 
-    def private_client_step(
-        self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator
-    ):
+    def private_client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
         """A private round (module docstring): the round's events are spent from the client's ledger,
         then the noisy per-class gradients are taken at the received model, then DP-SGD trains it."""
         c, dp = self.config, self.dp
@@ -331,8 +327,9 @@ class CReFF(FedAvg):
         events = dp.round_events(rate, step_sigma, c.steps_per_round, upload_sigma)
         ledger = dp.spend(client_state, events, who)
         start = self.received_params(received)
-        release = dp.release(self.upload_contributions(start, data, generator), data.y_train, c.upload_clip,
-                             upload_sigma, generator)
+        release = dp.release(
+            self.upload_contributions(start, data, generator), data.y_train, c.upload_clip, upload_sigma, generator
+        )
         context = self.context(received)
         params = {k: v.detach().clone() for k, v in start.items()}
         optimizer = torch.optim.SGD(list(params.values()), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
@@ -341,8 +338,16 @@ class CReFF(FedAvg):
             return self.loss(p, xi[None], yi[None], torch.ones(1), context)
 
         metrics = dp_sgd_steps(
-            params, example_loss, data.x_train, data.y_train, rate, step_sigma, dp.clip_norm, c.steps_per_round,
-            optimizer, generator,
+            params,
+            example_loss,
+            data.x_train,
+            data.y_train,
+            rate,
+            step_sigma,
+            dp.clip_norm,
+            c.steps_per_round,
+            optimizer,
+            generator,
         )
         metrics["upload_clipped_fraction"] = release.clipped_fraction
         state = {**client_state, LEDGER_KEY: ledger, NEXT_ROUND_KEY: dp.next_round_state(events)}
