@@ -107,7 +107,8 @@ class FedHProConfig(CReFFConfig):
     hp_per_class: int = 5
     #: Standard deviation of the N(0, s²) initialisation of the hyper-prototypes (small: near-zero anchors).
     hp_init_scale: float = 1.0
-    #: S_H, SGD steps, learning rate and momentum of the HP gradient-matching step (reference 30, 0.1).
+    #: S_H, SGD steps (0: the HPs are never matched, they stay their random initialisation), learning rate
+    #: and momentum of the HP gradient-matching step (reference 30, 0.1).
     hp_steps: int = 30
     hp_lr: float = 0.1
     hp_momentum: float = 0.0
