@@ -78,7 +78,7 @@ def main() -> None:
             f"| {mean_std([r['best']['global_acc'] for r in runs])} "
             f"| {mean_std([r['final'].get('global_signal_cos') for r in runs], pct=False)} "
             f"| {mean_std([r['final'].get('global_signal_cos_head_span') for r in runs], pct=False)} "
-            f"| {mean_std([r['final'].get('hp_head_span_energy') for r in runs], pct=False)} "
+            f"| {mean_std([r['final'].get('global_hp_head_span_energy') for r in runs], pct=False)} "
             f"| {statistics.fmean(r['seconds_per_round'] for r in runs):.2f} |"
         )
     header = (

@@ -258,8 +258,8 @@ def test_sgd_matching_moves_hyper_prototypes_only_inside_the_head_span():
     x, y = client(9).x_train, client(9).y_train
     metrics = algo.evaluate_global(state, x, y)
     hp = state["hyper_prototypes"]
-    assert metrics["hp_head_span_energy"] == pytest.approx(float((hp @ project).pow(2).sum() / hp.pow(2).sum()))
-    assert 0.0 < metrics["hp_head_span_energy"] < 1.0 and -1.0 <= metrics["global_signal_cos_head_span"] <= 1.0
+    assert metrics["global_hp_head_span_energy"] == pytest.approx(float((hp @ project).pow(2).sum() / hp.pow(2).sum()))
+    assert 0.0 < metrics["global_hp_head_span_energy"] < 1.0 and -1.0 <= metrics["global_signal_cos_head_span"] <= 1.0
 
 
 def test_config_errors_name_the_key():

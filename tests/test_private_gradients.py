@@ -127,6 +127,21 @@ def test_reply_is_the_noisy_release_reconstructed_independently():
     assert 0.0 <= metrics["upload_clipped_fraction"] <= 1.0
 
 
+def test_private_fedhpro_trains_its_hp_losses_through_per_example_gradients():
+    """Once HPs are matched, HPCL and HPAL enter every example's clipped DP-SGD gradient."""
+    data = client(2)
+    with_hp, without = private("fedhpro"), private("fedhpro", hpcl_weight=0.0, hpal_weight=0.0)
+    server = with_hp.init_server_state(0)
+    ready = with_hp.broadcast(dict(server, hp_matched=torch.ones(4, dtype=torch.bool)))
+    fresh = with_hp.broadcast(server)
+
+    def trained(algorithm, received):
+        return algorithm.client_step({}, data, received, torch.Generator().manual_seed(3))[1]["param/head.weight"]
+
+    np.testing.assert_array_equal(trained(with_hp, fresh), trained(without, fresh))  # nothing matched: CE only
+    assert not np.array_equal(trained(with_hp, ready), trained(without, ready))
+
+
 def test_a_round_that_would_overspend_is_refused_before_anything_is_released():
     algorithm = private("creff", dataclasses.replace(PRIVACY, planned_releases=1))
     data = client(1)

@@ -47,7 +47,7 @@ random initialisation, which HPCL and HPAL still use as class anchors once a cla
 instead of the mean of the L gradients); ``hp_init_scale`` (the standard deviation of H's initialisation).
 The matching loss depends on H only through ``W·H``, so it moves H only inside the span of the head's
 rows; ``evaluate_global`` logs the consistency inside that span (``global_signal_cos_head_span``) and the
-share of the HPs' energy that lies in it (``hp_head_span_energy``).
+share of the HPs' energy that lies in it (``global_hp_head_span_energy``).
 
 **Private FedHPro** (``[privacy] mechanism = "dp-gradients"``): as private CReFF (see
 :mod:`protofl.algorithms.creff`), each example's contribution being its head gradient *and* its feature
@@ -505,5 +505,5 @@ class FedHPro(CReFF):
             project = head_span_projector(server_state["params"][HEAD_W])
             out["global_signal_cos_head_span"] = signal_consistency(features @ project, y, classes, signal @ project)
             hp = server_state["hyper_prototypes"]
-            out["hp_head_span_energy"] = float((hp @ project).pow(2).sum() / hp.pow(2).sum().clamp_min(1e-30))
+            out["global_hp_head_span_energy"] = float((hp @ project).pow(2).sum() / hp.pow(2).sum().clamp_min(1e-30))
         return out
