@@ -244,3 +244,42 @@ def test_private_fedhpro_run_completes_with_its_ledger_and_stops_at_the_budget(t
     assert "upload_clip" in p["sensitivity_text"]
     final = summary["final"]
     assert 0.0 <= final["global_acc"] <= 1.0 and -1.0 <= final["global_signal_cos_head_span"] <= 1.0
+
+
+# -- the audit's gradient canaries in the DP-SGD steps of a private CReFF run ---------------------------
+def audit_config(epsilon):
+    """The DP-SGD audit setting of tests/test_audit.py, with private CReFF."""
+    return {
+        "seed": 1,
+        "data": {"dataset": "optdigits"},
+        "partition": {"scheme": "iid", "num_clients": 3},
+        "federation": {"rounds": 2, "progress": False, "threads": 1},
+        "model": {"feature_dim": 16},
+        "privacy": {"mechanism": "dp-gradients", "epsilon": epsilon, "accountant": "rdp"},
+        "method": {
+            "name": "creff",
+            "steps_per_round": 10,
+            "batch_size": 128,
+            "grad_samples": 0,
+            "features_per_class": 3,
+            "retrain_epochs": 2,
+            "match_steps": 2,
+        },
+    }
+
+
+def test_audit_of_private_creff_passes_and_catches_weakened_dpsgd_noise(monkeypatch):
+    from protofl.privacy import dpsgd
+    from protofl.privacy.audit import AuditSettings, audit_run
+
+    result = audit_run(audit_config(8.0), AuditSettings(canaries=300))
+    assert result.design == "gradient"
+    assert 0 <= result.epsilon_lower <= result.epsilon
+    honest = dpsgd.add_noise
+
+    def weak(summed, clip_norm, sigma, expected, generator):  # the ledger still records σ
+        return honest(summed, clip_norm, sigma * 0.02, expected, generator)
+
+    monkeypatch.setattr(dpsgd, "add_noise", weak)
+    broken = audit_run(audit_config(1.0), AuditSettings(canaries=300))
+    assert broken.epsilon_lower > broken.epsilon and broken.violated
