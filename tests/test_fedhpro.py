@@ -12,6 +12,7 @@ import protofl
 from protofl.algorithms import ALGORITHMS, ClientData, Task
 from protofl.algorithms.fedhpro import (
     client_margin,
+    head_span_projector,
     hp_summaries,
     hpal_loss,
     hpcl_loss,
@@ -20,6 +21,7 @@ from protofl.algorithms.fedhpro import (
 from protofl.config import ConfigError, ModelConfig
 from protofl.gradient_matching import (
     DISTANCES,
+    gradient_distance,
     input_gradients,
     match_synthetic,
 )
@@ -192,6 +194,74 @@ def test_hp_losses_only_use_matched_classes_and_switches_change_training():
     assert not np.array_equal(trained(algo, ready), trained(baseline, ready))
 
 
+# -- ablation options --------------------------------------------------------------------------------
+def test_hp_init_scale_scales_the_initial_hyper_prototypes():
+    plain = fedhpro().init_server_state(0)["hyper_prototypes"]
+    small = fedhpro(hp_init_scale=0.01).init_server_state(0)["hyper_prototypes"]
+    torch.testing.assert_close(small, plain * 0.01)
+    assert float(plain.std()) == pytest.approx(1.0, abs=0.2)
+
+
+@pytest.mark.parametrize("matching", ["mean", "each"])
+def test_hp_matching_mean_or_each_measures_the_distance_it_names(matching):
+    algo = fedhpro(hp_matching=matching, hp_distance="cos", hp_steps=1)
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
+    hp = torch.randn(4, 3, 6, generator=g)
+    classes, targets = torch.tensor([0, 2]), torch.randn(2, 6, generator=g)
+    new, metrics = algo.match_hyper_prototypes(hp, classes, targets, w, b)
+    expected = 0.0
+    for c, t in zip(classes.tolist(), targets):
+        if matching == "mean":
+            expected += float(gradient_distance("cos", input_gradients(w, b, hp[c], c, create_graph=False), [t]))
+        else:
+            expected += sum(
+                float(gradient_distance("cos", input_gradients(w, b, h[None], c, create_graph=False), [t]))
+                for h in hp[c]
+            )
+    assert metrics["match_distance_start"] == pytest.approx(expected, rel=1e-5)
+    assert new.shape == hp.shape
+    torch.testing.assert_close(new[[1, 3]], hp[[1, 3]])  # classes without a target keep their HPs
+    assert not torch.equal(new[0], hp[0])
+
+
+def test_hpcl_batch_size_normalisation_divides_the_hpcl_term_by_the_batch_size():
+    data = client(5)
+    losses = {}
+    for norm in ("mean", "batch-size"):
+        algo = fedhpro(hpcl_normalisation=norm, hpal_weight=0.0, batch_size=16)
+        server = algo.init_server_state(0)
+        received = algo.broadcast(dict(server, hp_matched=torch.ones(4, dtype=torch.bool)))
+        params, context = server["params"], algo.context(received)
+        ones = torch.ones(len(data.y_train))
+        ce = float(F.cross_entropy(algo.forward(params, data.x_train)[1], data.y_train))
+        losses[norm] = float(algo.loss(params, data.x_train, data.y_train, ones, context)) - ce
+    assert losses["mean"] > 0.1
+    assert losses["batch-size"] == pytest.approx(losses["mean"] / 16, rel=1e-4)
+
+
+def test_sgd_matching_moves_hyper_prototypes_only_inside_the_head_span():
+    """The matching loss sees H only through W·H: an SGD step moves H within the span of W's rows."""
+    algo = fedhpro(hp_optimizer="sgd", hp_lr=0.5, hp_steps=5, retrain_epochs=0, distill_augmentation="none")
+    server = algo.init_server_state(0)
+    received = algo.broadcast(server)
+    replies = [algo.client_step({}, client(k), received, torch.Generator().manual_seed(k))[1] for k in range(2)]
+    state, _ = algo.server_step(server, replies)
+    project = head_span_projector(state["params"]["head.weight"])
+    torch.testing.assert_close(project @ project, project, atol=1e-5, rtol=0)  # a projector
+    torch.testing.assert_close(
+        state["params"]["head.weight"] @ project, state["params"]["head.weight"], atol=1e-5, rtol=0
+    )
+    moved = state["hyper_prototypes"] - server["hyper_prototypes"]
+    assert float(moved.norm()) > 1e-4
+    assert float((moved - moved @ project).norm()) < 1e-4 * float(moved.norm())
+    x, y = client(9).x_train, client(9).y_train
+    metrics = algo.evaluate_global(state, x, y)
+    hp = state["hyper_prototypes"]
+    assert metrics["global_hp_head_span_energy"] == pytest.approx(float((hp @ project).pow(2).sum() / hp.pow(2).sum()))
+    assert 0.0 < metrics["global_hp_head_span_energy"] < 1.0 and -1.0 <= metrics["global_signal_cos_head_span"] <= 1.0
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="hp_distance"):
         fedhpro(hp_distance="euclid")
@@ -199,6 +269,12 @@ def test_config_errors_name_the_key():
         ALGORITHMS["fedhpro"].from_options({}, Task(input_shape=(12,), num_classes=3))
     with pytest.raises(ConfigError, match="global_signal"):
         fedhpro(global_signal="mean")
+    with pytest.raises(ConfigError, match="hp_matching"):
+        fedhpro(hp_matching="median")
+    with pytest.raises(ConfigError, match="hpcl_normalisation"):
+        fedhpro(hpcl_normalisation="sum")
+    with pytest.raises(ConfigError, match="hp_init_scale"):
+        fedhpro(hp_init_scale=0.0)
 
 
 # 8x8 digits: a 2-pixel random shift is a quarter of the image, so distillation runs unaugmented here.

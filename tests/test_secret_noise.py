@@ -204,8 +204,12 @@ def test_a_node_with_explicitly_seeded_noise_draws_from_the_run_seed():
         ({"name": "fedproto", "lr": 0.1, "batch_size": 32}, {"mechanism": "igpp"}),
         ({"name": "fedproto", "lr": 0.1, "batch_size": 32}, {"mechanism": "vpp"}),  # private selection too
         ({"name": "dpfedavg", "steps_per_round": 3, "batch_size": 32, "lr": 0.5}, {"mechanism": "dp-sgd"}),
+        (
+            {"name": "creff", "steps_per_round": 3, "batch_size": 32, "grad_samples": 0, "match_steps": 2},
+            {"mechanism": "dp-gradients"},
+        ),
     ],
-    ids=["igpp", "vpp", "dp-sgd"],
+    ids=["igpp", "vpp", "dp-sgd", "dp-gradients"],
 )
 def test_every_draw_of_a_client_step_comes_from_its_secret(method, privacy):
     """The same secret gives the same step bit for bit, whatever the process's global generator holds (no

@@ -331,7 +331,7 @@ class LoggingConfig:
 #: The mechanisms ``[privacy] mechanism`` names: prototype releases (VPDR's IGPP and VPP) and DP-SGD. The
 #: privacy layer (:mod:`protofl.privacy.layer`) holds the implementation of each; an algorithm declares
 #: which ones it hosts (``Algorithm.privacy_mechanisms``).
-PRIVACY_MECHANISMS = ("none", "igpp", "vpp", "dp-sgd")
+PRIVACY_MECHANISMS = ("none", "igpp", "vpp", "dp-sgd", "dp-gradients")
 PRIVACY_RELATIONS = ("add-remove", "replace-one")
 NOISE_SOURCES = ("auto", "seeded", "secret")
 #: How VPP picks its discriminative dimensions (:data:`protofl.privacy.mechanisms.SELECTIONS`).
@@ -346,7 +346,8 @@ class PrivacyConfig:
     ``fedtgp``, ...) releases; ``dp-sgd`` is the local training of the DP-SGD methods (``dpfedavg``,
     ``fedhypevae``), whose updates it protects. ``dcr`` is a training option of the prototype releases."""
 
-    #: ``none``, ``igpp`` (isotropic Gaussian), ``vpp`` (variance-adaptive) or ``dp-sgd``.
+    #: ``none``, ``igpp`` (isotropic Gaussian), ``vpp`` (variance-adaptive), ``dp-sgd`` or ``dp-gradients``
+    #: (DP-SGD local training plus noisy per-class gradient uploads: private ``creff`` and ``fedhpro``).
     mechanism: str = "none"
     #: Distillation-guided clipping regularisation in the local training of a prototype host (DCR; alone,
     #: or with ``igpp`` or ``vpp``).
@@ -451,15 +452,15 @@ class PrivacyConfig:
         check(0 <= self.ema_momentum < 1, "ema_momentum", f"must be in [0, 1), got {self.ema_momentum}")
         check(self.kd_warmup_steps >= 0, "kd_warmup_steps", f"must be >= 0, got {self.kd_warmup_steps}")
         check(
-            self.mechanism != "dp-sgd" or self.relation == "add-remove",
+            self.mechanism not in ("dp-sgd", "dp-gradients") or self.relation == "add-remove",
             "relation",
-            "dp-sgd is accounted under add-remove (Poisson sampling of one example more or less); "
+            f"{self.mechanism} is accounted under add-remove (Poisson sampling of one example more or less); "
             "'replace-one' would need twice the sensitivity, set privacy.relation = 'add-remove'",
         )
         check(
-            not self.dcr or self.mechanism != "dp-sgd",
+            not self.dcr or self.mechanism not in ("dp-sgd", "dp-gradients"),
             "dcr",
-            "is a training option of the prototype hosts (alone, or with igpp or vpp), not of dp-sgd",
+            f"is a training option of the prototype hosts (alone, or with igpp or vpp), not of {self.mechanism}",
         )
         check_numbers(self)
 

@@ -21,6 +21,17 @@ Choices (see :class:`CReFFConfig`):
   ``"aggregated"`` broadcasts the FedAvg head and uses the re-trained one for global evaluation only.
 - The server state holds plain tensors only (features, flags, seed and round counter), so it
   checkpoints and resumes exactly.
+
+**Private CReFF** (``[privacy] mechanism = "dp-gradients"``): everything a client uploads is protected
+under one ledger (:class:`~protofl.privacy.layer.ClassGradientLayer`). The per-class head gradients are
+the noisy release of :mod:`protofl.privacy.class_gradients` (every example's head gradient clipped to
+``upload_clip``, summed per class, every class with a noisy count, at the model as received); the model is
+trained by ``steps_per_round`` DP-SGD steps (Poisson rate ``batch_size / n``, clip ``privacy.clip_norm``)
+instead of ``local_epochs``, and uploaded without its sample count (the server averages models uniformly).
+Every example of a class enters its gradient (``grad_samples = 0``: a fixed-size subsample would let one
+example displace another). The server uses a client's class row where its noisy count reaches the presence
+threshold ``max(1, 2σ_n)`` (``gradient_weighting = "mean"``) or weighs it by that count clamped at 0
+(``"count"``): post-processing.
 """
 
 from __future__ import annotations
@@ -36,17 +47,21 @@ from protofl.algorithms.base import (
     Params,
     State,
     arrays_to_params,
+    compute_features,
     params_to_arrays,
     register,
 )
 from protofl.algorithms.fedavg import FedAvg, FedAvgConfig, weighted_average
-from protofl.config import check, check_choice
+from protofl.config import ConfigError, check, check_choice
 from protofl.gradient_matching import (
     DISTANCES,
     head_gradients,
     match_features,
 )
 from protofl.payload import ArraySpec, Payload, PayloadSpec
+from protofl.privacy.accounting import LEDGER_KEY
+from protofl.privacy.class_gradients import dp_sgd_steps, head_contributions
+from protofl.privacy.layer import NEXT_ROUND_KEY, ClassGradientLayer
 from protofl.seeds import derive_seed as _seed  # noqa: F401 (also imported by fedtgp, fedhpro)
 from protofl.training import minibatches
 
@@ -76,6 +91,14 @@ class CReFFConfig(FedAvgConfig):
     retrain_init: str = "scratch"
     #: Head the clients receive: ``retrained`` or ``aggregated``.
     head_to_clients: str = "retrained"
+    #: Private runs (``privacy.mechanism = "dp-gradients"``): DP-SGD steps per round (replacing
+    #: ``local_epochs``; SGD with ``lr``, ``momentum``, ``weight_decay``).
+    steps_per_round: int = 20
+    #: Private runs: the share of epsilon calibrated for the per-class gradient uploads (the DP-SGD steps
+    #: get the rest, composed by the accountant).
+    upload_fraction: float = 0.5
+    #: Private runs: L2 bound C of each example's contribution to the uploaded per-class gradients.
+    upload_clip: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,14 +115,32 @@ class CReFFConfig(FedAvgConfig):
         check(0 <= self.retrain_momentum < 1, "retrain_momentum", f"must be in [0, 1), got {self.retrain_momentum}")
         check_choice(self.retrain_init, ("scratch", "aggregated"), "retrain_init")
         check_choice(self.head_to_clients, ("retrained", "aggregated"), "head_to_clients")
+        check(self.steps_per_round >= 1, "steps_per_round", f"must be >= 1, got {self.steps_per_round}")
+        check(0 < self.upload_fraction < 1, "upload_fraction", f"must be in (0, 1), got {self.upload_fraction}")
+        check(0 < self.upload_clip < float("inf"), "upload_clip", f"must be finite and > 0, got {self.upload_clip}")
 
 
-def aggregate_head_gradients(replies: list[Payload], weighting: str = "mean") -> dict[int, list[torch.Tensor]]:
-    """Per class, the mean (``mean``) or count-weighted mean (``count``) of the clients' ``[dW, db]``."""
+def upload_weights(counts, weighting: str, min_count: float = 1.0) -> np.ndarray:
+    """The weight of each uploaded class row in a per-class average: ``count``, its count clamped at 0;
+    ``mean``, 1 where its count is at least ``min_count``, else 0. Exact counts are at least 1, so with
+    ``min_count = 1`` these are the counts and the ones; noisy counts (a private upload covers every class)
+    make this post-processing, with ``min_count`` the presence threshold."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return np.maximum(counts, 0.0) if weighting == "count" else (counts >= min_count).astype(np.float64)
+
+
+def aggregate_head_gradients(
+    replies: list[Payload], weighting: str = "mean", min_count: float = 1.0
+) -> dict[int, list[torch.Tensor]]:
+    """Per class, the mean (``mean``) or count-weighted mean (``count``) of the clients' ``[dW, db]``
+    (weights: :func:`upload_weights`; a class whose weights are all 0 gets no target)."""
     sums: dict[int, list] = {}
     for r in replies:
-        for c, gw, gb, n in zip(r["grad_classes"], r["grad_weight"], r["grad_bias"], r["grad_counts"]):
-            w = float(n) if weighting == "count" else 1.0
+        weights = upload_weights(r["grad_counts"], weighting, min_count)
+        for c, gw, gb, w in zip(r["grad_classes"], r["grad_weight"], r["grad_bias"], weights):
+            if w <= 0:
+                continue
+            w = float(w)
             acc = sums.setdefault(int(c), [0.0, 0.0, 0.0])
             acc[0] = acc[0] + w * torch.from_numpy(np.array(gw, dtype=np.float32))
             acc[1] = acc[1] + w * torch.from_numpy(np.array(gb, dtype=np.float32))
@@ -144,6 +185,33 @@ class CReFF(FedAvg):
     name = "creff"
     summary = "CReFF (Shang et al., 2022): FedAvg + classifier re-training on gradient-matched federated features"
     Config = CReFFConfig
+    #: ``dp-gradients``: DP-SGD local training plus noisy per-class gradient uploads (module docstring).
+    privacy_mechanisms = ("dp-gradients",)
+    #: Whether an upload carries the feature gradient next to the head gradient (FedHPro).
+    uploads_feature_gradient = False
+
+    def __init__(self, config, task, privacy=None):
+        super().__init__(config, task, privacy)
+        #: The privacy layer of a private run (``None`` without a mechanism).
+        self.dp = self.privacy_layer if isinstance(self.privacy_layer, ClassGradientLayer) else None
+        if self.dp is not None and config.grad_samples:
+            raise ConfigError(
+                f"method.grad_samples: must be 0 (every example) under privacy.mechanism = "
+                f"{self.privacy.mechanism!r}, got {config.grad_samples}: in a fixed-size subsample one "
+                "example can displace another, which doubles the sensitivity the noise is calibrated for"
+            )
+
+    @property
+    def upload_sigma(self) -> float:
+        """σ_u of every per-class gradient upload (private runs)."""
+        assert self.dp is not None
+        return self.dp.upload_multiplier(self.config.upload_fraction)
+
+    @property
+    def presence_threshold(self) -> float:
+        """The count from which a client's class row enters a ``mean`` average: 1 with exact counts,
+        ``max(1, 2σ_n)`` with the noisy counts of a private upload (σ_n public)."""
+        return 1.0 if self.dp is None else max(1.0, 2 * self.dp.count_noise_std(self.upload_sigma))
 
     @property
     def _dims(self) -> tuple[int, int]:
@@ -177,12 +245,15 @@ class CReFF(FedAvg):
     def reply_spec(self) -> PayloadSpec:
         num_classes, d = self._dims
         spec = super().reply_spec()
+        rows = None if self.dp is None else num_classes  # a private upload covers every class
         arrays = {
-            **spec.arrays,
-            "grad_classes": ArraySpec((None,), "int64", class_bound=num_classes, unique=True),
-            "grad_weight": ArraySpec((None, num_classes, d), "float32"),
-            "grad_bias": ArraySpec((None, num_classes), "float32"),
-            "grad_counts": ArraySpec((None,), "int64", minimum=1),
+            **(spec.arrays if self.dp is None else self._param_specs()),  # no sample count when private
+            "grad_classes": ArraySpec((rows,), "int64", class_bound=num_classes, unique=True),
+            "grad_weight": ArraySpec((rows, num_classes, d), "float32"),
+            "grad_bias": ArraySpec((rows, num_classes), "float32"),
+            "grad_counts": ArraySpec((None,), "int64", minimum=1)
+            if self.dp is None
+            else ArraySpec((num_classes,), "float64"),
         }
         return PayloadSpec(self.name, arrays, same_length=("grad_classes", "grad_weight", "grad_bias", "grad_counts"))
 
@@ -232,6 +303,101 @@ class CReFF(FedAvg):
         """Gradients on the model as received (before local training, with the client's generator), as in CReFF."""
         return self.client_gradients(arrays_to_params(received), data, generator)
 
+    def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
+        if self.dp is None:
+            return super().client_step(client_state, data, received, generator)
+        return self.private_client_step(client_state, data, received, generator)
+
+    def private_client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
+        """A private round (module docstring): the round's events are spent from the client's ledger,
+        then the noisy per-class gradients are taken at the received model, then DP-SGD trains it."""
+        c, dp = self.config, self.dp
+        assert dp is not None
+        who = f"client {data.client_id}"
+        if not bool(torch.isfinite(data.x_train).all()):
+            raise ValueError(f"{who}: its inputs contain NaN or infinite values; nothing was released")
+        if data.num_train < c.batch_size:
+            raise ValueError(
+                f"{who}: {data.num_train} training examples, fewer than method.batch_size={c.batch_size}; "
+                "nothing was released"
+            )
+        rate = c.batch_size / data.num_train
+        upload_sigma = self.upload_sigma
+        step_sigma = dp.step_multiplier(rate, c.steps_per_round, upload_sigma)
+        events = dp.round_events(rate, step_sigma, c.steps_per_round, upload_sigma)
+        ledger = dp.spend(client_state, events, who)
+        start = self.received_params(received)
+        release = dp.release(
+            self.upload_contributions(start, data, generator), data.y_train, c.upload_clip, upload_sigma, generator
+        )
+        context = self.context(received)
+        params = {k: v.detach().clone() for k, v in start.items()}
+        optimizer = torch.optim.SGD(list(params.values()), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+        def example_loss(p, xi, yi):
+            return self.loss(p, xi[None], yi[None], torch.ones(1), context)
+
+        metrics = dp_sgd_steps(
+            params,
+            example_loss,
+            data.x_train,
+            data.y_train,
+            rate,
+            step_sigma,
+            dp.clip_norm,
+            c.steps_per_round,
+            optimizer,
+            generator,
+        )
+        metrics["upload_clipped_fraction"] = release.clipped_fraction
+        state = {**client_state, LEDGER_KEY: ledger, NEXT_ROUND_KEY: dp.next_round_state(events)}
+        arrays = {**params_to_arrays({k: v.detach() for k, v in params.items()}), **self.release_arrays(release)}
+        return state, Payload(arrays, {"method": self.name}), metrics
+
+    def upload_contributions(self, params: Params, data: ClientData, generator: torch.Generator) -> torch.Tensor:
+        """Every train example's contribution to the uploaded gradients (one row each, in the order of
+        ``data.y_train``), at ``params`` (the received model), on the inputs :meth:`distill_inputs` gives."""
+        with torch.no_grad():
+            z = compute_features(self, params, self.distill_inputs(data.x_train, generator))
+        return head_contributions(params[HEAD_W], params[HEAD_B], z, data.y_train, self.uploads_feature_gradient)
+
+    def release_arrays(self, release) -> dict[str, np.ndarray]:
+        """The reply arrays of a private upload (every class, noisy means and counts)."""
+        num_classes, d = self._dims
+        means = release.means
+        arrays = {
+            "grad_classes": np.arange(num_classes, dtype=np.int64),
+            "grad_counts": release.counts.numpy().astype(np.float64),
+            "grad_weight": means[:, : num_classes * d].reshape(num_classes, num_classes, d).numpy().astype(np.float32),
+            "grad_bias": means[:, num_classes * d : num_classes * d + num_classes].numpy().astype(np.float32),
+        }
+        if self.uploads_feature_gradient:
+            arrays["feature_grad"] = means[:, num_classes * (d + 1) :].numpy().astype(np.float32)
+        return arrays
+
+    def batched_unsupported(self) -> str | None:
+        if self.dp is not None:
+            return (
+                "a private CReFF or FedHPro round runs DP-SGD steps on Poisson samples of each client, which "
+                "the batched program (minibatch epochs) does not"
+            )
+        if type(self).client_step is CReFF.client_step:
+            return None  # the override above only routes private rounds
+        return super().batched_unsupported()
+
+    def privacy_report(self, client_states, all_accountants: bool = True):
+        if self.dp is None:
+            return super().privacy_report(client_states, all_accountants)
+        sigma = self.upload_sigma
+        return self.dp.report(
+            client_states.values(),
+            all_accountants,
+            upload_noise_multiplier=sigma,
+            upload_count_noise_multiplier=self.dp.count_noise_std(sigma),
+            upload_clip=self.config.upload_clip,
+            upload_fraction=self.config.upload_fraction,
+        )
+
     def reply(self, outcome: LocalOutcome):
         """FedAvg's model upload plus the gradients taken before training."""
         client_state, reply, metrics = super().reply(outcome)
@@ -244,10 +410,11 @@ class CReFF(FedAvg):
         # The head the clients received (and computed their gradients at).
         sent = self._client_params(server_state)
         models = [arrays_to_params(r) for r in replies]
-        params = weighted_average(models, [int(r["num_samples"]) for r in replies])
+        # A private reply carries no sample count: the models are averaged uniformly.
+        params = weighted_average(models, [1 if self.dp else int(r["num_samples"]) for r in replies])
         aggregated_head = {"weight": params[HEAD_W], "bias": params[HEAD_B]}
 
-        targets = aggregate_head_gradients(replies, cfg.gradient_weighting)
+        targets = aggregate_head_gradients(replies, cfg.gradient_weighting, self.presence_threshold)
         features = server_state["features"]
         current = {c: features[c] for c in range(len(features))}
         matched, match_metrics = match_features(

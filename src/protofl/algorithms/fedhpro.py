@@ -39,6 +39,21 @@ Where we chose (all switchable, see :class:`FedHProConfig`):
 - ``global_signal = "averaged"`` is the ablation "averaged prototypes instead of hyper-prototypes":
   clients also upload their class means and the server uses their count-weighted average (as every
   ``H_{c,l}``) in place of gradient-matched HPs.
+
+Ablations of what carries FedHPro's gain: ``hp_steps = 0`` (the HPs are never matched: they stay their
+random initialisation, which HPCL and HPAL still use as class anchors once a class has been uploaded);
+``hpcl_normalisation = "batch-size"`` (HPCL at the reference's strength, divided by ``batch_size``);
+``hp_matching = "each"`` (every HP's own gradient matched to the class target, as the reference does,
+instead of the mean of the L gradients); ``hp_init_scale`` (the standard deviation of H's initialisation).
+The matching loss depends on H only through ``W·H``, so it moves H only inside the span of the head's
+rows; ``evaluate_global`` logs the consistency inside that span (``global_signal_cos_head_span``) and the
+share of the HPs' energy that lies in it (``global_hp_head_span_energy``).
+
+**Private FedHPro** (``[privacy] mechanism = "dp-gradients"``): as private CReFF (see
+:mod:`protofl.algorithms.creff`), each example's contribution being its head gradient *and* its feature
+gradient, clipped together. HPCL's client margin κ_k is a statistic of the whole train split, which a
+per-example clipped gradient cannot bound, so a private run needs ``client_margin = false`` (or
+``hpcl_weight = 0``); ``global_signal = "averaged"`` uploads clean class means and is refused.
 """
 
 from __future__ import annotations
@@ -59,7 +74,7 @@ from protofl.algorithms.base import (
     predict_features_and_logits,
     register,
 )
-from protofl.algorithms.creff import HEAD_B, HEAD_W, CReFF, CReFFConfig, _seed
+from protofl.algorithms.creff import HEAD_B, HEAD_W, CReFF, CReFFConfig, _seed, upload_weights
 from protofl.algorithms.fedproto import signal_consistency
 from protofl.config import ConfigError, check, check_choice
 from protofl.gradient_matching import (
@@ -75,6 +90,8 @@ from protofl.training import masked_cross_entropy, masked_mean, train_local
 
 AUGMENTATIONS = ("none", "random-shift")
 GLOBAL_SIGNALS = ("hyper", "averaged")
+HPCL_NORMALISATIONS = ("mean", "batch-size")
+HP_MATCHINGS = ("mean", "each")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +105,10 @@ class FedHProConfig(CReFFConfig):
     retrain_init: str = "aggregated"
     #: L, hyper-prototypes per class (reference 5).
     hp_per_class: int = 5
-    #: S_H, SGD steps, learning rate and momentum of the HP gradient-matching step (reference 30, 0.1).
+    #: Standard deviation of the N(0, s²) initialisation of the hyper-prototypes (small: near-zero anchors).
+    hp_init_scale: float = 1.0
+    #: S_H, SGD steps (0: the HPs are never matched, they stay their random initialisation), learning rate
+    #: and momentum of the HP gradient-matching step (reference 30, 0.1).
     hp_steps: int = 30
     hp_lr: float = 0.1
     hp_momentum: float = 0.0
@@ -100,9 +120,15 @@ class FedHProConfig(CReFFConfig):
     hp_distance: str = "cos"
     #: How the server averages the clients' feature gradients per class: ``mean`` or ``count``-weighted.
     feature_gradient_weighting: str = "mean"
+    #: What the HP step matches to a class's target: ``mean`` (the mean of its L HPs' gradients) or
+    #: ``each`` (every HP's own gradient, the distances summed, as the reference code does).
+    hp_matching: str = "mean"
     #: Weight of HPCL (0 switches it off) and its temperature τ (reference 0.05).
     hpcl_weight: float = 1.0
     temperature: float = 0.05
+    #: HPCL over a batch: ``mean`` (the batch mean) or ``batch-size`` (the mean divided by batch_size once
+    #: more, the reference's strength).
+    hpcl_normalisation: str = "mean"
     #: The client-specific margin κ_k in HPCL (false: κ = 0).
     client_margin: bool = True
     #: Weight of HPAL (0 switches it off) and SmoothL1's β.
@@ -117,6 +143,11 @@ class FedHProConfig(CReFFConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.hp_per_class >= 1, "hp_per_class", f"must be >= 1, got {self.hp_per_class}")
+        check(
+            0 < self.hp_init_scale < float("inf"), "hp_init_scale", f"must be finite and > 0, got {self.hp_init_scale}"
+        )
+        check_choice(self.hp_matching, HP_MATCHINGS, "hp_matching")
+        check_choice(self.hpcl_normalisation, HPCL_NORMALISATIONS, "hpcl_normalisation")
         check(self.hp_steps >= 0, "hp_steps", f"must be >= 0, got {self.hp_steps}")
         check(self.hp_lr > 0, "hp_lr", f"must be > 0, got {self.hp_lr}")
         check(0 <= self.hp_momentum < 1, "hp_momentum", f"must be in [0, 1), got {self.hp_momentum}")
@@ -184,6 +215,14 @@ def hp_summaries(hyper_prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return F.normalize(hyper_prototypes, dim=2).mean(1), hyper_prototypes.mean(1)
 
 
+def head_span_projector(weight: torch.Tensor) -> torch.Tensor:
+    """The (d×d) orthogonal projector onto the span of the head's rows (``weight``: C×d): the only
+    directions of the feature space the head, and so the HP matching step, can see."""
+    _, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    v = vh[s > s.max() * max(weight.shape) * torch.finfo(torch.float64).eps]
+    return (v.t() @ v).to(weight.dtype)
+
+
 def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image (N, C, H, W) by an independent random offset in ``[−pixels, pixels]`` on
     each axis, filling with zeros."""
@@ -193,16 +232,15 @@ def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> to
     return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
-def aggregate_vectors(classes_list, vectors_list, counts_list, num_classes: int, dim: int, weighting: str):
-    """Per class, the mean (``mean``) or count-weighted mean (``count``) of per-class vectors."""
+def aggregate_vectors(
+    classes_list, vectors_list, counts_list, num_classes: int, dim: int, weighting: str, min_count: float = 1.0
+):
+    """Per class, the mean (``mean``) or count-weighted mean (``count``) of per-class vectors (weights:
+    :func:`~protofl.algorithms.creff.upload_weights`; a class whose weights are all 0 is left out)."""
     acc = PrototypeAccumulator(num_classes, dim, dtype=torch.float64)
     for classes, vectors, counts in zip(classes_list, vectors_list, counts_list):
         c = torch.from_numpy(np.asarray(classes))
-        weights = (
-            torch.from_numpy(np.asarray(counts)).double()
-            if weighting == "count"
-            else torch.ones(len(c), dtype=torch.float64)
-        )
+        weights = torch.from_numpy(upload_weights(counts, weighting, min_count))
         acc.update_means(c, torch.from_numpy(np.asarray(vectors)).double(), weights)
     classes, means, _ = acc.compute()
     return classes, means.float()
@@ -215,9 +253,21 @@ class FedHPro(CReFF):
         "FedHPro (2026): gradient-matched hyper-prototypes + CReFF head re-training, HPCL with client margin, HPAL"
     )
     Config = FedHProConfig
+    uploads_feature_gradient = True
 
     def __init__(self, config, task, privacy=None):
         super().__init__(config, task, privacy)
+        if self.dp is not None and self._updates_margin:
+            raise ConfigError(
+                f"method.client_margin: HPCL's client margin is a statistic of the client's whole train split, "
+                f"which per-example clipping cannot bound; set it to false (or hpcl_weight = 0) under "
+                f"privacy.mechanism = {self.privacy.mechanism!r}"
+            )
+        if self.dp is not None and config.global_signal == "averaged":
+            raise ConfigError(
+                "method.global_signal: 'averaged' uploads the clients' clean class means, which no mechanism "
+                f"protects; use 'hyper' under privacy.mechanism = {self.privacy.mechanism!r}"
+            )
         if config.distill_augmentation == "random-shift" and len(task.input_shape) != 3:
             raise ConfigError(
                 "method.distill_augmentation: 'random-shift' needs image inputs (C, H, W), got inputs of shape "
@@ -233,7 +283,7 @@ class FedHPro(CReFF):
     def init_server_state(self, seed: int) -> State:
         state = super().init_server_state(seed)
         generator = torch.Generator().manual_seed(_seed(seed, 0x4B9))
-        state["hyper_prototypes"] = torch.randn(*self._hp_shape, generator=generator)
+        state["hyper_prototypes"] = torch.randn(*self._hp_shape, generator=generator) * self.config.hp_init_scale
         state["hp_matched"] = torch.zeros(self._dims[0], dtype=torch.bool)
         return state
 
@@ -259,9 +309,9 @@ class FedHPro(CReFF):
         )
 
     def reply_spec(self) -> PayloadSpec:
-        d = self._dims[1]
+        num_classes, d = self._dims
         spec = super().reply_spec()
-        arrays = {**spec.arrays, "feature_grad": ArraySpec((None, d))}
+        arrays = {**spec.arrays, "feature_grad": ArraySpec((None if self.dp is None else num_classes, d))}
         same_length = (*spec.same_length, "feature_grad")
         if self.config.global_signal == "averaged":
             arrays["class_means"] = ArraySpec((None, d))
@@ -318,7 +368,8 @@ class FedHPro(CReFF):
             return loss
         has = context["ready"][y].to(z.dtype) * weight
         if cfg.hpcl_weight:
-            loss = loss + cfg.hpcl_weight * hpcl_loss(
+            scale = cfg.hpcl_weight / (cfg.batch_size if cfg.hpcl_normalisation == "batch-size" else 1)
+            loss = loss + scale * hpcl_loss(
                 z, y, context["summaries"], cfg.temperature, context["kappa"], context["classes"], has
             )
         if cfg.hpal_weight:
@@ -404,24 +455,39 @@ class FedHPro(CReFF):
                 num_classes,
                 d,
                 cfg.feature_gradient_weighting,
+                self.presence_threshold,
             )
             head_w, head_b = state["params"][HEAD_W].detach(), state["params"][HEAD_B].detach()
-            new, match_metrics = match_synthetic(
-                {c: hp[c] for c in range(num_classes)},
-                {int(c): [t] for c, t in zip(classes, targets)},
-                lambda c, h: input_gradients(head_w, head_b, h, c),
-                cfg.hp_distance,
-                cfg.hp_steps,
-                cfg.hp_lr,
-                cfg.hp_momentum,
-                cfg.hp_optimizer,
-            )
-            hp = torch.stack([new[c] for c in range(num_classes)])
+            hp, match_metrics = self.match_hyper_prototypes(hp, classes, targets, head_w, head_b)
             hp_metrics = {f"hp_{k}": v for k, v in match_metrics.items()}
         matched[classes] = True
         state["hyper_prototypes"] = hp
         state["hp_matched"] = matched
         return state, {**metrics, **hp_metrics, "hp_classes_updated": float(len(classes))}
+
+    def match_hyper_prototypes(self, hp, classes, targets, head_w, head_b):
+        """The HP step: ``hp`` (C×L×d) with the classes in ``classes`` matched to their ``targets`` under
+        the head ``(head_w, head_b)``; ``hp_matching = "mean"`` matches the mean of a class's L HP
+        gradients, ``"each"`` every HP's own gradient (one synthetic tensor per HP, same target)."""
+        cfg = self.config
+        num_classes, per_class, _ = hp.shape
+        each = cfg.hp_matching == "each"
+        # keys: a class (mean), or class·L + l (each); the class of a key is key // groups
+        groups = per_class if each else 1
+        synthetic = {k: hp[k // groups, k % groups][None] if each else hp[k] for k in range(num_classes * groups)}
+        wanted = {int(c) * groups + j: [t] for c, t in zip(classes, targets) for j in range(groups)}
+        new, metrics = match_synthetic(
+            synthetic,
+            wanted,
+            lambda k, h: input_gradients(head_w, head_b, h, k // groups),
+            cfg.hp_distance,
+            cfg.hp_steps,
+            cfg.hp_lr,
+            cfg.hp_momentum,
+            cfg.hp_optimizer,
+        )
+        rows = [new[k] for k in range(num_classes * groups)]
+        return (torch.cat(rows).reshape(hp.shape) if each else torch.stack(rows)), metrics
 
     # -- evaluation --------------------------------------------------------------------------------
     def global_signal(self, server_state: State) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,4 +502,8 @@ class FedHPro(CReFF):
         classes, signal = self.global_signal(server_state)
         if len(classes):
             out["global_signal_cos"] = signal_consistency(features, y, classes, signal)
+            project = head_span_projector(server_state["params"][HEAD_W])
+            out["global_signal_cos_head_span"] = signal_consistency(features @ project, y, classes, signal @ project)
+            hp = server_state["hyper_prototypes"]
+            out["global_hp_head_span_energy"] = float((hp @ project).pow(2).sum() / hp.pow(2).sum().clamp_min(1e-30))
         return out

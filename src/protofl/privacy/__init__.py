@@ -41,8 +41,10 @@ from protofl.privacy.audit_bounds import (
     one_run_p_value,
     two_worlds_epsilon_lower,
 )
+from protofl.privacy.class_gradients import ClassGradientRelease, class_gradient_release, clipped_class_sums
 from protofl.privacy.layer import (
     PRIVACY_LAYERS,
+    ClassGradientLayer,
     DPSGDLayer,
     IGPPLayer,
     PrivacyLayer,
@@ -71,6 +73,8 @@ from protofl.privacy.vpdr import DistillationClipping
 __all__ = [
     "ACCOUNTANTS",
     "GUESS_FRACTIONS",
+    "ClassGradientLayer",
+    "ClassGradientRelease",
     "DPSGDLayer",
     "IGPPLayer",
     "LEDGER_KEY",
@@ -99,6 +103,8 @@ __all__ = [
     "SampledGaussianEvent",
     "anova_scores",
     "calibrate_noise_multiplier",
+    "class_gradient_release",
+    "clipped_class_sums",
     "clip_groups",
     "clip_rows",
     "compute_epsilon",

@@ -349,7 +349,7 @@ class GradientCanaries(CanaryDesign):
     ``(parameter number, flat index)`` in the model's parameters (sorted by name)."""
 
     name = "gradient"
-    mechanisms = ("dp-sgd",)
+    mechanisms = ("dp-sgd", "dp-gradients")
     threat = (
         "white box: the auditor inserts each canary as an extra clipped per-example gradient (a Dirac direction "
         "of norm clip_norm) Poisson-sampled into one client's DP-SGD steps; it scores from the released update"

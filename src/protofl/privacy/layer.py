@@ -36,6 +36,7 @@ from protofl.privacy.accounting import (
     calibrate_noise_multiplier,
     spend_report,
 )
+from protofl.privacy.class_gradients import ClassGradientRelease, class_gradient_release
 from protofl.privacy.mechanisms import (
     SELECTIONS,
     PrototypeRelease,
@@ -48,6 +49,7 @@ from protofl.privacy.mechanisms import (
 __all__ = [
     "NEXT_ROUND_KEY",
     "PRIVACY_LAYERS",
+    "ClassGradientLayer",
     "DPSGDLayer",
     "IGPPLayer",
     "PrivacyLayer",
@@ -325,6 +327,46 @@ class DPSGDLayer(PrivacyLayer):
         )
 
 
+class ClassGradientLayer(DPSGDLayer):
+    """``dp-gradients`` (private CReFF and FedHPro): DP-SGD local training protects the model a client
+    uploads, and one noisy per-class gradient upload per round (:mod:`protofl.privacy.class_gradients`)
+    protects the gradients it uploads next to it; both are spent from the client's one ledger before the
+    round releases anything. The uploads get the share ``fraction`` of ε: their σ_u is calibrated so that
+    ``planned_releases`` uploads alone spend ``fraction · ε``; a client's DP-SGD σ (per sampling rate) is
+    then calibrated so that all its steps *composed with those uploads* spend at most ε under the
+    accountant (tighter than splitting ε in two)."""
+
+    def upload_multiplier(self, fraction: float) -> float:
+        """σ_u of every per-class gradient upload when the uploads get the share ``fraction`` of ε."""
+        c = self.config
+        return self.gaussian_multiplier(fraction * c.epsilon, c.planned_releases)
+
+    def step_multiplier(self, rate: float, steps_per_round: int, upload_sigma: float) -> float:
+        """σ of the DP-SGD steps of a client sampled at ``rate`` (``steps_per_round`` per planned release),
+        composed with the planned uploads at ``upload_sigma``."""
+        releases = self.config.planned_releases
+        return self.noise_multiplier(rate, releases * steps_per_round, [(GaussianEvent(upload_sigma), releases)])
+
+    def round_events(
+        self, rate: float, step_sigma: float, steps_per_round: int, upload_sigma: float
+    ) -> tuple[tuple[Event, int], ...]:
+        """What one round of a client costs: its DP-SGD steps and one upload."""
+        return ((self.step_event(rate, step_sigma), steps_per_round), (GaussianEvent(upload_sigma), 1))
+
+    def count_noise_std(self, upload_sigma: float) -> float:
+        """σ_n, the (public) standard deviation of the noise on every uploaded class count."""
+        return split_multiplier(upload_sigma, self.config.count_fraction)[1]
+
+    def release(
+        self, contributions: torch.Tensor, labels: torch.Tensor, clip: float, upload_sigma: float, generator
+    ) -> ClassGradientRelease:
+        """The noisy per-class release of per-example ``contributions`` (rows, clipped to ``clip``); the
+        caller has spent its event (:meth:`round_events`) before calling."""
+        return class_gradient_release(
+            contributions, labels, self.num_classes, clip, upload_sigma, self.config.count_fraction, generator
+        )
+
+
 #: Client-state key of the events of a DP-SGD client's next round (:meth:`DPSGDLayer.check_next`).
 NEXT_ROUND_KEY = "privacy_next_round"
 
@@ -341,6 +383,7 @@ def register_privacy_layer(mechanism: str, cls: type[PrivacyLayer]) -> None:
 register_privacy_layer("igpp", IGPPLayer)
 register_privacy_layer("vpp", VPPLayer)
 register_privacy_layer("dp-sgd", DPSGDLayer)
+register_privacy_layer("dp-gradients", ClassGradientLayer)
 
 
 def create_privacy_layer(config: PrivacyConfig, num_classes: int) -> PrivacyLayer | None:

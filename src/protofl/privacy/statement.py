@@ -29,6 +29,10 @@ RELATION_TEXT = {
 }
 
 
+#: The ``sensitivity`` word of a gradient mechanism's statement.
+GRADIENT_SENSITIVITY = {"dp-gradients": "clipped per-example gradients and per-class gradient contributions"}
+
+
 def check_sensitivity(config: RunConfig, user_model: bool = False) -> None:
     """Refuse (:class:`ConfigError` naming ``privacy.sensitivity``) ``fixed-features`` on a prototype
     release whose clients train the feature map before it: that rule's bound assumes the map is not a
@@ -102,7 +106,7 @@ def privacy_statement(config: PrivacyConfig, engine: str) -> dict[str, Any]:
             "the number of examples of each class and the set of classes each client holds (public under "
             "the replace-one relation)"
         )
-    if config.mechanism == "dp-sgd":
+    if config.mechanism in ("dp-sgd", "dp-gradients"):
         not_covered.append(
             "each client's number of train examples n: it sets the DP-SGD sampling rate (batch_size / n) and "
             "with it the noise multiplier, both treated as public (under add/remove, n differs by one on "
@@ -122,7 +126,9 @@ def privacy_statement(config: PrivacyConfig, engine: str) -> dict[str, Any]:
         "unit": "one example of one client's train split",
         "relation": config.relation,
         "relation_text": RELATION_TEXT[config.relation],
-        "sensitivity": config.sensitivity if config.mechanism in ("igpp", "vpp") else "clipped per-example gradients",
+        "sensitivity": config.sensitivity
+        if config.mechanism in ("igpp", "vpp")
+        else GRADIENT_SENSITIVITY.get(config.mechanism, "clipped per-example gradients"),
         "sensitivity_text": sensitivity_text(config),
         "noise_source": source,
         "diagnostics": diagnostics_text(config, engine),
@@ -133,6 +139,14 @@ def privacy_statement(config: PrivacyConfig, engine: str) -> dict[str, Any]:
 def sensitivity_text(config: PrivacyConfig) -> str:
     """The sensitivity rule of a private run, in words (``privacy.sensitivity`` under
     ``privacy.relation`` for a prototype release)."""
+    if config.mechanism == "dp-gradients":
+        return (
+            "DP-SGD steps: each example's gradient clipped to norm privacy.clip_norm, one example changes one "
+            "gradient; per-class gradient uploads: each example's contribution (its head gradient, with "
+            "FedHPro also its feature gradient) clipped to norm method.upload_clip and summed per class, every "
+            "class released with a noisy count, so one example moves one class sum by at most upload_clip and "
+            "one count by 1"
+        )
     if config.mechanism not in ("igpp", "vpp"):
         return "clipped per-example gradients (norm privacy.clip_norm); one example changes one gradient"
     return f"{config.sensitivity}: {sensitivity_rule(config.sensitivity, config.relation).text}"
