@@ -93,6 +93,18 @@ def test_mlflow_without_the_package_is_one_line_before_any_work(tiny, tmp_path, 
     assert not (tmp_path / "run/metrics.jsonl").exists()
 
 
+def test_a_store_that_cannot_be_written_is_one_line_before_any_work(tiny, tmp_path, capsys):
+    import tomli_w
+
+    (tmp_path / "not-a-folder").write_text("")
+    uri = f"sqlite:///{tmp_path}/not-a-folder/mlflow.db"
+    (tmp_path / "c.toml").write_text(tomli_w.dumps(tracked(tiny, uri)))
+    assert main(["run", str(tmp_path / "c.toml"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "logging.mlflow_uri: cannot log to sqlite:///" in err[0], err
+    assert not (tmp_path / "run/metrics.jsonl").exists()
+
+
 def test_an_mlflow_uri_without_mlflow_on_is_refused(tiny):
     with pytest.raises(ConfigError, match="mlflow_uri"):
         protofl.run({**tiny, "logging": {"mlflow_uri": "sqlite:///x.db"}})

@@ -131,8 +131,19 @@ class MLflowTracker:
 
     @property
     def run_id(self) -> str | None:
-        """The MLflow run's id (once the first round is logged, or the run is resumed)."""
+        """The MLflow run's id (once :meth:`start` has run)."""
         return self._run_id
+
+    def start(self) -> None:
+        """Open the MLflow run (a resumed run's own) now, before any work: a tracking store that cannot
+        be reached or written stops the run here, in one line naming the URI."""
+        try:
+            self._open()
+        except Exception as exc:  # noqa: BLE001 - MLflow raises its own, SQLAlchemy's or requests' errors
+            text = str(exc).strip()
+            reason = text.splitlines()[0] if text else type(exc).__name__
+            where = self.uri or "MLflow's default tracking URI"
+            raise ConfigError(f"logging.mlflow_uri: cannot log to {where}: {reason}") from None
 
     def __call__(self, row: Mapping[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -228,6 +239,7 @@ class Trackers:
                     run_dir,
                 )
             )
+            trackers[-1].start()
         return cls(trackers) if trackers else None
 
     def __call__(self, row: Mapping[str, Any]) -> None:
