@@ -1,5 +1,6 @@
 """Baselines under label skew: local / fedavg / fedprox / fedproto on Fashion-MNIST, Dirichlet(0.1),
-20 clients, 3 seeds. Writes benchmarks/results/baselines/{table.md, summaries.json, personal_acc.png}.
+20 clients, 3 seeds. Writes benchmarks/results/baselines/{table.md, summaries.json, personal_acc.png};
+the runs are a ``protofl sweep`` (method.name × seeds) in runs/, with its sweep.json and report/.
 
     python benchmarks/baselines.py                # the documented table (about 25 minutes on 2 cores)
     python benchmarks/baselines.py --rounds 2 --seeds 1   # a quick smoke run
@@ -12,24 +13,22 @@ import json
 import statistics
 from pathlib import Path
 
-from _common import RESULTS, command_line, mean_std, run_grid
+from _common import RESULTS, command_line, mean_std
+from _sweep import sweep_grid
 
-METHODS = {
-    "local": {},
-    "fedavg": {},
-    "fedprox": {"mu": 0.01},
-    "fedproto": {"proto_weight": 1.0, "aggregation": "weighted"},
-}
+#: Each at its defaults besides the common local training: fedprox mu 0.01, fedproto proto_weight 1.0
+#: with weighted aggregation (each run's config.toml records them).
+METHODS = ("local", "fedavg", "fedprox", "fedproto")
 
 
-def config(method: str, seed: int, rounds: int) -> dict:
+def config(rounds: int, threads: int) -> dict:
+    """The base of the sweep (every method, every seed)."""
     return {
-        "seed": seed,
         "data": {"dataset": "fashion-mnist"},
         "partition": {"scheme": "dirichlet", "alpha": 0.1, "num_clients": 20, "min_client_size": 20},
-        "federation": {"rounds": rounds, "progress": False, "checkpoint_every": 5},
+        "federation": {"rounds": rounds, "progress": False, "checkpoint_every": 5, "threads": threads},
         "model": {"feature_dim": 128},
-        "method": {"name": method, "local_epochs": 1, "batch_size": 50, "lr": 0.05, "momentum": 0.9, **METHODS[method]},
+        "method": {"name": METHODS[0], "local_epochs": 1, "batch_size": 50, "lr": 0.05, "momentum": 0.9},
     }
 
 
@@ -42,11 +41,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "baselines")
     args = parser.parse_args()
 
-    jobs = [(config(m, s, args.rounds), args.out / "runs" / f"{m}-seed{s}") for m in METHODS for s in range(args.seeds)]
-    summaries = run_grid(jobs, args.workers, args.threads)
+    cells = sweep_grid(
+        config(args.rounds, args.threads),
+        [("method.name", METHODS)],
+        range(args.seeds),
+        args.workers,
+        args.out / "runs",
+    )
     by_method: dict[str, list[dict]] = {}
-    for (cfg, _), summary in zip(jobs, summaries):
-        by_method.setdefault(cfg["method"]["name"], []).append(summary)
+    folders: dict[str, list[Path]] = {}
+    for settings, summary, folder in cells:
+        by_method.setdefault(settings["method.name"], []).append(summary)
+        folders.setdefault(settings["method.name"], []).append(folder)
 
     lines = [
         "| method | personalised acc, final (%) | personalised acc, best round (picked on test) (%) | nearest-prototype acc, final (%) "
@@ -74,11 +80,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(table)
     (args.out / "summaries.json").write_text(json.dumps(by_method, indent=1))
-    plot(by_method, args.out)
+    plot(by_method, folders, args.out)
     print(table)
 
 
-def plot(by_method: dict[str, list[dict]], out: Path) -> None:
+def plot(by_method: dict[str, list[dict]], folders: dict[str, list[Path]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,8 +94,7 @@ def plot(by_method: dict[str, list[dict]], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
     for method in by_method:
-        folders = sorted((out / "runs").glob(f"{method}-seed*"))
-        curves = [read_metrics(f / "metrics.jsonl") for f in folders]
+        curves = [read_metrics(f / "metrics.jsonl") for f in folders[method]]
         if not curves:
             continue
         rounds = [row["round"] for row in curves[0]]

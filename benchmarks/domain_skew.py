@@ -8,7 +8,8 @@ and local training as the label-skew benchmark (label_skew_lt.METHODS and LOCAL)
     python benchmarks/domain_skew.py                       # the documented table
     python benchmarks/domain_skew.py --rounds 2 --seeds 1  # a smoke run
 
-Writes benchmarks/results/domain_skew/{table.md, summaries.json, domain_acc.png}.
+Writes benchmarks/results/domain_skew/{table.md, summaries.json, domain_acc.png}; the runs are one
+``protofl sweep`` per method (the seeds) in runs/METHOD/, each with its sweep.json and report/.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import json
 import statistics
 from pathlib import Path
 
-from _common import RESULTS, command_line, mean_std, run_grid
+from _common import RESULTS, command_line, mean_std
+from _sweep import sweep_grid
 from label_skew_lt import LOCAL, METHODS
 
 from protofl.data.digits_domains import DOMAIN_NAMES
@@ -53,13 +55,13 @@ def main() -> None:
     from protofl.data import load_dataset
 
     load_dataset("digits-domains", progress=True)  # build and cache once, before the workers start
-    jobs = [
-        (config(m, s, args.rounds), args.out / "runs" / f"{m}-seed{s}") for m in args.methods for s in range(args.seeds)
-    ]
-    summaries = run_grid(jobs, args.workers, args.threads)
     by_method: dict[str, list[dict]] = {}
-    for (cfg, _), summary in zip(jobs, summaries):
-        by_method.setdefault(cfg["method"]["name"], []).append(summary)
+    for m in args.methods:
+        # one sweep per method (its options in METHODS are its own): the seeds
+        base = config(m, 0, args.rounds)
+        base["federation"]["threads"] = args.threads
+        cells = sweep_grid(base, [], range(args.seeds), args.workers, args.out / "runs" / m)
+        by_method[m] = [summary for _, summary, _ in cells]
 
     header = "| method | " + " | ".join(DOMAIN_NAMES) + " | average over domains | pooled test set |"
     lines = [header, "|---|" + "---|" * (len(DOMAIN_NAMES) + 2)]

@@ -10,7 +10,8 @@ per round (benchmark 4) and bytes up/down per round (benchmark 5).
     python benchmarks/label_skew_lt.py --rounds 2 --seeds 1  # a smoke run
 
 Writes benchmarks/results/label_skew_lt/{table.md, consistency.md, communication.md, summaries.json,
-global_acc.png, consistency.png}.
+global_acc.png, consistency.png}; the runs are one ``protofl sweep`` per method (datasets × seeds) in
+runs/METHOD/, each with its sweep.json and report/.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import json
 import statistics
 from pathlib import Path
 
-from _common import RESULTS, command_line, mean_std, run_grid
+from _common import RESULTS, command_line, mean_std
+from _sweep import sweep_grid
 
 METHODS = {
     "fedavg": {},
@@ -65,16 +67,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "label_skew_lt")
     args = parser.parse_args()
 
-    jobs = [
-        (config(d, m, s, args.rounds), args.out / "runs" / f"{d}-{m}-seed{s}")
-        for d in args.datasets
-        for m in args.methods
-        for s in range(args.seeds)
-    ]
-    summaries = run_grid(jobs, args.workers, args.threads)
-    runs: dict[tuple[str, str], list[tuple[dict, Path]]] = {}
-    for (cfg, folder), summary in zip(jobs, summaries):
-        runs.setdefault((cfg["data"]["dataset"], cfg["method"]["name"]), []).append((summary, folder))
+    runs: dict[tuple[str, str], list[tuple[dict, Path]]] = {(d, m): [] for d in args.datasets for m in args.methods}
+    for m in args.methods:
+        # one sweep per method (its options in METHODS are its own): datasets x seeds, a plain grid
+        base = config(args.datasets[0], m, 0, args.rounds)
+        base["federation"]["threads"] = args.threads
+        cells = sweep_grid(
+            base, [("data.dataset", args.datasets)], range(args.seeds), args.workers, args.out / "runs" / m
+        )
+        for settings, summary, folder in cells:
+            runs[(settings["data.dataset"], m)].append((summary, folder))
 
     setting = (
         f"imbalance factor 100, Dirichlet alpha=0.5, 10 clients (all every round), small CNN (d=128), "

@@ -427,11 +427,22 @@ def test_entry_point_method_is_listed_and_runs(tmp_path, monkeypatch, capsys, ti
 # -- defaults that learn -----------------------------------------------------------------------------
 
 
-DP_AT_CHANCE = pytest.mark.xfail(
+#: The DP-SGD methods train only under ``privacy.mechanism = "dp-sgd"`` (a run without it is refused);
+#: they run at the section's default budget: epsilon 8, delta 1e-5 per client over the run (pld).
+DP_SGD = ("dpfedavg", "fedhypevae")
+#: DP-FedAvg's floor: its defaults reach 43.7 % (seed 0; 36.7 % at seed 1) after 3 rounds, still rising:
+#: about 100 examples per client leave a mean gradient whose noise (sigma 2.42 at q = 0.5 for 60 steps,
+#: norm sigma * C * sqrt(22,602) / 50 = 7.3 C per step) dwarfs the clipped signal (at most C); a 10 % run
+#: fails it (docs/configuration.md).
+FLOORS = {"dpfedavg": 0.3}
+GENERATOR_AT_CHANCE = pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason=(
-        "DP-SGD at the method's default budget (epsilon 1 per client over the run) on about 100 samples per "
-        "client stays at chance on OptDigits in 3 rounds; no preset found yet (docs/configuration.md)"
+        "FedHypeVAE's synthetic-data classifier stays near chance on OptDigits in 3 rounds: with its defaults "
+        "(7.2 % at epsilon 8) two of the three rounds learn the meta-code, leaving the generator 20 DP-SGD "
+        "steps; the benchmark's generator settings give it 40 (7.8 %; 13.9 % even at epsilon 10^4, sigma "
+        "0.05) and 200 steps put sigma at 5.6 (10.0 %) (docs/configuration.md)"
     ),
 )
 
@@ -448,8 +459,8 @@ DP_AT_CHANCE = pytest.mark.xfail(
         "fedtgp",
         "creff",
         "fedhpro",
-        pytest.param("dpfedavg", marks=DP_AT_CHANCE),
-        pytest.param("fedhypevae", marks=DP_AT_CHANCE),
+        "dpfedavg",
+        pytest.param("fedhypevae", marks=GENERATOR_AT_CHANCE),
     ],
 )
 def test_defaults_are_well_above_chance_on_optdigits(method):
@@ -458,10 +469,14 @@ def test_defaults_are_well_above_chance_on_optdigits(method):
     # fedhypevae works on frozen-encoder embeddings only (its own error says so on pixels)
     data = {"dataset": "optdigits", **({"features": "efficientnet-lite0"} if method == "fedhypevae" else {})}
     config = {"data": data, "method": {"name": method}, "federation": {"rounds": 3, "progress": False, "threads": 1}}
+    if method in DP_SGD:
+        config["privacy"] = {"mechanism": "dp-sgd"}
     result = protofl.run(config)
     final = result.summary["final"]
     headline = final["global_acc"] if final["global_acc"] is not None else final["personal_acc_mean"]
-    assert headline > 0.5, (method, final)
+    assert headline > FLOORS.get(method, 0.5), (method, final)
+    if method in DP_SGD:
+        assert result.summary["epsilon"] <= 8.0 and result.config.privacy.epsilon == 8.0
 
 
 def test_dataset_presets_fill_unset_options_only():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,13 +114,9 @@ def _run_locked(
 ) -> RunResult:
     from protofl.engine import Simulation
     from protofl.runtime import apply_threads, resolve_device, resolve_threads
-    from protofl.tracking import TensorBoardTracker
+    from protofl.tracking import Trackers
 
-    tracker = None
-    if config.logging.tensorboard:
-        TensorBoardTracker.check_available()
-        assert run_dir is not None  # checked by run()
-        tracker = TensorBoardTracker(run_dir / "tensorboard")
+    tracker = Trackers.for_run(config, run_dir)
     runtime: dict[str, Any] = {
         **apply_threads(resolve_threads(config.federation.threads)),
         "device": str(resolve_device(config.federation.device)),
@@ -154,7 +151,7 @@ def _run_locked(
         )
     finally:
         if tracker is not None:
-            tracker.close()
+            tracker.close(sys.exc_info()[1])  # what ended the run, if anything did
     return RunResult(summary, history, run_dir, config)
 
 

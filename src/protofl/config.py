@@ -326,6 +326,22 @@ class LoggingConfig:
     #: Write TensorBoard event files (every metric of every round, epsilon, bytes, per-client
     #: histograms) to the run folder's ``tensorboard/`` (needs the ``tensorboard`` package).
     tensorboard: bool = False
+    #: Log every numeric metric of every evaluated round, and the resolved configuration as parameters,
+    #: to an MLflow run (needs ``pip install 'protofl[mlflow]'``).
+    mlflow: bool = False
+    #: The MLflow tracking URI (e.g. ``sqlite:///runs/mlflow.db`` or a tracking server's ``http://...``);
+    #: empty: MLflow's own choice (``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working folder).
+    mlflow_uri: str = ""
+    #: The MLflow experiment the run is logged under (created when missing).
+    mlflow_experiment: str = "protofl"
+
+    def __post_init__(self) -> None:
+        check(
+            not self.mlflow_uri or self.mlflow,
+            "mlflow_uri",
+            "is set but logging.mlflow is off: set logging.mlflow = true to log there",
+        )
+        check(bool(self.mlflow_experiment.strip()), "mlflow_experiment", "name an experiment")
 
 
 #: The mechanisms ``[privacy] mechanism`` names: prototype releases (VPDR's IGPP and VPP) and DP-SGD. The

@@ -33,6 +33,7 @@ from protofl.engine.client import (
     client_rounds_batched,
 )
 from protofl.engine.client_store import STORES
+from protofl.engine.progress import ClientProgress
 from protofl.engine.rounds import ClientEvaluation, Exchange, merge_privacy_reports
 from protofl.payload import Payload, PayloadError, PayloadSpec, validate
 from protofl.privacy.accounting import LEDGER_KEY
@@ -70,6 +71,8 @@ class InProcessTransport:
         #: Each client's noise secret (``privacy.noise = secret`` only), drawn at its first step.
         self.client_secrets: dict[int, bytes] = {}
         self.secret_noise = uses_secret_noise(algorithm.privacy, self.kind)
+        #: The clients done within the current round (a bar under the round bar when progress is on).
+        self.progress = ClientProgress(federation.progress)
         #: The execution actually used: ``batched`` only where asked for and the method supports it.
         self.execution = federation.execution
         if self.execution == "batched":
@@ -117,7 +120,9 @@ class InProcessTransport:
         up: dict[int, int] = {}
         train_losses = []
         reply_metrics: dict[str, list[float]] = {}
+        self.progress.start(r, len(active))
         for k, new_state, reply, metrics in self._client_steps(active, r, broadcast, wire_down):
+            self.progress.advance()
             train_losses.append(metrics.get("train_loss", float("nan")))
             for key in algo.row_metrics():
                 if key in metrics:
@@ -136,6 +141,7 @@ class InProcessTransport:
                     continue
                 accepted.append(reply)
             self.client_states[k] = new_state
+        self.progress.close()
         return Exchange(
             accepted=accepted,
             train_losses=train_losses,
