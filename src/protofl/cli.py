@@ -366,8 +366,8 @@ def _signals_as_interrupt(received: list[int]) -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         runtime.STOP_SIGNALS.clear()
 
 
