@@ -155,8 +155,8 @@ def hpcl_loss(
     """``mean_i [log(Σ_c exp(ẑ_i·m_c/τ) + κ) − ẑ_i·m_{y_i}/τ]``, weighted by ``weight`` (default: every
     sample counts). ``class_summaries`` holds ``m_c`` (rows) for the classes ``classes`` (default
     ``0..n−1``); every ``y_i`` of non-zero weight must be among them."""
-    classes = torch.arange(len(class_summaries)) if classes is None else classes
-    weight = torch.ones(len(y), dtype=z.dtype) if weight is None else weight
+    classes = torch.arange(len(class_summaries), device=class_summaries.device) if classes is None else classes
+    weight = torch.ones(len(y), dtype=z.dtype, device=z.device) if weight is None else weight
     logits = F.normalize(z, dim=-1) @ class_summaries.t() / temperature
     positive = (logits * (classes[None, :] == y[:, None]).to(logits.dtype)).sum(-1)
     if margin:
@@ -172,7 +172,7 @@ def hpal_loss(
 ) -> torch.Tensor:
     """SmoothL1 (``beta``) between ``ẑ_i`` and the normalised target rows, averaged over dimensions and
     over the samples (weighted by ``weight``, default: every sample counts)."""
-    weight = torch.ones(len(z), dtype=z.dtype) if weight is None else weight
+    weight = torch.ones(len(z), dtype=z.dtype, device=z.device) if weight is None else weight
     per_sample = F.smooth_l1_loss(
         F.normalize(z, dim=-1), F.normalize(targets, dim=-1), beta=beta, reduction="none"
     ).mean(-1)
@@ -189,19 +189,19 @@ def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> to
     each axis, filling with zeros."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pixels, pixels, pixels, pixels))
-    offsets = torch.randint(0, 2 * pixels + 1, (n, 2), generator=generator).tolist()
+    offsets = torch.randint(0, 2 * pixels + 1, (n, 2), generator=generator, device=generator.device).tolist()
     return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
 def aggregate_vectors(classes_list, vectors_list, counts_list, num_classes: int, dim: int, weighting: str):
     """Per class, the mean (``mean``) or count-weighted mean (``count``) of per-class vectors."""
-    acc = PrototypeAccumulator(num_classes, dim, dtype=torch.float64)
+    acc = PrototypeAccumulator(num_classes, dim, dtype=torch.float64, device="cpu")
     for classes, vectors, counts in zip(classes_list, vectors_list, counts_list):
         c = torch.from_numpy(np.asarray(classes))
         weights = (
             torch.from_numpy(np.asarray(counts)).double()
             if weighting == "count"
-            else torch.ones(len(c), dtype=torch.float64)
+            else torch.ones(len(c), dtype=torch.float64, device="cpu")
         )
         acc.update_means(c, torch.from_numpy(np.asarray(vectors)).double(), weights)
     classes, means, _ = acc.compute()
@@ -232,17 +232,17 @@ class FedHPro(CReFF):
     # -- state and payloads ------------------------------------------------------------------------
     def init_server_state(self, seed: int) -> State:
         state = super().init_server_state(seed)
-        generator = torch.Generator().manual_seed(_seed(seed, 0x4B9))
-        state["hyper_prototypes"] = torch.randn(*self._hp_shape, generator=generator)
-        state["hp_matched"] = torch.zeros(self._dims[0], dtype=torch.bool)
+        generator = torch.Generator(device="cpu").manual_seed(_seed(seed, 0x4B9))  # CPU draws: the same on every device
+        state["hyper_prototypes"] = torch.randn(*self._hp_shape, generator=generator, device="cpu").to(self.device)
+        state["hp_matched"] = torch.zeros(self._dims[0], dtype=torch.bool, device=self.device)
         return state
 
     def broadcast(self, server_state: State) -> Payload:
         payload = super().broadcast(server_state)
         arrays = {
             **payload.arrays,
-            "hyper_prototypes": server_state["hyper_prototypes"].numpy(),
-            "hp_classes": torch.nonzero(server_state["hp_matched"]).flatten().numpy().astype(np.int64),
+            "hyper_prototypes": server_state["hyper_prototypes"].cpu().numpy(),
+            "hp_classes": torch.nonzero(server_state["hp_matched"]).flatten().cpu().numpy().astype(np.int64),
         }
         return Payload(arrays, {"method": self.name})
 
@@ -284,9 +284,9 @@ class FedHPro(CReFF):
                 feature_grads.append(input_gradients(params[HEAD_W], params[HEAD_B], z, c, create_graph=False)[0])
         arrays = self.gradient_arrays(params, rows)
         d = self._dims[1]
-        arrays["feature_grad"] = (torch.stack(feature_grads).numpy() if feature_grads else np.zeros((0, d))).astype(
-            np.float32
-        )
+        arrays["feature_grad"] = (
+            torch.stack(feature_grads).cpu().numpy() if feature_grads else np.zeros((0, d))
+        ).astype(np.float32)
         return arrays
 
     def context(self, received: Payload) -> dict[str, Any]:
@@ -294,9 +294,9 @@ class FedHPro(CReFF):
         κ (0 until :meth:`train_client` computes it)."""
         cfg = self.config
         num_classes = self._dims[0]
-        summaries, means = hp_summaries(torch.from_numpy(received["hyper_prototypes"]).float())
-        ready = torch.zeros(num_classes, dtype=torch.bool)
-        ready[torch.from_numpy(received["hp_classes"])] = True
+        summaries, means = hp_summaries(torch.from_numpy(received["hyper_prototypes"]).float().to(self.device))
+        ready = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
+        ready[torch.from_numpy(received["hp_classes"]).to(self.device)] = True
         classes = torch.nonzero(ready).flatten()
         return {
             "ready": ready,
@@ -354,7 +354,7 @@ class FedHPro(CReFF):
 
     def class_means(self, params: Params, data: ClientData) -> torch.Tensor:
         """The client's per-class mean features (classes it holds) under ``params``."""
-        acc = PrototypeAccumulator(*self._dims)
+        acc = PrototypeAccumulator(*self._dims, device=self.device)
         acc.update(compute_features(self, params, data.x_train), data.y_train)
         return acc.compute()[1]
 
@@ -362,7 +362,7 @@ class FedHPro(CReFF):
         client_state, reply, metrics = super().reply(outcome)
         arrays = dict(reply.arrays)
         if self.config.global_signal == "averaged":
-            arrays["class_means"] = self.class_means(outcome.params, outcome.data).numpy().astype(np.float32)
+            arrays["class_means"] = self.class_means(outcome.params, outcome.data).cpu().numpy().astype(np.float32)
         metrics = dict(metrics)
         metrics.setdefault("client_margin", 0.0)  # κ stays 0 where it is not recomputed (see batched_unsupported)
         return client_state, Payload(arrays, {"method": self.name}), metrics
@@ -394,6 +394,7 @@ class FedHPro(CReFF):
                 "count",
             )
             hp = hp.clone()
+            classes, means = classes.to(hp.device), means.to(hp.device)
             hp[classes] = means[:, None, :].expand(-1, cfg.hp_per_class, -1)
             hp_metrics = {}
         else:
@@ -408,7 +409,7 @@ class FedHPro(CReFF):
             head_w, head_b = state["params"][HEAD_W].detach(), state["params"][HEAD_B].detach()
             new, match_metrics = match_synthetic(
                 {c: hp[c] for c in range(num_classes)},
-                {int(c): [t] for c, t in zip(classes, targets)},
+                {int(c): [t.to(hp.device)] for c, t in zip(classes, targets)},
                 lambda c, h: input_gradients(head_w, head_b, h, c),
                 cfg.hp_distance,
                 cfg.hp_steps,

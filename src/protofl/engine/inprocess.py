@@ -20,6 +20,7 @@ import torch
 
 from protofl.algorithms.base import Algorithm, ClientData
 from protofl.config import FederationConfig
+from protofl.engine.checkpoint import on_device
 from protofl.engine.client import (
     StepResult,
     client_evaluation,
@@ -216,5 +217,5 @@ class InProcessTransport:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.client_states = state["client_states"]
+        self.client_states = on_device(state["client_states"], self.algorithm.device)
         self.client_secrets = {int(k): bytes(v.tolist()) for k, v in state.get("client_secrets", {}).items()}
