@@ -183,28 +183,8 @@ FACTORIES = {
     "normal",
     "Generator",
 }
-#: Where the methods, their training, their privacy layer and the engines live.
-SCOPE = [
-    *sorted((SRC / "algorithms").glob("*.py")),
-    *sorted((SRC / "engine").glob("*.py")),
-    *sorted((SRC / "flower").glob("*.py")),
-    *[
-        SRC / name
-        for name in (
-            "training.py",
-            "prototypes.py",
-            "finch.py",
-            "gradient_matching.py",
-            "runner.py",
-            "privacy/dpsgd.py",
-            "privacy/ghost.py",
-            "privacy/mechanisms.py",
-            "privacy/layer.py",
-            "privacy/attacks.py",
-            "privacy/audit.py",
-        )
-    ],
-]
+#: The whole package (the payload rules apply to the methods' modules, algorithms/).
+SCOPE = sorted(SRC.rglob("*.py"))
 #: (module, function) -> why its arrays stay on the CPU: payload helpers whose results are moved by
 #: their callers, and releases (which run on the CPU).
 ON_THE_CPU = {
