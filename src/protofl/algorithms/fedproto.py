@@ -330,7 +330,7 @@ class FedProto(ModelAlgorithm):
         metrics = {"privacy_noise_std": float(release.noise_std.mean())}
         if release.selected is not None:
             metrics["vpp_selected_fraction"] = len(release.selected) / z.shape[1]
-            metrics.update(selection_diagnostics(z, y, release.selected.to(z.device)))
+            metrics.update(selection_diagnostics(z.cpu(), y.cpu(), release.selected))  # NumPy, on the CPU
         return release.classes, release.prototypes, release.counts, ledger, metrics
 
     def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
