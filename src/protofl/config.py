@@ -253,8 +253,8 @@ class FederationConfig:
     #: of the stacked parameters, optimiser state and data).
     batch_clients: int = bounded(256, 1, MAX_CLIENTS)
     #: Where tensors live: ``cpu``, ``auto`` (the first CUDA device when there is one, else the CPU),
-    #: ``cuda`` or ``cuda:i``. Checkpoints hold CPU tensors and load on any device. The methods do not
-    #: yet create their tensors on a CUDA device: a run that resolves to one is refused before any work.
+    #: ``cuda`` or ``cuda:i``. Every method keeps its model, state and training tensors there; payloads,
+    #: releases and random draws stay on the CPU, and checkpoints hold CPU tensors that load on any device.
     device: str = "cpu"
     #: torch threads of this process (intra-op and inter-op); 0: the cores available to this process
     #: divided by the number of worker processes (a sweep's workers), at least 1.

@@ -120,7 +120,8 @@ def check_feature_model(model: Any, input_shape: tuple[int, ...], num_classes: i
     if not isinstance(getattr(model, "head", None), nn.Module):
         raise ValueError("model factory: the module needs a submodule named head (features -> class logits)")
     with torch.no_grad():
-        out = model(torch.zeros(2, *input_shape))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        out = model(torch.zeros(2, *input_shape, device=device))
     if not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError("model factory: forward(x) must return (features, logits)")
     features, logits = out

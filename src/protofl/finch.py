@@ -49,7 +49,7 @@ def first_neighbour_partition(
     neighbour are connected through it), and the longest link kept (0 for fewer than two rows)."""
     n = len(x)
     if n <= 1:
-        return torch.zeros(n, dtype=torch.int64), 0.0
+        return torch.zeros(n, dtype=torch.int64, device=x.device), 0.0
     parent = list(range(n))
 
     def root(i: int) -> int:
@@ -62,7 +62,7 @@ def first_neighbour_partition(
     kept = distance <= max_link
     for i, j in zip(torch.nonzero(kept).flatten().tolist(), neighbour[kept].tolist()):
         parent[root(i)] = root(j)
-    roots = torch.tensor([root(i) for i in range(n)])
+    roots = torch.tensor([root(i) for i in range(n)], device=x.device)
     longest = float(distance[kept].max()) if kept.any() else 0.0
     return torch.unique(roots, return_inverse=True)[1], longest
 
@@ -70,7 +70,7 @@ def first_neighbour_partition(
 def cluster_means(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean of the rows of ``x`` per cluster label ``0..k−1``."""
     k = int(labels.max()) + 1
-    sums = torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
     return sums / torch.bincount(labels, minlength=k).to(x.dtype)[:, None]
 
 

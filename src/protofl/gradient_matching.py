@@ -52,7 +52,7 @@ def layerwise_cos_distance(grads_a: Grads, grads_b: Grads) -> torch.Tensor:
         cos = (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1) + EPS)
         term = (1 - cos).sum()
         total = term if total is None else total + term
-    return total if total is not None else torch.zeros(())
+    return total if total is not None else torch.zeros((), device="cpu")  # no tensors: a CPU scalar adds anywhere
 
 
 def cos_distance(grads_a: Grads, grads_b: Grads) -> torch.Tensor:
@@ -69,7 +69,7 @@ def mse_distance(grads_a: Grads, grads_b: Grads) -> torch.Tensor:
     for a, b in _pairs(grads_a, grads_b):
         term = ((a - b) ** 2).sum()
         total = term if total is None else total + term
-    return total if total is not None else torch.zeros(())
+    return total if total is not None else torch.zeros((), device="cpu")  # no tensors: a CPU scalar adds anywhere
 
 
 def coordinate_distance(grads_a: Grads, grads_b: Grads) -> torch.Tensor:
@@ -79,7 +79,7 @@ def coordinate_distance(grads_a: Grads, grads_b: Grads) -> torch.Tensor:
     for a, b in _pairs(grads_a, grads_b):
         term = (1 - a * b / (a.abs() * b.abs() + EPS)).sum()
         total = term if total is None else total + term
-    return total if total is not None else torch.zeros(())
+    return total if total is not None else torch.zeros((), device="cpu")  # no tensors: a CPU scalar adds anywhere
 
 
 #: Optimisers of the synthetic tensors (momentum applies to ``sgd`` only).

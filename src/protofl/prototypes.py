@@ -4,6 +4,8 @@ clients) combine by addition and the count-weighted mean of prototypes is exact.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -16,11 +18,11 @@ class PrototypeAccumulator:
     mean; ``compute()`` returns ``(classes, prototypes, counts)`` for the classes seen.
     """
 
-    def __init__(self, num_classes: int, dim: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, num_classes: int, dim: int, dtype: torch.dtype = torch.float32, device: Any = "cpu"):
         self.num_classes = num_classes
         self.dim = dim
-        self.sums = torch.zeros(num_classes, dim, dtype=dtype)
-        self.counts = torch.zeros(num_classes, dtype=dtype)
+        self.sums = torch.zeros(num_classes, dim, dtype=dtype, device=device)
+        self.counts = torch.zeros(num_classes, dtype=dtype, device=device)
 
     @classmethod
     def per_client(
@@ -34,7 +36,7 @@ class PrototypeAccumulator:
         counts = onehot.sum(1)
         out = []
         for client_sums, client_counts in zip(sums, counts):
-            acc = cls(num_classes, features.shape[-1], dtype=features.dtype)
+            acc = cls(num_classes, features.shape[-1], dtype=features.dtype, device=features.device)
             acc.sums, acc.counts = client_sums, client_counts
             out.append(acc)
         return out

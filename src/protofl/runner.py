@@ -55,7 +55,7 @@ def resolve_config(
     from protofl.plugins import load_plugins
     from protofl.presets import preset_options
     from protofl.privacy import statement
-    from protofl.runtime import check_supported, resolve_device
+    from protofl.runtime import resolve_device
 
     if not isinstance(config, (RunConfig, Mapping, str, Path)):
         raise ConfigError(
@@ -79,7 +79,7 @@ def resolve_config(
     algorithm_cls.validate_privacy(method_config, config.privacy)
     statement.check_sensitivity(config, user_model=user_model)
     check_accountant(config.privacy.accountant)
-    check_supported(resolve_device(config.federation.device))
+    resolve_device(config.federation.device)  # a CUDA device this machine lacks: refused before any work
     if not user_data:
         check_dataset_name(config.data.dataset)
     if config.data.features != "pixels":
@@ -151,10 +151,11 @@ def prepare_data(config: RunConfig, splits: Any = None, device: Any = None) -> P
     )
     x = torch.from_numpy(np.ascontiguousarray(train.x, dtype=np.float32)).to(device)
     y = torch.from_numpy(train.y.astype(np.int64)).to(device)
-    clients = [
-        ClientData(k, x[torch.tensor(tr)], y[torch.tensor(tr)], x[torch.tensor(te)], y[torch.tensor(te)])
-        for k, (tr, te) in enumerate(zip(partition.train, partition.test))
+    rows = [
+        (torch.tensor(tr, device="cpu"), torch.tensor(te, device="cpu"))
+        for tr, te in zip(partition.train, partition.test)
     ]
+    clients = [ClientData(k, x[tr], y[tr], x[te], y[te]) for k, (tr, te) in enumerate(rows)]
     test_groups = {}
     if splits.test.domain is not None:
         test_groups = {
@@ -274,13 +275,15 @@ def build_algorithm(config: RunConfig, data: PreparedData, model: Callable[..., 
     """The configured method for ``data``'s input shape and classes (``model``: a factory of the user's,
     :mod:`protofl.custom`)."""
     from protofl.algorithms import Task, get_algorithm
+    from protofl.runtime import resolve_device
 
+    device = str(resolve_device(config.federation.device))
     if model is not None:
         from protofl.custom import FactoryTask
 
-        task: Task = FactoryTask(data.input_shape, data.num_classes, config.model, factory=model)
+        task: Task = FactoryTask(data.input_shape, data.num_classes, config.model, device=device, factory=model)
     else:
-        task = Task(data.input_shape, data.num_classes, config.model)
+        task = Task(data.input_shape, data.num_classes, config.model, device=device)
     return get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
 
 

@@ -55,16 +55,6 @@ def resolve_device(name: str) -> Any:
     return torch.device("cuda", index)
 
 
-def check_supported(device: Any) -> None:
-    """Refuse a device the methods cannot run on yet (their tensors are created on the CPU: model
-    parameters, payload arrays, prototypes), before any work rather than halfway through a round."""
-    if device.type != "cpu":
-        raise ConfigError(
-            f"federation.device: {str(device)!r} resolved, but protofl's methods create their "
-            "tensors on the CPU and cannot run on a CUDA device yet; use 'cpu'"
-        )
-
-
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow)."""
     try:

@@ -46,7 +46,7 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator) -> list[tor
     """One epoch of shuffled minibatches of ``range(n)``: a single ``randperm(n, generator)`` (drawn
     even for ``n = 0``, so a generator advances the same way whatever the data), cut into consecutive
     slices of ``batch_size`` (the last one shorter)."""
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=generator, device=generator.device)
     return list(order.split(batch_size)) if n else []
 
 
@@ -161,7 +161,7 @@ def train_local(
         if on_epoch is not None:
             on_epoch({k: v.detach() for k, v in leaves.items()})
         for index in minibatches(len(y), config.batch_size, generator):
-            loss = loss_fn(leaves, x[index], y[index], torch.ones(len(index), dtype=x.dtype), *shared)
+            loss = loss_fn(leaves, x[index], y[index], torch.ones(len(index), dtype=x.dtype, device=x.device), *shared)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -182,7 +182,7 @@ class ClientBatch:
 
     @classmethod
     def of(cls, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> ClientBatch:
-        sizes = torch.tensor([len(y) for y in ys], dtype=torch.int64)
+        sizes = torch.tensor([len(y) for y in ys], dtype=torch.int64, device="cpu")
         offsets = torch.zeros_like(sizes)
         if len(sizes) > 1:
             offsets[1:] = torch.cumsum(sizes, 0)[:-1]
@@ -195,11 +195,11 @@ class ClientBatch:
         """``(index (K, n_max), weight (K, n_max))``: every client's rows, padded by repeating its first
         row (weight 0); a client with no rows points at row 0 of the whole batch."""
         n_max = int(self.sizes.max()) if len(self.sizes) else 0
-        pos = torch.arange(n_max)
+        pos = torch.arange(n_max, device="cpu")
         weight = (pos[None, :] < self.sizes[:, None]).float()
-        within = torch.where(weight > 0, pos[None, :], torch.zeros((), dtype=torch.int64))
+        within = torch.where(weight > 0, pos[None, :], torch.zeros((), dtype=torch.int64, device="cpu"))
         index = (self.offsets[:, None] + within).clamp(max=max(len(self.y) - 1, 0))
-        return index, weight
+        return index.to(self.x.device), weight.to(self.x.device)
 
 
 @dataclasses.dataclass
@@ -220,9 +220,9 @@ def batch_schedule(batch: ClientBatch, batch_size: int, epochs: int, generators:
     width = max(1, min(batch_size, max(sizes, default=1)))
     per_epoch = [math.ceil(n / batch_size) for n in sizes]
     total = epochs * max(per_epoch, default=0)
-    index = torch.zeros(total, k, width, dtype=torch.int64)
-    weight = torch.zeros(total, k, width)
-    active = torch.zeros(total, k, dtype=torch.bool)
+    index = torch.zeros(total, k, width, dtype=torch.int64, device="cpu")  # built here, moved once at the end
+    weight = torch.zeros(total, k, width, device="cpu")
+    active = torch.zeros(total, k, dtype=torch.bool, device="cpu")
     for c, (n, spe, g) in enumerate(zip(sizes, per_epoch, generators)):
         offset = int(batch.offsets[c])
         for e in range(epochs):
@@ -235,14 +235,16 @@ def batch_schedule(batch: ClientBatch, batch_size: int, epochs: int, generators:
                 index[steps, c] = order.view(spe, width)
                 weight[steps, c] = 1.0
             else:
-                padded = torch.full((spe * batch_size,), offset, dtype=torch.int64)
+                padded = torch.full((spe * batch_size,), offset, dtype=torch.int64, device="cpu")
                 padded[:n] = order
-                mask = torch.zeros(spe * batch_size)
+                mask = torch.zeros(spe * batch_size, device="cpu")
                 mask[:n] = 1.0
                 index[steps, c] = padded.view(spe, batch_size)[:, :width]
                 weight[steps, c] = mask.view(spe, batch_size)[:, :width]
             active[steps, c] = True
-    return Schedule(index, weight, active, torch.tensor(per_epoch, dtype=torch.int64) * epochs)
+    device = batch.x.device
+    total_steps = torch.tensor(per_epoch, dtype=torch.int64, device="cpu") * epochs
+    return Schedule(index.to(device), weight.to(device), active.to(device), total_steps.to(device))
 
 
 def stack_params(params_list: Sequence[Params]) -> Params:
@@ -281,13 +283,15 @@ def train_batched(
     optimizer = StackedOptimizer(config, leaves)
     step_fn = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0, *([None] * len(shared))))
     k = len(batch)
-    total = torch.zeros(k, dtype=torch.float64)
+    total = torch.zeros(k, dtype=torch.float64, device=batch.x.device)
     for s in range(schedule.index.shape[0]):
         index = schedule.index[s]
         active = schedule.active[s]
         grads, losses = step_fn(leaves, batch.x[index], batch.y[index], schedule.weight[s], *shared)
         optimizer.step(leaves, grads, active, s + 1)
-        total += torch.where(active, losses.detach().double(), torch.zeros((), dtype=torch.float64))
+        total += torch.where(
+            active, losses.detach().double(), torch.zeros((), dtype=torch.float64, device=total.device)
+        )
     steps = schedule.steps.clamp_min(1).double()
     metrics = [{"train_loss": float(v)} for v in (total / steps).tolist()]
     return leaves, metrics

@@ -84,6 +84,9 @@ class Task:
     input_shape: tuple[int, ...]
     num_classes: int
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    #: Where the method keeps its model, state and training tensors (``federation.device`` resolved:
+    #: ``cpu``, ``cuda``, ``cuda:i``). Payloads and checkpoints stay on the CPU whatever it is.
+    device: str = "cpu"
 
     def build_model(self) -> FeatureNet:
         return build_model(self.model, self.input_shape, self.num_classes)
@@ -130,7 +133,9 @@ class Algorithm:
         #: The client-side privacy layer of this run (``None`` without a mechanism): it calibrates, spends
         #: from each client's ledger, releases and reports (:mod:`protofl.privacy.layer`).
         self.privacy_layer = create_privacy_layer(self.privacy, task.num_classes)
-        self.model = task.build_model()
+        #: The device of the method's model, states and training tensors (``task.device``).
+        self.device = torch.device(task.device)
+        self.model: FeatureNet = cpu_model(task).to(self.device)
         self.model.requires_grad_(False)
         self._initial_params: dict[int, Params] = {}
 
@@ -176,7 +181,9 @@ class Algorithm:
         if seed not in cache:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                cache[seed] = {k: v.detach().clone() for k, v in self.task.build_model().named_parameters()}
+                cache[seed] = {
+                    k: v.detach().clone().to(self.device) for k, v in cpu_model(self.task).named_parameters()
+                }
         return cache[seed]
 
     # -- the contract ------------------------------------------------------------------------------
@@ -311,7 +318,7 @@ class ModelAlgorithm(Algorithm):
         from the same tensors (nothing trains them in place), and the batched step stacks them once."""
         memo = getattr(self, "_received_memo", None)
         if memo is None or memo[0] is not received:
-            memo = self._received_memo = (received, arrays_to_params(received))
+            memo = self._received_memo = (received, arrays_to_params(received, self.device))
         return memo[1]
 
     def context(self, received: Payload) -> Any:
@@ -351,7 +358,7 @@ class ModelAlgorithm(Algorithm):
         features = stats = None
         if self.reply_uses_features:
             features = compute_features(self, params, data.x_train)
-            stats = PrototypeAccumulator(self.task.num_classes, self.model.feature_dim)
+            stats = PrototypeAccumulator(self.task.num_classes, self.model.feature_dim, device=self.device)
             stats.update(features, data.y_train)
         return self.reply(
             LocalOutcome(
@@ -389,6 +396,13 @@ class ModelAlgorithm(Algorithm):
         ]
 
 
+def cpu_model(task: Task) -> FeatureNet:
+    """``task``'s model built on the CPU (whatever torch's default device), so that a seed initialises
+    the same parameters on every device; the caller moves them."""
+    with torch.device("cpu"):
+        return task.build_model()
+
+
 @torch.no_grad()
 def predict_logits(algorithm: Algorithm, params: Params, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     return torch.cat([algorithm.forward(params, x[i : i + batch_size])[1] for i in range(0, len(x), batch_size)])
@@ -401,7 +415,10 @@ def predict_features_and_logits(
     """Features and logits in one batched pass."""
     outputs = [algorithm.forward(params, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     if not outputs:
-        return torch.zeros(0, algorithm.model.feature_dim), torch.zeros(0, algorithm.task.num_classes)
+        return (
+            torch.zeros(0, algorithm.model.feature_dim, device=x.device),
+            torch.zeros(0, algorithm.task.num_classes, device=x.device),
+        )
     return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
 
 
@@ -418,9 +435,9 @@ def params_to_arrays(params: Params) -> dict[str, np.ndarray]:
     return {PARAM_PREFIX + k: v.detach().cpu().numpy() for k, v in params.items()}
 
 
-def arrays_to_params(payload: Payload) -> Params:
+def arrays_to_params(payload: Payload, device: Any = "cpu") -> Params:
     return {
-        k[len(PARAM_PREFIX) :]: torch.from_numpy(np.array(v, copy=True))
+        k[len(PARAM_PREFIX) :]: torch.from_numpy(np.array(v, copy=True)).to(device)
         for k, v in payload.arrays.items()
         if k.startswith(PARAM_PREFIX)
     }

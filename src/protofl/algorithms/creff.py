@@ -37,6 +37,7 @@ threshold ``max(1, 2σ_n)`` (``gradient_weighting = "mean"``) or weighs it by th
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,10 +131,10 @@ def upload_weights(counts, weighting: str, min_count: float = 1.0) -> np.ndarray
 
 
 def aggregate_head_gradients(
-    replies: list[Payload], weighting: str = "mean", min_count: float = 1.0
+    replies: list[Payload], weighting: str = "mean", min_count: float = 1.0, device: Any = "cpu"
 ) -> dict[int, list[torch.Tensor]]:
-    """Per class, the mean (``mean``) or count-weighted mean (``count``) of the clients' ``[dW, db]``
-    (weights: :func:`upload_weights`; a class whose weights are all 0 gets no target)."""
+    """Per class, the mean (``mean``) or count-weighted mean (``count``) of the clients' ``[dW, db]`` on
+    ``device`` (weights: :func:`upload_weights`; a class whose weights are all 0 gets no target)."""
     sums: dict[int, list] = {}
     for r in replies:
         weights = upload_weights(r["grad_counts"], weighting, min_count)
@@ -142,8 +143,8 @@ def aggregate_head_gradients(
                 continue
             w = float(w)
             acc = sums.setdefault(int(c), [0.0, 0.0, 0.0])
-            acc[0] = acc[0] + w * torch.from_numpy(np.array(gw, dtype=np.float32))
-            acc[1] = acc[1] + w * torch.from_numpy(np.array(gb, dtype=np.float32))
+            acc[0] = acc[0] + w * torch.from_numpy(np.array(gw, dtype=np.float32)).to(device)
+            acc[1] = acc[1] + w * torch.from_numpy(np.array(gb, dtype=np.float32)).to(device)
             acc[2] += w
     return {c: [acc[0] / acc[2], acc[1] / acc[2]] for c, acc in sorted(sums.items())}
 
@@ -221,15 +222,19 @@ class CReFF(FedAvg):
     # -- state -------------------------------------------------------------------------------------
     def init_server_state(self, seed: int) -> State:
         num_classes, d = self._dims
-        generator = torch.Generator().manual_seed(_seed(seed, 0xC8EFF))
+        generator = torch.Generator(device="cpu").manual_seed(
+            _seed(seed, 0xC8EFF)
+        )  # CPU draws: the same on every device
         params = self.initial_params(seed)
         return {
             "params": params,
             "aggregated_head": {"weight": params[HEAD_W], "bias": params[HEAD_B]},
-            "features": torch.randn(num_classes, self.config.features_per_class, d, generator=generator),
-            "feature_matched": torch.zeros(num_classes, dtype=torch.bool),
-            "seed": torch.tensor(int(seed), dtype=torch.int64),
-            "round": torch.tensor(0, dtype=torch.int64),
+            "features": torch.randn(
+                num_classes, self.config.features_per_class, d, generator=generator, device="cpu"
+            ).to(self.device),
+            "feature_matched": torch.zeros(num_classes, dtype=torch.bool, device=self.device),
+            "seed": torch.tensor(int(seed), dtype=torch.int64, device=self.device),
+            "round": torch.tensor(0, dtype=torch.int64, device=self.device),
         }
 
     def _client_params(self, server_state: State) -> Params:
@@ -264,7 +269,9 @@ class CReFF(FedAvg):
             index = torch.nonzero(data.y_train == c).flatten()
             count = len(index)
             if self.config.grad_samples and count > self.config.grad_samples:
-                index = index[torch.randperm(count, generator=generator)[: self.config.grad_samples]]
+                index = index[
+                    torch.randperm(count, generator=generator, device=generator.device)[: self.config.grad_samples]
+                ]
             yield c, index, count
 
     def distill_inputs(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -293,15 +300,17 @@ class CReFF(FedAvg):
         return {
             "grad_classes": np.array([r[0] for r in rows], dtype=np.int64),
             "grad_counts": np.array([r[1] for r in rows], dtype=np.int64),
-            "grad_weight": np.stack([r[3][0].numpy() for r in rows]).astype(np.float32).reshape(-1, num_classes, d),
-            "grad_bias": np.stack([r[3][1].numpy() for r in rows]).astype(np.float32).reshape(-1, num_classes),
+            "grad_weight": np.stack([r[3][0].cpu().numpy() for r in rows])
+            .astype(np.float32)
+            .reshape(-1, num_classes, d),
+            "grad_bias": np.stack([r[3][1].cpu().numpy() for r in rows]).astype(np.float32).reshape(-1, num_classes),
         }
 
     def before_training(
         self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator
     ) -> dict[str, np.ndarray]:
         """Gradients on the model as received (before local training, with the client's generator), as in CReFF."""
-        return self.client_gradients(arrays_to_params(received), data, generator)
+        return self.client_gradients(arrays_to_params(received, self.device), data, generator)
 
     def client_step(self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator):
         if self.dp is None:
@@ -409,12 +418,12 @@ class CReFF(FedAvg):
         round_index = int(server_state["round"]) + 1
         # The head the clients received (and computed their gradients at).
         sent = self._client_params(server_state)
-        models = [arrays_to_params(r) for r in replies]
+        models = [arrays_to_params(r, self.device) for r in replies]
         # A private reply carries no sample count: the models are averaged uniformly.
         params = weighted_average(models, [1 if self.dp else int(r["num_samples"]) for r in replies])
         aggregated_head = {"weight": params[HEAD_W], "bias": params[HEAD_B]}
 
-        targets = aggregate_head_gradients(replies, cfg.gradient_weighting, self.presence_threshold)
+        targets = aggregate_head_gradients(replies, cfg.gradient_weighting, self.presence_threshold, self.device)
         features = server_state["features"]
         current = {c: features[c] for c in range(len(features))}
         matched, match_metrics = match_features(
@@ -432,12 +441,12 @@ class CReFF(FedAvg):
         for c in targets:
             flags[c] = True
 
-        generator = torch.Generator().manual_seed(_seed(int(server_state["seed"]), round_index, 0xC8EFF))
+        generator = torch.Generator(device="cpu").manual_seed(_seed(int(server_state["seed"]), round_index, 0xC8EFF))
         num_classes, d = self._dims
         if cfg.retrain_init == "scratch" and bool(flags.any()):
             bound = 1.0 / d**0.5
-            w0 = (torch.rand(num_classes, d, generator=generator) * 2 - 1) * bound
-            b0 = (torch.rand(num_classes, generator=generator) * 2 - 1) * bound
+            w0 = ((torch.rand(num_classes, d, generator=generator, device="cpu") * 2 - 1) * bound).to(self.device)
+            b0 = ((torch.rand(num_classes, generator=generator, device="cpu") * 2 - 1) * bound).to(self.device)
         else:
             w0, b0 = aggregated_head["weight"], aggregated_head["bias"]
         used = torch.nonzero(flags).flatten()
@@ -462,7 +471,7 @@ class CReFF(FedAvg):
             "features": features,
             "feature_matched": flags,
             "seed": server_state["seed"],
-            "round": torch.tensor(round_index, dtype=torch.int64),
+            "round": torch.tensor(round_index, dtype=torch.int64, device=self.device),
         }
         metrics = {**match_metrics, "retrain_loss": retrain_loss, "classes_matched": float(len(targets))}
         return state, metrics

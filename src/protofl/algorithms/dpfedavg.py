@@ -102,7 +102,7 @@ class DPFedAvg(FedAvg):
         clip = self.dp.clip_norm
         round_events = [(self.dp.step_event(rate, sigma), c.steps_per_round)]
         ledger = self.dp.spend(client_state, round_events, f"client {data.client_id}")
-        params = {k: v.clone() for k, v in arrays_to_params(received).items()}
+        params = {k: v.clone() for k, v in arrays_to_params(received, self.device).items()}
         optimizer = torch.optim.SGD(list(params.values()), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
         def example_loss(p, xi, yi):
@@ -124,7 +124,7 @@ class DPFedAvg(FedAvg):
                             float(F.cross_entropy(self.forward(params, data.x_train[index])[1], data.y_train[index]))
                         )
                 else:
-                    grads = {k: torch.zeros(0, *v.shape) for k, v in params.items()}
+                    grads = {k: torch.zeros(0, *v.shape, device=v.device) for k, v in params.items()}
                 noisy, n = noisy_clipped_mean(grads, clip, sigma, rate * data.num_train, generator)
             norms.append(n)
             for k, v in params.items():
@@ -162,7 +162,7 @@ class DPFedAvg(FedAvg):
         )
 
     def server_step(self, server_state: State, replies: list[Payload]):
-        models = [arrays_to_params(r) for r in replies]
+        models = [arrays_to_params(r, self.device) for r in replies]
         return {"params": {k: torch.stack([m[k] for m in models]).mean(0) for k in models[0]}}, {}
 
 

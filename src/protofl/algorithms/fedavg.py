@@ -71,7 +71,7 @@ class FedAvg(ModelAlgorithm):
         return outcome.client_state, Payload(arrays, {"method": self.name}), outcome.metrics
 
     def server_step(self, server_state: State, replies: list[Payload]):
-        models = [arrays_to_params(r) for r in replies]
+        models = [arrays_to_params(r, self.device) for r in replies]
         weights = [int(r["num_samples"]) for r in replies]
         return {"params": weighted_average(models, weights)}, {}
 
@@ -79,4 +79,4 @@ class FedAvg(ModelAlgorithm):
         return {"global_acc": self.accuracy(server_state["params"], x, y)}
 
     def evaluate_client(self, client_state: State, received: Payload, data: ClientData) -> dict[str, float]:
-        return {"personal_acc": self.accuracy(arrays_to_params(received), data.x_test, data.y_test)}
+        return {"personal_acc": self.accuracy(arrays_to_params(received, self.device), data.x_test, data.y_test)}

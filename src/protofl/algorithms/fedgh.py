@@ -71,13 +71,13 @@ class FedGH(FedProto):
         return {
             **super().init_server_state(seed),
             "header": {k: initial[k] for k in self._header_keys()},
-            "seed": torch.tensor(int(seed), dtype=torch.int64),
-            "round": torch.tensor(0, dtype=torch.int64),
+            "seed": torch.tensor(int(seed), dtype=torch.int64, device=self.device),
+            "round": torch.tensor(0, dtype=torch.int64, device=self.device),
         }
 
     def broadcast(self, server_state: State) -> Payload:
         arrays = dict(super().broadcast(server_state).arrays)
-        arrays.update({HEADER + k: v.numpy() for k, v in server_state["header"].items()})
+        arrays.update({HEADER + k: v.cpu().numpy() for k, v in server_state["header"].items()})
         return Payload(arrays, {"method": self.name})
 
     def broadcast_spec(self) -> PayloadSpec:
@@ -91,7 +91,7 @@ class FedGH(FedProto):
 
     # -- client: its own extractor under the global header (to train and to evaluate) ---------------
     def model_params(self, client_state: State, received: Payload) -> Params:
-        header = {k: torch.from_numpy(np.array(received[HEADER + k])) for k in self._header_keys()}
+        header = {k: torch.from_numpy(np.array(received[HEADER + k])).to(self.device) for k in self._header_keys()}
         return {**client_state["params"], **header}
 
     # -- server: train the header on the prototypes ------------------------------------------------
@@ -100,10 +100,10 @@ class FedGH(FedProto):
         c = self.config
         round_index = int(server_state["round"]) + 1
         y, z = present_rows(replies, self.presence_threshold)
-        z = z.float()
+        y, z = y.to(self.device), z.float().to(self.device)
         header = {k: v.detach().clone().requires_grad_(True) for k, v in server_state["header"].items()}
         optimizer = torch.optim.SGD(list(header.values()), lr=c.server_lr, momentum=c.server_momentum)
-        shuffle = torch.Generator().manual_seed(derive_seed(int(server_state["seed"]), round_index, 0xF6))
+        shuffle = torch.Generator(device="cpu").manual_seed(derive_seed(int(server_state["seed"]), round_index, 0xF6))
         for _ in range(c.server_epochs if len(y) else 0):
             for index in minibatches(len(y), c.server_batch_size, shuffle):
                 loss = F.cross_entropy(self.head(header, z[index]), y[index])
@@ -116,7 +116,7 @@ class FedGH(FedProto):
         state.update(
             header={k: v.detach() for k, v in header.items()},
             seed=server_state["seed"],
-            round=torch.tensor(round_index, dtype=torch.int64),
+            round=torch.tensor(round_index, dtype=torch.int64, device=self.device),
         )
         return state, {**metrics, "header_loss": header_loss, "header_prototype_acc": header_acc}
 

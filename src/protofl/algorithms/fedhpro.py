@@ -186,8 +186,8 @@ def hpcl_loss(
     """``mean_i [log(Σ_c exp(ẑ_i·m_c/τ) + κ) − ẑ_i·m_{y_i}/τ]``, weighted by ``weight`` (default: every
     sample counts). ``class_summaries`` holds ``m_c`` (rows) for the classes ``classes`` (default
     ``0..n−1``); every ``y_i`` of non-zero weight must be among them."""
-    classes = torch.arange(len(class_summaries)) if classes is None else classes
-    weight = torch.ones(len(y), dtype=z.dtype) if weight is None else weight
+    classes = torch.arange(len(class_summaries), device=class_summaries.device) if classes is None else classes
+    weight = torch.ones(len(y), dtype=z.dtype, device=z.device) if weight is None else weight
     logits = F.normalize(z, dim=-1) @ class_summaries.t() / temperature
     positive = (logits * (classes[None, :] == y[:, None]).to(logits.dtype)).sum(-1)
     if margin:
@@ -203,7 +203,7 @@ def hpal_loss(
 ) -> torch.Tensor:
     """SmoothL1 (``beta``) between ``ẑ_i`` and the normalised target rows, averaged over dimensions and
     over the samples (weighted by ``weight``, default: every sample counts)."""
-    weight = torch.ones(len(z), dtype=z.dtype) if weight is None else weight
+    weight = torch.ones(len(z), dtype=z.dtype, device=z.device) if weight is None else weight
     per_sample = F.smooth_l1_loss(
         F.normalize(z, dim=-1), F.normalize(targets, dim=-1), beta=beta, reduction="none"
     ).mean(-1)
@@ -228,7 +228,7 @@ def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> to
     each axis, filling with zeros."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pixels, pixels, pixels, pixels))
-    offsets = torch.randint(0, 2 * pixels + 1, (n, 2), generator=generator).tolist()
+    offsets = torch.randint(0, 2 * pixels + 1, (n, 2), generator=generator, device=generator.device).tolist()
     return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
@@ -237,7 +237,7 @@ def aggregate_vectors(
 ):
     """Per class, the mean (``mean``) or count-weighted mean (``count``) of per-class vectors (weights:
     :func:`~protofl.algorithms.creff.upload_weights`; a class whose weights are all 0 is left out)."""
-    acc = PrototypeAccumulator(num_classes, dim, dtype=torch.float64)
+    acc = PrototypeAccumulator(num_classes, dim, dtype=torch.float64, device="cpu")
     for classes, vectors, counts in zip(classes_list, vectors_list, counts_list):
         c = torch.from_numpy(np.asarray(classes))
         weights = torch.from_numpy(upload_weights(counts, weighting, min_count))
@@ -282,17 +282,18 @@ class FedHPro(CReFF):
     # -- state and payloads ------------------------------------------------------------------------
     def init_server_state(self, seed: int) -> State:
         state = super().init_server_state(seed)
-        generator = torch.Generator().manual_seed(_seed(seed, 0x4B9))
-        state["hyper_prototypes"] = torch.randn(*self._hp_shape, generator=generator) * self.config.hp_init_scale
-        state["hp_matched"] = torch.zeros(self._dims[0], dtype=torch.bool)
+        generator = torch.Generator(device="cpu").manual_seed(_seed(seed, 0x4B9))  # CPU draws: the same on every device
+        hp = torch.randn(*self._hp_shape, generator=generator, device="cpu") * self.config.hp_init_scale
+        state["hyper_prototypes"] = hp.to(self.device)
+        state["hp_matched"] = torch.zeros(self._dims[0], dtype=torch.bool, device=self.device)
         return state
 
     def broadcast(self, server_state: State) -> Payload:
         payload = super().broadcast(server_state)
         arrays = {
             **payload.arrays,
-            "hyper_prototypes": server_state["hyper_prototypes"].numpy(),
-            "hp_classes": torch.nonzero(server_state["hp_matched"]).flatten().numpy().astype(np.int64),
+            "hyper_prototypes": server_state["hyper_prototypes"].cpu().numpy(),
+            "hp_classes": torch.nonzero(server_state["hp_matched"]).flatten().cpu().numpy().astype(np.int64),
         }
         return Payload(arrays, {"method": self.name})
 
@@ -334,9 +335,9 @@ class FedHPro(CReFF):
                 feature_grads.append(input_gradients(params[HEAD_W], params[HEAD_B], z, c, create_graph=False)[0])
         arrays = self.gradient_arrays(params, rows)
         d = self._dims[1]
-        arrays["feature_grad"] = (torch.stack(feature_grads).numpy() if feature_grads else np.zeros((0, d))).astype(
-            np.float32
-        )
+        arrays["feature_grad"] = (
+            torch.stack(feature_grads).cpu().numpy() if feature_grads else np.zeros((0, d))
+        ).astype(np.float32)
         return arrays
 
     def context(self, received: Payload) -> dict[str, Any]:
@@ -344,9 +345,9 @@ class FedHPro(CReFF):
         κ (0 until :meth:`train_client` computes it)."""
         cfg = self.config
         num_classes = self._dims[0]
-        summaries, means = hp_summaries(torch.from_numpy(received["hyper_prototypes"]).float())
-        ready = torch.zeros(num_classes, dtype=torch.bool)
-        ready[torch.from_numpy(received["hp_classes"])] = True
+        summaries, means = hp_summaries(torch.from_numpy(received["hyper_prototypes"]).float().to(self.device))
+        ready = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
+        ready[torch.from_numpy(received["hp_classes"]).to(self.device)] = True
         classes = torch.nonzero(ready).flatten()
         return {
             "ready": ready,
@@ -405,7 +406,7 @@ class FedHPro(CReFF):
 
     def class_means(self, params: Params, data: ClientData) -> torch.Tensor:
         """The client's per-class mean features (classes it holds) under ``params``."""
-        acc = PrototypeAccumulator(*self._dims)
+        acc = PrototypeAccumulator(*self._dims, device=self.device)
         acc.update(compute_features(self, params, data.x_train), data.y_train)
         return acc.compute()[1]
 
@@ -413,7 +414,7 @@ class FedHPro(CReFF):
         client_state, reply, metrics = super().reply(outcome)
         arrays = dict(reply.arrays)
         if self.config.global_signal == "averaged":
-            arrays["class_means"] = self.class_means(outcome.params, outcome.data).numpy().astype(np.float32)
+            arrays["class_means"] = self.class_means(outcome.params, outcome.data).cpu().numpy().astype(np.float32)
         metrics = dict(metrics)
         metrics.setdefault("client_margin", 0.0)  # κ stays 0 where it is not recomputed (see batched_unsupported)
         return client_state, Payload(arrays, {"method": self.name}), metrics
@@ -445,6 +446,7 @@ class FedHPro(CReFF):
                 "count",
             )
             hp = hp.clone()
+            classes, means = classes.to(hp.device), means.to(hp.device)
             hp[classes] = means[:, None, :].expand(-1, cfg.hp_per_class, -1)
             hp_metrics = {}
         else:
@@ -475,7 +477,7 @@ class FedHPro(CReFF):
         # keys: a class (mean), or class·L + l (each); the class of a key is key // groups
         groups = per_class if each else 1
         synthetic = {k: hp[k // groups, k % groups][None] if each else hp[k] for k in range(num_classes * groups)}
-        wanted = {int(c) * groups + j: [t] for c, t in zip(classes, targets) for j in range(groups)}
+        wanted = {int(c) * groups + j: [t.to(hp.device)] for c, t in zip(classes, targets) for j in range(groups)}
         new, metrics = match_synthetic(
             synthetic,
             wanted,

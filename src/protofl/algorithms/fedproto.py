@@ -98,7 +98,7 @@ def present_rows(replies: list[Payload], min_count: float = 1.0) -> tuple[torch.
     unweighted rule of :func:`reply_weights`), in reply order."""
     keep = [reply_weights(r, weighted=False, min_count=min_count).bool().numpy() for r in replies]
     if not replies:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0)
+        return torch.zeros(0, dtype=torch.int64, device="cpu"), torch.zeros(0, 0, device="cpu")
     return (
         torch.from_numpy(np.concatenate([r["classes"][k] for r, k in zip(replies, keep)])),
         torch.from_numpy(np.concatenate([r["prototypes"][k] for r, k in zip(replies, keep)])),
@@ -108,7 +108,7 @@ def present_rows(replies: list[Payload], min_count: float = 1.0) -> tuple[torch.
 def aggregate_prototypes(replies: list[Payload], num_classes: int, dim: int, weighted: bool, min_count: float = 1.0):
     """Per-class mean of the uploaded prototypes, weighted as :func:`reply_weights` says; a class whose
     weights are all 0 gets no prototype."""
-    acc = PrototypeAccumulator(num_classes, dim, dtype=torch.float64)
+    acc = PrototypeAccumulator(num_classes, dim, dtype=torch.float64, device="cpu")
     for reply in replies:
         classes = torch.from_numpy(reply["classes"])
         acc.update_means(
@@ -175,7 +175,10 @@ class FedProto(ModelAlgorithm):
 
     # -- state and payloads ------------------------------------------------------------------------
     def init_server_state(self, seed: int) -> State:
-        state: State = {"classes": torch.zeros(0, dtype=torch.int64), "prototypes": torch.zeros(0, self.dim)}
+        state: State = {
+            "classes": torch.zeros(0, dtype=torch.int64, device=self.device),
+            "prototypes": torch.zeros(0, self.dim, device=self.device),
+        }
         if self.shares_model:
             state["params"] = self.initial_params(seed)
         return state
@@ -184,7 +187,10 @@ class FedProto(ModelAlgorithm):
         return {} if self.shares_model else {"params": self.initial_params(seed)}
 
     def broadcast(self, server_state: State) -> Payload:
-        arrays = {"classes": server_state["classes"].numpy(), "prototypes": server_state["prototypes"].numpy()}
+        arrays = {
+            "classes": server_state["classes"].cpu().numpy(),
+            "prototypes": server_state["prototypes"].cpu().numpy(),
+        }
         if self.shares_model:
             arrays.update(params_to_arrays(server_state["params"]))
         return Payload(arrays, {"method": self.name})
@@ -235,12 +241,14 @@ class FedProto(ModelAlgorithm):
         return PayloadSpec(self.name, arrays, same_length=("classes", "prototypes", "counts"))
 
     @staticmethod
-    def global_lookup(received: Payload, num_classes: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense ``(C, d)`` table of global prototypes and a mask of the classes that have one."""
-        table = torch.zeros(num_classes, dim)
-        mask = torch.zeros(num_classes, dtype=torch.bool)
-        classes = torch.from_numpy(received["classes"])
-        table[classes] = torch.from_numpy(received["prototypes"]).float()
+    def global_lookup(
+        received: Payload, num_classes: int, dim: int, device: Any = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``(C, d)`` table of global prototypes and a mask of the classes that have one (on ``device``)."""
+        table = torch.zeros(num_classes, dim, device=device)
+        mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        classes = torch.from_numpy(received["classes"]).to(device)
+        table[classes] = torch.from_numpy(received["prototypes"]).float().to(device)
         mask[classes] = True
         return table, mask
 
@@ -257,7 +265,7 @@ class FedProto(ModelAlgorithm):
     def context(self, received: Payload) -> Any:
         """What the local loss needs from the broadcast, parsed once per round (here the dense
         prototype table and its mask)."""
-        return self.global_lookup(received, self.task.num_classes, self.dim)
+        return self.global_lookup(received, self.task.num_classes, self.dim, self.device)
 
     def prototype_loss(self, z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any) -> torch.Tensor:
         """The regulariser added to CE: ``lambda * MSE(z, P_y)`` over the (real) samples whose class has
@@ -290,7 +298,7 @@ class FedProto(ModelAlgorithm):
 
     def local_prototypes(self, params: Params, data: ClientData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(classes, prototypes, counts)``: per-class mean features of the trained model on the train split."""
-        acc = PrototypeAccumulator(self.task.num_classes, self.dim)
+        acc = PrototypeAccumulator(self.task.num_classes, self.dim, device=self.device)
         acc.update(compute_features(self, params, data.x_train), data.y_train)
         return acc.compute()
 
@@ -322,7 +330,7 @@ class FedProto(ModelAlgorithm):
         metrics = {"privacy_noise_std": float(release.noise_std.mean())}
         if release.selected is not None:
             metrics["vpp_selected_fraction"] = len(release.selected) / z.shape[1]
-            metrics.update(selection_diagnostics(z, y, release.selected))
+            metrics.update(selection_diagnostics(z.cpu(), y.cpu(), release.selected))  # NumPy, on the CPU
         return release.classes, release.prototypes, release.counts, ledger, metrics
 
     def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
@@ -350,9 +358,9 @@ class FedProto(ModelAlgorithm):
         if ledger is not None:
             new_state[LEDGER_KEY] = ledger
         arrays = {
-            "classes": classes.numpy(),
-            "prototypes": protos.numpy(),
-            "counts": counts.double().numpy() if self.covers_every_class else counts.long().numpy(),
+            "classes": classes.cpu().numpy(),
+            "prototypes": protos.cpu().numpy(),
+            "counts": counts.double().cpu().numpy() if self.covers_every_class else counts.long().cpu().numpy(),
         }
         if self.shares_model:
             arrays.update(params_to_arrays(outcome.params))
@@ -379,7 +387,8 @@ class FedProto(ModelAlgorithm):
             weighted=self.config.aggregation == "weighted",
             min_count=self.presence_threshold,
         )
-        return {"classes": classes, "prototypes": protos}, {"global_classes": float(len(classes))}
+        state = {"classes": classes.to(self.device), "prototypes": protos.to(self.device)}
+        return state, {"global_classes": float(len(classes))}
 
     def bounded_uploads(self, replies: list[Payload]) -> list[Payload]:
         """The uploads with every noisy prototype projected onto the R-ball (``privacy.bound_uploads``).
@@ -398,8 +407,8 @@ class FedProto(ModelAlgorithm):
         out = []
         for reply in replies:
             arrays = dict(reply.arrays)
-            protos = torch.from_numpy(reply["prototypes"]).double()
-            arrays["prototypes"] = clip_rows(protos, bound).numpy().astype(reply["prototypes"].dtype)
+            protos = torch.from_numpy(reply["prototypes"]).double().to("cpu")  # payload post-processing
+            arrays["prototypes"] = clip_rows(protos, bound).cpu().numpy().astype(reply["prototypes"].dtype)
             out.append(Payload(arrays, reply.metadata))
         return out
 
@@ -408,7 +417,7 @@ class FedProto(ModelAlgorithm):
         state, metrics = self.server_prototypes(server_state, replies)
         if self.shares_model:
             state["params"] = weighted_average(
-                [arrays_to_params(r) for r in replies], [int(r["num_samples"]) for r in replies]
+                [arrays_to_params(r, self.device) for r in replies], [int(r["num_samples"]) for r in replies]
             )
         return state, metrics
 
@@ -437,7 +446,9 @@ class FedProto(ModelAlgorithm):
         if len(received["classes"]) and len(data.y_test):
             features = compute_features(self, params, data.x_test)
             pred = nearest_prototype(
-                features, torch.from_numpy(received["classes"]), torch.from_numpy(received["prototypes"]).float()
+                features,
+                torch.from_numpy(received["classes"]).to(self.device),
+                torch.from_numpy(received["prototypes"]).float().to(self.device),
             )
             out["personal_proto_acc"] = float((pred == data.y_test).float().mean())
         return out

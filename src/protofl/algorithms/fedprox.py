@@ -32,7 +32,7 @@ class FedProx(FedAvg):
 
     def context(self, received: Payload) -> Params:
         """The received global model: the anchor of the proximal term."""
-        return arrays_to_params(received)
+        return arrays_to_params(received, self.device)
 
     def loss(
         self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, global_params: Params

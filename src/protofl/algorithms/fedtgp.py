@@ -83,29 +83,29 @@ class FedTGP(FedProto):
     def init_server_state(self, seed: int) -> State:
         state = super().init_server_state(seed)
         c, d = self.task.num_classes, self.dim
-        g = torch.Generator().manual_seed(_seed(seed, 0x7C9))
+        g = torch.Generator(device="cpu").manual_seed(_seed(seed, 0x7C9))  # drawn on the CPU: the same on every device
         bound = 1.0 / d**0.5
         state["generator"] = {
-            "embedding": torch.randn(c, d, generator=g),
-            "fc1.weight": (torch.rand(d, d, generator=g) * 2 - 1) * bound,
-            "fc1.bias": (torch.rand(d, generator=g) * 2 - 1) * bound,
-            "fc2.weight": (torch.rand(d, d, generator=g) * 2 - 1) * bound,
-            "fc2.bias": (torch.rand(d, generator=g) * 2 - 1) * bound,
+            "embedding": torch.randn(c, d, generator=g, device="cpu").to(self.device),
+            "fc1.weight": ((torch.rand(d, d, generator=g, device="cpu") * 2 - 1) * bound).to(self.device),
+            "fc1.bias": ((torch.rand(d, generator=g, device="cpu") * 2 - 1) * bound).to(self.device),
+            "fc2.weight": ((torch.rand(d, d, generator=g, device="cpu") * 2 - 1) * bound).to(self.device),
+            "fc2.bias": ((torch.rand(d, generator=g, device="cpu") * 2 - 1) * bound).to(self.device),
         }
-        state["seen"] = torch.zeros(c, dtype=torch.bool)
-        state["seed"] = torch.tensor(int(seed), dtype=torch.int64)
-        state["round"] = torch.tensor(0, dtype=torch.int64)
+        state["seen"] = torch.zeros(c, dtype=torch.bool, device=self.device)
+        state["seed"] = torch.tensor(int(seed), dtype=torch.int64, device=self.device)
+        state["round"] = torch.tensor(0, dtype=torch.int64, device=self.device)
         return state
 
     def server_prototypes(self, server_state: State, replies: list[Payload]):
         cfg = self.config
         threshold = self.presence_threshold
         labels, uploaded = present_rows(replies, threshold)
-        uploaded = uploaded.float()
+        labels, uploaded = labels.to(self.device), uploaded.float().to(self.device)
         _, means = aggregate_prototypes(replies, self.task.num_classes, self.dim, weighted=False, min_count=threshold)
         margin = adaptive_margin(means, cfg.margin_cap)
         round_index = int(server_state["round"]) + 1
-        shuffle = torch.Generator().manual_seed(_seed(int(server_state["seed"]), round_index, 0x7C9))
+        shuffle = torch.Generator(device="cpu").manual_seed(_seed(int(server_state["seed"]), round_index, 0x7C9))
 
         leaves = {k: server_state["generator"][k].detach().clone().requires_grad_(True) for k in GENERATOR_KEYS}
         params = list(leaves.values())
@@ -136,7 +136,7 @@ class FedTGP(FedProto):
             "generator": {k: v.detach() for k, v in leaves.items()},
             "seen": seen,
             "seed": server_state["seed"],
-            "round": torch.tensor(round_index, dtype=torch.int64),
+            "round": torch.tensor(round_index, dtype=torch.int64, device=self.device),
         }
         return state, {
             "global_classes": float(len(classes)),

@@ -66,7 +66,7 @@ def cpcl_loss(
     """Mean over samples of ``logsumexp_all(cos/τ) − logsumexp_{clusters of y}(cos/τ)``, weighted by
     ``weight`` (default: every sample counts). Every sample of non-zero weight must have at least one
     cluster prototype of its class; the others may have none (their term is kept finite and dropped)."""
-    weight = torch.ones(len(y), dtype=z.dtype) if weight is None else weight
+    weight = torch.ones(len(y), dtype=z.dtype, device=z.device) if weight is None else weight
     logits = F.normalize(z, dim=-1) @ F.normalize(cluster_prototypes, dim=-1).t() / temperature
     # Rows of weight 0 (e.g. padding, or a class without clusters) see every cluster as positive, so that
     # their (dropped) term and its gradient stay finite.
@@ -82,9 +82,9 @@ def cluster_prototypes(replies: list[Payload], dim: int, level: str = "last", mi
     with ``unbiased[i]`` the mean of class ``classes[i]``'s cluster prototypes."""
     by_class: dict[int, list[np.ndarray]] = {}
     labels, prototypes = present_rows(replies, min_count)
-    for c, p in zip(labels.tolist(), prototypes.numpy()):
+    for c, p in zip(labels.tolist(), prototypes.cpu().numpy()):
         by_class.setdefault(int(c), []).append(p)
-    cluster_cls, clusters, unbiased = [], [torch.zeros(0, dim)], []
+    cluster_cls, clusters, unbiased = [], [torch.zeros(0, dim, device="cpu")], []
     classes = sorted(by_class)
     for c in classes:
         x = torch.from_numpy(np.stack(by_class[c])).double()
@@ -94,10 +94,10 @@ def cluster_prototypes(replies: list[Payload], dim: int, level: str = "last", mi
         clusters.append(means)
         unbiased.append(means.mean(0))
     return (
-        torch.tensor(cluster_cls, dtype=torch.int64),
+        torch.tensor(cluster_cls, dtype=torch.int64, device="cpu"),
         torch.cat(clusters),
-        torch.tensor(classes, dtype=torch.int64),
-        torch.stack(unbiased) if unbiased else torch.zeros(0, dim),
+        torch.tensor(classes, dtype=torch.int64, device="cpu"),
+        torch.stack(unbiased) if unbiased else torch.zeros(0, dim, device="cpu"),
     )
 
 
@@ -111,8 +111,8 @@ class FPL(FedProto):
 
     def init_server_state(self, seed: int) -> State:
         state = super().init_server_state(seed)
-        state["cluster_classes"] = torch.zeros(0, dtype=torch.int64)
-        state["cluster_prototypes"] = torch.zeros(0, self.dim)
+        state["cluster_classes"] = torch.zeros(0, dtype=torch.int64, device=self.device)
+        state["cluster_prototypes"] = torch.zeros(0, self.dim, device=self.device)
         return state
 
     def broadcast(self, server_state: State) -> Payload:
@@ -120,8 +120,8 @@ class FPL(FedProto):
         return Payload(
             {
                 **payload.arrays,
-                "cluster_classes": server_state["cluster_classes"].numpy(),
-                "cluster_prototypes": server_state["cluster_prototypes"].numpy(),
+                "cluster_classes": server_state["cluster_classes"].cpu().numpy(),
+                "cluster_prototypes": server_state["cluster_prototypes"].cpu().numpy(),
             },
             {"method": self.name},
         )
@@ -140,10 +140,11 @@ class FPL(FedProto):
 
     def context(self, received: Payload) -> Any:
         table, mask = super().context(received)
-        cluster_classes = torch.from_numpy(received["cluster_classes"])
+        cluster_classes = torch.from_numpy(received["cluster_classes"]).to(self.device)
         clustered = torch.zeros_like(mask)
         clustered[cluster_classes] = True
-        return table, mask & clustered, cluster_classes, torch.from_numpy(received["cluster_prototypes"]).float()
+        clusters = torch.from_numpy(received["cluster_prototypes"]).float().to(self.device)
+        return table, mask & clustered, cluster_classes, clusters
 
     def prototype_loss(self, z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any) -> torch.Tensor:
         table, mask, cluster_classes, clusters = context
@@ -160,9 +161,9 @@ class FPL(FedProto):
             replies, self.dim, self.config.finch_level, self.presence_threshold
         )
         state = {
-            "classes": classes,
-            "prototypes": unbiased,
-            "cluster_classes": cluster_cls,
-            "cluster_prototypes": clusters,
+            "classes": classes.to(self.device),
+            "prototypes": unbiased.to(self.device),
+            "cluster_classes": cluster_cls.to(self.device),
+            "cluster_prototypes": clusters.to(self.device),
         }
         return state, {"global_classes": float(len(classes)), "cluster_prototypes": float(len(clusters))}

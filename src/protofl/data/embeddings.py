@@ -114,8 +114,8 @@ def encode_images(
 
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"expected images (N, 1 or 3, H, W), got shape {x.shape}")
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device="cpu").view(1, 3, 1, 1)  # the encoder runs on the CPU
+    std = torch.tensor(spec.std, dtype=torch.float32, device="cpu").view(1, 3, 1, 1)
     out = np.empty((len(x), spec.dim), dtype=np.float32)
     starts = range(0, len(x), batch_size)
     with torch.inference_mode():

@@ -20,14 +20,20 @@ CHECKPOINT_NAME = "state.pt"
 REQUIRED_KEYS = ("round", "fingerprint")
 
 
-def _on_cpu(value: Any) -> Any:
+def on_device(value: Any, device: Any) -> Any:
+    """``value`` (tensors in dicts, lists and tuples) with every tensor on ``device``: a checkpoint's
+    state (always on the CPU) onto the run's device, or the other way round."""
     if isinstance(value, torch.Tensor):
-        return value.cpu()
+        return value.to(device)
     if isinstance(value, dict):
-        return {k: _on_cpu(v) for k, v in value.items()}
+        return {k: on_device(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_on_cpu(v) for v in value)
+        return type(value)(on_device(v, device) for v in value)
     return value
+
+
+def _on_cpu(value: Any) -> Any:
+    return on_device(value, "cpu")
 
 
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:

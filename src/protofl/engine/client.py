@@ -30,8 +30,8 @@ def client_generator(seed: int, round_index: int, client: int, secret: bytes | N
     """The generator of client ``client`` in round ``round_index``: derived from ``(seed, round, client)``,
     or, with the client's noise ``secret``, from the secret alone (``seed`` is then not used)."""
     if secret is not None:
-        return torch.Generator().manual_seed(secret_seed(secret, round_index, client))
-    return torch.Generator().manual_seed(derive_seed(seed, round_index, client))
+        return torch.Generator(device="cpu").manual_seed(secret_seed(secret, round_index, client))
+    return torch.Generator(device="cpu").manual_seed(derive_seed(seed, round_index, client))
 
 
 def client_round(

@@ -25,6 +25,7 @@ import torch
 
 from protofl.algorithms.base import Algorithm, ClientData
 from protofl.config import FederationConfig
+from protofl.engine.checkpoint import on_device
 from protofl.engine.client import (
     StepResult,
     client_evaluation,
@@ -244,5 +245,5 @@ class InProcessTransport:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.client_states.restore(state)
+        self.client_states.restore(on_device(state, self.algorithm.device))
         self.client_secrets = {int(k): bytes(v.tolist()) for k, v in state.get("client_secrets", {}).items()}

@@ -25,7 +25,7 @@ import torch
 
 from protofl.algorithms.base import Algorithm
 from protofl.config import FederationConfig
-from protofl.engine.checkpoint import load_checkpoint, save_checkpoint
+from protofl.engine.checkpoint import load_checkpoint, on_device, save_checkpoint
 from protofl.payload import Payload
 from protofl.runtime import check_stop
 
@@ -324,7 +324,7 @@ class RoundDriver:
         if state["fingerprint"] != self.fingerprint:
             raise ValueError("the checkpoint was written by a run with a different configuration; refusing to resume")
         self.round = state["round"]
-        self.server_state = state["server_state"]
+        self.server_state = on_device(state["server_state"], self.algorithm.device)
         self.history = state["history"]
         self.bytes_up = state["bytes_up"]
         self.bytes_down = state["bytes_down"]

@@ -36,6 +36,7 @@ import torch
 
 from protofl.algorithms.base import Algorithm, ClientData
 from protofl.config import ConfigError, RunConfig
+from protofl.engine.checkpoint import on_device
 from protofl.engine.client import client_evaluation, client_round
 from protofl.payload import Payload, validate
 from protofl.privacy.accounting import LEDGER_KEY, remember_calibrations
@@ -89,7 +90,7 @@ def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: 
     torch.manual_seed(config.seed)
     cache = Path(cache_dir) / f"data-{fingerprint(config)}-{partition}.pt" if cache_dir else None
     if cache is not None and cache.exists():
-        saved = torch.load(cache, weights_only=True)
+        saved = torch.load(cache, weights_only=True, map_location="cpu")
     else:
         from protofl.runner import prepare_data
 
@@ -107,12 +108,15 @@ def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: 
             from protofl._io import atomic_write
 
             atomic_write(cache, lambda fh: torch.save(saved, fh))
-    task = Task(tuple(saved["input_shape"]), int(saved["num_classes"]), config.model)
+    from protofl.runtime import resolve_device
+
+    device = resolve_device(config.federation.device)  # this node's: "auto" is its own CUDA device or CPU
+    task = Task(tuple(saved["input_shape"]), int(saved["num_classes"]), config.model, device=str(device))
     if cache_dir:
         # Flower may start a fresh process for every message: calibrate each noise level once per run.
         remember_calibrations(Path(cache_dir) / "calibration.json")
     algorithm = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
-    client = ClientData(partition, saved["x_train"], saved["y_train"], saved["x_test"], saved["y_test"])
+    client = ClientData(partition, *(saved[k].to(device) for k in ("x_train", "y_train", "x_test", "y_test")))
     from protofl.privacy.statement import shares_diagnostics, uses_secret_noise
 
     return NodeTask(
@@ -169,7 +173,7 @@ class ClientStore:
         model would be a different run."""
         found = self.latest(before)
         if found is not None:
-            state = found[1]
+            state = on_device(found[1], task.algorithm.device)  # read back from bytes: on the CPU
         elif self.committed:
             raise StateLostError(
                 f"{task.who} holds the state of rounds {sorted(self.committed)} but none from before round "
@@ -257,9 +261,9 @@ class ClientStore:
         buffer = io.BytesIO()
         torch.save(
             {
-                "committed": self.committed,
+                "committed": on_device(self.committed, "cpu"),
                 "pending_round": self.pending_round,
-                "pending": self.pending,
+                "pending": on_device(self.pending, "cpu"),
                 "ledger": self.ledger,
                 "secret": None if self.secret is None else torch.frombuffer(bytearray(self.secret), dtype=torch.uint8),
             },
@@ -269,7 +273,7 @@ class ClientStore:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ClientStore:
-        state = torch.load(io.BytesIO(data), weights_only=True)
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         secret = state.get("secret")
         return cls(
             state["committed"],

@@ -74,9 +74,10 @@ def _run(grid, config, settings, engine: str, out: Path):
     from protofl.engine.rounds import RoundDriver
     from protofl.flower.transport import GridTransport
     from protofl.runner import prepare_data, run_rounds
+    from protofl.runtime import resolve_device
 
     torch.manual_seed(config.seed)
-    data = prepare_data(config)
+    data = prepare_data(config, device=resolve_device(config.federation.device))
 
     def driver(algorithm, **kwargs) -> RoundDriver:
         transport = GridTransport(grid, algorithm, config.partition.num_clients, settings, engine)

@@ -59,10 +59,12 @@ def prototype_distance_scores(
     """Membership score of each example: minus the distance of its (clipped) feature to its class's
     released prototype; examples of classes without a prototype get −inf."""
     z = clip_rows(features.double(), clip_bound) if clip_bound else features.double()
-    table = torch.full((int(max(labels.max(), classes.max())) + 1, z.shape[1]), float("nan"), dtype=torch.float64)
-    table[classes] = prototypes.double()
+    rows = int(max(labels.max(), classes.max())) + 1
+    table = torch.full((rows, z.shape[1]), float("nan"), dtype=torch.float64, device=z.device)
+    table[classes.to(z.device)] = prototypes.double().to(z.device)
     distance = (z - table[labels]).norm(dim=1)
-    return torch.where(torch.isnan(distance), torch.tensor(float("-inf"), dtype=torch.float64), -distance)
+    minus_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=distance.device)
+    return torch.where(torch.isnan(distance), minus_inf, -distance)
 
 
 def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
@@ -114,7 +116,9 @@ def invert_prototypes(
     """Images ``(k, C, H, W)`` in [0, 1] whose ``feature_fn`` features approach ``targets`` ``(k, d)``;
     returns them and the loss per step. Stops early when the loss has not improved by 0.1 % for
     ``patience`` steps."""
-    logits = (0.1 * torch.randn((len(targets), *image_shape), generator=generator)).requires_grad_(True)
+    draws_on = "cpu" if generator is None else generator.device  # then moved to the targets' device
+    noise = torch.randn((len(targets), *image_shape), generator=generator, device=draws_on).to(targets.device)
+    logits = (0.1 * noise).requires_grad_(True)
     optimizer = torch.optim.Adam([logits], lr=lr)  # on the pre-sigmoid pixels
     targets = targets.float()
     history: list[float] = []

@@ -237,7 +237,9 @@ def watch_releases(algorithm: Any, on_release: Any) -> None:
         quiet = copy.copy(layer)
         quiet.__dict__.pop("noisy_prototypes")  # the layer's own method, not this hook
         quiet.__dict__["noise_multiplier"] = 1e-300
-        clean = quiet.noisy_prototypes(z, y, torch.Generator().set_state(generator.get_state()), *args, **kwargs)
+        clean = quiet.noisy_prototypes(
+            z, y, torch.Generator(device=generator.device).set_state(generator.get_state()), *args, **kwargs
+        )
         released = noisy_prototypes(z, y, generator, *args, **kwargs)
         return on_release(current[0], released, clean, layer.noise_multiplier)
 
@@ -292,7 +294,7 @@ class ReleaseCanaries(CanaryDesign):
         d = len(std)
         if release.selected is None:
             return [index], [float(std[index]) / sigma]
-        in_a = torch.zeros(d, dtype=torch.bool)
+        in_a = torch.zeros(d, dtype=torch.bool, device=std.device)
         in_a[release.selected] = True
         group_a, group_b = torch.nonzero(in_a).flatten(), torch.nonzero(~in_a).flatten()
         kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, len(group_a), sigma)
@@ -321,7 +323,7 @@ class ReleaseCanaries(CanaryDesign):
             std = [float(release.noise_std[row, j]) for j in coords]
             record[canary.id] = (coords, shift, std, [float(clean.prototypes[row, j]) for j in coords])
             if canary.included:
-                protos[row, coords] += torch.tensor(shift, dtype=torch.float64)
+                protos[row, coords] += torch.tensor(shift, dtype=torch.float64, device=protos.device)
         return dataclasses.replace(release, prototypes=protos.float())
 
     def observe(self, r: int, client: int, reply: Payload, broadcast: Payload, replay: Payload | None) -> None:

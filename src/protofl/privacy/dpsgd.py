@@ -97,14 +97,15 @@ def add_noise(
         summed = insert(summed, expected_batch_size)
     std = noise_multiplier * clip_norm
     return {
-        k: (g + torch.randn(g.shape, generator=generator, dtype=g.dtype) * std) / expected_batch_size
+        k: (g + torch.randn(g.shape, generator=generator, dtype=g.dtype, device=generator.device).to(g.device) * std)
+        / expected_batch_size
         for k, g in summed.items()
     }
 
 
 def poisson_sample(n: int, rate: float, generator: torch.Generator) -> torch.Tensor:
     """Indices of a Poisson sample of ``range(n)``: each index independently with probability ``rate``."""
-    return torch.nonzero(torch.rand(n, generator=generator) < rate).flatten()
+    return torch.nonzero(torch.rand(n, generator=generator, device=generator.device) < rate).flatten()
 
 
 def step_event(rate: float, noise_multiplier: float) -> SampledGaussianEvent:

@@ -115,7 +115,7 @@ def module_clipped_sum(
         acts, outs = per_layer.setdefault(id(layer), ([], []))
         acts.append(a.reshape(b, -1, a.shape[-1]))
         outs.append(g.reshape(b, -1, g.shape[-1]))
-    sq = torch.zeros(b, dtype=losses.dtype)
+    sq = torch.zeros(b, dtype=losses.dtype, device=losses.device)
     unused = []
     for layer in linears:
         if id(layer) not in per_layer:

@@ -161,9 +161,11 @@ class PrototypeReleaseLayer(PrivacyLayer):
         """The noisy prototypes of features ``z`` (labels ``y``) and the client's new ledger state; the
         budget is checked and the release recorded before any noise is drawn. ``received``: the global
         prototypes the client received this round (one row per class; public), for a mechanism that
-        uses them."""
+        uses them. The release runs on the CPU whatever the run's device: the features come here, the
+        noise is drawn from the client's CPU generator, so a seed releases the same values on every device."""
         ledger = self.spend(client_state, self.release_events(), who)
-        return self.noisy_prototypes(z, y, generator, received), ledger
+        public = None if received is None else received.cpu()
+        return self.noisy_prototypes(z.cpu(), y.cpu(), generator, public), ledger
 
     @abc.abstractmethod
     def noisy_prototypes(
@@ -233,7 +235,7 @@ class VPPLayer(PrototypeReleaseLayer):
             return None
         k = math.ceil(self.config.rho * d)
         chosen = None if received is None else broadcast_top_k(received, k)
-        return torch.arange(d) if chosen is None else torch.from_numpy(chosen)
+        return torch.arange(d, device="cpu") if chosen is None else torch.from_numpy(chosen)
 
     def noisy_prototypes(
         self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, received: torch.Tensor | None = None

@@ -114,12 +114,14 @@ def soft_clip(z: torch.Tensor, bound: float, tau: float) -> torch.Tensor:
 
 def gaussian_noise(shape: tuple[int, ...], std: torch.Tensor | float, generator: torch.Generator) -> torch.Tensor:
     """N(0, std²) noise (``std`` broadcast against ``shape``)."""
-    return torch.randn(shape, generator=generator, dtype=torch.float64) * torch.as_tensor(std, dtype=torch.float64)
+    return torch.randn(shape, generator=generator, dtype=torch.float64, device=generator.device) * torch.as_tensor(
+        std, dtype=torch.float64, device=generator.device
+    )
 
 
 def laplace_noise(shape: tuple[int, ...], scale: float, generator: torch.Generator) -> torch.Tensor:
     """Laplace(0, scale) noise by inversion of the CDF."""
-    u = torch.rand(shape, generator=generator, dtype=torch.float64).numpy() - 0.5
+    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=generator.device).numpy() - 0.5
     return torch.from_numpy(-scale * np.sign(u) * np.log1p(-2 * np.minimum(np.abs(u), 0.5 - 1e-16)))
 
 
@@ -181,7 +183,7 @@ def private_top_k(scores: torch.Tensor, k: int, cap: float, epsilon: float, gene
     if not 0 < k <= d:
         raise ValueError(f"k must be in [1, {d}], got {k}")
     if k == d:
-        return torch.arange(d)
+        return torch.arange(d, device="cpu")
     return torch.from_numpy(_top_k(scores.detach().double().numpy(), k, cap, epsilon, generator))
 
 
