@@ -64,6 +64,7 @@ from torch.func import vmap
 
 from protofl.algorithms.base import Algorithm, ClientData, State, register
 from protofl.config import ConfigError, check, check_choice
+from protofl.data.public_basis import PUBLIC_SOURCES
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY, Event, GaussianEvent, PrivacyLedger
 from protofl.privacy.dpsgd import add_noise, noisy_clipped_mean, per_example_gradients, poisson_sample
@@ -71,8 +72,23 @@ from protofl.privacy.ghost import clip_factors, linear_sq_norms, reweighted_sum
 from protofl.privacy.layer import NEXT_ROUND_KEY, DPSGDLayer
 
 SAMPLERS = ("neutral", "mixture", "clients")
+
+
+def _uniform_weights(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(sigmas, 1 / len(sigmas))
+
+
+def _inverse_noise_weights(sigmas: torch.Tensor) -> torch.Tensor:
+    precision = 1 / sigmas.clamp_min(1e-12) ** 2
+    return precision / precision.sum()
+
+
+#: The server's weights of the clients' φ from their noise multipliers σ_k (see ``aggregation``).
+AGGREGATIONS = {"uniform": _uniform_weights, "inverse-noise": _inverse_noise_weights}
 Params = dict[str, torch.Tensor]
 PHI_PREFIX = "phi/"
+#: Client-state key of the client's DP-SGD noise multiplier (for the report).
+SIGMA_KEY = "noise_multiplier"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +103,9 @@ class FedHypeVAEConfig:
     mmd_weight: float = 1.0
     lip_weight: float = 0.01
     lip_radius: float = 0.01
-    #: RBF kernel bandwidth as a multiple of sqrt(D) (inputs in [0, 1]^D).
-    mmd_bandwidth: float = 0.05
+    #: RBF kernel bandwidth as a multiple of sqrt(D) in the generator's space (``None``: 0.05 in the [0, 1]
+    #: range space, 1.0 in a public basis's standardised coordinates).
+    mmd_bandwidth: float | None = None
     #: Local DP-SGD (``[privacy] mechanism = "dp-sgd"``, whose section holds ε, δ, the accountant and the
     #: clip norm C): steps per round, expected (Poisson) batch size, learning rates (Adam) of phi and of
     #: the private encoder and code.
@@ -113,8 +130,25 @@ class FedHypeVAEConfig:
     synthetic_per_class: int = 500
     classifier_epochs: int = 30
     classifier_hidden: int = 256
-    #: ``photos`` (public range from embedded photo crops; needs ``encoder``) or ``unit`` (inputs in [0, 1]).
+    #: ``photos`` (public range from embedded photo crops; needs ``encoder``) or ``unit`` (inputs in [0, 1]);
+    #: used only with ``public_basis = "none"``.
     range_reference: str = "photos"
+    #: The space the generators and the downstream classifier work in: ``none`` (the embeddings themselves,
+    #: scaled to [0, 1] by ``range_reference``) or the public images (``photos``, ``mnist``;
+    #: :mod:`protofl.data.public_basis`, never client data) whose embeddings' first ``public_dims``
+    #: principal components, in standardised coordinates, make the space (declared in summary.json).
+    public_basis: str = "photos"
+    public_dims: int = 64
+    #: Hypernetwork head: 0 is the full-rank head modulating every decoder layer (the paper's form); r >= 1 a
+    #: rank-r head modulating the hidden layers only (never the output layer), far fewer DP-trained numbers.
+    hyper_rank: int = 4
+    #: How the server averages the clients' φ: ``inverse-noise`` (weights 1/σ_k², normalised; σ_k follows
+    #: from the client's size, treated as public as for the sampling rate) or ``uniform``.
+    aggregation: str = "inverse-noise"
+    #: Server momentum on the averaged update of φ (0: none; the server keeps the buffer) and the server's
+    #: step size on it.
+    server_momentum: float = 0.5
+    server_lr: float = 1.0
     encoder: str = "efficientnet-lite0"
     image_size: int = 32
     #: How DP-SGD gets each example's clipped gradient: ``ghost`` (per-example norms from activations and
@@ -138,7 +172,7 @@ class FedHypeVAEConfig:
         for key in ("beta_kl", "mmd_weight", "lip_weight"):
             check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         check(self.hyper_lr is None or self.hyper_lr > 0, "hyper_lr", f"must be > 0, got {self.hyper_lr}")
-        for key in ("lip_radius", "mmd_bandwidth", "lr", "private_lr", "meta_lr", "code_clip"):
+        for key in ("lip_radius", "lr", "private_lr", "meta_lr", "code_clip"):
             check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         check(self.meta_rounds >= 0, "meta_rounds", f"must be >= 0, got {self.meta_rounds}")
         check(self.classifier_epochs >= 1, "classifier_epochs", f"must be >= 1, got {self.classifier_epochs}")
@@ -156,11 +190,28 @@ class FedHypeVAEConfig:
             "code_dim = 0 (DP-CVAE) has no codes: use samplers = ['neutral']",
         )
         check_choice(self.range_reference, ("photos", "unit"), "range_reference")
+        check_choice(self.public_basis, ("none", *PUBLIC_SOURCES), "public_basis")
+        check(self.public_dims >= 1, "public_dims", f"must be >= 1, got {self.public_dims}")
+        check(self.hyper_rank >= 0, "hyper_rank", f"must be >= 0 (0: full-rank head), got {self.hyper_rank}")
+        check_choice(self.aggregation, tuple(AGGREGATIONS), "aggregation")
+        check(0 <= self.server_momentum < 1, "server_momentum", f"must be in [0, 1), got {self.server_momentum}")
+        check(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
+        check(
+            self.mmd_bandwidth is None or self.mmd_bandwidth > 0,
+            "mmd_bandwidth",
+            f"must be > 0, got {self.mmd_bandwidth}",
+        )
         check_choice(self.per_example_grads, ("ghost", "materialised"), "per_example_grads")
 
     @property
     def releases_codes(self) -> bool:
         return self.code_dim > 0 and bool(set(self.samplers) & {"mixture", "clients"})
+
+    @property
+    def bandwidth_multiple(self) -> float:
+        if self.mmd_bandwidth is not None:
+            return self.mmd_bandwidth
+        return 0.05 if self.public_basis == "none" else 1.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,28 +242,50 @@ def init_phi(
     for l, (o, i) in enumerate(sizes):
         phi[f"dec{l}.w"], phi[f"dec{l}.b"] = _linear_init(o, i, generator)
     if c.code_dim:
-        modulation = sum(2 * o for o, _ in sizes)
+        modulation = sum(2 * o for o, _ in sizes[: modulated_layers(c, len(sizes))])
         phi["hyper0.w"], phi["hyper0.b"] = _linear_init(c.hyper_hidden, c.code_dim, generator)
-        phi["hyper1.w"], phi["hyper1.b"] = _linear_init(modulation, c.hyper_hidden, generator, zero=True)
+        if c.hyper_rank:  # low rank: hidden -> rank -> modulations, the last factor starts at zero
+            phi["hyper1.w"], phi["hyper1.b"] = _linear_init(c.hyper_rank, c.hyper_hidden, generator)
+            phi["hyper2.w"], phi["hyper2.b"] = _linear_init(modulation, c.hyper_rank, generator, zero=True)
+        else:
+            phi["hyper1.w"], phi["hyper1.b"] = _linear_init(modulation, c.hyper_hidden, generator, zero=True)
         phi["prior0.w"], phi["prior0.b"] = _linear_init(c.hyper_hidden, c.code_dim + num_classes, generator)
         phi["prior1.w"], phi["prior1.b"] = _linear_init(2 * c.latent_dim, c.hyper_hidden, generator)
     return phi
 
 
+def modulated_layers(c: FedHypeVAEConfig, layers: int) -> int:
+    """How many decoder layers (from the first) the hypernetwork modulates: all of them with the full-rank
+    head, the hidden ones (never the output layer) with the low-rank head."""
+    return layers - 1 if c.hyper_rank else layers
+
+
+def hyper_head(phi: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """The hypernetwork's head: its hidden activations -> all modulations (one linear layer, or the
+    low-rank pair ``hyper2 ∘ hyper1`` with no non-linearity between)."""
+    out = F.linear(hidden, phi["hyper1.w"], phi["hyper1.b"])
+    return F.linear(out, phi["hyper2.w"], phi["hyper2.b"]) if "hyper2.w" in phi else out
+
+
 def modulations(phi: dict[str, torch.Tensor], code: torch.Tensor, sizes: list[tuple[int, int]]):
-    """Per decoder layer ``(s_l, β_l)`` from the code (zeros without a hypernetwork)."""
+    """Per decoder layer ``(s_l, β_l)`` from the code (``(None, None)`` for a layer it does not modulate,
+    and for every layer without a hypernetwork)."""
     if "hyper0.w" not in phi:
         return [(None, None)] * len(sizes)
-    flat = F.linear(torch.tanh(F.linear(code, phi["hyper0.w"], phi["hyper0.b"])), phi["hyper1.w"], phi["hyper1.b"])
+    flat = hyper_head(phi, torch.tanh(F.linear(code, phi["hyper0.w"], phi["hyper0.b"])))
     out, start = [], 0
     for o, _ in sizes:
+        if start + 2 * o > flat.shape[-1]:  # the low-rank head leaves the output layer alone
+            out.append((None, None))
+            continue
         out.append((flat[start : start + o], flat[start + o : start + 2 * o]))
         start += 2 * o
     return out
 
 
-def decode(phi, z: torch.Tensor, y1h: torch.Tensor, mods) -> torch.Tensor:
-    """D_c(z, y) in [0, 1]: W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + β_l, ReLU, sigmoid output.
+def decode(phi, z: torch.Tensor, y1h: torch.Tensor, mods, squash: bool = True) -> torch.Tensor:
+    """D_c(z, y): W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + β_l, ReLU, then a sigmoid output in [0, 1]
+    (``squash``, the range space) or a linear one (a public basis's standardised coordinates).
 
     Row-scaling a weight matrix scales that layer's outputs, (diag(1 + s) W) h = (1 + s) ⊙ (W h), so the
     modulated weights are never formed (per-example gradients would otherwise hold one copy each)."""
@@ -221,7 +294,10 @@ def decode(phi, z: torch.Tensor, y1h: torch.Tensor, mods) -> torch.Tensor:
     for l, (s, beta) in enumerate(mods):
         w, b = phi[f"dec{l}.w"], phi[f"dec{l}.b"]
         h = F.linear(h, w, b) if s is None else F.linear(h, w) * (1 + s) + (b + beta)
-        h = torch.sigmoid(h) if l == last else F.relu(h)
+        if l < last:
+            h = F.relu(h)
+        elif squash:
+            h = torch.sigmoid(h)
     return h
 
 
@@ -375,7 +451,7 @@ def batch_losses(
     hyper = "hyper0.w" in phi
     if hyper:
         hid = torch.tanh(F.linear(code, phi["hyper0.w"], phi["hyper0.b"]))
-        m = taps["m"] = F.linear(hid, phi["hyper1.w"], phi["hyper1.b"]).expand(b, -1)
+        m = taps["m"] = hyper_head(phi, hid).expand(b, -1)
         pin = acts["phi/prior0"] = torch.cat([code.expand(b, -1), y1h], -1)
         u = taps["phi/prior0"] = F.linear(pin, phi["prior0.w"], phi["prior0.b"])
         acts["phi/prior1"] = ph = torch.tanh(u)
@@ -392,17 +468,21 @@ def batch_losses(
     h = torch.cat([zs, y1h[:, None].expand(-1, zs.shape[1], -1)], -1)
     scales: dict[str, torch.Tensor] = {}
     start, last = 0, len(algo.sizes) - 1
+    modulated = modulated_layers(c, len(algo.sizes)) if hyper else 0
     for l, (o, _) in enumerate(algo.sizes):
         w, bias = phi[f"dec{l}.w"], phi[f"dec{l}.b"]
         acts[f"phi/dec{l}"] = h
-        if hyper:
+        if l < modulated:
             s, beta = m[:, start : start + o], m[:, start + o : start + 2 * o]
             start += 2 * o
             scales[f"phi/dec{l}"] = (1 + s)[:, None].detach()
             h = taps[f"phi/dec{l}"] = F.linear(h, w) * (1 + s)[:, None] + (bias + beta)[:, None]
         else:
             h = taps[f"phi/dec{l}"] = F.linear(h, w, bias)
-        h = torch.sigmoid(h) if l == last else F.relu(h)
+        if l < last:
+            h = F.relu(h)
+        elif algo.squash:
+            h = torch.sigmoid(h)
     loss = ((x - h[:, 0]) ** 2).sum(-1) + c.beta_kl * kl
     if c.mmd_weight:
         loss = loss + c.mmd_weight * (rbf(h[:, 1], h[:, 2], algo.bandwidth) - 2 * rbf(x, h[:, 1], algo.bandwidth))
@@ -412,7 +492,7 @@ def batch_losses(
         shifted = acts["probe0"] = code + xi
         u = taps["probe0"] = F.linear(shifted, phi["hyper0.w"], phi["hyper0.b"])
         acts["probe1"] = hs = torch.tanh(u)
-        m2 = taps["probe1"] = F.linear(hs, phi["hyper1.w"], phi["hyper1.b"])
+        m2 = taps["probe1"] = hyper_head(phi, hs)
         loss = loss + c.lip_weight * ((m2 - m) ** 2).sum(-1) / (xi**2).sum(-1)
     if record is not None:
         record.update(taps=taps, acts=acts, scales=scales, hid=hid.detach() if hyper else None, lip=lip)
@@ -432,20 +512,33 @@ def _ghost_sq_norms(algo, phi, code, acts, grads, scales, hid, lip):
     for l in range(len(algo.sizes)):
         name = f"phi/dec{l}"
         g = grads[name]
-        w_sq, _ = linear_sq_norms(acts[name], g * scales[name] if hyper else g)
+        w_sq, _ = linear_sq_norms(acts[name], g * scales[name] if name in scales else g)
         sq = sq + w_sq + g.sum(1).square().sum(-1)
     if hyper:
-        v = grads["m"]
-        p = v @ phi["hyper1.w"] * (1 - hid**2)  # ∂L_i/∂(W₀c + b₀) through the shared use
-        a1, g1, a0, g0 = hid[None, None], v[:, None], code[None, None], p[:, None]
+        # The head's layers, last first: (name, input of the shared use, input of the probe or None). Each
+        # sees the output gradient of its use; the next one down gets it through the layer's weights.
+        uses = [(hid[None], acts["probe1"] if lip else None)]
+        if "hyper2.w" in phi:
+            mid = F.linear(hid, phi["hyper1.w"], phi["hyper1.b"])
+            mid_probe = F.linear(acts["probe1"], phi["hyper1.w"], phi["hyper1.b"]) if lip else None
+            uses.insert(0, (mid[None], mid_probe))
+        names = ["hyper2", "hyper1"][-len(uses) :]
+        v, v_probe = grads["m"], grads["probe1"] if lip else None
+        for name, (shared_in, probe_in) in zip(names, uses):
+            a, g = shared_in.expand(b, -1)[:, None], v[:, None]
+            if lip:
+                a, g = torch.cat([a, probe_in[:, None]], 1), torch.cat([g, v_probe[:, None]], 1)
+            sq = sq + sum(linear_sq_norms(a, g))
+            v = v @ phi[f"{name}.w"]
+            v_probe = v_probe @ phi[f"{name}.w"] if lip else None
+        p = v * (1 - hid**2)  # ∂L_i/∂(W₀c + b₀) through the shared use
+        a0, g0 = code[None, None], p[:, None]
         code_grad = p @ phi["hyper0.w"] + (grads["phi/prior0"] @ phi["prior0.w"])[:, : c.code_dim]
         if lip:
-            a1 = torch.cat([a1.expand(b, 1, -1), acts["probe1"][:, None]], 1)
-            g1 = torch.cat([g1, grads["probe1"][:, None]], 1)
             a0 = torch.cat([a0.expand(b, 1, -1), acts["probe0"][:, None]], 1)
             g0 = torch.cat([g0, grads["probe0"][:, None]], 1)
             code_grad = code_grad + grads["probe0"] @ phi["hyper0.w"]
-        sq = sq + sum(linear_sq_norms(a1, g1)) + sum(linear_sq_norms(a0, g0)) + code_grad.square().sum(-1)
+        sq = sq + sum(linear_sq_norms(a0, g0)) + code_grad.square().sum(-1)
     return sq
 
 
@@ -471,11 +564,18 @@ class FedHypeVAE(Algorithm):
         self.dp = cast(DPSGDLayer, self.privacy_layer)
         #: The rounds the run plans (the schedule: the last ``meta_rounds`` of them learn the meta-code).
         self.planned_rounds = self.privacy.planned_releases
-        self.input_dim = task.input_shape[0]
+        #: The embeddings' dimension, and that of the space the generators work in (a public basis's).
+        self.data_dim = task.input_shape[0]
+        self.input_dim = self.data_dim if config.public_basis == "none" else config.public_dims
+        if self.input_dim > self.data_dim:
+            raise ConfigError(f"method.public_dims: must be <= the embeddings' {self.data_dim} dims, got {self.input_dim}")
+        #: Decoder output: a sigmoid into the [0, 1] range space, linear in standardised coordinates.
+        self.squash = config.public_basis == "none"
         self.num_classes = task.num_classes
         self.sizes = decoder_sizes(config, self.input_dim, self.num_classes)
-        self.bandwidth = config.mmd_bandwidth * math.sqrt(self.input_dim)
+        self.bandwidth = config.bandwidth_multiple * math.sqrt(self.input_dim)
         self._range: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._basis: Any = None
         self._metric_samples: dict[Any, Any] = {}
 
     @classmethod
@@ -489,6 +589,10 @@ class FedHypeVAE(Algorithm):
 
     # -- normalisation ---------------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings (N, D) -> the generator's space: the public basis's standardised coordinates, or the
+        [0, 1] range space."""
+        if self.config.public_basis != "none":
+            return self.basis().project(x)
         if self.config.range_reference == "unit":
             return x.clamp(0, 1)
         if self._range is None:
@@ -498,11 +602,51 @@ class FedHypeVAE(Algorithm):
             if len(low) != self.input_dim:
                 raise ConfigError(
                     f"method.encoder: {self.config.encoder} gives {len(low)}-d embeddings, the data has "
-                    f"{self.input_dim}-d"
+                    f"{self.data_dim}-d"
                 )
             self._range = torch.from_numpy(low), torch.from_numpy(high)
         lo, hi = self._range
         return ((x - lo) / (hi - lo)).clamp(0, 1)
+
+    def basis(self):
+        """The public basis (:func:`protofl.data.public_basis.public_basis`), fitted on first use."""
+        if self._basis is None:
+            from protofl.data.public_basis import public_basis
+
+            c = self.config
+            basis = public_basis(c.public_basis, c.encoder, c.public_dims, c.image_size)
+            if basis.input_dim != self.data_dim:
+                raise ConfigError(
+                    f"method.encoder: {c.encoder} gives {basis.input_dim}-d embeddings, the data has "
+                    f"{self.data_dim}-d"
+                )
+            self._basis = basis
+        return self._basis
+
+    def dp_trained_numbers(self) -> int:
+        """How many numbers each DP-SGD step clips and noises: φ, the client's encoder ψ and its code."""
+        g = torch.Generator().manual_seed(0)
+        phi = init_phi(self.config, self.input_dim, self.num_classes, g)
+        psi = init_encoder(self.config, self.input_dim, self.num_classes, g)
+        return sum(v.numel() for v in (*phi.values(), *psi.values())) + self.config.code_dim
+
+    def privacy_report(self, client_states, all_accountants: bool = True):
+        """The DP-SGD spend, plus what a reader needs to judge it: the DP-trained numbers, each client's
+        noise multiplier σ, the server's weighting, and the public space the generators work in."""
+        sigmas = {str(k): float(s[SIGMA_KEY]) for k, s in client_states.items() if SIGMA_KEY in s}
+        space = (
+            self.basis().describe()
+            if self.config.public_basis != "none"
+            else {"source": f"range:{self.config.range_reference}", "dims": self.input_dim}
+        )
+        return self.dp.report(
+            client_states.values(),
+            all_accountants,
+            dp_trained_numbers=self.dp_trained_numbers(),
+            noise_multiplier_per_client=sigmas,
+            aggregation=self.config.aggregation,
+            public_space=space,
+        )
 
     # -- schedule and budget ---------------------------------------------------------------------------
     @property
@@ -551,6 +695,8 @@ class FedHypeVAE(Algorithm):
             "phi": init_phi(self.config, self.input_dim, self.num_classes, g),
             "meta_code": torch.zeros(self.config.code_dim),
         }
+        if self.config.server_momentum:
+            state["momentum"] = {k: torch.zeros_like(v) for k, v in state["phi"].items()}
         return state
 
     def init_client_state(self, seed: int) -> State:
@@ -601,7 +747,11 @@ class FedHypeVAE(Algorithm):
         return PayloadSpec(self.name, specs, optional=tuple(k for k in specs if k.startswith("clf/")))
 
     def reply_spec(self) -> PayloadSpec:
-        specs = {**self._phi_specs(), "meta_code": ArraySpec((self.config.code_dim,))}
+        specs = {
+            **self._phi_specs(),
+            "meta_code": ArraySpec((self.config.code_dim,)),
+            SIGMA_KEY: ArraySpec((), minimum=0),
+        }
         if self.config.releases_codes:
             specs["noisy_code"] = ArraySpec((self.config.code_dim,))
         return PayloadSpec(self.name, specs, optional=("noisy_code",))
@@ -627,7 +777,9 @@ class FedHypeVAE(Algorithm):
         c = self.config
         mods = modulations(phi, meta_code, self.sizes)
         mu_p, logvar_p = prior(phi, meta_code, y1h, c.latent_dim)
-        gen = decode(phi, mu_p + torch.randn(2, c.latent_dim) * (0.5 * logvar_p).exp(), y1h.expand(2, -1), mods)
+        gen = decode(
+            phi, mu_p + torch.randn(2, c.latent_dim) * (0.5 * logvar_p).exp(), y1h.expand(2, -1), mods, self.squash
+        )
         return rbf(gen[0], gen[1], self.bandwidth) - 2 * rbf(x, gen[0], self.bandwidth)
 
     def _check_data(self, data: ClientData) -> None:
@@ -676,13 +828,14 @@ class FedHypeVAE(Algorithm):
         metrics["train_loss"] = loss
         arrays: dict[str, Any] = {PHI_PREFIX + k: v.numpy() for k, v in phi.items()}
         arrays["meta_code"] = meta_code.numpy()
+        arrays[SIGMA_KEY] = np.float32(sigma)  # a function of the client's size, public like its sampling rate
         if round_index == self.planned_rounds and c.releases_codes:
             assert code_sigma is not None  # set whenever codes are released
             clipped = state["code"] * min(1.0, c.code_clip / max(float(state["code"].norm()), 1e-12))
             arrays["noisy_code"] = (
                 clipped + torch.randn(c.code_dim, generator=generator) * code_sigma * 2 * c.code_clip
             ).numpy()
-        state = {**state, LEDGER_KEY: ledger}
+        state = {**state, LEDGER_KEY: ledger, SIGMA_KEY: float(sigma)}
         # Announce what the next round would cost (checked before it starts; the round after this one,
         # which is what a client sampled every round takes next, and past the plan a round of meta-steps).
         state[NEXT_ROUND_KEY] = self.dp.next_round_state(self.round_events(state, data.num_train, round_index + 1))
@@ -793,17 +946,27 @@ class FedHypeVAE(Algorithm):
     # -- server ----------------------------------------------------------------------------------------
     def server_step(self, server_state: State, replies: list[Payload]):
         r = server_state["round"] + 1
-        phi_new = {
-            k: torch.stack([torch.from_numpy(np.array(rep[PHI_PREFIX + k])) for rep in replies]).mean(0)
-            for k in server_state["phi"]
-        }
-        meta = torch.stack([torch.from_numpy(np.array(rep["meta_code"])) for rep in replies]).mean(0)
-        state: State = {
-            "round": r,
-            "phi": phi_new if r <= self.phi_rounds else server_state["phi"],
-            "meta_code": meta if r > self.phi_rounds else server_state["meta_code"],
-        }
-        metrics: dict[str, float] = {}
+        c = self.config
+        sigmas = torch.tensor([float(np.array(rep[SIGMA_KEY])) for rep in replies], dtype=torch.float64)
+        weights = AGGREGATIONS[c.aggregation](sigmas).float()
+
+        def average(key: str) -> torch.Tensor:
+            stacked = torch.stack([torch.from_numpy(np.array(rep[key])) for rep in replies])
+            return torch.tensordot(weights, stacked, dims=1)
+
+        old = server_state["phi"]
+        state: State = {"round": r, "phi": old, "meta_code": server_state["meta_code"]}
+        if r <= self.phi_rounds:
+            update = {k: average(PHI_PREFIX + k) - v for k, v in old.items()}
+            if c.server_momentum:
+                update = {k: c.server_momentum * server_state["momentum"][k] + u for k, u in update.items()}
+                state["momentum"] = update
+            state["phi"] = {k: v + c.server_lr * update[k] for k, v in old.items()}
+        else:
+            state["meta_code"] = average("meta_code")
+            if "momentum" in server_state:
+                state["momentum"] = server_state["momentum"]
+        metrics: dict[str, float] = {"aggregation_weight_max": float(weights.max())}
         if r == self.planned_rounds:
             codes = [torch.from_numpy(np.array(rep["noisy_code"])) for rep in replies if "noisy_code" in rep.arrays]
             state["released_codes"] = torch.stack(codes) if codes else torch.zeros(0, self.config.code_dim)
@@ -837,7 +1000,7 @@ class FedHypeVAE(Algorithm):
             mods = modulations(phi, code, self.sizes)
             mu, logvar = prior(phi, code, y1h[rows], c.latent_dim)
             z = mu + torch.randn(len(rows), c.latent_dim, generator=g) * (0.5 * logvar).exp()
-            out[rows] = decode(phi, z, y1h[rows], mods)
+            out[rows] = decode(phi, z, y1h[rows], mods, self.squash)
         return out, y
 
     def train_classifier(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
