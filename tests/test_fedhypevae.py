@@ -181,7 +181,7 @@ def test_row_scaled_modulation_equals_decoding_with_the_modulated_weights(rank):
     h = torch.cat([z, y1h], -1)
     for l, (s, beta) in enumerate(mods):  # W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + beta_l, formed explicitly
         if s is None:  # a layer the low-rank head leaves alone
-            s, beta = torch.zeros(()), torch.zeros(())
+            s, beta = torch.zeros(len(phi[f"dec{l}.b"])), torch.zeros(())
         h = F.linear(h, phi[f"dec{l}.w"] * (1 + s)[:, None], phi[f"dec{l}.b"] + beta)
         h = torch.sigmoid(h) if l == len(mods) - 1 else F.relu(h)
     torch.testing.assert_close(decode(phi, z, y1h, mods), h)

@@ -315,7 +315,7 @@ class LoggingConfig:
 #: The mechanisms ``[privacy] mechanism`` names: prototype releases (VPDR's IGPP and VPP) and DP-SGD. The
 #: privacy layer (:mod:`protofl.privacy.layer`) holds the implementation of each; an algorithm declares
 #: which ones it hosts (``Algorithm.privacy_mechanisms``).
-PRIVACY_MECHANISMS = ("none", "igpp", "vpp", "dp-sgd")
+PRIVACY_MECHANISMS = ("none", "igpp", "vpp", "dp-sgd", "class-statistics")
 PRIVACY_RELATIONS = ("add-remove", "replace-one")
 NOISE_SOURCES = ("auto", "seeded", "secret")
 #: How VPP picks its discriminative dimensions (:data:`protofl.privacy.mechanisms.SELECTIONS`).
@@ -330,7 +330,8 @@ class PrivacyConfig:
     ``fedtgp``, ...) releases; ``dp-sgd`` is the local training of the DP-SGD methods (``dpfedavg``,
     ``fedhypevae``), whose updates it protects. ``dcr`` is a training option of the prototype releases."""
 
-    #: ``none``, ``igpp`` (isotropic Gaussian), ``vpp`` (variance-adaptive) or ``dp-sgd``.
+    #: ``none``, ``igpp`` (isotropic Gaussian), ``vpp`` (variance-adaptive), ``dp-sgd`` or
+    #: ``class-statistics`` (noisy per-class counts, sums and second moments: the ``dpgauss`` baseline).
     mechanism: str = "none"
     #: Distillation-guided clipping regularisation in the local training of a prototype host (DCR; alone,
     #: or with ``igpp`` or ``vpp``).

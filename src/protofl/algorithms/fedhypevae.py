@@ -611,16 +611,10 @@ class FedHypeVAE(Algorithm):
     def basis(self):
         """The public basis (:func:`protofl.data.public_basis.public_basis`), fitted on first use."""
         if self._basis is None:
-            from protofl.data.public_basis import public_basis
+            from protofl.data.public_basis import basis_for_embeddings
 
             c = self.config
-            basis = public_basis(c.public_basis, c.encoder, c.public_dims, c.image_size)
-            if basis.input_dim != self.data_dim:
-                raise ConfigError(
-                    f"method.encoder: {c.encoder} gives {basis.input_dim}-d embeddings, the data has "
-                    f"{self.data_dim}-d"
-                )
-            self._basis = basis
+            self._basis = basis_for_embeddings(c.public_basis, c.encoder, c.public_dims, c.image_size, self.data_dim)
         return self._basis
 
     def dp_trained_numbers(self) -> int:
@@ -1004,24 +998,9 @@ class FedHypeVAE(Algorithm):
         return out, y
 
     def train_classifier(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
-        """An MLP (D -> hidden -> C, ReLU) trained with Adam on ``(x, y)``."""
+        """An MLP (D -> hidden -> C, ReLU) trained with Adam on ``(x, y)`` (:func:`train_mlp`)."""
         c = self.config
-        g = torch.Generator().manual_seed(seed)
-        p = {}
-        p["0.w"], p["0.b"] = _linear_init(c.classifier_hidden, self.input_dim, g)
-        p["1.w"], p["1.b"] = _linear_init(self.num_classes, c.classifier_hidden, g)
-        p = {k: v.requires_grad_(True) for k, v in p.items()}
-        optimizer = torch.optim.Adam(list(p.values()), lr=1e-3)
-        with torch.enable_grad():
-            for _ in range(c.classifier_epochs):
-                order = torch.randperm(len(y), generator=g)
-                for s in range(0, len(y), 128):
-                    i = order[s : s + 128]
-                    loss = F.cross_entropy(classify(p, x[i]), y[i])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-        return {k: v.detach() for k, v in p.items()}
+        return train_mlp(x, y, self.num_classes, c.classifier_hidden, c.classifier_epochs, seed)
 
     # -- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -1075,3 +1054,26 @@ class FedHypeVAE(Algorithm):
 
 def classify(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return F.linear(F.relu(F.linear(x, p["0.w"], p["0.b"])), p["1.w"], p["1.b"])
+
+
+def train_mlp(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, hidden: int, epochs: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """An MLP (D -> hidden -> C, ReLU; :func:`classify`) trained with Adam (lr 1e-3, batches of 128) on
+    ``(x, y)``: the downstream classifier of the synthetic-data methods."""
+    g = torch.Generator().manual_seed(seed)
+    p = {}
+    p["0.w"], p["0.b"] = _linear_init(hidden, x.shape[1], g)
+    p["1.w"], p["1.b"] = _linear_init(num_classes, hidden, g)
+    p = {k: v.requires_grad_(True) for k, v in p.items()}
+    optimizer = torch.optim.Adam(list(p.values()), lr=1e-3)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(len(y), generator=g)
+            for s in range(0, len(y), 128):
+                i = order[s : s + 128]
+                loss = F.cross_entropy(classify(p, x[i]), y[i])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return {k: v.detach() for k, v in p.items()}

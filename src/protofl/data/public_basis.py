@@ -18,6 +18,7 @@ Public sources (:data:`PUBLIC_SOURCES`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -25,7 +26,7 @@ import numpy as np
 from protofl.data.dataset import cache_dir
 from protofl.data.sources import save_npz_atomic
 
-__all__ = ["PUBLIC_SOURCES", "PublicBasis", "public_basis", "public_images"]
+__all__ = ["PUBLIC_SOURCES", "PublicBasis", "basis_for_embeddings", "public_basis", "public_images"]
 
 VERSION = 1
 
@@ -125,6 +126,7 @@ def fit_basis(embeddings: np.ndarray, dims: int, source: str, encoder: str) -> P
     )
 
 
+@functools.lru_cache(maxsize=8)
 def public_basis(source: str, encoder: str, dims: int, image_size: int = 32, count: int = 2048) -> PublicBasis:
     """The ``dims``-component basis of ``encoder``'s embeddings of ``count`` images of the public
     ``source`` at ``image_size`` (the public embeddings are cached on disk; the fit takes a second)."""
@@ -142,3 +144,14 @@ def public_basis(source: str, encoder: str, dims: int, image_size: int = 32, cou
         path.parent.mkdir(parents=True, exist_ok=True)
         save_npz_atomic(path, {"embeddings": emb})
     return fit_basis(emb, dims, source, encoder)
+
+
+def basis_for_embeddings(source: str, encoder: str, dims: int, image_size: int, data_dim: int) -> PublicBasis:
+    """:func:`public_basis`, refused (a :class:`~protofl.config.ConfigError` naming ``method.encoder``)
+    when the encoder's embeddings are not the data's."""
+    from protofl.config import ConfigError
+
+    basis = public_basis(source, encoder, dims, image_size)
+    if basis.input_dim != data_dim:
+        raise ConfigError(f"method.encoder: {encoder} gives {basis.input_dim}-d embeddings, the data has {data_dim}-d")
+    return basis
