@@ -36,7 +36,9 @@ def test_noise_and_epsilon_equal_independent_computations_and_the_budget_stops_a
     expected.compose(dp_accounting.GaussianDpEvent(sigma), 2)
     assert expected.get_epsilon(1e-4) == pytest.approx(1.0, abs=0.01)  # two releases spend the budget
     # the parts' noise: count 0.1 of the precision, sums 0.45, moments 0.45, each at its own sensitivity
-    assert layer.noise_stds(0.5) == pytest.approx((sigma / math.sqrt(0.1), sigma / math.sqrt(0.45) * 2, sigma / math.sqrt(0.45) * 4))
+    assert layer.noise_stds(0.5) == pytest.approx(
+        (sigma / math.sqrt(0.1), sigma / math.sqrt(0.45) * 2, sigma / math.sqrt(0.45) * 4)
+    )
     # the parts' precisions (in units of their sensitivities) add up to one Gaussian release at sigma
     n, s, m = layer.noise_stds(0.5)
     assert 1 / (n / 1) ** 2 + 1 / (s / 2) ** 2 + 1 / (m / 4) ** 2 == pytest.approx(1 / sigma**2)
@@ -81,7 +83,9 @@ def _algo(**options):
 def test_the_estimates_recover_the_classes_means_and_covariances(covariance):
     g = torch.Generator().manual_seed(0)
     means = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 2.0, 0.0]])
-    scales = torch.tensor([[1.0, 0.5, 0.2], [1.0, 0.5, 0.2]] if covariance == "pooled" else [[1.0, 0.5, 0.2], [0.3, 1.0, 0.6]])
+    scales = torch.tensor(
+        [[1.0, 0.5, 0.2], [1.0, 0.5, 0.2]] if covariance == "pooled" else [[1.0, 0.5, 0.2], [0.3, 1.0, 0.6]]
+    )
     y = torch.arange(20000) % 2
     x = means[y] + torch.randn(20000, 3, generator=g) * scales[y]
     onehot = torch.nn.functional.one_hot(y, 2).float()
@@ -130,7 +134,13 @@ def test_short_run_on_real_embeddings_learns_within_its_budget(tmp_path):
         "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 3},
         "federation": {"rounds": 1, "progress": False},
         "method": {"name": "dpgauss", "synthetic_per_class": 200, "classifier_epochs": 10},
-        "privacy": {"mechanism": "class-statistics", "epsilon": 1.0, "delta": 1e-4, "accountant": "rdp", "clip_bound": 10.0},
+        "privacy": {
+            "mechanism": "class-statistics",
+            "epsilon": 1.0,
+            "delta": 1e-4,
+            "accountant": "rdp",
+            "clip_bound": 10.0,
+        },
     }
     result = protofl.run(config, out=tmp_path / "run")
     p = result.summary["privacy"]

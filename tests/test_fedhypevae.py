@@ -91,7 +91,10 @@ def test_only_noised_shared_parameters_leave_a_client_never_its_code_or_encoder(
     algo = _algo()
     data = _client()
     state, reply, _ = _step(algo, {}, data, 1)
-    assert set(reply.arrays) == {f"phi/{k}" for k in algo.init_server_state(0)["phi"]} | {"meta_code", "noise_multiplier"}
+    assert set(reply.arrays) == {f"phi/{k}" for k in algo.init_server_state(0)["phi"]} | {
+        "meta_code",
+        "noise_multiplier",
+    }
     assert float(reply["noise_multiplier"]) == pytest.approx(algo.noise(8 / 40)[0])  # σ_k, public like n_k
     wire = reply.to_bytes()
     for secret in [state["code"], *state["psi"].values()]:

@@ -89,7 +89,9 @@ class DPGauss(Algorithm):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
-        return basis_for_embeddings(c.public_basis, c.encoder, c.public_dims, c.image_size, self.task.input_shape[0]).project(x)
+        return basis_for_embeddings(
+            c.public_basis, c.encoder, c.public_dims, c.image_size, self.task.input_shape[0]
+        ).project(x)
 
     # -- state and payloads ----------------------------------------------------------------------------
     def _zero_stats(self) -> dict[str, torch.Tensor]:

@@ -568,7 +568,9 @@ class FedHypeVAE(Algorithm):
         self.data_dim = task.input_shape[0]
         self.input_dim = self.data_dim if config.public_basis == "none" else config.public_dims
         if self.input_dim > self.data_dim:
-            raise ConfigError(f"method.public_dims: must be <= the embeddings' {self.data_dim} dims, got {self.input_dim}")
+            raise ConfigError(
+                f"method.public_dims: must be <= the embeddings' {self.data_dim} dims, got {self.input_dim}"
+            )
         #: Decoder output: a sigmoid into the [0, 1] range space, linear in standardised coordinates.
         self.squash = config.public_basis == "none"
         self.num_classes = task.num_classes
