@@ -3,14 +3,25 @@ class-conditional priors; trained with DP-SGD; its synthetic embeddings train a 
 
 Spec: ../shared/specs/fedhypevae.md. What the paper leaves open is marked *inferred* there; our choices:
 
-- **Inputs** are frozen-encoder embeddings, min-max normalised per dimension with a *public* range
-  (``range_reference = "photos"``: embeddings of crops of the photos bundled with scikit-image and
-  scikit-learn, by the same encoder, never client data; values outside are clipped) or already in
-  [0, 1] (``"unit"``). The decoder ends in a sigmoid.
+- **Inputs** are frozen-encoder embeddings. By default (``public_basis = "photos"``) they are projected
+  onto the first ``public_dims`` principal components of the same encoder's embeddings of *public*
+  images (crops of the photos bundled with scikit-image and scikit-learn; ``"mnist"``: MNIST digits,
+  closer to Fashion-MNIST), in standardised coordinates (the public projection's mean and standard
+  deviation; :mod:`protofl.data.public_basis`); the decoder's output is then linear. The generators,
+  the MMD and the downstream classifier all work in that space, and the test embeddings are projected
+  the same way. The 1280-d embeddings sit in a thin band of the public range, and a generator of
+  1280-d outputs has too many numbers for DP-SGD at the clients' sizes (docs/benchmarks.md). With
+  ``public_basis = "none"`` they are min-max normalised per dimension with a *public* range
+  (``range_reference = "photos"``, values outside clipped) or already in [0, 1] (``"unit"``), and the
+  decoder ends in a sigmoid.
 - **Per client, private, never released**: an encoder q_ψ(z | x, y) (MLP) and a code c ∈ R^{d_c}.
 - **Shared, φ**: base decoder layers (W_l, b_l) (3 hidden layers + output), a hypernetwork
   h(c) -> (s_l, β_l) with W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + β_l (its last layer starts at
   zero, so every client starts at the base decoder), and a prior network (c, y) -> (μ, log σ²).
+  ``hyper_rank = r >= 1`` (the default) replaces the hypernetwork's last layer by a rank-r pair
+  (hidden -> r -> modulations, no non-linearity between, the second factor starting at zero) that
+  modulates the hidden layers only, never the output layer; ``hyper_rank = 0`` is the full-rank head
+  over every layer.
   ``code_dim = 0`` is the DP-CVAE baseline: one shared decoder, prior N(0, I), no hypernetwork.
 - **Local objective per example**: ‖x − D_c(z, y)‖² (z ~ q_ψ) + β_KL KL(q_ψ ‖ p_c(·|y))
   + λ_MMD [k(x̃, x̃') − 2 k(x, x̃)] + λ_Lip R_Lip, with x̃, x̃' = D_c(z̃), z̃ ~ p_c(·|y), k an RBF kernel.
@@ -31,9 +42,12 @@ Spec: ../shared/specs/fedhypevae.md. What the paper leaves open is marked *infer
   code is projected onto the ball of radius ``code_clip`` it is later released from (post-processing),
   so the released code is the trained one plus noise. The hypernetwork and the prior network take their
   own learning rate ``hyper_lr``: all examples share one code, so the hypernetwork's outputs move by
-  O(hyper_hidden · lr) per Adam step, and at the decoder's rate they shut the decoder's ReLUs off. Only φ leaves; the
-  server averages the clients' φ uniformly (n_k is not released). The sampling rate uses the client's
-  size n_k, which is treated as public (as Opacus does).
+  O(hyper_hidden · lr) per Adam step, and at the decoder's rate they shut the decoder's ReLUs off. Only φ
+  leaves, with the client's noise multiplier σ_k. The sampling rate uses the client's size n_k, which is
+  treated as public (as Opacus does), and σ_k is a function of it. The server averages the clients' φ
+  with weights 1/σ_k², normalised (``aggregation = "inverse-noise"``; ``"uniform"``: a plain mean), and
+  applies the averaged update through server momentum (``server_momentum``, its buffer in the server
+  state, so checkpointed with it); each client's Adam starts afresh every round.
 - **Accounting per client** over every step of every round (RDP or PLD, Poisson-subsampled Gaussian),
   σ calibrated per client before its first step for the whole planned run: the φ rounds, the meta-code
   rounds and, if a code-based sampler is asked for, one release of the client's clipped code (Gaussian,
