@@ -144,7 +144,7 @@ def test_bad_input_is_refused_before_anything_is_released():
     [
         pytest.param(1e-2, True, id="trained"),
         # a generator that does not move from its random start (what a collapsed or dead decoder gives the
-        # classifier): measured at 14 % (chance: 10 %), so the floor below fails for it
+        # classifier): measured at 13-14 % (chance: 10 %) against 29-31 % trained, so the floor below fails for it
         pytest.param(1e-9, False, id="untrained"),
     ],
 )
@@ -190,7 +190,7 @@ def test_short_run_on_real_embeddings_learns_classes_within_its_budget(tmp_path,
 
 
 #: The accuracy floor of the end-to-end test (ten classes: chance is 0.1).
-FLOOR = 0.25
+FLOOR = 0.2
 
 
 @pytest.mark.parametrize("rank", [0, 2])

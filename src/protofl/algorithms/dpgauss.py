@@ -28,6 +28,7 @@ from protofl.data.public_basis import PUBLIC_SOURCES, basis_for_embeddings
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY
 from protofl.privacy.class_statistics import MECHANISM, ClassStatisticsLayer
+from protofl.privacy.mechanisms import clip_rows
 
 STATS = ("counts", "sums", "moments")
 
@@ -88,10 +89,11 @@ class DPGauss(Algorithm):
         self.dims = config.public_dims
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings -> the public space, each clipped to ``privacy.clip_bound`` as the release clips them
+        (a fixed map, so the classifier sees real embeddings where the synthetic ones lie)."""
         c = self.config
-        return basis_for_embeddings(
-            c.public_basis, c.encoder, c.public_dims, c.image_size, self.task.input_shape[0]
-        ).project(x)
+        basis = basis_for_embeddings(c.public_basis, c.encoder, c.public_dims, c.image_size, self.task.input_shape[0])
+        return clip_rows(basis.project(x), self.privacy.clip_bound)
 
     # -- state and payloads ----------------------------------------------------------------------------
     def _zero_stats(self) -> dict[str, torch.Tensor]:
@@ -132,7 +134,12 @@ class DPGauss(Algorithm):
             x, data.y_train, generator, client_state, f"client {data.client_id}", self.config.mean_share
         )
         arrays = {k: getattr(stats, k).numpy() for k in STATS}
-        return {**client_state, LEDGER_KEY: ledger}, Payload(arrays, {"method": self.name}), {}
+        # The training loss of a method that fits Gaussians: the mean squared distance of the client's
+        # (clipped) embeddings to their class means, a local diagnostic like any method's training loss.
+        means = torch.zeros(self.num_classes, x.shape[1]).index_add_(0, data.y_train, x)
+        means = means / torch.bincount(data.y_train, minlength=self.num_classes).clamp_min(1)[:, None]
+        scatter = float((x - means[data.y_train]).square().sum(1).mean())
+        return {**client_state, LEDGER_KEY: ledger}, Payload(arrays, {"method": self.name}), {"train_loss": scatter}
 
     # -- server ----------------------------------------------------------------------------------------
     def server_step(self, server_state: State, replies: list[Payload]):
