@@ -39,6 +39,7 @@ class DPGaussConfig:
     #: first ``public_dims`` principal components, standardised, make the space; never client data.
     public_basis: str = "photos"
     public_dims: int = 64
+    #: The encoder of the data's embeddings and its input size: the public images are embedded the same way.
     encoder: str = "efficientnet-lite0"
     image_size: int = 32
     #: Covariance per class (``class``) or one pooled over the classes (``pooled``: C times the examples

@@ -163,6 +163,7 @@ class FedHypeVAEConfig:
     #: step size on it.
     server_momentum: float = 0.5
     server_lr: float = 1.0
+    #: The encoder of the data's embeddings and its input size: the public images are embedded the same way.
     encoder: str = "efficientnet-lite0"
     image_size: int = 32
     #: How DP-SGD gets each example's clipped gradient: ``ghost`` (per-example norms from activations and
