@@ -1,21 +1,33 @@
 """The FedHypeVAE benchmark: FedHypeVAE against its baselines at (epsilon, delta) = (1.0, 1e-4).
 
-EfficientNet-Lite0 embeddings (cached) of Fashion-MNIST (10 clients, Dirichlet alpha = 0.3) and of
-``digits-domains`` (one client per domain). Methods, every private one at the same per-client budget:
+EfficientNet-Lite0 embeddings (cached) of the full Fashion-MNIST training set (60,000 images, 10 clients,
+Dirichlet alpha = 0.3) and of ``digits-domains`` (one client per domain). The generators work in a public
+space (``public_basis``: the first 64 principal components, standardised, of the encoder's embeddings of
+public images no client holds: MNIST digits for Fashion-MNIST, the bundled photo crops for
+digits-domains, whose clients hold MNIST). Methods, every private one at the same per-client budget:
 
-- ``fedhypevae``: the method; its downstream classifier is trained on synthetic embeddings from each
-  sampler (neutral meta-code, mixture of released codes, the released codes' generators);
-- ``dp-cvae``: the predecessor, one shared CVAE decoder trained by DP-FedAvg (``code_dim = 0``);
+- ``fedhypevae``: the method as it is now (public space, low-rank hypernetwork head on the hidden
+  layers, inverse-noise weighting, server momentum); its downstream classifier is trained on synthetic
+  embeddings from each sampler (neutral meta-code, mixture of released codes, the released codes'
+  generators);
+- ``fedhypevae-1280``: the earlier form (the 1280-d range space, full-rank head on every layer, uniform
+  averaging, no momentum), for comparison;
+- ``dp-cvae``: the predecessor, one shared CVAE decoder trained by DP-FedAvg (``code_dim = 0``), in the
+  same public space;
+- ``dpgauss``: the DP class-conditional Gaussian (noisy per-class counts, sums and second moments in the
+  same public space, ``privacy.mechanism = "class-statistics"``), synthetic data from its Gaussians;
 - ``dpfedavg``: a classifier on real embeddings trained by DP-FedAvg;
 - ``local``: each client's classifier on its own real embeddings (no communication, no noise);
-- ``centralised``: one classifier on all real embeddings, non-private (the upper bound).
+- ``centralised``: one classifier on all real embeddings, non-private (the upper bound);
+- ``ceiling``: the downstream MLP trained non-privately on the real training embeddings projected into
+  the same public space (the most any synthetic-data method in that space can reach).
 
 Metrics on the global test set (real embeddings): accuracy (and, for the generators, balanced accuracy,
 macro-F1 and MMD² between real and synthetic embeddings), final round, mean ± std over seeds.
 
     python benchmarks/fedhypevae_benchmark.py                                  # the documented table
     python benchmarks/fedhypevae_benchmark.py --rounds 3 --seeds 1 --settings digits-domains   # smoke
-    python benchmarks/fedhypevae_benchmark.py --sweep 1 8 64 10000   # privacy-utility, first setting, seed 0
+    python benchmarks/fedhypevae_benchmark.py --sweep 1 8 64 10000   # privacy-utility, first setting, 3 seeds
 
 Writes benchmarks/results/fedhypevae/{table.md, summaries.json, projection_<setting>.png} (and sweep.md,
 sweep.png for ``--sweep``).
@@ -31,12 +43,17 @@ from _common import RESULTS, command_line, mean_std, run_grid
 
 SETTINGS = {
     "fashion-mnist-dir0.3": {
-        "data": {"dataset": "fashion-mnist", "features": "efficientnet-lite0", "max_train_samples": 20000},
+        "data": {"dataset": "fashion-mnist", "features": "efficientnet-lite0"},
         "partition": {"scheme": "dirichlet", "alpha": 0.3, "num_clients": 10, "min_client_size": 300},
+        # public images no Fashion-MNIST client holds; R for dpgauss: about the median norm there
+        "space": {"public_basis": "mnist", "public_dims": 64},
+        "clip_bound": 20.0,
     },
     "digits-domains": {
         "data": {"dataset": "digits-domains", "features": "efficientnet-lite0"},
         "partition": {"scheme": "domain", "num_clients": 4},
+        "space": {"public_basis": "photos", "public_dims": 64},  # its clients hold MNIST: photos only
+        "clip_bound": 8.0,
     },
 }
 GENERATOR = {
@@ -55,14 +72,21 @@ GENERATOR = {
 }
 #: The budget of every private method: (1, 1e-4) per client, RDP (what the published table used).
 PRIVACY = {"mechanism": "dp-sgd", "epsilon": 1.0, "delta": 1e-4, "accountant": "rdp"}
-PRIVATE = ("fedhypevae", "dp-cvae", "dpfedavg")
+PRIVATE = ("fedhypevae", "fedhypevae-1280", "dp-cvae", "dpgauss", "dpfedavg")
+#: The methods that work in the setting's public space.
+IN_SPACE = ("fedhypevae", "dp-cvae", "dpgauss")
+EARLIER = {"public_basis": "none", "hyper_rank": 0, "aggregation": "uniform", "server_momentum": 0.0}
 METHODS = {
     "fedhypevae": {"name": "fedhypevae", **GENERATOR},
+    "fedhypevae-1280": {"name": "fedhypevae", **GENERATOR, **EARLIER},
     "dp-cvae": {"name": "fedhypevae", **GENERATOR, "code_dim": 0, "meta_rounds": 0, "samplers": ["neutral"]},
+    "dpgauss": {"name": "dpgauss"},
     "dpfedavg": {"name": "dpfedavg", "steps_per_round": 10, "batch_size": 128, "lr": 0.5, "momentum": 0.5},
     "local": {"name": "local", "local_epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 1e-3},
     "centralised": {"name": "fedavg", "local_epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 1e-3},
+    "ceiling": {},  # not a federated run: see ceiling()
 }
+GENERATORS = ("fedhypevae", "fedhypevae-1280", "dp-cvae")
 
 
 def config(setting: str, method: str, seed: int, rounds: int) -> dict:
@@ -70,15 +94,45 @@ def config(setting: str, method: str, seed: int, rounds: int) -> dict:
     partition = dict(base["partition"])
     if method == "centralised":
         partition = {"scheme": "iid", "num_clients": 1}
+    privacy = dict(PRIVACY) if method in PRIVATE else {}
+    if method == "dpgauss":  # one release of class statistics: rounds change nothing but the work
+        privacy.update(mechanism="class-statistics", clip_bound=base["clip_bound"])
+        rounds = 1
     return {
         "seed": seed,
         "data": base["data"],
         "partition": partition,
         "federation": {"rounds": rounds, "progress": False, "checkpoint_every": rounds, "eval_every": rounds},
         "model": {"feature_dim": 128, "hidden_dim": 256},
-        "method": METHODS[method],
-        "privacy": dict(PRIVACY) if method in PRIVATE else {},
+        "method": {**METHODS[method], **(base["space"] if method in IN_SPACE else {})},
+        "privacy": privacy,
     }
+
+
+def ceiling(setting: str, seed: int) -> dict:
+    """The downstream MLP (FedHypeVAE's classifier settings) trained without privacy on all real training
+    embeddings projected into the setting's public space; accuracy on the real test set."""
+    import torch
+
+    from protofl.algorithms.fedhypevae import FedHypeVAEConfig, classify, train_mlp
+    from protofl.api import prepare_data, resolve_config
+    from protofl.data.public_basis import basis_for_embeddings
+
+    base = SETTINGS[setting]
+    data = prepare_data(resolve_config(config(setting, "centralised", seed, 1)))
+    defaults = FedHypeVAEConfig()
+    space = base["space"]
+    basis = basis_for_embeddings(
+        space["public_basis"], defaults.encoder, space["public_dims"], defaults.image_size, data.input_shape[0]
+    )
+    x = torch.cat([c.x_train for c in data.clients])
+    y = torch.cat([c.y_train for c in data.clients])
+    clf = train_mlp(
+        basis.project(x), y, data.num_classes, defaults.classifier_hidden, GENERATOR["classifier_epochs"], seed
+    )
+    with torch.no_grad():
+        acc = float((classify(clf, basis.project(data.test_x)).argmax(1) == data.test_y).float().mean())
+    return {"final": {"global_acc": acc}, "epsilon": None}
 
 
 def main() -> None:
@@ -95,7 +149,7 @@ def main() -> None:
         nargs="+",
         type=float,
         metavar="EPSILON",
-        help="instead of the table: the private methods at each epsilon, first setting, seed 0",
+        help="instead of the table: the private methods at each epsilon, first setting, --seeds seeds",
     )
     args = parser.parse_args()
 
@@ -108,9 +162,12 @@ def main() -> None:
 
     if args.sweep:
         return sweep(args)
-    keys = [(s, m, seed) for s in args.settings for m in args.methods for seed in range(args.seeds)]
+    keys = [(s, m, seed) for s in args.settings for m in args.methods for seed in range(args.seeds) if m != "ceiling"]
     jobs = [(config(s, m, seed, args.rounds), args.out / "runs" / f"{s}-{m}-seed{seed}") for s, m, seed in keys]
     summaries = run_grid(jobs, args.workers, args.threads)
+    if "ceiling" in args.methods:
+        extra = [(s, "ceiling", seed) for s in args.settings for seed in range(args.seeds)]
+        keys, summaries = keys + extra, summaries + [ceiling(s, seed) for s, _, seed in extra]
     results: dict[tuple[str, str], list[dict]] = {}
     for (setting, method, _), summary in zip(keys, summaries):
         results.setdefault((setting, method), []).append(summary)
@@ -122,7 +179,7 @@ def main() -> None:
     for (setting, method), runs in results.items():
         finals = [r["final"] for r in runs]
         eps = mean_std([r["epsilon"] for r in runs], pct=False) if runs[0]["epsilon"] is not None else "— (not private)"
-        if method in ("fedhypevae", "dp-cvae"):
+        if method in GENERATORS:
             for sampler in ("neutral", "mixture", "clients"):
                 if f"global_acc_{sampler}" not in finals[0]:
                     continue
@@ -143,8 +200,16 @@ def main() -> None:
         f"Downstream accuracy on real held-out embeddings, final round; {args.rounds} rounds, {args.seeds} seeds "
         f"(mean ± std over seeds), (epsilon, delta) = (1.0, 1e-4) per client. Command: `{command_line()}`\n\n"
     )
-    (args.out / "table.md").write_text(text + "\n".join(lines) + "\n")
     (args.out / "summaries.json").write_text(json.dumps({f"{s}/{m}": v for (s, m), v in results.items()}, indent=1))
+    lines += ["", "DP-trained numbers per step and noise multiplier per client (seed 0):", ""]
+    for (setting, method), runs in results.items():
+        p = runs[0].get("privacy") or {}
+        if "dp_trained_numbers" in p:
+            sigmas = ", ".join(f"{v:.2f}" for v in p["noise_multiplier_per_client"].values())
+            lines.append(f"- {setting} / {method}: {p['dp_trained_numbers']:,} numbers; sigma {sigmas}")
+        if "public_space" in p:
+            lines.append(f"- {setting} / {method}: public space {p['public_space']}")
+    (args.out / "table.md").write_text(text + "\n".join(lines) + "\n")
     for s in args.settings:
         if "fedhypevae" in args.methods:
             projection(args.out / "runs" / f"{s}-fedhypevae-seed0", args.out / f"projection_{s}.png")
@@ -152,37 +217,44 @@ def main() -> None:
 
 
 def sweep(args) -> None:
-    """Privacy-utility of the private methods on the first setting, seed 0: where does each start to learn?"""
+    """Privacy-utility of the private methods on the first setting, ``--seeds`` seeds: where does each
+    start to learn? epsilon 10^4 stands for infinity (noise too small to matter)."""
     setting = args.settings[0]
-    methods = [m for m in args.methods if m in ("fedhypevae", "dp-cvae", "dpfedavg")]
+    methods = [m for m in args.methods if m in PRIVATE]
     keys, jobs = [], []
     for eps in args.sweep:
         for m in methods:
-            cfg = config(setting, m, 0, args.rounds)
-            cfg["privacy"] = {**cfg["privacy"], "epsilon": eps}
-            keys.append((m, eps))
-            jobs.append((cfg, args.out / "sweep" / f"{setting}-{m}-eps{eps:g}"))
+            for seed in range(args.seeds):
+                cfg = config(setting, m, seed, args.rounds)
+                cfg["privacy"] = {**cfg["privacy"], "epsilon": eps}
+                keys.append((m, eps))
+                jobs.append((cfg, args.out / "sweep" / f"{setting}-{m}-eps{eps:g}-seed{seed}"))
     summaries = run_grid(jobs, args.workers, args.threads)
+    grouped: dict[tuple[str, float], list[dict]] = {}
+    for key, summary in zip(keys, summaries):
+        grouped.setdefault(key, []).append(summary)
     lines = [
         "| method | epsilon | sampler | acc (%) | MMD² real vs synthetic | spent ε (RDP) |",
         "|---|---|---|---|---|---|",
     ]
     curves: dict[str, list[tuple[float, float]]] = {}
-    for (m, eps), summary in zip(keys, summaries):
-        final = summary["final"]
-        samplers = [s for s in ("neutral", "mixture", "clients") if f"global_acc_{s}" in final] or ["—"]
+    for (m, eps), runs in grouped.items():
+        finals = [r["final"] for r in runs]
+        samplers = [s for s in ("neutral", "mixture", "clients") if f"global_acc_{s}" in finals[0]] or ["—"]
         for sampler in samplers:
-            acc = final.get(f"global_acc_{sampler}", final.get("global_acc"))
-            mmd = final.get(f"global_mmd_{sampler}")
+            accs = [f.get(f"global_acc_{sampler}", f.get("global_acc")) for f in finals]
+            mmds = [f.get(f"global_mmd_{sampler}") for f in finals]
+            label = "∞ (10⁴)" if eps >= 1e4 else f"{eps:g}"
             lines.append(
-                f"| {m} | {eps:g} | {sampler} | {100 * acc:.2f} | {'—' if mmd is None else f'{mmd:.3f}'} "
-                f"| {summary['epsilon']:.3f} |"
+                f"| {m} | {label} | {sampler} | {mean_std(accs)} | {mean_std(mmds, pct=False)} "
+                f"| {mean_std([r['epsilon'] for r in runs], pct=False)} |"
             )
-            curves.setdefault(m if sampler == "—" else f"{m} ({sampler})", []).append((eps, acc))
+            curves.setdefault(m if sampler == "—" else f"{m} ({sampler})", []).append((eps, sum(accs) / len(accs)))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     text = (
-        f"{setting}, seed 0, {args.rounds} rounds, delta 1e-4; downstream accuracy on the real test set. "
+        f"{setting}, {args.seeds} seeds (mean ± std), {args.rounds} rounds, delta 1e-4; downstream accuracy on "
+        "the real test set. "
         f"Command: `{command_line()}`\n\n"
     )
     (out / "sweep.md").write_text(text + "\n".join(lines) + "\n")

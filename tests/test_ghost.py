@@ -131,6 +131,7 @@ def test_module_ghost_clipping_refuses_functional_use_and_shared_weights():
 
 
 OPTIONS = {
+    "public_basis": "none",
     "range_reference": "unit",
     "latent_dim": 4,
     "hidden_dim": 16,
@@ -147,6 +148,7 @@ OPTIONS = {
 PRIVACY = PrivacyConfig(mechanism="dp-sgd", epsilon=1.0, delta=1e-4, accountant="rdp", planned_releases=3)
 VARIANTS = {
     "full": {},
+    "full-rank-head": {"hyper_rank": 0},
     "no-mmd": {"mmd_weight": 0.0},
     "no-lipschitz": {"lip_weight": 0.0},
     "dp-cvae": {"code_dim": 0, "samplers": ["neutral"]},
@@ -170,6 +172,9 @@ def _setup(variant, n=10):
     if "hyper1.w" in phi:  # away from the zero start, so every hypernetwork path carries gradient
         phi["hyper1.w"] = torch.randn(phi["hyper1.w"].shape, generator=g) * 0.5
         phi["hyper1.b"] = torch.randn(phi["hyper1.b"].shape, generator=g) * 0.2
+    if "hyper2.w" in phi:  # the low-rank head's second factor starts at zero too
+        phi["hyper2.w"] = torch.randn(phi["hyper2.w"].shape, generator=g) * 0.5
+        phi["hyper2.b"] = torch.randn(phi["hyper2.b"].shape, generator=g) * 0.2
     params = {
         **{"phi/" + k: v.double() for k, v in phi.items()},
         **{"psi/" + k: v.double() for k, v in psi.items()},

@@ -347,7 +347,7 @@ class LoggingConfig:
 #: The mechanisms ``[privacy] mechanism`` names: prototype releases (VPDR's IGPP and VPP) and DP-SGD. The
 #: privacy layer (:mod:`protofl.privacy.layer`) holds the implementation of each; an algorithm declares
 #: which ones it hosts (``Algorithm.privacy_mechanisms``).
-PRIVACY_MECHANISMS = ("none", "igpp", "vpp", "dp-sgd", "dp-gradients")
+PRIVACY_MECHANISMS = ("none", "igpp", "vpp", "dp-sgd", "dp-gradients", "class-statistics")
 PRIVACY_RELATIONS = ("add-remove", "replace-one")
 NOISE_SOURCES = ("auto", "seeded", "secret")
 #: How VPP picks its discriminative dimensions (:data:`protofl.privacy.mechanisms.SELECTIONS`).
@@ -364,6 +364,7 @@ class PrivacyConfig:
 
     #: ``none``, ``igpp`` (isotropic Gaussian), ``vpp`` (variance-adaptive), ``dp-sgd`` or ``dp-gradients``
     #: (DP-SGD local training plus noisy per-class gradient uploads: private ``creff`` and ``fedhpro``).
+    #: ``class-statistics``: noisy per-class counts, sums and second moments (the ``dpgauss`` baseline).
     mechanism: str = "none"
     #: Distillation-guided clipping regularisation in the local training of a prototype host (DCR; alone,
     #: or with ``igpp`` or ``vpp``).

@@ -3,6 +3,7 @@
 from protofl.algorithms import (  # noqa: F401  (registers them)
     creff,
     dpfedavg,
+    dpgauss,
     fedavg,
     fedgh,
     fedhpro,

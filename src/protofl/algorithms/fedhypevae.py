@@ -3,14 +3,25 @@ class-conditional priors; trained with DP-SGD; its synthetic embeddings train a 
 
 Spec: ../shared/specs/fedhypevae.md. What the paper leaves open is marked *inferred* there; our choices:
 
-- **Inputs** are frozen-encoder embeddings, min-max normalised per dimension with a *public* range
-  (``range_reference = "photos"``: embeddings of crops of the photos bundled with scikit-image and
-  scikit-learn, by the same encoder, never client data; values outside are clipped) or already in
-  [0, 1] (``"unit"``). The decoder ends in a sigmoid.
+- **Inputs** are frozen-encoder embeddings. By default (``public_basis = "photos"``) they are projected
+  onto the first ``public_dims`` principal components of the same encoder's embeddings of *public*
+  images (crops of the photos bundled with scikit-image and scikit-learn; ``"mnist"``: MNIST digits,
+  closer to Fashion-MNIST), in standardised coordinates (the public projection's mean and standard
+  deviation; :mod:`protofl.data.public_basis`); the decoder's output is then linear. The generators,
+  the MMD and the downstream classifier all work in that space, and the test embeddings are projected
+  the same way. The 1280-d embeddings sit in a thin band of the public range, and a generator of
+  1280-d outputs has too many numbers for DP-SGD at the clients' sizes (docs/benchmarks.md). With
+  ``public_basis = "none"`` they are min-max normalised per dimension with a *public* range
+  (``range_reference = "photos"``, values outside clipped) or already in [0, 1] (``"unit"``), and the
+  decoder ends in a sigmoid.
 - **Per client, private, never released**: an encoder q_ψ(z | x, y) (MLP) and a code c ∈ R^{d_c}.
 - **Shared, φ**: base decoder layers (W_l, b_l) (3 hidden layers + output), a hypernetwork
   h(c) -> (s_l, β_l) with W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + β_l (its last layer starts at
   zero, so every client starts at the base decoder), and a prior network (c, y) -> (μ, log σ²).
+  ``hyper_rank = r >= 1`` (the default) replaces the hypernetwork's last layer by a rank-r pair
+  (hidden -> r -> modulations, no non-linearity between, the second factor starting at zero) that
+  modulates the hidden layers only, never the output layer; ``hyper_rank = 0`` is the full-rank head
+  over every layer.
   ``code_dim = 0`` is the DP-CVAE baseline: one shared decoder, prior N(0, I), no hypernetwork.
 - **Local objective per example**: ‖x − D_c(z, y)‖² (z ~ q_ψ) + β_KL KL(q_ψ ‖ p_c(·|y))
   + λ_MMD [k(x̃, x̃') − 2 k(x, x̃)] + λ_Lip R_Lip, with x̃, x̃' = D_c(z̃), z̃ ~ p_c(·|y), k an RBF kernel.
@@ -31,9 +42,12 @@ Spec: ../shared/specs/fedhypevae.md. What the paper leaves open is marked *infer
   code is projected onto the ball of radius ``code_clip`` it is later released from (post-processing),
   so the released code is the trained one plus noise. The hypernetwork and the prior network take their
   own learning rate ``hyper_lr``: all examples share one code, so the hypernetwork's outputs move by
-  O(hyper_hidden · lr) per Adam step, and at the decoder's rate they shut the decoder's ReLUs off. Only φ leaves; the
-  server averages the clients' φ uniformly (n_k is not released). The sampling rate uses the client's
-  size n_k, which is treated as public (as Opacus does).
+  O(hyper_hidden · lr) per Adam step, and at the decoder's rate they shut the decoder's ReLUs off. Only φ
+  leaves, with the client's noise multiplier σ_k. The sampling rate uses the client's size n_k, which is
+  treated as public (as Opacus does), and σ_k is a function of it. The server averages the clients' φ
+  with weights 1/σ_k², normalised (``aggregation = "inverse-noise"``; ``"uniform"``: a plain mean), and
+  applies the averaged update through server momentum (``server_momentum``, its buffer in the server
+  state, so checkpointed with it); each client's Adam starts afresh every round.
 - **Accounting per client** over every step of every round (RDP or PLD, Poisson-subsampled Gaussian),
   σ calibrated per client before its first step for the whole planned run: the φ rounds, the meta-code
   rounds and, if a code-based sampler is asked for, one release of the client's clipped code (Gaussian,
@@ -64,6 +78,7 @@ from torch.func import vmap
 
 from protofl.algorithms.base import Algorithm, ClientData, State, register
 from protofl.config import ConfigError, check, check_choice
+from protofl.data.public_basis import PUBLIC_SOURCES
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY, Event, GaussianEvent, PrivacyLedger
 from protofl.privacy.dpsgd import add_noise, noisy_clipped_mean, per_example_gradients, poisson_sample
@@ -71,8 +86,23 @@ from protofl.privacy.ghost import clip_factors, linear_sq_norms, reweighted_sum
 from protofl.privacy.layer import NEXT_ROUND_KEY, DPSGDLayer
 
 SAMPLERS = ("neutral", "mixture", "clients")
+
+
+def _uniform_weights(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(sigmas, 1 / len(sigmas))
+
+
+def _inverse_noise_weights(sigmas: torch.Tensor) -> torch.Tensor:
+    precision = 1 / sigmas.clamp_min(1e-12) ** 2
+    return precision / precision.sum()
+
+
+#: The server's weights of the clients' φ from their noise multipliers σ_k (see ``aggregation``).
+AGGREGATIONS = {"uniform": _uniform_weights, "inverse-noise": _inverse_noise_weights}
 Params = dict[str, torch.Tensor]
 PHI_PREFIX = "phi/"
+#: Client-state key of the client's DP-SGD noise multiplier (for the report).
+SIGMA_KEY = "noise_multiplier"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +117,9 @@ class FedHypeVAEConfig:
     mmd_weight: float = 1.0
     lip_weight: float = 0.01
     lip_radius: float = 0.01
-    #: RBF kernel bandwidth as a multiple of sqrt(D) (inputs in [0, 1]^D).
-    mmd_bandwidth: float = 0.05
+    #: RBF kernel bandwidth as a multiple of sqrt(D) in the generator's space (``None``: 0.05 in the [0, 1]
+    #: range space, 1.0 in a public basis's standardised coordinates).
+    mmd_bandwidth: float | None = None
     #: Local DP-SGD (``[privacy] mechanism = "dp-sgd"``, whose section holds ε, δ, the accountant and the
     #: clip norm C): steps per round, expected (Poisson) batch size, learning rates (Adam) of phi and of
     #: the private encoder and code.
@@ -113,8 +144,26 @@ class FedHypeVAEConfig:
     synthetic_per_class: int = 500
     classifier_epochs: int = 30
     classifier_hidden: int = 256
-    #: ``photos`` (public range from embedded photo crops; needs ``encoder``) or ``unit`` (inputs in [0, 1]).
+    #: ``photos`` (public range from embedded photo crops; needs ``encoder``) or ``unit`` (inputs in [0, 1]);
+    #: used only with ``public_basis = "none"``.
     range_reference: str = "photos"
+    #: The space the generators and the downstream classifier work in: ``none`` (the embeddings themselves,
+    #: scaled to [0, 1] by ``range_reference``) or the public images (``photos``, ``mnist``;
+    #: :mod:`protofl.data.public_basis`, never client data) whose embeddings' first ``public_dims``
+    #: principal components, in standardised coordinates, make the space (declared in summary.json).
+    public_basis: str = "photos"
+    public_dims: int = 64
+    #: Hypernetwork head: 0 is the full-rank head modulating every decoder layer (the paper's form); r >= 1 a
+    #: rank-r head modulating the hidden layers only (never the output layer), far fewer DP-trained numbers.
+    hyper_rank: int = 4
+    #: How the server averages the clients' φ: ``inverse-noise`` (weights 1/σ_k², normalised; σ_k follows
+    #: from the client's size, treated as public as for the sampling rate) or ``uniform``.
+    aggregation: str = "inverse-noise"
+    #: Server momentum on the averaged update of φ (0: none; the server keeps the buffer) and the server's
+    #: step size on it.
+    server_momentum: float = 0.5
+    server_lr: float = 1.0
+    #: The encoder of the data's embeddings and its input size: the public images are embedded the same way.
     encoder: str = "efficientnet-lite0"
     image_size: int = 32
     #: How DP-SGD gets each example's clipped gradient: ``ghost`` (per-example norms from activations and
@@ -138,7 +187,7 @@ class FedHypeVAEConfig:
         for key in ("beta_kl", "mmd_weight", "lip_weight"):
             check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         check(self.hyper_lr is None or self.hyper_lr > 0, "hyper_lr", f"must be > 0, got {self.hyper_lr}")
-        for key in ("lip_radius", "mmd_bandwidth", "lr", "private_lr", "meta_lr", "code_clip"):
+        for key in ("lip_radius", "lr", "private_lr", "meta_lr", "code_clip"):
             check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         check(self.meta_rounds >= 0, "meta_rounds", f"must be >= 0, got {self.meta_rounds}")
         check(self.classifier_epochs >= 1, "classifier_epochs", f"must be >= 1, got {self.classifier_epochs}")
@@ -156,11 +205,28 @@ class FedHypeVAEConfig:
             "code_dim = 0 (DP-CVAE) has no codes: use samplers = ['neutral']",
         )
         check_choice(self.range_reference, ("photos", "unit"), "range_reference")
+        check_choice(self.public_basis, ("none", *PUBLIC_SOURCES), "public_basis")
+        check(self.public_dims >= 1, "public_dims", f"must be >= 1, got {self.public_dims}")
+        check(self.hyper_rank >= 0, "hyper_rank", f"must be >= 0 (0: full-rank head), got {self.hyper_rank}")
+        check_choice(self.aggregation, tuple(AGGREGATIONS), "aggregation")
+        check(0 <= self.server_momentum < 1, "server_momentum", f"must be in [0, 1), got {self.server_momentum}")
+        check(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
+        check(
+            self.mmd_bandwidth is None or self.mmd_bandwidth > 0,
+            "mmd_bandwidth",
+            f"must be > 0, got {self.mmd_bandwidth}",
+        )
         check_choice(self.per_example_grads, ("ghost", "materialised"), "per_example_grads")
 
     @property
     def releases_codes(self) -> bool:
         return self.code_dim > 0 and bool(set(self.samplers) & {"mixture", "clients"})
+
+    @property
+    def bandwidth_multiple(self) -> float:
+        if self.mmd_bandwidth is not None:
+            return self.mmd_bandwidth
+        return 0.05 if self.public_basis == "none" else 1.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,11 +235,11 @@ class FedHypeVAEConfig:
 
 def _linear_init(out_dim: int, in_dim: int, generator: torch.Generator, zero: bool = False):
     if zero:
-        return torch.zeros(out_dim, in_dim, device=generator.device), torch.zeros(out_dim, device=generator.device)
+        return torch.zeros(out_dim, in_dim), torch.zeros(out_dim)
     bound = 1 / math.sqrt(in_dim)
     return (
-        (torch.rand(out_dim, in_dim, generator=generator, device=generator.device) * 2 - 1) * bound,
-        (torch.rand(out_dim, generator=generator, device=generator.device) * 2 - 1) * bound,
+        (torch.rand(out_dim, in_dim, generator=generator) * 2 - 1) * bound,
+        (torch.rand(out_dim, generator=generator) * 2 - 1) * bound,
     )
 
 
@@ -191,28 +257,51 @@ def init_phi(
     for l, (o, i) in enumerate(sizes):
         phi[f"dec{l}.w"], phi[f"dec{l}.b"] = _linear_init(o, i, generator)
     if c.code_dim:
-        modulation = sum(2 * o for o, _ in sizes)
+        modulation = sum(2 * o for o, _ in sizes[: modulated_layers(c, len(sizes))])
         phi["hyper0.w"], phi["hyper0.b"] = _linear_init(c.hyper_hidden, c.code_dim, generator)
-        phi["hyper1.w"], phi["hyper1.b"] = _linear_init(modulation, c.hyper_hidden, generator, zero=True)
+        if c.hyper_rank:  # low rank: hidden -> rank -> modulations, the last factor starts at zero
+            phi["hyper1.w"], phi["hyper1.b"] = _linear_init(c.hyper_rank, c.hyper_hidden, generator)
+            phi["hyper2.w"], phi["hyper2.b"] = _linear_init(modulation, c.hyper_rank, generator, zero=True)
+        else:
+            phi["hyper1.w"], phi["hyper1.b"] = _linear_init(modulation, c.hyper_hidden, generator, zero=True)
         phi["prior0.w"], phi["prior0.b"] = _linear_init(c.hyper_hidden, c.code_dim + num_classes, generator)
         phi["prior1.w"], phi["prior1.b"] = _linear_init(2 * c.latent_dim, c.hyper_hidden, generator)
     return phi
 
 
+def modulated_layers(c: FedHypeVAEConfig, layers: int) -> int:
+    """How many decoder layers (from the first) the hypernetwork modulates: all of them with the full-rank
+    head, the hidden ones (never the output layer) with the low-rank head."""
+    return layers - 1 if c.hyper_rank else layers
+
+
+def hyper_head(phi: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """The hypernetwork's head: its hidden activations -> all modulations (one linear layer, or the
+    low-rank pair ``hyper2 ∘ hyper1`` with no non-linearity between)."""
+    out = F.linear(hidden, phi["hyper1.w"], phi["hyper1.b"])
+    return F.linear(out, phi["hyper2.w"], phi["hyper2.b"]) if "hyper2.w" in phi else out
+
+
 def modulations(phi: dict[str, torch.Tensor], code: torch.Tensor, sizes: list[tuple[int, int]]):
-    """Per decoder layer ``(s_l, β_l)`` from the code (zeros without a hypernetwork)."""
+    """Per decoder layer ``(s_l, β_l)`` from the code (``(None, None)`` for a layer it does not modulate,
+    and for every layer without a hypernetwork)."""
     if "hyper0.w" not in phi:
         return [(None, None)] * len(sizes)
-    flat = F.linear(torch.tanh(F.linear(code, phi["hyper0.w"], phi["hyper0.b"])), phi["hyper1.w"], phi["hyper1.b"])
-    out, start = [], 0
+    flat = hyper_head(phi, torch.tanh(F.linear(code, phi["hyper0.w"], phi["hyper0.b"])))
+    out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+    start = 0
     for o, _ in sizes:
+        if start + 2 * o > flat.shape[-1]:  # the low-rank head leaves the output layer alone
+            out.append((None, None))
+            continue
         out.append((flat[start : start + o], flat[start + o : start + 2 * o]))
         start += 2 * o
     return out
 
 
-def decode(phi, z: torch.Tensor, y1h: torch.Tensor, mods) -> torch.Tensor:
-    """D_c(z, y) in [0, 1]: W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + β_l, ReLU, sigmoid output.
+def decode(phi, z: torch.Tensor, y1h: torch.Tensor, mods, squash: bool = True) -> torch.Tensor:
+    """D_c(z, y): W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + β_l, ReLU, then a sigmoid output in [0, 1]
+    (``squash``, the range space) or a linear one (a public basis's standardised coordinates).
 
     Row-scaling a weight matrix scales that layer's outputs, (diag(1 + s) W) h = (1 + s) ⊙ (W h), so the
     modulated weights are never formed (per-example gradients would otherwise hold one copy each)."""
@@ -221,14 +310,17 @@ def decode(phi, z: torch.Tensor, y1h: torch.Tensor, mods) -> torch.Tensor:
     for l, (s, beta) in enumerate(mods):
         w, b = phi[f"dec{l}.w"], phi[f"dec{l}.b"]
         h = F.linear(h, w, b) if s is None else F.linear(h, w) * (1 + s) + (b + beta)
-        h = torch.sigmoid(h) if l == last else F.relu(h)
+        if l < last:
+            h = F.relu(h)
+        elif squash:
+            h = torch.sigmoid(h)
     return h
 
 
 def prior(phi, code: torch.Tensor, y1h: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """p_c(z | y): (μ, log σ²); N(0, I) without a hypernetwork."""
     if "prior0.w" not in phi:
-        zeros = torch.zeros(*y1h.shape[:-1], latent_dim, device=y1h.device)
+        zeros = torch.zeros(*y1h.shape[:-1], latent_dim)
         return zeros, zeros
     inp = torch.cat([code.expand(*y1h.shape[:-1], -1), y1h], dim=-1)
     out = F.linear(torch.tanh(F.linear(inp, phi["prior0.w"], phi["prior0.b"])), phi["prior1.w"], phi["prior1.b"])
@@ -280,16 +372,14 @@ def mmd_squared(a: torch.Tensor, b: torch.Tensor, bandwidth: float) -> float:
 # The objective over a batch, and DP-SGD's clipped gradient sum by ghost clipping
 
 
-def batch_noise(
-    config: FedHypeVAEConfig, batch_size: int, device: Any = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The random numbers of a batch's per-example losses, from the global generator of ``device``: the
-    encoder's reparameterisation ε_z (B, L), the two generated samples' ε (B, 2, L), the Lipschitz probe ξ
+def batch_noise(config: FedHypeVAEConfig, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random numbers of a batch's per-example losses, from the global generator: the encoder's
+    reparameterisation ε_z (B, L), the two generated samples' ε (B, 2, L), the Lipschitz probe ξ
     (B, d_c) (radius r applied here)."""
     return (
-        torch.randn(batch_size, config.latent_dim, device=device),
-        torch.randn(batch_size, 2, config.latent_dim, device=device),
-        torch.randn(batch_size, config.code_dim, device=device) * config.lip_radius,
+        torch.randn(batch_size, config.latent_dim),
+        torch.randn(batch_size, 2, config.latent_dim),
+        torch.randn(batch_size, config.code_dim) * config.lip_radius,
     )
 
 
@@ -377,14 +467,14 @@ def batch_losses(
     hyper = "hyper0.w" in phi
     if hyper:
         hid = torch.tanh(F.linear(code, phi["hyper0.w"], phi["hyper0.b"]))
-        m = taps["m"] = F.linear(hid, phi["hyper1.w"], phi["hyper1.b"]).expand(b, -1)
+        m = taps["m"] = hyper_head(phi, hid).expand(b, -1)
         pin = acts["phi/prior0"] = torch.cat([code.expand(b, -1), y1h], -1)
         u = taps["phi/prior0"] = F.linear(pin, phi["prior0.w"], phi["prior0.b"])
         acts["phi/prior1"] = ph = torch.tanh(u)
         out = taps["phi/prior1"] = F.linear(ph, phi["prior1.w"], phi["prior1.b"])
         mu_p, logvar_p = out[:, :lat], out[:, lat:].clamp(-8, 8)
     else:
-        mu_p = logvar_p = torch.zeros(b, lat, device=code.device)
+        mu_p = logvar_p = torch.zeros(b, lat)
     kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)
 
     zs = z[:, None]
@@ -394,17 +484,21 @@ def batch_losses(
     h = torch.cat([zs, y1h[:, None].expand(-1, zs.shape[1], -1)], -1)
     scales: dict[str, torch.Tensor] = {}
     start, last = 0, len(algo.sizes) - 1
+    modulated = modulated_layers(c, len(algo.sizes)) if hyper else 0
     for l, (o, _) in enumerate(algo.sizes):
         w, bias = phi[f"dec{l}.w"], phi[f"dec{l}.b"]
         acts[f"phi/dec{l}"] = h
-        if hyper:
+        if l < modulated:
             s, beta = m[:, start : start + o], m[:, start + o : start + 2 * o]
             start += 2 * o
             scales[f"phi/dec{l}"] = (1 + s)[:, None].detach()
             h = taps[f"phi/dec{l}"] = F.linear(h, w) * (1 + s)[:, None] + (bias + beta)[:, None]
         else:
             h = taps[f"phi/dec{l}"] = F.linear(h, w, bias)
-        h = torch.sigmoid(h) if l == last else F.relu(h)
+        if l < last:
+            h = F.relu(h)
+        elif algo.squash:
+            h = torch.sigmoid(h)
     loss = ((x - h[:, 0]) ** 2).sum(-1) + c.beta_kl * kl
     if c.mmd_weight:
         loss = loss + c.mmd_weight * (rbf(h[:, 1], h[:, 2], algo.bandwidth) - 2 * rbf(x, h[:, 1], algo.bandwidth))
@@ -414,7 +508,7 @@ def batch_losses(
         shifted = acts["probe0"] = code + xi
         u = taps["probe0"] = F.linear(shifted, phi["hyper0.w"], phi["hyper0.b"])
         acts["probe1"] = hs = torch.tanh(u)
-        m2 = taps["probe1"] = F.linear(hs, phi["hyper1.w"], phi["hyper1.b"])
+        m2 = taps["probe1"] = hyper_head(phi, hs)
         loss = loss + c.lip_weight * ((m2 - m) ** 2).sum(-1) / (xi**2).sum(-1)
     if record is not None:
         record.update(taps=taps, acts=acts, scales=scales, hid=hid.detach() if hyper else None, lip=lip)
@@ -427,27 +521,40 @@ def _ghost_sq_norms(algo, phi, code, acts, grads, scales, hid, lip):
     c = algo.config
     b = grads["psi/enc0"].shape[0]
     hyper = hid is not None
-    sq = torch.zeros(b, dtype=grads["psi/enc0"].dtype, device=grads["psi/enc0"].device)
+    sq = torch.zeros(b, dtype=grads["psi/enc0"].dtype)
     for name in ("psi/enc0", "psi/enc1", "psi/enc2", "phi/prior0", "phi/prior1"):
         if name in grads:
             sq = sq + sum(linear_sq_norms(acts[name], grads[name]))
     for l in range(len(algo.sizes)):
         name = f"phi/dec{l}"
         g = grads[name]
-        w_sq, _ = linear_sq_norms(acts[name], g * scales[name] if hyper else g)
+        w_sq, _ = linear_sq_norms(acts[name], g * scales[name] if name in scales else g)
         sq = sq + w_sq + g.sum(1).square().sum(-1)
     if hyper:
-        v = grads["m"]
-        p = v @ phi["hyper1.w"] * (1 - hid**2)  # ∂L_i/∂(W₀c + b₀) through the shared use
-        a1, g1, a0, g0 = hid[None, None], v[:, None], code[None, None], p[:, None]
+        # The head's layers, last first: (name, input of the shared use, input of the probe or None). Each
+        # sees the output gradient of its use; the next one down gets it through the layer's weights.
+        uses = [(hid[None], acts["probe1"] if lip else None)]
+        if "hyper2.w" in phi:
+            mid = F.linear(hid, phi["hyper1.w"], phi["hyper1.b"])
+            mid_probe = F.linear(acts["probe1"], phi["hyper1.w"], phi["hyper1.b"]) if lip else None
+            uses.insert(0, (mid[None], mid_probe))
+        names = ["hyper2", "hyper1"][-len(uses) :]
+        v, v_probe = grads["m"], grads["probe1"] if lip else None
+        for name, (shared_in, probe_in) in zip(names, uses):
+            a, g = shared_in.expand(b, -1)[:, None], v[:, None]
+            if lip:
+                a, g = torch.cat([a, probe_in[:, None]], 1), torch.cat([g, v_probe[:, None]], 1)
+            sq = sq + sum(linear_sq_norms(a, g))
+            v = v @ phi[f"{name}.w"]
+            v_probe = v_probe @ phi[f"{name}.w"] if lip else None
+        p = v * (1 - hid**2)  # ∂L_i/∂(W₀c + b₀) through the shared use
+        a0, g0 = code[None, None], p[:, None]
         code_grad = p @ phi["hyper0.w"] + (grads["phi/prior0"] @ phi["prior0.w"])[:, : c.code_dim]
         if lip:
-            a1 = torch.cat([a1.expand(b, 1, -1), acts["probe1"][:, None]], 1)
-            g1 = torch.cat([g1, grads["probe1"][:, None]], 1)
             a0 = torch.cat([a0.expand(b, 1, -1), acts["probe0"][:, None]], 1)
             g0 = torch.cat([g0, grads["probe0"][:, None]], 1)
             code_grad = code_grad + grads["probe0"] @ phi["hyper0.w"]
-        sq = sq + sum(linear_sq_norms(a1, g1)) + sum(linear_sq_norms(a0, g0)) + code_grad.square().sum(-1)
+        sq = sq + sum(linear_sq_norms(a0, g0)) + code_grad.square().sum(-1)
     return sq
 
 
@@ -473,11 +580,20 @@ class FedHypeVAE(Algorithm):
         self.dp = cast(DPSGDLayer, self.privacy_layer)
         #: The rounds the run plans (the schedule: the last ``meta_rounds`` of them learn the meta-code).
         self.planned_rounds = self.privacy.planned_releases
-        self.input_dim = task.input_shape[0]
+        #: The embeddings' dimension, and that of the space the generators work in (a public basis's).
+        self.data_dim = task.input_shape[0]
+        self.input_dim = self.data_dim if config.public_basis == "none" else config.public_dims
+        if self.input_dim > self.data_dim:
+            raise ConfigError(
+                f"method.public_dims: must be <= the embeddings' {self.data_dim} dims, got {self.input_dim}"
+            )
+        #: Decoder output: a sigmoid into the [0, 1] range space, linear in standardised coordinates.
+        self.squash = config.public_basis == "none"
         self.num_classes = task.num_classes
         self.sizes = decoder_sizes(config, self.input_dim, self.num_classes)
-        self.bandwidth = config.mmd_bandwidth * math.sqrt(self.input_dim)
+        self.bandwidth = config.bandwidth_multiple * math.sqrt(self.input_dim)
         self._range: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._basis: Any = None
         self._metric_samples: dict[Any, Any] = {}
 
     @classmethod
@@ -491,6 +607,10 @@ class FedHypeVAE(Algorithm):
 
     # -- normalisation ---------------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings (N, D) -> the generator's space: the public basis's standardised coordinates, or the
+        [0, 1] range space."""
+        if self.config.public_basis != "none":
+            return self.basis().project(x)
         if self.config.range_reference == "unit":
             return x.clamp(0, 1)
         if self._range is None:
@@ -500,11 +620,45 @@ class FedHypeVAE(Algorithm):
             if len(low) != self.input_dim:
                 raise ConfigError(
                     f"method.encoder: {self.config.encoder} gives {len(low)}-d embeddings, the data has "
-                    f"{self.input_dim}-d"
+                    f"{self.data_dim}-d"
                 )
-            self._range = torch.from_numpy(low).to(x.device), torch.from_numpy(high).to(x.device)
+            self._range = torch.from_numpy(low), torch.from_numpy(high)
         lo, hi = self._range
         return ((x - lo) / (hi - lo)).clamp(0, 1)
+
+    def basis(self):
+        """The public basis (:func:`protofl.data.public_basis.public_basis`), fitted on first use."""
+        if self._basis is None:
+            from protofl.data.public_basis import basis_for_embeddings
+
+            c = self.config
+            self._basis = basis_for_embeddings(c.public_basis, c.encoder, c.public_dims, c.image_size, self.data_dim)
+        return self._basis
+
+    def dp_trained_numbers(self) -> int:
+        """How many numbers each DP-SGD step clips and noises: φ, the client's encoder ψ and its code."""
+        g = torch.Generator().manual_seed(0)
+        phi = init_phi(self.config, self.input_dim, self.num_classes, g)
+        psi = init_encoder(self.config, self.input_dim, self.num_classes, g)
+        return sum(v.numel() for v in (*phi.values(), *psi.values())) + self.config.code_dim
+
+    def privacy_report(self, client_states, all_accountants: bool = True):
+        """The DP-SGD spend, plus what a reader needs to judge it: the DP-trained numbers, each client's
+        noise multiplier σ, the server's weighting, and the public space the generators work in."""
+        sigmas = {str(k): float(s[SIGMA_KEY]) for k, s in client_states.items() if SIGMA_KEY in s}
+        space = (
+            self.basis().describe()
+            if self.config.public_basis != "none"
+            else {"source": f"range:{self.config.range_reference}", "dims": self.input_dim}
+        )
+        return self.dp.report(
+            client_states.values(),
+            all_accountants,
+            dp_trained_numbers=self.dp_trained_numbers(),
+            noise_multiplier_per_client=sigmas,
+            aggregation=self.config.aggregation,
+            public_space=space,
+        )
 
     # -- schedule and budget ---------------------------------------------------------------------------
     @property
@@ -547,26 +701,24 @@ class FedHypeVAE(Algorithm):
 
     # -- state and payloads ----------------------------------------------------------------------------
     def init_server_state(self, seed: int) -> State:
-        g = torch.Generator(device="cpu").manual_seed(seed)  # CPU draws: the same on every device
+        g = torch.Generator().manual_seed(seed)
         state: State = {
             "round": 0,
-            "phi": {
-                k: v.to(self.device) for k, v in init_phi(self.config, self.input_dim, self.num_classes, g).items()
-            },
-            "meta_code": torch.zeros(self.config.code_dim, device=self.device),
+            "phi": init_phi(self.config, self.input_dim, self.num_classes, g),
+            "meta_code": torch.zeros(self.config.code_dim),
         }
+        if self.config.server_momentum:
+            state["momentum"] = {k: torch.zeros_like(v) for k, v in state["phi"].items()}
         return state
 
     def init_client_state(self, seed: int) -> State:
         return {}  # built at the first participation (needs the client's id for its own seed)
 
     def _fresh_client(self, seed: int, client_id: int) -> State:
-        g = torch.Generator(device="cpu").manual_seed(seed * 100_003 + client_id + 1)
+        g = torch.Generator().manual_seed(seed * 100_003 + client_id + 1)
         return {
-            "psi": {
-                k: v.to(self.device) for k, v in init_encoder(self.config, self.input_dim, self.num_classes, g).items()
-            },
-            "code": (0.1 * torch.randn(self.config.code_dim, generator=g, device="cpu")).to(self.device),
+            "psi": init_encoder(self.config, self.input_dim, self.num_classes, g),
+            "code": 0.1 * torch.randn(self.config.code_dim, generator=g),
             LEDGER_KEY: [],
         }
 
@@ -576,18 +728,18 @@ class FedHypeVAE(Algorithm):
         return {name: name for name in self._phi_specs()}
 
     def _phi_specs(self) -> dict[str, ArraySpec]:
-        g = torch.Generator(device="cpu").manual_seed(0)
+        g = torch.Generator().manual_seed(0)
         return {
             PHI_PREFIX + k: ArraySpec(tuple(v.shape))
             for k, v in init_phi(self.config, self.input_dim, self.num_classes, g).items()
         }
 
     def broadcast(self, server_state: State) -> Payload:
-        arrays = {PHI_PREFIX + k: v.cpu().numpy() for k, v in server_state["phi"].items()}
-        arrays["meta_code"] = server_state["meta_code"].cpu().numpy()
+        arrays = {PHI_PREFIX + k: v.numpy() for k, v in server_state["phi"].items()}
+        arrays["meta_code"] = server_state["meta_code"].numpy()
         arrays["round"] = np.int64(server_state["round"] + 1)
         for name, clf in server_state.get("classifiers", {}).items():
-            arrays.update({f"clf/{name}/{k}": v.cpu().numpy() for k, v in clf.items()})
+            arrays.update({f"clf/{name}/{k}": v.numpy() for k, v in clf.items()})
         return Payload(arrays, {"method": self.name})
 
     def broadcast_spec(self) -> PayloadSpec:
@@ -607,7 +759,11 @@ class FedHypeVAE(Algorithm):
         return PayloadSpec(self.name, specs, optional=tuple(k for k in specs if k.startswith("clf/")))
 
     def reply_spec(self) -> PayloadSpec:
-        specs = {**self._phi_specs(), "meta_code": ArraySpec((self.config.code_dim,))}
+        specs = {
+            **self._phi_specs(),
+            "meta_code": ArraySpec((self.config.code_dim,)),
+            SIGMA_KEY: ArraySpec((), minimum=0),
+        }
         if self.config.releases_codes:
             specs["noisy_code"] = ArraySpec((self.config.code_dim,))
         return PayloadSpec(self.name, specs, optional=("noisy_code",))
@@ -620,9 +776,9 @@ class FedHypeVAE(Algorithm):
         c = self.config
         if noise is None:
             noise = (
-                torch.randn(c.latent_dim, device=x.device),
-                torch.randn(2, c.latent_dim, device=x.device) if c.mmd_weight else None,
-                torch.randn(c.code_dim, device=x.device) * c.lip_radius if c.lip_weight and c.code_dim else None,
+                torch.randn(c.latent_dim),
+                torch.randn(2, c.latent_dim) if c.mmd_weight else None,
+                torch.randn(c.code_dim) * c.lip_radius if c.lip_weight and c.code_dim else None,
             )
         params = {**{"phi/" + k: v for k, v in phi.items()}, **{"psi/" + k: v for k, v in psi.items()}, "code": code}
         batch = tuple(None if n is None else n[None] for n in noise)
@@ -633,8 +789,9 @@ class FedHypeVAE(Algorithm):
         c = self.config
         mods = modulations(phi, meta_code, self.sizes)
         mu_p, logvar_p = prior(phi, meta_code, y1h, c.latent_dim)
-        eps = torch.randn(2, c.latent_dim, device=x.device)
-        gen = decode(phi, mu_p + eps * (0.5 * logvar_p).exp(), y1h.expand(2, -1), mods)
+        gen = decode(
+            phi, mu_p + torch.randn(2, c.latent_dim) * (0.5 * logvar_p).exp(), y1h.expand(2, -1), mods, self.squash
+        )
         return rbf(gen[0], gen[1], self.bandwidth) - 2 * rbf(x, gen[0], self.bandwidth)
 
     def _check_data(self, data: ClientData) -> None:
@@ -666,29 +823,31 @@ class FedHypeVAE(Algorithm):
         x = self.normalise(data.x_train)
         y1h = F.one_hot(data.y_train, self.num_classes).float()
         phi = {
-            k[len(PHI_PREFIX) :]: torch.from_numpy(np.array(v)).to(self.device)
+            k[len(PHI_PREFIX) :]: torch.from_numpy(np.array(v))
             for k, v in received.arrays.items()
             if k.startswith(PHI_PREFIX)
         }
-        meta_code = torch.from_numpy(np.array(received["meta_code"])).to(self.device)
+        meta_code = torch.from_numpy(np.array(received["meta_code"]))
         metrics: dict[str, float] = {}
         with torch.random.fork_rng(devices=[]):
             # vmap's per-example random numbers (the reparameterisation noise) come from the global generator
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device)))
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
             if round_index <= self.phi_rounds:
                 phi, psi, code, loss = self._train_phi(phi, state["psi"], state["code"], x, y1h, rate, sigma, generator)
                 state = {**state, "psi": psi, "code": code}
             else:
                 meta_code, loss = self._train_meta_code(meta_code, phi, x, y1h, rate, sigma, generator)
         metrics["train_loss"] = loss
-        arrays: dict[str, Any] = {PHI_PREFIX + k: v.cpu().numpy() for k, v in phi.items()}
-        arrays["meta_code"] = meta_code.cpu().numpy()
+        arrays: dict[str, Any] = {PHI_PREFIX + k: v.numpy() for k, v in phi.items()}
+        arrays["meta_code"] = meta_code.numpy()
+        arrays[SIGMA_KEY] = np.float32(sigma)  # a function of the client's size, public like its sampling rate
         if round_index == self.planned_rounds and c.releases_codes:
             assert code_sigma is not None  # set whenever codes are released
             clipped = state["code"] * min(1.0, c.code_clip / max(float(state["code"].norm()), 1e-12))
-            noise = torch.randn(c.code_dim, generator=generator, device=generator.device)  # on the CPU: released
-            arrays["noisy_code"] = (clipped.cpu() + noise * code_sigma * 2 * c.code_clip).numpy()
-        state = {**state, LEDGER_KEY: ledger}
+            arrays["noisy_code"] = (
+                clipped + torch.randn(c.code_dim, generator=generator) * code_sigma * 2 * c.code_clip
+            ).numpy()
+        state = {**state, LEDGER_KEY: ledger, SIGMA_KEY: float(sigma)}
         # Announce what the next round would cost (checked before it starts; the round after this one,
         # which is what a client sampled every round takes next, and past the plan a round of meta-steps).
         state[NEXT_ROUND_KEY] = self.dp.next_round_state(self.round_events(state, data.num_train, round_index + 1))
@@ -732,14 +891,14 @@ class FedHypeVAE(Algorithm):
             ghost = len(index) and c.per_example_grads == "ghost"
             if ghost:  # the same clipped sum and noise, without per-example gradient tensors
                 summed, _, example_losses = ghost_clipped_sum(
-                    self, params, x[index], y1h[index], batch_noise(c, len(index), x.device), self.dp.clip_norm
+                    self, params, x[index], y1h[index], batch_noise(c, len(index)), self.dp.clip_norm
                 )
                 noisy = add_noise(summed, self.dp.clip_norm, sigma, rate * len(x), generator)
             else:
                 grads = (
                     per_example_gradients(loss, params, x[index], y1h[index])
                     if len(index)
-                    else {k: torch.zeros(0, *v.shape, device=v.device) for k, v in params.items()}
+                    else {k: torch.zeros(0, *v.shape) for k, v in params.items()}
                 )
                 noisy, _ = noisy_clipped_mean(grads, self.dp.clip_norm, sigma, rate * len(x), generator)
             for k, v in params.items():
@@ -790,7 +949,7 @@ class FedHypeVAE(Algorithm):
                         )
                     )
             else:
-                grads = {"code": torch.zeros(0, c.code_dim, device=meta.device)}
+                grads = {"code": torch.zeros(0, c.code_dim)}
             noisy, _ = noisy_clipped_mean(grads, self.dp.clip_norm, sigma, rate * len(x), generator)
             meta.grad = noisy["code"]
             optimizer.step()
@@ -799,26 +958,30 @@ class FedHypeVAE(Algorithm):
     # -- server ----------------------------------------------------------------------------------------
     def server_step(self, server_state: State, replies: list[Payload]):
         r = server_state["round"] + 1
-        phi_new = {
-            k: torch.stack([torch.from_numpy(np.array(rep[PHI_PREFIX + k])) for rep in replies]).mean(0).to(self.device)
-            for k in server_state["phi"]
-        }
-        meta = torch.stack([torch.from_numpy(np.array(rep["meta_code"])) for rep in replies]).mean(0).to(self.device)
-        state: State = {
-            "round": r,
-            "phi": phi_new if r <= self.phi_rounds else server_state["phi"],
-            "meta_code": meta if r > self.phi_rounds else server_state["meta_code"],
-        }
-        metrics: dict[str, float] = {}
+        c = self.config
+        sigmas = torch.tensor([float(np.array(rep[SIGMA_KEY])) for rep in replies], dtype=torch.float64)
+        weights = AGGREGATIONS[c.aggregation](sigmas).float()
+
+        def average(key: str) -> torch.Tensor:
+            stacked = torch.stack([torch.from_numpy(np.array(rep[key])) for rep in replies])
+            return torch.tensordot(weights, stacked, dims=1)
+
+        old = server_state["phi"]
+        state: State = {"round": r, "phi": old, "meta_code": server_state["meta_code"]}
+        if r <= self.phi_rounds:
+            update = {k: average(PHI_PREFIX + k) - v for k, v in old.items()}
+            if c.server_momentum:
+                update = {k: c.server_momentum * server_state["momentum"][k] + u for k, u in update.items()}
+                state["momentum"] = update
+            state["phi"] = {k: v + c.server_lr * update[k] for k, v in old.items()}
+        else:
+            state["meta_code"] = average("meta_code")
+            if "momentum" in server_state:
+                state["momentum"] = server_state["momentum"]
+        metrics: dict[str, float] = {"aggregation_weight_max": float(weights.max())}
         if r == self.planned_rounds:
-            codes = [
-                torch.from_numpy(np.array(rep["noisy_code"])).to(self.device)
-                for rep in replies
-                if "noisy_code" in rep.arrays
-            ]
-            state["released_codes"] = (
-                torch.stack(codes) if codes else torch.zeros(0, self.config.code_dim, device=self.device)
-            )
+            codes = [torch.from_numpy(np.array(rep["noisy_code"])) for rep in replies if "noisy_code" in rep.arrays]
+            state["released_codes"] = torch.stack(codes) if codes else torch.zeros(0, self.config.code_dim)
             state["classifiers"] = {
                 name: self.train_classifier(*self.synthesise(state, name, r)) for name in self.config.samplers
             }
@@ -831,49 +994,31 @@ class FedHypeVAE(Algorithm):
         """Class-balanced synthetic (normalised) embeddings from ``sampler``: ``(x, y)``."""
         c = self.config
         n = per_class or c.synthetic_per_class
-        g = torch.Generator(device="cpu").manual_seed(seed)  # CPU draws: the same on every device
-        y = torch.arange(self.num_classes, device=self.device).repeat_interleave(n)
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(self.num_classes).repeat_interleave(n)
         if sampler == "neutral" or not c.code_dim:
-            codes = state["meta_code"].expand(len(y), -1) if c.code_dim else torch.zeros(len(y), 1, device=self.device)
+            codes = state["meta_code"].expand(len(y), -1) if c.code_dim else torch.zeros(len(y), 1)
         elif sampler == "mixture":
             codes = state["released_codes"].mean(0).expand(len(y), -1)
         else:  # an equal mixture of the released codes' generators
-            pick = torch.randint(0, len(state["released_codes"]), (len(y),), generator=g, device="cpu")
+            pick = torch.randint(0, len(state["released_codes"]), (len(y),), generator=g)
             codes = state["released_codes"][pick]
         phi = state["phi"]
-        out = torch.empty(len(y), self.input_dim, device=self.device)
+        out = torch.empty(len(y), self.input_dim)
         y1h = F.one_hot(y, self.num_classes).float()
         unique, which = torch.unique(codes, dim=0, return_inverse=True)
         for j, code in enumerate(unique):  # one decoder per distinct code
             rows = torch.nonzero(which == j).flatten()
             mods = modulations(phi, code, self.sizes)
             mu, logvar = prior(phi, code, y1h[rows], c.latent_dim)
-            z = (
-                mu
-                + torch.randn(len(rows), c.latent_dim, generator=g, device="cpu").to(mu.device) * (0.5 * logvar).exp()
-            )
-            out[rows] = decode(phi, z, y1h[rows], mods)
+            z = mu + torch.randn(len(rows), c.latent_dim, generator=g) * (0.5 * logvar).exp()
+            out[rows] = decode(phi, z, y1h[rows], mods, self.squash)
         return out, y
 
     def train_classifier(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
-        """An MLP (D -> hidden -> C, ReLU) trained with Adam on ``(x, y)``."""
+        """An MLP (D -> hidden -> C, ReLU) trained with Adam on ``(x, y)`` (:func:`train_mlp`)."""
         c = self.config
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        p = {}
-        p["0.w"], p["0.b"] = _linear_init(c.classifier_hidden, self.input_dim, g)
-        p["1.w"], p["1.b"] = _linear_init(self.num_classes, c.classifier_hidden, g)
-        p = {k: v.to(x.device).requires_grad_(True) for k, v in p.items()}
-        optimizer = torch.optim.Adam(list(p.values()), lr=1e-3)
-        with torch.enable_grad():
-            for _ in range(c.classifier_epochs):
-                order = torch.randperm(len(y), generator=g, device="cpu")
-                for s in range(0, len(y), 128):
-                    i = order[s : s + 128]
-                    loss = F.cross_entropy(classify(p, x[i]), y[i])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-        return {k: v.detach() for k, v in p.items()}
+        return train_mlp(x, y, self.num_classes, c.classifier_hidden, c.classifier_epochs, seed)
 
     # -- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -888,12 +1033,10 @@ class FedHypeVAE(Algorithm):
         for name, clf in classifiers.items():
             pred = classify(clf, xn).argmax(1)
             out[f"global_acc_{name}"] = float((pred == y).float().mean())
-            out[f"global_balanced_acc_{name}"] = float(balanced_accuracy_score(y.cpu().numpy(), pred.cpu().numpy()))
-            out[f"global_macro_f1_{name}"] = float(f1_score(y.cpu().numpy(), pred.cpu().numpy(), average="macro"))
+            out[f"global_balanced_acc_{name}"] = float(balanced_accuracy_score(y.numpy(), pred.numpy()))
+            out[f"global_macro_f1_{name}"] = float(f1_score(y.numpy(), pred.numpy(), average="macro"))
             synth = self._metric_sample(server_state, name)
-            real = xn[
-                torch.randperm(len(xn), generator=torch.Generator(device="cpu").manual_seed(0), device="cpu")[:1000]
-            ]
+            real = xn[torch.randperm(len(xn), generator=torch.Generator().manual_seed(0))[:1000]]
             out[f"global_mmd_{name}"] = mmd_squared(real, synth, self.bandwidth)
         out["global_acc"] = out[f"global_acc_{self.config.samplers[0]}"]
         return out
@@ -916,7 +1059,7 @@ class FedHypeVAE(Algorithm):
         for name in self.config.samplers:
             prefix = f"clf/{name}/"
             clf = {
-                k[len(prefix) :]: torch.from_numpy(np.array(v)).to(self.device)
+                k[len(prefix) :]: torch.from_numpy(np.array(v))
                 for k, v in received.arrays.items()
                 if k.startswith(prefix)
             }
@@ -929,3 +1072,26 @@ class FedHypeVAE(Algorithm):
 
 def classify(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return F.linear(F.relu(F.linear(x, p["0.w"], p["0.b"])), p["1.w"], p["1.b"])
+
+
+def train_mlp(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, hidden: int, epochs: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """An MLP (D -> hidden -> C, ReLU; :func:`classify`) trained with Adam (lr 1e-3, batches of 128) on
+    ``(x, y)``: the downstream classifier of the synthetic-data methods."""
+    g = torch.Generator().manual_seed(seed)
+    p = {}
+    p["0.w"], p["0.b"] = _linear_init(hidden, x.shape[1], g)
+    p["1.w"], p["1.b"] = _linear_init(num_classes, hidden, g)
+    p = {k: v.requires_grad_(True) for k, v in p.items()}
+    optimizer = torch.optim.Adam(list(p.values()), lr=1e-3)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(len(y), generator=g)
+            for s in range(0, len(y), 128):
+                i = order[s : s + 128]
+                loss = F.cross_entropy(classify(p, x[i]), y[i])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return {k: v.detach() for k, v in p.items()}
