@@ -442,9 +442,9 @@ def _release(
     noisy = torch.from_numpy(statistic) + noise * std
     noisy_counts = torch.from_numpy(counts).double() + count_noise * count_multiplier
     prototypes = (noisy / noisy_counts.clamp_min(1.0)[:, :, None] if rule.sums else noisy).float()
-    classes = torch.arange(num_classes)
+    every = torch.arange(num_classes)
     return [
-        PrototypeRelease(classes, prototypes[k], noisy_counts[k], std[k], events, chosen[k], count_multiplier, noisy[k])
+        PrototypeRelease(every, prototypes[k], noisy_counts[k], std[k], events, chosen[k], count_multiplier, noisy[k])
         for k in range(len(stack))
     ]
 
@@ -524,7 +524,11 @@ def igpp_release_batch(
 
 
 def _stack_of(
-    z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, num_classes: int, generators: Sequence[torch.Generator]
+    z: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    num_classes: int,
+    generators: Sequence[torch.Generator],
 ) -> _Stack:
     if z.dim() != 3 or y.shape != z.shape[:2] or len(generators) != z.shape[0]:
         raise ValueError(
