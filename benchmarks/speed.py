@@ -685,7 +685,7 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
                 + " | ".join(f"{v:.4f}" for v in parts)
                 + f" | {row['mechanism_release_s'] - mechanism_s:.4f} | {row['mechanism_release_s']:.4f} |"
             )
-    threads = [row for row in results.get("threads", []) if "error" not in row]
+    threads = [row for row in results.get("thread_rounds", []) if "error" not in row]
     if threads:
         lines += [
             "",
@@ -877,7 +877,7 @@ def main() -> None:
             for mech in ("vpp", "igpp")
         ]
     if "threads" in args.parts:
-        results["threads"] = [
+        results["thread_rounds"] = [
             launch("batched", args.privacy_clients, args.rounds, threads, privacy=mech)
             for mech in ("none", "igpp", "vpp")
             for threads in (1, 2)
