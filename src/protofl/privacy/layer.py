@@ -111,8 +111,8 @@ class PrivacyLayer(abc.ABC):
         ledgers = [self.ledger(state) for state in client_states]
         for ledger, who in zip(ledgers, whos):
             ledger.check(events, who)
-        for ledger, who in zip(ledgers, whos):
-            ledger.spend(events, who)
+        for ledger in ledgers:
+            ledger.record(events)
         return [ledger.state_dict() for ledger in ledgers]
 
     def check_next(self, client_state: State, who: str) -> None:  # noqa: B027 (a hook: no check by default)

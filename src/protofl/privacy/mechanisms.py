@@ -186,11 +186,12 @@ class _Stack:
         return energy, within, n, c
 
 
-def _anova(stack: _Stack) -> np.ndarray:
+def _anova(stack: _Stack, spread: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
     """:func:`anova_scores` of every client of ``stack`` (K, d), in float64 numpy (a release runs it for
-    the clients of a round: numpy's per-call cost is a fraction of torch's on these small arrays). ζ
-    takes the lower middle value, as ``torch.median``."""
-    energy, within, n, c = stack.spread()
+    the clients of a round: numpy's per-call cost is a fraction of torch's on these small arrays), from
+    its :meth:`_Stack.spread` (computed here if not given). ζ takes the lower middle value, as
+    ``torch.median``."""
+    energy, within, n, c = spread if spread is not None else stack.spread()
     between = energy / np.maximum(c - 1, 1)[:, None]
     zeta = 1e-3 * np.sort(between, axis=1)[:, (between.shape[1] - 1) // 2]
     scores = between / np.maximum(within / np.maximum(n - c, 1)[:, None] + zeta[:, None], 1e-300)
@@ -213,16 +214,30 @@ def private_top_k(scores: torch.Tensor, k: int, cap: float, epsilon: float, gene
 
 
 def _top_k(scores: np.ndarray, k: int, cap: float, epsilon: float, generator: torch.Generator) -> np.ndarray:
-    """:func:`private_top_k`'s peeling (``0 < k < d``): all k rounds' noise in one draw (row i is round
-    i's fresh noise, drawn in the same order as k draws of d); round i takes the first dimension of its
-    row's descending (stable: ties to the lower index, as argmax) order not taken by an earlier round."""
+    """:func:`private_top_k`'s peeling (``0 < k < d``): :func:`_top_k_batch` of one client."""
+    return _top_k_batch(scores[None], k, cap, epsilon, [generator])[0]
+
+
+def _top_k_batch(
+    scores: np.ndarray, k: int, cap: float, epsilon: float, generators: Sequence[torch.Generator]
+) -> list[np.ndarray]:
+    """The peeling of ``K`` clients' scores (K, d) (``0 < k < d``), client i's noise from ``generators[i]``
+    alone: all k rounds' noise in one draw per client (row j is round j's fresh noise, drawn in the same
+    order as k draws of d); round j takes the first dimension of its row's descending (stable: ties to
+    the lower index, as argmax) order not taken by an earlier round. One sort serves every client."""
     scale = 2 * k * cap / epsilon
-    noisy = np.minimum(np.maximum(scores, 0), cap)[None, :] + laplace_noise((k, len(scores)), scale, generator).numpy()
-    taken: set[int] = set()
-    # Round i (0-based) skips at most i taken dimensions: the first k of each row's order suffice.
-    for order in np.argsort(-noisy, axis=1, kind="stable")[:, :k].tolist():
-        taken.add(next(j for j in order if j not in taken))
-    return np.array(sorted(taken), dtype=np.int64)
+    noisy = np.empty((len(generators), k, scores.shape[1]))
+    for client, generator in enumerate(generators):
+        noisy[client] = laplace_noise(noisy.shape[1:], scale, generator).numpy()
+    noisy += np.minimum(np.maximum(scores, 0), cap)[:, None, :]
+    out = []
+    # Round j (0-based) skips at most j taken dimensions: the first k of each row's order suffice.
+    for orders in np.argsort(-noisy, axis=2, kind="stable")[:, :, :k].tolist():
+        taken: set[int] = set()
+        for order in orders:
+            taken.add(next(j for j in order if j not in taken))
+        out.append(np.array(sorted(taken), dtype=np.int64))
+    return out
 
 
 def broadcast_top_k(prototypes: torch.Tensor | np.ndarray, k: int) -> np.ndarray | None:
@@ -281,8 +296,9 @@ def selection_diagnostics_batch(
     """:func:`selection_diagnostics` of ``K`` clients at once: features ``z`` (K, n, d), labels ``y``
     (K, n), ``weight`` (K, n; 0 on padding, ``None``: no padding) and each client's selection."""
     stack = _Stack.of(z, y, weight)
-    energy, within, n, c = stack.spread()
-    scores = _anova(stack)
+    spread = stack.spread()
+    energy, _, _, c = spread
+    scores = _anova(stack, spread)
     out = []
     for client, chosen in enumerate(selected):
         total = energy[client].sum()
@@ -613,10 +629,7 @@ def vpp_release_batch(
         if k == d:
             chosen = [np.arange(d)] * len(stack)
         else:
-            chosen = [
-                _top_k(scores, k, score_cap, selection_epsilon, generator)
-                for scores, generator in zip(_anova(stack), generators)
-            ]
+            chosen = _top_k_batch(_anova(stack), k, score_cap, selection_epsilon, generators)
         events = ((PureDpEvent(selection_epsilon), 1), *events)
     else:
         public = np.unique(np.asarray(selected, dtype=np.int64))
