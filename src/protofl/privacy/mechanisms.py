@@ -181,8 +181,9 @@ class _Stack:
         means = self.sums(x) / np.maximum(counts, 1)[:, :, None]
         grand = x.sum(1) / np.maximum(n, 1)[:, None]
         energy = (counts[:, :, None] * (means - grand[:, None, :]) ** 2).sum(1)
-        rows = means[np.arange(len(self))[:, None], self.labels]
-        within = (np.where(self.real[:, :, None], x - rows, 0.0) ** 2).sum(1)
+        # Each real row's class mean (exactly: one 1 and zeros per row), 0 on padding rows (whose x is 0).
+        rows = np.matmul(self.onehot.transpose(0, 2, 1), means)
+        within = ((x - rows) ** 2).sum(1)
         return energy, within, n, c
 
 
@@ -230,14 +231,15 @@ def _top_k_batch(
     for client, generator in enumerate(generators):
         noisy[client] = laplace_noise(noisy.shape[1:], scale, generator).numpy()
     noisy += np.minimum(np.maximum(scores, 0), cap)[:, None, :]
-    out = []
     # Round j (0-based) skips at most j taken dimensions: the first k of each row's order suffice.
-    for orders in np.argsort(-noisy, axis=2, kind="stable")[:, :, :k].tolist():
-        taken: set[int] = set()
-        for order in orders:
-            taken.add(next(j for j in order if j not in taken))
-        out.append(np.array(sorted(taken), dtype=np.int64))
-    return out
+    orders = np.argsort(-noisy, axis=2, kind="stable")[:, :, :k]
+    clients = np.arange(len(generators))
+    taken = np.zeros(scores.shape, dtype=bool)
+    for j in range(k):  # every client's round j at once
+        candidates = orders[:, j, :]
+        first = np.argmax(~taken[clients[:, None], candidates], axis=1)
+        taken[clients, candidates[clients, first]] = True
+    return [np.flatnonzero(row) for row in taken]
 
 
 def broadcast_top_k(prototypes: torch.Tensor | np.ndarray, k: int) -> np.ndarray | None:
