@@ -139,8 +139,7 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profi
 
 
 #: Parts of a release timed inside it (module, function name, label), for the release's profile; a name
-#: the imported protofl lacks (an older checkout) is skipped. The batched release draws its Gaussian
-#: noise inline (one call per client into a preallocated tensor), outside ``gaussian_noise``.
+#: the imported protofl lacks (an older checkout) is skipped.
 RELEASE_PARTS = (
     ("protofl.privacy.mechanisms", "_anova", "ANOVA scores"),
     ("protofl.privacy.mechanisms", "_top_k", "private top-k (Laplace noise + peeling)"),

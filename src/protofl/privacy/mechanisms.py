@@ -430,8 +430,8 @@ def _release(
     already clipped, padding zero): per-class statistic plus noise of std ``Δ_c × multipliers[k]`` (per
     coordinate, at σ_f), and, with a ``count_multiplier`` (σ_n, add/remove), every class ``0..C-1`` with
     noisy counts; without (replace-one), the held classes and exact counts. Client k's noise comes from
-    ``generators[k]`` alone, its features' first, then its counts', each in one call into a
-    preallocated tensor: the same draws as a release of that client alone."""
+    ``generators[k]`` alone, its features' first, then its counts', each in one call of
+    :func:`gaussian_noise` into a preallocated tensor: the same draws as a release of that client alone."""
     sums = stack.sums(clipped)
     counts = stack.counts
     chosen = selected if selected is not None else [None] * len(stack)
@@ -455,10 +455,10 @@ def _release(
     noise = torch.empty(statistic.shape, dtype=torch.float64)
     count_noise = torch.empty(counts.shape, dtype=torch.float64)
     for k, generator in enumerate(generators):
-        torch.randn(noise.shape[1:], generator=generator, dtype=torch.float64, out=noise[k])
-        torch.randn(count_noise.shape[1:], generator=generator, dtype=torch.float64, out=count_noise[k])
-    noisy = torch.from_numpy(statistic) + noise * std
-    noisy_counts = torch.from_numpy(counts).double() + count_noise * count_multiplier
+        noise[k] = gaussian_noise(tuple(noise.shape[1:]), std[k], generator)
+        count_noise[k] = gaussian_noise((num_classes,), count_multiplier, generator)
+    noisy = torch.from_numpy(statistic) + noise
+    noisy_counts = torch.from_numpy(counts).double() + count_noise
     prototypes = (noisy / noisy_counts.clamp_min(1.0)[:, :, None] if rule.sums else noisy).float()
     every = torch.arange(num_classes)
     return [
