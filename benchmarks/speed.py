@@ -142,7 +142,7 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profi
 #: the imported protofl lacks (an older checkout) is skipped.
 RELEASE_PARTS = (
     ("protofl.privacy.mechanisms", "_anova", "ANOVA scores"),
-    ("protofl.privacy.mechanisms", "_top_k", "private top-k (Laplace noise + peeling)"),
+    ("protofl.privacy.mechanisms", "_top_k_batch", "private top-k (Laplace noise + peeling)"),
     ("protofl.privacy.mechanisms", "gaussian_noise", "Gaussian noise draw (per client)"),
     ("protofl.privacy.layer", "vpp_release", "mechanism"),
     ("protofl.privacy.layer", "igpp_release", "mechanism"),
