@@ -138,13 +138,23 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profi
     return out
 
 
-#: Parts of a release timed inside it (module, function name, label), for the release's profile.
+#: Parts of a release timed inside it (module, function name, label), for the release's profile; a name
+#: the imported protofl lacks (an older checkout) is skipped.
 RELEASE_PARTS = (
     ("protofl.privacy.mechanisms", "_anova", "ANOVA scores"),
-    ("protofl.privacy.mechanisms", "_top_k", "private top-k (Laplace noise + peeling)"),
-    ("protofl.privacy.mechanisms", "gaussian_noise", "Gaussian noise draw"),
+    ("protofl.privacy.mechanisms", "_top_k_batch", "private top-k (Laplace noise + peeling)"),
+    ("protofl.privacy.mechanisms", "gaussian_noise", "Gaussian noise draw (per client)"),
     ("protofl.privacy.layer", "vpp_release", "mechanism"),
     ("protofl.privacy.layer", "igpp_release", "mechanism"),
+    ("protofl.privacy.layer", "vpp_release_batch", "mechanism"),
+    ("protofl.privacy.layer", "igpp_release_batch", "mechanism"),
+)
+
+#: What a VPP round computes besides the release (module, name): the diagnostics of each client's
+#: selection on its clean features (the round row's vpp_selected_energy and vpp_overlap).
+DIAGNOSTICS = (
+    ("protofl.algorithms.fedproto", "selection_diagnostics"),
+    ("protofl.algorithms.fedproto", "selection_diagnostics_batch"),
 )
 
 
@@ -156,15 +166,18 @@ def _time_mechanism(algo, profile_release: bool = False) -> dict[str, float]:
     cost about 2 µs a call, which would inflate the shares)."""
     import importlib
 
-    spent = {"check": 0.0, "release": 0.0}
+    spent = {"check": 0.0, "release": 0.0, "diagnostics": 0.0}
     mech = getattr(algo, "privacy_layer", None)
 
     def wrap(owner, name, key):
-        time_calls(owner, name, key, spent)
+        if hasattr(owner, name):
+            time_calls(owner, name, key, spent)
 
     if mech is not None:
-        for name, key in (("release", "release"), ("check_next", "check")):
+        for name, key in (("release", "release"), ("release_batch", "release"), ("check_next", "check")):
             wrap(mech, name, key)
+        for module, name in DIAGNOSTICS:
+            wrap(importlib.import_module(module), name, "diagnostics")
         for module, name, label in RELEASE_PARTS if profile_release else ():
             wrap(importlib.import_module(module), name, f"part:{label}")
     return spent
@@ -370,9 +383,9 @@ def breakdown(n: int, rounds: int) -> dict:
 
 
 def child_main(args: argparse.Namespace) -> None:
-    import torch
+    from protofl.runtime import apply_threads
 
-    torch.set_num_threads(args.threads)
+    threads = apply_threads(args.threads)  # protofl's thread policy: torch's pools and numpy's BLAS
     if args.kind == "plain":
         out = run_plain(args.clients, args.rounds)
     elif args.kind == "flower":
@@ -386,6 +399,7 @@ def child_main(args: argparse.Namespace) -> None:
     import resource
 
     out["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["threads_in_force"] = threads
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -430,7 +444,8 @@ def launch(
     flower_timeout: float = 300.0,
     profile_release: bool = False,
 ) -> dict:
-    LOAD_SAMPLES.append(os.getloadavg()[0])
+    load = os.getloadavg()[0]
+    LOAD_SAMPLES.append(load)
     cmd = [
         sys.executable,
         __file__,
@@ -467,7 +482,9 @@ def launch(
         message = (stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"kind": kind, "clients": clients, "error": message}
     out = json.loads(lines[-1][len("RESULT ") :])
-    out.update(kind=kind, clients=clients, privacy=privacy, peak_tree_mb=max(peak, out["ru_maxrss_mb"]))
+    out.update(
+        kind=kind, clients=clients, privacy=privacy, peak_tree_mb=max(peak, out["ru_maxrss_mb"]), load_at_launch=load
+    )
     if "ready" in out:
         out["startup_s"] = out["ready"] - start
     if "round_wall" in out:
@@ -476,8 +493,8 @@ def launch(
         out["cpu_s_per_round"] = statistics.median(out["round_cpu"][1:] or out["round_cpu"])
         out["first_round_s"] = out["round_wall"][0]
         cpu_later = out["round_cpu"][1:] or out["round_cpu"]
-        for part in ("check", "release"):
-            values = out[f"mechanism_{part}"][1:] or out[f"mechanism_{part}"]
+        for part in ("check", "release", "diagnostics"):
+            values = out.get(f"mechanism_{part}", [0.0])[1:] or out.get(f"mechanism_{part}", [0.0])
             out[f"mechanism_{part}_s"] = statistics.fmean(values)
             out[f"mechanism_{part}_share"] = sum(values) / sum(cpu_later) if sum(cpu_later) else 0.0
     print(
@@ -613,20 +630,26 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
             ),
             "",
             (
-                "| mechanism | path | round (CPU s) | budget check (CPU s) | releases (CPU s) | share: check | "
-                "share: releases | share: mechanism |"
+                "VPP's selection diagnostics (each client's clean ANOVA and between-class energy for the round row's "
+                "`vpp_selected_energy` and `vpp_overlap`) are not part of the release and are given apart."
             ),
-            "|---|---|---|---|---|---|---|---|",
+            "",
+            (
+                "| mechanism | path | round (wall s) | round (CPU s) | budget check (CPU s) | releases (CPU s) | "
+                "share: check | share: releases | share: mechanism | VPP diagnostics (share) | load at launch |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in priv:
             if "error" in row:
-                lines.append(f"| {row['privacy']} | {row['kind']} | n/a: {row['error']} | | | | | |")
+                lines.append(f"| {row['privacy']} | {row['kind']} | n/a: {row['error']} |" + " |" * 8)
                 continue
             lines.append(
-                f"| {row['privacy']} | {names[row['kind']]} | {row['cpu_s_per_round']:.4f} | "
+                f"| {row['privacy']} | {names[row['kind']]} | {row['s_per_round']:.4f} | {row['cpu_s_per_round']:.4f} | "
                 f"{row['mechanism_check_s']:.4f} | {row['mechanism_release_s']:.4f} | "
                 f"{100 * row['mechanism_check_share']:.1f} % | {100 * row['mechanism_release_share']:.1f} % | "
-                f"{100 * (row['mechanism_check_share'] + row['mechanism_release_share']):.1f} % |"
+                f"{100 * (row['mechanism_check_share'] + row['mechanism_release_share']):.1f} % | "
+                f"{100 * row.get('mechanism_diagnostics_share', 0.0):.1f} % | {row.get('load_at_launch', math.nan):.1f} |"
             )
     profiled = [row for row in results.get("release_profile", []) if "error" not in row]
     if profiled:
@@ -650,7 +673,9 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
         ]
         for row in profiled:
             parts = [
-                statistics.fmean(row[f"mechanism_part:{label}"][1:] or row[f"mechanism_part:{label}"])
+                statistics.fmean(
+                    row.get(f"mechanism_part:{label}", [0.0])[1:] or row.get(f"mechanism_part:{label}", [0.0])
+                )
                 for _, _, label in RELEASE_PARTS[:4]
             ]
             mechanism_s = parts[3]
@@ -658,6 +683,29 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
                 f"| {row['privacy']} | {names[row['kind']]} | "
                 + " | ".join(f"{v:.4f}" for v in parts)
                 + f" | {row['mechanism_release_s'] - mechanism_s:.4f} | {row['mechanism_release_s']:.4f} |"
+            )
+    threads = [row for row in results.get("thread_rounds", []) if "error" not in row]
+    if threads:
+        lines += [
+            "",
+            "### The batched round at 1 and 2 threads",
+            "",
+            (
+                f"protofl batched, {threads[0]['clients']} clients, the workload above, with and without a release, "
+                "under protofl's thread policy (`protofl.runtime.apply_threads`: torch's intra-op and inter-op "
+                "pools and numpy's BLAS pool set to the count). Median of rounds 2+. CPU / wall above 1 means the "
+                "round ran on more than one core at a time; the load average at each launch says how busy the "
+                "cores were with other work."
+            ),
+            "",
+            "| mechanism | threads | s / round (wall) | s / round (CPU) | CPU / wall | releases (share of CPU) | load at launch |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in threads:
+            lines.append(
+                f"| {row['privacy']} | {row['threads_in_force']['threads']} | {row['s_per_round']:.4f} | "
+                f"{row['cpu_s_per_round']:.4f} | {row['cpu_s_per_round'] / row['s_per_round']:.2f} | "
+                f"{100 * row['mechanism_release_share']:.1f} % | {row['load_at_launch']:.1f} |"
             )
     prof = results.get("breakdown")
     if prof and "parts" in prof:
@@ -770,7 +818,7 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         nargs="+",
-        default=["grid", "privacy", "breakdown", "embeddings"],
+        default=["grid", "privacy", "threads", "breakdown", "embeddings"],
         help="run only these parts; the others are kept from an earlier results.json in --out",
     )
     parser.add_argument(
@@ -792,7 +840,7 @@ def main() -> None:
     previous = args.out / "results.json"
     results: dict[str, Any] = (
         json.loads(previous.read_text())
-        if previous.exists() and set(args.parts) != {"grid", "privacy", "breakdown", "embeddings"}
+        if previous.exists() and set(args.parts) != {"grid", "privacy", "threads", "breakdown", "embeddings"}
         else {}
     )
     results.update(workload=WORKLOAD, threads=args.threads)
@@ -826,6 +874,12 @@ def main() -> None:
         results["release_profile"] = [
             launch("batched", args.privacy_clients, args.rounds, args.threads, privacy=mech, profile_release=True)
             for mech in ("vpp", "igpp")
+        ]
+    if "threads" in args.parts:
+        results["thread_rounds"] = [
+            launch("batched", args.privacy_clients, args.rounds, threads, privacy=mech)
+            for mech in ("none", "igpp", "vpp")
+            for threads in (1, 2)
         ]
     if "breakdown" in args.parts:
         results["breakdown"] = launch("breakdown", 100, args.rounds, args.threads)

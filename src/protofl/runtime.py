@@ -8,6 +8,7 @@ and the git commit when protofl runs from a checkout).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from protofl.config import ConfigError
+
+log = logging.getLogger("protofl.runtime")
 
 #: Signals that asked the command to stop (Ctrl-C, SIGTERM), appended by the command line's handler; the
 #: round loop stops before the next round when one is here (see :func:`check_stop`).
@@ -74,21 +77,45 @@ def worker_processes() -> int:
 
 
 def resolve_threads(threads: int) -> int:
-    """``federation.threads``, with 0 meaning the available cores divided among the worker processes."""
-    return threads if threads > 0 else max(1, available_cores() // worker_processes())
+    """``federation.threads``, with 0 meaning the available cores divided among the worker processes
+    (all of them for a process alone, ``cores / workers`` in a sweep's worker). An explicit count that,
+    times the worker processes, exceeds the cores is kept but logged as oversubscribed: the threads
+    would take turns on the cores, each round slower than with fewer."""
+    if threads > 0:
+        cores, workers = available_cores(), worker_processes()
+        if threads * workers > cores:
+            log.warning(
+                "federation.threads = %d in each of %d worker process(es) on %d core(s): %d threads compete for "
+                "the cores (oversubscribed); 0 divides the cores among the workers",
+                threads,
+                workers,
+                cores,
+                threads * workers,
+            )
+        return threads
+    return max(1, available_cores() // worker_processes())
 
 
 def apply_threads(threads: int) -> dict[str, int]:
-    """Set torch's intra-op and inter-op threads; returns what is in force. The inter-op pool can
-    only be sized before its first use in a process: a later call keeps the size it has."""
+    """Set torch's intra-op and inter-op threads and the thread pools of the BLAS libraries loaded in this
+    process (numpy's: the privacy releases' matrix products run there), so that a sweep's workers do not
+    each start a pool the size of the machine; returns what is in force. The inter-op pool can only be
+    sized before its first use in a process: a later call keeps the size it has."""
     import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(threads)
     except RuntimeError:
         pass  # already started in this process (e.g. a second run in one Python session)
-    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+    threadpool_limits(limits=threads, user_api="blas")
+    blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    return {
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "blas_threads": max(blas, default=0),
+    }
 
 
 def versions() -> dict[str, str | None]:

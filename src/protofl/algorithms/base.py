@@ -288,6 +288,17 @@ class LocalOutcome:
     trainer_state: State
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class StackedFeatures:
+    """The train features of a batched round's clients under their trained parameters, padded:
+    ``features`` (K, n_max, d), ``labels`` (K, n_max) and ``weight`` (K, n_max; 1 on a client's own rows,
+    0 on padding). Client k's own rows are the first ``num_train`` of its row."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    weight: torch.Tensor
+
+
 class ModelAlgorithm(Algorithm):
     """A method whose clients train model parameters on ONE per-example-weighted local loss.
 
@@ -384,16 +395,27 @@ class ModelAlgorithm(Algorithm):
         trained, metrics = train_batched(start, batch, self.loss, self.config, generators, (context,))
         features: list[torch.Tensor | None] = [None] * len(datas)
         stats: list[PrototypeAccumulator | None] = [None] * len(datas)
+        stacked = None
         if self.reply_uses_features:
             z, weight, index = batched_features(self.forward, trained, batch)
             features = [z[c, : d.num_train] for c, d in enumerate(datas)]
-            stats = list(PrototypeAccumulator.per_client(z, batch.y[index], weight, self.task.num_classes))
-        return [
-            self.reply(LocalOutcome(s, d, received, p, z_c, a, g, m, b, {}))
+            stacked = StackedFeatures(z, batch.y[index], weight)
+            stats = list(PrototypeAccumulator.per_client(z, stacked.labels, weight, self.task.num_classes))
+        outcomes = [
+            LocalOutcome(s, d, received, p, z_c, a, g, m, b, {})
             for s, d, p, z_c, a, g, m, b in zip(
                 client_states, datas, unstack_params(trained), features, stats, generators, metrics, befores
             )
         ]
+        return self.replies(outcomes, stacked)
+
+    def replies(
+        self, outcomes: list[LocalOutcome], stacked: StackedFeatures | None
+    ) -> list[tuple[State, Payload, dict[str, float]]]:
+        """The replies of a batched round's clients, in order: :meth:`reply` of each. ``stacked``: their
+        train features as one padded stack (where :attr:`reply_uses_features`), for a method whose reply
+        has a part that runs as one program over every client (a prototype release)."""
+        return [self.reply(outcome) for outcome in outcomes]
 
 
 def cpu_model(task: Task) -> FeatureNet:

@@ -37,6 +37,7 @@ from protofl.algorithms.base import (
     LocalTrainingConfig,
     ModelAlgorithm,
     Params,
+    StackedFeatures,
     State,
     arrays_to_params,
     compute_features,
@@ -50,7 +51,7 @@ from protofl.config import ConfigError, check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY
 from protofl.privacy.layer import PrototypeReleaseLayer
-from protofl.privacy.mechanisms import clip_rows, selection_diagnostics
+from protofl.privacy.mechanisms import clip_rows, selection_diagnostics, selection_diagnostics_batch
 from protofl.privacy.vpdr import DistillationClipping
 from protofl.prototypes import PrototypeAccumulator
 from protofl.training import masked_cross_entropy, train_local
@@ -333,6 +334,49 @@ class FedProto(ModelAlgorithm):
             metrics.update(selection_diagnostics(z.cpu(), y.cpu(), release.selected))  # NumPy, on the CPU
         return release.classes, release.prototypes, release.counts, ledger, metrics
 
+    #: Whether a batched round releases its clients' prototypes as one program
+    #: (:meth:`release_prototypes_batch`); an audit that watches every client's release one by one
+    #: (:func:`protofl.privacy.audit.watch_releases`) turns it off for its run.
+    batch_releases: bool = True
+
+    def release_prototypes_batch(
+        self, stacked: StackedFeatures, outcomes: list[LocalOutcome]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, float]]]:
+        """:meth:`release_prototypes` of a batched round's clients (their padded train features
+        ``stacked``) under the run's prototype release, as one program: one clip, one ANOVA where the
+        selection needs it, each client's noise from its own generator, the ledgers checked and updated
+        together (:meth:`~protofl.privacy.layer.PrototypeReleaseLayer.release_batch`). Each client's
+        release, ledger and metrics are those of its own :meth:`release_prototypes`."""
+        layer = self.privacy_layer
+        assert isinstance(layer, PrototypeReleaseLayer)
+        received = outcomes[0].received  # one broadcast serves the whole batch
+        public = None if received is None else torch.from_numpy(np.asarray(received["prototypes"]))
+        released = layer.release_batch(
+            stacked.features,
+            stacked.labels,
+            stacked.weight,
+            [o.generator for o in outcomes],
+            [o.client_state for o in outcomes],
+            [f"client {o.data.client_id}" for o in outcomes],
+            received=public,
+        )
+        metrics: list[dict[str, float]] = [{"privacy_noise_std": float(r.noise_std.mean())} for r, _ in released]
+        chosen = [r.selected for r, _ in released if r.selected is not None]
+        if len(chosen) == len(released):
+            diagnostics = selection_diagnostics_batch(stacked.features, stacked.labels, stacked.weight, chosen)
+            for m, s, extra in zip(metrics, chosen, diagnostics):
+                m["vpp_selected_fraction"] = len(s) / stacked.features.shape[2]
+                m.update(extra)
+        return [(r.classes, r.prototypes, r.counts, ledger, m) for (r, ledger), m in zip(released, metrics)]
+
+    def replies(self, outcomes: list[LocalOutcome], stacked: StackedFeatures | None):
+        if stacked is None or not self.batch_releases or not isinstance(self.privacy_layer, PrototypeReleaseLayer):
+            return super().replies(outcomes, stacked)
+        return [
+            self.reply_with(outcome, released)
+            for outcome, released in zip(outcomes, self.release_prototypes_batch(stacked, outcomes))
+        ]
+
     def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return self.forward(params, x)[0]
 
@@ -341,20 +385,26 @@ class FedProto(ModelAlgorithm):
         return functional_call(self.model.head, {k[5:]: v for k, v in params.items() if k.startswith("head.")}, (z,))
 
     def reply(self, outcome: LocalOutcome):
-        data = outcome.data
-        new_state: State = {} if self.shares_model else {"params": outcome.params}
-        new_state.update(outcome.trainer_state)
         # given, as this method asks for them (reply_uses_features)
         assert outcome.features is not None and outcome.feature_stats is not None
-        classes, protos, counts, ledger, release_metrics = self.release_prototypes(
+        released = self.release_prototypes(
             outcome.features,
-            data.y_train,
+            outcome.data.y_train,
             outcome.feature_stats,
             outcome.generator,
             outcome.client_state,
-            data.client_id,
+            outcome.data.client_id,
             outcome.received,
         )
+        return self.reply_with(outcome, released)
+
+    def reply_with(self, outcome: LocalOutcome, released: tuple[Any, ...]):
+        """The reply of ``outcome`` given its prototypes ``released`` (:meth:`release_prototypes`'s
+        ``(classes, prototypes, counts, ledger state or None, metrics)``)."""
+        data = outcome.data
+        new_state: State = {} if self.shares_model else {"params": outcome.params}
+        new_state.update(outcome.trainer_state)
+        classes, protos, counts, ledger, release_metrics = released
         if ledger is not None:
             new_state[LEDGER_KEY] = ledger
         arrays = {

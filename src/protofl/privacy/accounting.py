@@ -458,6 +458,11 @@ class PrivacyLedger:
 
     def spend(self, events: Sequence[tuple[Event, int]], who: str = "this party") -> None:
         self.check(events, who)
+        self.record(events)
+
+    def record(self, events: Sequence[tuple[Event, int]]) -> None:
+        """Add ``events`` to the record with no budget check: for a caller that has just checked them
+        (:meth:`check`), e.g. for several ledgers at once before any records."""
         self.events = _merged([*self.events, *events])
 
     def state_dict(self) -> list[tuple[dict[str, Any], int]]:

@@ -245,6 +245,7 @@ def watch_releases(algorithm: Any, on_release: Any) -> None:
 
     algorithm.release_prototypes = release_hook
     layer.noisy_prototypes = noisy_hook
+    algorithm.batch_releases = False  # every release goes through the hooks above, one client at a time
 
 
 class ReleaseCanaries(CanaryDesign):

@@ -42,8 +42,10 @@ from protofl.privacy.mechanisms import (
     PrototypeRelease,
     broadcast_top_k,
     igpp_release,
+    igpp_release_batch,
     split_multiplier,
     vpp_release,
+    vpp_release_batch,
 )
 
 __all__ = [
@@ -101,6 +103,19 @@ class PrivacyLayer(abc.ABC):
         ledger = self.ledger(client_state)
         ledger.spend(events, who)
         return ledger.state_dict()
+
+    def spend_together(
+        self, client_states: Sequence[State], events: Sequence[tuple[Event, int]], whos: Sequence[str]
+    ) -> list[list]:
+        """:meth:`spend` for several clients at once: every ledger is checked before any records, so a
+        client that would exceed its budget raises (:class:`~protofl.privacy.accounting.BudgetExceededError`)
+        with nothing recorded for any of them. Returns their new ledger states, in order."""
+        ledgers = [self.ledger(state) for state in client_states]
+        for ledger, who in zip(ledgers, whos):
+            ledger.check(events, who)
+        for ledger in ledgers:
+            ledger.record(events)
+        return [ledger.state_dict() for ledger in ledgers]
 
     def check_next(self, client_state: State, who: str) -> None:  # noqa: B027 (a hook: no check by default)
         """Raise :class:`~protofl.privacy.accounting.BudgetExceededError` if the client's next release
@@ -167,11 +182,40 @@ class PrototypeReleaseLayer(PrivacyLayer):
         public = None if received is None else received.cpu()
         return self.noisy_prototypes(z.cpu(), y.cpu(), generator, public), ledger
 
+    def release_batch(
+        self,
+        z: torch.Tensor,
+        y: torch.Tensor,
+        weight: torch.Tensor | None,
+        generators: Sequence[torch.Generator],
+        client_states: Sequence[State],
+        whos: Sequence[str],
+        received: torch.Tensor | None = None,
+    ) -> list[tuple[PrototypeRelease, list]]:
+        """:meth:`release` of the ``K`` clients of a batched round as one program: features ``z`` (K, n, d),
+        labels ``y`` (K, n), ``weight`` (K, n: 0 on padding rows), each client's generator, state and
+        name. Every ledger is checked and records the release before any noise is drawn
+        (:meth:`spend_together`); client k's noise comes from ``generators[k]`` alone, so its release
+        and its ledger are those of :meth:`release` on its own rows."""
+        ledgers = self.spend_together(client_states, self.release_events(), whos)
+        return list(zip(self.noisy_prototypes_batch(z, y, weight, generators, received), ledgers))
+
     @abc.abstractmethod
     def noisy_prototypes(
         self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, received: torch.Tensor | None = None
     ) -> PrototypeRelease:
         """The mechanism itself (its cost is :meth:`release_events`)."""
+
+    @abc.abstractmethod
+    def noisy_prototypes_batch(
+        self,
+        z: torch.Tensor,
+        y: torch.Tensor,
+        weight: torch.Tensor | None,
+        generators: Sequence[torch.Generator],
+        received: torch.Tensor | None = None,
+    ) -> list[PrototypeRelease]:
+        """:meth:`noisy_prototypes` of ``K`` clients as one program (see :meth:`release_batch`)."""
 
     def report(self, client_states: Iterable[State], all_accountants: bool = True) -> dict[str, Any]:
         c = self.config
@@ -206,6 +250,21 @@ class IGPPLayer(PrototypeReleaseLayer):
             c.clip_bound,
             self.noise_multiplier,
             generator,
+            c.sensitivity,
+            c.relation,
+            c.count_fraction,
+        )
+
+    def noisy_prototypes_batch(self, z, y, weight, generators, received=None) -> list[PrototypeRelease]:
+        c = self.config
+        return igpp_release_batch(
+            z,
+            y,
+            weight,
+            self.num_classes,
+            c.clip_bound,
+            self.noise_multiplier,
+            generators,
             c.sensitivity,
             c.relation,
             c.count_fraction,
@@ -255,6 +314,25 @@ class VPPLayer(PrototypeReleaseLayer):
             c.relation,
             c.count_fraction,
             self.public_selection(received, z.shape[1]),
+        )
+
+    def noisy_prototypes_batch(self, z, y, weight, generators, received=None) -> list[PrototypeRelease]:
+        c = self.config
+        return vpp_release_batch(
+            z,
+            y,
+            weight,
+            self.num_classes,
+            c.clip_bound,
+            self.noise_multiplier,
+            c.rho,
+            c.score_cap,
+            self.selection_epsilon,
+            generators,
+            c.sensitivity,
+            c.relation,
+            c.count_fraction,
+            self.public_selection(received, z.shape[2]),
         )
 
     def report(self, client_states: Iterable[State], all_accountants: bool = True) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -72,14 +72,17 @@ __all__ = [
     "clip_rows",
     "gaussian_noise",
     "igpp_release",
+    "igpp_release_batch",
     "laplace_noise",
     "private_top_k",
     "selection_diagnostics",
+    "selection_diagnostics_batch",
     "sensitivity_rule",
     "soft_clip",
     "split_multiplier",
     "vpp_group_noise",
     "vpp_release",
+    "vpp_release_batch",
 ]
 
 
@@ -134,43 +137,69 @@ def anova_scores(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     between-class mean square over (within-class mean square + ζ), ζ = 1e-3 × median of the
     between-class term. Zero everywhere when fewer than two classes or no within-class degrees of
     freedom are present (nothing to rank)."""
-    return torch.from_numpy(_anova(z.detach().double().numpy(), y.numpy()))
+    return torch.from_numpy(_anova(_Stack.of(z[None], y[None])))[0]
 
 
-def _anova(z: np.ndarray, y: np.ndarray, groups: _Groups | None = None) -> np.ndarray:
-    """:func:`anova_scores` on float64 numpy arrays (a release runs it per client: numpy's per-call cost
-    is a fraction of torch's on these small arrays). ζ takes the lower middle value, as ``torch.median``."""
-    g = groups if groups is not None else _Groups.of(y)
-    n, c = len(y), len(g.counts)
-    if c < 2 or n <= c:
-        return np.zeros(z.shape[1])
-    means = g.sums(z) / g.counts[:, None]
-    between = (g.counts[:, None] * (means - z.mean(0)) ** 2).sum(0) / (c - 1)
-    within = ((z - means[g.inverse]) ** 2).sum(0) / (n - c)
-    zeta = 1e-3 * np.sort(between)[(len(between) - 1) // 2]
-    return between / np.maximum(within + zeta, 1e-300)
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Stack:
+    """The train features of ``K`` clients as one padded float64 program (a single client is ``K = 1``):
+    ``x`` (K, n, d), with the padding rows and every row that holds a non-finite value set to zero
+    (:func:`finite_rows`); ``real`` (K, n) marks each client's own rows, ``labels`` (K, n) their classes,
+    ``onehot`` (K, C, n) the indicator of each class's real rows and ``counts`` (K, C) the exact class
+    counts, so that every client's per-class sums are one batched matrix product (:meth:`sums`)."""
 
-
-@dataclasses.dataclass(frozen=True)
-class _Groups:
-    """The classes present in labels ``y`` (sorted), their counts, each row's index among them and the
-    (classes × rows) indicator matrix, so that per-class sums are one small matrix product."""
-
-    classes: np.ndarray
+    x: np.ndarray
+    real: np.ndarray
+    labels: np.ndarray
+    onehot: np.ndarray
     counts: np.ndarray
-    inverse: np.ndarray
-    indicator: np.ndarray
 
     @classmethod
-    def of(cls, y: np.ndarray, num_classes: int = 0) -> _Groups:
-        counts = np.bincount(y, minlength=num_classes)
-        classes = np.flatnonzero(counts)
-        inverse = np.searchsorted(classes, y)
-        indicator = (inverse[None, :] == np.arange(len(classes))[:, None]).astype(np.float64)
-        return cls(classes, counts[classes], inverse, indicator)
+    def of(cls, z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None, num_classes: int = 0) -> _Stack:
+        """From features ``z`` (K, n, d), labels ``y`` (K, n) and ``weight`` (K, n: nonzero on a client's
+        rows, 0 on padding; ``None``: every row is real); ``num_classes``: at least this many classes."""
+        x = z.detach().numpy().astype(np.float64)  # a copy: zeroing rows below never touches ``z``
+        labels = y.numpy()
+        real = np.ones(labels.shape, dtype=bool) if weight is None else weight.detach().numpy() > 0
+        x[~real] = 0.0
+        c = max(num_classes, int(labels.max()) + 1 if labels.size else 0)
+        onehot = ((labels[:, None, :] == np.arange(c)[None, :, None]) & real[:, None, :]).astype(np.float64)
+        return cls(finite_rows(x), real, labels, onehot, onehot.sum(-1).astype(np.int64))
 
-    def sums(self, z: np.ndarray) -> np.ndarray:
-        return self.indicator @ z
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def sums(self, x: np.ndarray) -> np.ndarray:
+        """Every client's per-class sums (K, C, d) of ``x`` (K, n, d; padding rows zero)."""
+        return np.matmul(self.onehot, x)
+
+    def spread(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(energy, within, n, c)``: per client and dimension the between-class energy
+        ``Σ_c n_c (μ_cj − μ_j)²`` and the within-class sum of squares of ``x``, and per client its
+        number of rows and of classes held."""
+        x, counts = self.x, self.counts
+        n = self.real.sum(1)
+        c = (counts > 0).sum(1)
+        means = self.sums(x) / np.maximum(counts, 1)[:, :, None]
+        grand = x.sum(1) / np.maximum(n, 1)[:, None]
+        energy = (counts[:, :, None] * (means - grand[:, None, :]) ** 2).sum(1)
+        # Each real row's class mean (exactly: one 1 and zeros per row), 0 on padding rows (whose x is 0).
+        rows = np.matmul(self.onehot.transpose(0, 2, 1), means)
+        within = ((x - rows) ** 2).sum(1)
+        return energy, within, n, c
+
+
+def _anova(stack: _Stack, spread: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
+    """:func:`anova_scores` of every client of ``stack`` (K, d), in float64 numpy (a release runs it for
+    the clients of a round: numpy's per-call cost is a fraction of torch's on these small arrays), from
+    its :meth:`_Stack.spread` (computed here if not given). ζ takes the lower middle value, as
+    ``torch.median``."""
+    energy, within, n, c = spread if spread is not None else stack.spread()
+    between = energy / np.maximum(c - 1, 1)[:, None]
+    zeta = 1e-3 * np.sort(between, axis=1)[:, (between.shape[1] - 1) // 2]
+    scores = between / np.maximum(within / np.maximum(n - c, 1)[:, None] + zeta[:, None], 1e-300)
+    scores[(c < 2) | (n <= c)] = 0.0
+    return scores
 
 
 def private_top_k(scores: torch.Tensor, k: int, cap: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
@@ -188,16 +217,31 @@ def private_top_k(scores: torch.Tensor, k: int, cap: float, epsilon: float, gene
 
 
 def _top_k(scores: np.ndarray, k: int, cap: float, epsilon: float, generator: torch.Generator) -> np.ndarray:
-    """:func:`private_top_k`'s peeling (``0 < k < d``): all k rounds' noise in one draw (row i is round
-    i's fresh noise, drawn in the same order as k draws of d); round i takes the first dimension of its
-    row's descending (stable: ties to the lower index, as argmax) order not taken by an earlier round."""
+    """:func:`private_top_k`'s peeling (``0 < k < d``): :func:`_top_k_batch` of one client."""
+    return _top_k_batch(scores[None], k, cap, epsilon, [generator])[0]
+
+
+def _top_k_batch(
+    scores: np.ndarray, k: int, cap: float, epsilon: float, generators: Sequence[torch.Generator]
+) -> list[np.ndarray]:
+    """The peeling of ``K`` clients' scores (K, d) (``0 < k < d``), client i's noise from ``generators[i]``
+    alone: all k rounds' noise in one draw per client (row j is round j's fresh noise, drawn in the same
+    order as k draws of d); round j takes the first dimension of its row's descending (stable: ties to
+    the lower index, as argmax) order not taken by an earlier round. One sort serves every client."""
     scale = 2 * k * cap / epsilon
-    noisy = np.minimum(np.maximum(scores, 0), cap)[None, :] + laplace_noise((k, len(scores)), scale, generator).numpy()
-    taken: set[int] = set()
-    # Round i (0-based) skips at most i taken dimensions: the first k of each row's order suffice.
-    for order in np.argsort(-noisy, axis=1, kind="stable")[:, :k].tolist():
-        taken.add(next(j for j in order if j not in taken))
-    return np.array(sorted(taken), dtype=np.int64)
+    noisy = np.empty((len(generators), k, scores.shape[1]))
+    for client, generator in enumerate(generators):
+        noisy[client] = laplace_noise(noisy.shape[1:], scale, generator).numpy()
+    noisy += np.minimum(np.maximum(scores, 0), cap)[:, None, :]
+    # Round j (0-based) skips at most j taken dimensions: the first k of each row's order suffice.
+    orders = np.argsort(-noisy, axis=2, kind="stable")[:, :, :k]
+    clients = np.arange(len(generators))
+    taken = np.zeros(scores.shape, dtype=bool)
+    for j in range(k):  # every client's round j at once
+        candidates = orders[:, j, :]
+        first = np.argmax(~taken[clients[:, None], candidates], axis=1)
+        taken[clients, candidates[clients, first]] = True
+    return [np.flatnonzero(row) for row in taken]
 
 
 def broadcast_top_k(prototypes: torch.Tensor | np.ndarray, k: int) -> np.ndarray | None:
@@ -247,22 +291,33 @@ def selection_diagnostics(z: torch.Tensor, y: torch.Tensor, selected: torch.Tens
     dimensions, and ``vpp_overlap``, the share of the true top-k by the clean ANOVA F score that was
     selected. NaN when the client has no between-class energy (fewer than two classes, or features
     that do not differ between them)."""
-    x, labels = z.detach().double().numpy(), y.numpy()
-    groups = _Groups.of(labels)
-    k = len(selected)
-    chosen = selected.numpy()
-    if len(groups.counts) < 2:
-        return {"vpp_selected_energy": math.nan, "vpp_overlap": math.nan}
-    means = groups.sums(x) / groups.counts[:, None]
-    energy = (groups.counts[:, None] * (means - x.mean(0)) ** 2).sum(0)
-    total = energy.sum()
-    if not total > 0:  # e.g. features collapsed to zero: nothing to rank
-        return {"vpp_selected_energy": math.nan, "vpp_overlap": math.nan}
-    top = np.argsort(-_anova(x, labels, groups), kind="stable")[:k]
-    return {
-        "vpp_selected_energy": float(energy[chosen].sum() / total),
-        "vpp_overlap": len(np.intersect1d(top, chosen)) / k,
-    }
+    return selection_diagnostics_batch(z[None], y[None], None, [selected])[0]
+
+
+def selection_diagnostics_batch(
+    z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, selected: list[torch.Tensor]
+) -> list[dict[str, float]]:
+    """:func:`selection_diagnostics` of ``K`` clients at once: features ``z`` (K, n, d), labels ``y``
+    (K, n), ``weight`` (K, n; 0 on padding, ``None``: no padding) and each client's selection."""
+    stack = _Stack.of(z, y, weight)
+    spread = stack.spread()
+    energy, _, _, c = spread
+    scores = _anova(stack, spread)
+    out = []
+    for client, chosen in enumerate(selected):
+        total = energy[client].sum()
+        if c[client] < 2 or not total > 0:  # e.g. features collapsed to zero: nothing to rank
+            out.append({"vpp_selected_energy": math.nan, "vpp_overlap": math.nan})
+            continue
+        picked = chosen.numpy()
+        top = np.argsort(-scores[client], kind="stable")[: len(picked)]
+        out.append(
+            {
+                "vpp_selected_energy": float(energy[client, picked].sum() / total),
+                "vpp_overlap": len(np.intersect1d(top, picked)) / len(picked),
+            }
+        )
+    return out
 
 
 def vpp_group_noise(d: int, k: int, noise_multiplier: float) -> tuple[float, float, float, float]:
@@ -363,42 +418,55 @@ class PrototypeRelease:
 
 def _release(
     clipped: np.ndarray,
-    groups: _Groups,
+    stack: _Stack,
     num_classes: int,
     bound: float,
     multipliers: np.ndarray,
     rule: SensitivityRule,
     count_multiplier: float | None,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
     events: tuple[tuple[Event, int], ...],
-    selected: torch.Tensor | None = None,
-) -> PrototypeRelease:
-    """The release of features ``clipped`` (rows already clipped): per-class statistic plus noise of std
-    ``Δ_c × multipliers`` (per coordinate, at σ_f), and, with a ``count_multiplier`` (σ_n, add/remove),
-    every class ``0..C-1`` with noisy counts; without (replace-one), the held classes and exact counts.
-    The features' noise is drawn first, then the counts'."""
-    if count_multiplier is None:
-        classes, counts = groups.classes, groups.counts
-        statistic = groups.sums(clipped) / counts[:, None]
-    else:
-        classes = np.arange(num_classes)
-        counts = np.zeros(num_classes, dtype=np.int64)
-        counts[groups.classes] = groups.counts
-        sums = np.zeros((num_classes, clipped.shape[1]))
-        sums[groups.classes] = groups.sums(clipped)
-        statistic = sums if rule.sums else sums / np.maximum(counts, 1)[:, None]
-    delta = rule.delta(bound, counts, len(classes))
-    std = torch.from_numpy(delta[:, None] * multipliers[None, :])
-    noisy = torch.from_numpy(statistic) + gaussian_noise(tuple(statistic.shape), std, generator)
-    if count_multiplier is None:
-        return PrototypeRelease(
-            torch.from_numpy(classes), noisy.float(), torch.from_numpy(counts), std, events, selected, 0.0, noisy
-        )
-    noisy_counts = torch.from_numpy(counts).double() + gaussian_noise((num_classes,), count_multiplier, generator)
-    prototypes = noisy / noisy_counts.clamp_min(1.0)[:, None] if rule.sums else noisy
-    return PrototypeRelease(
-        torch.from_numpy(classes), prototypes.float(), noisy_counts, std, events, selected, count_multiplier, noisy
-    )
+    selected: Sequence[torch.Tensor | None] | None = None,
+) -> list[PrototypeRelease]:
+    """The releases of the ``K`` clients of ``stack`` from their features ``clipped`` (K, n, d; rows
+    already clipped, padding zero): per-class statistic plus noise of std ``Δ_c × multipliers[k]`` (per
+    coordinate, at σ_f), and, with a ``count_multiplier`` (σ_n, add/remove), every class ``0..C-1`` with
+    noisy counts; without (replace-one), the held classes and exact counts. Client k's noise comes from
+    ``generators[k]`` alone, its features' first, then its counts', each in one call of
+    :func:`gaussian_noise` into a preallocated tensor: the same draws as a release of that client alone."""
+    sums = stack.sums(clipped)
+    counts = stack.counts
+    chosen = selected if selected is not None else [None] * len(stack)
+    if count_multiplier is None:  # the held classes of each client: their number differs between clients
+        out = []
+        for k, generator in enumerate(generators):
+            classes = np.flatnonzero(counts[k])
+            held = counts[k, classes]
+            std = torch.from_numpy(rule.delta(bound, held, len(classes))[:, None] * multipliers[k][None, :])
+            statistic = sums[k, classes] / held[:, None]
+            noisy = torch.from_numpy(statistic) + gaussian_noise(tuple(statistic.shape), std, generator)
+            out.append(
+                PrototypeRelease(
+                    torch.from_numpy(classes), noisy.float(), torch.from_numpy(held), std, events, chosen[k], 0.0, noisy
+                )
+            )
+        return out
+    statistic = sums if rule.sums else sums / np.maximum(counts, 1)[:, :, None]
+    delta = np.stack([rule.delta(bound, client_counts, num_classes) for client_counts in counts])
+    std = torch.from_numpy(delta[:, :, None] * multipliers[:, None, :])
+    noise = torch.empty(statistic.shape, dtype=torch.float64)
+    count_noise = torch.empty(counts.shape, dtype=torch.float64)
+    for k, generator in enumerate(generators):
+        noise[k] = gaussian_noise(tuple(noise.shape[1:]), std[k], generator)
+        count_noise[k] = gaussian_noise((num_classes,), count_multiplier, generator)
+    noisy = torch.from_numpy(statistic) + noise
+    noisy_counts = torch.from_numpy(counts).double() + count_noise
+    prototypes = (noisy / noisy_counts.clamp_min(1.0)[:, :, None] if rule.sums else noisy).float()
+    every = torch.arange(num_classes)
+    return [
+        PrototypeRelease(every, prototypes[k], noisy_counts[k], std[k], events, chosen[k], count_multiplier, noisy[k])
+        for k in range(len(stack))
+    ]
 
 
 def _multipliers(noise_multiplier: float, relation: str, count_fraction: float) -> tuple[float, float | None]:
@@ -409,15 +477,16 @@ def _multipliers(noise_multiplier: float, relation: str, count_fraction: float) 
 
 
 def _clip(x: np.ndarray, bound: float) -> np.ndarray:
-    return x * np.minimum(bound / np.maximum(np.sqrt((x * x).sum(1)), 1e-12), 1.0)[:, None]
+    """Every row (last axis) of ``x`` scaled to norm at most ``bound``."""
+    return x * np.minimum(bound / np.maximum(np.sqrt((x * x).sum(-1)), 1e-12), 1.0)[..., None]
 
 
 def finite_rows(x: np.ndarray) -> np.ndarray:
-    """``x`` with every row that holds a non-finite value set to zero. A feature map driven to overflow (one
+    """``x`` with every row (last axis) that holds a non-finite value set to zero. A feature map driven to overflow (one
     out-of-range example at a high learning rate can do it) would otherwise make the release NaN, and the
     server's rejection of that reply would tell it so, outside ε; a zero row is inside the R-ball, so the
     sensitivity is unchanged."""
-    bad = ~np.isfinite(x).all(axis=1)
+    bad = ~np.isfinite(x).all(axis=-1)
     if bad.any():
         x = x.copy()
         x[bad] = 0.0
@@ -437,22 +506,56 @@ def igpp_release(
 ) -> PrototypeRelease:
     """IGPP: clip every feature to norm ``bound``, take the per-class statistic (:data:`SENSITIVITY`) and
     add N(0, (σ_f Δ)² I), plus (add/remove) N(0, σ_n²) on every class count; costs one Gaussian release
-    at σ (the module docstring)."""
+    at σ (the module docstring). :func:`igpp_release_batch` of this one client."""
+    return igpp_release_batch(
+        z[None], y[None], None, num_classes, bound, noise_multiplier, [generator], sensitivity, relation, count_fraction
+    )[0]
+
+
+def igpp_release_batch(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    num_classes: int,
+    bound: float,
+    noise_multiplier: float,
+    generators: Sequence[torch.Generator],
+    sensitivity: str = "trained-features",
+    relation: str = "add-remove",
+    count_fraction: float = 0.1,
+) -> list[PrototypeRelease]:
+    """:func:`igpp_release` of ``K`` clients as one program: features ``z`` (K, n, d), labels ``y``
+    (K, n), ``weight`` (K, n: 0 on padding rows; ``None``: none) and each client's generator, from
+    which that client's noise alone is drawn (so each release equals the client's own)."""
     rule = sensitivity_rule(sensitivity, relation)
-    # In float64 numpy (clip_rows and the class means, as in vpp_release), once per client per round.
-    x, labels = finite_rows(z.detach().double().numpy()), y.numpy()
+    stack = _stack_of(z, y, weight, num_classes, generators)
     sigma_f, sigma_n = _multipliers(noise_multiplier, relation, count_fraction)
     return _release(
-        _clip(x, bound),
-        _Groups.of(labels, num_classes),
+        _clip(stack.x, bound),
+        stack,
         num_classes,
         bound,
-        np.full(x.shape[1], sigma_f),
+        np.full((len(stack), stack.x.shape[2]), sigma_f),
         rule,
         sigma_n,
-        generator,
+        generators,
         ((GaussianEvent(noise_multiplier), 1),),
     )
+
+
+def _stack_of(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    num_classes: int,
+    generators: Sequence[torch.Generator],
+) -> _Stack:
+    if z.dim() != 3 or y.shape != z.shape[:2] or len(generators) != z.shape[0]:
+        raise ValueError(
+            f"a batched release takes features (K, n, d), labels (K, n) and K generators; got {tuple(z.shape)}, "
+            f"{tuple(y.shape)} and {len(generators)}"
+        )
+    return _Stack.of(z, y, weight, num_classes)
 
 
 def vpp_release(
@@ -477,13 +580,49 @@ def vpp_release(
     Group A is the private selection of the client's ANOVA scores (``selection_epsilon``-DP; the release
     then costs one pure-DP selection and one Gaussian release at σ) or, given ``selected`` (sorted
     indices chosen without the client's data, e.g. :func:`broadcast_top_k`; its length is k), that one
-    (the release then costs the Gaussian release at σ only; with every dimension selected it is IGPP)."""
+    (the release then costs the Gaussian release at σ only; with every dimension selected it is IGPP).
+    :func:`vpp_release_batch` of this one client."""
+    return vpp_release_batch(
+        z[None],
+        y[None],
+        None,
+        num_classes,
+        bound,
+        noise_multiplier,
+        rho,
+        score_cap,
+        selection_epsilon,
+        [generator],
+        sensitivity,
+        relation,
+        count_fraction,
+        selected,
+    )[0]
+
+
+def vpp_release_batch(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    num_classes: int,
+    bound: float,
+    noise_multiplier: float,
+    rho: float,
+    score_cap: float,
+    selection_epsilon: float | None,
+    generators: Sequence[torch.Generator],
+    sensitivity: str = "trained-features",
+    relation: str = "add-remove",
+    count_fraction: float = 0.1,
+    selected: torch.Tensor | np.ndarray | None = None,
+) -> list[PrototypeRelease]:
+    """:func:`vpp_release` of ``K`` clients as one program (arguments as :func:`igpp_release_batch`): one
+    ANOVA over every client for a private selection, then each client's peeling with its own generator;
+    a public ``selected`` serves every client."""
     rule = sensitivity_rule(sensitivity, relation)
-    # In float64 numpy (the same steps as anova_scores, private_top_k, clip_groups and the class means;
-    # noise from ``generator`` in the same order), as this runs once per client per round.
-    x, labels = finite_rows(z.detach().double().numpy()), y.numpy()
-    d = x.shape[1]
-    groups = _Groups.of(labels, num_classes)
+    stack = _stack_of(z, y, weight, num_classes, generators)
+    x = stack.x
+    d = x.shape[2]
     events: tuple[tuple[Event, int], ...] = ((GaussianEvent(noise_multiplier), 1),)
     if selected is None:
         k = math.ceil(rho * d)
@@ -491,34 +630,39 @@ def vpp_release(
             raise ValueError(f"k must be in [1, {d}], got {k}")
         if selection_epsilon is None or not selection_epsilon > 0:
             raise ValueError(f"a private selection needs selection_epsilon > 0, got {selection_epsilon}")
-        chosen = (
-            np.arange(d) if k == d else _top_k(_anova(x, labels, groups), k, score_cap, selection_epsilon, generator)
-        )
+        if k == d:
+            chosen = [np.arange(d)] * len(stack)
+        else:
+            chosen = _top_k_batch(_anova(stack), k, score_cap, selection_epsilon, generators)
         events = ((PureDpEvent(selection_epsilon), 1), *events)
     else:
-        chosen = np.unique(np.asarray(selected, dtype=np.int64))
-        k = len(chosen)
-        if not (0 < k == len(selected) and 0 <= chosen[0] and chosen[-1] < d):
+        public = np.unique(np.asarray(selected, dtype=np.int64))
+        k = len(public)
+        if not (0 < k == len(selected) and 0 <= public[0] and public[-1] < d):
             raise ValueError(f"selected must be distinct dimensions in [0, {d}), got {len(selected)} of them")
-    in_a = np.zeros(d, dtype=bool)
-    in_a[chosen] = True
+        chosen = [public] * len(stack)
+    in_a = np.zeros((len(stack), d), dtype=bool)
+    for client, dims in enumerate(chosen):
+        in_a[client, dims] = True
     sigma_f, sigma_n = _multipliers(noise_multiplier, relation, count_fraction)
     kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, sigma_f)
     # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B.
     sq = x * x
-    scale_a = np.minimum(bound * kappa_a / np.maximum(np.sqrt(sq @ in_a), 1e-12), 1.0)
-    scale_b = np.minimum(bound * kappa_b / np.maximum(np.sqrt(sq @ ~in_a), 1e-12), 1.0)
-    clipped = x * scale_b[:, None]
-    np.multiply(x, scale_a[:, None], out=clipped, where=in_a[None, :])
+    norm_a = np.sqrt(np.matmul(sq, in_a[:, :, None].astype(np.float64))[..., 0])
+    norm_b = np.sqrt(np.matmul(sq, (~in_a)[:, :, None].astype(np.float64))[..., 0])
+    scale_a = np.minimum(bound * kappa_a / np.maximum(norm_a, 1e-12), 1.0)
+    scale_b = np.minimum(bound * kappa_b / np.maximum(norm_b, 1e-12), 1.0)
+    clipped = x * scale_b[..., None]
+    np.multiply(x, scale_a[..., None], out=clipped, where=in_a[:, None, :])
     return _release(
         clipped,
-        groups,
+        stack,
         num_classes,
         bound,
         np.where(in_a, s_a, s_b),
         rule,
         sigma_n,
-        generator,
+        generators,
         events,
-        torch.from_numpy(chosen),
+        [torch.from_numpy(dims) for dims in chosen],
     )
