@@ -363,7 +363,9 @@ class FedProto(ModelAlgorithm):
         metrics: list[dict[str, float]] = [{"privacy_noise_std": float(r.noise_std.mean())} for r, _ in released]
         chosen = [r.selected for r, _ in released if r.selected is not None]
         if len(chosen) == len(released):
-            diagnostics = selection_diagnostics_batch(stacked.features, stacked.labels, stacked.weight, chosen)
+            diagnostics = selection_diagnostics_batch(  # NumPy, on the CPU
+                stacked.features.cpu(), stacked.labels.cpu(), stacked.weight.cpu(), chosen
+            )
             for m, s, extra in zip(metrics, chosen, diagnostics):
                 m["vpp_selected_fraction"] = len(s) / stacked.features.shape[2]
                 m.update(extra)

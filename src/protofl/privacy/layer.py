@@ -196,9 +196,11 @@ class PrototypeReleaseLayer(PrivacyLayer):
         labels ``y`` (K, n), ``weight`` (K, n: 0 on padding rows), each client's generator, state and
         name. Every ledger is checked and records the release before any noise is drawn
         (:meth:`spend_together`); client k's noise comes from ``generators[k]`` alone, so its release
-        and its ledger are those of :meth:`release` on its own rows."""
+        and its ledger are those of :meth:`release` on its own rows. It runs on the CPU, as :meth:`release`."""
         ledgers = self.spend_together(client_states, self.release_events(), whos)
-        return list(zip(self.noisy_prototypes_batch(z, y, weight, generators, received), ledgers))
+        public = None if received is None else received.cpu()
+        rows = None if weight is None else weight.cpu()
+        return list(zip(self.noisy_prototypes_batch(z.cpu(), y.cpu(), rows, generators, public), ledgers))
 
     @abc.abstractmethod
     def noisy_prototypes(

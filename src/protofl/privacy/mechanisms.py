@@ -454,15 +454,15 @@ def _release(
     statistic = sums if rule.sums else sums / np.maximum(counts, 1)[:, :, None]
     delta = np.stack([rule.delta(bound, client_counts, num_classes) for client_counts in counts])
     std = torch.from_numpy(delta[:, :, None] * multipliers[:, None, :])
-    noise = torch.empty(statistic.shape, dtype=torch.float64)
-    count_noise = torch.empty(counts.shape, dtype=torch.float64)
+    noise = torch.empty(statistic.shape, dtype=torch.float64, device="cpu")  # releases run on the CPU
+    count_noise = torch.empty(counts.shape, dtype=torch.float64, device="cpu")
     for k, generator in enumerate(generators):
         noise[k] = gaussian_noise(tuple(noise.shape[1:]), std[k], generator)
         count_noise[k] = gaussian_noise((num_classes,), count_multiplier, generator)
     noisy = torch.from_numpy(statistic) + noise
     noisy_counts = torch.from_numpy(counts).double() + count_noise
     prototypes = (noisy / noisy_counts.clamp_min(1.0)[:, :, None] if rule.sums else noisy).float()
-    every = torch.arange(num_classes)
+    every = torch.arange(num_classes, device="cpu")
     return [
         PrototypeRelease(every, prototypes[k], noisy_counts[k], std[k], events, chosen[k], count_multiplier, noisy[k])
         for k in range(len(stack))
