@@ -377,7 +377,11 @@ class CReFF(FedAvg):
         arrays = {
             "grad_classes": np.arange(num_classes, dtype=np.int64),
             "grad_counts": release.counts.cpu().numpy().astype(np.float64),
-            "grad_weight": means[:, : num_classes * d].reshape(num_classes, num_classes, d).cpu().numpy().astype(np.float32),
+            "grad_weight": means[:, : num_classes * d]
+            .reshape(num_classes, num_classes, d)
+            .cpu()
+            .numpy()
+            .astype(np.float32),
             "grad_bias": means[:, num_classes * d : num_classes * d + num_classes].cpu().numpy().astype(np.float32),
         }
         if self.uploads_feature_gradient:

@@ -203,7 +203,11 @@ class DPGauss(Algorithm):
 
     @torch.no_grad()
     def evaluate_client(self, client_state: State, received: Payload, data: ClientData) -> dict[str, float]:
-        clf = {k[4:]: torch.from_numpy(np.array(v)).to(self.device) for k, v in received.arrays.items() if k.startswith("clf/")}
+        clf = {
+            k[4:]: torch.from_numpy(np.array(v)).to(self.device)
+            for k, v in received.arrays.items()
+            if k.startswith("clf/")
+        }
         if not clf or not len(data.y_test):
             return {}
         pred = classify(clf, self.project(data.x_test)).argmax(1)

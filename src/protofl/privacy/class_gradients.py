@@ -86,7 +86,9 @@ def clipped_class_sums(
     rows = torch.where(torch.isfinite(rows).all(1, keepdim=True), rows, torch.zeros_like(rows))
     norms = rows.norm(dim=1)
     clipped = rows * torch.clamp(clip / norms.clamp_min(1e-12), max=1.0)[:, None]
-    sums = torch.zeros(num_classes, rows.shape[1], dtype=torch.float64, device=rows.device).index_add_(0, labels.long(), clipped)
+    sums = torch.zeros(num_classes, rows.shape[1], dtype=torch.float64, device=rows.device).index_add_(
+        0, labels.long(), clipped
+    )
     counts = torch.bincount(labels.long(), minlength=num_classes).double()
     return sums, counts, norms
 
