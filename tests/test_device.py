@@ -357,7 +357,7 @@ def test_a_resumed_run_puts_the_checkpoints_states_on_the_methods_device(tmp_pat
     driver = Simulation(algorithm, data.clients, data.test_x, data.test_y, resolved.federation, resolved.seed)
     driver.load_state_dict({**checkpoint, "fingerprint": driver.fingerprint})
     assert driver.round == 1
-    server, clients = tensors(driver.server_state), tensors(driver.client_states)
+    server, clients = tensors(driver.server_state), tensors(dict(driver.client_states))  # the store is a mapping
     assert server and clients
     assert {t.device.type for t in [*server.values(), *clients.values()]} == {"meta"}
 
