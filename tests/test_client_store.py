@@ -20,12 +20,18 @@ PRIVACY = {
     "dpfedavg": PrivacyConfig(mechanism="dp-sgd", accountant="rdp", planned_releases=6),
     "fedhypevae": PrivacyConfig(mechanism="dp-sgd", accountant="rdp", planned_releases=2),
     "fedproto": PrivacyConfig(mechanism="vpp", accountant="rdp", planned_releases=6),
+    "dpgauss": PrivacyConfig(mechanism="class-statistics", accountant="rdp", planned_releases=6),
 }
 
-#: Options a method needs on vector inputs.
+#: A method's own task: dpgauss projects an encoder's embeddings (1280-d) onto a public basis.
+TASKS = {"dpgauss": Task(input_shape=(1280,), num_classes=4)}
+
+#: Options a method needs on vector inputs (every method with mini-batches gets batches of 16).
 OPTIONS = {
+    "dpgauss": {"public_dims": 3, "synthetic_per_class": 5, "classifier_epochs": 1},
     "fedhpro": {"distill_augmentation": "none"},
     "fedhypevae": {
+        "public_basis": "none",  # the raw vectors: a public basis needs an encoder's embeddings
         "range_reference": "unit",
         "latent_dim": 4,
         "hidden_dim": 16,
@@ -41,21 +47,23 @@ OPTIONS = {
 }
 
 
-def make_clients(sizes=SIZES, seed=0):
+def make_clients(sizes=SIZES, seed=0, task=TASK):
     g = torch.Generator().manual_seed(seed)
-    means = torch.randn(TASK.num_classes, *TASK.input_shape, generator=g) * 2
+    means = torch.randn(task.num_classes, *task.input_shape, generator=g) * 2
     out = []
     for k, n in enumerate(sizes):
-        y = torch.randint(0, TASK.num_classes, (n + 6,), generator=g)
-        x = means[y] + torch.randn(n + 6, *TASK.input_shape, generator=g)
+        y = torch.randint(0, task.num_classes, (n + 6,), generator=g)
+        x = means[y] + torch.randn(n + 6, *task.input_shape, generator=g)
         out.append(ClientData(k, x[:n], y[:n], x[n:], y[n:]))
     return out
 
 
 def simulation(name, checkpoint_dir=None, rounds=2, **federation):
-    algo = ALGORITHMS[name].from_options({"batch_size": 16, **OPTIONS.get(name, {})}, TASK, PRIVACY.get(name))
+    task = TASKS.get(name, TASK)
+    batches = {} if name == "dpgauss" else {"batch_size": 16}  # dpgauss releases statistics, in no batches
+    algo = ALGORITHMS[name].from_options({**batches, **OPTIONS.get(name, {})}, task, PRIVACY.get(name))
     fed = FederationConfig(rounds=rounds, progress=False, **{"checkpoint_every": 0, **federation})
-    clients = make_clients()
+    clients = make_clients(task=task)
     return Simulation(
         algo, clients, clients[0].x_test, clients[0].y_test, fed, seed=3, checkpoint_dir=checkpoint_dir, fingerprint="f"
     )

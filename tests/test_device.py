@@ -37,9 +37,18 @@ BASE = {
 }
 LOCAL = {"lr": 0.1, "batch_size": 32, "local_epochs": 1}
 DP_SGD = {"mechanism": "dp-sgd", "epsilon": 8.0, "accountant": "rdp"}  # rdp: calibrates in a fraction of the time
+DP_GRADIENTS = {"mechanism": "dp-gradients", "epsilon": 8.0, "accountant": "rdp"}
+#: private CReFF and FedHPro: DP-SGD steps and a released class-gradient upload, kept short
+PRIVATE_GRADIENTS = {
+    "steps_per_round": 2,
+    "grad_samples": 0,
+    "features_per_class": 5,
+    "retrain_epochs": 2,
+    "match_steps": 3,
+}
 
 #: case -> (method options, federation options, privacy section): every method, the batched client step,
-#: both prototype releases and DCR.
+#: both prototype releases, DCR and the private gradient uploads of CReFF and FedHPro.
 CASES = {
     "local": ({"name": "local", **LOCAL}, {}, {}),
     "fedavg": ({"name": "fedavg", **LOCAL}, {}, {}),
@@ -61,6 +70,19 @@ CASES = {
     "fedgh": ({"name": "fedgh", **LOCAL}, {}, {}),
     "creff": ({"name": "creff", **LOCAL}, {}, {}),
     "fedhpro": ({"name": "fedhpro", **LOCAL}, {}, {}),
+    "creff-dp-gradients": ({"name": "creff", **LOCAL, **PRIVATE_GRADIENTS}, {}, DP_GRADIENTS),
+    "fedhpro-dp-gradients": (
+        {
+            "name": "fedhpro",
+            **LOCAL,
+            **PRIVATE_GRADIENTS,
+            "distill_augmentation": "none",
+            "client_margin": False,
+            "hp_steps": 3,
+        },
+        {},
+        DP_GRADIENTS,
+    ),
     "dpfedavg": ({"name": "dpfedavg", "batch_size": 16, "steps_per_round": 3}, {}, DP_SGD),
     "fedhypevae": (
         {
@@ -75,6 +97,11 @@ CASES = {
         {},
         DP_SGD,
     ),
+    "dpgauss": (
+        {"name": "dpgauss", "synthetic_per_class": 20, "classifier_epochs": 2},
+        {},
+        {"mechanism": "class-statistics", "epsilon": 8.0, "accountant": "rdp", "clip_bound": 10.0},
+    ),
 }
 
 
@@ -83,7 +110,7 @@ def case_config(case: str, **federation) -> dict:
     config = {**BASE, "method": method, "federation": {**BASE["federation"], **fed, **federation}}
     if privacy:
         config["privacy"] = privacy
-    if method["name"] == "fedhypevae":  # it works on frozen-encoder embeddings only
+    if method["name"] in ("fedhypevae", "dpgauss"):  # they work on frozen-encoder embeddings only
         config["data"] = {**config["data"], "features": "efficientnet-lite0"}
     return config
 
@@ -330,7 +357,7 @@ def test_a_resumed_run_puts_the_checkpoints_states_on_the_methods_device(tmp_pat
     driver = Simulation(algorithm, data.clients, data.test_x, data.test_y, resolved.federation, resolved.seed)
     driver.load_state_dict({**checkpoint, "fingerprint": driver.fingerprint})
     assert driver.round == 1
-    server, clients = tensors(driver.server_state), tensors(driver.client_states)
+    server, clients = tensors(driver.server_state), tensors(dict(driver.client_states))  # the store is a mapping
     assert server and clients
     assert {t.device.type for t in [*server.values(), *clients.values()]} == {"meta"}
 

@@ -336,15 +336,15 @@ class CReFF(FedAvg):
         events = dp.round_events(rate, step_sigma, c.steps_per_round, upload_sigma)
         ledger = dp.spend(client_state, events, who)
         start = self.received_params(received)
-        release = dp.release(
-            self.upload_contributions(start, data, generator), data.y_train, c.upload_clip, upload_sigma, generator
-        )
+        contributions = self.upload_contributions(start, data, generator)
+        # the release runs on the CPU, where its noise is drawn
+        release = dp.release(contributions.cpu(), data.y_train.cpu(), c.upload_clip, upload_sigma, generator)
         context = self.context(received)
         params = {k: v.detach().clone() for k, v in start.items()}
         optimizer = torch.optim.SGD(list(params.values()), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
         def example_loss(p, xi, yi):
-            return self.loss(p, xi[None], yi[None], torch.ones(1), context)
+            return self.loss(p, xi[None], yi[None], torch.ones(1, device=self.device), context)
 
         metrics = dp_sgd_steps(
             params,
@@ -376,12 +376,16 @@ class CReFF(FedAvg):
         means = release.means
         arrays = {
             "grad_classes": np.arange(num_classes, dtype=np.int64),
-            "grad_counts": release.counts.numpy().astype(np.float64),
-            "grad_weight": means[:, : num_classes * d].reshape(num_classes, num_classes, d).numpy().astype(np.float32),
-            "grad_bias": means[:, num_classes * d : num_classes * d + num_classes].numpy().astype(np.float32),
+            "grad_counts": release.counts.cpu().numpy().astype(np.float64),
+            "grad_weight": means[:, : num_classes * d]
+            .reshape(num_classes, num_classes, d)
+            .cpu()
+            .numpy()
+            .astype(np.float32),
+            "grad_bias": means[:, num_classes * d : num_classes * d + num_classes].cpu().numpy().astype(np.float32),
         }
         if self.uploads_feature_gradient:
-            arrays["feature_grad"] = means[:, num_classes * (d + 1) :].numpy().astype(np.float32)
+            arrays["feature_grad"] = means[:, num_classes * (d + 1) :].cpu().numpy().astype(np.float32)
         return arrays
 
     def batched_unsupported(self) -> str | None:

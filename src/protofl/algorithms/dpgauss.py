@@ -99,7 +99,12 @@ class DPGauss(Algorithm):
     # -- state and payloads ----------------------------------------------------------------------------
     def _zero_stats(self) -> dict[str, torch.Tensor]:
         k, d = self.num_classes, self.dims
-        return {"counts": torch.zeros(k), "sums": torch.zeros(k, d), "moments": torch.zeros(k, d, d)}
+        dev = self.device
+        return {
+            "counts": torch.zeros(k, device=dev),
+            "sums": torch.zeros(k, d, device=dev),
+            "moments": torch.zeros(k, d, d, device=dev),
+        }
 
     def init_server_state(self, seed: int) -> State:
         return {"round": 0, "seed": seed, **self._zero_stats()}
@@ -109,7 +114,7 @@ class DPGauss(Algorithm):
 
     def broadcast(self, server_state: State) -> Payload:
         arrays: dict[str, Any] = {"round": np.int64(server_state["round"] + 1)}
-        arrays.update({f"clf/{k}": v.numpy() for k, v in server_state.get("classifier", {}).items()})
+        arrays.update({f"clf/{k}": v.cpu().numpy() for k, v in server_state.get("classifier", {}).items()})
         return Payload(arrays, {"method": self.name})
 
     def _classifier_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -134,10 +139,10 @@ class DPGauss(Algorithm):
         stats, ledger = self.layer.release(
             x, data.y_train, generator, client_state, f"client {data.client_id}", self.config.mean_share
         )
-        arrays = {k: getattr(stats, k).numpy() for k in STATS}
+        arrays = {k: getattr(stats, k).cpu().numpy() for k in STATS}
         # The training loss of a method that fits Gaussians: the mean squared distance of the client's
         # (clipped) embeddings to their class means, a local diagnostic like any method's training loss.
-        means = torch.zeros(self.num_classes, x.shape[1]).index_add_(0, data.y_train, x)
+        means = torch.zeros(self.num_classes, x.shape[1], device=x.device).index_add_(0, data.y_train, x)
         means = means / torch.bincount(data.y_train, minlength=self.num_classes).clamp_min(1)[:, None]
         scatter = float((x - means[data.y_train]).square().sum(1).mean())
         return {**client_state, LEDGER_KEY: ledger}, Payload(arrays, {"method": self.name}), {"train_loss": scatter}
@@ -146,7 +151,7 @@ class DPGauss(Algorithm):
     def server_step(self, server_state: State, replies: list[Payload]):
         state: State = {**server_state, "round": server_state["round"] + 1}
         for k in STATS:
-            state[k] = server_state[k] + sum(torch.from_numpy(np.array(rep[k])) for rep in replies)
+            state[k] = server_state[k] + sum(torch.from_numpy(np.array(rep[k])).to(self.device) for rep in replies)
         means, covariances = self.estimate(state)
         x, y = self.synthesise(means, covariances, state["seed"] * 1000 + state["round"])
         c = self.config
@@ -176,11 +181,11 @@ class DPGauss(Algorithm):
     def synthesise(self, means: torch.Tensor, covariances: torch.Tensor, seed: int, per_class: int | None = None):
         """``per_class`` (default ``synthetic_per_class``) draws per class from N(μ_c, Σ_c): ``(x, y)``."""
         n = per_class or self.config.synthetic_per_class
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)  # CPU draws: the same on every device
         factors = torch.linalg.cholesky(covariances.double()).float()
-        z = torch.randn(self.num_classes, n, self.dims, generator=g)
+        z = torch.randn(self.num_classes, n, self.dims, generator=g, device="cpu").to(means.device)
         x = means[:, None] + z @ factors.transpose(1, 2)
-        return x.reshape(-1, self.dims), torch.arange(self.num_classes).repeat_interleave(n)
+        return x.reshape(-1, self.dims), torch.arange(self.num_classes, device=means.device).repeat_interleave(n)
 
     # -- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -193,12 +198,16 @@ class DPGauss(Algorithm):
         pred = classify(clf, self.project(x)).argmax(1)
         return {
             "global_acc": float((pred == y).float().mean()),
-            "global_balanced_acc": float(balanced_accuracy_score(y.numpy(), pred.numpy())),
+            "global_balanced_acc": float(balanced_accuracy_score(y.cpu().numpy(), pred.cpu().numpy())),
         }
 
     @torch.no_grad()
     def evaluate_client(self, client_state: State, received: Payload, data: ClientData) -> dict[str, float]:
-        clf = {k[4:]: torch.from_numpy(np.array(v)) for k, v in received.arrays.items() if k.startswith("clf/")}
+        clf = {
+            k[4:]: torch.from_numpy(np.array(v)).to(self.device)
+            for k, v in received.arrays.items()
+            if k.startswith("clf/")
+        }
         if not clf or not len(data.y_test):
             return {}
         pred = classify(clf, self.project(data.x_test)).argmax(1)

@@ -235,11 +235,11 @@ class FedHypeVAEConfig:
 
 def _linear_init(out_dim: int, in_dim: int, generator: torch.Generator, zero: bool = False):
     if zero:
-        return torch.zeros(out_dim, in_dim), torch.zeros(out_dim)
+        return torch.zeros(out_dim, in_dim, device=generator.device), torch.zeros(out_dim, device=generator.device)
     bound = 1 / math.sqrt(in_dim)
     return (
-        (torch.rand(out_dim, in_dim, generator=generator) * 2 - 1) * bound,
-        (torch.rand(out_dim, generator=generator) * 2 - 1) * bound,
+        (torch.rand(out_dim, in_dim, generator=generator, device=generator.device) * 2 - 1) * bound,
+        (torch.rand(out_dim, generator=generator, device=generator.device) * 2 - 1) * bound,
     )
 
 
@@ -320,7 +320,7 @@ def decode(phi, z: torch.Tensor, y1h: torch.Tensor, mods, squash: bool = True) -
 def prior(phi, code: torch.Tensor, y1h: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """p_c(z | y): (μ, log σ²); N(0, I) without a hypernetwork."""
     if "prior0.w" not in phi:
-        zeros = torch.zeros(*y1h.shape[:-1], latent_dim)
+        zeros = torch.zeros(*y1h.shape[:-1], latent_dim, device=y1h.device)
         return zeros, zeros
     inp = torch.cat([code.expand(*y1h.shape[:-1], -1), y1h], dim=-1)
     out = F.linear(torch.tanh(F.linear(inp, phi["prior0.w"], phi["prior0.b"])), phi["prior1.w"], phi["prior1.b"])
@@ -372,14 +372,16 @@ def mmd_squared(a: torch.Tensor, b: torch.Tensor, bandwidth: float) -> float:
 # The objective over a batch, and DP-SGD's clipped gradient sum by ghost clipping
 
 
-def batch_noise(config: FedHypeVAEConfig, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The random numbers of a batch's per-example losses, from the global generator: the encoder's
-    reparameterisation ε_z (B, L), the two generated samples' ε (B, 2, L), the Lipschitz probe ξ
-    (B, d_c) (radius r applied here)."""
+def batch_noise(
+    config: FedHypeVAEConfig, batch_size: int, device: Any = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random numbers of a batch's per-example losses, from the global generator of ``device``: the
+    encoder's reparameterisation ε_z (B, L), the two generated samples' ε (B, 2, L), the Lipschitz probe
+    ξ (B, d_c) (radius r applied here)."""
     return (
-        torch.randn(batch_size, config.latent_dim),
-        torch.randn(batch_size, 2, config.latent_dim),
-        torch.randn(batch_size, config.code_dim) * config.lip_radius,
+        torch.randn(batch_size, config.latent_dim, device=device),
+        torch.randn(batch_size, 2, config.latent_dim, device=device),
+        torch.randn(batch_size, config.code_dim, device=device) * config.lip_radius,
     )
 
 
@@ -474,7 +476,7 @@ def batch_losses(
         out = taps["phi/prior1"] = F.linear(ph, phi["prior1.w"], phi["prior1.b"])
         mu_p, logvar_p = out[:, :lat], out[:, lat:].clamp(-8, 8)
     else:
-        mu_p = logvar_p = torch.zeros(b, lat)
+        mu_p = logvar_p = torch.zeros(b, lat, device=y1h.device)
     kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)
 
     zs = z[:, None]
@@ -521,7 +523,7 @@ def _ghost_sq_norms(algo, phi, code, acts, grads, scales, hid, lip):
     c = algo.config
     b = grads["psi/enc0"].shape[0]
     hyper = hid is not None
-    sq = torch.zeros(b, dtype=grads["psi/enc0"].dtype)
+    sq = torch.zeros(b, dtype=grads["psi/enc0"].dtype, device=grads["psi/enc0"].device)
     for name in ("psi/enc0", "psi/enc1", "psi/enc2", "phi/prior0", "phi/prior1"):
         if name in grads:
             sq = sq + sum(linear_sq_norms(acts[name], grads[name]))
@@ -622,7 +624,7 @@ class FedHypeVAE(Algorithm):
                     f"method.encoder: {self.config.encoder} gives {len(low)}-d embeddings, the data has "
                     f"{self.data_dim}-d"
                 )
-            self._range = torch.from_numpy(low), torch.from_numpy(high)
+            self._range = torch.from_numpy(low).to(x.device), torch.from_numpy(high).to(x.device)
         lo, hi = self._range
         return ((x - lo) / (hi - lo)).clamp(0, 1)
 
@@ -637,7 +639,7 @@ class FedHypeVAE(Algorithm):
 
     def dp_trained_numbers(self) -> int:
         """How many numbers each DP-SGD step clips and noises: φ, the client's encoder ψ and its code."""
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device="cpu").manual_seed(0)
         phi = init_phi(self.config, self.input_dim, self.num_classes, g)
         psi = init_encoder(self.config, self.input_dim, self.num_classes, g)
         return sum(v.numel() for v in (*phi.values(), *psi.values())) + self.config.code_dim
@@ -701,11 +703,13 @@ class FedHypeVAE(Algorithm):
 
     # -- state and payloads ----------------------------------------------------------------------------
     def init_server_state(self, seed: int) -> State:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)  # CPU draws: the same on every device
         state: State = {
             "round": 0,
-            "phi": init_phi(self.config, self.input_dim, self.num_classes, g),
-            "meta_code": torch.zeros(self.config.code_dim),
+            "phi": {
+                k: v.to(self.device) for k, v in init_phi(self.config, self.input_dim, self.num_classes, g).items()
+            },
+            "meta_code": torch.zeros(self.config.code_dim, device=self.device),
         }
         if self.config.server_momentum:
             state["momentum"] = {k: torch.zeros_like(v) for k, v in state["phi"].items()}
@@ -715,10 +719,12 @@ class FedHypeVAE(Algorithm):
         return {}  # built at the first participation (needs the client's id for its own seed)
 
     def _fresh_client(self, seed: int, client_id: int) -> State:
-        g = torch.Generator().manual_seed(seed * 100_003 + client_id + 1)
+        g = torch.Generator(device="cpu").manual_seed(seed * 100_003 + client_id + 1)
         return {
-            "psi": init_encoder(self.config, self.input_dim, self.num_classes, g),
-            "code": 0.1 * torch.randn(self.config.code_dim, generator=g),
+            "psi": {
+                k: v.to(self.device) for k, v in init_encoder(self.config, self.input_dim, self.num_classes, g).items()
+            },
+            "code": (0.1 * torch.randn(self.config.code_dim, generator=g, device="cpu")).to(self.device),
             LEDGER_KEY: [],
         }
 
@@ -728,18 +734,18 @@ class FedHypeVAE(Algorithm):
         return {name: name for name in self._phi_specs()}
 
     def _phi_specs(self) -> dict[str, ArraySpec]:
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device="cpu").manual_seed(0)
         return {
             PHI_PREFIX + k: ArraySpec(tuple(v.shape))
             for k, v in init_phi(self.config, self.input_dim, self.num_classes, g).items()
         }
 
     def broadcast(self, server_state: State) -> Payload:
-        arrays = {PHI_PREFIX + k: v.numpy() for k, v in server_state["phi"].items()}
-        arrays["meta_code"] = server_state["meta_code"].numpy()
+        arrays = {PHI_PREFIX + k: v.cpu().numpy() for k, v in server_state["phi"].items()}
+        arrays["meta_code"] = server_state["meta_code"].cpu().numpy()
         arrays["round"] = np.int64(server_state["round"] + 1)
         for name, clf in server_state.get("classifiers", {}).items():
-            arrays.update({f"clf/{name}/{k}": v.numpy() for k, v in clf.items()})
+            arrays.update({f"clf/{name}/{k}": v.cpu().numpy() for k, v in clf.items()})
         return Payload(arrays, {"method": self.name})
 
     def broadcast_spec(self) -> PayloadSpec:
@@ -776,9 +782,9 @@ class FedHypeVAE(Algorithm):
         c = self.config
         if noise is None:
             noise = (
-                torch.randn(c.latent_dim),
-                torch.randn(2, c.latent_dim) if c.mmd_weight else None,
-                torch.randn(c.code_dim) * c.lip_radius if c.lip_weight and c.code_dim else None,
+                torch.randn(c.latent_dim, device=x.device),
+                torch.randn(2, c.latent_dim, device=x.device) if c.mmd_weight else None,
+                torch.randn(c.code_dim, device=x.device) * c.lip_radius if c.lip_weight and c.code_dim else None,
             )
         params = {**{"phi/" + k: v for k, v in phi.items()}, **{"psi/" + k: v for k, v in psi.items()}, "code": code}
         batch = tuple(None if n is None else n[None] for n in noise)
@@ -790,7 +796,11 @@ class FedHypeVAE(Algorithm):
         mods = modulations(phi, meta_code, self.sizes)
         mu_p, logvar_p = prior(phi, meta_code, y1h, c.latent_dim)
         gen = decode(
-            phi, mu_p + torch.randn(2, c.latent_dim) * (0.5 * logvar_p).exp(), y1h.expand(2, -1), mods, self.squash
+            phi,
+            mu_p + torch.randn(2, c.latent_dim, device=x.device) * (0.5 * logvar_p).exp(),
+            y1h.expand(2, -1),
+            mods,
+            self.squash,
         )
         return rbf(gen[0], gen[1], self.bandwidth) - 2 * rbf(x, gen[0], self.bandwidth)
 
@@ -823,30 +833,29 @@ class FedHypeVAE(Algorithm):
         x = self.normalise(data.x_train)
         y1h = F.one_hot(data.y_train, self.num_classes).float()
         phi = {
-            k[len(PHI_PREFIX) :]: torch.from_numpy(np.array(v))
+            k[len(PHI_PREFIX) :]: torch.from_numpy(np.array(v)).to(self.device)
             for k, v in received.arrays.items()
             if k.startswith(PHI_PREFIX)
         }
-        meta_code = torch.from_numpy(np.array(received["meta_code"]))
+        meta_code = torch.from_numpy(np.array(received["meta_code"])).to(self.device)
         metrics: dict[str, float] = {}
         with torch.random.fork_rng(devices=[]):
             # vmap's per-example random numbers (the reparameterisation noise) come from the global generator
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device)))
             if round_index <= self.phi_rounds:
                 phi, psi, code, loss = self._train_phi(phi, state["psi"], state["code"], x, y1h, rate, sigma, generator)
                 state = {**state, "psi": psi, "code": code}
             else:
                 meta_code, loss = self._train_meta_code(meta_code, phi, x, y1h, rate, sigma, generator)
         metrics["train_loss"] = loss
-        arrays: dict[str, Any] = {PHI_PREFIX + k: v.numpy() for k, v in phi.items()}
-        arrays["meta_code"] = meta_code.numpy()
+        arrays: dict[str, Any] = {PHI_PREFIX + k: v.cpu().numpy() for k, v in phi.items()}
+        arrays["meta_code"] = meta_code.cpu().numpy()
         arrays[SIGMA_KEY] = np.float32(sigma)  # a function of the client's size, public like its sampling rate
         if round_index == self.planned_rounds and c.releases_codes:
             assert code_sigma is not None  # set whenever codes are released
             clipped = state["code"] * min(1.0, c.code_clip / max(float(state["code"].norm()), 1e-12))
-            arrays["noisy_code"] = (
-                clipped + torch.randn(c.code_dim, generator=generator) * code_sigma * 2 * c.code_clip
-            ).numpy()
+            noise = torch.randn(c.code_dim, generator=generator, device=generator.device)  # on the CPU: released
+            arrays["noisy_code"] = (clipped.cpu() + noise * code_sigma * 2 * c.code_clip).numpy()
         state = {**state, LEDGER_KEY: ledger, SIGMA_KEY: float(sigma)}
         # Announce what the next round would cost (checked before it starts; the round after this one,
         # which is what a client sampled every round takes next, and past the plan a round of meta-steps).
@@ -891,14 +900,14 @@ class FedHypeVAE(Algorithm):
             ghost = len(index) and c.per_example_grads == "ghost"
             if ghost:  # the same clipped sum and noise, without per-example gradient tensors
                 summed, _, example_losses = ghost_clipped_sum(
-                    self, params, x[index], y1h[index], batch_noise(c, len(index)), self.dp.clip_norm
+                    self, params, x[index], y1h[index], batch_noise(c, len(index), x.device), self.dp.clip_norm
                 )
                 noisy = add_noise(summed, self.dp.clip_norm, sigma, rate * len(x), generator)
             else:
                 grads = (
                     per_example_gradients(loss, params, x[index], y1h[index])
                     if len(index)
-                    else {k: torch.zeros(0, *v.shape) for k, v in params.items()}
+                    else {k: torch.zeros(0, *v.shape, device=v.device) for k, v in params.items()}
                 )
                 noisy, _ = noisy_clipped_mean(grads, self.dp.clip_norm, sigma, rate * len(x), generator)
             for k, v in params.items():
@@ -949,7 +958,7 @@ class FedHypeVAE(Algorithm):
                         )
                     )
             else:
-                grads = {"code": torch.zeros(0, c.code_dim)}
+                grads = {"code": torch.zeros(0, c.code_dim, device=meta.device)}
             noisy, _ = noisy_clipped_mean(grads, self.dp.clip_norm, sigma, rate * len(x), generator)
             meta.grad = noisy["code"]
             optimizer.step()
@@ -959,11 +968,11 @@ class FedHypeVAE(Algorithm):
     def server_step(self, server_state: State, replies: list[Payload]):
         r = server_state["round"] + 1
         c = self.config
-        sigmas = torch.tensor([float(np.array(rep[SIGMA_KEY])) for rep in replies], dtype=torch.float64)
-        weights = AGGREGATIONS[c.aggregation](sigmas).float()
+        sigmas = torch.tensor([float(np.array(rep[SIGMA_KEY])) for rep in replies], dtype=torch.float64, device="cpu")
+        weights = AGGREGATIONS[c.aggregation](sigmas).float().to(self.device)
 
         def average(key: str) -> torch.Tensor:
-            stacked = torch.stack([torch.from_numpy(np.array(rep[key])) for rep in replies])
+            stacked = torch.stack([torch.from_numpy(np.array(rep[key])).to(self.device) for rep in replies])
             return torch.tensordot(weights, stacked, dims=1)
 
         old = server_state["phi"]
@@ -980,8 +989,14 @@ class FedHypeVAE(Algorithm):
                 state["momentum"] = server_state["momentum"]
         metrics: dict[str, float] = {"aggregation_weight_max": float(weights.max())}
         if r == self.planned_rounds:
-            codes = [torch.from_numpy(np.array(rep["noisy_code"])) for rep in replies if "noisy_code" in rep.arrays]
-            state["released_codes"] = torch.stack(codes) if codes else torch.zeros(0, self.config.code_dim)
+            codes = [
+                torch.from_numpy(np.array(rep["noisy_code"])).to(self.device)
+                for rep in replies
+                if "noisy_code" in rep.arrays
+            ]
+            state["released_codes"] = (
+                torch.stack(codes) if codes else torch.zeros(0, self.config.code_dim, device=self.device)
+            )
             state["classifiers"] = {
                 name: self.train_classifier(*self.synthesise(state, name, r)) for name in self.config.samplers
             }
@@ -994,24 +1009,27 @@ class FedHypeVAE(Algorithm):
         """Class-balanced synthetic (normalised) embeddings from ``sampler``: ``(x, y)``."""
         c = self.config
         n = per_class or c.synthetic_per_class
-        g = torch.Generator().manual_seed(seed)
-        y = torch.arange(self.num_classes).repeat_interleave(n)
+        g = torch.Generator(device="cpu").manual_seed(seed)  # CPU draws: the same on every device
+        y = torch.arange(self.num_classes, device=self.device).repeat_interleave(n)
         if sampler == "neutral" or not c.code_dim:
-            codes = state["meta_code"].expand(len(y), -1) if c.code_dim else torch.zeros(len(y), 1)
+            codes = state["meta_code"].expand(len(y), -1) if c.code_dim else torch.zeros(len(y), 1, device=self.device)
         elif sampler == "mixture":
             codes = state["released_codes"].mean(0).expand(len(y), -1)
         else:  # an equal mixture of the released codes' generators
-            pick = torch.randint(0, len(state["released_codes"]), (len(y),), generator=g)
+            pick = torch.randint(0, len(state["released_codes"]), (len(y),), generator=g, device="cpu")
             codes = state["released_codes"][pick]
         phi = state["phi"]
-        out = torch.empty(len(y), self.input_dim)
+        out = torch.empty(len(y), self.input_dim, device=self.device)
         y1h = F.one_hot(y, self.num_classes).float()
         unique, which = torch.unique(codes, dim=0, return_inverse=True)
         for j, code in enumerate(unique):  # one decoder per distinct code
             rows = torch.nonzero(which == j).flatten()
             mods = modulations(phi, code, self.sizes)
             mu, logvar = prior(phi, code, y1h[rows], c.latent_dim)
-            z = mu + torch.randn(len(rows), c.latent_dim, generator=g) * (0.5 * logvar).exp()
+            z = (
+                mu
+                + torch.randn(len(rows), c.latent_dim, generator=g, device="cpu").to(mu.device) * (0.5 * logvar).exp()
+            )
             out[rows] = decode(phi, z, y1h[rows], mods, self.squash)
         return out, y
 
@@ -1033,10 +1051,12 @@ class FedHypeVAE(Algorithm):
         for name, clf in classifiers.items():
             pred = classify(clf, xn).argmax(1)
             out[f"global_acc_{name}"] = float((pred == y).float().mean())
-            out[f"global_balanced_acc_{name}"] = float(balanced_accuracy_score(y.numpy(), pred.numpy()))
-            out[f"global_macro_f1_{name}"] = float(f1_score(y.numpy(), pred.numpy(), average="macro"))
+            out[f"global_balanced_acc_{name}"] = float(balanced_accuracy_score(y.cpu().numpy(), pred.cpu().numpy()))
+            out[f"global_macro_f1_{name}"] = float(f1_score(y.cpu().numpy(), pred.cpu().numpy(), average="macro"))
             synth = self._metric_sample(server_state, name)
-            real = xn[torch.randperm(len(xn), generator=torch.Generator().manual_seed(0))[:1000]]
+            real = xn[
+                torch.randperm(len(xn), generator=torch.Generator(device="cpu").manual_seed(0), device="cpu")[:1000]
+            ]
             out[f"global_mmd_{name}"] = mmd_squared(real, synth, self.bandwidth)
         out["global_acc"] = out[f"global_acc_{self.config.samplers[0]}"]
         return out
@@ -1059,7 +1079,7 @@ class FedHypeVAE(Algorithm):
         for name in self.config.samplers:
             prefix = f"clf/{name}/"
             clf = {
-                k[len(prefix) :]: torch.from_numpy(np.array(v))
+                k[len(prefix) :]: torch.from_numpy(np.array(v)).to(self.device)
                 for k, v in received.arrays.items()
                 if k.startswith(prefix)
             }
@@ -1079,15 +1099,15 @@ def train_mlp(
 ) -> dict[str, torch.Tensor]:
     """An MLP (D -> hidden -> C, ReLU; :func:`classify`) trained with Adam (lr 1e-3, batches of 128) on
     ``(x, y)``: the downstream classifier of the synthetic-data methods."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)  # CPU draws: the same on every device
     p = {}
     p["0.w"], p["0.b"] = _linear_init(hidden, x.shape[1], g)
     p["1.w"], p["1.b"] = _linear_init(num_classes, hidden, g)
-    p = {k: v.requires_grad_(True) for k, v in p.items()}
+    p = {k: v.to(x.device).requires_grad_(True) for k, v in p.items()}
     optimizer = torch.optim.Adam(list(p.values()), lr=1e-3)
     with torch.enable_grad():
         for _ in range(epochs):
-            order = torch.randperm(len(y), generator=g)
+            order = torch.randperm(len(y), generator=g, device="cpu")
             for s in range(0, len(y), 128):
                 i = order[s : s + 128]
                 loss = F.cross_entropy(classify(p, x[i]), y[i])

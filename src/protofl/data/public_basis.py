@@ -91,9 +91,9 @@ class PublicBasis:
         (a torch tensor in, a torch tensor out)."""
         import torch
 
-        mean = torch.from_numpy(self.mean).to(x.dtype)
-        comps = torch.from_numpy(self.components).to(x.dtype)
-        return ((x - mean) @ comps.T) / torch.from_numpy(self.scale).to(x.dtype)
+        mean = torch.from_numpy(self.mean).to(x.device, x.dtype)
+        comps = torch.from_numpy(self.components).to(x.device, x.dtype)
+        return ((x - mean) @ comps.T) / torch.from_numpy(self.scale).to(x.device, x.dtype)
 
     def describe(self) -> dict[str, object]:
         """What summary.json reports of the basis."""

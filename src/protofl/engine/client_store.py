@@ -313,8 +313,8 @@ class DiskClientStore(MutableMapping[int, State]):
         clients = list(self._order)
         return {
             DISK_KEY: {
-                "clients": torch.tensor(clients, dtype=torch.int64),
-                "versions": torch.tensor([self._index[k] for k in clients], dtype=torch.int64),
+                "clients": torch.tensor(clients, dtype=torch.int64, device="cpu"),
+                "versions": torch.tensor([self._index[k] for k in clients], dtype=torch.int64, device="cpu"),
                 "precision": self.precision,
             }
         }

@@ -86,7 +86,9 @@ def clipped_class_sums(
     rows = torch.where(torch.isfinite(rows).all(1, keepdim=True), rows, torch.zeros_like(rows))
     norms = rows.norm(dim=1)
     clipped = rows * torch.clamp(clip / norms.clamp_min(1e-12), max=1.0)[:, None]
-    sums = torch.zeros(num_classes, rows.shape[1], dtype=torch.float64).index_add_(0, labels.long(), clipped)
+    sums = torch.zeros(num_classes, rows.shape[1], dtype=torch.float64, device=rows.device).index_add_(
+        0, labels.long(), clipped
+    )
     counts = torch.bincount(labels.long(), minlength=num_classes).double()
     return sums, counts, norms
 
@@ -142,13 +144,13 @@ def dp_sgd_steps(
             with torch.no_grad():
                 losses.append(float(vmap(example_loss, in_dims=(None, 0, 0))(params, x[index], y[index]).mean()))
         else:
-            grads = {k: torch.zeros(0, *v.shape, dtype=v.dtype) for k, v in params.items()}
+            grads = {k: torch.zeros(0, *v.shape, dtype=v.dtype, device=v.device) for k, v in params.items()}
         noisy, step_norms = noisy_clipped_mean(grads, clip, noise_multiplier, rate * n, generator)
         norms.append(step_norms)
         for k, v in params.items():
             v.grad = noisy[k].to(v.dtype)
         optimizer.step()
-    all_norms = torch.cat(norms) if norms else torch.zeros(0)
+    all_norms = torch.cat(norms) if norms else torch.zeros(0, device="cpu")
     return {
         "train_loss": sum(losses) / len(losses) if losses else float("nan"),
         "clipped_fraction": float((all_norms > clip).float().mean()) if len(all_norms) else 0.0,

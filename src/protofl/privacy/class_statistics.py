@@ -96,9 +96,17 @@ class ClassStatisticsLayer(PrivacyLayer):
         sums = onehot.T @ x
         moments = torch.einsum("nc,ni,nj->cij", onehot, x, x)
         std_n, std_s, std_m = self.noise_stds(mean_share)
-        counts = counts + torch.randn(k, generator=generator, dtype=torch.float64) * std_n
-        sums = sums + torch.randn(k, d, generator=generator, dtype=torch.float64) * std_s
-        upper = torch.triu(torch.randn(k, d, d, generator=generator, dtype=torch.float64) * std_m)
+        counts = (
+            counts
+            + torch.randn(k, generator=generator, dtype=torch.float64, device=generator.device).to(x.device) * std_n
+        )
+        sums = (
+            sums
+            + torch.randn(k, d, generator=generator, dtype=torch.float64, device=generator.device).to(x.device) * std_s
+        )
+        upper = torch.triu(
+            torch.randn(k, d, d, generator=generator, dtype=torch.float64, device=generator.device).to(x.device) * std_m
+        )
         moments = moments + upper + torch.triu(upper, 1).transpose(1, 2)  # one draw per entry of the triangle
         return ClassStatistics(counts.float(), sums.float(), moments.float()), ledger
 
