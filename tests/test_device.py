@@ -219,6 +219,7 @@ ON_THE_CPU = {
     ("fedproto.py", "present_rows"): "the uploaded prototypes; callers move them onto the device",
     ("fedproto.py", "aggregate_prototypes"): "the server's average of uploads; server_prototypes moves it",
     ("fedproto.py", "release_prototypes"): "the broadcast prototypes go to the release, which runs on the CPU",
+    ("fedproto.py", "release_prototypes_batch"): "the same for the release of a batched round's clients",
     ("fpl.py", "cluster_prototypes"): "FINCH over the uploads; server_prototypes moves the result",
     ("fedhpro.py", "aggregate_vectors"): "the server's average of uploads; server_step moves it",
     ("fedhypevae.py", "server_step"): "the replies' arrays, stacked, averaged and then moved",

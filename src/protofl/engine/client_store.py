@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from protofl._io import atomic_write
+from protofl.engine.checkpoint import on_device
 from protofl.privacy.accounting import LEDGER_KEY
 
 State = dict[str, Any]
@@ -244,7 +245,7 @@ class DiskClientStore(MutableMapping[int, State]):
             raise CheckpointError(f"{path}: not a client state of protofl's; {hint}")
         device = torch.device(entry["device"])
         state = _decode(entry["state"])
-        return state if device.type == "cpu" else _to_device(state, device)
+        return state if device.type == "cpu" else on_device(state, device)
 
     def _write(self, k: int, state: State) -> None:
         if not self._scanned:
@@ -358,16 +359,6 @@ def _device_of(state: Any) -> str:
         if device != "cpu":
             return device
     return "cpu"
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
 
 
 #: The store each ``federation.client_store`` names; each is built as ``Store(directory, cache, precision)``.
