@@ -132,13 +132,17 @@ class FedHypeVAEConfig:
     #: one code), so at the decoder's rate the modulations jump by O(hyper_hidden · lr) a step and can shut
     #: whole ReLU layers off; we measured dead decoders within 40 steps at lr 1e-2.
     hyper_lr: float | None = None
-    #: The last meta_rounds of the planned rounds learn c0.
+    #: The neutral meta-code c0: the last meta_rounds of the planned rounds learn it, with meta_steps DP-SGD
+    #: steps a round at Adam learning rate meta_lr.
     meta_rounds: int = 2
     meta_steps: int = 20
     meta_lr: float = 0.05
     #: Code release for the code samplers: share of epsilon and the clip norm of a code.
     code_release_fraction: float = 0.1
     code_clip: float = 1.0
+    #: Where the synthetic embeddings come from, one downstream classifier each: ``neutral`` (c0),
+    #: ``mixture`` (the mean released code), ``clients`` (the released codes' generators); the first is the
+    #: headline.
     samplers: tuple[str, ...] = SAMPLERS
     #: Downstream: synthetic examples per class, classifier epochs and hidden width.
     synthetic_per_class: int = 500
