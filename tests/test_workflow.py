@@ -448,6 +448,7 @@ FLOORS = {"dpfedavg": 0.3, "fedhypevae": 0.2}
         "fedproto",
         "fpl",
         "fedtgp",
+        "fedgh",
         "creff",
         "fedhpro",
         "dpfedavg",
