@@ -169,6 +169,7 @@ def test_short_run_on_real_embeddings_learns_classes_within_its_budget(tmp_path,
             "hidden_dim": 64,
             "code_dim": 8,
             "hyper_hidden": 32,
+            "public_dims": 64,  # the photo-crop space's default (OptDigits' preset takes 32)
             "lr": lr,
             "private_lr": lr,
             "hyper_lr": lr / 20,
