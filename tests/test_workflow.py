@@ -433,7 +433,7 @@ ON_EMBEDDINGS = ("fedhypevae", "dpgauss")
 #: fails it (docs/configuration.md).
 #: FedHypeVAE's floor: with its OptDigits preset (src/protofl/presets.py) its synthetic-data classifier
 #: reaches 29.1 % (seed 0) after 3 rounds at epsilon 8 (sigma 8.5 for 220 steps at q ~ 0.95, about 100
-#: embeddings a client); variants of the preset measured 18-29 %. Twice chance: a collapsed generator
+#: embeddings a client); the variants measured beside it 16-29 %. Twice chance: a collapsed generator
 #: (one class, 10 %) fails it, and so did the general defaults (5.2 %).
 FLOORS = {"dpfedavg": 0.3, "fedhypevae": 0.2}
 
