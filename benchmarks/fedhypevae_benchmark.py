@@ -64,8 +64,8 @@ GENERATOR = {
     "steps_per_round": 20,
     "meta_rounds": 2,
     "meta_steps": 10,
-    "lr": 1e-2,
-    "private_lr": 1e-2,
+    "lr": 3e-3,
+    "private_lr": 3e-3,
     "hyper_lr": 5e-4,
     "synthetic_per_class": 400,
     "classifier_epochs": 20,
@@ -75,7 +75,15 @@ PRIVACY = {"mechanism": "dp-sgd", "epsilon": 1.0, "delta": 1e-4, "accountant": "
 PRIVATE = ("fedhypevae", "fedhypevae-1280", "dp-cvae", "dpgauss", "dpfedavg")
 #: The methods that work in the setting's public space.
 IN_SPACE = ("fedhypevae", "dp-cvae", "dpgauss")
-EARLIER = {"public_basis": "none", "hyper_rank": 0, "aggregation": "uniform", "server_momentum": 0.0}
+EARLIER = {
+    "public_basis": "none",
+    "hyper_rank": 0,
+    "aggregation": "uniform",
+    "server_momentum": 0.0,
+    "label_at_output": False,
+    "lr": 1e-2,
+    "private_lr": 1e-2,
+}
 METHODS = {
     "fedhypevae": {"name": "fedhypevae", **GENERATOR},
     "fedhypevae-1280": {"name": "fedhypevae", **GENERATOR, **EARLIER},
@@ -292,7 +300,7 @@ def projection(run_dir: Path, path: Path, per_class: int = 150) -> None:
     cfg = resolve_config(RunConfig.from_toml(run_dir / "config.toml"))
     data = prepare_data(cfg)
     algo = get_algorithm(cfg.method_name).from_options(
-        cfg.method_options, Task(data.input_shape, data.num_classes, cfg.model)
+        cfg.method_options, Task(data.input_shape, data.num_classes, cfg.model), cfg.privacy
     )
     state = load_checkpoint(run_dir / "checkpoint")["server_state"]
     real = algo.normalise(data.test_x)

@@ -70,6 +70,21 @@ def test_the_low_rank_head_modulates_the_hidden_layers_only_and_shrinks_the_dp_v
     assert full.dp_trained_numbers() - low.dp_trained_numbers() == (32 * 408 + 408) - (32 * 2 + 2 + 2 * 384 + 384)
 
 
+def test_the_label_reaches_the_output_layer_directly():
+    """label_at_output: the output layer's input is [h, one-hot y], so with every hidden unit off the
+    decoder still gives each class its own output (C x D more DP-trained numbers); without it, it cannot."""
+    with_label, without = _algo(), _algo(label_at_output=False)
+    assert with_label.dp_trained_numbers() - without.dp_trained_numbers() == 3 * 12  # C x D
+    z, y1h = torch.randn(3, 4), torch.eye(3)
+    outputs = []
+    for algo in (with_label, without):
+        phi = init_phi(algo.config, 12, 3, torch.Generator().manual_seed(0))
+        phi["dec2.w"], phi["dec2.b"] = torch.zeros_like(phi["dec2.w"]), torch.full_like(phi["dec2.b"], -1.0)
+        outputs.append(decode(phi, z, y1h, [(None, None)] * 4))
+    assert not torch.allclose(outputs[0][0], outputs[0][1])  # the classes differ through the label path
+    torch.testing.assert_close(outputs[1][0], outputs[1][1])  # dead ReLUs: one output for every class
+
+
 def test_synthesis_has_the_requested_shape_and_class_balance():
     algo = _algo()
     state = algo.init_server_state(0)
@@ -212,6 +227,8 @@ def test_row_scaled_modulation_equals_decoding_with_the_modulated_weights(rank):
     for l, (s, beta) in enumerate(mods):  # W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + beta_l, formed explicitly
         if s is None:  # a layer the low-rank head leaves alone
             s, beta = torch.zeros(len(phi[f"dec{l}.b"])), torch.zeros(())
+        if l == len(mods) - 1:  # the label enters the output layer too (label_at_output)
+            h = torch.cat([h, y1h], -1)
         h = F.linear(h, phi[f"dec{l}.w"] * (1 + s)[:, None], phi[f"dec{l}.b"] + beta)
         h = torch.sigmoid(h) if l == len(mods) - 1 else F.relu(h)
     torch.testing.assert_close(decode(phi, z, y1h, mods), h)

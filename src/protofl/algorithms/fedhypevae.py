@@ -160,6 +160,14 @@ class FedHypeVAEConfig:
     #: Hypernetwork head: 0 is the full-rank head modulating every decoder layer (the paper's form); r >= 1 a
     #: rank-r head modulating the hidden layers only (never the output layer), far fewer DP-trained numbers.
     hyper_rank: int = 4
+    #: The class label enters the decoder's output layer too (its input is [h, one-hot y]), not only the
+    #: first layer: a direct, linear per-class path (C x D numbers) that carries the class means. Through
+    #: the first layer alone the label has to survive three ReLU layers while the encoder's z, which sees
+    #: x, carries the class as well; at the benchmark's sizes, trained centrally without noise, synthetic
+    #: data from prior samples then trains a classifier to 43 % on Fashion-MNIST, against 57-60 % with
+    #: the label at the output (and 61 % for the class means alone). ``False``: the label at the first
+    #: layer only (the earlier form).
+    label_at_output: bool = True
     #: How the server averages the clients' φ: ``inverse-noise`` (weights 1/σ_k², normalised; σ_k follows
     #: from the client's size, treated as public as for the sampling rate) or ``uniform``.
     aggregation: str = "inverse-noise"
@@ -249,7 +257,7 @@ def _linear_init(out_dim: int, in_dim: int, generator: torch.Generator, zero: bo
 
 def decoder_sizes(c: FedHypeVAEConfig, input_dim: int, num_classes: int) -> list[tuple[int, int]]:
     h = c.hidden_dim
-    return [(h, c.latent_dim + num_classes), (h, h), (h, h), (input_dim, h)]
+    return [(h, c.latent_dim + num_classes), (h, h), (h, h), (input_dim, h + num_classes * c.label_at_output)]
 
 
 def init_phi(
@@ -305,7 +313,9 @@ def modulations(phi: dict[str, torch.Tensor], code: torch.Tensor, sizes: list[tu
 
 def decode(phi, z: torch.Tensor, y1h: torch.Tensor, mods, squash: bool = True) -> torch.Tensor:
     """D_c(z, y): W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + β_l, ReLU, then a sigmoid output in [0, 1]
-    (``squash``, the range space) or a linear one (a public basis's standardised coordinates).
+    (``squash``, the range space) or a linear one (a public basis's standardised coordinates). The label
+    enters the first layer, and the output layer too when its weights have room for it
+    (``label_at_output``).
 
     Row-scaling a weight matrix scales that layer's outputs, (diag(1 + s) W) h = (1 + s) ⊙ (W h), so the
     modulated weights are never formed (per-example gradients would otherwise hold one copy each)."""
@@ -313,6 +323,8 @@ def decode(phi, z: torch.Tensor, y1h: torch.Tensor, mods, squash: bool = True) -
     last = len(mods) - 1
     for l, (s, beta) in enumerate(mods):
         w, b = phi[f"dec{l}.w"], phi[f"dec{l}.b"]
+        if l == last and w.shape[1] == h.shape[-1] + y1h.shape[-1]:
+            h = torch.cat([h, y1h], dim=-1)
         h = F.linear(h, w, b) if s is None else F.linear(h, w) * (1 + s) + (b + beta)
         if l < last:
             h = F.relu(h)
@@ -493,6 +505,8 @@ def batch_losses(
     modulated = modulated_layers(c, len(algo.sizes)) if hyper else 0
     for l, (o, _) in enumerate(algo.sizes):
         w, bias = phi[f"dec{l}.w"], phi[f"dec{l}.b"]
+        if l == last and c.label_at_output:
+            h = torch.cat([h, y1h[:, None].expand(-1, h.shape[1], -1)], -1)
         acts[f"phi/dec{l}"] = h
         if l < modulated:
             s, beta = m[:, start : start + o], m[:, start + o : start + 2 * o]
