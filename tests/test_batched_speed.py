@@ -1,0 +1,59 @@
+"""The batched round's fast paths against their plain definitions: the vectorised batch schedule."""
+
+import pytest
+import torch
+
+from protofl.training import ClientBatch, batch_schedule, minibatches
+
+
+def reference_schedule(sizes, batch_size, epochs, seeds):
+    """The schedule written out client by client, epoch by epoch, from :func:`minibatches`."""
+    width = max(1, min(batch_size, max(sizes, default=1)))
+    per_epoch = [-(-n // batch_size) for n in sizes]
+    total = epochs * max(per_epoch, default=0)
+    offsets = [sum(sizes[:c]) for c in range(len(sizes))]
+    index = torch.zeros(total, len(sizes), width, dtype=torch.int64)
+    weight = torch.zeros(total, len(sizes), width)
+    active = torch.zeros(total, len(sizes), dtype=torch.bool)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    for c, (n, g) in enumerate(zip(sizes, gens)):
+        step = 0
+        for _ in range(epochs):
+            for rows in minibatches(n, batch_size, g):
+                index[step, c, :] = offsets[c]
+                index[step, c, : len(rows)] = rows + offsets[c]
+                weight[step, c, : len(rows)] = 1.0
+                active[step, c] = True
+                step += 1
+    return index, weight, active, torch.tensor(per_epoch) * epochs, gens
+
+
+@pytest.mark.parametrize(
+    "sizes,batch_size,epochs",
+    [
+        ((200,) * 7, 50, 1),  # equal clients, whole batches
+        ((40, 23, 7, 16, 70), 16, 2),  # short last batches, a client smaller than a batch, unequal step counts
+        ((5, 0, 3), 16, 3),  # every client smaller than a batch, one with no rows at all
+        ((0, 9), 4, 2),  # a client with no rows first
+        ((1,), 1, 1),
+    ],
+)
+def test_vectorised_schedule_equals_the_client_by_client_one(sizes, batch_size, epochs):
+    x = torch.arange(sum(sizes), dtype=torch.float32)[:, None]
+    xs = list(x.split(list(sizes)))
+    ys = [torch.zeros(len(part), dtype=torch.int64) for part in xs]
+    seeds = [11 * k + 3 for k in range(len(sizes))]
+    index, weight, active, steps, ref_gens = reference_schedule(list(sizes), batch_size, epochs, seeds)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    got = batch_schedule(ClientBatch.of(xs, ys), batch_size, epochs, gens)
+    assert torch.equal(got.index, index)
+    assert torch.equal(got.weight, weight)
+    assert torch.equal(got.active, active)
+    assert torch.equal(got.steps, steps)
+    # every real row is a row of its own client, and each epoch visits each of them once
+    for c, n in enumerate(sizes):
+        real = got.index[:, c][got.weight[:, c] > 0]
+        assert sorted(real.tolist()) == sorted(list(range(sum(sizes[:c]), sum(sizes[: c + 1]))) * epochs)
+    # the generators are left where the client-by-client draws leave them
+    for g, r in zip(gens, ref_gens):
+        assert torch.equal(torch.rand(2, generator=g), torch.rand(2, generator=r))
