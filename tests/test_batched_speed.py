@@ -53,7 +53,8 @@ def test_vectorised_schedule_equals_the_client_by_client_one(sizes, batch_size, 
     # every real row is a row of its own client, and each epoch visits each of them once
     for c, n in enumerate(sizes):
         real = got.index[:, c][got.weight[:, c] > 0]
-        assert sorted(real.tolist()) == sorted(list(range(sum(sizes[:c]), sum(sizes[: c + 1]))) * epochs)
+        start = sum(sizes[:c])
+        assert sorted(real.tolist()) == sorted(list(range(start, start + n)) * epochs)
     # the generators are left where the client-by-client draws leave them
     for g, r in zip(gens, ref_gens):
         assert torch.equal(torch.rand(2, generator=g), torch.rand(2, generator=r))
