@@ -243,9 +243,7 @@ def batch_schedule(batch: ClientBatch, batch_size: int, epochs: int, generators:
     first = torch.cumsum(n_of, 0) - n_of  # where each order starts in ``drawn``
     within = torch.arange(len(drawn), device=cpu) - first.repeat_interleave(n_of)
     slot = (
-        client * span
-        + (epoch_of * per_epoch.repeat_interleave(epochs) * batch_size).repeat_interleave(n_of)
-        + within
+        client * span + (epoch_of * per_epoch.repeat_interleave(epochs) * batch_size).repeat_interleave(n_of) + within
     )
     rows = batch.offsets.repeat_interleave(span)  # padding within an epoch: the client's first row
     real = torch.zeros(k * span, device=cpu)
