@@ -1,8 +1,11 @@
-"""The batched round's fast paths against their plain definitions: the vectorised batch schedule."""
+"""The batched round's fast paths against their plain definitions: the vectorised batch schedule, the
+payload checks' dtype names and duplicate test."""
 
+import numpy as np
 import pytest
 import torch
 
+from protofl.payload import _ALLOWED_DTYPES, Payload, _has_duplicates, dtype_name
 from protofl.training import ClientBatch, batch_schedule, minibatches
 
 
@@ -58,3 +61,23 @@ def test_vectorised_schedule_equals_the_client_by_client_one(sizes, batch_size, 
     # the generators are left where the client-by-client draws leave them
     for g, r in zip(gens, ref_gens):
         assert torch.equal(torch.rand(2, generator=g), torch.rand(2, generator=r))
+
+
+@pytest.mark.parametrize("name", sorted(_ALLOWED_DTYPES))
+def test_dtype_names_are_numpys_in_either_byte_order(name):
+    for order in "<>=":
+        dtype = np.dtype(name).newbyteorder(order)
+        assert dtype_name(dtype) == dtype.name == name
+    # a big-endian array goes over the wire under its name and comes back equal
+    arr = np.arange(6).astype(np.dtype(name).newbyteorder(">")).reshape(2, 3)
+    back = Payload.from_bytes(Payload({"a": arr}).to_bytes())["a"]
+    assert dtype_name(back.dtype) == name and np.array_equal(back, arr)
+
+
+def test_duplicates_are_found_as_np_unique_finds_them():
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, high, size) for high in (3, 50, 10**6) for size in (0, 1, 5, 40)]
+    cases += [np.array([True, False]), np.array([True, True]), np.arange(2000) % 1999, np.arange(2000)]
+    cases += [np.array([[1, 2], [2, 1]]), np.array([1.0, 1.0]), np.arange(5, dtype=np.uint8)]
+    for arr in cases:
+        assert _has_duplicates(arr) == (len(np.unique(arr)) != len(arr)), arr
