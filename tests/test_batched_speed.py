@@ -1,10 +1,15 @@
 """The batched round's fast paths against their plain definitions: the vectorised batch schedule, the
-payload checks' dtype names and duplicate test."""
+payload checks' dtype names and duplicate test; and the round loop's frozen heap."""
+
+import gc
 
 import numpy as np
 import pytest
 import torch
 
+from protofl.algorithms import ClientData, Task, get_algorithm
+from protofl.config import FederationConfig, ModelConfig
+from protofl.engine import Simulation
 from protofl.payload import _ALLOWED_DTYPES, Payload, _has_duplicates, dtype_name
 from protofl.training import ClientBatch, batch_schedule, minibatches
 
@@ -81,3 +86,47 @@ def test_duplicates_are_found_as_np_unique_finds_them():
     cases += [np.array([[1, 2], [2, 1]]), np.array([1.0, 1.0]), np.arange(5, dtype=np.uint8)]
     for arr in cases:
         assert _has_duplicates(arr) == (len(np.unique(arr)) != len(arr)), arr
+
+
+def _clients(n=3, task_dim=8):
+    g = torch.Generator().manual_seed(0)
+    return [
+        ClientData(
+            k,
+            torch.randn(20, task_dim, generator=g),
+            torch.arange(20) % 4,
+            torch.zeros(0, task_dim),
+            torch.zeros(0, dtype=torch.int64),
+        )
+        for k in range(n)
+    ]
+
+
+def _simulation(rounds=2):
+    task = Task(input_shape=(8,), num_classes=4, model=ModelConfig(feature_dim=6, hidden_dim=10))
+    algo = get_algorithm("fedproto").from_options({"batch_size": 8}, task)
+    fed = FederationConfig(rounds=rounds, checkpoint_every=0, progress=False, execution="batched")
+    return Simulation(algo, _clients(), torch.zeros(0, 8), torch.zeros(0, dtype=torch.int64), fed, seed=0)
+
+
+def test_the_round_loop_runs_with_the_earlier_objects_frozen_and_gives_them_back(monkeypatch):
+    sim = _simulation()
+    seen = []
+    step = sim.algorithm.server_step
+    monkeypatch.setattr(sim.algorithm, "server_step", lambda *a: (seen.append(gc.get_freeze_count()), step(*a))[1])
+    assert gc.get_freeze_count() == 0
+    sim.run()
+    assert len(seen) == 2 and all(count > 0 for count in seen)  # frozen while the rounds ran
+    assert gc.get_freeze_count() == 0  # and given back to the collector after them
+
+
+def test_the_round_loop_leaves_an_earlier_freeze_as_it_was():
+    sim = _simulation()
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        sim.run()
+        # still frozen (objects freed during the run leave it, by reference counting): not given back
+        assert gc.get_freeze_count() > before // 2
+    finally:
+        gc.unfreeze()
