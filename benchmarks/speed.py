@@ -364,6 +364,8 @@ NESTED = (
 def breakdown(n: int, rounds: int) -> dict:
     """CPU seconds per round of the batched path's parts (rounds 2+), for the profile, and the shares of
     torch's operators in the rounds' CPU time (torch.profiler, a separate set of rounds)."""
+    import gc
+
     import protofl.algorithms.base as base_mod
     import protofl.algorithms.fedproto as fedproto_mod
     import protofl.engine.client as client_mod
@@ -392,14 +394,25 @@ def breakdown(n: int, rounds: int) -> dict:
     wrap(fedproto_mod.FedProto, "server_step", "server aggregation")
     result = run_engine("batched", n, 1)  # warm-up (lazy imports) in a throwaway engine
     spent.update(dict.fromkeys(spent, 0.0))
+    full_before = gc.get_stats()[-1]["collections"]
     result = run_engine("batched", n, rounds)
+    full_collections = gc.get_stats()[-1]["collections"] - full_before
+    start = time.process_time()
+    gc.collect()  # what one full collection of this process costs (protofl.runtime.frozen_heap spares the run's)
+    full_collection_s = time.process_time() - start
     measured = rounds
     parts = {k: v / measured for k, v in spent.items()}
     for inner, outer in NESTED:
         parts[outer] -= parts[inner]
     total = statistics.fmean(result["round_cpu"])
     parts["everything else (engine loop, replies built, client store)"] = total - sum(parts.values())
-    return {"round_cpu": total, "parts": parts, "operators": operator_shares(n, max(2, rounds // 2))}
+    return {
+        "round_cpu": total,
+        "parts": parts,
+        "operators": operator_shares(n, max(2, rounds // 2)),
+        "full_collections": full_collections,
+        "full_collection_s": full_collection_s,
+    }
 
 
 def operator_shares(n: int, rounds: int, top: int = 14) -> list[tuple[str, float, int]]:
@@ -763,6 +776,15 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
         for name, value in sorted(prof["parts"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {name} | {value:.4f} | {100 * value / prof['round_cpu']:.0f} % |")
         lines.append(f"| **round** | **{prof['round_cpu']:.4f}** | |")
+        if "full_collection_s" in prof:
+            lines += [
+                "",
+                (
+                    f"The garbage collector: {prof['full_collections']} full collection(s) during these rounds "
+                    f"(run by `run_round` directly, outside the round loop's frozen heap); one full collection of "
+                    f"this process afterwards took {prof['full_collection_s']:.3f} CPU-s."
+                ),
+            ]
         if prof.get("operators"):
             lines += [
                 "",
