@@ -23,6 +23,8 @@ share of a round's time spent in the ``vpp`` and ``igpp`` release mechanisms.
 
     python benchmarks/speed.py            # everything, about 10 minutes on 2 cores
     python benchmarks/speed.py --quick    # N = 10 and 100 only
+    python benchmarks/speed.py --parts cores breakdown --rounds 8   # the N = 100 round: plain loop against
+                                          # batched at 1 and 2 threads, launched in turn, and its profile
 
 Writes benchmarks/results/speed/{results.json, table.md} and the section between the speed markers
 in docs/benchmarks.md.
