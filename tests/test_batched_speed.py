@@ -1,5 +1,6 @@
 """The batched round's fast paths against their plain definitions: the vectorised batch schedule, the
-payload checks' dtype names and duplicate test; and the round loop's frozen heap."""
+payload checks' dtype names and duplicate test, the features without the head; and the round loop's frozen
+heap."""
 
 import gc
 
@@ -10,8 +11,9 @@ import torch
 from protofl.algorithms import ClientData, Task, get_algorithm
 from protofl.config import FederationConfig, ModelConfig
 from protofl.engine import Simulation
+from protofl.models import EmbeddingAdapterNet
 from protofl.payload import _ALLOWED_DTYPES, Payload, _has_duplicates, dtype_name
-from protofl.training import ClientBatch, batch_schedule, minibatches
+from protofl.training import ClientBatch, batch_schedule, batched_features, minibatches, stack_params, unstack_params
 
 
 def reference_schedule(sizes, batch_size, epochs, seeds):
@@ -130,3 +132,40 @@ def test_the_round_loop_leaves_an_earlier_freeze_as_it_was():
         assert gc.get_freeze_count() > before // 2
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize(
+    "input_shape,model", [((8,), "adapter"), ((1, 8, 8), "cnn"), ((8,), "linear")], ids=["adapter", "cnn", "linear"]
+)
+def test_features_without_the_head_are_forwards_features(input_shape, model):
+    task = Task(input_shape=input_shape, num_classes=4, model=ModelConfig(name=model, feature_dim=6, hidden_dim=10))
+    algo = get_algorithm("fedproto").from_options({}, task)
+    params = {k: v + 0.1 for k, v in algo.initial_params(0).items()}
+    x = torch.randn(5, *input_shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(algo.forward_features(params, x), algo.forward(params, x)[0])
+    # batched: every client's features under its own parameters, as one vmap
+    stacked = stack_params([params, {k: v * 0.5 for k, v in params.items()}])
+    batch = ClientBatch.of([x, x[:3]], [torch.zeros(5, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)])
+    z, weight, _ = batched_features(algo.forward_features, stacked, batch)
+    for c, p in enumerate(unstack_params(stacked)):
+        n = int(weight[c].sum())
+        torch.testing.assert_close(z[c, :n], algo.forward(p, batch.x[int(batch.offsets[c]) :][:n])[0])
+
+
+def test_a_model_whose_forward_is_its_own_keeps_its_features():
+    class Scaled(EmbeddingAdapterNet):
+        def forward(self, x):
+            z = 2 * self.features(x)
+            return z, self.head(z)
+
+    task = Task(input_shape=(8,), num_classes=4, model=ModelConfig(feature_dim=6, hidden_dim=10))
+    algo = get_algorithm("fedproto").from_options({}, task)
+    algo.model = Scaled(8, 4, 6, 10)
+    params = dict(algo.model.named_parameters())
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(algo.forward_features(params, x), algo.forward(params, x)[0])
+    assert not torch.equal(algo.forward_features(params, x), algo.model.features(x))
+    # a FeatureNet put in place of the model after construction is the one whose features are computed
+    algo.model = EmbeddingAdapterNet(8, 4, 6, 10)
+    params = {k: v + 0.3 for k, v in algo.model.named_parameters()}
+    assert torch.equal(algo.forward_features(params, x), algo.forward(params, x)[0])

@@ -311,13 +311,13 @@ def train_batched(
 
 @torch.no_grad()
 def batched_features(
-    forward: Callable[[Params, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], params: Params, batch: ClientBatch
+    features: Callable[[Params, torch.Tensor], torch.Tensor], params: Params, batch: ClientBatch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features of every client's train split under its own stacked parameters (one ``vmap`` call):
-    ``(K, n_max, d)``, the ``(K, n_max)`` weight of the real rows and their ``(K, n_max)`` row index into
-    the batch."""
+    """Features of every client's train split under its own stacked parameters (one ``vmap`` of
+    ``features(params, x)``): ``(K, n_max, d)``, the ``(K, n_max)`` weight of the real rows and their
+    ``(K, n_max)`` row index into the batch."""
     index, weight = batch.padded_index()
-    z = vmap(lambda p, x: forward(p, x)[0])(params, batch.x[index])
+    z = vmap(features)(params, batch.x[index])
     return z, weight, index
 
 
