@@ -23,6 +23,8 @@ share of a round's time spent in the ``vpp`` and ``igpp`` release mechanisms.
 
     python benchmarks/speed.py            # everything, about 10 minutes on 2 cores
     python benchmarks/speed.py --quick    # N = 10 and 100 only
+    python benchmarks/speed.py --parts cores breakdown --rounds 8   # the N = 100 round: plain loop against
+                                          # batched at 1 and 2 threads, launched in turn, and its profile
 
 Writes benchmarks/results/speed/{results.json, table.md} and the section between the speed markers
 in docs/benchmarks.md.
@@ -353,11 +355,26 @@ def run_cached_embeddings(n: int, rounds: int, fraction: float) -> dict:
     return out
 
 
+#: The breakdown's parts that run inside another timed part: (inner, outer); the outer part is reported
+#: without them.
+NESTED = (
+    ("local training: batch schedule (each client's shuffles)", "local training: forward + backward (vmap of grad)"),
+    ("local training: optimiser updates", "local training: forward + backward (vmap of grad)"),
+)
+
+
 def breakdown(n: int, rounds: int) -> dict:
-    """CPU seconds per round of the batched path's parts (rounds 2+), for the profile."""
+    """CPU seconds per round of the batched path's parts (rounds 2+), for the profile, and the shares of
+    torch's operators in the rounds' CPU time (torch.profiler, a separate set of rounds)."""
+    import gc
+
     import protofl.algorithms.base as base_mod
     import protofl.algorithms.fedproto as fedproto_mod
+    import protofl.engine.client as client_mod
+    import protofl.training as training_mod
     from protofl.engine import inprocess
+    from protofl.payload import Payload
+    from protofl.prototypes import PrototypeAccumulator
 
     spent: dict[str, float] = {}
 
@@ -365,21 +382,63 @@ def breakdown(n: int, rounds: int) -> dict:
         time_calls(owner, name, label, spent)
 
     # The batched client step (ModelAlgorithm's, in protofl.algorithms.base) calls these by name.
-    wrap(base_mod, "train_batched", "local training (4 batched steps)")
-    wrap(base_mod, "batched_features", "features for the prototypes")
+    wrap(base_mod, "train_batched", "local training: forward + backward (vmap of grad)")
+    wrap(training_mod, "batch_schedule", NESTED[0][0])
+    wrap(training_mod.StackedOptimizer, "step", NESTED[1][0])
+    wrap(base_mod, "batched_features", "features for the prototypes (forward of every train row)")
+    wrap(PrototypeAccumulator, "per_client", "per-client class sums and counts")
     wrap(fedproto_mod.FedProto, "release_prototypes", "per-class means")
     wrap(base_mod, "unstack_params", "client states out of the stack")
     wrap(base_mod, "stack_params", "client states into the stack")
-    wrap(inprocess.InProcessTransport, "_through_wire", "payloads through bytes + validation")
+    wrap(client_mod, "client_generator", "client generators (seed derivation)")
+    wrap(Payload, "to_bytes", "replies to bytes")
+    wrap(inprocess.InProcessTransport, "_through_wire", "payloads parsed back + validation")
     wrap(fedproto_mod.FedProto, "server_step", "server aggregation")
     result = run_engine("batched", n, 1)  # warm-up (lazy imports) in a throwaway engine
     spent.update(dict.fromkeys(spent, 0.0))
+    full_before = gc.get_stats()[-1]["collections"]
     result = run_engine("batched", n, rounds)
+    full_collections = gc.get_stats()[-1]["collections"] - full_before
+    start = time.process_time()
+    gc.collect()  # what one full collection of this process costs (protofl.runtime.frozen_heap spares the run's)
+    full_collection_s = time.process_time() - start
     measured = rounds
     parts = {k: v / measured for k, v in spent.items()}
+    for inner, outer in NESTED:
+        parts[outer] -= parts[inner]
     total = statistics.fmean(result["round_cpu"])
-    parts["everything else (engine loop, batch schedule, generators)"] = total - sum(parts.values())
-    return {"round_cpu": total, "parts": parts}
+    parts["everything else (engine loop, replies built, client store)"] = total - sum(parts.values())
+    return {
+        "round_cpu": total,
+        "parts": parts,
+        "operators": operator_shares(n, max(2, rounds // 2)),
+        "full_collections": full_collections,
+        "full_collection_s": full_collection_s,
+    }
+
+
+def operator_shares(n: int, rounds: int, top: int = 14) -> list[tuple[str, float, int]]:
+    """``(operator, share of the self CPU time, calls per round)`` of torch's operators in ``rounds``
+    batched rounds under torch.profiler (after one warm-up round), the ``top`` largest."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from protofl.config import FederationConfig
+    from protofl.engine import Simulation
+
+    clients, algo = synthetic_clients(n, rounds + 1)
+    fed = FederationConfig(rounds=10**6, eval_every=10**6, checkpoint_every=0, progress=False, execution="batched")
+    sim = Simulation(
+        algo, clients, torch.zeros(0, WORKLOAD["input_dim"]), torch.zeros(0, dtype=torch.int64), fed, seed=0
+    )
+    sim.run_round(1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for r in range(2, rounds + 2):
+            sim.run_round(r)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return [(e.key, e.self_cpu_time_total / total, round(e.count / rounds)) for e in ranked]
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -719,7 +778,91 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
         for name, value in sorted(prof["parts"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {name} | {value:.4f} | {100 * value / prof['round_cpu']:.0f} % |")
         lines.append(f"| **round** | **{prof['round_cpu']:.4f}** | |")
+        if "full_collection_s" in prof:
+            lines += [
+                "",
+                (
+                    f"The garbage collector: {prof['full_collections']} full collection(s) during these rounds "
+                    f"(run by `run_round` directly, outside the round loop's frozen heap); one full collection of "
+                    f"this process afterwards took {prof['full_collection_s']:.3f} CPU-s."
+                ),
+            ]
+        if prof.get("operators"):
+            lines += [
+                "",
+                (
+                    "torch's operators in the same rounds (torch.profiler, a separate set of rounds): each one's "
+                    "share of the self time of all operators, the largest first. The profiler clocks wall time "
+                    "inside each operator, so on busy cores the shares are the steadier reading."
+                ),
+                "",
+                "| operator | share | calls / round |",
+                "|---|---|---|",
+            ]
+            for name, share, calls in prof["operators"]:
+                lines.append(f"| `{name}` | {100 * share:.1f} % | {calls} |")
+    lines += _cores_table(results.get("cores", []))
     return "\n".join(lines) + "\n"
+
+
+def _cores_table(rows: list[dict]) -> list[str]:
+    """The ``cores`` part: the plain loop and the batched round at N = 100, launched in turn."""
+    rows = [row for row in rows if "error" not in row]
+    if not rows:
+        return []
+    reps = sorted({row["rep"] for row in rows})
+    out = [
+        "",
+        f"### The batched round against the plain loop, 1 and 2 threads, launched in turn ({rows[0]['clients']} clients)",
+        "",
+        (
+            f"{len(reps)} repetitions of three fresh processes one after the other: the plain per-client loop at 1 "
+            "thread, protofl batched at 1 thread and at 2 threads (the thread policy, `protofl.runtime."
+            "apply_threads`); seconds per round are the median of rounds 2+ of each process, and the ratio is "
+            "the plain loop's over the batched round's of the same repetition (so both ran under about the same "
+            "load). The last rows are the medians over the repetitions."
+        ),
+        "",
+        "| repetition | path | threads | s / round (wall) | s / round (CPU) | plain / batched (wall / CPU) | load at launch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = {"plain": "plain loop", "batched": "protofl batched"}
+
+    def ratio(plain: dict | None, row: dict) -> str:
+        if plain is None or row["kind"] == "plain":
+            return "—"
+        return f"{plain['s_per_round'] / row['s_per_round']:.1f}× / {plain['cpu_s_per_round'] / row['cpu_s_per_round']:.1f}×"
+
+    for rep in reps:
+        group = [row for row in rows if row["rep"] == rep]
+        plain = next((row for row in group if row["kind"] == "plain"), None)
+        for row in group:
+            out.append(
+                f"| {rep} | {names[row['kind']]} | {row['threads_in_force']['threads']} | {row['s_per_round']:.4f} | "
+                f"{row['cpu_s_per_round']:.4f} | {ratio(plain, row)} | {row['load_at_launch']:.1f} |"
+            )
+    for kind, threads in (("plain", 1), ("batched", 1), ("batched", 2)):
+        same = [row for row in rows if row["kind"] == kind and row["threads_in_force"]["threads"] == threads]
+        if not same:
+            continue
+        ratios = []
+        for row in same:
+            plain = next((p for p in rows if p["kind"] == "plain" and p["rep"] == row["rep"]), None)
+            if plain is not None and kind != "plain":
+                ratios.append(
+                    (plain["s_per_round"] / row["s_per_round"], plain["cpu_s_per_round"] / row["cpu_s_per_round"])
+                )
+        text = (
+            f"{statistics.median(r[0] for r in ratios):.1f}× / {statistics.median(r[1] for r in ratios):.1f}×"
+            if ratios
+            else "—"
+        )
+        out.append(
+            f"| median | {names[kind]} | {threads} | {statistics.median(r['s_per_round'] for r in same):.4f} | "
+            f"{statistics.median(r['cpu_s_per_round'] for r in same):.4f} | {text} | "
+            f"{statistics.median(r['load_at_launch'] for r in same):.1f} |"
+        )
+    return out
 
 
 def _load_text(results: dict) -> str:
@@ -819,13 +962,17 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["grid", "privacy", "threads", "breakdown", "embeddings"],
-        help="run only these parts; the others are kept from an earlier results.json in --out",
+        help="run only these parts (also: cores, the N = 100 plain loop and batched round at 1 and 2 threads, "
+        "launched in turn); the others are kept from an earlier results.json in --out",
     )
     parser.add_argument(
         "--flower-timeout",
         type=float,
         default=300.0,
         help="seconds a Flower simulation run may take before it is stopped and reported as such",
+    )
+    parser.add_argument(
+        "--repetitions", type=int, default=3, help="launches of each configuration in the cores part (in turn)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -881,6 +1028,14 @@ def main() -> None:
             for mech in ("none", "igpp", "vpp")
             for threads in (1, 2)
         ]
+    if "cores" in args.parts:
+        cores = []
+        for rep in range(1, args.repetitions + 1):
+            for kind, threads in (("plain", 1), ("batched", 1), ("batched", 2)):
+                row = launch(kind, 100, args.rounds, threads)
+                row["rep"] = rep
+                cores.append(row)
+        results["cores"] = cores
     if "breakdown" in args.parts:
         results["breakdown"] = launch("breakdown", 100, args.rounds, args.threads)
         results["breakdown"]["clients"] = 100

@@ -23,6 +23,14 @@ import numpy as np
 
 MAGIC = b"PFL1"
 _ALLOWED_DTYPES = {"float32", "float64", "float16", "int64", "int32", "uint8", "bool"}
+#: The names of the sendable dtypes in native byte order, looked up instead of ``dtype.name`` (which
+#: numpy computes in Python on every access: a round checks a few thousand of them).
+_NATIVE_NAMES = {np.dtype(name): name for name in _ALLOWED_DTYPES}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, from :data:`_NATIVE_NAMES` where it is there."""
+    return _NATIVE_NAMES.get(dtype) or dtype.name
 
 
 class PayloadError(ValueError):
@@ -40,7 +48,7 @@ class Payload:
         arrays = {}
         for name, value in self.arrays.items():
             arr = np.asarray(value)
-            if arr.dtype.name not in _ALLOWED_DTYPES:
+            if dtype_name(arr.dtype) not in _ALLOWED_DTYPES:
                 raise PayloadError(f"array {name!r}: dtype {arr.dtype} is not sendable")
             arrays[str(name)] = arr
         object.__setattr__(self, "arrays", types.MappingProxyType(arrays))
@@ -55,7 +63,7 @@ class Payload:
     def to_bytes(self) -> bytes:
         header = {
             "metadata": dict(self.metadata),
-            "arrays": [[name, arr.dtype.name, list(arr.shape)] for name, arr in self.arrays.items()],
+            "arrays": [[name, dtype_name(arr.dtype), list(arr.shape)] for name, arr in self.arrays.items()],
         }
         head = json.dumps(header, separators=(",", ":")).encode()
         parts = [MAGIC, struct.pack("<I", len(head)), head]
@@ -138,6 +146,14 @@ class PayloadSpec:
     optional: tuple[str, ...] = ()
 
 
+def _has_duplicates(arr: np.ndarray) -> bool:
+    """Whether ``np.unique(arr)`` is shorter than ``arr``; a short integer vector (a class list, the usual
+    case) is checked as a set of Python ints, far cheaper than ``np.unique`` at that size."""
+    if arr.ndim == 1 and arr.dtype.kind in "iub" and len(arr) <= 1024:
+        return len(set(arr.tolist())) != len(arr)
+    return len(np.unique(arr)) != len(arr)
+
+
 def validate(payload: Payload, spec: PayloadSpec) -> None:
     """Raise :class:`PayloadError` if ``payload`` does not satisfy ``spec``."""
     method = payload.metadata.get("method")
@@ -153,7 +169,7 @@ def validate(payload: Payload, spec: PayloadSpec) -> None:
         if name not in payload.arrays:
             continue
         arr = payload.arrays[name]
-        if arr.dtype.name != want.dtype:
+        if dtype_name(arr.dtype) != want.dtype:
             raise PayloadError(f"array {name!r}: dtype {arr.dtype} is not {want.dtype}")
         if len(arr.shape) != len(want.shape) or any(w is not None and w != s for w, s in zip(want.shape, arr.shape)):
             raise PayloadError(f"array {name!r}: shape {arr.shape} does not match {want.shape}")
@@ -166,7 +182,7 @@ def validate(payload: Payload, spec: PayloadSpec) -> None:
                 )
         if want.minimum is not None and arr.size and arr.min() < want.minimum:
             raise PayloadError(f"array {name!r}: values must be >= {want.minimum}, got {arr.min()}")
-        if want.unique and len(np.unique(arr)) != len(arr):
+        if want.unique and _has_duplicates(arr):
             raise PayloadError(f"array {name!r}: duplicate entries")
     lengths = {name: len(payload.arrays[name]) for name in spec.same_length}
     if len(set(lengths.values())) > 1:

@@ -42,11 +42,16 @@ Params = dict[str, torch.Tensor]
 
 
 # -- the minibatch schedule ------------------------------------------------------------------------
+def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
+    """The order in which one epoch visits ``range(n)``: a single ``randperm(n, generator)``, drawn even for
+    ``n = 0``, so a generator advances the same way whatever the data."""
+    return torch.randperm(n, generator=generator, device=generator.device)
+
+
 def minibatches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """One epoch of shuffled minibatches of ``range(n)``: a single ``randperm(n, generator)`` (drawn
-    even for ``n = 0``, so a generator advances the same way whatever the data), cut into consecutive
-    slices of ``batch_size`` (the last one shorter)."""
-    order = torch.randperm(n, generator=generator, device=generator.device)
+    """One epoch of shuffled minibatches of ``range(n)``: :func:`epoch_order` cut into consecutive slices
+    of ``batch_size`` (the last one shorter)."""
+    order = epoch_order(n, generator)
     return list(order.split(batch_size)) if n else []
 
 
@@ -214,36 +219,43 @@ class Schedule:
 
 def batch_schedule(batch: ClientBatch, batch_size: int, epochs: int, generators: Sequence[torch.Generator]) -> Schedule:
     """Each client's :func:`minibatches`, drawn with its own generator epoch by epoch exactly as
-    :func:`train_local` draws them, padded into one table."""
-    sizes = [int(n) for n in batch.sizes]
+    :func:`train_local` draws them, padded into one table.
+
+    Client ``c`` with ``n`` rows takes ``spe = ceil(n / batch_size)`` steps per epoch, its epochs one after
+    the other (steps ``0 .. epochs * spe - 1``). Its rows, epoch by epoch, are the epoch's order padded to
+    ``spe * batch_size`` (padding: the client's first row, weight 0), cut into the steps' batches. Only
+    the draws are per client; the table is laid out for all clients at once."""
+    sizes = batch.sizes.tolist()
     k = len(sizes)
     width = max(1, min(batch_size, max(sizes, default=1)))
-    per_epoch = [math.ceil(n / batch_size) for n in sizes]
-    total = epochs * max(per_epoch, default=0)
-    index = torch.zeros(total, k, width, dtype=torch.int64, device="cpu")  # built here, moved once at the end
-    weight = torch.zeros(total, k, width, device="cpu")
-    active = torch.zeros(total, k, dtype=torch.bool, device="cpu")
-    for c, (n, spe, g) in enumerate(zip(sizes, per_epoch, generators)):
-        offset = int(batch.offsets[c])
-        for e in range(epochs):
-            batches = minibatches(n, batch_size, g)
-            if not batches:
-                continue
-            order = torch.cat(batches) + offset  # the epoch's rows in the order of its minibatches
-            steps = slice(e * spe, (e + 1) * spe)
-            if n % batch_size == 0 and width == batch_size:
-                index[steps, c] = order.view(spe, width)
-                weight[steps, c] = 1.0
-            else:
-                padded = torch.full((spe * batch_size,), offset, dtype=torch.int64, device="cpu")
-                padded[:n] = order
-                mask = torch.zeros(spe * batch_size, device="cpu")
-                mask[:n] = 1.0
-                index[steps, c] = padded.view(spe, batch_size)[:, :width]
-                weight[steps, c] = mask.view(spe, batch_size)[:, :width]
-            active[steps, c] = True
+    per_epoch = torch.div(batch.sizes + batch_size - 1, batch_size, rounding_mode="floor")  # (K,) steps
+    steps_max = epochs * int(per_epoch.max()) if k else 0
+    span = steps_max * batch_size  # a client's padded rows over all its epochs, at most
+    # Every epoch's order of every client, in (client, epoch) order: the only per-client work.
+    orders = [epoch_order(n, g) for n, g in zip(sizes, generators) for _ in range(epochs)]
+    cpu = torch.device("cpu")  # built here, moved once at the end
+    drawn = torch.cat(orders).to(cpu) if orders else torch.zeros(0, dtype=torch.int64, device=cpu)
+    # Where each drawn row goes in its client's padded sequence: client c, epoch e, position i goes to
+    # c * span + e * spe_c * batch_size + i.
+    client = torch.arange(k, device=cpu).repeat_interleave(batch.sizes * epochs)
+    epoch_of = torch.arange(len(orders), device=cpu) % max(epochs, 1)  # the epoch of each order
+    n_of = batch.sizes.repeat_interleave(epochs)
+    first = torch.cumsum(n_of, 0) - n_of  # where each order starts in ``drawn``
+    within = torch.arange(len(drawn), device=cpu) - first.repeat_interleave(n_of)
+    slot = (
+        client * span + (epoch_of * per_epoch.repeat_interleave(epochs) * batch_size).repeat_interleave(n_of) + within
+    )
+    rows = batch.offsets.repeat_interleave(span)  # padding within an epoch: the client's first row
+    real = torch.zeros(k * span, device=cpu)
+    rows[slot] = drawn + batch.offsets[client]
+    real[slot] = 1.0
+    # (K, steps, batch_size) -> (steps, K, width): the columns past ``width`` are padding of every client
+    index = rows.view(k, steps_max, batch_size)[:, :, :width].transpose(0, 1).contiguous()
+    weight = real.view(k, steps_max, batch_size)[:, :, :width].transpose(0, 1).contiguous()
+    total_steps = per_epoch * epochs
+    active = torch.arange(steps_max, device=cpu)[:, None] < total_steps[None, :]
+    index = torch.where(active[:, :, None], index, 0)  # row 0 at the steps a client does not take
     device = batch.x.device
-    total_steps = torch.tensor(per_epoch, dtype=torch.int64, device="cpu") * epochs
     return Schedule(index.to(device), weight.to(device), active.to(device), total_steps.to(device))
 
 
@@ -299,13 +311,13 @@ def train_batched(
 
 @torch.no_grad()
 def batched_features(
-    forward: Callable[[Params, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], params: Params, batch: ClientBatch
+    features: Callable[[Params, torch.Tensor], torch.Tensor], params: Params, batch: ClientBatch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features of every client's train split under its own stacked parameters (one ``vmap`` call):
-    ``(K, n_max, d)``, the ``(K, n_max)`` weight of the real rows and their ``(K, n_max)`` row index into
-    the batch."""
+    """Features of every client's train split under its own stacked parameters (one ``vmap`` of
+    ``features(params, x)``): ``(K, n_max, d)``, the ``(K, n_max)`` weight of the real rows and their
+    ``(K, n_max)`` row index into the batch."""
     index, weight = batch.padded_index()
-    z = vmap(lambda p, x: forward(p, x)[0])(params, batch.x[index])
+    z = vmap(features)(params, batch.x[index])
     return z, weight, index
 
 

@@ -137,6 +137,7 @@ class Algorithm:
         self.device = torch.device(task.device)
         self.model: FeatureNet = cpu_model(task).to(self.device)
         self.model.requires_grad_(False)
+        self._features_view = _FeaturesView(self.model)
         self._initial_params: dict[int, Params] = {}
 
     # -- construction ------------------------------------------------------------------------------
@@ -257,6 +258,16 @@ class Algorithm:
     def forward(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and logits of the template model under ``params``."""
         return functional_call(self.model, params, (x,))
+
+    def forward_features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """The features of :meth:`forward` alone: a :class:`~protofl.models.FeatureNet` with FeatureNet's
+        own ``forward`` (features, then the head on them) computes them without its head, the same values;
+        any other model runs its whole forward."""
+        if type(self.model).forward is not FeatureNet.forward:
+            return self.forward(params, x)[0]
+        if self._features_view.net is not self.model:  # the model was replaced after construction
+            self._features_view = _FeaturesView(self.model)
+        return functional_call(self._features_view, {"net." + k: v for k, v in params.items()}, (x,))
 
     @torch.no_grad()
     def accuracy(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -397,7 +408,7 @@ class ModelAlgorithm(Algorithm):
         stats: list[PrototypeAccumulator | None] = [None] * len(datas)
         stacked = None
         if self.reply_uses_features:
-            z, weight, index = batched_features(self.forward, trained, batch)
+            z, weight, index = batched_features(self.forward_features, trained, batch)
             features = [z[c, : d.num_train] for c, d in enumerate(datas)]
             stacked = StackedFeatures(z, batch.y[index], weight)
             stats = list(PrototypeAccumulator.per_client(z, stacked.labels, weight, self.task.num_classes))
@@ -416,6 +427,17 @@ class ModelAlgorithm(Algorithm):
         train features as one padded stack (where :attr:`reply_uses_features`), for a method whose reply
         has a part that runs as one program over every client (a prototype release)."""
         return [self.reply(outcome) for outcome in outcomes]
+
+
+class _FeaturesView(torch.nn.Module):
+    """A FeatureNet seen through its ``features`` (for ``functional_call``; its parameters are ``net.*``)."""
+
+    def __init__(self, net: FeatureNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
 
 
 def cpu_model(task: Task) -> FeatureNet:
@@ -446,7 +468,7 @@ def predict_features_and_logits(
 
 @torch.no_grad()
 def compute_features(algorithm: Algorithm, params: Params, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([algorithm.forward(params, x[i : i + batch_size])[0] for i in range(0, len(x), batch_size)])
+    return torch.cat([algorithm.forward_features(params, x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 # -- parameters <-> payload arrays -----------------------------------------------------------------

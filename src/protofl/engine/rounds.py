@@ -27,7 +27,7 @@ from protofl.algorithms.base import Algorithm
 from protofl.config import FederationConfig
 from protofl.engine.checkpoint import load_checkpoint, on_device, save_checkpoint
 from protofl.payload import Payload
-from protofl.runtime import check_stop
+from protofl.runtime import check_stop, frozen_heap
 
 log = logging.getLogger("protofl.engine")
 
@@ -363,7 +363,13 @@ class RoundDriver:
 
     # -- running -----------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> list[dict[str, Any]]:
-        """Run the remaining rounds; ``stop_after=r`` raises :class:`RunInterrupted` after round r."""
+        """Run the remaining rounds; ``stop_after=r`` raises :class:`RunInterrupted` after round r. The
+        objects alive before the first round are kept out of the garbage collector's full collections
+        while the rounds run (:func:`protofl.runtime.frozen_heap`)."""
+        with frozen_heap():
+            return self._run_rounds(stop_after)
+
+    def _run_rounds(self, stop_after: int | None) -> list[dict[str, Any]]:
         fed = self.federation
         self.transport.start()
         bar = _progress(range(self.round + 1, fed.rounds + 1), fed.progress, self.round, fed.rounds)
