@@ -27,9 +27,10 @@ DATASET_PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
 #: lr 0.05 with five epochs on OptDigits (40 % after 3 rounds; 77 % at lr 0.02).
 #: FedHypeVAE on OptDigits (about 100 embeddings a client): at its general defaults the generator is
 #: short of steps in 3 rounds (5.2 %: two of them learn the meta-code, leaving 20 DP-SGD steps at lr 1e-3
-#: for 277,476 DP-trained numbers). A smaller generator (22,284 DP-trained numbers) in a 32-d public
+#: for 277,476 DP-trained numbers). A smaller generator (22,604 DP-trained numbers) in a 32-d public
 #: space, batches of 96 (q ~ 0.95; clients need at least 96 embeddings), lr 1e-2, one meta round and 100
-#: steps a round (sigma 8.5-8.6 at epsilon 8) reaches 29.1 %; 50 steps (sigma 6.3) 24.4 %
+#: steps a round (sigma 8.5-8.6 at epsilon 8) reaches 52.6 % (29.1 % with the label at the decoder's first
+#: layer only); 50 steps (sigma 6.3) 24.4 % before the label reached the output layer
 #: (docs/configuration.md lists the variants measured).
 METHOD_PRESETS: Mapping[tuple[str, str], Mapping[str, Any]] = types.MappingProxyType(
     {
