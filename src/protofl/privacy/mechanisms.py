@@ -47,6 +47,7 @@ that needs cryptographic noise should draw from the operating system's generator
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -191,19 +192,24 @@ class _Stack:
         """Every client's per-class sums (K, C, d) of ``x`` (K, n, d; padding rows zero)."""
         return np.matmul(self.onehot, x)
 
+    @functools.cached_property
+    def squares(self) -> np.ndarray:
+        """``x * x`` (K, n, d): the within-class spread and the clipping norms share it."""
+        return self.x * self.x
+
     def spread(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(energy, within, n, c)``: per client and dimension the between-class energy
-        ``Σ_c n_c (μ_cj − μ_j)²`` and the within-class sum of squares of ``x``, and per client its
-        number of rows and of classes held."""
-        x, counts = self.x, self.counts
+        ``Σ_c n_c (μ_cj − μ_j)²`` and the within-class sum of squares ``Σ_i x_ij² − Σ_c n_c μ_cj²`` of
+        ``x`` (clamped at 0 against rounding), and per client its number of rows and of classes held.
+        Two passes over the features: the class sums and the sums of squares."""
+        counts = self.counts
         n = self.real.sum(1)
         c = (counts > 0).sum(1)
-        means = self.sums(x) / np.maximum(counts, 1)[:, :, None]
-        grand = x.sum(1) / np.maximum(n, 1)[:, None]
+        sums = self.sums(self.x)
+        means = sums / np.maximum(counts, 1)[:, :, None]
+        grand = sums.sum(1) / np.maximum(n, 1)[:, None]
         energy = (counts[:, :, None] * (means - grand[:, None, :]) ** 2).sum(1)
-        # Each real row's class mean (exactly: one 1 and zeros per row), 0 on padding rows (whose x is 0).
-        rows = np.matmul(self.onehot.transpose(0, 2, 1), means)
-        within = ((x - rows) ** 2).sum(1)
+        within = np.maximum(self.squares.sum(1) - (sums * means).sum(1), 0.0)
         return energy, within, n, c
 
 
@@ -449,7 +455,7 @@ def _release(
     sigma_n = settings.multipliers[1]
     sums = stack.sums(clipped)
     counts = stack.counts
-    chosen = [None] * len(stack) if selected is None else list(selected)
+    chosen = [None] * len(stack) if selected is None else selected.unbind()
     if sigma_n is None:  # the held classes of each client: their number differs between clients
         out = []
         for k, generator in enumerate(generators):
@@ -476,8 +482,10 @@ def _release(
     prototypes = (noisy / noisy_counts.clamp_min(1.0)[:, :, None] if rule.sums else noisy).float()
     every = torch.arange(num_classes, device="cpu")
     return [
-        PrototypeRelease(every, prototypes[k], noisy_counts[k], std[k], events, chosen[k], sigma_n, noisy[k])
-        for k in range(len(stack))
+        PrototypeRelease(every, prototype, count, s, events, a, sigma_n, statistic)
+        for prototype, count, s, a, statistic in zip(
+            prototypes.unbind(), noisy_counts.unbind(), std.unbind(), chosen, noisy.unbind()
+        )
     ]
 
 
@@ -512,9 +520,9 @@ class ReleaseSettings:
         return split_multiplier(self.noise_multiplier, self.count_fraction)
 
 
-def _clip(x: np.ndarray, bound: float) -> np.ndarray:
-    """Every row (last axis) of ``x`` scaled to norm at most ``bound``."""
-    return x * np.minimum(bound / np.maximum(np.sqrt((x * x).sum(-1)), 1e-12), 1.0)[..., None]
+def _clip(x: np.ndarray, bound: float, squares: np.ndarray) -> np.ndarray:
+    """Every row (last axis) of ``x`` scaled to norm at most ``bound`` (``squares``: ``x * x``)."""
+    return x * np.minimum(bound / np.maximum(np.sqrt(squares.sum(-1)), 1e-12), 1.0)[..., None]
 
 
 def finite_rows(x: np.ndarray) -> np.ndarray:
@@ -560,7 +568,8 @@ def igpp_release_batch(
     stack = _stack_of(z, y, weight, settings.num_classes, generators)
     multipliers = np.full((len(stack), stack.x.shape[2]), settings.multipliers[0])
     events = ((GaussianEvent(settings.noise_multiplier), 1),)
-    return _release(_clip(stack.x, settings.bound), stack, settings, multipliers, events, generators)
+    clipped = _clip(stack.x, settings.bound, stack.squares)
+    return _release(clipped, stack, settings, multipliers, events, generators)
 
 
 def _stack_of(
@@ -646,7 +655,7 @@ def vpp_release_batch(
     np.put_along_axis(in_a, chosen, True, axis=1)
     kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, settings.multipliers[0])
     # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B.
-    sq = x * x
+    sq = stack.squares
     norm_a = np.sqrt(np.matmul(sq, in_a[:, :, None].astype(np.float64))[..., 0])
     norm_b = np.sqrt(np.matmul(sq, (~in_a)[:, :, None].astype(np.float64))[..., 0])
     scale_a = np.minimum(settings.bound * kappa_a / np.maximum(norm_a, 1e-12), 1.0)
