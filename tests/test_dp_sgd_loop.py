@@ -14,7 +14,9 @@ from protofl.algorithms.base import arrays_to_params
 from protofl.config import PrivacyConfig
 from protofl.privacy import dpsgd
 
-PRIVACY = PrivacyConfig(mechanism="dp-sgd", clip_norm=0.5, epsilon=4.0, delta=1e-4, accountant="rdp", planned_releases=2)
+PRIVACY = PrivacyConfig(
+    mechanism="dp-sgd", clip_norm=0.5, epsilon=4.0, delta=1e-4, accountant="rdp", planned_releases=2
+)
 
 
 def digits(n=300, image=False):

@@ -38,6 +38,7 @@ __all__ = [
     "head_contributions",
 ]
 
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ClassGradientRelease:
     """What a client may publish for every class ``0..C-1``: ``means`` (noisy sum / max(noisy count, 1)) and

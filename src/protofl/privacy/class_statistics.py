@@ -18,7 +18,6 @@ and each release is recorded in the client's ledger before any noise is drawn.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -94,17 +93,8 @@ class ClassStatisticsLayer(PlannedReleaseLayer):
         moments = moments + upper + torch.triu(upper, 1).transpose(1, 2)  # one draw per entry of the triangle
         return ClassStatistics(counts.float(), sums.float(), moments.float()), ledger
 
-    def report(self, client_states: Iterable[State], all_accountants: bool = True, **extra: Any) -> dict[str, Any]:
-        c = self.config
-        return self.ledger_report(
-            client_states,
-            all_accountants,
-            self.noise_multiplier,
-            ("gaussian",),
-            relation=c.relation,
-            clip_bound=c.clip_bound,
-            **extra,
-        )
+    def report_details(self) -> dict[str, Any]:
+        return {"relation": self.config.relation, "clip_bound": self.config.clip_bound}
 
 
 register_privacy_layer(MECHANISM, ClassStatisticsLayer)

@@ -175,6 +175,15 @@ class PlannedReleaseLayer(PrivacyLayer):
     def check_next(self, client_state: State, who: str) -> None:
         self.ledger(client_state).check(self.release_events(), who)
 
+    def report_details(self) -> dict[str, Any]:
+        """The layer's own keys of its :meth:`report` (after the shared ones)."""
+        return {}
+
+    def report(self, client_states: Iterable[State], all_accountants: bool = True, **extra: Any) -> dict[str, Any]:
+        return self.ledger_report(
+            client_states, all_accountants, self.noise_multiplier, ("gaussian",), **self.report_details(), **extra
+        )
+
 
 class PrototypeReleaseLayer(PlannedReleaseLayer):
     """A prototype release (VPDR's IGPP and VPP): the noisy per-class prototypes a client may publish
@@ -264,18 +273,14 @@ class PrototypeReleaseLayer(PlannedReleaseLayer):
     ) -> list[PrototypeRelease]:
         """:meth:`noisy_prototypes` of ``K`` clients as one program (see :meth:`release_batch`)."""
 
-    def report(self, client_states: Iterable[State], all_accountants: bool = True) -> dict[str, Any]:
+    def report_details(self) -> dict[str, Any]:
         c = self.config
-        return self.ledger_report(
-            client_states,
-            all_accountants,
-            self.noise_multiplier,
-            ("gaussian",),
-            selection_epsilon_per_release=self.selection_epsilon,
-            sensitivity=c.sensitivity,
-            relation=c.relation,
-            count_noise_multiplier=self.count_noise_std or None,
-        )
+        return {
+            "selection_epsilon_per_release": self.selection_epsilon,
+            "sensitivity": c.sensitivity,
+            "relation": c.relation,
+            "count_noise_multiplier": self.count_noise_std or None,
+        }
 
 
 class IGPPLayer(PrototypeReleaseLayer):
@@ -317,8 +322,8 @@ class VPPLayer(PrototypeReleaseLayer):
             z, y, weight, self.settings, generators, c.rho, c.score_cap, self.selection_epsilon, selected
         )
 
-    def report(self, client_states: Iterable[State], all_accountants: bool = True) -> dict[str, Any]:
-        return {**super().report(client_states, all_accountants), "selection": self.config.selection}
+    def report_details(self) -> dict[str, Any]:
+        return {**super().report_details(), "selection": self.config.selection}
 
 
 class DPSGDLayer(PrivacyLayer):

@@ -245,6 +245,14 @@ def _top_k(scores: np.ndarray, k: int, cap: float, epsilon: float, generator: to
     return _peel(scores[None], k, cap, epsilon, [generator])[0]
 
 
+def _top_k_batch(
+    scores: np.ndarray, k: int, cap: float, epsilon: float, generators: Sequence[torch.Generator]
+) -> list[np.ndarray]:
+    """The peeling of ``K`` clients' scores (K, d) (``0 < k < d``), client i's noise from ``generators[i]``
+    alone: :func:`_peel`'s sorted chosen indices, one array per client."""
+    return list(_peel(scores, k, cap, epsilon, generators))
+
+
 def _peel(scores: np.ndarray, k: int, cap: float, epsilon: float, generators: Sequence[torch.Generator]) -> np.ndarray:
     """Every client's peeling at once, as (K, k) sorted indices: all k rounds' noise in one draw per client
     (row j is round j's fresh noise, drawn in the same order as k draws of d); round j takes the highest
@@ -475,10 +483,10 @@ def _release(
     noise = torch.empty(statistic.shape, dtype=torch.float64, device="cpu")  # releases run on the CPU
     count_noise = torch.empty(counts.shape, dtype=torch.float64, device="cpu")
     for k, generator in enumerate(generators):  # features' draws, then counts', per client
-        torch.randn(noise.shape[1:], generator=generator, dtype=torch.float64, out=noise[k])
-        torch.randn((num_classes,), generator=generator, dtype=torch.float64, out=count_noise[k])
-    noisy = torch.from_numpy(statistic) + noise * std
-    noisy_counts = torch.from_numpy(counts).double() + count_noise * sigma_n
+        noise[k] = gaussian_noise(tuple(noise.shape[1:]), std[k], generator)
+        count_noise[k] = gaussian_noise((num_classes,), sigma_n, generator)
+    noisy = torch.from_numpy(statistic) + noise
+    noisy_counts = torch.from_numpy(counts).double() + count_noise
     prototypes = (noisy / noisy_counts.clamp_min(1.0)[:, :, None] if rule.sums else noisy).float()
     every = torch.arange(num_classes, device="cpu")
     return [
@@ -505,8 +513,7 @@ class ReleaseSettings:
 
     def __post_init__(self) -> None:
         sensitivity_rule(self.sensitivity, self.relation)
-        if self.relation == "add-remove":
-            split_multiplier(self.noise_multiplier, self.count_fraction)
+        _multipliers(self.noise_multiplier, self.relation, self.count_fraction)
 
     @property
     def rule(self) -> SensitivityRule:
@@ -515,9 +522,14 @@ class ReleaseSettings:
     @property
     def multipliers(self) -> tuple[float, float | None]:
         """``(σ_f, σ_n)``: split under add/remove, ``(σ, None)`` under replace-one."""
-        if self.relation == "replace-one":
-            return self.noise_multiplier, None
-        return split_multiplier(self.noise_multiplier, self.count_fraction)
+        return _multipliers(self.noise_multiplier, self.relation, self.count_fraction)
+
+
+def _multipliers(noise_multiplier: float, relation: str, count_fraction: float) -> tuple[float, float | None]:
+    """``(σ_f, σ_n)`` of a release at σ: split under add/remove, ``(σ, None)`` under replace-one."""
+    if relation == "replace-one":
+        return noise_multiplier, None
+    return split_multiplier(noise_multiplier, count_fraction)
 
 
 def _clip(x: np.ndarray, bound: float, squares: np.ndarray) -> np.ndarray:
@@ -612,7 +624,9 @@ def vpp_release(
     (the release then costs the Gaussian release at σ only; with every dimension selected it is IGPP).
     :func:`vpp_release_batch` of this one client."""
     settings = ReleaseSettings(num_classes, bound, noise_multiplier, sensitivity, relation, count_fraction)
-    releases = vpp_release_batch(z[None], y[None], None, settings, [generator], rho, score_cap, selection_epsilon, selected)
+    releases = vpp_release_batch(
+        z[None], y[None], None, settings, [generator], rho, score_cap, selection_epsilon, selected
+    )
     return releases[0]
 
 
@@ -643,7 +657,7 @@ def vpp_release_batch(
         if k == d:
             chosen = np.broadcast_to(np.arange(d), (len(stack), d))
         else:
-            chosen = _peel(_anova(stack), k, score_cap, selection_epsilon, generators)
+            chosen = np.stack(_top_k_batch(_anova(stack), k, score_cap, selection_epsilon, generators))
         events = ((PureDpEvent(selection_epsilon), 1), *events)
     else:
         public = np.unique(np.asarray(selected, dtype=np.int64))
