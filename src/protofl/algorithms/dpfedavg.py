@@ -29,8 +29,11 @@ from protofl.algorithms.fedavg import FedAvg, FedAvgConfig
 from protofl.config import ConfigError, check, check_choice
 from protofl.payload import Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY
-from protofl.privacy.dpsgd import add_noise  # noqa: F401 (kept importable here; every step draws through dpsgd's)
-from protofl.privacy.dpsgd import dp_sgd_steps, materialised_clipped_sum
+from protofl.privacy.dpsgd import (
+    add_noise,  # noqa: F401 (kept importable here; every step draws through dpsgd's)
+    dp_sgd_steps,
+    materialised_clipped_sum,
+)
 from protofl.privacy.ghost import module_clipped_sum
 from protofl.privacy.layer import NEXT_ROUND_KEY, DPSGDLayer
 
