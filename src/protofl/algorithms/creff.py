@@ -61,7 +61,8 @@ from protofl.gradient_matching import (
 )
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY
-from protofl.privacy.class_gradients import dp_sgd_steps, head_contributions
+from protofl.privacy.class_gradients import head_contributions
+from protofl.privacy.dpsgd import dp_sgd_steps, materialised_clipped_sum
 from protofl.privacy.layer import NEXT_ROUND_KEY, ClassGradientLayer
 from protofl.seeds import derive_seed as _seed  # noqa: F401 (also imported by fedtgp, fedhpro)
 from protofl.training import minibatches
@@ -348,9 +349,10 @@ class CReFF(FedAvg):
 
         metrics = dp_sgd_steps(
             params,
-            example_loss,
-            data.x_train,
-            data.y_train,
+            lambda index: materialised_clipped_sum(
+                example_loss, params, data.x_train[index], data.y_train[index], dp.clip_norm
+            ),
+            data.num_train,
             rate,
             step_sigma,
             dp.clip_norm,

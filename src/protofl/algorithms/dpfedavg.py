@@ -30,10 +30,9 @@ from protofl.config import ConfigError, check, check_choice
 from protofl.payload import Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY
 from protofl.privacy.dpsgd import (
-    add_noise,
-    noisy_clipped_mean,
-    per_example_gradients,
-    poisson_sample,
+    add_noise,  # noqa: F401 (kept importable here; every step draws through dpsgd's)
+    dp_sgd_steps,
+    materialised_clipped_sum,
 )
 from protofl.privacy.ghost import module_clipped_sum
 from protofl.privacy.layer import NEXT_ROUND_KEY, DPSGDLayer
@@ -108,41 +107,23 @@ class DPFedAvg(FedAvg):
         def example_loss(p, xi, yi):
             return F.cross_entropy(self.forward(p, xi[None])[1], yi[None])
 
-        norms, losses = [], []
-        for _ in range(c.steps_per_round):
-            index = poisson_sample(data.num_train, rate, generator)
-            if len(index) and self.gradient_path == "ghost":
-                noisy, n, loss = self._ghost_step(
-                    params, data.x_train[index], data.y_train[index], sigma, rate * data.num_train, generator
-                )
-                losses.append(loss)
-            else:
-                if len(index):
-                    grads = per_example_gradients(example_loss, params, data.x_train[index], data.y_train[index])
-                    with torch.no_grad():
-                        losses.append(
-                            float(F.cross_entropy(self.forward(params, data.x_train[index])[1], data.y_train[index]))
-                        )
-                else:
-                    grads = {k: torch.zeros(0, *v.shape, device=v.device) for k, v in params.items()}
-                noisy, n = noisy_clipped_mean(grads, clip, sigma, rate * data.num_train, generator)
-            norms.append(n)
-            for k, v in params.items():
-                v.grad = noisy[k]
-            optimizer.step()
-        all_norms = torch.cat(norms)
-        metrics: dict[str, Any] = {
-            "train_loss": sum(losses) / len(losses) if losses else float("nan"),
-            "clipped_fraction": float((all_norms > clip).float().mean()) if len(all_norms) else 0.0,
-        }
+        def clipped_sum(index):
+            x, y = data.x_train[index], data.y_train[index]
+            if self.gradient_path == "ghost":
+                return self._ghost_clipped_sum(params, x, y)
+            return materialised_clipped_sum(example_loss, params, x, y, clip)
+
+        metrics: dict[str, Any] = dp_sgd_steps(
+            params, clipped_sum, data.num_train, rate, sigma, clip, c.steps_per_round, optimizer, generator
+        )
         # Every round of this client costs the same: announce it, so the next one is checked before it starts.
         state = {LEDGER_KEY: ledger, NEXT_ROUND_KEY: self.dp.next_round_state(round_events)}
         return state, Payload(params_to_arrays(params), {"method": self.name}), metrics
 
-    def _ghost_step(self, params, x, y, sigma, expected_batch, generator):
-        """The noisy clipped mean gradient by ghost clipping on a live copy of the template model (the
-        forward hooks need real modules); the noise is drawn in the same parameter order as the
-        materialised path, so both paths give the same step from the same clipped sum."""
+    def _ghost_clipped_sum(self, params, x, y):
+        """The clipped gradient sum of a sample by ghost clipping (:data:`~protofl.privacy.dpsgd.ClippedSum`)
+        on a live copy of the template model (the forward hooks need real modules), by parameter name in
+        the order of ``params``, so that the noise is drawn as on the materialised path."""
         if self._live is None:
             import copy
 
@@ -154,12 +135,7 @@ class DPFedAvg(FedAvg):
         summed, norms, example_losses = module_clipped_sum(
             model, lambda: F.cross_entropy(model(x)[1], y, reduction="none"), self.dp.clip_norm
         )
-        summed = {k: summed[k] for k in params}
-        return (
-            add_noise(summed, self.dp.clip_norm, sigma, expected_batch, generator),
-            norms,
-            float(example_losses.mean()),
-        )
+        return {k: summed[k] for k in params}, norms, float(example_losses.mean())
 
     def server_step(self, server_state: State, replies: list[Payload]):
         models = [arrays_to_params(r, self.device) for r in replies]

@@ -1,5 +1,5 @@
-"""Noisy per-class gradient uploads (private CReFF and FedHPro), and the DP-SGD steps that protect the
-model those methods upload next to them.
+"""Noisy per-class gradient uploads (private CReFF and FedHPro; the model they upload next to them is
+protected by DP-SGD, :func:`protofl.privacy.dpsgd.dp_sgd_steps`).
 
 CReFF and FedHPro clients upload, per class, the gradient of the cross-entropy of the linear head
 ``(W, b)`` at the features ``z = φ(x)`` of their examples (the head gradient ``[dW, db]``) and, for
@@ -25,24 +25,18 @@ the noisy counts; the server weighs them by those counts (post-processing).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.func import vmap
 
-from protofl.privacy.dpsgd import noisy_clipped_mean, per_example_gradients, poisson_sample
 from protofl.privacy.mechanisms import gaussian_noise, split_multiplier
 
 __all__ = [
     "ClassGradientRelease",
     "class_gradient_release",
     "clipped_class_sums",
-    "dp_sgd_steps",
     "head_contributions",
 ]
-
-Params = dict[str, torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -116,42 +110,3 @@ def class_gradient_release(
         count_std=sigma_n,
         clipped_fraction=float((norms > clip).double().mean()) if len(norms) else 0.0,
     )
-
-
-def dp_sgd_steps(
-    params: Params,
-    example_loss: Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    rate: float,
-    noise_multiplier: float,
-    clip: float,
-    steps: int,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-) -> dict[str, float]:
-    """``steps`` DP-SGD steps on ``params`` (in place, through ``optimizer``, which holds them): each a
-    Poisson sample at ``rate``, per-example gradients of ``example_loss(params, x_i, y_i)`` (``torch.func``)
-    clipped to ``clip``, summed, N(0, σ²C²) added, divided by the expected batch ``rate · n``; each costs
-    one ``SampledGaussianEvent(rate, σ)``, which the caller has spent. Returns the mean example loss and
-    the clipped fraction (diagnostics of private data, not covered by ε)."""
-    n = len(y)
-    losses, norms = [], []
-    for _ in range(steps):
-        index = poisson_sample(n, rate, generator)
-        if len(index):
-            grads = per_example_gradients(example_loss, params, x[index], y[index])
-            with torch.no_grad():
-                losses.append(float(vmap(example_loss, in_dims=(None, 0, 0))(params, x[index], y[index]).mean()))
-        else:
-            grads = {k: torch.zeros(0, *v.shape, dtype=v.dtype, device=v.device) for k, v in params.items()}
-        noisy, step_norms = noisy_clipped_mean(grads, clip, noise_multiplier, rate * n, generator)
-        norms.append(step_norms)
-        for k, v in params.items():
-            v.grad = noisy[k].to(v.dtype)
-        optimizer.step()
-    all_norms = torch.cat(norms) if norms else torch.zeros(0, device="cpu")
-    return {
-        "train_loss": sum(losses) / len(losses) if losses else float("nan"),
-        "clipped_fraction": float((all_norms > clip).float().mean()) if len(all_norms) else 0.0,
-    }

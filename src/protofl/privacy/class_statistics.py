@@ -17,16 +17,13 @@ and each release is recorded in the client's ledger before any noise is drawn.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from protofl.config import ConfigError, PrivacyConfig
-from protofl.privacy.accounting import Event, GaussianEvent, calibrate_noise_multiplier, spend_report
-from protofl.privacy.layer import PrivacyLayer, State, register_privacy_layer
+from protofl.privacy.layer import PlannedReleaseLayer, State, register_privacy_layer
 from protofl.privacy.mechanisms import clip_rows
 
 __all__ = ["ClassStatisticsLayer", "ClassStatistics"]
@@ -42,7 +39,7 @@ class ClassStatistics:
         self.counts, self.sums, self.moments = counts, sums, moments
 
 
-class ClassStatisticsLayer(PrivacyLayer):
+class ClassStatisticsLayer(PlannedReleaseLayer):
     """See the module docstring. ``shares``: the precision shares (count, sum, moment)."""
 
     def __init__(self, config: PrivacyConfig, num_classes: int):
@@ -52,20 +49,6 @@ class ClassStatisticsLayer(PrivacyLayer):
                 "privacy.relation: class-statistics is accounted under add-remove (the noisy counts hide the "
                 "class sizes); set privacy.relation = 'add-remove'"
             )
-
-    @functools.cached_property
-    def noise_multiplier(self) -> float:
-        c = self.config
-        return calibrate_noise_multiplier(c.epsilon, c.delta, c.planned_releases, c.accountant)
-
-    def release_events(self) -> tuple[tuple[Event, int], ...]:
-        return ((GaussianEvent(self.noise_multiplier), 1),)
-
-    def plan(self) -> tuple[tuple[Event, int], ...]:
-        return tuple((event, count * self.config.planned_releases) for event, count in self.release_events())
-
-    def check_next(self, client_state: State, who: str) -> None:
-        self.ledger(client_state).check(self.release_events(), who)
 
     def noise_stds(self, mean_share: float) -> tuple[float, float, float]:
         """The noise standard deviations of a count, a sum's coordinate and a moment's entry: the count
@@ -110,22 +93,8 @@ class ClassStatisticsLayer(PrivacyLayer):
         moments = moments + upper + torch.triu(upper, 1).transpose(1, 2)  # one draw per entry of the triangle
         return ClassStatistics(counts.float(), sums.float(), moments.float()), ledger
 
-    def report(self, client_states: Iterable[State], all_accountants: bool = True, **extra: Any) -> dict[str, Any]:
-        c = self.config
-        return spend_report(
-            [self.ledger(state) for state in client_states],
-            accountant=c.accountant,
-            delta=c.delta,
-            budget=c.epsilon,
-            mechanism=c.mechanism,
-            noise_multiplier=self.noise_multiplier,
-            planned_releases=c.planned_releases,
-            counted=("gaussian",),
-            all_accountants=all_accountants,
-            relation=c.relation,
-            clip_bound=c.clip_bound,
-            **extra,
-        )
+    def report_details(self) -> dict[str, Any]:
+        return {"relation": self.config.relation, "clip_bound": self.config.clip_bound}
 
 
 register_privacy_layer(MECHANISM, ClassStatisticsLayer)

@@ -17,14 +17,17 @@ import contextvars
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.func import grad, vmap
+from torch.func import grad, grad_and_value, vmap
 
 from protofl.privacy.accounting import SampledGaussianEvent
 
 __all__ = [
+    "ClippedSum",
     "add_noise",
     "clip_per_example",
+    "dp_sgd_steps",
     "inserted_gradients",
+    "materialised_clipped_sum",
     "noisy_clipped_mean",
     "per_example_gradients",
     "poisson_sample",
@@ -100,6 +103,64 @@ def add_noise(
         k: (g + torch.randn(g.shape, generator=generator, dtype=g.dtype, device=generator.device).to(g.device) * std)
         / expected_batch_size
         for k, g in summed.items()
+    }
+
+
+#: What one DP-SGD step needs from a model: for the indices of a (non-empty) Poisson sample, the sum of the
+#: examples' gradients each clipped to the clip norm (by parameter name), their norms before clipping and
+#: the sample's mean loss (a diagnostic). :func:`materialised_clipped_sum` is the general one; ghost
+#: clipping (:func:`~protofl.privacy.ghost.module_clipped_sum`) serves models of linear layers.
+ClippedSum = Callable[[torch.Tensor], tuple[Params, torch.Tensor, float]]
+
+
+def materialised_clipped_sum(
+    example_loss: Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor],
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clip_norm: float,
+) -> tuple[Params, torch.Tensor, float]:
+    """Σ_i clip_C(∇ example_loss(params, x_i, y_i)) from per-example gradients (``torch.func``; the losses
+    come from the same pass), the per-example norms before clipping and the mean loss."""
+    grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+    clipped, norms = clip_per_example(grads, clip_norm)
+    return {k: g.sum(0) for k, g in clipped.items()}, norms, float(losses.detach().mean())
+
+
+def dp_sgd_steps(
+    params: Params,
+    clipped_sum: ClippedSum,
+    num_examples: int,
+    rate: float,
+    noise_multiplier: float,
+    clip_norm: float,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """``steps`` DP-SGD steps on ``params`` (in place, through ``optimizer``, which holds them): each a
+    Poisson sample of ``range(num_examples)`` at ``rate``, the clipped gradient sum ``clipped_sum(index)``
+    (zero for an empty sample), N(0, σ²C²) added and the whole divided by the expected batch
+    ``rate · num_examples`` (:func:`add_noise`); each step costs one :func:`step_event`, which the caller
+    has spent. The one DP-SGD loop of the methods that train a model with it. Returns the mean sample
+    loss and the clipped fraction (diagnostics of private data, not covered by ε)."""
+    losses, norms = [], []
+    for _ in range(steps):
+        index = poisson_sample(num_examples, rate, generator)
+        if len(index):
+            summed, step_norms, loss = clipped_sum(index)
+            losses.append(loss)
+        else:
+            summed, step_norms = {k: torch.zeros_like(v) for k, v in params.items()}, torch.zeros(0)
+        noisy = add_noise(summed, clip_norm, noise_multiplier, rate * num_examples, generator)
+        norms.append(step_norms.detach().cpu())
+        for k, v in params.items():
+            v.grad = noisy[k].to(v.dtype)
+        optimizer.step()
+    all_norms = torch.cat(norms) if norms else torch.zeros(0)
+    return {
+        "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+        "clipped_fraction": float((all_norms > clip_norm).float().mean()) if len(all_norms) else 0.0,
     }
 
 

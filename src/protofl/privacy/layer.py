@@ -40,11 +40,10 @@ from protofl.privacy.class_gradients import ClassGradientRelease, class_gradient
 from protofl.privacy.mechanisms import (
     SELECTIONS,
     PrototypeRelease,
+    ReleaseSettings,
     broadcast_top_k,
-    igpp_release,
     igpp_release_batch,
     split_multiplier,
-    vpp_release,
     vpp_release_batch,
 )
 
@@ -54,6 +53,7 @@ __all__ = [
     "ClassGradientLayer",
     "DPSGDLayer",
     "IGPPLayer",
+    "PlannedReleaseLayer",
     "PrivacyLayer",
     "VPPLayer",
     "PrototypeReleaseLayer",
@@ -125,8 +125,67 @@ class PrivacyLayer(abc.ABC):
     def report(self, client_states: Iterable[State], all_accountants: bool = True) -> dict[str, Any]:
         """Spent ε at δ per client (max and mean over clients) and the calibration."""
 
+    def ledger_report(
+        self,
+        client_states: Iterable[State],
+        all_accountants: bool,
+        noise_multiplier: float,
+        counted: tuple[str, ...],
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """:func:`~protofl.privacy.accounting.spend_report` of the clients' ledgers under this run's
+        configuration (what every layer's :meth:`report` shares); ``extra`` adds the layer's own keys."""
+        c = self.config
+        return spend_report(
+            [self.ledger(state) for state in client_states],
+            accountant=c.accountant,
+            delta=c.delta,
+            budget=c.epsilon,
+            mechanism=c.mechanism,
+            noise_multiplier=noise_multiplier,
+            planned_releases=c.planned_releases,
+            counted=counted,
+            all_accountants=all_accountants,
+            **extra,
+        )
 
-class PrototypeReleaseLayer(PrivacyLayer):
+
+class PlannedReleaseLayer(PrivacyLayer):
+    """A layer whose every release costs the same events, known in advance (:meth:`release_events`): one
+    Gaussian release at σ plus the layer's :meth:`side_events`. σ is calibrated so that
+    ``planned_releases`` such releases compose to at most (ε, δ) under the configured accountant."""
+
+    def side_events(self) -> tuple[tuple[Event, int], ...]:
+        """What a release costs besides its Gaussian mechanism (e.g. VPP's private selection); none here."""
+        return ()
+
+    @functools.cached_property
+    def noise_multiplier(self) -> float:
+        c = self.config
+        side = [(event, count * c.planned_releases) for event, count in self.side_events()]
+        return calibrate_noise_multiplier(c.epsilon, c.delta, c.planned_releases, c.accountant, side)
+
+    def release_events(self) -> tuple[tuple[Event, int], ...]:
+        """What one release costs."""
+        return (*self.side_events(), (GaussianEvent(self.noise_multiplier), 1))
+
+    def plan(self) -> tuple[tuple[Event, int], ...]:
+        return tuple((event, count * self.config.planned_releases) for event, count in self.release_events())
+
+    def check_next(self, client_state: State, who: str) -> None:
+        self.ledger(client_state).check(self.release_events(), who)
+
+    def report_details(self) -> dict[str, Any]:
+        """The layer's own keys of its :meth:`report` (after the shared ones)."""
+        return {}
+
+    def report(self, client_states: Iterable[State], all_accountants: bool = True, **extra: Any) -> dict[str, Any]:
+        return self.ledger_report(
+            client_states, all_accountants, self.noise_multiplier, ("gaussian",), **self.report_details(), **extra
+        )
+
+
+class PrototypeReleaseLayer(PlannedReleaseLayer):
     """A prototype release (VPDR's IGPP and VPP): the noisy per-class prototypes a client may publish
     (under ``privacy.relation = "add-remove"`` every class, with noisy counts; see
     :mod:`protofl.privacy.mechanisms`).
@@ -139,22 +198,16 @@ class PrototypeReleaseLayer(PrivacyLayer):
     #: The share of ε per release spent on a private selection (VPP), or None.
     selection_epsilon: float | None = None
 
-    @functools.cached_property
-    def noise_multiplier(self) -> float:
+    def side_events(self) -> tuple[tuple[Event, int], ...]:
+        return ((PureDpEvent(self.selection_epsilon), 1),) if self.selection_epsilon else ()
+
+    @property
+    def settings(self) -> ReleaseSettings:
+        """The release's settings from the configuration at the calibrated σ."""
         c = self.config
-        selection = [(PureDpEvent(self.selection_epsilon), c.planned_releases)] if self.selection_epsilon else []
-        return calibrate_noise_multiplier(c.epsilon, c.delta, c.planned_releases, c.accountant, selection)
-
-    def release_events(self) -> tuple[tuple[Event, int], ...]:
-        """What one release costs."""
-        gaussian = (GaussianEvent(self.noise_multiplier), 1)
-        return ((PureDpEvent(self.selection_epsilon), 1), gaussian) if self.selection_epsilon else (gaussian,)
-
-    def plan(self) -> tuple[tuple[Event, int], ...]:
-        return tuple((event, count * self.config.planned_releases) for event, count in self.release_events())
-
-    def check_next(self, client_state: State, who: str) -> None:
-        self.ledger(client_state).check(self.release_events(), who)
+        return ReleaseSettings(
+            self.num_classes, c.clip_bound, self.noise_multiplier, c.sensitivity, c.relation, c.count_fraction
+        )
 
     @property
     def count_noise_std(self) -> float:
@@ -202,11 +255,12 @@ class PrototypeReleaseLayer(PrivacyLayer):
         rows = None if weight is None else weight.cpu()
         return list(zip(self.noisy_prototypes_batch(z.cpu(), y.cpu(), rows, generators, public), ledgers))
 
-    @abc.abstractmethod
     def noisy_prototypes(
         self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, received: torch.Tensor | None = None
     ) -> PrototypeRelease:
-        """The mechanism itself (its cost is :meth:`release_events`)."""
+        """The mechanism itself (its cost is :meth:`release_events`): :meth:`noisy_prototypes_batch` of one
+        client."""
+        return self.noisy_prototypes_batch(z[None], y[None], None, [generator], received)[0]
 
     @abc.abstractmethod
     def noisy_prototypes_batch(
@@ -219,58 +273,21 @@ class PrototypeReleaseLayer(PrivacyLayer):
     ) -> list[PrototypeRelease]:
         """:meth:`noisy_prototypes` of ``K`` clients as one program (see :meth:`release_batch`)."""
 
-    def report(self, client_states: Iterable[State], all_accountants: bool = True) -> dict[str, Any]:
+    def report_details(self) -> dict[str, Any]:
         c = self.config
-        return spend_report(
-            [self.ledger(state) for state in client_states],
-            accountant=c.accountant,
-            delta=c.delta,
-            budget=c.epsilon,
-            mechanism=c.mechanism,
-            noise_multiplier=self.noise_multiplier,
-            planned_releases=c.planned_releases,
-            counted=("gaussian",),
-            all_accountants=all_accountants,
-            selection_epsilon_per_release=self.selection_epsilon,
-            sensitivity=c.sensitivity,
-            relation=c.relation,
-            count_noise_multiplier=self.count_noise_std or None,
-        )
+        return {
+            "selection_epsilon_per_release": self.selection_epsilon,
+            "sensitivity": c.sensitivity,
+            "relation": c.relation,
+            "count_noise_multiplier": self.count_noise_std or None,
+        }
 
 
 class IGPPLayer(PrototypeReleaseLayer):
     """IGPP: every class mean of clipped features plus isotropic Gaussian noise."""
 
-    def noisy_prototypes(
-        self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, received: torch.Tensor | None = None
-    ) -> PrototypeRelease:
-        c = self.config
-        return igpp_release(
-            z,
-            y,
-            self.num_classes,
-            c.clip_bound,
-            self.noise_multiplier,
-            generator,
-            c.sensitivity,
-            c.relation,
-            c.count_fraction,
-        )
-
     def noisy_prototypes_batch(self, z, y, weight, generators, received=None) -> list[PrototypeRelease]:
-        c = self.config
-        return igpp_release_batch(
-            z,
-            y,
-            weight,
-            self.num_classes,
-            c.clip_bound,
-            self.noise_multiplier,
-            generators,
-            c.sensitivity,
-            c.relation,
-            c.count_fraction,
-        )
+        return igpp_release_batch(z, y, weight, self.settings, generators)
 
 
 class VPPLayer(PrototypeReleaseLayer):
@@ -298,47 +315,15 @@ class VPPLayer(PrototypeReleaseLayer):
         chosen = None if received is None else broadcast_top_k(received, k)
         return torch.arange(d, device="cpu") if chosen is None else torch.from_numpy(chosen)
 
-    def noisy_prototypes(
-        self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, received: torch.Tensor | None = None
-    ) -> PrototypeRelease:
-        c = self.config
-        return vpp_release(
-            z,
-            y,
-            self.num_classes,
-            c.clip_bound,
-            self.noise_multiplier,
-            c.rho,
-            c.score_cap,
-            self.selection_epsilon,
-            generator,
-            c.sensitivity,
-            c.relation,
-            c.count_fraction,
-            self.public_selection(received, z.shape[1]),
-        )
-
     def noisy_prototypes_batch(self, z, y, weight, generators, received=None) -> list[PrototypeRelease]:
         c = self.config
+        selected = self.public_selection(received, z.shape[2])
         return vpp_release_batch(
-            z,
-            y,
-            weight,
-            self.num_classes,
-            c.clip_bound,
-            self.noise_multiplier,
-            c.rho,
-            c.score_cap,
-            self.selection_epsilon,
-            generators,
-            c.sensitivity,
-            c.relation,
-            c.count_fraction,
-            self.public_selection(received, z.shape[2]),
+            z, y, weight, self.settings, generators, c.rho, c.score_cap, self.selection_epsilon, selected
         )
 
-    def report(self, client_states: Iterable[State], all_accountants: bool = True) -> dict[str, Any]:
-        return {**super().report(client_states, all_accountants), "selection": self.config.selection}
+    def report_details(self) -> dict[str, Any]:
+        return {**super().report_details(), "selection": self.config.selection}
 
 
 class DPSGDLayer(PrivacyLayer):
@@ -391,20 +376,14 @@ class DPSGDLayer(PrivacyLayer):
         return SampledGaussianEvent(rate, noise_multiplier)
 
     def report(self, client_states: Iterable[State], all_accountants: bool = True, **extra: Any) -> dict[str, Any]:
-        c = self.config
         sigmas = sorted(self.used.values())
-        return spend_report(
-            [self.ledger(state) for state in client_states],
-            accountant=c.accountant,
-            delta=c.delta,
-            budget=c.epsilon,
-            mechanism=c.mechanism,
-            noise_multiplier=sigmas[0] if sigmas else math.nan,
-            planned_releases=c.planned_releases,
-            counted=("sampled-gaussian",),
-            all_accountants=all_accountants,
+        return self.ledger_report(
+            client_states,
+            all_accountants,
+            sigmas[0] if sigmas else math.nan,
+            ("sampled-gaussian",),
             noise_multipliers=sigmas,
-            clip_norm=c.clip_norm,
+            clip_norm=self.config.clip_norm,
             **extra,
         )
 

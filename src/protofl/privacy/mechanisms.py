@@ -47,6 +47,7 @@ that needs cryptographic noise should draw from the operating system's generator
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -63,6 +64,7 @@ __all__ = [
     "SENSITIVITY",
     "SENSITIVITY_RULES",
     "PrototypeRelease",
+    "ReleaseSettings",
     "SensitivityRule",
     "SELECTIONS",
     "SelectionRule",
@@ -124,8 +126,25 @@ def gaussian_noise(shape: tuple[int, ...], std: torch.Tensor | float, generator:
 
 def laplace_noise(shape: tuple[int, ...], scale: float, generator: torch.Generator) -> torch.Tensor:
     """Laplace(0, scale) noise by inversion of the CDF."""
-    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=generator.device).numpy() - 0.5
-    return torch.from_numpy(-scale * np.sign(u) * np.log1p(-2 * np.minimum(np.abs(u), 0.5 - 1e-16)))
+    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=generator.device).numpy()
+    return torch.from_numpy(_laplace_of_uniform(u, scale))
+
+
+def _laplace_of_uniform(u: np.ndarray, scale: float) -> np.ndarray:
+    """Laplace(0, scale) values from uniform [0, 1) draws ``u`` (inversion of the CDF, elementwise)."""
+    u = u - 0.5
+    return -scale * np.sign(u) * np.log1p(-2 * np.minimum(np.abs(u), 0.5 - 1e-16))
+
+
+def _draws(
+    draw: Callable[..., torch.Tensor], shape: tuple[int, ...], generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """``draw`` (``torch.rand`` or ``torch.randn``) of ``shape`` from every generator in turn, client k's into
+    row k of one float64 CPU tensor (K, *shape): the same values as a call of ``draw(shape)`` per generator."""
+    out = torch.empty((len(generators), *shape), dtype=torch.float64, device="cpu")  # releases run on the CPU
+    for row, generator in zip(out, generators):
+        draw(shape, generator=generator, dtype=torch.float64, out=row)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,19 +192,24 @@ class _Stack:
         """Every client's per-class sums (K, C, d) of ``x`` (K, n, d; padding rows zero)."""
         return np.matmul(self.onehot, x)
 
+    @functools.cached_property
+    def squares(self) -> np.ndarray:
+        """``x * x`` (K, n, d): the within-class spread and the clipping norms share it."""
+        return self.x * self.x
+
     def spread(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(energy, within, n, c)``: per client and dimension the between-class energy
-        ``Σ_c n_c (μ_cj − μ_j)²`` and the within-class sum of squares of ``x``, and per client its
-        number of rows and of classes held."""
-        x, counts = self.x, self.counts
+        ``Σ_c n_c (μ_cj − μ_j)²`` and the within-class sum of squares ``Σ_i x_ij² − Σ_c n_c μ_cj²`` of
+        ``x`` (clamped at 0 against rounding), and per client its number of rows and of classes held.
+        Two passes over the features: the class sums and the sums of squares."""
+        counts = self.counts
         n = self.real.sum(1)
         c = (counts > 0).sum(1)
-        means = self.sums(x) / np.maximum(counts, 1)[:, :, None]
-        grand = x.sum(1) / np.maximum(n, 1)[:, None]
+        sums = self.sums(self.x)
+        means = sums / np.maximum(counts, 1)[:, :, None]
+        grand = sums.sum(1) / np.maximum(n, 1)[:, None]
         energy = (counts[:, :, None] * (means - grand[:, None, :]) ** 2).sum(1)
-        # Each real row's class mean (exactly: one 1 and zeros per row), 0 on padding rows (whose x is 0).
-        rows = np.matmul(self.onehot.transpose(0, 2, 1), means)
-        within = ((x - rows) ** 2).sum(1)
+        within = np.maximum(self.squares.sum(1) - (sums * means).sum(1), 0.0)
         return energy, within, n, c
 
 
@@ -217,31 +241,34 @@ def private_top_k(scores: torch.Tensor, k: int, cap: float, epsilon: float, gene
 
 
 def _top_k(scores: np.ndarray, k: int, cap: float, epsilon: float, generator: torch.Generator) -> np.ndarray:
-    """:func:`private_top_k`'s peeling (``0 < k < d``): :func:`_top_k_batch` of one client."""
-    return _top_k_batch(scores[None], k, cap, epsilon, [generator])[0]
+    """:func:`private_top_k`'s peeling (``0 < k < d``): :func:`_peel` of one client."""
+    return _peel(scores[None], k, cap, epsilon, [generator])[0]
 
 
 def _top_k_batch(
     scores: np.ndarray, k: int, cap: float, epsilon: float, generators: Sequence[torch.Generator]
 ) -> list[np.ndarray]:
     """The peeling of ``K`` clients' scores (K, d) (``0 < k < d``), client i's noise from ``generators[i]``
-    alone: all k rounds' noise in one draw per client (row j is round j's fresh noise, drawn in the same
-    order as k draws of d); round j takes the first dimension of its row's descending (stable: ties to
-    the lower index, as argmax) order not taken by an earlier round. One sort serves every client."""
+    alone: :func:`_peel`'s sorted chosen indices, one array per client."""
+    return list(_peel(scores, k, cap, epsilon, generators))
+
+
+def _peel(scores: np.ndarray, k: int, cap: float, epsilon: float, generators: Sequence[torch.Generator]) -> np.ndarray:
+    """Every client's peeling at once, as (K, k) sorted indices: all k rounds' noise in one draw per client
+    (row j is round j's fresh noise, drawn in the same order as k draws of d); round j takes the highest
+    noisy score of its row among the dimensions no earlier round took (ties to the lower index, as argmax),
+    for every client in one masked argmax."""
     scale = 2 * k * cap / epsilon
-    noisy = np.empty((len(generators), k, scores.shape[1]))
-    for client, generator in enumerate(generators):
-        noisy[client] = laplace_noise(noisy.shape[1:], scale, generator).numpy()
+    noisy = _laplace_of_uniform(_draws(torch.rand, (k, scores.shape[1]), generators).numpy(), scale)
     noisy += np.minimum(np.maximum(scores, 0), cap)[:, None, :]
-    # Round j (0-based) skips at most j taken dimensions: the first k of each row's order suffice.
-    orders = np.argsort(-noisy, axis=2, kind="stable")[:, :, :k]
     clients = np.arange(len(generators))
     taken = np.zeros(scores.shape, dtype=bool)
+    row = np.empty(scores.shape)
     for j in range(k):  # every client's round j at once
-        candidates = orders[:, j, :]
-        first = np.argmax(~taken[clients[:, None], candidates], axis=1)
-        taken[clients, candidates[clients, first]] = True
-    return [np.flatnonzero(row) for row in taken]
+        np.copyto(row, noisy[:, j, :])
+        row[taken] = -np.inf
+        taken[clients, np.argmax(row, axis=1)] = True
+    return np.nonzero(taken)[1].reshape(len(generators), k)
 
 
 def broadcast_top_k(prototypes: torch.Tensor | np.ndarray, k: int) -> np.ndarray | None:
@@ -345,12 +372,13 @@ class SensitivityRule:
     and ``sums``: whether the feature part is the per-class sums (else the per-class means)."""
 
     text: str
+    #: ``delta(R, counts, released)``: per released class, for one client's counts (C,) or many (K, C).
     delta: Callable[[float, np.ndarray, int], np.ndarray]
     sums: bool = False
 
 
 def _per_class(value: Callable[[float, int], float]) -> Callable[[float, np.ndarray, int], np.ndarray]:
-    return lambda bound, counts, released: np.full(len(counts), value(bound, released))
+    return lambda bound, counts, released: np.full(np.shape(counts), value(bound, released))
 
 
 #: The rule of each ``(privacy.sensitivity, privacy.relation)``.
@@ -419,25 +447,24 @@ class PrototypeRelease:
 def _release(
     clipped: np.ndarray,
     stack: _Stack,
-    num_classes: int,
-    bound: float,
+    settings: ReleaseSettings,
     multipliers: np.ndarray,
-    rule: SensitivityRule,
-    count_multiplier: float | None,
-    generators: Sequence[torch.Generator],
     events: tuple[tuple[Event, int], ...],
-    selected: Sequence[torch.Tensor | None] | None = None,
+    generators: Sequence[torch.Generator],
+    selected: torch.Tensor | None = None,
 ) -> list[PrototypeRelease]:
     """The releases of the ``K`` clients of ``stack`` from their features ``clipped`` (K, n, d; rows
     already clipped, padding zero): per-class statistic plus noise of std ``Δ_c × multipliers[k]`` (per
-    coordinate, at σ_f), and, with a ``count_multiplier`` (σ_n, add/remove), every class ``0..C-1`` with
-    noisy counts; without (replace-one), the held classes and exact counts. Client k's noise comes from
-    ``generators[k]`` alone, its features' first, then its counts', each in one call of
-    :func:`gaussian_noise` into a preallocated tensor: the same draws as a release of that client alone."""
+    coordinate, at σ_f), and, under add/remove (σ_n), every class ``0..C-1`` with noisy counts; under
+    replace-one, the held classes and exact counts. Client k's noise comes from ``generators[k]`` alone,
+    its features' first, then its counts': the same draws as a release of that client alone.
+    ``selected``: each client's group A (K, k), or ``None``."""
+    rule, num_classes, bound = settings.rule, settings.num_classes, settings.bound
+    sigma_n = settings.multipliers[1]
     sums = stack.sums(clipped)
     counts = stack.counts
-    chosen = selected if selected is not None else [None] * len(stack)
-    if count_multiplier is None:  # the held classes of each client: their number differs between clients
+    chosen = [None] * len(stack) if selected is None else selected.unbind()
+    if sigma_n is None:  # the held classes of each client: their number differs between clients
         out = []
         for k, generator in enumerate(generators):
             classes = np.flatnonzero(counts[k])
@@ -452,21 +479,50 @@ def _release(
             )
         return out
     statistic = sums if rule.sums else sums / np.maximum(counts, 1)[:, :, None]
-    delta = np.stack([rule.delta(bound, client_counts, num_classes) for client_counts in counts])
-    std = torch.from_numpy(delta[:, :, None] * multipliers[:, None, :])
+    std = torch.from_numpy(rule.delta(bound, counts, num_classes)[:, :, None] * multipliers[:, None, :])
     noise = torch.empty(statistic.shape, dtype=torch.float64, device="cpu")  # releases run on the CPU
     count_noise = torch.empty(counts.shape, dtype=torch.float64, device="cpu")
-    for k, generator in enumerate(generators):
+    for k, generator in enumerate(generators):  # features' draws, then counts', per client
         noise[k] = gaussian_noise(tuple(noise.shape[1:]), std[k], generator)
-        count_noise[k] = gaussian_noise((num_classes,), count_multiplier, generator)
+        count_noise[k] = gaussian_noise((num_classes,), sigma_n, generator)
     noisy = torch.from_numpy(statistic) + noise
     noisy_counts = torch.from_numpy(counts).double() + count_noise
     prototypes = (noisy / noisy_counts.clamp_min(1.0)[:, :, None] if rule.sums else noisy).float()
     every = torch.arange(num_classes, device="cpu")
     return [
-        PrototypeRelease(every, prototypes[k], noisy_counts[k], std[k], events, chosen[k], count_multiplier, noisy[k])
-        for k in range(len(stack))
+        PrototypeRelease(every, prototype, count, s, events, a, sigma_n, statistic)
+        for prototype, count, s, a, statistic in zip(
+            prototypes.unbind(), noisy_counts.unbind(), std.unbind(), chosen, noisy.unbind()
+        )
     ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseSettings:
+    """What fixes a prototype release besides the data and the noise: the number of classes of the task,
+    the clip bound R, the noise multiplier σ of the release, the sensitivity rule and the neighbouring
+    relation (:data:`SENSITIVITY`), and under add/remove the counts' share ``count_fraction`` of the
+    precision (:func:`split_multiplier`). Invalid settings raise ValueError naming the valid ones."""
+
+    num_classes: int
+    bound: float
+    noise_multiplier: float
+    sensitivity: str = "trained-features"
+    relation: str = "add-remove"
+    count_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        sensitivity_rule(self.sensitivity, self.relation)
+        _multipliers(self.noise_multiplier, self.relation, self.count_fraction)
+
+    @property
+    def rule(self) -> SensitivityRule:
+        return sensitivity_rule(self.sensitivity, self.relation)
+
+    @property
+    def multipliers(self) -> tuple[float, float | None]:
+        """``(σ_f, σ_n)``: split under add/remove, ``(σ, None)`` under replace-one."""
+        return _multipliers(self.noise_multiplier, self.relation, self.count_fraction)
 
 
 def _multipliers(noise_multiplier: float, relation: str, count_fraction: float) -> tuple[float, float | None]:
@@ -476,9 +532,9 @@ def _multipliers(noise_multiplier: float, relation: str, count_fraction: float) 
     return split_multiplier(noise_multiplier, count_fraction)
 
 
-def _clip(x: np.ndarray, bound: float) -> np.ndarray:
-    """Every row (last axis) of ``x`` scaled to norm at most ``bound``."""
-    return x * np.minimum(bound / np.maximum(np.sqrt((x * x).sum(-1)), 1e-12), 1.0)[..., None]
+def _clip(x: np.ndarray, bound: float, squares: np.ndarray) -> np.ndarray:
+    """Every row (last axis) of ``x`` scaled to norm at most ``bound`` (``squares``: ``x * x``)."""
+    return x * np.minimum(bound / np.maximum(np.sqrt(squares.sum(-1)), 1e-12), 1.0)[..., None]
 
 
 def finite_rows(x: np.ndarray) -> np.ndarray:
@@ -507,40 +563,25 @@ def igpp_release(
     """IGPP: clip every feature to norm ``bound``, take the per-class statistic (:data:`SENSITIVITY`) and
     add N(0, (σ_f Δ)² I), plus (add/remove) N(0, σ_n²) on every class count; costs one Gaussian release
     at σ (the module docstring). :func:`igpp_release_batch` of this one client."""
-    return igpp_release_batch(
-        z[None], y[None], None, num_classes, bound, noise_multiplier, [generator], sensitivity, relation, count_fraction
-    )[0]
+    settings = ReleaseSettings(num_classes, bound, noise_multiplier, sensitivity, relation, count_fraction)
+    return igpp_release_batch(z[None], y[None], None, settings, [generator])[0]
 
 
 def igpp_release_batch(
     z: torch.Tensor,
     y: torch.Tensor,
     weight: torch.Tensor | None,
-    num_classes: int,
-    bound: float,
-    noise_multiplier: float,
+    settings: ReleaseSettings,
     generators: Sequence[torch.Generator],
-    sensitivity: str = "trained-features",
-    relation: str = "add-remove",
-    count_fraction: float = 0.1,
 ) -> list[PrototypeRelease]:
     """:func:`igpp_release` of ``K`` clients as one program: features ``z`` (K, n, d), labels ``y``
     (K, n), ``weight`` (K, n: 0 on padding rows; ``None``: none) and each client's generator, from
     which that client's noise alone is drawn (so each release equals the client's own)."""
-    rule = sensitivity_rule(sensitivity, relation)
-    stack = _stack_of(z, y, weight, num_classes, generators)
-    sigma_f, sigma_n = _multipliers(noise_multiplier, relation, count_fraction)
-    return _release(
-        _clip(stack.x, bound),
-        stack,
-        num_classes,
-        bound,
-        np.full((len(stack), stack.x.shape[2]), sigma_f),
-        rule,
-        sigma_n,
-        generators,
-        ((GaussianEvent(noise_multiplier), 1),),
-    )
+    stack = _stack_of(z, y, weight, settings.num_classes, generators)
+    multipliers = np.full((len(stack), stack.x.shape[2]), settings.multipliers[0])
+    events = ((GaussianEvent(settings.noise_multiplier), 1),)
+    clipped = _clip(stack.x, settings.bound, stack.squares)
+    return _release(clipped, stack, settings, multipliers, events, generators)
 
 
 def _stack_of(
@@ -582,48 +623,31 @@ def vpp_release(
     indices chosen without the client's data, e.g. :func:`broadcast_top_k`; its length is k), that one
     (the release then costs the Gaussian release at σ only; with every dimension selected it is IGPP).
     :func:`vpp_release_batch` of this one client."""
-    return vpp_release_batch(
-        z[None],
-        y[None],
-        None,
-        num_classes,
-        bound,
-        noise_multiplier,
-        rho,
-        score_cap,
-        selection_epsilon,
-        [generator],
-        sensitivity,
-        relation,
-        count_fraction,
-        selected,
-    )[0]
+    settings = ReleaseSettings(num_classes, bound, noise_multiplier, sensitivity, relation, count_fraction)
+    releases = vpp_release_batch(
+        z[None], y[None], None, settings, [generator], rho, score_cap, selection_epsilon, selected
+    )
+    return releases[0]
 
 
 def vpp_release_batch(
     z: torch.Tensor,
     y: torch.Tensor,
     weight: torch.Tensor | None,
-    num_classes: int,
-    bound: float,
-    noise_multiplier: float,
+    settings: ReleaseSettings,
+    generators: Sequence[torch.Generator],
     rho: float,
     score_cap: float,
     selection_epsilon: float | None,
-    generators: Sequence[torch.Generator],
-    sensitivity: str = "trained-features",
-    relation: str = "add-remove",
-    count_fraction: float = 0.1,
     selected: torch.Tensor | np.ndarray | None = None,
 ) -> list[PrototypeRelease]:
     """:func:`vpp_release` of ``K`` clients as one program (arguments as :func:`igpp_release_batch`): one
-    ANOVA over every client for a private selection, then each client's peeling with its own generator;
-    a public ``selected`` serves every client."""
-    rule = sensitivity_rule(sensitivity, relation)
-    stack = _stack_of(z, y, weight, num_classes, generators)
+    ANOVA over every client for a private selection, every client's peeling at once (each with its own
+    generator), one groupwise clipping; a public ``selected`` serves every client."""
+    stack = _stack_of(z, y, weight, settings.num_classes, generators)
     x = stack.x
     d = x.shape[2]
-    events: tuple[tuple[Event, int], ...] = ((GaussianEvent(noise_multiplier), 1),)
+    events: tuple[tuple[Event, int], ...] = ((GaussianEvent(settings.noise_multiplier), 1),)
     if selected is None:
         k = math.ceil(rho * d)
         if not 0 < k <= d:
@@ -631,38 +655,26 @@ def vpp_release_batch(
         if selection_epsilon is None or not selection_epsilon > 0:
             raise ValueError(f"a private selection needs selection_epsilon > 0, got {selection_epsilon}")
         if k == d:
-            chosen = [np.arange(d)] * len(stack)
+            chosen = np.broadcast_to(np.arange(d), (len(stack), d))
         else:
-            chosen = _top_k_batch(_anova(stack), k, score_cap, selection_epsilon, generators)
+            chosen = np.stack(_top_k_batch(_anova(stack), k, score_cap, selection_epsilon, generators))
         events = ((PureDpEvent(selection_epsilon), 1), *events)
     else:
         public = np.unique(np.asarray(selected, dtype=np.int64))
         k = len(public)
         if not (0 < k == len(selected) and 0 <= public[0] and public[-1] < d):
             raise ValueError(f"selected must be distinct dimensions in [0, {d}), got {len(selected)} of them")
-        chosen = [public] * len(stack)
+        chosen = np.broadcast_to(public, (len(stack), k))
     in_a = np.zeros((len(stack), d), dtype=bool)
-    for client, dims in enumerate(chosen):
-        in_a[client, dims] = True
-    sigma_f, sigma_n = _multipliers(noise_multiplier, relation, count_fraction)
-    kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, sigma_f)
+    np.put_along_axis(in_a, chosen, True, axis=1)
+    kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, settings.multipliers[0])
     # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B.
-    sq = x * x
+    sq = stack.squares
     norm_a = np.sqrt(np.matmul(sq, in_a[:, :, None].astype(np.float64))[..., 0])
     norm_b = np.sqrt(np.matmul(sq, (~in_a)[:, :, None].astype(np.float64))[..., 0])
-    scale_a = np.minimum(bound * kappa_a / np.maximum(norm_a, 1e-12), 1.0)
-    scale_b = np.minimum(bound * kappa_b / np.maximum(norm_b, 1e-12), 1.0)
-    clipped = x * scale_b[..., None]
-    np.multiply(x, scale_a[..., None], out=clipped, where=in_a[:, None, :])
+    scale_a = np.minimum(settings.bound * kappa_a / np.maximum(norm_a, 1e-12), 1.0)
+    scale_b = np.minimum(settings.bound * kappa_b / np.maximum(norm_b, 1e-12), 1.0)
+    clipped = x * np.where(in_a[:, None, :], scale_a[..., None], scale_b[..., None])
     return _release(
-        clipped,
-        stack,
-        num_classes,
-        bound,
-        np.where(in_a, s_a, s_b),
-        rule,
-        sigma_n,
-        generators,
-        events,
-        [torch.from_numpy(dims) for dims in chosen],
+        clipped, stack, settings, np.where(in_a, s_a, s_b), events, generators, torch.from_numpy(np.array(chosen))
     )
