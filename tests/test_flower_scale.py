@@ -225,7 +225,11 @@ def _silent_node_run(tmp_path, monkeypatch, caplog):
             self.silent = {102} if any(m.metadata.message_type != "query" for m in messages) else set()
             return super().push_messages(messages)
 
-    config = {**BASE, "data": {"dataset": "optdigits", "max_train_samples": 600}, "federation": {"rounds": 2, "progress": False}}
+    config = {
+        **BASE,
+        "data": {"dataset": "optdigits", "max_train_samples": 600},
+        "federation": {"rounds": 2, "progress": False},
+    }
     with caplog.at_level(logging.WARNING, logger="protofl.flower"):
         grid, summary = _loopback_run(
             config, tmp_path / "f", grid_class=Silencing, min_replies=2, round_timeout=0.0, node_wait=1.0

@@ -153,7 +153,7 @@ class PartitionStore:
             offsets = np.zeros((len(clients) + 1, 2), dtype=np.int64)
             for k, c in enumerate(clients):
                 offsets[k + 1] = offsets[k] + (len(c.y_train), len(c.y_test))
-            for column, name in enumerate(ARRAYS):
+            for name in ARRAYS:
                 split = 0 if name.endswith("train") else 1
                 tensors = [getattr(c, name) for c in clients]
                 first = tensors[0]

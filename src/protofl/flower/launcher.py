@@ -105,7 +105,7 @@ def write_connection(
     insecure: bool = True,
     root_certificates: str | None = None,
     num_supernodes: int | None = None,
-    client_cpus: float | None = None,
+    client_cpus: int | None = None,
 ) -> None:
     """A SuperLink connection ``name`` in ``$FLWR_HOME/config.toml`` (what ``flwr run APP NAME`` uses);
     ``num_supernodes`` and ``client_cpus`` (CPUs Ray reserves per ClientApp: the cores divided by it is the
@@ -144,13 +144,13 @@ class Federation:
     tls_dir: Path | None = None
     #: Simulation: CPUs per ClientApp on Ray (Flower's default is 2; a node's work here is one thread, so
     #: 1 runs one ClientApp per core).
-    client_cpus: float = 1.0
+    client_cpus: int = 1
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
-        if not self.client_cpus > 0:
-            raise ValueError(f"client_cpus must be > 0, got {self.client_cpus}")
+        if isinstance(self.client_cpus, bool) or not isinstance(self.client_cpus, int) or self.client_cpus < 1:
+            raise ValueError(f"client_cpus must be a whole number >= 1, got {self.client_cpus!r}")
         self.workdir = Path(self.workdir)
         self.home = self.workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -300,9 +300,14 @@ def submit(federation: Federation, app_dir: Path) -> str:
     if res.returncode != 0:
         raise FlowerRunError(f"flwr run failed ({res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
     try:
-        return str(json.loads(res.stdout)["run-id"])
-    except (ValueError, KeyError):
+        answer = json.loads(res.stdout)
+    except ValueError:
         return res.stdout.strip()
+    if isinstance(answer, dict) and answer.get("success") is False:
+        # flwr run reports some refusals in its JSON with exit status 0: no run was started
+        reason = str(answer.get("error-message", "no reason given")).strip().splitlines()[-1]
+        raise FlowerRunError(f"flwr run refused the app: {reason}")
+    return str(answer.get("run-id", res.stdout.strip())) if isinstance(answer, dict) else res.stdout.strip()
 
 
 def prepare_run(config: RunConfig, out: Path, *, resume: bool = False, **settings: Any) -> FlowerSettings:
@@ -359,7 +364,7 @@ def run_on_flower(
     workdir: str | Path | None = None,
     timeout: float = 3600.0,
     tls_dir: str | Path | None = None,
-    client_cpus: float = 1.0,
+    client_cpus: int = 1,
     **settings: Any,
 ) -> dict[str, Any]:
     """Run ``config`` on Flower on this machine and return its summary: ``mode="deployment"`` starts a

@@ -123,7 +123,8 @@ def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: 
         raise ConfigError(f"node config partition-id={partition} is not in [0, {num_partitions})")
     rows = run.store.client(run.data_key, partition)
     client = ClientData(
-        partition, *(torch.from_numpy(getattr(rows, k)).to(run.device) for k in ("x_train", "y_train", "x_test", "y_test"))
+        partition,
+        *(torch.from_numpy(getattr(rows, k)).to(run.device) for k in ("x_train", "y_train", "x_test", "y_test")),
     )
     from protofl.privacy.statement import shares_diagnostics, uses_secret_noise
 
