@@ -1,7 +1,8 @@
 """protofl on Flower: a SuperLink and three SuperNodes as processes on loopback, against the in-process engine.
 
 The runs start in one module fixture and go on side by side (Flower starts a process for every message,
-and much of a round is waiting, so the runs overlap on two cores); each test checks one of them. The
+and much of a round is waiting, so the runs overlap on two cores); four of them share one federation (one
+SuperLink and its three SuperNodes serve their runs at once); each test checks one of them. The
 server's logic is also checked without Flower's processes, over an in-process stand-in for its Grid
 (faults, malformed replies, a server restart), which takes seconds.
 """
@@ -41,13 +42,35 @@ VPP = {**BASE, "privacy": {"mechanism": "vpp", "epsilon": 8.0}}
 #: personalised metrics (by default they keep them).
 COMPARABLE = {"noise": "seeded", "share_diagnostics": True}
 VPP_COMPARABLE = {**BASE, "privacy": {**VPP["privacy"], **COMPARABLE}}
+#: The fixture's deployments and simulation compare two rounds with the in-process engine: round 1, round 2
+#: (its training messages carry round 1's evaluation) and round 2's evaluation, a message of its own, so
+#: every kind of exchange. The run with a killed node takes three.
+TWO_ROUNDS = {"rounds": 2, "progress": False}
+DEPLOYED = {**BASE, "federation": TWO_ROUNDS}
+DEPLOYED_VPP = {**VPP_COMPARABLE, "federation": TWO_ROUNDS}
 
 
-def _run_deployment(config, out, workdir, results, name):
+def _deploy_on(federation, config, out, results, name, recording=False):
+    """A run submitted to a running ``federation``; ``recording``: its server keeps a copy of every reply
+    (:data:`RECORDING_SERVER_APP`). ``results[name]``: its summary and where the nodes keep its state."""
+    import tomllib
+
+    import tomli_w
+
+    from protofl.records import read_summary
+
     try:
-        results[name] = run_on_flower(
-            config, out, mode="deployment", workdir=workdir, round_timeout=300, node_wait=120, timeout=600
-        )
+        config = resolve_config(config)
+        settings = prepare_run(config, out, round_timeout=300, node_wait=120)
+        app = write_app(federation.workdir / f"app-{name}", config, settings, "flower-deployment")
+        if recording:
+            (app / "recording_server.py").write_text(RECORDING_SERVER_APP)
+            project = tomllib.loads((app / "pyproject.toml").read_text())
+            project["tool"]["flwr"]["app"]["components"]["serverapp"] = "recording_server:app"
+            (app / "pyproject.toml").write_text(tomli_w.dumps(project))
+        submit(federation, app)
+        wait_done(out, federation, timeout=600)
+        results[name] = (read_summary(out), federation.state_dir / settings.run_key)
     except BaseException as exc:  # reported by the test that needs it
         results[name] = exc
 
@@ -89,16 +112,23 @@ def flower_runs(tmp_path_factory):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     root = tmp_path_factory.mktemp("flower")
     results = {}
-    jobs = [
-        threading.Thread(target=_run_deployment, args=(BASE, root / "plain", root / "w-plain", results, "plain")),
-        threading.Thread(target=_run_deployment, args=(VPP_COMPARABLE, root / "vpp", root / "w-vpp", results, "vpp")),
-        threading.Thread(target=_run_with_a_killed_node, args=(BASE, root / "killed", root / "w-killed", results)),
-        threading.Thread(target=_run_simulation, args=(BASE, root / "simulation", root / "w-sim", results)),
-    ]
-    for job in jobs:
-        job.start()
-    for job in jobs:
-        job.join()
+    (root / "w-shared").mkdir()
+    with Federation(3, root / "w-shared") as shared:
+        jobs = [
+            threading.Thread(target=_deploy_on, args=(shared, DEPLOYED, root / "plain", results, "plain")),
+            threading.Thread(target=_deploy_on, args=(shared, DEPLOYED_VPP, root / "vpp", results, "vpp")),
+            # the server's replay of the nodes' noise: secret (Flower's default) and seeded
+            threading.Thread(target=_deploy_on, args=(shared, _igpp(), root / "secret", results, "secret", True)),
+            threading.Thread(
+                target=_deploy_on, args=(shared, _igpp(noise="seeded"), root / "seeded", results, "seeded", True)
+            ),
+            threading.Thread(target=_run_with_a_killed_node, args=(BASE, root / "killed", root / "w-killed", results)),
+            threading.Thread(target=_run_simulation, args=(DEPLOYED, root / "simulation", root / "w-sim", results)),
+        ]
+        for job in jobs:
+            job.start()
+        for job in jobs:
+            job.join()
     return root, results
 
 
@@ -126,27 +156,28 @@ def _assert_close(flower_rows, local_rows, rounds=(1, 2, 3)):
 
 
 @pytest.mark.slow  # SuperLink and SuperNode processes (minutes)
-@pytest.mark.parametrize("name,config", [("plain", BASE), ("vpp", VPP_COMPARABLE)])
+@pytest.mark.parametrize("name,config", [("plain", DEPLOYED), ("vpp", DEPLOYED_VPP)])
 def test_flower_deployment_matches_the_in_process_engine(flower_runs, name, config):
     root, results = flower_runs
-    summary = _result(results, name)
+    summary, _ = _result(results, name)
     local = protofl.run(config)
     flower_rows = read_metrics(root / name / "metrics.jsonl")
-    _assert_close(flower_rows, local.history)
+    _assert_close(flower_rows, local.history, rounds=(1, 2))
     assert summary["engine"] == "flower-deployment"
     assert summary["incidents"] == []
     assert summary["bytes_up"] == local.summary["bytes_up"] and summary["bytes_down"] == local.summary["bytes_down"]
     assert summary["final"]["personal_acc_mean"] == pytest.approx(
         local.summary["final"]["personal_acc_mean"], abs=TOLERANCE
     )
-    # it learns (chance is 0.1); with VPP under the valid trained-features bound the noisy prototypes cost
-    # accuracy on 300 samples per client in 3 rounds (about 25 %), so the floor is twice chance there
-    assert summary["final"]["personal_acc_mean"] > (0.2 if name == "vpp" else 0.3)
+    # it learns (chance is 0.1; 31 % after two rounds in process); with VPP under the valid trained-features
+    # bound the noisy prototypes cost accuracy on 300 samples per client (about 25 %), so the floor is twice
+    # chance there
+    assert summary["final"]["personal_acc_mean"] > (0.2 if name == "vpp" else 0.25)
     if name == "vpp":
         # each client's accountant lived on its node; the server merged their reports
         assert summary["epsilon"] == pytest.approx(local.summary["epsilon"], rel=1e-9)
         assert 0 < summary["epsilon"] <= 8.0
-        assert summary["privacy"]["max_releases_by_a_client"] == 3
+        assert summary["privacy"]["max_releases_by_a_client"] == 2
         assert flower_rows[-1]["privacy_epsilon_max"] > flower_rows[0]["privacy_epsilon_max"] > 0
     else:
         assert summary["epsilon"] is None
@@ -158,7 +189,7 @@ def test_flower_deployment_matches_the_in_process_engine(flower_runs, name, conf
 def test_flower_simulation_runtime_matches_the_in_process_engine(flower_runs):
     root, results = flower_runs
     summary = _result(results, "simulation")
-    _assert_close(read_metrics(root / "simulation" / "metrics.jsonl"), protofl.run(BASE).history)
+    _assert_close(read_metrics(root / "simulation" / "metrics.jsonl"), protofl.run(DEPLOYED).history, rounds=(1, 2))
     assert summary["engine"] == "flower-simulation"
 
 
@@ -168,7 +199,7 @@ def test_protofl_report_compares_flower_and_in_process_runs(flower_runs, tmp_pat
 
     root, results = flower_runs
     _result(results, "plain")
-    protofl.run(BASE, out=tmp_path / "in-process")
+    protofl.run(DEPLOYED, out=tmp_path / "in-process")
     table = compare_runs([root / "plain", tmp_path / "in-process"], tmp_path / "report").read_text()
     assert "plain" in table and "in-process" in table
 
@@ -976,53 +1007,20 @@ def main(grid, context):
 """
 
 
-def _recorded_deployment(config, out, workdir):
-    """A deployment (SuperLink and three SuperNodes as processes) whose server keeps a copy of its replies;
-    returns where the nodes keep their state."""
-    import tomllib
-
-    import tomli_w
-
-    config = resolve_config(config)
-    settings = prepare_run(config, out, round_timeout=300, node_wait=120)
-    with Federation(3, workdir) as federation:
-        app = write_app(workdir / "app", config, settings, "flower-deployment")
-        (app / "recording_server.py").write_text(RECORDING_SERVER_APP)
-        project = tomllib.loads((app / "pyproject.toml").read_text())
-        project["tool"]["flwr"]["app"]["components"]["serverapp"] = "recording_server:app"
-        (app / "pyproject.toml").write_text(tomli_w.dumps(project))
-        submit(federation, app)
-        wait_done(out, federation, timeout=600)
-    return federation.state_dir / settings.run_key
-
-
-@pytest.mark.slow  # SuperLink and SuperNode processes (about a minute)
-def test_on_a_flower_deployment_the_server_cannot_replay_the_nodes_secret_noise(tmp_path):
+@pytest.mark.slow  # SuperLink and SuperNode processes (minutes)
+def test_on_a_flower_deployment_the_server_cannot_replay_the_nodes_secret_noise(flower_runs):
     """Real SuperNodes: with Flower's default (secret) noise the server's replay from the run seed misses the
     clean prototypes by the noise scale; with explicitly seeded noise it recovers them. The nodes keep their
     secret with their state (mode 0600), and their replies carry no diagnostics."""
     from protofl.flower.node import ClientStore, node_task
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    root, results = flower_runs
     configs = {"secret": _igpp(), "seeded": _igpp(noise="seeded")}
-    results = {}
-
-    def deploy(noise):
-        try:
-            results[noise] = _recorded_deployment(configs[noise], tmp_path / noise, tmp_path / f"w-{noise}")
-        except BaseException as exc:  # raised below
-            results[noise] = exc
-
-    jobs = [threading.Thread(target=deploy, args=(noise,)) for noise in configs]
-    for job in jobs:
-        job.start()
-    for job in jobs:
-        job.join()
     errors = {}
     for noise, config in configs.items():
-        state_dir = _result(results, noise)
+        _, state_dir = _result(results, noise)
         resolved = resolve_config(config)
-        replies = {k: np.load(tmp_path / noise / "replies" / f"train-1-{k}.npz") for k in range(3)}
+        replies = {k: np.load(root / noise / "replies" / f"train-1-{k}.npz") for k in range(3)}
         stores = {k: ClientStore.load(state_dir / f"partition-{k}.pt") for k in range(3)}
 
         def clean_of(k, stores=stores, resolved=resolved):
@@ -1035,10 +1033,10 @@ def test_on_a_flower_deployment_the_server_cannot_replay_the_nodes_secret_noise(
         for k in range(3):
             assert (state_dir / f"partition-{k}.pt").stat().st_mode & 0o777 == 0o600
             assert (stores[k].secret is not None) == (noise == "secret")
-        sent = [json.loads(p.read_text()) for p in (tmp_path / noise / "replies").glob("reply-*.json")]
+        sent = [json.loads(p.read_text()) for p in (root / noise / "replies").glob("reply-*.json")]
         assert sent and not any(set(r["fields"]) & DIAGNOSTIC_FIELDS or r["metrics"] for r in sent)
         for k in range(3):  # kept on the nodes instead
             assert "train_loss" in (state_dir / f"partition-{k}-diagnostics.jsonl").read_text()
-        assert _statement(tmp_path / noise)["noise_source"] == noise
+        assert _statement(root / noise)["noise_source"] == noise
     assert max(errors["seeded"].values()) < 1e-4, errors
     assert min(errors["secret"].values()) >= 1.0, errors

@@ -132,7 +132,12 @@ def _cmd_flower(args: argparse.Namespace) -> int:
     from protofl.api import resolve_config
     from protofl.config import RunConfig
 
-    settings = {"min_replies": args.min_replies, "round_timeout": args.round_timeout, "node_wait": args.node_wait}
+    settings = {
+        "min_replies": args.min_replies,
+        "round_timeout": args.round_timeout,
+        "node_wait": args.node_wait,
+        "timeout_factor": args.timeout_factor,
+    }
     if args.action == "app":
         from protofl.flower.launcher import prepare_run, write_app
 
@@ -325,7 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="a round goes on with this many replies once the others are overdue (0: all)",
     )
-    p.add_argument("--round-timeout", type=float, default=120.0, help="seconds before a silent node is lost")
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=0.0,
+        help="seconds before a silent node is lost (0: --timeout-factor times the slowest round measured so far)",
+    )
+    p.add_argument(
+        "--timeout-factor",
+        type=float,
+        default=3.0,
+        help="with --round-timeout 0: how many times the slowest measured round a round may take",
+    )
     p.add_argument("--node-wait", type=float, default=120.0, help="seconds to wait for the nodes at the start")
     p.set_defaults(func=_cmd_flower)
 

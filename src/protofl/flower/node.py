@@ -36,6 +36,7 @@ import torch
 
 from protofl.algorithms.base import Algorithm, ClientData
 from protofl.config import ConfigError, RunConfig
+from protofl.data.shared import PartitionStore, data_key
 from protofl.engine.checkpoint import on_device
 from protofl.engine.client import client_evaluation, client_round
 from protofl.payload import Payload, validate
@@ -70,62 +71,70 @@ class NodeTask:
         return f"client {self.partition}"
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _RunSetup:
+    """What every node of a run on this machine shares: the configuration, the algorithm (its clients'
+    state is passed to it, as in process), and where the run's partitions are stored."""
+
+    config: RunConfig
+    algorithm: Algorithm
+    device: Any
+    data_key: str
+    store: PartitionStore
+
+
 @functools.lru_cache(maxsize=4)
-def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: str = "") -> NodeTask:
-    """Load the data and build the algorithm (cached per process; with ``cache_dir``, the node's own
-    partition is also kept on disk, since Flower starts a fresh ClientApp process for every message)."""
+def _run_setup(config_text: str, cache_dir: str) -> _RunSetup:
     import tomllib
 
-    from protofl.algorithms import ClientData, Task, get_algorithm
-    from protofl.runner import fingerprint, resolve_config
-
-    config: RunConfig = resolve_config(tomllib.loads(config_text))
-    if num_partitions != config.partition.num_clients:
-        raise ConfigError(
-            f"node config num-partitions={num_partitions}, but the run has "
-            f"partition.num_clients={config.partition.num_clients}"
-        )
-    if not 0 <= partition < num_partitions:
-        raise ConfigError(f"node config partition-id={partition} is not in [0, {num_partitions})")
-    torch.manual_seed(config.seed)
-    cache = Path(cache_dir) / f"data-{fingerprint(config)}-{partition}.pt" if cache_dir else None
-    if cache is not None and cache.exists():
-        saved = torch.load(cache, weights_only=True, map_location="cpu")
-    else:
-        from protofl.runner import prepare_data
-
-        data = prepare_data(config)
-        c = data.clients[partition]
-        saved = {
-            "x_train": c.x_train,
-            "y_train": c.y_train,
-            "x_test": c.x_test,
-            "y_test": c.y_test,
-            "input_shape": list(data.input_shape),
-            "num_classes": data.num_classes,
-        }
-        if cache is not None:
-            from protofl._io import atomic_write
-
-            atomic_write(cache, lambda fh: torch.save(saved, fh))
+    from protofl.algorithms import Task, get_algorithm
+    from protofl.runner import prepare_data, resolve_config
     from protofl.runtime import resolve_device
 
+    config: RunConfig = resolve_config(tomllib.loads(config_text))
+    store = PartitionStore.default()
+    key = data_key(config)
+    # the first process of this machine builds the run's partitions; every other one reads its rows
+    store.ensure(key, lambda: prepare_data(config))
+    meta = store.meta(key)
     device = resolve_device(config.federation.device)  # this node's: "auto" is its own CUDA device or CPU
-    task = Task(tuple(saved["input_shape"]), int(saved["num_classes"]), config.model, device=str(device))
+    torch.manual_seed(config.seed)
+    task = Task(tuple(meta["input_shape"]), int(meta["num_classes"]), config.model, device=str(device))
     if cache_dir:
         # Flower may start a fresh process for every message: calibrate each noise level once per run.
         remember_calibrations(Path(cache_dir) / "calibration.json")
     algorithm = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
-    client = ClientData(partition, *(saved[k].to(device) for k in ("x_train", "y_train", "x_test", "y_test")))
+    return _RunSetup(config, algorithm, device, key, store)
+
+
+@functools.lru_cache(maxsize=4)
+def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: str = "") -> NodeTask:
+    """The node's part of the run: the run's algorithm (built once per process and run) and its
+    partition's rows, read from the run's shared partition store (:mod:`protofl.data.shared`: built once
+    per machine, since Flower starts a fresh ClientApp process for every message in a deployment and
+    serves many nodes from one process in the simulation)."""
+    run = _run_setup(config_text, cache_dir)
+    if num_partitions != run.config.partition.num_clients:
+        raise ConfigError(
+            f"node config num-partitions={num_partitions}, but the run has "
+            f"partition.num_clients={run.config.partition.num_clients}"
+        )
+    if not 0 <= partition < num_partitions:
+        raise ConfigError(f"node config partition-id={partition} is not in [0, {num_partitions})")
+    rows = run.store.client(run.data_key, partition)
+    client = ClientData(
+        partition,
+        *(torch.from_numpy(getattr(rows, k)).to(run.device) for k in ("x_train", "y_train", "x_test", "y_test")),
+    )
     from protofl.privacy.statement import shares_diagnostics, uses_secret_noise
 
     return NodeTask(
-        algorithm,
+        run.algorithm,
         client,
         partition,
-        config.seed,
-        secret_noise=uses_secret_noise(config.privacy, "flower"),
-        shares_diagnostics=shares_diagnostics(config.privacy, "flower"),
+        run.config.seed,
+        secret_noise=uses_secret_noise(run.config.privacy, "flower"),
+        shares_diagnostics=shares_diagnostics(run.config.privacy, "flower"),
     )
 
 

@@ -78,6 +78,10 @@ def _run(grid, config, settings, engine: str, out: Path):
 
     torch.manual_seed(config.seed)
     data = prepare_data(config, device=resolve_device(config.federation.device))
+    from protofl.data.shared import PartitionStore, data_key
+
+    # the nodes on this machine (the simulation's, a deployment's on loopback) read their rows from it
+    PartitionStore.default().ensure(data_key(config), lambda: data)
 
     def driver(algorithm, **kwargs) -> RoundDriver:
         transport = GridTransport(grid, algorithm, config.partition.num_clients, settings, engine)

@@ -8,6 +8,7 @@ server's fault-handling settings (:class:`FlowerSettings`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,8 +24,9 @@ class FlowerSettings:
 
     ``min_replies``: a round goes on once this many training replies are in and the others are overdue
     (0: every reachable client must reply); ``round_timeout``: seconds to wait for replies before a
-    silent node is declared lost; ``node_wait``: seconds to wait at the start for every partition's
-    node; ``out``: the run folder (on the server's machine); ``run_key``: names the run's client state
+    silent node is declared lost (0: derived from the run's measured exchanges, ``timeout_factor`` times
+    the slowest, see :mod:`protofl.flower.timeouts`); ``node_wait``: seconds to wait at the start for
+    every partition's node, and, until an exchange has been measured, for the next reply; ``out``: the run folder (on the server's machine); ``run_key``: names the run's client state
     on the nodes, so a restarted node or server continues it; ``resume``: continue from ``out``'s
     checkpoint; ``client_state_dir``: where nodes without a ``state-dir`` node config keep their state
     (the simulation runtime's nodes have no node config of their own).
@@ -33,8 +35,9 @@ class FlowerSettings:
     out: str
     run_key: str
     min_replies: int = 0
-    round_timeout: float = 120.0
+    round_timeout: float = 0.0
     node_wait: float = 120.0
+    timeout_factor: float = 3.0
     resume: bool = False
     client_state_dir: str = ""
 
@@ -46,7 +49,16 @@ class FlowerSettings:
             f"must be a non-empty alphanumeric key, got {self.run_key!r}",
         )
         check(self.min_replies >= 0, "min-replies", f"must be >= 0, got {self.min_replies}")
-        check(self.round_timeout > 0, "round-timeout", f"must be > 0 seconds, got {self.round_timeout}")
+        check(
+            math.isfinite(self.round_timeout) and self.round_timeout >= 0,
+            "round-timeout",
+            f"must be >= 0 seconds (0: derived from the measured rounds), got {self.round_timeout}",
+        )
+        check(
+            math.isfinite(self.timeout_factor) and self.timeout_factor >= 1,
+            "timeout-factor",
+            f"must be a number >= 1, got {self.timeout_factor}",
+        )
         check(self.node_wait > 0, "node-wait", f"must be > 0 seconds, got {self.node_wait}")
 
     def to_run_config(self) -> dict[str, Any]:
@@ -59,9 +71,12 @@ class FlowerSettings:
         for key in ("min_replies",):
             if key in kwargs:
                 kwargs[key] = int(kwargs[key])
-        for key in ("round_timeout", "node_wait"):
+        for key in ("round_timeout", "node_wait", "timeout_factor"):
             if key in kwargs:
-                kwargs[key] = float(kwargs[key])
+                try:
+                    kwargs[key] = float(kwargs[key])
+                except (TypeError, ValueError):
+                    check(False, key.replace("_", "-"), f"must be a number of seconds, got {kwargs[key]!r}")
         return cls(**kwargs)
 
 

@@ -12,7 +12,8 @@ r+1 from is the one it evaluates round r with): one message per node per round i
 not training then get an evaluation message of their own, and the last round's evaluation is a
 message of its own.
 
-Faults: a node that does not answer within ``round_timeout`` is declared lost (logged with its node id,
+Faults: a node that does not answer in time (``round_timeout``, or a deadline derived from the run's
+measured exchanges: :mod:`protofl.flower.timeouts`) is declared lost (logged with its node id,
 counted in ``clients_lost``) and the round goes on once ``min_replies`` are in; a reply that fails
 validation is rejected with its reason; a node that comes back (a new node id for its partition) is
 found by the next round's discovery and continues from its saved state; a node over its privacy budget
@@ -37,6 +38,7 @@ from protofl.algorithms.base import Algorithm
 from protofl.engine.rounds import ClientEvaluation, Exchange, merge_privacy_reports
 from protofl.flower import protocol, records
 from protofl.flower.settings import FlowerSettings
+from protofl.flower.timeouts import RoundTimeouts
 from protofl.payload import Payload, PayloadError, validate
 
 log = logging.getLogger("protofl.flower")
@@ -112,6 +114,8 @@ class GridTransport:
         #: rows and summary.json: a node silent at an evaluation still counts with what it reported last.
         self.reports: dict[int, dict[str, Any]] = {}
         self.nodes: dict[int, int] = {}  # partition -> node id
+        #: The exchanges' deadlines (fixed, or derived from the exchanges measured so far).
+        self.timeouts = RoundTimeouts(settings.round_timeout, settings.node_wait, settings.timeout_factor)
         self._asked: set[int] = set()  # node ids already asked for their partition
 
     @property
@@ -160,7 +164,7 @@ class GridTransport:
     def _exchange(
         self, messages: Mapping[int, Any], wait_for: int, counted: set[int] | None = None
     ) -> tuple[dict[int, Reply], dict[int, tuple[int, str]], str | None]:
-        """Send one message per partition; wait for every reply, or, past ``round_timeout``, for at least
+        """Send one message per partition; wait for every reply, or, past the deadline, for at least
         ``wait_for`` replies from the ``counted`` partitions (default: all); returns the replies, for each
         partition that stayed silent the node it was sent to and why, and, where fewer than ``wait_for``
         replied in time, why that is too few (the replies that did come are kept: they may carry the
@@ -176,7 +180,7 @@ class GridTransport:
             if not mid:
                 replies[k] = Reply(k, self.nodes[k], error="the SuperLink refused the message")
         sent_to = {k: self.nodes[k] for k in partitions}
-        deadline = time.monotonic() + self.settings.round_timeout
+        wait = self.timeouts.wait(len(pending))
         next_look = time.monotonic() + REJOIN_LOOK_SECONDS
         short = None
         while pending:
@@ -195,19 +199,21 @@ class GridTransport:
                     continue
                 error = f"{msg.error.reason} (code {msg.error.code})" if msg.has_error() else None
                 replies[partition] = Reply(partition, msg.metadata.src_node_id, None if error else msg.content, error)
-            if pending and time.monotonic() > deadline:
+                wait.replied()
+            if pending and wait.expired():
                 got = sum(
                     1 for k, reply in replies.items() if (counted is None or k in counted) and reply.error is None
                 )
                 if got < wait_for:
                     short = (
-                        f"{got} of {len(counted if counted is not None else partitions)} nodes replied within "
-                        f"{self.settings.round_timeout:g} s; at least {wait_for} needed"
+                        f"{got} of {len(counted if counted is not None else partitions)} nodes replied "
+                        f"({wait.describe()} for the others); at least {wait_for} needed"
                     )
                 break
             if pending:
                 time.sleep(POLL_SECONDS)
-        late = f"no reply within {self.settings.round_timeout:g} s"
+        wait.finish()
+        late = wait.describe()
         return replies, {**{k: (sent_to[k], late) for k in pending.values()}, **replaced}, short
 
     def start(self) -> None:
@@ -240,12 +246,13 @@ class GridTransport:
                 )
                 self._asked.update(new)
                 asked = {mid: n for mid, n in zip(ids, new) if mid}
-                stop = time.monotonic() + min(self.settings.round_timeout, 60.0)
-                while asked and time.monotonic() < stop:
+                answers = self.timeouts.discovery(len(asked))
+                while asked and not answers.expired():
                     for msg in self.grid.pull_messages(list(asked)):
                         node = asked.pop(msg.metadata.reply_to_message_id, None)
                         if node is None:
                             continue
+                        answers.replied()
                         if msg.has_error():
                             log.warning("node %d cannot take part: %s", node, msg.error.reason)
                             continue
