@@ -151,13 +151,13 @@ def dp_sgd_steps(
             summed, step_norms, loss = clipped_sum(index)
             losses.append(loss)
         else:
-            summed, step_norms = {k: torch.zeros_like(v) for k, v in params.items()}, torch.zeros(0)
+            summed, step_norms = {k: torch.zeros_like(v) for k, v in params.items()}, torch.zeros(0, device="cpu")
         noisy = add_noise(summed, clip_norm, noise_multiplier, rate * num_examples, generator)
         norms.append(step_norms.detach().cpu())
         for k, v in params.items():
             v.grad = noisy[k].to(v.dtype)
         optimizer.step()
-    all_norms = torch.cat(norms) if norms else torch.zeros(0)
+    all_norms = torch.cat(norms) if norms else torch.zeros(0, device="cpu")
     return {
         "train_loss": sum(losses) / len(losses) if losses else float("nan"),
         "clipped_fraction": float((all_norms > clip_norm).float().mean()) if len(all_norms) else 0.0,

@@ -143,7 +143,7 @@ def _draws(
     row k of one float64 CPU tensor (K, *shape): the same values as a call of ``draw(shape)`` per generator."""
     out = torch.empty((len(generators), *shape), dtype=torch.float64, device="cpu")  # releases run on the CPU
     for row, generator in zip(out, generators):
-        draw(shape, generator=generator, dtype=torch.float64, out=row)
+        draw(shape, generator=generator, dtype=torch.float64, device=row.device, out=row)
     return out
 
 
