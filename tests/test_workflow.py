@@ -480,6 +480,8 @@ def test_dataset_presets_fill_unset_options_only():
     digits = resolve_config({"data": {"dataset": "optdigits"}, "method": {"name": "fedavg", "lr": 0.2}})
     assert (digits.method["lr"], digits.method["local_epochs"], digits.method["batch_size"]) == (0.2, 5, 16)
     assert resolve_config({"data": {"dataset": "optdigits"}, "method": {"name": "fpl"}}).method["lr"] == 0.02
+    assert resolve_config({"data": {"dataset": "mnist"}, "method": {"name": "fpl"}}).method["lr"] == 0.02
+    assert resolve_config({"data": {"dataset": "mnist"}, "method": {"name": "fpl", "lr": 0.05}}).method["lr"] == 0.05
     plain = resolve_config({"data": {"dataset": "fashion-mnist"}, "method": {"name": "fedavg"}})
     assert (plain.method["lr"], plain.method["local_epochs"], plain.method["batch_size"]) == (0.05, 1, 50)
     # a DP-SGD method takes its own preset (measured at the default budget), never the dataset's general one
