@@ -421,19 +421,19 @@ class ModelAlgorithm(Algorithm):
         return VMAP_STEP if self.stacked_unsupported() else STACKED_STEP
 
     def client_step_batched(self, client_states, datas, received, generators):
-        stacked = self.stacked_unsupported() is None
+        stacked_step = self.stacked_unsupported() is None
         befores = [self.before_training(s, d, received, g) for s, d, g in zip(client_states, datas, generators)]
         context = self.context(received)
         starts = [self.start_params(s, received) for s in client_states]
         shared = all(p is starts[0] for p in starts)
         start = broadcast_params(starts[0], len(starts)) if shared else stack_params(starts)
         batch = ClientBatch.of([d.x_train for d in datas], [d.y_train for d in datas])
-        trained, metrics = train_batched(start, batch, self.loss, self.config, generators, (context,), stacked)
+        trained, metrics = train_batched(start, batch, self.loss, self.config, generators, (context,), stacked_step)
         features: list[torch.Tensor | None] = [None] * len(datas)
         stats: list[PrototypeAccumulator | None] = [None] * len(datas)
         stacked = None
         if self.reply_uses_features:
-            z, weight, index = batched_features(self.forward_features, trained, batch, stacked)
+            z, weight, index = batched_features(self.forward_features, trained, batch, stacked_step)
             features = [z[c, : d.num_train] for c, d in enumerate(datas)]
             stacked = StackedFeatures(z, batch.y[index], weight)
             stats = list(PrototypeAccumulator.per_client(z, stacked.labels, weight, self.task.num_classes))
