@@ -154,3 +154,29 @@ def test_the_run_records_which_batched_step_ran(name, step):
     assert sim.execution == "batched"
     assert sim.transport.summary_fields()["batched_step"] == step
     assert np.isfinite(sim.history[-1]["train_loss"])
+
+
+@pytest.mark.parametrize("name,stacked", [("fedproto", True), ("fpl", False)])
+def test_a_batched_client_step_trains_and_takes_features_in_the_chosen_form(name, stacked, monkeypatch):
+    import protofl.algorithms.base as base
+
+    seen = {}
+    for fn in ("train_batched", "batched_features"):
+        original = getattr(base, fn)
+
+        def spy(*args, _fn=fn, _original=original):
+            seen[_fn] = args[-1]
+            return _original(*args)
+
+        monkeypatch.setattr(base, fn, spy)
+    algo = get_algorithm(name).from_options({"batch_size": 8}, TASK)
+    g = torch.Generator().manual_seed(0)
+    datas = []
+    for k, n in enumerate((10, 6, 3)):
+        y = torch.randint(0, TASK.num_classes, (n + 2,), generator=g)
+        x = torch.randn(n + 2, 8, generator=g)
+        datas.append(ClientData(k, x[:n], y[:n], x[n:], y[n:]))
+    states = [algo.init_client_state(0) for _ in datas]
+    received = algo.broadcast(algo.init_server_state(0))
+    algo.client_step_batched(states, datas, received, [torch.Generator().manual_seed(k) for k in range(3)])
+    assert seen == {"train_batched": stacked, "batched_features": stacked}
