@@ -126,6 +126,7 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profi
 
     from protofl.config import FederationConfig
     from protofl.engine import Simulation
+    from protofl.runtime import retain_freed_memory
 
     clients, algo = synthetic_clients(n, rounds, privacy)
     # Evaluation is off (eval_every beyond the rounds run): the figures are of the rounds themselves.
@@ -134,9 +135,10 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profi
         algo, clients, torch.zeros(0, WORKLOAD["input_dim"]), torch.zeros(0, dtype=torch.int64), fed, seed=0
     )
     mechanism = _time_mechanism(algo, profile_release)
+    heap = retain_freed_memory()  # as protofl's round loop does (``Simulation.run``)
     ready, ready_cpu = time.time(), time.process_time()
     out = _rounds(lambda r: sim.run_round(r), rounds, mechanism)
-    out.update(ready=ready, ready_cpu=ready_cpu, execution=sim.execution, batched_step=algo.batched_step())
+    out.update(ready=ready, ready_cpu=ready_cpu, execution=sim.execution, batched_step=algo.batched_step(), heap=heap)
     return out
 
 
