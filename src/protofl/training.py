@@ -9,7 +9,9 @@ batched loop and the server-side loops of the methods draw their random numbers 
 **The batched loop** (:func:`train_batched`): on a small CPU, a federated round of small models is
 bound by per-step overhead (Python, autograd, the optimiser), not by arithmetic. Here the parameters
 of ``K`` clients are stacked along a leading axis and every local step of all ``K`` clients is one call
-of ``vmap(grad(loss))`` over that axis (``torch.func``), followed by one stacked optimiser update. The
+of ``vmap(grad(loss))`` over that axis (``torch.func``) -- or, where the model and the loss are marked
+stackable, the stacked step of :mod:`protofl.stacked` (their own code on the stacked tensors, one
+backward) -- followed by one stacked optimiser update. The
 result is the per-client loop's within float tolerance, because everything that makes a client's
 training its own is kept:
 
