@@ -5,11 +5,14 @@ The step: the speed benchmark's workload at N = 100 (``benchmarks/speed.py``: 10
 rows, the adapter + MLP model, FedProto's CE + MSE loss with a prototype table), one step's gradients of
 every client. Forms:
 
-- ``vmap(grad)``: what protofl runs (``protofl.training.train_batched``): ``vmap`` of ``grad_and_value`` of
-  one client's loss;
+- ``vmap(grad)``: protofl's general batched step (``protofl.training.train_batched``): ``vmap`` of
+  ``grad_and_value`` of one client's loss;
 - ``vmap forward + one backward``: ``vmap`` of the loss, then one backward of the sum of the clients'
   losses (each client's loss depends on its own parameters only, so the gradients are the same up to the
   order of float additions);
+- ``stacked autograd``: protofl's stacked step (``protofl.stacked``, what protofl runs for this model and
+  loss): the model's and the loss's own code on the stacked parameters, ``F.linear`` as ``baddbmm``, one
+  backward of the summed losses;
 - ``hand-written batched forward``: the model written out with ``torch.baddbmm`` (bias inside the
   product) and the loss without ``vmap``, one backward: a reference for how far eager execution goes
   (it is this one model only);
@@ -45,6 +48,7 @@ def main() -> None:
     from torch.func import grad_and_value, vmap
 
     from protofl.runtime import apply_threads
+    from protofl.stacked import stacked_grad_and_value
     from protofl.training import ClientBatch, batch_schedule, broadcast_params
 
     apply_threads(args.threads)
@@ -85,7 +89,12 @@ def main() -> None:
         mse = (((z - table[y]) ** 2).sum(-1) * wm).sum(1) / (wm.sum(1).clamp_min(1) * z.shape[-1])
         return dict(zip(names, torch.autograd.grad((ce + mse).sum(), list(leaves.values()))))
 
-    forms = {"vmap(grad)": vmap_grad, "vmap forward + one backward": one_backward}
+    stacked = stacked_grad_and_value(algo.loss)
+    forms = {
+        "vmap(grad)": vmap_grad,
+        "vmap forward + one backward": one_backward,
+        "stacked autograd": lambda: stacked(params, x, y, w, context)[0],
+    }
     if set(names) == {
         f"{m}.{p}" for m in ("adapter_down", "adapter_up", "mlp.0", "mlp.2", "head") for p in ("weight", "bias")
     }:

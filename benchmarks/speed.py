@@ -126,6 +126,7 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profi
 
     from protofl.config import FederationConfig
     from protofl.engine import Simulation
+    from protofl.runtime import retain_freed_memory
 
     clients, algo = synthetic_clients(n, rounds, privacy)
     # Evaluation is off (eval_every beyond the rounds run): the figures are of the rounds themselves.
@@ -134,9 +135,10 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profi
         algo, clients, torch.zeros(0, WORKLOAD["input_dim"]), torch.zeros(0, dtype=torch.int64), fed, seed=0
     )
     mechanism = _time_mechanism(algo, profile_release)
+    heap = retain_freed_memory()  # as protofl's round loop does (``Simulation.run``)
     ready, ready_cpu = time.time(), time.process_time()
     out = _rounds(lambda r: sim.run_round(r), rounds, mechanism)
-    out.update(ready=ready, ready_cpu=ready_cpu, execution=sim.execution)
+    out.update(ready=ready, ready_cpu=ready_cpu, execution=sim.execution, batched_step=algo.batched_step(), heap=heap)
     return out
 
 
@@ -358,8 +360,8 @@ def run_cached_embeddings(n: int, rounds: int, fraction: float) -> dict:
 #: The breakdown's parts that run inside another timed part: (inner, outer); the outer part is reported
 #: without them.
 NESTED = (
-    ("local training: batch schedule (each client's shuffles)", "local training: forward + backward (vmap of grad)"),
-    ("local training: optimiser updates", "local training: forward + backward (vmap of grad)"),
+    ("local training: batch schedule (each client's shuffles)", "local training: forward + backward"),
+    ("local training: optimiser updates", "local training: forward + backward"),
 )
 
 
@@ -382,7 +384,7 @@ def breakdown(n: int, rounds: int) -> dict:
         time_calls(owner, name, label, spent)
 
     # The batched client step (ModelAlgorithm's, in protofl.algorithms.base) calls these by name.
-    wrap(base_mod, "train_batched", "local training: forward + backward (vmap of grad)")
+    wrap(base_mod, "train_batched", "local training: forward + backward")
     wrap(training_mod, "batch_schedule", NESTED[0][0])
     wrap(training_mod.StackedOptimizer, "step", NESTED[1][0])
     wrap(base_mod, "batched_features", "features for the prototypes (forward of every train row)")
@@ -414,6 +416,7 @@ def breakdown(n: int, rounds: int) -> dict:
         "operators": operator_shares(n, max(2, rounds // 2)),
         "full_collections": full_collections,
         "full_collection_s": full_collection_s,
+        "batched_step": result["batched_step"],
     }
 
 
@@ -770,7 +773,8 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
     if prof and "parts" in prof:
         lines += [
             "",
-            f"### Where a batched round's time goes ({prof['clients']} clients, CPU seconds per round)",
+            f"### Where a batched round's time goes ({prof['clients']} clients, CPU seconds per round"
+            + (f"; local step: {prof['batched_step']})" if "batched_step" in prof else ")"),
             "",
             "| part | CPU s / round | share |",
             "|---|---|---|",

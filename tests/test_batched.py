@@ -16,6 +16,7 @@ from protofl.config import (
 )
 from protofl.engine import Simulation
 from protofl.payload import Payload
+from protofl.stacked import STACKED_STEP, VMAP_STEP
 from protofl.training import (
     ClientBatch,
     batch_schedule,
@@ -323,6 +324,8 @@ def test_protofl_run_records_the_execution_and_matches_per_client(small_config):
     small_config["federation"]["execution"] = "batched"
     got = protofl.run(small_config)
     assert ref.summary["execution"] == "per-client" and got.summary["execution"] == "batched"
+    # which local step the batched rounds ran (protofl.stacked); the per-client run has none
+    assert "batched_step" not in ref.summary and got.summary["batched_step"] in (STACKED_STEP, VMAP_STEP)
     assert all(row["execution"] == "batched" for row in got.history)
     for key in ("global_acc", "personal_acc_mean"):
         assert got.summary["final"][key] == pytest.approx(ref.summary["final"][key], abs=1e-6)

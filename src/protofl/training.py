@@ -9,7 +9,9 @@ batched loop and the server-side loops of the methods draw their random numbers 
 **The batched loop** (:func:`train_batched`): on a small CPU, a federated round of small models is
 bound by per-step overhead (Python, autograd, the optimiser), not by arithmetic. Here the parameters
 of ``K`` clients are stacked along a leading axis and every local step of all ``K`` clients is one call
-of ``vmap(grad(loss))`` over that axis (``torch.func``), followed by one stacked optimiser update. The
+of ``vmap(grad(loss))`` over that axis (``torch.func``) -- or, where the model and the loss are marked
+stackable, the stacked step of :mod:`protofl.stacked` (their own code on the stacked tensors, one
+backward) -- followed by one stacked optimiser update. The
 result is the per-client loop's within float tolerance, because everything that makes a client's
 training its own is kept:
 
@@ -38,6 +40,8 @@ from typing import Any
 import torch
 from torch.func import grad_and_value, vmap
 
+from protofl.stacked import stackable, stacked_forward, stacked_grad_and_value
+
 Params = dict[str, torch.Tensor]
 
 
@@ -56,11 +60,14 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator) -> list[tor
 
 
 # -- losses on padded batches ------------------------------------------------------------------------
+@stackable
 def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over the entries whose ``weight`` is 1 (0 when there are none)."""
-    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+    """Mean of ``values`` over the entries whose ``weight`` is 1 (0 when there are none), along the last
+    dimension (so stacked clients' ``(K, B)`` values give ``(K,)`` means)."""
+    return (values * weight).sum(-1) / weight.sum(-1).clamp_min(1.0)
 
 
+@stackable
 def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.cross_entropy(logits[valid], y[valid])`` for one client's padded batch. Written as
     ``logsumexp - gather``: under ``vmap`` ``F.cross_entropy`` falls back to a decomposition of
@@ -284,16 +291,24 @@ def train_batched(
     config: Any,
     generators: Sequence[torch.Generator],
     shared: tuple = (),
+    stacked: bool = False,
 ) -> tuple[Params, list[dict[str, float]]]:
     """Train ``K`` clients at once: ``params`` holds ``(K, ...)`` tensors (a fresh stack, e.g. from
     :func:`stack_params`: they are updated in place), ``loss_fn(params_k, x, y, weight, *shared)`` is
     one client's loss on its padded batch (``weight`` marks real samples), and ``shared`` are arguments
     common to every client (e.g. the global prototypes). Returns the trained stacked parameters and each
-    client's ``{"train_loss"}`` (the mean of its step losses, as :func:`train_local` reports it)."""
+    client's ``{"train_loss"}`` (the mean of its step losses, as :func:`train_local` reports it).
+
+    ``stacked``: each step is :func:`protofl.stacked.stacked_grad_and_value` (the model's and the loss's
+    own code on the stacked tensors, one backward), for a loss marked :func:`protofl.stacked.stackable`;
+    otherwise ``vmap(grad_and_value(loss_fn))``."""
     schedule = batch_schedule(batch, config.batch_size, config.local_epochs, generators)
     leaves = {name: v.detach() for name, v in params.items()}  # trained in place: pass a fresh stack
     optimizer = StackedOptimizer(config, leaves)
-    step_fn = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0, *([None] * len(shared))))
+    if stacked:
+        step_fn = stacked_grad_and_value(loss_fn)
+    else:
+        step_fn = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0, *([None] * len(shared))))
     k = len(batch)
     total = torch.zeros(k, dtype=torch.float64, device=batch.x.device)
     for s in range(schedule.index.shape[0]):
@@ -311,13 +326,15 @@ def train_batched(
 
 @torch.no_grad()
 def batched_features(
-    features: Callable[[Params, torch.Tensor], torch.Tensor], params: Params, batch: ClientBatch
+    features: Callable[[Params, torch.Tensor], torch.Tensor], params: Params, batch: ClientBatch, stacked: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features of every client's train split under its own stacked parameters (one ``vmap`` of
-    ``features(params, x)``): ``(K, n_max, d)``, the ``(K, n_max)`` weight of the real rows and their
-    ``(K, n_max)`` row index into the batch."""
+    ``features(params, x)``, or with ``stacked`` ``features`` itself on the stacked tensors, see
+    :func:`protofl.stacked.stacked_forward`): ``(K, n_max, d)``, the ``(K, n_max)`` weight of the real
+    rows and their ``(K, n_max)`` row index into the batch."""
     index, weight = batch.padded_index()
-    z = vmap(features)(params, batch.x[index])
+    x = batch.x[index]
+    z = stacked_forward(features, params, x) if stacked else vmap(features)(params, x)
     return z, weight, index
 
 

@@ -40,6 +40,7 @@ from protofl.models import FeatureNet, build_model
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.layer import create_privacy_layer
 from protofl.prototypes import PrototypeAccumulator
+from protofl.stacked import STACKED_STEP, VMAP_STEP, is_stackable, model_unstackable, stackable
 from protofl.training import (
     ClientBatch,
     batched_features,
@@ -254,11 +255,17 @@ class Algorithm:
         the same order. Only called when :meth:`batched_unsupported` returns ``None``."""
         raise NotImplementedError(self.batched_unsupported() or f"{self.name}: client_step_batched is missing")
 
+    def batched_step(self) -> str:
+        """Which local step a batched round of this method runs (the run's summary records it)."""
+        return VMAP_STEP
+
     # -- shared helpers ----------------------------------------------------------------------------
+    @stackable
     def forward(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and logits of the template model under ``params``."""
         return functional_call(self.model, params, (x,))
 
+    @stackable
     def forward_features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """The features of :meth:`forward` alone: a :class:`~protofl.models.FeatureNet` with FeatureNet's
         own ``forward`` (features, then the head on them) computes them without its head, the same values;
@@ -331,6 +338,9 @@ class ModelAlgorithm(Algorithm):
 
     #: Whether :meth:`reply` needs the train split's features under the trained parameters.
     reply_uses_features: ClassVar[bool] = False
+    #: The methods :meth:`loss` and the batched feature pass call; the stacked step needs each of them
+    #: marked :func:`~protofl.stacked.stackable` (a subclass that adds a part to its loss names it here).
+    loss_parts: ClassVar[tuple[str, ...]] = ("loss", "forward", "forward_features")
 
     def start_params(self, client_state: State, received: Payload) -> Params:
         raise NotImplementedError
@@ -346,6 +356,7 @@ class ModelAlgorithm(Algorithm):
     def context(self, received: Payload) -> Any:
         return None
 
+    @stackable
     def loss(
         self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any
     ) -> torch.Tensor:
@@ -396,19 +407,33 @@ class ModelAlgorithm(Algorithm):
             )
         return None
 
+    def stacked_unsupported(self) -> str | None:
+        """Why a batched round of this method trains with ``vmap(grad)`` rather than the stacked step
+        (:mod:`protofl.stacked`; ``None`` when the stacked step serves it): the model must run on
+        stacked parameters (:func:`~protofl.stacked.model_unstackable`) and every method of
+        :attr:`loss_parts` must be marked :func:`~protofl.stacked.stackable`."""
+        unmarked = [name for name in self.loss_parts if not is_stackable(getattr(type(self), name))]
+        if unmarked:
+            return f"method {self.name!r}: {', '.join(unmarked)} not marked stackable"
+        return model_unstackable(self.model)
+
+    def batched_step(self) -> str:
+        return VMAP_STEP if self.stacked_unsupported() else STACKED_STEP
+
     def client_step_batched(self, client_states, datas, received, generators):
+        stacked_step = self.stacked_unsupported() is None
         befores = [self.before_training(s, d, received, g) for s, d, g in zip(client_states, datas, generators)]
         context = self.context(received)
         starts = [self.start_params(s, received) for s in client_states]
         shared = all(p is starts[0] for p in starts)
         start = broadcast_params(starts[0], len(starts)) if shared else stack_params(starts)
         batch = ClientBatch.of([d.x_train for d in datas], [d.y_train for d in datas])
-        trained, metrics = train_batched(start, batch, self.loss, self.config, generators, (context,))
+        trained, metrics = train_batched(start, batch, self.loss, self.config, generators, (context,), stacked_step)
         features: list[torch.Tensor | None] = [None] * len(datas)
         stats: list[PrototypeAccumulator | None] = [None] * len(datas)
         stacked = None
         if self.reply_uses_features:
-            z, weight, index = batched_features(self.forward_features, trained, batch)
+            z, weight, index = batched_features(self.forward_features, trained, batch, stacked_step)
             features = [z[c, : d.num_train] for c, d in enumerate(datas)]
             stacked = StackedFeatures(z, batch.y[index], weight)
             stats = list(PrototypeAccumulator.per_client(z, stacked.labels, weight, self.task.num_classes))

@@ -54,6 +54,7 @@ from protofl.privacy.layer import PrototypeReleaseLayer
 from protofl.privacy.mechanisms import clip_rows, selection_diagnostics, selection_diagnostics_batch
 from protofl.privacy.vpdr import DistillationClipping
 from protofl.prototypes import PrototypeAccumulator
+from protofl.stacked import stackable
 from protofl.training import masked_cross_entropy, train_local
 
 MODEL_SHARING = ("none", "fedavg")
@@ -119,10 +120,12 @@ def aggregate_prototypes(replies: list[Payload], num_classes: int, dim: int, wei
     return classes, protos.float()
 
 
+@stackable
 def alignment_loss(z: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``MSE(z, targets)`` (mean over dimensions) averaged over the rows whose ``weight`` is 1 (0 when
-    none is): FedProto's ``F.mse_loss(z[has], targets[has])`` in a form that works on padded batches."""
-    return (((z - targets) ** 2).sum(-1) * weight).sum() / (weight.sum().clamp_min(1.0) * z.shape[-1])
+    none is): FedProto's ``F.mse_loss(z[has], targets[has])`` in a form that works on padded batches
+    (and on stacked clients' batches, one value per client)."""
+    return (((z - targets) ** 2).sum(-1) * weight).sum(-1) / (weight.sum(-1).clamp_min(1.0) * z.shape[-1])
 
 
 def nearest_prototype(features: torch.Tensor, classes: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -268,6 +271,10 @@ class FedProto(ModelAlgorithm):
         prototype table and its mask)."""
         return self.global_lookup(received, self.task.num_classes, self.dim, self.device)
 
+    #: The methods :meth:`loss` calls (see :meth:`ModelAlgorithm.stacked_unsupported`).
+    loss_parts = (*ModelAlgorithm.loss_parts, "prototype_loss")
+
+    @stackable
     def prototype_loss(self, z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any) -> torch.Tensor:
         """The regulariser added to CE: ``lambda * MSE(z, P_y)`` over the (real) samples whose class has
         a global prototype (0 where none has)."""
@@ -276,6 +283,7 @@ class FedProto(ModelAlgorithm):
             return z.new_zeros(())
         return self.config.proto_weight * alignment_loss(z, table[y], mask[y].to(z.dtype) * weight)
 
+    @stackable
     def loss(
         self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any
     ) -> torch.Tensor:

@@ -229,6 +229,8 @@ class InProcessTransport:
 
     def summary_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"execution": self.execution}
+        if self.execution == "batched":
+            fields["batched_step"] = self.algorithm.batched_step()
         if self.federation.client_store != "memory":
             fields["client_store"] = self.federation.client_store
         if self.federation.client_state_precision != "exact":

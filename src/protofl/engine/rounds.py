@@ -27,7 +27,7 @@ from protofl.algorithms.base import Algorithm
 from protofl.config import FederationConfig
 from protofl.engine.checkpoint import load_checkpoint, on_device, save_checkpoint
 from protofl.payload import Payload
-from protofl.runtime import check_stop, frozen_heap
+from protofl.runtime import check_stop, frozen_heap, retain_freed_memory
 
 log = logging.getLogger("protofl.engine")
 
@@ -365,7 +365,9 @@ class RoundDriver:
     def run(self, stop_after: int | None = None) -> list[dict[str, Any]]:
         """Run the remaining rounds; ``stop_after=r`` raises :class:`RunInterrupted` after round r. The
         objects alive before the first round are kept out of the garbage collector's full collections
-        while the rounds run (:func:`protofl.runtime.frozen_heap`)."""
+        while the rounds run (:func:`protofl.runtime.frozen_heap`), and the C allocator keeps freed memory
+        for the next round (:func:`protofl.runtime.retain_freed_memory`)."""
+        log.debug("freed memory kept for reuse: %s", retain_freed_memory())
         with frozen_heap():
             return self._run_rounds(stop_after)
 

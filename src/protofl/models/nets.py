@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from protofl.config import ModelConfig
+from protofl.stacked import stackable
 
 
 class FeatureNet(nn.Module):
@@ -23,6 +24,7 @@ class FeatureNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @stackable
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.features(x)
         return z, self.head(z)
@@ -72,6 +74,7 @@ class EmbeddingAdapterNet(FeatureNet):
         )
         self.head = nn.Linear(feature_dim, num_classes)
 
+    @stackable
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.adapter_up(torch.relu(self.adapter_down(x)))
         return self.mlp(x)
