@@ -488,7 +488,7 @@ def test_dataset_presets_fill_unset_options_only():
     hype = {"data": {"dataset": "optdigits", "features": "efficientnet-lite0"}, "privacy": {"mechanism": "dp-sgd"}}
     tuned = resolve_config({**hype, "method": {"name": "fedhypevae", "lr": 0.002}})
     assert (tuned.method["lr"], tuned.method["batch_size"], tuned.method["steps_per_round"]) == (0.002, 96, 100)
-    assert resolve_config({**hype, "data": {"dataset": "mnist"}, "method": {"name": "fedhypevae"}}).method["lr"] == 1e-3
+    assert resolve_config({**hype, "data": {"dataset": "mnist"}, "method": {"name": "fedhypevae"}}).method["lr"] == 3e-3
     dp = resolve_config({**hype, "method": {"name": "dpfedavg"}})
     assert (dp.method["lr"], dp.method["local_epochs"], dp.method["batch_size"]) == (0.05, 1, 50)
 
