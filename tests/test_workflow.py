@@ -434,8 +434,8 @@ ON_EMBEDDINGS = ("fedhypevae", "dpgauss")
 #: FedHypeVAE's floor: with its OptDigits preset (src/protofl/presets.py) its synthetic-data classifier
 #: reaches 52.6 % (seed 0) after 3 rounds at epsilon 8 (sigma 8.5 for 220 steps at q ~ 0.95, about 100
 #: embeddings a client); 29.1 % with the label at the decoder's first layer only (label_at_output off).
-#: A collapsed generator (one class, 10 %), the general defaults (5.2 %) and the first-layer-only
-#: decoder fail it.
+#: A collapsed generator (one class, 10 %), the earlier general defaults (5.2 %: lr 1e-3, two meta rounds
+#: of three) and the first-layer-only decoder fail it.
 FLOORS = {"dpfedavg": 0.3, "fedhypevae": 0.35}
 
 
@@ -489,6 +489,8 @@ def test_dataset_presets_fill_unset_options_only():
     tuned = resolve_config({**hype, "method": {"name": "fedhypevae", "lr": 0.002}})
     assert (tuned.method["lr"], tuned.method["batch_size"], tuned.method["steps_per_round"]) == (0.002, 96, 100)
     assert resolve_config({**hype, "data": {"dataset": "mnist"}, "method": {"name": "fedhypevae"}}).method["lr"] == 3e-3
+    mixed = resolve_config({**hype, "data": {"dataset": "digits-domains"}, "method": {"name": "fedhypevae"}}).method
+    assert (mixed["steps_per_round"], mixed["batch_size"], mixed["hidden_dim"], mixed["lr"]) == (300, 128, 128, 3e-3)
     dp = resolve_config({**hype, "method": {"name": "dpfedavg"}})
     assert (dp.method["lr"], dp.method["local_epochs"], dp.method["batch_size"]) == (0.05, 1, 50)
 
