@@ -3,13 +3,15 @@ bad input, and a short end-to-end run that lands under its budget."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from protofl.algorithms import ClientData, Task, get_algorithm
-from protofl.algorithms.fedhypevae import decode, decoder_sizes, init_phi, modulations
-from protofl.config import PrivacyConfig
+from protofl.algorithms.fedhypevae import FedHypeVAEConfig, decode, decoder_sizes, init_phi, modulations
+from protofl.config import ConfigError, PrivacyConfig
 from protofl.privacy import BudgetExceededError, SampledGaussianEvent
 
 OPTIONS = {
@@ -51,11 +53,12 @@ def test_zero_modulation_reproduces_the_base_decoder_and_a_nonzero_one_does_not(
     sizes = decoder_sizes(c, 12, 3)
     z, y1h = torch.randn(5, 4), torch.eye(3)[[0, 1, 2, 0, 1]]
     code = torch.randn(3)
-    base = decode(phi, z, y1h, [(None, None)] * len(sizes))
-    torch.testing.assert_close(decode(phi, z, y1h, modulations(phi, code, sizes)), base)  # hypernet output starts at 0
+    base = decode(phi, z, y1h, [(None, None)] * len(sizes), label_at_output=True)
+    # the hypernetwork's output starts at 0
+    torch.testing.assert_close(decode(phi, z, y1h, modulations(phi, code, sizes), label_at_output=True), base)
     last = "hyper2" if rank else "hyper1"
     phi[f"{last}.b"] = torch.randn_like(phi[f"{last}.b"])
-    assert not torch.allclose(decode(phi, z, y1h, modulations(phi, code, sizes)), base)
+    assert not torch.allclose(decode(phi, z, y1h, modulations(phi, code, sizes), label_at_output=True), base)
 
 
 def test_the_low_rank_head_modulates_the_hidden_layers_only_and_shrinks_the_dp_vector():
@@ -80,7 +83,7 @@ def test_the_label_reaches_the_output_layer_directly():
     for algo in (with_label, without):
         phi = init_phi(algo.config, 12, 3, torch.Generator().manual_seed(0))
         phi["dec2.w"], phi["dec2.b"] = torch.zeros_like(phi["dec2.w"]), torch.full_like(phi["dec2.b"], -1.0)
-        outputs.append(decode(phi, z, y1h, [(None, None)] * 4))
+        outputs.append(decode(phi, z, y1h, [(None, None)] * 4, label_at_output=algo.config.label_at_output))
     assert not torch.allclose(outputs[0][0], outputs[0][1])  # the classes differ through the label path
     torch.testing.assert_close(outputs[1][0], outputs[1][1])  # dead ReLUs: one output for every class
 
@@ -140,6 +143,33 @@ def test_accountant_epsilon_equals_an_independent_computation_and_the_plan_lands
     assert 0.99 <= ledger.epsilon() <= 1.0
     with pytest.raises(BudgetExceededError, match="client 0"):
         _step(algo, state, data, 3, seed=9)  # a fourth participation would exceed the budget
+
+
+@pytest.mark.parametrize("planned, meta", [(1, 0), (2, 1), (3, 1), (10, 1), (19, 1), (20, 2), (35, 3)])
+def test_unset_meta_rounds_take_one_planned_round_in_ten(planned, meta):
+    """``meta_rounds`` unset: one round in ten of the run learns the meta-code (at least one, never all), so a
+    3-round run keeps two rounds of generator steps; the schedule, the plan of steps and the reported
+    count all follow it."""
+    options = {k: v for k, v in OPTIONS.items() if k != "meta_rounds"}
+    privacy = dataclasses.replace(PRIVACY, planned_releases=planned)
+    get_algorithm("fedhypevae").validate_privacy(FedHypeVAEConfig(**options), privacy)  # never refused
+    algo = get_algorithm("fedhypevae").from_options(options, Task((12,), 3), privacy)
+    assert (algo.meta_rounds, algo.phi_rounds) == (meta, planned - meta)
+    assert algo.planned_steps() == (planned - meta) * 3 + meta * 2  # steps_per_round 3, meta_steps 2
+    steps = [algo.round_events({}, 40, r)[0][1] for r in range(1, planned + 1)]
+    assert steps == [3] * (planned - meta) + [2] * meta
+    assert algo.privacy_report({})["meta_rounds"] == meta
+
+
+def test_explicit_meta_rounds_win_and_dp_cvae_has_none():
+    privacy = dataclasses.replace(PRIVACY, planned_releases=20)
+    assert get_algorithm("fedhypevae").from_options(OPTIONS, Task((12,), 3), privacy).meta_rounds == 1
+    cvae = {**OPTIONS, "code_dim": 0, "samplers": ["neutral"]}
+    assert get_algorithm("fedhypevae").from_options(cvae, Task((12,), 3), privacy).meta_rounds == 0
+    cvae.pop("meta_rounds")
+    assert get_algorithm("fedhypevae").from_options(cvae, Task((12,), 3), privacy).meta_rounds == 0
+    with pytest.raises(ConfigError, match="method.meta_rounds: must be < privacy.planned_releases"):
+        get_algorithm("fedhypevae").validate_privacy(FedHypeVAEConfig(**{**OPTIONS, "meta_rounds": 3}), PRIVACY)
 
 
 def test_bad_input_is_refused_before_anything_is_released():
@@ -231,7 +261,7 @@ def test_row_scaled_modulation_equals_decoding_with_the_modulated_weights(rank):
             h = torch.cat([h, y1h], -1)
         h = F.linear(h, phi[f"dec{l}.w"] * (1 + s)[:, None], phi[f"dec{l}.b"] + beta)
         h = torch.sigmoid(h) if l == len(mods) - 1 else F.relu(h)
-    torch.testing.assert_close(decode(phi, z, y1h, mods), h)
+    torch.testing.assert_close(decode(phi, z, y1h, mods, label_at_output=True), h)
 
 
 def test_without_noise_the_generator_learns_classes_a_classifier_can_use():

@@ -86,6 +86,8 @@ from protofl.privacy.ghost import clip_factors, linear_sq_norms, reweighted_sum
 from protofl.privacy.layer import NEXT_ROUND_KEY, DPSGDLayer
 
 SAMPLERS = ("neutral", "mixture", "clients")
+#: With ``meta_rounds`` unset, one planned round in this many learns the meta-code.
+META_ROUND_SHARE = 10
 
 
 def _uniform_weights(sigmas: torch.Tensor) -> torch.Tensor:
@@ -125,16 +127,18 @@ class FedHypeVAEConfig:
     #: the private encoder and code.
     steps_per_round: int = 20
     batch_size: int = 64
-    lr: float = 1e-3
-    private_lr: float = 1e-3
+    lr: float = 3e-3
+    private_lr: float = 3e-3
     #: Adam learning rate of the hypernetwork and the prior network (``None``: ``lr``). Every output of
     #: the hypernetwork's last layer sums ``hyper_hidden`` inputs that move together (the whole batch shares
     #: one code), so at the decoder's rate the modulations jump by O(hyper_hidden · lr) a step and can shut
     #: whole ReLU layers off; we measured dead decoders within 40 steps at lr 1e-2.
     hyper_lr: float | None = None
-    #: The neutral meta-code c0: the last meta_rounds of the planned rounds learn it, with meta_steps DP-SGD
-    #: steps a round at Adam learning rate meta_lr.
-    meta_rounds: int = 2
+    #: The neutral meta-code c0: the last meta_rounds of the planned rounds learn it (``None``: one in ten of
+    #: them, at least one and never all, so 3 rounds give 1 and 20 give 2), with meta_steps DP-SGD steps a
+    #: round at Adam learning rate meta_lr. A short run thus keeps most of its rounds for the generator
+    #: (:meth:`meta_rounds_of`); a one-round run learns no meta-code.
+    meta_rounds: int | None = None
     meta_steps: int = 20
     meta_lr: float = 0.05
     #: Code release for the code samplers: share of epsilon and the clip norm of a code.
@@ -201,7 +205,7 @@ class FedHypeVAEConfig:
         check(self.hyper_lr is None or self.hyper_lr > 0, "hyper_lr", f"must be > 0, got {self.hyper_lr}")
         for key in ("lip_radius", "lr", "private_lr", "meta_lr", "code_clip"):
             check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
-        check(self.meta_rounds >= 0, "meta_rounds", f"must be >= 0, got {self.meta_rounds}")
+        check(self.meta_rounds is None or self.meta_rounds >= 0, "meta_rounds", f"must be >= 0, got {self.meta_rounds}")
         check(self.classifier_epochs >= 1, "classifier_epochs", f"must be >= 1, got {self.classifier_epochs}")
         check(
             0 < self.code_release_fraction < 1,
@@ -229,6 +233,15 @@ class FedHypeVAEConfig:
             f"must be > 0, got {self.mmd_bandwidth}",
         )
         check_choice(self.per_example_grads, ("ghost", "materialised"), "per_example_grads")
+
+    def meta_rounds_of(self, planned: int) -> int:
+        """How many of ``planned`` rounds learn the meta-code: none without codes (DP-CVAE), ``meta_rounds``
+        when set, else one in ``META_ROUND_SHARE`` (at least one, never all of them)."""
+        if not self.code_dim:
+            return 0
+        if self.meta_rounds is not None:
+            return self.meta_rounds
+        return max(0, min(max(1, planned // META_ROUND_SHARE), planned - 1))
 
     @property
     def releases_codes(self) -> bool:
@@ -311,11 +324,13 @@ def modulations(phi: dict[str, torch.Tensor], code: torch.Tensor, sizes: list[tu
     return out
 
 
-def decode(phi, z: torch.Tensor, y1h: torch.Tensor, mods, squash: bool = True) -> torch.Tensor:
+def decode(
+    phi, z: torch.Tensor, y1h: torch.Tensor, mods, squash: bool = True, *, label_at_output: bool
+) -> torch.Tensor:
     """D_c(z, y): W_l^(c) = diag(1 + s_l) W_l, b_l^(c) = b_l + β_l, ReLU, then a sigmoid output in [0, 1]
     (``squash``, the range space) or a linear one (a public basis's standardised coordinates). The label
-    enters the first layer, and the output layer too when its weights have room for it
-    (``label_at_output``).
+    enters the first layer, and the output layer too with ``label_at_output`` (the configuration's flag,
+    the same rule as :func:`batch_losses` and :func:`decoder_sizes`).
 
     Row-scaling a weight matrix scales that layer's outputs, (diag(1 + s) W) h = (1 + s) ⊙ (W h), so the
     modulated weights are never formed (per-example gradients would otherwise hold one copy each)."""
@@ -323,7 +338,7 @@ def decode(phi, z: torch.Tensor, y1h: torch.Tensor, mods, squash: bool = True) -
     last = len(mods) - 1
     for l, (s, beta) in enumerate(mods):
         w, b = phi[f"dec{l}.w"], phi[f"dec{l}.b"]
-        if l == last and w.shape[1] == h.shape[-1] + y1h.shape[-1]:
+        if l == last and label_at_output:
             h = torch.cat([h, y1h], dim=-1)
         h = F.linear(h, w, b) if s is None else F.linear(h, w) * (1 + s) + (b + beta)
         if l < last:
@@ -620,7 +635,7 @@ class FedHypeVAE(Algorithm):
     def validate_privacy(cls, config: FedHypeVAEConfig, privacy) -> None:
         super().validate_privacy(config, privacy)
         planned = privacy.planned_releases
-        if config.code_dim and planned and planned <= config.meta_rounds:
+        if config.code_dim and planned and config.meta_rounds is not None and planned <= config.meta_rounds:
             raise ConfigError(
                 f"method.meta_rounds: must be < privacy.planned_releases ({planned}), got {config.meta_rounds}"
             )
@@ -677,6 +692,7 @@ class FedHypeVAE(Algorithm):
             dp_trained_numbers=self.dp_trained_numbers(),
             noise_multiplier_per_client=sigmas,
             aggregation=self.config.aggregation,
+            meta_rounds=self.meta_rounds,
             public_space=space,
         )
 
@@ -684,7 +700,7 @@ class FedHypeVAE(Algorithm):
     @property
     def meta_rounds(self) -> int:
         """Rounds that learn the neutral meta-code (none without codes: DP-CVAE)."""
-        return self.config.meta_rounds if self.config.code_dim else 0
+        return self.config.meta_rounds_of(self.planned_rounds)
 
     @property
     def phi_rounds(self) -> int:
@@ -819,6 +835,7 @@ class FedHypeVAE(Algorithm):
             y1h.expand(2, -1),
             mods,
             self.squash,
+            label_at_output=c.label_at_output,
         )
         return rbf(gen[0], gen[1], self.bandwidth) - 2 * rbf(x, gen[0], self.bandwidth)
 
@@ -1048,7 +1065,7 @@ class FedHypeVAE(Algorithm):
                 mu
                 + torch.randn(len(rows), c.latent_dim, generator=g, device="cpu").to(mu.device) * (0.5 * logvar).exp()
             )
-            out[rows] = decode(phi, z, y1h[rows], mods, self.squash)
+            out[rows] = decode(phi, z, y1h[rows], mods, self.squash, label_at_output=c.label_at_output)
         return out, y
 
     def train_classifier(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
