@@ -47,7 +47,6 @@ that needs cryptographic noise should draw from the operating system's generator
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 
