@@ -285,18 +285,18 @@ def _peel(scores: np.ndarray, k: int, cap: float, epsilon: float, generators: Se
     """Every client's peeling at once, as (K, k) sorted indices: all k rounds' noise in one draw per client
     (row j is round j's fresh noise, drawn in the same order as k draws of d); round j takes the highest
     noisy score of its row among the dimensions no earlier round took (ties to the lower index, as argmax),
-    for every client in one masked argmax."""
+    for every client in one argmax; the dimension it took is then struck (-inf) from every later round's
+    row, so that a round reads its own row alone."""
     scale = 2 * k * cap / epsilon
     noisy = _laplace_of_uniform(_draws(torch.rand, (k, scores.shape[1]), generators).numpy(), scale)
     noisy += np.minimum(np.maximum(scores, 0), cap)[:, None, :]
     clients = np.arange(len(generators))
-    taken = np.zeros(scores.shape, dtype=bool)
-    row = np.empty(scores.shape)
+    picks = np.empty((len(generators), k), dtype=np.int64)
     for j in range(k):  # every client's round j at once
-        np.copyto(row, noisy[:, j, :])
-        row[taken] = -np.inf
-        taken[clients, np.argmax(row, axis=1)] = True
-    return np.nonzero(taken)[1].reshape(len(generators), k)
+        picks[:, j] = noisy[:, j, :].argmax(axis=1)
+        noisy[clients, j + 1 :, picks[:, j]] = -np.inf
+    picks.sort(axis=1)
+    return picks
 
 
 def broadcast_top_k(prototypes: torch.Tensor | np.ndarray, k: int) -> np.ndarray | None:
@@ -507,17 +507,22 @@ def _release(
         return out
     statistic = sums if rule.sums else sums / np.maximum(counts, 1)[:, :, None]
     std = torch.from_numpy(rule.delta(bound, counts, num_classes)[:, :, None] * multipliers[:, None, :])
-    # each client's features' draws, then its counts', from its own generator (releases run on the CPU)
-    noise = gaussian_noise(tuple(statistic.shape), std, generators)
-    count_noise = gaussian_noise(tuple(counts.shape), sigma_n, generators)
-    noisy = torch.from_numpy(statistic) + noise
-    noisy_counts = torch.from_numpy(counts).double() + count_noise
-    prototypes = (noisy / noisy_counts.clamp_min(1.0)[:, :, None] if rule.sums else noisy).float()
+    # each client's features' draws, then its counts', from its own generator (releases run on the CPU); the
+    # arithmetic after the draws in NumPy (its per-call cost is a fraction of torch's on these small arrays)
+    noise = gaussian_noise(tuple(statistic.shape), std, generators).numpy()
+    count_noise = gaussian_noise(tuple(counts.shape), sigma_n, generators).numpy()
+    noisy = statistic + noise
+    noisy_counts = counts + count_noise
+    prototypes = (noisy / np.maximum(noisy_counts, 1.0)[:, :, None] if rule.sums else noisy).astype(np.float32)
     every = torch.arange(num_classes, device="cpu")
     return [
         PrototypeRelease(every, prototype, count, s, events, a, sigma_n, statistic)
         for prototype, count, s, a, statistic in zip(
-            prototypes.unbind(), noisy_counts.unbind(), std.unbind(), chosen, noisy.unbind()
+            torch.from_numpy(prototypes).unbind(),
+            torch.from_numpy(noisy_counts).unbind(),
+            std.unbind(),
+            chosen,
+            torch.from_numpy(noisy).unbind(),
         )
     ]
 
@@ -680,7 +685,7 @@ def vpp_release_batch(
             raise ValueError(f"selected must be distinct dimensions in [0, {d}), got {len(selected)} of them")
         chosen = np.broadcast_to(public, (len(stack), k))
     in_a = np.zeros((len(stack), d), dtype=bool)
-    np.put_along_axis(in_a, chosen, True, axis=1)
+    in_a[np.arange(len(stack))[:, None], chosen] = True
     kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, settings.multipliers[0])
     # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B; the class
     # sums of both clipped forms in one product, each coordinate's taken from its group's.
