@@ -125,9 +125,9 @@ def gaussian_noise(
     release of that client alone draws."""
     if isinstance(generator, torch.Generator):
         draws = torch.randn(shape, generator=generator, dtype=torch.float64, device=generator.device)
-    else:
-        draws = _draws(torch.randn, tuple(shape[1:]), generator)
-    return draws * torch.as_tensor(std, dtype=torch.float64, device=draws.device)
+        return draws * torch.as_tensor(std, dtype=torch.float64, device=draws.device)
+    draws = _draws(torch.randn, tuple(shape[1:]), generator)  # on the CPU: scaled in NumPy, the same products
+    return torch.from_numpy(draws.numpy() * np.asarray(std, dtype=np.float64))
 
 
 def laplace_noise(shape: tuple[int, ...], scale: float, generator: torch.Generator) -> torch.Tensor:
