@@ -169,14 +169,13 @@ def anova_scores(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class _Stack:
     """The train features of ``K`` clients as one padded float64 program (a single client is ``K = 1``):
     ``x`` (K, n, d), with the padding rows and every row that holds a non-finite value set to zero (see
-    :meth:`of`); ``real`` (K, n) marks each client's own rows, ``labels`` (K, n) their classes, ``onehot``
-    (K, C, n) the indicator of each class's real rows and ``counts`` (K, C) the exact class counts, so that
+    :meth:`of`); ``labels`` (K, n) the rows' classes, ``onehot`` (K, C, n) the indicator of each class's
+    real rows (padding rows in none) and ``counts`` (K, C) the exact class counts, so that
     every client's per-class sums are one batched matrix product (:meth:`sums`); ``squares`` is ``x * x``
     and ``row_squares`` (K, n) each row's squared norm (the clipping norms and the within-class spread
     share them)."""
 
     x: np.ndarray
-    real: np.ndarray
     labels: np.ndarray
     onehot: np.ndarray
     counts: np.ndarray
@@ -195,11 +194,13 @@ class _Stack:
         reads the rows' squared norms, which the release computes anyway (no pass of its own)."""
         x = z.detach().numpy().astype(np.float64)  # a copy: zeroing rows below never touches ``z``
         labels = y.numpy()
-        real = np.ones(labels.shape, dtype=bool) if weight is None else weight.detach().numpy() > 0
-        if weight is not None:
-            x[~real] = 0.0
         c = max(num_classes, int(labels.max()) + 1 if labels.size else 0)
-        onehot = ((labels[:, None, :] == np.arange(c)[None, :, None]) & real[:, None, :]).astype(np.float64)
+        member = labels[:, None, :] == np.arange(c)[None, :, None]
+        if weight is not None:
+            real = weight.detach().numpy() > 0
+            x[~real] = 0.0
+            member &= real[:, None, :]
+        onehot = member.astype(np.float64)
         squares = x * x
         row_squares = squares @ np.ones(x.shape[-1])  # NaN or inf exactly where a row is not finite
         bad = ~np.isfinite(row_squares)
@@ -207,7 +208,7 @@ class _Stack:
             x[bad] = 0.0
             squares[bad] = 0.0
             row_squares[bad] = 0.0
-        return cls(x, real, labels, onehot, onehot.sum(-1).astype(np.int64), squares, row_squares)
+        return cls(x, labels, onehot, member.sum(-1), squares, row_squares)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -231,8 +232,8 @@ class _Stack:
         ``x`` (clamped at 0 against rounding), and per client its number of rows and of classes held.
         Two passes over the features: the class sums and the sums of squares."""
         counts = self.counts
-        n = self.real.sum(1)
-        c = (counts > 0).sum(1)
+        n = counts.sum(1)  # every real row is in exactly one class
+        c = np.count_nonzero(counts, axis=1)
         sums = self.sums(self.x)
         means = sums / np.maximum(counts, 1)[:, :, None]
         grand = sums.sum(1) / np.maximum(n, 1)[:, None]
@@ -562,7 +563,7 @@ def _multipliers(noise_multiplier: float, relation: str, count_fraction: float) 
     return split_multiplier(noise_multiplier, count_fraction)
 
 
-def _clip_scale(bound: float, row_squares: np.ndarray) -> np.ndarray:
+def _clip_scale(bound: float | np.ndarray, row_squares: np.ndarray) -> np.ndarray:
     """The factor that scales a row of squared norm ``row_squares`` to norm at most ``bound`` (1 for a row
     already inside)."""
     return np.minimum(bound / np.maximum(np.sqrt(row_squares), 1e-12), 1.0)
@@ -687,17 +688,11 @@ def vpp_release_batch(
     in_a = np.zeros((len(stack), d), dtype=bool)
     in_a[np.arange(len(stack))[:, None], chosen] = True
     kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, settings.multipliers[0])
-    # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B; the class
-    # sums of both clipped forms in one product, each coordinate's taken from its group's.
-    sq = stack.squares
-    group_a = in_a[:, :, None].astype(np.float64)
-    scales = np.stack(
-        [
-            _clip_scale(settings.bound * kappa_a, np.matmul(sq, group_a)[..., 0]),
-            _clip_scale(settings.bound * kappa_b, np.matmul(sq, 1.0 - group_a)[..., 0]),
-        ],
-        axis=1,
-    )
+    # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones (the rest of its squared
+    # norm) to R κ_B; the class sums of both clipped forms in one product, each coordinate's taken from its group's.
+    norm_a = np.matmul(stack.squares, in_a[:, :, None].astype(np.float64))[..., 0]
+    norms = np.stack([norm_a, np.maximum(stack.row_squares - norm_a, 0.0)], axis=1)
+    scales = _clip_scale(np.array([kappa_a, kappa_b])[None, :, None] * settings.bound, norms)
     both = stack.scaled_sums(scales)
     sums = np.where(in_a[:, None, :], both[:, 0], both[:, 1])
     return _release(
