@@ -171,15 +171,14 @@ class _Stack:
     ``x`` (K, n, d), with the padding rows and every row that holds a non-finite value set to zero (see
     :meth:`of`); ``labels`` (K, n) the rows' classes, ``onehot`` (K, C, n) the indicator of each class's
     real rows (padding rows in none) and ``counts`` (K, C) the exact class counts, so that
-    every client's per-class sums are one batched matrix product (:meth:`sums`); ``squares`` is ``x * x``
-    and ``row_squares`` (K, n) each row's squared norm (the clipping norms and the within-class spread
-    share them)."""
+    every client's per-class sums are one batched matrix product (:meth:`sums`); ``row_squares`` (K, n) is
+    each row's squared norm. Squares are summed where they are needed (:meth:`squares_over`), never
+    stored: a (K, n, d) temporary per release costs a pass and fresh pages."""
 
     x: np.ndarray
     labels: np.ndarray
     onehot: np.ndarray
     counts: np.ndarray
-    squares: np.ndarray
     row_squares: np.ndarray
 
     @classmethod
@@ -201,14 +200,12 @@ class _Stack:
             x[~real] = 0.0
             member &= real[:, None, :]
         onehot = member.astype(np.float64)
-        squares = x * x
-        row_squares = squares @ np.ones(x.shape[-1])  # NaN or inf exactly where a row is not finite
+        row_squares = np.einsum("knd,knd->kn", x, x)  # NaN or inf exactly where a row is not finite
         bad = ~np.isfinite(row_squares)
         if bad.any():
             x[bad] = 0.0
-            squares[bad] = 0.0
             row_squares[bad] = 0.0
-        return cls(x, labels, onehot, member.sum(-1), squares, row_squares)
+        return cls(x, labels, onehot, member.sum(-1), row_squares)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -226,6 +223,11 @@ class _Stack:
         weights = (self.onehot[:, None, :, :] * scales[:, :, None, :]).reshape(k, -1, n)
         return np.matmul(weights, self.x).reshape(k, g, -1, self.x.shape[-1])
 
+    def squares_over(self, weights: np.ndarray) -> np.ndarray:
+        """Each row's sum of squares weighted per coordinate by ``weights`` (K, d): (K, n); with a 0/1
+        ``weights``, the squared norm of each row's coordinates in that group."""
+        return np.einsum("knd,knd,kd->kn", self.x, self.x, weights)
+
     def spread(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(energy, within, n, c)``: per client and dimension the between-class energy
         ``Σ_c n_c (μ_cj − μ_j)²`` and the within-class sum of squares ``Σ_i x_ij² − Σ_c n_c μ_cj²`` of
@@ -238,7 +240,7 @@ class _Stack:
         means = sums / np.maximum(counts, 1)[:, :, None]
         grand = sums.sum(1) / np.maximum(n, 1)[:, None]
         energy = (counts[:, :, None] * (means - grand[:, None, :]) ** 2).sum(1)
-        within = np.maximum(self.squares.sum(1) - (sums * means).sum(1), 0.0)
+        within = np.maximum(np.einsum("knd,knd->kd", self.x, self.x) - (sums * means).sum(1), 0.0)
         return energy, within, n, c
 
 
@@ -690,7 +692,7 @@ def vpp_release_batch(
     kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, settings.multipliers[0])
     # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones (the rest of its squared
     # norm) to R κ_B; the class sums of both clipped forms in one product, each coordinate's taken from its group's.
-    norm_a = np.matmul(stack.squares, in_a[:, :, None].astype(np.float64))[..., 0]
+    norm_a = stack.squares_over(in_a.astype(np.float64))
     norms = np.stack([norm_a, np.maximum(stack.row_squares - norm_a, 0.0)], axis=1)
     scales = _clip_scale(np.array([kappa_a, kappa_b])[None, :, None] * settings.bound, norms)
     both = stack.scaled_sums(scales)
