@@ -220,8 +220,9 @@ class _Stack:
         the rows clipped by the scales of group g, as one batched matrix product over ``x`` (the clipped rows
         are never formed; the products are those of scaling the rows, then summing)."""
         k, g, n = scales.shape
-        weights = (self.onehot[:, None, :, :] * scales[:, :, None, :]).reshape(k, -1, n)
-        return np.matmul(weights, self.x).reshape(k, g, -1, self.x.shape[-1])
+        c = self.onehot.shape[1]
+        weights = (self.onehot[:, None, :, :] * scales[:, :, None, :]).reshape(k, g * c, n)
+        return np.matmul(weights, self.x).reshape(k, g, c, self.x.shape[-1])
 
     def squares_over(self, weights: np.ndarray) -> np.ndarray:
         """Each row's sum of squares weighted per coordinate by ``weights`` (K, d): (K, n); with a 0/1
