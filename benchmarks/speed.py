@@ -421,6 +421,7 @@ def breakdown(n: int, rounds: int) -> dict:
         "operators": operator_shares(n, max(2, rounds // 2)),
         "full_collections": full_collections,
         "full_collection_s": full_collection_s,
+        "frozen_heap": True,
     }
 
 
@@ -790,9 +791,13 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
                 "",
                 (
                     f"The garbage collector: {prof['full_collections']} full collection(s) during these rounds "
-                    "(with the objects alive before the rounds frozen, as in protofl's round loop, a full collection "
-                    f"walks only what the rounds made); one full collection of the whole process afterwards took "
-                    f"{prof['full_collection_s']:.3f} CPU-s."
+                    + (
+                        "(with the objects alive before the rounds frozen, as in protofl's round loop, a full "
+                        "collection walks only what the rounds made)"
+                        if prof.get("frozen_heap")
+                        else "(run by `run_round` directly, outside the round loop's frozen heap)"
+                    )
+                    + f"; one full collection of the whole process afterwards took {prof['full_collection_s']:.3f} CPU-s."
                 ),
             ]
         if prof.get("operators"):
