@@ -146,7 +146,10 @@ def _draws(
     draw: Callable[..., torch.Tensor], shape: tuple[int, ...], generators: Sequence[torch.Generator]
 ) -> torch.Tensor:
     """``draw`` (``torch.rand`` or ``torch.randn``) of ``shape`` from every generator in turn, client k's into
-    row k of one float64 CPU tensor (K, *shape): the same values as a call of ``draw(shape)`` per generator."""
+    row k of one float64 CPU tensor (K, *shape): the same values as a call of ``draw(shape)`` per generator
+    (one generator draws the same values for (1, *shape), whose elements are laid out as those of ``shape``)."""
+    if len(generators) == 1:  # a client's own release: one call
+        return draw((1, *shape), generator=generators[0], dtype=torch.float64, device="cpu")
     out = torch.empty((len(generators), *shape), dtype=torch.float64, device="cpu")  # releases run on the CPU
     for row, generator in zip(out, generators):
         draw(shape, generator=generator, dtype=torch.float64, device=row.device, out=row)
@@ -522,11 +525,11 @@ def _release(
     return [
         PrototypeRelease(every, prototype, count, s, events, a, sigma_n, statistic)
         for prototype, count, s, a, statistic in zip(
-            torch.from_numpy(prototypes).unbind(),
-            torch.from_numpy(noisy_counts).unbind(),
+            map(torch.from_numpy, prototypes),
+            map(torch.from_numpy, noisy_counts),
             std.unbind(),
             chosen,
-            torch.from_numpy(noisy).unbind(),
+            map(torch.from_numpy, noisy),
         )
     ]
 
