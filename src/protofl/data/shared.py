@@ -256,7 +256,9 @@ class NodeSplit:
 
         def rows(k: int) -> SharedClient:
             c = data.clients[k]
-            arrays = {name: np.asarray(getattr(c, name).detach().cpu().numpy(), dtype=_dtype(name)) for name in ARRAYS}
+            arrays: dict[str, np.ndarray] = {
+                name: np.asarray(getattr(c, name).detach().cpu().numpy(), dtype=_dtype(name)) for name in ARRAYS
+            }
             return SharedClient(**arrays, input_shape=shape, num_classes=classes)
 
         return cls(shape, classes, len(data.clients), origin, rows)
