@@ -177,11 +177,6 @@ class PlannedReleaseLayer(PrivacyLayer):
 
     def release_events(self) -> tuple[tuple[Event, int], ...]:
         """What one release costs."""
-        return self._release_events
-
-    @functools.cached_property
-    def _release_events(self) -> tuple[tuple[Event, int], ...]:
-        # built once: every release of the run costs the same events (a release asks for them every time)
         return (*self.side_events(), (GaussianEvent(self.noise_multiplier), 1))
 
     def plan(self) -> tuple[tuple[Event, int], ...]:
@@ -216,9 +211,9 @@ class PrototypeReleaseLayer(PlannedReleaseLayer):
     def side_events(self) -> tuple[tuple[Event, int], ...]:
         return ((PureDpEvent(self.selection_epsilon), 1),) if self.selection_epsilon else ()
 
-    @functools.cached_property
+    @property
     def settings(self) -> ReleaseSettings:
-        """The release's settings from the configuration at the calibrated σ (built and validated once)."""
+        """The release's settings from the configuration at the calibrated σ."""
         c = self.config
         return ReleaseSettings(
             self.num_classes, c.clip_bound, self.noise_multiplier, c.sensitivity, c.relation, c.count_fraction
