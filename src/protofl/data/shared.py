@@ -12,7 +12,12 @@ partition settings and its seed) holds ``x_train.npy``, ``y_train.npy``, ``x_tes
 (every client's rows, concatenated in client order), ``offsets.npy`` (where each client's rows start
 and end) and ``meta.json``. A store is written into a temporary folder next to it and renamed into
 place, so a reader sees a whole store or none; a lock file per key makes the processes of one machine
-build it once (the others wait and read it).
+build it once (the others wait and read it). A store is read only under the fingerprint it was written
+for (its ``meta.json`` names it).
+
+A Flower node never depends on a store the server wrote (:func:`node_split`): a node on another machine,
+or with another cache folder, finds none under its run's fingerprint and builds its own split from its own
+data loader, the same rows a store of that fingerprint holds.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -35,6 +41,13 @@ from protofl._io import current_umask
 #: Bumped when the layout changes (a store of another format is not read).
 FORMAT = 1
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+log = logging.getLogger("protofl.flower")
+
+
+def _dtype(name: str) -> type:
+    """The dtype a store keeps the array ``name`` in (features float32, labels int64)."""
+    return np.float32 if name.startswith("x") else np.int64
 
 
 class PartitionStoreError(RuntimeError):
@@ -158,8 +171,7 @@ class PartitionStore:
                 tensors = [getattr(c, name) for c in clients]
                 first = tensors[0]
                 shape = (int(offsets[-1, split]), *first.shape[1:])
-                dtype = np.float32 if name.startswith("x") else np.int64
-                out = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+                out = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=_dtype(name), shape=shape)
                 for k, t in enumerate(tensors):
                     out[offsets[k, split] : offsets[k + 1, split]] = t.detach().cpu().numpy()
                 out.flush()
@@ -186,6 +198,17 @@ class PartitionStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
 
+    def unusable(self, key: str) -> str | None:
+        """Why the store ``key`` cannot give this run its rows (there is none; it cannot be read; it was
+        written for another data fingerprint), or ``None`` when it can."""
+        if not self.exists(key):
+            return f"there is none at {self.path(key)}"
+        try:
+            _open(self.path(key))
+        except PartitionStoreError as exc:
+            return str(exc)
+        return None
+
     def meta(self, key: str) -> dict[str, Any]:
         """The store's ``meta.json``: ``num_clients``, ``input_shape``, ``num_classes``."""
         return _open(self.path(key))[2]
@@ -204,6 +227,83 @@ class PartitionStore:
         return SharedClient(**rows, input_shape=tuple(meta["input_shape"]), num_classes=int(meta["num_classes"]))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class NodeSplit:
+    """A run's partitioned clients as one node process reads them: :meth:`client` gives client k's rows, from
+    the machine's store or from the node's own split; ``origin`` says which."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    num_clients: int
+    origin: str
+    rows: Callable[[int], SharedClient]
+
+    def client(self, k: int) -> SharedClient:
+        if not 0 <= k < self.num_clients:
+            raise PartitionStoreError(f"{self.origin}: client {k} is not in its {self.num_clients} clients")
+        return self.rows(k)
+
+    @classmethod
+    def of_store(cls, store: PartitionStore, key: str, origin: str) -> NodeSplit:
+        meta = store.meta(key)
+        rows = functools.partial(store.client, key)
+        return cls(tuple(meta["input_shape"]), int(meta["num_classes"]), int(meta["num_clients"]), origin, rows)
+
+    @classmethod
+    def of_data(cls, data: Any, origin: str) -> NodeSplit:
+        """From a :class:`~protofl.runner.PreparedData`, each client's arrays in the dtypes a store keeps."""
+        shape, classes = tuple(data.input_shape), int(data.num_classes)
+
+        def rows(k: int) -> SharedClient:
+            c = data.clients[k]
+            arrays: dict[str, np.ndarray] = {
+                name: np.asarray(getattr(c, name).detach().cpu().numpy(), dtype=_dtype(name)) for name in ARRAYS
+            }
+            return SharedClient(**arrays, input_shape=shape, num_classes=classes)
+
+        return cls(shape, classes, len(data.clients), origin, rows)
+
+
+def node_split(store: PartitionStore, key: str, build: Callable[[], Any]) -> NodeSplit:
+    """Where a node process reads its rows: the store ``key`` (the run's data fingerprint, :func:`data_key`)
+    of this machine when it holds one written for that fingerprint; otherwise the node's own split, from its
+    own data loader (``build()``, a :class:`~protofl.runner.PreparedData`: the rows a store of that
+    fingerprint holds). A node never waits for a store the server is to write: with none under the key (a
+    node on another machine, or with another cache folder), the node builds the split and keeps it in its own
+    cache for the later processes of its machine (one builds, under the key's lock); with an unusable one
+    there (unreadable, or written for another fingerprint), it keeps its split in memory. Either is said in
+    the log (logger ``protofl.flower``) at INFO."""
+    why = store.unusable(key)
+    if why is None:
+        return NodeSplit.of_store(store, key, f"the shared partition store {store.path(key)}")
+    if not store.path(key).exists():
+        built: list[bool] = []
+
+        def build_here() -> Any:
+            built.append(True)
+            return build()
+
+        store.ensure(key, build_here)
+        done = (
+            "built this node's split from its own data loader" if built else "another process of this machine built it"
+        )
+        log.info(
+            "no shared partition store for this run's data fingerprint %s (%s): %s, kept in %s",
+            key,
+            why,
+            done,
+            store.path(key),
+        )
+        return NodeSplit.of_store(store, key, f"this machine's own partition store {store.path(key)}")
+    split = NodeSplit.of_data(build(), f"this node's own split (data fingerprint {key})")
+    log.info(
+        "the partition store %s is not used (%s): built this node's split from its own data loader, kept in memory",
+        store.path(key),
+        why,
+    )
+    return split
+
+
 @functools.lru_cache(maxsize=8)
 def _open(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
     """A store's arrays, memory-mapped read-only (kept open per process)."""
@@ -211,6 +311,8 @@ def _open(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, An
         meta = json.loads((folder / "meta.json").read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')}, this protofl reads format {FORMAT}")
+        if meta.get("key") != folder.name:
+            raise ValueError(f"it was written for the data fingerprint {meta.get('key')!r}, not {folder.name!r}")
         offsets = np.load(folder / "offsets.npy")
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
         if offsets.shape != (meta["num_clients"] + 1, 2) or any(

@@ -36,7 +36,7 @@ import torch
 
 from protofl.algorithms.base import Algorithm, ClientData
 from protofl.config import ConfigError, RunConfig
-from protofl.data.shared import PartitionStore, data_key
+from protofl.data.shared import NodeSplit, PartitionStore, data_key, node_split
 from protofl.engine.checkpoint import on_device
 from protofl.engine.client import client_evaluation, client_round
 from protofl.payload import Payload, validate
@@ -74,13 +74,12 @@ class NodeTask:
 @dataclasses.dataclass(frozen=True, eq=False)
 class _RunSetup:
     """What every node of a run on this machine shares: the configuration, the algorithm (its clients'
-    state is passed to it, as in process), and where the run's partitions are stored."""
+    state is passed to it, as in process), and where its partition's rows come from."""
 
     config: RunConfig
     algorithm: Algorithm
     device: Any
-    data_key: str
-    store: PartitionStore
+    split: NodeSplit
 
 
 @functools.lru_cache(maxsize=4)
@@ -92,19 +91,16 @@ def _run_setup(config_text: str, cache_dir: str) -> _RunSetup:
     from protofl.runtime import resolve_device
 
     config: RunConfig = resolve_config(tomllib.loads(config_text))
-    store = PartitionStore.default()
-    key = data_key(config)
-    # the first process of this machine builds the run's partitions; every other one reads its rows
-    store.ensure(key, lambda: prepare_data(config))
-    meta = store.meta(key)
+    # the machine's store of the run's data fingerprint, or this node's own split (never the server's files)
+    split = node_split(PartitionStore.default(), data_key(config), lambda: prepare_data(config))
     device = resolve_device(config.federation.device)  # this node's: "auto" is its own CUDA device or CPU
     torch.manual_seed(config.seed)
-    task = Task(tuple(meta["input_shape"]), int(meta["num_classes"]), config.model, device=str(device))
+    task = Task(split.input_shape, split.num_classes, config.model, device=str(device))
     if cache_dir:
         # Flower may start a fresh process for every message: calibrate each noise level once per run.
         remember_calibrations(Path(cache_dir) / "calibration.json")
     algorithm = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
-    return _RunSetup(config, algorithm, device, key, store)
+    return _RunSetup(config, algorithm, device, split)
 
 
 @functools.lru_cache(maxsize=4)
@@ -112,7 +108,8 @@ def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: 
     """The node's part of the run: the run's algorithm (built once per process and run) and its
     partition's rows, read from the run's shared partition store (:mod:`protofl.data.shared`: built once
     per machine, since Flower starts a fresh ClientApp process for every message in a deployment and
-    serves many nodes from one process in the simulation)."""
+    serves many nodes from one process in the simulation), or, where this machine holds none for the run's
+    data fingerprint, from the node's own split (:func:`~protofl.data.shared.node_split`)."""
     run = _run_setup(config_text, cache_dir)
     if num_partitions != run.config.partition.num_clients:
         raise ConfigError(
@@ -121,7 +118,7 @@ def node_task(config_text: str, partition: int, num_partitions: int, cache_dir: 
         )
     if not 0 <= partition < num_partitions:
         raise ConfigError(f"node config partition-id={partition} is not in [0, {num_partitions})")
-    rows = run.store.client(run.data_key, partition)
+    rows = run.split.client(partition)
     client = ClientData(
         partition,
         *(torch.from_numpy(getattr(rows, k)).to(run.device) for k in ("x_train", "y_train", "x_test", "y_test")),

@@ -110,12 +110,22 @@ class PrivacyLayer(abc.ABC):
         """:meth:`spend` for several clients at once: every ledger is checked before any records, so a
         client that would exceed its budget raises (:class:`~protofl.privacy.accounting.BudgetExceededError`)
         with nothing recorded for any of them. Returns their new ledger states, in order."""
-        ledgers = [self.ledger(state) for state in client_states]
-        for ledger, who in zip(ledgers, whos):
-            ledger.check(events, who)
-        for ledger in ledgers:
-            ledger.record(events)
-        return [ledger.state_dict() for ledger in ledgers]
+        # Clients whose ledgers hold the same record (in a run that samples every client, all of them) get
+        # the same answer: each distinct record is loaded, checked and recorded once, in the order of its
+        # first client, and every client gets its own copy of the new state.
+        groups: dict[tuple, list[int]] = {}
+        for k, state in enumerate(client_states):
+            groups.setdefault(_record_key(state.get(LEDGER_KEY, ())), []).append(k)
+        ledgers = {key: self.ledger(client_states[members[0]]) for key, members in groups.items()}
+        for key, members in groups.items():
+            ledgers[key].check(events, whos[members[0]])
+        out: list[list] = [[] for _ in client_states]
+        for key, members in groups.items():
+            ledgers[key].record(events)
+            new = ledgers[key].state_dict()
+            for k in members:
+                out[k] = [(dict(event), count) for event, count in new]
+        return out
 
     def check_next(self, client_state: State, who: str) -> None:  # noqa: B027 (a hook: no check by default)
         """Raise :class:`~protofl.privacy.accounting.BudgetExceededError` if the client's next release
@@ -459,3 +469,8 @@ def create_privacy_layer(config: PrivacyConfig, num_classes: int) -> PrivacyLaye
             f"{', '.join(sorted(PRIVACY_LAYERS))}"
         ) from None
     return cls(config, num_classes)
+
+
+def _record_key(record: Iterable) -> tuple:
+    """A ledger state's ``(event dict, count)`` pairs as a hashable key: equal keys hold the same record."""
+    return tuple((tuple(event.items()), count) for event, count in record)

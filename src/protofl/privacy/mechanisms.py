@@ -47,7 +47,6 @@ that needs cryptographic noise should draw from the operating system's generator
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -117,11 +116,18 @@ def soft_clip(z: torch.Tensor, bound: float, tau: float) -> torch.Tensor:
 # Noise
 
 
-def gaussian_noise(shape: tuple[int, ...], std: torch.Tensor | float, generator: torch.Generator) -> torch.Tensor:
-    """N(0, std²) noise (``std`` broadcast against ``shape``)."""
-    return torch.randn(shape, generator=generator, dtype=torch.float64, device=generator.device) * torch.as_tensor(
-        std, dtype=torch.float64, device=generator.device
-    )
+def gaussian_noise(
+    shape: tuple[int, ...], std: torch.Tensor | float, generator: torch.Generator | Sequence[torch.Generator]
+) -> torch.Tensor:
+    """N(0, std²) noise (``std`` broadcast against ``shape``). ``generator``: one generator, or one per row of
+    ``shape[0]`` (the clients of a batched release): row k is drawn from ``generator[k]`` alone, the same
+    values as a call of ``shape[1:]`` on that generator (:func:`_draws`), so each client's noise is what a
+    release of that client alone draws."""
+    if isinstance(generator, torch.Generator):
+        draws = torch.randn(shape, generator=generator, dtype=torch.float64, device=generator.device)
+        return draws * torch.as_tensor(std, dtype=torch.float64, device=draws.device)
+    draws = _draws(torch.randn, tuple(shape[1:]), generator)  # on the CPU: scaled in NumPy, the same products
+    return torch.from_numpy(draws.numpy() * np.asarray(std, dtype=np.float64))
 
 
 def laplace_noise(shape: tuple[int, ...], scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -140,7 +146,10 @@ def _draws(
     draw: Callable[..., torch.Tensor], shape: tuple[int, ...], generators: Sequence[torch.Generator]
 ) -> torch.Tensor:
     """``draw`` (``torch.rand`` or ``torch.randn``) of ``shape`` from every generator in turn, client k's into
-    row k of one float64 CPU tensor (K, *shape): the same values as a call of ``draw(shape)`` per generator."""
+    row k of one float64 CPU tensor (K, *shape): the same values as a call of ``draw(shape)`` per generator
+    (one generator draws the same values for (1, *shape), whose elements are laid out as those of ``shape``)."""
+    if len(generators) == 1:  # a client's own release: one call
+        return draw((1, *shape), generator=generators[0], dtype=torch.float64, device="cpu")
     out = torch.empty((len(generators), *shape), dtype=torch.float64, device="cpu")  # releases run on the CPU
     for row, generator in zip(out, generators):
         draw(shape, generator=generator, dtype=torch.float64, device=row.device, out=row)
@@ -162,28 +171,44 @@ def anova_scores(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Stack:
     """The train features of ``K`` clients as one padded float64 program (a single client is ``K = 1``):
-    ``x`` (K, n, d), with the padding rows and every row that holds a non-finite value set to zero
-    (:func:`finite_rows`); ``real`` (K, n) marks each client's own rows, ``labels`` (K, n) their classes,
-    ``onehot`` (K, C, n) the indicator of each class's real rows and ``counts`` (K, C) the exact class
-    counts, so that every client's per-class sums are one batched matrix product (:meth:`sums`)."""
+    ``x`` (K, n, d), with the padding rows and every row that holds a non-finite value set to zero (see
+    :meth:`of`); ``labels`` (K, n) the rows' classes, ``onehot`` (K, C, n) the indicator of each class's
+    real rows (padding rows in none) and ``counts`` (K, C) the exact class counts, so that
+    every client's per-class sums are one batched matrix product (:meth:`sums`); ``row_squares`` (K, n) is
+    each row's squared norm. Squares are summed where they are needed (:meth:`squares_over`), never
+    stored: a (K, n, d) temporary per release costs a pass and fresh pages."""
 
     x: np.ndarray
-    real: np.ndarray
     labels: np.ndarray
     onehot: np.ndarray
     counts: np.ndarray
+    row_squares: np.ndarray
 
     @classmethod
     def of(cls, z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None, num_classes: int = 0) -> _Stack:
         """From features ``z`` (K, n, d), labels ``y`` (K, n) and ``weight`` (K, n: nonzero on a client's
-        rows, 0 on padding; ``None``: every row is real); ``num_classes``: at least this many classes."""
+        rows, 0 on padding; ``None``: every row is real); ``num_classes``: at least this many classes.
+
+        A row that holds a non-finite value (or one so large that its squared norm overflows float64) is
+        set to zero: a feature map driven to overflow (one out-of-range example at a high learning rate
+        can do it) would otherwise make the release NaN, and the server's rejection of that reply would
+        tell it so, outside ε; a zero row is inside the R-ball, so the sensitivity is unchanged. The test
+        reads the rows' squared norms, which the release computes anyway (no pass of its own)."""
         x = z.detach().numpy().astype(np.float64)  # a copy: zeroing rows below never touches ``z``
         labels = y.numpy()
-        real = np.ones(labels.shape, dtype=bool) if weight is None else weight.detach().numpy() > 0
-        x[~real] = 0.0
         c = max(num_classes, int(labels.max()) + 1 if labels.size else 0)
-        onehot = ((labels[:, None, :] == np.arange(c)[None, :, None]) & real[:, None, :]).astype(np.float64)
-        return cls(finite_rows(x), real, labels, onehot, onehot.sum(-1).astype(np.int64))
+        member = labels[:, None, :] == np.arange(c)[None, :, None]
+        if weight is not None:
+            real = weight.detach().numpy() > 0
+            x[~real] = 0.0
+            member &= real[:, None, :]
+        onehot = member.astype(np.float64)
+        row_squares = np.einsum("knd,knd->kn", x, x)  # NaN or inf exactly where a row is not finite
+        bad = ~np.isfinite(row_squares)
+        if bad.any():
+            x[bad] = 0.0
+            row_squares[bad] = 0.0
+        return cls(x, labels, onehot, member.sum(-1), row_squares)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -192,10 +217,20 @@ class _Stack:
         """Every client's per-class sums (K, C, d) of ``x`` (K, n, d; padding rows zero)."""
         return np.matmul(self.onehot, x)
 
-    @functools.cached_property
-    def squares(self) -> np.ndarray:
-        """``x * x`` (K, n, d): the within-class spread and the clipping norms share it."""
-        return self.x * self.x
+    def scaled_sums(self, scales: np.ndarray) -> np.ndarray:
+        """Every client's per-class sums of its rows scaled by each of ``G`` row scales: ``scales`` (K, G, n)
+        gives (K, G, C, d), ``[k, g, c] = Σ_i onehot[k, c, i] · scales[k, g, i] · x[k, i]``, the class sums of
+        the rows clipped by the scales of group g, as one batched matrix product over ``x`` (the clipped rows
+        are never formed; the products are those of scaling the rows, then summing)."""
+        k, g, n = scales.shape
+        c = self.onehot.shape[1]
+        weights = (self.onehot[:, None, :, :] * scales[:, :, None, :]).reshape(k, g * c, n)
+        return np.matmul(weights, self.x).reshape(k, g, c, self.x.shape[-1])
+
+    def squares_over(self, weights: np.ndarray) -> np.ndarray:
+        """Each row's sum of squares weighted per coordinate by ``weights`` (K, d): (K, n); with a 0/1
+        ``weights``, the squared norm of each row's coordinates in that group."""
+        return np.einsum("knd,knd,kd->kn", self.x, self.x, weights)
 
     def spread(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(energy, within, n, c)``: per client and dimension the between-class energy
@@ -203,13 +238,13 @@ class _Stack:
         ``x`` (clamped at 0 against rounding), and per client its number of rows and of classes held.
         Two passes over the features: the class sums and the sums of squares."""
         counts = self.counts
-        n = self.real.sum(1)
-        c = (counts > 0).sum(1)
+        n = counts.sum(1)  # every real row is in exactly one class
+        c = np.count_nonzero(counts, axis=1)
         sums = self.sums(self.x)
         means = sums / np.maximum(counts, 1)[:, :, None]
         grand = sums.sum(1) / np.maximum(n, 1)[:, None]
         energy = (counts[:, :, None] * (means - grand[:, None, :]) ** 2).sum(1)
-        within = np.maximum(self.squares.sum(1) - (sums * means).sum(1), 0.0)
+        within = np.maximum(np.einsum("knd,knd->kd", self.x, self.x) - (sums * means).sum(1), 0.0)
         return energy, within, n, c
 
 
@@ -257,18 +292,18 @@ def _peel(scores: np.ndarray, k: int, cap: float, epsilon: float, generators: Se
     """Every client's peeling at once, as (K, k) sorted indices: all k rounds' noise in one draw per client
     (row j is round j's fresh noise, drawn in the same order as k draws of d); round j takes the highest
     noisy score of its row among the dimensions no earlier round took (ties to the lower index, as argmax),
-    for every client in one masked argmax."""
+    for every client in one argmax; the dimension it took is then struck (-inf) from every later round's
+    row, so that a round reads its own row alone."""
     scale = 2 * k * cap / epsilon
     noisy = _laplace_of_uniform(_draws(torch.rand, (k, scores.shape[1]), generators).numpy(), scale)
     noisy += np.minimum(np.maximum(scores, 0), cap)[:, None, :]
     clients = np.arange(len(generators))
-    taken = np.zeros(scores.shape, dtype=bool)
-    row = np.empty(scores.shape)
+    picks = np.empty((len(generators), k), dtype=np.int64)
     for j in range(k):  # every client's round j at once
-        np.copyto(row, noisy[:, j, :])
-        row[taken] = -np.inf
-        taken[clients, np.argmax(row, axis=1)] = True
-    return np.nonzero(taken)[1].reshape(len(generators), k)
+        picks[:, j] = noisy[:, j, :].argmax(axis=1)
+        noisy[clients, j + 1 :, picks[:, j]] = -np.inf
+    picks.sort(axis=1)
+    return picks
 
 
 def broadcast_top_k(prototypes: torch.Tensor | np.ndarray, k: int) -> np.ndarray | None:
@@ -445,7 +480,7 @@ class PrototypeRelease:
 
 
 def _release(
-    clipped: np.ndarray,
+    sums: np.ndarray,
     stack: _Stack,
     settings: ReleaseSettings,
     multipliers: np.ndarray,
@@ -453,15 +488,14 @@ def _release(
     generators: Sequence[torch.Generator],
     selected: torch.Tensor | None = None,
 ) -> list[PrototypeRelease]:
-    """The releases of the ``K`` clients of ``stack`` from their features ``clipped`` (K, n, d; rows
-    already clipped, padding zero): per-class statistic plus noise of std ``Δ_c × multipliers[k]`` (per
+    """The releases of the ``K`` clients of ``stack`` from the per-class sums ``sums`` (K, C, d) of their
+    clipped features (padding rows left out): per-class statistic plus noise of std ``Δ_c × multipliers[k]`` (per
     coordinate, at σ_f), and, under add/remove (σ_n), every class ``0..C-1`` with noisy counts; under
     replace-one, the held classes and exact counts. Client k's noise comes from ``generators[k]`` alone,
     its features' first, then its counts': the same draws as a release of that client alone.
     ``selected``: each client's group A (K, k), or ``None``."""
     rule, num_classes, bound = settings.rule, settings.num_classes, settings.bound
     sigma_n = settings.multipliers[1]
-    sums = stack.sums(clipped)
     counts = stack.counts
     chosen = [None] * len(stack) if selected is None else selected.unbind()
     if sigma_n is None:  # the held classes of each client: their number differs between clients
@@ -480,19 +514,22 @@ def _release(
         return out
     statistic = sums if rule.sums else sums / np.maximum(counts, 1)[:, :, None]
     std = torch.from_numpy(rule.delta(bound, counts, num_classes)[:, :, None] * multipliers[:, None, :])
-    noise = torch.empty(statistic.shape, dtype=torch.float64, device="cpu")  # releases run on the CPU
-    count_noise = torch.empty(counts.shape, dtype=torch.float64, device="cpu")
-    for k, generator in enumerate(generators):  # features' draws, then counts', per client
-        noise[k] = gaussian_noise(tuple(noise.shape[1:]), std[k], generator)
-        count_noise[k] = gaussian_noise((num_classes,), sigma_n, generator)
-    noisy = torch.from_numpy(statistic) + noise
-    noisy_counts = torch.from_numpy(counts).double() + count_noise
-    prototypes = (noisy / noisy_counts.clamp_min(1.0)[:, :, None] if rule.sums else noisy).float()
+    # each client's features' draws, then its counts', from its own generator (releases run on the CPU); the
+    # arithmetic after the draws in NumPy (its per-call cost is a fraction of torch's on these small arrays)
+    noise = gaussian_noise(tuple(statistic.shape), std, generators).numpy()
+    count_noise = gaussian_noise(tuple(counts.shape), sigma_n, generators).numpy()
+    noisy = statistic + noise
+    noisy_counts = counts + count_noise
+    prototypes = (noisy / np.maximum(noisy_counts, 1.0)[:, :, None] if rule.sums else noisy).astype(np.float32)
     every = torch.arange(num_classes, device="cpu")
     return [
         PrototypeRelease(every, prototype, count, s, events, a, sigma_n, statistic)
         for prototype, count, s, a, statistic in zip(
-            prototypes.unbind(), noisy_counts.unbind(), std.unbind(), chosen, noisy.unbind()
+            map(torch.from_numpy, prototypes),
+            map(torch.from_numpy, noisy_counts),
+            std.unbind(),
+            chosen,
+            map(torch.from_numpy, noisy),
         )
     ]
 
@@ -532,21 +569,10 @@ def _multipliers(noise_multiplier: float, relation: str, count_fraction: float) 
     return split_multiplier(noise_multiplier, count_fraction)
 
 
-def _clip(x: np.ndarray, bound: float, squares: np.ndarray) -> np.ndarray:
-    """Every row (last axis) of ``x`` scaled to norm at most ``bound`` (``squares``: ``x * x``)."""
-    return x * np.minimum(bound / np.maximum(np.sqrt(squares.sum(-1)), 1e-12), 1.0)[..., None]
-
-
-def finite_rows(x: np.ndarray) -> np.ndarray:
-    """``x`` with every row (last axis) that holds a non-finite value set to zero. A feature map driven to overflow (one
-    out-of-range example at a high learning rate can do it) would otherwise make the release NaN, and the
-    server's rejection of that reply would tell it so, outside ε; a zero row is inside the R-ball, so the
-    sensitivity is unchanged."""
-    bad = ~np.isfinite(x).all(axis=-1)
-    if bad.any():
-        x = x.copy()
-        x[bad] = 0.0
-    return x
+def _clip_scale(bound: float | np.ndarray, row_squares: np.ndarray) -> np.ndarray:
+    """The factor that scales a row of squared norm ``row_squares`` to norm at most ``bound`` (1 for a row
+    already inside)."""
+    return np.minimum(bound / np.maximum(np.sqrt(row_squares), 1e-12), 1.0)
 
 
 def igpp_release(
@@ -580,8 +606,8 @@ def igpp_release_batch(
     stack = _stack_of(z, y, weight, settings.num_classes, generators)
     multipliers = np.full((len(stack), stack.x.shape[2]), settings.multipliers[0])
     events = ((GaussianEvent(settings.noise_multiplier), 1),)
-    clipped = _clip(stack.x, settings.bound, stack.squares)
-    return _release(clipped, stack, settings, multipliers, events, generators)
+    sums = stack.scaled_sums(_clip_scale(settings.bound, stack.row_squares)[:, None, :])[:, 0]
+    return _release(sums, stack, settings, multipliers, events, generators)
 
 
 def _stack_of(
@@ -666,15 +692,15 @@ def vpp_release_batch(
             raise ValueError(f"selected must be distinct dimensions in [0, {d}), got {len(selected)} of them")
         chosen = np.broadcast_to(public, (len(stack), k))
     in_a = np.zeros((len(stack), d), dtype=bool)
-    np.put_along_axis(in_a, chosen, True, axis=1)
+    in_a[np.arange(len(stack))[:, None], chosen] = True
     kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, settings.multipliers[0])
-    # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B.
-    sq = stack.squares
-    norm_a = np.sqrt(np.matmul(sq, in_a[:, :, None].astype(np.float64))[..., 0])
-    norm_b = np.sqrt(np.matmul(sq, (~in_a)[:, :, None].astype(np.float64))[..., 0])
-    scale_a = np.minimum(settings.bound * kappa_a / np.maximum(norm_a, 1e-12), 1.0)
-    scale_b = np.minimum(settings.bound * kappa_b / np.maximum(norm_b, 1e-12), 1.0)
-    clipped = x * np.where(in_a[:, None, :], scale_a[..., None], scale_b[..., None])
+    # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones (the rest of its squared
+    # norm) to R κ_B; the class sums of both clipped forms in one product, each coordinate's taken from its group's.
+    norm_a = stack.squares_over(in_a.astype(np.float64))
+    norms = np.stack([norm_a, np.maximum(stack.row_squares - norm_a, 0.0)], axis=1)
+    scales = _clip_scale(np.array([kappa_a, kappa_b])[None, :, None] * settings.bound, norms)
+    both = stack.scaled_sums(scales)
+    sums = np.where(in_a[:, None, :], both[:, 0], both[:, 1])
     return _release(
-        clipped, stack, settings, np.where(in_a, s_a, s_b), events, generators, torch.from_numpy(np.array(chosen))
+        sums, stack, settings, np.where(in_a, s_a, s_b), events, generators, torch.from_numpy(np.array(chosen))
     )
