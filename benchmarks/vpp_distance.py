@@ -65,6 +65,33 @@ def aggregate(releases: list, bound: float, num_classes: int) -> torch.Tensor:
     return total / weight.clamp_min(1e-12)
 
 
+def release(
+    clients: list, num_classes: int, bound: float, sigma: float, rho: float, gens: list, picks: list | None = None
+) -> list:
+    """Every client's release of one round: IGPP (``picks`` None) or VPP with each client's public selection."""
+    out = []
+    for i, c in enumerate(clients):
+        if picks is None:
+            out.append(igpp_release(c.x_train, c.y_train, num_classes, bound, sigma, gens[i], "fixed-features"))
+        else:
+            out.append(
+                vpp_release(
+                    c.x_train,
+                    c.y_train,
+                    num_classes,
+                    bound,
+                    sigma,
+                    rho,
+                    0.1,
+                    None,
+                    gens[i],
+                    "fixed-features",
+                    selected=picks[i],
+                )
+            )
+    return out
+
+
 def accuracy(clients: list, protos: torch.Tensor, scale: torch.Tensor | None) -> float:
     """Mean over clients of the nearest-prototype accuracy on each client's test split; ``scale``: the
     per-coordinate divisor (None: Euclidean)."""
@@ -97,18 +124,32 @@ def main() -> None:
     parser.add_argument("--rho", type=float, default=0.3)
     parser.add_argument("--rounds", type=int, default=10, help="planned releases (sets σ)")
     parser.add_argument("--draws", type=int, default=5, help="noise draws per cell")
+    parser.add_argument(
+        "--centre",
+        action="store_true",
+        help="subtract the public photo-crop mean embedding (a fixed public map) before the release and the rule",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     wall, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     config = resolve_config(vpdr.config(args.setting, "fedproto", "igpp", 1.0, 0, args.rounds, model="linear"))
     data = prepare_data(config)
     clients, num_classes = data.clients, data.num_classes
+    if args.centre:
+        from protofl.algorithms import ClientData
+        from protofl.data.public_basis import public_basis
+
+        m = torch.from_numpy(public_basis("photos", config.data.features, 8, config.data.image_size).mean).float()
+        clients = [ClientData(c.client_id, c.x_train - m, c.y_train, c.x_test - m, c.y_test) for c in clients]
     bound = config.privacy.clip_bound
     d = clients[0].x_train.shape[1]
     k = math.ceil(args.rho * d)
     energy = between_class_energy(clients, num_classes)
     clean_top = np.sort(np.argsort(-energy.numpy())[:k])
     ka, kb, sa, sb = vpp_group_noise(d, k, 1.0)
+    w_a = kb / (ka + kb)
+    pooled = clip(torch.cat([c.x_train for c in clients]).double(), bound)
+    norm_share = (pooled**2).sum(0) / (pooled**2).sum()  # share of the clipped features' squared norm
     clean = aggregate_clean(clients, num_classes, bound)
     gaps = torch.pdist(clean)
     lines = [
@@ -123,12 +164,17 @@ def main() -> None:
         f"Clean global prototypes (count-weighted class means of clipped embeddings): norm "
         f"{clean.norm(dim=1).mean():.3f}, between-class distance min {gaps.min():.3f} / median "
         f"{gaps.median():.3f}; the clean top-k holds f = {float(energy[clean_top].sum() / energy.sum()):.3f} of "
-        f"the between-class energy; test embeddings' norm median "
+        f"the between-class energy; their nearest-prototype accuracy (no noise) "
+        f"{accuracy(clients, clean, None):.3f}; test embeddings' norm median "
         f"{torch.cat([c.x_test for c in clients]).norm(dim=1).median():.3f}.",
         "",
-        "| ε | σ | noise norm of one client's class mean (median) | selection | f | IGPP acc | VPP acc (euclidean) | "
-        "VPP acc (noise-weighted) |",
-        "|---|---|---|---|---|---|---|---|",
+        "g: the selected dimensions' share of the clipped features' squared norm (what groupwise clipping to "
+        "R·κ_A, κ_A² = ρ, scales); predicted VPP/IGPP signal-to-noise under the noise-weighted distance: "
+        f"w_A·f/g + w_B·(1−f)/(1−g), w_A = {w_a:.3f} (= 0.565 + 1.447 f at ρ = 0.3 when g = ρ).",
+        "",
+        "| ε | σ | noise norm of one client's class mean (median) | selection | f | g | predicted | IGPP acc | "
+        "VPP acc (euclidean) | VPP acc (noise-weighted) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for epsilon in args.epsilons:
         sigma = calibrate_noise_multiplier(epsilon, 1e-5, args.rounds, "pld")
@@ -145,50 +191,33 @@ def main() -> None:
         for draw in range(args.draws):
             gens = [torch.Generator().manual_seed(1000 * draw + i) for i in range(3 * len(clients) + 1)]
 
-            def release(kind: str, selected, s: float, g0: int) -> list:
-                out = []
-                for i, c in enumerate(clients):
-                    z = c.x_train
-                    gen = gens[g0 + i]
-                    if kind == "igpp":
-                        out.append(
-                            igpp_release(z, c.y_train, num_classes, bound, s, gen, "fixed-features", "add-remove")
-                        )
-                    else:
-                        pick = selected(i)
-                        out.append(
-                            vpp_release(
-                                z,
-                                c.y_train,
-                                num_classes,
-                                bound,
-                                s,
-                                args.rho,
-                                0.1,
-                                None,
-                                gen,
-                                "fixed-features",
-                                "add-remove",
-                                selected=pick,
-                            )
-                        )
-                return out
-
-            previous = aggregate(release("igpp", None, sigma, 0), bound, num_classes)  # last round's broadcast
+            n = len(clients)
+            # last round's broadcast, then this round's IGPP release
+            previous = aggregate(release(clients, num_classes, bound, sigma, args.rho, gens[:n]), bound, num_classes)
             broadcast = broadcast_top_k(previous.numpy(), k)
-            igpp = aggregate(release("igpp", None, sigma, len(clients)), bound, num_classes)
+            igpp = aggregate(release(clients, num_classes, bound, sigma, args.rho, gens[n : 2 * n]), bound, num_classes)
             rng = np.random.default_rng(draw)
-            randoms = [np.sort(rng.choice(d, k, replace=False)) for _ in clients]
             choices = {
-                "random (private-anova at the cap)": (lambda i: randoms[i], sigma_private, None),
-                "broadcast-variance": (lambda i: broadcast, sigma, broadcast),
-                "clean top-k (not private)": (lambda i: clean_top, sigma, clean_top),
+                "random (private-anova at the cap)": (
+                    [np.sort(rng.choice(d, k, replace=False)) for _ in clients],
+                    sigma_private,
+                    None,
+                ),
+                "broadcast-variance": ([broadcast] * n, sigma, broadcast),
+                "clean top-k (not private)": ([clean_top] * n, sigma, clean_top),
             }
-            for name, (selected, s, public) in choices.items():
-                vpp = aggregate(release("vpp", selected, s, 2 * len(clients)), bound, num_classes)
-                cell = results.setdefault(name, {"f": [], "igpp": [], "euclid": [], "weighted": []})
-                picks = [selected(i) for i in range(len(clients))]
-                cell["f"].append(statistics.fmean(float(energy[p].sum() / energy.sum()) for p in picks))
+            for name, (picks, s, public) in choices.items():
+                vpp = aggregate(
+                    release(clients, num_classes, bound, s, args.rho, gens[2 * n : 3 * n], picks), bound, num_classes
+                )
+                cell = results.setdefault(
+                    name, {"f": [], "g": [], "gain": [], "igpp": [], "euclid": [], "weighted": []}
+                )
+                f = statistics.fmean(float(energy[p].sum() / energy.sum()) for p in picks)
+                g = statistics.fmean(float(norm_share[p].sum()) for p in picks)
+                cell["f"].append(f)
+                cell["g"].append(g)
+                cell["gain"].append(w_a * f / g + (1 - w_a) * (1 - f) / (1 - g))
                 cell["igpp"].append(accuracy(clients, igpp, None))
                 cell["euclid"].append(accuracy(clients, vpp, None))
                 if public is not None:
@@ -203,7 +232,8 @@ def main() -> None:
                 return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}"
 
             lines.append(
-                f"| {epsilon:g} | {sigma:.2f} | {noise_norm:.2f} | {name} | {ms(cell['f'])} | {ms(cell['igpp'])} | "
+                f"| {epsilon:g} | {sigma:.2f} | {noise_norm:.2f} | {name} | {ms(cell['f'])} | {ms(cell['g'])} | "
+                f"{ms(cell['gain'])} | {ms(cell['igpp'])} | "
                 f"{ms(cell['euclid'])} | {ms(cell['weighted'])} |"
             )
         print(lines[-1], flush=True)
@@ -212,14 +242,14 @@ def main() -> None:
         f"{time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} CPU-s; 1-minute load average "
         f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
     ]
-    out = RESULTS / "vpp_selection" / f"distance_{args.setting}.md"
+    out = RESULTS / "vpp_selection" / f"distance_{args.setting}{'_centred' if args.centre else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def aggregate_clean(clients: list, num_classes: int, bound: float) -> torch.Tensor:
-    x = clip(torch.cat([c.x_train for c in clients]).double(), bound)
+    x = clip(torch.cat([c.x_train for c in clients]).double(), bound)  # the clients' features as given
     y = torch.cat([c.y_train for c in clients])
     return torch.stack([x[y == k].mean(0) for k in range(num_classes)])
 

@@ -34,7 +34,6 @@ import math
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import vpdr_privacy_utility as vpdr
@@ -187,7 +186,14 @@ def claims(rows: list[dict]) -> list[str]:
         for r in rows:
             if r["variant"] != arm:
                 continue
-            key = (r["setting"], r["host"], r["epsilon"], base, None if base.startswith("igpp") else r["rho"], r["seed"])
+            key = (
+                r["setting"],
+                r["host"],
+                r["epsilon"],
+                base,
+                None if base.startswith("igpp") else r["rho"],
+                r["seed"],
+            )
             if key in by_key:
                 pairs.append((r, by_key[key]))
         if not pairs:
@@ -195,7 +201,9 @@ def claims(rows: list[dict]) -> list[str]:
         d_proto = [a["proto_acc"] - b["proto_acc"] for a, b in pairs]
         d_acc = [a["acc"] - b["acc"] for a, b in pairs]
         won = sum(d > 0 for d in d_proto)
-        lines.append(f"| {label} | {len(pairs)} | {won} | {statistics.fmean(d_proto):+.4f} | {statistics.fmean(d_acc):+.4f} |")
+        lines.append(
+            f"| {label} | {len(pairs)} | {won} | {statistics.fmean(d_proto):+.4f} | {statistics.fmean(d_acc):+.4f} |"
+        )
     return lines
 
 
@@ -239,7 +247,11 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f} at its end)"
     )
     lines = table(rows, args, header)
-    lines += ["", "The claims, paired by (setting, host, ε, ρ, seed); won: pairs where the first arm's proto acc is higher:", ""]
+    lines += [
+        "",
+        "The claims, paired by (setting, host, ε, ρ, seed); won: pairs where the first arm's proto acc is higher:",
+        "",
+    ]
     lines += claims(rows)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
