@@ -166,44 +166,79 @@ def table(rows: list[dict], args: argparse.Namespace, header: str) -> list[str]:
     return lines
 
 
-def claims(rows: list[dict]) -> list[str]:
-    """The paper's two claims, per selection, over the seeds both arms ran: VPP's nearest-prototype
-    accuracy minus IGPP's (same setting, host, ε, seed; each ρ), and a variant with DCR minus without
-    (personalised and nearest-prototype accuracy)."""
+def _base_key(row: dict, base: str) -> tuple:
+    """The key of ``row``'s paired run of variant ``base`` (same setting, host, ε, seed; ρ when it has one)."""
+    rho = row["rho"] if VARIANTS[base]["mechanism"] == "vpp" else None
+    return (row["setting"], row["host"], row["epsilon"], base, rho, row["seed"])
+
+
+def pivot(rows: list[dict], args: argparse.Namespace) -> list[str]:
+    """Per VPP cell without DCR: f, overlap, VPP's and IGPP's nearest-prototype accuracy (same seeds) and
+    their paired difference, mean ± std over seeds."""
     by_key = {cell_key(r): r for r in rows}
-    lines = ["| comparison | pairs | won | mean Δ proto acc | mean Δ personal acc |", "|---|---|---|---|---|"]
-    selections = sorted({VARIANTS[r["variant"]].get("selection") for r in rows} - {None})
+    lines = [
+        "| setting | host | ε | selection | ρ | seeds | σ | f | overlap | VPP proto acc | IGPP proto acc | Δ (VPP − IGPP) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setting in args.settings:
+        for host in args.hosts:
+            for epsilon in args.epsilons:
+                for name in args.variants:
+                    if VARIANTS[name]["mechanism"] != "vpp" or VARIANTS[name].get("dcr"):
+                        continue
+                    for rho in args.rhos:
+                        cell = [
+                            r
+                            for r in rows
+                            if (r["setting"], r["host"], r["epsilon"], r["variant"], r["rho"])
+                            == (setting, host, epsilon, name, rho)
+                            and _base_key(r, "igpp") in by_key
+                        ]
+                        if not cell:
+                            continue
+                        base = [by_key[_base_key(r, "igpp")] for r in cell]
+                        lines.append(
+                            f"| {setting} | {host} | {epsilon:g} | {name.removeprefix('vpp ')} | {rho:g} | {len(cell)} | "
+                            f"{cell[0]['noise_multiplier']:.2f} | {mean_std([r['f'] for r in cell], 2)} | "
+                            f"{mean_std([r['overlap'] for r in cell], 2)} | {mean_std([r['proto_acc'] for r in cell])} | "
+                            f"{mean_std([r['proto_acc'] for r in base])} | "
+                            f"{mean_std([a['proto_acc'] - b['proto_acc'] for a, b in zip(cell, base)])} |"
+                        )
+    return lines
+
+
+def claims(rows: list[dict]) -> list[str]:
+    """The paper's two claims, per setting, host and selection, over the runs whose paired arm also ran:
+    VPP against IGPP (same setting, host, ε, seed; every ρ), with and without DCR, and a variant with DCR
+    against the same without. Won / lost / equal: pairs whose first arm's nearest-prototype accuracy is
+    higher / lower / the same (to 1e-9)."""
+    by_key = {cell_key(r): r for r in rows}
     comparisons = []
-    for selection in selections:
-        names = [n for n, v in BASE_VARIANTS.items() if v.get("selection") == selection]
-        for name in names:
+    for name, variant in BASE_VARIANTS.items():
+        if variant["mechanism"] == "vpp":
             comparisons.append((f"{name} vs igpp", name, "igpp"))
             comparisons.append((f"{name}+dcr vs igpp+dcr", f"{name}+dcr", "igpp+dcr"))
-    for name in BASE_VARIANTS:
-        comparisons.append((f"{name}+dcr vs {name}", f"{name}+dcr", name))
-    for label, arm, base in comparisons:
-        pairs = []
-        for r in rows:
-            if r["variant"] != arm:
+    comparisons += [(f"{name}+dcr vs {name}", f"{name}+dcr", name) for name in BASE_VARIANTS]
+    lines = [
+        "| setting | host | comparison | pairs | won / lost / equal | Δ proto acc | Δ personal acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for setting, host in sorted({(r["setting"], r["host"]) for r in rows}):
+        for label, arm, base in comparisons:
+            pairs = [
+                (r, by_key[_base_key(r, base)])
+                for r in rows
+                if (r["setting"], r["host"], r["variant"]) == (setting, host, arm) and _base_key(r, base) in by_key
+            ]
+            if not pairs:
                 continue
-            key = (
-                r["setting"],
-                r["host"],
-                r["epsilon"],
-                base,
-                None if base.startswith("igpp") else r["rho"],
-                r["seed"],
+            d_proto = [a["proto_acc"] - b["proto_acc"] for a, b in pairs]
+            d_acc = [a["acc"] - b["acc"] for a, b in pairs]
+            won, lost = sum(d > 1e-9 for d in d_proto), sum(d < -1e-9 for d in d_proto)
+            lines.append(
+                f"| {setting} | {host} | {label} | {len(pairs)} | {won} / {lost} / {len(pairs) - won - lost} | "
+                f"{mean_std(d_proto)} | {mean_std(d_acc)} |"
             )
-            if key in by_key:
-                pairs.append((r, by_key[key]))
-        if not pairs:
-            continue
-        d_proto = [a["proto_acc"] - b["proto_acc"] for a, b in pairs]
-        d_acc = [a["acc"] - b["acc"] for a, b in pairs]
-        won = sum(d > 0 for d in d_proto)
-        lines.append(
-            f"| {label} | {len(pairs)} | {won} | {statistics.fmean(d_proto):+.4f} | {statistics.fmean(d_acc):+.4f} |"
-        )
     return lines
 
 
@@ -228,8 +263,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.json"
     rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
-    done = {cell_key(r) for r in rows if "setting" in r}
-    rows = [r for r in rows if "setting" in r]
+    if any("setting" not in r or "rho" not in r for r in rows):
+        raise SystemExit(f"{rows_path} holds rows of an earlier format (no setting or rho): move it away or use --out")
+    done = {cell_key(r) for r in rows}
     load_start = os.getloadavg()[0]
     start = time.perf_counter()
     for cell in [] if args.table_only else cells(args):
