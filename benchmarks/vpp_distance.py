@@ -16,8 +16,10 @@ client's test embeddings by the nearest global prototype under two distances:
 
 Selections: ``random`` (what private-anova at the score cap is: a uniform k-subset, here drawn per
 client), ``broadcast-variance`` (top-k by the between-class variance of the previous round's noisy IGPP
-global prototypes, one selection for every client) and ``clean top-k`` (the true ANOVA top-k of the
-pooled clean data: not private, an upper bound). IGPP at the same σ is the reference. Also reports the
+global prototypes, one selection for every client), ``clean top-k`` (the top-k by between-class energy
+of the pooled clean data: not private, an upper bound on f) and ``clean top-k by energy / norm share``
+(the k dimensions with the most between-class energy per unit of the clipped features' squared norm:
+not private, what the explanation below says VPP needs). IGPP at the same σ is the reference. Also reports the
 numbers behind the explanation: σ per coordinate on each group, the clean between-class distances, the
 norm of the noise, f, and the share of the Euclidean score's variance that the noise's own norm carries.
 
@@ -125,9 +127,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="planned releases (sets σ)")
     parser.add_argument("--draws", type=int, default=5, help="noise draws per cell")
     parser.add_argument(
-        "--centre",
-        action="store_true",
-        help="subtract the public photo-crop mean embedding (a fixed public map) before the release and the rule",
+        "--basis",
+        type=int,
+        default=0,
+        help="release in the first N standardised coordinates of the public photo-crop PCA basis (a fixed "
+        "public map; 0: the raw embeddings)",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -135,12 +139,15 @@ def main() -> None:
     config = resolve_config(vpdr.config(args.setting, "fedproto", "igpp", 1.0, 0, args.rounds, model="linear"))
     data = prepare_data(config)
     clients, num_classes = data.clients, data.num_classes
-    if args.centre:
+    if args.basis:
         from protofl.algorithms import ClientData
         from protofl.data.public_basis import public_basis
 
-        m = torch.from_numpy(public_basis("photos", config.data.features, 8, config.data.image_size).mean).float()
-        clients = [ClientData(c.client_id, c.x_train - m, c.y_train, c.x_test - m, c.y_test) for c in clients]
+        basis = public_basis("photos", config.data.features, args.basis, config.data.image_size)
+        clients = [
+            ClientData(c.client_id, basis.project(c.x_train), c.y_train, basis.project(c.x_test), c.y_test)
+            for c in clients
+        ]
     bound = config.privacy.clip_bound
     d = clients[0].x_train.shape[1]
     k = math.ceil(args.rho * d)
@@ -150,10 +157,13 @@ def main() -> None:
     w_a = kb / (ka + kb)
     pooled = clip(torch.cat([c.x_train for c in clients]).double(), bound)
     norm_share = (pooled**2).sum(0) / (pooled**2).sum()  # share of the clipped features' squared norm
+    # the k dimensions with the most between-class energy per unit of squared norm (clean: not private)
+    ratio_top = np.sort(np.argsort(-(energy / energy.sum() / norm_share.clamp_min(1e-30)).numpy())[:k])
     clean = aggregate_clean(clients, num_classes, bound)
     gaps = torch.pdist(clean)
     lines = [
-        f"`{command_line()}`: {args.setting}, linear model (fixed-features, add-remove), d = {d}, "
+        f"`{command_line()}`: {args.setting}, linear model (fixed-features, add-remove), "
+        f"{'public photo-crop PCA basis, standardised, ' if args.basis else 'raw embeddings, '}d = {d}, "
         f"ρ = {args.rho:g} (k = {k}), {len(clients)} clients, R = {bound:g}, σ for {args.rounds} planned releases "
         f"at δ = 1e-5 (PLD); {args.draws} noise draws per cell, mean ± std.",
         "",
@@ -205,6 +215,7 @@ def main() -> None:
                 ),
                 "broadcast-variance": ([broadcast] * n, sigma, broadcast),
                 "clean top-k (not private)": ([clean_top] * n, sigma, clean_top),
+                "clean top-k by energy / norm share (not private)": ([ratio_top] * n, sigma, ratio_top),
             }
             for name, (picks, s, public) in choices.items():
                 vpp = aggregate(
@@ -242,7 +253,7 @@ def main() -> None:
         f"{time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} CPU-s; 1-minute load average "
         f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
     ]
-    out = RESULTS / "vpp_selection" / f"distance_{args.setting}{'_centred' if args.centre else ''}.md"
+    out = RESULTS / "vpp_selection" / f"distance_{args.setting}{f'_basis{args.basis}' if args.basis else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
