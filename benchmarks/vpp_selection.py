@@ -6,7 +6,8 @@ with each ``privacy.selection`` (``private-anova``, the paper's, at the default 
 at a cap above the real scores, s_max = 100; ``broadcast-variance``), each also with DCR (``+dcr``),
 under the library's privacy defaults (trained-features, add-remove, PLD; ``--model linear``: the linear
 head on the frozen public-encoder embeddings, where the ``fixed-features`` bound is valid), one run at a
-time, 1 torch thread. IGPP does not depend on rho: it runs once per (setting, host, epsilon, seed).
+time, 1 torch thread. IGPP does not depend on rho: it runs once per (setting, host, epsilon, seed). At
+``--epsilons inf`` nothing is released: the igpp row is the plain host (the ceiling), VPP is not run.
 Reports, per cell, the VPP diagnostics averaged over clients and over rounds 2..T (round 1 has no
 broadcast: broadcast-variance releases IGPP-shaped then): ``vpp_selected_energy`` f (share of the clean
 between-class energy in the selected dimensions) and ``vpp_overlap`` (share of the clean ANOVA top-k
@@ -69,9 +70,12 @@ def config(
     with this variant's mechanism, selection and DCR, VPP's ``rho`` (None: the default), evaluated every
     round."""
     cell = vpdr.config(setting, host, variant["mechanism"], epsilon, seed, rounds, model=model)
-    cell["privacy"].update(variant)
-    if rho is not None:
-        cell["privacy"]["rho"] = rho
+    if math.isinf(epsilon):  # no release: the plain host (with DCR if asked), the ceiling of every variant
+        cell["privacy"]["dcr"] = variant.get("dcr", False)
+    else:
+        cell["privacy"].update(variant)
+        if rho is not None:
+            cell["privacy"]["rho"] = rho
     cell["federation"].update(eval_every=1, checkpoint_every=0, threads=1)
     return cell
 
@@ -101,6 +105,8 @@ def cells(args: argparse.Namespace) -> list[dict]:
             for host in args.hosts:
                 for epsilon in args.epsilons:
                     for name in args.variants:
+                        if math.isinf(epsilon) and VARIANTS[name]["mechanism"] == "vpp":
+                            continue  # without noise VPP is the plain host: the igpp row at ε = ∞ is it
                         rhos = args.rhos if VARIANTS[name]["mechanism"] == "vpp" else [None]
                         for rho in rhos:
                             out.append(
@@ -126,7 +132,7 @@ def run_cell(cell: dict, rounds: int, model: str) -> dict:
     final = result.history[-1]
     return {
         **cell,
-        "noise_multiplier": result.summary["privacy"]["noise_multiplier"],
+        "noise_multiplier": (result.summary.get("privacy") or {}).get("noise_multiplier", 0.0),  # ε = ∞: none
         "f": mean([r.get("vpp_selected_energy", math.nan) for r in later]),
         "overlap": mean([r.get("vpp_overlap", math.nan) for r in later]),
         "acc": final["personal_acc_mean"],
