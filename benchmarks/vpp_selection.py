@@ -269,8 +269,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.json"
     rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
-    if any("setting" not in r or "rho" not in r for r in rows):
-        raise SystemExit(f"{rows_path} holds rows of an earlier format (no setting or rho): move it away or use --out")
+    if any("setting" not in r or "rho" not in r for r in rows):  # the earlier format: kept aside, not resumed
+        kept = rows_path.with_name("rows.earlier.json")
+        if kept.exists():
+            raise SystemExit(f"{rows_path} holds rows of an earlier format and {kept} exists: move one away")
+        rows_path.rename(kept)
+        print(f"{rows_path} held rows of an earlier format (no setting or rho): kept as {kept.name}", flush=True)
+        rows = []
     done = {cell_key(r) for r in rows}
     load_start = os.getloadavg()[0]
     start = time.perf_counter()
