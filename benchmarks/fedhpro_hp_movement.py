@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from _common import RESULTS
 from fedhpro_ablation import VARIANTS
 
@@ -64,7 +63,11 @@ def main() -> None:
     for folder in sorted(runs.glob("v??-seed*")):
         variant, seed = int(folder.name[1:3]), int(folder.name.split("seed")[1])
         reference = runs / f"v{NEVER_MATCHED:02d}-seed{seed}"
-        if variant == NEVER_MATCHED or not (folder / "checkpoint" / "state.pt").exists() or not (reference / "checkpoint" / "state.pt").exists():
+        if (
+            variant == NEVER_MATCHED
+            or not (folder / "checkpoint" / "state.pt").exists()
+            or not (reference / "checkpoint" / "state.pt").exists()
+        ):
             continue
         round_, hp = hyper_prototypes(folder)
         scale = VARIANTS[names[variant]].get("hp_init_scale", 1.0)
