@@ -14,8 +14,8 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _worker(args: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
-    config, out, threads = args
+def _worker(args: tuple[dict[str, Any], str, int, int | None]) -> dict[str, Any]:
+    config, out, threads, stop_after = args
     import torch
 
     torch.set_num_threads(threads)
@@ -35,17 +35,29 @@ def _worker(args: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
         if stored != resolve_config(config).to_toml():
             raise SystemExit(f"{folder} holds a run of another configuration: delete it to rerun")
         if (folder / "summary.json").exists():
-            return json.loads((folder / "summary.json").read_text())
+            summary = json.loads((folder / "summary.json").read_text())
+            # a run stopped early (stop_after, Ctrl-C) is continued, not taken for a finished one
+            if summary["status"] == "completed" or (stop_after is not None and summary["rounds_done"] >= stop_after):
+                return summary
         resume = (folder / "checkpoint").exists()
-    result = protofl.run(None if resume else config, out=folder, resume=resume)
+    from protofl.engine import RunInterrupted
+
+    try:
+        result = protofl.run(None if resume else config, out=folder, resume=resume, stop_after=stop_after)
+    except RunInterrupted:  # stopped after round stop_after on purpose: summary.json holds the rounds done
+        return json.loads((folder / "summary.json").read_text())
     return result.summary
 
 
-def run_grid(jobs: list[tuple[dict[str, Any], Path]], workers: int, threads: int) -> list[dict[str, Any]]:
+def run_grid(
+    jobs: list[tuple[dict[str, Any], Path]], workers: int, threads: int, stop_after: int | None = None
+) -> list[dict[str, Any]]:
     """Run ``(config, run_dir)`` jobs, ``workers`` processes at a time with ``threads`` torch threads each.
-    A job whose folder already has summary.json is not run again; one with a checkpoint is resumed."""
+    A job whose folder holds a completed run (summary.json) is not run again; one with a checkpoint is
+    resumed. ``stop_after=r`` stops every run after round r (a checkpoint round, so that a later call
+    continues it); a run already past r is not run."""
     ctx = mp.get_context("spawn")
-    args = [(config, str(out), threads) for config, out in jobs]
+    args = [(config, str(out), threads, stop_after) for config, out in jobs]
     start = time.perf_counter()
     with ctx.Pool(workers, maxtasksperchild=1) as pool:
         summaries = []

@@ -10,8 +10,14 @@ rows (the only directions the HP step can move) and the share of the HPs' energy
     python benchmarks/fedhpro_ablation.py                        # the documented table (50 rounds)
     python benchmarks/fedhpro_ablation.py --rounds 1 --seeds 1   # a smoke run
     python benchmarks/fedhpro_ablation.py --variants 0 12 13     # some rows only (indices into VARIANTS)
+    python benchmarks/fedhpro_ablation.py --stop-after 15         # every run to round 15 only (a later call
+                                                                  # without it continues them to --rounds)
 
-Writes benchmarks/results/fedhpro_ablation/{table.md, summaries.json}.
+The table reports round ``--stop-after`` (default: ``--rounds``) of every run, read from its metrics.jsonl,
+so runs continued further still fill a table at an earlier round.
+
+Writes benchmarks/results/fedhpro_ablation/{table.md, summaries.json} (with --stop-after R:
+table_roundR.md, summaries_roundR.json).
 """
 
 from __future__ import annotations
@@ -54,7 +60,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "fedhpro_ablation")
     parser.add_argument("--variants", type=int, nargs="+", help="indices into VARIANTS (default: every row)")
+    parser.add_argument(
+        "--stop-after", type=int, help="stop every run after this round (a multiple of 5, the checkpoint interval)"
+    )
     args = parser.parse_args()
+    if args.stop_after is not None and not (5 <= args.stop_after <= args.rounds and args.stop_after % 5 == 0):
+        parser.error(f"--stop-after: must be a multiple of 5 in [5, --rounds={args.rounds}], got {args.stop_after}")
+    at_round = args.rounds if args.stop_after is None else args.stop_after
 
     names = list(VARIANTS)
     chosen = args.variants if args.variants is not None else range(len(names))
@@ -63,10 +75,10 @@ def main() -> None:
         for i in chosen
         for s in range(args.seeds)
     ]
-    summaries = run_grid(jobs, args.workers, args.threads)
+    run_grid(jobs, args.workers, args.threads, args.stop_after)
     by_variant: dict[str, list[dict]] = {}
-    for (_cfg, folder), summary in zip(jobs, summaries):
-        by_variant.setdefault(names[int(folder.name[1:3])], []).append(summary)
+    for _cfg, folder in jobs:
+        by_variant.setdefault(names[int(folder.name[1:3])], []).append(at(folder, at_round))
     lines = [
         "| variant | options | global acc, final (%) | global acc, best round (%) | signal consistency, final "
         "| consistency in the head span, final | HP energy in the head span, final | s / round |",
@@ -83,13 +95,29 @@ def main() -> None:
         )
     header = (
         f"FedHPro ablation, {args.dataset}-LT (imbalance factor 100), Dirichlet alpha=0.5, 10 clients, small CNN "
-        f"(d=128), {args.rounds} rounds, 1 local epoch, SGD lr 0.05 momentum 0.9, batch 64; {args.seeds} seeds "
-        f"(mean ± std). Command: `{command_line()}`\n\n"
+        f"(d=128), round {at_round} of {args.rounds}, 1 local epoch, SGD lr 0.05 momentum 0.9, batch 64; "
+        f"{args.seeds} seeds (mean ± std). Command: `{command_line()}`\n\n"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(header + "\n".join(lines) + "\n")
-    (args.out / "summaries.json").write_text(json.dumps(by_variant, indent=1))
-    print((args.out / "table.md").read_text())
+    suffix = "" if at_round == args.rounds else f"_round{at_round}"
+    (args.out / f"table{suffix}.md").write_text(header + "\n".join(lines) + "\n")
+    (args.out / f"summaries{suffix}.json").write_text(json.dumps(by_variant, indent=1))
+    print((args.out / f"table{suffix}.md").read_text())
+
+
+def at(folder: Path, round_: int) -> dict:
+    """A run's figures at round ``round_`` from its metrics.jsonl: ``final`` (that round's row), ``best``
+    (the row of the best global accuracy up to it) and ``seconds_per_round`` (training, mean up to it)."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["round"] <= round_]
+    if not rows or rows[-1]["round"] != round_:
+        raise SystemExit(f"{folder / 'metrics.jsonl'}: the run has no evaluated round {round_}")
+    return {
+        "round": round_,
+        "final": rows[-1],
+        "best": max(rows, key=lambda r: r["global_acc"]),
+        "seconds_per_round": statistics.fmean(r["round_seconds"] for r in rows),
+    }
 
 
 if __name__ == "__main__":
