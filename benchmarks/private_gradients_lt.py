@@ -10,8 +10,11 @@ clip 1) and upload noisy per-class gradients; without privacy they train 1 local
 and FedTGP keep their models (``model_sharing = "none"``, which a prototype release requires) and train
 1 local epoch; only their prototypes are noised. Metrics: the global model's balanced test accuracy
 (CReFF, FedHPro; the prototype methods have no global model under a release) and every method's
-personalised accuracy (mean over clients, each on its own test split), final round; the ledger (ε spent,
-σ of the DP-SGD steps, σ_u of the uploads, the prototype release's σ) from each summary.json.
+personalised accuracy (mean over clients, each on its own test split), final round; and, as the one metric
+every method has, the balanced test accuracy of the model each client predicts with (CReFF, FedHPro: the
+global model; FedProto, FPL, FedTGP: the client's own model, read from the run's final checkpoint), mean
+over clients. The ledger (ε spent, σ of the DP-SGD steps, σ_u of the uploads, the prototype release's σ)
+comes from each summary.json.
 
     python benchmarks/private_gradients_lt.py                  # the documented table
     python benchmarks/private_gradients_lt.py --table-only     # the table from the runs done so far
@@ -58,6 +61,31 @@ def config(method: str, epsilon: float, seed: int, args: argparse.Namespace) -> 
     return out
 
 
+def client_models_balanced_acc(folder: Path, test: tuple) -> float:
+    """Mean over clients of the balanced test accuracy of each client's own model at the final round (the
+    run's last checkpoint; a method whose models stay on the clients). Cached in the run folder."""
+    cache = folder / "client_models_balanced_acc.json"
+    if cache.exists():
+        return json.loads(cache.read_text())["mean"]
+    import torch
+
+    from protofl.algorithms import Task, get_algorithm
+    from protofl.api import resolve_config
+    from protofl.config import RunConfig
+
+    config = resolve_config(RunConfig.from_toml(folder / "config.toml"))
+    state = torch.load(folder / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+    if state["round"] != config.federation.rounds:
+        raise SystemExit(f"{folder}: its checkpoint is of round {state['round']}, not the final round")
+    x, y = test
+    task = Task(tuple(x.shape[1:]), 10, config.model)
+    algorithm = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
+    accs = [algorithm.accuracy(s["params"], x, y) for _, s in sorted(state["client_states"].items())]
+    mean = sum(accs) / len(accs)
+    cache.write_text(json.dumps({"mean": mean, "per_client": accs}))
+    return mean
+
+
 def row(method: str, epsilon: float, runs: list[dict], seeds: int) -> str:
     privacy = [r.get("privacy") or {} for r in runs]
     steps = [s for p in privacy for s in p.get("noise_multipliers", [])] if method in GRADIENT_METHODS else []
@@ -69,6 +97,7 @@ def row(method: str, epsilon: float, runs: list[dict], seeds: int) -> str:
         f"| {f'{min(steps):.2f}–{max(steps):.2f}' if steps else '—'} "
         f"| {mean_std([p.get('upload_noise_multiplier') for p in privacy], pct=False) if steps else '—'} "
         f"| {mean_std(release, pct=False) if any(release) else '—'} "
+        f"| {mean_std([r['client_models_balanced_acc'] for r in runs])} "
         f"| {mean_std([f.get('global_acc') for f in final])} "
         f"| {mean_std([f.get('personal_acc_mean') for f in final])} "
         f"| {sum(r['seconds_per_round'] for r in runs) / len(runs):.1f} |"
@@ -100,15 +129,28 @@ def main() -> None:
     if not args.table_only:
         run_grid(jobs, args.workers, args.threads)
     by_cell: dict[str, list[dict]] = {}
+    test = None
     for _cfg, folder in jobs:
-        if (folder / "summary.json").exists():
-            by_cell.setdefault(folder.name.rsplit("-seed", 1)[0], []).append(
-                json.loads((folder / "summary.json").read_text())
-            )
+        if not (folder / "summary.json").exists():
+            continue
+        summary = json.loads((folder / "summary.json").read_text())
+        if summary["final"].get("global_acc") is None:
+            if test is None:
+                import torch
+
+                from protofl.data import load_dataset
+
+                splits = load_dataset("fashion-mnist", progress=False)
+                test = (torch.from_numpy(splits.test.x).float(), torch.from_numpy(splits.test.y).long())
+            summary["client_models_balanced_acc"] = client_models_balanced_acc(folder, test)
+        else:
+            summary["client_models_balanced_acc"] = summary["final"]["global_acc"]
+        by_cell.setdefault(folder.name.rsplit("-seed", 1)[0], []).append(summary)
     lines = [
         "| method | ε (budget) | seeds | ε spent | σ of the DP-SGD steps (per client) | σ_u of the gradient uploads "
-        "| σ of the prototype release | global acc (%) | personalised acc (%) | s / round |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| σ of the prototype release | balanced test acc of the clients' models (%) | global acc (%) "
+        "| personalised acc (%) | s / round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         row(m, e, by_cell[f"{m}-eps{e:g}"], args.seeds) for m, e in cells if by_cell.get(f"{m}-eps{e:g}")
