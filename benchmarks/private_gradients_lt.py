@@ -19,8 +19,9 @@ comes from each summary.json.
     python benchmarks/private_gradients_lt.py                  # the documented table
     python benchmarks/private_gradients_lt.py --table-only     # the table from the runs done so far
 
-Jobs run seed by seed (every cell of seed 0 first), so a grid stopped early leaves whole seeds; the
-table reports, per cell, how many seeds it holds. Writes benchmarks/results/private_gradients_lt/
+Jobs run seed by seed (every cell of seed 0 first, the private cells before the references without
+privacy, which run for the first ``--reference-seeds`` seeds only), so a grid stopped early leaves whole
+seeds; the table reports, per cell, how many seeds it holds. Writes benchmarks/results/private_gradients_lt/
 {table.md, summaries.json} and the runs in runs/.
 """
 
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument("--feature-dim", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--reference-seeds", type=int, default=1, help="seeds of the runs without privacy")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0, math.inf])
     methods = (*GRADIENT_METHODS, *PROTOTYPE_METHODS)
     parser.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
@@ -121,10 +123,13 @@ def main() -> None:
     args = parser.parse_args()
 
     cells = [(m, e) for m in args.methods for e in args.epsilons]
+    # seed by seed, the private cells first; the references (ε = ∞) for the first --reference-seeds seeds
+    order = [c for c in cells if math.isfinite(c[1])] + [c for c in cells if not math.isfinite(c[1])]
     jobs = [
         (config(m, e, s, args), args.out / "runs" / f"{m}-eps{e:g}-seed{s}")
         for s in range(args.seeds)
-        for m, e in cells
+        for m, e in order
+        if math.isfinite(e) or s < args.reference_seeds
     ]
     if not args.table_only:
         run_grid(jobs, args.workers, args.threads)
@@ -153,7 +158,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        row(m, e, by_cell[f"{m}-eps{e:g}"], args.seeds) for m, e in cells if by_cell.get(f"{m}-eps{e:g}")
+        row(m, e, by_cell[f"{m}-eps{e:g}"], args.seeds if math.isfinite(e) else args.reference_seeds)
+        for m, e in cells
+        if by_cell.get(f"{m}-eps{e:g}")
     ]
     header = (
         f"Fashion-MNIST-LT (imbalance factor 100), Dirichlet alpha=0.5, {args.clients} clients, small CNN "
