@@ -13,7 +13,7 @@ and FedTGP keep their models (``model_sharing = "none"``, which a prototype rele
 personalised accuracy (mean over clients, each on its own test split), final round; and, as the one metric
 every method has, the balanced test accuracy of the model each client predicts with (CReFF, FedHPro: the
 global model; FedProto, FPL, FedTGP: the client's own model, read from the run's final checkpoint), mean
-over clients. The ledger (ε spent, σ of the DP-SGD steps, σ_u of the uploads, the prototype release's σ)
+over clients, with its recall on the six larger classes and on the four tail classes. The ledger (ε spent, σ of the DP-SGD steps, σ_u of the uploads, the prototype release's σ)
 comes from each summary.json.
 
     python benchmarks/private_gradients_lt.py                  # the documented table
@@ -62,15 +62,22 @@ def config(method: str, epsilon: float, seed: int, args: argparse.Namespace) -> 
     return out
 
 
-def client_models_balanced_acc(folder: Path, test: tuple) -> float:
-    """Mean over clients of the balanced test accuracy of each client's own model at the final round (the
-    run's last checkpoint; a method whose models stay on the clients). Cached in the run folder."""
-    cache = folder / "client_models_balanced_acc.json"
+#: Fashion-MNIST-LT's classes by training size (imbalance factor 100: class c keeps 100^(-c/9) of its
+#: examples): 0-5 hold 464-6,000 examples in the pool, 6-9 hold 60-278.
+MANY, FEW = range(6), range(6, 10)
+
+
+def class_recall(folder: Path, test: tuple) -> list[float]:
+    """Per class, the balanced test set's recall of the model each client predicts with at the final round
+    (read from the run's last checkpoint), mean over clients: CReFF and FedHPro, the global model with the
+    server's head; FedProto, FPL and FedTGP, each client's own model. Cached in the run folder."""
+    cache = folder / "class_recall.json"
     if cache.exists():
-        return json.loads(cache.read_text())["mean"]
+        return json.loads(cache.read_text())
     import torch
 
     from protofl.algorithms import Task, get_algorithm
+    from protofl.algorithms.base import predict_logits
     from protofl.api import resolve_config
     from protofl.config import RunConfig
 
@@ -81,10 +88,22 @@ def client_models_balanced_acc(folder: Path, test: tuple) -> float:
     x, y = test
     task = Task(tuple(x.shape[1:]), 10, config.model)
     algorithm = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
-    accs = [algorithm.accuracy(s["params"], x, y) for _, s in sorted(state["client_states"].items())]
-    mean = sum(accs) / len(accs)
-    cache.write_text(json.dumps({"mean": mean, "per_client": accs}))
-    return mean
+    if config.method_name in GRADIENT_METHODS:
+        models = [state["server_state"]["params"]]
+    else:
+        models = [s["params"] for _, s in sorted(state["client_states"].items())]
+    recalls = []
+    for params in models:
+        pred = predict_logits(algorithm, params, x).argmax(1)
+        recalls.append([float((pred[y == c] == c).float().mean()) for c in range(10)])
+    recall = [sum(r[c] for r in recalls) / len(recalls) for c in range(10)]
+    cache.write_text(json.dumps(recall))
+    return recall
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def row(method: str, epsilon: float, runs: list[dict], seeds: int) -> str:
@@ -98,7 +117,9 @@ def row(method: str, epsilon: float, runs: list[dict], seeds: int) -> str:
         f"| {f'{min(steps):.2f}–{max(steps):.2f}' if steps else '—'} "
         f"| {mean_std([p.get('upload_noise_multiplier') for p in privacy], pct=False) if steps else '—'} "
         f"| {mean_std(release, pct=False) if any(release) else '—'} "
-        f"| {mean_std([r['client_models_balanced_acc'] for r in runs])} "
+        f"| {mean_std([_mean(r['class_recall']) for r in runs])} "
+        f"| {mean_std([_mean(r['class_recall'][c] for c in MANY) for r in runs])} "
+        f"| {mean_std([_mean(r['class_recall'][c] for c in FEW) for r in runs])} "
         f"| {mean_std([f.get('global_acc') for f in final])} "
         f"| {mean_std([f.get('personal_acc_mean') for f in final])} "
         f"| {sum(r['seconds_per_round'] for r in runs) / len(runs):.1f} |"
@@ -139,23 +160,20 @@ def main() -> None:
         if not (folder / "summary.json").exists():
             continue
         summary = json.loads((folder / "summary.json").read_text())
-        if summary["final"].get("global_acc") is None:
-            if test is None:
-                import torch
+        if test is None:
+            import torch
 
-                from protofl.data import load_dataset
+            from protofl.data import load_dataset
 
-                splits = load_dataset("fashion-mnist", progress=False)
-                test = (torch.from_numpy(splits.test.x).float(), torch.from_numpy(splits.test.y).long())
-            summary["client_models_balanced_acc"] = client_models_balanced_acc(folder, test)
-        else:
-            summary["client_models_balanced_acc"] = summary["final"]["global_acc"]
+            splits = load_dataset("fashion-mnist", progress=False)
+            test = (torch.from_numpy(splits.test.x).float(), torch.from_numpy(splits.test.y).long())
+        summary["class_recall"] = class_recall(folder, test)
         by_cell.setdefault(folder.name.rsplit("-seed", 1)[0], []).append(summary)
     lines = [
         "| method | ε (budget) | seeds | ε spent | σ of the DP-SGD steps (per client) | σ_u of the gradient uploads "
-        "| σ of the prototype release | balanced test acc of the clients' models (%) | global acc (%) "
-        "| personalised acc (%) | s / round |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| σ of the prototype release | balanced test acc of the clients' models (%) | recall, classes 0-5 (%) "
+        "| recall, classes 6-9 (%) | global acc (%) | personalised acc (%) | s / round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         row(m, e, by_cell[f"{m}-eps{e:g}"], args.seeds if math.isfinite(e) else args.reference_seeds)
