@@ -19,9 +19,9 @@ comes from each summary.json.
     python benchmarks/private_gradients_lt.py                  # the documented table
     python benchmarks/private_gradients_lt.py --table-only     # the table from the runs done so far
 
-Jobs run seed by seed (every cell of seed 0 first, the private cells before the references without
-privacy, which run for the first ``--reference-seeds`` seeds only), so a grid stopped early leaves whole
-seeds; the table reports, per cell, how many seeds it holds. Writes benchmarks/results/private_gradients_lt/
+Jobs run in this order: every cell of seed 0 (the private cells before the references without privacy,
+which run for the first ``--reference-seeds`` seeds only), then the further seeds of CReFF and FedHPro,
+then those of FedProto, FPL and FedTGP; the table reports, per cell, how many seeds it holds. Writes benchmarks/results/private_gradients_lt/
 {table.md, summaries.json} and the runs in runs/.
 """
 
@@ -144,12 +144,15 @@ def main() -> None:
     args = parser.parse_args()
 
     cells = [(m, e) for m in args.methods for e in args.epsilons]
-    # seed by seed, the private cells first; the references (ε = ∞) for the first --reference-seeds seeds
+    # Seed 0 of every cell first (the private cells, then the references without privacy, which run for the
+    # first --reference-seeds seeds only); then the further seeds of CReFF and FedHPro; then those of the
+    # prototype methods. A grid stopped early thus leaves whole seeds, CReFF's and FedHPro's first.
     order = [c for c in cells if math.isfinite(c[1])] + [c for c in cells if not math.isfinite(c[1])]
+    groups = ([c for c in order if c[0] in GRADIENT_METHODS], [c for c in order if c[0] not in GRADIENT_METHODS])
+    schedule = [(0, c) for c in order] + [(s, c) for group in groups for s in range(1, args.seeds) for c in group]
     jobs = [
         (config(m, e, s, args), args.out / "runs" / f"{m}-eps{e:g}-seed{s}")
-        for s in range(args.seeds)
-        for m, e in order
+        for s, (m, e) in schedule
         if math.isfinite(e) or s < args.reference_seeds
     ]
     if not args.table_only:
