@@ -84,3 +84,12 @@ def mean_std(values: list[float | None], pct: bool = True) -> str:
 
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def write_table(out: Path, header: str, lines: list[str], summaries: dict[str, Any]) -> None:
+    """Write a grid's ``table.md`` (``header`` then the table ``lines``) and its runs' ``summaries.json`` into
+    ``out``, and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(header + "\n".join(lines) + "\n")
+    (out / "summaries.json").write_text(json.dumps(summaries, indent=1))
+    print((out / "table.md").read_text())

@@ -14,11 +14,10 @@ Writes benchmarks/results/private_gradients/{table.md, summaries.json}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
-from _common import RESULTS, command_line, mean_std, run_grid
+from _common import RESULTS, command_line, mean_std, run_grid, write_table
 
 METHODS = {
     "creff": {"retrain_init": "aggregated"},
@@ -95,10 +94,7 @@ def main() -> None:
         f"{args.rounds} rounds, {args.steps} DP-SGD steps per round; {args.seeds} seed(s). "
         f"Command: `{command_line()}`\n\n"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(header + "\n".join(lines) + "\n")
-    (args.out / "summaries.json").write_text(json.dumps(by_cell, indent=1))
-    print((args.out / "table.md").read_text())
+    write_table(args.out, header, lines, by_cell)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import json
 import math
 from pathlib import Path
 
-from _common import RESULTS, command_line, mean_std, run_grid
+from _common import RESULTS, command_line, mean_std, run_grid, write_table
 from label_skew_lt import config as lt_config
 
 GRADIENT_METHODS = ("creff", "fedhpro")
@@ -188,10 +188,7 @@ def main() -> None:
         f"(d={args.feature_dim}), {args.rounds} rounds, {args.steps} DP-SGD steps per round (CReFF, FedHPro); "
         f"final round, mean ± std over the seeds each cell holds. Command: `{command_line()}`\n\n"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(header + "\n".join(lines) + "\n")
-    (args.out / "summaries.json").write_text(json.dumps(by_cell, indent=1))
-    print((args.out / "table.md").read_text())
+    write_table(args.out, header, lines, by_cell)
 
 
 if __name__ == "__main__":

@@ -7,19 +7,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from _partition_store import CONFIG
 
 from protofl.api import resolve_config
 from protofl.data.shared import PartitionStore, PartitionStoreError, data_key, node_split
 from protofl.runner import prepare_data
 
-CONFIG = {
-    "seed": 4,
-    "data": {"dataset": "optdigits", "max_train_samples": 600},
-    "partition": {"scheme": "dirichlet", "alpha": 1.0, "num_clients": 5},
-    "federation": {"rounds": 2, "progress": False},
-    "model": {"feature_dim": 16},
-    "method": {"name": "fedproto", "lr": 0.1, "batch_size": 32, "local_epochs": 1},
-}
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
