@@ -85,3 +85,21 @@ def test_release_settings_refuse_what_no_rule_covers():
     with pytest.raises(ValueError, match="count_fraction"):
         M.ReleaseSettings(3, 1.0, 1.0, count_fraction=1.0)
     assert M.ReleaseSettings(3, 1.0, 1.0, relation="replace-one", count_fraction=1.0).multipliers == (1.0, None)
+
+
+def test_vpp_groupwise_clipping_holds_for_a_row_dominated_by_its_other_group():
+    """A row whose group-A part is huge and whose group-B part is just above its bound: group B is still
+    clipped to R·κ_B. Reading group B's norm as the row's norm minus group A's loses it to rounding (here
+    1e30 + 1 - 1e30 = 0 in float64), which would release group B unclipped: a sensitivity the noise does not
+    cover."""
+    d, bound = 4, 1.0
+    z = torch.tensor([[[1e15, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]], dtype=torch.float32)
+    y = torch.tensor([[0, 1]])
+    settings = M.ReleaseSettings(2, bound, 1e-300, "fixed-features", "add-remove", 0.2)
+    (release,) = M.vpp_release_batch(
+        z, y, None, settings, [torch.Generator().manual_seed(0)], 0.25, 1.0, None, torch.tensor([0])
+    )
+    _, kappa_b, _, _ = M.vpp_group_noise(d, 1, settings.multipliers[0])
+    group_b = release.statistic[0, 1:].double()
+    assert float(group_b.norm()) <= bound * kappa_b * (1 + 1e-9)
+    assert float(group_b.norm()) > 0.5 * bound * kappa_b  # clipped, not dropped

@@ -694,10 +694,11 @@ def vpp_release_batch(
     in_a = np.zeros((len(stack), d), dtype=bool)
     in_a[np.arange(len(stack))[:, None], chosen] = True
     kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, settings.multipliers[0])
-    # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones (the rest of its squared
-    # norm) to R κ_B; the class sums of both clipped forms in one product, each coordinate's taken from its group's.
-    norm_a = stack.squares_over(in_a.astype(np.float64))
-    norms = np.stack([norm_a, np.maximum(stack.row_squares - norm_a, 0.0)], axis=1)
+    # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B; the class sums
+    # of both clipped forms in one product, each coordinate's taken from its group's. Each group's norm is summed
+    # over its own coordinates: the row's norm minus group A's would lose group B to rounding where group A is
+    # large, and release it unclipped.
+    norms = np.stack([stack.squares_over(in_a.astype(np.float64)), stack.squares_over((~in_a).astype(np.float64))], 1)
     scales = _clip_scale(np.array([kappa_a, kappa_b])[None, :, None] * settings.bound, norms)
     both = stack.scaled_sums(scales)
     sums = np.where(in_a[:, None, :], both[:, 0], both[:, 1])
