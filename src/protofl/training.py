@@ -277,11 +277,26 @@ def broadcast_params(params: Params, k: int) -> Params:
 
 
 def unstack_params(stacked: Params) -> list[Params]:
-    """``(K, ...)`` tensors -> ``K`` dicts of independent tensors (clones, so that one client's state
-    does not keep the whole chunk's storage alive)."""
-    k = len(next(iter(stacked.values())))
-    parts = {name: [t.clone() for t in v.unbind(0)] for name, v in stacked.items()}
-    return [{name: parts[name][c] for name in stacked} for c in range(k)]
+    """``(K, ...)`` tensors -> ``K`` dicts of tensors independent of the stack and of each other: client
+    k's tensors (of one dtype) are views of one buffer of its own, a copy of its row of the stack, so that
+    one client's state does not keep the whole chunk's storage alive; one copy per client, not one per
+    tensor."""
+    k = len(next(iter(stacked.values()))) if stacked else 0
+    if not k:
+        return []
+    out: list[Params] = [{} for _ in range(k)]
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, v in stacked.items():
+        by_dtype.setdefault(v.dtype, []).append(name)
+    for names in by_dtype.values():
+        shapes = [stacked[name].shape[1:] for name in names]
+        sizes = [math.prod(shape) for shape in shapes]
+        flat = torch.cat([stacked[name].reshape(k, -1) for name in names], 1)  # (K, P): a client's row each
+        for params, row in zip(out, flat.unbind(0)):
+            params.update((name, part.view(shape)) for name, part, shape in zip(names, row.clone().split(sizes), shapes))
+    if len(by_dtype) > 1:
+        out = [{name: params[name] for name in stacked} for params in out]  # the stack's order of names
+    return out
 
 
 def train_batched(

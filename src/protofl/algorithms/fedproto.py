@@ -379,7 +379,23 @@ class FedProto(ModelAlgorithm):
                 m.update(extra)
         return [(r.classes, r.prototypes, r.counts, ledger, m) for (r, ledger), m in zip(released, metrics)]
 
+    @staticmethod
+    def clean_prototypes_batch(stacked: StackedFeatures) -> list[tuple[Any, ...]]:
+        """:meth:`release_prototypes` of a batched round's clients without a privacy mechanism: each client's
+        classes, clean per-class means and counts from the stacked class sums, the means of all clients in
+        one division (the same float32 values as each client's ``PrototypeAccumulator.compute``)."""
+        sums, counts = stacked.sums.cpu().numpy(), stacked.counts.cpu().numpy()
+        means = sums / np.maximum(counts, 1)[:, :, None]  # a held class has a count of at least 1
+        out = []
+        for client_means, client_counts in zip(means, counts):
+            classes = np.flatnonzero(client_counts)
+            held = (client_means[classes], client_counts[classes])
+            out.append((torch.from_numpy(classes), *map(torch.from_numpy, held), None, {}))
+        return out
+
     def replies(self, outcomes: list[LocalOutcome], stacked: StackedFeatures | None):
+        if stacked is not None and self.privacy_layer is None:
+            return [self.reply_with(o, r) for o, r in zip(outcomes, self.clean_prototypes_batch(stacked))]
         if stacked is None or not self.batch_releases or not isinstance(self.privacy_layer, PrototypeReleaseLayer):
             return super().replies(outcomes, stacked)
         return [
