@@ -395,8 +395,12 @@ def breakdown(n: int, rounds: int) -> dict:
     wrap(training_mod, "batch_schedule", NESTED[0][0])
     wrap(training_mod.StackedOptimizer, "step", NESTED[1][0])
     wrap(base_mod, "batched_features", "features for the prototypes (forward of every train row)")
-    wrap(PrototypeAccumulator, "per_client", "per-client class sums and counts")
+    # the class sums of every client in one product (an older checkout: one accumulator per client)
+    sums = "stacked_sums" if hasattr(PrototypeAccumulator, "stacked_sums") else "per_client"
+    wrap(PrototypeAccumulator, sums, "per-client class sums and counts")
     wrap(fedproto_mod.FedProto, "release_prototypes", "per-class means")
+    if hasattr(fedproto_mod.FedProto, "clean_prototypes_batch"):  # the batched round's means, all clients at once
+        wrap(fedproto_mod.FedProto, "clean_prototypes_batch", "per-class means")
     wrap(base_mod, "unstack_params", "client states out of the stack")
     wrap(base_mod, "stack_params", "client states into the stack")
     wrap(client_mod, "client_generator", "client generators (seed derivation)")

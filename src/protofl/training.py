@@ -88,9 +88,9 @@ def make_optimizer(config: Any, params: list[torch.Tensor]) -> torch.optim.Optim
 
 class StackedOptimizer:
     """``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (default betas and eps) on stacked parameters, updated
-    in place with the ``torch._foreach_*`` operations those optimisers use, and a mask over clients:
-    an inactive client's parameters and optimiser state are restored after the update. State starts
-    empty each round, as in :func:`train_local`."""
+    in place with the ``torch._foreach_*`` operations those optimisers use, for every client or for some
+    of them (``rows``: the others' parameters and optimiser state are left untouched). State starts empty
+    each round, as in :func:`train_local`."""
 
     def __init__(self, config: Any, params: Params):
         self.config = config
@@ -106,34 +106,42 @@ class StackedOptimizer:
                 [torch.zeros_like(v) for v in params.values()],
             ]
 
-    def step(self, params: Params, grads: Params, active: torch.Tensor, step: int) -> None:
+    def step(self, params: Params, grads: Params, step: int, rows: torch.Tensor | None = None) -> None:
+        """Step ``step`` (from 1) of every client (``grads``: theirs), or of the clients ``rows`` alone
+        (``grads``: theirs, in that order): their parameters and state are taken out, updated and put back,
+        the same values as an update of all (the update is elementwise)."""
         p = [params[n] for n in self.names]
         g = [grads[n] for n in self.names]
-        if bool(active.all()):
-            self._update(p, g, step)
+        if rows is None:
+            self._update(p, g, self.state, step)
             return
-        saved = [[t.clone() for t in group] for group in (p, *self.state)]
-        self._update(p, g, step)
-        for group, old in zip((p, *self.state), saved):
-            for t, o in zip(group, old):
-                mask = active.view(-1, *([1] * (t.dim() - 1)))
-                t.copy_(torch.where(mask, t, o))
+        part = [[t[rows] for t in group] for group in (p, *self.state)]
+        self._update(part[0], g, part[1:], step)
+        for group, taken in zip((p, *self.state), part):
+            for t, updated in zip(group, taken):
+                t.index_copy_(0, rows, updated)
 
-    def _update(self, p: list[torch.Tensor], g: list[torch.Tensor] | tuple[torch.Tensor, ...], step: int) -> None:
+    def _update(
+        self,
+        p: list[torch.Tensor],
+        g: list[torch.Tensor] | tuple[torch.Tensor, ...],
+        state: list[list[torch.Tensor]],
+        step: int,
+    ) -> None:
         c = self.config
         lr, wd = c.lr, c.weight_decay
         if self.kind == "sgd":
             if wd:
                 g = torch._foreach_add(g, p, alpha=wd)
-            if self.state:
-                (buf,) = self.state
+            if state:
+                (buf,) = state
                 torch._foreach_mul_(buf, c.momentum)
                 torch._foreach_add_(buf, g)
                 g = buf
             torch._foreach_add_(p, g, alpha=-lr)
             return
         beta1, beta2, eps = 0.9, 0.999, 1e-8
-        exp_avg, exp_avg_sq = self.state
+        exp_avg, exp_avg_sq = state
         if self.kind == "adamw":
             if wd:
                 torch._foreach_mul_(p, 1 - lr * wd)
@@ -277,26 +285,11 @@ def broadcast_params(params: Params, k: int) -> Params:
 
 
 def unstack_params(stacked: Params) -> list[Params]:
-    """``(K, ...)`` tensors -> ``K`` dicts of tensors independent of the stack and of each other: client
-    k's tensors (of one dtype) are views of one buffer of its own, a copy of its row of the stack, so that
-    one client's state does not keep the whole chunk's storage alive; one copy per client, not one per
-    tensor."""
-    k = len(next(iter(stacked.values()))) if stacked else 0
-    if not k:
-        return []
-    out: list[Params] = [{} for _ in range(k)]
-    by_dtype: dict[torch.dtype, list[str]] = {}
-    for name, v in stacked.items():
-        by_dtype.setdefault(v.dtype, []).append(name)
-    for names in by_dtype.values():
-        shapes = [stacked[name].shape[1:] for name in names]
-        sizes = [math.prod(shape) for shape in shapes]
-        flat = torch.cat([stacked[name].reshape(k, -1) for name in names], 1)  # (K, P): a client's row each
-        for params, row in zip(out, flat.unbind(0)):
-            params.update((name, part.view(shape)) for name, part, shape in zip(names, row.clone().split(sizes), shapes))
-    if len(by_dtype) > 1:
-        out = [{name: params[name] for name in stacked} for params in out]  # the stack's order of names
-    return out
+    """``(K, ...)`` tensors -> ``K`` dicts of independent tensors (clones, so that one client's state
+    does not keep the whole chunk's storage alive)."""
+    k = len(next(iter(stacked.values())))
+    parts = {name: [t.clone() for t in v.unbind(0)] for name, v in stacked.items()}
+    return [{name: parts[name][c] for name in stacked} for c in range(k)]
 
 
 def train_batched(
@@ -327,13 +320,20 @@ def train_batched(
     k = len(batch)
     total = torch.zeros(k, dtype=torch.float64, device=batch.x.device)
     for s in range(schedule.index.shape[0]):
-        index = schedule.index[s]
-        active = schedule.active[s]
-        grads, losses = step_fn(leaves, batch.x[index], batch.y[index], schedule.weight[s], *shared)
-        optimizer.step(leaves, grads, active, s + 1)
-        total += torch.where(
-            active, losses.detach().double(), torch.zeros((), dtype=torch.float64, device=total.device)
-        )
+        index, weight, active = schedule.index[s], schedule.weight[s], schedule.active[s]
+        if bool(active.all()):
+            grads, losses = step_fn(leaves, batch.x[index], batch.y[index], weight, *shared)
+            optimizer.step(leaves, grads, s + 1)
+            total += losses.detach().double()
+            continue
+        # Only the clients that take this step (those with more batches than the others) are computed: a
+        # client's gradient depends on its own parameters and batch alone, so theirs are the same as in a
+        # step of all, and the others are left untouched.
+        rows = active.nonzero().flatten()
+        part = {name: v[rows] for name, v in leaves.items()}
+        grads, losses = step_fn(part, batch.x[index[rows]], batch.y[index[rows]], weight[rows], *shared)
+        optimizer.step(leaves, grads, s + 1, rows)
+        total.index_add_(0, rows, losses.detach().double())
     steps = schedule.steps.clamp_min(1).double()
     metrics = [{"train_loss": float(v)} for v in (total / steps).tolist()]
     return leaves, metrics
