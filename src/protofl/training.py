@@ -20,10 +20,12 @@ training its own is kept:
   anything drawn after training, e.g. a privacy mechanism's noise);
 - **unequal sizes**: batches are padded to the batch size with a per-sample weight (0 for padding);
   the loss of a client is the weighted mean over its real samples, so a short last batch or a client
-  with fewer examples than a batch is averaged over what it has;
+  with fewer examples than a batch is averaged over what it has (a step whose batches are all short
+  runs at the width of its longest);
 - **unequal batch counts**: client ``k`` runs its own ``S_k`` steps as steps ``0 .. S_k - 1`` of the
-  program; at later steps it is inactive and its parameters and optimiser state are left untouched
-  (a masked update, not a zero gradient: momentum and weight decay would otherwise still move it);
+  program; at later steps it is inactive: a step computes and updates only the clients that take it, and
+  the others' parameters and optimiser state are left untouched (not a zero gradient: momentum and
+  weight decay would otherwise still move them);
 - **the same optimiser math** as ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (state reset each round).
 
 Both loops train the same objective, ``loss(params, x, y, weight, *shared)`` with ``weight`` 1 on real
@@ -321,6 +323,11 @@ def train_batched(
     total = torch.zeros(k, dtype=torch.float64, device=batch.x.device)
     for s in range(schedule.index.shape[0]):
         index, weight, active = schedule.index[s], schedule.weight[s], schedule.active[s]
+        # A client's real rows in a step are a prefix of its batch: a step whose batches are all short (e.g.
+        # the last one of an epoch) runs at the width of its longest.
+        width = int(weight.sum(1).max())
+        if width < weight.shape[1]:
+            index, weight = index[:, :width], weight[:, :width]
         if bool(active.all()):
             grads, losses = step_fn(leaves, batch.x[index], batch.y[index], weight, *shared)
             optimizer.step(leaves, grads, s + 1)

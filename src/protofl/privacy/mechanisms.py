@@ -191,8 +191,8 @@ class _Stack:
     :meth:`of`); ``labels`` (K, n) the rows' classes, ``onehot`` (K, C, n) the indicator of each class's
     real rows (padding rows in none) and ``counts`` (K, C) the exact class counts, so that
     every client's per-class sums are one batched matrix product (:meth:`sums`); ``row_squares`` (K, n) is
-    each row's squared norm. Squares are summed where they are needed (``einsum``), never stored: a
-    (K, n, d) temporary per release costs a pass and fresh pages."""
+    each row's squared norm. Squares are summed where they are needed (:meth:`squares_over`), never
+    stored: a (K, n, d) temporary per release costs a pass and fresh pages."""
 
     x: np.ndarray
     labels: np.ndarray
@@ -233,17 +233,20 @@ class _Stack:
         """Every client's per-class sums (K, C, d) of ``x`` (K, n, d; padding rows zero)."""
         return np.matmul(self.onehot, x)
 
-    def scaled_sums(self, scales: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
+    def scaled_sums(self, scales: np.ndarray) -> np.ndarray:
         """Every client's per-class sums of its rows scaled by each of ``G`` row scales: ``scales`` (K, G, n)
         gives (K, G, C, d), ``[k, g, c] = Σ_i onehot[k, c, i] · scales[k, g, i] · x[k, i]``, the class sums of
         the rows clipped by the scales of group g, as one batched matrix product over ``x`` (the clipped rows
-        are never formed; the products are those of scaling the rows, then summing). ``x``: the stack's rows
-        or some of their columns (K, n, d'), the stack's own by default."""
-        x = self.x if x is None else x
+        are never formed; the products are those of scaling the rows, then summing)."""
         k, g, n = scales.shape
         c = self.onehot.shape[1]
         weights = (self.onehot[:, None, :, :] * scales[:, :, None, :]).reshape(k, g * c, n)
-        return np.matmul(weights, x).reshape(k, g, c, x.shape[-1])
+        return np.matmul(weights, self.x).reshape(k, g, c, self.x.shape[-1])
+
+    def squares_over(self, weights: np.ndarray) -> np.ndarray:
+        """Each row's sum of squares weighted per coordinate by ``weights`` (K, d): (K, n); with a 0/1
+        ``weights``, the squared norm of each row's coordinates in that group."""
+        return np.einsum("knd,knd,kd->kn", self.x, self.x, weights)
 
     def spread(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(energy, within, n, c)``: per client and dimension the between-class energy
@@ -707,16 +710,14 @@ def vpp_release_batch(
     in_a = np.zeros((len(stack), d), dtype=bool)
     in_a[np.arange(len(stack))[:, None], chosen] = True
     kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, settings.multipliers[0])
-    # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B. Each client's
-    # columns are gathered by group (A's, then B's, each in ascending order): a group's norm is summed over its own
-    # coordinates (the row's norm minus group A's would lose group B to rounding where group A is large, and
-    # release it unclipped), and its clipped class sums are one product over its own columns, put back in place.
-    by_group = np.argsort(~in_a, axis=1, kind="stable")  # (K, d): group A's columns, then group B's
-    sums = np.empty((len(stack), stack.onehot.shape[1], d))
-    for columns, kappa in ((by_group[:, :k], kappa_a), (by_group[:, k:], kappa_b)):
-        part = np.take_along_axis(x, columns[:, None, :], axis=2)  # (K, n, columns of the group)
-        scales = _clip_scale(kappa * settings.bound, np.einsum("knd,knd->kn", part, part))
-        np.put_along_axis(sums, columns[:, None, :], stack.scaled_sums(scales[:, None, :], part)[:, 0], axis=2)
+    # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B; the class sums
+    # of both clipped forms in one product, each coordinate's taken from its group's. Each group's norm is summed
+    # over its own coordinates: the row's norm minus group A's would lose group B to rounding where group A is
+    # large, and release it unclipped.
+    norms = np.stack([stack.squares_over(in_a.astype(np.float64)), stack.squares_over((~in_a).astype(np.float64))], 1)
+    scales = _clip_scale(np.array([kappa_a, kappa_b])[None, :, None] * settings.bound, norms)
+    both = stack.scaled_sums(scales)
+    sums = np.where(in_a[:, None, :], both[:, 0], both[:, 1])
     return _release(
         sums, stack, settings, np.where(in_a, s_a, s_b), events, generators, torch.from_numpy(np.array(chosen))
     )
