@@ -391,7 +391,7 @@ class FedProto(ModelAlgorithm):
         one division (the same float32 values as each client's ``PrototypeAccumulator.compute``)."""
         sums, counts = stacked.sums.cpu().numpy(), stacked.counts.cpu().numpy()
         means = sums / np.maximum(counts, 1)[:, :, None]  # a held class has a count of at least 1
-        out = []
+        out: list[tuple[Any, ...]] = []
         for client_means, client_counts in zip(means, counts):
             classes = np.flatnonzero(client_counts)
             held = (classes, client_means[classes], client_counts[classes])
