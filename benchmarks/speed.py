@@ -607,9 +607,9 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
         (
             f"FedProto round on the `synthetic-gaussian` workload (docs/data.md: Gaussian class means + unit noise, "
             f"{w['classes']} classes, {w['input_dim']}-d inputs), {w['samples'] + w['test_samples']} samples per client "
-            f"split IID, {w['test_samples']} of them (stratified) kept as the client's test split, so 196-200 training "
-            f"samples per client; adapter + MLP model (hidden {w['hidden_dim']}, feature dim {w['feature_dim']}), 1 local "
-            f"epoch of 4 batches of at most 50, SGD lr {w['lr']} momentum {w['momentum']}, CE + MSE to the global "
+            f"split IID, {w['test_samples']} of them (stratified) kept as the client's test split, so 198-202 training "
+            f"samples per client at N = 100; adapter + MLP model (hidden {w['hidden_dim']}, feature dim {w['feature_dim']}), "
+            f"1 local epoch of 4 batches of at most 50 (a fifth of 1-2 for the clients past 200), SGD lr {w['lr']} momentum {w['momentum']}, CE + MSE to the global "
             "prototype, count-weighted aggregation, all clients every round. Every column is built from the same run "
             "configuration (`run_config` in benchmarks/speed.py) through protofl's data pipeline; the Flower column runs "
             'it with `protofl.flower.run_on_flower(..., mode="simulation")`. Evaluation off in the in-process columns '
