@@ -395,8 +395,12 @@ def breakdown(n: int, rounds: int) -> dict:
     wrap(training_mod, "batch_schedule", NESTED[0][0])
     wrap(training_mod.StackedOptimizer, "step", NESTED[1][0])
     wrap(base_mod, "batched_features", "features for the prototypes (forward of every train row)")
-    wrap(PrototypeAccumulator, "per_client", "per-client class sums and counts")
+    # the class sums of every client in one product (an older checkout: one accumulator per client)
+    sums = "stacked_sums" if hasattr(PrototypeAccumulator, "stacked_sums") else "per_client"
+    wrap(PrototypeAccumulator, sums, "per-client class sums and counts")
     wrap(fedproto_mod.FedProto, "release_prototypes", "per-class means")
+    if hasattr(fedproto_mod.FedProto, "clean_prototypes_batch"):  # the batched round's means, all clients at once
+        wrap(fedproto_mod.FedProto, "clean_prototypes_batch", "per-class means")
     wrap(base_mod, "unstack_params", "client states out of the stack")
     wrap(base_mod, "stack_params", "client states into the stack")
     wrap(client_mod, "client_generator", "client generators (seed derivation)")
@@ -603,9 +607,9 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
         (
             f"FedProto round on the `synthetic-gaussian` workload (docs/data.md: Gaussian class means + unit noise, "
             f"{w['classes']} classes, {w['input_dim']}-d inputs), {w['samples'] + w['test_samples']} samples per client "
-            f"split IID, {w['test_samples']} of them (stratified) kept as the client's test split, so 196-200 training "
-            f"samples per client; adapter + MLP model (hidden {w['hidden_dim']}, feature dim {w['feature_dim']}), 1 local "
-            f"epoch of 4 batches of at most 50, SGD lr {w['lr']} momentum {w['momentum']}, CE + MSE to the global "
+            f"split IID, {w['test_samples']} of them (stratified) kept as the client's test split, so 198-202 training "
+            f"samples per client at N = 100; adapter + MLP model (hidden {w['hidden_dim']}, feature dim {w['feature_dim']}), "
+            f"1 local epoch of 4 batches of at most 50 (a fifth of 1-2 for the clients past 200), SGD lr {w['lr']} momentum {w['momentum']}, CE + MSE to the global "
             "prototype, count-weighted aggregation, all clients every round. Every column is built from the same run "
             "configuration (`run_config` in benchmarks/speed.py) through protofl's data pipeline; the Flower column runs "
             'it with `protofl.flower.run_on_flower(..., mode="simulation")`. Evaluation off in the in-process columns '

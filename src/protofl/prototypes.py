@@ -30,16 +30,27 @@ class PrototypeAccumulator:
     ) -> list[PrototypeAccumulator]:
         """One accumulator per client from padded batches, as if each had ``update``-d its real rows:
         ``features`` (K, n, d), ``labels`` (K, n) and ``weight`` (K, n), 1 on real rows and 0 on
-        padding. The sums and counts of all clients come from one ``einsum``."""
+        padding; each holds its row of :meth:`stacked_sums`."""
+        sums, counts = cls.stacked_sums(features, labels, weight, num_classes)
+        return [cls.of(client_sums, client_counts) for client_sums, client_counts in zip(sums, counts)]
+
+    @staticmethod
+    def stacked_sums(
+        features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, num_classes: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every client's per-class sums (K, C, d) and counts (K, C) of its real rows (arguments as
+        :meth:`per_client`), from one ``einsum``."""
         onehot = F.one_hot(labels, num_classes).to(features.dtype) * weight[..., None]  # (K, n, C)
-        sums = torch.einsum("knc,knd->kcd", onehot, features)
-        counts = onehot.sum(1)
-        out = []
-        for client_sums, client_counts in zip(sums, counts):
-            acc = cls(num_classes, features.shape[-1], dtype=features.dtype, device=features.device)
-            acc.sums, acc.counts = client_sums, client_counts
-            out.append(acc)
-        return out
+        return torch.einsum("knc,knd->kcd", onehot, features), onehot.sum(1)
+
+    @classmethod
+    def of(cls, sums: torch.Tensor, counts: torch.Tensor) -> PrototypeAccumulator:
+        """An accumulator holding ``sums`` (C, d) and ``counts`` (C,) as its state (the tensors themselves,
+        not copies)."""
+        acc = cls.__new__(cls)
+        acc.num_classes, acc.dim = counts.shape[0], sums.shape[1]
+        acc.sums, acc.counts = sums, counts
+        return acc
 
     def reset(self) -> None:
         self.sums.zero_()

@@ -20,10 +20,12 @@ training its own is kept:
   anything drawn after training, e.g. a privacy mechanism's noise);
 - **unequal sizes**: batches are padded to the batch size with a per-sample weight (0 for padding);
   the loss of a client is the weighted mean over its real samples, so a short last batch or a client
-  with fewer examples than a batch is averaged over what it has;
+  with fewer examples than a batch is averaged over what it has (a step whose batches are all short
+  runs at the width of its longest);
 - **unequal batch counts**: client ``k`` runs its own ``S_k`` steps as steps ``0 .. S_k - 1`` of the
-  program; at later steps it is inactive and its parameters and optimiser state are left untouched
-  (a masked update, not a zero gradient: momentum and weight decay would otherwise still move it);
+  program; at later steps it is inactive: a step computes and updates only the clients that take it, and
+  the others' parameters and optimiser state are left untouched (not a zero gradient: momentum and
+  weight decay would otherwise still move them);
 - **the same optimiser math** as ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (state reset each round).
 
 Both loops train the same objective, ``loss(params, x, y, weight, *shared)`` with ``weight`` 1 on real
@@ -88,9 +90,9 @@ def make_optimizer(config: Any, params: list[torch.Tensor]) -> torch.optim.Optim
 
 class StackedOptimizer:
     """``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (default betas and eps) on stacked parameters, updated
-    in place with the ``torch._foreach_*`` operations those optimisers use, and a mask over clients:
-    an inactive client's parameters and optimiser state are restored after the update. State starts
-    empty each round, as in :func:`train_local`."""
+    in place with the ``torch._foreach_*`` operations those optimisers use, for every client or for some
+    of them (``rows``: the others' parameters and optimiser state are left untouched). State starts empty
+    each round, as in :func:`train_local`."""
 
     def __init__(self, config: Any, params: Params):
         self.config = config
@@ -106,34 +108,42 @@ class StackedOptimizer:
                 [torch.zeros_like(v) for v in params.values()],
             ]
 
-    def step(self, params: Params, grads: Params, active: torch.Tensor, step: int) -> None:
+    def step(self, params: Params, grads: Params, step: int, rows: torch.Tensor | None = None) -> None:
+        """Step ``step`` (from 1) of every client (``grads``: theirs), or of the clients ``rows`` alone
+        (``grads``: theirs, in that order): their parameters and state are taken out, updated and put back,
+        the same values as an update of all (the update is elementwise)."""
         p = [params[n] for n in self.names]
         g = [grads[n] for n in self.names]
-        if bool(active.all()):
-            self._update(p, g, step)
+        if rows is None:
+            self._update(p, g, self.state, step)
             return
-        saved = [[t.clone() for t in group] for group in (p, *self.state)]
-        self._update(p, g, step)
-        for group, old in zip((p, *self.state), saved):
-            for t, o in zip(group, old):
-                mask = active.view(-1, *([1] * (t.dim() - 1)))
-                t.copy_(torch.where(mask, t, o))
+        part = [[t[rows] for t in group] for group in (p, *self.state)]
+        self._update(part[0], g, part[1:], step)
+        for group, taken in zip((p, *self.state), part):
+            for t, updated in zip(group, taken):
+                t.index_copy_(0, rows, updated)
 
-    def _update(self, p: list[torch.Tensor], g: list[torch.Tensor] | tuple[torch.Tensor, ...], step: int) -> None:
+    def _update(
+        self,
+        p: list[torch.Tensor],
+        g: list[torch.Tensor] | tuple[torch.Tensor, ...],
+        state: list[list[torch.Tensor]],
+        step: int,
+    ) -> None:
         c = self.config
         lr, wd = c.lr, c.weight_decay
         if self.kind == "sgd":
             if wd:
                 g = torch._foreach_add(g, p, alpha=wd)
-            if self.state:
-                (buf,) = self.state
+            if state:
+                (buf,) = state
                 torch._foreach_mul_(buf, c.momentum)
                 torch._foreach_add_(buf, g)
                 g = buf
             torch._foreach_add_(p, g, alpha=-lr)
             return
         beta1, beta2, eps = 0.9, 0.999, 1e-8
-        exp_avg, exp_avg_sq = self.state
+        exp_avg, exp_avg_sq = state
         if self.kind == "adamw":
             if wd:
                 torch._foreach_mul_(p, 1 - lr * wd)
@@ -312,13 +322,25 @@ def train_batched(
     k = len(batch)
     total = torch.zeros(k, dtype=torch.float64, device=batch.x.device)
     for s in range(schedule.index.shape[0]):
-        index = schedule.index[s]
-        active = schedule.active[s]
-        grads, losses = step_fn(leaves, batch.x[index], batch.y[index], schedule.weight[s], *shared)
-        optimizer.step(leaves, grads, active, s + 1)
-        total += torch.where(
-            active, losses.detach().double(), torch.zeros((), dtype=torch.float64, device=total.device)
-        )
+        index, weight, active = schedule.index[s], schedule.weight[s], schedule.active[s]
+        # A client's real rows in a step are a prefix of its batch: a step whose batches are all short (e.g.
+        # the last one of an epoch) runs at the width of its longest.
+        width = int(weight.sum(1).max())
+        if width < weight.shape[1]:
+            index, weight = index[:, :width], weight[:, :width]
+        if bool(active.all()):
+            grads, losses = step_fn(leaves, batch.x[index], batch.y[index], weight, *shared)
+            optimizer.step(leaves, grads, s + 1)
+            total += losses.detach().double()
+            continue
+        # Only the clients that take this step (those with more batches than the others) are computed: a
+        # client's gradient depends on its own parameters and batch alone, so theirs are the same as in a
+        # step of all, and the others are left untouched.
+        rows = active.nonzero().flatten()
+        part = {name: v[rows] for name, v in leaves.items()}
+        grads, losses = step_fn(part, batch.x[index[rows]], batch.y[index[rows]], weight[rows], *shared)
+        optimizer.step(leaves, grads, s + 1, rows)
+        total.index_add_(0, rows, losses.detach().double())
     steps = schedule.steps.clamp_min(1).double()
     metrics = [{"train_loss": float(v)} for v in (total / steps).tolist()]
     return leaves, metrics

@@ -310,11 +310,15 @@ class LocalOutcome:
 class StackedFeatures:
     """The train features of a batched round's clients under their trained parameters, padded:
     ``features`` (K, n_max, d), ``labels`` (K, n_max) and ``weight`` (K, n_max; 1 on a client's own rows,
-    0 on padding). Client k's own rows are the first ``num_train`` of its row."""
+    0 on padding). Client k's own rows are the first ``num_train`` of its row. ``sums`` (K, C, d) and
+    ``counts`` (K, C): every client's per-class sums and counts of its rows (the state of its
+    :attr:`LocalOutcome.feature_stats`)."""
 
     features: torch.Tensor
     labels: torch.Tensor
     weight: torch.Tensor
+    sums: torch.Tensor
+    counts: torch.Tensor
 
 
 class ModelAlgorithm(Algorithm):
@@ -435,8 +439,10 @@ class ModelAlgorithm(Algorithm):
         if self.reply_uses_features:
             z, weight, index = batched_features(self.forward_features, trained, batch, stacked_step)
             features = [z[c, : d.num_train] for c, d in enumerate(datas)]
-            stacked = StackedFeatures(z, batch.y[index], weight)
-            stats = list(PrototypeAccumulator.per_client(z, stacked.labels, weight, self.task.num_classes))
+            labels = batch.y[index]
+            sums, counts = PrototypeAccumulator.stacked_sums(z, labels, weight, self.task.num_classes)
+            stacked = StackedFeatures(z, labels, weight, sums, counts)
+            stats = [PrototypeAccumulator.of(class_sums, n) for class_sums, n in zip(sums, counts)]
         outcomes = [
             LocalOutcome(s, d, received, p, z_c, a, g, m, b, {})
             for s, d, p, z_c, a, g, m, b in zip(

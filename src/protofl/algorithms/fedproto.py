@@ -91,8 +91,13 @@ def reply_weights(reply: Payload, weighted: bool, min_count: float = 1.0) -> tor
     ones. Under ``add-remove`` the counts are the release's noisy ones (every class is uploaded, and a
     class the client lacks has a count of pure noise): using them is post-processing of the release, and
     ``min_count`` (:attr:`FedProto.presence_threshold`) tells a class a client holds from noise."""
-    counts = torch.from_numpy(np.asarray(reply["counts"])).double()
-    return counts.clamp_min(0.0) if weighted else (counts >= min_count).double()
+    return torch.from_numpy(_count_weights(reply["counts"], weighted, min_count))
+
+
+def _count_weights(counts: np.ndarray, weighted: bool, min_count: float) -> np.ndarray:
+    """:func:`reply_weights` of the ``counts`` of one reply or of several concatenated (float64)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return np.maximum(counts, 0.0) if weighted else (counts >= min_count).astype(np.float64)
 
 
 def present_rows(replies: list[Payload], min_count: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,10 +116,11 @@ def aggregate_prototypes(replies: list[Payload], num_classes: int, dim: int, wei
     """Per-class mean of the uploaded prototypes, weighted as :func:`reply_weights` says; a class whose
     weights are all 0 gets no prototype."""
     acc = PrototypeAccumulator(num_classes, dim, dtype=torch.float64, device="cpu")
-    for reply in replies:
-        classes = torch.from_numpy(reply["classes"])
+    if replies:  # every upload in one update, in reply order: the sums of one update per reply
         acc.update_means(
-            classes, torch.from_numpy(reply["prototypes"]).double(), reply_weights(reply, weighted, min_count)
+            torch.from_numpy(np.concatenate([r["classes"] for r in replies])),
+            torch.from_numpy(np.concatenate([r["prototypes"] for r in replies])).double(),
+            torch.from_numpy(np.concatenate([_count_weights(r["counts"], weighted, min_count) for r in replies])),
         )
     classes, protos, _ = acc.compute()
     return classes, protos.float()
@@ -379,7 +385,22 @@ class FedProto(ModelAlgorithm):
                 m.update(extra)
         return [(r.classes, r.prototypes, r.counts, ledger, m) for (r, ledger), m in zip(released, metrics)]
 
+    def clean_prototypes_batch(self, stacked: StackedFeatures) -> list[tuple[Any, ...]]:
+        """:meth:`release_prototypes` of a batched round's clients without a privacy mechanism: each client's
+        classes, clean per-class means and counts from the stacked class sums, the means of all clients in
+        one division (the same float32 values as each client's ``PrototypeAccumulator.compute``)."""
+        sums, counts = stacked.sums.cpu().numpy(), stacked.counts.cpu().numpy()
+        means = sums / np.maximum(counts, 1)[:, :, None]  # a held class has a count of at least 1
+        out: list[tuple[Any, ...]] = []
+        for client_means, client_counts in zip(means, counts):
+            classes = np.flatnonzero(client_counts)
+            held = (classes, client_means[classes], client_counts[classes])
+            out.append((*(torch.from_numpy(a).to(self.device) for a in held), None, {}))
+        return out
+
     def replies(self, outcomes: list[LocalOutcome], stacked: StackedFeatures | None):
+        if stacked is not None and self.privacy_layer is None:
+            return [self.reply_with(o, r) for o, r in zip(outcomes, self.clean_prototypes_batch(stacked))]
         if stacked is None or not self.batch_releases or not isinstance(self.privacy_layer, PrototypeReleaseLayer):
             return super().replies(outcomes, stacked)
         return [

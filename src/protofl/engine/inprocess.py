@@ -121,19 +121,22 @@ class InProcessTransport:
         up: dict[int, int] = {}
         train_losses = []
         reply_metrics: dict[str, list[float]] = {}
+        # asked once a round: what every reply must be, and which of a client's metrics the row averages
+        reply_spec = algo.reply_spec() if algo.communicates else None
+        row_metrics = algo.row_metrics()
         self.progress.start(r, len(active))
         for k, new_state, reply, metrics in self._client_steps(active, r, broadcast, wire_down):
             self.progress.advance()
             train_losses.append(metrics.get("train_loss", float("nan")))
-            for key in algo.row_metrics():
+            for key in row_metrics:
                 if key in metrics:
                     reply_metrics.setdefault(key, []).append(float(metrics[key]))
             status[k] = "ok"
-            if algo.communicates:
+            if reply_spec is not None:
                 wire = reply.to_bytes()
                 up[k] = len(wire)
                 try:
-                    reply = self._through_wire(wire, algo.reply_spec(), f"client {k}")
+                    reply = self._through_wire(wire, reply_spec, f"client {k}")
                 except PayloadError as exc:
                     log.warning("round %d: rejected the reply of client %d: %s", r, k, exc)
                     status[k] = "rejected"

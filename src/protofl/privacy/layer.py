@@ -183,7 +183,22 @@ class PlannedReleaseLayer(PrivacyLayer):
         return tuple((event, count * self.config.planned_releases) for event, count in self.release_events())
 
     def check_next(self, client_state: State, who: str) -> None:
-        self.ledger(client_state).check(self.release_events(), who)
+        # The answer depends on the release's events and the client's record alone: a record already found
+        # to allow this release (in a round that samples every client, they all hold the same one) is not
+        # loaded and checked again. A refusal is not remembered: it raises.
+        events = self.release_events()
+        key = (events, _record_key(client_state.get(LEDGER_KEY, ())))
+        if key in self._allowed:
+            return
+        self.ledger(client_state).check(events, who)
+        if len(self._allowed) >= _ALLOWED_RECORDS:
+            self._allowed.clear()
+        self._allowed.add(key)
+
+    @functools.cached_property
+    def _allowed(self) -> set[tuple]:
+        """``(release events, record)`` pairs found within the budget by :meth:`check_next`."""
+        return set()
 
     def report_details(self) -> dict[str, Any]:
         """The layer's own keys of its :meth:`report` (after the shared ones)."""
@@ -437,6 +452,9 @@ class ClassGradientLayer(DPSGDLayer):
             contributions, labels, self.num_classes, clip, upload_sigma, self.config.count_fraction, generator
         )
 
+
+#: How many records :meth:`PlannedReleaseLayer.check_next` remembers as allowed (then it starts afresh).
+_ALLOWED_RECORDS = 256
 
 #: Client-state key of the events of a DP-SGD client's next round (:meth:`DPSGDLayer.check_next`).
 NEXT_ROUND_KEY = "privacy_next_round"
