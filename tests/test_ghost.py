@@ -132,6 +132,7 @@ def test_module_ghost_clipping_refuses_functional_use_and_shared_weights():
 
 OPTIONS = {
     "public_basis": "none",
+    "output_variance": False,  # the Gaussian decoder needs a public basis
     "range_reference": "unit",
     "latent_dim": 4,
     "hidden_dim": 16,
