@@ -948,9 +948,7 @@ class FedHypeVAE(Algorithm):
             [
                 {
                     "params": [
-                        v
-                        for k, v in params.items()
-                        if k.startswith("phi/") and not k.startswith((*hyper, output))
+                        v for k, v in params.items() if k.startswith("phi/") and not k.startswith((*hyper, output))
                     ],
                     "lr": c.lr,
                 },
