@@ -23,7 +23,9 @@ Spec: ../shared/specs/fedhypevae.md. What the paper leaves open is marked *infer
   modulates the hidden layers only, never the output layer; ``hyper_rank = 0`` is the full-rank head
   over every layer.
   ``code_dim = 0`` is the DP-CVAE baseline: one shared decoder, prior N(0, I), no hypernetwork.
-- **Local objective per example**: ‖x − D_c(z, y)‖² (z ~ q_ψ) + β_KL KL(q_ψ ‖ p_c(·|y))
+- **Local objective per example**: ‖x − D_c(z, y)‖² (z ~ q_ψ; with ``output_variance``, the default,
+  Σ_d (x_d − D_c(z, y)_d)² / σ_d² + log σ_d² with a learned σ², and synthesis draws D_c(z, y) + σ ⊙ ε)
+  + β_KL KL(q_ψ ‖ p_c(·|y))
   + λ_MMD [k(x̃, x̃') − 2 k(x, x̃)] + λ_Lip R_Lip, with x̃, x̃' = D_c(z̃), z̃ ~ p_c(·|y), k an RBF kernel.
   *MMD decomposition*: the batch MMD² between real and generated samples couples examples; we use the
   per-example unbiased estimate: for each real example two generated samples of its class, the
