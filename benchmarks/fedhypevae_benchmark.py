@@ -83,6 +83,9 @@ EARLIER = {
     "label_at_output": False,
     "lr": 1e-2,
     "private_lr": 1e-2,
+    "output_lr": None,
+    "beta_kl": 0.1,
+    "output_variance": False,
 }
 METHODS = {
     "fedhypevae": {"name": "fedhypevae", **GENERATOR},

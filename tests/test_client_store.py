@@ -32,6 +32,7 @@ OPTIONS = {
     "fedhpro": {"distill_augmentation": "none"},
     "fedhypevae": {
         "public_basis": "none",  # the raw vectors: a public basis needs an encoder's embeddings
+        "output_variance": False,  # its Gaussian decoder needs a public basis (a linear output)
         "range_reference": "unit",
         "latent_dim": 4,
         "hidden_dim": 16,

@@ -16,6 +16,7 @@ from protofl.privacy import BudgetExceededError, SampledGaussianEvent
 
 OPTIONS = {
     "public_basis": "none",
+    "output_variance": False,  # the Gaussian decoder needs a public basis
     "range_reference": "unit",
     "latent_dim": 4,
     "hidden_dim": 16,
@@ -217,6 +218,7 @@ def test_short_run_on_real_embeddings_learns_classes_within_its_budget(tmp_path,
             "public_dims": 64,  # the photo-crop space's default (OptDigits' preset takes 32)
             "lr": lr,
             "private_lr": lr,
+            "output_lr": 3 * lr,
             "hyper_lr": lr / 20,
             "meta_lr": lr * 5,
             "synthetic_per_class": 60,
@@ -277,6 +279,7 @@ def test_without_noise_the_generator_learns_classes_a_classifier_can_use():
     algo = get_algorithm("fedhypevae").from_options(
         {
             "public_basis": "none",
+            "output_variance": False,
             "range_reference": "unit",
             "latent_dim": 8,
             "hidden_dim": 64,

@@ -132,6 +132,7 @@ def test_module_ghost_clipping_refuses_functional_use_and_shared_weights():
 
 OPTIONS = {
     "public_basis": "none",
+    "output_variance": False,  # the Gaussian decoder needs a public basis
     "range_reference": "unit",
     "latent_dim": 4,
     "hidden_dim": 16,
@@ -152,6 +153,8 @@ VARIANTS = {
     "no-mmd": {"mmd_weight": 0.0},
     "no-lipschitz": {"lip_weight": 0.0},
     "dp-cvae": {"code_dim": 0, "samplers": ["neutral"]},
+    # a linear output (a public basis's coordinates) with the Gaussian decoder's learned log σ²
+    "output-variance": {"public_basis": "photos", "public_dims": 12, "output_variance": True},
 }
 
 
@@ -175,6 +178,8 @@ def _setup(variant, n=10):
     if "hyper2.w" in phi:  # the low-rank head's second factor starts at zero too
         phi["hyper2.w"] = torch.randn(phi["hyper2.w"].shape, generator=g) * 0.5
         phi["hyper2.b"] = torch.randn(phi["hyper2.b"].shape, generator=g) * 0.2
+    if "dec3.logvar" in phi:  # away from σ² = 1, so the variance scales the residuals
+        phi["dec3.logvar"] = torch.randn(phi["dec3.logvar"].shape, generator=g) * 0.5
     params = {
         **{"phi/" + k: v.double() for k, v in phi.items()},
         **{"psi/" + k: v.double() for k, v in psi.items()},

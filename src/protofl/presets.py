@@ -30,8 +30,8 @@ DATASET_PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
 #: was short of steps in 3 rounds (5.2 %: two of them learnt the meta-code, leaving 20 DP-SGD steps at lr
 #: 1e-3 for 277,476 DP-trained numbers). A smaller generator (22,604 DP-trained numbers) in a 32-d public
 #: space, batches of 96 (q ~ 0.95; clients need at least 96 embeddings), lr 1e-2, one meta round and 100
-#: steps a round (sigma 8.5-8.6 at epsilon 8) reaches 52.6 % (29.1 % with the label at the decoder's first
-#: layer only); 50 steps (sigma 6.3) 24.4 % before the label reached the output layer
+#: steps a round (sigma 8.5-8.6 at epsilon 8) reached 52.6 % (29.1 % with the label at the decoder's first
+#: layer only; 50.4 % with the per-class path's defaults, output_lr 3e-2 here 3x lr); 50 steps (sigma 6.3) 24.4 % before the label reached the output layer
 #: (docs/configuration.md lists the variants measured).
 #: FedHypeVAE on digits-domains (about 820 embeddings a client, four digit domains): its general defaults
 #: reach 21.4 % in 3 rounds (40 generator steps, sigma 0.75). The FedHypeVAE benchmark's sizes (84,628
