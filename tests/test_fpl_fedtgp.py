@@ -213,10 +213,8 @@ def test_fedtgp_live_units_tell_a_collapsed_generator_from_a_trained_one():
     d, c = 1280, 10
     task = Task(input_shape=(d,), num_classes=c, model=ModelConfig(name="linear"))
     g = torch.Generator().manual_seed(0)
-    centres = torch.randn(c, d, generator=g).abs() * 0.1  # non-negative, norm about 2.2, like the embeddings
-    replies = [
-        reply(list(range(c)), (centres + 0.02 * torch.randn(c, d, generator=g)).tolist()) for _ in range(4)
-    ]
+    centres = torch.randn(c, d, generator=g).abs() * 0.1  # non-negative, norm about 3.6, like the embeddings
+    replies = [reply(list(range(c)), (centres + 0.02 * torch.randn(c, d, generator=g)).tolist()) for _ in range(4)]
     uploads = torch.from_numpy(np.concatenate([r["prototypes"] for r in replies])).float()
     labels = torch.from_numpy(np.concatenate([r["classes"] for r in replies]))
     by_lr = {}
