@@ -303,6 +303,8 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f} at its end)"
     )
     lines = table(rows, args, header)
+    lines += ["", "VPP against IGPP per cell (no DCR), nearest-prototype accuracy paired by seed:", ""]
+    lines += pivot(rows, args)
     lines += [
         "",
         "The claims, paired by (setting, host, ε, ρ, seed); won: pairs where the first arm's proto acc is higher:",
