@@ -53,6 +53,12 @@ VARIANTS = {
     **BASE_VARIANTS,
     **{f"{name}+dcr": {**variant, "dcr": True} for name, variant in BASE_VARIANTS.items()},
 }
+#: Hosts beyond the VPDR benchmark's: a label, the VPDR host it runs and the method options it changes.
+#: FedTGP's default server learning rate (0.1) kills every hidden ReLU of its generator on the 1,280-d
+#: embeddings of the ``linear`` model, so every class gets the same global prototype
+#: (benchmarks/fedtgp_prototypes.py); at 0.01 the generator trains.
+HOST_VARIANTS = {"fedtgp-slr0.01": ("fedtgp", {"server_lr": 0.01})}
+HOSTS = {**{name: (name, {}) for name in vpdr.HOSTS}, **HOST_VARIANTS}
 
 
 def config(
@@ -68,8 +74,10 @@ def config(
     """The VPDR benchmark's cell (its settings, hosts and local training; the ``adapter`` model under the
     library's privacy defaults, or the ``linear`` head on the frozen embeddings under ``fixed-features``),
     with this variant's mechanism, selection and DCR, VPP's ``rho`` (None: the default), evaluated every
-    round."""
-    cell = vpdr.config(setting, host, variant["mechanism"], epsilon, seed, rounds, model=model)
+    round; ``host``: a VPDR host or a label of :data:`HOST_VARIANTS`."""
+    base, options = HOSTS[host]
+    cell = vpdr.config(setting, base, variant["mechanism"], epsilon, seed, rounds, model=model)
+    cell["method"].update(options)
     if math.isinf(epsilon):  # no release: the plain host (with DCR if asked), the ceiling of every variant
         cell["privacy"]["dcr"] = variant.get("dcr", False)
     else:
@@ -137,6 +145,7 @@ def run_cell(cell: dict, rounds: int, model: str) -> dict:
         "overlap": mean([r.get("vpp_overlap", math.nan) for r in later]),
         "acc": final["personal_acc_mean"],
         "proto_acc": final.get("personal_proto_acc_mean"),
+        "generator_live_units": final.get("server_generator_live_units"),  # FedTGP only
         "wall_s": time.perf_counter() - wall,
         "cpu_s": time.process_time() - cpu,
     }
@@ -254,7 +263,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--rhos", type=float, nargs="+", default=[0.3], help="VPP's selected fraction")
-    parser.add_argument("--hosts", nargs="+", default=["fedproto", "fpl"], choices=sorted(vpdr.HOSTS))
+    parser.add_argument("--hosts", nargs="+", default=["fedproto", "fpl"], choices=sorted(HOSTS))
     parser.add_argument("--variants", nargs="+", default=list(BASE_VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--model", default="adapter", choices=sorted(vpdr.MODELS))
     parser.add_argument("--settings", nargs="+", default=["digits-domains"], choices=sorted(vpdr.SETTINGS))
@@ -294,6 +303,8 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f} at its end)"
     )
     lines = table(rows, args, header)
+    lines += ["", "VPP against IGPP per cell (no DCR), nearest-prototype accuracy paired by seed:", ""]
+    lines += pivot(rows, args)
     lines += [
         "",
         "The claims, paired by (setting, host, ε, ρ, seed); won: pairs where the first arm's proto acc is higher:",

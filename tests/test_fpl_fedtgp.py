@@ -9,7 +9,7 @@ import torch
 
 import protofl
 from protofl.algorithms import ALGORITHMS, ClientData, Task
-from protofl.algorithms.fedtgp import adaptive_margin, generate_prototypes, margin_loss
+from protofl.algorithms.fedtgp import adaptive_margin, generate_prototypes, live_units, margin_loss
 from protofl.algorithms.fpl import cluster_prototypes, cpcl_loss
 from protofl.config import ModelConfig
 from protofl.finch import finch, first_neighbour_partition
@@ -204,6 +204,31 @@ def test_fedtgp_server_learns_prototypes_that_classify_the_uploads():
     torch.testing.assert_close(loaded["generator"], state["generator"])
     torch.testing.assert_close(algo.init_server_state(0)["generator"], server["generator"])
     assert not torch.equal(algo.init_server_state(1)["generator"]["embedding"], server["generator"]["embedding"])
+
+
+def test_fedtgp_live_units_tell_a_collapsed_generator_from_a_trained_one():
+    """On wide features (d = 1,280, like the frozen EfficientNet-Lite0 embeddings) the default server lr
+    0.1 kills every hidden unit of the generator in one round, so every class gets the same prototype;
+    the metric says 0 there and is positive where the generator trains (lr 0.01)."""
+    d, c = 1280, 10
+    task = Task(input_shape=(d,), num_classes=c, model=ModelConfig(name="linear"))
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(c, d, generator=g).abs() * 0.1  # non-negative, norm about 3.6, like the embeddings
+    replies = [reply(list(range(c)), (centres + 0.02 * torch.randn(c, d, generator=g)).tolist()) for _ in range(4)]
+    uploads = torch.from_numpy(np.concatenate([r["prototypes"] for r in replies])).float()
+    labels = torch.from_numpy(np.concatenate([r["classes"] for r in replies]))
+    by_lr = {}
+    for lr in (0.1, 0.01):
+        algo = ALGORITHMS["fedtgp"].from_options({"server_lr": lr}, task)
+        state, metrics = algo.server_step(algo.init_server_state(0), replies)
+        assert metrics["generator_live_units"] == live_units(state["generator"])
+        by_lr[lr] = (state, metrics, (torch.cdist(uploads, state["prototypes"]).argmin(1) == labels).float().mean())
+    collapsed, _, collapsed_acc = by_lr[0.1]
+    assert by_lr[0.1][1]["generator_live_units"] == 0.0
+    assert float(torch.pdist(collapsed["prototypes"]).max()) < 1e-6  # one prototype for every class
+    assert collapsed_acc <= 0.1 + 1e-6
+    assert by_lr[0.01][1]["generator_live_units"] > 0.5
+    assert by_lr[0.01][2] == 1.0  # the trained generator tells every upload's class
 
 
 # -- short real runs ---------------------------------------------------------------------------------
