@@ -1,6 +1,7 @@
 """FINCH, FPL and FedTGP against hand computations, their payloads, bad input, and short real runs."""
 
 import io
+import logging
 import math
 
 import numpy as np
@@ -206,7 +207,7 @@ def test_fedtgp_server_learns_prototypes_that_classify_the_uploads():
     assert not torch.equal(algo.init_server_state(1)["generator"]["embedding"], server["generator"]["embedding"])
 
 
-def test_fedtgp_live_units_tell_a_collapsed_generator_from_a_trained_one():
+def test_fedtgp_live_units_tell_a_collapsed_generator_from_a_trained_one(caplog):
     """On wide features (d = 1,280, like the frozen EfficientNet-Lite0 embeddings) the default server lr
     0.1 kills every hidden unit of the generator in one round, so every class gets the same prototype;
     the metric says 0 there and is positive where the generator trains (lr 0.01)."""
@@ -218,9 +219,13 @@ def test_fedtgp_live_units_tell_a_collapsed_generator_from_a_trained_one():
     uploads = torch.from_numpy(np.concatenate([r["prototypes"] for r in replies])).float()
     labels = torch.from_numpy(np.concatenate([r["classes"] for r in replies]))
     by_lr = {}
+    warned = {}
     for lr in (0.1, 0.01):
         algo = ALGORITHMS["fedtgp"].from_options({"server_lr": lr}, task)
-        state, metrics = algo.server_step(algo.init_server_state(0), replies)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="protofl.fedtgp"):
+            state, metrics = algo.server_step(algo.init_server_state(0), replies)
+        warned[lr] = any("no live hidden unit" in r.getMessage() for r in caplog.records)
         assert metrics["generator_live_units"] == live_units(state["generator"])
         by_lr[lr] = (state, metrics, (torch.cdist(uploads, state["prototypes"]).argmin(1) == labels).float().mean())
     collapsed, _, collapsed_acc = by_lr[0.1]
@@ -229,6 +234,7 @@ def test_fedtgp_live_units_tell_a_collapsed_generator_from_a_trained_one():
     assert collapsed_acc <= 0.1 + 1e-6
     assert by_lr[0.01][1]["generator_live_units"] > 0.5
     assert by_lr[0.01][2] == 1.0  # the trained generator tells every upload's class
+    assert warned == {0.1: True, 0.01: False}  # the collapse is said in the log, and only the collapse
 
 
 # -- short real runs ---------------------------------------------------------------------------------

@@ -20,12 +20,14 @@ positive for at least one class. At 0 every class gets the same prototype (``fc2
 nearest-prototype inference puts every example in one class. Too large a ``server_lr`` does this where the
 features are wide: the class embeddings' squared norm (about d) scales each step of ``fc1``, so on the
 1,280-d EfficientNet-Lite0 embeddings of the ``linear`` model the default 0.1 leaves no unit alive after
-one round while 0.01 keeps them (d = 128 trains at 0.1).
+one round while 0.01 keeps them (d = 128 trains at 0.1). A round that ends with no live unit logs a warning
+that says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,9 @@ from protofl.payload import Payload
 from protofl.training import minibatches
 
 GENERATOR_KEYS = ("embedding", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+
+
+log = logging.getLogger("protofl.fedtgp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +156,17 @@ class FedTGP(FedProto):
             "seed": server_state["seed"],
             "round": torch.tensor(round_index, dtype=torch.int64, device=self.device),
         }
+        live = live_units(state["generator"])
+        if live == 0 and len(classes) > 1:
+            log.warning(
+                "round %d: FedTGP's prototype generator has no live hidden unit, so every class gets the same "
+                "global prototype; a smaller method.server_lr keeps it training (0.01 did on 1,280-d embeddings)",
+                round_index,
+            )
         return state, {
             "global_classes": float(len(classes)),
             "margin": margin,
             "server_loss_first": first,
             "server_loss_last": last,
-            "generator_live_units": live_units(state["generator"]),
+            "generator_live_units": live,
         }
