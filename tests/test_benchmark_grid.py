@@ -55,3 +55,91 @@ def test_the_ablation_reads_a_round_from_metrics(common, tmp_path):
     assert fedhpro_ablation.at(tmp_path, 3)["best"]["round"] == 2
     with pytest.raises(SystemExit, match="no evaluated round 4"):
         fedhpro_ablation.at(tmp_path, 4)
+
+
+def _ablation_run(folder: Path, accs: list[float]) -> None:
+    folder.mkdir(parents=True)
+    rows = [{"round": r + 1, "global_acc": a, "round_seconds": 1.0} for r, a in enumerate(accs)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_the_ablation_merges_a_later_seed_into_the_stored_rows(common, tmp_path, monkeypatch):
+    """A call for seed 2 alone with --merge: the table and summaries hold seeds 0, 1 and 2, not seed 2 alone."""
+    import fedhpro_ablation
+
+    monkeypatch.setattr(fedhpro_ablation, "run_grid", lambda *args, **kwargs: [])  # the runs' folders are made here
+    defaults, never_matched = list(fedhpro_ablation.VARIANTS)[0], list(fedhpro_ablation.VARIANTS)[12]
+    common_args = ["fedhpro_ablation.py", "--rounds", "2", "--dataset", "mnist", "--out", str(tmp_path)]
+    for seed, acc in [(0, 0.2), (1, 0.4)]:
+        _ablation_run(tmp_path / "runs" / f"v00-seed{seed}", [0.1, acc])
+    monkeypatch.setattr("sys.argv", [*common_args, "--variants", "0", "--seeds", "2"])
+    fedhpro_ablation.main()
+    _ablation_run(tmp_path / "runs" / "v00-seed2", [0.9, 0.6])
+    _ablation_run(tmp_path / "runs" / "v12-seed2", [0.1, 0.5])
+    monkeypatch.setattr("sys.argv", [*common_args, "--variants", "0", "12", "--first-seed", "2", "--seeds", "1"])
+    fedhpro_ablation.main()  # without --merge: this call's runs only
+    assert [r["seed"] for r in json.loads((tmp_path / "summaries.json").read_text())[defaults]] == [2]
+
+    # the stored file now holds seed 2 only; put seeds 0 and 1 back, then merge seed 2 into them
+    monkeypatch.setattr("sys.argv", [*common_args, "--variants", "0", "--seeds", "2"])
+    fedhpro_ablation.main()
+    monkeypatch.setattr(
+        "sys.argv", [*common_args, "--variants", "0", "12", "--first-seed", "2", "--seeds", "1", "--merge"]
+    )
+    fedhpro_ablation.main()
+    summaries = json.loads((tmp_path / "summaries.json").read_text())
+    assert list(summaries) == [defaults, never_matched]
+    assert [(r["seed"], r["final"]["global_acc"], r["best"]["global_acc"]) for r in summaries[defaults]] == [
+        (0, 0.2, 0.2),
+        (1, 0.4, 0.4),
+        (2, 0.6, 0.9),
+    ]
+    assert {r["dataset"] for r in summaries[defaults]} == {"mnist"}
+    table = (tmp_path / "table.md").read_text()
+    assert f"| {defaults} | `{{}}` | 0, 1, 2 | 40.00 ± 16.33 | 50.00 ± 29.44 |" in table
+    assert "| 2 | 50.00 ± 0.00 | 50.00 ± 0.00 |" in table.split(never_matched)[1]
+    assert "rows of earlier calls kept from summaries.json" in table
+
+
+def test_the_ablation_merge_refuses_what_it_cannot_place(common, tmp_path, monkeypatch):
+    import fedhpro_ablation
+
+    defaults = list(fedhpro_ablation.VARIANTS)[0]
+    setting = {"dataset": "mnist", "rounds": 50, "round": 50}
+    stored = tmp_path / "summaries.json"
+    entry = {"seed": 0, **setting, "final": {}, "best": {}}
+    stored.write_text(json.dumps({defaults: [entry]}))
+    assert fedhpro_ablation.read_summaries(stored, setting) == {defaults: [entry]}
+    for content, message in [
+        ({defaults: [{k: v for k, v in entry.items() if k != "seed"}]}, "has no seed"),
+        ({defaults: [{**entry, "dataset": "fashion-mnist"}]}, "has dataset 'fashion-mnist', this call 'mnist'"),
+        ({defaults: [{**entry, "round": 10}]}, "has round 10, this call 50"),
+        ({"a variant no longer in the script": [entry]}, "unknown variant"),
+        ([entry], "not a summaries file"),
+    ]:
+        stored.write_text(json.dumps(content))
+        with pytest.raises(SystemExit, match=message) as err:
+            fedhpro_ablation.read_summaries(stored, setting)
+        assert str(stored) in str(err.value)
+    stored.write_text("{")
+    with pytest.raises(SystemExit, match="not a readable summaries file"):
+        fedhpro_ablation.read_summaries(stored, setting)
+    # a stored file that cannot be merged stops the call before any run
+    monkeypatch.setattr(fedhpro_ablation, "run_grid", lambda *args, **kwargs: pytest.fail("ran"))
+    monkeypatch.setattr(
+        "sys.argv", ["fedhpro_ablation.py", "--dataset", "mnist", "--out", str(tmp_path), "--variants", "0", "--merge"]
+    )
+    with pytest.raises(SystemExit, match="not a readable summaries file"):
+        fedhpro_ablation.main()
+
+
+def test_the_ablation_merge_replaces_a_stored_seed_and_keeps_the_rest(common):
+    import fedhpro_ablation
+
+    stored = {"a": [{"seed": 0, "x": 1}, {"seed": 1, "x": 2}], "b": [{"seed": 0, "x": 3}]}
+    new = {"c": [{"seed": 0, "x": 4}], "a": [{"seed": 1, "x": 5}, {"seed": 2, "x": 6}]}
+    assert fedhpro_ablation.merge(stored, new) == {
+        "a": [{"seed": 0, "x": 1}, {"seed": 1, "x": 5}, {"seed": 2, "x": 6}],
+        "b": [{"seed": 0, "x": 3}],
+        "c": [{"seed": 0, "x": 4}],
+    }
