@@ -137,9 +137,13 @@ def read_summaries(path: Path, setting: dict) -> dict[str, list[dict]]:
     for name, runs in stored.items():
         if name not in VARIANTS:
             raise SystemExit(f"{path}: unknown variant {name!r}")
+        if not isinstance(runs, list):
+            raise SystemExit(f"{path}: the runs of {name!r} are not a list")
         for run in runs:
             if not isinstance(run, dict) or "seed" not in run:
                 raise SystemExit(f"{path}: an entry of {name!r} has no seed, so --merge cannot place it")
+            if type(run["seed"]) is not int:
+                raise SystemExit(f"{path}: an entry of {name!r} has seed {run['seed']!r}, not a whole number")
             for key, value in setting.items():
                 if run.get(key) != value:
                     raise SystemExit(

@@ -116,6 +116,9 @@ def test_the_ablation_merge_refuses_what_it_cannot_place(common, tmp_path, monke
         ({defaults: [{**entry, "round": 10}]}, "has round 10, this call 50"),
         ({"a variant no longer in the script": [entry]}, "unknown variant"),
         ([entry], "not a summaries file"),
+        ({defaults: entry}, "are not a list"),
+        ({defaults: [{**entry, "seed": [0]}]}, r"has seed \[0\], not a whole number"),
+        ({defaults: [{**entry, "seed": "0"}]}, "has seed '0', not a whole number"),
     ]:
         stored.write_text(json.dumps(content))
         with pytest.raises(SystemExit, match=message) as err:

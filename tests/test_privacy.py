@@ -124,6 +124,17 @@ def test_laplace_noise_scale():
     assert float(x.abs().mean()) == pytest.approx(0.7, rel=0.02)
 
 
+def test_laplace_of_uniform_is_the_inverse_cdf_for_every_shape():
+    from protofl.privacy.mechanisms import _laplace_of_uniform
+
+    u = np.array([1e-12, 0.2, 0.5, 0.7, 1 - 1e-12])
+    want = -0.7 * np.sign(u - 0.5) * np.log1p(-2 * np.abs(u - 0.5))
+    np.testing.assert_allclose(_laplace_of_uniform(u, 0.7), want, rtol=1e-12)
+    assert _laplace_of_uniform(u.reshape(5, 1), 0.7).shape == (5, 1)
+    assert _laplace_of_uniform(np.float64(0.7), 0.7) == pytest.approx(want[3])  # a 0-d draw, in place too
+    assert np.isfinite(_laplace_of_uniform(np.array([0.0]), 0.7)).all()  # the edge of [0, 1) stays finite
+
+
 # -- accounting ------------------------------------------------------------------------------------
 
 

@@ -399,7 +399,11 @@ class FedProto(ModelAlgorithm):
         return out
 
     def replies(self, outcomes: list[LocalOutcome], stacked: StackedFeatures | None):
-        if stacked is not None and self.privacy_layer is None:
+        if (
+            stacked is not None
+            and self.privacy_layer is None
+            and type(self).release_prototypes is FedProto.release_prototypes
+        ):
             return [self.reply_with(o, r) for o, r in zip(outcomes, self.clean_prototypes_batch(stacked))]
         if stacked is None or not self.batch_releases or not isinstance(self.privacy_layer, PrototypeReleaseLayer):
             return super().replies(outcomes, stacked)

@@ -139,7 +139,8 @@ def laplace_noise(shape: tuple[int, ...], scale: float, generator: torch.Generat
 def _laplace_of_uniform(u: np.ndarray, scale: float) -> np.ndarray:
     """Laplace(0, scale) values from uniform [0, 1) draws ``u`` (inversion of the CDF, elementwise):
     ``-scale · sign(u − ½) · log1p(−2 · min(|u − ½|, ½ − 10⁻¹⁶))``, in place on two arrays."""
-    u = u - 0.5
+    shape = np.shape(u)
+    u = np.atleast_1d(u) - 0.5  # an array even for a 0-d input, for the in-place steps below
     magnitude = np.abs(u)
     np.minimum(magnitude, 0.5 - 1e-16, out=magnitude)
     magnitude *= -2
@@ -147,7 +148,7 @@ def _laplace_of_uniform(u: np.ndarray, scale: float) -> np.ndarray:
     out = np.sign(u)
     out *= -scale
     out *= magnitude
-    return out
+    return out.reshape(shape)
 
 
 def _draws(
