@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from _common import RESULTS
-from fedhypevae_diagnose import SETTING
 from fedhypevae_benchmark import config
+from fedhypevae_diagnose import SETTING
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ def test_synthesis_draws_the_factors_correlated_spread():
             phi[k] = torch.zeros_like(phi[k])
     phi["dec3.logvar"] = torch.full((D,), -6.0)
     a = torch.tensor([[3.0], [-3.0], [0.0], [0.0], [1.0], [0.0]])
-    phi[output_factor_key(algo.sizes)] = a
+    phi[output_factor_key(algo.sizes)] = a / algo.config.output_factor_scale
     x, _ = algo.synthesise(state, "neutral", 0, per_class=2000)
     cov = torch.cov(x.T)
     # without the factor's draw the covariance would be about 0.0025 I, with no correlation

@@ -194,6 +194,10 @@ class FedHypeVAEConfig:
     #: form, an r x r solve per example) and synthesis adds A u, u ~ N(0, I_r), to μ + σ ⊙ ε. 0: the
     #: diagonal alone. Needs ``output_variance``.
     output_rank: int = 0
+    #: φ holds A / ``output_factor_scale``: the factor's share of each example's clipped gradient (and its
+    #: Adam step, at the output layer's rate) shrinks by this factor, so that under DP noise it does not
+    #: take the clip budget from the class path.
+    output_factor_scale: float = 0.1
     #: How the server averages the clients' φ: ``inverse-noise`` (weights 1/σ_k², normalised; σ_k follows
     #: from the client's size, treated as public as for the sampling rate) or ``uniform``.
     aggregation: str = "inverse-noise"
@@ -257,6 +261,7 @@ class FedHypeVAEConfig:
             f"must be > 0, got {self.mmd_bandwidth}",
         )
         check_choice(self.per_example_grads, ("ghost", "materialised"), "per_example_grads")
+        check(self.output_factor_scale > 0, "output_factor_scale", f"must be > 0, got {self.output_factor_scale}")
         check(self.output_rank >= 0, "output_rank", f"must be >= 0 (0: diagonal only), got {self.output_rank}")
         check(
             not self.output_rank or self.output_variance,
@@ -320,7 +325,7 @@ def init_phi(
         phi[output_logvar_key(sizes)] = torch.zeros(input_dim, device=generator.device)
     if c.output_rank:  # the covariance's low-rank factor A; small, not zero (at A = 0 its gradient is zero)
         a = torch.randn(input_dim, c.output_rank, generator=generator, device=generator.device)
-        phi[output_factor_key(sizes)] = 0.1 * a
+        phi[output_factor_key(sizes)] = 0.1 * a / c.output_factor_scale
     if c.code_dim:
         modulation = sum(2 * o for o, _ in sizes[: modulated_layers(c, len(sizes))])
         phi["hyper0.w"], phi["hyper0.b"] = _linear_init(c.hyper_hidden, c.code_dim, generator)
@@ -604,7 +609,8 @@ def batch_losses(
         logvar = taps["logvar"] = phi[output_logvar_key(algo.sizes)].expand(b, -1)
         factor = None
         if c.output_rank:
-            factor = taps["factor"] = phi[output_factor_key(algo.sizes)].expand(b, -1, -1)
+            taps["factor"] = phi[output_factor_key(algo.sizes)].expand(b, -1, -1)
+            factor = c.output_factor_scale * taps["factor"]
         loss = gaussian_nll2(x - h[:, 0], logvar, factor) + c.beta_kl * kl
     else:
         loss = ((x - h[:, 0]) ** 2).sum(-1) + c.beta_kl * kl
@@ -1120,9 +1126,7 @@ class FedHypeVAE(Algorithm):
 
     # -- synthesis and the downstream classifier --------------------------------------------------------
     @torch.no_grad()
-    def synthesise(
-        self, state: State, sampler: str, seed: int, per_class: int | None = None, temperature: float = 1.0
-    ):
+    def synthesise(self, state: State, sampler: str, seed: int, per_class: int | None = None, temperature: float = 1.0):
         """Class-balanced synthetic (normalised) embeddings from ``sampler``: ``(x, y)``; ``temperature``
         scales the prior's standard deviation of z (1: the prior itself)."""
         c = self.config
@@ -1156,7 +1160,7 @@ class FedHypeVAE(Algorithm):
                 out[rows] += torch.randn(len(rows), self.input_dim, generator=g, device="cpu").to(std.device) * std
             if c.output_rank:  # the low-rank part of the covariance: A u
                 u = torch.randn(len(rows), c.output_rank, generator=g, device="cpu").to(self.device)
-                out[rows] += u @ phi[output_factor_key(self.sizes)].T
+                out[rows] += u @ (c.output_factor_scale * phi[output_factor_key(self.sizes)]).T
         return out, y
 
     def train_classifier(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
