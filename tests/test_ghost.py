@@ -155,6 +155,8 @@ VARIANTS = {
     "dp-cvae": {"code_dim": 0, "samplers": ["neutral"]},
     # a linear output (a public basis's coordinates) with the Gaussian decoder's learned log σ²
     "output-variance": {"public_basis": "photos", "public_dims": 12, "output_variance": True},
+    # and a learned low-rank factor A of its covariance, diag(σ²) + A Aᵀ
+    "output-factor": {"public_basis": "photos", "public_dims": 12, "output_variance": True, "output_rank": 2},
 }
 
 

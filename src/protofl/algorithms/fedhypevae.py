@@ -189,6 +189,15 @@ class FedHypeVAEConfig:
     #: log-likelihood; at σ² = 1, where it starts, the plain squared error) and synthesis draws
     #: μ + σ ⊙ ε instead of the decoder's mean alone. Needs a public basis (a linear output).
     output_variance: bool = True
+    #: Rank r of a learned low-rank factor A (D x r, in φ, DP-trained like the rest) added to the Gaussian
+    #: decoder's covariance, diag(σ²) + A Aᵀ: the reconstruction term is then the full Gaussian's (Woodbury
+    #: form, an r x r solve per example) and synthesis adds A u, u ~ N(0, I_r), to μ + σ ⊙ ε. 0: the
+    #: diagonal alone. Needs ``output_variance``.
+    output_rank: int = 0
+    #: φ holds A / ``output_factor_scale``: the factor's share of each example's clipped gradient (and its
+    #: Adam step, at the output layer's rate) shrinks by this factor, so that under DP noise it does not
+    #: take the clip budget from the class path.
+    output_factor_scale: float = 0.1
     #: How the server averages the clients' φ: ``inverse-noise`` (weights 1/σ_k², normalised; σ_k follows
     #: from the client's size, treated as public as for the sampling rate) or ``uniform``.
     aggregation: str = "inverse-noise"
@@ -252,6 +261,13 @@ class FedHypeVAEConfig:
             f"must be > 0, got {self.mmd_bandwidth}",
         )
         check_choice(self.per_example_grads, ("ghost", "materialised"), "per_example_grads")
+        check(self.output_factor_scale > 0, "output_factor_scale", f"must be > 0, got {self.output_factor_scale}")
+        check(self.output_rank >= 0, "output_rank", f"must be >= 0 (0: diagonal only), got {self.output_rank}")
+        check(
+            not self.output_rank or self.output_variance,
+            "output_rank",
+            "needs output_variance (the low-rank factor extends the Gaussian decoder's covariance)",
+        )
         check(
             not self.output_variance or self.public_basis != "none",
             "output_variance",
@@ -307,6 +323,9 @@ def init_phi(
         phi[f"dec{l}.w"], phi[f"dec{l}.b"] = _linear_init(o, i, generator)
     if c.output_variance:  # log σ² of the Gaussian decoder, per output dimension, starting at σ² = 1
         phi[output_logvar_key(sizes)] = torch.zeros(input_dim, device=generator.device)
+    if c.output_rank:  # the covariance's low-rank factor A; small, not zero (at A = 0 its gradient is zero)
+        a = torch.randn(input_dim, c.output_rank, generator=generator, device=generator.device)
+        phi[output_factor_key(sizes)] = 0.1 * a / c.output_factor_scale
     if c.code_dim:
         modulation = sum(2 * o for o, _ in sizes[: modulated_layers(c, len(sizes))])
         phi["hyper0.w"], phi["hyper0.b"] = _linear_init(c.hyper_hidden, c.code_dim, generator)
@@ -324,6 +343,26 @@ def output_logvar_key(sizes: list[tuple[int, int]]) -> str:
     """φ's key of the Gaussian decoder's log σ² (``output_variance``): with the output layer's parameters,
     so that it takes the output layer's learning rate."""
     return f"dec{len(sizes) - 1}.logvar"
+
+
+def output_factor_key(sizes: list[tuple[int, int]]) -> str:
+    """φ's key of the low-rank covariance factor A (``output_rank``), with the output layer's parameters."""
+    return f"dec{len(sizes) - 1}.factor"
+
+
+def gaussian_nll2(e: torch.Tensor, logvar: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """Twice the Gaussian negative log-likelihood of residuals ``e`` (B, D), up to a constant, under the
+    covariance diag(exp ``logvar``) + A Aᵀ with ``factor`` A (B, D, r; ``None``: the diagonal alone).
+    Woodbury: eᵀΣ⁻¹e = eᵀD⁻¹e − wᵀM⁻¹w and log|Σ| = Σ log σ² + log|M|, M = I + AᵀD⁻¹A, w = AᵀD⁻¹e."""
+    inv = (-logvar).exp()
+    out = (e**2 * inv + logvar).sum(-1)
+    if factor is None:
+        return out
+    m = torch.eye(factor.shape[-1], dtype=e.dtype, device=e.device) + factor.mT @ (factor * inv[..., None])
+    w = (factor.mT @ (e * inv)[..., None]).squeeze(-1)
+    chol = torch.linalg.cholesky(m)
+    v = torch.cholesky_solve(w[..., None], chol).squeeze(-1)
+    return out - (w * v).sum(-1) + 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
 
 def modulated_layers(c: FedHypeVAEConfig, layers: int) -> int:
@@ -568,7 +607,11 @@ def batch_losses(
             h = torch.sigmoid(h)
     if c.output_variance:
         logvar = taps["logvar"] = phi[output_logvar_key(algo.sizes)].expand(b, -1)
-        loss = ((x - h[:, 0]) ** 2 * (-logvar).exp() + logvar).sum(-1) + c.beta_kl * kl
+        factor = None
+        if c.output_rank:
+            taps["factor"] = phi[output_factor_key(algo.sizes)].expand(b, -1, -1)
+            factor = c.output_factor_scale * taps["factor"]
+        loss = gaussian_nll2(x - h[:, 0], logvar, factor) + c.beta_kl * kl
     else:
         loss = ((x - h[:, 0]) ** 2).sum(-1) + c.beta_kl * kl
     if c.mmd_weight:
@@ -598,6 +641,8 @@ def _ghost_sq_norms(algo, phi, code, acts, grads, scales, hid, lip):
             sq = sq + sum(linear_sq_norms(acts[name], grads[name]))
     if "logvar" in grads:  # replicated per example, so its tap's gradient is each example's own
         sq = sq + grads["logvar"].square().sum(-1)
+    if "factor" in grads:  # the same: (B, D, r)
+        sq = sq + grads["factor"].square().sum((-2, -1))
     for l in range(len(algo.sizes)):
         name = f"phi/dec{l}"
         g = grads[name]
@@ -1081,8 +1126,9 @@ class FedHypeVAE(Algorithm):
 
     # -- synthesis and the downstream classifier --------------------------------------------------------
     @torch.no_grad()
-    def synthesise(self, state: State, sampler: str, seed: int, per_class: int | None = None):
-        """Class-balanced synthetic (normalised) embeddings from ``sampler``: ``(x, y)``."""
+    def synthesise(self, state: State, sampler: str, seed: int, per_class: int | None = None, temperature: float = 1.0):
+        """Class-balanced synthetic (normalised) embeddings from ``sampler``: ``(x, y)``; ``temperature``
+        scales the prior's standard deviation of z (1: the prior itself)."""
         c = self.config
         n = per_class or c.synthetic_per_class
         g = torch.Generator(device="cpu").manual_seed(seed)  # CPU draws: the same on every device
@@ -1104,12 +1150,17 @@ class FedHypeVAE(Algorithm):
             mu, logvar = prior(phi, code, y1h[rows], c.latent_dim)
             z = (
                 mu
-                + torch.randn(len(rows), c.latent_dim, generator=g, device="cpu").to(mu.device) * (0.5 * logvar).exp()
+                + torch.randn(len(rows), c.latent_dim, generator=g, device="cpu").to(mu.device)
+                * (0.5 * logvar).exp()
+                * temperature
             )
             out[rows] = decode(phi, z, y1h[rows], mods, self.squash, label_at_output=c.label_at_output)
             if c.output_variance:  # the Gaussian decoder's draw, not its mean alone
                 std = (0.5 * phi[output_logvar_key(self.sizes)]).exp()
                 out[rows] += torch.randn(len(rows), self.input_dim, generator=g, device="cpu").to(std.device) * std
+            if c.output_rank:  # the low-rank part of the covariance: A u
+                u = torch.randn(len(rows), c.output_rank, generator=g, device="cpu").to(self.device)
+                out[rows] += u @ (c.output_factor_scale * phi[output_factor_key(self.sizes)]).T
         return out, y
 
     def train_classifier(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
