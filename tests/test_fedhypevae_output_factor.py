@@ -56,3 +56,19 @@ def test_the_factor_needs_the_gaussian_decoder():
         )
     with pytest.raises(ValueError, match="output_rank"):
         get_algorithm("fedhypevae").from_options({**OPTIONS, "output_rank": -1}, Task((D,), C), PRIVACY)
+
+
+def test_a_log_variance_driven_far_out_neither_overflows_the_loss_nor_the_synthetic_data():
+    from protofl.algorithms.fedhypevae import LOGVAR_BOUND, init_encoder, output_logvar_key
+
+    algo = get_algorithm("fedhypevae").from_options(OPTIONS, Task((D,), C), PRIVACY)
+    state = algo.init_server_state(0)
+    psi = init_encoder(algo.config, D, C, torch.Generator().manual_seed(1))
+    key = output_logvar_key(algo.sizes)
+    x0, y0 = torch.randn(D), torch.nn.functional.one_hot(torch.tensor(1), C).float()
+    for value in (-200.0, 200.0):  # exp(200) is inf in float32: unclamped, the loss or the draw overflows
+        state["phi"][key] = torch.full((D,), value)
+        assert torch.isfinite(algo.example_loss(state["phi"], psi, torch.zeros(0), x0, y0)).all()
+        x, _ = algo.synthesise(state, "neutral", 0, per_class=50)
+        assert torch.isfinite(x).all()
+        assert float(x.std()) < 10 * float(torch.tensor(LOGVAR_BOUND / 2).exp())

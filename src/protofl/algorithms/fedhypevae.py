@@ -339,6 +339,11 @@ def init_phi(
     return phi
 
 
+#: The Gaussian decoder's log σ² is used clamped to ±this in the loss and at synthesis (the encoder's and
+#: the prior's log-variances are clamped alike): a value driven far out by noisy steps cannot overflow.
+LOGVAR_BOUND = 8.0
+
+
 def output_logvar_key(sizes: list[tuple[int, int]]) -> str:
     """φ's key of the Gaussian decoder's log σ² (``output_variance``): with the output layer's parameters,
     so that it takes the output layer's learning rate."""
@@ -611,7 +616,8 @@ def batch_losses(
         if c.output_rank:
             taps["factor"] = phi[output_factor_key(algo.sizes)].expand(b, -1, -1)
             factor = c.output_factor_scale * taps["factor"]
-        loss = gaussian_nll2(x - h[:, 0], logvar, factor) + c.beta_kl * kl
+        # bounded as the encoder's and the prior's are, so a drifting log σ² cannot overflow exp(−log σ²)
+        loss = gaussian_nll2(x - h[:, 0], logvar.clamp(-LOGVAR_BOUND, LOGVAR_BOUND), factor) + c.beta_kl * kl
     else:
         loss = ((x - h[:, 0]) ** 2).sum(-1) + c.beta_kl * kl
     if c.mmd_weight:
@@ -1156,7 +1162,7 @@ class FedHypeVAE(Algorithm):
             )
             out[rows] = decode(phi, z, y1h[rows], mods, self.squash, label_at_output=c.label_at_output)
             if c.output_variance:  # the Gaussian decoder's draw, not its mean alone
-                std = (0.5 * phi[output_logvar_key(self.sizes)]).exp()
+                std = (0.5 * phi[output_logvar_key(self.sizes)].clamp(-LOGVAR_BOUND, LOGVAR_BOUND)).exp()
                 out[rows] += torch.randn(len(rows), self.input_dim, generator=g, device="cpu").to(std.device) * std
             if c.output_rank:  # the low-rank part of the covariance: A u
                 u = torch.randn(len(rows), c.output_rank, generator=g, device="cpu").to(self.device)
