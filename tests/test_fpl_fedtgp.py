@@ -220,14 +220,20 @@ def test_fedtgp_live_units_tell_a_collapsed_generator_from_a_trained_one(caplog)
     labels = torch.from_numpy(np.concatenate([r["classes"] for r in replies]))
     by_lr = {}
     warned = {}
-    for lr in (0.1, 0.01):
-        algo = ALGORITHMS["fedtgp"].from_options({"server_lr": lr}, task)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="protofl.fedtgp"):
-            state, metrics = algo.server_step(algo.init_server_state(0), replies)
-        warned[lr] = any("no live hidden unit" in r.getMessage() for r in caplog.records)
-        assert metrics["generator_live_units"] == live_units(state["generator"])
-        by_lr[lr] = (state, metrics, (torch.cdist(uploads, state["prototypes"]).argmin(1) == labels).float().mean())
+    threads = torch.get_num_threads()
+    # at one thread the collapse is total; at two, another summation order left 1 unit of 1,280 alive
+    torch.set_num_threads(1)
+    try:
+        for lr in (0.1, 0.01):
+            algo = ALGORITHMS["fedtgp"].from_options({"server_lr": lr}, task)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="protofl.fedtgp"):
+                state, metrics = algo.server_step(algo.init_server_state(0), replies)
+            warned[lr] = any("hidden units live" in r.getMessage() for r in caplog.records)
+            assert metrics["generator_live_units"] == live_units(state["generator"])
+            by_lr[lr] = (state, metrics, (torch.cdist(uploads, state["prototypes"]).argmin(1) == labels).float().mean())
+    finally:
+        torch.set_num_threads(threads)
     collapsed, _, collapsed_acc = by_lr[0.1]
     assert by_lr[0.1][1]["generator_live_units"] == 0.0
     assert float(torch.pdist(collapsed["prototypes"]).max()) < 1e-6  # one prototype for every class
