@@ -357,11 +357,14 @@ class FedProto(ModelAlgorithm):
         self, stacked: StackedFeatures, outcomes: list[LocalOutcome]
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, float]]]:
         """:meth:`release_prototypes` of a batched round's clients (their padded train features
-        ``stacked``) under the run's prototype release, as one program: one clip, one ANOVA where the
+        ``stacked``): without a mechanism their clean prototypes (:meth:`clean_prototypes_batch`); under the
+        run's prototype release, as one program: one clip, one ANOVA where the
         selection needs it, each client's noise from its own generator, the ledgers checked and updated
         together (:meth:`~protofl.privacy.layer.PrototypeReleaseLayer.release_batch`). Each client's
         release, ledger and metrics are those of its own :meth:`release_prototypes`."""
         layer = self.privacy_layer
+        if layer is None:  # no mechanism: each client's clean class means
+            return self.clean_prototypes_batch(stacked)
         assert isinstance(layer, PrototypeReleaseLayer)
         received = outcomes[0].received  # one broadcast serves the whole batch
         public = None if received is None else torch.from_numpy(np.asarray(received["prototypes"]))
@@ -399,13 +402,12 @@ class FedProto(ModelAlgorithm):
         return out
 
     def replies(self, outcomes: list[LocalOutcome], stacked: StackedFeatures | None):
-        if (
-            stacked is not None
-            and self.privacy_layer is None
-            and type(self).release_prototypes is FedProto.release_prototypes
-        ):
-            return [self.reply_with(o, r) for o, r in zip(outcomes, self.clean_prototypes_batch(stacked))]
-        if stacked is None or not self.batch_releases or not isinstance(self.privacy_layer, PrototypeReleaseLayer):
+        # A batched round releases through release_prototypes_batch, as a client's round through
+        # release_prototypes: clean (no mechanism, where release_prototypes is FedProto's own) or under the
+        # run's prototype release; anything else goes client by client.
+        clean = self.privacy_layer is None and type(self).release_prototypes is FedProto.release_prototypes
+        released = self.batch_releases and isinstance(self.privacy_layer, PrototypeReleaseLayer)
+        if stacked is None or not (clean or released):
             return super().replies(outcomes, stacked)
         return [
             self.reply_with(outcome, released)
