@@ -325,7 +325,7 @@ def train_batched(
         index, weight, active = schedule.index[s], schedule.weight[s], schedule.active[s]
         # A client's real rows in a step are a prefix of its batch: a step whose batches are all short (e.g.
         # the last one of an epoch) runs at the width of its longest.
-        width = int(weight.sum(1).max())
+        width = int((weight != 0).sum(1).max())  # real rows counted, whatever their weights
         if width < weight.shape[1]:
             index, weight = index[:, :width], weight[:, :width]
         if bool(active.all()):
