@@ -201,3 +201,30 @@ def test_resume_with_sparse_evaluation_and_checkpoints(small_config, tmp_path):
     resumed = protofl.run(None, out=tmp_path / "cut", resume=True)
     assert strip_timing(resumed.history) == strip_timing(whole.history)
     assert [row["round"] for row in read_metrics(tmp_path / "cut/metrics.jsonl")] == [2, 4, 5]
+
+
+def test_resume_refuses_a_checkpoint_whose_method_defaults_have_changed(small_config, tmp_path):
+    """The config file is unchanged (same fingerprint), but an option it leaves to its default resolved
+    differently when the checkpoint was written: resuming would mix two settings in one run."""
+    from protofl.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+    from protofl.errors import CheckpointError
+
+    with pytest.raises(RunInterrupted):
+        protofl.run({**small_config, "federation": {"rounds": 3, "progress": False}}, out=tmp_path / "r", stop_after=1)
+    checkpoint = tmp_path / "r" / "checkpoint"
+    state = load_checkpoint(checkpoint)
+    recorded = state["method_options"]
+    # The resolved options, the defaults the config file leaves out included.
+    assert recorded["lr"] == repr(0.1)
+    assert recorded["momentum"] == repr(0.9)  # LocalTrainingConfig's default, not in the file
+    option = "momentum"
+    state["method_options"] = {**recorded, option: "'an older default'"}
+    save_checkpoint(checkpoint, state)
+    with pytest.raises(CheckpointError, match=f"{option}: 'an older default' -> "):
+        protofl.run(None, out=tmp_path / "r", resume=True)
+    # A checkpoint from before the options were recorded resumes as before.
+    del state["method_options"]
+    save_checkpoint(checkpoint, state)
+    assert (checkpoint / CHECKPOINT_NAME).exists()
+    resumed = protofl.run(None, out=tmp_path / "r", resume=True)
+    assert len(resumed.history) == 3

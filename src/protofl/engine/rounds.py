@@ -100,6 +100,36 @@ def merge_privacy_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any
     return out
 
 
+def method_options(config: Any) -> dict[str, str]:
+    """The method's options as resolved for the run (defaults filled in), each as its ``repr``: what a
+    checkpoint records so that a resume notices options the config file left to defaults that have since
+    changed. Empty for a method whose config is not a dataclass."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return {}
+    return {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _check_method_options(recorded: Any, current: Mapping[str, str]) -> None:
+    """Refuse to resume where the method's resolved options differ from those the checkpoint was
+    written with (the config file is the same: its fingerprint matched, so a default has changed)."""
+    from protofl.errors import CheckpointError
+
+    if not isinstance(recorded, Mapping):
+        raise CheckpointError("the checkpoint's method_options is not a table; refusing to resume")
+    changed = sorted(set(recorded) | set(current), key=str)
+    changed = [k for k in changed if recorded.get(k) != current.get(k)]
+    if not changed:
+        return
+    shown = ", ".join(f"{k}: {recorded.get(k, '(absent)')} -> {current.get(k, '(absent)')}" for k in changed[:4]) + (
+        f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+    )
+    raise CheckpointError(
+        "the method's options differ from the checkpoint's although the configuration is the same, so "
+        f"their defaults changed since it was written ({shown}); refusing to resume a run that would mix "
+        "both: resume it with the protofl version that wrote it, or start the run over"
+    )
+
+
 def _nanmean(values: Sequence[float]) -> float:
     """The mean of the values that are not NaN (NaN when none is)."""
     arr = np.asarray(values, dtype=float)
@@ -310,6 +340,7 @@ class RoundDriver:
         return {
             "round": self.round,
             "fingerprint": self.fingerprint,
+            "method_options": method_options(self.algorithm.config),
             "server_state": self.server_state,
             "history": self.history,
             "bytes_up": self.bytes_up,
@@ -323,6 +354,8 @@ class RoundDriver:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state["fingerprint"] != self.fingerprint:
             raise ValueError("the checkpoint was written by a run with a different configuration; refusing to resume")
+        if "method_options" in state:  # checkpoints from before it was recorded resume as they did
+            _check_method_options(state["method_options"], method_options(self.algorithm.config))
         self.round = state["round"]
         self.server_state = on_device(state["server_state"], self.algorithm.device)
         self.history = state["history"]
