@@ -161,7 +161,7 @@ def metrics_row(
     return {
         "round": r,
         **evaluation,
-        "train_loss": float(np.nanmean(train_losses)) if len(train_losses) else float("nan"),
+        "train_loss": _nanmean(train_losses),
         **{key: _nanmean(values) for key, values in (reply_metrics or {}).items()},
         "clients_sampled": sampled,
         "clients_dropped": dropped,
