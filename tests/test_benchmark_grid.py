@@ -146,3 +146,47 @@ def test_the_ablation_merge_replaces_a_stored_seed_and_keeps_the_rest(common):
         "b": [{"seed": 0, "x": 3}],
         "c": [{"seed": 0, "x": 4}],
     }
+
+
+def _hp_checkpoint(folder: Path, round_: int, hp) -> None:
+    import torch
+
+    (folder / "checkpoint").mkdir(parents=True)
+    torch.save({"round": round_, "server_state": {"hyper_prototypes": hp}}, folder / "checkpoint" / "state.pt")
+
+
+def test_hp_movement_merges_new_runs_into_the_stored_rows(common, tmp_path, monkeypatch):
+    """With --merge the rows of runs whose folders are gone stay, a run measured now replaces its stored row;
+    without it the file holds this call's runs only."""
+    import fedhpro_ablation
+    import fedhpro_hp_movement
+    import torch
+
+    names = list(fedhpro_ablation.VARIANTS)
+    start = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(0))
+    moved = start.clone()
+    moved[0, 0] += 1.0
+    _hp_checkpoint(tmp_path / "runs" / "v12-seed0", 5, start)  # never matched: H = H0
+    _hp_checkpoint(tmp_path / "runs" / "v13-seed0", 50, moved)
+    kept = {"variant": names[0], "seed": 1, "round": 50, **dict.fromkeys(fedhpro_hp_movement.MEASURES[1:], 0.5)}
+    replaced = {**kept, "variant": names[13], "seed": 0, "round": 10}
+    (tmp_path / "hp_movement.json").write_text(json.dumps([replaced, kept]))
+
+    monkeypatch.setattr("sys.argv", ["fedhpro_hp_movement.py", "--out", str(tmp_path), "--merge"])
+    fedhpro_hp_movement.main()
+    rows = json.loads((tmp_path / "hp_movement.json").read_text())
+    assert [(r["variant"], r["seed"], r["round"]) for r in rows] == [(names[0], 1, 50), (names[13], 0, 50)]
+    assert rows[0] == kept
+    assert rows[1]["relative_change"] == pytest.approx(float(1.0 * 8**0.5 / start.norm()))
+    assert rows[1]["hp_cos_min"] < 1.0 and rows[1]["hp_cos_mean"] > rows[1]["hp_cos_min"]
+    table = (tmp_path / "hp_movement.md").read_text()
+    assert f"| {names[0]} | 1 | 50 | 0.500 |" in table and f"| {names[13]} | 0 | 50 |" in table
+
+    monkeypatch.setattr("sys.argv", ["fedhpro_hp_movement.py", "--out", str(tmp_path)])
+    fedhpro_hp_movement.main()  # without --merge
+    assert [r["variant"] for r in json.loads((tmp_path / "hp_movement.json").read_text())] == [names[13]]
+
+    (tmp_path / "hp_movement.json").write_text(json.dumps([{"variant": names[0], "seed": 1}]))
+    monkeypatch.setattr("sys.argv", ["fedhpro_hp_movement.py", "--out", str(tmp_path), "--merge"])
+    with pytest.raises(SystemExit, match="hp_movement.json: the row of .* seed 1 lacks round, relative_change"):
+        fedhpro_hp_movement.main()
