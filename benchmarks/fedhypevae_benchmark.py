@@ -108,8 +108,10 @@ def config(setting: str, method: str, seed: int, rounds: int) -> dict:
     if method == "centralised":
         partition = {"scheme": "iid", "num_clients": 1}
     privacy = dict(PRIVACY) if method in PRIVATE else {}
+    if method in IN_SPACE:  # R of a class-statistics release (dpgauss; the generators' ``stats_fraction``)
+        privacy["clip_bound"] = base["clip_bound"]
     if method == "dpgauss":  # one release of class statistics: rounds change nothing but the work
-        privacy.update(mechanism="class-statistics", clip_bound=base["clip_bound"])
+        privacy.update(mechanism="class-statistics")
         rounds = 1
     return {
         "seed": seed,
