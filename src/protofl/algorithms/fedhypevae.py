@@ -785,18 +785,13 @@ class FedHypeVAE(Algorithm):
             raise ConfigError(
                 f"method.meta_rounds: must be < privacy.planned_releases ({planned}), got {config.meta_rounds}"
             )
-        if config.releases_stats:
-            if privacy.relation != "add-remove":
-                raise ConfigError(
-                    "privacy.relation: the class-statistics release (method.stats_fraction) is accounted under "
-                    "add-remove (its noisy counts hide the class sizes); set privacy.relation = 'add-remove'"
-                )
-            if planned and planned < 2 + config.meta_rounds_of(planned):
-                raise ConfigError(
-                    f"method.stats_fraction: the statistics release takes the first round and DP-SGD needs one "
-                    f"more before the {config.meta_rounds_of(planned)} meta-code round(s); privacy.planned_releases "
-                    f"is {planned}"
-                )
+        # (the release is accounted under add/remove, as DP-SGD is: the layer refuses replace-one)
+        if config.releases_stats and planned and planned < 2 + config.meta_rounds_of(planned):
+            raise ConfigError(
+                f"method.stats_fraction: the statistics release takes the first round and DP-SGD needs one "
+                f"more before the {config.meta_rounds_of(planned)} meta-code round(s); privacy.planned_releases "
+                f"is {planned}"
+            )
 
     # -- normalisation ---------------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
