@@ -53,8 +53,11 @@ Spec: ../shared/specs/fedhypevae.md. What the paper leaves open is marked *infer
 - **Accounting per client** over every step of every round (RDP or PLD, Poisson-subsampled Gaussian),
   σ calibrated per client before its first step for the whole planned run: the φ rounds, the meta-code
   rounds and, if a code-based sampler is asked for, one release of the client's clipped code (Gaussian,
-  sensitivity 2·code_clip, ``code_release_fraction`` of ε). A client whose next round would exceed ε
-  stops the run before that round.
+  sensitivity 2·code_clip, ``code_release_fraction`` of ε) and, with ``stats_fraction``, the first
+  round's release of noisy class statistics (the DP class-Gaussian's mechanism,
+  :mod:`protofl.privacy.class_statistics`, ``stats_fraction`` of ε; the server starts the decoder's
+  output path at the released class means, or draws synthesis's within-class noise from the released
+  pooled covariance). A client whose next round would exceed ε stops the run before that round.
 - **After training**: the last ``meta_rounds`` rounds learn the *neutral meta-code* c₀ with φ frozen:
   clients send DP-SGD updates of c₀ (per-example MMD of D_{c₀} against their data). In the last round
   clients also release their noisy clipped codes when a code sampler is on. The server then synthesises
@@ -286,8 +289,7 @@ class FedHypeVAEConfig:
         check_choice(self.per_example_grads, ("ghost", "materialised"), "per_example_grads")
         check(0 <= self.stats_fraction < 1, "stats_fraction", f"must be in [0, 1), got {self.stats_fraction}")
         check(
-            not (self.stats_fraction and self.releases_codes)
-            or self.stats_fraction + self.code_release_fraction < 1,
+            not (self.stats_fraction and self.releases_codes) or self.stats_fraction + self.code_release_fraction < 1,
             "stats_fraction",
             f"with code_release_fraction {self.code_release_fraction} must leave DP-SGD a share of epsilon "
             f"(their sum < 1), got {self.stats_fraction}",
@@ -296,9 +298,7 @@ class FedHypeVAEConfig:
         for use in self.stats_uses:
             check_choice(use, STATS_USES, "stats_uses")
         check(0 < self.stats_mean_share < 1, "stats_mean_share", f"must be in (0, 1), got {self.stats_mean_share}")
-        check(
-            self.stats_min_eigenvalue > 0, "stats_min_eigenvalue", f"must be > 0, got {self.stats_min_eigenvalue}"
-        )
+        check(self.stats_min_eigenvalue > 0, "stats_min_eigenvalue", f"must be > 0, got {self.stats_min_eigenvalue}")
         check(
             not self.stats_fraction or self.public_basis != "none",
             "stats_fraction",

@@ -75,7 +75,9 @@ def noisy_class_statistics(
         counts + torch.randn(k, generator=generator, dtype=torch.float64, device=generator.device).to(x.device) * std_n
     )
     sums = onehot.T @ x
-    sums = sums + torch.randn(k, d, generator=generator, dtype=torch.float64, device=generator.device).to(x.device) * std_s
+    sums = (
+        sums + torch.randn(k, d, generator=generator, dtype=torch.float64, device=generator.device).to(x.device) * std_s
+    )
     if std_m is None:
         return ClassStatistics(counts.float(), sums.float(), None)
     moments = torch.einsum("nc,ni,nj->cij", onehot, x, x)
