@@ -7,7 +7,9 @@ public images no client holds: MNIST digits for Fashion-MNIST, the bundled photo
 digits-domains, whose clients hold MNIST). Methods, every private one at the same per-client budget:
 
 - ``fedhypevae``: the method as it is now (public space, low-rank hypernetwork head on the hidden
-  layers, inverse-noise weighting, server momentum); its downstream classifier is trained on synthetic
+  layers, inverse-noise weighting, server momentum), here with 10 % of each client's epsilon on a
+  first-round class-statistics release that starts the decoder's class path at the class means, and a
+  rank-4 covariance factor (``GENERATOR``); its downstream classifier is trained on synthetic
   embeddings from each sampler (neutral meta-code, mixture of released codes, the released codes'
   generators);
 - ``fedhypevae-1280``: the earlier form (the 1280-d range space, full-rank head on every layer, uniform
