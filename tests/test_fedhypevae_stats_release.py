@@ -196,3 +196,21 @@ def test_the_release_round_needs_add_remove_and_a_generator_round_after_it():
     with pytest.raises(ConfigError, match="method.stats_fraction: the statistics release takes the first round"):
         fedhypevae.validate_privacy(config, dataclasses.replace(PRIVACY, planned_releases=2))
     fedhypevae.validate_privacy(config, dataclasses.replace(PRIVACY, planned_releases=3))  # 1 + 1 + 1 meta
+
+
+def test_shrinking_damps_offsets_buried_in_the_release_noise_and_keeps_clear_ones(monkeypatch):
+    """``stats_shrink``: at ε = 1 a client of 40 examples releases class means that are mostly noise, and
+    the shrunk offsets come out far shorter than the raw ones; nearly noiseless (ε = 10⁴) they stay as
+    they are. Fails if the factor ignores the noise level or is applied the wrong way round."""
+
+    def label_offsets(privacy, shrink, client):
+        algo = _algo(monkeypatch, privacy, stats_shrink=shrink)
+        server, _ = _round(algo, algo.init_server_state(0), [{}], [client])
+        return server["phi"]["dec3.w"][:, -C:].T
+
+    noisy = _client(0, n=40)
+    raw, shrunk = label_offsets(PRIVACY, False, noisy), label_offsets(PRIVACY, True, noisy)
+    assert float(shrunk.norm()) < 0.5 * float(raw.norm())
+    clear = dataclasses.replace(PRIVACY, epsilon=1e4)
+    raw, shrunk = label_offsets(clear, False, _client(0)), label_offsets(clear, True, _client(0))
+    assert torch.allclose(shrunk, raw, rtol=0.01, atol=0.01)

@@ -182,6 +182,11 @@ class FedHypeVAEConfig:
     #: moments are released too (``covariance``); without them the sums get all of it.
     stats_mean_share: float = 0.5
     stats_min_eigenvalue: float = 0.05
+    #: Shrink each released class offset (mean − global mean) towards the global mean by the positive-part
+    #: James–Stein factor max(0, 1 − D·v_c / ‖offset_c‖²), v_c = K·s² / n_c² the public noise variance of a
+    #: coordinate of the summed class mean (K releases, s the sums' noise, n_c the noisy count):
+    #: post-processing that damps the offsets of classes too small for the release's noise.
+    stats_shrink: bool = False
     #: Where the synthetic embeddings come from, one downstream classifier each: ``neutral`` (c0),
     #: ``mixture`` (the mean released code), ``clients`` (the released codes' generators); the first is the
     #: headline.
@@ -1294,6 +1299,11 @@ class FedHypeVAE(Algorithm):
         radius = self.privacy.clip_bound
         means = means * (radius / means.norm(dim=1, keepdim=True).clamp_min(radius))
         centre = (n[:, None] * means).sum(0) / n.sum()
+        if c.stats_shrink:
+            noise_var = len(replies) * self.stats_stds()[1] ** 2 / n**2
+            offsets = means - centre
+            factor = (1 - means.shape[1] * noise_var / offsets.square().sum(1).clamp_min(1e-12)).clamp_min(0)
+            means = centre + factor[:, None] * offsets
         out: State = {"stats_means": means.float().to(self.device)}
         if "init" in c.stats_uses:
             last = len(self.sizes) - 1
