@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("rounds", type=int)
     parser.add_argument("options", nargs="?", default="{}", help="method options as JSON")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--privacy", default="{}", help="privacy options as JSON (e.g. the clip norm)")
     parser.add_argument("--out", type=Path, default=RESULTS / "fedhypevae" / "class-path")
     args = parser.parse_args()
 
@@ -91,6 +92,7 @@ def main() -> None:
     cfg = config(SETTING, args.method, args.seed, args.rounds)
     cfg["privacy"]["epsilon"] = args.epsilon
     cfg["method"].update(options)
+    cfg["privacy"].update(json.loads(args.privacy))
     cfg["federation"]["threads"] = 1
     run_dir = args.out / "runs" / f"diagnose-{args.name}"
     wall, cpu = time.perf_counter(), time.process_time()
@@ -103,6 +105,7 @@ def main() -> None:
         "rounds": args.rounds,
         "seed": args.seed,
         "options": options,
+        "privacy": json.loads(args.privacy),
         "acc": round(100 * summary["final"]["global_acc"], 2),
         "cpu_s": round(cpu),
         "wall_s": round(wall),

@@ -53,8 +53,11 @@ Spec: ../shared/specs/fedhypevae.md. What the paper leaves open is marked *infer
 - **Accounting per client** over every step of every round (RDP or PLD, Poisson-subsampled Gaussian),
   σ calibrated per client before its first step for the whole planned run: the φ rounds, the meta-code
   rounds and, if a code-based sampler is asked for, one release of the client's clipped code (Gaussian,
-  sensitivity 2·code_clip, ``code_release_fraction`` of ε). A client whose next round would exceed ε
-  stops the run before that round.
+  sensitivity 2·code_clip, ``code_release_fraction`` of ε) and, with ``stats_fraction``, the first
+  round's release of noisy class statistics (the DP class-Gaussian's mechanism,
+  :mod:`protofl.privacy.class_statistics`, ``stats_fraction`` of ε; the server starts the decoder's
+  output path at the released class means, or draws synthesis's within-class noise from the released
+  pooled covariance). A client whose next round would exceed ε stops the run before that round.
 - **After training**: the last ``meta_rounds`` rounds learn the *neutral meta-code* c₀ with φ frozen:
   clients send DP-SGD updates of c₀ (per-example MMD of D_{c₀} against their data). In the last round
   clients also release their noisy clipped codes when a code sampler is on. The server then synthesises
@@ -70,6 +73,7 @@ Spec: ../shared/specs/fedhypevae.md. What the paper leaves open is marked *infer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, cast
 
@@ -83,11 +87,14 @@ from protofl.config import ConfigError, check, check_choice
 from protofl.data.public_basis import PUBLIC_SOURCES
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY, Event, GaussianEvent, PrivacyLedger
+from protofl.privacy.class_statistics import class_statistics_stds, noisy_class_statistics
 from protofl.privacy.dpsgd import add_noise, noisy_clipped_mean, per_example_gradients, poisson_sample
 from protofl.privacy.ghost import clip_factors, linear_sq_norms, reweighted_sum
 from protofl.privacy.layer import NEXT_ROUND_KEY, DPSGDLayer
 
 SAMPLERS = ("neutral", "mixture", "clients")
+#: What the server does with the first round's class statistics (``stats_uses``).
+STATS_USES = ("init", "covariance")
 #: With ``meta_rounds`` unset, one planned round in this many learns the meta-code.
 META_ROUND_SHARE = 10
 
@@ -107,6 +114,8 @@ Params = dict[str, torch.Tensor]
 PHI_PREFIX = "phi/"
 #: Client-state key of the client's DP-SGD noise multiplier (for the report).
 SIGMA_KEY = "noise_multiplier"
+#: Reply keys of the first round's class statistics (``stats_fraction``).
+STATS_PREFIX = "stats/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +165,28 @@ class FedHypeVAEConfig:
     #: Code release for the code samplers: share of epsilon and the clip norm of a code.
     code_release_fraction: float = 0.1
     code_clip: float = 1.0
+    #: A release of noisy class statistics in the first round (the DP class-Gaussian's mechanism,
+    #: :mod:`protofl.privacy.class_statistics`: every class's count and sum of the client's embeddings in
+    #: the public space, each clipped to ``privacy.clip_bound``, and with ``"covariance"`` in
+    #: ``stats_uses`` their second moments), costing ``stats_fraction`` of ε in the client's one ledger; the
+    #: DP-SGD steps get σ for what is left (composed by the accountant). 0: no release, every round trains.
+    #: The first round then trains nothing: the server sums the releases and uses them (post-processing)
+    #: as ``stats_uses`` says: ``init`` sets the decoder's output bias to the noisy global mean and the
+    #: label's output weights to the noisy class offsets, so that DP-SGD refines the class directions
+    #: rather than learns them; ``covariance`` draws synthesis's within-class noise from the noisy pooled
+    #: covariance (its Cholesky factor, eigenvalues floored at ``stats_min_eigenvalue``) instead of the
+    #: Gaussian decoder's learned diagonal.
+    stats_fraction: float = 0.0
+    stats_uses: tuple[str, ...] = ("init",)
+    #: Of the precision the counts leave (``privacy.count_fraction``), the sums' share when the second
+    #: moments are released too (``covariance``); without them the sums get all of it.
+    stats_mean_share: float = 0.5
+    stats_min_eigenvalue: float = 0.05
+    #: Shrink each released class offset (mean − global mean) towards the global mean by the positive-part
+    #: James–Stein factor max(0, 1 − D·v_c / ‖offset_c‖²), v_c = K·s² / n_c² the public noise variance of a
+    #: coordinate of the summed class mean (K releases, s the sums' noise, n_c the noisy count):
+    #: post-processing that damps the offsets of classes too small for the release's noise.
+    stats_shrink: bool = False
     #: Where the synthetic embeddings come from, one downstream classifier each: ``neutral`` (c0),
     #: ``mixture`` (the mean released code), ``clients`` (the released codes' generators); the first is the
     #: headline.
@@ -261,6 +292,33 @@ class FedHypeVAEConfig:
             f"must be > 0, got {self.mmd_bandwidth}",
         )
         check_choice(self.per_example_grads, ("ghost", "materialised"), "per_example_grads")
+        check(0 <= self.stats_fraction < 1, "stats_fraction", f"must be in [0, 1), got {self.stats_fraction}")
+        check(
+            not (self.stats_fraction and self.releases_codes) or self.stats_fraction + self.code_release_fraction < 1,
+            "stats_fraction",
+            f"with code_release_fraction {self.code_release_fraction} must leave DP-SGD a share of epsilon "
+            f"(their sum < 1), got {self.stats_fraction}",
+        )
+        check(len(self.stats_uses) >= 1, "stats_uses", "name at least one use: 'init', 'covariance'")
+        for use in self.stats_uses:
+            check_choice(use, STATS_USES, "stats_uses")
+        check(0 < self.stats_mean_share < 1, "stats_mean_share", f"must be in (0, 1), got {self.stats_mean_share}")
+        check(self.stats_min_eigenvalue > 0, "stats_min_eigenvalue", f"must be > 0, got {self.stats_min_eigenvalue}")
+        check(
+            not self.stats_fraction or self.public_basis != "none",
+            "stats_fraction",
+            "needs a public basis (the statistics are released in its space)",
+        )
+        check(
+            not self.stats_fraction or "init" not in self.stats_uses or self.label_at_output,
+            "stats_uses",
+            "'init' sets the label's output weights: needs label_at_output = true",
+        )
+        check(
+            not self.stats_fraction or "covariance" not in self.stats_uses or self.output_variance,
+            "stats_uses",
+            "'covariance' replaces the Gaussian decoder's diagonal at synthesis: needs output_variance = true",
+        )
         check(self.output_factor_scale > 0, "output_factor_scale", f"must be > 0, got {self.output_factor_scale}")
         check(self.output_rank >= 0, "output_rank", f"must be >= 0 (0: diagonal only), got {self.output_rank}")
         check(
@@ -282,6 +340,10 @@ class FedHypeVAEConfig:
         if self.meta_rounds is not None:
             return self.meta_rounds
         return max(0, min(max(1, planned // META_ROUND_SHARE), planned - 1))
+
+    @property
+    def releases_stats(self) -> bool:
+        return self.stats_fraction > 0
 
     @property
     def releases_codes(self) -> bool:
@@ -728,6 +790,13 @@ class FedHypeVAE(Algorithm):
             raise ConfigError(
                 f"method.meta_rounds: must be < privacy.planned_releases ({planned}), got {config.meta_rounds}"
             )
+        # (the release is accounted under add/remove, as DP-SGD is: the layer refuses replace-one)
+        if config.releases_stats and planned and planned < 2 + config.meta_rounds_of(planned):
+            raise ConfigError(
+                f"method.stats_fraction: the statistics release takes the first round and DP-SGD needs one "
+                f"more before the {config.meta_rounds_of(planned)} meta-code round(s); privacy.planned_releases "
+                f"is {planned}"
+            )
 
     # -- normalisation ---------------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -783,7 +852,27 @@ class FedHypeVAE(Algorithm):
             aggregation=self.config.aggregation,
             meta_rounds=self.meta_rounds,
             public_space=space,
+            **self.stats_report(),
         )
+
+    def stats_report(self) -> dict[str, Any]:
+        """The class-statistics release's entries of the privacy report (none without one)."""
+        c = self.config
+        if not c.releases_stats:
+            return {}
+        std_n, std_s, std_m = self.stats_stds()
+        return {
+            "stats_release": {
+                "epsilon_share": c.stats_fraction,
+                "noise_multiplier": self.stats_sigma,
+                "uses": list(c.stats_uses),
+                "clip_bound": self.privacy.clip_bound,
+                "noise_std_count": std_n,
+                "noise_std_sum": std_s,
+                "noise_std_moment": std_m,
+                "round": 1,
+            }
+        }
 
     # -- schedule and budget ---------------------------------------------------------------------------
     @property
@@ -792,8 +881,40 @@ class FedHypeVAE(Algorithm):
         return self.config.meta_rounds_of(self.planned_rounds)
 
     @property
+    def stats_rounds(self) -> int:
+        """Rounds that release class statistics and train nothing: the first, with ``stats_fraction``."""
+        return 1 if self.config.releases_stats else 0
+
+    @property
     def phi_rounds(self) -> int:
-        return self.planned_rounds - self.meta_rounds
+        return self.planned_rounds - self.meta_rounds - self.stats_rounds
+
+    def round_kind(self, round_index: int) -> str:
+        """What round ``round_index`` (1-based) does: ``stats`` (the class-statistics release), ``phi``
+        (DP-SGD on the generator) or ``meta`` (the neutral meta-code)."""
+        if round_index <= self.stats_rounds:
+            return "stats"
+        return "phi" if round_index <= self.stats_rounds + self.phi_rounds else "meta"
+
+    @functools.cached_property
+    def stats_sigma(self) -> float | None:
+        """σ of the class-statistics release (``stats_fraction`` of ε alone at the run's δ), or None."""
+        c = self.config
+        return self.dp.gaussian_multiplier(c.stats_fraction * self.privacy.epsilon) if c.releases_stats else None
+
+    def stats_stds(self) -> tuple[float, float, float | None]:
+        """The release's noise standard deviations (count, sum coordinate, moment entry): the counts get
+        ``privacy.count_fraction`` of its precision, the sums the rest, or ``stats_mean_share`` of the rest
+        with the second moments (the ``covariance`` use)."""
+        c, f = self.config, self.privacy.count_fraction
+        assert self.stats_sigma is not None  # only with a statistics release
+        rest = 1 - f
+        shares = (f, rest * c.stats_mean_share, rest * (1 - c.stats_mean_share)) if self.stats_moments else (f, rest, 0)
+        return class_statistics_stds(self.stats_sigma, self.privacy.clip_bound, shares)
+
+    @property
+    def stats_moments(self) -> bool:
+        return "covariance" in self.config.stats_uses
 
     def planned_steps(self) -> int:
         return self.phi_rounds * self.config.steps_per_round + self.meta_rounds * self.config.meta_steps
@@ -801,10 +922,13 @@ class FedHypeVAE(Algorithm):
     def noise(self, rate: float) -> tuple[float, float | None]:
         """``(σ of DP-SGD, σ of the code release or None)`` for a client sampled at ``rate``."""
         c = self.config
-        extra, code_sigma = [], None
+        extra: list[tuple[Event, int]] = []
+        code_sigma = None
         if c.releases_codes:
             code_sigma = self.dp.gaussian_multiplier(c.code_release_fraction * self.privacy.epsilon)
-            extra = [(GaussianEvent(code_sigma), 1)]
+            extra.append((GaussianEvent(code_sigma), 1))
+        if self.stats_sigma is not None:
+            extra.append((GaussianEvent(self.stats_sigma), 1))
         return self.dp.noise_multiplier(rate, self.planned_steps(), extra), code_sigma
 
     def rate(self, n: int) -> float:
@@ -814,7 +938,11 @@ class FedHypeVAE(Algorithm):
         """What a client's participation in round ``round_index`` (1-based) costs."""
         c = self.config
         sigma, code_sigma = self.noise(self.rate(n))
-        steps = c.steps_per_round if round_index <= self.phi_rounds else c.meta_steps
+        kind = self.round_kind(round_index)
+        if kind == "stats":
+            assert self.stats_sigma is not None  # a stats round exists only with a statistics release
+            return [(GaussianEvent(self.stats_sigma), 1)]
+        steps = c.steps_per_round if kind == "phi" else c.meta_steps
         events: list[tuple[Event, int]] = [(self.dp.step_event(self.rate(n), sigma), steps)]
         if round_index == self.planned_rounds and c.releases_codes:
             assert code_sigma is not None  # set whenever codes are released
@@ -895,7 +1023,12 @@ class FedHypeVAE(Algorithm):
         }
         if self.config.releases_codes:
             specs["noisy_code"] = ArraySpec((self.config.code_dim,))
-        return PayloadSpec(self.name, specs, optional=("noisy_code",))
+        k, d = self.num_classes, self.input_dim
+        if self.config.releases_stats:
+            specs.update({STATS_PREFIX + "counts": ArraySpec((k,)), STATS_PREFIX + "sums": ArraySpec((k, d))})
+            if self.stats_moments:
+                specs[STATS_PREFIX + "moments"] = ArraySpec((k, d, d))
+        return PayloadSpec(self.name, specs, optional=("noisy_code", *(n for n in specs if n.startswith(STATS_PREFIX))))
 
     # -- client ----------------------------------------------------------------------------------------
     def example_loss(self, phi, psi, code, x, y1h, noise=None):
@@ -963,16 +1096,28 @@ class FedHypeVAE(Algorithm):
         }
         meta_code = torch.from_numpy(np.array(received["meta_code"])).to(self.device)
         metrics: dict[str, float] = {}
-        with torch.random.fork_rng(devices=[]):
-            # vmap's per-example random numbers (the reparameterisation noise) come from the global generator
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device)))
-            if round_index <= self.phi_rounds:
-                phi, psi, code, loss = self._train_phi(phi, state["psi"], state["code"], x, y1h, rate, sigma, generator)
-                state = {**state, "psi": psi, "code": code}
-            else:
-                meta_code, loss = self._train_meta_code(meta_code, phi, x, y1h, rate, sigma, generator)
-        metrics["train_loss"] = loss
-        arrays: dict[str, Any] = {PHI_PREFIX + k: v.cpu().numpy() for k, v in phi.items()}
+        kind = self.round_kind(round_index)
+        arrays: dict[str, Any] = {}
+        if kind == "stats":  # spent above: the release alone, φ goes back as received
+            stats = noisy_class_statistics(
+                x, data.y_train, self.num_classes, self.privacy.clip_bound, self.stats_stds(), generator
+            )
+            released = {"counts": stats.counts, "sums": stats.sums, "moments": stats.moments}
+            arrays.update({STATS_PREFIX + k: v.cpu().numpy() for k, v in released.items() if v is not None})
+        else:
+            with torch.random.fork_rng(devices=[]):
+                # vmap's per-example random numbers (the reparameterisation noise) come from the global generator
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+                torch.manual_seed(seed)
+                if kind == "phi":
+                    phi, psi, code, loss = self._train_phi(
+                        phi, state["psi"], state["code"], x, y1h, rate, sigma, generator
+                    )
+                    state = {**state, "psi": psi, "code": code}
+                else:
+                    meta_code, loss = self._train_meta_code(meta_code, phi, x, y1h, rate, sigma, generator)
+            metrics["train_loss"] = loss
+        arrays.update({PHI_PREFIX + k: v.cpu().numpy() for k, v in phi.items()})
         arrays["meta_code"] = meta_code.cpu().numpy()
         arrays[SIGMA_KEY] = np.float32(sigma)  # a function of the client's size, public like its sampling rate
         if round_index == self.planned_rounds and c.releases_codes:
@@ -1104,7 +1249,13 @@ class FedHypeVAE(Algorithm):
 
         old = server_state["phi"]
         state: State = {"round": r, "phi": old, "meta_code": server_state["meta_code"]}
-        if r <= self.phi_rounds:
+        state.update({k: server_state[k] for k in ("stats_means", "stats_factor") if k in server_state})
+        kind = self.round_kind(r)
+        if kind == "stats":
+            state.update(self.use_statistics(old, replies))
+            if "momentum" in server_state:
+                state["momentum"] = server_state["momentum"]
+        elif kind == "phi":
             update = {k: average(PHI_PREFIX + k) - v for k, v in old.items()}
             if c.server_momentum:
                 update = {k: c.server_momentum * server_state["momentum"][k] + u for k, u in update.items()}
@@ -1129,6 +1280,42 @@ class FedHypeVAE(Algorithm):
             }
             metrics["synthetic_per_class"] = float(self.config.synthetic_per_class)
         return state, metrics
+
+    def use_statistics(self, phi: Params, replies: list[Payload]) -> State:
+        """The server's use of the first round's class-statistics releases (post-processing): the summed
+        noisy counts and sums give every class's mean (a count below one counts as one; a mean outside the
+        clip ball, where no true mean lies, is projected onto it) and the count-weighted global mean.
+        ``init``: the decoder's output bias becomes the global mean and the label's output weights the
+        class offsets. ``covariance``: the pooled within-class covariance from the summed second moments,
+        projected onto the matrices with eigenvalues >= ``stats_min_eigenvalue``, and its Cholesky factor
+        kept for synthesis. Returns the server-state entries that change."""
+        c = self.config
+
+        def total(key: str) -> torch.Tensor:
+            return sum(torch.from_numpy(np.array(rep[STATS_PREFIX + key])).double() for rep in replies)  # type: ignore[return-value]
+
+        n = total("counts").clamp_min(1.0)
+        means = total("sums") / n[:, None]
+        radius = self.privacy.clip_bound
+        means = means * (radius / means.norm(dim=1, keepdim=True).clamp_min(radius))
+        centre = (n[:, None] * means).sum(0) / n.sum()
+        if c.stats_shrink:
+            noise_var = len(replies) * self.stats_stds()[1] ** 2 / n**2
+            offsets = means - centre
+            factor = (1 - means.shape[1] * noise_var / offsets.square().sum(1).clamp_min(1e-12)).clamp_min(0)
+            means = centre + factor[:, None] * offsets
+        out: State = {"stats_means": means.float().to(self.device)}
+        if "init" in c.stats_uses:
+            last = len(self.sizes) - 1
+            weight = phi[f"dec{last}.w"].clone()
+            weight[:, -self.num_classes :] = (means - centre).T.float().to(self.device)
+            out["phi"] = {**phi, f"dec{last}.w": weight, f"dec{last}.b": centre.float().to(self.device)}
+        if "covariance" in c.stats_uses:
+            pooled = total("moments").sum(0) / n.sum() - torch.einsum("c,ci,cj->ij", n / n.sum(), means, means)
+            values, vectors = torch.linalg.eigh((pooled + pooled.T) / 2)
+            floored = vectors @ torch.diag(values.clamp_min(c.stats_min_eigenvalue)) @ vectors.T
+            out["stats_factor"] = torch.linalg.cholesky(floored).float().to(self.device)
+        return out
 
     # -- synthesis and the downstream classifier --------------------------------------------------------
     @torch.no_grad()
@@ -1161,7 +1348,10 @@ class FedHypeVAE(Algorithm):
                 * temperature
             )
             out[rows] = decode(phi, z, y1h[rows], mods, self.squash, label_at_output=c.label_at_output)
-            if c.output_variance:  # the Gaussian decoder's draw, not its mean alone
+            if "stats_factor" in state:  # the released pooled covariance instead of the learned diagonal
+                eps = torch.randn(len(rows), self.input_dim, generator=g, device="cpu").to(self.device)
+                out[rows] += eps @ state["stats_factor"].T
+            elif c.output_variance:  # the Gaussian decoder's draw, not its mean alone
                 std = (0.5 * phi[output_logvar_key(self.sizes)].clamp(-LOGVAR_BOUND, LOGVAR_BOUND)).exp()
                 out[rows] += torch.randn(len(rows), self.input_dim, generator=g, device="cpu").to(std.device) * std
             if c.output_rank:  # the low-rank part of the covariance: A u

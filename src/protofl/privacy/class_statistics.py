@@ -18,7 +18,7 @@ and each release is recorded in the client's ledger before any noise is drawn.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -26,17 +26,66 @@ from protofl.config import ConfigError, PrivacyConfig
 from protofl.privacy.layer import PlannedReleaseLayer, State, register_privacy_layer
 from protofl.privacy.mechanisms import clip_rows
 
-__all__ = ["ClassStatisticsLayer", "ClassStatistics"]
+__all__ = ["ClassStatisticsLayer", "ClassStatistics", "class_statistics_stds", "noisy_class_statistics"]
 
 MECHANISM = "class-statistics"
 
 
 class ClassStatistics:
     """The noisy statistics of one release: ``counts`` (C,), ``sums`` (C, D), ``moments`` (C, D, D)
-    (symmetric)."""
+    (symmetric; ``None`` where the release leaves the second moments out)."""
 
-    def __init__(self, counts: torch.Tensor, sums: torch.Tensor, moments: torch.Tensor):
+    def __init__(self, counts: torch.Tensor, sums: torch.Tensor, moments: torch.Tensor | None):
         self.counts, self.sums, self.moments = counts, sums, moments
+
+
+def class_statistics_stds(
+    noise_multiplier: float, clip_bound: float, shares: tuple[float, float, float]
+) -> tuple[float, float, float | None]:
+    """The noise standard deviations of a count, a sum's coordinate and a moment's entry of one release
+    at ``noise_multiplier`` σ: part j (sensitivity Δ_j: 1, R, R²) gets σ·Δ_j/√f_j with its precision
+    share f_j (``shares``, summing to 1). A share of 0 leaves that part out of the release (only the
+    moments may be left out): ``None``."""
+    check = abs(sum(shares) - 1) < 1e-9 and all(f >= 0 for f in shares) and shares[0] > 0 and shares[1] > 0
+    if not check:
+        raise ValueError(f"class-statistics shares must be >= 0 (counts and sums > 0) and sum to 1, got {shares}")
+    sensitivities = (1.0, clip_bound, clip_bound**2)
+    std_n, std_s, std_m = (noise_multiplier / math.sqrt(f) * s if f else None for f, s in zip(shares, sensitivities))
+    assert std_n is not None and std_s is not None  # their shares are > 0
+    return std_n, std_s, std_m
+
+
+def noisy_class_statistics(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    clip_bound: float,
+    stds: tuple[float, float, float | None],
+    generator: torch.Generator,
+) -> ClassStatistics:
+    """The mechanism itself (the caller records its cost first): every class's count, sum and (unless its
+    standard deviation is ``None``) second moment of ``x`` (N, D), each row clipped to ``clip_bound``,
+    plus Gaussian noise of the standard deviations ``stds`` (:func:`class_statistics_stds`)."""
+    k, d = num_classes, x.shape[1]
+    x = clip_rows(x.double(), clip_bound)
+    onehot = torch.nn.functional.one_hot(y, k).double()
+    std_n, std_s, std_m = stds
+    counts = onehot.sum(0)
+    counts = (
+        counts + torch.randn(k, generator=generator, dtype=torch.float64, device=generator.device).to(x.device) * std_n
+    )
+    sums = onehot.T @ x
+    sums = (
+        sums + torch.randn(k, d, generator=generator, dtype=torch.float64, device=generator.device).to(x.device) * std_s
+    )
+    if std_m is None:
+        return ClassStatistics(counts.float(), sums.float(), None)
+    moments = torch.einsum("nc,ni,nj->cij", onehot, x, x)
+    upper = torch.triu(
+        torch.randn(k, d, d, generator=generator, dtype=torch.float64, device=generator.device).to(x.device) * std_m
+    )
+    moments = moments + upper + torch.triu(upper, 1).transpose(1, 2)  # one draw per entry of the triangle
+    return ClassStatistics(counts.float(), sums.float(), moments.float())
 
 
 class ClassStatisticsLayer(PlannedReleaseLayer):
@@ -56,9 +105,10 @@ class ClassStatisticsLayer(PlannedReleaseLayer):
         moments what is left."""
         c = self.config
         rest = 1 - c.count_fraction
-        shares = (c.count_fraction, rest * mean_share, rest * (1 - mean_share))
-        sensitivities = (1.0, c.clip_bound, c.clip_bound**2)
-        return tuple(self.noise_multiplier / math.sqrt(f) * s for f, s in zip(shares, sensitivities))  # type: ignore[return-value]
+        stds = class_statistics_stds(
+            self.noise_multiplier, c.clip_bound, (c.count_fraction, rest * mean_share, rest * (1 - mean_share))
+        )
+        return cast(tuple[float, float, float], stds)
 
     def release(
         self,
@@ -72,26 +122,10 @@ class ClassStatisticsLayer(PlannedReleaseLayer):
         """The noisy statistics of ``x`` (N, D) with labels ``y`` and the client's new ledger state; the
         release is recorded (or refused, past the budget) before any noise is drawn."""
         ledger = self.spend(client_state, self.release_events(), who)
-        k, d = self.num_classes, x.shape[1]
-        x = clip_rows(x.double(), self.config.clip_bound)
-        onehot = torch.nn.functional.one_hot(y, k).double()
-        counts = onehot.sum(0)
-        sums = onehot.T @ x
-        moments = torch.einsum("nc,ni,nj->cij", onehot, x, x)
-        std_n, std_s, std_m = self.noise_stds(mean_share)
-        counts = (
-            counts
-            + torch.randn(k, generator=generator, dtype=torch.float64, device=generator.device).to(x.device) * std_n
+        stats = noisy_class_statistics(
+            x, y, self.num_classes, self.config.clip_bound, self.noise_stds(mean_share), generator
         )
-        sums = (
-            sums
-            + torch.randn(k, d, generator=generator, dtype=torch.float64, device=generator.device).to(x.device) * std_s
-        )
-        upper = torch.triu(
-            torch.randn(k, d, d, generator=generator, dtype=torch.float64, device=generator.device).to(x.device) * std_m
-        )
-        moments = moments + upper + torch.triu(upper, 1).transpose(1, 2)  # one draw per entry of the triangle
-        return ClassStatistics(counts.float(), sums.float(), moments.float()), ledger
+        return stats, ledger
 
     def report_details(self) -> dict[str, Any]:
         return {"relation": self.config.relation, "clip_bound": self.config.clip_bound}
