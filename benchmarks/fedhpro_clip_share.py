@@ -8,7 +8,7 @@ of each term's gradient (CE, HPCL, HPAL, each with its weight), the cosine betwe
 HP terms' gradient, the norm of the whole gradient and how much of the CE gradient survives the clip:
 ``‖g_CE‖ · min(1, C/‖g‖)`` (clipped together, as the run does) against ``min(‖g_CE‖, C)`` (what the
 clip would keep of the CE gradient alone). The terms' gradients are checked to add up to the gradient of
-the method's own loss.
+the method's own loss; each term's loss (weighted) is reported beside them.
 
     python benchmarks/fedhpro_clip_share.py RUN_FOLDER [RUN_FOLDER ...] [--examples 64]
 
@@ -71,18 +71,18 @@ def measure(folder: Path, examples: int, seed: int = 0) -> dict:
     def flat(grads):
         return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
 
+    terms = [("ce", ce), ("hpcl", hpcl), ("hpal", hpal)]
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for client in data.clients:
         index = torch.randperm(client.num_train, generator=generator)[:examples]
         x, y = client.x_train[index], client.y_train[index]
-        g = {
-            name: flat(per_example_gradients(fn, params, x, y))
-            for name, fn in [("ce", ce), ("hpcl", hpcl), ("hpal", hpal), ("full", full)]
-        }
+        g = {name: flat(per_example_gradients(fn, params, x, y)) for name, fn in [*terms, ("full", full)]}
         error = (g["ce"] + g["hpcl"] + g["hpal"] - g["full"]).norm(dim=1).max()
         if error > 1e-4 * max(float(g["full"].norm(dim=1).max()), 1.0):
             raise SystemExit(f"{folder}: the terms' gradients do not add up to the loss's gradient ({error:.2e})")
+        with torch.no_grad():
+            losses = {name: torch.stack([fn(params, x[i], y[i]) for i in range(len(y))]) for name, fn in terms}
         hp = g["hpcl"] + g["hpal"]
         norm = {name: v.norm(dim=1) for name, v in g.items()}
         scale = (clip / norm["full"].clamp_min(1e-12)).clamp(max=1.0)
@@ -99,6 +99,7 @@ def measure(folder: Path, examples: int, seed: int = 0) -> dict:
                     "cos_ce_hp": float(torch.nn.functional.cosine_similarity(g["ce"][i], hp[i], dim=0)),
                     "ce_kept_together": float(norm["ce"][i] * scale[i]),
                     "ce_kept_alone": float(norm["ce"][i].clamp(max=clip)),
+                    **{f"loss_{name}": float(v[i]) for name, v in losses.items()},
                 }
             )
     result = {"round": state["round"], "clip_norm": clip, "examples": rows}
@@ -117,9 +118,9 @@ def main() -> None:
     args = parser.parse_args()
     print(
         "| run | round | examples | median ‖g_CE‖ | median ‖g_HPCL‖ | median ‖g_HPAL‖ | median cos(g_CE, g_HP) "
-        "| median ‖g‖ | clipped (%) | CE kept, clipped together / alone (mean) |"
+        "| median ‖g‖ | clipped (%) | CE kept, clipped together / alone (mean) | mean loss CE / HPCL / HPAL |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for folder in args.runs:
         r = measure(folder, args.examples)
         rows = r["examples"]
@@ -129,7 +130,9 @@ def main() -> None:
             f"| {folder.name} | {r['round']} | {len(rows)} | {median(e['ce'] for e in rows):.3f} "
             f"| {median(e['hpcl'] for e in rows):.3f} | {median(e['hpal'] for e in rows):.3f} "
             f"| {median(e['cos_ce_hp'] for e in rows):.2f} | {median(e['full'] for e in rows):.3f} "
-            f"| {clipped:.0f} | {kept:.2f} |"
+            f"| {clipped:.0f} | {kept:.2f} | "
+            + " / ".join(f"{sum(e[f'loss_{t}'] for e in rows) / len(rows):.3f}" for t in ("ce", "hpcl", "hpal"))
+            + " |"
         )
 
 
