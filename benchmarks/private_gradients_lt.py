@@ -13,8 +13,8 @@ and FedTGP keep their models (``model_sharing = "none"``, which a prototype rele
 personalised accuracy (mean over clients, each on its own test split), final round; and, as the one metric
 every method has, the balanced test accuracy of the model each client predicts with (CReFF, FedHPro: the
 global model; FedProto, FPL, FedTGP: the client's own model, read from the run's final checkpoint), mean
-over clients, with its recall on the six larger classes and on the four tail classes; and the clients' mean
-training loss in the final round. ``--option METHOD.KEY=VALUE`` (repeatable) sets a method option for every
+over clients, with its recall on the six larger classes and on the four tail classes; the global accuracy
+averaged over the last 3 rounds; and the clients' mean training loss in the final round. ``--option METHOD.KEY=VALUE`` (repeatable) sets a method option for every
 run of METHOD, e.g. ``--option fedhpro.hpcl_weight=0`` or ``--option creff.batch_size=256``; write such a
 grid to its own ``--out``. The ledger (ε spent, σ of the DP-SGD steps, σ_u of the uploads, the prototype release's σ)
 comes from each summary.json.
@@ -125,10 +125,21 @@ def class_recall(folder: Path, test: tuple) -> list[float]:
     return recall
 
 
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def final_train_loss(folder: Path) -> float | None:
     """The clients' mean training loss of the run's last round (metrics.jsonl; None where not recorded)."""
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = _metrics(folder)
     return rows[-1].get("train_loss") if rows else None
+
+
+def last_rounds_global_acc(folder: Path, rounds: int = 3) -> float | None:
+    """The global accuracy averaged over the run's last ``rounds`` evaluated rounds (None without a global
+    model): the private global models swing from round to round, and one round's value carries that swing."""
+    values = [r["global_acc"] for r in _metrics(folder) if r.get("global_acc") is not None][-rounds:]
+    return sum(values) / len(values) if values else None
 
 
 def _mean(values) -> float:
@@ -151,6 +162,7 @@ def row(method: str, epsilon: float, runs: list[dict], seeds: int) -> str:
         f"| {mean_std([_mean(r['class_recall'][c] for c in MANY) for r in runs])} "
         f"| {mean_std([_mean(r['class_recall'][c] for c in FEW) for r in runs])} "
         f"| {mean_std([f.get('global_acc') for f in final])} "
+        f"| {mean_std([r.get('last3_global_acc') for r in runs])} "
         f"| {mean_std([f.get('personal_acc_mean') for f in final])} "
         f"| {mean_std([r.get('final_train_loss') for r in runs], pct=False)} "
         f"| {sum(r['seconds_per_round'] for r in runs) / len(runs):.1f} |"
@@ -214,12 +226,14 @@ def main() -> None:
             test = (torch.from_numpy(splits.test.x).float(), torch.from_numpy(splits.test.y).long())
         summary["class_recall"] = class_recall(folder, test)
         summary["final_train_loss"] = final_train_loss(folder)
+        summary["last3_global_acc"] = last_rounds_global_acc(folder)
         by_cell.setdefault(folder.name.rsplit("-seed", 1)[0], []).append(summary)
     lines = [
         "| method | ε (budget) | seeds | ε spent | σ of the DP-SGD steps (per client) | σ_u of the gradient uploads "
         "| σ of the prototype release | balanced test acc of the clients' models (%) | recall, classes 0-5 (%) "
-        "| recall, classes 6-9 (%) | global acc (%) | personalised acc (%) | training loss, final round | s / round |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| recall, classes 6-9 (%) | global acc (%) | global acc, mean of the last 3 rounds (%) | personalised acc (%) "
+        "| training loss, final round | s / round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         row(m, e, by_cell[f"{m}-eps{e:g}"], args.seeds if math.isfinite(e) else args.reference_seeds)

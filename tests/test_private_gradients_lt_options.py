@@ -1,6 +1,7 @@
 """The private-gradients benchmark's ``--option METHOD.KEY=VALUE``: parsed per method, typed, bad items refused."""
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -57,3 +58,12 @@ def test_the_final_training_loss_is_the_last_round(bench, tmp_path):
     rows = ['{"round": 1, "train_loss": 2.5}', '{"round": 2, "train_loss": 1.25}', ""]
     (tmp_path / "metrics.jsonl").write_text("\n".join(rows))
     assert bench.final_train_loss(tmp_path) == 1.25
+
+
+def test_the_last_rounds_accuracy_averages_the_evaluated_rounds(bench, tmp_path):
+    rows = [{"round": r, "global_acc": a} for r, a in [(1, 0.1), (2, 0.2), (3, None), (4, 0.5), (5, 0.3)]]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert bench.last_rounds_global_acc(tmp_path) == pytest.approx((0.2 + 0.5 + 0.3) / 3)
+    assert bench.last_rounds_global_acc(tmp_path, rounds=1) == pytest.approx(0.3)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "personal_acc_mean": 0.9}))
+    assert bench.last_rounds_global_acc(tmp_path) is None
