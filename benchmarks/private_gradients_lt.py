@@ -13,7 +13,10 @@ and FedTGP keep their models (``model_sharing = "none"``, which a prototype rele
 personalised accuracy (mean over clients, each on its own test split), final round; and, as the one metric
 every method has, the balanced test accuracy of the model each client predicts with (CReFF, FedHPro: the
 global model; FedProto, FPL, FedTGP: the client's own model, read from the run's final checkpoint), mean
-over clients, with its recall on the six larger classes and on the four tail classes. The ledger (ε spent, σ of the DP-SGD steps, σ_u of the uploads, the prototype release's σ)
+over clients, with its recall on the six larger classes and on the four tail classes; the global accuracy
+averaged over the last 3 rounds; and the clients' mean training loss in the final round. ``--option METHOD.KEY=VALUE`` (repeatable) sets a method option for every
+run of METHOD, e.g. ``--option fedhpro.hpcl_weight=0`` or ``--option creff.batch_size=256``; write such a
+grid to its own ``--out``. The ledger (ε spent, σ of the DP-SGD steps, σ_u of the uploads, the prototype release's σ)
 comes from each summary.json.
 
     python benchmarks/private_gradients_lt.py                  # the documented table
@@ -49,10 +52,31 @@ METHOD_OPTIONS = {
 }
 
 
+def parse_method_options(items: list[str], methods: tuple[str, ...]) -> dict[str, dict]:
+    """``--option METHOD.KEY=VALUE`` items as ``{method: {key: value}}``; a value is read as JSON (``0``,
+    ``0.5``, ``true``, ``"x"``) and otherwise kept as a string. Raises ``ValueError`` with one line naming
+    the item that is malformed or names a method not in ``methods``."""
+    out: dict[str, dict] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        method, dot, key = name.partition(".")
+        if not sep or not dot or not key:
+            raise ValueError(f"--option {item!r}: expected METHOD.KEY=VALUE, e.g. fedhpro.hpcl_weight=0")
+        if method not in methods:
+            raise ValueError(f"--option {item!r}: method {method!r} is not one of {', '.join(methods)}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(method, {})[key] = parsed
+    return out
+
+
 def config(method: str, epsilon: float, seed: int, args: argparse.Namespace) -> dict:
     options = dict(METHOD_OPTIONS[method])
     if method in GRADIENT_METHODS:
         options.update(GRADIENT_OPTIONS, steps_per_round=args.steps)
+    options.update(args.method_options.get(method, {}))
     out = lt_config("fashion-mnist", method, seed, args.rounds, options)
     out["partition"]["num_clients"] = args.clients
     out["model"]["feature_dim"] = args.feature_dim
@@ -101,6 +125,23 @@ def class_recall(folder: Path, test: tuple) -> list[float]:
     return recall
 
 
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def final_train_loss(folder: Path) -> float | None:
+    """The clients' mean training loss of the run's last round (metrics.jsonl; None where not recorded)."""
+    rows = _metrics(folder)
+    return rows[-1].get("train_loss") if rows else None
+
+
+def last_rounds_global_acc(folder: Path, rounds: int = 3) -> float | None:
+    """The global accuracy averaged over the run's last ``rounds`` evaluated rounds (None without a global
+    model): the private global models swing from round to round, and one round's value carries that swing."""
+    values = [r["global_acc"] for r in _metrics(folder) if r.get("global_acc") is not None][-rounds:]
+    return sum(values) / len(values) if values else None
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
@@ -121,7 +162,9 @@ def row(method: str, epsilon: float, runs: list[dict], seeds: int) -> str:
         f"| {mean_std([_mean(r['class_recall'][c] for c in MANY) for r in runs])} "
         f"| {mean_std([_mean(r['class_recall'][c] for c in FEW) for r in runs])} "
         f"| {mean_std([f.get('global_acc') for f in final])} "
+        f"| {mean_std([r.get('last3_global_acc') for r in runs])} "
         f"| {mean_std([f.get('personal_acc_mean') for f in final])} "
+        f"| {mean_std([r.get('final_train_loss') for r in runs], pct=False)} "
         f"| {sum(r['seconds_per_round'] for r in runs) / len(runs):.1f} |"
     )
 
@@ -137,11 +180,22 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0, math.inf])
     methods = (*GRADIENT_METHODS, *PROTOTYPE_METHODS)
     parser.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="a method option for every run of METHOD (e.g. fedhpro.hpcl_weight=0, creff.batch_size=256); repeatable",
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table-only", action="store_true", help="write the table from the finished runs only")
     parser.add_argument("--out", type=Path, default=RESULTS / "private_gradients_lt")
     args = parser.parse_args()
+    try:
+        args.method_options = parse_method_options(args.option, methods)
+    except ValueError as error:
+        parser.error(str(error))
 
     cells = [(m, e) for m in args.methods for e in args.epsilons]
     # Seed 0 of every cell first (the private cells, then the references without privacy, which run for the
@@ -171,12 +225,15 @@ def main() -> None:
             splits = load_dataset("fashion-mnist", progress=False)
             test = (torch.from_numpy(splits.test.x).float(), torch.from_numpy(splits.test.y).long())
         summary["class_recall"] = class_recall(folder, test)
+        summary["final_train_loss"] = final_train_loss(folder)
+        summary["last3_global_acc"] = last_rounds_global_acc(folder)
         by_cell.setdefault(folder.name.rsplit("-seed", 1)[0], []).append(summary)
     lines = [
         "| method | ε (budget) | seeds | ε spent | σ of the DP-SGD steps (per client) | σ_u of the gradient uploads "
         "| σ of the prototype release | balanced test acc of the clients' models (%) | recall, classes 0-5 (%) "
-        "| recall, classes 6-9 (%) | global acc (%) | personalised acc (%) | s / round |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| recall, classes 6-9 (%) | global acc (%) | global acc, mean of the last 3 rounds (%) | personalised acc (%) "
+        "| training loss, final round | s / round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         row(m, e, by_cell[f"{m}-eps{e:g}"], args.seeds if math.isfinite(e) else args.reference_seeds)
@@ -186,6 +243,7 @@ def main() -> None:
     header = (
         f"Fashion-MNIST-LT (imbalance factor 100), Dirichlet alpha=0.5, {args.clients} clients, small CNN "
         f"(d={args.feature_dim}), {args.rounds} rounds, {args.steps} DP-SGD steps per round (CReFF, FedHPro); "
+        f"method options beyond the defaults: {args.method_options or 'none'}; "
         f"final round, mean ± std over the seeds each cell holds. Command: `{command_line()}`\n\n"
     )
     write_table(args.out, header, lines, by_cell)
