@@ -29,8 +29,8 @@ macro-F1 and MMD² between real and synthetic embeddings), final round, mean ± 
     python benchmarks/fedhypevae_benchmark.py --rounds 3 --seeds 1 --settings digits-domains   # smoke
     python benchmarks/fedhypevae_benchmark.py --sweep 1 8 64 10000   # privacy-utility, first setting, 3 seeds
 
-Writes benchmarks/results/fedhypevae/{table.md, summaries.json, projection_<setting>.png} (and sweep.md,
-sweep.png for ``--sweep``).
+Writes benchmarks/results/fedhypevae/{table.md, summaries.json, projection_<setting>.png}; ``--sweep``
+writes sweep.json (every run, merged over calls), timings.jsonl, sweep.md and sweep.png into ``--out``.
 """
 
 from __future__ import annotations
