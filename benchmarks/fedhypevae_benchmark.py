@@ -31,8 +31,8 @@ macro-F1 and MMD² between real and synthetic embeddings), final round, mean ± 
     python benchmarks/fedhypevae_benchmark.py --rounds 3 --seeds 1 --settings digits-domains   # smoke
     python benchmarks/fedhypevae_benchmark.py --sweep 1 8 64 10000   # privacy-utility, first setting, 3 seeds
 
-Writes benchmarks/results/fedhypevae/{table.md, summaries.json, projection_<setting>.png} (and sweep.md,
-sweep.png for ``--sweep``).
+Writes benchmarks/results/fedhypevae/{table.md, summaries.json, projection_<setting>.png}; ``--sweep``
+writes sweep.json (every run, merged over calls), timings.jsonl, sweep.md and sweep.png into ``--out``.
 """
 
 from __future__ import annotations
@@ -244,61 +244,173 @@ def main() -> None:
 
 def sweep(args) -> None:
     """Privacy-utility of the private methods on the first setting, ``--seeds`` seeds: where does each
-    start to learn? epsilon 10^4 stands for infinity (noise too small to matter)."""
+    start to learn? epsilon 10^4 stands for infinity (the generators need a finite budget; the noise is then
+    too small to matter). Runs one job at a time, in the order given (epsilons, then methods, then seeds),
+    so that the most informative cells can come first; after each job it records the job's CPU seconds,
+    wall seconds and load in ``timings.jsonl`` and rewrites ``sweep.json``, ``sweep.md`` and ``sweep.png``
+    from every completed run stored under ``--out`` (earlier calls' cells included)."""
+    import resource
+    import time
+
     setting = args.settings[0]
-    methods = [m for m in args.methods if m in PRIVATE]
-    keys, jobs = [], []
-    for eps in args.sweep:
-        for m in methods:
-            for seed in range(args.seeds):
-                cfg = config(setting, m, seed, args.rounds)
-                cfg["privacy"] = {**cfg["privacy"], "epsilon": eps}
-                keys.append((m, eps))
-                jobs.append((cfg, args.out / "sweep" / f"{setting}-{m}-eps{eps:g}-seed{seed}"))
-    summaries = run_grid(jobs, args.workers, args.threads)
-    grouped: dict[tuple[str, float], list[dict]] = {}
-    for key, summary in zip(keys, summaries):
-        grouped.setdefault(key, []).append(summary)
-    lines = [
-        "| method | epsilon | sampler | acc (%) | MMD² real vs synthetic | spent ε (RDP) |",
-        "|---|---|---|---|---|---|",
-    ]
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for (m, eps), runs in grouped.items():
-        finals = [r["final"] for r in runs]
-        samplers = [s for s in ("neutral", "mixture", "clients") if f"global_acc_{s}" in finals[0]] or ["—"]
-        for sampler in samplers:
-            accs = [f.get(f"global_acc_{sampler}", f.get("global_acc")) for f in finals]
-            mmds = [f.get(f"global_mmd_{sampler}") for f in finals]
-            label = "∞ (10⁴)" if eps >= 1e4 else f"{eps:g}"
-            lines.append(
-                f"| {m} | {label} | {sampler} | {mean_std(accs)} | {mean_std(mmds, pct=False)} "
-                f"| {mean_std([r['epsilon'] for r in runs], pct=False)} |"
-            )
-            curves.setdefault(m if sampler == "—" else f"{m} ({sampler})", []).append((eps, sum(accs) / len(accs)))
+    jobs: list[tuple[str, float | None, int]] = []
+    if "ceiling" in args.methods:  # not private: once per seed
+        jobs += [("ceiling", None, seed) for seed in range(args.seeds)]
+    jobs += [(m, eps, seed) for eps in args.sweep for m in args.methods if m in PRIVATE for seed in range(args.seeds)]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    stored = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
+    for method, eps, seed in jobs:
+        key = cell_key(method, eps, seed)
+        if method == "ceiling":
+            if key in stored:
+                continue
+            done, cpu, wall = False, time.process_time(), time.perf_counter()
+            summary = ceiling(setting, seed)
+            cpu = time.process_time() - cpu
+        else:
+            cfg = config(setting, method, seed, args.rounds)
+            cfg["privacy"] = {**cfg["privacy"], "epsilon": eps}
+            folder = out / "sweep" / f"{setting}-{method}-eps{eps:g}-seed{seed}"
+            done = (folder / "summary.json").exists() and json.loads((folder / "summary.json").read_text())[
+                "status"
+            ] == "completed"
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
+            wall = time.perf_counter()
+            (summary,) = run_grid([(cfg, folder)], 1, args.threads)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+            if done and key in stored:
+                continue
+        timing = {
+            "cell": key,
+            # a run found completed in its folder was not run here: its cost is unknown
+            "cpu_s": None if done else round(cpu, 1),
+            "wall_s": None if done else round(time.perf_counter() - wall, 1),
+            "load": Path("/proc/loadavg").read_text().split()[:3],
+        }
+        with open(out / "timings.jsonl", "a") as f:
+            f.write(json.dumps(timing) + "\n")
+        stored = merge_runs(stored, {key: {"summary": summary, **timing}})
+        (out / "sweep.json").write_text(json.dumps(stored, indent=1))
+        write_sweep(stored, out, setting, args.rounds, command_line())
+
+
+def cell_key(method: str, eps: float | None, seed: int) -> str:
+    """The key of one run in ``sweep.json``: ``method/epsilon/seed`` (epsilon ``-`` for the ceiling)."""
+    return f"{method}/{'-' if eps is None else f'{eps:g}'}/{seed}"
+
+
+def merge_runs(stored: dict, new: dict) -> dict:
+    """``stored`` with the runs of ``new`` added; a run of the same method, epsilon and seed is replaced
+    (a rerun supersedes the earlier one). Both map ``cell_key`` to ``{"summary": ..., "cpu_s": ...}``;
+    neither is changed."""
+    return {**stored, **new}
+
+
+def sweep_cells(stored: dict) -> dict[tuple[str, float | None], list[dict]]:
+    """The stored runs grouped by (method, epsilon), each group's runs ordered by seed; methods in the
+    order of ``METHODS``, epsilons ascending (the ceiling's None first)."""
+    cells: dict[tuple[str, float | None], list[tuple[int, dict]]] = {}
+    for key, run in stored.items():
+        method, eps, seed = key.split("/")
+        cells.setdefault((method, None if eps == "-" else float(eps)), []).append((int(seed), run))
+    order = list(METHODS)
+    return {
+        k: [run for _, run in sorted(v)]
+        for k, v in sorted(cells.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1] or 0.0))
+    }
+
+
+def cell_accuracies(runs: list[dict]) -> dict[str, list[float]]:
+    """Final global accuracy per sampler (``—`` for a method without samplers) over a cell's runs."""
+    finals = [r["summary"]["final"] for r in runs]
+    samplers = [s for s in ("neutral", "mixture", "clients") if f"global_acc_{s}" in finals[0]]
+    if not samplers:
+        return {"—": [f["global_acc"] for f in finals]}
+    return {s: [f[f"global_acc_{s}"] for f in finals] for s in samplers}
+
+
+def total(seconds: list[float | None]) -> str:
+    """The sum of the runs' seconds; ``+`` marks runs whose cost is unknown (found done, not run here)."""
+    known = [s for s in seconds if s is not None]
+    return (f"{sum(known):.0f}" if known else "—") + ("+" if len(known) < len(seconds) else "")
+
+
+def eps_label(eps: float | None) -> str:
+    return "— (not private)" if eps is None else "∞ (10⁴)" if eps >= 1e4 else f"{eps:g}"
+
+
+def write_sweep(stored: dict, out: Path, setting: str, rounds: int, command: str) -> None:
+    """``sweep.md`` (a method × epsilon table of mean ± std, then every cell with its MMD², spent epsilon,
+    CPU and wall seconds and load) and ``sweep.png`` (accuracy against epsilon, error bars one std)."""
+    import statistics
+
+    cells = sweep_cells(stored)
+    epsilons = sorted({eps for _, eps in cells if eps is not None})
+    rows: dict[str, dict[float | None, str]] = {}
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    ceiling_line = None
+    detail = [
+        "| method | ε | sampler | seeds | acc (%) | MMD² real vs synthetic | spent ε (RDP) | CPU s (all seeds) "
+        "| wall s | load (1 min, per run) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, eps), runs in cells.items():
+        summaries = [r["summary"] for r in runs]
+        spent = [s["epsilon"] for s in summaries]
+        cpu = total([r["cpu_s"] for r in runs])
+        wall = total([r["wall_s"] for r in runs])
+        loads = ", ".join(r["load"][0] for r in runs)
+        for sampler, accs in cell_accuracies(runs).items():
+            name = method if sampler == "—" else f"{method} ({sampler})"
+            rows.setdefault(name, {})[eps] = mean_std(accs) + ("" if len(accs) == 3 else f" ({len(accs)} seeds)")
+            mmds = [s["final"].get(f"global_mmd_{sampler}") for s in summaries]
+            detail.append(
+                f"| {method} | {eps_label(eps)} | {sampler} | {len(runs)} | {mean_std(accs)} "
+                f"| {mean_std(mmds, pct=False)} | {mean_std(spent, pct=False)} | {cpu} | {wall} | {loads} |"
+            )
+            mean = statistics.fmean(accs)
+            std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
+            if eps is None:
+                ceiling_line = (mean, std)
+            else:
+                curves.setdefault(name, []).append((eps, mean, std))
+    pivot = [
+        "| method (sampler) | " + " | ".join(f"ε = {eps_label(e)}" for e in epsilons) + " | no privacy |",
+        "|---|" + "---|" * (len(epsilons) + 1),
+    ]
+    for name, by_eps in rows.items():
+        pivot.append(
+            f"| {name} | " + " | ".join(by_eps.get(e, "—") for e in epsilons) + f" | {by_eps.get(None, '—')} |"
+        )
     text = (
-        f"{setting}, {args.seeds} seeds (mean ± std), {args.rounds} rounds, delta 1e-4; downstream accuracy on "
-        "the real test set. "
-        f"Command: `{command_line()}`\n\n"
+        f"{setting}, seeds 0-2 (mean ± std over seeds, accuracy in %), {rounds} rounds, delta 1e-4 per client "
+        "(RDP); downstream accuracy on the real test set, final round. epsilon 10⁴ stands for ∞ (the "
+        f"generators need a finite budget). Command: `{command}` (runs stored under `{out.name}/sweep/` are "
+        "reused, not rerun).\n\n"
     )
-    (out / "sweep.md").write_text(text + "\n".join(lines) + "\n")
+    (out / "sweep.md").write_text(text + "\n".join(pivot) + "\n\n" + "\n".join(detail) + "\n")
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     for name, points in curves.items():
-        ax.plot(*zip(*sorted(points)), marker="o", label=name)
+        eps, mean, std = zip(*sorted(points))
+        ax.errorbar(eps, mean, yerr=std, marker="o", ms=3, capsize=3, label=name)
+    if ceiling_line is not None:
+        ax.axhline(ceiling_line[0], color="grey", ls="--", lw=1, label="ceiling (no privacy)")
     ax.set_xscale("log")
-    ax.set_xlabel("epsilon per client (delta = 1e-4)")
-    ax.set_ylabel("global test accuracy")
+    ax.set_xticks(epsilons, [eps_label(e).replace(" (10⁴)", "") for e in epsilons])
+    ax.set_xlabel("epsilon per client (delta = 1e-4); ∞ = 10⁴")
+    ax.set_ylabel("global test accuracy (mean ± std over seeds)")
     ax.set_title(f"{setting}: privacy-utility", fontsize=9)
     ax.legend(fontsize=7)
     fig.savefig(out / "sweep.png", dpi=110)
-    print((out / "sweep.md").read_text())
+    plt.close(fig)
 
 
 def projection(run_dir: Path, path: Path, per_class: int = 150) -> None:
