@@ -83,9 +83,17 @@ GENERATOR = {
 }
 #: The budget of every private method: (1, 1e-4) per client, RDP (what the published table used).
 PRIVACY = {"mechanism": "dp-sgd", "epsilon": 1.0, "delta": 1e-4, "accountant": "rdp"}
-PRIVATE = ("fedhypevae", "fedhypevae-1280", "dp-cvae", "dpgauss", "dpfedavg")
+PRIVATE = (
+    "fedhypevae",
+    "fedhypevae-1280",
+    "dp-cvae",
+    "fedhypevae-class-path",
+    "dp-cvae-class-path",
+    "dpgauss",
+    "dpfedavg",
+)
 #: The methods that work in the setting's public space.
-IN_SPACE = ("fedhypevae", "dp-cvae", "dpgauss")
+IN_SPACE = ("fedhypevae", "dp-cvae", "fedhypevae-class-path", "dp-cvae-class-path", "dpgauss")
 EARLIER = {
     "public_basis": "none",
     "hyper_rank": 0,
@@ -100,8 +108,19 @@ EARLIER = {
     "stats_fraction": 0.0,  # the range space has no public basis to release statistics in
     "output_rank": 0,
 }
+#: The generators' settings without the class-statistics release and the covariance factor: the
+#: class-path defaults that the 3-seed epsilon sweep measured first (``*-class-path`` rows).
+CLASS_PATH = {k: v for k, v in GENERATOR.items() if k not in ("stats_fraction", "output_rank", "output_factor_scale")}
 METHODS = {
     "fedhypevae": {"name": "fedhypevae", **GENERATOR},
+    "fedhypevae-class-path": {"name": "fedhypevae", **CLASS_PATH},
+    "dp-cvae-class-path": {
+        "name": "fedhypevae",
+        **CLASS_PATH,
+        "code_dim": 0,
+        "meta_rounds": 0,
+        "samplers": ["neutral"],
+    },
     "fedhypevae-1280": {"name": "fedhypevae", **GENERATOR, **EARLIER},
     "dp-cvae": {"name": "fedhypevae", **GENERATOR, "code_dim": 0, "meta_rounds": 0, "samplers": ["neutral"]},
     "dpgauss": {"name": "dpgauss"},
@@ -110,7 +129,7 @@ METHODS = {
     "centralised": {"name": "fedavg", "local_epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 1e-3},
     "ceiling": {},  # not a federated run: see ceiling()
 }
-GENERATORS = ("fedhypevae", "fedhypevae-1280", "dp-cvae")
+GENERATORS = ("fedhypevae", "fedhypevae-1280", "dp-cvae", "fedhypevae-class-path", "dp-cvae-class-path")
 
 
 def config(setting: str, method: str, seed: int, rounds: int) -> dict:
@@ -119,7 +138,8 @@ def config(setting: str, method: str, seed: int, rounds: int) -> dict:
     if method == "centralised":
         partition = {"scheme": "iid", "num_clients": 1}
     privacy = dict(PRIVACY) if method in PRIVATE else {}
-    if method in IN_SPACE:  # R of a class-statistics release (dpgauss; the generators' ``stats_fraction``)
+    releases_statistics = method == "dpgauss" or METHODS[method].get("stats_fraction", 0.0) > 0
+    if releases_statistics:  # R of a class-statistics release (dpgauss; the generators' ``stats_fraction``)
         privacy["clip_bound"] = base["clip_bound"]
     if method == "dpgauss":  # one release of class statistics: rounds change nothing but the work
         privacy.update(mechanism="class-statistics")
