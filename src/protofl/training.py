@@ -321,14 +321,16 @@ def train_batched(
         step_fn = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0, *([None] * len(shared))))
     k = len(batch)
     total = torch.zeros(k, dtype=torch.float64, device=batch.x.device)
-    for s in range(schedule.index.shape[0]):
+    # A client's real rows in a step are a prefix of its batch: a step whose batches are all short (e.g. the
+    # last one of an epoch) runs at the width of its longest (real rows counted, whatever their weights).
+    # Every step's width and whether all clients take it, read in one go (not two reads a step).
+    widths = (schedule.weight != 0).sum(2).amax(1).tolist() if k else []
+    everyone = schedule.active.all(1).tolist()
+    for s, (width, all_active) in enumerate(zip(widths, everyone)):
         index, weight, active = schedule.index[s], schedule.weight[s], schedule.active[s]
-        # A client's real rows in a step are a prefix of its batch: a step whose batches are all short (e.g.
-        # the last one of an epoch) runs at the width of its longest.
-        width = int((weight != 0).sum(1).max())  # real rows counted, whatever their weights
         if width < weight.shape[1]:
             index, weight = index[:, :width], weight[:, :width]
-        if bool(active.all()):
+        if all_active:
             grads, losses = step_fn(leaves, batch.x[index], batch.y[index], weight, *shared)
             optimizer.step(leaves, grads, s + 1)
             total += losses.detach().double()

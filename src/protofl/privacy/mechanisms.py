@@ -374,29 +374,54 @@ def selection_diagnostics(z: torch.Tensor, y: torch.Tensor, selected: torch.Tens
 
 
 def selection_diagnostics_batch(
-    z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, selected: list[torch.Tensor]
+    z: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    selected: list[torch.Tensor],
+    clean: Sequence[CleanSpread | None] | None = None,
 ) -> list[dict[str, float]]:
     """:func:`selection_diagnostics` of ``K`` clients at once: features ``z`` (K, n, d), labels ``y``
-    (K, n), ``weight`` (K, n; 0 on padding, ``None``: no padding) and each client's selection."""
-    stack = _Stack.of(z, y, weight)
-    spread = stack.spread()
-    energy, _, _, c = spread
-    scores = _anova(stack, spread)
+    (K, n), ``weight`` (K, n; 0 on padding, ``None``: no padding) and each client's selection. ``clean``:
+    each client's :class:`CleanSpread` of these features where its release computed it (a private
+    selection, :attr:`PrototypeRelease.clean`): then the features are not read again."""
+    if clean is None or any(spread is None for spread in clean):
+        stack = _Stack.of(z, y, weight)
+        clean = CleanSpread.of_stack(stack)
     out = []
-    for client, chosen in enumerate(selected):
-        total = energy[client].sum()
-        if c[client] < 2 or not total > 0:  # e.g. features collapsed to zero: nothing to rank
+    for spread, chosen in zip(clean, selected):
+        assert spread is not None
+        total = spread.energy.sum()
+        if spread.classes < 2 or not total > 0:  # e.g. features collapsed to zero: nothing to rank
             out.append({"vpp_selected_energy": math.nan, "vpp_overlap": math.nan})
             continue
         picked = chosen.numpy()
-        top = np.argsort(-scores[client], kind="stable")[: len(picked)]
+        top = np.argsort(-spread.scores, kind="stable")[: len(picked)]
         out.append(
             {
-                "vpp_selected_energy": float(energy[client, picked].sum() / total),
+                "vpp_selected_energy": float(spread.energy[picked].sum() / total),
                 "vpp_overlap": len(np.intersect1d(top, picked)) / len(picked),
             }
         )
     return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CleanSpread:
+    """What a client's clean (unclipped, noiseless) features say about each dimension, for the selection's
+    diagnostics (private data: it stays with the client): the between-class energy ``Σ_c n_c (μ_cj − μ_j)²``
+    (d,), the ANOVA F scores (d,) and the number of classes held."""
+
+    energy: np.ndarray
+    scores: np.ndarray
+    classes: int
+
+    @staticmethod
+    def of_stack(stack: _Stack, spread: tuple[np.ndarray, ...] | None = None) -> list[CleanSpread]:
+        """Every client's of ``stack`` (from its :meth:`_Stack.spread`, computed here if not given)."""
+        spread = spread if spread is not None else stack.spread()
+        energy, _, _, c = spread
+        scores = _anova(stack, spread)
+        return [CleanSpread(e, s, int(n)) for e, s, n in zip(energy, scores, c.tolist())]
 
 
 def vpp_group_noise(d: int, k: int, noise_multiplier: float) -> tuple[float, float, float, float]:
@@ -494,6 +519,9 @@ class PrototypeRelease:
     selected: torch.Tensor | None = None
     count_std: float = 0.0
     statistic: torch.Tensor | None = None
+    #: (kept local) the clean features' spread the private selection ranked (``None`` for a public
+    #: selection or none), for the selection's diagnostics (:func:`selection_diagnostics_batch`).
+    clean: CleanSpread | None = None
 
 
 def _release(
@@ -504,17 +532,20 @@ def _release(
     events: tuple[tuple[Event, int], ...],
     generators: Sequence[torch.Generator],
     selected: torch.Tensor | None = None,
+    clean: Sequence[CleanSpread] | None = None,
 ) -> list[PrototypeRelease]:
     """The releases of the ``K`` clients of ``stack`` from the per-class sums ``sums`` (K, C, d) of their
     clipped features (padding rows left out): per-class statistic plus noise of std ``Δ_c × multipliers[k]`` (per
     coordinate, at σ_f), and, under add/remove (σ_n), every class ``0..C-1`` with noisy counts; under
     replace-one, the held classes and exact counts. Client k's noise comes from ``generators[k]`` alone,
     its features' first, then its counts': the same draws as a release of that client alone.
-    ``selected``: each client's group A (K, k), or ``None``."""
+    ``selected``: each client's group A (K, k), or ``None``; ``clean``: each client's :class:`CleanSpread`
+    where a private selection computed it."""
     rule, num_classes, bound = settings.rule, settings.num_classes, settings.bound
     sigma_n = settings.multipliers[1]
     counts = stack.counts
     chosen = [None] * len(stack) if selected is None else selected.unbind()
+    spreads: Sequence[CleanSpread | None] = [None] * len(stack) if clean is None else clean
     if sigma_n is None:  # the held classes of each client: their number differs between clients
         out = []
         for k, generator in enumerate(generators):
@@ -525,7 +556,15 @@ def _release(
             noisy = torch.from_numpy(statistic) + gaussian_noise(tuple(statistic.shape), std, generator)
             out.append(
                 PrototypeRelease(
-                    torch.from_numpy(classes), noisy.float(), torch.from_numpy(held), std, events, chosen[k], 0.0, noisy
+                    torch.from_numpy(classes),
+                    noisy.float(),
+                    torch.from_numpy(held),
+                    std,
+                    events,
+                    chosen[k],
+                    0.0,
+                    noisy,
+                    spreads[k],
                 )
             )
         return out
@@ -540,13 +579,14 @@ def _release(
     prototypes = (noisy / np.maximum(noisy_counts, 1.0)[:, :, None] if rule.sums else noisy).astype(np.float32)
     every = torch.arange(num_classes, device="cpu")
     return [
-        PrototypeRelease(every, prototype, count, s, events, a, sigma_n, statistic)
-        for prototype, count, s, a, statistic in zip(
+        PrototypeRelease(every, prototype, count, s, events, a, sigma_n, statistic, spread)
+        for prototype, count, s, a, statistic, spread in zip(
             map(torch.from_numpy, prototypes),
             map(torch.from_numpy, noisy_counts),
             std.unbind(),
             chosen,
             map(torch.from_numpy, noisy),
+            spreads,
         )
     ]
 
@@ -690,6 +730,7 @@ def vpp_release_batch(
     stack = _stack_of(z, y, weight, settings.num_classes, generators)
     x = stack.x
     d = x.shape[2]
+    clean = None
     events: tuple[tuple[Event, int], ...] = ((GaussianEvent(settings.noise_multiplier), 1),)
     if selected is None:
         k = math.ceil(rho * d)
@@ -700,7 +741,9 @@ def vpp_release_batch(
         if k == d:
             chosen = np.broadcast_to(np.arange(d), (len(stack), d))
         else:
-            chosen = np.stack(_top_k_batch(_anova(stack), k, score_cap, selection_epsilon, generators))
+            clean = CleanSpread.of_stack(stack)
+            scores = np.stack([spread.scores for spread in clean])
+            chosen = np.stack(_top_k_batch(scores, k, score_cap, selection_epsilon, generators))
         events = ((PureDpEvent(selection_epsilon), 1), *events)
     else:
         public = np.unique(np.asarray(selected, dtype=np.int64))
@@ -720,5 +763,5 @@ def vpp_release_batch(
     both = stack.scaled_sums(scales)
     sums = np.where(in_a[:, None, :], both[:, 0], both[:, 1])
     return _release(
-        sums, stack, settings, np.where(in_a, s_a, s_b), events, generators, torch.from_numpy(np.array(chosen))
+        sums, stack, settings, np.where(in_a, s_a, s_b), events, generators, torch.from_numpy(np.array(chosen)), clean
     )
