@@ -288,9 +288,9 @@ def broadcast_params(params: Params, k: int) -> Params:
 
 def unstack_params(stacked: Params) -> list[Params]:
     """``(K, ...)`` tensors -> ``K`` dicts of independent tensors (clones, so that one client's state
-    does not keep the whole chunk's storage alive)."""
+    does not keep the whole chunk's storage alive; each tensor's ``K`` clones in one call)."""
     k = len(next(iter(stacked.values())))
-    parts = {name: [t.clone() for t in v.unbind(0)] for name, v in stacked.items()}
+    parts = {name: torch._foreach_clone(list(v.unbind(0))) for name, v in stacked.items()}
     return [{name: parts[name][c] for name in stacked} for c in range(k)]
 
 
