@@ -447,9 +447,11 @@ def breakdown(n: int, rounds: int, operators: bool = True) -> dict:
     }
 
 
-def operator_shares(n: int, rounds: int, top: int = 14) -> list[tuple[str, float, int]]:
-    """``(operator, share of the self CPU time, calls per round)`` of torch's operators in ``rounds``
-    batched rounds under torch.profiler (after one warm-up round), the ``top`` largest."""
+def operator_shares(n: int, rounds: int, top: int = 30) -> list[tuple[str, float, int, float]]:
+    """``(operator, share of the self CPU time, calls per round, self seconds per round)`` of torch's
+    operators in ``rounds`` batched rounds under torch.profiler (after one warm-up round), the ``top``
+    largest. The profiler's self time is the wall time inside the operator on the thread that called it,
+    so at 2 threads an operator that splits across both cores shows a shorter time than at 1."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -468,7 +470,10 @@ def operator_shares(n: int, rounds: int, top: int = 14) -> list[tuple[str, float
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
-    return [(e.key, e.self_cpu_time_total / total, round(e.count / rounds)) for e in ranked]
+    return [
+        (e.key, e.self_cpu_time_total / total, round(e.count / rounds), e.self_cpu_time_total / 1e6 / rounds)
+        for e in ranked
+    ]
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -482,7 +487,7 @@ def child_main(args: argparse.Namespace) -> None:
     elif args.kind == "embeddings":
         out = run_cached_embeddings(args.clients, args.rounds, args.fraction)
     elif args.kind == "breakdown":
-        out = breakdown(args.clients, args.rounds, operators=args.threads == 1)
+        out = breakdown(args.clients, args.rounds)
     else:
         out = run_engine(args.kind, args.clients, args.rounds, args.privacy, args.profile_release)
     import resource
@@ -836,8 +841,9 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
                 "| operator | share | calls / round |",
                 "|---|---|---|",
             ]
-            for name, share, calls in prof["operators"]:
+            for name, share, calls, *_ in prof["operators"][:14]:
                 lines.append(f"| `{name}` | {100 * share:.1f} % | {calls} |")
+            lines += _threads_operators(prof["operators"], (results.get("breakdown_threads") or {}).get("operators"))
     lines += _cores_table(results.get("cores", []))
     return "\n".join(lines) + "\n"
 
@@ -866,6 +872,29 @@ def _threads_breakdown(one: dict, two: dict | None) -> list[str]:
         f"**{two['round_wall_mean']:.4f}** | **{two['round_cpu']:.4f}** | "
         f"{one['round_wall_mean'] - two['round_wall_mean']:+.4f} |"
     )
+    return out
+
+
+def _threads_operators(one: list, two: list | None) -> list[str]:
+    """torch's largest operators at 1 thread against the same at 2 threads: self seconds per round (the wall
+    time inside each operator), so the ratio says which operators a second thread shortens."""
+    if not two or len(one[0]) < 4:
+        return []
+    at_two = {row[0]: row for row in two}
+    out = [
+        "",
+        (
+            "The same operators at 2 threads (the 2-thread breakdown's profiled rounds): milliseconds per round "
+            "inside each operator on the calling thread, and what a second thread makes of it."
+        ),
+        "",
+        "| operator | 1 thread (ms / round) | 2 threads (ms / round) | 1 thread / 2 threads |",
+        "|---|---|---|---|",
+    ]
+    for name, _, _, seconds in one[:14]:
+        other = at_two.get(name)
+        t2 = other[3] if other else math.nan
+        out.append(f"| `{name}` | {1e3 * seconds:.2f} | {1e3 * t2:.2f} | {seconds / t2 if t2 else math.nan:.2f}× |")
     return out
 
 
