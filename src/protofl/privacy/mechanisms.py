@@ -60,6 +60,7 @@ SENSITIVITY_RULES = ("fixed-features", "trained-features")
 RELATIONS = ("add-remove", "replace-one")
 
 __all__ = [
+    "CleanSpread",
     "RELATIONS",
     "SENSITIVITY",
     "SENSITIVITY_RULES",
