@@ -187,7 +187,7 @@ def anova_scores(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_anova(_Stack.of(z[None], y[None])))[0]
 
 
-#: float32's unit roundoff: a sum of ``m`` float32 products is within ``m`` of it (relative) of the exact one.
+#: float32's unit roundoff u: a float32 sum of ``m`` squares is within about ``m·u`` (relative) of the exact one.
 _F32_ROUNDOFF = 2.0**-24
 
 
@@ -204,7 +204,7 @@ class _Stack:
     (K, n, d) float32 (the features' own precision), with the padding rows and every row that holds a
     non-finite value set to zero (see :meth:`of`); ``labels`` (K, n) the rows' classes, ``onehot`` (K, C, n)
     the indicator of each class's real rows (padding rows in none) and ``counts`` (K, C) the exact class
-    counts, so that every client's per-class sums are one batched matrix product (:meth:`sums`);
+    counts; every client's per-class sums are one scatter-add (:meth:`class_sums`);
     ``row_squares`` (K, n) is each row's squared norm. Squares are summed where they are needed
     (:meth:`group_squares`), never stored.
 
