@@ -137,9 +137,12 @@ class StackedOptimizer:
                 g = torch._foreach_add(g, p, alpha=wd)
             if state:
                 (buf,) = state
-                torch._foreach_mul_(buf, c.momentum)
-                torch._foreach_add_(buf, g)
-                g = buf
+                # buf <- momentum * buf + g, written into g's own tensors (fresh from this step; an expanded
+                # gradient is made a tensor of its own) in one pass rather than two over buf; they then are the
+                # buffer
+                g = [t.contiguous() for t in g]
+                torch._foreach_add_(g, buf, alpha=c.momentum)
+                buf[:] = g
             torch._foreach_add_(p, g, alpha=-lr)
             return
         beta1, beta2, eps = 0.9, 0.999, 1e-8
