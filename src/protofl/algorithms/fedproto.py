@@ -404,8 +404,16 @@ class FedProto(ModelAlgorithm):
         one division (the same float32 values as each client's ``PrototypeAccumulator.compute``)."""
         sums, counts = stacked.sums.cpu().numpy(), stacked.counts.cpu().numpy()
         means = sums / np.maximum(counts, 1)[:, :, None]  # a held class has a count of at least 1
+        # a client holding every class releases its rows of the stack as they are (views, one call for all)
+        every = torch.arange(counts.shape[1], device=self.device)
+        rows = zip(torch.from_numpy(means).to(self.device).unbind(), torch.from_numpy(counts).to(self.device).unbind())
         out: list[tuple[Any, ...]] = []
-        for client_means, client_counts in zip(means, counts):
+        for client_means, client_counts, (all_means, all_counts), holds_all in zip(
+            means, counts, rows, (counts > 0).all(1).tolist()
+        ):
+            if holds_all:
+                out.append((every, all_means, all_counts, None, {}))
+                continue
             classes = np.flatnonzero(client_counts)
             held = (classes, client_means[classes], client_counts[classes])
             out.append((*(torch.from_numpy(a).to(self.device) for a in held), None, {}))
