@@ -407,10 +407,9 @@ class FedProto(ModelAlgorithm):
         # a client holding every class releases its rows of the stack as they are (views, one call for all)
         every = torch.arange(counts.shape[1], device=self.device)
         rows = zip(torch.from_numpy(means).to(self.device).unbind(), torch.from_numpy(counts).to(self.device).unbind())
+        holds_every = np.all(counts > 0, axis=1).tolist()
         out: list[tuple[Any, ...]] = []
-        for client_means, client_counts, (all_means, all_counts), holds_all in zip(
-            means, counts, rows, (counts > 0).all(1).tolist()
-        ):
+        for client_means, client_counts, (all_means, all_counts), holds_all in zip(means, counts, rows, holds_every):
             if holds_all:
                 out.append((every, all_means, all_counts, None, {}))
                 continue
