@@ -187,18 +187,23 @@ def _time_mechanism(algo, profile_release: bool = False) -> dict[str, float]:
     return spent
 
 
-def time_calls(owner, name: str, key: str, spent: dict[str, float]) -> None:
-    """Replace ``owner.name`` by a wrapper adding each call's CPU seconds to ``spent[key]``."""
+def time_calls(owner, name: str, key: str, spent: dict[str, float], wall: dict[str, float] | None = None) -> None:
+    """Replace ``owner.name`` by a wrapper adding each call's CPU seconds to ``spent[key]`` (and its wall
+    seconds to ``wall[key]``, given ``wall``)."""
     fn = getattr(owner, name)
 
     def timed(*args, **kwargs):
-        t = time.process_time()
+        t, w = time.process_time(), time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             spent[key] += time.process_time() - t
+            if wall is not None:
+                wall[key] += time.perf_counter() - w
 
     spent.setdefault(key, 0.0)
+    if wall is not None:
+        wall.setdefault(key, 0.0)
     setattr(owner, name, staticmethod(timed) if isinstance(owner.__dict__.get(name), staticmethod) else timed)
 
 
@@ -372,9 +377,10 @@ NESTED = (
 )
 
 
-def breakdown(n: int, rounds: int) -> dict:
-    """CPU seconds per round of the batched path's parts (rounds 2+), for the profile, and the shares of
-    torch's operators in the rounds' CPU time (torch.profiler, a separate set of rounds)."""
+def breakdown(n: int, rounds: int, operators: bool = True) -> dict:
+    """CPU and wall seconds per round of the batched path's parts (rounds 2+), for the profile, and (with
+    ``operators``) the shares of torch's operators in the rounds' CPU time (torch.profiler, a separate set
+    of rounds)."""
     import gc
 
     import protofl.algorithms.base as base_mod
@@ -386,9 +392,10 @@ def breakdown(n: int, rounds: int) -> dict:
     from protofl.prototypes import PrototypeAccumulator
 
     spent: dict[str, float] = {}
+    wall: dict[str, float] = {}
 
     def wrap(owner, name, label):
-        time_calls(owner, name, label, spent)
+        time_calls(owner, name, label, spent, wall)
 
     # The batched client step (ModelAlgorithm's, in protofl.algorithms.base) calls these by name.
     wrap(base_mod, "train_batched", "local training: forward + backward")
@@ -409,6 +416,7 @@ def breakdown(n: int, rounds: int) -> dict:
     wrap(fedproto_mod.FedProto, "server_step", "server aggregation")
     result = run_engine("batched", n, 1)  # warm-up (lazy imports) in a throwaway engine
     spent.update(dict.fromkeys(spent, 0.0))
+    wall.update(dict.fromkeys(wall, 0.0))
     full_before = gc.get_stats()[-1]["collections"]
     result = run_engine("batched", n, rounds)
     full_collections = gc.get_stats()[-1]["collections"] - full_before
@@ -417,14 +425,21 @@ def breakdown(n: int, rounds: int) -> dict:
     full_collection_s = time.process_time() - start
     measured = rounds
     parts = {k: v / measured for k, v in spent.items()}
+    parts_wall = {k: v / measured for k, v in wall.items()}
     for inner, outer in NESTED:
         parts[outer] -= parts[inner]
+        parts_wall[outer] -= parts_wall[inner]
     total = statistics.fmean(result["round_cpu"])
-    parts["everything else (engine loop, replies built, client store)"] = total - sum(parts.values())
+    total_wall = statistics.fmean(result["round_wall"])
+    rest = "everything else (engine loop, replies built, client store)"
+    parts[rest] = total - sum(parts.values())
+    parts_wall[rest] = total_wall - sum(parts_wall.values())
     return {
         "round_cpu": total,
+        "round_wall_mean": total_wall,
         "parts": parts,
-        "operators": operator_shares(n, max(2, rounds // 2)),
+        "parts_wall": parts_wall,
+        "operators": operator_shares(n, max(2, rounds // 2)) if operators else [],
         "full_collections": full_collections,
         "full_collection_s": full_collection_s,
         "batched_step": result["batched_step"],
@@ -432,9 +447,11 @@ def breakdown(n: int, rounds: int) -> dict:
     }
 
 
-def operator_shares(n: int, rounds: int, top: int = 14) -> list[tuple[str, float, int]]:
-    """``(operator, share of the self CPU time, calls per round)`` of torch's operators in ``rounds``
-    batched rounds under torch.profiler (after one warm-up round), the ``top`` largest."""
+def operator_shares(n: int, rounds: int, top: int = 30) -> list[tuple[str, float, int, float]]:
+    """``(operator, share of the self CPU time, calls per round, self seconds per round)`` of torch's
+    operators in ``rounds`` batched rounds under torch.profiler (after one warm-up round), the ``top``
+    largest. The profiler's self time is the wall time inside the operator on the thread that called it,
+    so at 2 threads an operator that splits across both cores shows a shorter time than at 1."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -453,7 +470,10 @@ def operator_shares(n: int, rounds: int, top: int = 14) -> list[tuple[str, float
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
-    return [(e.key, e.self_cpu_time_total / total, round(e.count / rounds)) for e in ranked]
+    return [
+        (e.key, e.self_cpu_time_total / total, round(e.count / rounds), e.self_cpu_time_total / 1e6 / rounds)
+        for e in ranked
+    ]
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -794,6 +814,7 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
         for name, value in sorted(prof["parts"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {name} | {value:.4f} | {100 * value / prof['round_cpu']:.0f} % |")
         lines.append(f"| **round** | **{prof['round_cpu']:.4f}** | |")
+        lines += _threads_breakdown(prof, results.get("breakdown_threads"))
         if "full_collection_s" in prof:
             lines += [
                 "",
@@ -820,10 +841,61 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
                 "| operator | share | calls / round |",
                 "|---|---|---|",
             ]
-            for name, share, calls in prof["operators"]:
+            for name, share, calls, *_ in prof["operators"][:14]:
                 lines.append(f"| `{name}` | {100 * share:.1f} % | {calls} |")
+            lines += _threads_operators(prof["operators"], (results.get("breakdown_threads") or {}).get("operators"))
     lines += _cores_table(results.get("cores", []))
     return "\n".join(lines) + "\n"
+
+
+def _threads_breakdown(one: dict, two: dict | None) -> list[str]:
+    """The breakdown's parts at 1 thread (CPU and wall) against 2 threads (wall and CPU), means over the
+    rounds 2+ of one process each: which parts a second thread shortens and which stay serial."""
+    if not two or "parts_wall" not in two or "parts_wall" not in one:
+        return []
+    out = [
+        "",
+        (
+            "The same parts at 2 threads (a second process, launched after the first; seconds per round, means of "
+            "rounds 2+): wall at 2 threads against wall at 1 says what the second core shortens; a part whose CPU "
+            "at 2 threads is about twice its wall ran on both cores (or had torch's second thread waiting on it)."
+        ),
+        "",
+        "| part | 1 thread: wall | 1 thread: CPU | 2 threads: wall | 2 threads: CPU | wall saved |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, value in sorted(one["parts_wall"].items(), key=lambda kv: -kv[1]):
+        w2, c2 = two["parts_wall"].get(name, math.nan), two["parts"].get(name, math.nan)
+        out.append(f"| {name} | {value:.4f} | {one['parts'][name]:.4f} | {w2:.4f} | {c2:.4f} | {value - w2:+.4f} |")
+    out.append(
+        f"| **round** | **{one['round_wall_mean']:.4f}** | **{one['round_cpu']:.4f}** | "
+        f"**{two['round_wall_mean']:.4f}** | **{two['round_cpu']:.4f}** | "
+        f"{one['round_wall_mean'] - two['round_wall_mean']:+.4f} |"
+    )
+    return out
+
+
+def _threads_operators(one: list, two: list | None) -> list[str]:
+    """torch's largest operators at 1 thread against the same at 2 threads: self seconds per round (the wall
+    time inside each operator), so the ratio says which operators a second thread shortens."""
+    if not two or len(one[0]) < 4:
+        return []
+    at_two = {row[0]: row for row in two}
+    out = [
+        "",
+        (
+            "The same operators at 2 threads (the 2-thread breakdown's profiled rounds): milliseconds per round "
+            "inside each operator on the calling thread, and what a second thread makes of it."
+        ),
+        "",
+        "| operator | 1 thread (ms / round) | 2 threads (ms / round) | 1 thread / 2 threads |",
+        "|---|---|---|---|",
+    ]
+    for name, _, _, seconds in one[:14]:
+        other = at_two.get(name)
+        t2 = other[3] if other else math.nan
+        out.append(f"| `{name}` | {1e3 * seconds:.2f} | {1e3 * t2:.2f} | {seconds / t2 if t2 else math.nan:.2f}× |")
+    return out
 
 
 def _cores_table(rows: list[dict]) -> list[str]:
@@ -1060,6 +1132,9 @@ def main() -> None:
     if "breakdown" in args.parts:
         results["breakdown"] = launch("breakdown", 100, args.rounds, args.threads)
         results["breakdown"]["clients"] = 100
+        # the same parts at 2 threads (the thread policy on this machine's cores): where the wall time goes
+        results["breakdown_threads"] = launch("breakdown", 100, args.rounds, 2)
+        results["breakdown_threads"]["clients"] = 100
     if "embeddings" in args.parts and not args.quick:
         results["embeddings"] = launch("embeddings", args.embedding_clients, 2, args.threads, fraction=args.fraction)
     results["load"] = [load_start, os.getloadavg()[0]]

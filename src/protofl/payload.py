@@ -13,6 +13,7 @@ Wire format: ``b"PFL1"``, a little-endian uint32 header length, a UTF-8 JSON hea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import struct
 import types
@@ -94,27 +95,11 @@ class Payload:
         (head_len,) = struct.unpack("<I", view[4:8])
         if 8 + head_len > len(view):
             raise PayloadError("truncated payload header")
-        header = json.loads(bytes(view[8 : 8 + head_len]))
-        if (
-            not isinstance(header, dict)
-            or not isinstance(header.get("metadata"), dict)
-            or not isinstance(header.get("arrays"), list)
-        ):
-            raise PayloadError("corrupt payload header")
+        head = bytes(view[8 : 8 + head_len])
+        metadata, entries = (_header if head_len <= _CACHED_HEADER_BYTES else _parse_header)(head)
         offset = 8 + head_len
         arrays: dict[str, np.ndarray] = {}
-        for entry in header["arrays"]:
-            name, dtype_name, shape = entry
-            if not isinstance(name, str) or name in arrays:
-                raise PayloadError(f"array name {name!r} is not a string or appears twice")
-            if dtype_name not in _ALLOWED_DTYPES:
-                raise PayloadError(f"array {name!r}: dtype {dtype_name} is not allowed")
-            if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-                raise PayloadError(f"array {name!r}: bad shape {shape!r}")
-            dtype, native = _WIRE_DTYPES[dtype_name]
-            size = dtype.itemsize
-            for s in shape:  # Python ints: no overflow
-                size *= s
+        for name, dtype, native, shape, size in entries:
             if offset + size > len(view):
                 raise PayloadError(f"truncated payload: array {name!r} needs {size} bytes")
             arr = np.frombuffer(view[offset : offset + size], dtype=dtype).reshape(shape)
@@ -122,7 +107,49 @@ class Payload:
             offset += size
         if offset != len(view):
             raise PayloadError(f"payload has {len(view) - offset} trailing bytes")
-        return cls(arrays, header["metadata"])
+        # every array's dtype was checked against the sendable ones above: no second check
+        payload = cls.__new__(cls)
+        object.__setattr__(payload, "arrays", types.MappingProxyType(arrays))
+        object.__setattr__(payload, "metadata", types.MappingProxyType(json.loads(metadata)))
+        return payload
+
+
+#: Headers up to this many bytes are kept, parsed, in a small cache (a reply's is about a hundred bytes).
+_CACHED_HEADER_BYTES = 4096
+
+
+def _parse_header(head: bytes) -> tuple[str, tuple[tuple[str, np.dtype, np.dtype, tuple[int, ...], int], ...]]:
+    """A payload header's metadata (as JSON text, parsed afresh for each payload: it is a mutable dict) and
+    its arrays' ``(name, wire dtype, native dtype, shape, bytes)``, checked. The replies of a round share a
+    few headers (the same arrays, shapes and method), so each distinct header is parsed and checked once;
+    a malformed one raises :class:`PayloadError` (not cached)."""
+    header = json.loads(head)
+    if (
+        not isinstance(header, dict)
+        or not isinstance(header.get("metadata"), dict)
+        or not isinstance(header.get("arrays"), list)
+    ):
+        raise PayloadError("corrupt payload header")
+    entries = []
+    names: set[str] = set()
+    for entry in header["arrays"]:
+        name, dtype_name, shape = entry
+        if not isinstance(name, str) or name in names:
+            raise PayloadError(f"array name {name!r} is not a string or appears twice")
+        if dtype_name not in _ALLOWED_DTYPES:
+            raise PayloadError(f"array {name!r}: dtype {dtype_name} is not allowed")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise PayloadError(f"array {name!r}: bad shape {shape!r}")
+        dtype, native = _WIRE_DTYPES[dtype_name]
+        size = dtype.itemsize
+        for s in shape:  # Python ints: no overflow
+            size *= s
+        names.add(name)
+        entries.append((name, dtype, native, tuple(shape), size))
+    return json.dumps(header["metadata"]), tuple(entries)
+
+
+_header = functools.lru_cache(maxsize=256)(_parse_header)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -137,9 +137,12 @@ class StackedOptimizer:
                 g = torch._foreach_add(g, p, alpha=wd)
             if state:
                 (buf,) = state
-                torch._foreach_mul_(buf, c.momentum)
-                torch._foreach_add_(buf, g)
-                g = buf
+                # buf <- momentum * buf + g, written into g's own tensors (fresh from this step; an expanded
+                # gradient is made a tensor of its own) in one pass rather than two over buf; they then are the
+                # buffer
+                g = [t.contiguous() for t in g]
+                torch._foreach_add_(g, buf, alpha=c.momentum)
+                buf[:] = g
             torch._foreach_add_(p, g, alpha=-lr)
             return
         beta1, beta2, eps = 0.9, 0.999, 1e-8
@@ -288,9 +291,9 @@ def broadcast_params(params: Params, k: int) -> Params:
 
 def unstack_params(stacked: Params) -> list[Params]:
     """``(K, ...)`` tensors -> ``K`` dicts of independent tensors (clones, so that one client's state
-    does not keep the whole chunk's storage alive)."""
+    does not keep the whole chunk's storage alive; each tensor's ``K`` clones in one call)."""
     k = len(next(iter(stacked.values())))
-    parts = {name: [t.clone() for t in v.unbind(0)] for name, v in stacked.items()}
+    parts = {name: torch._foreach_clone(list(v.unbind(0))) for name, v in stacked.items()}
     return [{name: parts[name][c] for name in stacked} for c in range(k)]
 
 
@@ -321,14 +324,16 @@ def train_batched(
         step_fn = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0, *([None] * len(shared))))
     k = len(batch)
     total = torch.zeros(k, dtype=torch.float64, device=batch.x.device)
-    for s in range(schedule.index.shape[0]):
+    # A client's real rows in a step are a prefix of its batch: a step whose batches are all short (e.g. the
+    # last one of an epoch) runs at the width of its longest (real rows counted, whatever their weights).
+    # Every step's width and whether all clients take it, read in one go (not two reads a step).
+    widths = (schedule.weight != 0).sum(2).amax(1).tolist() if k else []
+    everyone = schedule.active.all(1).tolist()
+    for s, (width, all_active) in enumerate(zip(widths, everyone)):
         index, weight, active = schedule.index[s], schedule.weight[s], schedule.active[s]
-        # A client's real rows in a step are a prefix of its batch: a step whose batches are all short (e.g.
-        # the last one of an epoch) runs at the width of its longest.
-        width = int((weight != 0).sum(1).max())  # real rows counted, whatever their weights
         if width < weight.shape[1]:
             index, weight = index[:, :width], weight[:, :width]
-        if bool(active.all()):
+        if all_active:
             grads, losses = step_fn(leaves, batch.x[index], batch.y[index], weight, *shared)
             optimizer.step(leaves, grads, s + 1)
             total += losses.detach().double()

@@ -292,7 +292,8 @@ class LocalOutcome:
     #: The trained parameters (the client's own tensors).
     params: Params
     #: The train split's features under ``params`` where the method asks for them
-    #: (:attr:`ModelAlgorithm.reply_uses_features`), else ``None``.
+    #: (:attr:`ModelAlgorithm.reply_uses_features`), else ``None`` (in a batched round, given by
+    #: :meth:`ModelAlgorithm.replies` to the reply that reads them).
     features: torch.Tensor | None
     #: Their per-class sums and counts (with the train labels), where ``features`` are given.
     feature_stats: PrototypeAccumulator | None
@@ -433,30 +434,36 @@ class ModelAlgorithm(Algorithm):
         start = broadcast_params(starts[0], len(starts)) if shared else stack_params(starts)
         batch = ClientBatch.of([d.x_train for d in datas], [d.y_train for d in datas])
         trained, metrics = train_batched(start, batch, self.loss, self.config, generators, (context,), stacked_step)
-        features: list[torch.Tensor | None] = [None] * len(datas)
-        stats: list[PrototypeAccumulator | None] = [None] * len(datas)
         stacked = None
         if self.reply_uses_features:
             z, weight, index = batched_features(self.forward_features, trained, batch, stacked_step)
-            features = [z[c, : d.num_train] for c, d in enumerate(datas)]
             labels = batch.y[index]
             sums, counts = PrototypeAccumulator.stacked_sums(z, labels, weight, self.task.num_classes)
             stacked = StackedFeatures(z, labels, weight, sums, counts)
-            stats = [PrototypeAccumulator.of(class_sums, n) for class_sums, n in zip(sums, counts)]
+        # each client's features and class sums are views of ``stacked``, taken where a reply reads them
+        # (:meth:`replies`), not for a method that releases from the stack
         outcomes = [
-            LocalOutcome(s, d, received, p, z_c, a, g, m, b, {})
-            for s, d, p, z_c, a, g, m, b in zip(
-                client_states, datas, unstack_params(trained), features, stats, generators, metrics, befores
-            )
+            LocalOutcome(s, d, received, p, None, None, g, m, b, {})
+            for s, d, p, g, m, b in zip(client_states, datas, unstack_params(trained), generators, metrics, befores)
         ]
         return self.replies(outcomes, stacked)
 
     def replies(
         self, outcomes: list[LocalOutcome], stacked: StackedFeatures | None
     ) -> list[tuple[State, Payload, dict[str, float]]]:
-        """The replies of a batched round's clients, in order: :meth:`reply` of each. ``stacked``: their
-        train features as one padded stack (where :attr:`reply_uses_features`), for a method whose reply
-        has a part that runs as one program over every client (a prototype release)."""
+        """The replies of a batched round's clients, in order: :meth:`reply` of each, its outcome given its
+        train features and their class sums from ``stacked`` (their padded stack, where
+        :attr:`reply_uses_features`). A method whose reply has a part that runs as one program over every
+        client (a prototype release) overrides this and reads ``stacked`` itself."""
+        if stacked is not None:
+            outcomes = [
+                dataclasses.replace(
+                    outcome,
+                    features=stacked.features[c, : outcome.data.num_train],
+                    feature_stats=PrototypeAccumulator.of(stacked.sums[c], stacked.counts[c]),
+                )
+                for c, outcome in enumerate(outcomes)
+            ]
         return [self.reply(outcome) for outcome in outcomes]
 
 

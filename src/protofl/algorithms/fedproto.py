@@ -51,7 +51,7 @@ from protofl.config import ConfigError, check, check_choice
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.accounting import LEDGER_KEY
 from protofl.privacy.layer import PrototypeReleaseLayer
-from protofl.privacy.mechanisms import clip_rows, selection_diagnostics, selection_diagnostics_batch
+from protofl.privacy.mechanisms import clip_rows, selection_diagnostics_batch
 from protofl.privacy.vpdr import DistillationClipping
 from protofl.prototypes import PrototypeAccumulator
 from protofl.stacked import stackable
@@ -345,7 +345,11 @@ class FedProto(ModelAlgorithm):
         metrics = {"privacy_noise_std": float(release.noise_std.mean())}
         if release.selected is not None:
             metrics["vpp_selected_fraction"] = len(release.selected) / z.shape[1]
-            metrics.update(selection_diagnostics(z.cpu(), y.cpu(), release.selected))  # NumPy, on the CPU
+            # NumPy, on the CPU; from the spread the private selection ranked, where it did
+            diagnostics = selection_diagnostics_batch(
+                z.cpu()[None], y.cpu()[None], None, [release.selected], [release.clean]
+            )
+            metrics.update(diagnostics[0])
         return release.classes, release.prototypes, release.counts, ledger, metrics
 
     #: Whether a batched round releases its clients' prototypes as one program
@@ -380,8 +384,14 @@ class FedProto(ModelAlgorithm):
         metrics: list[dict[str, float]] = [{"privacy_noise_std": float(r.noise_std.mean())} for r, _ in released]
         chosen = [r.selected for r, _ in released if r.selected is not None]
         if len(chosen) == len(released):
-            diagnostics = selection_diagnostics_batch(  # NumPy, on the CPU
-                stacked.features.cpu(), stacked.labels.cpu(), stacked.weight.cpu(), chosen
+            diagnostics = (
+                selection_diagnostics_batch(  # NumPy, on the CPU; from the selection's spread, where it ranked one
+                    stacked.features.cpu(),
+                    stacked.labels.cpu(),
+                    stacked.weight.cpu(),
+                    chosen,
+                    [r.clean for r, _ in released],
+                )
             )
             for m, s, extra in zip(metrics, chosen, diagnostics):
                 m["vpp_selected_fraction"] = len(s) / stacked.features.shape[2]
@@ -394,8 +404,15 @@ class FedProto(ModelAlgorithm):
         one division (the same float32 values as each client's ``PrototypeAccumulator.compute``)."""
         sums, counts = stacked.sums.cpu().numpy(), stacked.counts.cpu().numpy()
         means = sums / np.maximum(counts, 1)[:, :, None]  # a held class has a count of at least 1
+        # a client holding every class releases its rows of the stack as they are (views, one call for all)
+        every = torch.arange(counts.shape[1], device=self.device)
+        rows = zip(torch.from_numpy(means).to(self.device).unbind(), torch.from_numpy(counts).to(self.device).unbind())
+        holds_every = np.all(counts > 0, axis=1).tolist()
         out: list[tuple[Any, ...]] = []
-        for client_means, client_counts in zip(means, counts):
+        for client_means, client_counts, (all_means, all_counts), holds_all in zip(means, counts, rows, holds_every):
+            if holds_all:
+                out.append((every, all_means, all_counts, None, {}))
+                continue
             classes = np.flatnonzero(client_counts)
             held = (classes, client_means[classes], client_counts[classes])
             out.append((*(torch.from_numpy(a).to(self.device) for a in held), None, {}))

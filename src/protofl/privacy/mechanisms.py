@@ -47,6 +47,7 @@ that needs cryptographic noise should draw from the operating system's generator
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -59,6 +60,7 @@ SENSITIVITY_RULES = ("fixed-features", "trained-features")
 RELATIONS = ("add-remove", "replace-one")
 
 __all__ = [
+    "CleanSpread",
     "RELATIONS",
     "SENSITIVITY",
     "SENSITIVITY_RULES",
@@ -185,15 +187,32 @@ def anova_scores(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_anova(_Stack.of(z[None], y[None])))[0]
 
 
+#: float32's unit roundoff u: a float32 sum of ``m`` squares is within about ``m·u`` (relative) of the exact one.
+_F32_ROUNDOFF = 2.0**-24
+
+
+def _float32_margin(d: int) -> float:
+    """The factor on a clip bound that keeps a row clipped by a float32 norm of ``d`` coordinates inside the
+    bound itself: the computed squared norm is within ``d`` roundoffs of the true one, so the true norm of
+    the scaled row is within half of that (plus the scale's own rounding) of the bound."""
+    return 1.0 - (d + 4) * _F32_ROUNDOFF
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Stack:
-    """The train features of ``K`` clients as one padded float64 program (a single client is ``K = 1``):
-    ``x`` (K, n, d), with the padding rows and every row that holds a non-finite value set to zero (see
-    :meth:`of`); ``labels`` (K, n) the rows' classes, ``onehot`` (K, C, n) the indicator of each class's
-    real rows (padding rows in none) and ``counts`` (K, C) the exact class counts, so that
-    every client's per-class sums are one batched matrix product (:meth:`sums`); ``row_squares`` (K, n) is
-    each row's squared norm. Squares are summed where they are needed (:meth:`squares_over`), never
-    stored: a (K, n, d) temporary per release costs a pass and fresh pages."""
+    """The train features of ``K`` clients as one padded program (a single client is ``K = 1``): ``x``
+    (K, n, d) float32 (the features' own precision), with the padding rows and every row that holds a
+    non-finite value set to zero (see :meth:`of`); ``labels`` (K, n) the rows' classes, ``onehot`` (K, C, n)
+    the indicator of each class's real rows (padding rows in none) and ``counts`` (K, C) the exact class
+    counts; every client's per-class sums are one scatter-add (:meth:`class_sums`);
+    ``row_squares`` (K, n) is each row's squared norm. Squares are summed where they are needed
+    (:meth:`group_squares`), never stored.
+
+    The passes that clip and sum (row norms, group norms, the clipped class sums) run in float32 and return
+    float64: their rounding (relative, about 1e-7 of the sums) is far below any release's noise, and a clip
+    bound is tightened by :func:`_float32_margin` so that rounding never lets a row out of it. The ANOVA
+    (:meth:`spread`) runs in float64 on the same values (:attr:`x64`): its within-class sums of squares are
+    a difference of two large sums."""
 
     x: np.ndarray
     labels: np.ndarray
@@ -206,12 +225,13 @@ class _Stack:
         """From features ``z`` (K, n, d), labels ``y`` (K, n) and ``weight`` (K, n: nonzero on a client's
         rows, 0 on padding; ``None``: every row is real); ``num_classes``: at least this many classes.
 
-        A row that holds a non-finite value (or one so large that its squared norm overflows float64) is
-        set to zero: a feature map driven to overflow (one out-of-range example at a high learning rate
-        can do it) would otherwise make the release NaN, and the server's rejection of that reply would
-        tell it so, outside ε; a zero row is inside the R-ball, so the sensitivity is unchanged. The test
-        reads the rows' squared norms, which the release computes anyway (no pass of its own)."""
-        x = z.detach().numpy().astype(np.float64)  # a copy: zeroing rows below never touches ``z``
+        A row that holds a non-finite value (or one so large that its squared norm overflows float32, a
+        coordinate above about 1e19) is set to zero: a feature map driven to overflow (one out-of-range
+        example at a high learning rate can do it) would otherwise make the release NaN, and the server's
+        rejection of that reply would tell it so, outside ε; a zero row is inside the R-ball, so the
+        sensitivity is unchanged. The test reads the rows' squared norms, which the release computes anyway
+        (no pass of its own)."""
+        x = z.detach().numpy().astype(np.float32)  # a copy: zeroing rows below never touches ``z``
         labels = y.numpy()
         c = max(num_classes, int(labels.max()) + 1 if labels.size else 0)
         member = labels[:, None, :] == np.arange(c)[None, :, None]
@@ -219,8 +239,8 @@ class _Stack:
             real = weight.detach().numpy() > 0
             x[~real] = 0.0
             member &= real[:, None, :]
-        onehot = member.astype(np.float64)
-        row_squares = np.einsum("knd,knd->kn", x, x)  # NaN or inf exactly where a row is not finite
+        onehot = member.astype(np.float32)
+        row_squares = np.einsum("knd,knd->kn", x, x).astype(np.float64)  # NaN or inf where a row is not finite
         bad = ~np.isfinite(row_squares)
         if bad.any():
             x[bad] = 0.0
@@ -230,38 +250,56 @@ class _Stack:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def sums(self, x: np.ndarray) -> np.ndarray:
-        """Every client's per-class sums (K, C, d) of ``x`` (K, n, d; padding rows zero)."""
-        return np.matmul(self.onehot, x)
+    @functools.cached_property
+    def x64(self) -> np.ndarray:
+        """:attr:`x` in float64, for the ANOVA (computed once, where a selection needs it)."""
+        return self.x.astype(np.float64)
+
+    @functools.cached_property
+    def slots(self) -> torch.Tensor:
+        """Every row's class slot in the (K·C + 1, d) table of :meth:`class_sums`: ``k·C + class`` for a real
+        row of client k, the spare last slot for a padding row (flattened, (K·n,))."""
+        k, c = self.onehot.shape[:2]
+        slots = np.where(self.onehot.any(1), np.arange(k)[:, None] * c + self.labels, k * c)
+        return torch.from_numpy(slots.reshape(-1))
+
+    def class_sums(self, rows: np.ndarray) -> np.ndarray:
+        """Every client's per-class sums (K, C, d) float64 of ``rows`` (K, n, d, summed in their own
+        precision), each class's rows added one after the other in row order (one scatter-add for every
+        client): a client's sums are the same additions in the same order whether it is released alone or
+        in a batch, whatever the padding."""
+        k, n, d = rows.shape
+        c = self.onehot.shape[1]
+        source = torch.from_numpy(np.ascontiguousarray(rows)).reshape(k * n, d)
+        table = torch.zeros(k * c + 1, d, dtype=source.dtype)
+        table.index_add_(0, self.slots, source)
+        return table[: k * c].numpy().reshape(k, c, d).astype(np.float64, copy=False)
 
     def scaled_sums(self, scales: np.ndarray) -> np.ndarray:
-        """Every client's per-class sums of its rows scaled by each of ``G`` row scales: ``scales`` (K, G, n)
-        gives (K, G, C, d), ``[k, g, c] = Σ_i onehot[k, c, i] · scales[k, g, i] · x[k, i]``, the class sums of
-        the rows clipped by the scales of group g, as one batched matrix product over ``x`` (the clipped rows
-        are never formed; the products are those of scaling the rows, then summing)."""
-        k, g, n = scales.shape
-        c = self.onehot.shape[1]
-        weights = (self.onehot[:, None, :, :] * scales[:, :, None, :]).reshape(k, g * c, n)
-        return np.matmul(weights, self.x).reshape(k, g, c, self.x.shape[-1])
+        """Every client's per-class sums (K, C, d) float64 of its rows scaled by ``scales`` (K, n, 1: one scale
+        a row; or K, n, d: one a coordinate), i.e. of its rows clipped by those scales, in float32."""
+        return self.class_sums(self.x * scales.astype(np.float32, copy=False))
 
-    def squares_over(self, weights: np.ndarray) -> np.ndarray:
-        """Each row's sum of squares weighted per coordinate by ``weights`` (K, d): (K, n); with a 0/1
-        ``weights``, the squared norm of each row's coordinates in that group."""
-        return np.einsum("knd,knd,kd->kn", self.x, self.x, weights)
+    def group_squares(self, groups: np.ndarray) -> np.ndarray:
+        """Each row's squared norm over each of ``G`` groups of coordinates: ``groups`` (K, G, d) boolean
+        gives (K, G, n) float64, every group's sum taken over its own coordinates (never a difference of
+        sums), row by row in float32 (the same sum for a row whatever the batch)."""
+        return np.einsum("knd,kgd->kgn", np.square(self.x), groups.astype(np.float32)).astype(np.float64)
 
     def spread(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(energy, within, n, c)``: per client and dimension the between-class energy
         ``Σ_c n_c (μ_cj − μ_j)²`` and the within-class sum of squares ``Σ_i x_ij² − Σ_c n_c μ_cj²`` of
         ``x`` (clamped at 0 against rounding), and per client its number of rows and of classes held.
-        Two passes over the features: the class sums and the sums of squares."""
+        Two passes over the features (in float64): the class sums and the sums of squares."""
         counts = self.counts
         n = counts.sum(1)  # every real row is in exactly one class
         c = np.count_nonzero(counts, axis=1)
-        sums = self.sums(self.x)
+        x = self.x64
+        sums = self.class_sums(x)
         means = sums / np.maximum(counts, 1)[:, :, None]
         grand = sums.sum(1) / np.maximum(n, 1)[:, None]
         energy = (counts[:, :, None] * (means - grand[:, None, :]) ** 2).sum(1)
-        within = np.maximum(np.einsum("knd,knd->kd", self.x, self.x) - (sums * means).sum(1), 0.0)
+        within = np.maximum(np.einsum("knd,knd->kd", x, x) - (sums * means).sum(1), 0.0)
         return energy, within, n, c
 
 
@@ -374,29 +412,54 @@ def selection_diagnostics(z: torch.Tensor, y: torch.Tensor, selected: torch.Tens
 
 
 def selection_diagnostics_batch(
-    z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, selected: list[torch.Tensor]
+    z: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    selected: list[torch.Tensor],
+    clean: Sequence[CleanSpread | None] | None = None,
 ) -> list[dict[str, float]]:
     """:func:`selection_diagnostics` of ``K`` clients at once: features ``z`` (K, n, d), labels ``y``
-    (K, n), ``weight`` (K, n; 0 on padding, ``None``: no padding) and each client's selection."""
-    stack = _Stack.of(z, y, weight)
-    spread = stack.spread()
-    energy, _, _, c = spread
-    scores = _anova(stack, spread)
+    (K, n), ``weight`` (K, n; 0 on padding, ``None``: no padding) and each client's selection. ``clean``:
+    each client's :class:`CleanSpread` of these features where its release computed it (a private
+    selection, :attr:`PrototypeRelease.clean`): then the features are not read again."""
+    if clean is None or any(spread is None for spread in clean):
+        stack = _Stack.of(z, y, weight)
+        clean = CleanSpread.of_stack(stack)
     out = []
-    for client, chosen in enumerate(selected):
-        total = energy[client].sum()
-        if c[client] < 2 or not total > 0:  # e.g. features collapsed to zero: nothing to rank
+    for spread, chosen in zip(clean, selected):
+        assert spread is not None
+        total = spread.energy.sum()
+        if spread.classes < 2 or not total > 0:  # e.g. features collapsed to zero: nothing to rank
             out.append({"vpp_selected_energy": math.nan, "vpp_overlap": math.nan})
             continue
         picked = chosen.numpy()
-        top = np.argsort(-scores[client], kind="stable")[: len(picked)]
+        top = np.argsort(-spread.scores, kind="stable")[: len(picked)]
         out.append(
             {
-                "vpp_selected_energy": float(energy[client, picked].sum() / total),
+                "vpp_selected_energy": float(spread.energy[picked].sum() / total),
                 "vpp_overlap": len(np.intersect1d(top, picked)) / len(picked),
             }
         )
     return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CleanSpread:
+    """What a client's clean (unclipped, noiseless) features say about each dimension, for the selection's
+    diagnostics (private data: it stays with the client): the between-class energy ``Σ_c n_c (μ_cj − μ_j)²``
+    (d,), the ANOVA F scores (d,) and the number of classes held."""
+
+    energy: np.ndarray
+    scores: np.ndarray
+    classes: int
+
+    @staticmethod
+    def of_stack(stack: _Stack, spread: tuple[np.ndarray, ...] | None = None) -> list[CleanSpread]:
+        """Every client's of ``stack`` (from its :meth:`_Stack.spread`, computed here if not given)."""
+        spread = spread if spread is not None else stack.spread()
+        energy, _, _, c = spread
+        scores = _anova(stack, spread)
+        return [CleanSpread(e, s, int(n)) for e, s, n in zip(energy, scores, c.tolist())]
 
 
 def vpp_group_noise(d: int, k: int, noise_multiplier: float) -> tuple[float, float, float, float]:
@@ -494,6 +557,9 @@ class PrototypeRelease:
     selected: torch.Tensor | None = None
     count_std: float = 0.0
     statistic: torch.Tensor | None = None
+    #: (kept local) the clean features' spread the private selection ranked (``None`` for a public
+    #: selection or none), for the selection's diagnostics (:func:`selection_diagnostics_batch`).
+    clean: CleanSpread | None = None
 
 
 def _release(
@@ -504,17 +570,20 @@ def _release(
     events: tuple[tuple[Event, int], ...],
     generators: Sequence[torch.Generator],
     selected: torch.Tensor | None = None,
+    clean: Sequence[CleanSpread] | None = None,
 ) -> list[PrototypeRelease]:
     """The releases of the ``K`` clients of ``stack`` from the per-class sums ``sums`` (K, C, d) of their
     clipped features (padding rows left out): per-class statistic plus noise of std ``Δ_c × multipliers[k]`` (per
     coordinate, at σ_f), and, under add/remove (σ_n), every class ``0..C-1`` with noisy counts; under
     replace-one, the held classes and exact counts. Client k's noise comes from ``generators[k]`` alone,
     its features' first, then its counts': the same draws as a release of that client alone.
-    ``selected``: each client's group A (K, k), or ``None``."""
+    ``selected``: each client's group A (K, k), or ``None``; ``clean``: each client's :class:`CleanSpread`
+    where a private selection computed it."""
     rule, num_classes, bound = settings.rule, settings.num_classes, settings.bound
     sigma_n = settings.multipliers[1]
     counts = stack.counts
     chosen = [None] * len(stack) if selected is None else selected.unbind()
+    spreads: Sequence[CleanSpread | None] = [None] * len(stack) if clean is None else clean
     if sigma_n is None:  # the held classes of each client: their number differs between clients
         out = []
         for k, generator in enumerate(generators):
@@ -525,7 +594,15 @@ def _release(
             noisy = torch.from_numpy(statistic) + gaussian_noise(tuple(statistic.shape), std, generator)
             out.append(
                 PrototypeRelease(
-                    torch.from_numpy(classes), noisy.float(), torch.from_numpy(held), std, events, chosen[k], 0.0, noisy
+                    torch.from_numpy(classes),
+                    noisy.float(),
+                    torch.from_numpy(held),
+                    std,
+                    events,
+                    chosen[k],
+                    0.0,
+                    noisy,
+                    spreads[k],
                 )
             )
         return out
@@ -540,13 +617,14 @@ def _release(
     prototypes = (noisy / np.maximum(noisy_counts, 1.0)[:, :, None] if rule.sums else noisy).astype(np.float32)
     every = torch.arange(num_classes, device="cpu")
     return [
-        PrototypeRelease(every, prototype, count, s, events, a, sigma_n, statistic)
-        for prototype, count, s, a, statistic in zip(
+        PrototypeRelease(every, prototype, count, s, events, a, sigma_n, statistic, spread)
+        for prototype, count, s, a, statistic, spread in zip(
             map(torch.from_numpy, prototypes),
             map(torch.from_numpy, noisy_counts),
             std.unbind(),
             chosen,
             map(torch.from_numpy, noisy),
+            spreads,
         )
     ]
 
@@ -586,10 +664,10 @@ def _multipliers(noise_multiplier: float, relation: str, count_fraction: float) 
     return split_multiplier(noise_multiplier, count_fraction)
 
 
-def _clip_scale(bound: float | np.ndarray, row_squares: np.ndarray) -> np.ndarray:
-    """The factor that scales a row of squared norm ``row_squares`` to norm at most ``bound`` (1 for a row
-    already inside)."""
-    return np.minimum(bound / np.maximum(np.sqrt(row_squares), 1e-12), 1.0)
+def _clip_scale(bound: float | np.ndarray, row_squares: np.ndarray, d: int) -> np.ndarray:
+    """The factor that scales a row of squared norm ``row_squares`` (a float32 sum over ``d`` coordinates) to
+    norm at most ``bound`` (1 for a row already inside; the bound tightened by :func:`_float32_margin`)."""
+    return np.minimum(bound * _float32_margin(d) / np.maximum(np.sqrt(row_squares), 1e-12), 1.0)
 
 
 def igpp_release(
@@ -623,7 +701,7 @@ def igpp_release_batch(
     stack = _stack_of(z, y, weight, settings.num_classes, generators)
     multipliers = np.full((len(stack), stack.x.shape[2]), settings.multipliers[0])
     events = ((GaussianEvent(settings.noise_multiplier), 1),)
-    sums = stack.scaled_sums(_clip_scale(settings.bound, stack.row_squares)[:, None, :])[:, 0]
+    sums = stack.scaled_sums(_clip_scale(settings.bound, stack.row_squares, stack.x.shape[2])[:, :, None])
     return _release(sums, stack, settings, multipliers, events, generators)
 
 
@@ -690,6 +768,7 @@ def vpp_release_batch(
     stack = _stack_of(z, y, weight, settings.num_classes, generators)
     x = stack.x
     d = x.shape[2]
+    clean = None
     events: tuple[tuple[Event, int], ...] = ((GaussianEvent(settings.noise_multiplier), 1),)
     if selected is None:
         k = math.ceil(rho * d)
@@ -700,7 +779,9 @@ def vpp_release_batch(
         if k == d:
             chosen = np.broadcast_to(np.arange(d), (len(stack), d))
         else:
-            chosen = np.stack(_top_k_batch(_anova(stack), k, score_cap, selection_epsilon, generators))
+            clean = CleanSpread.of_stack(stack)
+            scores = np.stack([spread.scores for spread in clean])
+            chosen = np.stack(_top_k_batch(scores, k, score_cap, selection_epsilon, generators))
         events = ((PureDpEvent(selection_epsilon), 1), *events)
     else:
         public = np.unique(np.asarray(selected, dtype=np.int64))
@@ -715,10 +796,13 @@ def vpp_release_batch(
     # of both clipped forms in one product, each coordinate's taken from its group's. Each group's norm is summed
     # over its own coordinates: the row's norm minus group A's would lose group B to rounding where group A is
     # large, and release it unclipped.
-    norms = np.stack([stack.squares_over(in_a.astype(np.float64)), stack.squares_over((~in_a).astype(np.float64))], 1)
-    scales = _clip_scale(np.array([kappa_a, kappa_b])[None, :, None] * settings.bound, norms)
-    both = stack.scaled_sums(scales)
-    sums = np.where(in_a[:, None, :], both[:, 0], both[:, 1])
+    norms = stack.group_squares(np.stack([in_a, ~in_a], 1))
+    scales = torch.from_numpy(
+        _clip_scale(np.array([kappa_a, kappa_b])[None, :, None] * settings.bound, norms, d).astype(np.float32)
+    )
+    # each coordinate scaled by its group's factor of its row, (K, n, d)
+    per_coordinate = torch.where(torch.from_numpy(in_a)[:, None, :], scales[:, 0, :, None], scales[:, 1, :, None])
+    sums = stack.scaled_sums(per_coordinate.numpy())
     return _release(
-        sums, stack, settings, np.where(in_a, s_a, s_b), events, generators, torch.from_numpy(np.array(chosen))
+        sums, stack, settings, np.where(in_a, s_a, s_b), events, generators, torch.from_numpy(np.array(chosen)), clean
     )

@@ -1,0 +1,94 @@
+"""The batched round's cheaper per-client work and the releases' float32 passes, each against its plain
+definition: parsed payloads (header parsed once per distinct header), client states out of the stack,
+the clip bound under float32 norms, and VPP's diagnostics from the spread its selection ranked."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from protofl.payload import Payload, PayloadError
+from protofl.privacy import mechanisms as M
+from protofl.training import unstack_params
+
+
+def test_payloads_with_one_header_parse_to_their_own_arrays_and_metadata():
+    first = Payload({"a": np.arange(4, dtype=np.int64), "b": np.ones((2, 3), np.float32)}, {"method": "x", "k": [1]})
+    second = Payload(
+        {"a": np.arange(4, 8, dtype=np.int64), "b": np.zeros((2, 3), np.float32)}, {"method": "x", "k": [1]}
+    )
+    got = [Payload.from_bytes(p.to_bytes()) for p in (first, second, first)]
+    assert got[0]["a"].tolist() == [0, 1, 2, 3] and got[1]["a"].tolist() == [4, 5, 6, 7]
+    assert got[2]["b"].sum() == 6 and got[1]["b"].sum() == 0
+    got[0]["a"][0] = 99  # a parsed array is a private copy: the next parse of the same header is not touched
+    assert Payload.from_bytes(first.to_bytes())["a"][0] == 0
+    got[0].metadata["k"].append(2)  # nested metadata is parsed afresh for every payload
+    assert dict(got[2].metadata) == {"method": "x", "k": [1]}
+    assert got[0]["b"].dtype == np.float32 and got[0]["a"].flags.writeable
+
+
+def test_a_bad_header_still_fails_after_a_good_one_of_the_same_shape_was_parsed():
+    good = Payload({"a": np.arange(3, dtype=np.int64)}, {"method": "x"}).to_bytes()
+    Payload.from_bytes(good)
+    bad = good.replace(b'"int64"', b'"int66"')  # same length, not a sendable dtype
+    with pytest.raises(PayloadError, match="int66"):
+        Payload.from_bytes(bad)
+    truncated = good[:-8]  # the header parses (cached), the array is short
+    with pytest.raises(PayloadError, match="truncated"):
+        Payload.from_bytes(truncated)
+    long_metadata = Payload({"a": np.arange(2)}, {"method": "x", "note": "n" * 5000})  # past the cached size
+    assert Payload.from_bytes(long_metadata.to_bytes()).metadata["note"] == "n" * 5000
+
+
+def test_client_states_out_of_the_stack_are_rows_with_storage_of_their_own():
+    stacked = {"w": torch.randn(4, 3, 2), "b": torch.randn(4, 3)}
+    states = unstack_params(stacked)
+    for c, state in enumerate(states):
+        for name, value in state.items():
+            assert torch.equal(value, stacked[name][c]) and value.shape == stacked[name].shape[1:]
+            assert value.untyped_storage().nbytes() == value.numel() * value.element_size()  # not the whole stack
+    states[1]["w"].zero_()
+    assert not torch.equal(stacked["w"][1], states[1]["w"]) and torch.equal(states[2]["w"], stacked["w"][2])
+
+
+@pytest.mark.parametrize("d", [3, 64, 1280])
+def test_rows_clipped_by_float32_norms_stay_inside_the_bound(d):
+    """Rows just above the bound (where float32 rounding of the norm could let a clipped row out) and far
+    above it, clipped with the release's scales: every clipped row's exact (float64) norm is at most R."""
+    g = torch.Generator().manual_seed(d)
+    bound = 1.7
+    directions = torch.randn(300, d, generator=g, dtype=torch.float64)
+    directions /= directions.norm(dim=1, keepdim=True)
+    radii = torch.cat(
+        [bound * (1 + torch.logspace(-9, -3, 150, dtype=torch.float64)), torch.rand(150, generator=g) * 1e6]
+    )
+    z = (directions * radii[:, None]).float()[None]
+    stack = M._Stack.of(z, torch.zeros(1, 300, dtype=torch.int64), None, 1)
+    scales = M._clip_scale(bound, stack.row_squares, d).astype(np.float32)
+    clipped = (stack.x * scales[..., None]).astype(np.float64)[0]
+    assert np.linalg.norm(clipped, axis=1).max() <= bound
+    assert np.linalg.norm(clipped, axis=1).min() > bound * (1 - 1e-4)  # clipped to the bound, not far inside it
+
+
+def test_vpp_diagnostics_from_the_selections_spread_equal_the_recomputed_ones():
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 4, (6, 40), generator=g)
+    z = torch.randn(6, 40, 16, generator=g) + y[..., None].float() * torch.linspace(0, 3, 16)
+    weight = torch.ones(6, 40)
+    weight[2, 30:] = 0
+    settings = M.ReleaseSettings(4, 2.0, 1.0)
+    releases = M.vpp_release_batch(
+        z, y, weight, settings, [torch.Generator().manual_seed(k) for k in range(6)], 0.25, 50.0, 40.0
+    )
+    assert all(r.clean is not None for r in releases)
+    chosen = [r.selected for r in releases]
+    from_release = M.selection_diagnostics_batch(z, y, weight, chosen, [r.clean for r in releases])
+    recomputed = M.selection_diagnostics_batch(z, y, weight, chosen)
+    assert from_release == recomputed
+    assert not any(math.isnan(v) for d in from_release for v in d.values())
+    # a public selection keeps no spread: the diagnostics then read the features themselves
+    public = M.vpp_release_batch(
+        z, y, weight, settings, [torch.Generator().manual_seed(k) for k in range(6)], 0.25, 50.0, None, chosen[0]
+    )
+    assert all(r.clean is None for r in public)
