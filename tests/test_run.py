@@ -222,6 +222,16 @@ def test_resume_refuses_a_checkpoint_whose_method_defaults_have_changed(small_co
     save_checkpoint(checkpoint, state)
     with pytest.raises(CheckpointError, match=f"{option}: 'an older default' -> "):
         protofl.run(None, out=tmp_path / "r", resume=True)
+    # An option added since the checkpoint, at its default, is no change; one not at its default is.
+    state["method_options"] = {k: v for k, v in recorded.items() if k != "weight_decay"}
+    save_checkpoint(checkpoint, state)
+    from protofl.engine.rounds import _check_method_options, _option_defaults, method_options
+
+    config = protofl.algorithms.fedavg.FedAvg.Config(lr=0.1, batch_size=32, local_epochs=3)
+    _check_method_options(state["method_options"], method_options(config), _option_defaults(config))
+    with pytest.raises(CheckpointError, match=r"weight_decay: \(absent\) -> 0.5"):
+        changed = protofl.algorithms.fedavg.FedAvg.Config(lr=0.1, batch_size=32, local_epochs=3, weight_decay=0.5)
+        _check_method_options(state["method_options"], method_options(changed), _option_defaults(changed))
     # A checkpoint from before the options were recorded resumes as before.
     del state["method_options"]
     save_checkpoint(checkpoint, state)

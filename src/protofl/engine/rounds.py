@@ -109,15 +109,34 @@ def method_options(config: Any) -> dict[str, str]:
     return {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
-def _check_method_options(recorded: Any, current: Mapping[str, str]) -> None:
+def _option_defaults(config: Any) -> dict[str, str]:
+    """``repr`` of the default of every option of ``config`` that has one."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return {}
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = repr(f.default_factory())
+    return out
+
+
+def _check_method_options(recorded: Any, current: Mapping[str, str], defaults: Mapping[str, str]) -> None:
     """Refuse to resume where the method's resolved options differ from those the checkpoint was
-    written with (the config file is the same: its fingerprint matched, so a default has changed)."""
+    written with (the config file is the same: its fingerprint matched, so a default has changed, or an
+    option was added or removed). An option added since, at its default, is no change: adding an option
+    whose default keeps the earlier behaviour leaves older checkpoints resumable."""
     from protofl.errors import CheckpointError
 
     if not isinstance(recorded, Mapping):
         raise CheckpointError("the checkpoint's method_options is not a table; refusing to resume")
     changed = sorted(set(recorded) | set(current), key=str)
-    changed = [k for k in changed if recorded.get(k) != current.get(k)]
+    changed = [
+        k
+        for k in changed
+        if recorded.get(k) != current.get(k) and not (k not in recorded and current.get(k) == defaults.get(k))
+    ]
     if not changed:
         return
     shown = ", ".join(f"{k}: {recorded.get(k, '(absent)')} -> {current.get(k, '(absent)')}" for k in changed[:4]) + (
@@ -125,7 +144,8 @@ def _check_method_options(recorded: Any, current: Mapping[str, str]) -> None:
     )
     raise CheckpointError(
         "the method's options differ from the checkpoint's although the configuration is the same, so "
-        f"their defaults changed since it was written ({shown}); refusing to resume a run that would mix "
+        f"their defaults (or the options themselves) changed since it was written ({shown}); refusing to "
+        "resume a run that would mix "
         "both: resume it with the protofl version that wrote it, or start the run over"
     )
 
@@ -355,7 +375,8 @@ class RoundDriver:
         if state["fingerprint"] != self.fingerprint:
             raise ValueError("the checkpoint was written by a run with a different configuration; refusing to resume")
         if "method_options" in state:  # checkpoints from before it was recorded resume as they did
-            _check_method_options(state["method_options"], method_options(self.algorithm.config))
+            config = self.algorithm.config
+            _check_method_options(state["method_options"], method_options(config), _option_defaults(config))
         self.round = state["round"]
         self.server_state = on_device(state["server_state"], self.algorithm.device)
         self.history = state["history"]

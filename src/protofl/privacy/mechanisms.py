@@ -94,9 +94,13 @@ __all__ = [
 
 
 def clip_rows(x: torch.Tensor, bound: float) -> torch.Tensor:
-    """Scale every row to L2 norm at most ``bound`` (rows already inside are unchanged)."""
+    """Scale every row to L2 norm at most ``bound`` (rows already inside are unchanged). The bound is
+    tightened by ``(d + 4)`` roundoffs of ``x``'s precision, so the rounding of the computed norm and of the
+    product never puts a clipped row outside it (without it about one clipped row in six lands a roundoff
+    or two above the bound)."""
+    roundoff = torch.finfo(x.dtype).eps / 2 if x.is_floating_point() else 2.0**-53
     norms = x.norm(dim=1, keepdim=True)
-    return x * torch.clamp(bound / norms.clamp_min(1e-12), max=1.0)
+    return x * torch.clamp(bound * (1.0 - (x.shape[1] + 4) * roundoff) / norms.clamp_min(1e-12), max=1.0)
 
 
 def clip_groups(x: torch.Tensor, groups: list[torch.Tensor], bounds: list[float]) -> torch.Tensor:
@@ -208,9 +212,10 @@ class _Stack:
     ``row_squares`` (K, n) is each row's squared norm. Squares are summed where they are needed
     (:meth:`group_squares`), never stored.
 
-    The passes that clip and sum (row norms, group norms, the clipped class sums) run in float32 and return
-    float64: their rounding (relative, about 1e-7 of the sums) is far below any release's noise, and a clip
-    bound is tightened by :func:`_float32_margin` so that rounding never lets a row out of it. The ANOVA
+    The passes that clip (row norms, group norms, the scaled rows) run in float32, and a clip bound is
+    tightened by :func:`_float32_margin` so that rounding never lets a row out of it; the clipped rows are
+    added in float64 (:meth:`class_sums`), so that one row more or less moves a class sum by at most the
+    bound (float32 additions would let the rounding of every later addition depend on it). The ANOVA
     (:meth:`spread`) runs in float64 on the same values (:attr:`x64`): its within-class sums of squares are
     a difference of two large sums."""
 
@@ -225,8 +230,9 @@ class _Stack:
         """From features ``z`` (K, n, d), labels ``y`` (K, n) and ``weight`` (K, n: nonzero on a client's
         rows, 0 on padding; ``None``: every row is real); ``num_classes``: at least this many classes.
 
-        A row that holds a non-finite value (or one so large that its squared norm overflows float32, a
-        coordinate above about 1e19) is set to zero: a feature map driven to overflow (one out-of-range
+        A row so large that its squared norm overflows float32 (a coordinate above about 1e19) is scaled, in
+        float64, to norm 1e15 in its own direction (the clip then gives what it gives the row). A row that
+        holds a non-finite value is set to zero: a feature map driven to overflow (one out-of-range
         example at a high learning rate can do it) would otherwise make the release NaN, and the server's
         rejection of that reply would tell it so, outside ε; a zero row is inside the R-ball, so the
         sensitivity is unchanged. The test reads the rows' squared norms, which the release computes anyway
@@ -243,8 +249,13 @@ class _Stack:
         row_squares = np.einsum("knd,knd->kn", x, x).astype(np.float64)  # NaN or inf where a row is not finite
         bad = ~np.isfinite(row_squares)
         if bad.any():
-            x[bad] = 0.0
-            row_squares[bad] = 0.0
+            # A finite row whose float32 squares overflow keeps its direction at norm 1e15 (its float64 norm),
+            # so that the clip gives what it gives the row itself; a row holding NaN or inf becomes zero.
+            overflow = bad & np.isfinite(x).all(axis=-1)
+            rows = x[overflow].astype(np.float64)
+            x[overflow] = (rows * (1e15 / np.linalg.norm(rows, axis=-1, keepdims=True))).astype(np.float32)
+            x[bad & ~overflow] = 0.0
+            row_squares[bad] = np.einsum("nd,nd->n", x[bad], x[bad]).astype(np.float64)
         return cls(x, labels, onehot, member.sum(-1), row_squares)
 
     def __len__(self) -> int:
@@ -270,10 +281,13 @@ class _Stack:
         in a batch, whatever the padding."""
         k, n, d = rows.shape
         c = self.onehot.shape[1]
-        source = torch.from_numpy(np.ascontiguousarray(rows)).reshape(k * n, d)
-        table = torch.zeros(k * c + 1, d, dtype=source.dtype)
+        # Added in float64 whatever the rows' precision: in float32 the rounding of every later addition
+        # depends on the rows before it, so the sums of neighbouring data sets could differ by more than the
+        # clip bound (by about n_c² float32 roundoffs of it); in float64 that excess is negligible.
+        source = torch.from_numpy(np.ascontiguousarray(rows)).reshape(k * n, d).to(torch.float64)
+        table = torch.zeros(k * c + 1, d, dtype=torch.float64)
         table.index_add_(0, self.slots, source)
-        return table[: k * c].numpy().reshape(k, c, d).astype(np.float64, copy=False)
+        return table[: k * c].numpy().reshape(k, c, d)
 
     def scaled_sums(self, scales: np.ndarray) -> np.ndarray:
         """Every client's per-class sums (K, C, d) float64 of its rows scaled by ``scales`` (K, n, 1: one scale
