@@ -210,6 +210,12 @@ class Algorithm:
     def reply_spec(self) -> PayloadSpec:
         return PayloadSpec(self.name, {})
 
+    def reply_spec_for(self, broadcast: Payload) -> PayloadSpec:
+        """What a reply to ``broadcast`` must be, checked by the engines (a reply that fails is rejected):
+        :meth:`reply_spec` unless a method's rounds send different arrays (FedHypeVAE's statistics round).
+        :meth:`reply_spec` stays the spec of every array the method may ever release."""
+        return self.reply_spec()
+
     def client_step(
         self, client_state: State, data: ClientData, received: Payload, generator: torch.Generator
     ) -> tuple[State, Payload, dict[str, float]]:

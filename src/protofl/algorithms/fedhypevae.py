@@ -1030,6 +1030,15 @@ class FedHypeVAE(Algorithm):
                 specs[STATS_PREFIX + "moments"] = ArraySpec((k, d, d))
         return PayloadSpec(self.name, specs, optional=("noisy_code", *(n for n in specs if n.startswith(STATS_PREFIX))))
 
+    def reply_spec_for(self, broadcast: Payload) -> PayloadSpec:
+        """The reply to ``broadcast``: in the statistics round the ``stats/*`` arrays are required (a reply
+        without them is malformed, and rejected, not summed), in every other round they are not allowed."""
+        spec = self.reply_spec()
+        stats_round = self.round_kind(int(broadcast["round"])) == "stats"
+        arrays = {n: a for n, a in spec.arrays.items() if stats_round or not n.startswith(STATS_PREFIX)}
+        optional = tuple(n for n in spec.optional if not n.startswith(STATS_PREFIX))
+        return dataclasses.replace(spec, arrays=arrays, optional=optional)
+
     # -- client ----------------------------------------------------------------------------------------
     def example_loss(self, phi, psi, code, x, y1h, noise=None):
         """The local objective of one example (x, y) (shapes (D,), (C,)): :func:`batch_losses` on a batch of
@@ -1290,9 +1299,18 @@ class FedHypeVAE(Algorithm):
         projected onto the matrices with eigenvalues >= ``stats_min_eigenvalue``, and its Cholesky factor
         kept for synthesis. Returns the server-state entries that change."""
         c = self.config
+        names = [STATS_PREFIX + k for k in ("counts", "sums", *(("moments",) if self.stats_moments else ()))]
+        lacking = [i for i, rep in enumerate(replies) if not set(names) <= rep.arrays.keys()]
+        if lacking or not replies:
+            # the engines reject such replies (reply_spec_for); a caller that skips them gets this line
+            raise ValueError(
+                f"the statistics round needs {', '.join(names)} in every reply; replies {lacking} lack them"
+                if lacking
+                else "the statistics round needs at least one reply"
+            )
 
         def total(key: str) -> torch.Tensor:
-            return sum(torch.from_numpy(np.array(rep[STATS_PREFIX + key])).double() for rep in replies)  # type: ignore[return-value]
+            return torch.stack([torch.from_numpy(np.array(rep[STATS_PREFIX + key])).double() for rep in replies]).sum(0)
 
         n = total("counts").clamp_min(1.0)
         means = total("sums") / n[:, None]
@@ -1300,6 +1318,7 @@ class FedHypeVAE(Algorithm):
         means = means * (radius / means.norm(dim=1, keepdim=True).clamp_min(radius))
         centre = (n[:, None] * means).sum(0) / n.sum()
         if c.stats_shrink:
+            # K noisy sums were added up (one per reply, every reply carries one): K times the variance
             noise_var = len(replies) * self.stats_stds()[1] ** 2 / n**2
             offsets = means - centre
             factor = (1 - means.shape[1] * noise_var / offsets.square().sum(1).clamp_min(1e-12)).clamp_min(0)

@@ -122,7 +122,7 @@ class InProcessTransport:
         train_losses = []
         reply_metrics: dict[str, list[float]] = {}
         # asked once a round: what every reply must be, and which of a client's metrics the row averages
-        reply_spec = algo.reply_spec() if algo.communicates else None
+        reply_spec = algo.reply_spec_for(broadcast) if algo.communicates else None
         row_metrics = algo.row_metrics()
         self.progress.start(r, len(active))
         for k, new_state, reply, metrics in self._client_steps(active, r, broadcast, wire_down):

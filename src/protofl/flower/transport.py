@@ -332,6 +332,7 @@ class GridTransport:
             self._spend_after_stop(r, broadcast)
             return Exchange(evaluation=evaluation, stop=BudgetExceededError("; ".join(over[k] for k in sorted(over))))
 
+        reply_spec = algo.reply_spec_for(broadcast)  # what every reply of this round must be
         accepted: list[Payload] = []
         train_losses: list[float] = []
         reply_metrics: dict[str, list[float]] = {}
@@ -355,7 +356,7 @@ class GridTransport:
                         for key, value in protocol.ROW_METRICS.read(fields, {}).items():
                             reply_metrics.setdefault(key, []).append(value)
                     up[k] = records.wire_size(payload)
-                    validate(payload, algo.reply_spec())
+                    validate(payload, reply_spec)
                 except PayloadError as exc:
                     reply.error = str(exc)
                 except (ValueError, TypeError, KeyError) as exc:  # a malformed protocol field
