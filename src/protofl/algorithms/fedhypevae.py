@@ -1310,7 +1310,9 @@ class FedHypeVAE(Algorithm):
             )
 
         def total(key: str) -> torch.Tensor:
-            return torch.stack([torch.from_numpy(np.array(rep[STATS_PREFIX + key])).double() for rep in replies]).sum(0)
+            # summed on the CPU in float64 (not every device has it); the results move to the device below
+            arrays = [torch.from_numpy(np.array(rep[STATS_PREFIX + key])).to("cpu", torch.float64) for rep in replies]
+            return torch.stack(arrays).sum(0)
 
         n = total("counts").clamp_min(1.0)
         means = total("sums") / n[:, None]

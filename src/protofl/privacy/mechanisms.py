@@ -285,7 +285,7 @@ class _Stack:
         # depends on the rows before it, so the sums of neighbouring data sets could differ by more than the
         # clip bound (by about n_c² float32 roundoffs of it); in float64 that excess is negligible.
         source = torch.from_numpy(np.ascontiguousarray(rows)).reshape(k * n, d).to(torch.float64)
-        table = torch.zeros(k * c + 1, d, dtype=torch.float64)
+        table = torch.zeros(k * c + 1, d, dtype=torch.float64, device=source.device)
         table.index_add_(0, self.slots, source)
         return table[: k * c].numpy().reshape(k, c, d)
 
