@@ -107,30 +107,37 @@ def run_config(n: int, rounds: int, privacy: str = "none", eval_every: int = 10*
     return cfg
 
 
-def synthetic_clients(n: int, rounds: int = 1, privacy: str = "none"):
+def synthetic_clients(n: int, rounds: int = 1, privacy: str = "none", compile: bool = False):
     """The clients of the workload and its algorithm, through protofl's data pipeline (as ``protofl.run``
-    and every Flower node build them)."""
+    and every Flower node build them); ``compile``: its batched rounds compile their step
+    (``federation.compile``)."""
     from protofl.algorithms import Task, get_algorithm
     from protofl.api import prepare_data, resolve_config
 
     config = resolve_config(run_config(n, rounds, privacy))
     data = prepare_data(config)
-    task = Task(data.input_shape, data.num_classes, config.model)
+    task = Task(data.input_shape, data.num_classes, config.model, compile=compile)
     algo = get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
     return data.clients, algo
 
 
-def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profile_release: bool = False) -> dict:
-    """protofl's in-process engine on the workload; training time of each round (no evaluation)."""
+def run_engine(
+    execution: str, n: int, rounds: int, privacy: str = "none", profile_release: bool = False, compile: bool = False
+) -> dict:
+    """protofl's in-process engine on the workload; training time of each round (no evaluation). ``compile``:
+    the batched round's step and feature pass compiled (``federation.compile``); the first round then holds
+    the compile, and the number of programs dynamo compiled is recorded."""
     import torch
 
     from protofl.config import FederationConfig
     from protofl.engine import Simulation
     from protofl.runtime import retain_freed_memory
 
-    clients, algo = synthetic_clients(n, rounds, privacy)
+    clients, algo = synthetic_clients(n, rounds, privacy, compile)
     # Evaluation is off (eval_every beyond the rounds run): the figures are of the rounds themselves.
-    fed = FederationConfig(rounds=10**6, eval_every=10**6, checkpoint_every=0, progress=False, execution=execution)
+    fed = FederationConfig(
+        rounds=10**6, eval_every=10**6, checkpoint_every=0, progress=False, execution=execution, compile=compile
+    )
     sim = Simulation(
         algo, clients, torch.zeros(0, WORKLOAD["input_dim"]), torch.zeros(0, dtype=torch.int64), fed, seed=0
     )
@@ -139,6 +146,10 @@ def run_engine(execution: str, n: int, rounds: int, privacy: str = "none", profi
     ready, ready_cpu = time.time(), time.process_time()
     out = _rounds(lambda r: sim.run_round(r), rounds, mechanism)
     out.update(ready=ready, ready_cpu=ready_cpu, execution=sim.execution, batched_step=algo.batched_step(), heap=heap)
+    if compile:
+        from torch._dynamo.utils import counters
+
+        out["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
     return out
 
 
@@ -488,6 +499,8 @@ def child_main(args: argparse.Namespace) -> None:
         out = run_cached_embeddings(args.clients, args.rounds, args.fraction)
     elif args.kind == "breakdown":
         out = breakdown(args.clients, args.rounds)
+    elif args.kind == "batched-compiled":
+        out = run_engine("batched", args.clients, args.rounds, args.privacy, args.profile_release, compile=True)
     else:
         out = run_engine(args.kind, args.clients, args.rounds, args.privacy, args.profile_release)
     import resource
@@ -919,7 +932,7 @@ def _cores_table(rows: list[dict]) -> list[str]:
         "| repetition | path | threads | s / round (wall) | s / round (CPU) | plain / batched (wall / CPU) | load at launch |",
         "|---|---|---|---|---|---|---|",
     ]
-    names = {"plain": "plain loop", "batched": "protofl batched"}
+    names = {"plain": "plain loop", "batched": "protofl batched", "batched-compiled": "protofl batched, compiled step"}
 
     def ratio(plain: dict | None, row: dict) -> str:
         if plain is None or row["kind"] == "plain":
@@ -934,7 +947,8 @@ def _cores_table(rows: list[dict]) -> list[str]:
                 f"| {rep} | {names[row['kind']]} | {row['threads_in_force']['threads']} | {row['s_per_round']:.4f} | "
                 f"{row['cpu_s_per_round']:.4f} | {ratio(plain, row)} | {row['load_at_launch']:.1f} |"
             )
-    for kind, threads in (("plain", 1), ("batched", 1), ("batched", 2)):
+    kinds = [("plain", 1), ("batched", 1), ("batched", 2), ("batched-compiled", 1), ("batched-compiled", 2)]
+    for kind, threads in kinds:
         same = [row for row in rows if row["kind"] == kind and row["threads_in_force"]["threads"] == threads]
         if not same:
             continue
@@ -955,6 +969,18 @@ def _cores_table(rows: list[dict]) -> list[str]:
             f"{statistics.median(r['cpu_s_per_round'] for r in same):.4f} | {text} | "
             f"{statistics.median(r['load_at_launch'] for r in same):.1f} |"
         )
+    compiled = [row for row in rows if row["kind"] == "batched-compiled"]
+    if compiled:
+        out += [
+            "",
+            "The compiled rows (`federation.compile`, `--compile`): the first round, which compiles the step and the "
+            "feature pass, took "
+            + ", ".join(f"{row['first_round_s']:.1f}" for row in compiled)
+            + " s wall (in launch order; the inductor cache in `TORCHINDUCTOR_CACHE_DIR` fills at the first); "
+            "programs compiled per process: "
+            + ", ".join(str(row.get("compiled_graphs", "?")) for row in compiled)
+            + ".",
+        ]
     return out
 
 
@@ -1067,6 +1093,11 @@ def main() -> None:
     parser.add_argument(
         "--repetitions", type=int, default=3, help="launches of each configuration in the cores part (in turn)"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="the cores part also runs the batched round with its step compiled (federation.compile), in turn",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
@@ -1124,7 +1155,10 @@ def main() -> None:
     if "cores" in args.parts:
         cores = []
         for rep in range(1, args.repetitions + 1):
-            for kind, threads in (("plain", 1), ("batched", 1), ("batched", 2)):
+            kinds = [("plain", 1), ("batched", 1), ("batched", 2)]
+            if args.compile:
+                kinds += [("batched-compiled", 1), ("batched-compiled", 2)]
+            for kind, threads in kinds:
                 row = launch(kind, 100, args.rounds, threads)
                 row["rep"] = rep
                 cores.append(row)

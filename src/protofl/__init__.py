@@ -25,6 +25,7 @@ _EXPORTS = {
     "ConfigError": "protofl.errors",
     "ProtoflError": "protofl.errors",
     "CheckpointError": "protofl.errors",
+    "CompileError": "protofl.errors",
     "DataFormatError": "protofl.errors",
     "ReportError": "protofl.errors",
     "RunFailedError": "protofl.errors",
@@ -58,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from protofl.engine import RunInterrupted
     from protofl.errors import (
         CheckpointError,
+        CompileError,
         ConfigError,
         DataFormatError,
         ProtoflError,

@@ -11,6 +11,7 @@ import pickle
 
 __all__ = [
     "CheckpointError",
+    "CompileError",
     "ConfigError",
     "DataFormatError",
     "ProtoflError",
@@ -82,3 +83,8 @@ class RunFailedError(ProtoflError, RuntimeError):
     is reported as a result."""
 
     exit_code = 4
+
+
+class CompileError(ProtoflError, RuntimeError):
+    """``federation.compile`` is on and ``torch.compile`` could not compile the batched round's step or
+    feature pass (there is no fallback to the eager step: turn the setting off to run eagerly)."""

@@ -278,12 +278,15 @@ def build_algorithm(config: RunConfig, data: PreparedData, model: Callable[..., 
     from protofl.runtime import resolve_device
 
     device = str(resolve_device(config.federation.device))
+    compiled = config.federation.compile
     if model is not None:
         from protofl.custom import FactoryTask
 
-        task: Task = FactoryTask(data.input_shape, data.num_classes, config.model, device=device, factory=model)
+        task: Task = FactoryTask(
+            data.input_shape, data.num_classes, config.model, device=device, factory=model, compile=compiled
+        )
     else:
-        task = Task(data.input_shape, data.num_classes, config.model, device=device)
+        task = Task(data.input_shape, data.num_classes, config.model, device=device, compile=compiled)
     return get_algorithm(config.method_name).from_options(config.method_options, task, config.privacy)
 
 

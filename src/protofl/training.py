@@ -305,6 +305,7 @@ def train_batched(
     generators: Sequence[torch.Generator],
     shared: tuple = (),
     stacked: bool = False,
+    step_fn: Callable[..., tuple[Params, torch.Tensor]] | None = None,
 ) -> tuple[Params, list[dict[str, float]]]:
     """Train ``K`` clients at once: ``params`` holds ``(K, ...)`` tensors (a fresh stack, e.g. from
     :func:`stack_params`: they are updated in place), ``loss_fn(params_k, x, y, weight, *shared)`` is
@@ -314,11 +315,14 @@ def train_batched(
 
     ``stacked``: each step is :func:`protofl.stacked.stacked_grad_and_value` (the model's and the loss's
     own code on the stacked tensors, one backward), for a loss marked :func:`protofl.stacked.stackable`;
-    otherwise ``vmap(grad_and_value(loss_fn))``."""
+    otherwise ``vmap(grad_and_value(loss_fn))``. ``step_fn``: a step to run in place of either (called as
+    they are, e.g. :meth:`protofl.compiled.CompiledRound.step`)."""
     schedule = batch_schedule(batch, config.batch_size, config.local_epochs, generators)
     leaves = {name: v.detach() for name, v in params.items()}  # trained in place: pass a fresh stack
     optimizer = StackedOptimizer(config, leaves)
-    if stacked:
+    if step_fn is not None:
+        pass
+    elif stacked:
         step_fn = stacked_grad_and_value(loss_fn)
     else:
         step_fn = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0, *([None] * len(shared))))
@@ -353,15 +357,23 @@ def train_batched(
 
 @torch.no_grad()
 def batched_features(
-    features: Callable[[Params, torch.Tensor], torch.Tensor], params: Params, batch: ClientBatch, stacked: bool = False
+    features: Callable[[Params, torch.Tensor], torch.Tensor],
+    params: Params,
+    batch: ClientBatch,
+    stacked: bool = False,
+    forward: Callable[[Params, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features of every client's train split under its own stacked parameters (one ``vmap`` of
     ``features(params, x)``, or with ``stacked`` ``features`` itself on the stacked tensors, see
     :func:`protofl.stacked.stacked_forward`): ``(K, n_max, d)``, the ``(K, n_max)`` weight of the real
-    rows and their ``(K, n_max)`` row index into the batch."""
+    rows and their ``(K, n_max)`` row index into the batch. ``forward``: the pass to run in place of either,
+    on the stacked parameters and rows (e.g. :meth:`protofl.compiled.CompiledRound.features`)."""
     index, weight = batch.padded_index()
     x = batch.x[index]
-    z = stacked_forward(features, params, x) if stacked else vmap(features)(params, x)
+    if forward is not None:
+        z = forward(params, x)
+    else:
+        z = stacked_forward(features, params, x) if stacked else vmap(features)(params, x)
     return z, weight, index
 
 

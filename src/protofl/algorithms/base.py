@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from protofl.compiled import COMPILED, CompiledRound
 from protofl.config import (
     ConfigError,
     ModelConfig,
@@ -88,6 +89,9 @@ class Task:
     #: Where the method keeps its model, state and training tensors (``federation.device`` resolved:
     #: ``cpu``, ``cuda``, ``cuda:i``). Payloads and checkpoints stay on the CPU whatever it is.
     device: str = "cpu"
+    #: Whether a batched round compiles its local step and feature pass (``federation.compile``;
+    #: :mod:`protofl.compiled`).
+    compile: bool = False
 
     def build_model(self) -> FeatureNet:
         return build_model(self.model, self.input_shape, self.num_classes)
@@ -352,6 +356,8 @@ class ModelAlgorithm(Algorithm):
     #: The methods :meth:`loss` and the batched feature pass call; the stacked step needs each of them
     #: marked :func:`~protofl.stacked.stackable` (a subclass that adds a part to its loss names it here).
     loss_parts: ClassVar[tuple[str, ...]] = ("loss", "forward", "forward_features")
+    #: The compiled step and feature pass of this method's batched rounds (``federation.compile``), once built.
+    _compiled_round: CompiledRound | None = None
 
     def start_params(self, client_state: State, received: Payload) -> Params:
         raise NotImplementedError
@@ -429,20 +435,42 @@ class ModelAlgorithm(Algorithm):
         return model_unstackable(self.model)
 
     def batched_step(self) -> str:
-        return VMAP_STEP if self.stacked_unsupported() else STACKED_STEP
+        step = VMAP_STEP if self.stacked_unsupported() else STACKED_STEP
+        return f"{step}, {COMPILED}" if self.task.compile else step
+
+    def compiled_round(self, stacked_step: bool) -> CompiledRound:
+        """The compiled step and feature pass of this method's batched rounds (``federation.compile``),
+        built on first use and kept, so that each shape compiles once per run."""
+        compiled = self._compiled_round
+        if compiled is None or compiled.stacked != stacked_step:
+            compiled = CompiledRound(self.loss, self.forward_features, stacked_step, n_shared=1)
+            self._compiled_round = compiled
+        return compiled
 
     def client_step_batched(self, client_states, datas, received, generators):
         stacked_step = self.stacked_unsupported() is None
+        compiled = self.compiled_round(stacked_step) if self.task.compile else None
         befores = [self.before_training(s, d, received, g) for s, d, g in zip(client_states, datas, generators)]
         context = self.context(received)
         starts = [self.start_params(s, received) for s in client_states]
         shared = all(p is starts[0] for p in starts)
         start = broadcast_params(starts[0], len(starts)) if shared else stack_params(starts)
         batch = ClientBatch.of([d.x_train for d in datas], [d.y_train for d in datas])
-        trained, metrics = train_batched(start, batch, self.loss, self.config, generators, (context,), stacked_step)
+        trained, metrics = train_batched(
+            start,
+            batch,
+            self.loss,
+            self.config,
+            generators,
+            (context,),
+            stacked_step,
+            compiled.step if compiled else None,
+        )
         stacked = None
         if self.reply_uses_features:
-            z, weight, index = batched_features(self.forward_features, trained, batch, stacked_step)
+            z, weight, index = batched_features(
+                self.forward_features, trained, batch, stacked_step, compiled.features if compiled else None
+            )
             labels = batch.y[index]
             sums, counts = PrototypeAccumulator.stacked_sums(z, labels, weight, self.task.num_classes)
             stacked = StackedFeatures(z, labels, weight, sums, counts)
