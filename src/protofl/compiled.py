@@ -1,32 +1,37 @@
-"""The batched round's local step and feature pass compiled with ``torch.compile`` (``federation.compile``).
+"""The batched round's stacked step and feature pass compiled with ``torch.compile`` (``federation.compile``).
 
-Off by default. When on, a method's batched round (:func:`protofl.training.train_batched` and
-:func:`protofl.training.batched_features`) runs two compiled programs in place of their eager forms:
+Off by default. When on, a batched round that runs the stacked step (:mod:`protofl.stacked`; the run's
+summary says ``batched_step = "stacked autograd, compiled"``) runs two compiled programs in place of their
+eager forms in :func:`protofl.training.train_batched` and :func:`protofl.training.batched_features`:
 
-- **the local step**: every client's gradients and losses of one step. The stacked step
-  (:mod:`protofl.stacked`) is compiled in its functional form, ``grad_and_value`` of the summed losses
-  (``torch.autograd.grad`` itself cannot be traced); the ``vmap`` step as it is, ``vmap(grad_and_value)``.
-  Either gives every client the gradient of its own loss, as the eager step does, up to the order of float
-  additions (differences of about 1e-8 at the speed benchmark's shapes);
+- **the local step**: every client's gradients and losses of one step, compiled in its functional form,
+  ``grad_and_value`` of the summed losses (``torch.autograd.grad`` itself cannot be traced). It gives every
+  client the gradient of its own loss, as the eager step does, up to the order of float additions
+  (differences of about 3e-8 at the speed benchmark's shapes);
 - **the feature pass** for the prototypes, without gradients.
 
-Both are compiled once per method object with dynamic shapes (``dynamic=True``): the number of clients
-and a step's width are symbols, so a chunk of another size or a short last step runs the same program.
-torch still specialises a size of 1 (a step of width 1, or one client), so a run compiles at most four
-forms of the step. The first call of each form compiles it (seconds, more with an empty inductor cache);
-afterwards a call is a lookup. The optimiser update stays eager.
+Both are compiled once per method object, with the client axis and a step's width marked dynamic
+(``torch._dynamo.maybe_mark_dynamic``): the number of clients and a step's width are symbols, so a chunk of
+another size or a short last step runs the same program. torch still specialises a size of 1 (a step of
+width 1, or one client), and shared arguments of another structure (a first round without global
+prototypes) make another form: a FedProto run of the speed benchmark compiles three programs (two forms of
+the step and the feature pass). The first call of each form compiles it (seconds; more with an empty
+inductor cache); afterwards a call is a lookup. The optimiser update stays eager (compiled, it saved about
+0.01 ms of its 0.14 ms a step).
 
-A compile failure raises :class:`protofl.errors.CompileError` (one line, naming the setting); there is no
-fallback to the eager step.
+The ``vmap`` step (methods whose loss or model is not stackable) is not compiled: under ``vmap`` the
+number of clients is a constant of the compiled program, so every chunk size and every short step would
+compile again. Asking for it raises :class:`protofl.errors.CompileError`, as does a compile failure (one
+line, naming the setting); there is no fallback to the eager step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.func import grad_and_value, vmap
+from torch.func import grad_and_value
 
 from protofl.errors import CompileError
 from protofl.stacked import stacked_forward
@@ -37,76 +42,64 @@ Params = dict[str, torch.Tensor]
 COMPILED = "compiled"
 
 
+def _mark_dynamic(tensors: Iterable[torch.Tensor], dims: tuple[int, ...]) -> None:
+    """The client axis (and a batch's width) of these tensors is a symbol for the compiler, not a constant."""
+    for t in tensors:
+        for dim in dims:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
 def _compile_failed(what: str, exc: BaseException) -> CompileError:
     lines = str(exc).strip().splitlines()
     first = next((line.strip() for line in lines if line.strip()), type(exc).__name__)
-    return CompileError(f"federation.compile: torch.compile of the batched round's {what} failed: {first}")
+    return CompileError(
+        f"federation.compile: torch.compile of the batched round's {what} failed: {first} "
+        "(federation.compile = false runs the eager step)"
+    )
 
 
 class CompiledRound:
-    """The compiled local step and feature pass of one method's batched rounds (built once, reused every
-    round, so each shape class compiles once per run).
+    """The compiled stacked step and feature pass of one method's batched rounds (built once and reused
+    every round, so that each form compiles once per run).
 
     ``loss_fn(params, x, y, weight, *shared)`` and ``features_fn(params, x)`` are the method's own
-    functions for one client; ``stacked``: they are :func:`protofl.stacked.stackable` and run on the
-    stacked tensors (the stacked step), otherwise under ``vmap``; ``n_shared``: how many arguments after
-    ``weight`` are common to every client."""
+    functions, marked :func:`protofl.stacked.stackable`: they run on the stacked tensors."""
 
     def __init__(
-        self,
-        loss_fn: Callable[..., torch.Tensor],
-        features_fn: Callable[[Params, torch.Tensor], torch.Tensor],
-        stacked: bool,
-        n_shared: int,
+        self, loss_fn: Callable[..., torch.Tensor], features_fn: Callable[[Params, torch.Tensor], torch.Tensor]
     ):
         self.loss_fn = loss_fn
         self.features_fn = features_fn
-        self.stacked = stacked
-        self.n_shared = n_shared
         self._step: Callable[..., Any] | None = None
         self._features: Callable[..., Any] | None = None
 
     # -- the eager forms that get compiled ---------------------------------------------------------------
-    def _step_form(self) -> Callable[..., tuple[Params, torch.Tensor]]:
-        if not self.stacked:
-            return vmap(grad_and_value(self.loss_fn), in_dims=(0, 0, 0, 0, *([None] * self.n_shared)))
-        loss_fn = self.loss_fn
+    def _summed(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *shared: Any):
+        losses = stacked_forward(self.loss_fn, params, x, y, weight, *shared)
+        return losses.sum(), losses
 
-        def total(params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *shared: Any):
-            losses = stacked_forward(loss_fn, params, x, y, weight, *shared)
-            return losses.sum(), losses
+    def _step_form(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *shared: Any):
+        grads, (_, losses) = grad_and_value(self._summed, has_aux=True)(params, x, y, weight, *shared)
+        return grads, losses
 
-        summed = grad_and_value(total, has_aux=True)
-
-        def step(params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *shared: Any):
-            grads, (_, losses) = summed(params, x, y, weight, *shared)
-            return grads, losses
-
-        return step
-
-    def _features_form(self) -> Callable[[Params, torch.Tensor], torch.Tensor]:
-        features_fn = self.features_fn
-        if not self.stacked:
-            return vmap(features_fn)
-
-        def features(params: Params, x: torch.Tensor) -> torch.Tensor:
-            return stacked_forward(features_fn, params, x)
-
-        return features
+    def _features_form(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return stacked_forward(self.features_fn, params, x)
 
     # -- the compiled calls ------------------------------------------------------------------------------
     def step(
         self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *shared: Any
     ) -> tuple[Params, torch.Tensor]:
         """Every client's gradients (a dict of ``(K, ...)`` tensors) and losses ``(K,)`` of one step, as
-        ``train_batched``'s step returns them."""
+        :func:`protofl.stacked.stacked_grad_and_value`'s step returns them."""
         if self._step is None:
-            self._step = torch.compile(self._step_form(), dynamic=True, fullgraph=True)
+            self._step = torch.compile(self._step_form, fullgraph=True)
+        _mark_dynamic(params.values(), (0,))
+        _mark_dynamic((x, y, weight), (0, 1))
         try:
             grads, losses = self._step(params, x, y, weight, *shared)
         except torch._dynamo.exc.TorchDynamoException as exc:
             raise _compile_failed("local step", exc) from exc
-        if self.stacked and losses.shape != (len(y),):
+        if losses.shape != (len(y),):
             raise RuntimeError(
                 f"a loss marked stackable returned shape {tuple(losses.shape)} for {len(y)} stacked clients; "
                 "it must reduce over trailing dimensions only and return one value per client"
@@ -116,7 +109,9 @@ class CompiledRound:
     def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """Every client's features of its rows ``x (K, n, ...)`` under its own parameters."""
         if self._features is None:
-            self._features = torch.compile(self._features_form(), dynamic=True, fullgraph=True)
+            self._features = torch.compile(self._features_form, fullgraph=True)
+        _mark_dynamic(params.values(), (0,))
+        _mark_dynamic((x,), (0, 1))
         try:
             return self._features(params, x)
         except torch._dynamo.exc.TorchDynamoException as exc:

@@ -37,6 +37,7 @@ from protofl.config import (
     check_choice,
     from_mapping,
 )
+from protofl.errors import CompileError
 from protofl.models import FeatureNet, build_model
 from protofl.payload import ArraySpec, Payload, PayloadSpec
 from protofl.privacy.layer import create_privacy_layer
@@ -436,20 +437,24 @@ class ModelAlgorithm(Algorithm):
 
     def batched_step(self) -> str:
         step = VMAP_STEP if self.stacked_unsupported() else STACKED_STEP
-        return f"{step}, {COMPILED}" if self.task.compile else step
+        return f"{step}, {COMPILED}" if self.task.compile and step == STACKED_STEP else step
 
-    def compiled_round(self, stacked_step: bool) -> CompiledRound:
-        """The compiled step and feature pass of this method's batched rounds (``federation.compile``),
-        built on first use and kept, so that each shape compiles once per run."""
-        compiled = self._compiled_round
-        if compiled is None or compiled.stacked != stacked_step:
-            compiled = CompiledRound(self.loss, self.forward_features, stacked_step, n_shared=1)
-            self._compiled_round = compiled
-        return compiled
+    def compiled_round(self) -> CompiledRound:
+        """The compiled stacked step and feature pass of this method's batched rounds
+        (``federation.compile``), built on first use and kept, so that each form compiles once per run."""
+        if self._compiled_round is None:
+            why = self.stacked_unsupported()
+            if why is not None:
+                raise CompileError(
+                    f"federation.compile: compiles the stacked step only, and this run's batched rounds take the "
+                    f"vmap step ({why}); set federation.compile = false"
+                )
+            self._compiled_round = CompiledRound(self.loss, self.forward_features)
+        return self._compiled_round
 
     def client_step_batched(self, client_states, datas, received, generators):
         stacked_step = self.stacked_unsupported() is None
-        compiled = self.compiled_round(stacked_step) if self.task.compile else None
+        compiled = self.compiled_round() if self.task.compile else None
         befores = [self.before_training(s, d, received, g) for s, d, g in zip(client_states, datas, generators)]
         context = self.context(received)
         starts = [self.start_params(s, received) for s in client_states]

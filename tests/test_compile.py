@@ -1,0 +1,134 @@
+"""``federation.compile``: the batched round's step and feature pass compiled with ``torch.compile``
+(:mod:`protofl.compiled`) against their eager forms."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from protofl.algorithms import ClientData, Task, get_algorithm
+from protofl.compiled import COMPILED, CompiledRound
+from protofl.config import ConfigError, FederationConfig, ModelConfig, RunConfig
+from protofl.engine import Simulation
+from protofl.errors import CompileError
+from protofl.stacked import STACKED_STEP, VMAP_STEP, stacked_forward, stacked_grad_and_value
+from protofl.training import stack_params
+
+TASK = Task(input_shape=(8,), num_classes=4, model=ModelConfig(feature_dim=6, hidden_dim=10))
+#: The compiled step differs from the eager one by the order of float additions (about 1e-8 here).
+TOL = {"atol": 1e-6, "rtol": 1e-5}
+
+
+def stacked_clients(algo, k, rows, seed=0):
+    """``k`` clients' differing parameters, a padded batch each (client c has ``rows - c`` real rows) and
+    FedProto's context with prototypes for some classes."""
+    g = torch.Generator().manual_seed(seed)
+    params = stack_params(
+        [{n: v + 0.1 * torch.randn(v.shape, generator=g) for n, v in algo.initial_params(c).items()} for c in range(k)]
+    )
+    x = torch.randn(k, rows, *TASK.input_shape, generator=g)
+    y = torch.randint(0, TASK.num_classes, (k, rows), generator=g)
+    weight = (torch.arange(rows)[None, :] < torch.tensor([rows - c for c in range(k)])[:, None]).float()
+    table = torch.randn(TASK.num_classes, algo.model.feature_dim, generator=g)
+    mask = torch.tensor([True, False, True, True])
+    return params, x, y, weight, (table, mask)
+
+
+def test_compile_is_validated():
+    assert FederationConfig(execution="batched", compile=True).compile is True
+    assert FederationConfig().compile is False
+    with pytest.raises(ConfigError, match='compile: .*execution = "batched"'):
+        FederationConfig(compile=True)
+    with pytest.raises(ConfigError, match="compile: must be true or false"):
+        FederationConfig(execution="batched", compile="yes")
+    config = RunConfig.from_dict({"federation": {"execution": "batched", "compile": True}})
+    assert config.federation.compile is True
+
+
+def test_the_compiled_step_equals_the_eager_one_at_every_shape_without_recompiling():
+    algo = get_algorithm("fedproto").from_options({}, TASK)
+    compiled = CompiledRound(algo.loss, algo.forward_features)
+    eager = stacked_grad_and_value(algo.loss)
+    graphs = None
+    # a full step, then other numbers of clients and widths (a chunk of another size, a short step)
+    for i, (k, rows) in enumerate(((5, 12), (3, 7), (4, 2), (6, 9))):
+        params, x, y, weight, context = stacked_clients(algo, k, rows, seed=k)
+        grads, losses = compiled.step(params, x, y, weight, context)
+        want_grads, want_losses = eager(params, x, y, weight, context)
+        torch.testing.assert_close(losses, want_losses, **TOL)
+        assert grads.keys() == params.keys()
+        for n in params:
+            torch.testing.assert_close(grads[n], want_grads[n], **TOL)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+        else:  # the client axis and the width are symbols: another number of clients or width, the same program
+            assert counters["stats"]["unique_graphs"] == graphs
+    for k, rows in ((5, 12), (3, 20)):
+        params, x, _, _, _ = stacked_clients(algo, k, rows, seed=k)
+        z = compiled.features(params, x)
+        torch.testing.assert_close(z, stacked_forward(algo.forward_features, params, x), **TOL)
+
+
+def make_clients(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(TASK.num_classes, *TASK.input_shape, generator=g) * 2
+    out = []
+    for k, n in enumerate(sizes):
+        y = torch.randint(0, TASK.num_classes, (n + 6,), generator=g)
+        x = means[y] + torch.randn(n + 6, *TASK.input_shape, generator=g)
+        out.append(ClientData(k, x[:n], y[:n], x[n:], y[n:]))
+    return out
+
+
+def tensors(state, prefix=""):
+    """The tensors of a (nested) client state by their path."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list | tuple) else ()
+    return {path: t for key, value in items for path, t in tensors(value, f"{prefix}/{key}").items()}
+
+
+def simulate(compile: bool, name: str = "fedproto") -> Simulation:
+    task = Task(TASK.input_shape, TASK.num_classes, TASK.model, compile=compile)
+    algo = get_algorithm(name).from_options({"batch_size": 16, "momentum": 0.9}, task)
+    # unequal sizes: short last batches, a client smaller than one batch, a client with more steps than the
+    # others (the steps only some clients take)
+    clients = make_clients((40, 23, 7, 16, 70))
+    fed = FederationConfig(rounds=3, checkpoint_every=0, progress=False, execution="batched", compile=compile)
+    sim = Simulation(algo, clients, clients[0].x_test, clients[0].y_test, fed, seed=5)
+    sim.run()
+    return sim
+
+
+def test_a_compiled_batched_run_trains_the_eager_runs_parameters_and_says_so():
+    eager, compiled = simulate(False), simulate(True)
+    assert eager.transport.summary_fields()["batched_step"] == STACKED_STEP
+    assert compiled.transport.summary_fields()["batched_step"] == f"{STACKED_STEP}, {COMPILED}"
+    assert eager.client_states.keys() == compiled.client_states.keys()
+    for k in eager.client_states:
+        want, got = tensors(eager.client_states[k]), tensors(compiled.client_states[k])
+        assert want and want.keys() == got.keys()
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, atol=2e-5, rtol=1e-4)
+    for row_eager, row_compiled in zip(eager.history, compiled.history):
+        assert row_compiled["train_loss"] == pytest.approx(row_eager["train_loss"], rel=1e-4, abs=1e-5)
+
+
+def test_a_compile_failure_is_one_clear_error():
+    def loss(params, x, y, weight, context):
+        torch._dynamo.graph_break()  # a graph break: the whole step cannot be compiled as one program
+        return (x.sum(-1) * weight).sum() + params["w"].sum()
+
+    compiled = CompiledRound(loss, lambda params, x: x)
+    params = {"w": torch.zeros(2, 3)}
+    with pytest.raises(CompileError, match="^federation.compile: torch.compile of the batched round's local step") as e:
+        compiled.step(params, torch.ones(2, 4, 5), torch.zeros(2, 4), torch.ones(2, 4), None)
+    assert "\n" not in str(e.value)
+
+
+def test_compile_refuses_the_vmap_step_in_one_line():
+    task = Task(TASK.input_shape, TASK.num_classes, TASK.model, compile=True)
+    fpl = get_algorithm("fpl").from_options({}, task)
+    assert fpl.batched_step() == VMAP_STEP  # the step its batched rounds would take, not compiled
+    with pytest.raises(CompileError, match="^federation.compile: compiles the stacked step only.*vmap step") as e:
+        simulate(True, "fpl")
+    assert "\n" not in str(e.value)
