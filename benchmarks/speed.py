@@ -25,6 +25,8 @@ share of a round's time spent in the ``vpp`` and ``igpp`` release mechanisms.
     python benchmarks/speed.py --quick    # N = 10 and 100 only
     python benchmarks/speed.py --parts cores breakdown --rounds 8   # the N = 100 round: plain loop against
                                           # batched at 1 and 2 threads, launched in turn, and its profile
+    python benchmarks/speed.py --parts cores --compile --rounds 12   # also the batched round with its
+                                          # step compiled (federation.compile), at 1 and 2 threads
 
 Writes benchmarks/results/speed/{results.json, table.md} and the section between the speed markers
 in docs/benchmarks.md.
