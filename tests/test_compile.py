@@ -44,6 +44,18 @@ def test_compile_is_validated():
     assert config.federation.compile is True
 
 
+def test_the_fingerprint_separates_compiled_runs_and_keeps_earlier_ones():
+    from protofl.config import effective_settings
+    from protofl.runner import fingerprint
+
+    batched = RunConfig.from_dict({"federation": {"execution": "batched"}})
+    compiled = batched.replace("federation.compile=true")
+    # off, the setting is not part of what a run's results depend on (earlier runs' fingerprints stay valid)
+    assert "federation.compile" not in effective_settings(batched)
+    assert effective_settings(compiled)["federation.compile"] is True
+    assert fingerprint(compiled) != fingerprint(batched)
+
+
 def test_the_compiled_step_equals_the_eager_one_at_every_shape_without_recompiling():
     algo = get_algorithm("fedproto").from_options({}, TASK)
     compiled = CompiledRound(algo.loss, algo.forward_features)
@@ -132,3 +144,30 @@ def test_compile_refuses_the_vmap_step_in_one_line():
     with pytest.raises(CompileError, match="^federation.compile: compiles the stacked step only.*vmap step") as e:
         simulate(True, "fpl")
     assert "\n" not in str(e.value)
+
+
+def test_the_command_line_runs_a_compiled_round_and_refuses_what_it_cannot_compile_in_one_line(tmp_path, capsys):
+    import json
+
+    from protofl.cli import main
+
+    common = [
+        *("--set", "data.dataset=synthetic-gaussian:train=600,test=100,dim=12,classes=4,seed=0"),
+        *("--set", "federation.rounds=2", "--set", "federation.progress=false", "--set", "federation.threads=1"),
+        *("--set", "partition.num_clients=3", "--set", "method.name=fedproto", "--set", "federation.compile=true"),
+    ]
+    assert main(["run", *common, "--set", "federation.execution=batched", "--out", str(tmp_path / "a")]) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["batched_step"] == f"{STACKED_STEP}, {COMPILED}"
+    capsys.readouterr()
+    # compile without batched execution: the configuration is refused before any work
+    assert main(["run", *common, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert 'compile: compiles the batched round\'s step: it needs execution = "batched"' in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # a model the stacked step cannot run (fpl's batched rounds take the vmap step): one line, no traceback
+    fpl = ["--set", "method.name=fpl", "--set", "federation.execution=batched"]
+    assert main(["run", *common, *fpl, "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "error: federation.compile: compiles the stacked step only" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -603,14 +603,16 @@ def effective_settings(config: RunConfig) -> dict[str, Any]:
     """The settings that determine a run's results, as flat ``section.key`` -> value: what a run's
     fingerprint digests and what ``protofl report`` groups runs by. Left out: progress bars, the schedule
     of checkpoints, how many clients share a batched program, threads, device and tracking (how fast and
-    where, not what), where the clients' state is kept (same results), the exact client state precision
-    and the reference per-client execution (so earlier fingerprints stay valid), and the privacy settings
+    where, not what), where the clients' state is kept (same results), the exact client state precision,
+    the eager batched step and the reference per-client execution (so earlier fingerprints stay valid), and the privacy settings
     while privacy is off."""
     data = config.to_dict()
     for key in ("progress", "checkpoint_every", "batch_clients", "threads", "device", "client_store", "client_cache"):
         data["federation"].pop(key, None)
     if data["federation"].get("client_state_precision") == "exact":
         data["federation"].pop("client_state_precision")
+    if data["federation"].get("compile") is False:  # the eager step: earlier fingerprints stay valid
+        data["federation"].pop("compile")
     if data["model"].get("name") == "auto":  # the models before model.name: earlier fingerprints stay valid
         data["model"].pop("name")
     data.pop("logging", None)
