@@ -80,6 +80,19 @@ def test_the_compiled_step_equals_the_eager_one_at_every_shape_without_recompili
         torch.testing.assert_close(z, stacked_forward(algo.forward_features, params, x), **TOL)
 
 
+@pytest.mark.slow  # ten compiles, about 50 s on two cores
+def test_one_process_compiles_for_more_runs_than_the_recompile_limit():
+    # every method object's step is a program of its own; they must not share dynamo's limit of 8 per code
+    # object (a sweep or a test session runs many)
+    for run in range(torch._dynamo.config.recompile_limit + 2):
+        algo = get_algorithm("fedproto").from_options({"proto_weight": 1.0 + run}, TASK)
+        params, x, y, weight, context = stacked_clients(algo, 3, 4, seed=run)
+        grads, _ = CompiledRound(algo.loss, algo.forward_features).step(params, x, y, weight, context)
+        want, _ = stacked_grad_and_value(algo.loss)(params, x, y, weight, context)
+        for n in params:
+            torch.testing.assert_close(grads[n], want[n], **TOL)
+
+
 def make_clients(sizes, seed=0):
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(TASK.num_classes, *TASK.input_shape, generator=g) * 2
@@ -171,3 +184,32 @@ def test_the_command_line_runs_a_compiled_round_and_refuses_what_it_cannot_compi
     err = capsys.readouterr().err
     assert "error: federation.compile: compiles the stacked step only" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def stacked_methods() -> list[str]:
+    """The methods whose batched rounds take the stacked step at their defaults on ``TASK``."""
+    from protofl.algorithms import ALGORITHMS
+
+    names = []
+    for name in sorted(ALGORITHMS):
+        try:
+            algo = get_algorithm(name).from_options({}, TASK)
+        except ConfigError:  # needs a privacy mechanism or image inputs
+            continue
+        if algo.batched_unsupported() is None and algo.batched_step() == STACKED_STEP:
+            names.append(name)
+    return names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", stacked_methods())
+def test_every_stacked_method_trains_the_same_compiled(name):
+    eager, compiled = simulate(False, name), simulate(True, name)
+    assert compiled.transport.summary_fields()["batched_step"] == f"{STACKED_STEP}, {COMPILED}"
+    for k in eager.client_states:
+        want, got = tensors(eager.client_states[k]), tensors(compiled.client_states[k])
+        assert want.keys() == got.keys()
+        for path, value in want.items():
+            torch.testing.assert_close(got[path], value, atol=2e-5, rtol=1e-4)
+    for a, b in zip(tensors(eager.server_state).values(), tensors(compiled.server_state).values()):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
