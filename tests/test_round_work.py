@@ -64,9 +64,9 @@ def test_rows_clipped_by_float32_norms_stay_inside_the_bound(d):
         [bound * (1 + torch.logspace(-9, -3, 150, dtype=torch.float64)), torch.rand(150, generator=g) * 1e6]
     )
     z = (directions * radii[:, None]).float()[None]
-    stack = M._Stack.of(z, torch.zeros(1, 300, dtype=torch.int64), None, 1)
-    scales = M._clip_scale(bound, stack.row_squares, d).astype(np.float32)
-    clipped = (stack.x * scales[..., None]).astype(np.float64)[0]
+    # every row a class of its own: the release's class sums are then the clipped rows themselves
+    stack = M._Stack.of(z, torch.arange(300)[None], None, 300)
+    clipped = stack.class_sums(M._clip_scale(bound, stack.row_squares, d))[0]
     assert np.linalg.norm(clipped, axis=1).max() <= bound
     assert np.linalg.norm(clipped, axis=1).min() > bound * (1 - 1e-4)  # clipped to the bound, not far inside it
 
@@ -98,8 +98,7 @@ def _clipped_class_sum(values: np.ndarray, bound: float) -> float:
     """The release's clipped class sum of one client's one-dimensional rows, all of class 0."""
     z = torch.from_numpy(values.astype(np.float32).reshape(1, -1, 1))
     stack = M._Stack.of(z, torch.zeros(1, len(values), dtype=torch.long), None, 1)
-    scales = M._clip_scale(bound, stack.row_squares, 1)[:, :, None]
-    return float(stack.scaled_sums(scales)[0, 0, 0])
+    return float(stack.class_sums(M._clip_scale(bound, stack.row_squares, 1))[0, 0, 0])
 
 
 def test_one_row_more_moves_a_clipped_class_sum_by_at_most_the_bound():
@@ -119,8 +118,7 @@ def test_a_finite_row_too_large_for_float32_squares_is_clipped_in_its_own_direct
     z = torch.tensor([[[3e30, -4e30], [float("nan"), 1.0], [0.3, 0.4]]], dtype=torch.float32)
     y = torch.tensor([[0, 1, 2]])
     stack = M._Stack.of(z, y, None, 3)
-    scales = M._clip_scale(2.0, stack.row_squares, 2)[:, :, None]
-    sums = stack.scaled_sums(scales)[0]
+    sums = stack.class_sums(M._clip_scale(2.0, stack.row_squares, 2))[0]
     assert np.allclose(sums[0], [1.2, -1.6], rtol=1e-5) and np.linalg.norm(sums[0]) <= 2.0
     assert np.array_equal(sums[1], [0.0, 0.0])
     assert np.allclose(sums[2], [0.3, 0.4], rtol=1e-6)
