@@ -55,7 +55,7 @@ from protofl.privacy.mechanisms import clip_rows, selection_diagnostics_batch
 from protofl.privacy.vpdr import DistillationClipping
 from protofl.prototypes import PrototypeAccumulator
 from protofl.stacked import stackable
-from protofl.training import masked_cross_entropy, train_local
+from protofl.training import masked_cross_entropy, take, train_local
 
 MODEL_SHARING = ("none", "fedavg")
 #: What a VPP release reports of its selection, averaged over the round's clients into the round row:
@@ -287,7 +287,7 @@ class FedProto(ModelAlgorithm):
         table, mask = context
         if not self.config.proto_weight:
             return z.new_zeros(())
-        return self.config.proto_weight * alignment_loss(z, table[y], mask[y].to(z.dtype) * weight)
+        return self.config.proto_weight * alignment_loss(z, take(table, y), take(mask, y).to(z.dtype) * weight)
 
     @stackable
     def loss(
