@@ -208,9 +208,10 @@ class _Stack:
     """The train features of ``K`` clients as one padded program (a single client is ``K = 1``): ``x``
     (K, n, d) float32 (the features' own precision), with the padding rows and every row that holds a
     non-finite value set to zero (see :meth:`of`); ``labels`` (K, n) the rows' classes, ``real`` (K, n) the
-    clients' own rows (not padding) and ``counts`` (K, C) the exact class counts; every client's per-class sums of its rows, each row scaled by a factor of its own (its clip),
-    are one sparse product (:meth:`class_sums`); ``row_squares`` (K, n) is each row's squared norm.
-    Squares are summed where they are needed (:meth:`group_squares`), never stored.
+    clients' own rows (not padding) and ``counts`` (K, C) the exact class counts; every client's per-class
+    sums of its rows, each row scaled by a factor of its own (its clip), are one sparse product
+    (:meth:`class_sums`); ``row_squares`` (K, n) is each row's squared norm. Squares are summed where they
+    are needed (:meth:`group_squares`), never stored.
 
     The norms that decide a clip (row norms, group norms) are float32 sums, and a clip bound is tightened
     by :func:`_float32_margin` so that their rounding never lets a row out of it; the scaled rows are
