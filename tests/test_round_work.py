@@ -130,3 +130,31 @@ def test_clip_rows_keeps_every_row_inside_the_bound_in_float64():
     assert float(clipped.norm(dim=1).max()) <= 1.0
     inside = rows[:5] / 1e3
     assert torch.equal(M.clip_rows(inside, 1.0), inside)  # rows already inside are unchanged
+
+
+@pytest.mark.parametrize("clients,classes", [(3, 5), (30, 10), (2, 40000)])  # K·C < 256, >= 256, >= 65536
+def test_class_sums_scale_each_real_row_once_in_its_own_class(clients, classes):
+    """The release's clipped class sums against a written-out loop: every real row, scaled by its own
+    factor, added to its client's class; padding rows, rows of a negative label and an empty client in
+    none. Labels in random order, so the rows' permutation into class order is exercised; the class-slot
+    keys take each of numpy's integer widths (8, 16 and 32 bits)."""
+    g = torch.Generator().manual_seed(clients)
+    n, d = 40, 3
+    z = torch.randn(clients, n, d, generator=g) * 5
+    y = torch.randint(0, classes, (clients, n), generator=g)
+    y[0, 3] = -1  # an unlabelled row
+    weight = (torch.rand(clients, n, generator=g) > 0.2).float()
+    weight[-1] = 0.0  # a client with no rows
+    stack = M._Stack.of(z, y, weight, classes)
+    scales = np.random.default_rng(clients).uniform(0.1, 1.0, size=(clients, n))
+    expected = np.zeros((clients, classes, d))
+    counts = np.zeros((clients, classes), dtype=np.int64)
+    for k in range(clients):
+        for i in range(n):
+            if weight[k, i] > 0 and y[k, i] >= 0:
+                expected[k, y[k, i]] += scales[k, i] * z[k, i].double().numpy()
+                counts[k, y[k, i]] += 1
+    np.testing.assert_allclose(stack.class_sums(scales), expected, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(stack.counts, counts)
+    # the ANOVA's sums of squares see the same rows: an unlabelled or padding row is zero
+    assert not stack.x[0, 3].any() and not stack.x[-1].any()

@@ -366,9 +366,10 @@ def batched_features(
 
 
 def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table[index]`` for an integer ``index`` of any shape: the rows of ``table`` it names, the same
-    values, gathered as whole rows (``index_select``), several times faster on the CPU than advanced
-    indexing, which gathers element by element."""
+    """``table[index]`` for a non-negative int64 or int32 ``index`` of any shape on ``table``'s device (no
+    negative indices, no masks): the rows of ``table`` it names, the same values, gathered as whole rows
+    (``index_select``), several times faster on the CPU than advanced indexing, which gathers element by
+    element."""
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 

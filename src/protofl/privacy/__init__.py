@@ -74,9 +74,9 @@ if TYPE_CHECKING:
         two_worlds_epsilon_lower,
     )
 
-#: The audit statistics (:mod:`protofl.privacy.audit_bounds`), imported on first use: they need
-#: ``scipy.stats``, about half a second of imports that a training process (a Flower node's ClientApp
-#: started for each message, a run's start-up) never uses.
+#: The audit statistics (:mod:`protofl.privacy.audit_bounds`), imported on first use (``from
+#: protofl.privacy import *`` imports them too): they need ``scipy.stats``, about half a second of imports
+#: that a training process (a Flower node's ClientApp started for each message, a run's start-up) never uses.
 _AUDIT_BOUNDS = (
     "GUESS_FRACTIONS",
     "OneRunBound",
@@ -92,8 +92,13 @@ def __getattr__(name: str) -> Any:
     if name in _AUDIT_BOUNDS:
         from protofl.privacy import audit_bounds
 
-        return getattr(audit_bounds, name)
+        value = globals()[name] = getattr(audit_bounds, name)  # found here from now on
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [

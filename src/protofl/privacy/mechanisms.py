@@ -52,7 +52,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import scipy.sparse
 import torch
 
 from protofl.privacy.accounting import Event, GaussianEvent, PureDpEvent
@@ -208,7 +207,7 @@ class _Stack:
     """The train features of ``K`` clients as one padded program (a single client is ``K = 1``): ``x``
     (K, n, d) float32 (the features' own precision), with the padding rows and every row that holds a
     non-finite value set to zero (see :meth:`of`); ``labels`` (K, n) the rows' classes, ``real`` (K, n) the
-    clients' own rows (not padding) and ``counts`` (K, C) the exact class counts; every client's per-class
+    clients' own labelled rows (not padding, no negative label: such rows are zero and in no class) and ``counts`` (K, C) the exact class counts; every client's per-class
     sums of its rows, each row scaled by a factor of its own (its clip), are one sparse product
     (:meth:`class_sums`); ``row_squares`` (K, n) is each row's squared norm. Squares are summed where they
     are needed (:meth:`group_squares`), never stored.
@@ -244,7 +243,7 @@ class _Stack:
         real = labels >= 0  # every labelled row (labels are class indices)
         if weight is not None:
             real &= weight.detach().numpy() > 0
-            x[~real] = 0.0
+        x[~real] = 0.0  # padding (and unlabelled) rows count nowhere, the ANOVA's sums of squares included
         slots = np.arange(k)[:, None] * c + labels
         counts = np.bincount(slots[real], minlength=k * c).reshape(k, c)
         row_squares = np.einsum("knd,knd->kn", x, x).astype(np.float64)  # NaN or inf where a row is not finite
@@ -276,7 +275,7 @@ class _Stack:
         slots = (np.arange(k)[:, None] * c + self.labels).reshape(-1)
         rows = np.flatnonzero(self.real.reshape(-1))
         # a stable sort of the slots in their smallest integer type (numpy sorts 16-bit keys by radix)
-        rows = rows[np.argsort(slots[rows].astype(np.min_scalar_type(k * c)), kind="stable")]
+        rows = rows[np.argsort(slots[rows].astype(np.min_scalar_type(max(k * c - 1, 0))), kind="stable")]
         indptr = np.zeros(k * c + 1, dtype=np.int64)
         np.cumsum(self.counts.reshape(-1), out=indptr[1:])
         return indptr, rows
@@ -294,6 +293,8 @@ class _Stack:
         # Added in float64 whatever the rows' precision: in float32 the rounding of every later addition
         # depends on the rows before it, so the sums of neighbouring data sets could differ by more than the
         # clip bound (by about n_c² float32 roundoffs of it); in float64 that excess is negligible.
+        import scipy.sparse  # here: a training process that releases nothing need not import it
+
         table = scipy.sparse.csr_array((data, rows, indptr), shape=(k * c, k * n))
         return np.asarray(table @ self.x64.reshape(k * n, d), dtype=np.float64).reshape(k, c, d)
 
