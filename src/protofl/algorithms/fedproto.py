@@ -507,14 +507,18 @@ class FedProto(ModelAlgorithm):
             return replies
         if not self.privacy.bound_uploads:
             return replies
-        bound = self.privacy.clip_bound
-        out = []
-        for reply in replies:
-            arrays = dict(reply.arrays)
-            protos = torch.from_numpy(reply["prototypes"]).double().to("cpu")  # payload post-processing
-            arrays["prototypes"] = clip_rows(protos, bound).cpu().numpy().astype(reply["prototypes"].dtype)
-            out.append(Payload(arrays, reply.metadata))
-        return out
+        if not replies:
+            return replies
+        # every upload's rows projected in one program (a row's projection reads that row alone)
+        uploads = [reply["prototypes"] for reply in replies]
+        rows = torch.from_numpy(np.concatenate(uploads).astype(np.float64))  # payload post-processing: on the CPU
+        projected = np.split(
+            clip_rows(rows, self.privacy.clip_bound).numpy(), np.cumsum([len(u) for u in uploads])[:-1]
+        )
+        return [
+            Payload({**reply.arrays, "prototypes": rows_of.astype(upload.dtype)}, reply.metadata)
+            for reply, upload, rows_of in zip(replies, uploads, projected)
+        ]
 
     def server_step(self, server_state: State, replies: list[Payload]):
         replies = self.bounded_uploads(replies)
