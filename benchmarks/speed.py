@@ -69,6 +69,11 @@ WORKLOAD = {
 # Child side: one configuration in this (fresh) process
 
 
+#: VPP with the selection that reads no client data (the top-k of the broadcast's between-class
+#: variance), beside the default private ANOVA selection in the privacy part.
+VPP_PUBLIC_SELECTION = "vpp+broadcast-variance"
+
+
 def run_config(n: int, rounds: int, privacy: str = "none", eval_every: int = 10**6) -> dict:
     """The workload as a run configuration: every column (in-process and Flower) is built from it. The
     data is the registered ``synthetic-gaussian`` workload (Gaussian class means + unit noise, from the
@@ -105,7 +110,11 @@ def run_config(n: int, rounds: int, privacy: str = "none", eval_every: int = 10*
         },
     }
     if privacy != "none":
-        cfg["privacy"] = {"mechanism": privacy, "planned_releases": rounds}
+        # ``mechanism`` or ``mechanism+selection`` (VPP's selection of its group A)
+        mechanism, _, selection = privacy.partition("+")
+        cfg["privacy"] = {"mechanism": mechanism, "planned_releases": rounds}
+        if selection:
+            cfg["privacy"]["selection"] = selection
     return cfg
 
 
@@ -740,7 +749,10 @@ def tabulate(results: dict, args: argparse.Namespace, command: str) -> str:
             "",
             (
                 "VPP's selection diagnostics (each client's clean ANOVA and between-class energy for the round row's "
-                "`vpp_selected_energy` and `vpp_overlap`) are not part of the release and are given apart."
+                "`vpp_selected_energy` and `vpp_overlap`) are not part of the release and are given apart. `vpp` "
+                'selects its group A privately (`selection = "private-anova"`, the default: each client\'s ANOVA '
+                f"and a peeling); `{VPP_PUBLIC_SELECTION}` takes it from the global prototypes the client received "
+                '(`selection = "broadcast-variance"`: no client data read, no epsilon spent on it).'
             ),
             "",
             (
@@ -1143,7 +1155,7 @@ def main() -> None:
             launch(kind, args.privacy_clients, args.rounds, args.threads, privacy=mech)
             for mech in ("vpp", "igpp")
             for kind in ("per-client", "batched")
-        ]
+        ] + [launch("batched", args.privacy_clients, args.rounds, args.threads, privacy=VPP_PUBLIC_SELECTION)]
         results["release_profile"] = [
             launch("batched", args.privacy_clients, args.rounds, args.threads, privacy=mech, profile_release=True)
             for mech in ("vpp", "igpp")

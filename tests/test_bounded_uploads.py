@@ -61,3 +61,30 @@ def test_the_projection_never_moves_a_noisy_mean_further_from_the_true_one():
         before = (noisy - truth).norm(dim=1)
         after = (torch.from_numpy(projected["prototypes"]).double() - truth.double()).norm(dim=1)
         assert (after <= before.double() + 1e-5).all()
+
+
+def test_uploads_of_a_round_are_projected_each_as_alone():
+    """The server projects a round's uploads in one program: each upload's rows come back in its own reply,
+    in order, equal to that upload projected alone, with its other arrays untouched."""
+    algo = _algorithm("fedproto", mechanism="igpp", relation="replace-one", clip_bound=1.5)
+    g = np.random.default_rng(0)
+    uploads = [
+        Payload(
+            {
+                "classes": np.arange(n),
+                "prototypes": (g.normal(size=(n, 4)) * scale).astype(np.float32),
+                "counts": np.full(n, 5, np.int64),
+            },
+            {"method": "fedproto"},
+        )
+        for n, scale in [(3, 4.0), (1, 0.1), (2, 9.0)]
+    ]
+    together = algo.bounded_uploads(uploads)
+    for upload, projected in zip(uploads, together):
+        (alone,) = algo.bounded_uploads([upload])
+        assert np.array_equal(projected["prototypes"], alone["prototypes"])
+        assert projected["prototypes"].dtype == np.float32
+        assert np.array_equal(projected["classes"], upload["classes"])
+        assert np.linalg.norm(projected["prototypes"].astype(np.float64), axis=1).max() <= 1.5 * (1 + 1e-6)  # float32
+    assert not np.array_equal(together[0]["prototypes"], uploads[0]["prototypes"])  # rows outside were moved
+    assert algo.bounded_uploads([]) == []

@@ -64,9 +64,9 @@ def test_rows_clipped_by_float32_norms_stay_inside_the_bound(d):
         [bound * (1 + torch.logspace(-9, -3, 150, dtype=torch.float64)), torch.rand(150, generator=g) * 1e6]
     )
     z = (directions * radii[:, None]).float()[None]
-    stack = M._Stack.of(z, torch.zeros(1, 300, dtype=torch.int64), None, 1)
-    scales = M._clip_scale(bound, stack.row_squares, d).astype(np.float32)
-    clipped = (stack.x * scales[..., None]).astype(np.float64)[0]
+    # every row a class of its own: the release's class sums are then the clipped rows themselves
+    stack = M._Stack.of(z, torch.arange(300)[None], None, 300)
+    clipped = stack.class_sums(M._clip_scale(bound, stack.row_squares, d))[0]
     assert np.linalg.norm(clipped, axis=1).max() <= bound
     assert np.linalg.norm(clipped, axis=1).min() > bound * (1 - 1e-4)  # clipped to the bound, not far inside it
 
@@ -98,8 +98,7 @@ def _clipped_class_sum(values: np.ndarray, bound: float) -> float:
     """The release's clipped class sum of one client's one-dimensional rows, all of class 0."""
     z = torch.from_numpy(values.astype(np.float32).reshape(1, -1, 1))
     stack = M._Stack.of(z, torch.zeros(1, len(values), dtype=torch.long), None, 1)
-    scales = M._clip_scale(bound, stack.row_squares, 1)[:, :, None]
-    return float(stack.scaled_sums(scales)[0, 0, 0])
+    return float(stack.class_sums(M._clip_scale(bound, stack.row_squares, 1))[0, 0, 0])
 
 
 def test_one_row_more_moves_a_clipped_class_sum_by_at_most_the_bound():
@@ -119,8 +118,7 @@ def test_a_finite_row_too_large_for_float32_squares_is_clipped_in_its_own_direct
     z = torch.tensor([[[3e30, -4e30], [float("nan"), 1.0], [0.3, 0.4]]], dtype=torch.float32)
     y = torch.tensor([[0, 1, 2]])
     stack = M._Stack.of(z, y, None, 3)
-    scales = M._clip_scale(2.0, stack.row_squares, 2)[:, :, None]
-    sums = stack.scaled_sums(scales)[0]
+    sums = stack.class_sums(M._clip_scale(2.0, stack.row_squares, 2))[0]
     assert np.allclose(sums[0], [1.2, -1.6], rtol=1e-5) and np.linalg.norm(sums[0]) <= 2.0
     assert np.array_equal(sums[1], [0.0, 0.0])
     assert np.allclose(sums[2], [0.3, 0.4], rtol=1e-6)
@@ -132,3 +130,31 @@ def test_clip_rows_keeps_every_row_inside_the_bound_in_float64():
     assert float(clipped.norm(dim=1).max()) <= 1.0
     inside = rows[:5] / 1e3
     assert torch.equal(M.clip_rows(inside, 1.0), inside)  # rows already inside are unchanged
+
+
+@pytest.mark.parametrize("clients,classes", [(3, 5), (30, 10), (2, 40000)])  # K·C < 256, >= 256, >= 65536
+def test_class_sums_scale_each_real_row_once_in_its_own_class(clients, classes):
+    """The release's clipped class sums against a written-out loop: every real row, scaled by its own
+    factor, added to its client's class; padding rows, rows of a negative label and an empty client in
+    none. Labels in random order, so the rows' permutation into class order is exercised; the class-slot
+    keys take each of numpy's integer widths (8, 16 and 32 bits)."""
+    g = torch.Generator().manual_seed(clients)
+    n, d = 40, 3
+    z = torch.randn(clients, n, d, generator=g) * 5
+    y = torch.randint(0, classes, (clients, n), generator=g)
+    y[0, 3] = -1  # an unlabelled row
+    weight = (torch.rand(clients, n, generator=g) > 0.2).float()
+    weight[-1] = 0.0  # a client with no rows
+    stack = M._Stack.of(z, y, weight, classes)
+    scales = np.random.default_rng(clients).uniform(0.1, 1.0, size=(clients, n))
+    expected = np.zeros((clients, classes, d))
+    counts = np.zeros((clients, classes), dtype=np.int64)
+    for k in range(clients):
+        for i in range(n):
+            if weight[k, i] > 0 and y[k, i] >= 0:
+                expected[k, y[k, i]] += scales[k, i] * z[k, i].double().numpy()
+                counts[k, y[k, i]] += 1
+    np.testing.assert_allclose(stack.class_sums(scales), expected, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(stack.counts, counts)
+    # the ANOVA's sums of squares see the same rows: an unlabelled or padding row is zero
+    assert not stack.x[0, 3].any() and not stack.x[-1].any()

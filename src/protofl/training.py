@@ -338,7 +338,7 @@ def train_batched(
         if width < weight.shape[1]:
             index, weight = index[:, :width], weight[:, :width]
         if all_active:
-            grads, losses = step_fn(leaves, batch.x[index], batch.y[index], weight, *shared)
+            grads, losses = step_fn(leaves, take(batch.x, index), take(batch.y, index), weight, *shared)
             optimizer.step(leaves, grads, s + 1)
             total += losses.detach().double()
             continue
@@ -347,7 +347,7 @@ def train_batched(
         # step of all, and the others are left untouched.
         rows = active.nonzero().flatten()
         part = {name: v[rows] for name, v in leaves.items()}
-        grads, losses = step_fn(part, batch.x[index[rows]], batch.y[index[rows]], weight[rows], *shared)
+        grads, losses = step_fn(part, take(batch.x, index[rows]), take(batch.y, index[rows]), weight[rows], *shared)
         optimizer.step(leaves, grads, s + 1, rows)
         total.index_add_(0, rows, losses.detach().double())
     steps = schedule.steps.clamp_min(1).double()
@@ -369,12 +369,20 @@ def batched_features(
     rows and their ``(K, n_max)`` row index into the batch. ``forward``: the pass to run in place of either,
     on the stacked parameters and rows (e.g. :meth:`protofl.compiled.CompiledRound.features`)."""
     index, weight = batch.padded_index()
-    x = batch.x[index]
+    x = take(batch.x, index)
     if forward is not None:
         z = forward(params, x)
     else:
         z = stacked_forward(features, params, x) if stacked else vmap(features)(params, x)
     return z, weight, index
+
+
+def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a non-negative int64 or int32 ``index`` of any shape on ``table``'s device (no
+    negative indices, no masks): the rows of ``table`` it names, the same values, gathered as whole rows
+    (``index_select``), several times faster on the CPU than advanced indexing, which gathers element by
+    element."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
 def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:

@@ -49,6 +49,7 @@ from protofl.training import (
     broadcast_params,
     masked_cross_entropy,
     stack_params,
+    take,
     train_batched,
     train_local,
     unstack_params,
@@ -471,7 +472,7 @@ class ModelAlgorithm(Algorithm):
         stacked = None
         if self.reply_uses_features:
             z, weight, index = batched_features(self.forward_features, trained, batch, stacked_step, **forward)
-            labels = batch.y[index]
+            labels = take(batch.y, index)
             sums, counts = PrototypeAccumulator.stacked_sums(z, labels, weight, self.task.num_classes)
             stacked = StackedFeatures(z, labels, weight, sums, counts)
         # each client's features and class sums are views of ``stacked``, taken where a reply reads them

@@ -55,7 +55,7 @@ from protofl.privacy.mechanisms import clip_rows, selection_diagnostics_batch
 from protofl.privacy.vpdr import DistillationClipping
 from protofl.prototypes import PrototypeAccumulator
 from protofl.stacked import stackable
-from protofl.training import masked_cross_entropy, train_local
+from protofl.training import masked_cross_entropy, take, train_local
 
 MODEL_SHARING = ("none", "fedavg")
 #: What a VPP release reports of its selection, averaged over the round's clients into the round row:
@@ -287,7 +287,7 @@ class FedProto(ModelAlgorithm):
         table, mask = context
         if not self.config.proto_weight:
             return z.new_zeros(())
-        return self.config.proto_weight * alignment_loss(z, table[y], mask[y].to(z.dtype) * weight)
+        return self.config.proto_weight * alignment_loss(z, take(table, y), take(mask, y).to(z.dtype) * weight)
 
     @stackable
     def loss(
@@ -507,14 +507,18 @@ class FedProto(ModelAlgorithm):
             return replies
         if not self.privacy.bound_uploads:
             return replies
-        bound = self.privacy.clip_bound
-        out = []
-        for reply in replies:
-            arrays = dict(reply.arrays)
-            protos = torch.from_numpy(reply["prototypes"]).double().to("cpu")  # payload post-processing
-            arrays["prototypes"] = clip_rows(protos, bound).cpu().numpy().astype(reply["prototypes"].dtype)
-            out.append(Payload(arrays, reply.metadata))
-        return out
+        if not replies:
+            return replies
+        # every upload's rows projected in one program (a row's projection reads that row alone)
+        uploads = [reply["prototypes"] for reply in replies]
+        rows = torch.from_numpy(np.concatenate(uploads).astype(np.float64))  # payload post-processing: on the CPU
+        projected = np.split(
+            clip_rows(rows, self.privacy.clip_bound).numpy(), np.cumsum([len(u) for u in uploads])[:-1]
+        )
+        return [
+            Payload({**reply.arrays, "prototypes": rows_of.astype(upload.dtype)}, reply.metadata)
+            for reply, upload, rows_of in zip(replies, uploads, projected)
+        ]
 
     def server_step(self, server_state: State, replies: list[Payload]):
         replies = self.bounded_uploads(replies)

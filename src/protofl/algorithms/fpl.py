@@ -35,7 +35,7 @@ from protofl.algorithms.fedproto import FedProto, FedProtoConfig, alignment_loss
 from protofl.config import check, check_choice
 from protofl.finch import cluster_means, finch
 from protofl.payload import ArraySpec, Payload, PayloadSpec
-from protofl.training import masked_mean
+from protofl.training import masked_mean, take
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +148,8 @@ class FPL(FedProto):
 
     def prototype_loss(self, z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, context: Any) -> torch.Tensor:
         table, mask, cluster_classes, clusters = context
-        has = mask[y].to(z.dtype) * weight
-        loss = self.config.proto_weight * alignment_loss(z, table[y], has)
+        has = take(mask, y).to(z.dtype) * weight
+        loss = self.config.proto_weight * alignment_loss(z, take(table, y), has)
         if self.config.cpcl_weight and len(cluster_classes):
             loss = loss + self.config.cpcl_weight * cpcl_loss(
                 z, y, cluster_classes, clusters, self.config.temperature, has

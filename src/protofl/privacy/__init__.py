@@ -4,6 +4,8 @@ per-client ledgers and budget stops, attacks that measure what a release leaks
 (:mod:`protofl.privacy.attacks`), and the statistics that turn an audit's attack into a lower bound on ε
 (:mod:`protofl.privacy.audit_bounds`)."""
 
+from typing import TYPE_CHECKING, Any
+
 from protofl.privacy.accounting import (
     ACCOUNTANTS,
     LEDGER_KEY,
@@ -31,15 +33,6 @@ from protofl.privacy.attacks import (
     prototype_distance_scores,
     reconstruction_scores,
     total_variation,
-)
-from protofl.privacy.audit_bounds import (
-    GUESS_FRACTIONS,
-    OneRunBound,
-    guess_and_bound,
-    minimum_canaries,
-    one_run_epsilon_lower,
-    one_run_p_value,
-    two_worlds_epsilon_lower,
 )
 from protofl.privacy.class_gradients import ClassGradientRelease, class_gradient_release, clipped_class_sums
 from protofl.privacy.layer import (
@@ -69,6 +62,44 @@ from protofl.privacy.mechanisms import (
     vpp_release,
 )
 from protofl.privacy.vpdr import DistillationClipping
+
+if TYPE_CHECKING:
+    from protofl.privacy.audit_bounds import (
+        GUESS_FRACTIONS,
+        OneRunBound,
+        guess_and_bound,
+        minimum_canaries,
+        one_run_epsilon_lower,
+        one_run_p_value,
+        two_worlds_epsilon_lower,
+    )
+
+#: The audit statistics (:mod:`protofl.privacy.audit_bounds`), imported on first use (``from
+#: protofl.privacy import *`` imports them too): they need ``scipy.stats``, about half a second of imports
+#: that a training process (a Flower node's ClientApp started for each message, a run's start-up) never uses.
+_AUDIT_BOUNDS = (
+    "GUESS_FRACTIONS",
+    "OneRunBound",
+    "guess_and_bound",
+    "minimum_canaries",
+    "one_run_epsilon_lower",
+    "one_run_p_value",
+    "two_worlds_epsilon_lower",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _AUDIT_BOUNDS:
+        from protofl.privacy import audit_bounds
+
+        value = globals()[name] = getattr(audit_bounds, name)  # found here from now on
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "ACCOUNTANTS",

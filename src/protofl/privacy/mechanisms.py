@@ -206,22 +206,22 @@ def _float32_margin(d: int) -> float:
 class _Stack:
     """The train features of ``K`` clients as one padded program (a single client is ``K = 1``): ``x``
     (K, n, d) float32 (the features' own precision), with the padding rows and every row that holds a
-    non-finite value set to zero (see :meth:`of`); ``labels`` (K, n) the rows' classes, ``onehot`` (K, C, n)
-    the indicator of each class's real rows (padding rows in none) and ``counts`` (K, C) the exact class
-    counts; every client's per-class sums are one scatter-add (:meth:`class_sums`);
-    ``row_squares`` (K, n) is each row's squared norm. Squares are summed where they are needed
-    (:meth:`group_squares`), never stored.
+    non-finite value set to zero (see :meth:`of`); ``labels`` (K, n) the rows' classes, ``real`` (K, n) the
+    clients' own labelled rows (not padding, no negative label: such rows are zero and in no class) and ``counts`` (K, C) the exact class counts; every client's per-class
+    sums of its rows, each row scaled by a factor of its own (its clip), are one sparse product
+    (:meth:`class_sums`); ``row_squares`` (K, n) is each row's squared norm. Squares are summed where they
+    are needed (:meth:`group_squares`), never stored.
 
-    The passes that clip (row norms, group norms, the scaled rows) run in float32, and a clip bound is
-    tightened by :func:`_float32_margin` so that rounding never lets a row out of it; the clipped rows are
-    added in float64 (:meth:`class_sums`), so that one row more or less moves a class sum by at most the
-    bound (float32 additions would let the rounding of every later addition depend on it). The ANOVA
-    (:meth:`spread`) runs in float64 on the same values (:attr:`x64`): its within-class sums of squares are
-    a difference of two large sums."""
+    The norms that decide a clip (row norms, group norms) are float32 sums, and a clip bound is tightened
+    by :func:`_float32_margin` so that their rounding never lets a row out of it; the scaled rows are
+    formed and added in float64 (:meth:`class_sums`), so that one row more or less moves a class sum by at
+    most the bound (float32 additions would let the rounding of every later addition depend on it). The
+    ANOVA (:meth:`spread`) runs in float64 on the same values (:attr:`x64`): its within-class sums of
+    squares are a difference of two large sums."""
 
     x: np.ndarray
     labels: np.ndarray
-    onehot: np.ndarray
+    real: np.ndarray
     counts: np.ndarray
     row_squares: np.ndarray
 
@@ -239,13 +239,13 @@ class _Stack:
         (no pass of its own)."""
         x = z.detach().numpy().astype(np.float32)  # a copy: zeroing rows below never touches ``z``
         labels = y.numpy()
-        c = max(num_classes, int(labels.max()) + 1 if labels.size else 0)
-        member = labels[:, None, :] == np.arange(c)[None, :, None]
+        k, c = len(labels), max(num_classes, int(labels.max()) + 1 if labels.size else 0)
+        real = labels >= 0  # every labelled row (labels are class indices)
         if weight is not None:
-            real = weight.detach().numpy() > 0
-            x[~real] = 0.0
-            member &= real[:, None, :]
-        onehot = member.astype(np.float32)
+            real &= weight.detach().numpy() > 0
+        x[~real] = 0.0  # padding (and unlabelled) rows count nowhere, the ANOVA's sums of squares included
+        slots = np.arange(k)[:, None] * c + labels
+        counts = np.bincount(slots[real], minlength=k * c).reshape(k, c)
         row_squares = np.einsum("knd,knd->kn", x, x).astype(np.float64)  # NaN or inf where a row is not finite
         bad = ~np.isfinite(row_squares)
         if bad.any():
@@ -256,43 +256,47 @@ class _Stack:
             x[overflow] = (rows * (1e15 / np.linalg.norm(rows, axis=-1, keepdims=True))).astype(np.float32)
             x[bad & ~overflow] = 0.0
             row_squares[bad] = np.einsum("nd,nd->n", x[bad], x[bad]).astype(np.float64)
-        return cls(x, labels, onehot, member.sum(-1), row_squares)
+        return cls(x, labels, real, counts, row_squares)
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
     @functools.cached_property
     def x64(self) -> np.ndarray:
-        """:attr:`x` in float64, for the ANOVA (computed once, where a selection needs it)."""
+        """:attr:`x` in float64 (exactly), for the class sums and the ANOVA (computed once)."""
         return self.x.astype(np.float64)
 
     @functools.cached_property
-    def slots(self) -> torch.Tensor:
-        """Every row's class slot in the (K·C + 1, d) table of :meth:`class_sums`: ``k·C + class`` for a real
-        row of client k, the spare last slot for a padding row (flattened, (K·n,))."""
-        k, c = self.onehot.shape[:2]
-        slots = np.where(self.onehot.any(1), np.arange(k)[:, None] * c + self.labels, k * c)
-        return torch.from_numpy(slots.reshape(-1))
+    def by_class(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every client's rows of every class, in row order: ``(indptr, rows)`` of a (K·C) × (K·n) sparse
+        indicator whose row ``k·C + c`` lists client k's real rows of class c (flat row indices, ascending);
+        padding rows are in none."""
+        k, c = self.counts.shape
+        slots = (np.arange(k)[:, None] * c + self.labels).reshape(-1)
+        rows = np.flatnonzero(self.real.reshape(-1))
+        # a stable sort of the slots in their smallest integer type (numpy sorts 16-bit keys by radix)
+        rows = rows[np.argsort(slots[rows].astype(np.min_scalar_type(max(k * c - 1, 0))), kind="stable")]
+        indptr = np.zeros(k * c + 1, dtype=np.int64)
+        np.cumsum(self.counts.reshape(-1), out=indptr[1:])
+        return indptr, rows
 
-    def class_sums(self, rows: np.ndarray) -> np.ndarray:
-        """Every client's per-class sums (K, C, d) float64 of ``rows`` (K, n, d, summed in their own
-        precision), each class's rows added one after the other in row order (one scatter-add for every
-        client): a client's sums are the same additions in the same order whether it is released alone or
-        in a batch, whatever the padding."""
-        k, n, d = rows.shape
-        c = self.onehot.shape[1]
+    def class_sums(self, scales: np.ndarray | None = None) -> np.ndarray:
+        """Every client's per-class sums (K, C, d) float64 of its rows, each row scaled by its factor in
+        ``scales`` (K, n; ``None``: unscaled), i.e. of its rows clipped by those factors. One sparse product
+        over every client: each class's scaled rows are formed in float64 and added one after the other in
+        row order, so a client's sums are the same products and additions in the same order whether it is
+        released alone or in a batch, whatever the padding."""
+        k, n, d = self.x.shape
+        c = self.counts.shape[1]
+        indptr, rows = self.by_class
+        data = np.ones(len(rows)) if scales is None else np.asarray(scales, dtype=np.float64).reshape(-1)[rows]
         # Added in float64 whatever the rows' precision: in float32 the rounding of every later addition
         # depends on the rows before it, so the sums of neighbouring data sets could differ by more than the
         # clip bound (by about n_c² float32 roundoffs of it); in float64 that excess is negligible.
-        source = torch.from_numpy(np.ascontiguousarray(rows)).reshape(k * n, d).to(torch.float64)
-        table = torch.zeros(k * c + 1, d, dtype=torch.float64, device=source.device)
-        table.index_add_(0, self.slots, source)
-        return table[: k * c].numpy().reshape(k, c, d)
+        import scipy.sparse  # here: a training process that releases nothing need not import it
 
-    def scaled_sums(self, scales: np.ndarray) -> np.ndarray:
-        """Every client's per-class sums (K, C, d) float64 of its rows scaled by ``scales`` (K, n, 1: one scale
-        a row; or K, n, d: one a coordinate), i.e. of its rows clipped by those scales, in float32."""
-        return self.class_sums(self.x * scales.astype(np.float32, copy=False))
+        table = scipy.sparse.csr_array((data, rows, indptr), shape=(k * c, k * n))
+        return np.asarray(table @ self.x64.reshape(k * n, d), dtype=np.float64).reshape(k, c, d)
 
     def group_squares(self, groups: np.ndarray) -> np.ndarray:
         """Each row's squared norm over each of ``G`` groups of coordinates: ``groups`` (K, G, d) boolean
@@ -309,7 +313,7 @@ class _Stack:
         n = counts.sum(1)  # every real row is in exactly one class
         c = np.count_nonzero(counts, axis=1)
         x = self.x64
-        sums = self.class_sums(x)
+        sums = self.class_sums()
         means = sums / np.maximum(counts, 1)[:, :, None]
         grand = sums.sum(1) / np.maximum(n, 1)[:, None]
         energy = (counts[:, :, None] * (means - grand[:, None, :]) ** 2).sum(1)
@@ -715,7 +719,7 @@ def igpp_release_batch(
     stack = _stack_of(z, y, weight, settings.num_classes, generators)
     multipliers = np.full((len(stack), stack.x.shape[2]), settings.multipliers[0])
     events = ((GaussianEvent(settings.noise_multiplier), 1),)
-    sums = stack.scaled_sums(_clip_scale(settings.bound, stack.row_squares, stack.x.shape[2])[:, :, None])
+    sums = stack.class_sums(_clip_scale(settings.bound, stack.row_squares, stack.x.shape[2]))
     return _release(sums, stack, settings, multipliers, events, generators)
 
 
@@ -806,17 +810,13 @@ def vpp_release_batch(
     in_a = np.zeros((len(stack), d), dtype=bool)
     in_a[np.arange(len(stack))[:, None], chosen] = True
     kappa_a, kappa_b, s_a, s_b = vpp_group_noise(d, k, settings.multipliers[0])
-    # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B; the class sums
-    # of both clipped forms in one product, each coordinate's taken from its group's. Each group's norm is summed
-    # over its own coordinates: the row's norm minus group A's would lose group B to rounding where group A is
-    # large, and release it unclipped.
+    # Groupwise clipping: each row's group-A coordinates to norm R κ_A, its group-B ones to R κ_B; every
+    # coordinate's class sum taken from its group's clipped rows. Each group's norm is summed over its own
+    # coordinates: the row's norm minus group A's would lose group B to rounding where group A is large, and
+    # release it unclipped.
     norms = stack.group_squares(np.stack([in_a, ~in_a], 1))
-    scales = torch.from_numpy(
-        _clip_scale(np.array([kappa_a, kappa_b])[None, :, None] * settings.bound, norms, d).astype(np.float32)
-    )
-    # each coordinate scaled by its group's factor of its row, (K, n, d)
-    per_coordinate = torch.where(torch.from_numpy(in_a)[:, None, :], scales[:, 0, :, None], scales[:, 1, :, None])
-    sums = stack.scaled_sums(per_coordinate.numpy())
+    scales = _clip_scale(np.array([kappa_a, kappa_b])[None, :, None] * settings.bound, norms, d)  # (K, 2, n)
+    sums = np.where(in_a[:, None, :], stack.class_sums(scales[:, 0]), stack.class_sums(scales[:, 1]))
     return _release(
         sums, stack, settings, np.where(in_a, s_a, s_b), events, generators, torch.from_numpy(np.array(chosen)), clean
     )
