@@ -213,3 +213,15 @@ def test_every_stacked_method_trains_the_same_compiled(name):
             torch.testing.assert_close(got[path], value, atol=2e-5, rtol=1e-4)
     for a, b in zip(tensors(eager.server_state).values(), tensors(compiled.server_state).values()):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("wanted,built", [(True, False), (False, True)])
+def test_the_engine_refuses_a_task_built_otherwise_than_federation_compile_says(wanted, built):
+    """The method compiles as its Task says; a FederationConfig that says otherwise would record one thing
+    and run the other, so the engine refuses it in one line."""
+    task = Task(TASK.input_shape, TASK.num_classes, TASK.model, compile=built)
+    algo = get_algorithm("fedproto").from_options({"batch_size": 16}, task)
+    clients = make_clients((20, 12))
+    fed = FederationConfig(rounds=1, checkpoint_every=0, progress=False, execution="batched", compile=wanted)
+    with pytest.raises(ConfigError, match=rf"federation.compile = {str(wanted).lower()}, but the method was built"):
+        Simulation(algo, clients, clients[0].x_test, clients[0].y_test, fed, seed=0)

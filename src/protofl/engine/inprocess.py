@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from protofl.algorithms.base import Algorithm, ClientData
-from protofl.config import FederationConfig
+from protofl.config import ConfigError, FederationConfig
 from protofl.engine.checkpoint import on_device
 from protofl.engine.client import (
     StepResult,
@@ -76,10 +76,20 @@ class InProcessTransport:
         self.progress = ClientProgress(federation.progress)
         #: The execution actually used: ``batched`` only where asked for and the method supports it.
         self.execution = federation.execution
+        built = bool(getattr(algorithm.task, "compile", False))
+        if federation.compile != built:
+            # the method compiles (or not) as its Task says: the two must agree, or the run would say one thing
+            # and do the other
+            raise ConfigError(
+                f"federation.compile = {str(federation.compile).lower()}, but the method was built with "
+                f"Task(compile={built}): build its Task with compile={federation.compile} (protofl.run does)"
+            )
         if self.execution == "batched":
             reason = algorithm.batched_unsupported()
             if reason is not None:
                 log.warning("federation.execution = 'batched': %s; running it per client", reason)
+                if federation.compile:
+                    log.warning("federation.compile = true: per-client rounds are not compiled")
                 self.execution = "per-client"
 
     @property
