@@ -65,26 +65,31 @@ def test_the_projection_never_moves_a_noisy_mean_further_from_the_true_one():
 
 def test_uploads_of_a_round_are_projected_each_as_alone():
     """The server projects a round's uploads in one program: each upload's rows come back in its own reply,
-    in order, equal to that upload projected alone, with its other arrays untouched."""
+    in order, equal to that upload's rows projected by ``clip_rows`` in float64 and cast back to its dtype,
+    its other arrays untouched (an upload of no rows included)."""
+    from protofl.privacy.mechanisms import clip_rows
+
     algo = _algorithm("fedproto", mechanism="igpp", relation="replace-one", clip_bound=1.5)
     g = np.random.default_rng(0)
     uploads = [
         Payload(
             {
                 "classes": np.arange(n),
-                "prototypes": (g.normal(size=(n, 4)) * scale).astype(np.float32),
+                "prototypes": (g.normal(size=(n, 4)) * scale).astype(dtype),
                 "counts": np.full(n, 5, np.int64),
             },
             {"method": "fedproto"},
         )
-        for n, scale in [(3, 4.0), (1, 0.1), (2, 9.0)]
+        for n, scale, dtype in [(3, 4.0, np.float32), (0, 1.0, np.float32), (1, 0.1, np.float64), (2, 9.0, np.float32)]
     ]
     together = algo.bounded_uploads(uploads)
+    assert len(together) == len(uploads)
     for upload, projected in zip(uploads, together):
-        (alone,) = algo.bounded_uploads([upload])
-        assert np.array_equal(projected["prototypes"], alone["prototypes"])
-        assert projected["prototypes"].dtype == np.float32
+        rows = torch.from_numpy(upload["prototypes"].astype(np.float64))
+        expected = clip_rows(rows, 1.5).numpy().astype(upload["prototypes"].dtype)
+        assert projected["prototypes"].dtype == upload["prototypes"].dtype
+        assert projected["prototypes"].shape == upload["prototypes"].shape
+        assert np.array_equal(projected["prototypes"], expected)
         assert np.array_equal(projected["classes"], upload["classes"])
-        assert np.linalg.norm(projected["prototypes"].astype(np.float64), axis=1).max() <= 1.5 * (1 + 1e-6)  # float32
     assert not np.array_equal(together[0]["prototypes"], uploads[0]["prototypes"])  # rows outside were moved
     assert algo.bounded_uploads([]) == []

@@ -150,6 +150,24 @@ def test_a_compile_failure_is_one_clear_error():
     assert "\n" not in str(e.value)
 
 
+def test_a_backend_failure_names_its_cause_and_the_recompile_limit_says_so():
+    """A backend's failure (no C++ compiler, for one) reaches us wrapped in BackendCompilerFailed, whose own
+    first line names only the backend; the recompile limit's error is not one of dynamo's exception
+    classes. Both become one line that says what went wrong."""
+    from protofl.compiled import _COMPILE_ERRORS, _compile_failed
+
+    wrapped = torch._dynamo.exc.BackendCompilerFailed(
+        lambda *a: None, RuntimeError("Compiler: cc is not found\nsecond line"), None
+    )
+    assert isinstance(wrapped, _COMPILE_ERRORS)
+    message = str(_compile_failed("local step", wrapped))
+    assert "RuntimeError: Compiler: cc is not found" in message and "\n" not in message
+    limit = torch._dynamo.exc.FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+    assert isinstance(limit, _COMPILE_ERRORS)
+    message = str(_compile_failed("feature pass", limit))
+    assert "Hard failure due to fullgraph=True" in message and "TORCH_LOGS=recompiles" in message
+
+
 def test_compile_refuses_the_vmap_step_in_one_line():
     task = Task(TASK.input_shape, TASK.num_classes, TASK.model, compile=True)
     fpl = get_algorithm("fpl").from_options({}, task)
@@ -184,6 +202,8 @@ def test_the_command_line_runs_a_compiled_round_and_refuses_what_it_cannot_compi
     err = capsys.readouterr().err
     assert "error: federation.compile: compiles the stacked step only" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # refused before the run wrote anything: the same folder takes the run with the setting off
+    assert not (tmp_path / "c" / "config.toml").exists() and not (tmp_path / "c" / "metrics.jsonl").exists()
 
 
 def stacked_methods() -> list[str]:

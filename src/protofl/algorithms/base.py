@@ -271,6 +271,11 @@ class Algorithm:
         """Which local step a batched round of this method runs (the run's summary records it)."""
         return VMAP_STEP
 
+    def compiled_round(self) -> CompiledRound:
+        """The compiled step and feature pass of this method's batched rounds (``federation.compile``);
+        a method that has none refuses the setting here, in one line."""
+        raise CompileError(f"federation.compile: method {self.name!r} has no batched step to compile")
+
     # -- shared helpers ----------------------------------------------------------------------------
     @stackable
     def forward(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

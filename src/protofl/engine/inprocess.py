@@ -91,6 +91,9 @@ class InProcessTransport:
                 if federation.compile:
                     log.warning("federation.compile = true: per-client rounds are not compiled")
                 self.execution = "per-client"
+        if federation.compile and self.execution == "batched":
+            # a method whose batched rounds cannot be compiled is refused now, before the run writes anything
+            algorithm.compiled_round()
 
     @property
     def num_clients(self) -> int:

@@ -77,6 +77,10 @@ def _run(grid, config, settings, engine: str, out: Path):
     from protofl.runtime import resolve_device
 
     torch.manual_seed(config.seed)
+    if config.federation.compile:
+        logging.getLogger("protofl.flower").warning(
+            "federation.compile = true: Flower nodes train per client, so nothing is compiled on them"
+        )
     data = prepare_data(config, device=resolve_device(config.federation.device))
     from protofl.data.shared import PartitionStore, data_key
 
