@@ -15,15 +15,16 @@ Both are compiled once per method object, with the client axis and a step's widt
 another size or a short last step runs the same program. torch still specialises a size of 1 (a step of
 width 1, or one client), and shared arguments of another structure make another form: a FedProto run of
 the speed benchmark compiles two programs (the step and the feature pass; its shared argument, the dense
-prototype table and its mask, has one structure in every round). The first call of each form compiles it (seconds; more with an empty
-inductor cache); afterwards a call is a lookup. Each :class:`CompiledRound` compiles code objects of its
-own, so its programs go when it goes and never count against another run's recompile limit. The optimiser update stays eager (compiled, it saved about
-0.01 ms of its 0.14 ms a step).
+prototype table and its mask, has one structure in every round). The first call of each form compiles it
+(seconds; more with an empty inductor cache); afterwards a call is a lookup. Each :class:`CompiledRound`
+compiles code objects of its own, so its programs go when it goes and never count against another run's
+recompile limit. The optimiser update stays eager (compiled, it saved about 0.01 ms of its 0.14 ms a step).
 
 The ``vmap`` step (methods whose loss or model is not stackable) is not compiled: under ``vmap`` the
 number of clients is a constant of the compiled program, so every chunk size and every short step would
-compile again. Asking for it raises :class:`protofl.errors.CompileError`, as does a compile failure (one
-line, naming the setting); there is no fallback to the eager step.
+compile again. Asking for it raises :class:`protofl.errors.CompileError` when the engine is built, before
+the run writes anything; a compile failure raises it too (one line, naming the setting and the cause);
+there is no fallback to the eager step. Flower nodes train per client: the setting compiles nothing there.
 """
 
 from __future__ import annotations

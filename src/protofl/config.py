@@ -604,8 +604,8 @@ def effective_settings(config: RunConfig) -> dict[str, Any]:
     fingerprint digests and what ``protofl report`` groups runs by. Left out: progress bars, the schedule
     of checkpoints, how many clients share a batched program, threads, device and tracking (how fast and
     where, not what), where the clients' state is kept (same results), the exact client state precision,
-    the eager batched step and the reference per-client execution (so earlier fingerprints stay valid), and the privacy settings
-    while privacy is off."""
+    the eager batched step and the reference per-client execution (so earlier fingerprints stay valid), and
+    the privacy settings while privacy is off."""
     data = config.to_dict()
     for key in ("progress", "checkpoint_every", "batch_clients", "threads", "device", "client_store", "client_cache"):
         data["federation"].pop(key, None)

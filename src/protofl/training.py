@@ -320,12 +320,12 @@ def train_batched(
     schedule = batch_schedule(batch, config.batch_size, config.local_epochs, generators)
     leaves = {name: v.detach() for name, v in params.items()}  # trained in place: pass a fresh stack
     optimizer = StackedOptimizer(config, leaves)
-    if step_fn is not None:
-        pass
-    elif stacked:
-        step_fn = stacked_grad_and_value(loss_fn)
-    else:
-        step_fn = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0, *([None] * len(shared))))
+    if step_fn is None:
+        step_fn = (
+            stacked_grad_and_value(loss_fn)
+            if stacked
+            else vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0, *([None] * len(shared))))
+        )
     k = len(batch)
     total = torch.zeros(k, dtype=torch.float64, device=batch.x.device)
     # A client's real rows in a step are a prefix of its batch: a step whose batches are all short (e.g. the
