@@ -511,9 +511,9 @@ class FedProto(ModelAlgorithm):
             return replies
         # every upload's rows projected in one program (a row's projection reads that row alone)
         uploads = [reply["prototypes"] for reply in replies]
-        rows = torch.from_numpy(np.concatenate(uploads).astype(np.float64))  # payload post-processing: on the CPU
+        rows = torch.from_numpy(np.concatenate(uploads).astype(np.float64)).to("cpu")  # payload post-processing
         projected = np.split(
-            clip_rows(rows, self.privacy.clip_bound).numpy(), np.cumsum([len(u) for u in uploads])[:-1]
+            clip_rows(rows, self.privacy.clip_bound).cpu().numpy(), np.cumsum([len(u) for u in uploads])[:-1]
         )
         return [
             Payload({**reply.arrays, "prototypes": rows_of.astype(upload.dtype)}, reply.metadata)
