@@ -81,10 +81,10 @@ def test_the_compiled_step_equals_the_eager_one_at_every_shape_without_recompili
 
 
 @pytest.mark.slow  # ten compiles, about 50 s on two cores
-def test_one_process_compiles_for_more_runs_than_the_recompile_limit(monkeypatch):
+@torch._dynamo.config.patch(recompile_limit=2)  # lowered for the test: 4 runs exceed it
+def test_one_process_compiles_for_more_runs_than_the_recompile_limit():
     # every method object's step is a program of its own; they must not share dynamo's limit of 8 per code
-    # object (a sweep or a test session runs many); the limit lowered to 2 here, so that 4 runs exceed it
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    # object (a sweep or a test session runs many)
     for run in range(torch._dynamo.config.recompile_limit + 2):
         algo = get_algorithm("fedproto").from_options({"proto_weight": 1.0 + run}, TASK)
         params, x, y, weight, context = stacked_clients(algo, 3, 4, seed=run)
