@@ -467,23 +467,16 @@ class ModelAlgorithm(Algorithm):
         shared = all(p is starts[0] for p in starts)
         start = broadcast_params(starts[0], len(starts)) if shared else stack_params(starts)
         batch = ClientBatch.of([d.x_train for d in datas], [d.y_train for d in datas])
-        # the compiled step and feature pass in place of the eager ones (``federation.compile``); off (None),
-        # the eager ones
+        # the compiled step and feature pass in place of the eager ones (``federation.compile``); off, the calls
+        # are the eager rounds' own
+        step_fn = {"step_fn": compiled.step} if compiled else {}
+        forward = {"forward": compiled.features} if compiled else {}
         trained, metrics = train_batched(
-            start,
-            batch,
-            self.loss,
-            self.config,
-            generators,
-            (context,),
-            stacked_step,
-            step_fn=compiled.step if compiled else None,
+            start, batch, self.loss, self.config, generators, (context,), stacked_step, **step_fn
         )
         stacked = None
         if self.reply_uses_features:
-            z, weight, index = batched_features(
-                self.forward_features, trained, batch, stacked_step, forward=compiled.features if compiled else None
-            )
+            z, weight, index = batched_features(self.forward_features, trained, batch, stacked_step, **forward)
             labels = take(batch.y, index)
             sums, counts = PrototypeAccumulator.stacked_sums(z, labels, weight, self.task.num_classes)
             stacked = StackedFeatures(z, labels, weight, sums, counts)
